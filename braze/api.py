@@ -1,0 +1,161 @@
+"""braze.compile / braze.load and the torch.compile backend hook."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from braze.compiler.config import CompileConfig
+from braze.runtime.compiled import CompiledModel
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    for b in model.buffers():
+        return b.device
+    return torch.device("cpu")
+
+
+def _executor(config: CompileConfig, device: torch.device) -> str:
+    if config.executor != "auto":
+        if config.executor == "cuda" and device.type != "cuda":
+            from braze.runtime.errors import ConfigError
+
+            raise ConfigError("executor='cuda' needs the model on a CUDA device; on CPU use 'interpret' or 'reference'")
+        return config.executor
+    return "cuda" if device.type == "cuda" else "interpret"
+
+
+def _build(cap: Any, config: CompileConfig, device: torch.device, name: str, model_config: Any = None) -> CompiledModel:
+    from braze.compiler.pipeline import compile_captured
+
+    plan, report = compile_captured(cap, config, name=name)
+    executor = _executor(config, device)
+    report.executor = executor
+    return CompiledModel(plan, cap.weights, device, executor, report=report, out_spec=cap.out_spec,
+                         in_spec=cap.in_spec, causal_lm=cap.causal_lm, graph_module=cap.gm, config=config,
+                         model_config=model_config)
+
+
+def compile_causal_lm(model: torch.nn.Module, config: CompileConfig) -> CompiledModel:
+    from braze.compiler.capture import capture_causal_lm
+
+    cap = capture_causal_lm(model, config.max_batch, config.max_seq)
+    return _build(cap, config, _device_of(model), type(model).__name__, model_config=model.config)
+
+
+def compile_module(module: torch.nn.Module, args: tuple, kwargs: dict, config: CompileConfig) -> CompiledModel:
+    from braze.compiler.capture import capture_module
+
+    cap = capture_module(module, args, kwargs, config.dynamic_shapes)
+    return _build(cap, config, _device_of(module), type(module).__name__)
+
+
+class LazyCompiled:
+    """Compiles on the first call, from that call's arguments (like torch.compile), then reuses the plan."""
+
+    def __init__(self, module: torch.nn.Module, config: CompileConfig):
+        self.module = module
+        self.config = config
+        self.compiled: CompiledModel | None = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.compiled is None:
+            self.compiled = compile_module(self.module, args, kwargs, self.config)
+        return self.compiled(*args, **kwargs)
+
+    @property
+    def report(self) -> Any:
+        return self.compiled.report if self.compiled else None
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("module", "config", "compiled"):
+            raise AttributeError(name)
+        if self.compiled is None:
+            raise AttributeError(f"{name!r}: the model compiles on its first call")
+        return getattr(self.compiled, name)
+
+
+class _FunctionModule(torch.nn.Module):
+    def __init__(self, fn: Any):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+
+def compile(model: Any = None, **options: Any) -> Any:
+    """Compile `model` (an nn.Module or a function); without a model, return a decorator.
+
+    HF causal LMs compile at once (their example inputs are known); other modules compile on the first call.
+    """
+    config = CompileConfig.from_options(**options)
+    if model is None:
+        return functools.partial(_decorate, config=config)
+    return _compile_object(model, config)
+
+
+def _compile_object(model: Any, config: CompileConfig) -> Any:
+    from braze.compiler.capture import is_causal_lm
+
+    if isinstance(model, torch.nn.Module):
+        if is_causal_lm(model):
+            return compile_causal_lm(model, config)
+        return LazyCompiled(model, config)
+    if callable(model):
+        return functools.wraps(model)(LazyCompiled(_FunctionModule(model), config))
+    raise TypeError(f"braze.compile takes an nn.Module or a function, got {type(model).__name__}")
+
+
+def _decorate(obj: Any, config: CompileConfig) -> Any:
+    if isinstance(obj, type) and issubclass(obj, torch.nn.Module):
+        class Compiled(obj):  # type: ignore[valid-type, misc]
+            def __call__(self, *args: Any, **kwargs: Any) -> Any:
+                if getattr(self, "_braze_capturing", False):
+                    return super().__call__(*args, **kwargs)
+                if "_braze_compiled" not in self.__dict__:
+                    self.__dict__["_braze_capturing"] = True
+                    try:
+                        self.__dict__["_braze_compiled"] = compile_module(self, args, kwargs, config)
+                    finally:
+                        self.__dict__["_braze_capturing"] = False
+                return self.__dict__["_braze_compiled"](*args, **kwargs)
+
+        Compiled.__name__ = obj.__name__
+        Compiled.__qualname__ = obj.__qualname__
+        return Compiled
+    return _compile_object(obj, config)
+
+
+def load(path: Any, executor: str = "auto") -> CompiledModel:
+    """Load a kernel package written by `CompiledModel.save` (runtime only)."""
+    from braze.runtime.package import load_package
+
+    return load_package(path, executor=executor)
+
+
+def dynamo_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **options: Any) -> Any:
+    """`torch.compile(model, backend="braze")`: Dynamo hands us an FX graph; we export and compile it."""
+    config = CompileConfig.from_options(**options)
+    real = [t for t in example_inputs]
+    compiled = compile_module(gm, tuple(real), {}, config)
+
+    def run(*args: Any) -> Any:
+        out = compiled(*args)
+        return out
+
+    run.braze_compiled = compiled  # type: ignore[attr-defined]
+    return run
+
+
+try:  # make torch.compile(backend="braze") work once braze is imported
+    from torch._dynamo import list_backends, register_backend
+
+    if "braze" not in list_backends(exclude_tags=()):
+        register_backend(name="braze")(dynamo_backend)
+except Exception:  # pragma: no cover - dynamo unavailable
+    pass

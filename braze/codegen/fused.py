@@ -1,0 +1,557 @@
+"""Codegen for fused pointwise / last-dim-reduction regions (the `fused` kernel family).
+
+A region's value at an index is built the way Inductor's inner functions are: each FX node knows how to
+produce its value at a sympy index tuple, recursing into its inputs with remapped indices (views, slices,
+broadcasts, cat, gathers) until it reaches a realized buffer, which is loaded with sympy strides. Views
+therefore cost nothing inside a kernel, and a region may recompute cheap producers instead of storing them.
+
+Two iteration modes: `pointwise` (flat index over the whole space) and `reduction` (XBLOCK rows x RBLOCK
+row elements, reductions over the last dim with the whole row in registers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+
+from braze.codegen import pointwise_ops as P
+from braze.codegen.render import render_template
+from braze.codegen.symbolic import (
+    FloorDiv,
+    ModularIndexing,
+    contiguous_strides,
+    pexpr,
+    product,
+    shape_of,
+    simplify_index,
+    to_sympy,
+)
+
+XINDEX = sympy.Symbol("xindex", integer=True, nonnegative=True)
+RINDEX = sympy.Symbol("rindex", integer=True, nonnegative=True)
+Index = tuple[sympy.Expr, ...]
+
+
+class IllegalFusion(Exception):
+    """The region cannot be generated as one kernel (e.g. a reduction read at another row)."""
+
+
+class Unsupported(Exception):
+    """The node has no fused lowering; it runs eagerly."""
+
+
+@dataclass(frozen=True)
+class BufferInfo:
+    """How a kernel reads a realized tensor: its runtime name, layout and dtype."""
+
+    name: str
+    shape: Index
+    strides: Index
+    dtype: torch.dtype
+
+
+@dataclass
+class FusedKernel:
+    name: str
+    source: str
+    reduction: bool
+    xnumel: sympy.Expr
+    rnumel: sympy.Expr
+    inputs: list[str]  # buffer names, in parameter order
+    outputs: list[tuple[str, fx.Node]]  # (buffer name, node stored)
+    symbols: list[str]  # dynamic dims passed as ints
+    nodes: list[str] = field(default_factory=list)
+
+
+def meta(node: Any) -> Any:
+    return node.meta["val"] if isinstance(node, fx.Node) else node
+
+
+def scalar_arg(a: Any) -> Any:
+    """A graph argument that is a number (int, float, SymInt node) as a Python/sympy value."""
+    if isinstance(a, fx.Node):
+        return to_sympy(a.meta["val"])
+    if isinstance(a, torch.SymInt):
+        return to_sympy(a)
+    return a
+
+
+def is_fusable(node: fx.Node) -> bool:
+    """Whether `node` has a lowering in the fused family (checked on op and arguments)."""
+    if node.op != "call_function":
+        return False
+    t = node.target
+    val = node.meta.get("val")
+    if not isinstance(val, torch.Tensor) or val.dtype not in P.TRITON_DTYPES:
+        return False
+    if t in P.ELEMENTWISE:
+        if t is P.aten.pow.Tensor_Scalar and P._pow("x", node.args[1]) is None:
+            return False
+        if t is P.aten.gelu.default and node.kwargs.get("approximate", "none") not in ("none", "tanh"):
+            return False
+        return True
+    if t in P.VIEW_OPS or t in P.INDEX_OPS or t in P.COPY_OPS:
+        return True
+    if t in P.REDUCTIONS:
+        src = meta(node.args[0])
+        dims = node.args[1] if len(node.args) > 1 else None
+        if not dims:
+            return src.dim() <= 1
+        dims = [d % src.dim() for d in dims]
+        return dims == [src.dim() - 1] and node.kwargs.get("dtype") in (None, val.dtype)
+    if t is P.aten.cat.default:
+        return True
+    if t is P.aten.embedding.default:
+        return meta(node.args[0]).dim() == 2
+    return False
+
+
+def is_reduction(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in P.REDUCTIONS
+
+
+def is_float(dtype: torch.dtype) -> bool:
+    return dtype.is_floating_point
+
+
+def _reshape_index(idx: Index, out_shape: Index, in_shape: Index) -> Index:
+    """Map an index of a reshaped tensor back to its input, dim group by dim group."""
+    # drop size-1 dims (their index is 0)
+    out_dims = [(i, s) for i, s in enumerate(out_shape) if s != 1]
+    in_dims = [(j, s) for j, s in enumerate(in_shape) if s != 1]
+    result: list[sympy.Expr] = [sympy.Integer(0)] * len(in_shape)
+    oi = ii = 0
+    while oi < len(out_dims) or ii < len(in_dims):
+        go, gi = [out_dims[oi]] if oi < len(out_dims) else [], [in_dims[ii]] if ii < len(in_dims) else []
+        oi, ii = oi + len(go), ii + len(gi)
+        while True:
+            po = product(s for _, s in go)
+            pi = product(s for _, s in gi)
+            diff = sympy.simplify(po - pi)
+            if diff == 0:
+                break
+            ratio = sympy.simplify(po / pi)
+            if ratio.is_number and ratio < 1 and oi < len(out_dims):
+                go.append(out_dims[oi])
+                oi += 1
+            elif ratio.is_number and ratio > 1 and ii < len(in_dims):
+                gi.append(in_dims[ii])
+                ii += 1
+            elif oi < len(out_dims) or ii < len(in_dims):  # symbolic mismatch: widen both sides
+                if oi < len(out_dims):
+                    go.append(out_dims[oi])
+                    oi += 1
+                if ii < len(in_dims):
+                    gi.append(in_dims[ii])
+                    ii += 1
+            else:
+                raise IllegalFusion(f"cannot map reshape {out_shape} -> {in_shape}")
+        flat = sympy.Integer(0)
+        stride = sympy.Integer(1)
+        for i, s in reversed(go):
+            flat = flat + idx[i] * stride
+            stride = stride * s
+        after = sympy.Integer(1)
+        for pos, (j, s) in enumerate(reversed(gi)):
+            first = pos == len(gi) - 1
+            result[j] = FloorDiv(flat, after) if first else ModularIndexing(flat, after, s)
+            after = after * s
+    return tuple(result)
+
+
+class KernelBuilder:
+    """Generates one fused kernel for a group of FX nodes over one iteration space."""
+
+    def __init__(
+        self,
+        name: str,
+        space: Index,
+        reduction: bool,
+        members: list[fx.Node],
+        load_buffer: Callable[[fx.Node], BufferInfo | None],
+    ):
+        self.name = name
+        self.space = space
+        self.reduction = reduction
+        self.members = set(members)
+        self.load_buffer = load_buffer
+        self.lines: list[str] = []
+        self.cse: dict[Any, str] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        self.mask_ctx: tuple[str, ...] = ()
+        self.inputs: dict[str, str] = {}  # buffer name -> param name
+        self.outputs: list[tuple[str, fx.Node]] = []
+        self.symbols: set[str] = set()
+        self.counter = 0
+        if reduction:
+            lead = space[:-1]
+            self.leading = self._unravel(XINDEX, lead)
+            self.canonical = self.leading + (RINDEX,)
+        else:
+            self.leading = ()
+            self.canonical = self._unravel(XINDEX, space)
+
+    # ---- index helpers -------------------------------------------------------------------------------
+    @staticmethod
+    def _unravel(flat: sympy.Expr, shape: Index) -> Index:
+        out = []
+        for d, size in enumerate(shape):
+            after = product(shape[d + 1:])
+            if size == 1:
+                out.append(sympy.Integer(0))
+            elif d == 0:
+                out.append(FloorDiv(flat, after))
+            else:
+                out.append(ModularIndexing(flat, after, size))
+        return tuple(out)
+
+    def canonical_index(self, node: fx.Node) -> Index:
+        shape = shape_of(meta(node))
+        if _same(shape, self.space):
+            return self.canonical
+        if self.reduction and _same(shape, self.space[:-1] + (sympy.Integer(1),)):
+            return self.leading + (sympy.Integer(0),)
+        if self.reduction and _same(shape, self.space[:-1]):
+            return self.leading
+        raise IllegalFusion(f"{node.name} has shape {shape}, not compatible with space {self.space}")
+
+    def _expr(self, e: sympy.Expr) -> str:
+        e = simplify_index(to_sympy(e))
+        for s in e.free_symbols:
+            if s not in (XINDEX, RINDEX) and not s.name.startswith("tmp"):
+                self.symbols.add(s.name)
+        return pexpr(e)
+
+    def _tmp(self, code: str, dtype: torch.dtype) -> str:
+        var = f"tmp{self.counter}"
+        self.counter += 1
+        self.lines.append(f"{var} = {code}")
+        self.dtypes[var] = dtype
+        return var
+
+    def _mask_for(self, offset: sympy.Expr) -> str:
+        parts = ["xmask"]
+        if self.reduction and RINDEX in to_sympy(offset).free_symbols:
+            parts.append("rmask")
+        parts.extend(self.mask_ctx)
+        return " & ".join(parts)
+
+    # ---- values --------------------------------------------------------------------------------------
+    def value(self, node: Any, idx: Index) -> str:
+        if not isinstance(node, fx.Node):
+            return _literal(node)
+        key = (node, tuple(sympy.srepr(i) for i in idx), self.mask_ctx)
+        if key in self.cse:
+            return self.cse[key]
+        buf = None if node in self.members else self.load_buffer(node)
+        var = self._load(buf, idx) if buf is not None else self._compute(node, idx)
+        self.cse[key] = var
+        return var
+
+    def _load(self, buf: BufferInfo, idx: Index) -> str:
+        if len(idx) != len(buf.shape):
+            raise IllegalFusion(f"rank mismatch loading {buf.name}")
+        offset = sum((i * s for i, s in zip(idx, buf.strides) if s != 0), sympy.Integer(0))
+        param = self.inputs.setdefault(buf.name, f"in_ptr{len(self.inputs)}")
+        other = "0.0" if is_float(buf.dtype) else "0"
+        code = f"tl.load({param} + ({self._expr(offset)}), {self._mask_for(offset)}, other={other})"
+        if buf.dtype in (torch.float16, torch.bfloat16):
+            code += ".to(tl.float32)"
+        dtype = torch.float32 if is_float(buf.dtype) else buf.dtype
+        if buf.dtype == torch.bool:
+            code = f"({code} != 0)"
+        return self._tmp(code, dtype)
+
+    def _compute(self, node: fx.Node, idx: Index) -> str:
+        t = node.target
+        out_dtype = meta(node).dtype
+        if t in P.VIEW_OPS:
+            src = node.args[0]
+            return self.value(src, self._view_index(node, idx))
+        if t in P.COPY_OPS:
+            return self._cast(self.value(node.args[0], idx), out_dtype)
+        if t in P.INDEX_OPS:
+            return self._index_op(node, idx)
+        if t in P.REDUCTIONS:
+            return self._reduce(node, idx)
+        if t is P.aten.cat.default:
+            return self._cat(node, idx)
+        if t is P.aten.embedding.default:
+            weight, ids = node.args[0], node.args[1]
+            ids_var = self.value(ids, idx[:-1])
+            wbuf = self.load_buffer(weight)
+            if wbuf is None:
+                raise IllegalFusion("embedding table must be a realized buffer")
+            return self._load(wbuf, (sympy.Symbol(ids_var, integer=True), idx[-1]))
+        if t in P.ELEMENTWISE:
+            return self._elementwise(node, idx)
+        raise Unsupported(f"no fused lowering for {t}")
+
+    def _view_index(self, node: fx.Node, idx: Index) -> Index:
+        t = node.target
+        src = meta(node.args[0])
+        in_shape = shape_of(src)
+        out_shape = shape_of(meta(node))
+        if t in (P.aten.view.default, P.aten._unsafe_view.default, P.aten.reshape.default):
+            return idx if _same(in_shape, out_shape) else _reshape_index(idx, out_shape, in_shape)
+        if t is P.aten.alias.default:
+            return idx
+        if t is P.aten.permute.default:
+            perm = [d % len(in_shape) for d in node.args[1]]
+            res = [sympy.Integer(0)] * len(in_shape)
+            for i, d in enumerate(perm):
+                res[d] = idx[i]
+            return tuple(res)
+        if t in (P.aten.transpose.int, P.aten.t.default):
+            d0, d1 = (node.args[1], node.args[2]) if t is P.aten.transpose.int else (0, 1)
+            d0, d1 = d0 % len(in_shape), d1 % len(in_shape)
+            res = list(idx)
+            res[d0], res[d1] = idx[d1], idx[d0]
+            return tuple(res)
+        if t is P.aten.unsqueeze.default:
+            d = node.args[1] % len(out_shape)
+            return idx[:d] + idx[d + 1:]
+        if t in (P.aten.squeeze.dim, P.aten.squeeze.dims, P.aten.squeeze.default):
+            if t is P.aten.squeeze.default:
+                dims = set(range(len(in_shape)))
+            else:
+                arg = node.args[1]
+                dims = {d % len(in_shape) for d in (arg if isinstance(arg, (list, tuple)) else [arg])}
+            removed = {d for d in dims if in_shape[d] == 1}
+            it = iter(idx)
+            return tuple(sympy.Integer(0) if d in removed else next(it) for d in range(len(in_shape)))
+        if t is P.aten.expand.default:
+            lead = len(out_shape) - len(in_shape)
+            return tuple(
+                sympy.Integer(0) if (s == 1 and out_shape[lead + j] != 1) else idx[lead + j] for j, s in enumerate(in_shape)
+            )
+        if t is P.aten.slice.Tensor:
+            dim = (node.args[1] if len(node.args) > 1 else 0) % len(in_shape)
+            start = scalar_arg(node.args[2]) if len(node.args) > 2 and node.args[2] is not None else 0
+            step = node.args[4] if len(node.args) > 4 else 1
+            start = to_sympy(start)
+            if start.is_number and start < 0:
+                start = sympy.Max(start + in_shape[dim], 0)
+            if start.is_number and in_shape[dim].is_number and start > in_shape[dim]:
+                start = in_shape[dim]
+            res = list(idx)
+            res[dim] = start + idx[dim] * step
+            return tuple(res)
+        if t is P.aten.select.int:
+            dim = node.args[1] % len(in_shape)
+            i = to_sympy(scalar_arg(node.args[2]))
+            if i.is_number and i < 0:
+                i = i + in_shape[dim]
+            return idx[:dim] + (i,) + idx[dim:]
+        raise Unsupported(f"view {t}")
+
+    def _cast(self, var: str, dtype: torch.dtype) -> str:
+        src = self.dtypes.get(var)
+        if dtype == torch.bool:
+            return self._tmp(f"({var} != 0)", torch.bool)
+        if is_float(dtype):
+            if dtype in (torch.float16, torch.bfloat16):  # round like eager, keep computing in fp32
+                return self._tmp(f"({var}).to({P.TRITON_DTYPES[dtype]}).to(tl.float32)", torch.float32)
+            if src == torch.float32:
+                return var
+            return self._tmp(f"({var}).to(tl.float32)", torch.float32)
+        if src == dtype:
+            return var
+        return self._tmp(f"({var}).to({P.TRITON_DTYPES[dtype]})", dtype)
+
+    def _index_op(self, node: fx.Node, idx: Index) -> str:
+        t = node.target
+        dtype = meta(node).dtype
+        if t in (P.aten.full.default, P.aten.scalar_tensor.default):
+            value = node.args[1] if t is P.aten.full.default else node.args[0]
+            return self._tmp(f"tl.full([], {_literal(value)}, {P.TRITON_DTYPES[_compute_dtype(dtype)]})", _compute_dtype(dtype))
+        if t is P.aten.arange.default:
+            start, step = 0, 1
+        else:
+            start = scalar_arg(node.args[0])
+            step = scalar_arg(node.args[2]) if len(node.args) > 2 else 1
+        expr = to_sympy(start) + idx[0] * to_sympy(step) if not isinstance(start, float) else None
+        if expr is None:
+            raise Unsupported("float arange")
+        code = self._expr(expr)
+        if is_float(dtype):
+            code = f"({code}).to(tl.float32)"
+        return self._tmp(code if not code.isdigit() else f"tl.full([], {code}, tl.int64)", _compute_dtype(dtype))
+
+    def _elementwise(self, node: fx.Node, idx: Index) -> str:
+        t = node.target
+        out_shape = shape_of(meta(node))
+        out_dtype = meta(node).dtype
+        # operands: tensor args broadcast to the output, scalars as literals; math in fp32 for floats
+        tensor_args = [a for a in node.args if isinstance(a, fx.Node) and isinstance(meta(a), torch.Tensor)]
+        math_float = is_float(out_dtype) or any(is_float(meta(a).dtype) for a in tensor_args)
+        operands = []
+        for a in node.args:
+            if isinstance(a, fx.Node) and isinstance(meta(a), torch.Tensor):
+                var = self.value(a, _broadcast_index(idx, out_shape, shape_of(meta(a))))
+                if math_float and not is_float(meta(a).dtype) and t not in (P.aten.where.self,):
+                    var = self._tmp(f"({var}).to(tl.float32)", torch.float32)
+                operands.append(var)
+            elif isinstance(a, fx.Node):
+                operands.append(self._expr(scalar_arg(a)))
+            else:
+                operands.append(_literal(a))
+        if t is P.aten.where.self and isinstance(node.args[0], fx.Node):
+            operands[0] = f"({operands[0]} != 0)" if meta(node.args[0]).dtype != torch.bool else operands[0]
+        kwargs = {k: v for k, v in node.kwargs.items() if k in ("alpha", "approximate")}
+        if t is P.aten.pow.Tensor_Scalar:
+            code = P._pow(operands[0], node.args[1])
+        elif t is P.aten.clamp.default:
+            code = P._clamp(operands[0], *(list(node.args[1:]) + [None, None])[:2])
+        else:
+            code = P.ELEMENTWISE[t](*operands, **kwargs)
+        if code is None:
+            raise Unsupported(f"{t} with arguments {node.args[1:]}")
+        result_dtype = out_dtype if not is_float(out_dtype) else torch.float32
+        var = self._tmp(code, result_dtype)
+        if out_dtype in (torch.float16, torch.bfloat16):
+            var = self._cast(var, out_dtype)
+        elif not is_float(out_dtype) and out_dtype != torch.bool and math_float:
+            var = self._tmp(f"({var}).to({P.TRITON_DTYPES[out_dtype]})", out_dtype)
+        return var
+
+    def _reduce(self, node: fx.Node, idx: Index) -> str:
+        if not self.reduction:
+            raise IllegalFusion("reduction in a pointwise kernel")
+        src = node.args[0]
+        if not _same(shape_of(meta(src)), self.space):
+            raise IllegalFusion(f"reduction {node.name} over another space")
+        lead = idx[: len(self.leading)]
+        if any(sympy.simplify(a - b) != 0 for a, b in zip(lead, self.leading)):
+            raise IllegalFusion(f"reduction {node.name} read at another row")
+        key = ("reduce", node)
+        if key in self.cse:
+            return self.cse[key]
+        kind = P.REDUCTIONS[node.target]
+        v = self.value(src, self.canonical)
+        dtype = meta(node).dtype
+        v = f"tl.broadcast_to({v}, [XBLOCK, RBLOCK])"
+        if kind in ("sum", "mean"):
+            red = self._tmp(f"tl.sum(tl.where(xmask & rmask, {v}, 0), 1)[:, None]", _compute_dtype(dtype))
+            if kind == "mean":
+                red = self._tmp(f"{red} / ({self._expr(self.space[-1])})", torch.float32)
+        else:
+            fill = "float('-inf')" if kind == "max" else "float('inf')"
+            if not is_float(dtype):
+                fill = "-9223372036854775807" if kind == "max" else "9223372036854775807"
+            fn = "tl.max" if kind == "max" else "tl.min"
+            red = self._tmp(f"{fn}(tl.where(xmask & rmask, {v}, {fill}), 1)[:, None]", _compute_dtype(dtype))
+        if dtype in (torch.float16, torch.bfloat16):
+            red = self._cast(red, dtype)
+        self.cse[key] = red
+        return red
+
+    def _cat(self, node: fx.Node, idx: Index) -> str:
+        tensors = node.args[0]
+        dim = (node.args[1] if len(node.args) > 1 else 0) % len(idx)
+        dtype = _compute_dtype(meta(node).dtype)
+        offset = sympy.Integer(0)
+        pieces: list[tuple[str, str]] = []
+        for t in tensors:
+            size = shape_of(meta(t))[dim]
+            if size == 0:
+                continue
+            lo, hi = offset, offset + size
+            cond = f"(({self._expr(idx[dim])}) >= ({self._expr(lo)})) & (({self._expr(idx[dim])}) < ({self._expr(hi)}))"
+            sub = list(idx)
+            sub[dim] = idx[dim] - lo
+            saved = self.mask_ctx
+            self.mask_ctx = saved + (cond,)
+            var = self.value(t, tuple(sub))
+            self.mask_ctx = saved
+            pieces.append((cond, var))
+            offset = hi
+        result = pieces[-1][1]
+        for cond, var in reversed(pieces[:-1]):
+            result = self._tmp(f"tl.where({cond}, {var}, {result})", dtype)
+        return result
+
+    # ---- whole kernel --------------------------------------------------------------------------------
+    def store(self, node: fx.Node, buffer_name: str) -> None:
+        idx = self.canonical_index(node)
+        var = self.value(node, idx)
+        shape = shape_of(meta(node))
+        strides = contiguous_strides(shape)
+        offset = sum((i * s for i, s in zip(idx, strides)), sympy.Integer(0))
+        param = f"out_ptr{len(self.outputs)}"
+        dtype = meta(node).dtype
+        value = f"({var}).to({P.TRITON_DTYPES[dtype]})" if dtype != torch.bool else f"({var} != 0).to(tl.int1)"
+        mask = self._mask_for(offset) if idx == self.canonical else "xmask"
+        if RINDEX not in to_sympy(offset).free_symbols and self.reduction and idx == self.canonical:
+            mask = "xmask & rmask"
+        shape_hint = "[XBLOCK, RBLOCK]" if (self.reduction and idx == self.canonical) else (
+            "[XBLOCK, 1]" if self.reduction else "[XBLOCK]")
+        self.lines.append(
+            f"tl.store({param} + ({self._expr(offset)}), tl.broadcast_to({value}, {shape_hint}), {mask})"
+        )
+        self.outputs.append((buffer_name, node))
+
+    def render(self, header: str) -> FusedKernel:
+        params = list(self.inputs.values()) + [f"out_ptr{i}" for i in range(len(self.outputs))]
+        xnumel = product(self.space[:-1]) if self.reduction else product(self.space)
+        rnumel = self.space[-1] if self.reduction else sympy.Integer(1)
+        xn, rn = self._expr(xnumel), self._expr(rnumel)
+        symbols = sorted(self.symbols)
+        source = render_template(
+            "fused.py.j2",
+            header=header,
+            name=self.name,
+            params=params + symbols,
+            reduction=self.reduction,
+            xnumel=xn,
+            rnumel=rn,
+            body=self.lines,
+        )
+        return FusedKernel(
+            name=self.name,
+            source=source,
+            reduction=self.reduction,
+            xnumel=xnumel,
+            rnumel=rnumel,
+            inputs=list(self.inputs.keys()),
+            outputs=self.outputs,
+            symbols=symbols,
+        )
+
+
+def _same(a: Index, b: Index) -> bool:
+    return len(a) == len(b) and all(sympy.simplify(x - y) == 0 for x, y in zip(a, b))
+
+
+def _broadcast_index(idx: Index, out_shape: Index, in_shape: Index) -> Index:
+    lead = len(out_shape) - len(in_shape)
+    return tuple(
+        sympy.Integer(0) if (s == 1 and out_shape[lead + j] != 1) else idx[lead + j] for j, s in enumerate(in_shape)
+    )
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype.is_floating_point else dtype
+
+
+def _literal(value: Any) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, float):
+        if value == float("inf"):
+            return "float('inf')"
+        if value == float("-inf"):
+            return "float('-inf')"
+        if value != value:
+            return "float('nan')"
+        return repr(value)
+    if isinstance(value, int):
+        return repr(value)
+    if isinstance(value, sympy.Basic):
+        return pexpr(value)
+    raise Unsupported(f"literal {value!r}")

@@ -1,0 +1,276 @@
+"""Lower a rewritten FX graph to a Plan: kernels (fused family + templates), free views, eager fallbacks.
+
+This is the one place that decides what runs as what; the report is built from what it records.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import operator
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import sympy
+import torch
+import torch.fx as fx
+
+from braze.codegen import schedule
+from braze.codegen.fused import BufferInfo, KernelBuilder, meta
+from braze.codegen.memory import plan_memory
+from braze.codegen.symbolic import contiguous_strides, pexpr, shape_of, strides_of, to_sympy
+from braze.codegen.templates import TEMPLATE_LOWERINGS, template_unsupported_reason
+from braze.runtime.plan import BufferSpec, InputSpec, Plan, Step, SymbolSpec
+
+DTYPE_NAMES = {v: str(v).removeprefix("torch.") for v in (
+    torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.int32, torch.int16, torch.int8,
+    torch.uint8, torch.bool, torch.float64)}
+
+
+@dataclass
+class LoweringRecord:
+    """What lowering decided, for the compile report."""
+
+    fused_kernels: list[tuple[str, list[str]]] = field(default_factory=list)
+    template_kernels: list[tuple[str, list[str]]] = field(default_factory=list)
+    fallbacks: list[tuple[str, str]] = field(default_factory=list)  # (node, reason)
+    planned_peak_bytes: int = 0
+    eager_peak_bytes: int = 0
+    no_reuse_bytes: int = 0
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return DTYPE_NAMES[dtype]
+
+
+def target_name(target: Any) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return f"{target.namespace}.{target._schema.name.split('::')[-1]}.{target._overloadname}"
+    return f"{target.__module__}.{target.__qualname__}"
+
+
+def node_origin(node: fx.Node) -> str:
+    trace = node.meta.get("stack_trace") or ""
+    lines = [ln.strip() for ln in trace.strip().splitlines() if ln.strip()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("File "):
+            code = lines[i + 1] if i + 1 < len(lines) else ""
+            where = lines[i].split(",")
+            return f"{where[0][5:].strip(chr(34)).split('/')[-1]}:{where[1].strip().removeprefix('line ')}  {code}"
+    return ""
+
+
+def encode_arg(a: Any) -> Any:
+    """Encode an FX argument as JSON-able data for the runtime."""
+    if isinstance(a, fx.Node):
+        val = a.meta.get("val")
+        if isinstance(val, (torch.SymInt, torch.SymFloat, torch.SymBool, int)) and not isinstance(val, torch.Tensor):
+            return {"sym": pexpr(to_sympy(val))}
+        return {"ref": a.name}
+    if isinstance(a, (list, tuple)):
+        return [encode_arg(x) for x in a]
+    if isinstance(a, torch.dtype):
+        return {"dtype": dtype_name(a)}
+    if isinstance(a, torch.device):
+        return {"device": True}
+    if isinstance(a, torch.memory_format):
+        return {"memory_format": str(a).removeprefix("torch.")}
+    if isinstance(a, torch.layout):
+        return {"layout": str(a).removeprefix("torch.")}
+    if isinstance(a, torch.SymInt):
+        return {"sym": pexpr(to_sympy(a))}
+    if a is None or isinstance(a, (bool, int, float, str)):
+        return a
+    raise TypeError(f"cannot encode argument {a!r}")
+
+
+def _header(kind: str, uses: list[list[fx.Node]]) -> str:
+    lines = [f"# braze generated kernel ({kind}); covers {len(uses)} region(s):"]
+    for nodes in uses[:8]:
+        lines.append("#   " + ", ".join(n.name for n in nodes))
+        for n in nodes:
+            origin = node_origin(n)
+            if origin:
+                lines.append(f"#     {n.name}: {origin}")
+    if len(uses) > 8:
+        lines.append(f"#   ... and {len(uses) - 8} more")
+    return "\n".join(lines)
+
+
+class Lowering:
+    def __init__(self, gm: fx.GraphModule, name: str, symbol_specs: list[SymbolSpec], weights: set[str]):
+        self.gm = gm
+        self.name = name
+        self.symbol_specs = symbol_specs
+        self.weights = weights
+        self.record = LoweringRecord()
+        self.fusable, self.template, self.eager = schedule.classify(gm, set(TEMPLATE_LOWERINGS))
+        for n in list(self.template):
+            reason = template_unsupported_reason(n)
+            if reason:
+                self.template.discard(n)
+                self.eager.add(n)
+                self.record.fallbacks.append((n.name, reason))
+        for n in self.eager:
+            if not any(n.name == f for f, _ in self.record.fallbacks) and n.target is not operator.getitem:
+                self.record.fallbacks.append((n.name, f"no lowering for {target_name(n.target)}"))
+        self.realized, self.runtime_views = schedule.realize(gm, self.fusable)
+
+    # buffers a fused kernel may load
+    def buffer_info(self, node: fx.Node, members: set[fx.Node]) -> BufferInfo | None:
+        val = node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            return None
+        if node.op == "placeholder":
+            return BufferInfo(node.name, shape_of(val), strides_of(val), val.dtype)
+        if node in self.fusable:
+            if node in self.realized and node not in members:
+                return BufferInfo(node.name, shape_of(val), contiguous_strides(shape_of(val)), val.dtype)
+            return None
+        if node in self.template:
+            return BufferInfo(node.name, shape_of(val), strides_of(val), val.dtype)
+        return BufferInfo(node.name, shape_of(val), contiguous_strides(shape_of(val)), val.dtype)
+
+    def _builder(self, group: schedule.Group, name: str = "kernel") -> KernelBuilder:
+        members = set(group.members)
+        return KernelBuilder(name, group.space, group.reduction, group.members,
+                             lambda n: self.buffer_info(n, members))
+
+    def _try(self, group: schedule.Group) -> None:
+        b = self._builder(group)
+        for m in group.members:
+            b.store(m, m.name)
+
+    def needs_store(self, node: fx.Node, members: set[fx.Node]) -> bool:
+        for u in node.users:
+            if u.op == "output" or u not in self.fusable:
+                return True
+            if u in members:
+                continue
+            # a fusable consumer outside the group reads us unless it is inlined into this group only
+            if u in self.realized or u in self.runtime_views or self._read_outside(u, members):
+                return True
+        return False
+
+    def _read_outside(self, node: fx.Node, members: set[fx.Node]) -> bool:
+        # an inlined node is read wherever its consumers are
+        for u in node.users:
+            if u.op == "output" or u not in self.fusable or (u in self.realized and u not in members):
+                return True
+            if u in self.runtime_views:
+                return True
+            if u not in self.realized and self._read_outside(u, members):
+                return True
+        return False
+
+    def run(self) -> Plan:
+        groups = schedule.build_groups(self.gm, self.fusable, self.realized, self._try)
+        kernels: dict[str, tuple[str, list[list[fx.Node]], str]] = {}  # key -> (body, uses, kind)
+        step_of: dict[str, int] = {}
+        steps: list[tuple[int, Step]] = []
+        order = {n: i for i, n in enumerate(self.gm.graph.nodes)}
+        buffers: dict[str, BufferSpec] = {}
+
+        def add_kernel(body: str, nodes: list[fx.Node], kind: str, placeholder: str) -> str:
+            digest = hashlib.sha256(body.encode()).hexdigest()[:10]
+            kname = f"{kind}_{digest}"
+            if kname not in kernels:
+                kernels[kname] = (body.replace(placeholder, kname), [], kind)
+            kernels[kname][1].append(nodes)
+            return kname
+
+        for g in groups:
+            members = set(g.members)
+            b = self._builder(g, "KERNEL_NAME")
+            for m in g.members:
+                if self.needs_store(m, members):
+                    b.store(m, m.name)
+            fk = b.render(header="")
+            kname = add_kernel(fk.source, g.members, "fused", "KERNEL_NAME")
+            step = Step(
+                kind="fused", kernel=kname, inputs=fk.inputs, outputs=[n for n, _ in fk.outputs],
+                params={"xnumel": pexpr(fk.xnumel), "rnumel": pexpr(fk.rnumel), "reduction": fk.reduction,
+                        "symbols": fk.symbols},
+                nodes=[m.name for m in g.members],
+            )
+            for bname, node in fk.outputs:
+                val = meta(node)
+                buffers[bname] = BufferSpec(bname, [pexpr(s) for s in shape_of(val)], dtype_name(val.dtype))
+            steps.append((min(order[m] for m in g.members), step))
+            self.record.fused_kernels.append((kname, [m.name for m in g.members]))
+
+        for n in self.template:
+            lowering = TEMPLATE_LOWERINGS[n.target]
+            body, step = lowering(n, "KERNEL_NAME")
+            kname = add_kernel(body, [n], step.launcher, "KERNEL_NAME")
+            step.kernel = kname
+            step.nodes = [n.name]
+            val = meta(n)
+            buffers[n.name] = BufferSpec(n.name, [pexpr(s) for s in shape_of(val)], dtype_name(val.dtype),
+                                         strides=[pexpr(s) for s in strides_of(val)])
+            steps.append((order[n], step))
+            self.record.template_kernels.append((kname, [n.name]))
+
+        for n in self.eager | self.runtime_views:
+            kind = "view" if n in self.runtime_views else "eager"
+            steps.append((order[n], Step(
+                kind=kind, target=target_name(n.target), outputs=[n.name],
+                inputs=[a.name for a in n.all_input_nodes
+                        if not isinstance(a.meta.get("val"), (torch.SymInt, torch.SymFloat, int, float))],
+                args=encode_arg(list(n.args)), kwargs={k: encode_arg(v) for k, v in n.kwargs.items()},
+                nodes=[n.name],
+            )))
+
+        ordered = self._topo(steps)
+        for i, s in enumerate(ordered):
+            for o in s.outputs:
+                step_of[o] = i
+
+        out_node = next(n for n in self.gm.graph.nodes if n.op == "output")
+        outputs = [a.name if isinstance(a, fx.Node) else None for a in _flatten(out_node.args[0])]
+        inputs = []
+        for n in self.gm.graph.nodes:
+            if n.op == "placeholder":
+                val = n.meta["val"]
+                inputs.append(InputSpec(n.name, [pexpr(s) for s in shape_of(val)], dtype_name(val.dtype),
+                                        "weight" if n.name in self.weights else "user"))
+        plan = Plan(name=self.name, inputs=inputs, symbols=self.symbol_specs, buffers=list(buffers.values()),
+                    steps=ordered, outputs=outputs, kernels={})
+        for kname, (body, uses, kind) in kernels.items():
+            plan.kernels[kname] = _header(kind, uses) + "\n" + body.lstrip("\n")
+        plan_memory(plan, self.gm, self.record, self.symbol_specs)
+        return plan
+
+    def _topo(self, steps: list[tuple[int, Step]]) -> list[Step]:
+        graph = nx.DiGraph()
+        producer: dict[str, int] = {}
+        for i, (_, s) in enumerate(steps):
+            graph.add_node(i)
+            for o in s.outputs:
+                producer[o] = i
+        for i, (_, s) in enumerate(steps):
+            for inp in s.inputs:
+                if inp in producer and producer[inp] != i:
+                    graph.add_edge(producer[inp], i)
+        key = {i: pos for i, (pos, _) in enumerate(steps)}
+        return [steps[i][1] for i in nx.lexicographical_topological_sort(graph, key=key.__getitem__)]
+
+
+def _flatten(x: Any) -> list[Any]:
+    if isinstance(x, (list, tuple)):
+        out = []
+        for y in x:
+            out.extend(_flatten(y))
+        return out
+    return [x]
+
+
+def lower_graph(gm: fx.GraphModule, name: str, symbol_specs: list[SymbolSpec], weights: set[str]
+                ) -> tuple[Plan, LoweringRecord]:
+    low = Lowering(gm, name, symbol_specs, weights)
+    plan = low.run()
+    return plan, low.record
+
+
+def sympy_symbols(specs: list[SymbolSpec]) -> dict[str, sympy.Symbol]:
+    return {s.name: sympy.Symbol(s.name, integer=True, positive=True) for s in specs}

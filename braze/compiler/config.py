@@ -1,0 +1,47 @@
+"""CompileConfig: every option braze.compile takes, validated once with errors that name the valid values."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any
+
+from braze.runtime.errors import ConfigError
+
+EXECUTORS = ("auto", "cuda", "interpret", "reference")
+QUANTS = (None, "df11", "int6")
+SPECULATE = (None, "suffix")
+
+
+@dataclass
+class CompileConfig:
+    executor: str = "auto"  # auto: cuda on a GPU model, interpret on CPU
+    quant: str | None = None
+    speculate: str | None = None
+    deterministic: bool = False
+    max_batch: int = 8
+    max_seq: int = 512
+    dynamic_shapes: Any = None  # passed to torch.export for generic modules
+    cuda_graphs: bool = True
+
+    def __post_init__(self) -> None:
+        _choice("executor", self.executor, EXECUTORS)
+        _choice("quant", self.quant, QUANTS)
+        _choice("speculate", self.speculate, SPECULATE)
+        for name in ("max_batch", "max_seq"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+    @classmethod
+    def from_options(cls, **options: Any) -> CompileConfig:
+        valid = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - valid)
+        if unknown:
+            raise ConfigError(f"unknown option(s) {', '.join(unknown)}; valid options: {', '.join(sorted(valid))}")
+        return cls(**options)
+
+
+def _choice(name: str, value: Any, valid: tuple) -> None:
+    if value not in valid:
+        shown = ", ".join(repr(v) for v in valid)
+        raise ConfigError(f"{name}={value!r} is not valid; choose one of {shown}")

@@ -1,0 +1,81 @@
+"""The compiler: passes -> lowering -> plan, with BRAZE_DUMP dumps and the report."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.fx as fx
+
+from braze.codegen.lower import lower_graph
+from braze.compiler.capture import Captured
+from braze.compiler.config import CompileConfig
+from braze.compiler.report import CompileReport, PassResult
+from braze.passes.context import PassContext
+from braze.passes.registry import PASSES
+from braze.runtime.plan import Plan
+
+AfterPass = Callable[[str, fx.GraphModule, dict[str, torch.Tensor]], None]
+
+
+def _dump_dir() -> Path | None:
+    d = os.environ.get("BRAZE_DUMP")
+    if not d:
+        return None
+    path = Path(d)
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def run_passes(cap: Captured, config: CompileConfig, report: CompileReport,
+               after_pass: AfterPass | None = None) -> PassContext:
+    """Rewrite cap.gm in place with every enabled pass; `after_pass` sees the graph after each one."""
+    ctx = PassContext(config=config, weights=cap.weights, fake_mode=cap.fake_mode, causal_lm=cap.causal_lm)
+    dump = _dump_dir()
+    if dump:
+        (dump / "00_captured.txt").write_text(cap.gm.code)
+    for i, spec in enumerate(PASSES, start=1):
+        if not spec.enabled(config):
+            continue
+        ctx.current_pass = spec.name
+        count = spec.fn(cap.gm, ctx)
+        cap.gm.graph.lint()
+        cap.gm.recompile()
+        report.passes.append(PassResult(spec.name, spec.phase, count, ctx.notes.get(spec.name, [])))
+        if dump:
+            (dump / f"{i:02d}_{spec.name}.txt").write_text(cap.gm.code)
+        if after_pass:
+            after_pass(spec.name, cap.gm, ctx.weights)
+    return ctx
+
+
+def compile_captured(cap: Captured, config: CompileConfig, name: str = "forward",
+                     after_pass: AfterPass | None = None) -> tuple[Plan, CompileReport]:
+    start = time.perf_counter()
+    report = CompileReport(model=name, executor=config.executor)
+    run_passes(cap, config, report, after_pass)
+    # weights no longer read by the graph (e.g. merged into a concatenated one) are dropped
+    used = {n.name for n in cap.gm.graph.nodes if n.op == "placeholder"}
+    for k in list(cap.weights):
+        if k not in used:
+            del cap.weights[k]
+    plan, record = lower_graph(cap.gm, name, cap.symbols, set(cap.weights))
+    report.kernels = [(s.kernel, "fused" if s.kind == "fused" else s.launcher, s.nodes)
+                      for s in plan.steps if s.kind in ("fused", "template")]
+    report.fallbacks = record.fallbacks
+    report.launches = plan.launches
+    report.planned_peak_bytes = record.planned_peak_bytes
+    report.eager_peak_bytes = record.eager_peak_bytes
+    report.no_reuse_bytes = record.no_reuse_bytes
+    dump = _dump_dir()
+    if dump:
+        kdir = dump / "kernels"
+        kdir.mkdir(exist_ok=True)
+        for kname, src in plan.kernels.items():
+            (kdir / f"{kname}.py").write_text(src)
+        (dump / "plan.json").write_text(plan.to_json())
+    report.compile_seconds = time.perf_counter() - start
+    return plan, report

@@ -1,0 +1,179 @@
+"""The braze::* custom ops.
+
+Every op that a pass introduces lives here, registered once with torch.library: a plain-torch reference
+implementation (what the `reference` executor and every per-pass golden check run) and a fake
+implementation (so `node.meta["val"]` stays correct). Kernels are lowerings of these ops, never the
+other way round.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ACTIVATIONS = ("none", "silu", "gelu", "gelu_tanh", "relu")
+
+
+def apply_activation(y: Tensor, activation: str) -> Tensor:
+    if activation == "none":
+        return y
+    if activation == "silu":
+        return F.silu(y)
+    if activation == "gelu":
+        return F.gelu(y)
+    if activation == "gelu_tanh":
+        return F.gelu(y, approximate="tanh")
+    if activation == "relu":
+        return F.relu(y)
+    raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
+
+
+def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """HF Llama RMSNorm: fp32 statistics, cast back to the input dtype, then scale by the weight."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+@torch.library.custom_op("braze::rms_norm", mutates_args=())
+def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return rms_norm_reference(x, weight, eps)
+
+
+@rms_norm.register_fake
+def _rms_norm_fake(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    return torch.empty_like(x, dtype=torch.promote_types(weight.dtype, x.dtype))
+
+
+@torch.library.custom_op("braze::linear", mutates_args=())
+def linear(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    norm_weight: Tensor | None = None,
+    eps: float = 0.0,
+    activation: str = "none",
+    residual: Tensor | None = None,
+) -> Tensor:
+    """y = residual + act(F.linear(rmsnorm?(x), weight, bias)): one matmul with its prologue and epilogue."""
+    if norm_weight is not None:
+        x = rms_norm_reference(x, norm_weight, eps)
+    y = apply_activation(F.linear(x, weight, bias), activation)
+    if residual is not None:
+        y = residual + y
+    return y
+
+
+@linear.register_fake
+def _linear_fake(x, weight, bias=None, norm_weight=None, eps=0.0, activation="none", residual=None):
+    dtype = x.dtype if norm_weight is None else torch.promote_types(norm_weight.dtype, x.dtype)
+    out = x.new_empty(*x.shape[:-1], weight.shape[0], dtype=dtype)
+    if residual is not None:
+        out = torch.empty_like(torch.broadcast_tensors(out, residual)[0], dtype=torch.promote_types(dtype, residual.dtype))
+    return out
+
+
+@torch.library.custom_op("braze::linear_glu", mutates_args=())
+def linear_glu(
+    x: Tensor,
+    gate_weight: Tensor,
+    up_weight: Tensor,
+    norm_weight: Tensor | None = None,
+    eps: float = 0.0,
+    activation: str = "silu",
+) -> Tensor:
+    """act(x @ Wg^T) * (x @ Wu^T): gate and up projections merged into one matmul (SwiGLU / GeGLU)."""
+    if norm_weight is not None:
+        x = rms_norm_reference(x, norm_weight, eps)
+    return apply_activation(F.linear(x, gate_weight), activation) * F.linear(x, up_weight)
+
+
+@linear_glu.register_fake
+def _linear_glu_fake(x, gate_weight, up_weight, norm_weight=None, eps=0.0, activation="silu"):
+    dtype = x.dtype if norm_weight is None else torch.promote_types(norm_weight.dtype, x.dtype)
+    return x.new_empty(*x.shape[:-1], gate_weight.shape[0], dtype=dtype)
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, S, D]; cos/sin [B, S, D] (HF rotate_half convention)."""
+    cos = cos.unsqueeze(1)
+    sin = sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+@torch.library.custom_op("braze::rope", mutates_args=())
+def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return rope_reference(x, cos, sin)
+
+
+@rope.register_fake
+def _rope_fake(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    return torch.empty_like(x, dtype=torch.promote_types(x.dtype, cos.dtype), memory_format=torch.contiguous_format)
+
+
+def attention_reference(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    causal: bool,
+    cos: Tensor | None = None,
+    sin: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+) -> Tensor:
+    """Softmax attention with native GQA (k/v may have fewer heads) and optional RoPE on q and k.
+
+    Causal alignment is bottom-right: query i sits at position Skv - Sq + i, as when prefill continues a cache.
+    """
+    if cos is not None:
+        q = rope_reference(q, cos[:, -q.shape[2]:], sin[:, -q.shape[2]:])
+        k = rope_reference(k, cos, sin)
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    mask = attn_mask
+    if causal:
+        sq, skv = q.shape[2], k.shape[2]
+        keep = torch.ones(sq, skv, dtype=torch.bool, device=q.device).tril(diagonal=skv - sq)
+        mask = keep if mask is None else (mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, -math.inf))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+
+@torch.library.custom_op("braze::attention", mutates_args=())
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    causal: bool,
+    cos: Tensor | None = None,
+    sin: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+) -> Tensor:
+    """Flash attention [B, Hq, Sq, D] over k/v [B, Hkv, Skv, D]; the output is laid out [B, Sq, Hq, D]."""
+    out = attention_reference(q, k, v, scale, causal, cos, sin, attn_mask)
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@attention.register_fake
+def _attention_fake(q, k, v, scale, causal, cos=None, sin=None, attn_mask=None):
+    b, h, s, _ = q.shape
+    return q.new_empty(b, s, h, v.shape[-1]).transpose(1, 2)
+
+
+BRAZE_OPS = {
+    "rms_norm": torch.ops.braze.rms_norm.default,
+    "linear": torch.ops.braze.linear.default,
+    "linear_glu": torch.ops.braze.linear_glu.default,
+    "rope": torch.ops.braze.rope.default,
+    "attention": torch.ops.braze.attention.default,
+}

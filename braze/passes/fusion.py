@@ -1,0 +1,196 @@
+"""Template-level fusions: rewrite braze ops into richer braze ops whose kernels do more per launch.
+
+- merge_sibling_linears: linears reading the same input (Q/K/V) become one matmul over concatenated weights.
+- fuse_norm_prologue: RMSNorm feeding a linear moves into the matmul's prologue.
+- fuse_linear_epilogue: activation and residual add after a linear move into its epilogue.
+- fuse_rope_into_attention: RoPE on q and k is applied by the attention kernel as it loads them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from braze.passes.context import PassContext
+from braze.passes.graph_utils import aten, dce, graph_rewrite, is_op, new_node, single_user, val
+
+braze = torch.ops.braze
+LINEARS = (braze.linear.default, braze.linear_glu.default)
+
+
+def _op_args(node: fx.Node) -> dict:
+    out = {}
+    for i, arg in enumerate(node.target._schema.arguments):
+        if i < len(node.args):
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        else:
+            out[arg.name] = arg.default_value if arg.has_default_value() else None
+    return out
+
+
+def _replace(node: fx.Node, ctx: PassContext, **changes) -> fx.Node:
+    a = _op_args(node)
+    a.update(changes)
+    names = [arg.name for arg in node.target._schema.arguments]
+    return new_node(node.graph.owning_module, node.target, tuple(a[n] for n in names), {}, ctx, node)
+
+
+def merge_sibling_linears(gm: fx.GraphModule, ctx: PassContext) -> int:
+    groups: dict[tuple, list[fx.Node]] = {}
+    for n in gm.graph.nodes:
+        if not is_op(n, braze.linear.default):
+            continue
+        a = _op_args(n)
+        w = a["weight"]
+        if a["residual"] is not None or w.op != "placeholder" or w.name not in ctx.weights:
+            continue
+        if a["bias"] is not None and (a["bias"].op != "placeholder" or a["bias"].name not in ctx.weights):
+            continue
+        key = (a["x"], a["norm_weight"], a["eps"], a["activation"], a["bias"] is not None, val(w).dtype)
+        groups.setdefault(key, []).append(n)
+    count = 0
+    for (x, norm_w, eps, act, has_bias, _), nodes in groups.items():
+        if len(nodes) < 2:
+            continue
+        weights = [ctx.weights[_op_args(n)["weight"].name] for n in nodes]
+        name = "merged_" + "_".join(_op_args(n)["weight"].name.removeprefix("p_").split("_")[-2] for n in nodes)
+        w_node = ctx.add_weight(gm, name[:60], torch.cat(weights, 0))
+        b_node = None
+        if has_bias:
+            b_node = ctx.add_weight(gm, name[:56] + "_bias", torch.cat([ctx.weights[_op_args(n)["bias"].name]
+                                                                        for n in nodes], 0))
+        first = min(nodes, key=lambda n: list(gm.graph.nodes).index(n))
+        merged = new_node(gm, braze.linear.default, (x, w_node, b_node, norm_w, eps, act, None), {}, ctx, first)
+        start = 0
+        for n, w in zip(nodes, weights):
+            part = new_node(gm, aten.slice.Tensor, (merged, -1, start, start + w.shape[0]), {}, ctx, first)
+            start += w.shape[0]
+            n.replace_all_uses_with(part)
+            gm.graph.erase_node(n)
+        ctx.note(f"merged {', '.join(n.name for n in nodes)} -> {merged.name} (N={start})")
+        count += 1
+    dce(gm)
+    gm.recompile()
+    return count
+
+
+def _norm_prologue(node: fx.Node, ctx: PassContext):
+    a = _op_args(node)
+    x = a["x"]
+    if a["norm_weight"] is not None or not is_op(x, braze.rms_norm.default):
+        return None
+    src, w, eps = x.args[0], x.args[1], x.args[2]
+    return _replace(node, ctx, x=src, norm_weight=w, eps=eps)
+
+
+def fuse_norm_prologue(gm: fx.GraphModule, ctx: PassContext) -> int:
+    return graph_rewrite(gm, {t: _norm_prologue for t in LINEARS}, ctx)
+
+
+ACTIVATION_OPS = {aten.silu.default: "silu", aten.relu.default: "relu"}
+
+
+def _activation(node: fx.Node, ctx: PassContext):
+    lin = node.args[0]
+    if not is_op(lin, braze.linear.default) or not single_user(lin):
+        return None
+    a = _op_args(lin)
+    if a["activation"] != "none" or a["residual"] is not None:
+        return None
+    if node.target is aten.gelu.default:
+        kind = "gelu_tanh" if node.kwargs.get("approximate", "none") == "tanh" else "gelu"
+    else:
+        kind = ACTIVATION_OPS[node.target]
+    return _replace(lin, ctx, activation=kind)
+
+
+def _residual(node: fx.Node, ctx: PassContext):
+    if node.kwargs.get("alpha", 1) != 1:
+        return None
+    for lin, res in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
+        if not is_op(lin, braze.linear.default) or not single_user(lin) or not isinstance(res, fx.Node):
+            continue
+        a = _op_args(lin)
+        rv, ov = val(res), val(node)
+        if a["residual"] is not None or not isinstance(rv, torch.Tensor):
+            continue
+        if tuple(rv.shape) != tuple(ov.shape) or rv.dtype != ov.dtype or val(lin).dtype != ov.dtype:
+            continue
+        return _replace(lin, ctx, residual=res)
+    return None
+
+
+def fuse_linear_epilogue(gm: fx.GraphModule, ctx: PassContext) -> int:
+    n = graph_rewrite(gm, {aten.silu.default: _activation, aten.relu.default: _activation,
+                           aten.gelu.default: _activation}, ctx)
+    return n + graph_rewrite(gm, {aten.add.Tensor: _residual}, ctx)
+
+
+def _rope_attention(node: fx.Node, ctx: PassContext):
+    a = _op_args(node)
+    q, k = a["q"], a["k"]
+    if a["cos"] is not None or not (is_op(q, braze.rope.default) and is_op(k, braze.rope.default)):
+        return None
+    if q.args[1] is not k.args[1] or q.args[2] is not k.args[2]:
+        return None
+    if not (single_user(q) and single_user(k)):
+        return None
+    if val(q).dtype != val(q.args[0]).dtype or val(k).dtype != val(k.args[0]).dtype:
+        return None
+    return _replace(node, ctx, q=q.args[0], k=k.args[0], cos=q.args[1], sin=q.args[2])
+
+
+def fuse_rope_into_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
+    return graph_rewrite(gm, {braze.attention.default: _rope_attention}, ctx)
+
+
+# ---- leftovers: braze ops without a template go back to ATen, where the fused family picks them up ----------
+def _decompose_rms_norm(node: fx.Node, ctx: PassContext):
+    gm = node.graph.owning_module
+    x, w, eps = node.args
+    h = x if val(x).dtype == torch.float32 else new_node(gm, aten._to_copy.default, (x,), {"dtype": torch.float32},
+                                                         ctx, node)
+    sq = new_node(gm, aten.pow.Tensor_Scalar, (h, 2), {}, ctx, node)
+    mean = new_node(gm, aten.mean.dim, (sq, [-1], True), {}, ctx, node)
+    var = new_node(gm, aten.add.Tensor, (mean, eps), {}, ctx, node)
+    r = new_node(gm, aten.rsqrt.default, (var,), {}, ctx, node)
+    y = new_node(gm, aten.mul.Tensor, (h, r), {}, ctx, node)
+    if val(x).dtype != torch.float32:
+        y = new_node(gm, aten._to_copy.default, (y,), {"dtype": val(x).dtype}, ctx, node)
+    return new_node(gm, aten.mul.Tensor, (w, y), {}, ctx, node)
+
+
+def _decompose_rope(node: fx.Node, ctx: PassContext):
+    gm = node.graph.owning_module
+    x, cos, sin = node.args
+    half = val(x).shape[-1] // 2
+    c = new_node(gm, aten.unsqueeze.default, (cos, 1), {}, ctx, node)
+    s = new_node(gm, aten.unsqueeze.default, (sin, 1), {}, ctx, node)
+    lo = new_node(gm, aten.slice.Tensor, (x, -1, 0, half), {}, ctx, node)
+    hi = new_node(gm, aten.slice.Tensor, (x, -1, half, 2 * half), {}, ctx, node)
+    neg = new_node(gm, aten.neg.default, (hi,), {}, ctx, node)
+    rot = new_node(gm, aten.cat.default, ([neg, lo], -1), {}, ctx, node)
+    a = new_node(gm, aten.mul.Tensor, (x, c), {}, ctx, node)
+    b = new_node(gm, aten.mul.Tensor, (rot, s), {}, ctx, node)
+    return new_node(gm, aten.add.Tensor, (a, b), {}, ctx, node)
+
+
+def _decompose_softmax(node: fx.Node, ctx: PassContext):
+    gm = node.graph.owning_module
+    x, dim = node.args[0], node.args[1]
+    if val(x).dtype != torch.float32:
+        x = new_node(gm, aten._to_copy.default, (x,), {"dtype": torch.float32}, ctx, node)
+    m = new_node(gm, aten.amax.default, (x, [dim], True), {}, ctx, node)
+    e = new_node(gm, aten.exp.default, (new_node(gm, aten.sub.Tensor, (x, m), {}, ctx, node),), {}, ctx, node)
+    s = new_node(gm, aten.sum.dim_IntList, (e, [dim], True), {}, ctx, node)
+    out = new_node(gm, aten.div.Tensor, (e, s), {}, ctx, node)
+    if val(node).dtype != torch.float32:
+        out = new_node(gm, aten._to_copy.default, (out,), {"dtype": val(node).dtype}, ctx, node)
+    return out
+
+
+def decompose_unfused(gm: fx.GraphModule, ctx: PassContext) -> int:
+    return graph_rewrite(gm, {braze.rms_norm.default: _decompose_rms_norm, braze.rope.default: _decompose_rope,
+                              aten._softmax.default: _decompose_softmax}, ctx)

@@ -1,0 +1,185 @@
+"""Pattern recognition: linear, RMSNorm, RoPE, SwiGLU/GeGLU become braze::* ops.
+
+Each rule starts at an anchor op and walks its inputs; on a match it returns the replacement node. The rules are
+tables of (anchor op -> function), applied by one graph_rewrite, in the tinygrad PatternMatcher style.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from braze.passes.context import PassContext
+from braze.passes.graph_utils import aten, dce, graph_rewrite, is_op, new_node, single_user, val
+
+braze = torch.ops.braze
+
+
+def _other(node: fx.Node, x: fx.Node):
+    a, b = node.args[0], node.args[1]
+    return b if a is x else a if b is x else None
+
+
+# ---- linear ------------------------------------------------------------------------------------------------
+def _linear(node: fx.Node, ctx: PassContext):
+    x, w = node.args[0], node.args[1]
+    b = node.args[2] if len(node.args) > 2 else None
+    return new_node(node.graph.owning_module, braze.linear.default, (x, w, b), {}, ctx, node)
+
+
+def _transposed_weight(t):
+    if is_op(t, aten.t.default) or (is_op(t, aten.permute.default) and list(t.args[1]) == [1, 0]):
+        return t.args[0]
+    return None
+
+
+def _mm(node: fx.Node, ctx: PassContext):
+    bias = None
+    if node.target is aten.addmm.default:
+        bias, x, wt = node.args[0], node.args[1], node.args[2]
+        if node.kwargs.get("beta", 1) != 1 or node.kwargs.get("alpha", 1) != 1 or val(bias).dim() != 1:
+            return None
+    else:
+        x, wt = node.args
+    w = _transposed_weight(wt)
+    if w is None:
+        return None
+    return new_node(node.graph.owning_module, braze.linear.default, (x, w, bias), {}, ctx, node)
+
+
+LINEAR_RULES = {aten.linear.default: _linear, aten.mm.default: _mm, aten.addmm.default: _mm}
+
+
+def recognize_linear(gm: fx.GraphModule, ctx: PassContext) -> int:
+    return graph_rewrite(gm, LINEAR_RULES, ctx)
+
+
+# ---- RMSNorm -----------------------------------------------------------------------------------------------
+def _rms_from_rsqrt(rsqrt: fx.Node, ctx: PassContext):
+    add = rsqrt.args[0]
+    if not is_op(add, aten.add.Tensor, aten.add.Scalar) or not isinstance(add.args[1], float):
+        return None
+    mean = add.args[0]
+    if not is_op(mean, aten.mean.dim) or list(mean.args[1]) not in ([-1], [val(mean.args[0]).dim() - 1]):
+        return None
+    if not (len(mean.args) > 2 and mean.args[2]):
+        return None
+    pw = mean.args[0]
+    if not is_op(pw, aten.pow.Tensor_Scalar) or pw.args[1] != 2:
+        return None
+    h = pw.args[0]
+    if len(rsqrt.users) != 1:
+        return None
+    mul = next(iter(rsqrt.users))
+    if not is_op(mul, aten.mul.Tensor) or _other(mul, rsqrt) is not h or len(mul.users) != 1:
+        return None
+    out = next(iter(mul.users))
+    cast = None
+    if is_op(out, aten._to_copy.default, aten.to.dtype):
+        cast, out = out, (next(iter(out.users)) if len(out.users) == 1 else None)
+    if not is_op(out, aten.mul.Tensor):
+        return None
+    weight = _other(out, cast or mul)
+    hidden = val(h)
+    if weight is None or not isinstance(val(weight), torch.Tensor) or val(weight).dim() != 1:
+        return None
+    src = h
+    if is_op(h, aten._to_copy.default, aten.to.dtype) and val(h).dtype == torch.float32:
+        src = h.args[0]
+    if cast is not None and val(cast).dtype != val(src).dtype:
+        return None
+    if cast is None and val(src).dtype != torch.float32:
+        return None
+    if hidden.shape[-1] != val(weight).shape[0]:
+        return None
+    rep = new_node(out.graph.owning_module, braze.rms_norm.default, (src, weight, float(add.args[1])), {}, ctx, out)
+    out.replace_all_uses_with(rep)
+    return rep
+
+
+def recognize_rms_norm(gm: fx.GraphModule, ctx: PassContext) -> int:
+    count = 0
+    for node in list(gm.graph.nodes):
+        if not getattr(node, "_erased", False) and is_op(node, aten.rsqrt.default):
+            if _rms_from_rsqrt(node, ctx) is not None:
+                count += 1
+    dce(gm)
+    gm.recompile()
+    return count
+
+
+# ---- RoPE --------------------------------------------------------------------------------------------------
+def _unsqueezed_3d(t):
+    if is_op(t, aten.unsqueeze.default) and t.args[1] == 1 and val(t.args[0]).dim() == 3:
+        return t.args[0]
+    return None
+
+
+def _rotate_half_of(cat):
+    if not is_op(cat, aten.cat.default) or len(cat.args[0]) != 2:
+        return None
+    neg, lo = cat.args[0]
+    if not is_op(neg, aten.neg.default) or not is_op(lo, aten.slice.Tensor):
+        return None
+    hi = neg.args[0]
+    if not is_op(hi, aten.slice.Tensor) or hi.args[0] is not lo.args[0]:
+        return None
+    x = lo.args[0]
+    d = val(x).shape[-1]
+    if not isinstance(d, int) or d % 2:
+        return None
+    half = d // 2
+    lo_ok = lo.args[1] in (-1, 3) and lo.args[2] == 0 and lo.args[3] == half
+    hi_ok = hi.args[1] in (-1, 3) and hi.args[2] == half
+    return x if lo_ok and hi_ok else None
+
+
+def _rope(add: fx.Node, ctx: PassContext):
+    a, b = add.args[0], add.args[1]
+    if not (is_op(a, aten.mul.Tensor) and is_op(b, aten.mul.Tensor)):
+        return None
+    for m1, m2 in ((a, b), (b, a)):
+        for x_cand, cos_u in ((m1.args[0], m1.args[1]), (m1.args[1], m1.args[0])):
+            for rot, sin_u in ((m2.args[0], m2.args[1]), (m2.args[1], m2.args[0])):
+                if not isinstance(x_cand, fx.Node) or val(x_cand) is None or val(x_cand).dim() != 4:
+                    continue
+                if _rotate_half_of(rot) is not x_cand:
+                    continue
+                cos, sin = _unsqueezed_3d(cos_u), _unsqueezed_3d(sin_u)
+                if cos is None or sin is None:
+                    continue
+                return new_node(add.graph.owning_module, braze.rope.default, (x_cand, cos, sin), {}, ctx, add)
+    return None
+
+
+def recognize_rope(gm: fx.GraphModule, ctx: PassContext) -> int:
+    return graph_rewrite(gm, {aten.add.Tensor: _rope}, ctx)
+
+
+# ---- SwiGLU / GeGLU ----------------------------------------------------------------------------------------
+def _plain_linear(n) -> bool:
+    if not is_op(n, braze.linear.default) or len(n.args) > 2 and n.args[2] is not None:
+        return False
+    return not n.kwargs and single_user(n)
+
+
+def _glu(mul: fx.Node, ctx: PassContext):
+    for act, up in ((mul.args[0], mul.args[1]), (mul.args[1], mul.args[0])):
+        if is_op(act, aten.silu.default):
+            kind = "silu"
+        elif is_op(act, aten.gelu.default):
+            kind = "gelu_tanh" if act.kwargs.get("approximate", "none") == "tanh" else "gelu"
+        else:
+            continue
+        gate = act.args[0]
+        if not (_plain_linear(gate) and _plain_linear(up) and single_user(act)):
+            continue
+        if gate.args[0] is not up.args[0]:
+            continue
+        return new_node(mul.graph.owning_module, braze.linear_glu.default,
+                        (gate.args[0], gate.args[1], up.args[1]), {"activation": kind}, ctx, mul)
+    return None
+
+
+def recognize_glu(gm: fx.GraphModule, ctx: PassContext) -> int:
+    return graph_rewrite(gm, {aten.mul.Tensor: _glu}, ctx)

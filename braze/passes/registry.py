@@ -1,0 +1,48 @@
+"""The pass pipeline, in order, in one place (MLC-LLM style: one readable, phased list).
+
+A pass is `fn(gm, ctx) -> int` (rewrites made). Every pass leaves the graph runnable eagerly: the nodes it
+introduces are braze::* ops with reference implementations, so any prefix of this list can be golden-checked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch.fx as fx
+
+from braze.passes.attention import substitute_attention
+from braze.passes.context import PassContext
+from braze.passes.fusion import (
+    decompose_unfused,
+    fuse_linear_epilogue,
+    fuse_norm_prologue,
+    fuse_rope_into_attention,
+    merge_sibling_linears,
+)
+from braze.passes.normalize import normalize
+from braze.passes.patterns import recognize_glu, recognize_linear, recognize_rms_norm, recognize_rope
+
+
+@dataclass(frozen=True)
+class PassSpec:
+    name: str
+    phase: str
+    fn: Callable[[fx.GraphModule, PassContext], int]
+    enabled: Callable[[Any], bool] = lambda config: True
+
+
+PASSES: list[PassSpec] = [
+    PassSpec("normalize", "normalize", normalize),
+    PassSpec("recognize_linear", "patterns", recognize_linear),
+    PassSpec("recognize_rms_norm", "patterns", recognize_rms_norm),
+    PassSpec("recognize_rope", "patterns", recognize_rope),
+    PassSpec("recognize_glu", "patterns", recognize_glu),
+    PassSpec("substitute_attention", "attention", substitute_attention),
+    PassSpec("merge_sibling_linears", "fusion", merge_sibling_linears),
+    PassSpec("fuse_norm_prologue", "fusion", fuse_norm_prologue),
+    PassSpec("fuse_linear_epilogue", "fusion", fuse_linear_epilogue),
+    PassSpec("fuse_rope_into_attention", "fusion", fuse_rope_into_attention),
+    PassSpec("decompose_unfused", "fusion", decompose_unfused),
+]

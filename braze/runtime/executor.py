@@ -1,0 +1,200 @@
+"""Executes a Plan: allocates the planned arena, launches kernels in order, evaluates free views and eager ops.
+
+Modes: `interpret` (Triton interpreter on CPU tensors) and `cuda` (the same kernels on a GPU, replayed from a
+CUDA graph per input-shape bucket). The `reference` executor lives in the compiled module: it runs the rewritten
+graph's torch reference implementations instead of a plan.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+from typing import Any
+
+import torch
+import triton
+
+from braze.runtime.errors import InputMismatchError, ShapeOutOfRangeError
+from braze.runtime.kernel_loader import load_kernel
+from braze.runtime.launchers import LAUNCHERS, fused_blocks, interpreting
+from braze.runtime.plan import Plan
+
+DTYPES = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
+    "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
+    "bool": torch.bool,
+}
+_EVAL_GLOBALS = {"__builtins__": {}, "max": max, "min": min}
+
+
+def resolve_target(name: str) -> Any:
+    """'aten.view.default' -> torch.ops.aten.view.default; '_operator.getitem' -> operator.getitem."""
+    parts = name.split(".")
+    if len(parts) == 3 and parts[0] in ("aten", "braze", "prims"):
+        import braze.ops  # noqa: F401  (registers braze::*)
+
+        return getattr(getattr(getattr(torch.ops, parts[0]), parts[1]), parts[2])
+    module, _, attr = name.rpartition(".")
+    return getattr(importlib.import_module(module), attr)
+
+
+class _Expr:
+    """A compiled shape/grid expression over the dynamic dims."""
+
+    def __init__(self, text: str):
+        self.text = text
+        self.code = compile(text, "<braze-expr>", "eval")
+
+    def __call__(self, syms: dict[str, int]) -> int:
+        return int(eval(self.code, _EVAL_GLOBALS, syms))
+
+
+class PlanExecutor:
+    """Runs one plan on one device with a fixed set of weights."""
+
+    def __init__(self, plan: Plan, weights: dict[str, torch.Tensor], device: torch.device):
+        self.plan = plan
+        self.device = device
+        self.weights = weights
+        self.user_inputs = [i for i in plan.inputs if i.kind == "user"]
+        self.kernels: dict[str, Any] = {}
+        self.buffers = {b.name: b for b in plan.buffers}
+        self.shape_exprs = {b.name: [_Expr(s) for s in b.shape] for b in plan.buffers}
+        self.stride_exprs = {b.name: [_Expr(s) for s in b.strides] for b in plan.buffers if b.strides}
+        self.slot_exprs = [_Expr(s) for s in plan.slots]
+        self.input_exprs = {i.name: [_Expr(s) for s in i.shape] for i in plan.inputs}
+        self.step_exprs = [
+            (_Expr(s.params["xnumel"]), _Expr(s.params["rnumel"])) if s.kind == "fused" else None for s in plan.steps
+        ]
+        self.targets = {i: resolve_target(s.target) for i, s in enumerate(plan.steps) if s.target}
+        self.symbol_specs = {s.name: s for s in plan.symbols}
+        self.stats = {"calls": 0, "launches": 0, "eager_ops": 0}
+
+    def kernel(self, name: str) -> Any:
+        if name not in self.kernels:
+            self.kernels[name] = load_kernel(self.plan.kernels[name], name)
+        return self.kernels[name]
+
+    def warm(self) -> None:
+        for name in self.plan.kernels:
+            self.kernel(name)
+
+    # ---- inputs ------------------------------------------------------------------------------------
+    def bind(self, inputs: list[torch.Tensor]) -> dict[str, int]:
+        if len(inputs) != len(self.user_inputs):
+            names = ", ".join(i.name for i in self.user_inputs)
+            raise InputMismatchError(f"expected {len(self.user_inputs)} tensor inputs ({names}), got {len(inputs)}")
+        syms: dict[str, int] = {}
+        for spec, t in zip(self.user_inputs, inputs):
+            if not isinstance(t, torch.Tensor):
+                raise InputMismatchError(f"input '{spec.name}' must be a tensor, got {type(t).__name__}")
+            if t.dim() != len(spec.shape):
+                raise InputMismatchError(
+                    f"input '{spec.name}' has {t.dim()} dims, expected {len(spec.shape)} (shape {spec.shape})")
+            for d, expr in enumerate(spec.shape):
+                if expr.isidentifier() and expr not in syms:
+                    syms[expr] = int(t.shape[d])
+        for name, value in syms.items():
+            s = self.symbol_specs.get(name)
+            if s and (value < s.lower or (s.upper is not None and value > s.upper)):
+                where = next(f"input '{i.name}' dim {d}" for i in self.user_inputs
+                             for d, e in enumerate(i.shape) if e == name)
+                hi = "inf" if s.upper is None else s.upper
+                raise ShapeOutOfRangeError(
+                    f"{where} ({s.label}) = {value} is outside the compiled range [{s.lower}, {hi}]; "
+                    f"recompile with a range that covers it (e.g. max_seq / max_batch)")
+        for spec, t in zip(self.user_inputs, inputs):
+            for d, expr in enumerate(self.input_exprs[spec.name]):
+                want = expr(syms)
+                if t.shape[d] != want:
+                    raise InputMismatchError(f"input '{spec.name}' dim {d} is {t.shape[d]}, expected {want}")
+            if str(t.dtype).removeprefix("torch.") != spec.dtype:
+                raise InputMismatchError(
+                    f"input '{spec.name}' has dtype {str(t.dtype).removeprefix('torch.')}, expected {spec.dtype}")
+            if t.device.type != self.device.type:
+                raise InputMismatchError(
+                    f"input '{spec.name}' is on {t.device.type}, the compiled model runs on {self.device.type}")
+        return syms
+
+    # ---- execution ---------------------------------------------------------------------------------
+    def _alloc(self, name: str, syms: dict[str, int], slots: list[torch.Tensor | None]) -> torch.Tensor:
+        buf = self.buffers[name]
+        shape = [e(syms) for e in self.shape_exprs[name]]
+        dtype = DTYPES[buf.dtype]
+        strides = [e(syms) for e in self.stride_exprs[name]] if name in self.stride_exprs else None
+        if buf.slot is None:
+            if strides:
+                return torch.empty_strided(shape, strides, dtype=dtype, device=self.device)
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        arena = slots[buf.slot]
+        if arena is None:
+            arena = torch.empty(self.slot_exprs[buf.slot](syms), dtype=torch.uint8, device=self.device)
+            slots[buf.slot] = arena
+        numel = math.prod(shape)
+        flat = arena[: numel * dtype.itemsize].view(dtype)
+        if strides:
+            return flat.as_strided(shape, strides)
+        return flat.view(shape)
+
+    def _decode(self, a: Any, env: dict[str, Any], syms: dict[str, int]) -> Any:
+        if isinstance(a, list):
+            return [self._decode(x, env, syms) for x in a]
+        if isinstance(a, dict):
+            if "ref" in a:
+                return env[a["ref"]]
+            if "sym" in a:
+                return _Expr(a["sym"])(syms)
+            if "dtype" in a:
+                return DTYPES[a["dtype"]]
+            if "device" in a:
+                return self.device
+            if "memory_format" in a:
+                return getattr(torch, a["memory_format"])
+            if "layout" in a:
+                return getattr(torch, a["layout"])
+        return a
+
+    def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        syms = self.bind(inputs)
+        env: dict[str, Any] = dict(self.weights)
+        for spec, t in zip(self.user_inputs, inputs):
+            env[spec.name] = t.contiguous()
+        slots: list[torch.Tensor | None] = [None] * len(self.slot_exprs)
+        interpret = interpreting()
+        for i, step in enumerate(self.plan.steps):
+            if step.kind == "fused":
+                xexpr, rexpr = self.step_exprs[i]
+                xnumel, rnumel = xexpr(syms), rexpr(syms)
+                outs = [self._alloc(o, syms, slots) for o in step.outputs]
+                for o, t in zip(step.outputs, outs):
+                    env[o] = t
+                if xnumel > 0:
+                    xblock, rblock = fused_blocks(xnumel, rnumel, step.params["reduction"], interpret)
+                    args = [env[n] for n in step.inputs] + outs + [syms[s] for s in step.params["symbols"]]
+                    meta = {"XBLOCK": xblock}
+                    if step.params["reduction"]:
+                        meta["RBLOCK"] = rblock
+                    self.kernel(step.kernel)[(triton.cdiv(xnumel, xblock),)](*args, **meta)
+                    self.stats["launches"] += 1
+            elif step.kind == "template":
+                out = self._alloc(step.outputs[0], syms, slots)
+                env[step.outputs[0]] = out
+                tensors = {role: env[n] for role, n in zip(step.params["roles"], step.inputs)}
+                LAUNCHERS[step.launcher](self.kernel(step.kernel), tensors, out, step.params)
+                self.stats["launches"] += 1
+            else:
+                target = self.targets[i]
+                args = self._decode(step.args, env, syms)
+                kwargs = {k: self._decode(v, env, syms) for k, v in (step.kwargs or {}).items()}
+                if step.kind == "view" and target in (torch.ops.aten.view.default, torch.ops.aten._unsafe_view.default):
+                    target = torch.ops.aten.reshape.default  # our buffers may be laid out differently from eager's
+                result = target(*args, **kwargs)
+                if step.kind == "eager":
+                    self.stats["eager_ops"] += 1
+                    if isinstance(result, torch.Tensor):
+                        result = result.contiguous()
+                env[step.outputs[0]] = result
+            for name in step.free_after:
+                env.pop(name, None)
+        self.stats["calls"] += 1
+        return [env[o] if o is not None else None for o in self.plan.outputs]

@@ -1,0 +1,116 @@
+"""Launchers: compute sizes, strides, blocks and grids from real tensors for each kernel family.
+
+They live in the runtime (not codegen) because a saved package launches kernels without the compiler.
+The argument order of each launcher matches its template's kernel signature exactly.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import triton
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _pow2_clamp(x: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(1, x))))
+
+
+def matmul_blocks(M: int, N: int, K: int, interpret: bool, *, dual: bool = False) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K): the interpreter pays per program, so it gets the biggest tiles; on a GPU
+    decode (small M) is bandwidth bound and wants enough programs to cover the SMs."""
+    if interpret:
+        return _pow2_clamp(M, 16, 64), _pow2_clamp(N, 16, 128), _pow2_clamp(K, 16, 128)
+    block_m = _pow2_clamp(M, 16, 128)
+    block_n = _pow2_clamp(N, 16, 64 if dual else 128)
+    block_k = _pow2_clamp(K, 16, 64 if block_m >= 64 else 128)
+    while block_n > 32 and triton.cdiv(M, block_m) * triton.cdiv(N, block_n) < 128:
+        block_n //= 2
+    return block_m, block_n, block_k
+
+
+def matmul_gpu_options(block_m: int, block_n: int, block_k: int, elem_size: int, dual: bool) -> dict[str, int]:
+    """num_warps by accumulator size; num_stages as deep as ~200 KB of shared memory allows (H100: 227 KB)."""
+    n_weights = 2 if dual else 1
+    big = block_m * block_n * n_weights >= 128 * 128
+    stage_bytes = (block_m * block_k + n_weights * block_k * block_n) * elem_size
+    return {"num_warps": 8 if big else 4, "num_stages": max(2, min(4, (200 * 1024) // stage_bytes))}
+
+
+def launch_matmul(kernel: Any, tensors: dict[str, torch.Tensor], out: torch.Tensor, params: dict[str, Any]) -> None:
+    x = tensors["x"]
+    w = tensors["w"]
+    K = x.shape[-1]
+    a = x.reshape(-1, K)
+    N = w.shape[0]
+    M = a.shape[0]
+    o = out.view(-1, N)
+    w2 = tensors.get("w2")
+    res = tensors.get("residual")
+    if res is not None:
+        res = res.reshape(-1, N)
+    args: list[Any] = [a, w]
+    args += [t for t in (w2, tensors.get("bias"), tensors.get("norm_weight"), res) if t is not None]
+    args += [o, M, N, K, a.stride(0), a.stride(1), w.stride(0), w.stride(1)]
+    if w2 is not None:
+        args += [w2.stride(0), w2.stride(1)]
+    if res is not None:
+        args += [res.stride(0), res.stride(1)]
+    args += [o.stride(0), o.stride(1)]
+    if "norm_weight" in tensors:
+        args.append(float(params["eps"]))
+    interpret = interpreting()
+    bm, bn, bk = matmul_blocks(M, N, K, interpret, dual=w2 is not None)
+    opts = {} if interpret else matmul_gpu_options(bm, bn, bk, max(a.element_size(), w.element_size()), w2 is not None)
+    grid = (triton.cdiv(M, bm), triton.cdiv(N, bn))
+    kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **opts)
+
+
+def launch_attention(kernel: Any, tensors: dict[str, torch.Tensor], out: torch.Tensor, params: dict[str, Any]) -> None:
+    q, k, v = tensors["q"], tensors["k"], tensors["v"]
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    args: list[Any] = [q, k, v, out]
+    cos = tensors.get("cos")
+    if cos is not None:
+        sin = tensors["sin"]
+        if cos.stride() != sin.stride():
+            sin = sin.contiguous()
+            cos = cos.contiguous()
+        args += [cos, sin]
+    args += [Sq, Skv, Hq, Hq // Hkv, D]
+    for t in (q, k, v, out):
+        args += list(t.stride())
+    if cos is not None:
+        args += list(cos.stride())
+    args.append(float(params["scale"]))
+    interpret = interpreting()
+    block_d = triton.next_power_of_2(D)
+    if interpret:
+        bm, bn = _pow2_clamp(Sq, 16, 64), _pow2_clamp(Skv, 16, 64)
+        opts: dict[str, int] = {}
+    else:
+        bm, bn = _pow2_clamp(Sq, 16, 64), 64 if block_d <= 64 else 32
+        opts = {"num_warps": 4, "num_stages": 2}
+    grid = (triton.cdiv(Sq, bm), B * Hq)
+    kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, **opts)
+
+
+LAUNCHERS: dict[str, Callable[..., None]] = {"matmul": launch_matmul, "attention": launch_attention}
+
+
+def fused_blocks(xnumel: int, rnumel: int, reduction: bool, interpret: bool) -> tuple[int, int]:
+    """(XBLOCK, RBLOCK) for the fused family."""
+    if reduction:
+        rblock = triton.next_power_of_2(max(1, rnumel))
+        budget = 16384 if interpret else 4096
+        xblock = max(1, min(budget // rblock, triton.next_power_of_2(max(1, xnumel)), 64 if not interpret else 1024))
+        return xblock, rblock
+    xblock = min(triton.next_power_of_2(max(1, xnumel)), 16384 if interpret else 1024)
+    return max(xblock, 16), 1

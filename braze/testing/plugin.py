@@ -1,0 +1,1 @@
+"""pytest plugin entry point (the golden fixture lives in braze.testing.golden)."""

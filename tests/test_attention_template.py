@@ -1,0 +1,300 @@
+"""Attention kernel family under the Triton interpreter, against float64 torch references.
+
+Tolerances: fp32 kernels use atol = rtol = 1e-4. With at most 40 keys and D <= 32 the fp32
+accumulation and exp2 rescaling error is ~1e-6, so 1e-4 leaves margin for reordering while any
+masking or indexing bug shows up as an O(0.1) error. fp16 kernels round the inputs, the probabilities
+fed to the P@V dot and the output to fp16 (unit roundoff 4.9e-4), hence atol = rtol = 3e-3.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from braze.codegen.attention_template import (  # noqa: E402
+    AttentionBlocks,
+    AttentionSpec,
+    DecodeAttentionSpec,
+    DecodeBlocks,
+    attention_blocks,
+    decode_blocks,
+    decode_splits,
+    render_attention,
+    render_decode_attention,
+    run_attention,
+    run_decode_attention,
+)
+
+TOL = {torch.float32: {"atol": 1e-4, "rtol": 1e-4}, torch.float16: {"atol": 3e-3, "rtol": 3e-3}}
+
+
+# ---------------------------------------------------------------------------------------------
+# references
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _rope_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """HF apply_rotary_pos_emb for x [B, H, S, D] and cos/sin [B, S, D]."""
+    return x * cos[:, None] + _rotate_half(x) * sin[:, None]
+
+
+def _rope_tables(batch: int, seq: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin [B, S, D] from per-row position ids (row 1 shifted, as with left padding)."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    shift = torch.arange(batch, dtype=torch.float64)[:, None] * 3
+    pos = torch.arange(seq, dtype=torch.float64)[None, :] + shift
+    freqs = pos[..., None] * inv_freq
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().float(), emb.sin().float()
+
+
+def _reference(q, k, v, *, causal, kv_start=None, cos=None, sin=None, scale=None):
+    """float64 SDPA with an explicit boolean mask; rows without a visible key are 0."""
+    batch, hq, sq, _ = q.shape
+    hkv, skv = k.shape[1], k.shape[2]
+    q, k, v = q.double(), k.double(), v.double()
+    if cos is not None:
+        q_rows = torch.arange(skv - sq, skv)  # query i sits at absolute position skv - sq + i
+        q = _rope_ref(q, cos[:, q_rows].double(), sin[:, q_rows].double())
+        k = _rope_ref(k, cos[:, :skv].double(), sin[:, :skv].double())
+    k = k.repeat_interleave(hq // hkv, dim=1)
+    v = v.repeat_interleave(hq // hkv, dim=1)
+    i = torch.arange(sq)[:, None] + (skv - sq)
+    j = torch.arange(skv)[None, :]
+    mask = torch.ones(batch, 1, sq, skv, dtype=torch.bool)
+    if causal:
+        mask = mask & (j <= i)
+    if kv_start is not None:
+        mask = mask & (j >= kv_start.long()[:, None, None, None])
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return torch.where(mask.any(-1, keepdim=True), out, torch.zeros_like(out))
+
+
+def _packed_qkv(batch, seq, hq, hkv, dim, dtype):
+    """Strided [B, H, S, D] views of one fused QKV projection output [B, S, (Hq + 2 Hkv) * D]."""
+    packed = torch.randn(batch, seq, (hq + 2 * hkv) * dim, dtype=dtype)
+    q = packed[..., : hq * dim].view(batch, seq, hq, dim).transpose(1, 2)
+    k = packed[..., hq * dim : (hq + hkv) * dim].view(batch, seq, hkv, dim).transpose(1, 2)
+    v = packed[..., (hq + hkv) * dim :].view(batch, seq, hkv, dim).transpose(1, 2)
+    return q, k, v
+
+
+def _blocks(dim: int, block_m: int = 16, block_n: int = 16) -> AttentionBlocks:
+    # Small tiles: several key blocks per row, so masked and unmasked sweeps both run.
+    return AttentionBlocks(block_m, block_n, max(16, 1 << (dim - 1).bit_length()), num_warps=4, num_stages=1)
+
+
+def _check(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert not torch.isnan(out).any()
+    torch.testing.assert_close(out.double(), ref, **TOL[out.dtype])
+
+
+# ---------------------------------------------------------------------------------------------
+# flash attention forward
+
+
+@pytest.mark.parametrize(
+    "causal, batch, hq, hkv, sq, skv, dim, dtype, block_m",
+    [
+        (True, 2, 4, 4, 37, 37, 32, torch.float32, 16),  # causal MHA, ragged last block
+        (True, 1, 4, 2, 40, 40, 16, torch.float32, 32),  # BLOCK_M > BLOCK_N: two diagonal blocks
+        (False, 2, 4, 2, 33, 33, 16, torch.float32, 16),  # GQA
+        (False, 1, 4, 1, 9, 40, 32, torch.float32, 16),  # Sq != Skv, MQA
+        (True, 2, 4, 2, 7, 40, 16, torch.float32, 16),  # prefill continuing a cache: causal offset
+        (True, 1, 4, 1, 24, 24, 32, torch.float16, 16),
+    ],
+)
+def test_forward_matches_sdpa(causal, batch, hq, hkv, sq, skv, dim, dtype, block_m):
+    torch.manual_seed(0)
+    q = torch.randn(batch, hq, sq, dim, dtype=dtype)
+    k = torch.randn(batch, hkv, skv, dim, dtype=dtype)
+    v = torch.randn(batch, hkv, skv, dim, dtype=dtype)
+    out = run_attention(q, k, v, causal=causal, blocks=_blocks(dim, block_m))
+    _check(out, _reference(q, k, v, causal=causal))
+
+
+def test_forward_packed_views_and_strided_out():
+    torch.manual_seed(1)
+    batch, seq, hq, hkv, dim = 2, 21, 4, 2, 16
+    q, k, v = _packed_qkv(batch, seq, hq, hkv, dim, torch.float32)
+    assert not q.is_contiguous()
+    # Output written straight into the [B, S, Hq * D] layout the o-projection reads.
+    out_buf = torch.full((batch, seq, hq * dim), float("nan"))
+    out = out_buf.view(batch, seq, hq, dim).transpose(1, 2)
+    run_attention(q, k, v, causal=True, out=out, sm_scale=0.3, blocks=_blocks(dim))
+    _check(out, _reference(q, k, v, causal=True, scale=0.3))
+
+
+@pytest.mark.parametrize(
+    "sq, skv, dim",
+    [(19, 19, 32), (5, 21, 16), (18, 18, 24)],  # plain, causal offset, D not a power of two
+)
+def test_forward_rope(sq, skv, dim):
+    torch.manual_seed(2)
+    batch, hq, hkv = 2, 4, 2
+    _, k, v = _packed_qkv(batch, skv, hq, hkv, dim, torch.float32)
+    q = torch.randn(batch, sq, hq, dim).transpose(1, 2)
+    cos, sin = _rope_tables(batch, skv, dim)
+    out = run_attention(q, k, v, causal=True, cos=cos, sin=sin, blocks=_blocks(dim))
+    _check(out, _reference(q, k, v, causal=True, cos=cos, sin=sin))
+
+
+def test_forward_rope_rejects_odd_head_dim():
+    q = torch.randn(1, 1, 4, 15)
+    cos, sin = _rope_tables(1, 4, 16)
+    with pytest.raises(ValueError, match="even head_dim"):
+        run_attention(q, q, q, cos=cos[..., :15], sin=sin[..., :15])
+
+
+@pytest.mark.parametrize(
+    "causal, kv_start",
+    [
+        (True, [5, 17]),  # rows before kv_start see nothing under causal: zeros
+        (False, [7, 25]),  # kv_start past Skv: the whole second sequence is masked
+    ],
+)
+def test_forward_kv_start(causal, kv_start):
+    torch.manual_seed(3)
+    batch, hq, hkv, seq, dim = 2, 4, 2, 20, 16
+    q, k, v = _packed_qkv(batch, seq, hq, hkv, dim, torch.float32)
+    starts = torch.tensor(kv_start, dtype=torch.int32)
+    out = run_attention(q, k, v, causal=causal, kv_start=starts, blocks=_blocks(dim))
+    ref = _reference(q, k, v, causal=causal, kv_start=starts)
+    _check(out, ref)
+    if kv_start[1] >= seq:
+        assert torch.count_nonzero(out[1]) == 0
+    if causal:
+        assert torch.count_nonzero(out[0, :, : kv_start[0]]) == 0
+
+
+def test_forward_everything_fp16():
+    """causal + rope + kv_start + GQA + packed views in fp16."""
+    torch.manual_seed(4)
+    batch, hq, hkv, seq, dim = 2, 4, 1, 26, 32
+    q, k, v = _packed_qkv(batch, seq, hq, hkv, dim, torch.float16)
+    cos, sin = _rope_tables(batch, seq, dim)
+    starts = torch.tensor([0, 3], dtype=torch.int32)
+    out = run_attention(q, k, v, causal=True, cos=cos, sin=sin, kv_start=starts, blocks=_blocks(dim))
+    _check(out, _reference(q, k, v, causal=True, kv_start=starts, cos=cos, sin=sin))
+
+
+# ---------------------------------------------------------------------------------------------
+# split-KV decode
+
+
+def _decode_reference(q, k_cache, v_cache, seq_lens, kv_start=None):
+    """q [B, Hq, D]; softmax attention over positions [kv_start, seq_len) of each row."""
+    batch, hq, _ = q.shape
+    s_max = k_cache.shape[2]
+    j = torch.arange(s_max)[None, :]
+    mask = j < seq_lens.long()[:, None]
+    if kv_start is not None:
+        mask = mask & (j >= kv_start.long()[:, None])
+    k = k_cache.double().repeat_interleave(hq // k_cache.shape[1], dim=1)
+    v = v_cache.double().repeat_interleave(hq // k_cache.shape[1], dim=1)
+    attn_mask = mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(q.double()[:, :, None], k, v, attn_mask=attn_mask)[:, :, 0]
+    return torch.where(mask.any(-1)[:, None, None], out, torch.zeros_like(out))
+
+
+def _decode_inputs(batch, hq, hkv, s_max, dim, dtype):
+    # q sliced from a packed QKV row; caches in the [B, S, H, D] layout, viewed as [B, H, S, D].
+    packed = torch.randn(batch, (hq + 2 * hkv) * dim, dtype=dtype)
+    q = packed[:, : hq * dim].view(batch, hq, dim)
+    k_cache = torch.randn(batch, s_max, hkv, dim, dtype=dtype).transpose(1, 2)
+    v_cache = torch.randn(batch, s_max, hkv, dim, dtype=dtype).transpose(1, 2)
+    return q, k_cache, v_cache
+
+
+def _decode_blocks(dim: int, group: int) -> DecodeBlocks:
+    base = decode_blocks(group, dim)
+    return DecodeBlocks(base.block_g, 16, base.block_d, num_warps=4, num_stages=1)
+
+
+@pytest.mark.parametrize("hkv, dim", [(1, 32), (2, 16), (4, 32)])
+def test_decode_ragged_rows(hkv, dim):
+    torch.manual_seed(5)
+    batch, hq, s_max = 2, 4, 40
+    q, k_cache, v_cache = _decode_inputs(batch, hq, hkv, s_max, dim, torch.float32)
+    seq_lens = torch.tensor([40, 17], dtype=torch.int32)  # row 1 leaves its last splits empty
+    out = run_decode_attention(
+        q, k_cache, v_cache, seq_lens, num_splits=4, blocks=_decode_blocks(dim, hq // hkv)
+    )
+    _check(out, _decode_reference(q, k_cache, v_cache, seq_lens))
+
+
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+def test_decode_kv_start_and_empty_row(num_splits):
+    torch.manual_seed(6)
+    batch, hq, hkv, s_max, dim = 2, 4, 2, 40, 16
+    q, k_cache, v_cache = _decode_inputs(batch, hq, hkv, s_max, dim, torch.float32)
+    seq_lens = torch.tensor([37, 12], dtype=torch.int32)
+    kv_start = torch.tensor([9, 12], dtype=torch.int32)  # row 1 has no valid position at all
+    out = torch.full((batch, hq, dim), float("nan"))
+    run_decode_attention(
+        q, k_cache, v_cache, seq_lens, kv_start=kv_start, out=out, num_splits=num_splits,
+        blocks=_decode_blocks(dim, hq // hkv),
+    )  # fmt: skip
+    _check(out, _decode_reference(q, k_cache, v_cache, seq_lens, kv_start))
+    assert torch.count_nonzero(out[1]) == 0
+
+
+def test_decode_fp16_default_blocks():
+    torch.manual_seed(7)
+    batch, hq, hkv, s_max, dim = 2, 4, 1, 33, 32
+    q, k_cache, v_cache = _decode_inputs(batch, hq, hkv, s_max, dim, torch.float16)
+    seq_lens = torch.tensor([33, 20], dtype=torch.int32)
+    out = run_decode_attention(q, k_cache, v_cache, seq_lens, num_splits=2)
+    _check(out, _decode_reference(q, k_cache, v_cache, seq_lens))
+
+
+# ---------------------------------------------------------------------------------------------
+# rendering and choosers
+
+
+def test_render_signatures_follow_flags():
+    plain = render_attention(AttentionSpec("attn_plain", causal=False), header="# generated\n# by test")
+    assert plain.startswith("# generated\n# by test\nimport triton\n")
+    full = render_attention(AttentionSpec("attn_full", rope=True, has_kv_start=True, input_precision="tf32"))
+    for source in (plain, full):
+        compile(source, "<attention>", "exec")
+    assert "cos_ptr" not in plain and "kv_start_ptr" not in plain and "stride_cb" not in plain
+    head = full[full.index("def attn_full(") :]
+    assert head.index("cos_ptr, sin_ptr") < head.index("kv_start_ptr") < head.index("Sq, Skv")
+    assert 'input_precision="tf32"' in full
+    dec = render_decode_attention(DecodeAttentionSpec("dec", has_kv_start=True, out_dtype="bfloat16"))
+    compile(dec, "<decode>", "exec")
+    assert "def dec_partial(" in dec and "def dec_combine(" in dec and "tl.bfloat16" in dec
+
+
+def test_render_rejects_bad_input():
+    with pytest.raises(ValueError, match="comments"):
+        render_attention(AttentionSpec("a"), header="not a comment")
+    with pytest.raises(ValueError, match="input_precision"):
+        AttentionSpec("a", input_precision="tf32x3")
+    with pytest.raises(ValueError, match="out_dtype"):
+        DecodeAttentionSpec("a", out_dtype="int8")
+    with pytest.raises(ValueError, match="identifier"):
+        AttentionSpec("not-a-name")
+
+
+def test_block_choosers():
+    for dim in (16, 64, 80, 128, 256):
+        for rope in (False, True):
+            blocks = attention_blocks(dim, rope)
+            assert blocks.block_d >= dim and blocks.block_d & (blocks.block_d - 1) == 0
+            assert min(blocks.block_m, blocks.block_n, blocks.block_d) >= 16
+    assert decode_blocks(1, 80).block_g == 16 and decode_blocks(32, 128).block_g == 32
+    assert decode_splits(1, 8, 4096) == 16  # few programs, long cache: split hard
+    assert decode_splits(64, 8, 4096) == 1  # the batch alone fills the GPU
+    assert decode_splits(1, 1, 100) == 1  # too short to be worth splitting
+    assert all(1 <= decode_splits(b, 8, s) <= 64 for b in (1, 3, 16) for s in (1, 300, 10**6))

@@ -1,0 +1,369 @@
+"""Property tests: random pointwise / last-dim-reduction programs through braze's fusion + codegen.
+
+A hypothesis strategy draws a small program (a list of ops over 2-3 input tensors of shape (B, R) or
+(B, C, R)); `Program` is an nn.Module whose forward interprets it. Each program is compiled with braze
+(executor="interpret": generated Triton kernels run under TRITON_INTERPRET=1), compared with eager PyTorch,
+re-run at a second batch size (dim 0 is dynamic), and must not fall back to eager for any node, since every
+op the strategy draws has a fused lowering.
+
+Tolerance: everything is fp32 on both sides and braze evaluates the same formulas in fp32, so results differ
+only by rounding: reduction order (tl.sum over a row vs ATen's vectorised sum), and a few ops written with
+other formulas (tanh = 2*sigmoid(2x) - 1, silu = x*sigmoid(x), rsqrt, exp). Values are kept O(1)-O(100) by
+construction (exp of clamped values, bounded factors), so a few ulps of fp32 (~1e-7 relative) stay well
+inside atol = rtol = 1e-5, while any indexing / broadcasting / masking bug produces O(1) errors.
+"""
+
+from __future__ import annotations
+
+import pytest
+import sympy
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import braze
+from braze.codegen.symbolic import FloorDiv, ModularIndexing, simplify_index
+
+ATOL = RTOL = 1e-5
+
+# ---------------------------------------------------------------------------------------------------------
+# the program interpreter
+# ---------------------------------------------------------------------------------------------------------
+
+UNARY = {
+    "neg": lambda a: -a,
+    "exp": lambda a: torch.exp(torch.clamp(a, -3.0, 3.0)),
+    "abs": torch.abs,
+    "sin": torch.sin,
+    "cos": torch.cos,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "relu": torch.relu,
+    "silu": torch.nn.functional.silu,
+    "sqrt": lambda a: torch.sqrt(torch.abs(a) + 1.0),
+    "rsqrt": lambda a: torch.rsqrt(a * a + 1.0),
+}
+BINARY = {
+    "add": torch.add,
+    "sub": torch.sub,
+    "mul": lambda a, b: a * torch.tanh(b),  # bounded growth
+    "max": torch.maximum,
+    "min": torch.minimum,
+}
+SCALAR = {
+    "add": lambda a, c: a + c,
+    "mul": lambda a, c: a * c,
+    "rsub": lambda a, c: c - a,
+    "div": lambda a, c: a / c,  # c is never near zero
+}
+COMPARE = {"gt": torch.gt, "lt": torch.lt, "ge": torch.ge, "le": torch.le}
+REDUCE = {
+    "sum": lambda a: a.sum(-1, keepdim=True),
+    "mean": lambda a: a.mean(-1, keepdim=True),
+    "amax": lambda a: a.amax(-1, keepdim=True),
+    "amin": lambda a: a.amin(-1, keepdim=True),
+}
+COMBINE = {"sub": torch.sub, "add": torch.add, "mul": lambda a, b: a * torch.tanh(b)}
+
+
+class Program(torch.nn.Module):
+    """forward(x0, x1, x2) interprets `ops`; every value has the input shape `shape` (batch dim first)."""
+
+    def __init__(self, shape: tuple[int, ...], ops: list[tuple], outputs: list[tuple]):
+        super().__init__()
+        self.shape = shape
+        self.ops = ops
+        self.outputs = outputs
+        g = torch.Generator().manual_seed(0)
+        r = shape[-1]
+        self.register_buffer("w_row", torch.randn(r, generator=g))  # [R] broadcast operand
+        self.register_buffer("w_col", torch.randn(*shape[1:-1], 1, generator=g))  # [(C,) 1] operand
+
+    def forward(self, x0, x1, x2):
+        vals = [x0, x1, x2]
+        for op in self.ops:
+            vals.append(self._apply(op, vals))
+        outs = []
+        for kind, *args in self.outputs:
+            v = vals[args[0]]
+            if kind == "plain":
+                outs.append(v)
+            elif kind == "transpose":  # a non-contiguous-looking output (last two dims swapped)
+                outs.append(v.transpose(-1, -2) * 2.0)
+            elif kind == "slice":
+                outs.append(v[..., args[1]:args[2]])
+            elif kind == "cat":  # output wider than the inputs
+                outs.append(torch.cat([v, vals[args[1]]], dim=-1))
+            else:
+                raise AssertionError(kind)
+        return tuple(outs)
+
+    def _apply(self, op: tuple, v: list[torch.Tensor]) -> torch.Tensor:
+        kind, *a = op
+        if kind == "unary":
+            return UNARY[a[0]](v[a[1]])
+        if kind == "binary":
+            name, i, j, bcast = a
+            rhs = {"full": lambda: v[j], "last1": lambda: v[j][..., :1], "row": lambda: self.w_row,
+                   "col": lambda: self.w_col}[bcast]()
+            return BINARY[name](v[i], rhs)
+        if kind == "scalar":
+            return SCALAR[a[0]](v[a[1]], a[2])
+        if kind == "where":
+            cmp, i, j, k, against_scalar = a
+            cond = COMPARE[cmp](v[i], 0.25) if against_scalar else COMPARE[cmp](v[i], v[j])
+            return torch.where(cond, v[j], torch.tanh(v[k]))
+        if kind == "reduce":
+            red, comb, i, j = a
+            return COMBINE[comb](v[j], REDUCE[red](v[i]))
+        if kind == "softmax":
+            return torch.softmax(v[a[0]], dim=-1)
+        if kind == "transpose_pw":  # transpose the last two dims, pointwise with a broadcast, transpose back
+            i, j = a
+            t = v[i].transpose(-1, -2)
+            t = torch.sigmoid(t) * v[j].transpose(-1, -2)[..., :1]
+            return t.transpose(-1, -2)
+        if kind == "transpose_reduce":  # reduce over the second-to-last dim (a transposed view)
+            red, i, j = a
+            col = REDUCE[red](v[i].transpose(-1, -2)).transpose(-1, -2)  # [..., 1, R]
+            return v[j] - col
+        if kind == "split":  # reshape (..., R) -> (..., R // k, k), pointwise + reduction, back
+            i, k = a
+            x = v[i]
+            s = x.reshape(*x.shape[:-1], x.shape[-1] // k, k)
+            s = s - s.amax(-1, keepdim=True) + torch.arange(k, dtype=x.dtype)
+            return s.reshape(x.shape)
+        if kind == "merge":  # reshape (B, ..., R) -> (B, prod), reduce over the merged dim, back
+            i = a[0]
+            x = v[i]
+            m = x.reshape(x.shape[0], -1)
+            m = m - m.mean(-1, keepdim=True)
+            return m.reshape(x.shape)
+        if kind == "expand":  # unsqueeze + expand a new last dim, reduce it away again
+            i, n = a
+            x = v[i]
+            e = x.unsqueeze(-1).expand(*x.shape, n) * torch.arange(1, n + 1, dtype=x.dtype)
+            return e.sum(-1) / n
+        if kind == "roll_cat":  # slices of the last dim, concatenated back to full width
+            i, j, k = a
+            return torch.cat([v[i][..., k:], v[j][..., :k] * 0.5], dim=-1)
+        raise AssertionError(kind)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the strategy
+# ---------------------------------------------------------------------------------------------------------
+
+
+@st.composite
+def programs(draw, rank: int | None = None):
+    rank = draw(st.sampled_from([2, 3])) if rank is None else rank
+    r = draw(st.integers(1, 40))
+    shape = (0, r) if rank == 2 else (0, draw(st.integers(1, 4)), r)  # batch filled in by the caller
+    n_inputs = draw(st.integers(2, 3))
+    n_ops = draw(st.integers(1, 6))
+    ops: list[tuple] = []
+    for step in range(n_ops):
+        n_vals = 3 + step
+        avail = list(range(n_inputs)) + list(range(3, n_vals))
+        ix = st.sampled_from(avail)
+        kinds = ["unary", "binary", "scalar", "where", "reduce", "softmax", "transpose_pw", "transpose_reduce",
+                 "merge", "expand"]
+        if r >= 2:
+            kinds.append("roll_cat")
+        divisors = [k for k in range(2, r + 1) if r % k == 0 and k < r]
+        if divisors:
+            kinds.append("split")
+        kind = draw(st.sampled_from(kinds))
+        if kind == "unary":
+            op = (kind, draw(st.sampled_from(sorted(UNARY))), draw(ix))
+        elif kind == "binary":
+            bcasts = ["full", "last1", "row"] + (["col"] if rank == 3 else [])
+            op = (kind, draw(st.sampled_from(sorted(BINARY))), draw(ix), draw(ix), draw(st.sampled_from(bcasts)))
+        elif kind == "scalar":
+            c = draw(st.sampled_from([-2.0, -0.5, 0.5, 1.5, 3.0]))
+            op = (kind, draw(st.sampled_from(sorted(SCALAR))), draw(ix), c)
+        elif kind == "where":
+            op = (kind, draw(st.sampled_from(sorted(COMPARE))), draw(ix), draw(ix), draw(ix), draw(st.booleans()))
+        elif kind == "reduce":
+            op = (kind, draw(st.sampled_from(sorted(REDUCE))), draw(st.sampled_from(sorted(COMBINE))), draw(ix),
+                  draw(ix))
+        elif kind == "softmax":
+            op = (kind, draw(ix))
+        elif kind == "transpose_pw":
+            op = (kind, draw(ix), draw(ix))
+        elif kind == "transpose_reduce":
+            op = (kind, draw(st.sampled_from(sorted(REDUCE))), draw(ix), draw(ix))
+        elif kind == "split":
+            op = (kind, draw(ix), draw(st.sampled_from(divisors)))
+        elif kind == "merge":
+            op = (kind, draw(ix))
+        elif kind == "expand":
+            op = (kind, draw(ix), draw(st.integers(1, 3)))
+        else:
+            op = (kind, draw(ix), draw(ix), draw(st.integers(1, r - 1)))
+        ops.append(op)
+    last = 3 + n_ops - 1
+    every = list(range(n_inputs)) + list(range(3, last + 1))
+    outputs = [("plain", last)]
+    extra = draw(st.sampled_from(["none", "plain", "transpose", "slice", "cat"]))
+    other = draw(st.sampled_from(every))
+    if extra == "plain" and other != last:
+        outputs.append(("plain", other))
+    elif extra == "transpose":
+        outputs.append(("transpose", other))
+    elif extra == "slice":
+        lo = draw(st.integers(0, r - 1))
+        outputs.append(("slice", other, lo, draw(st.integers(lo + 1, r))))
+    elif extra == "cat":
+        outputs.append(("cat", other, draw(st.sampled_from(every))))
+    b1 = draw(st.integers(2, 4))  # compile batch: >= 2, or torch.export specialises the dim to 1
+    b2 = draw(st.sampled_from([b for b in range(2, 7) if b != b1]))  # Dim.AUTO's range is [2, inf)
+    return shape, ops, outputs, b1, b2
+
+
+# ---------------------------------------------------------------------------------------------------------
+# running
+# ---------------------------------------------------------------------------------------------------------
+
+
+def _compile(module: torch.nn.Module):
+    # the default capture: dim 0 of every tensor input dynamic (torch.export Dim.AUTO)
+    return braze.compile(module, executor="interpret")
+
+
+def _inputs(shape: tuple[int, ...], batch: int, seed: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, *shape[1:], generator=g) for _ in range(3)]
+
+
+def _check(module: torch.nn.Module, shape, b1: int, b2: int, allow_fallbacks: bool = False):
+    cm = _compile(module)
+    for seed, batch in ((1, b1), (2, b2)):
+        xs = _inputs(shape, batch, seed)
+        with torch.no_grad():
+            ref = module(*xs)
+            out = cm(*xs)
+        assert len(out) == len(ref)
+        for o, r in zip(out, ref):
+            assert o.shape == r.shape, (o.shape, r.shape)
+            torch.testing.assert_close(o, r, atol=ATOL, rtol=RTOL)
+    report = cm.compiled.report
+    if not allow_fallbacks:
+        assert len(report.fallbacks) == 0, str(report)
+        assert cm.compiled.stats["eager_ops"] == 0, str(report)
+    return cm
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(programs(rank=2))
+def test_random_programs_2d(prog):
+    shape, ops, outputs, b1, b2 = prog
+    _check(Program(shape, ops, outputs).eval(), shape, b1, b2)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(programs(rank=3))
+def test_random_programs_3d(prog):
+    shape, ops, outputs, b1, b2 = prog
+    _check(Program(shape, ops, outputs).eval(), shape, b1, b2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# hand-written regressions and edge cases
+# ---------------------------------------------------------------------------------------------------------
+
+REGRESSIONS = [
+    # size-1 last dim: reductions over one element, broadcasting [..., 1] against itself
+    ((0, 1), [("reduce", "sum", "sub", 0, 1), ("softmax", 3)], [("plain", 4)], 2, 3),
+    ((0, 3, 1), [("transpose_reduce", "amax", 0, 1), ("binary", "mul", 3, 2, "col")], [("plain", 4)], 3, 2),
+    # softmax then a column reduction of its result (two reductions over different spaces)
+    ((0, 4, 7), [("softmax", 0), ("transpose_reduce", "sum", 3, 1)], [("plain", 4), ("transpose", 3)], 2, 5),
+    # split / merge reshapes feeding reductions, with a sliced extra output
+    ((0, 12), [("split", 0, 4), ("merge", 3), ("reduce", "amax", "sub", 4, 1)], [("plain", 5), ("slice", 3, 2, 9)],
+     3, 6),
+    ((0, 2, 6), [("merge", 0), ("split", 3, 3), ("roll_cat", 4, 1, 5)], [("plain", 5), ("cat", 3, 4)], 2, 4),
+    # cat of slices, then a reduction over the concatenated row
+    ((0, 9), [("roll_cat", 0, 1, 4), ("reduce", "mean", "mul", 3, 3), ("where", "gt", 4, 0, 1, False)],
+     [("plain", 5)], 4, 2),
+    # unsqueeze/expand + reduction, broadcast operands of all kinds
+    ((0, 3, 5), [("expand", 0, 3), ("binary", "add", 3, 1, "last1"), ("binary", "min", 4, 2, "row")],
+     [("plain", 5), ("transpose", 4)], 2, 3),
+]
+
+
+@pytest.mark.parametrize("case", REGRESSIONS, ids=lambda c: "-".join(op[0] for op in c[1]))
+def test_regressions(case):
+    shape, ops, outputs, b1, b2 = case
+    _check(Program(shape, ops, outputs).eval(), shape, b1, b2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# targeted unit tests
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_simplify_index_folds_contiguous_unravel():
+    x = sympy.Symbol("xindex", integer=True, nonnegative=True)
+    assert simplify_index(16 * FloorDiv(x, 16) + ModularIndexing(x, 1, 16)) == x
+    # three digits: (x // 64) * 64 + ((x // 16) % 4) * 16 + x % 16 == x
+    expr = 64 * FloorDiv(x, 64) + 16 * ModularIndexing(x, 16, 4) + ModularIndexing(x, 1, 16)
+    assert simplify_index(expr) == x
+    # a symbolic row length folds too
+    s = sympy.Symbol("s0", integer=True, positive=True)
+    assert sympy.simplify(simplify_index(s * FloorDiv(x, s) + ModularIndexing(x, 1, s)) - x) == 0
+
+
+def test_simplify_index_keeps_transpose():
+    x = sympy.Symbol("xindex", integer=True, nonnegative=True)
+    # reading a (4, 16) tensor transposed: element (i, j) of the (16, 4) view is at j * 16 + i
+    transposed = 16 * ModularIndexing(x, 1, 4) + FloorDiv(x, 4)
+    out = simplify_index(transposed)
+    assert out != x
+    for v in range(64):
+        assert int(out.subs(x, v).doit()) == int(transposed.subs(x, v).doit()) == (v % 4) * 16 + v // 4
+    # wrong coefficient / wrong divisor: no fold
+    assert simplify_index(8 * FloorDiv(x, 16) + ModularIndexing(x, 1, 16)) != x
+    assert simplify_index(16 * FloorDiv(x, 8) + ModularIndexing(x, 1, 16)) != x
+
+
+class RMSNormLike(torch.nn.Module):
+    def __init__(self, r: int):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.linspace(0.5, 1.5, r))
+
+    def forward(self, x0):
+        return x0 * torch.rsqrt(torch.mean(x0 * x0, -1, keepdim=True) + 1e-6) * self.w
+
+
+@pytest.mark.parametrize("r", [1, 7, 32])
+def test_rmsnorm_like_is_one_launch(r):
+    m = RMSNormLike(r).eval()
+    cm = _compile(m)
+    for b in (3, 2, 5):
+        x = torch.randn(b, r)
+        with torch.no_grad():
+            torch.testing.assert_close(cm(x), m(x), atol=ATOL, rtol=RTOL)
+    assert cm.compiled.stats["launches"] == 3  # one launch per forward, three forwards
+    assert len(cm.compiled.report.fallbacks) == 0
+
+
+def test_rmsnorm_like_stats_single_forward():
+    m = RMSNormLike(32).eval()
+    cm = _compile(m)
+    with torch.no_grad():
+        cm(torch.randn(4, 32))
+    assert cm.compiled.stats["launches"] == 1
+    assert cm.compiled.stats["eager_ops"] == 0
+
+
+def test_explicit_dynamic_dim():
+    """An explicit torch.export.Dim (bounded) for the batch works as well as Dim.AUTO."""
+    m = RMSNormLike(16).eval()
+    batch = torch.export.Dim("batch", min=1, max=64)
+    cm = braze.compile(m, executor="interpret", dynamic_shapes={"x0": {0: batch}})
+    with torch.no_grad():
+        for b in (3, 1):  # the bounded Dim's range includes 1
+            x = torch.randn(b, 16)
+            torch.testing.assert_close(cm(x), m(x), atol=ATOL, rtol=RTOL)
+    assert cm.compiled.stats["launches"] == 2

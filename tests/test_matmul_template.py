@@ -1,0 +1,281 @@
+"""Matmul template vs plain torch, run under the Triton interpreter (CPU, fp32 and fp16 only).
+
+Shapes are small and ragged on purpose (M=1 decode rows, N and K not multiples of the tile) so every
+mask is exercised; a few cases force tiny tiles to get several programs and K iterations.
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is imported
+
+import ast
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from braze.codegen.matmul_template import MatmulSpec, matmul_blocks, render_matmul, run_matmul
+
+# fp32: the kernel accumulates in fp32 like torch, only the summation order differs.
+# fp16: inputs are identical and accumulation is fp32, so the error is the fp16 rounding of the output
+# (unit roundoff 4.9e-4 relative) plus, with the RMSNorm prologue, the rounding of the normalized A to
+# fp16 before tl.dot (as on tensor cores): a few ulps of outputs of magnitude ~1-4.
+TOL = {torch.float32: {"atol": 1e-4, "rtol": 1e-4}, torch.float16: {"atol": 2e-3, "rtol": 2e-3}}
+
+# Forces a 3x3 grid with a ragged last tile and 3 K iterations (ragged too) for M=33, N=96, K=40.
+SMALL_BLOCKS = (16, 32, 16)
+
+
+def _rand(*shape: int, dtype: torch.dtype, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(dtype)
+
+
+def _operands(M: int, N: int, K: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A ~ N(0, 1) and a Linear-like W scaled by 1/sqrt(K), so outputs are O(1)."""
+    return _rand(M, K, dtype=dtype, seed=1), _rand(N, K, dtype=dtype, scale=K**-0.5, seed=2)
+
+
+def _check(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    torch.testing.assert_close(out.float(), ref.float(), **TOL[dtype])
+
+
+def _hf_rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF LlamaRMSNorm, evaluated in fp32."""
+    h = x.float()
+    variance = h.pow(2).mean(-1, keepdim=True)
+    h = h * torch.rsqrt(variance + eps)
+    return weight.float() * h
+
+
+def _spec(dtype: torch.dtype, **kw: object) -> MatmulSpec:
+    out_dtype = {torch.float32: "float32", torch.float16: "float16"}[dtype]
+    return MatmulSpec(**{"name": "mm", "out_dtype": out_dtype, **kw})
+
+
+@pytest.mark.parametrize(
+    ("M", "N", "K", "dt", "blocks"),
+    [
+        (1, 24, 40, "float32", None),
+        (5, 96, 128, "float16", None),
+        (33, 96, 576, "float32", None),
+        (33, 96, 40, "float32", SMALL_BLOCKS),
+        (33, 96, 40, "float16", SMALL_BLOCKS),
+    ],
+)
+def test_plain_gemm(M: int, N: int, K: int, dt: str, blocks: tuple[int, int, int] | None) -> None:
+    dtype = getattr(torch, dt)
+    a, w = _operands(M, N, K, dtype)
+    out = run_matmul(_spec(dtype), a, w, blocks=blocks)
+    assert out.dtype == dtype and out.shape == (M, N)
+    _check(out, F.linear(a.float(), w.float()), dtype)
+    if dtype == torch.float32:  # ieee fp32 should agree far better than the generic tolerance
+        torch.testing.assert_close(out, F.linear(a, w), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("activation", "has_bias", "dt"),
+    [
+        (None, True, "float32"),
+        ("silu", True, "float32"),
+        ("gelu", True, "float32"),
+        ("gelu_tanh", True, "float32"),
+        ("relu", False, "float32"),
+        ("silu", False, "float16"),
+        ("gelu_tanh", True, "float16"),
+    ],
+)
+def test_bias_activation(activation: str | None, has_bias: bool, dt: str) -> None:
+    dtype = getattr(torch, dt)
+    M, N, K = 5, 96, 128
+    a, w = _operands(M, N, K, dtype)
+    bias = _rand(N, dtype=dtype, seed=3) if has_bias else None
+    ref = F.linear(a.float(), w.float(), None if bias is None else bias.float())
+    ref = {
+        None: lambda x: x,
+        "silu": F.silu,
+        "gelu": F.gelu,
+        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "relu": F.relu,
+    }[activation](ref)
+    out = run_matmul(_spec(dtype, has_bias=has_bias, activation=activation), a, w, bias=bias)
+    _check(out, ref, dtype)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
+def test_activations_extreme_values() -> None:
+    """Large |x| must not turn into inf/nan (sigmoid-based SiLU/GELU-tanh, erf GELU)."""
+    a = torch.tensor([[1.0], [-1.0]]) * torch.tensor([[1e3, 60.0, 1.0, 1e-3]]).repeat_interleave(4, dim=1)
+    a = a.reshape(2, 16)
+    w = torch.eye(16)
+    for activation, fn in [
+        ("silu", F.silu),
+        ("gelu", F.gelu),
+        ("gelu_tanh", lambda x: F.gelu(x, approximate="tanh")),
+    ]:
+        out = run_matmul(_spec(torch.float32, activation=activation), a, w)
+        assert torch.isfinite(out).all(), activation
+        _check(out, fn(a), torch.float32)
+
+
+@pytest.mark.parametrize("dt", ["float32", "float16"])
+def test_residual(dt: str) -> None:
+    dtype = getattr(torch, dt)
+    M, N, K = 33, 24, 40
+    a, w = _operands(M, N, K, dtype)
+    bias = _rand(N, dtype=dtype, seed=3)
+    residual = _rand(N, M, dtype=dtype, seed=4).t()  # its own, transposed strides
+    spec = _spec(dtype, has_bias=True, activation="silu", has_residual=True)
+    out = run_matmul(spec, a, w, bias=bias, residual=residual)
+    _check(out, F.silu(F.linear(a.float(), w.float(), bias.float())) + residual.float(), dtype)
+
+
+@pytest.mark.parametrize(
+    ("M", "K", "dt", "blocks"),
+    [
+        (5, 576, "float32", None),
+        (33, 128, "float16", None),
+        (33, 40, "float32", SMALL_BLOCKS),
+    ],
+)
+def test_rmsnorm_prologue(M: int, K: int, dt: str, blocks: tuple[int, int, int] | None) -> None:
+    dtype = getattr(torch, dt)
+    N, eps = 96, 1e-6
+    a, w = _operands(M, N, K, dtype)
+    a = a * _rand(M, 1, dtype=dtype, scale=3.0, seed=5).abs()  # rows of different scale
+    norm_w = (1.0 + _rand(K, dtype=torch.float32, scale=0.1, seed=6)).to(dtype)
+    out = run_matmul(_spec(dtype, rmsnorm_prologue=True), a, w, norm_weight=norm_w, eps=eps, blocks=blocks)
+    _check(out, F.linear(_hf_rmsnorm(a, norm_w, eps), w.float()), dtype)
+
+
+@pytest.mark.parametrize("kind", ["swiglu", "geglu"])
+@pytest.mark.parametrize("dt", ["float32", "float16"])
+def test_dual(kind: str, dt: str) -> None:
+    dtype = getattr(torch, dt)
+    M, N, K = 5, 96, 128
+    a, wg = _operands(M, N, K, dtype)
+    wu = _rand(N, K, dtype=dtype, scale=K**-0.5, seed=7)
+    act = F.silu if kind == "swiglu" else (lambda x: F.gelu(x, approximate="tanh"))
+    ref = act(F.linear(a.float(), wg.float())) * F.linear(a.float(), wu.float())
+    _check(run_matmul(_spec(dtype, dual=kind), a, wg, w2=wu), ref, dtype)
+
+
+@pytest.mark.parametrize("dt", ["float32", "float16"])
+def test_fused_norm_swiglu_residual(dt: str) -> None:
+    """Everything at once, on a multi-tile grid: norm -> gate/up -> SwiGLU -> + residual."""
+    dtype = getattr(torch, dt)
+    M, N, K, eps = 33, 96, 40, 1e-5
+    a, wg = _operands(M, N, K, dtype)
+    wu = _rand(N, K, dtype=dtype, scale=K**-0.5, seed=7)
+    norm_w = (1.0 + _rand(K, dtype=torch.float32, scale=0.1, seed=6)).to(dtype)
+    residual = _rand(M, N, dtype=dtype, seed=4)
+    spec = _spec(dtype, rmsnorm_prologue=True, dual="swiglu", has_residual=True)
+    out = run_matmul(spec, a, wg, w2=wu, norm_weight=norm_w, residual=residual, eps=eps, blocks=SMALL_BLOCKS)
+    x = _hf_rmsnorm(a, norm_w, eps)
+    ref = F.silu(F.linear(x, wg.float())) * F.linear(x, wu.float()) + residual.float()
+    _check(out, ref, dtype)
+
+
+@pytest.mark.parametrize("layout", ["transposed", "sliced"])
+def test_strided_a_and_out(layout: str) -> None:
+    M, N, K = 33, 24, 40
+    dtype = torch.float32
+    if layout == "transposed":
+        a = _rand(K, M, dtype=dtype, seed=1).t()  # stride_am=1, stride_ak=M
+        out = torch.full((N, M), float("nan")).t()  # column-major output
+    else:
+        a = _rand(M, 2 * K + 3, dtype=dtype, seed=1)[:, 3::2]  # row stride 2K+3, column stride 2
+        buf = torch.full((M, N + 8), float("nan"))
+        out = buf[:, 4 : 4 + N]  # a window of a wider buffer
+    w = _rand(N, K, dtype=dtype, scale=K**-0.5, seed=2)
+    assert not a.is_contiguous() and not out.is_contiguous()
+    result = run_matmul(_spec(dtype), a, w, out=out, blocks=SMALL_BLOCKS)
+    assert result is out
+    _check(out, F.linear(a, w), dtype)
+    if layout == "sliced":  # the columns around the window are untouched
+        assert torch.isnan(buf[:, :4]).all() and torch.isnan(buf[:, 4 + N :]).all()
+
+
+@pytest.mark.parametrize("out_dtype", ["float16", "bfloat16"])
+def test_out_dtype_cast(out_dtype: str) -> None:
+    """fp32 math, narrow store (only the final cast touches bf16, which the interpreter handles)."""
+    M, N, K = 5, 24, 40
+    a, w = _operands(M, N, K, torch.float32)
+    out = run_matmul(MatmulSpec("mm", out_dtype=out_dtype), a, w)
+    assert out.dtype == getattr(torch, out_dtype)
+    # bf16 unit roundoff is 3.9e-3 relative.
+    torch.testing.assert_close(out.float(), F.linear(a, w), atol=1e-2, rtol=1e-2)
+
+
+def test_tf32_precision_runs() -> None:
+    spec = MatmulSpec("mm_tf32", input_precision="tf32")
+    assert 'input_precision="tf32"' in render_matmul(spec)
+    a, w = _operands(5, 24, 40, torch.float32)
+    # tf32 keeps 10 mantissa bits on GPU (the interpreter computes in full fp32).
+    torch.testing.assert_close(run_matmul(spec, a, w), F.linear(a, w), atol=1e-2, rtol=1e-2)
+
+
+def test_header_and_module_layout() -> None:
+    spec = MatmulSpec("my_kernel", rmsnorm_prologue=True, dual="geglu", has_residual=True)
+    src = render_matmul(spec, header="# generated by braze\n# layer: mlp.gate_up")
+    lines = src.splitlines()
+    assert lines[:2] == ["# generated by braze", "# layer: mlp.gate_up"]
+    body = [ln for ln in lines if ln and not ln.startswith("#")]
+    assert body[:2] == ["import triton", "import triton.language as tl"]
+    tree = ast.parse(src)
+    funcs = [n for n in tree.body if isinstance(n, ast.FunctionDef)]
+    assert [f.name for f in funcs] == ["my_kernel"]
+    params = [arg.arg for arg in funcs[0].args.args]
+    assert params == [
+        "a_ptr", "w_ptr", "w2_ptr", "norm_w_ptr", "res_ptr", "out_ptr",
+        "M", "N", "K",
+        "stride_am", "stride_ak", "stride_wn", "stride_wk", "stride_w2n", "stride_w2k",
+        "stride_rm", "stride_rn", "stride_om", "stride_on",
+        "eps", "BLOCK_M", "BLOCK_N", "BLOCK_K",
+    ]  # fmt: skip
+    # No header: the module still opens with the generated description comment.
+    assert render_matmul(MatmulSpec("k")).startswith("# braze matmul kernel `k`")
+    with pytest.raises(ValueError, match="comments"):
+        render_matmul(spec, header="not a comment")
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"name": "not-an-identifier"},
+        {"name": "k", "dual": "reglu"},
+        {"name": "k", "activation": "tanh"},
+        {"name": "k", "dual": "swiglu", "has_bias": True},
+        {"name": "k", "dual": "swiglu", "activation": "silu"},
+        {"name": "k", "input_precision": "tf32x3"},
+        {"name": "k", "out_dtype": "int8"},
+    ],
+)
+def test_spec_validation(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        MatmulSpec(**kwargs)
+
+
+def test_run_matmul_checks_operands() -> None:
+    a, w = _operands(5, 24, 40, torch.float32)
+    with pytest.raises(ValueError, match="w2"):
+        run_matmul(MatmulSpec("k", dual="swiglu"), a, w)
+    with pytest.raises(ValueError, match="bias"):
+        run_matmul(MatmulSpec("k"), a, w, bias=torch.zeros(24))
+    with pytest.raises(ValueError, match="out"):
+        run_matmul(MatmulSpec("k"), a, w, out=torch.empty(5, 24, dtype=torch.float16))
+
+
+@pytest.mark.parametrize("interpret", [True, False])
+def test_matmul_blocks(interpret: bool) -> None:
+    for M, N, K in [(1, 24, 40), (8, 4096, 4096), (33, 96, 576), (512, 14336, 4096), (4096, 128256, 4096)]:
+        for dual in (False, True):
+            bm, bn, bk = matmul_blocks(M, N, K, interpret, dual=dual)
+            for b in (bm, bn, bk):
+                assert b >= 16 and b & (b - 1) == 0
+            if interpret:
+                assert bm <= 64 and bn <= 128 and bk <= 128
+            else:
+                assert bm <= 128 and bn <= 128 and bk <= 128
+    assert matmul_blocks(1, 4096, 4096, interpret)[0] == 16  # decode: BLOCK_M hugs M
+    assert matmul_blocks(1, 24, 40, True) == (16, 32, 64)  # never (much) bigger than the problem
