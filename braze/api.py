@@ -140,9 +140,10 @@ def load(path: Any, executor: str = "auto") -> CompiledModel:
 
 def dynamo_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **options: Any) -> Any:
     """`torch.compile(model, backend="braze")`: Dynamo hands us an FX graph; we export and compile it."""
+    # Dynamo guards on shapes and re-invokes the backend when they change, so each graph is captured static.
     config = CompileConfig.from_options(**options)
-    real = [t for t in example_inputs]
-    compiled = compile_module(gm, tuple(real), {}, config)
+    config.dynamic_shapes = "static"
+    compiled = compile_module(gm, tuple(example_inputs), {}, config)
 
     def run(*args: Any) -> Any:
         out = compiled(*args)

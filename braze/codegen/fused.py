@@ -259,7 +259,10 @@ class KernelBuilder:
         offset = sum((i * s for i, s in zip(idx, buf.strides) if s != 0), sympy.Integer(0))
         param = self.inputs.setdefault(buf.name, f"in_ptr{len(self.inputs)}")
         other = "0.0" if is_float(buf.dtype) else "0"
-        code = f"tl.load({param} + ({self._expr(offset)}), {self._mask_for(offset)}, other={other})"
+        ptr = f"{param} + ({self._expr(offset)})"
+        if not (simplify_index(to_sympy(offset)).free_symbols & {XINDEX, RINDEX}):
+            ptr += " + tl.zeros_like(xindex)"  # a constant offset is a scalar pointer; the mask is a block
+        code = f"tl.load({ptr}, {self._mask_for(offset)}, other={other})"
         if buf.dtype in (torch.float16, torch.bfloat16):
             code += ".to(tl.float32)"
         dtype = torch.float32 if is_float(buf.dtype) else buf.dtype
@@ -491,9 +494,10 @@ class KernelBuilder:
             mask = "xmask & rmask"
         shape_hint = "[XBLOCK, RBLOCK]" if (self.reduction and idx == self.canonical) else (
             "[XBLOCK, 1]" if self.reduction else "[XBLOCK]")
-        self.lines.append(
-            f"tl.store({param} + ({self._expr(offset)}), tl.broadcast_to({value}, {shape_hint}), {mask})"
-        )
+        ptr = f"{param} + ({self._expr(offset)})"
+        if not (simplify_index(to_sympy(offset)).free_symbols & {XINDEX, RINDEX}):
+            ptr += " + tl.zeros_like(xindex)"  # a constant offset (all-size-1 output) is a scalar pointer
+        self.lines.append(f"tl.store({ptr}, tl.broadcast_to({value}, {shape_hint}), {mask})")
         self.outputs.append((buffer_name, node))
 
     def render(self, header: str) -> FusedKernel:

@@ -156,16 +156,27 @@ def capture_causal_lm(model: torch.nn.Module, max_batch: int, max_seq: int) -> C
 
 def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any = None) -> Captured:
     """Capture any module from example arguments; by default dim 0 of every tensor input is dynamic."""
-    if dynamic_shapes is not None:
+    if dynamic_shapes is not None:  # "static": every dim as in the example (what Dynamo hands a backend)
         with torch.no_grad():
-            return _export(module, tuple(args), dict(kwargs), dynamic_shapes, {})
+            return _export(module, tuple(args), dict(kwargs), None if dynamic_shapes == "static" else dynamic_shapes,
+                           {})
     bound = inspect.signature(module.forward).bind(*args, **kwargs)
 
+    params = inspect.signature(module.forward).parameters
+
     def leading(kind):
-        return {
-            name: ({0: kind(name)} if isinstance(value, torch.Tensor) and value.dim() >= 1 else None)
-            for name, value in bound.arguments.items()
-        }
+        def one(name, value):
+            return {0: kind(name)} if isinstance(value, torch.Tensor) and value.dim() >= 1 else None
+
+        out = {}
+        for name, value in bound.arguments.items():
+            if params[name].kind is inspect.Parameter.VAR_POSITIONAL:
+                out[name] = tuple(one(f"{name}{i}", v) for i, v in enumerate(value))
+            elif params[name].kind is inspect.Parameter.VAR_KEYWORD:
+                out[name] = {k: one(k, v) for k, v in value.items()}
+            else:
+                out[name] = one(name, value)
+        return out
 
     # a named dim from 1 up keeps batch-1 calls in range; if the model pins the dim, let export decide (AUTO)
     try:

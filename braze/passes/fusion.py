@@ -64,9 +64,11 @@ def merge_sibling_linears(gm: fx.GraphModule, ctx: PassContext) -> int:
         first = min(nodes, key=lambda n: list(gm.graph.nodes).index(n))
         merged = new_node(gm, braze.linear.default, (x, w_node, b_node, norm_w, eps, act, None), {}, ctx, first)
         start = 0
-        for n, w in zip(nodes, weights):
-            part = new_node(gm, aten.slice.Tensor, (merged, -1, start, start + w.shape[0]), {}, ctx, first)
+        parts = []
+        for w in weights:
+            parts.append(new_node(gm, aten.slice.Tensor, (merged, -1, start, start + w.shape[0]), {}, ctx, first))
             start += w.shape[0]
+        for n, part in zip(nodes, parts):
             n.replace_all_uses_with(part)
             gm.graph.erase_node(n)
         ctx.note(f"merged {', '.join(n.name for n in nodes)} -> {merged.name} (N={start})")
