@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from braze.compiler.config import CompileConfig
 from braze.runtime.compiled import CompiledModel
+
+if TYPE_CHECKING:  # the compiler is imported on first use, so `braze.load` stays runtime-only
+    from braze.compiler.config import CompileConfig
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -41,10 +43,21 @@ def _build(cap: Any, config: CompileConfig, device: torch.device, name: str, mod
 
 
 def compile_causal_lm(model: torch.nn.Module, config: CompileConfig) -> CompiledModel:
+    """Forward, prefill and decode plans from one capture."""
     from braze.compiler.capture import capture_causal_lm
+    from braze.compiler.generation import compile_generation
 
     cap = capture_causal_lm(model, config.max_batch, config.max_seq)
-    return _build(cap, config, _device_of(model), type(model).__name__, model_config=model.config)
+    compiled = _build(cap, config, _device_of(model), type(model).__name__, model_config=model.config)
+    gen = compile_generation(cap, config, compiled.report)
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
+    pad = getattr(gen_cfg, "pad_token_id", None) if gen_cfg is not None else None
+    compiled.attach_generation(gen.prefill, gen.decode, gen.kv_inputs, config.max_seq, config.max_batch, eos, pad,
+                               graphs=(gen.prefill_graph, gen.decode_graph))
+    compiled.report.extra["generation"] = (f"prefill {gen.prefill.launches} launches, decode {gen.decode.launches} "
+                                           f"launches per step, KV cache {len(gen.kv_inputs)} tensors")
+    return compiled
 
 
 def compile_module(module: torch.nn.Module, args: tuple, kwargs: dict, config: CompileConfig) -> CompiledModel:
@@ -93,6 +106,8 @@ def compile(model: Any = None, **options: Any) -> Any:
 
     HF causal LMs compile at once (their example inputs are known); other modules compile on the first call.
     """
+    from braze.compiler.config import CompileConfig
+
     config = CompileConfig.from_options(**options)
     if model is None:
         return functools.partial(_decorate, config=config)
@@ -141,6 +156,8 @@ def load(path: Any, executor: str = "auto") -> CompiledModel:
 def dynamo_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **options: Any) -> Any:
     """`torch.compile(model, backend="braze")`: Dynamo hands us an FX graph; we export and compile it."""
     # Dynamo guards on shapes and re-invokes the backend when they change, so each graph is captured static.
+    from braze.compiler.config import CompileConfig
+
     config = CompileConfig.from_options(**options)
     config.dynamic_shapes = "static"
     compiled = compile_module(gm, tuple(example_inputs), {}, config)

@@ -16,6 +16,8 @@ import triton
 
 from braze.codegen.render import render_template
 from braze.runtime.kernel_loader import load_kernel
+from braze.runtime.launchers import matmul_blocks  # noqa: F401  (re-exported)
+from braze.runtime.launchers import matmul_gpu_options as _gpu_launch_options
 
 DUAL_KINDS = (None, "swiglu", "geglu")
 ACTIVATIONS = (None, "silu", "gelu", "gelu_tanh", "relu")
@@ -72,38 +74,6 @@ def render_matmul(spec: MatmulSpec, header: str = "") -> str:
         input_precision=spec.input_precision,
         out_dtype=spec.out_dtype,
     )
-
-
-def _pow2_clamp(x: int, lo: int, hi: int) -> int:
-    return max(lo, min(hi, triton.next_power_of_2(max(1, x))))
-
-
-def matmul_blocks(M: int, N: int, K: int, interpret: bool, *, dual: bool = False) -> tuple[int, int, int]:
-    """Pick (BLOCK_M, BLOCK_N, BLOCK_K): powers of two >= 16 (tl.dot's minimum), no bigger than needed.
-
-    The interpreter pays per program instance, so it gets the biggest tiles. On a GPU, decode (small M)
-    is bandwidth bound: BLOCK_M hugs M and BLOCK_N shrinks until there are enough programs to cover the
-    SMs; prefill uses 128x128 tiles (64 wide for `dual`, which holds two fp32 accumulators).
-    """
-    if interpret:
-        return _pow2_clamp(M, 16, 64), _pow2_clamp(N, 16, 128), _pow2_clamp(K, 16, 128)
-    block_m = _pow2_clamp(M, 16, 128)
-    block_n = _pow2_clamp(N, 16, 64 if dual else 128)
-    block_k = _pow2_clamp(K, 16, 64 if block_m >= 64 else 128)
-    # Aim for roughly one program per SM (H100: 132) before giving up on wide N tiles.
-    while block_n > 32 and triton.cdiv(M, block_m) * triton.cdiv(N, block_n) < 128:
-        block_n //= 2
-    return block_m, block_n, block_k
-
-
-def _gpu_launch_options(
-    block_m: int, block_n: int, block_k: int, elem_size: int, dual: str | None
-) -> dict[str, int]:
-    """num_warps by accumulator size; num_stages as deep as ~200 KB of shared memory allows (H100: 227 KB)."""
-    n_weights = 2 if dual else 1
-    big = block_m * block_n * n_weights >= 128 * 128
-    stage_bytes = (block_m * block_k + n_weights * block_k * block_n) * elem_size
-    return {"num_warps": 8 if big else 4, "num_stages": max(2, min(4, (200 * 1024) // stage_bytes))}
 
 
 @cache

@@ -14,6 +14,7 @@ import torch.fx as fx
 
 import braze.ops  # noqa: F401  (registers braze::*)
 from braze.codegen.matmul_template import MatmulSpec, render_matmul
+from braze.codegen.quant_lowering import QUANT_LOWERINGS, quant_unsupported_reason
 from braze.runtime.plan import Step
 
 braze = torch.ops.braze
@@ -43,6 +44,8 @@ def _name(a: Any) -> str | None:
 
 def template_unsupported_reason(node: fx.Node) -> str | None:
     """Why a braze op cannot use its template (it then runs its reference implementation eagerly)."""
+    if node.target in QUANT_LOWERINGS:
+        return quant_unsupported_reason(node)
     a = op_args(node)
     out = node.meta["val"]
     if out.dtype not in FLOAT_NAMES:
@@ -106,8 +109,38 @@ def lower_attention(node: fx.Node, name: str) -> tuple[str, Step]:
     return render_attention(spec), step
 
 
+def lower_cached_attention(node: fx.Node, name: str) -> tuple[str, Step]:
+    """RoPE + cache write kernel, then flash attention over the cache (prefill) or split-KV decode (S == 1)."""
+    from braze.codegen.attention_template import (
+        AttentionSpec,
+        DecodeAttentionSpec,
+        render_attention,
+        render_decode_attention,
+    )
+    from braze.codegen.render import render_template
+
+    a = op_args(node)
+    q = _val(a["q"])
+    decode = isinstance(q.shape[2], int) and q.shape[2] == 1
+    out_dtype = FLOAT_NAMES[node.meta["val"].dtype]
+    if decode:
+        attn = render_decode_attention(DecodeAttentionSpec(name=name, has_kv_start=True,
+                                                           input_precision=_precision(q.dtype), out_dtype=out_dtype))
+    else:
+        attn = render_attention(AttentionSpec(name=name, causal=True, rope=False, has_kv_start=True,
+                                              input_precision=_precision(q.dtype), out_dtype=out_dtype))
+    write = render_template("kv_cache.py.j2", header="", name=name)
+    roles = ["q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start"]
+    step = Step(kind="template", launcher="cached_attention", outputs=[node.name],
+                inputs=[_name(a[r]) for r in roles],
+                params={"roles": roles, "scale": float(a["scale"]), "decode": decode})
+    return attn + "\n\n" + write, step
+
+
 TEMPLATE_LOWERINGS: dict[Any, Callable[[fx.Node, str], tuple[str, Step]]] = {
     braze.linear.default: lower_linear,
     braze.linear_glu.default: lower_linear,
     braze.attention.default: lower_attention,
+    braze.cached_attention.default: lower_cached_attention,
 }
+TEMPLATE_LOWERINGS.update(QUANT_LOWERINGS)  # braze::df11_decode, braze::int6_linear

@@ -31,14 +31,19 @@ def _dump_dir() -> Path | None:
 
 
 def run_passes(cap: Captured, config: CompileConfig, report: CompileReport,
-               after_pass: AfterPass | None = None) -> PassContext:
-    """Rewrite cap.gm in place with every enabled pass; `after_pass` sees the graph after each one."""
+               after_pass: AfterPass | None = None, phases: tuple[str, ...] | None = None) -> PassContext:
+    """Rewrite cap.gm in place with every enabled pass; `after_pass` sees the graph after each one.
+
+    `phases` selects which phases run; by default all but "cache" (generation graphs only).
+    """
     ctx = PassContext(config=config, weights=cap.weights, fake_mode=cap.fake_mode, causal_lm=cap.causal_lm)
     dump = _dump_dir()
-    if dump:
+    if dump and phases is None:
         (dump / "00_captured.txt").write_text(cap.gm.code)
     for i, spec in enumerate(PASSES, start=1):
         if not spec.enabled(config):
+            continue
+        if (phases is None and spec.phase == "cache") or (phases is not None and spec.phase not in phases):
             continue
         ctx.current_pass = spec.name
         count = spec.fn(cap.gm, ctx)
@@ -52,16 +57,20 @@ def run_passes(cap: Captured, config: CompileConfig, report: CompileReport,
     return ctx
 
 
+def drop_unused_weights(gm: fx.GraphModule, weights: dict[str, torch.Tensor]) -> None:
+    """Weights no longer read by the graph (e.g. merged into a concatenated one) are dropped."""
+    used = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
+    for k in list(weights):
+        if k not in used:
+            del weights[k]
+
+
 def compile_captured(cap: Captured, config: CompileConfig, name: str = "forward",
                      after_pass: AfterPass | None = None) -> tuple[Plan, CompileReport]:
     start = time.perf_counter()
     report = CompileReport(model=name, executor=config.executor)
     run_passes(cap, config, report, after_pass)
-    # weights no longer read by the graph (e.g. merged into a concatenated one) are dropped
-    used = {n.name for n in cap.gm.graph.nodes if n.op == "placeholder"}
-    for k in list(cap.weights):
-        if k not in used:
-            del cap.weights[k]
+    drop_unused_weights(cap.gm, cap.weights)
     plan, record = lower_graph(cap.gm, name, cap.symbols, set(cap.weights))
     report.kernels = [(s.kernel, "fused" if s.kind == "fused" else s.launcher, s.nodes)
                       for s in plan.steps if s.kind in ("fused", "template")]

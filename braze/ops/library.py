@@ -170,10 +170,62 @@ def _attention_fake(q, k, v, scale, causal, cos=None, sin=None, attn_mask=None):
     return q.new_empty(b, s, h, v.shape[-1]).transpose(1, 2)
 
 
+def cached_attention_reference(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, scale):
+    """RoPE q and k, write k/v into the cache at [cache_len, cache_len + S), attend causally over the cache.
+
+    Row b's keys below kv_start[b] are left padding and masked; a query with no visible key outputs 0.
+    """
+    b, hq, s, d = q.shape
+    start = int(cache_len.reshape(-1)[0])
+    q = rope_reference(q, cos, sin)
+    k = rope_reference(k, cos, sin)
+    k_cache[:, :, start:start + s] = k.to(k_cache.dtype)
+    v_cache[:, :, start:start + s] = v.to(v_cache.dtype)
+    total = start + s
+    keys = k_cache[:, :, :total].to(q.dtype)
+    values = v_cache[:, :, :total].to(q.dtype)
+    group = hq // keys.shape[1]
+    if group > 1:
+        keys = keys.repeat_interleave(group, dim=1)
+        values = values.repeat_interleave(group, dim=1)
+    qpos = torch.arange(start, total, device=q.device)[:, None]
+    kpos = torch.arange(total, device=q.device)[None, :]
+    visible = (kpos <= qpos)[None, None] & (kpos[None, None] >= kv_start.reshape(b, 1, 1, 1).to(kpos.dtype))
+    scores = (q.float() @ keys.float().transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~visible, -math.inf)
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    return (probs @ values.float()).to(q.dtype)
+
+
+@torch.library.custom_op("braze::cached_attention", mutates_args=("k_cache", "v_cache"))
+def cached_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_len: Tensor,
+    kv_start: Tensor,
+    scale: float,
+) -> Tensor:
+    """Attention over a static KV cache owned by the runtime; output laid out [B, S, Hq, D] like attention."""
+    out = cached_attention_reference(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, scale)
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@cached_attention.register_fake
+def _cached_attention_fake(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, scale):
+    b, h, s, _ = q.shape
+    return q.new_empty(b, s, h, v.shape[-1]).transpose(1, 2)
+
+
 BRAZE_OPS = {
     "rms_norm": torch.ops.braze.rms_norm.default,
     "linear": torch.ops.braze.linear.default,
     "linear_glu": torch.ops.braze.linear_glu.default,
     "rope": torch.ops.braze.rope.default,
     "attention": torch.ops.braze.attention.default,
+    "cached_attention": torch.ops.braze.cached_attention.default,
 }

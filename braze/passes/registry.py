@@ -21,8 +21,10 @@ from braze.passes.fusion import (
     fuse_rope_into_attention,
     merge_sibling_linears,
 )
+from braze.passes.kv_cache import insert_kv_cache
 from braze.passes.normalize import normalize
 from braze.passes.patterns import recognize_glu, recognize_linear, recognize_rms_norm, recognize_rope
+from braze.passes.quantize import quantize_df11, quantize_int6
 
 
 @dataclass(frozen=True)
@@ -44,5 +46,10 @@ PASSES: list[PassSpec] = [
     PassSpec("fuse_norm_prologue", "fusion", fuse_norm_prologue),
     PassSpec("fuse_linear_epilogue", "fusion", fuse_linear_epilogue),
     PassSpec("fuse_rope_into_attention", "fusion", fuse_rope_into_attention),
+    # quantization runs after the linear fusions (not before, as DESIGN §3 lists): see braze/passes/quantize.py
+    PassSpec("quantize_df11", "quant", quantize_df11, enabled=lambda config: config.quant == "df11"),
+    PassSpec("quantize_int6", "quant", quantize_int6, enabled=lambda config: config.quant == "int6"),
     PassSpec("decompose_unfused", "fusion", decompose_unfused),
+    # generation graphs only (run on a copy of the forward graph, see compiler/generation.py)
+    PassSpec("insert_kv_cache", "cache", insert_kv_cache),
 ]

@@ -62,18 +62,11 @@ class CompiledModel:
     def _run_reference(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.graph_module is None:
             raise RuntimeError("the reference executor needs the rewritten graph; it is not stored in packages")
-        from braze.runtime.executor import PlanExecutor as _PE
+        from braze.runtime.executor import GraphExecutor
 
-        _PE(self.plan, {}, self.device).bind(inputs) if self.plan else None
-        env = dict(self.weights)
-        args = []
-        users = iter(inputs)
-        for n in self.graph_module.graph.nodes:
-            if n.op == "placeholder":
-                args.append(env[n.name] if n.name in env else next(users))
-        with torch.no_grad():
-            out = torch.fx.Interpreter(self.graph_module).run(*args)
-        return list(out) if isinstance(out, (tuple, list)) else [out]
+        if getattr(self, "_reference", None) is None:
+            self._reference = GraphExecutor(self.graph_module, self.weights, self.plan)
+        return self._reference.run(inputs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.causal_lm:
@@ -96,6 +89,63 @@ class CompiledModel:
             (logits,) = self.run_flat([input_ids, position_ids.contiguous()])
         return CausalLMOutput(logits)
 
+    # ---- generation -----------------------------------------------------------------------------------
+    def attach_generation(self, prefill: Plan, decode: Plan, kv_inputs: list, max_seq: int, max_batch: int,
+                          eos_token_id: Any = None, pad_token_id: Any = None, graphs: tuple | None = None) -> None:
+        """`graphs` (prefill, decode graph modules) enables the reference executor for generation."""
+        from braze.runtime.executor import GraphExecutor
+        from braze.runtime.generate import Generator
+
+        self.extra_plans = {"prefill": prefill, "decode": decode}
+        self.kv_inputs = kv_inputs
+        if self.executor_name == "reference":
+            if graphs is None:
+                raise RuntimeError("the reference executor needs the rewritten generation graphs")
+            prefill_exec = GraphExecutor(graphs[0], self.weights, prefill)
+            decode_exec = GraphExecutor(graphs[1], self.weights, decode)
+        else:
+            prefill_exec = PlanExecutor(prefill, self.weights, self.device)
+            decode_exec = PlanExecutor(decode, self.weights, self.device)
+        self.generator = Generator(prefill_exec, decode_exec, kv_inputs, max_seq, max_batch,
+                                   self.device, eos_token_id, pad_token_id,
+                                   cuda_graphs=self.executor_name == "cuda" and getattr(self.config, "cuda_graphs",
+                                                                                         True))
+
+    def generate(self, input_ids: torch.Tensor, **options: Any) -> torch.Tensor:
+        """HF-style generate: prompt + new token ids [B, S + n] (see runtime/generate.py for the options)."""
+        from braze.runtime.errors import ConfigError
+        from braze.runtime.generate import GENERATE_OPTIONS
+
+        if getattr(self, "generator", None) is None:
+            raise ConfigError("generate() needs a causal LM compiled by braze.compile (no generation plans here)")
+        unknown = sorted(set(options) - set(GENERATE_OPTIONS))
+        if unknown:
+            raise ConfigError(f"unknown generate option(s) {', '.join(unknown)}; valid: {', '.join(GENERATE_OPTIONS)}")
+        return self.generator.generate(input_ids, **options)
+
+    def generate_text(self, tokenizer: Any, prompts: Any, chat: bool = True, **options: Any) -> list[str]:
+        """Prompt strings in, completions out; uses the tokenizer's chat template when it has one."""
+        single = isinstance(prompts, str)
+        prompts = [prompts] if single else list(prompts)
+        if chat and getattr(tokenizer, "chat_template", None):
+            prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                                     add_generation_prompt=True) for p in prompts]
+        side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        enc = tokenizer(prompts, return_tensors="pt", padding=True)
+        tokenizer.padding_side = side
+        options.setdefault("eos_token_id", tokenizer.eos_token_id)
+        options.setdefault("pad_token_id", tokenizer.pad_token_id)
+        out = self.generate(enc.input_ids, attention_mask=enc.attention_mask, **options)
+        texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+        return texts
+
+    @property
+    def generation_stats(self) -> Any:
+        return self.generator.stats if getattr(self, "generator", None) else None
+
     # ---- introspection --------------------------------------------------------------------------------
     @property
     def stats(self) -> dict[str, int]:
@@ -103,3 +153,10 @@ class CompiledModel:
 
     def __repr__(self) -> str:
         return f"CompiledModel({self.plan.name}, executor={self.executor_name}, launches={self.plan.launches})"
+
+    # ---- packages -------------------------------------------------------------------------------------
+    def save(self, path: Any, tokenizer: Any = None) -> Any:
+        """Write this model as a self-contained kernel package directory (see braze.runtime.package)."""
+        from braze.runtime.package import save_package
+
+        return save_package(self, path, tokenizer=tokenizer)

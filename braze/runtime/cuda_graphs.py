@@ -1,7 +1,8 @@
 """CUDA-graph replay of a plan: one graph per input-shape bucket, captured once over static buffers.
 
-Autotuning/compilation happens in the warm-up run before capture; all buckets share one memory pool so
-capturing many shapes does not multiply memory.
+Kernels are compiled in a warm-up run before capture; all buckets share one memory pool so capturing many shapes
+does not multiply memory. Inputs named with a `static_prefixes` prefix (the KV cache, per-request state) are
+captured by identity and must be the same tensors at replay; the others are copied into static buffers.
 """
 
 from __future__ import annotations
@@ -12,17 +13,19 @@ import torch
 
 
 class CudaGraphRunner:
-    def __init__(self, executor: Any):
+    def __init__(self, executor: Any, static_prefixes: tuple[str, ...] = ()):
         self.executor = executor
         self.graphs: dict[tuple, tuple[Any, list[torch.Tensor], list[torch.Tensor]]] = {}
         self.pool = torch.cuda.graph_pool_handle() if torch.cuda.is_available() else None
+        names = [i.name for i in executor.user_inputs]
+        self.static = [any(n.startswith(p) for p in static_prefixes) for n in names]
 
     def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         key = tuple((tuple(t.shape), t.dtype) for t in inputs)
         entry = self.graphs.get(key)
         if entry is None:
-            self.executor.bind(inputs)  # errors before any capture
-            static_in = [t.clone() for t in inputs]
+            self.executor.bind(inputs)  # shape errors before any capture
+            static_in = [t if keep else t.clone() for t, keep in zip(inputs, self.static)]
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
@@ -34,7 +37,11 @@ class CudaGraphRunner:
             entry = (graph, static_in, static_out)
             self.graphs[key] = entry
         graph, static_in, static_out = entry
-        for dst, src in zip(static_in, inputs):
-            dst.copy_(src)
+        for dst, src, keep in zip(static_in, inputs, self.static):
+            if keep:
+                if dst.data_ptr() != src.data_ptr():
+                    raise RuntimeError("a CUDA-graph state input changed identity; allocate it once per bucket")
+            else:
+                dst.copy_(src)
         graph.replay()
         return [o.clone() for o in static_out]

@@ -15,8 +15,8 @@ import torch
 import triton
 
 from braze.runtime.errors import InputMismatchError, ShapeOutOfRangeError
-from braze.runtime.kernel_loader import load_kernel
-from braze.runtime.launchers import LAUNCHERS, fused_blocks, interpreting
+from braze.runtime.kernel_loader import load_kernel_module
+from braze.runtime.launchers import LAUNCH_COUNTS, LAUNCHERS, fused_blocks, interpreting
 from braze.runtime.plan import Plan
 
 DTYPES = {
@@ -70,10 +70,13 @@ class PlanExecutor:
         self.symbol_specs = {s.name: s for s in plan.symbols}
         self.stats = {"calls": 0, "launches": 0, "eager_ops": 0}
 
-    def kernel(self, name: str) -> Any:
+    def module(self, name: str) -> Any:
         if name not in self.kernels:
-            self.kernels[name] = load_kernel(self.plan.kernels[name], name)
+            self.kernels[name] = load_kernel_module(self.plan.kernels[name])
         return self.kernels[name]
+
+    def kernel(self, name: str) -> Any:
+        return getattr(self.module(name), name)
 
     def warm(self) -> None:
         for name in self.plan.kernels:
@@ -180,8 +183,10 @@ class PlanExecutor:
                 out = self._alloc(step.outputs[0], syms, slots)
                 env[step.outputs[0]] = out
                 tensors = {role: env[n] for role, n in zip(step.params["roles"], step.inputs)}
-                LAUNCHERS[step.launcher](self.kernel(step.kernel), tensors, out, step.params)
-                self.stats["launches"] += 1
+                launched = LAUNCHERS[step.launcher](self.module(step.kernel), step.kernel, tensors, out, step.params)
+                if not launched:
+                    launched = LAUNCH_COUNTS[step.launcher](step.params) if step.launcher in LAUNCH_COUNTS else 1
+                self.stats["launches"] += launched
             else:
                 target = self.targets[i]
                 args = self._decode(step.args, env, syms)
@@ -198,3 +203,32 @@ class PlanExecutor:
                 env.pop(name, None)
         self.stats["calls"] += 1
         return [env[o] if o is not None else None for o in self.plan.outputs]
+
+
+class GraphExecutor:
+    """The `reference` executor for a rewritten graph: torch reference implementations of the braze ops.
+
+    Same interface as PlanExecutor (user_inputs, run, stats); it needs the in-memory graph, so packages
+    (which hold plans only) cannot use it.
+    """
+
+    def __init__(self, graph_module: Any, weights: dict[str, torch.Tensor], plan: Plan):
+        self.gm = graph_module
+        self.weights = weights
+        self.checker = PlanExecutor(plan, weights, torch.device("cpu"))
+        self.user_inputs = self.checker.user_inputs
+        self.stats = {"calls": 0, "launches": 0, "eager_ops": 0}
+
+    def bind(self, inputs: list[torch.Tensor]) -> dict[str, int]:
+        self.checker.device = inputs[0].device if inputs else self.checker.device
+        return self.checker.bind(inputs)
+
+    def run(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        self.bind(inputs)
+        users = dict(zip((i.name for i in self.user_inputs), inputs))
+        args = [self.weights[n.name] if n.name in self.weights else users[n.name]
+                for n in self.gm.graph.nodes if n.op == "placeholder"]
+        with torch.no_grad():
+            out = torch.fx.Interpreter(self.gm).run(*args)
+        self.stats["calls"] += 1
+        return list(out) if isinstance(out, (tuple, list)) else [out]

@@ -43,7 +43,9 @@ def matmul_gpu_options(block_m: int, block_n: int, block_k: int, elem_size: int,
     return {"num_warps": 8 if big else 4, "num_stages": max(2, min(4, (200 * 1024) // stage_bytes))}
 
 
-def launch_matmul(kernel: Any, tensors: dict[str, torch.Tensor], out: torch.Tensor, params: dict[str, Any]) -> None:
+def launch_matmul(module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
+                  params: dict[str, Any]) -> None:
+    kernel = getattr(module, name)
     x = tensors["x"]
     w = tensors["w"]
     K = x.shape[-1]
@@ -72,7 +74,9 @@ def launch_matmul(kernel: Any, tensors: dict[str, torch.Tensor], out: torch.Tens
     kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **opts)
 
 
-def launch_attention(kernel: Any, tensors: dict[str, torch.Tensor], out: torch.Tensor, params: dict[str, Any]) -> None:
+def launch_attention(module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
+                     params: dict[str, Any]) -> None:
+    kernel = getattr(module, name)
     q, k, v = tensors["q"], tensors["k"], tensors["v"]
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
@@ -102,7 +106,80 @@ def launch_attention(kernel: Any, tensors: dict[str, torch.Tensor], out: torch.T
     kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, **opts)
 
 
-LAUNCHERS: dict[str, Callable[..., None]] = {"matmul": launch_matmul, "attention": launch_attention}
+def _flash(kernel: Any, q, k, v, out, kv_start, causal: bool, scale: float) -> None:
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    args: list[Any] = [q, k, v, out, kv_start, Sq, Skv, Hq, Hq // Hkv, D]
+    for t in (q, k, v, out):
+        args += list(t.stride())
+    args.append(scale)
+    block_d = triton.next_power_of_2(D)
+    if interpreting():
+        bm, bn, opts = _pow2_clamp(Sq, 16, 64), _pow2_clamp(Skv, 16, 64), {}
+    else:
+        bm, bn, opts = _pow2_clamp(Sq, 16, 64), (64 if block_d <= 64 else 32), {"num_warps": 4, "num_stages": 2}
+    kernel[(triton.cdiv(Sq, bm), B * Hq)](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, **opts)
+
+
+def launch_cached_attention(module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
+                            params: dict[str, Any]) -> int:
+    """RoPE q/k, write k/v at cache_len (one kernel), then attend over the cache: flash (prefill) or split-KV."""
+    from braze.runtime.attention_blocks import decode_blocks, decode_splits
+
+    q, k, v = tensors["q"], tensors["k"], tensors["v"]
+    cos, sin = tensors["cos"], tensors["sin"]
+    if cos.stride() != sin.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    kc, vc, cache_len, kv_start = tensors["k_cache"], tensors["v_cache"], tensors["cache_len"], tensors["kv_start"]
+    B, Hq, S, D = q.shape
+    Hkv = k.shape[1]
+    qo = torch.empty((B, Hq, S, D), dtype=q.dtype, device=q.device)
+    block_d = triton.next_power_of_2(D)
+    rows = S * max(Hq, Hkv)
+    block_r = _pow2_clamp(rows, 1, 1024 if interpreting() else 32)
+    args: list[Any] = [q, k, v, cos, sin, qo, kc, vc, cache_len, S, Hq, Hkv, D]
+    for t in (q, k, v, cos, qo, kc, vc):
+        args += list(t.stride())
+    getattr(module, f"{name}_rope_write")[(B * triton.cdiv(rows, block_r), 2)](
+        *args, BLOCK_R=block_r, BLOCK_D=block_d)
+    scale = float(params["scale"])
+    if not params["decode"]:
+        total = int(cache_len.reshape(-1)[0])  + S  # prefill is not graph-captured: a host read is fine
+        _flash(getattr(module, name), qo, kc[:, :, :total], vc[:, :, :total], out, kv_start, True, scale)
+        return 2
+    s_max = kc.shape[2]
+    group = Hq // Hkv
+    splits = decode_splits(B, Hkv, s_max) if not interpreting() else 1
+    blocks = decode_blocks(group, D)
+    seq_lens = (cache_len.to(torch.int32) + 1).expand(B).contiguous()
+    mid_o = torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
+    q1 = qo[:, :, 0, :]
+    o1 = out[:, :, 0, :]
+    # one split: its normalised partial output is the answer, written straight into `out` (no combine launch)
+    direct = splits == 1 and o1.is_contiguous()
+    args = [q1, kc, vc, o1 if direct else mid_o, mid_lse, seq_lens, kv_start, Hkv, group, D, splits]
+    args += list(q1.stride()) + list(kc.stride()) + list(vc.stride()) + [scale]
+    opts = {} if interpreting() else {"num_warps": blocks.num_warps, "num_stages": blocks.num_stages}
+    getattr(module, f"{name}_partial")[(B * Hkv, splits)](
+        *args, BLOCK_G=blocks.block_g, BLOCK_N=blocks.block_n, BLOCK_D=blocks.block_d, **opts)
+    if direct:
+        return 2
+    getattr(module, f"{name}_combine")[(B * Hq,)](
+        mid_o, mid_lse, o1, Hq, D, splits, *o1.stride(),
+        BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=blocks.block_d)
+    return 3
+
+
+# launchers return how many kernels they launched; LAUNCH_COUNTS is for those that return None
+LAUNCH_COUNTS: dict[str, Callable[[dict[str, Any]], int]] = {}
+
+LAUNCHERS: dict[str, Callable[..., Any]] = {
+    "matmul": launch_matmul,
+    "attention": launch_attention,
+    "cached_attention": launch_cached_attention,
+}
+
 
 
 def fused_blocks(xnumel: int, rnumel: int, reduction: bool, interpret: bool) -> tuple[int, int]:
@@ -114,3 +191,8 @@ def fused_blocks(xnumel: int, rnumel: int, reduction: bool, interpret: bool) -> 
         return xblock, rblock
     xblock = min(triton.next_power_of_2(max(1, xnumel)), 16384 if interpret else 1024)
     return max(xblock, 16), 1
+
+
+from braze.runtime.quant_launchers import QUANT_LAUNCHERS  # noqa: E402
+
+LAUNCHERS.update(QUANT_LAUNCHERS)

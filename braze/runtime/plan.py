@@ -84,4 +84,5 @@ class Plan:
 
     @property
     def launches(self) -> int:
-        return sum(1 for s in self.steps if s.kind in ("fused", "template"))
+        per_step = {"cached_attention": lambda s: 3 if s.params.get("decode") else 2}
+        return sum(per_step.get(s.launcher, lambda s: 1)(s) for s in self.steps if s.kind in ("fused", "template"))

@@ -1,0 +1,86 @@
+"""Generation plans from the one capture: prefill (B x S tokens) and decode (B x 1) over a static KV cache.
+
+The rewritten forward graph is copied, the "cache" phase (insert_kv_cache) turns its attention into cached
+attention, and that graph is lowered twice: as is (prefill, dynamic S) and re-specialized to S = 1 by propagating
+fake tensors of the decode shapes through it (decode). Both plans share the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from braze.codegen.lower import lower_graph
+from braze.codegen.symbolic import to_sympy
+from braze.compiler.capture import Captured
+from braze.compiler.config import CompileConfig
+from braze.compiler.pipeline import run_passes
+from braze.compiler.report import CompileReport
+from braze.runtime.plan import Plan, SymbolSpec
+
+
+def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
+    """A new GraphModule over a copied graph; node metas are shallow-copied (fake values shared)."""
+    graph = fx.Graph()
+    out = graph.graph_copy(gm.graph, {})
+    graph.output(out)
+    return fx.GraphModule(gm, graph)
+
+
+def _respecialize_decode(gm: fx.GraphModule, weights: dict[str, torch.Tensor], max_batch: int
+                         ) -> list[SymbolSpec]:
+    """Propagate decode-shaped fake inputs (batch dynamic, S = 1) through a cached-attention graph."""
+    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=False)
+    ctx = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC])
+    ids = mode.from_tensor(torch.zeros(2, 1, dtype=torch.int64), symbolic_context=ctx)
+    batch = ids.shape[0]
+    args = []
+    for n in gm.graph.nodes:
+        if n.op != "placeholder":
+            continue
+        if n.name in weights:
+            args.append(mode.from_tensor(weights[n.name], static_shapes=True))
+            continue
+        old = n.meta["val"]
+        shape = [batch if i == 0 and not isinstance(s, int) else s for i, s in enumerate(old.shape)]
+        if n.name in ("input_ids", "position_ids"):
+            shape = [batch, 1]
+        elif n.name == "cache_len":
+            shape = [1]
+        shape = [int(s) if isinstance(s, torch.SymInt) and s is not batch and s.node.is_constant() else s
+                 for s in shape]
+        with mode:
+            args.append(torch.empty(shape, dtype=old.dtype))
+    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*args)
+    return [SymbolSpec(str(to_sympy(batch)), "batch", 1, max_batch)]
+
+
+@dataclasses.dataclass
+class GenerationPlans:
+    prefill: Plan
+    decode: Plan
+    kv_inputs: list[tuple[str, list[int], str]]  # (placeholder, shape without batch, dtype)
+    prefill_graph: fx.GraphModule
+    decode_graph: fx.GraphModule
+
+
+def compile_generation(cap: Captured, config: CompileConfig, report: CompileReport) -> GenerationPlans:
+    gm = copy_graph_module(cap.gm)
+    gen_cap = dataclasses.replace(cap, gm=gm)
+    run_passes(gen_cap, config, report, phases=("cache",))
+    weights = set(cap.weights)
+    prefill, _ = lower_graph(gm, "prefill", cap.symbols, weights)
+    decode_gm = copy_graph_module(gm)
+    symbols = _respecialize_decode(decode_gm, cap.weights, config.max_batch)
+    decode, _ = lower_graph(decode_gm, "decode", symbols, weights)
+    kv = []
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" and n.name.startswith("kv_cache_"):
+            v = n.meta["val"]
+            kv.append((n.name, [int(s) for s in v.shape[1:]], str(v.dtype).removeprefix("torch.")))
+    return GenerationPlans(prefill, decode, kv, gm, decode_gm)

@@ -1,0 +1,143 @@
+"""The generation loop: prefill, then decode steps over the static KV cache, sampling on device.
+
+HF-compatible semantics: returns prompt + new tokens ([B, S + n]); rows that hit EOS are filled with the pad
+token until every row is done; left-padded batches via attention_mask; a streamer gets put()/end() calls.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from braze.runtime.errors import InputMismatchError, ShapeOutOfRangeError
+from braze.runtime.executor import DTYPES, PlanExecutor
+from braze.runtime.sampling import select_next
+
+GENERATE_OPTIONS = ("attention_mask", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed",
+                    "eos_token_id", "pad_token_id", "streamer")
+
+
+@dataclass
+class GenerationStats:
+    time_to_first_token_s: float = 0.0
+    decode_tokens_per_s: float = 0.0
+    decode_steps: int = 0
+    launches_per_decode_step: float = 0.0
+    kv_cache_bytes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Generator:
+    """Runs the prefill and decode plans of one compiled causal LM."""
+
+    def __init__(self, prefill: PlanExecutor, decode: PlanExecutor, kv_inputs: list, max_seq: int, max_batch: int,
+                 device: torch.device, eos_token_id: Any = None, pad_token_id: Any = None, cuda_graphs: bool = False):
+        self.prefill = prefill
+        self.decode = decode
+        self.kv_inputs = kv_inputs
+        self.max_seq = max_seq
+        self.max_batch = max_batch
+        self.device = device
+        self.default_eos = eos_token_id
+        self.default_pad = pad_token_id
+        self.stats = GenerationStats()
+        self.graphs = None
+        if cuda_graphs:
+            from braze.runtime.cuda_graphs import CudaGraphRunner
+
+            self.graphs = CudaGraphRunner(decode, static_prefixes=("kv_cache_", "kv_start"))
+
+    def _ordered(self, executor: PlanExecutor, values: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        return [values[i.name] for i in executor.user_inputs]
+
+    def check(self, batch: int, prompt_len: int, max_new_tokens: int) -> None:
+        if prompt_len == 0:
+            raise InputMismatchError("empty prompt: generate needs at least one prompt token")
+        if batch > self.max_batch:
+            raise ShapeOutOfRangeError(f"a batch of {batch} prompts exceeds max_batch={self.max_batch}; compile "
+                                       f"with braze.compile(model, max_batch={batch}) or more")
+        if prompt_len > self.max_seq:
+            raise ShapeOutOfRangeError(f"prompt of {prompt_len} tokens exceeds max_seq={self.max_seq}; compile "
+                                       f"with braze.compile(model, max_seq={prompt_len + max_new_tokens}) or more")
+        if prompt_len + max_new_tokens > self.max_seq:
+            raise ShapeOutOfRangeError(
+                f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {prompt_len + max_new_tokens} exceeds "
+                f"the KV cache (max_seq={self.max_seq}); compile with braze.compile(model, "
+                f"max_seq={prompt_len + max_new_tokens}) or more")
+
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 20,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int | None = None, eos_token_id: Any = None, pad_token_id: Any = None,
+                 streamer: Any = None) -> torch.Tensor:
+        if input_ids.dim() == 1:
+            input_ids = input_ids[None]
+        batch, prompt_len = input_ids.shape
+        self.check(batch, prompt_len, max_new_tokens)
+        if do_sample and temperature <= 0:
+            raise InputMismatchError(f"temperature must be > 0 when sampling, got {temperature}")
+        ids = input_ids.to(self.device)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(ids)
+        mask = attention_mask.to(self.device).long()
+        if bool((mask[:, 1:] < mask[:, :-1]).any()):
+            raise InputMismatchError("attention_mask has right padding; generate takes left-padded batches "
+                                     "(tokenizer.padding_side = 'left')")
+        kv_start = (mask == 0).sum(-1).to(torch.int32)
+        if bool((kv_start >= prompt_len).any()):
+            raise InputMismatchError("a prompt in the batch is all padding (empty prompt)")
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        eos = eos_token_id if eos_token_id is not None else self.default_eos
+        eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=self.device)
+        pad = pad_token_id if pad_token_id is not None else (self.default_pad if self.default_pad is not None
+                                                              else (int(eos_ids[0]) if len(eos_ids) else 0))
+        generator = None
+        if do_sample:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(0 if seed is None else seed)
+        caches = {name: torch.zeros([batch, *shape], dtype=DTYPES[dtype], device=self.device)
+                  for name, shape, dtype in self.kv_inputs}
+        self.stats = GenerationStats(kv_cache_bytes=sum(c.numel() * c.element_size() for c in caches.values()))
+        if streamer is not None:
+            streamer.put(ids.cpu())
+
+        start = time.perf_counter()
+        values = {"input_ids": ids, "position_ids": positions.contiguous(),
+                  "cache_len": torch.zeros(1, dtype=torch.int64, device=self.device), "kv_start": kv_start, **caches}
+        (logits,) = self.prefill.run(self._ordered(self.prefill, values))
+        next_tok = select_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
+        self.stats.time_to_first_token_s = time.perf_counter() - start
+        unfinished = torch.ones(batch, dtype=torch.bool, device=self.device)
+        out = [ids]
+        pos = positions[:, -1:]
+        launches0 = self.decode.stats["launches"]
+        decode_start = time.perf_counter()
+        for step in range(max_new_tokens):
+            if len(eos_ids):
+                next_tok = torch.where(unfinished, next_tok, torch.full_like(next_tok, pad))
+            out.append(next_tok[:, None])
+            if streamer is not None:
+                streamer.put(next_tok.cpu())
+            if len(eos_ids):
+                unfinished &= ~torch.isin(next_tok, eos_ids)
+                if not bool(unfinished.any()):  # the one host sync per step: the stop check
+                    break
+            if step == max_new_tokens - 1:
+                break
+            pos = pos + 1
+            values = {"input_ids": next_tok[:, None], "position_ids": pos,
+                      "cache_len": torch.tensor([prompt_len + step], dtype=torch.int64, device=self.device),
+                      "kv_start": kv_start, **caches}
+            inputs = self._ordered(self.decode, values)
+            (logits,) = self.graphs.run(inputs) if self.graphs else self.decode.run(inputs)
+            next_tok = select_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
+            self.stats.decode_steps += 1
+        took = time.perf_counter() - decode_start
+        if streamer is not None:
+            streamer.end()
+        steps = max(1, self.stats.decode_steps)
+        self.stats.decode_tokens_per_s = batch * self.stats.decode_steps / took if took > 0 else 0.0
+        self.stats.launches_per_decode_step = (self.decode.stats["launches"] - launches0) / steps
+        return torch.cat(out, dim=1)
