@@ -10,6 +10,7 @@ from braze.runtime.errors import ConfigError
 EXECUTORS = ("auto", "cuda", "interpret", "reference")
 QUANTS = (None, "df11", "int6")
 SPECULATE = (None, "suffix")
+INT6_ACTS = ("a16", "a8", "mixed")  # mixed: down_proj W6A8, the other linears W6A6 (FlexQ)
 
 
 @dataclass
@@ -22,11 +23,14 @@ class CompileConfig:
     max_seq: int = 512
     dynamic_shapes: Any = None  # passed to torch.export for generic modules
     cuda_graphs: bool = True
+    cast_bf16: bool = False  # quant="df11": allow casting non-BF16 weights to BF16 before encoding
+    int6_act: str = "a16"  # quant="int6": activation precision
 
     def __post_init__(self) -> None:
         _choice("executor", self.executor, EXECUTORS)
         _choice("quant", self.quant, QUANTS)
         _choice("speculate", self.speculate, SPECULATE)
+        _choice("int6_act", self.int6_act, INT6_ACTS)
         for name in ("max_batch", "max_seq"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

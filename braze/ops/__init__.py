@@ -1,5 +1,6 @@
 """braze::* custom ops (importing this package registers them)."""
 
 from braze.ops.library import BRAZE_OPS
+from braze.ops.quant_ops import QUANT_OPS
 
-__all__ = ["BRAZE_OPS"]
+__all__ = ["BRAZE_OPS", "QUANT_OPS"]

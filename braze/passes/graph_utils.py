@@ -8,6 +8,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+import braze.ops  # noqa: F401  (registers braze::*)
 from braze.passes.context import PassContext
 
 aten = torch.ops.aten
