@@ -15,6 +15,8 @@ inside atol = rtol = 1e-5, while any indexing / broadcasting / masking bug produ
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import sympy
 import torch
@@ -25,6 +27,8 @@ import braze
 from braze.codegen.symbolic import FloorDiv, ModularIndexing, simplify_index
 
 ATOL = RTOL = 1e-5
+# more examples for a bug hunt: BRAZE_PROPERTY_EXAMPLES=500 pytest tests/test_fused_property.py
+EXAMPLES = int(os.environ.get("BRAZE_PROPERTY_EXAMPLES", "25"))
 
 # ---------------------------------------------------------------------------------------------------------
 # the program interpreter
@@ -255,14 +259,14 @@ def _check(module: torch.nn.Module, shape, b1: int, b2: int, allow_fallbacks: bo
     return cm
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
 @given(programs(rank=2))
 def test_random_programs_2d(prog):
     shape, ops, outputs, b1, b2 = prog
     _check(Program(shape, ops, outputs).eval(), shape, b1, b2)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None)
 @given(programs(rank=3))
 def test_random_programs_3d(prog):
     shape, ops, outputs, b1, b2 = prog
@@ -274,6 +278,13 @@ def test_random_programs_3d(prog):
 # ---------------------------------------------------------------------------------------------------------
 
 REGRESSIONS = [
+    # R == 1: the transposed [..., :1] operand is x[0, 0], a load at a constant offset (scalar pointer, block mask)
+    ((0, 1), [("transpose_pw", 0, 0)], [("plain", 3)], 2, 3),
+    # R == 1: a reduction over the (dynamic) batch dim whose result has shape (1, 1): a store at a constant offset
+    ((0, 1), [("transpose_reduce", "amax", 0, 0)], [("plain", 3)], 2, 3),
+    # a reduction first reached inside a cat piece must not inherit that piece's mask (its row loads were masked)
+    ((0, 1, 2), [("reduce", "amax", "add", 0, 0), ("roll_cat", 0, 3, 1)], [("plain", 4)], 2, 3),
+    ((0, 5), [("reduce", "sum", "add", 0, 1), ("roll_cat", 0, 3, 2)], [("plain", 4)], 3, 2),
     # size-1 last dim: reductions over one element, broadcasting [..., 1] against itself
     ((0, 1), [("reduce", "sum", "sub", 0, 1), ("softmax", 3)], [("plain", 4)], 2, 3),
     ((0, 3, 1), [("transpose_reduce", "amax", 0, 1), ("binary", "mul", 3, 2, "col")], [("plain", 4)], 3, 2),

@@ -436,7 +436,12 @@ class KernelBuilder:
         if key in self.cse:
             return self.cse[key]
         kind = P.REDUCTIONS[node.target]
-        v = self.value(src, self.canonical)
+        # the reduction reads its whole row whatever masks its consumer is under (e.g. inside a cat piece)
+        saved, self.mask_ctx = self.mask_ctx, ()
+        try:
+            v = self.value(src, self.canonical)
+        finally:
+            self.mask_ctx = saved
         dtype = meta(node).dtype
         v = f"tl.broadcast_to({v}, [XBLOCK, RBLOCK])"
         if kind in ("sum", "mean"):

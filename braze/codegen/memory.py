@@ -14,7 +14,7 @@ import sympy
 import torch
 import torch.fx as fx
 
-from braze.codegen.symbolic import pexpr, product, shape_of
+from braze.codegen.symbolic import FloorDiv, pexpr, product, shape_of
 
 if TYPE_CHECKING:
     from braze.codegen.lower import LoweringRecord
@@ -70,37 +70,48 @@ def plan_memory(plan: Plan, gm: fx.GraphModule, record: LoweringRecord, symbols:
     for i, s in enumerate(plan.steps):
         s.free_after = sorted(frees.get(i, []))
 
-    # arena slots for kernel-written buffers
-    slot_sizes: list[sympy.Expr] = []
-    slot_free_at: list[int] = []
+    # one arena for kernel-written buffers: greedy by size, each placed at the lowest offset that does not overlap
+    # (in time and space) a buffer already placed — the offset-assignment planners of TFLite / XLA work this way
+    def at_hint(e: sympy.Expr) -> int:
+        return int(e.subs(hints)) if getattr(e, "free_symbols", None) else int(e)
+
+    intervals = []  # (name, first step, last step, size expr)
     for i, s in enumerate(plan.steps):
         for o in s.outputs:
             buf = by_name.get(o)
             if buf is None or o in keep:
                 continue
-            size = nbytes(buf)
-            hint = int(size.subs(hints)) if size.free_symbols else int(size)
-            best = None
-            for k, free_at in enumerate(slot_free_at):
-                if free_at < i:
-                    cur = slot_sizes[k]
-                    cur_hint = int(cur.subs(hints)) if cur.free_symbols else int(cur)
-                    score = abs(cur_hint - hint)
-                    if best is None or score < best[0]:
-                        best = (score, k)
-            if best is None:
-                slot_sizes.append(size)
-                slot_free_at.append(last_use.get(o, i))
-                buf.slot = len(slot_sizes) - 1
-            else:
-                k = best[1]
-                slot_sizes[k] = sympy.Max(slot_sizes[k], size)
-                slot_free_at[k] = last_use.get(o, i)
-                buf.slot = k
-    plan.slots = [pexpr(s) for s in slot_sizes]
+            size = FloorDiv(nbytes(buf) + 63, 64) * 64  # 64-byte aligned
+            intervals.append((o, i, last_use.get(o, i), size))
+    def pack(order):
+        placed: list[tuple[int, int, sympy.Expr, sympy.Expr, int, int]] = []  # start, end, offset, size, hints
+        offsets: dict[str, sympy.Expr] = {}
+        arena, arena_h = sympy.Integer(0), 0
+        for name, start, end, size in order:
+            size_h = at_hint(size)
+            conflicts = sorted((p for p in placed if not (p[1] < start or end < p[0])), key=lambda p: p[4])
+            offset, off_h = sympy.Integer(0), 0
+            for p in conflicts:  # first gap (at the example shape) that fits
+                if off_h + size_h <= p[4]:
+                    break
+                if p[4] + p[5] > off_h:
+                    offset, off_h = p[2] + p[3], p[4] + p[5]
+            placed.append((start, end, offset, size, off_h, size_h))
+            offsets[name] = offset
+            if off_h + size_h > arena_h:
+                arena, arena_h = offset + size, off_h + size_h
+        # the arena must hold every buffer at every shape in range, not just at the example shape
+        arena = sympy.Max(*[offsets[n] + sz for n, _, _, sz in order]) if order else arena
+        return arena_h, arena, offsets
 
-    def at_hint(e: sympy.Expr) -> int:
-        return int(e.subs(hints)) if e.free_symbols else int(e)
+    # two classic orders (largest first, and first-come); keep the smaller arena at the example shape
+    candidates = [pack(sorted(intervals, key=lambda t: -at_hint(t[3]))), pack(intervals)]
+    _, arena_size, offsets = min(candidates, key=lambda c: c[0])
+    for name, off in offsets.items():
+        by_name[name].slot = 0
+        by_name[name].offset = pexpr(off)
+    plan.slots = [pexpr(arena_size)] if intervals else []
+    slot_sizes = [arena_size] if intervals else []
 
     record.planned_peak_bytes = sum(at_hint(s) for s in slot_sizes) + sum(
         at_hint(nbytes(by_name[k])) for k in keep if k in by_name)

@@ -62,6 +62,7 @@ class PlanExecutor:
         self.shape_exprs = {b.name: [_Expr(s) for s in b.shape] for b in plan.buffers}
         self.stride_exprs = {b.name: [_Expr(s) for s in b.strides] for b in plan.buffers if b.strides}
         self.slot_exprs = [_Expr(s) for s in plan.slots]
+        self.offset_exprs = {b.name: _Expr(b.offset) for b in plan.buffers if b.offset is not None}
         self.input_exprs = {i.name: [_Expr(s) for s in i.shape] for i in plan.inputs}
         self.step_exprs = [
             (_Expr(s.params["xnumel"]), _Expr(s.params["rnumel"])) if s.kind == "fused" else None for s in plan.steps
@@ -134,7 +135,8 @@ class PlanExecutor:
             arena = torch.empty(self.slot_exprs[buf.slot](syms), dtype=torch.uint8, device=self.device)
             slots[buf.slot] = arena
         numel = math.prod(shape)
-        flat = arena[: numel * dtype.itemsize].view(dtype)
+        start = self.offset_exprs[name](syms) if name in self.offset_exprs else 0
+        flat = arena[start: start + numel * dtype.itemsize].view(dtype)
         if strides:
             return flat.as_strided(shape, strides)
         return flat.view(shape)

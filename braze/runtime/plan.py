@@ -34,7 +34,8 @@ class BufferSpec:
     shape: list[str]
     dtype: str
     strides: list[str] | None = None  # None: contiguous
-    slot: int | None = None  # memory-plan arena slot
+    slot: int | None = None  # memory-plan arena (None: its own allocation)
+    offset: str | None = None  # byte offset inside the arena (expression)
 
 
 @dataclass
