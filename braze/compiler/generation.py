@@ -36,9 +36,12 @@ def _respecialize_decode(gm: fx.GraphModule, weights: dict[str, torch.Tensor], m
                          ) -> list[SymbolSpec]:
     """Propagate decode-shaped fake inputs (batch dynamic, S = 1) through a cached-attention graph."""
     mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=False)
-    ctx = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC])
-    ids = mode.from_tensor(torch.zeros(2, 1, dtype=torch.int64), symbolic_context=ctx)
-    batch = ids.shape[0]
+    old_ids = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == "input_ids").meta["val"]
+    if isinstance(old_ids.shape[0], int):  # compiled with max_batch=1: the batch dim is static
+        batch = old_ids.shape[0]
+    else:
+        ctx = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC])
+        batch = mode.from_tensor(torch.zeros(2, 1, dtype=torch.int64), symbolic_context=ctx).shape[0]
     args = []
     for n in gm.graph.nodes:
         if n.op != "placeholder":
@@ -57,6 +60,8 @@ def _respecialize_decode(gm: fx.GraphModule, weights: dict[str, torch.Tensor], m
         with mode:
             args.append(torch.empty(shape, dtype=old.dtype))
     FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*args)
+    if isinstance(batch, int):
+        return []
     return [SymbolSpec(str(to_sympy(batch)), "batch", 1, max_batch)]
 
 

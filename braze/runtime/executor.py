@@ -16,7 +16,7 @@ import triton
 
 from braze.runtime.errors import InputMismatchError, ShapeOutOfRangeError
 from braze.runtime.kernel_loader import load_kernel_module
-from braze.runtime.launchers import LAUNCH_COUNTS, LAUNCHERS, fused_blocks, interpreting
+from braze.runtime.launchers import LAUNCH_COUNTS, LAUNCHERS, check_interpreter_ready, fused_blocks, interpreting
 from braze.runtime.plan import Plan
 
 DTYPES = {
@@ -52,7 +52,7 @@ class _Expr:
 class PlanExecutor:
     """Runs one plan on one device with a fixed set of weights."""
 
-    def __init__(self, plan: Plan, weights: dict[str, torch.Tensor], device: torch.device):
+    def __init__(self, plan: Plan, weights: dict[str, torch.Tensor], device: torch.device, kernels: bool = True):
         self.plan = plan
         self.device = device
         self.weights = weights
@@ -70,6 +70,8 @@ class PlanExecutor:
         self.targets = {i: resolve_target(s.target) for i, s in enumerate(plan.steps) if s.target}
         self.symbol_specs = {s.name: s for s in plan.symbols}
         self.stats = {"calls": 0, "launches": 0, "eager_ops": 0}
+        if kernels:
+            check_interpreter_ready()
 
     def module(self, name: str) -> Any:
         if name not in self.kernels:
@@ -217,7 +219,7 @@ class GraphExecutor:
     def __init__(self, graph_module: Any, weights: dict[str, torch.Tensor], plan: Plan):
         self.gm = graph_module
         self.weights = weights
-        self.checker = PlanExecutor(plan, weights, torch.device("cpu"))
+        self.checker = PlanExecutor(plan, weights, torch.device("cpu"), kernels=False)
         self.user_inputs = self.checker.user_inputs
         self.stats = {"calls": 0, "launches": 0, "eager_ops": 0}
 

@@ -16,6 +16,8 @@ from braze.runtime.errors import InputMismatchError, ShapeOutOfRangeError
 from braze.runtime.executor import DTYPES, PlanExecutor
 from braze.runtime.sampling import select_next
 
+DEFAULT = object()  # "use the model's generation_config value" (an explicit None means "none", as in HF)
+
 GENERATE_OPTIONS = ("attention_mask", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed",
                     "eos_token_id", "pad_token_id", "streamer")
 
@@ -70,7 +72,7 @@ class Generator:
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 20,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int | None = None, eos_token_id: Any = None, pad_token_id: Any = None,
+                 seed: int | None = None, eos_token_id: Any = DEFAULT, pad_token_id: Any = DEFAULT,
                  streamer: Any = None) -> torch.Tensor:
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
@@ -89,10 +91,11 @@ class Generator:
         if bool((kv_start >= prompt_len).any()):
             raise InputMismatchError("a prompt in the batch is all padding (empty prompt)")
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        eos = eos_token_id if eos_token_id is not None else self.default_eos
-        eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=self.device)
-        pad = pad_token_id if pad_token_id is not None else (self.default_pad if self.default_pad is not None
-                                                              else (int(eos_ids[0]) if len(eos_ids) else 0))
+        eos = self.default_eos if eos_token_id is DEFAULT else eos_token_id
+        eos_ids = torch.tensor([eos] if isinstance(eos, int) else list(eos or []), device=self.device, dtype=torch.long)
+        pad = self.default_pad if pad_token_id is DEFAULT else pad_token_id
+        if pad is None:
+            pad = int(eos_ids[0]) if len(eos_ids) else 0
         generator = None
         if do_sample:
             generator = torch.Generator(device=self.device)

@@ -24,23 +24,39 @@ def kernel_cache_dir() -> Path:
     return path
 
 
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
 def load_kernel_module(source: str) -> Any:
-    """Import `source` as a module (cached by content hash) and return it."""
+    """Import `source` as a module (cached by content hash and mode) and return it.
+
+    @triton.jit decides at decoration time whether a kernel is interpreted, from a knob triton reads once; braze
+    sets that knob while the module runs so the mode follows TRITON_INTERPRET even when triton was imported first.
+    """
     digest = hashlib.sha256(source.encode()).hexdigest()[:24]
-    if digest in _LOADED:
-        return _LOADED[digest]
+    key = f"{digest}-{int(_interpret())}"
+    if key in _LOADED:
+        return _LOADED[key]
     path = kernel_cache_dir() / f"k_{digest}.py"
     if not path.exists():
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(source)
         os.replace(tmp, path)
-    module_name = f"braze_kernels.k_{digest}"
+    module_name = f"braze_kernels.k_{key.replace('-', '_')}"
     spec = importlib.util.spec_from_file_location(module_name, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    _LOADED[digest] = module
+    from triton import knobs
+
+    saved = knobs.runtime.interpret
+    knobs.runtime.interpret = _interpret()
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        knobs.runtime.interpret = saved
+    _LOADED[key] = module
     return module
 
 

@@ -18,6 +18,21 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def check_interpreter_ready() -> None:
+    """Triton decides at its own import whether its library functions are interpreted; fail clearly if it was
+    imported (e.g. by transformers) before TRITON_INTERPRET was set, instead of deep inside a kernel."""
+    if not interpreting():
+        return
+    from triton.language import standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(getattr(standard, "sigmoid", None), InterpretedFunction):
+        from braze.runtime.errors import BrazeError
+
+        raise BrazeError("triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run under "
+                         "the CPU interpreter: import braze before transformers/triton, or export TRITON_INTERPRET=1")
+
+
 def _pow2_clamp(x: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(1, x))))
 

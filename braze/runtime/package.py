@@ -1,0 +1,463 @@
+"""Kernel packages: a compiled model saved as a directory that runs with torch + triton and the braze runtime.
+
+Layout of a package directory::
+
+    manifest.json           format version, versions, target, compile options, symbolic dim ranges, model config,
+                            and the sha256 of every other file
+    plans/<name>.json       one Plan per entry point (forward, and e.g. prefill/decode/verify); the plan's
+                            `kernels` field maps each kernel name to its file under kernels/
+    kernels/<name>.py       the generated Triton sources, readable as written by codegen
+    weights.safetensors     every weight (safetensors, never pickle); identical tensors are stored once
+    report.json             the compile report as plain data (for `braze inspect`)
+    tokenizer/              optional: tokenizer.save_pretrained(...)
+
+Loading verifies the manifest's format version and every file's hash before any kernel source is imported, and
+imports nothing from braze.compiler, braze.passes or braze.codegen. The hashes detect corruption and accidental
+edits; they are not a signature (whoever can write the files can rewrite the manifest too).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import time
+import uuid
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from braze.runtime.errors import PackageError
+from braze.runtime.plan import Plan
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+WEIGHTS = "weights.safetensors"
+REPORT = "report.json"
+TOKENIZER_DIR = "tokenizer"
+PRIMARY_PLAN = "forward"
+EXECUTORS = ("auto", "cuda", "interpret")
+
+
+# ---- helpers ---------------------------------------------------------------------------------------------
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        if hasattr(hashlib, "file_digest"):  # Python >= 3.11
+            return hashlib.file_digest(f, "sha256").hexdigest()
+        h = hashlib.sha256()
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+        return h.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import triton
+
+    import braze
+
+    return {"braze": getattr(braze, "__version__", "unknown"), "torch": torch.__version__,
+            "triton": triton.__version__}
+
+
+def _jsonable(value: Any) -> Any:
+    """`value` if json can write it, else None."""
+    try:
+        json.dumps(value)
+        return value
+    except (TypeError, ValueError):
+        return None
+
+
+def _compile_options(config: Any) -> dict[str, Any]:
+    if config is None:
+        return {}
+    if dataclasses.is_dataclass(config):
+        items = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    else:
+        items = dict(vars(config))
+    return {k: v for k, v in items.items() if _jsonable(v) is not None or v is None}
+
+
+def _model_config_dict(model_config: Any) -> dict[str, Any] | None:
+    if model_config is None:
+        return None
+    if hasattr(model_config, "to_dict"):
+        raw = model_config.to_dict()
+    elif isinstance(model_config, dict):
+        raw = dict(model_config)
+    else:
+        raw = dict(vars(model_config))
+    return json.loads(json.dumps(raw, default=str))
+
+
+def _dump_spec(spec: Any) -> str | None:
+    if spec is None:
+        return None
+    try:
+        from torch.utils import _pytree as pytree
+
+        return pytree.treespec_dumps(spec)
+    except Exception:
+        return None
+
+
+def _load_spec(text: str | None) -> Any:
+    if text is None:
+        return None
+    from torch.utils import _pytree as pytree
+
+    return pytree.treespec_loads(text)
+
+
+def _all_plans(compiled: Any) -> dict[str, Plan]:
+    """The forward plan plus any further entry points (`plans` / `extra_plans` dict attributes)."""
+    plans: dict[str, Plan] = {PRIMARY_PLAN: compiled.plan}
+    for attr in ("plans", "extra_plans"):
+        more = getattr(compiled, attr, None)
+        if isinstance(more, dict):
+            for name, plan in more.items():
+                if isinstance(plan, Plan) and plan is not compiled.plan:
+                    plans.setdefault(str(name), plan)
+    return plans
+
+
+def _same_view(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return (a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() and a.dtype == b.dtype
+            and a.shape == b.shape and a.stride() == b.stride() and a.storage_offset() == b.storage_offset())
+
+
+def _weights_for_file(weights: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Contiguous CPU tensors with no shared storage, plus aliases (name -> stored name) for identical tensors."""
+    out: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    seen: dict[int, list[tuple[str, torch.Tensor]]] = {}
+    for name, t in weights.items():
+        if not isinstance(t, torch.Tensor):
+            raise PackageError(f"weight {name!r} is a {type(t).__name__}, not a tensor; packages store tensors only")
+        ptr = t.untyped_storage().data_ptr() if t.numel() else -1
+        twin = next((n for n, o in seen.get(ptr, []) if _same_view(o, t)), None) if ptr != -1 else None
+        if twin is not None:
+            aliases[name] = twin
+            continue
+        shared = ptr != -1 and ptr in seen
+        seen.setdefault(ptr, []).append((name, t))
+        t = t.detach().to("cpu")
+        # safetensors refuses tensors that share memory: a partial overlap gets its own copy
+        t = t.clone() if shared or not t.is_contiguous() or t.untyped_storage().nbytes() != t.nbytes else t
+        out[name] = t.contiguous()
+    return out, aliases
+
+
+def _generation_info(compiled: Any, plans: dict[str, Plan]) -> dict[str, Any] | None:
+    """What CompiledModel.attach_generation needs besides the plans (None: no generation attached)."""
+    gen = getattr(compiled, "generator", None)
+    kv = getattr(compiled, "kv_inputs", None)
+    if gen is None or kv is None or not {"prefill", "decode"} <= set(plans):
+        return None
+    info = {"prefill": "prefill", "decode": "decode", "kv_inputs": [list(x) for x in kv],
+            "max_seq": getattr(gen, "max_seq", None), "max_batch": getattr(gen, "max_batch", None),
+            "eos_token_id": getattr(gen, "default_eos", None), "pad_token_id": getattr(gen, "default_pad", None)}
+    return json.loads(json.dumps(info, default=str))
+
+
+def _report_dict(report: Any) -> dict[str, Any] | None:
+    if report is None:
+        return None
+    try:
+        raw = dataclasses.asdict(report) if dataclasses.is_dataclass(report) else dict(vars(report))
+        return json.loads(json.dumps(raw, default=str))
+    except Exception:
+        return None
+
+
+# ---- save ------------------------------------------------------------------------------------------------
+def save_package(compiled: Any, path: str | os.PathLike, tokenizer: Any = None,
+                 metadata: dict[str, Any] | None = None) -> Path:
+    """Write `compiled` (a CompiledModel) as a package directory at `path`; returns the path.
+
+    `metadata` (JSON-able) is stored in the manifest as-is (the CLI records the model it compiled from).
+    An existing package at `path` is replaced; any other non-empty directory is left alone (PackageError).
+    """
+    from safetensors.torch import save_file
+
+    compiled = getattr(compiled, "compiled", None) or compiled  # a LazyCompiled that has compiled
+    if not hasattr(compiled, "plan") or compiled.plan is None:
+        raise PackageError("nothing to save: the model has not been compiled yet (call it once first)")
+    dest = Path(path)
+    if dest.exists() and not dest.is_dir():
+        raise PackageError(f"{dest} exists and is not a directory")
+    if dest.is_dir() and any(dest.iterdir()) and not (dest / MANIFEST).exists():
+        raise PackageError(f"{dest} is a non-empty directory that is not a braze package; refusing to overwrite it")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        manifest = _write_contents(compiled, tmp, tokenizer, metadata, save_file)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+        if dest.exists():
+            trash = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(dest, trash)
+            os.replace(tmp, dest)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def _write_contents(compiled: Any, root: Path, tokenizer: Any, metadata: dict | None, save_file: Any) -> dict:
+    plans = _all_plans(compiled)
+    (root / "kernels").mkdir()
+    (root / "plans").mkdir()
+    kernel_files: dict[str, str] = {}  # file name -> source
+    plan_files: dict[str, str] = {}
+    for pname, plan in plans.items():
+        files: dict[str, str] = {}
+        for kname, source in plan.kernels.items():
+            fname = f"{kname}.py"
+            if kernel_files.get(fname, source) != source:  # same name, different source in another plan
+                fname = f"{pname}.{kname}.py"
+            kernel_files[fname] = source
+            files[kname] = f"kernels/{fname}"
+        stored = dataclasses.replace(plan, kernels=files, out_spec=None)
+        rel = f"plans/{pname}.json"
+        (root / rel).write_text(stored.to_json())
+        plan_files[pname] = rel
+    for fname, source in kernel_files.items():
+        (root / "kernels" / fname).write_text(source)
+
+    tensors, aliases = _weights_for_file(compiled.weights)
+    save_file(tensors, str(root / WEIGHTS), metadata={"format": "pt", "braze_aliases": json.dumps(aliases)})
+    # safetensors writes 0600; give the weights the mode our other files got from the umask
+    os.chmod(root / WEIGHTS, (root / plan_files[PRIMARY_PLAN]).stat().st_mode & 0o666)
+    report = _report_dict(compiled.report)
+    if report is not None:
+        (root / REPORT).write_text(json.dumps(report, indent=1))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(root / TOKENIZER_DIR))
+
+    device = torch.device(compiled.device)
+    target: dict[str, Any] = {"device": device.type, "executor": compiled.executor_name}
+    if device.type == "cuda" and torch.cuda.is_available():
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        target["device_name"] = torch.cuda.get_device_name(idx)
+        target["capability"] = list(torch.cuda.get_device_capability(idx))
+    files = {str(p.relative_to(root).as_posix()): _sha256(p) for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        "format_version": FORMAT_VERSION,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "versions": _versions(),
+        "target": target,
+        "compile_options": _compile_options(compiled.config),
+        "symbols": {n: [dataclasses.asdict(s) for s in p.symbols] for n, p in plans.items()},
+        "causal_lm": bool(compiled.causal_lm),
+        "model": getattr(compiled.report, "model", None) or compiled.plan.name,
+        "model_config": _model_config_dict(compiled.model_config),
+        "plans": plan_files,
+        "primary_plan": PRIMARY_PLAN,
+        "out_spec": _dump_spec(compiled.out_spec),
+        "in_spec": _dump_spec(compiled.in_spec),
+        "weights": {"file": WEIGHTS, "tensors": len(tensors), "aliases": aliases,
+                    "bytes": sum(t.nbytes for t in tensors.values())},
+        "tokenizer": TOKENIZER_DIR if tokenizer is not None else None,
+        "generation": _generation_info(compiled, plans),
+        "metadata": _jsonable(metadata) if metadata else {},
+        "files": files,
+    }
+
+
+# ---- load ------------------------------------------------------------------------------------------------
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The package's manifest, with the format version checked (no hashes verified)."""
+    root = Path(path)
+    if not (root / MANIFEST).is_file():
+        if not root.exists():
+            raise PackageError(f"no braze package at {root} (the path does not exist)")
+        raise PackageError(f"no braze package at {root} (no {MANIFEST})")
+    try:
+        manifest = json.loads((root / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PackageError(f"{root / MANIFEST}: unreadable manifest ({e})") from None
+    version = manifest.get("format_version") if isinstance(manifest, dict) else None
+    if not isinstance(version, int):
+        raise PackageError(f"{root / MANIFEST}: no integer format_version; not a braze package manifest")
+    if version > FORMAT_VERSION:
+        raise PackageError(f"{root}: package format {version} is newer than this braze (supports "
+                           f"{FORMAT_VERSION}); upgrade braze")
+    if version < 1:
+        raise PackageError(f"{root}: package format {version} is not a valid version")
+    for key in ("files", "plans", "target", "weights"):
+        if key not in manifest:
+            raise PackageError(f"{root / MANIFEST}: missing field {key!r}")
+    return manifest
+
+
+def verify_package(path: str | os.PathLike, manifest: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Check every file listed in the manifest against its sha256; returns the manifest."""
+    root = Path(path)
+    manifest = manifest if manifest is not None else read_manifest(root)
+    for rel, digest in manifest["files"].items():
+        file = root / rel
+        if ".." in Path(rel).parts or Path(rel).is_absolute():
+            raise PackageError(f"{root / MANIFEST}: file entry {rel!r} points outside the package")
+        if not file.is_file():
+            raise PackageError(f"{file}: missing (package incomplete)")
+        if _sha256(file) != digest:
+            raise PackageError(f"{file}: sha256 mismatch (package corrupted or tampered)")
+    needed = [manifest["weights"]["file"], *manifest["plans"].values()]
+    for rel in needed:
+        if rel not in manifest["files"]:
+            raise PackageError(f"{root / MANIFEST}: {rel} is not covered by a hash")
+    return manifest
+
+
+def _choose(manifest: dict[str, Any], executor: str, root: Path) -> tuple[str, torch.device]:
+    if executor not in EXECUTORS:
+        if executor == "reference":
+            raise PackageError("the reference executor runs the rewritten FX graph, which packages do not store; "
+                               "load with executor='interpret' (CPU) or 'cuda'")
+        raise PackageError(f"executor={executor!r} is not valid for a package; choose one of "
+                           f"{', '.join(repr(e) for e in EXECUTORS)}")
+    target = manifest["target"].get("device", "cpu")
+    have_cuda = torch.cuda.is_available()
+    if executor == "interpret":
+        return "interpret", torch.device("cpu")
+    if executor == "cuda":
+        if not have_cuda:
+            raise PackageError(f"{root}: executor='cuda' needs a CUDA GPU and none is available; "
+                               f"pass executor='interpret' to run the kernels under the Triton interpreter on CPU")
+        return "cuda", torch.device("cuda")
+    if target == "cuda":
+        if not have_cuda:
+            raise PackageError(f"{root}: this package was compiled for a CUDA GPU and this machine has none; "
+                               f"pass executor='interpret' (CLI: --executor interpret) to run it on CPU under the "
+                               f"Triton interpreter")
+        return "cuda", torch.device("cuda")
+    return "interpret", torch.device("cpu")
+
+
+def _load_weights(file: Path, device: torch.device, aliases: dict[str, str]) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        weights = load_file(str(file), device=str(device))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise PackageError(f"{file}: not a readable safetensors file (truncated or corrupt: {msg})") from None
+    for name, target in aliases.items():
+        if target not in weights:
+            raise PackageError(f"{file}: alias {name!r} -> {target!r} names a tensor that is not stored")
+        weights[name] = weights[target]
+    return weights
+
+
+def _plan_name(plans: dict[str, Plan], plan: Plan) -> str:
+    return next(n for n, p in plans.items() if p is plan)
+
+
+class PackagedConfig(SimpleNamespace):
+    """A model config read back from a package: attribute access to the saved `to_dict()` fields."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return getattr(self, key, default)
+
+
+def load_package(path: str | os.PathLike, executor: str = "auto") -> Any:
+    """Load a package written by `save_package` as a CompiledModel (runtime only; no compiler imports).
+
+    executor: "auto" (the package's target device: CUDA kernels on a GPU, the Triton interpreter for CPU
+    packages), "cuda", or "interpret" (CPU, Triton interpreter; also runs a CUDA-compiled package on CPU).
+    """
+    root = Path(path)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    manifest = read_manifest(root)
+    executor_name, device = _choose(manifest, executor, root)
+    verify_package(root, manifest)  # before any kernel source is imported
+    timings["verify"] = time.perf_counter() - t0
+    if executor_name == "interpret":
+        os.environ["TRITON_INTERPRET"] = "1"  # must be set before the kernels are imported
+    from braze.runtime.compiled import CompiledModel  # after TRITON_INTERPRET is settled
+
+    t1 = time.perf_counter()
+    plans: dict[str, Plan] = {}
+    for pname, rel in manifest["plans"].items():
+        try:
+            plan = Plan.from_json((root / rel).read_text())
+        except (ValueError, KeyError, TypeError) as e:
+            raise PackageError(f"{root / rel}: not a valid plan ({type(e).__name__}: {e})") from None
+        sources = {}
+        for kname, krel in plan.kernels.items():
+            if krel not in manifest["files"]:
+                raise PackageError(f"{root / rel}: kernel file {krel} is not covered by a hash")
+            sources[kname] = (root / krel).read_text()
+        plan.kernels = sources
+        plans[pname] = plan
+    primary = manifest.get("primary_plan", PRIMARY_PLAN)
+    if primary not in plans:
+        raise PackageError(f"{root / MANIFEST}: no {primary!r} plan")
+    timings["plans"] = time.perf_counter() - t1
+
+    t2 = time.perf_counter()
+    weights = _load_weights(root / manifest["weights"]["file"], device, manifest["weights"].get("aliases", {}))
+    timings["weights"] = time.perf_counter() - t2
+
+    t3 = time.perf_counter()
+    options = manifest.get("compile_options") or {}
+    config = SimpleNamespace(**options) if options else None
+    mc = manifest.get("model_config")
+    model_config = PackagedConfig(**mc) if isinstance(mc, dict) else None
+    try:
+        out_spec, in_spec = _load_spec(manifest.get("out_spec")), _load_spec(manifest.get("in_spec"))
+    except Exception as e:
+        raise PackageError(f"{root / MANIFEST}: unreadable output structure ({e})") from None
+    extra = {n: p for n, p in plans.items() if n != primary}
+    compiled = CompiledModel(plans[primary], weights, device, executor_name, report=None, out_spec=out_spec,
+                             in_spec=in_spec, causal_lm=bool(manifest.get("causal_lm")), graph_module=None,
+                             config=config, model_config=model_config)
+    gen = manifest.get("generation")
+    if gen and hasattr(compiled, "attach_generation"):
+        missing = [gen[k] for k in ("prefill", "decode") if gen[k] not in plans]
+        if missing:
+            raise PackageError(f"{root / MANIFEST}: generation plan(s) {', '.join(missing)} are not in the package")
+        compiled.attach_generation(plans[gen["prefill"]], plans[gen["decode"]],
+                                   [tuple(x) for x in gen["kv_inputs"]], gen["max_seq"], gen["max_batch"],
+                                   gen.get("eos_token_id"), gen.get("pad_token_id"))
+    if extra:
+        compiled.extra_plans = extra
+    from braze.runtime.kernel_loader import load_kernel_module
+
+    for plan in plans.values():  # import every (verified) kernel now: a broken source fails at load, not mid-run
+        for kname, source in plan.kernels.items():
+            try:
+                load_kernel_module(source)
+            except Exception as e:
+                raise PackageError(f"{root / manifest['plans'][_plan_name(plans, plan)]}: kernel {kname} does not "
+                                   f"import ({type(e).__name__}: {e})") from None
+    compiled.manifest = manifest
+    compiled.package_path = root
+    compiled.tokenizer_path = root / manifest["tokenizer"] if manifest.get("tokenizer") else None
+    timings["build"] = time.perf_counter() - t3
+    compiled.load_timings = timings
+    return compiled
+
+
+def load_tokenizer(path: str | os.PathLike) -> Any:
+    """The tokenizer saved in a package (transformers AutoTokenizer), or None if the package has none."""
+    root = Path(path)
+    manifest = read_manifest(root)
+    if not manifest.get("tokenizer"):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(root / manifest["tokenizer"]))
