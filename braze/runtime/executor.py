@@ -83,7 +83,7 @@ class PlanExecutor:
 
     def warm(self) -> None:
         for name in self.plan.kernels:
-            self.kernel(name)
+            self.module(name)
 
     # ---- inputs ------------------------------------------------------------------------------------
     def bind(self, inputs: list[torch.Tensor]) -> dict[str, int]:

@@ -39,7 +39,7 @@ def load_kernel_module(source: str) -> Any:
     if key in _LOADED:
         return _LOADED[key]
     path = kernel_cache_dir() / f"k_{digest}.py"
-    if not path.exists():
+    if not path.exists() or path.read_text() != source:  # never trust a cached file we did not just compare
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(source)
         os.replace(tmp, path)

@@ -1,0 +1,51 @@
+"""Tiny models for the CLI tests, named as `tests.tiny_factory:NAME` (the CLI's module:factory form)."""
+
+import torch
+
+
+def char_tokenizer():
+    """A character-level tokenizer built offline (ids: <unk>=0, <eos>=1, printable ASCII from 2)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<eos>": 1}
+    for i, c in enumerate(chr(x) for x in range(32, 127)):
+        vocab[c] = i + 2
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
+def tiny_llama():
+    """A 1-layer seeded Llama (vocab 256) with a character tokenizer."""
+    from braze.models import tiny_causal_lm
+
+    return {"model": tiny_causal_lm("llama", layers=1), "tokenizer": char_tokenizer()}
+
+
+class TinyMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.GELU(), torch.nn.Linear(32, 4))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def tiny_mlp():
+    """A small MLP; not a causal LM, so it brings example inputs."""
+    torch.manual_seed(1)
+    return {"model": TinyMLP(), "example_inputs": (torch.randn(3, 8),)}
+
+
+def not_a_module():
+    return 42
+
+
+def tiny_llama_other():
+    """The same architecture with other weights (a `braze check` that must fail)."""
+    from braze.models import tiny_causal_lm
+
+    return {"model": tiny_causal_lm("llama", seed=1, layers=1), "tokenizer": char_tokenizer()}
