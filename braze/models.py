@@ -37,11 +37,11 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
 
 
 def tiny_causal_lm(arch: str = "llama", seed: int = 0, layers: int = 2, dtype: torch.dtype = torch.float32,
-                   attn: str = "sdpa") -> Any:
+                   attn: str = "sdpa", vocab: int = 256) -> Any:
     """A small seeded HF causal LM (llama, qwen2, mistral) for fast checks."""
     import transformers
 
-    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
     configs = {
         "llama": lambda: transformers.LlamaConfig(**common),

@@ -19,7 +19,7 @@ from braze.runtime.sampling import select_next
 DEFAULT = object()  # "use the model's generation_config value" (an explicit None means "none", as in HF)
 
 GENERATE_OPTIONS = ("attention_mask", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed",
-                    "eos_token_id", "pad_token_id", "streamer")
+                    "eos_token_id", "pad_token_id", "streamer", "speculate", "max_spec_tokens")
 
 
 @dataclass
@@ -46,6 +46,7 @@ class Generator:
         self.default_eos = eos_token_id
         self.default_pad = pad_token_id
         self.stats = GenerationStats()
+        self.speculate_default = False
         self.graphs = None
         if cuda_graphs:
             from braze.runtime.cuda_graphs import CudaGraphRunner
@@ -54,6 +55,43 @@ class Generator:
 
     def _ordered(self, executor: PlanExecutor, values: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         return [values[i.name] for i in executor.user_inputs]
+
+    def new_caches(self, batch: int) -> dict[str, torch.Tensor]:
+        return {name: torch.zeros([batch, *shape], dtype=DTYPES[dtype], device=self.device)
+                for name, shape, dtype in self.kv_inputs}
+
+    def forward(self, executor: Any, ids: torch.Tensor, positions: torch.Tensor, cache_len: int,
+                kv_start: torch.Tensor, caches: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits [B, S, V] for `ids` at `positions`, written into the cache from `cache_len` on."""
+        values = {"input_ids": ids, "position_ids": positions.contiguous(),
+                  "cache_len": torch.tensor([cache_len], dtype=torch.int64, device=self.device),
+                  "kv_start": kv_start, **caches}
+        (logits,) = executor.run(self._ordered(executor, values))
+        return logits
+
+    def speculative(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
+                    do_sample: bool, temperature: float, top_k: int, top_p: float, generator: Any,
+                    eos_ids: torch.Tensor, pad: int, max_spec_tokens: int) -> torch.Tensor:
+        """Speculative decoding, row by row (rows accept different draft lengths); HF output layout."""
+        from braze.runtime.speculate import SpeculativeRunner
+
+        if getattr(self, "spec", None) is None:
+            self.spec = SpeculativeRunner(self)
+        self.spec.max_spec_tokens = max_spec_tokens
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        rows = []
+        for b in range(input_ids.shape[0]):
+            row = input_ids[b][mask[b].bool()][None].to(self.device)
+            new = self.spec.generate_row(row, max_new_tokens, do_sample, temperature, top_k, top_p, generator,
+                                         eos_ids)
+            rows.append(new)
+        width = max(len(r) for r in rows)
+        if len(eos_ids) == 0:
+            width = max_new_tokens
+        tail = torch.full((len(rows), width), pad, dtype=input_ids.dtype, device=self.device)
+        for b, r in enumerate(rows):
+            tail[b, : len(r)] = torch.tensor(r, dtype=input_ids.dtype, device=self.device)
+        return torch.cat([input_ids.to(self.device), tail], dim=1)
 
     def check(self, batch: int, prompt_len: int, max_new_tokens: int) -> None:
         if prompt_len == 0:
@@ -73,7 +111,7 @@ class Generator:
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 20,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, eos_token_id: Any = DEFAULT, pad_token_id: Any = DEFAULT,
-                 streamer: Any = None) -> torch.Tensor:
+                 streamer: Any = None, speculate: bool | None = None, max_spec_tokens: int = 8) -> torch.Tensor:
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         batch, prompt_len = input_ids.shape
@@ -100,8 +138,12 @@ class Generator:
         if do_sample:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(0 if seed is None else seed)
-        caches = {name: torch.zeros([batch, *shape], dtype=DTYPES[dtype], device=self.device)
-                  for name, shape, dtype in self.kv_inputs}
+        if self.speculate_default if speculate is None else speculate:
+            if streamer is not None:
+                raise InputMismatchError("streaming is not supported together with speculative decoding")
+            return self.speculative(ids, mask, max_new_tokens, do_sample, temperature, top_k, top_p, generator,
+                                    eos_ids, pad, max_spec_tokens)
+        caches = self.new_caches(batch)
         self.stats = GenerationStats(kv_cache_bytes=sum(c.numel() * c.element_size() for c in caches.values()))
         if streamer is not None:
             streamer.put(ids.cpu())
