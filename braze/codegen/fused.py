@@ -201,7 +201,7 @@ class KernelBuilder:
     def _unravel(flat: sympy.Expr, shape: Index) -> Index:
         out = []
         for d, size in enumerate(shape):
-            after = product(shape[d + 1:])
+            after = product(shape[d + 1 :])
             if size == 1:
                 out.append(sympy.Integer(0))
             elif d == 0:
@@ -318,7 +318,7 @@ class KernelBuilder:
             return tuple(res)
         if t is P.aten.unsqueeze.default:
             d = node.args[1] % len(out_shape)
-            return idx[:d] + idx[d + 1:]
+            return idx[:d] + idx[d + 1 :]
         if t in (P.aten.squeeze.dim, P.aten.squeeze.dims, P.aten.squeeze.default):
             if t is P.aten.squeeze.default:
                 dims = set(range(len(in_shape)))
@@ -331,7 +331,8 @@ class KernelBuilder:
         if t is P.aten.expand.default:
             lead = len(out_shape) - len(in_shape)
             return tuple(
-                sympy.Integer(0) if (s == 1 and out_shape[lead + j] != 1) else idx[lead + j] for j, s in enumerate(in_shape)
+                sympy.Integer(0) if (s == 1 and out_shape[lead + j] != 1) else idx[lead + j]
+                for j, s in enumerate(in_shape)
             )
         if t is P.aten.slice.Tensor:
             dim = (node.args[1] if len(node.args) > 1 else 0) % len(in_shape)
@@ -372,7 +373,9 @@ class KernelBuilder:
         dtype = meta(node).dtype
         if t in (P.aten.full.default, P.aten.scalar_tensor.default):
             value = node.args[1] if t is P.aten.full.default else node.args[0]
-            return self._tmp(f"tl.full([], {_literal(value)}, {P.TRITON_DTYPES[_compute_dtype(dtype)]})", _compute_dtype(dtype))
+            return self._tmp(
+                f"tl.full([], {_literal(value)}, {P.TRITON_DTYPES[_compute_dtype(dtype)]})", _compute_dtype(dtype)
+            )
         if t is P.aten.arange.default:
             start, step = 0, 1
         else:
@@ -497,8 +500,11 @@ class KernelBuilder:
         mask = self._mask_for(offset) if idx == self.canonical else "xmask"
         if RINDEX not in to_sympy(offset).free_symbols and self.reduction and idx == self.canonical:
             mask = "xmask & rmask"
-        shape_hint = "[XBLOCK, RBLOCK]" if (self.reduction and idx == self.canonical) else (
-            "[XBLOCK, 1]" if self.reduction else "[XBLOCK]")
+        shape_hint = (
+            "[XBLOCK, RBLOCK]"
+            if (self.reduction and idx == self.canonical)
+            else ("[XBLOCK, 1]" if self.reduction else "[XBLOCK]")
+        )
         ptr = f"{param} + ({self._expr(offset)})"
         if not (simplify_index(to_sympy(offset)).free_symbols & {XINDEX, RINDEX}):
             ptr += " + tl.zeros_like(xindex)"  # a constant offset (all-size-1 output) is a scalar pointer

@@ -131,7 +131,13 @@ VIEW_OPS = {
 }
 
 # Copies and casts: the value is the input's value (cast); they are fusable "pointwise identity" nodes.
-COPY_OPS = {aten.clone.default, aten._to_copy.default, aten.to.dtype, aten.lift_fresh_copy.default, aten.contiguous.default}
+COPY_OPS = {
+    aten.clone.default,
+    aten._to_copy.default,
+    aten.to.dtype,
+    aten.lift_fresh_copy.default,
+    aten.contiguous.default,
+}
 
 # Reductions over the last dim: op -> reduction kind.
 REDUCTIONS = {
@@ -142,7 +148,13 @@ REDUCTIONS = {
 }
 
 # Ops that produce values from the index alone.
-INDEX_OPS = {aten.arange.default, aten.arange.start, aten.arange.start_step, aten.full.default, aten.scalar_tensor.default}
+INDEX_OPS = {
+    aten.arange.default,
+    aten.arange.start,
+    aten.arange.start_step,
+    aten.full.default,
+    aten.scalar_tensor.default,
+}
 
 OTHER_FUSABLE = {aten.cat.default, aten.embedding.default}
 

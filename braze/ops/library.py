@@ -72,7 +72,9 @@ def _linear_fake(x, weight, bias=None, norm_weight=None, eps=0.0, activation="no
     dtype = x.dtype if norm_weight is None else torch.promote_types(norm_weight.dtype, x.dtype)
     out = x.new_empty(*x.shape[:-1], weight.shape[0], dtype=dtype)
     if residual is not None:
-        out = torch.empty_like(torch.broadcast_tensors(out, residual)[0], dtype=torch.promote_types(dtype, residual.dtype))
+        out = torch.empty_like(
+            torch.broadcast_tensors(out, residual)[0], dtype=torch.promote_types(dtype, residual.dtype)
+        )
     return out
 
 
@@ -134,7 +136,7 @@ def attention_reference(
     Causal alignment is bottom-right: query i sits at position Skv - Sq + i, as when prefill continues a cache.
     """
     if cos is not None:
-        q = rope_reference(q, cos[:, -q.shape[2]:], sin[:, -q.shape[2]:])
+        q = rope_reference(q, cos[:, -q.shape[2] :], sin[:, -q.shape[2] :])
         k = rope_reference(k, cos, sin)
     group = q.shape[1] // k.shape[1]
     if group > 1:
@@ -144,7 +146,9 @@ def attention_reference(
     if causal:
         sq, skv = q.shape[2], k.shape[2]
         keep = torch.ones(sq, skv, dtype=torch.bool, device=q.device).tril(diagonal=skv - sq)
-        mask = keep if mask is None else (mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, -math.inf))
+        mask = (
+            keep if mask is None else (mask & keep if mask.dtype == torch.bool else mask.masked_fill(~keep, -math.inf))
+        )
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
 
 
@@ -179,8 +183,8 @@ def cached_attention_reference(q, k, v, cos, sin, k_cache, v_cache, cache_len, k
     start = int(cache_len.reshape(-1)[0])
     q = rope_reference(q, cos, sin)
     k = rope_reference(k, cos, sin)
-    k_cache[:, :, start:start + s] = k.to(k_cache.dtype)
-    v_cache[:, :, start:start + s] = v.to(v_cache.dtype)
+    k_cache[:, :, start : start + s] = k.to(k_cache.dtype)
+    v_cache[:, :, start : start + s] = v.to(v_cache.dtype)
     total = start + s
     keys = k_cache[:, :, :total].to(q.dtype)
     values = v_cache[:, :, :total].to(q.dtype)
