@@ -143,3 +143,21 @@ def test_right_padding_is_refused(small):
     mask = torch.tensor([[1, 1, 0]])
     with pytest.raises(braze.InputMismatchError, match="right padding"):
         small.generate(torch.ones(1, 3, dtype=torch.long), attention_mask=mask, max_new_tokens=2)
+
+
+def test_stop_strings_stop_like_hf():
+    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {f"t{i}": i for i in range(256)}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw)
+    model = tiny_causal_lm("llama")
+    cm = braze.compile(model, max_seq=64)
+    ids = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(5))
+    free = cm.generate(ids, max_new_tokens=12, eos_token_id=None)
+    stop = tok.decode(free[0, 9:10])  # the text of the 4th new token
+    out = cm.generate(ids, max_new_tokens=12, eos_token_id=None, pad_token_id=0, stop_strings=[stop], tokenizer=tok)
+    assert torch.equal(out[0, :10], free[0, :10])  # everything up to and including the stop text is kept
+    assert bool((out[0, 10:] == 0).all())  # then padding, as HF does for finished rows

@@ -19,7 +19,8 @@ from braze.runtime.sampling import select_next
 DEFAULT = object()  # "use the model's generation_config value" (an explicit None means "none", as in HF)
 
 GENERATE_OPTIONS = ("attention_mask", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed",
-                    "eos_token_id", "pad_token_id", "streamer", "speculate", "max_spec_tokens")
+                    "eos_token_id", "pad_token_id", "streamer", "speculate", "max_spec_tokens", "stop_strings",
+                    "tokenizer")
 
 
 @dataclass
@@ -111,11 +112,15 @@ class Generator:
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 20,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, eos_token_id: Any = DEFAULT, pad_token_id: Any = DEFAULT,
-                 streamer: Any = None, speculate: bool | None = None, max_spec_tokens: int = 8) -> torch.Tensor:
+                 streamer: Any = None, speculate: bool | None = None, max_spec_tokens: int = 8,
+                 stop_strings: Any = None, tokenizer: Any = None) -> torch.Tensor:
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         batch, prompt_len = input_ids.shape
         self.check(batch, prompt_len, max_new_tokens)
+        if stop_strings is not None and tokenizer is None:
+            raise InputMismatchError("stop_strings needs tokenizer= to read the generated text (as in HF generate)")
+        stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
         if do_sample and temperature <= 0:
             raise InputMismatchError(f"temperature must be > 0 when sampling, got {temperature}")
         ids = input_ids.to(self.device)
@@ -139,8 +144,8 @@ class Generator:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(0 if seed is None else seed)
         if self.speculate_default if speculate is None else speculate:
-            if streamer is not None:
-                raise InputMismatchError("streaming is not supported together with speculative decoding")
+            if streamer is not None or stops:
+                raise InputMismatchError("streamer and stop_strings are not supported together with speculative decoding")
             return self.speculative(ids, mask, max_new_tokens, do_sample, temperature, top_k, top_p, generator,
                                     eos_ids, pad, max_spec_tokens)
         caches = self.new_caches(batch)
@@ -160,13 +165,18 @@ class Generator:
         launches0 = self.decode.stats["launches"]
         decode_start = time.perf_counter()
         for step in range(max_new_tokens):
-            if len(eos_ids):
+            if len(eos_ids) or stops:
                 next_tok = torch.where(unfinished, next_tok, torch.full_like(next_tok, pad))
             out.append(next_tok[:, None])
             if streamer is not None:
                 streamer.put(next_tok.cpu())
             if len(eos_ids):
                 unfinished &= ~torch.isin(next_tok, eos_ids)
+            if stops:
+                new_text = tokenizer.batch_decode(torch.cat(out[1:], dim=1))
+                hit = torch.tensor([any(st in t for st in stops) for t in new_text], device=self.device)
+                unfinished &= ~hit
+            if len(eos_ids) or stops:
                 if not bool(unfinished.any()):  # the one host sync per step: the stop check
                     break
             if step == max_new_tokens - 1:
