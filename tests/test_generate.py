@@ -146,8 +146,8 @@ def test_right_padding_is_refused(small):
 
 
 def test_stop_strings_stop_like_hf():
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
     vocab = {f"t{i}": i for i in range(256)}
     raw = Tokenizer(models.WordLevel(vocab, unk_token="t0"))

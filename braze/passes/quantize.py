@@ -64,6 +64,14 @@ def layer_index(*names: str) -> int | None:
     return None
 
 
+def _erase_dead_weights(gm: fx.GraphModule, ctx: PassContext) -> None:
+    """Erase weight placeholders nothing reads (the pipeline then drops their tensors from the plan): the raw
+    weights this pass compressed, and the q/k/v (gate/up) weights merge_sibling_linears concatenated, which it
+    leaves behind; a compressed model that still carried them would be bigger than the uncompressed one."""
+    for ph in [n for n in gm.graph.nodes if n.op == "placeholder" and n.name in ctx.weights and not n.users]:
+        gm.graph.erase_node(ph)
+
+
 def _weight_placeholder(a: Any, ctx: PassContext) -> fx.Node | None:
     if isinstance(a, fx.Node) and a.op == "placeholder" and a.name in ctx.weights:
         t = ctx.weights[a.name]
@@ -158,6 +166,7 @@ def quantize_df11(gm: fx.GraphModule, ctx: PassContext) -> int:
     for line in unit_notes:
         ctx.note(line)
     dce(gm)
+    _erase_dead_weights(gm, ctx)
     gm.recompile()
     return count
 
@@ -210,6 +219,11 @@ def quantize_int6(gm: fx.GraphModule, ctx: PassContext) -> int:
         if layered and layer_index(*names, path) is None:
             kept.append(names[0])  # lm_head & co. stay in the compute dtype, as FlexQ keeps them
             continue
+        k_in = int(ctx.weights[names[0]].shape[1])
+        groups = -(-k_in // 128)
+        if groups * (96 + 2) * 8 / k_in >= 16:  # packed 6-bit groups of 128 + fp16 scales vs 16 bits/weight
+            kept.append(names[0])  # K far below one group: INT6 would be bigger than BF16
+            continue
         act_bits = _act_bits(ctx.config, " ".join(names), path)
         x = a["x"]
         if glu:
@@ -246,9 +260,10 @@ def quantize_int6(gm: fx.GraphModule, ctx: PassContext) -> int:
         stored = sum(k * b for k, b in bits.values()) / 8
         ctx.note(f"total: {n} weights, {8 * stored / n:.3f} bits/weight, {int(2 * n - stored)} bytes saved vs BF16")
     if kept:
-        ctx.note(f"kept in the compute dtype (outside decoder layers): {', '.join(kept)}")
+        ctx.note(f"kept in the compute dtype (outside decoder layers, or K too small to gain): {', '.join(kept)}")
     for line in notes:
         ctx.note(line)
     dce(gm)
+    _erase_dead_weights(gm, ctx)
     gm.recompile()
     return count

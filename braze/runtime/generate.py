@@ -145,7 +145,7 @@ class Generator:
             generator.manual_seed(0 if seed is None else seed)
         if self.speculate_default if speculate is None else speculate:
             if streamer is not None or stops:
-                raise InputMismatchError("streamer and stop_strings are not supported together with speculative decoding")
+                raise InputMismatchError("streamer and stop_strings do not work with speculative decoding yet")
             return self.speculative(ids, mask, max_new_tokens, do_sample, temperature, top_k, top_p, generator,
                                     eos_ids, pad, max_spec_tokens)
         caches = self.new_caches(batch)
