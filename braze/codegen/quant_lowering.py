@@ -19,6 +19,7 @@ import braze.ops  # noqa: F401  (registers braze::*)
 from braze.codegen.df11_template import render_df11_decode
 from braze.codegen.int6_template import Int6MatmulSpec, render_int6_matmul
 from braze.ops.quant_ops import A16
+from braze.ops.schema import op_args
 from braze.runtime.plan import Step
 
 braze = torch.ops.braze
@@ -26,7 +27,7 @@ FLOAT_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat1
 
 # Widen BF16 bits to the compute dtype without BF16 arithmetic (the interpreter gets that wrong): the BF16 bit
 # pattern shifted left by 16 *is* the fp32 value.
-_WIDEN = '''
+_WIDEN = """
 
 @triton.jit
 def {name}_widen(src_ptr, out_ptr, n, BLOCK: tl.constexpr):
@@ -35,19 +36,7 @@ def {name}_widen(src_ptr, out_ptr, n, BLOCK: tl.constexpr):
     bits = tl.load(src_ptr + offs, mask=mask, other=0).to(tl.int32) & 0xFFFF
     value = (bits << 16).to(tl.float32, bitcast=True)
     tl.store(out_ptr + offs, value.to(out_ptr.dtype.element_ty), mask=mask)
-'''
-
-
-def _op_args(node: fx.Node) -> dict[str, Any]:
-    out = {}
-    for i, arg in enumerate(node.target._schema.arguments):
-        if i < len(node.args):
-            out[arg.name] = node.args[i]
-        elif arg.name in node.kwargs:
-            out[arg.name] = node.kwargs[arg.name]
-        else:
-            out[arg.name] = arg.default_value if arg.has_default_value() else None
-    return out
+"""
 
 
 def _weight_value(node: fx.Node) -> torch.Tensor:
@@ -56,7 +45,7 @@ def _weight_value(node: fx.Node) -> torch.Tensor:
 
 
 def lower_df11_decode(node: fx.Node, name: str) -> tuple[str, Step]:
-    a = _op_args(node)
+    a = op_args(node)
     dtype = a["dtype"]
     roles = ["encoded", "sign_mantissa", "gaps", "output_positions", "luts", "code_lengths"]
     encoded = _weight_value(a["encoded"])
@@ -65,30 +54,54 @@ def lower_df11_decode(node: fx.Node, name: str) -> tuple[str, Step]:
     source = render_df11_decode(kernel_name=name)
     if dtype != torch.bfloat16:
         source += _WIDEN.format(name=name)
-    step = Step(kind="template", launcher="df11_decode", outputs=[node.name], inputs=[a[r].name for r in roles],
-                params={"roles": roles, "numel": numel, "threads_per_block": int(a["threads_per_block"]),
-                        "n_threads": (int(encoded.shape[0]) - 4) // 8, "n_blocks": int(positions.shape[0]) - 1,
-                        "max_codes": int(a["max_codes"]), "lut_levels": int(a["lut_levels"]),
-                        "dtype": FLOAT_NAMES[dtype]})
+    step = Step(
+        kind="template",
+        launcher="df11_decode",
+        outputs=[node.name],
+        inputs=[a[r].name for r in roles],
+        params={
+            "roles": roles,
+            "numel": numel,
+            "threads_per_block": int(a["threads_per_block"]),
+            "n_threads": (int(encoded.shape[0]) - 4) // 8,
+            "n_blocks": int(positions.shape[0]) - 1,
+            "max_codes": int(a["max_codes"]),
+            "lut_levels": int(a["lut_levels"]),
+            "dtype": FLOAT_NAMES[dtype],
+        },
+    )
     return source, step
 
 
 def lower_int6_linear(node: fx.Node, name: str) -> tuple[str, Step]:
-    a = _op_args(node)
+    a = op_args(node)
     act_bits = int(a["act_bits"])
-    spec = Int6MatmulSpec(name=name, act_bits=None if act_bits == A16 else act_bits, has_bias=a["bias"] is not None,
-                          out_dtype=FLOAT_NAMES[node.meta["val"].dtype])
+    spec = Int6MatmulSpec(
+        name=name,
+        act_bits=None if act_bits == A16 else act_bits,
+        has_bias=a["bias"] is not None,
+        out_dtype=FLOAT_NAMES[node.meta["val"].dtype],
+    )
     roles = {k: a[k] for k in ("x", "packed", "scales", "bias") if a[k] is not None}
-    step = Step(kind="template", launcher="int6_matmul", outputs=[node.name], inputs=[v.name for v in roles.values()],
-                params={"roles": list(roles), "in_features": int(a["in_features"]),
-                        "group_size": int(a["group_size"]), "act_bits": act_bits})
+    step = Step(
+        kind="template",
+        launcher="int6_matmul",
+        outputs=[node.name],
+        inputs=[v.name for v in roles.values()],
+        params={
+            "roles": list(roles),
+            "in_features": int(a["in_features"]),
+            "group_size": int(a["group_size"]),
+            "act_bits": act_bits,
+        },
+    )
     return render_int6_matmul(spec), step
 
 
 def quant_unsupported_reason(node: fx.Node) -> str | None:
     """Why a compressed-weight op cannot use its kernel (it then runs its reference implementation)."""
     if node.target is braze.int6_linear.default:
-        a = _op_args(node)
+        a = op_args(node)
         x = a["x"].meta["val"]
         if x.dtype not in FLOAT_NAMES:
             return f"int6_linear input dtype {x.dtype} has no kernel"

@@ -15,23 +15,11 @@ import torch.fx as fx
 import braze.ops  # noqa: F401  (registers braze::*)
 from braze.codegen.matmul_template import MatmulSpec, render_matmul
 from braze.codegen.quant_lowering import QUANT_LOWERINGS, quant_unsupported_reason
+from braze.ops.schema import op_args
 from braze.runtime.plan import Step
 
 braze = torch.ops.braze
 FLOAT_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
-
-
-def op_args(node: fx.Node) -> dict[str, Any]:
-    """Bind a custom-op node's args/kwargs to its schema's argument names (defaults filled in)."""
-    out = {}
-    for i, arg in enumerate(node.target._schema.arguments):
-        if i < len(node.args):
-            out[arg.name] = node.args[i]
-        elif arg.name in node.kwargs:
-            out[arg.name] = node.kwargs[arg.name]
-        else:
-            out[arg.name] = arg.default_value if arg.has_default_value() else None
-    return out
 
 
 def _val(a: Any) -> Any:

@@ -58,7 +58,11 @@ def run_passes(cap: Captured, config: CompileConfig, report: CompileReport,
 
 
 def drop_unused_weights(gm: fx.GraphModule, weights: dict[str, torch.Tensor]) -> None:
-    """Weights no longer read by the graph (e.g. merged into a concatenated one) are dropped."""
+    """Weights no longer read by the graph (e.g. merged into a concatenated one) are dropped, placeholder too."""
+    for n in list(gm.graph.nodes):
+        if n.op == "placeholder" and n.name in weights and not n.users:
+            gm.graph.erase_node(n)
+    gm.recompile()
     used = {n.name for n in gm.graph.nodes if n.op == "placeholder"}
     for k in list(weights):
         if k not in used:

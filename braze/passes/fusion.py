@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from braze.ops.schema import op_args
 from braze.passes.context import PassContext
 from braze.passes.graph_utils import aten, dce, graph_rewrite, is_op, new_node, single_user, val
 
@@ -18,20 +19,8 @@ braze = torch.ops.braze
 LINEARS = (braze.linear.default, braze.linear_glu.default)
 
 
-def _op_args(node: fx.Node) -> dict:
-    out = {}
-    for i, arg in enumerate(node.target._schema.arguments):
-        if i < len(node.args):
-            out[arg.name] = node.args[i]
-        elif arg.name in node.kwargs:
-            out[arg.name] = node.kwargs[arg.name]
-        else:
-            out[arg.name] = arg.default_value if arg.has_default_value() else None
-    return out
-
-
 def _replace(node: fx.Node, ctx: PassContext, **changes) -> fx.Node:
-    a = _op_args(node)
+    a = op_args(node)
     a.update(changes)
     names = [arg.name for arg in node.target._schema.arguments]
     return new_node(node.graph.owning_module, node.target, tuple(a[n] for n in names), {}, ctx, node)
@@ -42,7 +31,7 @@ def merge_sibling_linears(gm: fx.GraphModule, ctx: PassContext) -> int:
     for n in gm.graph.nodes:
         if not is_op(n, braze.linear.default):
             continue
-        a = _op_args(n)
+        a = op_args(n)
         w = a["weight"]
         if a["residual"] is not None or w.op != "placeholder" or w.name not in ctx.weights:
             continue
@@ -54,12 +43,12 @@ def merge_sibling_linears(gm: fx.GraphModule, ctx: PassContext) -> int:
     for (x, norm_w, eps, act, has_bias, _), nodes in groups.items():
         if len(nodes) < 2:
             continue
-        weights = [ctx.weights[_op_args(n)["weight"].name] for n in nodes]
-        name = "merged_" + "_".join(_op_args(n)["weight"].name.removeprefix("p_").split("_")[-2] for n in nodes)
+        weights = [ctx.weights[op_args(n)["weight"].name] for n in nodes]
+        name = "merged_" + "_".join(op_args(n)["weight"].name.removeprefix("p_").split("_")[-2] for n in nodes)
         w_node = ctx.add_weight(gm, name[:60], torch.cat(weights, 0))
         b_node = None
         if has_bias:
-            b_node = ctx.add_weight(gm, name[:56] + "_bias", torch.cat([ctx.weights[_op_args(n)["bias"].name]
+            b_node = ctx.add_weight(gm, name[:56] + "_bias", torch.cat([ctx.weights[op_args(n)["bias"].name]
                                                                         for n in nodes], 0))
         first = min(nodes, key=lambda n: list(gm.graph.nodes).index(n))
         merged = new_node(gm, braze.linear.default, (x, w_node, b_node, norm_w, eps, act, None), {}, ctx, first)
@@ -79,7 +68,7 @@ def merge_sibling_linears(gm: fx.GraphModule, ctx: PassContext) -> int:
 
 
 def _norm_prologue(node: fx.Node, ctx: PassContext):
-    a = _op_args(node)
+    a = op_args(node)
     x = a["x"]
     if a["norm_weight"] is not None or not is_op(x, braze.rms_norm.default):
         return None
@@ -98,7 +87,7 @@ def _activation(node: fx.Node, ctx: PassContext):
     lin = node.args[0]
     if not is_op(lin, braze.linear.default) or not single_user(lin):
         return None
-    a = _op_args(lin)
+    a = op_args(lin)
     if a["activation"] != "none" or a["residual"] is not None:
         return None
     if node.target is aten.gelu.default:
@@ -114,7 +103,7 @@ def _residual(node: fx.Node, ctx: PassContext):
     for lin, res in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
         if not is_op(lin, braze.linear.default) or not single_user(lin) or not isinstance(res, fx.Node):
             continue
-        a = _op_args(lin)
+        a = op_args(lin)
         rv, ov = val(res), val(node)
         if a["residual"] is not None or not isinstance(rv, torch.Tensor):
             continue
@@ -131,7 +120,7 @@ def fuse_linear_epilogue(gm: fx.GraphModule, ctx: PassContext) -> int:
 
 
 def _rope_attention(node: fx.Node, ctx: PassContext):
-    a = _op_args(node)
+    a = op_args(node)
     q, k = a["q"], a["k"]
     if a["cos"] is not None or not (is_op(q, braze.rope.default) and is_op(k, braze.rope.default)):
         return None

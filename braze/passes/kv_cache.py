@@ -12,19 +12,13 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from braze.ops.schema import op_args
 from braze.passes.context import PassContext
 from braze.passes.graph_utils import dce, is_op, new_node, val
 from braze.runtime.errors import CaptureError
 
 braze = torch.ops.braze
 STATE_INPUTS = ("cache_len", "kv_start")
-
-
-def _op_args(node: fx.Node) -> dict:
-    names = [a.name for a in node.target._schema.arguments]
-    out = dict(zip(names, node.args))
-    out.update(node.kwargs)
-    return out
 
 
 def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> int:
@@ -48,7 +42,7 @@ def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> int:
         kv_start = add_input("kv_start", torch.empty(batch, dtype=torch.int32))
     count = 0
     for i, node in enumerate(attn):
-        a = _op_args(node)
+        a = op_args(node)
         if not a.get("causal") or a.get("cos") is None or a.get("attn_mask") is not None:
             raise CaptureError(f"{node.name}: generation needs causal attention with RoPE fused into it")
         k = val(a["k"])

@@ -24,6 +24,7 @@ import torch.fx as fx
 
 import braze.ops  # noqa: F401  (registers braze::*)
 from braze.ops.quant_ops import A16
+from braze.ops.schema import op_args
 from braze.passes.context import PassContext
 from braze.passes.graph_utils import aten, dce, is_op, new_node, val
 from braze.quant.df11 import POINTER_BASE, encode_df11
@@ -35,18 +36,6 @@ LINEARS = (braze.linear.default, braze.linear_glu.default)
 WEIGHT_ARGS = {braze.linear.default: ("weight",), braze.linear_glu.default: ("gate_weight", "up_weight")}
 MIN_DF11_NUMEL = 1024  # smaller tensors (norm weights, biases) stay raw: a codebook costs more than they save
 _LAYER = re.compile(r"(?:^|[._])(?:layers|layer|h|blocks|block)[._](\d+)(?:[._]|$)")
-
-
-def _op_args(node: fx.Node) -> dict[str, Any]:
-    out = {}
-    for i, arg in enumerate(node.target._schema.arguments):
-        if i < len(node.args):
-            out[arg.name] = node.args[i]
-        elif arg.name in node.kwargs:
-            out[arg.name] = node.kwargs[arg.name]
-        else:
-            out[arg.name] = arg.default_value if arg.has_default_value() else None
-    return out
 
 
 def _module_path(node: fx.Node) -> str:
@@ -88,7 +77,7 @@ def _df11_candidates(gm: fx.GraphModule, ctx: PassContext) -> dict[fx.Node, list
         if n.op != "call_function":
             continue
         if n.target in WEIGHT_ARGS:
-            a = _op_args(n)
+            a = op_args(n)
             phs = [_weight_placeholder(a[k], ctx) for k in WEIGHT_ARGS[n.target]]
         elif is_op(n, aten.embedding.default):
             phs = [_weight_placeholder(n.args[0], ctx)]
@@ -107,7 +96,8 @@ def quantize_df11(gm: fx.GraphModule, ctx: PassContext) -> int:
         raise ConfigError(
             f"quant='df11' compresses BF16 weights losslessly, but this model's weights are {', '.join(not_bf16)}; "
             "load the model in torch.bfloat16, or pass cast_bf16=True to cast them to BF16 first (lossless only "
-            "if they are BF16-representable)")
+            "if they are BF16-representable)"
+        )
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     units: dict[tuple[str, torch.dtype], list[fx.Node]] = {}
     for ph in sorted(candidates, key=lambda p: min(order[u] for u in candidates[p])):
@@ -136,16 +126,38 @@ def quantize_df11(gm: fx.GraphModule, ctx: PassContext) -> int:
             tensors[ph.name] = wb.contiguous()
         unit = encode_df11(tensors, warn=False)
         assert not unit.fallbacks  # unencodable tensors were filtered out above
-        stored = {"encoded": unit.encoded, "sign_mantissa": unit.sign_mantissa, "gaps": unit.gaps,
-                  "output_positions": unit.output_positions, "luts": unit.luts, "code_lengths": unit.code_lengths}
+        stored = {
+            "encoded": unit.encoded,
+            "sign_mantissa": unit.sign_mantissa,
+            "gaps": unit.gaps,
+            "output_positions": unit.output_positions,
+            "luts": unit.luts,
+            "code_lengths": unit.code_lengths,
+        }
         nodes = {k: ctx.add_weight(gm, f"df11_{label}_{k}"[:80], v) for k, v in stored.items()}
         order = {n: i for i, n in enumerate(gm.graph.nodes)}
         first = min((u for ph in phs for u in ph.users), key=order.__getitem__)
         shape = list(ctx.weights[phs[0].name].shape) if len(phs) == 1 else [unit.num_weights]
-        decoded = new_node(gm, braze.df11_decode.default,
-                           (nodes["encoded"], nodes["sign_mantissa"], nodes["gaps"], nodes["output_positions"],
-                            nodes["luts"], nodes["code_lengths"], unit.threads_per_block, unit.max_codes_per_window,
-                            unit.lut_levels, shape, dtype), {}, ctx, first)
+        decoded = new_node(
+            gm,
+            braze.df11_decode.default,
+            (
+                nodes["encoded"],
+                nodes["sign_mantissa"],
+                nodes["gaps"],
+                nodes["output_positions"],
+                nodes["luts"],
+                nodes["code_lengths"],
+                unit.threads_per_block,
+                unit.max_codes_per_window,
+                unit.lut_levels,
+                shape,
+                dtype,
+            ),
+            {},
+            ctx,
+            first,
+        )
         if len(phs) == 1:
             phs[0].replace_all_uses_with(decoded)
         else:
@@ -158,11 +170,15 @@ def quantize_df11(gm: fx.GraphModule, ctx: PassContext) -> int:
         stored_bytes = sum(t.numel() * t.element_size() for t in stored.values())
         total_weights += n
         total_bytes += stored_bytes
-        unit_notes.append(f"unit {label}: {len(phs)} tensors, {n} weights, {unit.bits_per_weight:.2f} bits/weight, "
-                          f"{2 * n - stored_bytes} bytes saved vs BF16 ({2 * n} -> {stored_bytes})")
+        unit_notes.append(
+            f"unit {label}: {len(phs)} tensors, {n} weights, {unit.bits_per_weight:.2f} bits/weight, "
+            f"{2 * n - stored_bytes} bytes saved vs BF16 ({2 * n} -> {stored_bytes})"
+        )
     if total_weights:  # the total first: the report prints a pass's first notes only
-        ctx.note(f"total: {len(units)} units, {total_weights} weights, {8 * total_bytes / total_weights:.2f} "
-                 f"bits/weight, {2 * total_weights - total_bytes} bytes saved vs BF16")
+        ctx.note(
+            f"total: {len(units)} units, {total_weights} weights, {8 * total_bytes / total_weights:.2f} "
+            f"bits/weight, {2 * total_weights - total_bytes} bytes saved vs BF16"
+        )
     for line in unit_notes:
         ctx.note(line)
     dce(gm)
@@ -182,8 +198,12 @@ def _act_bits(config: Any, weight_name: str, module_path: str) -> int:
     return 8 if "down_proj" in weight_name or "down_proj" in module_path else 6
 
 
-_ACT_NODES = {"silu": (aten.silu.default, {}), "relu": (aten.relu.default, {}), "gelu": (aten.gelu.default, {}),
-              "gelu_tanh": (aten.gelu.default, {"approximate": "tanh"})}
+_ACT_NODES = {
+    "silu": (aten.silu.default, {}),
+    "relu": (aten.relu.default, {}),
+    "gelu": (aten.gelu.default, {}),
+    "gelu_tanh": (aten.gelu.default, {"approximate": "tanh"}),
+}
 
 
 def _activate(gm: fx.GraphModule, y: fx.Node, kind: str, ctx: PassContext, before: fx.Node) -> fx.Node:
@@ -193,8 +213,9 @@ def _activate(gm: fx.GraphModule, y: fx.Node, kind: str, ctx: PassContext, befor
     return new_node(gm, target, (y,), dict(kwargs), ctx, before)
 
 
-def _int6_weight(gm: fx.GraphModule, ctx: PassContext, name: str, w: torch.Tensor,
-                 cache: dict[str, tuple[fx.Node, fx.Node, float]]) -> tuple[fx.Node, fx.Node, float]:
+def _int6_weight(
+    gm: fx.GraphModule, ctx: PassContext, name: str, w: torch.Tensor, cache: dict[str, tuple[fx.Node, fx.Node, float]]
+) -> tuple[fx.Node, fx.Node, float]:
     if name not in cache:
         qw = quantize_int6_weight(w.detach().float())
         packed = ctx.add_weight(gm, f"int6_{name.removeprefix('p_')}_packed"[:80], qw.packed)
@@ -209,7 +230,7 @@ def quantize_int6(gm: fx.GraphModule, ctx: PassContext) -> int:
     cache: dict[str, tuple[fx.Node, fx.Node, float]] = {}
     count, kept, bits, notes = 0, [], {}, []
     for node in linears:
-        a = _op_args(node)
+        a = op_args(node)
         glu = node.target is braze.linear_glu.default
         phs = [_weight_placeholder(a[k], ctx) for k in WEIGHT_ARGS[node.target]]
         if any(ph is None for ph in phs):
@@ -237,8 +258,9 @@ def quantize_int6(gm: fx.GraphModule, ctx: PassContext) -> int:
         if a["norm_weight"] is not None:
             h = new_node(gm, braze.rms_norm.default, (x, a["norm_weight"], a["eps"]), {}, ctx, node)
         bias = None if glu else a["bias"]
-        y = new_node(gm, braze.int6_linear.default, (h, packed, scales, bias, int(w.shape[1]), 128, act_bits), {},
-                     ctx, node)
+        y = new_node(
+            gm, braze.int6_linear.default, (h, packed, scales, bias, int(w.shape[1]), 128, act_bits), {}, ctx, node
+        )
         if glu:
             inter = ctx.weights[names[0]].shape[0]
             gate = new_node(gm, aten.slice.Tensor, (y, -1, 0, inter), {}, ctx, node)
