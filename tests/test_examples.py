@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-SCRIPTS = ["compile_hf_model.py", "decorator.py", "torch_compile_backend.py", "speculative_code_edit.py"]
+SCRIPTS = [
+    "compile_hf_model.py",
+    "decorator.py",
+    "torch_compile_backend.py",
+    "speculative_code_edit.py",
+    "quantized_packages.py",
+]
 TIMEOUT = 300  # each takes seconds alone; generous for a loaded CI machine
 
 
