@@ -165,6 +165,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rtol", type=_nonneg_float, default=None, help="relative tolerance (default: same as atol)")
     p.add_argument("--executor", choices=("auto", "cuda", "interpret"), default="auto", help=EXECUTOR_HELP)
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("eval", parents=[debug], help="perplexity of FP vs df11 vs int6 variants",
+                       description="Perplexity of a causal LM on braze's shipped evaluation text (or --text FILE), "
+                       "FP vs DFloat11 vs INT6, as a table. Compiled variants run on the reference executor by "
+                       "default (torch ops: quick on a CPU; the figures are the same math as the kernels).",
+                       epilog=f"MODEL is {MODEL_HELP}.")
+    p.add_argument("model", metavar="MODEL", help="a causal LM")
+    p.add_argument("--quant", nargs="+", default=["df11", "int6"],
+                   choices=("df11", "int6", "int6-a8", "int6-mixed"), help="variants besides FP (default: df11 int6)")
+    p.add_argument("--text", default=None, help="a UTF-8 text file (default: braze/data/eval_text.txt)")
+    p.add_argument("--window", type=_positive_int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--max-tokens", type=_positive_int, default=None, help="evaluate only the first N tokens")
+    p.add_argument("--executor", choices=("reference", "interpret", "cuda"), default="reference",
+                   help="executor for the compiled variants (default reference)")
+    p.set_defaults(func=cmd_eval)
     return parser
 
 
@@ -800,6 +815,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
 _TOLERANCES = {"float32": 1e-3, "float64": 1e-6, "float16": 2e-2, "bfloat16": 5e-2}
 _PROMPTS = ["The capital of France is", "def fibonacci(n):\n    ", "1, 2, 3, 4, 5,", "Once upon a time",
             "Water boils at"]
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from braze.cli_models import resolve_model
+    from braze.eval import format_table, quant_perplexity_table
+
+    loaded = resolve_model(args.model)
+    if loaded.tokenizer is None:
+        raise UsageError(f"{args.model}: eval needs a model that comes with a tokenizer")
+    text = Path(args.text).read_text() if args.text else None
+    variants = ["eager", "braze"] + (["eager-bf16"] if "df11" in args.quant else []) + list(args.quant)
+    rows = quant_perplexity_table(loaded.model, loaded.tokenizer, text=text, window=args.window,
+                                  executor=args.executor, variants=tuple(variants), max_tokens=args.max_tokens)
+    print(format_table(rows))
+    return 0
 
 
 def cmd_check(args: argparse.Namespace) -> int:

@@ -162,3 +162,13 @@ def test_compile_an_hf_model_directory(tmp_path, capsys):
     assert manifest["metadata"]["source_kind"] == "hf-dir" and manifest["tokenizer"] == "tokenizer"
     capsys.readouterr()
     assert main(["check", str(tmp_path / "pkg"), str(tmp_path / "model"), "--prompts", "1"]) == 0
+
+
+def test_eval_prints_a_perplexity_table():
+    res = subprocess.run([sys.executable, "-m", "braze.cli", "eval", "tests.tiny_factory:tiny_llama", "--quant",
+                          "int6", "--window", "32", "--max-tokens", "64"], capture_output=True, text=True,
+                         timeout=300, cwd=Path(__file__).resolve().parent.parent)
+    assert res.returncode == 0, res.stderr[-2000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| ") and "variant" not in line]
+    assert [r.split("|")[1].strip() for r in rows] == ["eager", "braze", "int6"]
+    assert "+0.000%" in rows[1]  # the compiled FP model is the eager model
