@@ -44,7 +44,14 @@ class CompiledModel:
         self.graph_module = graph_module
         self.config = config
         self.model_config = model_config
-        self.executor = PlanExecutor(plan, weights, device) if executor != "reference" else None
+        if executor == "reference":
+            if graph_module is None:
+                raise RuntimeError("the reference executor needs the rewritten graph; packages hold plans only")
+            from braze.runtime.executor import GraphExecutor
+
+            self.executor: Any = GraphExecutor(graph_module, weights, plan)
+        else:
+            self.executor = PlanExecutor(plan, weights, device)
         self._cuda_graphs: Any = None
         if executor == "cuda" and (config is None or getattr(config, "cuda_graphs", True)):
             from braze.runtime.cuda_graphs import CudaGraphRunner
@@ -53,20 +60,9 @@ class CompiledModel:
 
     # ---- running --------------------------------------------------------------------------------------
     def run_flat(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        if self.executor_name == "reference":
-            return self._run_reference(inputs)
         if self._cuda_graphs is not None:
             return self._cuda_graphs.run(inputs)
         return self.executor.run(inputs)
-
-    def _run_reference(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        if self.graph_module is None:
-            raise RuntimeError("the reference executor needs the rewritten graph; it is not stored in packages")
-        from braze.runtime.executor import GraphExecutor
-
-        if getattr(self, "_reference", None) is None:
-            self._reference = GraphExecutor(self.graph_module, self.weights, self.plan)
-        return self._reference.run(inputs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.causal_lm:
@@ -149,7 +145,7 @@ class CompiledModel:
     # ---- introspection --------------------------------------------------------------------------------
     @property
     def stats(self) -> dict[str, int]:
-        return dict(self.executor.stats) if self.executor else {}
+        return dict(self.executor.stats)
 
     def __repr__(self) -> str:
         return f"CompiledModel({self.plan.name}, executor={self.executor_name}, launches={self.plan.launches})"
