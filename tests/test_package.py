@@ -235,5 +235,5 @@ def test_braze_load_is_the_package_loader(packages):
     ids = load_file(str(root / "inputs.safetensors"))["ids2"]
     compiled = braze.load(root / "llama")
     assert torch.equal(compiled(ids).logits, expected["llama_2"])
-    with pytest.raises(RuntimeError, match="not stored in packages"):
-        compiled._run_reference([ids])
+    with pytest.raises(braze.PackageError, match="reference executor runs the rewritten FX graph"):
+        braze.load(root / "llama", executor="reference")
