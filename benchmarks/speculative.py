@@ -23,6 +23,7 @@ def main() -> None:
     ap.add_argument("--executor", default="reference", choices=["reference", "interpret", "cuda"])
     ap.add_argument("--max-new-tokens", type=int, default=96)
     ap.add_argument("--max-spec-tokens", type=int, default=16)
+    ap.add_argument("--tree", action="store_true", help="draft trees, verified with tree attention")
     args = ap.parse_args()
     device = "cuda" if args.executor == "cuda" else "cpu"
     model, tok = load_smollm2(torch.float32)

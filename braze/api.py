@@ -54,7 +54,7 @@ def compile_causal_lm(model: torch.nn.Module, config: CompileConfig) -> Compiled
     eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
     pad = getattr(gen_cfg, "pad_token_id", None) if gen_cfg is not None else None
     compiled.attach_generation(gen.prefill, gen.decode, gen.kv_inputs, config.max_seq, config.max_batch, eos, pad,
-                               graphs=(gen.prefill_graph, gen.decode_graph))
+                               graphs=(gen.prefill_graph, gen.decode_graph, gen.verify_graph), verify=gen.verify)
     compiled.generator.speculate_default = config.speculate == "suffix"
     compiled.report.extra["generation"] = (f"prefill {gen.prefill.launches} launches, decode {gen.decode.launches} "
                                            f"launches per step, KV cache {len(gen.kv_inputs)} tensors")

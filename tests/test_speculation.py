@@ -42,7 +42,8 @@ def test_compile_option_turns_speculation_on():
     assert torch.equal(out, cm.generate(ids, max_new_tokens=16, speculate=False))
 
 
-def test_sampling_distribution_is_unchanged():
+@pytest.mark.parametrize("tree", [False, True])
+def test_sampling_distribution_is_unchanged(tree):
     """Third generated token over 1500 seeded runs each, vocab 16: total variation between plain and speculative
     sampling. Two samples of one distribution differ by ~0.04-0.07 here; dropping the rejection step (accepting
     drafts always) moves it past 0.3 on this prompt."""
@@ -53,7 +54,7 @@ def test_sampling_distribution_is_unchanged():
 
     def third_tokens(speculate):
         out = [int(cm.generate(ids, max_new_tokens=3, do_sample=True, temperature=1.0, seed=s,
-                               speculate=speculate)[0, -1]) for s in range(n)]
+                               speculate=speculate, spec_tree=tree and speculate)[0, -1]) for s in range(n)]
         return torch.bincount(torch.tensor(out), minlength=16).float() / n
 
     plain, spec = third_tokens(False), third_tokens(True)
@@ -78,3 +79,18 @@ def test_smollm2_repetitive_workloads(workload):
     spec = cm.generate(ids, max_new_tokens=64, speculate=True, max_spec_tokens=16)
     assert torch.equal(plain, spec)
     assert cm.generator.spec.stats.accepted_per_verify >= 2.5
+
+
+@pytest.mark.parametrize("executor", ["reference", "interpret"])
+def test_tree_drafts_with_tree_attention_are_exact(executor):
+    """Prompt where a context continues two ways: the suffix tree drafts branches; the verify plan scores the whole
+    tree in one forward (tree mask, positions = base + depth) and the accepted branch's K/V is compacted."""
+    cm = braze.compile(tiny_causal_lm("llama"), max_seq=128, executor=executor)
+    base = torch.randint(3, 256, (12,), generator=torch.Generator().manual_seed(0))
+    ids = torch.cat([base, base[:5], base, base[3:]])[None]
+    plain = cm.generate(ids, max_new_tokens=40)
+    tree = cm.generate(ids, max_new_tokens=40, speculate=True, spec_tree=True, max_spec_tokens=8)
+    assert torch.equal(plain, tree)
+    stats = cm.generator.spec.stats
+    assert stats.tree_steps > 0, stats
+    assert "insert_tree_verify" in [p.name for p in cm.report.passes]

@@ -72,6 +72,8 @@ class GenerationPlans:
     kv_inputs: list[tuple[str, list[int], str]]  # (placeholder, shape without batch, dtype)
     prefill_graph: fx.GraphModule
     decode_graph: fx.GraphModule
+    verify: Plan
+    verify_graph: fx.GraphModule
 
 
 def compile_generation(cap: Captured, config: CompileConfig, report: CompileReport) -> GenerationPlans:
@@ -83,9 +85,12 @@ def compile_generation(cap: Captured, config: CompileConfig, report: CompileRepo
     decode_gm = copy_graph_module(gm)
     symbols = _respecialize_decode(decode_gm, cap.weights, config.max_batch)
     decode, _ = lower_graph(decode_gm, "decode", symbols, weights)
+    verify_gm = copy_graph_module(gm)
+    run_passes(dataclasses.replace(cap, gm=verify_gm), config, report, phases=("verify",))
+    verify, _ = lower_graph(verify_gm, "verify", cap.symbols, weights)
     kv = []
     for n in gm.graph.nodes:
         if n.op == "placeholder" and n.name.startswith("kv_cache_"):
             v = n.meta["val"]
             kv.append((n.name, [int(s) for s in v.shape[1:]], str(v.dtype).removeprefix("torch.")))
-    return GenerationPlans(prefill, decode, kv, gm, decode_gm)
+    return GenerationPlans(prefill, decode, kv, gm, decode_gm, verify, verify_gm)

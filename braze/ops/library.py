@@ -225,6 +225,57 @@ def _cached_attention_fake(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_st
     return q.new_empty(b, s, h, v.shape[-1]).transpose(1, 2)
 
 
+def tree_cached_attention_reference(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, tree_mask, scale):
+    """Verify attention for a draft tree: like cached_attention, but new token i sees new token j only where
+    tree_mask[i, j] (itself and its ancestors); every cached slot in [kv_start, cache_len) stays visible."""
+    b, hq, s, d = q.shape
+    start = int(cache_len.reshape(-1)[0])
+    q = rope_reference(q, cos, sin)
+    k = rope_reference(k, cos, sin)
+    k_cache[:, :, start:start + s] = k.to(k_cache.dtype)
+    v_cache[:, :, start:start + s] = v.to(v_cache.dtype)
+    total = start + s
+    keys = k_cache[:, :, :total].to(q.dtype)
+    values = v_cache[:, :, :total].to(q.dtype)
+    group = hq // keys.shape[1]
+    if group > 1:
+        keys = keys.repeat_interleave(group, dim=1)
+        values = values.repeat_interleave(group, dim=1)
+    kpos = torch.arange(total, device=q.device)
+    cached = (kpos[None, :] < start).expand(s, total)
+    new = torch.zeros(s, total, dtype=torch.bool, device=q.device)
+    new[:, start:] = tree_mask.bool()
+    visible = (cached | new)[None, None] & (kpos[None, None, None, :] >= kv_start.reshape(b, 1, 1, 1).to(kpos.dtype))
+    scores = (q.float() @ keys.float().transpose(-1, -2)) * scale
+    probs = torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1).nan_to_num(0.0)
+    return (probs @ values.float()).to(q.dtype)
+
+
+@torch.library.custom_op("braze::tree_cached_attention", mutates_args=("k_cache", "v_cache"))
+def tree_cached_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_len: Tensor,
+    kv_start: Tensor,
+    tree_mask: Tensor,
+    scale: float,
+) -> Tensor:
+    """Tree-verify attention over the static KV cache; output laid out [B, S, Hq, D] like attention."""
+    out = tree_cached_attention_reference(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, tree_mask, scale)
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@tree_cached_attention.register_fake
+def _tree_cached_attention_fake(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, tree_mask, scale):
+    b, h, s, _ = q.shape
+    return q.new_empty(b, s, h, v.shape[-1]).transpose(1, 2)
+
+
 BRAZE_OPS = {
     "rms_norm": torch.ops.braze.rms_norm.default,
     "linear": torch.ops.braze.linear.default,
@@ -232,4 +283,5 @@ BRAZE_OPS = {
     "rope": torch.ops.braze.rope.default,
     "attention": torch.ops.braze.attention.default,
     "cached_attention": torch.ops.braze.cached_attention.default,
+    "tree_cached_attention": torch.ops.braze.tree_cached_attention.default,
 }

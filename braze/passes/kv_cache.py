@@ -59,3 +59,27 @@ def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> int:
     gm.recompile()
     ctx.note(f"{count} layers read and write a static KV cache of {max_seq} positions")
     return count
+
+
+def insert_tree_verify(gm: fx.GraphModule, ctx: PassContext) -> int:
+    """Verify-graph insertion: cached attention gains a `tree_mask` input [S, S] so one forward scores a whole
+    draft tree (each draft token sees the cache, the pending token and its ancestors; positions = base + depth)."""
+    nodes = [n for n in gm.graph.nodes if is_op(n, braze.cached_attention.default)]
+    if not nodes:
+        return 0
+    ids = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == "input_ids")
+    seq = val(ids).shape[1]
+    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    with gm.graph.inserting_after(last):
+        mask = gm.graph.placeholder("tree_mask")
+    with ctx.fake_mode:
+        mask.meta["val"] = torch.empty((seq, seq), dtype=torch.bool)
+    for node in nodes:
+        a = op_args(node)
+        args = tuple(a[n] for n in ("q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start"))
+        rep = new_node(gm, braze.tree_cached_attention.default, (*args, mask, float(a["scale"])), {}, ctx, node)
+        node.replace_all_uses_with(rep)
+    dce(gm)
+    gm.recompile()
+    ctx.note(f"{len(nodes)} layers verify draft trees (tree_mask input)")
+    return len(nodes)

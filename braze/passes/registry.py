@@ -21,7 +21,7 @@ from braze.passes.fusion import (
     fuse_rope_into_attention,
     merge_sibling_linears,
 )
-from braze.passes.kv_cache import insert_kv_cache
+from braze.passes.kv_cache import insert_kv_cache, insert_tree_verify
 from braze.passes.normalize import normalize
 from braze.passes.patterns import recognize_glu, recognize_linear, recognize_rms_norm, recognize_rope
 from braze.passes.quantize import quantize_df11, quantize_int6
@@ -52,4 +52,6 @@ PASSES: list[PassSpec] = [
     PassSpec("decompose_unfused", "fusion", decompose_unfused),
     # generation graphs only (run on a copy of the forward graph, see compiler/generation.py)
     PassSpec("insert_kv_cache", "cache", insert_kv_cache),
+    # the speculative verify graph (on a copy of the cache graph)
+    PassSpec("insert_tree_verify", "verify", insert_tree_verify),
 ]

@@ -87,25 +87,31 @@ class CompiledModel:
 
     # ---- generation -----------------------------------------------------------------------------------
     def attach_generation(self, prefill: Plan, decode: Plan, kv_inputs: list, max_seq: int, max_batch: int,
-                          eos_token_id: Any = None, pad_token_id: Any = None, graphs: tuple | None = None) -> None:
+                          eos_token_id: Any = None, pad_token_id: Any = None, graphs: tuple | None = None,
+                          verify: Plan | None = None) -> None:
         """`graphs` (prefill, decode graph modules) enables the reference executor for generation."""
         from braze.runtime.executor import GraphExecutor
         from braze.runtime.generate import Generator
 
         self.extra_plans = {"prefill": prefill, "decode": decode}
+        if verify is not None:
+            self.extra_plans["verify"] = verify
         self.kv_inputs = kv_inputs
         if self.executor_name == "reference":
             if graphs is None:
                 raise RuntimeError("the reference executor needs the rewritten generation graphs")
             prefill_exec = GraphExecutor(graphs[0], self.weights, prefill)
             decode_exec = GraphExecutor(graphs[1], self.weights, decode)
+            verify_exec = GraphExecutor(graphs[2], self.weights, verify) if verify is not None else None
         else:
             prefill_exec = PlanExecutor(prefill, self.weights, self.device)
             decode_exec = PlanExecutor(decode, self.weights, self.device)
+            verify_exec = PlanExecutor(verify, self.weights, self.device) if verify is not None else None
         self.generator = Generator(prefill_exec, decode_exec, kv_inputs, max_seq, max_batch,
                                    self.device, eos_token_id, pad_token_id,
                                    cuda_graphs=self.executor_name == "cuda" and getattr(self.config, "cuda_graphs",
                                                                                          True))
+        self.generator.verify = verify_exec
 
     def generate(self, input_ids: torch.Tensor, **options: Any) -> torch.Tensor:
         """HF-style generate: prompt + new token ids [B, S + n] (see runtime/generate.py for the options)."""

@@ -19,8 +19,8 @@ from braze.runtime.sampling import select_next
 DEFAULT = object()  # "use the model's generation_config value" (an explicit None means "none", as in HF)
 
 GENERATE_OPTIONS = ("attention_mask", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed",
-                    "eos_token_id", "pad_token_id", "streamer", "speculate", "max_spec_tokens", "stop_strings",
-                    "tokenizer")
+                    "eos_token_id", "pad_token_id", "streamer", "speculate", "max_spec_tokens", "spec_tree",
+                    "stop_strings", "tokenizer")
 
 
 @dataclass
@@ -49,6 +49,7 @@ class Generator:
         self.stats = GenerationStats()
         self.speculate_default = False
         self.graphs = None
+        self.verify: Any = None  # tree-verify executor (draft trees); path drafts verify through the prefill plan
         if cuda_graphs:
             from braze.runtime.cuda_graphs import CudaGraphRunner
 
@@ -62,23 +63,27 @@ class Generator:
                 for name, shape, dtype in self.kv_inputs}
 
     def forward(self, executor: Any, ids: torch.Tensor, positions: torch.Tensor, cache_len: int,
-                kv_start: torch.Tensor, caches: dict[str, torch.Tensor]) -> torch.Tensor:
+                kv_start: torch.Tensor, caches: dict[str, torch.Tensor], tree_mask: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """Logits [B, S, V] for `ids` at `positions`, written into the cache from `cache_len` on."""
         values = {"input_ids": ids, "position_ids": positions.contiguous(),
                   "cache_len": torch.tensor([cache_len], dtype=torch.int64, device=self.device),
-                  "kv_start": kv_start, **caches}
+                  "kv_start": kv_start, "tree_mask": tree_mask, **caches}
         (logits,) = executor.run(self._ordered(executor, values))
         return logits
 
     def speculative(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                     do_sample: bool, temperature: float, top_k: int, top_p: float, generator: Any,
-                    eos_ids: torch.Tensor, pad: int, max_spec_tokens: int) -> torch.Tensor:
+                    eos_ids: torch.Tensor, pad: int, max_spec_tokens: int, tree: bool = False) -> torch.Tensor:
         """Speculative decoding, row by row (rows accept different draft lengths); HF output layout."""
         from braze.runtime.speculate import SpeculativeRunner
 
         if getattr(self, "spec", None) is None:
             self.spec = SpeculativeRunner(self)
+        if tree and self.verify is None:
+            raise InputMismatchError("tree drafts need the verify plan (compile with braze.compile, not a package)")
         self.spec.max_spec_tokens = max_spec_tokens
+        self.spec.tree = tree
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
         rows = []
         for b in range(input_ids.shape[0]):
@@ -113,7 +118,7 @@ class Generator:
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, eos_token_id: Any = DEFAULT, pad_token_id: Any = DEFAULT,
                  streamer: Any = None, speculate: bool | None = None, max_spec_tokens: int = 8,
-                 stop_strings: Any = None, tokenizer: Any = None) -> torch.Tensor:
+                 spec_tree: bool = False, stop_strings: Any = None, tokenizer: Any = None) -> torch.Tensor:
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         batch, prompt_len = input_ids.shape
@@ -147,7 +152,7 @@ class Generator:
             if streamer is not None or stops:
                 raise InputMismatchError("streamer and stop_strings do not work with speculative decoding yet")
             return self.speculative(ids, mask, max_new_tokens, do_sample, temperature, top_k, top_p, generator,
-                                    eos_ids, pad, max_spec_tokens)
+                                    eos_ids, pad, max_spec_tokens, spec_tree)
         caches = self.new_caches(batch)
         self.stats = GenerationStats(kv_cache_bytes=sum(c.numel() * c.element_size() for c in caches.values()))
         if streamer is not None:

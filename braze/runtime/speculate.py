@@ -24,6 +24,7 @@ from braze.runtime.suffix_tree import SuffixDrafter
 @dataclass
 class SpeculationStats:
     verify_steps: int = 0
+    tree_steps: int = 0  # verify steps whose draft was a tree (branching), verified with tree attention
     plain_steps: int = 0
     accepted_drafts: int = 0  # draft tokens accepted over all verify steps
     draft_seconds: float = 0.0
@@ -41,6 +42,26 @@ class SpeculationStats:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
+def _tree_layout(parents: list[int], device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mask [1+k, 1+k] (the pending token is node 0, draft node i is i+1; each sees itself and its ancestors) and
+    depths [1+k] (position offsets)."""
+    from braze.runtime.speculative import node_depths, tree_attention_mask
+
+    k = len(parents)
+    mask = torch.zeros(k + 1, k + 1, dtype=torch.bool, device=device)
+    mask[:, 0] = True
+    mask[1:, 1:] = tree_attention_mask(parents, device=device)
+    depth = torch.tensor([0] + [d + 1 for d in node_depths(parents)], device=device)
+    return mask, depth
+
+
+def _compact(caches: dict[str, torch.Tensor], src: list[int], dst0: int) -> None:
+    src_t = torch.tensor(src, device=next(iter(caches.values())).device)
+    dst_t = torch.arange(dst0, dst0 + len(src), device=src_t.device)
+    for cache in caches.values():
+        cache[:, :, dst_t] = cache[:, :, src_t].clone()
+
+
 class SpeculativeRunner:
     """Batch-1 speculative loop over a Generator's executors; batches run row by row."""
 
@@ -53,6 +74,7 @@ class SpeculativeRunner:
         self.max_spec_factor = max_spec_factor
         self.min_token_prob = min_token_prob
         self.stats = SpeculationStats()
+        self.tree = False  # draft trees verified with tree attention (else path drafts through the prefill plan)
         self._next_request = 0
 
     def generate_row(self, ids: torch.Tensor, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
@@ -78,7 +100,7 @@ class SpeculativeRunner:
             self.drafter.observe(req, [pending])
             room = min(self.max_spec_tokens, max_new_tokens - len(out) - 1, g.max_seq - cached - 1)
             draft = self.drafter.draft(req, max_spec_tokens=max(room, 0), max_spec_factor=self.max_spec_factor,
-                                       min_token_prob=self.min_token_prob) if room > 0 else None
+                                       min_token_prob=self.min_token_prob, tree=self.tree) if room > 0 else None
             self.stats.draft_seconds += time.perf_counter() - t0
             t0 = time.perf_counter()
             if draft is None or len(draft) == 0 or draft.score < self.min_score:
@@ -91,14 +113,21 @@ class SpeculativeRunner:
             else:
                 toks = [pending] + draft.tokens
                 feed = torch.tensor([toks], device=g.device)
-                pos = torch.arange(cached, cached + len(toks), device=g.device)[None]
-                logits = g.forward(g.prefill, feed, pos, cached, kv_start, caches)[0]
+                if draft.is_path:
+                    pos = torch.arange(cached, cached + len(toks), device=g.device)[None]
+                    logits = g.forward(g.prefill, feed, pos, cached, kv_start, caches)[0]
+                else:
+                    self.stats.tree_steps += 1
+                    mask, depth = _tree_layout(draft.parents, g.device)
+                    logits = g.forward(g.verify, feed, (cached + depth)[None], cached, kv_start, caches, mask)[0]
                 if do_sample:
                     path, bonus = sample_accept(draft.tokens, draft.parents, logits, generator, temperature, top_k,
                                                 top_p)
                 else:
                     path, bonus = greedy_accept(draft.tokens, draft.parents, logits)
                 accepted = [draft.tokens[i] for i in path]
+                if not draft.is_path and path:  # move the accepted nodes' K/V to consecutive cache slots
+                    _compact(caches, [cached + 1 + i for i in path], cached + 1)
                 if eos & set(accepted):  # stop at the first accepted EOS, exactly as plain decoding would
                     accepted = accepted[: next(i for i, t in enumerate(accepted) if t in eos) + 1]
                     bonus = None
