@@ -54,8 +54,9 @@ class CompileReport:
         else:
             lines.append("eager fallbacks: none")
         lines.append(
-            f"activation memory at the example shape: planned peak {_fmt(self.planned_peak_bytes)} "
-            f"(no reuse: {_fmt(self.no_reuse_bytes)}) vs eager peak {_fmt(self.eager_peak_bytes)}"
+            f"activation memory at the example shape: planned peak {_fmt(self.planned_peak_bytes)} (arena + outputs; "
+            f"no reuse: {_fmt(self.no_reuse_bytes)}) vs eager's live-tensor peak {_fmt(self.eager_peak_bytes)} "
+            f"(ideal allocator)"
         )
         for k, v in self.extra.items():
             lines.append(f"{k}: {v}")
