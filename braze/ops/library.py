@@ -174,31 +174,42 @@ def _attention_fake(q, k, v, scale, causal, cos=None, sin=None, attn_mask=None):
     return q.new_empty(b, s, h, v.shape[-1]).transpose(1, 2)
 
 
+def _write_and_read_cache(q, k, v, cos, sin, k_cache, v_cache, cache_len):
+    """RoPE q and k, write k/v into the cache at [cache_len, cache_len + S); return roped q, the cached keys and
+    values up to the last new slot (GQA-expanded, in q's dtype) and cache_len."""
+    start = int(cache_len.reshape(-1)[0])
+    s = q.shape[2]
+    q = rope_reference(q, cos, sin)
+    k_cache[:, :, start:start + s] = rope_reference(k, cos, sin).to(k_cache.dtype)
+    v_cache[:, :, start:start + s] = v.to(v_cache.dtype)
+    keys = k_cache[:, :, :start + s].to(q.dtype)
+    values = v_cache[:, :, :start + s].to(q.dtype)
+    group = q.shape[1] // keys.shape[1]
+    if group > 1:
+        keys = keys.repeat_interleave(group, dim=1)
+        values = values.repeat_interleave(group, dim=1)
+    return q, keys, values, start
+
+
+def _masked_attention(q, keys, values, visible, kv_start, scale):
+    """Softmax attention where `visible` [Sq, Skv] is and keys >= kv_start[b]; a query seeing nothing gives 0."""
+    b = q.shape[0]
+    kpos = torch.arange(keys.shape[2], device=q.device)
+    visible = visible[None, None] & (kpos[None, None, None, :] >= kv_start.reshape(b, 1, 1, 1).to(kpos.dtype))
+    scores = (q.float() @ keys.float().transpose(-1, -2)) * scale
+    probs = torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1).nan_to_num(0.0)
+    return (probs @ values.float()).to(q.dtype)
+
+
 def cached_attention_reference(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, scale):
     """RoPE q and k, write k/v into the cache at [cache_len, cache_len + S), attend causally over the cache.
 
     Row b's keys below kv_start[b] are left padding and masked; a query with no visible key outputs 0.
     """
-    b, hq, s, d = q.shape
-    start = int(cache_len.reshape(-1)[0])
-    q = rope_reference(q, cos, sin)
-    k = rope_reference(k, cos, sin)
-    k_cache[:, :, start : start + s] = k.to(k_cache.dtype)
-    v_cache[:, :, start : start + s] = v.to(v_cache.dtype)
-    total = start + s
-    keys = k_cache[:, :, :total].to(q.dtype)
-    values = v_cache[:, :, :total].to(q.dtype)
-    group = hq // keys.shape[1]
-    if group > 1:
-        keys = keys.repeat_interleave(group, dim=1)
-        values = values.repeat_interleave(group, dim=1)
-    qpos = torch.arange(start, total, device=q.device)[:, None]
-    kpos = torch.arange(total, device=q.device)[None, :]
-    visible = (kpos <= qpos)[None, None] & (kpos[None, None] >= kv_start.reshape(b, 1, 1, 1).to(kpos.dtype))
-    scores = (q.float() @ keys.float().transpose(-1, -2)) * scale
-    scores = scores.masked_fill(~visible, -math.inf)
-    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
-    return (probs @ values.float()).to(q.dtype)
+    q, keys, values, start = _write_and_read_cache(q, k, v, cos, sin, k_cache, v_cache, cache_len)
+    qpos = torch.arange(start, start + q.shape[2], device=q.device)[:, None]
+    kpos = torch.arange(keys.shape[2], device=q.device)[None, :]
+    return _masked_attention(q, keys, values, kpos <= qpos, kv_start, scale)
 
 
 @torch.library.custom_op("braze::cached_attention", mutates_args=("k_cache", "v_cache"))
@@ -228,27 +239,11 @@ def _cached_attention_fake(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_st
 def tree_cached_attention_reference(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, tree_mask, scale):
     """Verify attention for a draft tree: like cached_attention, but new token i sees new token j only where
     tree_mask[i, j] (itself and its ancestors); every cached slot in [kv_start, cache_len) stays visible."""
-    b, hq, s, d = q.shape
-    start = int(cache_len.reshape(-1)[0])
-    q = rope_reference(q, cos, sin)
-    k = rope_reference(k, cos, sin)
-    k_cache[:, :, start:start + s] = k.to(k_cache.dtype)
-    v_cache[:, :, start:start + s] = v.to(v_cache.dtype)
-    total = start + s
-    keys = k_cache[:, :, :total].to(q.dtype)
-    values = v_cache[:, :, :total].to(q.dtype)
-    group = hq // keys.shape[1]
-    if group > 1:
-        keys = keys.repeat_interleave(group, dim=1)
-        values = values.repeat_interleave(group, dim=1)
-    kpos = torch.arange(total, device=q.device)
-    cached = (kpos[None, :] < start).expand(s, total)
-    new = torch.zeros(s, total, dtype=torch.bool, device=q.device)
-    new[:, start:] = tree_mask.bool()
-    visible = (cached | new)[None, None] & (kpos[None, None, None, :] >= kv_start.reshape(b, 1, 1, 1).to(kpos.dtype))
-    scores = (q.float() @ keys.float().transpose(-1, -2)) * scale
-    probs = torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1).nan_to_num(0.0)
-    return (probs @ values.float()).to(q.dtype)
+    q, keys, values, start = _write_and_read_cache(q, k, v, cos, sin, k_cache, v_cache, cache_len)
+    visible = torch.zeros(q.shape[2], keys.shape[2], dtype=torch.bool, device=q.device)
+    visible[:, :start] = True
+    visible[:, start:] = tree_mask.bool()
+    return _masked_attention(q, keys, values, visible, kv_start, scale)
 
 
 @torch.library.custom_op("braze::tree_cached_attention", mutates_args=("k_cache", "v_cache"))
