@@ -187,6 +187,66 @@ def test_forward_everything_fp16():
     _check(out, _reference(q, k, v, causal=True, kv_start=starts, cos=cos, sin=sin))
 
 
+def _random_tree_mask(n: int, gen: torch.Generator) -> torch.Tensor:
+    """[n, n] bool: node 0 is the root, node i > 0 has a random parent < i; each node sees itself and its ancestors."""
+    mask = torch.eye(n, dtype=torch.bool)
+    for i in range(1, n):
+        parent = int(torch.randint(0, i, (1,), generator=gen))
+        mask[i] |= mask[parent]
+    return mask
+
+
+@pytest.mark.parametrize(
+    "batch, hq, hkv, past, sq, dim, dtype, kind, kv_start, block_m",
+    [
+        (2, 4, 2, 29, 11, 16, torch.float32, "tree", [0, 13], 16),  # GQA, tree straddling a key block edge
+        (1, 4, 1, 5, 9, 32, torch.float32, "tree", [2], 16),  # MQA, short cache
+        (2, 4, 2, 16, 12, 16, torch.float32, "any", [3, 20], 16),  # arbitrary mask (also j > i); kv_start past cache
+        (1, 4, 2, 0, 7, 16, torch.float32, "tree", [0], 16),  # no cache at all
+        (2, 4, 1, 40, 20, 32, torch.float16, "tree", [0, 5], 32),  # fp16, two query blocks
+    ],
+)
+def test_forward_tree_mask(batch, hq, hkv, past, sq, dim, dtype, kind, kv_start, block_m):
+    """Speculative tree verification: the cache prefix is fully visible, the new keys follow the tree mask."""
+    gen = torch.Generator().manual_seed(past * 100 + sq)
+    torch.manual_seed(past + sq)
+    skv = past + sq
+    q = torch.randn(batch, hq, sq, dim, dtype=dtype)
+    k = torch.randn(batch, hkv, skv, dim, dtype=dtype)
+    v = torch.randn(batch, hkv, skv, dim, dtype=dtype)
+    if kind == "tree":
+        tree = _random_tree_mask(sq, gen)
+    else:
+        tree = torch.rand(sq, sq, generator=gen) < 0.4
+        tree[0] = False  # a row that sees only the cache (nothing at all in batch row 1: kv_start past the cache)
+    starts = torch.tensor(kv_start, dtype=torch.int32)
+    out = run_attention(q, k, v, causal=True, kv_start=starts, tree_mask=tree, blocks=_blocks(dim, block_m))
+
+    visible = torch.zeros(sq, skv, dtype=torch.bool)
+    visible[:, :past] = True
+    visible[:, past:] = tree
+    mask = visible[None, None] & (torch.arange(skv)[None, None, None, :] >= starts.long()[:, None, None, None])
+    qd = q.double()
+    kd = k.double().repeat_interleave(hq // hkv, dim=1)
+    vd = v.double().repeat_interleave(hq // hkv, dim=1)
+    ref = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask)
+    ref = torch.where(mask.any(-1, keepdim=True), ref, torch.zeros_like(ref))
+    _check(out, ref)
+    # a bool mask and its integer twin are the same kernel input
+    if kind == "any":
+        torch.testing.assert_close(
+            run_attention(q, k, v, kv_start=starts, tree_mask=tree.to(torch.int32), blocks=_blocks(dim, block_m)), out)
+        assert torch.count_nonzero(out[1, :, 0]) == 0
+
+
+def test_tree_mask_needs_causal_and_square_mask():
+    with pytest.raises(ValueError, match="causal"):
+        AttentionSpec("a", causal=False, tree_mask=True)
+    q = torch.randn(1, 2, 4, 16)
+    with pytest.raises(ValueError, match="tree_mask shape"):
+        run_attention(q, q, q, tree_mask=torch.ones(4, 3, dtype=torch.bool))
+
+
 # ---------------------------------------------------------------------------------------------
 # split-KV decode
 
@@ -271,6 +331,11 @@ def test_render_signatures_follow_flags():
     head = full[full.index("def attn_full(") :]
     assert head.index("cos_ptr, sin_ptr") < head.index("kv_start_ptr") < head.index("Sq, Skv")
     assert 'input_precision="tf32"' in full
+    tree = render_attention(AttentionSpec("attn_tree", has_kv_start=True, tree_mask=True))
+    compile(tree, "<attention>", "exec")
+    head = tree[tree.index("def attn_tree(") :]
+    assert head.index("kv_start_ptr") < head.index("tree_ptr, stride_tm_i, stride_tm_j") < head.index("Sq, Skv")
+    assert "tree_ptr" not in full
     dec = render_decode_attention(DecodeAttentionSpec("dec", has_kv_start=True, out_dtype="bfloat16"))
     compile(dec, "<decode>", "exec")
     assert "def dec_partial(" in dec and "def dec_combine(" in dec and "tl.bfloat16" in dec

@@ -94,3 +94,5 @@ def test_tree_drafts_with_tree_attention_are_exact(executor):
     stats = cm.generator.spec.stats
     assert stats.tree_steps > 0, stats
     assert "insert_tree_verify" in [p.name for p in cm.report.passes]
+    if executor == "interpret":  # tree attention runs as a Triton kernel, not an eager fallback
+        assert all(s.kind != "eager" for s in cm.extra_plans["verify"].steps)

@@ -7,7 +7,7 @@ explicit strides, so q/k/v may be strided views of one fused QKV projection.
 Flash attention forward, `render_attention(AttentionSpec)`; kernel `<name>`::
 
     <name>(q_ptr, k_ptr, v_ptr, out_ptr, [cos_ptr, sin_ptr], [kv_start_ptr],
-           Sq, Skv, Hq, GROUP, D,
+           [tree_ptr, stride_tm_i, stride_tm_j], Sq, Skv, Hq, GROUP, D,
            stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
            stride_vb, stride_vh, stride_vs, stride_vd, stride_ob, stride_oh, stride_os, stride_od,
            [stride_cb, stride_cs, stride_cd], sm_scale, BLOCK_M, BLOCK_N, BLOCK_D)
@@ -18,6 +18,9 @@ Flash attention forward, `render_attention(AttentionSpec)`; kernel `<name>`::
   kv_start int32 [B]: keys j < kv_start[b] are left padding. A row with no visible key outputs 0.
   cos/sin [B, >=Skv, D] (same strides, batch stride may be 0) are indexed by absolute position:
   key j uses row j and query i uses row Skv - Sq + i (the same as i when Sq == Skv).
+  tree_mask (needs causal; speculative tree verification): tree [Sq, Sq] (any integer/bool dtype, shared by
+  the batch) replaces the causal test for the Sq newest keys: key j < Skv - Sq (the cache) is visible to
+  every row, key j >= Skv - Sq is visible to query i iff tree[i, j - (Skv - Sq)] != 0 (kv_start still applies).
   A module also defines the helper `<name>_kv_loop`.
 
 Split-KV decode, `render_decode_attention(DecodeAttentionSpec)`; kernels `<name>_partial`, `<name>_combine`::
@@ -91,9 +94,12 @@ class AttentionSpec:
     has_kv_start: bool = False
     input_precision: str = "ieee"
     out_dtype: str = "float16"
+    tree_mask: bool = False
 
     def __post_init__(self) -> None:
         _check_common(self.name, self.input_precision, self.out_dtype)
+        if self.tree_mask and not self.causal:
+            raise ValueError("tree_mask uses the causal query alignment: it needs causal=True")
 
 
 @dataclass(frozen=True)
@@ -118,6 +124,7 @@ def render_attention(spec: AttentionSpec, header: str = "") -> str:
         causal=spec.causal,
         rope=spec.rope,
         has_kv_start=spec.has_kv_start,
+        tree_mask=spec.tree_mask,
         input_precision=spec.input_precision,
         out_dtype=spec.out_dtype,
     )
@@ -166,6 +173,7 @@ def run_attention(
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
     kv_start: torch.Tensor | None = None,
+    tree_mask: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
     input_precision: str = "ieee",
     blocks: AttentionBlocks | None = None,
@@ -174,7 +182,8 @@ def run_attention(
     """Flash attention forward. q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D], any strides; returns out.
 
     cos/sin [B, >=Skv, D] enable rope (indexed by absolute position); kv_start int32 [B] masks
-    left padding. `out` (any strides) defaults to a new tensor of q's dtype.
+    left padding; tree_mask [Sq, Sq] (with causal) says which of the Sq newest keys each query sees.
+    `out` (any strides) defaults to a new tensor of q's dtype.
     """
     batch, hq, sq, head_dim = q.shape
     hkv, skv = k.shape[1], k.shape[2]
@@ -190,6 +199,11 @@ def run_attention(
             raise ValueError(f"rope needs an even head_dim, got {head_dim}")
         if cos.shape[0] != batch or cos.shape[1] < skv or cos.shape[2] != head_dim:
             raise ValueError(f"cos/sin shape {tuple(cos.shape)} must be [B, >=Skv, D]")
+    if tree_mask is not None:
+        if tuple(tree_mask.shape) != (sq, sq):
+            raise ValueError(f"tree_mask shape {tuple(tree_mask.shape)} must be [Sq, Sq] = [{sq}, {sq}]")
+        if tree_mask.dtype == torch.bool:
+            tree_mask = tree_mask.view(torch.uint8)  # same bytes; avoids int1 pointers
     if out is None:
         out = torch.empty((batch, hq, sq, head_dim), dtype=q.dtype, device=q.device)
     spec = AttentionSpec(
@@ -197,6 +211,7 @@ def run_attention(
         causal=causal,
         rope=rope,
         has_kv_start=kv_start is not None,
+        tree_mask=tree_mask is not None,
         input_precision=input_precision,
         out_dtype=_dtype_name(out.dtype),
     )
@@ -206,6 +221,8 @@ def run_attention(
         extra += [cos, sin]
     if kv_start is not None:
         extra.append(kv_start)
+    if tree_mask is not None:
+        extra += [tree_mask, *tree_mask.stride()]
     rope_strides = list(cos.stride()) if rope else []
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
     grid = (triton.cdiv(sq, blocks.block_m), batch * hq)

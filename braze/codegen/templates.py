@@ -125,10 +125,28 @@ def lower_cached_attention(node: fx.Node, name: str) -> tuple[str, Step]:
     return attn + "\n\n" + write, step
 
 
+def lower_tree_cached_attention(node: fx.Node, name: str) -> tuple[str, Step]:
+    """Tree verify: the RoPE + cache write kernel, then flash attention over the cache in tree-mask mode."""
+    from braze.codegen.attention_template import AttentionSpec, render_attention
+    from braze.codegen.render import render_template
+
+    a = op_args(node)
+    q = _val(a["q"])
+    attn = render_attention(AttentionSpec(name=name, causal=True, rope=False, has_kv_start=True, tree_mask=True,
+                                          input_precision=_precision(q.dtype),
+                                          out_dtype=FLOAT_NAMES[node.meta["val"].dtype]))
+    write = render_template("kv_cache.py.j2", header="", name=name)
+    roles = ["q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start", "tree_mask"]
+    step = Step(kind="template", launcher="tree_cached_attention", outputs=[node.name],
+                inputs=[_name(a[r]) for r in roles], params={"roles": roles, "scale": float(a["scale"])})
+    return attn + "\n\n" + write, step
+
+
 TEMPLATE_LOWERINGS: dict[Any, Callable[[fx.Node, str], tuple[str, Step]]] = {
     braze.linear.default: lower_linear,
     braze.linear_glu.default: lower_linear,
     braze.attention.default: lower_attention,
     braze.cached_attention.default: lower_cached_attention,
+    braze.tree_cached_attention.default: lower_tree_cached_attention,
 }
 TEMPLATE_LOWERINGS.update(QUANT_LOWERINGS)  # braze::df11_decode, braze::int6_linear

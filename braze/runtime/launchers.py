@@ -121,10 +121,15 @@ def launch_attention(module: Any, name: str, tensors: dict[str, torch.Tensor], o
     kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, **opts)
 
 
-def _flash(kernel: Any, q, k, v, out, kv_start, causal: bool, scale: float) -> None:
+def _flash(kernel: Any, q, k, v, out, kv_start, causal: bool, scale: float, tree_mask=None) -> None:
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
-    args: list[Any] = [q, k, v, out, kv_start, Sq, Skv, Hq, Hq // Hkv, D]
+    args: list[Any] = [q, k, v, out, kv_start]
+    if tree_mask is not None:  # the template's tree mode: tree_ptr, stride_tm_i, stride_tm_j after kv_start_ptr
+        if tree_mask.dtype == torch.bool:
+            tree_mask = tree_mask.view(torch.uint8)  # same bytes; avoids int1 pointers
+        args += [tree_mask, *tree_mask.stride()]
+    args += [Sq, Skv, Hq, Hq // Hkv, D]
     for t in (q, k, v, out):
         args += list(t.stride())
     args.append(scale)
@@ -136,16 +141,14 @@ def _flash(kernel: Any, q, k, v, out, kv_start, causal: bool, scale: float) -> N
     kernel[(triton.cdiv(Sq, bm), B * Hq)](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, **opts)
 
 
-def launch_cached_attention(module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
-                            params: dict[str, Any]) -> int:
-    """RoPE q/k, write k/v at cache_len (one kernel), then attend over the cache: flash (prefill) or split-KV."""
-    from braze.runtime.attention_blocks import decode_blocks, decode_splits
-
+def _rope_write(module: Any, name: str, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One launch of `<name>_rope_write`: returns roped q [B, Hq, S, D]; roped k and v go into the caches at
+    cache_len + s (k rotated by cos/sin row s, i.e. at the position its position_ids gave it)."""
     q, k, v = tensors["q"], tensors["k"], tensors["v"]
     cos, sin = tensors["cos"], tensors["sin"]
     if cos.stride() != sin.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
-    kc, vc, cache_len, kv_start = tensors["k_cache"], tensors["v_cache"], tensors["cache_len"], tensors["kv_start"]
+    kc, vc, cache_len = tensors["k_cache"], tensors["v_cache"], tensors["cache_len"]
     B, Hq, S, D = q.shape
     Hkv = k.shape[1]
     qo = torch.empty((B, Hq, S, D), dtype=q.dtype, device=q.device)
@@ -157,6 +160,18 @@ def launch_cached_attention(module: Any, name: str, tensors: dict[str, torch.Ten
         args += list(t.stride())
     getattr(module, f"{name}_rope_write")[(B * triton.cdiv(rows, block_r), 2)](
         *args, BLOCK_R=block_r, BLOCK_D=block_d)
+    return qo
+
+
+def launch_cached_attention(module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
+                            params: dict[str, Any]) -> int:
+    """RoPE q/k, write k/v at cache_len (one kernel), then attend over the cache: flash (prefill) or split-KV."""
+    from braze.runtime.attention_blocks import decode_blocks, decode_splits
+
+    qo = _rope_write(module, name, tensors)
+    kc, vc, cache_len, kv_start = tensors["k_cache"], tensors["v_cache"], tensors["cache_len"], tensors["kv_start"]
+    B, Hq, S, D = qo.shape
+    Hkv = kc.shape[1]
     scale = float(params["scale"])
     if not params["decode"]:
         total = int(cache_len.reshape(-1)[0])  + S  # prefill is not graph-captured: a host read is fine
@@ -167,8 +182,8 @@ def launch_cached_attention(module: Any, name: str, tensors: dict[str, torch.Ten
     splits = decode_splits(B, Hkv, s_max) if not interpreting() else 1
     blocks = decode_blocks(group, D)
     seq_lens = (cache_len.to(torch.int32) + 1).expand(B).contiguous()
-    mid_o = torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
-    mid_lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
+    mid_o = torch.empty((B, Hq, splits, D), dtype=torch.float32, device=qo.device)
+    mid_lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=qo.device)
     q1 = qo[:, :, 0, :]
     o1 = out[:, :, 0, :]
     # one split: its normalised partial output is the answer, written straight into `out` (no combine launch)
@@ -186,6 +201,18 @@ def launch_cached_attention(module: Any, name: str, tensors: dict[str, torch.Ten
     return 3
 
 
+def launch_tree_cached_attention(module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
+                                 params: dict[str, Any]) -> int:
+    """Tree verify: rope/cache-write kernel, then flash attention over the cache in tree-mask mode (the cache
+    prefix is visible to every draft token, the S new tokens by tree_mask [S, S])."""
+    qo = _rope_write(module, name, tensors)
+    kc, vc, cache_len = tensors["k_cache"], tensors["v_cache"], tensors["cache_len"]
+    total = int(cache_len.reshape(-1)[0]) + qo.shape[2]  # verify is not graph-captured: a host read is fine
+    _flash(getattr(module, name), qo, kc[:, :, :total], vc[:, :, :total], out, tensors["kv_start"], True,
+           float(params["scale"]), tree_mask=tensors["tree_mask"])
+    return 2
+
+
 # launchers return how many kernels they launched; LAUNCH_COUNTS is for those that return None
 LAUNCH_COUNTS: dict[str, Callable[[dict[str, Any]], int]] = {}
 
@@ -193,6 +220,7 @@ LAUNCHERS: dict[str, Callable[..., Any]] = {
     "matmul": launch_matmul,
     "attention": launch_attention,
     "cached_attention": launch_cached_attention,
+    "tree_cached_attention": launch_tree_cached_attention,
 }
 
 

@@ -85,5 +85,6 @@ class Plan:
 
     @property
     def launches(self) -> int:
-        per_step = {"cached_attention": lambda s: 3 if s.params.get("decode") else 2}
+        per_step = {"cached_attention": lambda s: 3 if s.params.get("decode") else 2,
+                    "tree_cached_attention": lambda s: 2}
         return sum(per_step.get(s.launcher, lambda s: 1)(s) for s in self.steps if s.kind in ("fused", "template"))
