@@ -105,7 +105,8 @@ def quant_perplexity_table(model: Any = None, tokenizer: Any = None, text: str |
     Defaults: SmolLM2-135M-Instruct (fp32) on braze/data/eval_text.txt, compiled variants on the `reference`
     executor (torch ops; fast on CPU). Variants: "eager" (the model), "eager-bf16" (weights rounded to BF16:
     the model DFloat11 stores), "braze" (compiled, no quant), "df11" (the BF16-rounded model, quant="df11"),
-    "int6" (W6A16), "int6-a8" (W6A8), "int6-mixed" (FlexQ: down_proj W6A8, the rest W6A6).
+    "int6" (W6A16), "int6-gptq" (W6A16, GPTQ rounding calibrated on
+    braze/data/calib_text.txt), "int6-a8" (W6A8), "int6-mixed" (FlexQ: down_proj W6A8, the rest W6A6).
     """
     import braze
 
@@ -119,6 +120,8 @@ def quant_perplexity_table(model: Any = None, tokenizer: Any = None, text: str |
     ids = torch.tensor(tokenizer(text if text is not None else eval_text()).input_ids, dtype=torch.long)
     if max_tokens is not None:
         ids = ids[:max_tokens]
+    from braze.quant.gptq import calibrate  # int6-gptq: calibrated on braze/data/calib_text.txt, not `text`
+
     rounded = None
     rows: list[dict[str, Any]] = []
     opts = dict(max_seq=window, max_batch=max(1, batch), executor=executor)
@@ -130,6 +133,8 @@ def quant_perplexity_table(model: Any = None, tokenizer: Any = None, text: str |
         "int6": lambda: braze.compile(model, quant="int6", int6_act="a16", **opts),
         "int6-a8": lambda: braze.compile(model, quant="int6", int6_act="a8", **opts),
         "int6-mixed": lambda: braze.compile(model, quant="int6", int6_act="mixed", **opts),
+        "int6-gptq": lambda: braze.compile(model, quant="int6", int6_act="a16", int6_method="gptq",
+                                           int6_calibration=calibrate(model, tokenizer), **opts),
     }
     unknown = sorted(set(variants) - set(builders))
     if unknown:

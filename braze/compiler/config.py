@@ -11,6 +11,7 @@ EXECUTORS = ("auto", "cuda", "interpret", "reference")
 QUANTS = (None, "df11", "int6")
 SPECULATE = (None, "suffix")
 INT6_ACTS = ("a16", "a8", "mixed")  # mixed: down_proj W6A8, the other linears W6A6 (FlexQ)
+INT6_METHODS = ("rtn", "gptq")  # rtn: round to nearest; gptq: Hessian-aware rounding (braze/quant/gptq.py)
 
 
 @dataclass
@@ -25,12 +26,20 @@ class CompileConfig:
     cuda_graphs: bool = True
     cast_bf16: bool = False  # quant="df11": allow casting non-BF16 weights to BF16 before encoding
     int6_act: str = "a16"  # quant="int6": activation precision
+    int6_method: str = "rtn"  # quant="int6": how weights are rounded (gptq needs calibration statistics)
+    # int6_method="gptq": {weight name -> input Hessian H [K, K]} (braze.quant.gptq.calibrate); braze.compile
+    # fills it for HF causal LMs when left None
+    int6_calibration: Any = None
 
     def __post_init__(self) -> None:
         _choice("executor", self.executor, EXECUTORS)
         _choice("quant", self.quant, QUANTS)
         _choice("speculate", self.speculate, SPECULATE)
         _choice("int6_act", self.int6_act, INT6_ACTS)
+        _choice("int6_method", self.int6_method, INT6_METHODS)
+        if self.int6_calibration is not None and not isinstance(self.int6_calibration, dict):
+            raise ConfigError("int6_calibration must be a dict {weight name: Hessian tensor} "
+                              f"(braze.quant.gptq.calibrate), got {type(self.int6_calibration).__name__}")
         for name in ("max_batch", "max_seq"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

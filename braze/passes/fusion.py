@@ -46,6 +46,7 @@ def merge_sibling_linears(gm: fx.GraphModule, ctx: PassContext) -> int:
         weights = [ctx.weights[op_args(n)["weight"].name] for n in nodes]
         name = "merged_" + "_".join(op_args(n)["weight"].name.removeprefix("p_").split("_")[-2] for n in nodes)
         w_node = ctx.add_weight(gm, name[:60], torch.cat(weights, 0))
+        w_node.meta["braze_sources"] = [op_args(n)["weight"].name for n in nodes]  # for per-source statistics
         b_node = None
         if has_bias:
             b_node = ctx.add_weight(gm, name[:56] + "_bias", torch.cat([ctx.weights[op_args(n)["bias"].name]

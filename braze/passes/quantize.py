@@ -213,11 +213,44 @@ def _activate(gm: fx.GraphModule, y: fx.Node, kind: str, ctx: PassContext, befor
     return new_node(gm, target, (y,), dict(kwargs), ctx, before)
 
 
+def _calibration_index(config: Any) -> dict[str, torch.Tensor] | None:
+    """int6_method="gptq": the calibration Hessians keyed by normalized name (model.layers.0.x.weight ->
+    model_layers_0_x_weight), which a placeholder name (p_model_model_layers_0_x_weight) ends with."""
+    if getattr(config, "int6_method", "rtn") != "gptq":
+        return None
+    hessians = getattr(config, "int6_calibration", None)
+    if not hessians:
+        raise ConfigError(
+            "int6_method='gptq' needs calibration statistics: braze.compile computes them for HF causal LMs; "
+            "for other models pass int6_calibration=braze.quant.gptq.calibrate(model, tokenizer) (a dict "
+            "{weight name: Hessian})"
+        )
+    return {re.sub(r"\W", "_", k): v for k, v in hessians.items()}
+
+
+def _hessian(index: dict[str, torch.Tensor], ph: fx.Node) -> torch.Tensor | None:
+    """The input Hessian of a weight placeholder (of its sources, for a merged q/k/v weight), or None."""
+    found = []
+    for name in ph.meta.get("braze_sources", [ph.name]):
+        parts = name.split("_")
+        h = next((index[k] for k in ("_".join(parts[i:]) for i in range(len(parts))) if k in index), None)
+        if h is None:
+            return None
+        found.append(h)
+    return found[0] if found else None
+
+
 def _int6_weight(
-    gm: fx.GraphModule, ctx: PassContext, name: str, w: torch.Tensor, cache: dict[str, tuple[fx.Node, fx.Node, float]]
+    gm: fx.GraphModule, ctx: PassContext, name: str, w: torch.Tensor, cache: dict[str, tuple[fx.Node, fx.Node, float]],
+    hessian: torch.Tensor | None = None,
 ) -> tuple[fx.Node, fx.Node, float]:
     if name not in cache:
-        qw = quantize_int6_weight(w.detach().float())
+        if hessian is not None:
+            from braze.quant.gptq import gptq_int6
+
+            qw = gptq_int6(w.detach().float(), hessian)
+        else:
+            qw = quantize_int6_weight(w.detach().float())
         packed = ctx.add_weight(gm, f"int6_{name.removeprefix('p_')}_packed"[:80], qw.packed)
         scales = ctx.add_weight(gm, f"int6_{name.removeprefix('p_')}_scales"[:80], qw.scales)
         cache[name] = (packed, scales, qw.bits_per_weight)
@@ -229,6 +262,8 @@ def quantize_int6(gm: fx.GraphModule, ctx: PassContext) -> int:
     layered = any(layer_index(_module_path(n)) is not None for n in linears)
     cache: dict[str, tuple[fx.Node, fx.Node, float]] = {}
     count, kept, bits, notes = 0, [], {}, []
+    index = _calibration_index(ctx.config)
+    rtn_fallback: list[str] = []
     for node in linears:
         a = op_args(node)
         glu = node.target is braze.linear_glu.default
@@ -247,12 +282,18 @@ def quantize_int6(gm: fx.GraphModule, ctx: PassContext) -> int:
             continue
         act_bits = _act_bits(ctx.config, " ".join(names), path)
         x = a["x"]
+        hessian = None
+        if index is not None:
+            found = [_hessian(index, ph) for ph in phs]
+            hessian = found[0] if all(h is not None for h in found) else None
+            if hessian is None:
+                rtn_fallback.append(names[0])
         if glu:
             w = torch.cat([ctx.weights[n] for n in names], 0)
-            packed, scales, bpw = _int6_weight(gm, ctx, "_".join(names)[:60] + "_glu", w, cache)
+            packed, scales, bpw = _int6_weight(gm, ctx, "_".join(names)[:60] + "_glu", w, cache, hessian)
         else:
             w = ctx.weights[names[0]]
-            packed, scales, bpw = _int6_weight(gm, ctx, names[0], w, cache)
+            packed, scales, bpw = _int6_weight(gm, ctx, names[0], w, cache, hessian)
         bits[packed.name] = (w.numel(), bpw)
         h = x
         if a["norm_weight"] is not None:
@@ -275,12 +316,14 @@ def quantize_int6(gm: fx.GraphModule, ctx: PassContext) -> int:
         node.replace_all_uses_with(out)
         gm.graph.erase_node(node)
         count += 1
-        tag = "W6A16" if act_bits == A16 else f"W6A{act_bits}"
+        tag = ("W6A16" if act_bits == A16 else f"W6A{act_bits}") + (", gptq" if hessian is not None else "")
         notes.append(f"{y.name}: {tag}, {'+'.join(names)}, N={w.shape[0]} K={w.shape[1]}, {bpw:.3f} bits/weight")
     if bits:  # the total first: the report prints a pass's first notes only
         n = sum(k for k, _ in bits.values())
         stored = sum(k * b for k, b in bits.values()) / 8
         ctx.note(f"total: {n} weights, {8 * stored / n:.3f} bits/weight, {int(2 * n - stored)} bytes saved vs BF16")
+    if rtn_fallback:
+        ctx.note(f"int6_method='gptq': no calibration Hessian, rounded to nearest: {', '.join(rtn_fallback)}")
     if kept:
         ctx.note(f"kept in the compute dtype (outside decoder layers, or K too small to gain): {', '.join(kept)}")
     for line in notes:
