@@ -1,5 +1,7 @@
 """Generation: greedy equals HF generate token for token; sampling matches; launch budget; bad input."""
 
+import math
+
 import pytest
 import torch
 
@@ -161,3 +163,18 @@ def test_stop_strings_stop_like_hf():
     out = cm.generate(ids, max_new_tokens=12, eos_token_id=None, pad_token_id=0, stop_strings=[stop], tokenizer=tok)
     assert torch.equal(out[0, :10], free[0, :10])  # everything up to and including the stop text is kept
     assert bool((out[0, 10:] == 0).all())  # then padding, as HF does for finished rows
+
+
+def test_batch_bucket_padding_gives_the_same_tokens():
+    """CUDA-graph decode pads a batch to its bucket (here 3 -> 4) with dummy rows; the real rows are unchanged."""
+    model = tiny_causal_lm("llama")
+    cm = braze.compile(model, max_seq=64, max_batch=4)
+    ids = torch.randint(3, 256, (3, 6), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[2, :2] = 0
+    plain = cm.generate(ids, attention_mask=mask, max_new_tokens=10)
+    cm.generator.bucket_batches = True
+    padded = cm.generate(ids, attention_mask=mask, max_new_tokens=10)
+    assert padded.shape == plain.shape and torch.equal(padded, plain)
+    per_row = sum(math.prod(shape) * 4 for _, shape, _ in cm.kv_inputs)
+    assert cm.generation_stats.kv_cache_bytes == 4 * per_row  # the cache was allocated for the bucket of 4

@@ -50,6 +50,9 @@ class Generator:
         self.speculate_default = False
         self.graphs = None
         self.verify: Any = None  # tree-verify executor (draft trees); path drafts verify through the prefill plan
+        # CUDA graphs are captured per batch bucket (1, 2, 4, ... max_batch): a batch is padded up to its bucket with
+        # dummy rows that own their own cache rows, start finished, and are sliced off the result
+        self.bucket_batches = cuda_graphs
         if cuda_graphs:
             from braze.runtime.cuda_graphs import CudaGraphRunner
 
@@ -153,10 +156,19 @@ class Generator:
                 raise InputMismatchError("streamer and stop_strings do not work with speculative decoding yet")
             return self.speculative(ids, mask, max_new_tokens, do_sample, temperature, top_k, top_p, generator,
                                     eos_ids, pad, max_spec_tokens, spec_tree)
+        real = batch
+        if self.bucket_batches:
+            bucket = min(self.max_batch, 1 << (batch - 1).bit_length())
+            if bucket > batch:
+                extra = bucket - batch
+                ids, mask = torch.cat([ids, ids[:1].expand(extra, -1)]), torch.cat([mask, mask[:1].expand(extra, -1)])
+                kv_start = torch.cat([kv_start, kv_start[:1].expand(extra)])
+                positions = torch.cat([positions, positions[:1].expand(extra, -1)])
+                batch = bucket
         caches = self.new_caches(batch)
         self.stats = GenerationStats(kv_cache_bytes=sum(c.numel() * c.element_size() for c in caches.values()))
         if streamer is not None:
-            streamer.put(ids.cpu())
+            streamer.put(ids[:real].cpu())
 
         start = time.perf_counter()
         values = {"input_ids": ids, "position_ids": positions.contiguous(),
@@ -165,6 +177,7 @@ class Generator:
         next_tok = select_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
         self.stats.time_to_first_token_s = time.perf_counter() - start
         unfinished = torch.ones(batch, dtype=torch.bool, device=self.device)
+        unfinished[real:] = False  # bucket padding rows
         out = [ids]
         pos = positions[:, -1:]
         launches0 = self.decode.stats["launches"]
@@ -174,13 +187,13 @@ class Generator:
                 next_tok = torch.where(unfinished, next_tok, torch.full_like(next_tok, pad))
             out.append(next_tok[:, None])
             if streamer is not None:
-                streamer.put(next_tok.cpu())
+                streamer.put(next_tok[:real].cpu())
             if len(eos_ids):
                 unfinished &= ~torch.isin(next_tok, eos_ids)
             if stops:
-                new_text = tokenizer.batch_decode(torch.cat(out[1:], dim=1))
+                new_text = tokenizer.batch_decode(torch.cat(out[1:], dim=1)[:real])
                 hit = torch.tensor([any(st in t for st in stops) for t in new_text], device=self.device)
-                unfinished &= ~hit
+                unfinished[:real] &= ~hit
             if len(eos_ids) or stops:
                 if not bool(unfinished.any()):  # the one host sync per step: the stop check
                     break
@@ -198,6 +211,6 @@ class Generator:
         if streamer is not None:
             streamer.end()
         steps = max(1, self.stats.decode_steps)
-        self.stats.decode_tokens_per_s = batch * self.stats.decode_steps / took if took > 0 else 0.0
+        self.stats.decode_tokens_per_s = real * self.stats.decode_steps / took if took > 0 else 0.0
         self.stats.launches_per_decode_step = (self.decode.stats["launches"] - launches0) / steps
-        return torch.cat(out, dim=1)
+        return torch.cat(out, dim=1)[:real]
