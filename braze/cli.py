@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from braze.cli_models import MODEL_HELP
+from braze.runtime.units import format_bytes
 
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
@@ -395,7 +396,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     plans = {"forward": plan, **(getattr(compiled, "extra_plans", None) or {})}
     sources = {src for p in plans.values() for src in p.kernels.values()}
     print(f"  plans: {', '.join(plans)}; {len(sources)} distinct kernels; {plan.launches} launches per forward, "
-          f"{sum(1 for s in plan.steps if s.kind == 'eager')} eager fallbacks; weights {_fmt_bytes(weight_bytes)}; "
+          f"{sum(1 for s in plan.steps if s.kind == 'eager')} eager fallbacks; weights {format_bytes(weight_bytes)}; "
           f"tokenizer: {'yes' if loaded.tokenizer is not None else 'no'}")
     print(f"  load {t.get(f'loading {args.model}', 0):.1f} s, compile {t.get('compiling', 0):.1f} s, "
           f"save {t.get(f'saving {args.output}', 0):.1f} s; executor {compiled.executor_name}")
@@ -694,20 +695,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 print(f"    {i:4d} {s['kind']:8s} {s['kernel'] or '':28s} {', '.join(s['inputs'][:4])} -> "
                       f"{', '.join(o or '-' for o in s['outputs'])}")
     w = info["weights"]
-    dt = ", ".join(f"{k} {_fmt_bytes(b)}" for k, b in sorted(w["by_dtype"].items()))
-    print(f"\nweights: {w['tensors']} tensors (+{w['aliases']} aliases), {_fmt_bytes(w['bytes'])} ({dt})")
-    print(f"bytes per token (decode step, batch 1): ~{_fmt_bytes(info['bytes_per_token_decode'])} "
+    dt = ", ".join(f"{k} {format_bytes(b)}" for k, b in sorted(w["by_dtype"].items()))
+    print(f"\nweights: {w['tensors']} tensors (+{w['aliases']} aliases), {format_bytes(w['bytes'])} ({dt})")
+    print(f"bytes per token (decode step, batch 1): ~{format_bytes(info['bytes_per_token_decode'])} "
           f"(every weight read once; KV cache and activations not counted)")
     print(f"tokenizer: {'yes' if info['tokenizer'] else 'no'}")
     return 0 if info["integrity"].startswith("ok") else EXIT_RUNTIME
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 # ---- bench ---------------------------------------------------------------------------------------------------------

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from braze.runtime.units import format_bytes
+
 
 @dataclass
 class PassResult:
@@ -53,19 +55,11 @@ class CompileReport:
                 lines.append(f"  {node}: {reason}")
         else:
             lines.append("eager fallbacks: none")
+        planned, no_reuse = format_bytes(self.planned_peak_bytes), format_bytes(self.no_reuse_bytes)
         lines.append(
-            f"activation memory at the example shape: planned peak {_fmt(self.planned_peak_bytes)} (arena + outputs; "
-            f"no reuse: {_fmt(self.no_reuse_bytes)}) vs eager's live-tensor peak {_fmt(self.eager_peak_bytes)} "
-            f"(ideal allocator)"
+            f"activation memory at the example shape: planned peak {planned} (arena + outputs; no reuse: {no_reuse}) "
+            f"vs eager's live-tensor peak {format_bytes(self.eager_peak_bytes)} (ideal allocator)"
         )
         for k, v in self.extra.items():
             lines.append(f"{k}: {v}")
         return "\n".join(lines)
-
-
-def _fmt(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
