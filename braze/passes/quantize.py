@@ -53,14 +53,6 @@ def layer_index(*names: str) -> int | None:
     return None
 
 
-def _erase_dead_weights(gm: fx.GraphModule, ctx: PassContext) -> None:
-    """Erase weight placeholders nothing reads (the pipeline then drops their tensors from the plan): the raw
-    weights this pass compressed, and the q/k/v (gate/up) weights merge_sibling_linears concatenated, which it
-    leaves behind; a compressed model that still carried them would be bigger than the uncompressed one."""
-    for ph in [n for n in gm.graph.nodes if n.op == "placeholder" and n.name in ctx.weights and not n.users]:
-        gm.graph.erase_node(ph)
-
-
 def _weight_placeholder(a: Any, ctx: PassContext) -> fx.Node | None:
     if isinstance(a, fx.Node) and a.op == "placeholder" and a.name in ctx.weights:
         t = ctx.weights[a.name]
@@ -182,7 +174,6 @@ def quantize_df11(gm: fx.GraphModule, ctx: PassContext) -> int:
     for line in unit_notes:
         ctx.note(line)
     dce(gm)
-    _erase_dead_weights(gm, ctx)
     gm.recompile()
     return count
 
@@ -329,6 +320,5 @@ def quantize_int6(gm: fx.GraphModule, ctx: PassContext) -> int:
     for line in notes:
         ctx.note(line)
     dce(gm)
-    _erase_dead_weights(gm, ctx)
     gm.recompile()
     return count
