@@ -62,6 +62,7 @@ class PlanExecutor:
         self.shape_exprs = {b.name: [_Expr(s) for s in b.shape] for b in plan.buffers}
         self.stride_exprs = {b.name: [_Expr(s) for s in b.strides] for b in plan.buffers if b.strides}
         self.slot_exprs = [_Expr(s) for s in plan.slots]
+        self.sym_exprs: dict[str, _Expr] = {}
         self.offset_exprs = {b.name: _Expr(b.offset) for b in plan.buffers if b.offset is not None}
         self.input_exprs = {i.name: [_Expr(s) for s in i.shape] for i in plan.inputs}
         self.step_exprs = [
@@ -150,7 +151,10 @@ class PlanExecutor:
             if "ref" in a:
                 return env[a["ref"]]
             if "sym" in a:
-                return _Expr(a["sym"])(syms)
+                expr = self.sym_exprs.get(a["sym"])
+                if expr is None:  # compiled once per expression, not per call
+                    expr = self.sym_exprs[a["sym"]] = _Expr(a["sym"])
+                return expr(syms)
             if "dtype" in a:
                 return DTYPES[a["dtype"]]
             if "device" in a:
