@@ -43,17 +43,24 @@ def _build(cap: Any, config: CompileConfig, device: torch.device, name: str, mod
 
 
 def _with_calibration(model: torch.nn.Module, config: CompileConfig) -> CompileConfig:
-    """int6_method="gptq": the config with the eager model's calibration Hessians (braze/quant/gptq.py)."""
+    """quant="int6": the config with the eager model's calibration statistics (braze/quant/calibration.py), when
+    the method or the activation mode uses them and a tokenizer for the shipped calibration text is found."""
     import dataclasses
 
-    from braze.quant.gptq import calibrate, find_tokenizer
+    from braze.quant.calibration import collect, find_tokenizer
     from braze.runtime.errors import ConfigError
 
+    wanted = config.int6_method != "rtn" or config.int6_act in ("a6", "mixed")
+    if config.quant != "int6" or config.int6_calibration is not None or not wanted:
+        return config
     tokenizer = find_tokenizer(model)
     if tokenizer is None:
-        raise ConfigError("int6_method='gptq' calibrates on braze/data/calib_text.txt but found no tokenizer next to "
-                          "the model; pass int6_calibration=braze.quant.gptq.calibrate(model, tokenizer)")
-    return dataclasses.replace(config, int6_calibration=calibrate(model, tokenizer))
+        if config.int6_method in ("awq", "gptq"):
+            raise ConfigError(f"int6_method={config.int6_method!r} calibrates on braze/data/calib_text.txt but "
+                              "found no tokenizer next to the model; pass "
+                              "int6_calibration=braze.quant.calibration.collect(model, tokenizer)")
+        return config  # the pass rounds to nearest and says so in the report
+    return dataclasses.replace(config, int6_calibration=collect(model, tokenizer))
 
 
 def compile_causal_lm(model: torch.nn.Module, config: CompileConfig) -> CompiledModel:
@@ -61,12 +68,10 @@ def compile_causal_lm(model: torch.nn.Module, config: CompileConfig) -> Compiled
     from braze.compiler.capture import capture_causal_lm
     from braze.compiler.generation import compile_generation
 
-    build_config = config
-    if config.quant == "int6" and config.int6_method == "gptq" and config.int6_calibration is None:
-        build_config = _with_calibration(model, config)
+    build_config = _with_calibration(model, config)
     cap = capture_causal_lm(model, config.max_batch, config.max_seq)
     compiled = _build(cap, build_config, _device_of(model), type(model).__name__, model_config=model.config)
-    compiled.config = config  # the Hessians are only needed by the quant pass; don't keep them alive
+    compiled.config = config  # calibration statistics are only needed by the quant pass; don't keep them alive
     gen = compile_generation(cap, config, compiled.report)
     gen_cfg = getattr(model, "generation_config", None)
     eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None

@@ -56,6 +56,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonneg_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
 def _nonneg_float(text: str) -> float:
     try:
         value = float(text)
@@ -107,6 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model dtype (auto: float32 on CPU, bfloat16 on a GPU)")
     p.add_argument("--quant", choices=("df11", "int6"), default=None,
                    help="weight compression: df11 (lossless DFloat11) or int6 (FlexQ-style)")
+    p.add_argument("--df11-strategy", choices=("auto", "scratch", "fused"), default=None,
+                   help="--quant df11 decode: scratch (decode a block, then matmul), fused (decode inside the GEMV), "
+                   "auto (default: fused in the decode plan)")
+    p.add_argument("--int6-act", choices=("a16", "a8", "a6", "mixed"), default=None,
+                   help="--quant int6 activations: a16 (weight-only, default), a8, a6, or mixed (A6/A8 per linear "
+                   "by a sensitivity pass on the shipped calibration text)")
+    p.add_argument("--int6-method", choices=("auto", "rtn", "awq", "gptq"), default=None,
+                   help="--quant int6 weight rounding (default auto: activation-aware smoothing when the model has "
+                   "a tokenizer, else round to nearest)")
     p.add_argument("--speculate", choices=("suffix",), default=None, help="speculative decoding drafts (suffix)")
     p.add_argument("--deterministic", action="store_true", help="FP32 math, batch-invariant kernels")
     p.add_argument("--report", action="store_true", help="print the full compile report")
@@ -174,10 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=f"MODEL is {MODEL_HELP}.")
     p.add_argument("model", metavar="MODEL", help="a causal LM")
     p.add_argument("--quant", nargs="+", default=["df11", "int6"],
-                   choices=("df11", "int6", "int6-a8", "int6-mixed"), help="variants besides FP (default: df11 int6)")
+                   choices=("df11", "int6", "int6-rtn", "int6-gptq", "int6-a8", "int6-a6", "int6-mixed"),
+                   help="variants besides FP (default: df11 int6)")
     p.add_argument("--text", default=None, help="a UTF-8 text file (default: braze/data/eval_text.txt)")
     p.add_argument("--window", type=_positive_int, default=256, help="tokens per window (default 256)")
     p.add_argument("--max-tokens", type=_positive_int, default=None, help="evaluate only the first N tokens")
+    p.add_argument("--agreement-tokens", type=_nonneg_int, default=0, metavar="N",
+                   help="also compare N greedy tokens of each variant with FP on a chat prompt (default 0: off)")
     p.add_argument("--executor", choices=("reference", "interpret", "cuda"), default="reference",
                    help="executor for the compiled variants (default reference)")
     p.set_defaults(func=cmd_eval)
@@ -368,6 +390,10 @@ def _compile_model(loaded: Any, options: dict[str, Any]) -> Any:
 def cmd_compile(args: argparse.Namespace) -> int:
     from braze.cli_models import resolve_model
 
+    if args.quant != "int6" and (args.int6_act or args.int6_method):
+        raise UsageError("--int6-act / --int6-method apply to --quant int6 only")
+    if args.quant != "df11" and args.df11_strategy:
+        raise UsageError("--df11-strategy applies to --quant df11 only")
     device = _device_for(args.executor)
     with _Stages(["load model", "compile", "save package"]) as stages:
         stages.start(f"loading {args.model}")
@@ -375,8 +401,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         loaded = resolve_model(args.model, dtype=dtype, device=device)
         stages.start("compiling")
         options = dict(executor=args.executor, max_seq=args.max_seq, max_batch=args.max_batch)
-        for key in ("quant", "speculate"):
-            if getattr(args, key) is not None:
+        for key in ("quant", "speculate", "df11_strategy", "int6_act", "int6_method"):
+            if getattr(args, key, None) is not None:
                 options[key] = getattr(args, key)
         if args.deterministic:
             options["deterministic"] = True
@@ -820,7 +846,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     text = Path(args.text).read_text() if args.text else None
     variants = ["eager", "braze"] + (["eager-bf16"] if "df11" in args.quant else []) + list(args.quant)
     rows = quant_perplexity_table(loaded.model, loaded.tokenizer, text=text, window=args.window,
-                                  executor=args.executor, variants=tuple(variants), max_tokens=args.max_tokens)
+                                  executor=args.executor, variants=tuple(variants), max_tokens=args.max_tokens,
+                                  agreement_tokens=args.agreement_tokens)
     print(format_table(rows))
     return 0
 

@@ -334,7 +334,8 @@ def test_render_signatures_follow_flags():
     tree = render_attention(AttentionSpec("attn_tree", has_kv_start=True, tree_mask=True))
     compile(tree, "<attention>", "exec")
     head = tree[tree.index("def attn_tree(") :]
-    assert head.index("kv_start_ptr") < head.index("tree_ptr, stride_tm_i, stride_tm_j") < head.index("Sq, Skv")
+    tree_args = "tree_ptr, stride_tm_b, stride_tm_i, stride_tm_j, past_ptr"  # per-row trees and past lengths
+    assert head.index("kv_start_ptr") < head.index(tree_args) < head.index("Sq, Skv")
     assert "tree_ptr" not in full
     dec = render_decode_attention(DecodeAttentionSpec("dec", has_kv_start=True, out_dtype="bfloat16"))
     compile(dec, "<decode>", "exec")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -114,6 +115,13 @@ def test_bad_arguments_in_process(argv, needle, capsys):
     assert needle in _one_line_error(capsys.readouterr().err)
 
 
+def test_int6_options_need_quant_int6(capsys):
+    assert main(["compile", "m", "-o", "o", "--int6-act", "a8"]) == 2
+    assert "--quant int6 only" in _one_line_error(capsys.readouterr().err)
+    assert main(["compile", "m", "-o", "o", "--quant", "int6", "--df11-strategy", "fused"]) == 2
+    assert "--quant df11 only" in _one_line_error(capsys.readouterr().err)
+
+
 def test_missing_model_path_exits_1_with_the_path(tmp_path, capsys):
     missing = tmp_path / "no-such-model"
     assert main(["compile", str(missing), "-o", str(tmp_path / "out")]) == 1
@@ -166,9 +174,12 @@ def test_compile_an_hf_model_directory(tmp_path, capsys):
 
 def test_eval_prints_a_perplexity_table():
     res = subprocess.run([sys.executable, "-m", "braze.cli", "eval", "tests.tiny_factory:tiny_llama", "--quant",
-                          "int6", "--window", "32", "--max-tokens", "64"], capture_output=True, text=True,
-                         timeout=300, cwd=Path(__file__).resolve().parent.parent)
+                          "int6", "--window", "32", "--max-tokens", "64", "--agreement-tokens", "8"],
+                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent)
     assert res.returncode == 0, res.stderr[-2000:]
     rows = [line for line in res.stdout.splitlines() if line.startswith("| ") and "variant" not in line]
     assert [r.split("|")[1].strip() for r in rows] == ["eager", "braze", "int6"]
     assert "+0.000%" in rows[1]  # the compiled FP model is the eager model
+    agreement = [r.split("|")[6].strip() for r in rows]
+    assert agreement[0] == agreement[1] == "8/8 / 100.0%"  # the reference, and the same model compiled
+    assert re.fullmatch(r"\d/8 / \d+\.\d%", agreement[2])

@@ -72,8 +72,8 @@ def test_act_order_and_identity_hessian():
 
 
 def test_config_validates_method():
-    with pytest.raises(ConfigError, match="'rtn', 'gptq'"):
-        CompileConfig(int6_method="awq")
+    with pytest.raises(ConfigError, match="'auto', 'rtn', 'awq', 'gptq'"):
+        CompileConfig(int6_method="round")
     with pytest.raises(ConfigError, match="int6_calibration"):
         CompileConfig(int6_method="gptq", int6_calibration=[1])
 

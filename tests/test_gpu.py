@@ -1,5 +1,6 @@
 """GPU checks (bf16 on CUDA, CUDA-graph decode). Skipped without a GPU; each has a CPU twin under the interpreter:
-test_models_golden.py (forward), test_generate.py (greedy generation), test_speculation.py (speculation)."""
+test_models_golden.py (forward), test_generate.py (greedy generation), test_speculation.py (speculation; the
+bucketed verify graphs' twin is test_bucketed_speculation_matches_plain)."""
 
 import pytest
 import torch
@@ -43,3 +44,31 @@ def test_speculation_on_cuda_is_exact():
     base = torch.randint(3, 256, (10,), device="cuda")
     ids = torch.cat([base, base, base])[None]
     assert torch.equal(cm.generate(ids, max_new_tokens=32), cm.generate(ids, max_new_tokens=32, speculate=True))
+
+
+def test_batched_speculation_replays_verify_graphs_on_cuda():
+    """Batch 3 (bucket 4) of prompts of different lengths: verify steps padded to k in K_BUCKETS and replayed from
+    one CUDA graph per (batch bucket, k bucket); output token-identical to plain greedy decoding."""
+    from braze.runtime.speculate import K_BUCKETS, SpeculativeRunner
+
+    model = tiny_causal_lm("llama").cuda()
+    cm = braze.compile(model, max_seq=128, max_batch=4)
+    gen = torch.Generator().manual_seed(0)
+    bases = [torch.randint(3, 256, (n,), generator=gen).cuda() for n in (10, 7, 9)]
+    prompts = [torch.cat([b, b, b]) for b in bases]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(3, width, dtype=torch.long, device="cuda")
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+    plain = cm.generate(ids, attention_mask=mask, max_new_tokens=32)
+    cm.generator.spec = SpeculativeRunner(cm.generator, adaptive=False)  # verify whatever the suffix tree drafts
+    for tree in (False, True):
+        spec = cm.generate(ids, attention_mask=mask, max_new_tokens=32, speculate=True, spec_tree=tree)
+        assert torch.equal(plain, spec)
+    runner = cm.generator.spec
+    assert runner.stats.verify_steps > 0 and runner.verify_graphs.graphs
+    ids_at = [i.name for i in cm.generator.verify.user_inputs].index("input_ids")
+    for key in runner.verify_graphs.graphs:  # a key holds each input's (shape, dtype)
+        batch, seq = key[ids_at][0]  # input_ids: [batch bucket, 1 + k bucket]
+        assert batch == 4 and seq - 1 in K_BUCKETS

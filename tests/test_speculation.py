@@ -57,7 +57,9 @@ def test_sampling_distribution_is_unchanged(tree):
                                speculate=speculate, spec_tree=tree and speculate)[0, -1]) for s in range(n)]
         return torch.bincount(torch.tensor(out), minlength=16).float() / n
 
-    plain, spec = third_tokens(False), third_tokens(True)
+    plain = third_tokens(False)
+    _always_draft(cm)
+    spec = third_tokens(True)
     assert cm.generator.spec.stats.verify_steps > 0
     tv = 0.5 * (plain - spec).abs().sum().item()
     assert tv < 0.12, f"total variation {tv:.3f}"
@@ -89,6 +91,7 @@ def test_tree_drafts_with_tree_attention_are_exact(executor):
     base = torch.randint(3, 256, (12,), generator=torch.Generator().manual_seed(0))
     ids = torch.cat([base, base[:5], base, base[3:]])[None]
     plain = cm.generate(ids, max_new_tokens=40)
+    _always_draft(cm)
     tree = cm.generate(ids, max_new_tokens=40, speculate=True, spec_tree=True, max_spec_tokens=8)
     assert torch.equal(plain, tree)
     stats = cm.generator.spec.stats
@@ -96,3 +99,208 @@ def test_tree_drafts_with_tree_attention_are_exact(executor):
     assert "insert_tree_verify" in [p.name for p in cm.report.passes]
     if executor == "interpret":  # tree attention runs as a Triton kernel, not an eager fallback
         assert all(s.kind != "eager" for s in cm.extra_plans["verify"].steps)
+
+
+# ------------------------------------------------------------------------------------- batched speculation
+
+
+def _ragged_batch(lengths=(30, 21, 24), seed=10):
+    """Left-padded batch of repetitive prompts of different lengths (rows hold different cache lengths)."""
+    prompts = [_repetitive_prompt(n // 3, 3, seed + i)[0] for i, n in enumerate(lengths)]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = p
+        mask[i, width - len(p):] = 1
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def llama_models():
+    """One compiled tiny Llama per executor, shared by the batched tests (compiling dominates their cost)."""
+    return {}
+
+
+def _always_draft(cm):
+    """A fresh runner (fresh counters and suffix trees) that verifies every draft the suffix tree offers: these
+    tests check the verify path, so they must not depend on the adaptive policy choosing to speculate."""
+    from braze.runtime.speculate import SpeculativeRunner
+
+    cm.generator.spec = SpeculativeRunner(cm.generator, adaptive=False)
+    return cm.generator.spec
+
+
+def _compiled(cache, executor):
+    """The module's tiny Llama (max_batch 4) for `executor`, compiled once."""
+    if executor not in cache:
+        cache[executor] = braze.compile(tiny_causal_lm("llama"), max_seq=96, max_batch=4, executor=executor)
+    return cache[executor]
+
+
+@pytest.mark.parametrize("executor,batch,tree", [
+    ("reference", 1, False), ("reference", 3, False), ("reference", 3, True),
+    ("interpret", 1, False), ("interpret", 3, False), ("interpret", 3, True),
+])
+def test_batched_greedy_speculation_is_exact(llama_models, executor, batch, tree):
+    """Rows of different lengths verified in one forward per step (per-row cache offsets and trees, padded
+    drafts): token-identical to plain greedy decoding of the same batch."""
+    cm = _compiled(llama_models, executor)
+    ids, mask = _ragged_batch()
+    ids, mask = ids[:batch], mask[:batch]
+    plain = cm.generate(ids, attention_mask=mask, max_new_tokens=20)
+    _always_draft(cm)
+    calls = cm.generator.verify.stats["calls"]
+    spec = cm.generate(ids, attention_mask=mask, max_new_tokens=20, speculate=True, spec_tree=tree)
+    assert torch.equal(plain, spec)
+    stats = cm.generator.spec.stats
+    assert stats.verify_steps > 0 and stats.tokens == 20 * batch
+    # counters are per row: each row's step yields its accepted drafts + 1 (no EOS here), prefill one per row
+    assert stats.tokens == batch + stats.verify_steps + stats.accepted_drafts + stats.plain_steps
+    assert stats.forward_steps <= 19  # each forward advanced every live row (row by row would need ~19 per row)
+    assert cm.generator.verify.stats["calls"] - calls <= stats.forward_steps  # one verify forward per step
+    if batch > 1:  # forwards served several rows at once (row by row, row steps == forwards)
+        assert stats.verify_steps + stats.plain_steps > 2 * stats.forward_steps
+    if tree:
+        assert stats.tree_steps > 0
+
+
+def test_batched_rows_stop_at_eos(llama_models):
+    """A row that emits EOS stops (pad after it) while the others go on, exactly as plain decoding."""
+    cm = _compiled(llama_models, "reference")
+    ids, mask = _ragged_batch()
+    plain = cm.generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=None)
+    eos = int(plain[1, ids.shape[1] + 6])  # row 1's seventh new token ends it
+    plain = cm.generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=eos, pad_token_id=0)
+    _always_draft(cm)
+    spec = cm.generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=eos, pad_token_id=0,
+                       speculate=True)
+    assert torch.equal(plain, spec)
+    new = spec[:, ids.shape[1]:]
+    stopped = [(row == eos).nonzero()[0, 0].item() + 1 if (row == eos).any() else 20 for row in new]
+    assert stopped[1] <= 7 and cm.generator.spec.stats.tokens == sum(stopped)
+
+
+@pytest.mark.parametrize("tree", [False, True])
+def test_batched_sampling_is_seeded(llama_models, tree):
+    """Sampling with a batch of 3 runs through the batched verify step and is reproducible for a seed (from a
+    fresh drafter: the global suffix tree learns from earlier requests, which changes later drafts)."""
+    cm = _compiled(llama_models, "reference")
+    ids, mask = _ragged_batch()
+    kw = dict(attention_mask=mask, max_new_tokens=16, do_sample=True, temperature=0.7, speculate=True,
+              spec_tree=tree)
+
+    def fresh(seed):
+        _always_draft(cm)
+        return cm.generate(ids, seed=seed, **kw)
+
+    a = fresh(3)
+    assert cm.generator.spec.stats.verify_steps > 0
+    assert torch.equal(a, fresh(3))
+    assert not torch.equal(a, fresh(4))
+    assert a.shape == (3, ids.shape[1] + 16) and int(a.max()) < 256
+
+
+# ------------------------------------------------------------ padding and buckets (CPU twin of the CUDA graphs)
+
+
+def test_bucket_sizes():
+    from braze.runtime.speculate import K_BUCKETS, batch_bucket, bucket_size
+
+    assert [bucket_size(k, K_BUCKETS, 64) for k in (1, 4, 5, 9, 16)] == [4, 4, 8, 16, 16]
+    assert bucket_size(9, K_BUCKETS, 12) == 9  # 16 would overflow the cache: run the exact size uncaptured
+    assert [batch_bucket(b, 4) for b in (1, 2, 3, 4)] == [1, 2, 4, 4]
+    assert batch_bucket(3, 3) == 3
+
+
+def test_verify_batch_layout():
+    """Padding nodes see only themselves, no real node sees them, positions = base + depth, and a finished row's
+    writes are clamped into its own cache row."""
+    from braze.runtime.speculate import RowState, build_verify_batch
+    from braze.runtime.suffix_tree import Draft
+
+    rows = [RowState(0, 0, 8, 11, cached=10, kv_start=2), RowState(1, 1, 8, 12, cached=7, kv_start=0),
+            RowState(2, 2, 8, 13, cached=31, kv_start=0, done=True)]
+    drafts = [Draft(tokens=[5, 6, 7], parents=[-1, -1, 1]), None, None]
+    b = build_verify_batch(rows, drafts, 4, 32, "cpu")
+    assert b.ids[0].tolist() == [11, 5, 6, 7, 0] and b.lengths.tolist() == [3, 0, 0]
+    assert b.positions[0].tolist() == [8, 9, 9, 10, 8] and b.positions[1].tolist() == [7] * 5
+    assert b.cache_len.tolist() == [10, 7, 27]  # 27 + 5 slots = 32: the finished row stays inside its row
+    m = b.tree_mask.int()
+    assert m[0].tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 0, 1, 1, 0], [0, 0, 0, 0, 1]]
+    assert torch.equal(m[1], torch.eye(5, dtype=torch.int))
+    with pytest.raises(ValueError, match="overflow"):
+        build_verify_batch([RowState(0, 0, 8, 1, cached=28, kv_start=0)], [None], 4, 32, "cpu")
+
+
+@pytest.mark.parametrize("executor", ["reference", "interpret"])
+def test_padded_rows_and_nodes_change_nothing(executor):
+    """One verify forward of 2 real rows, then the same rows plus 2 finished padding rows and a larger k: the
+    real rows' logits and KV caches are the same (padding rows write only their own cache rows, padding nodes
+    change no real node), and no real row's slot outside its new verify slots changes."""
+    from braze.runtime.speculate import RowState, SpeculativeRunner, build_verify_batch
+    from braze.runtime.suffix_tree import Draft
+
+    cm = braze.compile(tiny_causal_lm("llama", layers=1), max_seq=32, max_batch=4, executor=executor)
+    g = cm.generator
+    runner = SpeculativeRunner(g)
+    ids = torch.randint(3, 256, (4, 6), generator=torch.Generator().manual_seed(0))
+    drafts = [Draft(tokens=[5, 6, 7], parents=[-1, -1, 1]), Draft(tokens=[9], parents=[-1]), None, None]
+    results = []
+    for bsz, k in ((2, 3), (4, 8)):
+        caches, kv_start = g.new_caches(bsz), torch.tensor([0, 2, 0, 0][:bsz], dtype=torch.int32)
+        g.forward(g.prefill, ids[:bsz], torch.arange(6)[None].expand(bsz, -1) - kv_start[:, None].long(), 0,
+                  kv_start, caches)
+        # rows hold different lengths (row 1 re-feeds its last prompt token); row 3 is finished near the end
+        cached = [6, 5, 6, 30][:bsz]
+        rows = [RowState(b, b, 8, 4, cached[b], int(kv_start[b]), done=b >= 2) for b in range(bsz)]
+        before = {n: c.clone() for n, c in caches.items()}
+        logits = runner._run_verify(build_verify_batch(rows, drafts[:bsz], k, 32, "cpu"), kv_start, caches)
+        for n, c in caches.items():  # real rows: only their own verify slots [cached, cached + 1 + k) changed
+            for b in range(2):
+                assert torch.equal(c[b, :, : cached[b]], before[n][b, :, : cached[b]])
+                assert torch.equal(c[b, :, cached[b] + 1 + k:], before[n][b, :, cached[b] + 1 + k:])
+        results.append((logits[:2, :4], {n: c[:2, :, :10] for n, c in caches.items()}))
+    (small, small_kv), (big, big_kv) = results
+    torch.testing.assert_close(big[0], small[0], rtol=1e-5, atol=1e-5)  # row 0: 1 + 3 real nodes
+    torch.testing.assert_close(big[1, :2], small[1, :2], rtol=1e-5, atol=1e-5)  # row 1: 1 + 1 real nodes
+    for n in small_kv:
+        torch.testing.assert_close(big_kv[n][0], small_kv[n][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(big_kv[n][1, :, :7], small_kv[n][1, :, :7], rtol=1e-5, atol=1e-5)
+
+
+def test_bucketed_speculation_matches_plain(llama_models):
+    """The padding CUDA graphs need (batch 3 -> bucket 4, drafts -> k in K_BUCKETS), forced on CPU: outputs are
+    still identical to plain decoding, and every verify forward had a bucket shape."""
+    from braze.runtime.speculate import K_BUCKETS
+
+    cm = _compiled(llama_models, "reference")
+    ids, mask = _ragged_batch()
+    plain = cm.generate(ids, attention_mask=mask, max_new_tokens=20)
+    g = cm.generator
+    _always_draft(cm)
+    g.spec.k_buckets, g.spec.pad_batches = K_BUCKETS, True
+    shapes = []
+    run, ids_at = g.verify.run, [i.name for i in g.verify.user_inputs].index("input_ids")
+    g.verify.run = lambda inputs: shapes.append(tuple(inputs[ids_at].shape)) or run(inputs)
+    try:
+        spec = cm.generate(ids, attention_mask=mask, max_new_tokens=20, speculate=True, spec_tree=True)
+    finally:
+        del g.verify.run
+    assert torch.equal(plain, spec)
+    assert shapes and all(b == 4 and s - 1 in K_BUCKETS for b, s in shapes), shapes
+    assert g.spec.stats.tokens == 60  # the padding row produced nothing
+
+
+def test_without_a_verify_plan_rows_run_one_at_a_time():
+    """Packages ship no verify plan: speculation falls back to one row at a time (path drafts through prefill),
+    still token-identical to plain decoding."""
+    cm = braze.compile(tiny_causal_lm("llama", layers=1), max_seq=96, max_batch=4, executor="reference")
+    ids, mask = _ragged_batch()
+    plain = cm.generate(ids, attention_mask=mask, max_new_tokens=20)
+    cm.generator.verify = None
+    _always_draft(cm)
+    spec = cm.generate(ids, attention_mask=mask, max_new_tokens=20, speculate=True)
+    assert torch.equal(plain, spec)
+    stats = cm.generator.spec.stats
+    assert stats.verify_steps > 0 and stats.verify_steps + stats.plain_steps == stats.forward_steps

@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from braze.runtime.speculative import (
+    compact_accepted,
     draft_positions,
     greedy_accept,
+    greedy_accept_batched,
     greedy_accept_paths,
     node_depths,
     sample_accept,
@@ -100,6 +102,47 @@ def test_greedy_accept_paths_batched_matches_scalar():
         assert (len(path), bon) == (n[b].item(), bonus[b].item())
 
 
+def _random_tree(k: int, gen: torch.Generator) -> list[int]:
+    return [int(torch.randint(-1, i, (1,), generator=gen)) for i in range(k)]
+
+
+def test_greedy_accept_batched_matches_scalar_on_padded_trees():
+    """Rows of different real lengths padded to one k: same answer as the scalar rule on the real nodes."""
+    g = torch.Generator().manual_seed(1)
+    bsz, k = 48, 6
+    logits = torch.randn(bsz, k + 1, V, generator=g)
+    lengths = torch.randint(0, k + 1, (bsz,), generator=g)
+    parents = torch.tensor([_random_tree(k, g) for _ in range(bsz)])
+    argmax = logits.argmax(-1)
+    drafts = argmax.gather(1, parents + 1)  # every node matches its parent's argmax...
+    drafts[torch.rand(bsz, k, generator=g) < 0.25] = V - 1  # ...except some (V - 1 may match by chance)
+    n, path, bonus = greedy_accept_batched(drafts, parents, lengths, logits)
+    assert int(n.max()) >= 2  # deep paths were exercised
+    for b in range(bsz):
+        kb = int(lengths[b])
+        want, want_bonus = greedy_accept(drafts[b, :kb], parents[b, :kb], logits[b, : kb + 1])
+        assert path[b, : n[b]].tolist() == want and int(bonus[b]) == want_bonus
+
+
+def test_padding_nodes_are_never_accepted():
+    """A padding node whose token equals the target argmax still is not accepted: only lengths[b] nodes count."""
+    logits = onehot_logits([1, 2, 3, 4])[None]  # after context -> 1, after node 0 -> 2, ...
+    drafts = torch.tensor([[1, 2, 3]])
+    parents = torch.tensor([[-1, 0, 1]])
+    for real, want_bonus in ((3, 4), (1, 2), (0, 1)):
+        n, path, bonus = greedy_accept_batched(drafts, parents, torch.tensor([real]), logits)
+        assert (int(n), path[0, :real].tolist(), int(bonus)) == (real, list(range(real)), want_bonus)
+
+
+def test_compact_accepted_moves_each_rows_path():
+    """Row 0 accepted nodes 1, 3 (a branch) at offset 2; row 1 nothing at offset 0: only row 0's slots move."""
+    cache = torch.arange(2 * 1 * 8 * 1, dtype=torch.float32).reshape(2, 1, 8, 1)
+    before = cache.clone()
+    compact_accepted([cache], torch.tensor([2, 0]), torch.tensor([[1, 3, 0], [0, 0, 0]]), torch.tensor([2, 0]))
+    assert cache[0, 0, :, 0].tolist() == [0, 1, 2, 4, 6, 5, 6, 7]  # slots 3, 4 <- nodes 1, 3 (slots 4, 6)
+    assert torch.equal(cache[1], before[1])
+
+
 # ---------------------------------------------------------------------------------------------- sampling
 
 P0 = torch.tensor([0.1, 0.2, 0.3, 0.25, 0.15])
@@ -119,6 +162,19 @@ def test_sample_accept_paths_distribution(x):
     second = torch.where(n > 1, draft[:, 1], bonus)[n > 0]
     assert tv(torch.bincount(second, minlength=V).float(), P1) < TV_MAX
     assert abs((n > 0).float().mean().item() - P0[x].item()) < 0.02
+
+
+@pytest.mark.parametrize("real", [0, 1])
+def test_sample_accept_paths_padding_is_neither_accepted_nor_removed(real):
+    """Draft [2, 3] with only `real` tokens real: never more than `real` accepted, and the token after the real
+    ones ~ the full target row (a padding token removed from it would move TV by ~0.3)."""
+    g = torch.Generator().manual_seed(11 + real)
+    logits = logits_for(P0, P1, P2).expand(N, 3, V)
+    draft = torch.tensor([2, 3]).expand(N, 2)
+    n, bonus = sample_accept_paths(draft, logits, generator=g, lengths=torch.full((N,), real))
+    assert int(n.max()) == real
+    at_end = bonus[n == real]
+    assert tv(torch.bincount(at_end, minlength=V).float(), [P0, P1][real]) < TV_MAX
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ explicit strides, so q/k/v may be strided views of one fused QKV projection.
 Flash attention forward, `render_attention(AttentionSpec)`; kernel `<name>`::
 
     <name>(q_ptr, k_ptr, v_ptr, out_ptr, [cos_ptr, sin_ptr], [kv_start_ptr],
-           [tree_ptr, stride_tm_i, stride_tm_j], Sq, Skv, Hq, GROUP, D,
+           [tree_ptr, stride_tm_b, stride_tm_i, stride_tm_j, past_ptr, stride_past], Sq, Skv, Hq, GROUP, D,
            stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
            stride_vb, stride_vh, stride_vs, stride_vd, stride_ob, stride_oh, stride_os, stride_od,
            [stride_cb, stride_cs, stride_cd], sm_scale, BLOCK_M, BLOCK_N, BLOCK_D)
@@ -18,9 +18,10 @@ Flash attention forward, `render_attention(AttentionSpec)`; kernel `<name>`::
   kv_start int32 [B]: keys j < kv_start[b] are left padding. A row with no visible key outputs 0.
   cos/sin [B, >=Skv, D] (same strides, batch stride may be 0) are indexed by absolute position:
   key j uses row j and query i uses row Skv - Sq + i (the same as i when Sq == Skv).
-  tree_mask (needs causal; speculative tree verification): tree [Sq, Sq] (any integer/bool dtype, shared by
-  the batch) replaces the causal test for the Sq newest keys: key j < Skv - Sq (the cache) is visible to
-  every row, key j >= Skv - Sq is visible to query i iff tree[i, j - (Skv - Sq)] != 0 (kv_start still applies).
+  tree_mask (needs causal; speculative tree verification): tree [B, Sq, Sq] (any integer/bool dtype; batch
+  stride 0 shares one tree) replaces the causal test for the Sq newest keys of row b, which has past[b] cached
+  keys (int, stride_past = 0 for one length): key j < past[b] is visible to every query, key j >= past[b] to
+  query i iff tree[b, i, j - past[b]] != 0 (kv_start still applies); keys from past[b] + Sq on are not read.
   A module also defines the helper `<name>_kv_loop`.
 
 Split-KV decode, `render_decode_attention(DecodeAttentionSpec)`; kernels `<name>_partial`, `<name>_combine`::
@@ -182,7 +183,8 @@ def run_attention(
     """Flash attention forward. q [B, Hq, Sq, D], k/v [B, Hkv, Skv, D], any strides; returns out.
 
     cos/sin [B, >=Skv, D] enable rope (indexed by absolute position); kv_start int32 [B] masks
-    left padding; tree_mask [Sq, Sq] (with causal) says which of the Sq newest keys each query sees.
+    left padding; tree_mask [Sq, Sq] or [B, Sq, Sq] (with causal) says which of the Sq newest keys each query
+    sees.
     `out` (any strides) defaults to a new tensor of q's dtype.
     """
     batch, hq, sq, head_dim = q.shape
@@ -200,8 +202,8 @@ def run_attention(
         if cos.shape[0] != batch or cos.shape[1] < skv or cos.shape[2] != head_dim:
             raise ValueError(f"cos/sin shape {tuple(cos.shape)} must be [B, >=Skv, D]")
     if tree_mask is not None:
-        if tuple(tree_mask.shape) != (sq, sq):
-            raise ValueError(f"tree_mask shape {tuple(tree_mask.shape)} must be [Sq, Sq] = [{sq}, {sq}]")
+        if tuple(tree_mask.shape[-2:]) != (sq, sq) or tree_mask.dim() not in (2, 3):
+            raise ValueError(f"tree_mask shape {tuple(tree_mask.shape)} must be [(B,) Sq, Sq] = [{sq}, {sq}]")
         if tree_mask.dtype == torch.bool:
             tree_mask = tree_mask.view(torch.uint8)  # same bytes; avoids int1 pointers
     if out is None:
@@ -222,7 +224,9 @@ def run_attention(
     if kv_start is not None:
         extra.append(kv_start)
     if tree_mask is not None:
-        extra += [tree_mask, *tree_mask.stride()]
+        strides = tree_mask.stride() if tree_mask.dim() == 3 else (0, *tree_mask.stride())
+        past = torch.full((1,), skv - sq, dtype=torch.int64, device=q.device)
+        extra += [tree_mask, *strides, past, 0]
     rope_strides = list(cos.stride()) if rope else []
     scale = sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
     grid = (triton.cdiv(sq, blocks.block_m), batch * hq)

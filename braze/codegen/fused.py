@@ -7,6 +7,12 @@ therefore cost nothing inside a kernel, and a region may recompute cheap produce
 
 Two iteration modes: `pointwise` (flat index over the whole space) and `reduction` (XBLOCK rows x RBLOCK
 row elements, reductions over the last dim with the whole row in registers).
+
+Grouped quantization epilogue (braze::int6_act_scales / int6_act_codes): in reduction mode a row's K values
+are in registers, so a per-128-group absmax is one more reduction over a [XBLOCK, RBLOCK // G, G] reshape of
+the row. The region producing x (RMSNorm, SwiGLU, a smoothing multiply) thus stores int8 codes [rows, G * n_g]
+(zero tail) and fp32 scales [rows, n_g] in the same launch, with the fp32 ops of
+braze.quant.int6.quantize_activations_reference (IEEE division, round half to even), so bit-identical.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import sympy
 import torch
 import torch.fx as fx
 
+import braze.ops  # noqa: F401  (registers braze::*, for the grouped-quantization ops)
 from braze.codegen import pointwise_ops as P
 from braze.codegen.render import render_template
 from braze.codegen.symbolic import (
@@ -31,6 +38,8 @@ from braze.codegen.symbolic import (
     simplify_index,
     to_sympy,
 )
+from braze.ops.schema import op_args
+from braze.quant.int6 import ACT_RANGES
 
 XINDEX = sympy.Symbol("xindex", integer=True, nonnegative=True)
 RINDEX = sympy.Symbol("rindex", integer=True, nonnegative=True)
@@ -104,6 +113,8 @@ def is_fusable(node: fx.Node) -> bool:
             return src.dim() <= 1
         dims = [d % src.dim() for d in dims]
         return dims == [src.dim() - 1] and node.kwargs.get("dtype") in (None, val.dtype)
+    if t in GROUP_QUANT:
+        return _group_quant_ok(node)
     if t is P.aten.cat.default:
         return True
     if t is P.aten.embedding.default:
@@ -112,7 +123,25 @@ def is_fusable(node: fx.Node) -> bool:
 
 
 def is_reduction(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target in P.REDUCTIONS
+    """Reductions over the last dim of their first argument (their region iterates over its rows)."""
+    return node.op == "call_function" and (node.target in P.REDUCTIONS or node.target in GROUP_QUANT)
+
+
+GROUP_QUANT = frozenset({torch.ops.braze.int6_act_scales.default, torch.ops.braze.int6_act_codes.default})
+
+
+def group_quant_args(node: fx.Node) -> tuple[fx.Node, int, int]:
+    """(x, group size, act bits) of a grouped-quantization node."""
+    a = op_args(node)
+    return a["x"], int(a["group_size"]), int(a["act_bits"])
+
+
+def _group_quant_ok(node: fx.Node) -> bool:
+    """Static K, a power-of-two group (the in-register reshape) and a float x."""
+    x, group, bits = group_quant_args(node)
+    k = meta(x).shape[-1]
+    return (isinstance(k, int) and group > 0 and group & (group - 1) == 0 and bits in ACT_RANGES
+            and meta(x).dtype.is_floating_point)
 
 
 def is_float(dtype: torch.dtype) -> bool:
@@ -489,6 +518,9 @@ class KernelBuilder:
 
     # ---- whole kernel --------------------------------------------------------------------------------
     def store(self, node: fx.Node, buffer_name: str) -> None:
+        if node.target in GROUP_QUANT:
+            self._store_group_quant(node, buffer_name)
+            return
         idx = self.canonical_index(node)
         var = self.value(node, idx)
         shape = shape_of(meta(node))
@@ -509,6 +541,69 @@ class KernelBuilder:
         if not (simplify_index(to_sympy(offset)).free_symbols & {XINDEX, RINDEX}):
             ptr += " + tl.zeros_like(xindex)"  # a constant offset (all-size-1 output) is a scalar pointer
         self.lines.append(f"tl.store({ptr}, tl.broadcast_to({value}, {shape_hint}), {mask})")
+        self.outputs.append((buffer_name, node))
+
+    # ---- grouped quantization epilogue ---------------------------------------------------------------
+    def _group_quant(self, x: fx.Node, group: int, bits: int) -> tuple[str, str]:
+        """(codes, scales) as [XBLOCK, RBLOCK] blocks (each element carries its group's scale), once per kernel.
+
+        Same fp32 ops as quantize_activations_reference: absmax over the zero-padded group, div_rn (IEEE
+        division; plain `/` is approximate on NVIDIA), round half to even by the floor trick (libdevice rint is
+        unavailable in the interpreter; a - floor(a) is exact for |a| < 2**23)."""
+        key = ("group_quant", x, group, bits)
+        if key in self.cse:
+            return self.cse[key]
+        if not self.reduction or not _same(shape_of(meta(x)), self.space):
+            raise IllegalFusion(f"grouped quantization of {x.name} needs a reduction region over its rows")
+        qmin, qmax = ACT_RANGES[bits]
+        saved, self.mask_ctx = self.mask_ctx, ()
+        try:
+            v = self.value(x, self.canonical)
+        finally:
+            self.mask_ctx = saved
+        f32 = torch.float32
+        xv = self._tmp(f"tl.where(xmask & rmask, tl.broadcast_to({v}, [XBLOCK, RBLOCK]), 0.0)", f32)
+        x3 = f"tmp{self.counter}"
+        self.counter += 1
+        self.lines += [  # one group per row when the row is shorter than a group (K < G, so n_groups == 1)
+            f"if RBLOCK >= {group}:",
+            f"    {x3} = tl.reshape({xv}, [XBLOCK, RBLOCK // {group}, {group}])",
+            "else:",
+            f"    {x3} = tl.reshape({xv}, [XBLOCK, 1, RBLOCK])",
+        ]
+        s3 = self._tmp(f"tl.math.div_rn(tl.max(tl.abs({x3}), 2), {qmax}.0)[:, :, None]", f32)
+        t = self._tmp(f"tl.math.div_rn({x3}, tl.where({s3} > 0.0, {s3}, 1.0))", f32)
+        a = self._tmp(f"tl.abs({t})", f32)
+        r = self._tmp(f"tl.floor({a})", f32)
+        frac = self._tmp(f"{a} - {r}", f32)
+        half = self._tmp(f"{r} * 0.5", f32)
+        r = self._tmp(f"tl.where(({frac} > 0.5) | (({frac} == 0.5) & (tl.floor({half}) != {half})), {r} + 1.0, {r})",
+                      f32)
+        q = self._tmp(f"tl.minimum(tl.maximum(tl.where({t} < 0.0, -{r}, {r}), {qmin}.0), {qmax}.0)", f32)
+        codes = self._tmp(f"tl.reshape({q}, [XBLOCK, RBLOCK]).to(tl.int8)", torch.int8)
+        scales = self._tmp(f"tl.reshape({s3} + tl.zeros_like({x3}), [XBLOCK, RBLOCK])", f32)
+        self.cse[key] = (codes, scales)
+        return codes, scales
+
+    def _store_group_quant(self, node: fx.Node, buffer_name: str) -> None:
+        """Codes [rows, n_g * G] (zero tail past K) or scales [rows, n_g] (stored by each group's first lane)."""
+        x, group, bits = group_quant_args(node)
+        codes, scales = self._group_quant(x, group, bits)
+        k = int(meta(x).shape[-1])
+        n_g = -(-k // group)
+        width = n_g * group
+        param = f"out_ptr{len(self.outputs)}"
+        if node.target is torch.ops.braze.int6_act_codes.default:
+            self.lines.append(f"tl.store({param} + xindex * {width} + rindex, {codes}, xmask & (rindex < {width}))")
+            if k < group:  # the row fits in RBLOCK < G lanes: zero the rest of the one group
+                self.lines += [
+                    f"for tq in tl.static_range(1, {group} // RBLOCK):",
+                    f"    tl.store({param} + xindex * {width} + rindex + tq * RBLOCK, "
+                    f"tl.zeros([XBLOCK, RBLOCK], tl.int8), xmask & (rindex + tq * RBLOCK < {width}))",
+                ]
+        else:
+            self.lines.append(f"tl.store({param} + xindex * {n_g} + rindex // {group}, {scales}, "
+                              f"xmask & (rindex % {group} == 0) & (rindex < {width}))")
         self.outputs.append((buffer_name, node))
 
     def render(self, header: str) -> FusedKernel:

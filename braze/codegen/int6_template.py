@@ -24,7 +24,10 @@ Rendered module for spec ``Int6MatmulSpec(name, act_bits, has_bias, out_dtype)``
                    GROUP=, BLOCK_M=, BLOCK_N=, SPLIT_K=)
 
   xq int8 [M, n_groups * GROUP] (zero tail), x_scales fp32 [M, n_groups]. The quantizer is a separate
-  kernel so a later pass can fuse it into the producer of x.
+  kernel so it can move into the producer of x: in compiled plans braze/passes/int6_act.py splits the linear
+  and the fused family computes xq / x_scales inside the kernel that produces x (braze/codegen/fused.py, same
+  fp32 ops, bit-identical); the plan then launches only ``<name>`` (braze::int6_linear_q). The quantizer
+  kernel here serves int6_linear steps the pass leaves alone and int6_linear_triton.
 
 Matmul grid: ``(cdiv(N, BLOCK_N), cdiv(M, BLOCK_M), SPLIT_K)``. Weight scales are indexed
 ``ws[n * stride_wsn + g]``. With SPLIT_K == 1 the kernel stores ``out`` in ``spec.out_dtype``; with

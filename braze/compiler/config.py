@@ -10,8 +10,16 @@ from braze.runtime.errors import ConfigError
 EXECUTORS = ("auto", "cuda", "interpret", "reference")
 QUANTS = (None, "df11", "int6")
 SPECULATE = (None, "suffix")
-INT6_ACTS = ("a16", "a8", "mixed")  # mixed: down_proj W6A8, the other linears W6A6 (FlexQ)
-INT6_METHODS = ("rtn", "gptq")  # rtn: round to nearest; gptq: Hessian-aware rounding (braze/quant/gptq.py)
+# quant="df11": "scratch" decodes each unit into a buffer before the matmuls, "fused" decodes inside the GEMV
+# (braze/templates/df11_gemv.py.j2) in every plan, "auto" fuses in the decode plan only (see braze/passes/quantize.py)
+DF11_STRATEGIES = ("auto", "scratch", "fused")
+# a16: weight-only; a8: every linear W6A8; a6: every linear asks for W6A6 (the sensitivity pass keeps A8 where A6
+# hurts, with a warning); mixed: the sensitivity pass picks A6 or A8 per linear (FlexQ)
+INT6_ACTS = ("a16", "a8", "a6", "mixed")
+# rtn: round to nearest; awq: activation-aware smoothing (braze/quant/smoothing.py) then round to nearest;
+# gptq: Hessian-aware rounding (braze/quant/gptq.py); auto: awq when calibration data can be had, else rtn
+INT6_METHODS = ("auto", "rtn", "awq", "gptq")
+INT6_ACT_BITS = (16, 8, 6)
 
 
 @dataclass
@@ -25,25 +33,48 @@ class CompileConfig:
     dynamic_shapes: Any = None  # passed to torch.export for generic modules
     cuda_graphs: bool = True
     cast_bf16: bool = False  # quant="df11": allow casting non-BF16 weights to BF16 before encoding
+    df11_strategy: str = "auto"  # quant="df11": where weights are decoded (DF11_STRATEGIES)
     int6_act: str = "a16"  # quant="int6": activation precision
-    int6_method: str = "rtn"  # quant="int6": how weights are rounded (gptq needs calibration statistics)
-    # int6_method="gptq": {weight name -> input Hessian H [K, K]} (braze.quant.gptq.calibrate); braze.compile
-    # fills it for HF causal LMs when left None
+    int6_method: str = "auto"  # quant="int6": how weights are rounded (awq/gptq need calibration statistics)
+    # braze.quant.calibration.Calibration (or a dict {weight name -> Hessian} for gptq); braze.compile fills it
+    # for HF causal LMs with a tokenizer when left None
     int6_calibration: Any = None
+    # {substring of a linear's module path or weight name: 16 | 8 | 6}: activation bits for matching linears
+    int6_act_overrides: Any = None
+    # the sensitivity pass allows W6A6 on a linear whose calibration output error with A6 is at most this
+    int6_a6_tolerance: float = 0.02
 
     def __post_init__(self) -> None:
         _choice("executor", self.executor, EXECUTORS)
         _choice("quant", self.quant, QUANTS)
         _choice("speculate", self.speculate, SPECULATE)
+        _choice("df11_strategy", self.df11_strategy, DF11_STRATEGIES)
         _choice("int6_act", self.int6_act, INT6_ACTS)
         _choice("int6_method", self.int6_method, INT6_METHODS)
-        if self.int6_calibration is not None and not isinstance(self.int6_calibration, dict):
-            raise ConfigError("int6_calibration must be a dict {weight name: Hessian tensor} "
-                              f"(braze.quant.gptq.calibrate), got {type(self.int6_calibration).__name__}")
+        self._check_int6()
         for name in ("max_batch", "max_seq"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+    def _check_int6(self) -> None:
+        from braze.quant.calibration import Calibration
+
+        if self.int6_calibration is not None and not isinstance(self.int6_calibration, (dict, Calibration)):
+            raise ConfigError("int6_calibration must be a braze.quant.calibration.Calibration (collect(model, "
+                              "tokenizer)) or a dict {weight name: Hessian tensor}, got "
+                              f"{type(self.int6_calibration).__name__}")
+        overrides = self.int6_act_overrides
+        if overrides is not None:
+            if not isinstance(overrides, dict) or not all(isinstance(k, str) for k in overrides):
+                raise ConfigError("int6_act_overrides must be a dict {layer name pattern: activation bits}, "
+                                  f"got {overrides!r}")
+            bad = {k: v for k, v in overrides.items() if v not in INT6_ACT_BITS}
+            if bad:
+                raise ConfigError(f"int6_act_overrides: activation bits must be one of 16, 8, 6, got {bad}")
+        tol = self.int6_a6_tolerance
+        if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not 0 <= tol < 1:
+            raise ConfigError(f"int6_a6_tolerance must be a relative error in [0, 1), got {tol!r}")
 
     @classmethod
     def from_options(cls, **options: Any) -> CompileConfig:

@@ -21,6 +21,7 @@ from braze.compiler.capture import Captured
 from braze.compiler.config import CompileConfig
 from braze.compiler.pipeline import run_passes
 from braze.compiler.report import CompileReport
+from braze.passes.quantize import fuse_df11_decode_plan
 from braze.runtime.plan import Plan, SymbolSpec
 
 
@@ -84,6 +85,7 @@ def compile_generation(cap: Captured, config: CompileConfig, report: CompileRepo
     prefill, _ = lower_graph(gm, "prefill", cap.symbols, weights)
     decode_gm = copy_graph_module(gm)
     symbols = _respecialize_decode(decode_gm, cap.weights, config.max_batch)
+    fuse_df11_decode_plan(decode_gm, cap.weights, config, report)  # quant="df11", df11_strategy="auto" only
     decode, _ = lower_graph(decode_gm, "decode", symbols, weights)
     verify_gm = copy_graph_module(gm)
     run_passes(dataclasses.replace(cap, gm=verify_gm), config, report, phases=("verify",))

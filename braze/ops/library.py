@@ -238,12 +238,21 @@ def _cached_attention_fake(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_st
 
 def tree_cached_attention_reference(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, tree_mask, scale):
     """Verify attention for a draft tree: like cached_attention, but new token i sees new token j only where
-    tree_mask[i, j] (itself and its ancestors); every cached slot in [kv_start, cache_len) stays visible."""
-    q, keys, values, start = _write_and_read_cache(q, k, v, cos, sin, k_cache, v_cache, cache_len)
-    visible = torch.zeros(q.shape[2], keys.shape[2], dtype=torch.bool, device=q.device)
-    visible[:, :start] = True
-    visible[:, start:] = tree_mask.bool()
-    return _masked_attention(q, keys, values, visible, kv_start, scale)
+    tree_mask[(b,) i, j] (itself and its ancestors); every cached slot in [kv_start, cache_len) stays visible.
+    cache_len is [1] (one length) or [B] (rows of a batched verify step hold different lengths)."""
+    bsz = q.shape[0]
+    lens = cache_len.reshape(-1).expand(bsz)
+    masks = tree_mask.bool().expand(bsz, *tree_mask.shape[-2:])
+    outs = []
+    for b in range(bsz):  # one row at a time: each has its own write offset and tree
+        rows = slice(b, b + 1)
+        qb, keys, values, start = _write_and_read_cache(q[rows], k[rows], v[rows], cos[rows], sin[rows],
+                                                        k_cache[rows], v_cache[rows], lens[b])
+        visible = torch.zeros(qb.shape[2], keys.shape[2], dtype=torch.bool, device=q.device)
+        visible[:, :start] = True
+        visible[:, start:] = masks[b]
+        outs.append(_masked_attention(qb, keys, values, visible, kv_start.reshape(-1)[rows], scale))
+    return torch.cat(outs)
 
 
 @torch.library.custom_op("braze::tree_cached_attention", mutates_args=("k_cache", "v_cache"))

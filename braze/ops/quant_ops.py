@@ -4,6 +4,8 @@
   into a flat buffer of the original weight dtype. The linears then read views of that buffer, so every matmul
   fusion (norm prologue, epilogues, merged QKV / gate-up) is untouched and the outputs are bit-identical to the
   uncompressed model's: decoding is lossless.
+- ``braze::df11_linear``: y = x @ W^T (+ bias) with W a slice of a DF11 unit decoded inside the GEMV (strategy
+  "fused", see braze/templates/df11_gemv.py.j2): at small batch the BF16 weights never round-trip through memory.
 - ``braze::int6_linear``: y = fq(x) @ dequant(W)^T (+ bias) with W packed INT6 (FlexQ-style groups of 128
   along K, fp16 scales); fq(x) is the identity (W6A16) or dynamic per-token-group A8 / A6 quantization.
 """
@@ -14,7 +16,7 @@ import torch
 from torch import Tensor
 
 from braze.quant.df11 import DF11Unit, decode_df11_reference
-from braze.quant.int6 import Int6Weight, int6_linear_reference
+from braze.quant.int6 import ACT_RANGES, Int6Weight, int6_linear_reference, quantize_activations_reference
 
 A16 = 16  # int6_linear act_bits value meaning "activations stay in the compute dtype"
 
@@ -59,6 +61,45 @@ def _df11_decode_fake(encoded, sign_mantissa, gaps, output_positions, luts, code
     return sign_mantissa.new_empty(shape, dtype=dtype)
 
 
+@torch.library.custom_op("braze::df11_linear", mutates_args=())
+def df11_linear(
+    x: Tensor,
+    encoded: Tensor,
+    sign_mantissa: Tensor,
+    gaps: Tensor,
+    output_positions: Tensor,
+    luts: Tensor,
+    code_lengths: Tensor,
+    bias: Tensor | None,
+    start: int,
+    out_features: int,
+    in_features: int,
+    threads_per_block: int,
+    max_codes: int,
+    lut_levels: int,
+    block_first: int,
+    block_count: int,
+) -> Tensor:
+    """F.linear(x, W, bias) in fp32, returned in x's dtype, with W [out_features, in_features] the unit's weights
+    [start, start + out_features * in_features) (strategy "fused": the kernel decodes W inside the GEMV).
+
+    block_first / block_count (the stream blocks covering W), max_codes and lut_levels are compile-time launch
+    constants; the reference decodes the whole unit and slices it."""
+    unit = df11_unit_from_tensors(encoded, sign_mantissa, gaps, output_positions, luts, code_lengths,
+                                  threads_per_block)
+    flat = decode_df11_reference(unit)["flat"]
+    w = flat[start: start + out_features * in_features].view(out_features, in_features).to(torch.float32)
+    b = None if bias is None else bias.to(torch.float32)
+    return torch.nn.functional.linear(x.to(torch.float32), w, b).to(x.dtype)
+
+
+@df11_linear.register_fake
+def _df11_linear_fake(x, encoded, sign_mantissa, gaps, output_positions, luts, code_lengths, bias, start,
+                      out_features, in_features, threads_per_block, max_codes, lut_levels, block_first,
+                      block_count):
+    return x.new_empty(*x.shape[:-1], out_features)
+
+
 @torch.library.custom_op("braze::int6_linear", mutates_args=())
 def int6_linear(
     x: Tensor,
@@ -80,7 +121,72 @@ def _int6_linear_fake(x, packed, scales, bias=None, in_features=0, group_size=12
     return x.new_empty(*x.shape[:-1], packed.shape[0])
 
 
+def _n_groups(k: int, group_size: int) -> int:
+    return -(-k // group_size)
+
+
+@torch.library.custom_op("braze::int6_act_scales", mutates_args=())
+def int6_act_scales(x: Tensor, group_size: int = 128, act_bits: int = 8) -> Tensor:
+    """fp32 [..., n_groups]: per token per group absmax / qmax (braze.quant.int6.quantize_activations_reference)."""
+    return quantize_activations_reference(x, act_bits, group_size)[1]
+
+
+@int6_act_scales.register_fake
+def _int6_act_scales_fake(x, group_size=128, act_bits=8):
+    return x.new_empty(*x.shape[:-1], _n_groups(x.shape[-1], group_size), dtype=torch.float32)
+
+
+@torch.library.custom_op("braze::int6_act_codes", mutates_args=())
+def int6_act_codes(x: Tensor, scales: Tensor, group_size: int = 128, act_bits: int = 8) -> Tensor:
+    """int8 [..., n_groups * group_size]: clamp(round_half_even(x / scale)) per group, zero tail past K.
+
+    `scales` must be int6_act_scales(x) (braze/passes/int6_act.py builds it so): taking it as an input orders
+    the codes after the scales in the graph, which is what lets the fused scheduler put both in one kernel."""
+    qmin, qmax = ACT_RANGES[act_bits]
+    k, g = x.shape[-1], scales.shape[-1]
+    xg = torch.nn.functional.pad(x.float(), (0, g * group_size - k)).reshape(*x.shape[:-1], g, group_size)
+    s = scales.unsqueeze(-1)
+    q = torch.round(xg / torch.where(s > 0, s, torch.ones_like(s))).clamp_(qmin, qmax)
+    return q.reshape(*x.shape[:-1], g * group_size).to(torch.int8)
+
+
+@int6_act_codes.register_fake
+def _int6_act_codes_fake(x, scales, group_size=128, act_bits=8):
+    return x.new_empty(*x.shape[:-1], scales.shape[-1] * group_size, dtype=torch.int8)
+
+
+@torch.library.custom_op("braze::int6_linear_q", mutates_args=())
+def int6_linear_q(
+    xq: Tensor,
+    xs: Tensor,
+    packed: Tensor,
+    scales: Tensor,
+    bias: Tensor | None = None,
+    in_features: int = 0,
+    group_size: int = 128,
+    act_bits: int = 8,
+    out_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """int6_linear on pre-quantized activations (codes xq, scales xs): F.linear(xq * xs, q * scale, bias) in
+    fp32, cast to out_dtype; bit-identical to int6_linear(x, ..., act_bits) when (xq, xs) quantize x."""
+    g = xs.shape[-1]
+    lead = xq.shape[:-1]
+    xf = (xq.float().reshape(*lead, g, group_size) * xs.unsqueeze(-1)).reshape(*lead, g * group_size)
+    qw = Int6Weight(packed=packed, scales=scales, shape=(packed.shape[0], in_features), group_size=group_size)
+    return int6_linear_reference(xf[..., :in_features], qw, None, bias).to(out_dtype)
+
+
+@int6_linear_q.register_fake
+def _int6_linear_q_fake(xq, xs, packed, scales, bias=None, in_features=0, group_size=128, act_bits=8,
+                        out_dtype=torch.float32):
+    return xq.new_empty(*xq.shape[:-1], packed.shape[0], dtype=out_dtype)
+
+
 QUANT_OPS = {
     "df11_decode": torch.ops.braze.df11_decode.default,
+    "df11_linear": torch.ops.braze.df11_linear.default,
     "int6_linear": torch.ops.braze.int6_linear.default,
+    "int6_act_scales": torch.ops.braze.int6_act_scales.default,
+    "int6_act_codes": torch.ops.braze.int6_act_codes.default,
+    "int6_linear_q": torch.ops.braze.int6_linear_q.default,
 }

@@ -62,18 +62,21 @@ def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> int:
 
 
 def insert_tree_verify(gm: fx.GraphModule, ctx: PassContext) -> int:
-    """Verify-graph insertion: cached attention gains a `tree_mask` input [S, S] so one forward scores a whole
-    draft tree (each draft token sees the cache, the pending token and its ancestors; positions = base + depth)."""
+    """Verify-graph insertion: cached attention gains a `tree_mask` input [B, S, S] so one forward scores a
+    whole draft tree per row (each draft token sees the cache, the pending token and its ancestors; positions =
+    base + depth), and `cache_len` becomes per row [B]: the rows of a batched verify step accept different
+    numbers of drafts, so they hold different cache lengths."""
     nodes = [n for n in gm.graph.nodes if is_op(n, braze.cached_attention.default)]
     if not nodes:
         return 0
-    ids = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == "input_ids")
-    seq = val(ids).shape[1]
+    placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+    batch, seq = val(placeholders["input_ids"]).shape[:2]
     last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     with gm.graph.inserting_after(last):
         mask = gm.graph.placeholder("tree_mask")
     with ctx.fake_mode:
-        mask.meta["val"] = torch.empty((seq, seq), dtype=torch.bool)
+        mask.meta["val"] = torch.empty((batch, seq, seq), dtype=torch.bool)
+        placeholders["cache_len"].meta["val"] = torch.empty(batch, dtype=torch.int64)
     for node in nodes:
         a = op_args(node)
         args = tuple(a[n] for n in ("q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start"))

@@ -1,17 +1,18 @@
-"""Weight quantization passes: DFloat11 (lossless) and INT6 (FlexQ-style).
+"""DFloat11 weight compression (lossless), and the helpers the INT6 pass (braze/passes/int6.py) shares.
 
-Both run after the template fusions (merge_sibling_linears, fuse_norm_prologue, fuse_linear_epilogue), not before
-them as DESIGN §3 lists, because those fusions pattern-match braze::linear nodes whose weights are placeholders:
+The quant passes run after the template fusions (merge_sibling_linears, fuse_norm_prologue,
+fuse_linear_epilogue), not before them as DESIGN §3 lists, because those fusions pattern-match braze::linear nodes
+whose weights are placeholders:
 
 - quantize_df11 keeps every braze::linear / linear_glu exactly as the fusions left it and only swaps where its
   weights come from: one braze::df11_decode per unit (a decoder block's linear weights, or the embedding / lm_head
   on their own) writes the unit's weights into a flat scratch buffer, and each linear reads a view of it. The
   matmul kernels, their block sizes and their prologues/epilogues are those of the uncompressed compile, so the
   logits are bit-identical to it (decoding is lossless) and merged QKV / gate-up weights are compressed too.
-- quantize_int6 quantizes the merged weights (per-row groups along K, so quantizing a concatenation equals
-  concatenating the quantized rows) and splits the fused prologue / epilogue back out of the linear: a
-  braze::rms_norm before (decompose_unfused turns it into a fused reduction kernel) and ATen activation / GLU
-  product / residual add after (picked up by the fused pointwise family).
+  That is strategy (a), "scratch"; strategy (b), "fused", turns each linear of a unit into braze::df11_linear (the
+  decode runs inside the GEMV) and splits its prologue / epilogue out like INT6 does; df11_strategy picks per plan
+  (see the comment above DF11_FUSED_MAX_M).
+- quantize_int6 lives in braze/passes/int6.py (and its activation-quantization split in braze/passes/int6_act.py).
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ import torch
 import torch.fx as fx
 
 import braze.ops  # noqa: F401  (registers braze::*)
-from braze.ops.quant_ops import A16
+from braze.codegen.df11_template import df11_block_range
 from braze.ops.schema import op_args
 from braze.passes.context import PassContext
 from braze.passes.graph_utils import aten, dce, is_op, new_node, val
 from braze.quant.df11 import POINTER_BASE, encode_df11
-from braze.quant.int6 import quantize_int6 as quantize_int6_weight
 from braze.runtime.errors import ConfigError
 
 braze = torch.ops.braze
@@ -150,6 +150,7 @@ def quantize_df11(gm: fx.GraphModule, ctx: PassContext) -> int:
             ctx,
             first,
         )
+        decoded.meta["df11_unit"] = label  # copied with the graph: the decode plan's notes name the unit
         if len(phs) == 1:
             phs[0].replace_all_uses_with(decoded)
         else:
@@ -171,154 +172,173 @@ def quantize_df11(gm: fx.GraphModule, ctx: PassContext) -> int:
             f"total: {len(units)} units, {total_weights} weights, {8 * total_bytes / total_weights:.2f} "
             f"bits/weight, {2 * total_weights - total_bytes} bytes saved vs BF16"
         )
+    strategies = _df11_unit_strategies(gm, ctx)
     for line in unit_notes:
-        ctx.note(line)
+        ctx.note(f"{line}; strategy: {strategies.get(line.split()[1].rstrip(':'), 'scratch')}")
+    if df11_strategy(ctx.config) == "fused":
+        _fuse_df11_linears(gm, ctx)
     dce(gm)
     gm.recompile()
     return count
 
 
-# ---- INT6 ------------------------------------------------------------------------------------------------------
-def _act_bits(config: Any, weight_name: str, module_path: str) -> int:
-    mode = getattr(config, "int6_act", "a16")
-    if mode == "a16":
-        return A16
-    if mode == "a8":
-        return 8
-    # FlexQ's LLaMA recipe: down_proj is the sensitive one (W6A8), every other linear W6A6
-    return 8 if "down_proj" in weight_name or "down_proj" in module_path else 6
+# DFloat11 strategies: "scratch" = (a) one braze::df11_decode per unit into a scratch buffer, then the unchanged
+# matmuls; "fused" = (b) braze::df11_linear, decode inside the GEMV (braze/templates/df11_gemv.py.j2), for every
+# plan; "auto" = scratch for forward / prefill / verify (large M: decoding once per unit amortizes), fused for the
+# decode plan (M = batch <= max_batch). The pass runs once on the forward graph that all plans are built from, so
+# it cannot see the phase: it emits scratch, and compiler/generation.py calls fuse_df11_decode_plan on the decode
+# copy. auto keeps scratch when max_batch > DF11_FUSED_MAX_M (the GEMV re-decodes W per 16 rows of x) or under
+# deterministic=True (the fused kernel reduces rows across programs with fp32 atomics).
+DF11_FUSED_MAX_M = 16
 
 
-_ACT_NODES = {
-    "silu": (aten.silu.default, {}),
-    "relu": (aten.relu.default, {}),
-    "gelu": (aten.gelu.default, {}),
-    "gelu_tanh": (aten.gelu.default, {"approximate": "tanh"}),
-}
+def df11_strategy(config: Any) -> str:
+    return getattr(config, "df11_strategy", "auto")
 
 
-def _activate(gm: fx.GraphModule, y: fx.Node, kind: str, ctx: PassContext, before: fx.Node) -> fx.Node:
-    if kind == "none":
-        return y
-    target, kwargs = _ACT_NODES[kind]
-    return new_node(gm, target, (y,), dict(kwargs), ctx, before)
+def _df11_auto_fuses_decode(config: Any) -> bool:
+    return int(getattr(config, "max_batch", 1)) <= DF11_FUSED_MAX_M and not getattr(config, "deterministic", False)
 
 
-def _calibration_index(config: Any) -> dict[str, torch.Tensor] | None:
-    """int6_method="gptq": the calibration Hessians keyed by normalized name (model.layers.0.x.weight ->
-    model_layers_0_x_weight), which a placeholder name (p_model_model_layers_0_x_weight) ends with."""
-    if getattr(config, "int6_method", "rtn") != "gptq":
-        return None
-    hessians = getattr(config, "int6_calibration", None)
-    if not hessians:
-        raise ConfigError(
-            "int6_method='gptq' needs calibration statistics: braze.compile computes them for HF causal LMs; "
-            "for other models pass int6_calibration=braze.quant.gptq.calibrate(model, tokenizer) (a dict "
-            "{weight name: Hessian})"
-        )
-    return {re.sub(r"\W", "_", k): v for k, v in hessians.items()}
+def _df11_label(decoded: fx.Node) -> str:
+    return decoded.meta.get("df11_unit") or decoded.args[0].name.removeprefix("df11_").removesuffix("_encoded")
 
 
-def _hessian(index: dict[str, torch.Tensor], ph: fx.Node) -> torch.Tensor | None:
-    """The input Hessian of a weight placeholder (of its sources, for a merged q/k/v weight), or None."""
-    found = []
-    for name in ph.meta.get("braze_sources", [ph.name]):
-        parts = name.split("_")
-        h = next((index[k] for k in ("_".join(parts[i:]) for i in range(len(parts))) if k in index), None)
-        if h is None:
-            return None
-        found.append(h)
-    return found[0] if found else None
+def _df11_weight_sources(gm: fx.GraphModule) -> dict[fx.Node, list[tuple[fx.Node, int]]]:
+    """df11_decode node -> [(node feeding a weight, element start)]: the decode itself (one-tensor unit) or the
+    view of its slice."""
+    found: dict[fx.Node, list[tuple[fx.Node, int]]] = {}
+    for d in gm.graph.find_nodes(op="call_function", target=braze.df11_decode.default):
+        uses: list[tuple[fx.Node, int]] = []
+        for u in d.users:
+            if is_op(u, aten.slice.Tensor) and all(is_op(v, aten.view.default) for v in u.users):
+                uses += [(v, int(u.args[2])) for v in u.users]
+            else:
+                uses.append((d, 0))
+        found[d] = uses
+    return found
 
 
-def _int6_weight(
-    gm: fx.GraphModule, ctx: PassContext, name: str, w: torch.Tensor, cache: dict[str, tuple[fx.Node, fx.Node, float]],
-    hessian: torch.Tensor | None = None,
-) -> tuple[fx.Node, fx.Node, float]:
-    if name not in cache:
-        if hessian is not None:
-            from braze.quant.gptq import gptq_int6
+def _df11_fusable(d: fx.Node, uses: list[tuple[fx.Node, int]], sources: set[fx.Node]) -> str | None:
+    """Why unit `d` keeps the scratch strategy (None: every use is a linear weight the fused GEMV can take)."""
+    max_codes = int(d.args[7])
+    for w, _ in uses:
+        for lin in w.users:
+            if lin.target not in WEIGHT_ARGS:
+                return f"{lin.name} ({lin.target}) reads it, not a linear"
+            a = op_args(lin)
+            if a["x"] is w or not all(a[k] in sources for k in WEIGHT_ARGS[lin.target]):
+                return f"{lin.name} mixes it with an uncompressed weight"
+            if val(a["x"]).dtype not in (torch.float32, torch.float16, torch.bfloat16):
+                return f"{lin.name} input dtype {val(a['x']).dtype}"
+            if a["activation"] not in ("none", *_ACT_ATEN):
+                return f"{lin.name} activation {a['activation']!r}"
+        if max_codes > int(val(w).shape[-1]):
+            return f"in_features {val(w).shape[-1]} < {max_codes} codes per window"
+    return None
 
-            qw = gptq_int6(w.detach().float(), hessian)
+
+def _df11_unit_strategies(gm: fx.GraphModule, ctx: PassContext) -> dict[str, str]:
+    """Unit label -> the strategy it gets, for the report."""
+    strategy = df11_strategy(ctx.config)
+    graph_sources = _df11_weight_sources(gm)
+    sources = {w for uses in graph_sources.values() for w, _ in uses}
+    out = {}
+    for d, uses in graph_sources.items():
+        why = _df11_fusable(d, uses, sources)
+        if strategy == "scratch":
+            out[_df11_label(d)] = "scratch (df11_strategy='scratch')"
+        elif why:
+            out[_df11_label(d)] = f"scratch ({why})"
+        elif strategy == "fused":
+            racy = " (fp32 atomics: not bitwise run-to-run deterministic on a GPU)" if ctx.config.deterministic else ""
+            out[_df11_label(d)] = "fused GEMV in every plan" + racy
+        elif _df11_auto_fuses_decode(ctx.config):
+            out[_df11_label(d)] = "auto: fused GEMV in the decode plan, scratch in forward / prefill / verify"
         else:
-            qw = quantize_int6_weight(w.detach().float())
-        packed = ctx.add_weight(gm, f"int6_{name.removeprefix('p_')}_packed"[:80], qw.packed)
-        scales = ctx.add_weight(gm, f"int6_{name.removeprefix('p_')}_scales"[:80], qw.scales)
-        cache[name] = (packed, scales, qw.bits_per_weight)
-    return cache[name]
+            out[_df11_label(d)] = "auto: scratch (max_batch > 16 or deterministic)"
+    return out
 
 
-def quantize_int6(gm: fx.GraphModule, ctx: PassContext) -> int:
-    linears = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in LINEARS]
-    layered = any(layer_index(_module_path(n)) is not None for n in linears)
-    cache: dict[str, tuple[fx.Node, fx.Node, float]] = {}
-    count, kept, bits, notes = 0, [], {}, []
-    index = _calibration_index(ctx.config)
-    rtn_fallback: list[str] = []
-    for node in linears:
-        a = op_args(node)
-        glu = node.target is braze.linear_glu.default
-        phs = [_weight_placeholder(a[k], ctx) for k in WEIGHT_ARGS[node.target]]
-        if any(ph is None for ph in phs):
+_ACT_ATEN = {"silu": (aten.silu.default, {}), "gelu": (aten.gelu.default, {}),
+             "gelu_tanh": (aten.gelu.default, {"approximate": "tanh"}), "relu": (aten.relu.default, {})}
+
+
+def _df11_replace_linear(gm: fx.GraphModule, ctx: PassContext, lin: fx.Node,
+                         where: dict[fx.Node, tuple[fx.Node, int]]) -> None:
+    """braze::linear / linear_glu reading DF11 weights -> rms_norm? -> braze::df11_linear(s) -> ATen epilogue."""
+    a = op_args(lin)
+    x = a["x"]
+    if a["norm_weight"] is not None:
+        x = new_node(gm, braze.rms_norm.default, (x, a["norm_weight"], a["eps"]), {}, ctx, lin)
+
+    def gemv(w: fx.Node, bias: Any) -> fx.Node:
+        d, start = where[w]
+        n, k = (int(s) for s in val(w).shape)
+        first, count = df11_block_range(ctx.weights[d.args[3].name], start, start + n * k)
+        args = (x, *d.args[:6], bias, start, n, k, *d.args[6:9], first, count)
+        return new_node(gm, braze.df11_linear.default, args, {}, ctx, lin)
+
+    def act(y: fx.Node, name: str) -> fx.Node:
+        if name == "none":
+            return y
+        target, kwargs = _ACT_ATEN[name]
+        return new_node(gm, target, (y,), kwargs, ctx, lin)
+
+    if lin.target is braze.linear.default:
+        y = act(gemv(a["weight"], a["bias"]), a["activation"])
+        if a["residual"] is not None:
+            y = new_node(gm, aten.add.Tensor, (a["residual"], y), {}, ctx, lin)
+    else:
+        gate = act(gemv(a["gate_weight"], None), a["activation"])
+        y = new_node(gm, aten.mul.Tensor, (gate, gemv(a["up_weight"], None)), {}, ctx, lin)
+    lin.replace_all_uses_with(y)
+    gm.graph.erase_node(lin)
+
+
+def _fuse_df11_linears(gm: fx.GraphModule, ctx: PassContext) -> tuple[int, list[str]]:
+    """Strategy (b) on this graph: every linear of a fusable unit becomes braze::df11_linear. Returns
+    (linears rewritten, per-unit notes)."""
+    graph_sources = _df11_weight_sources(gm)
+    sources = {w for uses in graph_sources.values() for w, _ in uses}
+    where: dict[fx.Node, tuple[fx.Node, int]] = {}
+    notes, count = [], 0
+    for d, uses in graph_sources.items():
+        why = _df11_fusable(d, uses, sources)
+        if why:
+            notes.append(f"unit {_df11_label(d)}: scratch ({why})")
             continue
-        path = _module_path(node)
-        names = [ph.name for ph in phs]
-        if layered and layer_index(*names, path) is None:
-            kept.append(names[0])  # lm_head & co. stay in the compute dtype, as FlexQ keeps them
-            continue
-        k_in = int(ctx.weights[names[0]].shape[1])
-        groups = -(-k_in // 128)
-        if groups * (96 + 2) * 8 / k_in >= 16:  # packed 6-bit groups of 128 + fp16 scales vs 16 bits/weight
-            kept.append(names[0])  # K far below one group: INT6 would be bigger than BF16
-            continue
-        act_bits = _act_bits(ctx.config, " ".join(names), path)
-        x = a["x"]
-        hessian = None
-        if index is not None:
-            found = [_hessian(index, ph) for ph in phs]
-            hessian = found[0] if all(h is not None for h in found) else None
-            if hessian is None:
-                rtn_fallback.append(names[0])
-        if glu:
-            w = torch.cat([ctx.weights[n] for n in names], 0)
-            packed, scales, bpw = _int6_weight(gm, ctx, "_".join(names)[:60] + "_glu", w, cache, hessian)
-        else:
-            w = ctx.weights[names[0]]
-            packed, scales, bpw = _int6_weight(gm, ctx, names[0], w, cache, hessian)
-        bits[packed.name] = (w.numel(), bpw)
-        h = x
-        if a["norm_weight"] is not None:
-            h = new_node(gm, braze.rms_norm.default, (x, a["norm_weight"], a["eps"]), {}, ctx, node)
-        bias = None if glu else a["bias"]
-        y = new_node(
-            gm, braze.int6_linear.default, (h, packed, scales, bias, int(w.shape[1]), 128, act_bits), {}, ctx, node
-        )
-        if glu:
-            inter = ctx.weights[names[0]].shape[0]
-            gate = new_node(gm, aten.slice.Tensor, (y, -1, 0, inter), {}, ctx, node)
-            up = new_node(gm, aten.slice.Tensor, (y, -1, inter, 2 * inter), {}, ctx, node)
-            out = new_node(gm, aten.mul.Tensor, (_activate(gm, gate, a["activation"], ctx, node), up), {}, ctx, node)
-        else:
-            out = _activate(gm, y, a["activation"], ctx, node)
-            if a["residual"] is not None:
-                out = new_node(gm, aten.add.Tensor, (a["residual"], out), {}, ctx, node)
-        if val(out).dtype != val(node).dtype:
-            out = new_node(gm, aten._to_copy.default, (out,), {"dtype": val(node).dtype}, ctx, node)
-        node.replace_all_uses_with(out)
-        gm.graph.erase_node(node)
+        where.update({w: (d, start) for w, start in uses})
+        linears = list(dict.fromkeys(lin for w, _ in uses for lin in w.users))
+        notes.append(f"unit {_df11_label(d)}: fused GEMV ({len(linears)} linears)")
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    linears = sorted({lin for w in where for lin in w.users}, key=order.__getitem__)
+    for lin in linears:
+        _df11_replace_linear(gm, ctx, lin, where)
         count += 1
-        tag = ("W6A16" if act_bits == A16 else f"W6A{act_bits}") + (", gptq" if hessian is not None else "")
-        notes.append(f"{y.name}: {tag}, {'+'.join(names)}, N={w.shape[0]} K={w.shape[1]}, {bpw:.3f} bits/weight")
-    if bits:  # the total first: the report prints a pass's first notes only
-        n = sum(k for k, _ in bits.values())
-        stored = sum(k * b for k, b in bits.values()) / 8
-        ctx.note(f"total: {n} weights, {8 * stored / n:.3f} bits/weight, {int(2 * n - stored)} bytes saved vs BF16")
-    if rtn_fallback:
-        ctx.note(f"int6_method='gptq': no calibration Hessian, rounded to nearest: {', '.join(rtn_fallback)}")
-    if kept:
-        ctx.note(f"kept in the compute dtype (outside decoder layers, or K too small to gain): {', '.join(kept)}")
-    for line in notes:
-        ctx.note(line)
     dce(gm)
     gm.recompile()
+    return count, notes
+
+
+def fuse_df11_decode_plan(gm: fx.GraphModule, weights: dict[str, torch.Tensor], config: Any,
+                          report: Any) -> int:
+    """df11_strategy="auto": switch the decode plan's graph (a copy, re-specialized to S = 1) to the fused GEMV.
+
+    Called by compiler/generation.py between re-specialization and lowering; records a "df11_fuse_decode" entry
+    in the compile report with one note per unit."""
+    from braze.compiler.report import PassResult
+    from braze.passes.fusion import decompose_unfused
+
+    if config.quant != "df11" or df11_strategy(config) != "auto":
+        return 0
+    if not _df11_auto_fuses_decode(config):
+        notes = [f"every unit: scratch (max_batch {config.max_batch} > {DF11_FUSED_MAX_M} or deterministic)"]
+        report.passes.append(PassResult("df11_fuse_decode", "decode", 0, notes))
+        return 0
+    fake = next(n.meta["val"] for n in gm.graph.nodes if n.op == "placeholder" and n.name not in weights)
+    ctx = PassContext(config=config, weights=weights, fake_mode=fake.fake_mode, current_pass="df11_fuse_decode")
+    count, notes = _fuse_df11_linears(gm, ctx)
+    decompose_unfused(gm, ctx)  # the split-out rms_norm prologues become fused reduction kernels
+    report.passes.append(PassResult("df11_fuse_decode", "decode", count, notes))
     return count

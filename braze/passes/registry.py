@@ -21,10 +21,12 @@ from braze.passes.fusion import (
     fuse_rope_into_attention,
     merge_sibling_linears,
 )
+from braze.passes.int6 import quantize_int6
+from braze.passes.int6_act import split_int6_act_quant
 from braze.passes.kv_cache import insert_kv_cache, insert_tree_verify
 from braze.passes.normalize import normalize
 from braze.passes.patterns import recognize_glu, recognize_linear, recognize_rms_norm, recognize_rope
-from braze.passes.quantize import quantize_df11, quantize_int6
+from braze.passes.quantize import quantize_df11
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,8 @@ PASSES: list[PassSpec] = [
     # quantization runs after the linear fusions (not before, as DESIGN §3 lists): see braze/passes/quantize.py
     PassSpec("quantize_df11", "quant", quantize_df11, enabled=lambda config: config.quant == "df11"),
     PassSpec("quantize_int6", "quant", quantize_int6, enabled=lambda config: config.quant == "int6"),
+    # W6A8 / W6A6: quantize activations in the kernel that produces them (braze/passes/int6_act.py)
+    PassSpec("split_int6_act_quant", "quant", split_int6_act_quant, enabled=lambda config: config.quant == "int6"),
     PassSpec("decompose_unfused", "fusion", decompose_unfused),
     # generation graphs only (run on a copy of the forward graph, see compiler/generation.py)
     PassSpec("insert_kv_cache", "cache", insert_kv_cache),

@@ -23,20 +23,13 @@ H tensor.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from braze.quant.calibration import collect
 from braze.quant.int6 import WEIGHT_QMAX, WEIGHT_QMIN, Int6Weight, _check_group_size, pack_int6
-
-CALIB_TEXT = Path(__file__).resolve().parent.parent / "data" / "calib_text.txt"
-
-
-def calib_text() -> str:
-    """The calibration text shipped with braze (distinct from the evaluation text)."""
-    return CALIB_TEXT.read_text()
 
 
 def _group_scales(wg: Tensor) -> Tensor:
@@ -118,88 +111,11 @@ def gptq_int6(w: Tensor, H: Tensor, group_size: int = 128, **kwargs: Any) -> Int
                       group_size=group_size)
 
 
-def find_tokenizer(model: Any) -> Any:
-    """The tokenizer stored next to a HF model (a directory, or a directory holding one GGUF file); local only."""
-    from transformers import AutoTokenizer
-
-    path = getattr(model, "name_or_path", "") or getattr(getattr(model, "config", None), "_name_or_path", "")
-    if not path or not Path(path).is_dir():
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception:
-        pass
-    ggufs = sorted(Path(path).glob("*.gguf"))
-    if len(ggufs) == 1:
-        try:
-            return AutoTokenizer.from_pretrained(path, gguf_file=ggufs[0].name, local_files_only=True)
-        except Exception:
-            return None
-    return None
-
-
-def calibration_ids(tokenizer: Any, text: str | None = None, max_tokens: int = 1024) -> Tensor:
-    ids = torch.tensor(tokenizer(text if text is not None else calib_text()).input_ids, dtype=torch.long)
-    return ids[:max_tokens]
-
-
-@torch.no_grad()
 def calibrate(model: torch.nn.Module, tokenizer: Any = None, ids: Tensor | None = None, max_tokens: int = 1024,
               window: int = 256) -> dict[str, Tensor]:
-    """H = 2 X^T X / n for every nn.Linear of an eager HF causal LM, keyed by the linear's weight name.
-
-    Runs the model in fp32 on CPU (a copy when it is not already fp32 on CPU) over `ids` (default: the
-    shipped calibration text, tokenized with `tokenizer` or the one found next to the model), in windows of
-    `window` tokens. Linears reading the same input tensor share one H tensor (q/k/v, gate/up).
-    """
-    if ids is None:
-        tokenizer = tokenizer if tokenizer is not None else find_tokenizer(model)
-        if tokenizer is None:
-            raise ValueError("calibration needs token ids or a tokenizer (none was found next to the model)")
-        ids = calibration_ids(tokenizer, max_tokens=max_tokens)
-    ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)[:max_tokens]
-    p = next(model.parameters())
-    run = model
-    if p.dtype != torch.float32 or p.device.type != "cpu":
-        import copy
-
-        run = copy.deepcopy(model).float().cpu()
-    linears = {name: m for name, m in run.named_modules() if isinstance(m, torch.nn.Linear)}
-    sums: dict[str, Tensor] = {}
-    alias: dict[str, str] = {}
-    counts: dict[str, int] = {}
-    last: dict[str, Any] = {"x": None, "name": None}
-
-    def hook(name: str):
-        def pre(_mod: torch.nn.Module, args: tuple) -> None:
-            x = args[0]
-            if name not in alias:  # first sighting: share with the previous linear if it read the same tensor
-                alias[name] = alias[last["name"]] if x is last["x"] and last["name"] is not None else name
-            last["x"], last["name"] = x, name
-            leader = alias[name]
-            if leader != name:
-                return
-            x2 = x.detach().reshape(-1, x.shape[-1]).float()
-            sums[name] = sums.get(name, 0) + x2.T @ x2
-            counts[name] = counts.get(name, 0) + x2.shape[0]
-        return pre
-
-    handles = [m.register_forward_pre_hook(hook(name)) for name, m in linears.items()]
-    was_training = run.training
-    run.eval()
-    try:
-        for s in range(0, ids.numel(), window):
-            chunk = ids[s:s + window]
-            if chunk.numel() < 2:
-                continue
-            run(chunk.unsqueeze(0))
-            last["x"], last["name"] = None, None
-    finally:
-        for h in handles:
-            h.remove()
-        run.train(was_training)
-    hess = {name: 2.0 * sums[name] / max(1, counts[name]) for name in sums}
-    return {f"{name}.weight": hess[alias[name]] for name in linears if alias.get(name) in hess}
+    """H = 2 X^T X / n for every nn.Linear of an eager HF causal LM, keyed by the linear's weight name
+    (braze.quant.calibration.collect; siblings reading one input share one H tensor)."""
+    return collect(model, tokenizer, ids, max_tokens, window).hessians
 
 
 def layer_error(w: Tensor, wq: Tensor, H: Tensor) -> float:

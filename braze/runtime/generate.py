@@ -78,7 +78,8 @@ class Generator:
     def speculative(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                     do_sample: bool, temperature: float, top_k: int, top_p: float, generator: Any,
                     eos_ids: torch.Tensor, pad: int, max_spec_tokens: int, tree: bool = False) -> torch.Tensor:
-        """Speculative decoding, row by row (rows accept different draft lengths); HF output layout."""
+        """Speculative decoding, one batched verify forward per step (rows without the verify plan, as in packages,
+        run one at a time); HF output layout."""
         from braze.runtime.speculate import SpeculativeRunner
 
         if getattr(self, "spec", None) is None:
@@ -87,13 +88,14 @@ class Generator:
             raise InputMismatchError("tree drafts need the verify plan (compile with braze.compile, not a package)")
         self.spec.max_spec_tokens = max_spec_tokens
         self.spec.tree = tree
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        rows = []
-        for b in range(input_ids.shape[0]):
-            row = input_ids[b][mask[b].bool()][None].to(self.device)
-            new = self.spec.generate_row(row, max_new_tokens, do_sample, temperature, top_k, top_p, generator,
-                                         eos_ids)
-            rows.append(new)
+        mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).to(self.device)
+        if self.verify is not None:
+            rows = self.spec.generate_batch(input_ids.to(self.device), mask, max_new_tokens, do_sample, temperature,
+                                            top_k, top_p, generator, eos_ids)
+        else:
+            rows = [self.spec.generate_row(input_ids[b][mask[b].bool()][None].to(self.device), max_new_tokens,
+                                           do_sample, temperature, top_k, top_p, generator, eos_ids)
+                    for b in range(input_ids.shape[0])]
         width = max(len(r) for r in rows)
         if len(eos_ids) == 0:
             width = max_new_tokens

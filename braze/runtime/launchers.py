@@ -121,14 +121,20 @@ def launch_attention(module: Any, name: str, tensors: dict[str, torch.Tensor], o
     kernel[grid](*args, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, **opts)
 
 
-def _flash(kernel: Any, q, k, v, out, kv_start, causal: bool, scale: float, tree_mask=None) -> None:
+def _row_stride(t: torch.Tensor) -> int:
+    """Batch stride of a per-row argument given as one value for the batch ([1], stride 0) or one per row."""
+    return 0 if t.numel() == 1 else t.stride(0)
+
+
+def _flash(kernel: Any, q, k, v, out, kv_start, causal: bool, scale: float, tree_mask=None, past=None) -> None:
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     args: list[Any] = [q, k, v, out, kv_start]
-    if tree_mask is not None:  # the template's tree mode: tree_ptr, stride_tm_i, stride_tm_j after kv_start_ptr
+    if tree_mask is not None:  # the template's tree mode: tree [(B,) Sq, Sq] and past lengths after kv_start_ptr
         if tree_mask.dtype == torch.bool:
             tree_mask = tree_mask.view(torch.uint8)  # same bytes; avoids int1 pointers
-        args += [tree_mask, *tree_mask.stride()]
+        strides = tree_mask.stride() if tree_mask.dim() == 3 else (0, *tree_mask.stride())
+        args += [tree_mask, *strides, past, _row_stride(past)]
     args += [Sq, Skv, Hq, Hq // Hkv, D]
     for t in (q, k, v, out):
         args += list(t.stride())
@@ -155,11 +161,13 @@ def _rope_write(module: Any, name: str, tensors: dict[str, torch.Tensor]) -> tor
     block_d = triton.next_power_of_2(D)
     rows = S * max(Hq, Hkv)
     block_r = _pow2_clamp(rows, 1, 1024 if interpreting() else 32)
-    args: list[Any] = [q, k, v, cos, sin, qo, kc, vc, cache_len, S, Hq, Hkv, D]
+    kernel = getattr(module, f"{name}_rope_write")
+    # kernels packaged before per-row cache offsets take no stride_cl (one offset for the batch)
+    per_row = [_row_stride(cache_len)] if "stride_cl" in getattr(kernel, "arg_names", ["stride_cl"]) else []
+    args: list[Any] = [q, k, v, cos, sin, qo, kc, vc, cache_len, *per_row, S, Hq, Hkv, D]
     for t in (q, k, v, cos, qo, kc, vc):
         args += list(t.stride())
-    getattr(module, f"{name}_rope_write")[(B * triton.cdiv(rows, block_r), 2)](
-        *args, BLOCK_R=block_r, BLOCK_D=block_d)
+    kernel[(B * triton.cdiv(rows, block_r), 2)](*args, BLOCK_R=block_r, BLOCK_D=block_d)
     return qo
 
 
@@ -204,12 +212,12 @@ def launch_cached_attention(module: Any, name: str, tensors: dict[str, torch.Ten
 def launch_tree_cached_attention(module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
                                  params: dict[str, Any]) -> int:
     """Tree verify: rope/cache-write kernel, then flash attention over the cache in tree-mask mode (the cache
-    prefix is visible to every draft token, the S new tokens by tree_mask [S, S])."""
+    prefix is visible to every draft token, the S new tokens by tree_mask [B, S, S]). cache_len is per row [B]:
+    the kernel reads each row's length on device, so no host read (the verify step can be graph-captured)."""
     qo = _rope_write(module, name, tensors)
     kc, vc, cache_len = tensors["k_cache"], tensors["v_cache"], tensors["cache_len"]
-    total = int(cache_len.reshape(-1)[0]) + qo.shape[2]  # verify is not graph-captured: a host read is fine
-    _flash(getattr(module, name), qo, kc[:, :, :total], vc[:, :, :total], out, tensors["kv_start"], True,
-           float(params["scale"]), tree_mask=tensors["tree_mask"])
+    _flash(getattr(module, name), qo, kc, vc, out, tensors["kv_start"], True, float(params["scale"]),
+           tree_mask=tensors["tree_mask"], past=cache_len)
     return 2
 
 

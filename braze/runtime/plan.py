@@ -86,5 +86,8 @@ class Plan:
     @property
     def launches(self) -> int:
         per_step = {"cached_attention": lambda s: 3 if s.params.get("decode") else 2,
-                    "tree_cached_attention": lambda s: 2}
+                    "tree_cached_attention": lambda s: 2,
+                    # W6A8 / W6A6 reading float x quantize it in a launch of their own (int6_linear_q does not)
+                    "int6_matmul": lambda s: 2 if s.params.get("act_bits", 16) != 16
+                    and "x" in s.params.get("roles", []) else 1}
         return sum(per_step.get(s.launcher, lambda s: 1)(s) for s in self.steps if s.kind in ("fused", "template"))

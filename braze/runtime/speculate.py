@@ -1,40 +1,62 @@
 """Speculative generation: SuffixDecoding drafts verified by the cached-attention graph, lossless acceptance.
 
-A verify step feeds [pending token, d1..dk] (a path draft from the suffix trees) through the prefill/verify plan at
-cache_len = tokens already cached, so row i of its logits is the target distribution after token i. Greedy keeps
-the longest draft prefix equal to the target argmax plus one bonus token; sampling accepts d with probability p(d)
-and resamples from p without d on rejection (runtime/speculative.py), so outputs equal plain decoding exactly
-(greedy) or in distribution (sampling). K/V written for rejected drafts sit past the new cache length and are
-overwritten before anything reads them. With no draft, or a draft scored below `min_score`, the step is a plain
-decode step: speculation turns itself off when the trees predict poorly.
+A batch of B rows is verified in ONE forward per step through the verify plan: row b feeds [pending, its draft,
+padding] at its own cache offset (the verify plan takes a per-row `cache_len` [B] and tree mask [B, S, S]), so
+rows that accepted different numbers of drafts simply hold different cache lengths; left padding stays masked by
+kv_start. Drafts are padded to a common k with padding nodes that see only themselves (and the cache), that no
+real node sees, and that acceptance never takes: they change no real logit, and their K/V, like a rejected
+draft's, sits past the row's new length and is overwritten before anything reads it. Row i of a row's logits is
+the target distribution after node i; greedy keeps the deepest draft path equal to the target argmax plus one
+bonus token, sampling accepts d with probability p(d) and resamples from p without d (runtime/speculative.py),
+so outputs equal plain decoding exactly (greedy) or in distribution (sampling). Acceptance runs on device for
+the whole batch with one host read per step (sampled trees: one per row), and accepted tree nodes' K/V are
+compacted to consecutive slots per row on device. A step where no row drafts and every live row holds the same
+length is a plain decode step (decode plan, CUDA graph on GPU).
+
+On CUDA (the generator captures decode graphs) verify steps are padded to fixed draft sizes (K_BUCKETS) and
+batch buckets and replayed from one CUDA graph per (batch bucket, k bucket); padded batch rows own their own cache
+rows and start finished. Without a verify plan (packages) rows run one at a time, path drafts through prefill.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from braze.runtime.speculative import greedy_accept, sample_accept
-from braze.runtime.suffix_tree import SuffixDrafter
+from braze.runtime.spec_policy import PolicyDrafter, default_costs
+from braze.runtime.speculative import (
+    compact_accepted,
+    greedy_accept_batched,
+    sample_accept,
+    sample_accept_paths,
+    tree_attention_mask,
+)
+from braze.runtime.suffix_tree import Draft, SuffixDrafter
+
+K_BUCKETS = (4, 8, 16)  # verify draft sizes captured as CUDA graphs
 
 
 @dataclass
 class SpeculationStats:
-    verify_steps: int = 0
-    tree_steps: int = 0  # verify steps whose draft was a tree (branching), verified with tree attention
-    plain_steps: int = 0
-    accepted_drafts: int = 0  # draft tokens accepted over all verify steps
+    """Counters over rows: a row's verify step is one row verifying a draft in a (batched) verify forward."""
+
+    verify_steps: int = 0  # (row, step) pairs that verified a draft
+    tree_steps: int = 0  # of those, drafts that were trees (branching), verified with tree attention
+    plain_steps: int = 0  # (row, step) pairs that advanced one token without a draft
+    accepted_drafts: int = 0  # draft tokens accepted over all rows' verify steps
+    forward_steps: int = 0  # batched forwards after prefill (verify or decode), one per step for the whole batch
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
-    tokens: int = 0
+    tokens: int = 0  # new tokens over all rows
     seconds: float = 0.0
 
     @property
     def accepted_per_verify(self) -> float:
-        """Mean tokens a verify step yields: accepted draft tokens plus the bonus token."""
+        """Mean tokens one row's verify step yields: accepted draft tokens plus the bonus token."""
         return (self.accepted_drafts + self.verify_steps) / self.verify_steps if self.verify_steps else 0.0
 
     @property
@@ -42,105 +64,344 @@ class SpeculationStats:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
-def _tree_layout(parents: list[int], device: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mask [1+k, 1+k] (the pending token is node 0, draft node i is i+1; each sees itself and its ancestors) and
-    depths [1+k] (position offsets)."""
-    from braze.runtime.speculative import node_depths, tree_attention_mask
+@dataclass
+class RowState:
+    """One request of a speculative batch. Cache slot j holds position j - kv_start."""
 
-    k = len(parents)
-    mask = torch.zeros(k + 1, k + 1, dtype=torch.bool, device=device)
-    mask[:, 0] = True
-    mask[1:, 1:] = tree_attention_mask(parents, device=device)
-    depth = torch.tensor([0] + [d + 1 for d in node_depths(parents)], device=device)
-    return mask, depth
+    row: int
+    req: int
+    budget: int  # max new tokens
+    pending: int  # last emitted token, not in the cache yet
+    cached: int  # cache slots in use (the next write offset), left padding included
+    kv_start: int
+    out: list[int] = field(default_factory=list)
+    done: bool = False
+
+    @property
+    def position(self) -> int:
+        return self.cached - self.kv_start
 
 
-def _compact(caches: dict[str, torch.Tensor], src: list[int], dst0: int) -> None:
-    src_t = torch.tensor(src, device=next(iter(caches.values())).device)
-    dst_t = torch.arange(dst0, dst0 + len(src), device=src_t.device)
-    for cache in caches.values():
-        cache[:, :, dst_t] = cache[:, :, src_t].clone()
+@dataclass
+class VerifyBatch:
+    """Inputs of one batched verify forward plus what acceptance needs; K = S - 1 draft slots per row."""
+
+    ids: torch.Tensor  # [B, S]
+    positions: torch.Tensor  # [B, S]
+    cache_len: torch.Tensor  # [B] int64, each row's write offset
+    tree_mask: torch.Tensor  # [B, S, S] bool
+    drafts: torch.Tensor  # [B, K]
+    parents: torch.Tensor  # [B, K]
+    lengths: torch.Tensor  # [B] real draft nodes per row (the rest are padding)
+
+
+def bucket_size(n: int, buckets: Sequence[int], cap: int) -> int:
+    """Smallest bucket >= n that fits under cap, else n itself (an uncaptured shape)."""
+    return next((b for b in buckets if n <= b <= cap), n)
+
+
+def batch_bucket(batch: int, max_batch: int) -> int:
+    """Power-of-two batch bucket, as the decode CUDA graphs use."""
+    return min(max_batch, 1 << (batch - 1).bit_length())
+
+
+def _row_layout(draft: Draft | None, k: int) -> tuple[list[int], list[int], list[int], torch.Tensor]:
+    """(node tokens [k], parents [k], depths [1+k], mask [1+k, 1+k]) of one row: node 0 is the pending token, draft
+    node i is i+1; a node sees itself and its ancestors; padding nodes see only themselves."""
+    n = len(draft) if draft is not None else 0
+    tokens = (list(draft.tokens) if n else []) + [0] * (k - n)
+    parents = (list(draft.parents) if n else []) + [-1] * (k - n)
+    mask = torch.eye(k + 1, dtype=torch.bool)
+    depth = [0] * (k + 1)
+    if n:
+        mask[1 : n + 1, 0] = True
+        mask[1 : n + 1, 1 : n + 1] = tree_attention_mask(draft.parents)
+        for i, p in enumerate(draft.parents):
+            depth[i + 1] = depth[p + 1] + 1
+    return tokens, parents, depth, mask
+
+
+def build_verify_batch(rows: Sequence[RowState], drafts: Sequence[Draft | None], k: int, max_seq: int,
+                       device: Any) -> VerifyBatch:
+    """Pad every row's draft to k nodes. Finished rows feed only padding at an offset clamped so that their
+    writes stay inside their own cache row; live rows must satisfy cached + 1 + k <= max_seq."""
+    ids, pos, lens, offsets, toks, pars, masks = [], [], [], [], [], [], []
+    for r, d in zip(rows, drafts):
+        tokens, parents, depth, mask = _row_layout(None if r.done else d, k)
+        offset = min(r.cached, max_seq - k - 1) if r.done else r.cached
+        if offset + k + 1 > max_seq:
+            raise ValueError(f"row {r.row}: {k + 1} verify slots from {offset} overflow max_seq={max_seq}")
+        base = max(offset - r.kv_start, 0)
+        ids.append([r.pending] + tokens)
+        pos.append([base + t for t in depth])
+        lens.append(len(d) if d is not None and not r.done else 0)
+        offsets.append(offset)
+        toks.append(tokens)
+        pars.append(parents)
+        masks.append(mask)
+
+    def t(x: Any) -> torch.Tensor:
+        return torch.tensor(x, dtype=torch.long).reshape(len(rows), -1).to(device)
+
+    return VerifyBatch(t(ids), t(pos), t(offsets)[:, 0], torch.stack(masks).to(device), t(toks), t(pars),
+                       t(lens)[:, 0])
 
 
 class SpeculativeRunner:
-    """Batch-1 speculative loop over a Generator's executors; batches run row by row."""
+    """Speculative loop over a Generator's executors: one batched verify forward per step."""
 
     def __init__(self, generator: Any, max_spec_tokens: int = 8, min_score: float = 0.5,
-                 max_spec_factor: float = 4.0, min_token_prob: float = 0.1):
+                 max_spec_factor: float = 4.0, min_token_prob: float = 0.1, adaptive: bool = True,
+                 policy: dict[str, Any] | None = None):
         self.gen = generator
-        self.drafter = SuffixDrafter()
+        self.drafter: Any = SuffixDrafter()
+        if adaptive:  # a per-request cost model decides whether and how far to speculate (runtime/spec_policy.py)
+            costs = default_costs(generator.device) if policy is None else policy
+            self.drafter = PolicyDrafter(self.drafter, **costs)
         self.max_spec_tokens = max_spec_tokens
         self.min_score = min_score
         self.max_spec_factor = max_spec_factor
         self.min_token_prob = min_token_prob
         self.stats = SpeculationStats()
-        self.tree = False  # draft trees verified with tree attention (else path drafts through the prefill plan)
+        self.tree = False  # draft trees verified with tree attention (else path drafts)
         self._next_request = 0
+        graphs = getattr(generator, "graphs", None) is not None
+        # padding to fixed shapes only pays where shapes are captured (CUDA graphs); tests turn it on to check it
+        self.k_buckets: tuple[int, ...] = K_BUCKETS if graphs else ()
+        self.pad_batches = graphs
+        self.verify_graphs = self.decode_graphs = None
+        if graphs and getattr(generator, "verify", None) is not None:
+            from braze.runtime.cuda_graphs import CudaGraphRunner
 
-    def generate_row(self, ids: torch.Tensor, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
-                     top_p: float, generator: torch.Generator | None, eos_ids: torch.Tensor) -> list[int]:
-        """New tokens for one unpadded prompt [1, S]."""
+            # own graph runners: graphs capture the KV cache by identity, and these caches are the runner's
+            state = ("kv_cache_", "kv_start")
+            self.verify_graphs = CudaGraphRunner(generator.verify, static_prefixes=state)
+            self.decode_graphs = CudaGraphRunner(generator.decode, static_prefixes=state)
+        self._state: dict[int, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
+
+    # ---------------------------------------------------------------------------------------------- drafting
+
+    def _draft_for(self, row: RowState, limit: int) -> Draft | None:
+        """Whether row `row` drafts this step, and its draft: None = a plain (one-token) step for this row.
+        `limit` caps the draft length for the batch (every row's verify slots must fit in the cache)."""
+        room = min(self.max_spec_tokens, row.budget - len(row.out) - 1, self.gen.max_seq - row.cached - 1, limit)
+        if room <= 0:
+            return None
+        draft = self.drafter.draft(row.req, max_spec_tokens=room, max_spec_factor=self.max_spec_factor,
+                                   min_token_prob=self.min_token_prob, tree=self.tree)
+        if draft is None or len(draft) == 0 or draft.score < self.min_score:
+            return None  # speculation turns itself off when the trees predict poorly
+        return draft
+
+    # ------------------------------------------------------------------------------------------ batch state
+
+    def _buffers(self, batch: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """KV caches and kv_start for a batch; kept per batch size when graphs capture them by identity."""
+        if not self.pad_batches:
+            return self.gen.new_caches(batch), torch.zeros(batch, dtype=torch.int32, device=self.gen.device)
+        if batch not in self._state:
+            self._state[batch] = (self.gen.new_caches(batch),
+                                  torch.zeros(batch, dtype=torch.int32, device=self.gen.device))
+        return self._state[batch]
+
+    def _emit(self, row: RowState, accepted: list[int], bonus: int | None, eos: set[int]) -> list[int]:
+        """Append a step's tokens to a row (cut at the first EOS and at the budget); returns the accepted drafts
+        kept."""
+        if eos & set(accepted):  # stop at the first accepted EOS, exactly as plain decoding would
+            accepted = accepted[: next(i for i, t in enumerate(accepted) if t in eos) + 1]
+            bonus = None
+        new = (accepted + ([bonus] if bonus is not None else []))[: row.budget - len(row.out)]
+        self.drafter.observe(row.req, new[:-1])
+        row.cached += 1 + len(accepted)
+        row.out.extend(new)
+        row.pending = new[-1]
+        row.done = len(row.out) >= row.budget or row.pending in eos
+        if not row.done:
+            self.drafter.observe(row.req, [row.pending])
+        return accepted
+
+    # ---------------------------------------------------------------------------------------------- stepping
+
+    def _decode_step(self, rows: list[RowState], cached: int, kv_start: torch.Tensor,
+                     caches: dict[str, torch.Tensor], sample: dict[str, Any], eos: set[int]) -> None:
+        """Every live row holds `cached` slots and none drafts: one plain decode step for the batch."""
         from braze.runtime.sampling import select_next
 
         g = self.gen
-        req = self._next_request
-        self._next_request += 1
-        prompt = ids[0].tolist()
-        self.drafter.start_request(req, prompt)
-        caches = g.new_caches(1)
-        kv_start = torch.zeros(1, dtype=torch.int32, device=g.device)
-        start = time.perf_counter()
-        logits = g.forward(g.prefill, ids, torch.arange(len(prompt), device=g.device)[None], 0, kv_start, caches)
-        pending = int(select_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator)[0])
-        out = [pending]
-        cached = len(prompt)  # positions in the cache; `pending` is not in it yet
-        eos = set(eos_ids.tolist())
-        while len(out) < max_new_tokens and pending not in eos:
-            t0 = time.perf_counter()
-            self.drafter.observe(req, [pending])
-            room = min(self.max_spec_tokens, max_new_tokens - len(out) - 1, g.max_seq - cached - 1)
-            draft = self.drafter.draft(req, max_spec_tokens=max(room, 0), max_spec_factor=self.max_spec_factor,
-                                       min_token_prob=self.min_token_prob, tree=self.tree) if room > 0 else None
-            self.stats.draft_seconds += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            if draft is None or len(draft) == 0 or draft.score < self.min_score:
-                tok = torch.tensor([[pending]], device=g.device)
-                logits = g.forward(g.decode, tok, torch.tensor([[cached]], device=g.device), cached, kv_start, caches)
-                pending = int(select_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator)[0])
-                cached += 1
-                out.append(pending)
+        ids = torch.tensor([[r.pending] for r in rows], device=g.device)
+        pos = torch.tensor([[max(min(cached, g.max_seq - 1) - r.kv_start, 0)] for r in rows], device=g.device)
+        values = {"input_ids": ids, "position_ids": pos, "kv_start": kv_start,
+                  "cache_len": torch.tensor([cached], dtype=torch.int64, device=g.device), **caches}
+        inputs = g._ordered(g.decode, values)
+        (logits,) = self.decode_graphs.run(inputs) if self.decode_graphs else g.decode.run(inputs)
+        nxt = select_next(logits[:, -1], sample["do_sample"], sample["temperature"], sample["top_k"],
+                          sample["top_p"], sample["generator"]).tolist()
+        for r in rows:
+            if not r.done:
+                self._emit(r, [], int(nxt[r.row]), eos)
                 self.stats.plain_steps += 1
+
+    def _run_verify(self, batch: VerifyBatch, kv_start: torch.Tensor, caches: dict[str, torch.Tensor]
+                    ) -> torch.Tensor:
+        g = self.gen
+        values = {"input_ids": batch.ids, "position_ids": batch.positions, "cache_len": batch.cache_len,
+                  "kv_start": kv_start, "tree_mask": batch.tree_mask, **caches}
+        inputs = g._ordered(g.verify, values)
+        captured = batch.drafts.shape[1] in self.k_buckets and self.verify_graphs is not None
+        (logits,) = self.verify_graphs.run(inputs) if captured else g.verify.run(inputs)
+        return logits
+
+    def _accept(self, batch: VerifyBatch, logits: torch.Tensor, rows: list[RowState], drafts: list[Draft | None],
+                caches: dict[str, torch.Tensor], sample: dict[str, Any]) -> list[tuple[list[int], int]]:
+        """(accepted node indices, bonus) per row. Greedy, and sampling of path drafts: on device for the whole
+        batch, then one host read; sampling of trees: row by row (recursive rejection over siblings, one host read
+        per row)."""
+        bsz, k = batch.drafts.shape
+        trees = any(d is not None and not d.is_path for d in drafts)
+        if not sample["do_sample"] or not trees:
+            if sample["do_sample"]:
+                n, bonus = sample_accept_paths(batch.drafts, logits, sample["generator"], sample["temperature"],
+                                               sample["top_k"], sample["top_p"], lengths=batch.lengths)
+                path = torch.arange(k, device=n.device).expand(bsz, k)
             else:
-                toks = [pending] + draft.tokens
-                feed = torch.tensor([toks], device=g.device)
-                if draft.is_path:
-                    pos = torch.arange(cached, cached + len(toks), device=g.device)[None]
-                    logits = g.forward(g.prefill, feed, pos, cached, kv_start, caches)[0]
-                else:
-                    self.stats.tree_steps += 1
-                    mask, depth = _tree_layout(draft.parents, g.device)
-                    logits = g.forward(g.verify, feed, (cached + depth)[None], cached, kv_start, caches, mask)[0]
-                if do_sample:
-                    path, bonus = sample_accept(draft.tokens, draft.parents, logits, generator, temperature, top_k,
-                                                top_p)
-                else:
-                    path, bonus = greedy_accept(draft.tokens, draft.parents, logits)
-                accepted = [draft.tokens[i] for i in path]
-                if not draft.is_path and path:  # move the accepted nodes' K/V to consecutive cache slots
-                    _compact(caches, [cached + 1 + i for i in path], cached + 1)
-                if eos & set(accepted):  # stop at the first accepted EOS, exactly as plain decoding would
-                    accepted = accepted[: next(i for i, t in enumerate(accepted) if t in eos) + 1]
-                    bonus = None
-                new = accepted + ([bonus] if bonus is not None else [])
-                new = new[: max_new_tokens - len(out)]
-                self.drafter.observe(req, new[:-1])
-                cached += 1 + len(accepted)
-                out.extend(new)
-                pending = new[-1]
-                self.stats.verify_steps += 1
-                self.stats.accepted_drafts += len(accepted)
-            self.stats.verify_seconds += time.perf_counter() - t0
-        self.stats.tokens += len(out)
+                n, path, bonus = greedy_accept_batched(batch.drafts, batch.parents, batch.lengths, logits)
+            if trees:
+                compact_accepted(list(caches.values()), batch.cache_len, path, n)
+            host = torch.cat([n, bonus, path.reshape(-1)]).tolist()  # the one host sync of the step
+            return [(host[2 * bsz + b * k: 2 * bsz + b * k + host[b]], host[bsz + b]) for b in range(bsz)]
+        result = []
+        for b, (r, d) in enumerate(zip(rows, drafts)):
+            kb = len(d) if d is not None and not r.done else 0
+            result.append(sample_accept(d.tokens[:kb] if kb else [], d.parents[:kb] if kb else [],
+                                        logits[b, : kb + 1], sample["generator"], sample["temperature"],
+                                        sample["top_k"], sample["top_p"]))
+        if trees:
+            path = torch.tensor([p + [0] * (k - len(p)) for p, _ in result], device=logits.device).reshape(bsz, k)
+            n = torch.tensor([len(p) for p, _ in result], device=logits.device)
+            compact_accepted(list(caches.values()), batch.cache_len, path, n)
+        return result
+
+    def _verify_step(self, rows: list[RowState], drafts: list[Draft | None], limit: int, kv_start: torch.Tensor,
+                     caches: dict[str, torch.Tensor], sample: dict[str, Any], eos: set[int]) -> None:
+        g = self.gen
+        k = bucket_size(max(len(d) if d is not None else 0 for d in drafts), self.k_buckets, limit)
+        batch = build_verify_batch(rows, drafts, k, g.max_seq, g.device)
+        logits = self._run_verify(batch, kv_start, caches)
+        for r, d, (path, bonus) in zip(rows, drafts, self._accept(batch, logits, rows, drafts, caches, sample)):
+            if r.done:
+                continue
+            if d is None:
+                self._emit(r, [], bonus, eos)
+                self.stats.plain_steps += 1
+                continue
+            accepted = self._emit(r, [d.tokens[i] for i in path], bonus, eos)
+            self.stats.verify_steps += 1
+            self.stats.tree_steps += not d.is_path
+            self.stats.accepted_drafts += len(accepted)
+
+    def _step(self, rows: list[RowState], kv_start: torch.Tensor, caches: dict[str, torch.Tensor],
+              sample: dict[str, Any], eos: set[int]) -> None:
+        live = [r for r in rows if not r.done]
+        limit = self.gen.max_seq - 1 - max(r.cached for r in live)  # every live row's verify slots must fit
+        t0 = time.perf_counter()
+        drafts = [None if r.done else self._draft_for(r, limit) for r in rows]
+        self.stats.draft_seconds += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        lengths = {r.cached for r in live}
+        if all(d is None for d in drafts) and len(lengths) == 1:
+            self._decode_step(rows, lengths.pop(), kv_start, caches, sample, eos)
+        else:
+            self._verify_step(rows, drafts, limit, kv_start, caches, sample, eos)
+        self.stats.forward_steps += 1
+        self.stats.verify_seconds += time.perf_counter() - t0
+
+    # ---------------------------------------------------------------------------------------------- requests
+
+    def generate_batch(self, ids: torch.Tensor, mask: torch.Tensor, max_new_tokens: int, do_sample: bool,
+                       temperature: float, top_k: int, top_p: float, generator: torch.Generator | None,
+                       eos_ids: torch.Tensor) -> list[list[int]]:
+        """New tokens per row of a left-padded batch ids/mask [B, S] (mask 0 = padding)."""
+        from braze.runtime.sampling import select_next
+
+        g = self.gen
+        real = ids.shape[0]
+        bsz = batch_bucket(real, g.max_batch) if self.pad_batches else real
+        if bsz > real:  # dummy rows (copies of row 0) own their own cache rows and start finished
+            ids = torch.cat([ids, ids[:1].expand(bsz - real, -1)])
+            mask = torch.cat([mask, mask[:1].expand(bsz - real, -1)])
+        caches, kv_start = self._buffers(bsz)
+        kv_start.copy_((mask == 0).sum(-1).to(torch.int32))
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        start = time.perf_counter()
+        logits = g.forward(g.prefill, ids, positions, 0, kv_start, caches)
+        sample = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                  "generator": generator}
+        first = select_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator).tolist()
+        eos = set(eos_ids.tolist())
+        starts = kv_start.tolist()
+        rows = []
+        for b in range(bsz):
+            row = RowState(b, self._next_request, max_new_tokens, int(first[b]), ids.shape[1], starts[b],
+                           [int(first[b])])
+            row.done = b >= real or row.pending in eos or max_new_tokens <= 1
+            self._next_request += 1
+            if b < real:
+                self.drafter.start_request(row.req, ids[b][mask[b].bool()].tolist())
+                self.drafter.observe(row.req, [row.pending])
+            rows.append(row)
+        while any(not r.done for r in rows):
+            self._step(rows, kv_start, caches, sample, eos)
+        for r in rows[:real]:
+            self.drafter.finish_request(r.req)
+        self.stats.tokens += sum(len(r.out[:max_new_tokens]) for r in rows[:real])
         self.stats.seconds += time.perf_counter() - start
-        self.drafter.finish_request(req)
-        return out[:max_new_tokens]
+        return [r.out[:max_new_tokens] for r in rows[:real]]
+
+    def generate_row(self, ids: torch.Tensor, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
+                     top_p: float, generator: torch.Generator | None, eos_ids: torch.Tensor) -> list[int]:
+        """New tokens for one unpadded prompt [1, S] without a verify plan (packages): path drafts verify through
+        the prefill plan, whose cache offset is one for the batch."""
+        from braze.runtime.sampling import select_next
+        from braze.runtime.speculative import greedy_accept
+
+        g = self.gen
+        caches, kv_start = g.new_caches(1), torch.zeros(1, dtype=torch.int32, device=g.device)
+        start = time.perf_counter()
+        logits = g.forward(g.prefill, ids, torch.arange(ids.shape[1], device=g.device)[None], 0, kv_start, caches)
+        first = int(select_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator)[0])
+        row = RowState(0, self._next_request, max_new_tokens, first, ids.shape[1], 0, [first])
+        self._next_request += 1
+        self.drafter.start_request(row.req, ids[0].tolist())
+        self.drafter.observe(row.req, [row.pending])
+        eos = set(eos_ids.tolist())
+        row.done = row.pending in eos or max_new_tokens <= 1
+        tree, self.tree = self.tree, False
+        try:
+            while not row.done:
+                t0 = time.perf_counter()
+                draft = self._draft_for(row, g.max_seq)
+                self.stats.draft_seconds += time.perf_counter() - t0
+                t0 = time.perf_counter()
+                toks = [row.pending] + (draft.tokens if draft is not None else [])
+                pos = torch.arange(row.cached, row.cached + len(toks), device=g.device)[None]
+                plan = g.decode if draft is None else g.prefill
+                logits = g.forward(plan, torch.tensor([toks], device=g.device), pos, row.cached, kv_start, caches)[0]
+                parents = draft.parents if draft is not None else []
+                if do_sample:
+                    path, bonus = sample_accept(toks[1:], parents, logits, generator, temperature, top_k, top_p)
+                else:
+                    path, bonus = greedy_accept(toks[1:], parents, logits)
+                accepted = self._emit(row, [toks[1 + i] for i in path], bonus, eos)
+                if draft is None:
+                    self.stats.plain_steps += 1
+                else:
+                    self.stats.verify_steps += 1
+                    self.stats.accepted_drafts += len(accepted)
+                self.stats.forward_steps += 1
+                self.stats.verify_seconds += time.perf_counter() - t0
+        finally:
+            self.tree = tree
+        self.drafter.finish_request(row.req)
+        self.stats.tokens += len(row.out[:max_new_tokens])
+        self.stats.seconds += time.perf_counter() - start
+        return row.out[:max_new_tokens]

@@ -17,8 +17,10 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "compact_accepted",
     "draft_positions",
     "greedy_accept",
+    "greedy_accept_batched",
     "greedy_accept_paths",
     "node_depths",
     "sample_accept",
@@ -118,6 +120,58 @@ def greedy_accept_paths(draft_tokens: Tensor, target_logits: Tensor) -> tuple[Te
     match = draft_tokens.to(argmax.device) == argmax[:, :k]
     n = match.long().cumprod(-1).sum(-1)
     return n, argmax.gather(1, n[:, None]).squeeze(1)
+
+
+def greedy_accept_batched(draft_tokens: Tensor, parents: Tensor, lengths: Tensor, target_logits: Tensor
+                          ) -> tuple[Tensor, Tensor, Tensor]:
+    """Batched greedy acceptance of padded draft trees, all on device (no host sync): draft/parents [B, K] where
+    only the first lengths[b] nodes of row b are real (padding nodes are never accepted), logits [B, K+1, V] ->
+    (num_accepted [B], path [B, K] (accepted node indices root-first; entries from num_accepted on are
+    meaningless), bonus [B]). Same rule as ``greedy_accept``: the deepest matching path, the first on ties."""
+    argmax = target_logits.argmax(-1)
+    bsz, k = draft_tokens.shape
+    device = argmax.device
+    par = parents.to(device).long().clamp(min=-1)
+    real = torch.arange(k, device=device)[None] < lengths.to(device)[:, None]
+    ok = (draft_tokens.to(device) == argmax.gather(1, par + 1)) & real
+    alive = torch.ones(bsz, k + 1, dtype=torch.bool, device=device)  # column 0: the pending token (root)
+    depth = torch.zeros(bsz, k + 1, dtype=torch.long, device=device)
+    for i in range(k):  # parents come first, so one sweep settles every node (k <= a few dozen)
+        p1 = par[:, i : i + 1] + 1
+        alive[:, i + 1] = ok[:, i] & alive.gather(1, p1)[:, 0]
+        depth[:, i + 1] = depth.gather(1, p1)[:, 0] + 1
+    score = torch.where(alive[:, 1:], depth[:, 1:], 0)
+    n = score.amax(-1) if k else torch.zeros(bsz, dtype=torch.long, device=device)
+    best = torch.where(n > 0, score.argmax(-1) if k else n, -1)  # argmax returns the first maximum
+    bonus = argmax.gather(1, (best + 1)[:, None])[:, 0]
+    path = torch.zeros(bsz, k, dtype=torch.long, device=device)
+    cols = torch.arange(k, device=device)[None]
+    cur = best
+    for _ in range(k):  # walk up from the best node, writing each node at its depth
+        live = cur >= 0
+        d = depth.gather(1, (cur + 1)[:, None]) - 1
+        path = torch.where(live[:, None] & (cols == d), cur[:, None], path)
+        cur = torch.where(live, par.gather(1, cur.clamp(min=0)[:, None])[:, 0], -1)
+    return n, path, bonus
+
+
+def compact_accepted(caches: Sequence[Tensor], offsets: Tensor, path: Tensor, num_accepted: Tensor) -> None:
+    """Move each row's accepted draft nodes' K/V to consecutive cache slots, on device: caches [B, H, S, D] hold
+    the pending token at offsets[b] and draft node i at offsets[b] + 1 + i; accepted node path[b, j] (j <
+    num_accepted[b]) moves to offsets[b] + 1 + j. Nodes only move down (path[b, j] >= j) and every source is
+    read before any slot is written, so nothing is overwritten before it moves."""
+    if not caches or path.shape[1] == 0:
+        return
+    device = caches[0].device
+    k = path.shape[1]
+    j = torch.arange(k, device=device)[None]
+    dst = offsets.to(device).long()[:, None] + 1 + j
+    src = torch.where(j < num_accepted.to(device)[:, None], offsets.to(device).long()[:, None] + 1 + path.to(device),
+                      dst)
+    for cache in caches:
+        b, h, _, d = cache.shape
+        moved = cache.gather(2, src[:, None, :, None].expand(b, h, k, d))
+        cache.scatter_(2, dst[:, None, :, None].expand(b, h, k, d), moved)
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -235,24 +289,32 @@ def sample_accept_paths(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    lengths: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Batched sampled acceptance of path drafts without host syncs: draft [B, k], logits [B, k+1, V] ->
-    (num_accepted [B], bonus [B]). Same rule as ``sample_accept`` with a single child per node."""
+    (num_accepted [B], bonus [B]). Same rule as ``sample_accept`` with a single child per node. With lengths [B],
+    only the first lengths[b] draft tokens of row b are real (padding is neither accepted nor removed)."""
     if temperature <= 0:
-        return greedy_accept_paths(draft_tokens, target_logits)
+        if lengths is None:
+            return greedy_accept_paths(draft_tokens, target_logits)
+        n, _, bonus = greedy_accept_batched(draft_tokens, torch.arange(-1, draft_tokens.shape[1] - 1).expand_as(
+            draft_tokens), lengths, target_logits)
+        return n, bonus
     probs = target_probs(target_logits, temperature, top_k, top_p)
     bsz, k1, _ = probs.shape
     k = k1 - 1
     device = probs.device
     draft = draft_tokens.to(device).long()
+    real = torch.full((bsz,), k, device=device) if lengths is None else lengths.to(device).long()
     u = _uniforms(bsz * k1, generator, device).view(bsz, k1)
     px = probs[:, :k].gather(-1, draft[..., None]).squeeze(-1)
+    px = px.masked_fill(torch.arange(k, device=device)[None] >= real[:, None], 0.0)  # padding: never accepted
     n = (u[:, :k] < px).long().cumprod(-1).sum(-1)
     batch = torch.arange(bsz, device=device)
     row = probs[batch, n]
     if k:
         rejected = draft.gather(1, n.clamp(max=k - 1)[:, None])
-        keep = (n == k)[:, None].to(row.dtype)  # only a rejection removes the draft token
+        keep = (n == real)[:, None].to(row.dtype)  # only a rejection removes the draft token
         residual = row.scatter(1, rejected, row.gather(1, rejected) * keep)
         # Round-off guard: a rejected token holding ~all the mass would leave nothing to sample.
         row = torch.where(residual.sum(-1, keepdim=True) > 0, residual, row)
