@@ -97,7 +97,7 @@ def test_compile_option_wires_gptq_into_the_int6_pass():
     cm = braze.compile(model, max_seq=32, quant="int6", int6_method="gptq", int6_calibration=hess,
                        executor="reference")
     notes = [n for p in cm.report.passes if p.name == "quantize_int6" for n in p.notes]
-    per_linear = [n for n in notes if "W6A16" in n]
+    per_linear = [n for n in notes if ": W6A16" in n]
     assert len(per_linear) == 4 and all(", gptq" in n for n in per_linear), notes  # qkv, o, gate+up, down
     assert not any("rounded to nearest" in n for n in notes)
     assert cm.config.int6_calibration is hess  # given by the caller: kept as given

@@ -65,19 +65,26 @@ def test_sampling_distribution_is_unchanged(tree):
     assert tv < 0.12, f"total variation {tv:.3f}"
 
 
-@pytest.mark.parametrize("workload", ["code_edit_rename", "quote_context"])
-def test_smollm2_repetitive_workloads(workload):
-    """SmolLM2 through the reference executor: exact greedy output, and >= 2.5 tokens per verify step on
-    workloads that copy their prompt (measured: 2.83 and 3.73 with max_spec_tokens=16)."""
+@pytest.fixture(scope="module")
+def smollm2_reference():
     from braze.models import load_smollm2
 
     model, tok = load_smollm2()
-    cm = braze.compile(model, max_seq=384, max_batch=1, executor="reference")
+    return braze.compile(model, max_seq=512, max_batch=1, executor="reference"), tok
+
+
+@pytest.mark.parametrize("workload", ["code_edit_rename", "quote_context", "refine_list"])
+def test_smollm2_repetitive_workloads(smollm2_reference, workload):
+    """SmolLM2 through the reference executor: exact greedy output, and >= 2.5 tokens per verify step on the
+    shipped repetitive workloads (benchmarks/results: 4.4-16 tokens per verify step over 128 new tokens)."""
+    cm, tok = smollm2_reference
     work = json.loads(resources.files("braze").joinpath("data/spec_workloads.json").read_text())
-    prompt = next(w["prompt"] for w in work["repetitive"] if w["name"] == workload)
-    text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    item = next(w for w in work["repetitive"] if w["name"] == workload)
+    messages = item.get("messages") or [{"role": "user", "content": item["prompt"]}]
+    text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     ids = tok(text, return_tensors="pt").input_ids
     plain = cm.generate(ids, max_new_tokens=64)
+    cm.generator.spec = None  # a fresh drafter: no help from an earlier workload's answer
     spec = cm.generate(ids, max_new_tokens=64, speculate=True, max_spec_tokens=16)
     assert torch.equal(plain, spec)
     assert cm.generator.spec.stats.accepted_per_verify >= 2.5
