@@ -88,14 +88,16 @@ def greedy_continuation(model_or_compiled: Any, prompt_ids: torch.Tensor, max_ne
 
 
 @torch.no_grad()
-def greedy_agreement(model_or_compiled: Any, prompt_ids: torch.Tensor, reference: torch.Tensor) -> dict[str, Any]:
+def greedy_agreement(model_or_compiled: Any, prompt_ids: torch.Tensor, reference: torch.Tensor,
+                     own: torch.Tensor | None = None) -> dict[str, Any]:
     """How closely a variant follows a reference greedy continuation.
 
     `first_divergence`: tokens its own greedy generation shares with `reference` before the first difference;
     `teacher_forced`: the fraction of positions where, fed the reference prefix, its argmax is the reference token
     (one divergence does not decide the rest, unlike comparing free-running generations position by position).
     """
-    own = greedy_continuation(model_or_compiled, prompt_ids, reference.numel())
+    if own is None:  # the variant's own greedy continuation (given when already generated)
+        own = greedy_continuation(model_or_compiled, prompt_ids, reference.numel())
     diff = (own != reference).nonzero()
     first = int(diff[0]) if diff.numel() else reference.numel()
     seq = torch.cat([prompt_ids.reshape(-1), reference]).unsqueeze(0)
@@ -206,9 +208,10 @@ def quant_perplexity_table(model: Any = None, tokenizer: Any = None, text: str |
         base = ppl if base is None else base
         agree = None
         if prompt_ids is not None:
-            if reference is None:
-                reference = greedy_continuation(runner, prompt_ids, agreement_tokens)
-            agree = greedy_agreement(runner, prompt_ids, reference)
+            own = None
+            if reference is None:  # the first variant is the reference: generate its continuation once
+                reference = own = greedy_continuation(runner, prompt_ids, agreement_tokens)
+            agree = greedy_agreement(runner, prompt_ids, reference, own)
         rows.append({
             "agreement": agree,
             "variant": name,

@@ -16,7 +16,13 @@ import torch
 from torch import Tensor
 
 from braze.quant.df11 import DF11Unit, decode_df11_reference
-from braze.quant.int6 import ACT_RANGES, Int6Weight, int6_linear_reference, quantize_activations_reference
+from braze.quant.int6 import (
+    Int6Weight,
+    _n_groups,
+    activation_codes,
+    int6_linear_reference,
+    quantize_activations_reference,
+)
 
 A16 = 16  # int6_linear act_bits value meaning "activations stay in the compute dtype"
 
@@ -121,10 +127,6 @@ def _int6_linear_fake(x, packed, scales, bias=None, in_features=0, group_size=12
     return x.new_empty(*x.shape[:-1], packed.shape[0])
 
 
-def _n_groups(k: int, group_size: int) -> int:
-    return -(-k // group_size)
-
-
 @torch.library.custom_op("braze::int6_act_scales", mutates_args=())
 def int6_act_scales(x: Tensor, group_size: int = 128, act_bits: int = 8) -> Tensor:
     """fp32 [..., n_groups]: per token per group absmax / qmax (braze.quant.int6.quantize_activations_reference)."""
@@ -142,12 +144,7 @@ def int6_act_codes(x: Tensor, scales: Tensor, group_size: int = 128, act_bits: i
 
     `scales` must be int6_act_scales(x) (braze/passes/int6_act.py builds it so): taking it as an input orders
     the codes after the scales in the graph, which is what lets the fused scheduler put both in one kernel."""
-    qmin, qmax = ACT_RANGES[act_bits]
-    k, g = x.shape[-1], scales.shape[-1]
-    xg = torch.nn.functional.pad(x.float(), (0, g * group_size - k)).reshape(*x.shape[:-1], g, group_size)
-    s = scales.unsqueeze(-1)
-    q = torch.round(xg / torch.where(s > 0, s, torch.ones_like(s))).clamp_(qmin, qmax)
-    return q.reshape(*x.shape[:-1], g * group_size).to(torch.int8)
+    return activation_codes(x, scales, act_bits, group_size)
 
 
 @int6_act_codes.register_fake

@@ -48,6 +48,23 @@ def new_node(gm: fx.GraphModule, target: Any, args: tuple, kwargs: dict | None, 
     return node
 
 
+# braze::linear's `activation` argument -> the ATen node that applies it when a pass splits the epilogue out
+ACTIVATION_NODES: dict[str, tuple[Any, dict[str, Any]]] = {
+    "silu": (aten.silu.default, {}),
+    "relu": (aten.relu.default, {}),
+    "gelu": (aten.gelu.default, {}),
+    "gelu_tanh": (aten.gelu.default, {"approximate": "tanh"}),
+}
+
+
+def activate(gm: fx.GraphModule, y: fx.Node, kind: str, ctx: PassContext, before: fx.Node) -> fx.Node:
+    """`kind`(y) as an ATen node before `before` ("none": y itself)."""
+    if kind == "none":
+        return y
+    target, kwargs = ACTIVATION_NODES[kind]
+    return new_node(gm, target, (y,), dict(kwargs), ctx, before)
+
+
 def dce(gm: fx.GraphModule) -> None:
     """Dead-code elimination that treats every op as pure (SDPA's dropout tag makes FX keep it otherwise)."""
     gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))

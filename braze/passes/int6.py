@@ -29,7 +29,7 @@ import torch.fx as fx
 from braze.ops.quant_ops import A16
 from braze.ops.schema import op_args
 from braze.passes.context import PassContext
-from braze.passes.graph_utils import aten, dce, is_op, new_node, val
+from braze.passes.graph_utils import activate, aten, dce, is_op, new_node, val
 from braze.passes.quantize import LINEARS, WEIGHT_ARGS, _module_path, _weight_placeholder, layer_index
 from braze.quant.calibration import Calibration
 from braze.quant.int6 import Int6Weight
@@ -39,14 +39,6 @@ from braze.runtime.errors import ConfigError
 
 braze = torch.ops.braze
 GROUP = 128
-
-_ACT_NODES = {
-    "silu": (aten.silu.default, {}),
-    "relu": (aten.relu.default, {}),
-    "gelu": (aten.gelu.default, {}),
-    "gelu_tanh": (aten.gelu.default, {"approximate": "tanh"}),
-}
-
 
 class _StatsIndex:
     """Calibration tensors keyed by normalized weight name (model.layers.0.x.weight -> model_layers_0_x_weight),
@@ -143,13 +135,6 @@ def _quantized_weight(w: torch.Tensor, plan: _Plan, hessian: torch.Tensor | None
     return quantize_int6_weight(w, GROUP)
 
 
-def _activate(gm: fx.GraphModule, y: fx.Node, kind: str, ctx: PassContext, before: fx.Node) -> fx.Node:
-    if kind == "none":
-        return y
-    target, kwargs = _ACT_NODES[kind]
-    return new_node(gm, target, (y,), dict(kwargs), ctx, before)
-
-
 def _describe(plan: _Plan) -> str:
     tag = "W6A16" if plan.act_bits == A16 else f"W6A{plan.act_bits}"
     tag += f", {plan.method}"
@@ -217,9 +202,9 @@ def quantize_int6(gm: fx.GraphModule, ctx: PassContext) -> int:
             inter = ctx.weights[names[0]].shape[0]
             gate = new_node(gm, aten.slice.Tensor, (y, -1, 0, inter), {}, ctx, node)
             up = new_node(gm, aten.slice.Tensor, (y, -1, inter, 2 * inter), {}, ctx, node)
-            out = new_node(gm, aten.mul.Tensor, (_activate(gm, gate, a["activation"], ctx, node), up), {}, ctx, node)
+            out = new_node(gm, aten.mul.Tensor, (activate(gm, gate, a["activation"], ctx, node), up), {}, ctx, node)
         else:
-            out = _activate(gm, y, a["activation"], ctx, node)
+            out = activate(gm, y, a["activation"], ctx, node)
             if a["residual"] is not None:
                 out = new_node(gm, aten.add.Tensor, (a["residual"], out), {}, ctx, node)
         if val(out).dtype != val(node).dtype:

@@ -27,7 +27,7 @@ import braze.ops  # noqa: F401  (registers braze::*)
 from braze.codegen.df11_template import df11_block_range
 from braze.ops.schema import op_args
 from braze.passes.context import PassContext
-from braze.passes.graph_utils import aten, dce, is_op, new_node, val
+from braze.passes.graph_utils import ACTIVATION_NODES, activate, aten, dce, is_op, new_node, val
 from braze.quant.df11 import POINTER_BASE, encode_df11
 from braze.runtime.errors import ConfigError
 
@@ -231,7 +231,7 @@ def _df11_fusable(d: fx.Node, uses: list[tuple[fx.Node, int]], sources: set[fx.N
                 return f"{lin.name} mixes it with an uncompressed weight"
             if val(a["x"]).dtype not in (torch.float32, torch.float16, torch.bfloat16):
                 return f"{lin.name} input dtype {val(a['x']).dtype}"
-            if a["activation"] not in ("none", *_ACT_ATEN):
+            if a["activation"] not in ("none", *ACTIVATION_NODES):
                 return f"{lin.name} activation {a['activation']!r}"
         if max_codes > int(val(w).shape[-1]):
             return f"in_features {val(w).shape[-1]} < {max_codes} codes per window"
@@ -260,10 +260,6 @@ def _df11_unit_strategies(gm: fx.GraphModule, ctx: PassContext) -> dict[str, str
     return out
 
 
-_ACT_ATEN = {"silu": (aten.silu.default, {}), "gelu": (aten.gelu.default, {}),
-             "gelu_tanh": (aten.gelu.default, {"approximate": "tanh"}), "relu": (aten.relu.default, {})}
-
-
 def _df11_replace_linear(gm: fx.GraphModule, ctx: PassContext, lin: fx.Node,
                          where: dict[fx.Node, tuple[fx.Node, int]]) -> None:
     """braze::linear / linear_glu reading DF11 weights -> rms_norm? -> braze::df11_linear(s) -> ATen epilogue."""
@@ -279,18 +275,12 @@ def _df11_replace_linear(gm: fx.GraphModule, ctx: PassContext, lin: fx.Node,
         args = (x, *d.args[:6], bias, start, n, k, *d.args[6:9], first, count)
         return new_node(gm, braze.df11_linear.default, args, {}, ctx, lin)
 
-    def act(y: fx.Node, name: str) -> fx.Node:
-        if name == "none":
-            return y
-        target, kwargs = _ACT_ATEN[name]
-        return new_node(gm, target, (y,), kwargs, ctx, lin)
-
     if lin.target is braze.linear.default:
-        y = act(gemv(a["weight"], a["bias"]), a["activation"])
+        y = activate(gm, gemv(a["weight"], a["bias"]), a["activation"], ctx, lin)
         if a["residual"] is not None:
             y = new_node(gm, aten.add.Tensor, (a["residual"], y), {}, ctx, lin)
     else:
-        gate = act(gemv(a["gate_weight"], None), a["activation"])
+        gate = activate(gm, gemv(a["gate_weight"], None), a["activation"], ctx, lin)
         y = new_node(gm, aten.mul.Tensor, (gate, gemv(a["up_weight"], None)), {}, ctx, lin)
     lin.replace_all_uses_with(y)
     gm.graph.erase_node(lin)

@@ -181,12 +181,17 @@ def quantize_activations_reference(x: Tensor, bits: int, group_size: int = 128) 
     if bits not in ACT_RANGES:
         raise ValueError(f"activation bits must be one of {sorted(ACT_RANGES)}, got {bits}")
     _check_group_size(group_size)
+    scales = _grouped(x, group_size).abs().amax(dim=-1) / ACT_RANGES[bits][1]
+    return activation_codes(x, scales, bits, group_size), scales
+
+
+def activation_codes(x: Tensor, scales: Tensor, bits: int, group_size: int = 128) -> Tensor:
+    """int8 codes [..., K_pad] of x [..., K] for given per-group scales [..., n_groups]: clamp(round_half_even(
+    x / scale)), 0 for a zero scale and in the padding tail."""
     qmin, qmax = ACT_RANGES[bits]
-    xg = _grouped(x, group_size)
-    scales = xg.abs().amax(dim=-1) / qmax
     s = scales.unsqueeze(-1)
-    q = torch.round(xg / torch.where(s > 0, s, torch.ones_like(s))).clamp_(qmin, qmax)
-    return q.reshape(*x.shape[:-1], -1).to(torch.int8), scales
+    q = torch.round(_grouped(x, group_size) / torch.where(s > 0, s, torch.ones_like(s))).clamp_(qmin, qmax)
+    return q.reshape(*x.shape[:-1], -1).to(torch.int8)
 
 
 def fake_quant_activation(x: Tensor, bits: int, group_size: int = 128) -> Tensor:
