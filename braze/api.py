@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -170,11 +171,17 @@ def _decorate(obj: Any, config: CompileConfig) -> Any:
     return _compile_object(obj, config)
 
 
-def load(path: Any, executor: str = "auto") -> CompiledModel:
-    """Load a kernel package written by `CompiledModel.save` (runtime only)."""
+def load(path: Any, executor: str = "auto", sha256: str | None = None) -> CompiledModel:
+    """Load a kernel package written by `CompiledModel.save` (runtime only).
+
+    sha256: the package's pinned digest (the sha256 of its manifest.json, which `braze inspect` prints): a package
+    whose manifest differs is refused (braze.PackageError) before anything else in it is read.
+    """
     from braze.runtime.package import load_package
 
-    return load_package(path, executor=executor)
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"braze.load takes a package directory path (str or os.PathLike), got {type(path).__name__}")
+    return load_package(path, executor=executor, sha256=sha256)
 
 
 def dynamo_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **options: Any) -> Any:

@@ -1,23 +1,44 @@
-"""The braze CLI: help, compile -> inspect -> run -> check on a tiny module:factory model, and one-line errors."""
+"""The braze CLI: help, compile -> inspect -> run -> check on a tiny module:factory model, every sampling option
+combination of `braze run` (valid ones generate what CompiledModel.generate generates, the rest exit 2 with one
+line), pinned digests, and one-line errors. Commands run in-process (main(argv)) except where the console script
+itself is under test."""
 
+import itertools
 import json
 import os
 import re
 import subprocess
 import sys
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
+import torch
 
+import braze
+import braze.cli.run as cli_run
 from braze.cli import main
+from braze.cli.common import UsageError
 
 ROOT = Path(__file__).resolve().parent.parent
 BRAZE = Path(sys.executable).parent / "braze"
 FACTORY = "tests.tiny_factory:tiny_llama"
+CHAT_FACTORY = "tests.test_cli:tiny_chat_llama"
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+
+
+def tiny_chat_llama():
+    """tests.tiny_factory's tiny llama, its character tokenizer given a chat template (for `run --chat`)."""
+    from tests.tiny_factory import tiny_llama
+
+    made = tiny_llama()
+    made["tokenizer"].chat_template = CHAT_TEMPLATE
+    return made
 
 
 def _cli(*args, timeout=180):
-    """The installed console script if there is one, else `python -m braze.cli`; run from the repo root."""
+    """The installed console script (braze.cli:main) if there is one, else `python -m braze.cli`."""
     cmd = [str(BRAZE)] if BRAZE.exists() else [sys.executable, "-m", "braze.cli"]
     env = dict(os.environ, TRITON_INTERPRET="1", HF_HUB_OFFLINE="1")
     return subprocess.run(cmd + list(args), cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
@@ -33,21 +54,33 @@ def _one_line_error(err: str) -> str:
 @pytest.fixture(scope="module")
 def package(tmp_path_factory):
     out = tmp_path_factory.mktemp("cli") / "pkg"
-    proc = _cli("compile", FACTORY, "-o", str(out), "--max-seq", "48", "--max-batch", "2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"-> {out}" in proc.stdout and "launches per forward" in proc.stdout
+    assert main(["compile", CHAT_FACTORY, "-o", str(out), "--max-seq", "48", "--max-batch", "2"]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def loaded(package):
+    """The same package through the library: what every `braze run` must reproduce."""
+    from transformers import AutoTokenizer
+
+    return braze.load(package), AutoTokenizer.from_pretrained(str(package / "tokenizer"))
+
+
+@pytest.fixture
+def ids_out(monkeypatch):
+    """`braze run` prints token ids instead of text (the char tokenizer drops ids past its vocabulary)."""
+    monkeypatch.setattr(cli_run, "decode", lambda tokenizer, ids: " ".join(str(i) for i in ids))
 
 
 def test_help_lists_every_command():
     proc = _cli("--help")
     assert proc.returncode == 0
-    for cmd in ("compile", "run", "inspect", "bench", "check"):
+    for cmd in ("compile", "run", "inspect", "bench", "check", "eval"):
         assert cmd in proc.stdout
     assert "module:factory" in proc.stdout
 
 
-@pytest.mark.parametrize("command", ["compile", "run", "inspect", "bench", "check"])
+@pytest.mark.parametrize("command", ["compile", "run", "inspect", "bench", "check", "eval"])
 def test_every_subcommand_has_help(command, capsys):
     with pytest.raises(SystemExit) as info:
         main([command, "--help"])
@@ -56,56 +89,215 @@ def test_every_subcommand_has_help(command, capsys):
     assert f"usage: braze {command}" in out and "--debug" in out
 
 
-def test_compile_writes_a_package_with_tokenizer_and_source(package):
+def test_compile_writes_a_package_with_tokenizer_source_and_digest(package, capsys):
     manifest = json.loads((package / "manifest.json").read_text())
-    assert manifest["metadata"]["source"] == FACTORY
+    assert manifest["metadata"]["source"] == CHAT_FACTORY
     assert manifest["tokenizer"] == "tokenizer" and (package / "tokenizer").is_dir()
     assert manifest["compile_options"]["max_seq"] == 48
+    from braze.runtime.package import manifest_digest
+
+    assert re.fullmatch(r"[0-9a-f]{64}", manifest_digest(package))
 
 
-def test_inspect(package, capsys):
+def test_inspect_prints_the_digest(package, capsys):
+    from braze.runtime.package import manifest_digest
+
+    digest = manifest_digest(package)
     assert main(["inspect", str(package)]) == 0
     out = capsys.readouterr().out
+    assert f"sha256: {digest}" in out
     assert "integrity: ok" in out
     assert "launches per call" in out and "kernels (" in out and "embedding" in out
     assert "bytes per token" in out and "weights:" in out
-    assert main(["inspect", str(package), "--json"]) == 0
+    assert main(["inspect", str(package), "--json", "--sha256", digest]) == 0
     info = json.loads(capsys.readouterr().out)
+    assert info["sha256"] == digest
     assert info["plans"]["forward"]["launches"] >= 1
     assert info["bytes_per_token_decode"] == info["weights"]["bytes"] > 0
 
 
-def test_run_greedy_and_sampled(package, capsys):
-    assert main(["run", str(package), "--prompt", "Hello", "--max-new-tokens", "4"]) == 0
-    first = capsys.readouterr()
-    assert "tokens/s" in first.err and "executor: interpret" in first.err
-    assert main(["run", str(package), "--prompt", "Hello", "--max-new-tokens", "4"]) == 0
-    assert capsys.readouterr().out == first.out  # greedy is deterministic
-    args = ["run", str(package), "--prompt-ids", "5 6 7", "--max-new-tokens", "3", "--temperature", "0.9",
-            "--top-k", "10", "--top-p", "0.9", "--seed", "1", "--stream"]
-    assert main(args) == 0
+# ---- sampling: every combination ----------------------------------------------------------------------------------
+TEMPERATURES, TOP_KS, TOP_PS, SEEDS = (None, 0.0, 0.7), (None, 5), (None, 0.9), (None, 3)
+
+
+def _expected(temperature, top_k, top_p, seed):
+    """What `braze run` must do with these options: a UsageError needle, or generate()'s sampling kwargs."""
+    if temperature == 0.0 and (top_k or top_p):
+        return "--temperature 0 means greedy"
+    if not (temperature or top_k or top_p):
+        return "--seed only affects sampling" if seed is not None else {"do_sample": False}
+    return {"do_sample": True, "temperature": temperature or 1.0, "top_k": top_k, "top_p": top_p,
+            "seed": seed or 0}
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p, seed", list(itertools.product(TEMPERATURES, TOP_KS, TOP_PS,
+                                                                                     SEEDS)))
+def test_every_sampling_combination_maps_to_generate_or_is_refused(temperature, top_k, top_p, seed):
+    args = Namespace(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    want = _expected(temperature, top_k, top_p, seed)
+    if isinstance(want, str):
+        with pytest.raises(UsageError, match=want):
+            cli_run.sampling_options(args)
+    else:
+        assert cli_run.sampling_options(args) == want
+
+
+def _run_ids(argv, capsys):
+    assert main(argv) == 0
+    captured = capsys.readouterr()
+    assert "tokens/s" in captured.err and "executor: interpret" in captured.err
+    return [int(x) for x in captured.out.split()]
+
+
+def _library(loaded, prompt, chat=False, n=3, **kwargs):
+    """New token ids CompiledModel.generate gives for the prompt (the CLI passes the tokenizer's EOS)."""
+    rt, tok = loaded
+    if chat:
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                       tokenize=False)
+        ids = tok(text, add_special_tokens=False).input_ids
+    else:
+        ids = tok(prompt).input_ids
+    out = rt.generate(torch.tensor([ids]), max_new_tokens=n, eos_token_id=[tok.eos_token_id], **kwargs)
+    return out[0, len(ids):].tolist()
+
+
+SAMPLED = [  # (CLI options, generate kwargs): one of each kind of valid combination, checked token for token
+    ([], {}),
+    (["--temperature", "0"], {}),
+    (["--temperature", "0.7"], dict(do_sample=True, temperature=0.7, seed=0)),
+    (["--top-k", "5"], dict(do_sample=True, top_k=5, seed=0)),
+    (["--top-p", "0.9"], dict(do_sample=True, top_p=0.9, seed=0)),
+    (["--temperature", "1.3", "--top-k", "20", "--seed", "4"], dict(do_sample=True, temperature=1.3, top_k=20,
+                                                                    seed=4)),
+    (["--temperature", "0.8", "--top-k", "10", "--top-p", "0.9", "--seed", "3"],
+     dict(do_sample=True, temperature=0.8, top_k=10, top_p=0.9, seed=3)),
+]
+
+
+@pytest.mark.parametrize("options, kwargs", SAMPLED, ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_run_generates_what_the_library_generates(options, kwargs, package, loaded, ids_out, capsys):
+    got = _run_ids(["run", str(package), "--prompt", "Hello", "--max-new-tokens", "3", *options], capsys)
+    assert got == _library(loaded, "Hello", **kwargs)
+
+
+def test_the_issue_command_samples_at_a_temperature_without_top_p(package, capsys):
+    # issue #19: `braze run pkg --prompt hello --temperature 0.7` failed with a TypeError (top_p None)
+    assert main(["run", str(package), "--prompt", "hello", "--temperature", "0.7", "--max-new-tokens", "3"]) == 0
+    assert "sampled (temperature=0.7, seed=0)" in capsys.readouterr().err
+
+
+def test_seeds_reproduce_and_filters_to_one_token_are_greedy(package, ids_out, capsys):
+    base = ["run", str(package), "--prompt", "Hello", "--max-new-tokens", "3"]
+    greedy = _run_ids(base, capsys)
+    assert _run_ids(base + ["--top-k", "1", "--temperature", "5"], capsys) == greedy
+    assert _run_ids(base + ["--top-p", "1e-9"], capsys) == greedy
+    first = _run_ids(base + ["--temperature", "3", "--seed", "11"], capsys)
+    assert _run_ids(base + ["--temperature", "3", "--seed", "11"], capsys) == first
+    others = {tuple(_run_ids(base + ["--temperature", "3", "--seed", str(s)], capsys)) for s in (12, 13)}
+    assert others != {tuple(first)}  # at temperature 3 over a 256-token vocabulary, seeds differ
+
+
+@pytest.mark.parametrize("options, kwargs", [([], {}), (["--temperature", "0.9", "--top-p", "0.8", "--seed", "2"],
+                                                        dict(do_sample=True, temperature=0.9, top_p=0.8, seed=2))])
+def test_run_with_chat_template(options, kwargs, package, loaded, ids_out, capsys):
+    got = _run_ids(["run", str(package), "--chat", "--prompt", "Hi", "--max-new-tokens", "3", *options], capsys)
+    assert got == _library(loaded, "Hi", chat=True, **kwargs)
+
+
+@pytest.mark.parametrize("options, kwargs", [([], {}), (["--temperature", "0.7", "--top-k", "8"],
+                                                        dict(do_sample=True, temperature=0.7, top_k=8, seed=0))])
+def test_run_speculative(options, kwargs, package, loaded, ids_out, capsys):
+    got = _run_ids(["run", str(package), "--speculate", "--prompt", "abcabcabc", "--max-new-tokens", "4", *options],
+                   capsys)
+    fresh = (braze.load(package), loaded[1])  # the drafter remembers earlier outputs: start from the same state
+    assert got == _library(fresh, "abcabcabc", n=4, speculate=True, **kwargs)
+    if not kwargs:  # greedy speculation is lossless: the plain greedy tokens
+        assert got == _library(loaded, "abcabcabc", n=4)
+
+
+def test_run_streams_and_takes_prompt_ids(package, capsys):
+    assert main(["run", str(package), "--prompt-ids", "5 6 7", "--max-new-tokens", "3", "--temperature", "0.9",
+                 "--top-k", "10", "--top-p", "0.9", "--seed", "1", "--stream"]) == 0
     assert "3 tokens" in capsys.readouterr().err
 
 
-def test_check_passes_against_the_source_and_fails_against_another_model(package, capsys):
+def test_max_new_tokens_is_reduced_to_the_room_left(package, capsys):
+    assert main(["run", str(package), "--prompt", "x" * 46, "--max-new-tokens", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "--max-new-tokens reduced to 2" in err and "2 tokens" in err
+
+
+@pytest.mark.parametrize("options, needle", [
+    (["--temperature", "0", "--top-k", "5"], "--temperature 0 means greedy decoding, which --top-k"),
+    (["--temperature", "0", "--top-p", "0.5"], "--temperature 0 means greedy decoding, which --top-p"),
+    (["--seed", "3"], "--seed only affects sampling"),
+    (["--temperature", "0", "--seed", "3"], "--seed only affects sampling"),
+    (["--stream", "--speculate"], "--stream and --speculate do not combine"),
+    (["--top-k", "0"], "--top-k: expected a positive integer"),
+    (["--top-p", "0"], "--top-p: expected a number in (0, 1]"),
+    (["--top-p", "1.5"], "--top-p: expected a number in (0, 1]"),
+    (["--temperature", "-1"], "--temperature: expected a finite number >= 0"),
+    (["--temperature", "nan"], "--temperature: expected a finite number >= 0"),
+    (["--temperature", "inf"], "--temperature: expected a finite number >= 0"),
+    (["--seed", "-1"], "--seed: expected an integer >= 0"),
+    (["--max-new-tokens", "0"], "--max-new-tokens"),
+    (["--executor", "gpu"], "invalid choice: 'gpu'"),
+])
+def test_refused_run_options_exit_2_with_one_line(options, needle, capsys):
+    # refused before the package is read: the path need not exist
+    try:
+        code = main(["run", "no-such-pkg", "--prompt", "x", *options])
+    except SystemExit as e:  # argparse
+        code = e.code
+    assert code == 2
+    assert needle in _one_line_error(capsys.readouterr().err)
+
+
+# ---- pinned digests ----------------------------------------------------------------------------------------------
+def test_run_with_the_pinned_digest_and_with_another(package, capsys):
+    from braze.runtime.package import manifest_digest
+
+    digest = manifest_digest(package)
+    assert main(["run", str(package), "--prompt", "Hi", "--max-new-tokens", "1", "--sha256", digest]) == 0
+    assert main(["run", str(package), "--prompt", "Hi", "--max-new-tokens", "1", "--sha256",
+                 "sha256:" + digest.upper()]) == 0
+    capsys.readouterr()
+    other = ("0" if digest[0] != "0" else "1") + digest[1:]
+    assert main(["run", str(package), "--prompt", "Hi", "--sha256", other]) == 1
+    err = _one_line_error(capsys.readouterr().err)
+    assert f"manifest sha256 is {digest}, not the pinned {other}" in err
+    assert main(["run", str(package), "--prompt", "Hi", "--sha256", "abc"]) == 2
+    assert "sha256 must be 64 hex digits" in _one_line_error(capsys.readouterr().err)
+
+
+# ---- check ---------------------------------------------------------------------------------------------------------
+def test_check_uses_braze_testing_tolerances(package, capsys):
+    from braze.testing import default_tolerances
+
+    rtol, atol = default_tolerances()[torch.float32]
     assert main(["check", str(package), FACTORY, "--prompts", "2"]) == 0
-    assert "check passed" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"tolerance |a-b| <= {atol:g} + {rtol:g}*|b|" in out and "check passed" in out
     assert main(["check", str(package), "tests.tiny_factory:tiny_llama_other", "--prompts", "1"]) == 1
     err = _one_line_error(capsys.readouterr().err)
     assert "check failed" in err and "max abs error" in err
 
 
-def test_bad_arguments_exit_2_with_one_line():
-    proc = _cli("compile", FACTORY, "-o", "x", "--max-seq", "lots")
+# ---- other argument errors ---------------------------------------------------------------------------------------
+def test_bad_arguments_exit_2_with_one_line_from_python_dash_m():
+    proc = subprocess.run([sys.executable, "-m", "braze.cli", "compile", FACTORY, "-o", "x", "--max-seq", "lots"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "--max-seq" in _one_line_error(proc.stderr)
 
 
 @pytest.mark.parametrize("argv, needle", [
     (["compile"], "required"),
-    (["run", "pkg", "--prompt", "x", "--top-p", "1.5"], "--top-p"),
-    (["run", "pkg", "--prompt", "x", "--max-new-tokens", "0"], "--max-new-tokens"),
+    (["run", "pkg"], "one of the arguments --prompt --prompt-ids is required"),
+    (["run", "pkg", "--prompt", "x", "--prompt-ids", "1"], "not allowed with argument"),
     (["compile", "m", "-o", "o", "--quant", "int4"], "--quant"),
+    (["bench", "m", "--warmup", "-1"], "--warmup"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_arguments_in_process(argv, needle, capsys):
@@ -115,11 +307,17 @@ def test_bad_arguments_in_process(argv, needle, capsys):
     assert needle in _one_line_error(capsys.readouterr().err)
 
 
-def test_int6_options_need_quant_int6(capsys):
-    assert main(["compile", "m", "-o", "o", "--int6-act", "a8"]) == 2
-    assert "--quant int6 only" in _one_line_error(capsys.readouterr().err)
-    assert main(["compile", "m", "-o", "o", "--quant", "int6", "--df11-strategy", "fused"]) == 2
-    assert "--quant df11 only" in _one_line_error(capsys.readouterr().err)
+def test_compile_option_combinations_refused_before_loading(tmp_path, capsys):
+    for argv, needle in [
+        (["--int6-act", "a8"], "--quant int6 only"),
+        (["--int6-method", "gptq", "--quant", "df11", "--dtype", "bfloat16"], "--quant int6 only"),
+        (["--quant", "int6", "--df11-strategy", "fused"], "--quant df11 only"),
+        (["--quant", "df11"], "add --dtype bfloat16"),
+        (["--executor", "cuda"] if not torch.cuda.is_available() else ["--quant", "df11", "--dtype", "float16"],
+         "--executor cuda needs a CUDA GPU" if not torch.cuda.is_available() else "add --dtype bfloat16"),
+    ]:
+        assert main(["compile", "no.such:model", "-o", str(tmp_path / "o"), *argv]) == 2, argv
+        assert needle in _one_line_error(capsys.readouterr().err)
 
 
 def test_missing_model_path_exits_1_with_the_path(tmp_path, capsys):
@@ -149,13 +347,14 @@ def test_unsupported_architecture(tmp_path, capsys):
     assert "unsupported architecture 'FrobForCausalLM'" in err
 
 
-def test_run_rejects_a_non_causal_package(tmp_path, capsys):
+def test_non_causal_package(tmp_path, capsys):
+    assert main(["compile", "tests.tiny_factory:tiny_mlp", "-o", str(tmp_path / "o"), "--speculate", "suffix"]) == 2
+    assert "--speculate applies to causal LMs" in _one_line_error(capsys.readouterr().err)
     assert main(["compile", "tests.tiny_factory:tiny_mlp", "-o", str(tmp_path / "mlp")]) == 0
     capsys.readouterr()
     assert main(["run", str(tmp_path / "mlp"), "--prompt", "hi"]) == 2
     assert "causal-LM package" in _one_line_error(capsys.readouterr().err)
     assert main(["check", str(tmp_path / "mlp"), "tests.tiny_factory:tiny_mlp"]) == 0
-
 
 
 def test_compile_an_hf_model_directory(tmp_path, capsys):
@@ -172,12 +371,11 @@ def test_compile_an_hf_model_directory(tmp_path, capsys):
     assert main(["check", str(tmp_path / "pkg"), str(tmp_path / "model"), "--prompts", "1"]) == 0
 
 
-def test_eval_prints_a_perplexity_table():
-    res = subprocess.run([sys.executable, "-m", "braze.cli", "eval", "tests.tiny_factory:tiny_llama", "--quant",
-                          "int6", "--window", "32", "--max-tokens", "64", "--agreement-tokens", "8"],
-                         capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent)
-    assert res.returncode == 0, res.stderr[-2000:]
-    rows = [line for line in res.stdout.splitlines() if line.startswith("| ") and "variant" not in line]
+def test_eval_prints_a_perplexity_table(capsys):
+    assert main(["eval", FACTORY, "--quant", "int6", "--window", "32", "--max-tokens", "64",
+                 "--agreement-tokens", "8"]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "variant" not in line]
     assert [r.split("|")[1].strip() for r in rows] == ["eager", "braze", "int6"]
     assert "+0.000%" in rows[1]  # the compiled FP model is the eager model
     agreement = [r.split("|")[6].strip() for r in rows]

@@ -1,4 +1,4 @@
-"""Errors a user sees: each names the problem (input, dim, value, valid range or options)."""
+"""Errors a user sees: each names the problem (input, dim, value, valid range or options) in one line."""
 
 
 class BrazeError(Exception):
@@ -14,12 +14,20 @@ class InputMismatchError(BrazeError, ValueError):
 
 
 class ConfigError(BrazeError, ValueError):
-    """A compile option with a bad value."""
+    """An option with a bad value: a compile option, a generate / sampling option or a load option."""
 
 
 class PackageError(BrazeError):
     """A kernel package that is missing, corrupted or from an incompatible version."""
 
 
+class DigestMismatchError(PackageError):
+    """A package whose manifest digest is not the sha256 it was pinned to (braze.load(path, sha256=...))."""
+
+
 class CaptureError(BrazeError):
     """The model could not be captured as a graph."""
+
+
+class SamplingError(BrazeError, RuntimeError):
+    """The logits to sample from are not a distribution (NaN, +inf, or every token masked out)."""

@@ -12,9 +12,9 @@ from typing import Any
 
 import torch
 
-from braze.runtime.errors import InputMismatchError, ShapeOutOfRangeError
+from braze.runtime.errors import ConfigError, InputMismatchError, ShapeOutOfRangeError
 from braze.runtime.executor import DTYPES, PlanExecutor
-from braze.runtime.sampling import select_next
+from braze.runtime.sampling import check_sampling, select_next
 
 DEFAULT = object()  # "use the model's generation_config value" (an explicit None means "none", as in HF)
 
@@ -105,6 +105,10 @@ class Generator:
         return torch.cat([input_ids.to(self.device), tail], dim=1)
 
     def check(self, batch: int, prompt_len: int, max_new_tokens: int) -> None:
+        if batch == 0:
+            raise InputMismatchError("empty batch: input_ids has no rows (shape [0, seq])")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if prompt_len == 0:
             raise InputMismatchError("empty prompt: generate needs at least one prompt token")
         if batch > self.max_batch:
@@ -124,6 +128,12 @@ class Generator:
                  seed: int | None = None, eos_token_id: Any = DEFAULT, pad_token_id: Any = DEFAULT,
                  streamer: Any = None, speculate: bool | None = None, max_spec_tokens: int = 8,
                  spec_tree: bool = False, stop_strings: Any = None, tokenizer: Any = None) -> torch.Tensor:
+        if (not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype.is_complex
+                or input_ids.dtype == torch.bool or input_ids.dim() not in (1, 2)):
+            what = (f"a {input_ids.dim()}-dim {str(input_ids.dtype).removeprefix('torch.')} tensor"
+                    if isinstance(input_ids, torch.Tensor) else f"a {type(input_ids).__name__}")
+            raise InputMismatchError(f"input_ids must be an integer tensor of token ids [batch, seq] (or [seq]), got "
+                                     f"{what}")
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         batch, prompt_len = input_ids.shape
@@ -131,8 +141,7 @@ class Generator:
         if stop_strings is not None and tokenizer is None:
             raise InputMismatchError("stop_strings needs tokenizer= to read the generated text (as in HF generate)")
         stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
-        if do_sample and temperature <= 0:
-            raise InputMismatchError(f"temperature must be > 0 when sampling, got {temperature}")
+        temperature, top_k, top_p = check_sampling(do_sample, temperature, top_k, top_p)
         ids = input_ids.to(self.device)
         if attention_mask is None:
             attention_mask = torch.ones_like(ids)

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from braze.runtime.errors import PackageError
+from braze.runtime.errors import ConfigError, DigestMismatchError, PackageError
 from braze.runtime.plan import Plan
 
 FORMAT_VERSION = 1
@@ -273,15 +273,41 @@ def _write_contents(compiled: Any, root: Path, tokenizer: Any, metadata: dict | 
 
 
 # ---- load ------------------------------------------------------------------------------------------------
-def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
-    """The package's manifest, with the format version checked (no hashes verified)."""
+def pinned_digest(sha256: str) -> str:
+    """A digest as users write it ('HEX' or 'sha256:HEX', any case) as 64 lowercase hex digits; else ConfigError."""
+    text = sha256.strip().lower().removeprefix("sha256:") if isinstance(sha256, str) else None
+    if text is None or len(text) != 64 or any(c not in "0123456789abcdef" for c in text):
+        raise ConfigError(f"sha256 must be 64 hex digits (optionally prefixed 'sha256:'), got {sha256!r}")
+    return text
+
+
+def manifest_digest(path: str | os.PathLike) -> str:
+    """The package's digest: the sha256 of its manifest.json, which holds the sha256 of every other file, so
+    pinning it (`braze.load(path, sha256=...)`, `braze run --sha256`) pins the whole package."""
     root = Path(path)
+    try:
+        return hashlib.sha256((root / MANIFEST).read_bytes()).hexdigest()
+    except OSError as e:
+        raise PackageError(f"no braze package at {root} ({MANIFEST} unreadable: {e.strerror or e})") from None
+
+
+def read_manifest(path: str | os.PathLike, sha256: str | None = None) -> dict[str, Any]:
+    """The package's manifest, with the format version checked (no hashes verified).
+
+    sha256: the expected manifest digest (see `manifest_digest`), checked on the bytes read before they are parsed.
+    """
+    root = Path(path)
+    want = pinned_digest(sha256) if sha256 is not None else None
     if not (root / MANIFEST).is_file():
         if not root.exists():
             raise PackageError(f"no braze package at {root} (the path does not exist)")
         raise PackageError(f"no braze package at {root} (no {MANIFEST})")
     try:
-        manifest = json.loads((root / MANIFEST).read_text())
+        raw = (root / MANIFEST).read_bytes()
+        if want is not None and hashlib.sha256(raw).hexdigest() != want:
+            raise DigestMismatchError(f"{root}: manifest sha256 is {hashlib.sha256(raw).hexdigest()}, not the pinned "
+                                      f"{want}; refusing to load a package other than the one pinned")
+        manifest = json.loads(raw.decode("utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise PackageError(f"{root / MANIFEST}: unreadable manifest ({e})") from None
     version = manifest.get("format_version") if isinstance(manifest, dict) else None
@@ -372,16 +398,17 @@ class PackagedConfig(SimpleNamespace):
         return getattr(self, key, default)
 
 
-def load_package(path: str | os.PathLike, executor: str = "auto") -> Any:
+def load_package(path: str | os.PathLike, executor: str = "auto", sha256: str | None = None) -> Any:
     """Load a package written by `save_package` as a CompiledModel (runtime only; no compiler imports).
 
     executor: "auto" (the package's target device: CUDA kernels on a GPU, the Triton interpreter for CPU
     packages), "cuda", or "interpret" (CPU, Triton interpreter; also runs a CUDA-compiled package on CPU).
+    sha256: refuse the package unless its manifest digest (`manifest_digest`) is this, before reading anything else.
     """
     root = Path(path)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    manifest = read_manifest(root)
+    manifest = read_manifest(root, sha256=sha256)
     executor_name, device = _choose(manifest, executor, root)
     verify_package(root, manifest)  # before any kernel source is imported
     timings["verify"] = time.perf_counter() - t0

@@ -1,21 +1,62 @@
-"""Next-token selection on device, in HF's order: temperature -> top-k -> top-p, then a seeded multinomial."""
+"""Next-token selection on device, in HF's order: temperature -> top-k -> top-p, then a seeded multinomial.
+
+The one sampling implementation: plain decoding (runtime/generate.py), the speculative runner's decode steps and
+the `braze run` command all select tokens here. (runtime/speculative.py computes the same filtered distribution for
+lossless acceptance of drafts.)
+
+Options as generate takes them: `top_k` 0 or None is off, `top_p` 1.0 or None is off, `temperature` > 0 when
+sampling. `check_sampling` validates them once, with errors that name the option and its valid range.
+"""
 
 from __future__ import annotations
 
+import math
+import numbers
+from typing import Any
+
 import torch
 
+from braze.runtime.errors import ConfigError, SamplingError
 
-def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0
-                   ) -> torch.Tensor:
-    """Apply HF's TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper (fp32, [B, V])."""
+
+def check_sampling(do_sample: bool, temperature: Any, top_k: Any, top_p: Any) -> tuple[float, int, float]:
+    """(temperature, top_k, top_p) with None turned into "off" (top_k 0, top_p 1.0); a bad value is a ConfigError.
+
+    Greedy decoding (do_sample False) ignores temperature / top_k / top_p, as HF generate does, but they must still
+    be well-formed numbers.
+    """
+    if top_k is None:
+        top_k = 0
+    if top_p is None:
+        top_p = 1.0
+    if temperature is None:
+        temperature = 1.0
+    if isinstance(top_k, bool) or not isinstance(top_k, numbers.Integral) or top_k < 0:
+        raise ConfigError(f"top_k must be an integer >= 0 (0 or None: off), got {top_k!r}")
+    if isinstance(top_p, bool) or not isinstance(top_p, numbers.Real) or not 0 < top_p <= 1:
+        raise ConfigError(f"top_p must be a number in (0, 1] (1.0 or None: off), got {top_p!r}")
+    if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) \
+            or temperature < 0:
+        raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if do_sample and temperature == 0:
+        raise ConfigError("temperature must be > 0 when sampling (do_sample=True); for greedy decoding pass "
+                          "do_sample=False")
+    return float(temperature), int(top_k), float(top_p)
+
+
+def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = 0,
+                   top_p: float | None = 1.0) -> torch.Tensor:
+    """Apply HF's TemperatureLogitsWarper, TopKLogitsWarper and TopPLogitsWarper (fp32, [B, V]).
+
+    top_k 0/None and top_p 1.0/None are off."""
     scores = logits.float()
     if temperature != 1.0:
         scores = scores / temperature
-    if top_k and top_k > 0:
+    if top_k:
         k = min(top_k, scores.shape[-1])
         kth = torch.topk(scores, k, dim=-1).values[..., -1, None]
         scores = scores.masked_fill(scores < kth, -float("inf"))
-    if top_p < 1.0:
+    if top_p is not None and top_p < 1.0:
         sorted_scores, sorted_idx = torch.sort(scores, descending=False, dim=-1)
         cum = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
         remove = cum <= (1 - top_p)
@@ -24,9 +65,33 @@ def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int = 
     return scores
 
 
-def select_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float,
-                generator: torch.Generator | None) -> torch.Tensor:
+def _not_a_distribution(logits: torch.Tensor) -> SamplingError:
+    """The error for logits multinomial refused, naming what is wrong with them (called only on failure)."""
+    x = logits.float()
+    if bool(torch.isnan(x).any()):
+        what = "NaN"
+    elif bool(torch.isposinf(x).any()):
+        what = "+inf"
+    elif bool(torch.isneginf(x).all(dim=-1).any()):
+        what = "-inf for every token"
+    else:
+        what = "no finite probability mass"
+    return SamplingError(f"cannot sample the next token: the model's logits contain {what} (a numerical problem "
+                         f"in the model or its weights; greedy decoding would pick an arbitrary token)")
+
+
+def select_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
+                top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
+    """The next token per row of logits [B, V]: argmax, or a seeded sample of the filtered distribution.
+
+    Logits with NaN or +inf (or every token at -inf) cannot be sampled from: a SamplingError says so. The check
+    costs nothing on the good path (multinomial validates its input and we only diagnose when it refuses)."""
     if not do_sample:
         return logits.argmax(dim=-1)
     probs = process_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    try:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    except RuntimeError as e:
+        if "probability tensor" in str(e) or "invalid multinomial distribution" in str(e):
+            raise _not_a_distribution(logits) from None
+        raise

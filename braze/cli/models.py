@@ -1,4 +1,4 @@
-"""MODEL arguments of the braze CLI: an HF model directory, a .gguf file, `smollm2`, or `module:factory`.
+"""MODEL arguments of the braze commands: an HF model directory, a .gguf file, `smollm2`, or `module:factory`.
 
 A factory is called with no arguments and returns one of:
   - an nn.Module;

@@ -1,0 +1,159 @@
+"""`braze bench MODEL|PKG`: one forward of braze, eager PyTorch and torch.compile on the same inputs, side by side."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from .common import (
+    CPU_NOTICE,
+    DTYPES,
+    UsageError,
+    add_executor,
+    add_sha256,
+    braze_forward,
+    compile_model,
+    device_for,
+    eager_forward,
+    example_inputs,
+    load_package,
+    nonneg_int,
+    positive_int,
+    shape_limits,
+    torch_dtype,
+)
+from .models import MODEL_HELP
+
+
+def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("bench", parents=parents, help="time braze vs eager vs torch.compile",
+                       description="Time one forward of braze, eager PyTorch and torch.compile (inductor) on the "
+                       "same inputs, in one run, and print a table.", epilog=f"MODEL is {MODEL_HELP}.")
+    p.add_argument("target", metavar="MODEL|PKG", help="a model (compiled here) or a package directory")
+    p.add_argument("--model", metavar="MODEL", help="PKG only: eager model to compare with (default: the model it "
+                   "was compiled from, if the manifest records one)")
+    p.add_argument("--batch", type=positive_int, default=1, metavar="B", help="batch size (default 1)")
+    p.add_argument("--seq", type=positive_int, default=16, metavar="S", help="sequence length (default 16)")
+    p.add_argument("--iters", type=positive_int, default=5, metavar="N", help="timed iterations (default 5)")
+    p.add_argument("--warmup", type=nonneg_int, default=1, metavar="N",
+                   help="untimed warm-up iterations (default 1)")
+    add_executor(p)
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="MODEL only: model dtype (default auto: float32 "
+                   "on CPU, bfloat16 on a GPU); a package keeps the dtype it was compiled with")
+    p.add_argument("--no-torch-compile", action="store_true", help="skip the torch.compile row")
+    add_sha256(p)
+    p.set_defaults(func=main)
+
+
+def _time(fn: Any, inputs: tuple, iters: int, warmup: int, cuda: bool) -> tuple[float, float]:
+    """(first call seconds, median seconds per call)."""
+    import torch
+    from tqdm import tqdm
+
+    def once() -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn(*inputs)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    first = once()
+    for _ in range(max(0, warmup - 1)):
+        once()
+    times = [once() for _ in tqdm(range(iters), desc="timing", file=sys.stderr, disable=None, leave=False)]
+    times.sort()
+    return first, times[len(times) // 2]
+
+
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    from .models import is_package, resolve_model
+
+    package = is_package(args.target)
+    if package and args.dtype is not None:
+        raise UsageError("--dtype applies to a MODEL target; a package keeps the dtype it was compiled with")
+    if not package and args.model is not None:
+        raise UsageError("--model applies to a package target (the eager model to compare with); here the target "
+                         "is already a model")
+    if not package and args.sha256 is not None:
+        raise UsageError("--sha256 pins a package; the target is a model")
+    device = device_for(args.executor)
+    cuda = device == "cuda"
+    rows: list[tuple[str, str, str, float | None, float | None]] = []
+    notes: list[str] = []
+    loaded = None
+    compile_s: float | None = None
+    if package:
+        t0 = time.perf_counter()
+        compiled = load_package(args.target, args.executor, sha256=args.sha256)
+        compile_s = time.perf_counter() - t0
+        braze_label = "braze (package)"
+        source = args.model or compiled.manifest.get("metadata", {}).get("source")
+        if source:
+            dtype_name = compiled.manifest.get("metadata", {}).get("dtype", "float32")
+            loaded = resolve_model(source, dtype=getattr(torch, dtype_name), device=str(compiled.device))
+        else:
+            notes.append("no eager model: the package records no source model; pass --model MODEL")
+    else:
+        loaded = resolve_model(args.target, dtype=torch_dtype(args.dtype or "auto", device), device=device)
+        t0 = time.perf_counter()
+        compiled = compile_model(loaded, dict(executor=args.executor, max_batch=max(args.batch, 8),
+                                               max_seq=max(args.seq, 64)))
+        compile_s = time.perf_counter() - t0
+        braze_label = "braze"
+    batch_limit, seq_limit = shape_limits(compiled)
+    if compiled.causal_lm and ((batch_limit and args.batch > batch_limit) or (seq_limit and args.seq > seq_limit)):
+        raise UsageError(f"--batch {args.batch} --seq {args.seq} is outside the package's range (batch <= "
+                         f"{batch_limit}, seq <= {seq_limit})")
+    if loaded is not None and loaded.example_inputs is not None and not compiled.causal_lm:
+        inputs = loaded.example_inputs
+    else:
+        inputs = example_inputs(compiled, args.batch, args.seq)
+    tokens = args.batch * args.seq if compiled.causal_lm else None
+
+    if loaded is not None:
+        eager = eager_forward(loaded.model, compiled.causal_lm)
+        first, med = _time(eager, inputs, args.iters, args.warmup, cuda)
+        rows.append(("eager", "PyTorch", f"{first:.3f}", med, None))
+        if args.no_torch_compile:
+            notes.append("torch.compile skipped (--no-torch-compile)")
+        else:
+            try:
+                tc_model = torch.compile(loaded.model)
+                first, med = _time(eager_forward(tc_model, compiled.causal_lm), inputs, args.iters, args.warmup,
+                                   cuda)
+                rows.append(("torch.compile", "inductor (default)", f"{first:.3f}", med, None))
+            except Exception as e:  # inductor needs a C++ toolchain on CPU; report instead of failing the bench
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                notes.append(f"torch.compile unavailable: {type(e).__name__}: {msg[:200]}")
+    first, med = _time(braze_forward(compiled), inputs, args.iters, args.warmup, cuda)
+    setup = f"load {compile_s:.2f} s" if braze_label.endswith("(package)") else f"compile {compile_s:.2f} s"
+    rows.append((braze_label, compiled.executor_name, f"{first:.3f}", med, None))
+
+    eager_med = rows[0][3] if rows and rows[0][0] == "eager" else None
+    shape = ", ".join("x".join(str(d) for d in t.shape) for t in inputs if hasattr(t, "shape"))
+    print(f"bench: {args.target}; inputs {shape}; {args.iters} timed iterations (median), {args.warmup} warm-up; "
+          f"device {device}")
+    header = f"{'engine':18s} {'backend/executor':20s} {'first call s':>12s} {'median ms':>10s} "
+    header += f"{'tokens/s':>10s} {'vs eager':>9s}"
+    print(header)
+    print("-" * len(header))
+    for name, backend, first_s, med_s, _ in rows:
+        tps = f"{tokens / med_s:10.1f}" if tokens and med_s else f"{'-':>10s}"
+        ratio = f"{eager_med / med_s:8.2f}x" if eager_med and med_s else f"{'-':>9s}"
+        print(f"{name:18s} {backend:20s} {first_s:>12s} {med_s * 1e3:10.2f} {tps} {ratio}")
+    print(f"braze {setup}; launches per forward: {compiled.plan.launches}")
+    for note in notes:
+        print(f"note: {note}")
+    if compiled.executor_name == "interpret" or not cuda:
+        print(CPU_NOTICE)
+    return 0
+
+

@@ -1,0 +1,112 @@
+"""`braze compile MODEL -o DIR`: braze.compile the model, then CompiledModel.save it as a kernel package."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .common import DTYPES, EXECUTOR_HELP, EXECUTORS, Stages, UsageError, compile_model, device_for, positive_int
+from .common import torch_dtype as _torch_dtype
+from .models import MODEL_HELP
+
+
+def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("compile", parents=parents, help="compile MODEL into a kernel package",
+                       description="Compile MODEL into a kernel package directory (Triton sources, plan, weights, "
+                       "tokenizer, manifest) and print its sha256 digest.", epilog=f"MODEL is {MODEL_HELP}.")
+    p.add_argument("model", metavar="MODEL", help="the model to compile")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="package directory to write (replaced if "
+                   "it is an existing package; any other existing file or non-empty directory is refused)")
+    p.add_argument("--max-seq", type=positive_int, default=512, metavar="N",
+                   help="longest sequence the package accepts (default 512)")
+    p.add_argument("--max-batch", type=positive_int, default=8, metavar="N",
+                   help="largest batch the package accepts (default 8)")
+    p.add_argument("--executor", choices=EXECUTORS, default="auto", help=EXECUTOR_HELP)
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="model dtype (auto: float32 on CPU, bfloat16 on a GPU)")
+    p.add_argument("--quant", choices=("df11", "int6"), default=None,
+                   help="weight compression: df11 (lossless DFloat11 of BF16 weights: needs --dtype bfloat16 on "
+                   "CPU) or int6 (FlexQ-style)")
+    p.add_argument("--df11-strategy", choices=("auto", "scratch", "fused"), default=None,
+                   help="--quant df11 decode: scratch (decode a block, then matmul), fused (decode inside the GEMV), "
+                   "auto (default: fused in the decode plan)")
+    p.add_argument("--int6-act", choices=("a16", "a8", "a6", "mixed"), default=None,
+                   help="--quant int6 activations: a16 (weight-only, default), a8, a6, or mixed (A6/A8 per linear "
+                   "by a sensitivity pass on the shipped calibration text)")
+    p.add_argument("--int6-method", choices=("auto", "rtn", "awq", "gptq"), default=None,
+                   help="--quant int6 weight rounding (default auto: activation-aware smoothing when the model has "
+                   "a tokenizer, else round to nearest)")
+    p.add_argument("--speculate", choices=("suffix",), default=None,
+                   help="causal LMs: speculative decoding (suffix drafts) by default when the package runs")
+    p.add_argument("--deterministic", action="store_true", help="FP32 math, batch-invariant kernels")
+    p.add_argument("--report", action="store_true", help="print the full compile report")
+    p.set_defaults(func=main)
+
+
+def _check_arguments(args: argparse.Namespace, dtype: Any) -> None:
+    """Refuse option combinations the compiler would reject or ignore, before loading anything."""
+    import torch
+
+    if args.quant != "int6" and (args.int6_act or args.int6_method):
+        raise UsageError("--int6-act / --int6-method apply to --quant int6 only")
+    if args.quant != "df11" and args.df11_strategy:
+        raise UsageError("--df11-strategy applies to --quant df11 only")
+    if args.quant == "df11" and dtype != torch.bfloat16:
+        raise UsageError(f"--quant df11 compresses BF16 weights losslessly; the model would be "
+                         f"{str(dtype).removeprefix('torch.')}: add --dtype bfloat16")
+    out = Path(args.output)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"-o {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise UsageError(f"-o {out}: a non-empty directory that is not a braze package; refusing to overwrite it")
+
+
+def main(args: argparse.Namespace) -> int:
+    from braze.runtime.package import manifest_digest, save_package
+    from braze.runtime.units import format_bytes
+
+    from .models import resolve_model
+
+    device = device_for(args.executor)
+    dtype = _torch_dtype(args.dtype, device)
+    _check_arguments(args, dtype)
+    with Stages(["load model", "compile", "save package"]) as stages:
+        stages.start(f"loading {args.model}")
+        loaded = resolve_model(args.model, dtype=dtype, device=device)
+        if not loaded.causal_lm and args.speculate:
+            raise UsageError(f"--speculate applies to causal LMs; {args.model} is a {type(loaded.model).__name__}")
+        stages.start("compiling")
+        options: dict[str, Any] = dict(executor=args.executor, max_seq=args.max_seq, max_batch=args.max_batch)
+        for key in ("quant", "speculate", "df11_strategy", "int6_act", "int6_method"):
+            if getattr(args, key, None) is not None:
+                options[key] = getattr(args, key)
+        if args.deterministic:
+            options["deterministic"] = True
+        compiled = compile_model(loaded, options)
+        stages.start(f"saving {args.output}")
+        meta = {"source": loaded.source, "source_kind": loaded.kind, "dtype": str(dtype).removeprefix("torch."),
+                "example_inputs": _describe_inputs(loaded.example_inputs)}
+        path = save_package(compiled, args.output, tokenizer=loaded.tokenizer, metadata=meta)
+    t = stages.times
+    plan = compiled.plan
+    weight_bytes = sum(f.stat().st_size for f in path.glob("*.safetensors"))
+    if args.report and compiled.report is not None:
+        print(compiled.report)
+    print(f"compiled {type(loaded.model).__name__} from {args.model} -> {path}")
+    plans = {"forward": plan, **(getattr(compiled, "extra_plans", None) or {})}
+    sources = {src for p in plans.values() for src in p.kernels.values()}
+    print(f"  plans: {', '.join(plans)}; {len(sources)} distinct kernels; {plan.launches} launches per forward, "
+          f"{sum(1 for s in plan.steps if s.kind == 'eager')} eager fallbacks; weights {format_bytes(weight_bytes)}; "
+          f"tokenizer: {'yes' if loaded.tokenizer is not None else 'no'}")
+    print(f"  load {t.get(f'loading {args.model}', 0):.1f} s, compile {t.get('compiling', 0):.1f} s, "
+          f"save {t.get(f'saving {args.output}', 0):.1f} s; executor {compiled.executor_name}")
+    print(f"  sha256 {manifest_digest(path)} (pin it: braze run {path} --sha256 DIGEST)")
+    return 0
+
+
+def _describe_inputs(inputs: tuple | None) -> list | None:
+    if inputs is None:
+        return None
+    return [{"shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")} for t in inputs
+            if hasattr(t, "shape")]

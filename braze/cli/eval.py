@@ -1,0 +1,60 @@
+"""`braze eval MODEL`: perplexity (and greedy agreement) of FP vs DFloat11 vs INT6 variants (braze.eval)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from .common import UsageError, device_for, nonneg_int, positive_int
+from .models import MODEL_HELP
+
+
+def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("eval", parents=parents, help="perplexity of FP vs df11 vs int6 variants",
+                       description="Perplexity of a causal LM on braze's shipped evaluation text (or --text FILE), "
+                       "FP vs DFloat11 vs INT6, as a table. Compiled variants run on the reference executor by "
+                       "default (torch ops: quick on a CPU; the figures are the same math as the kernels).",
+                       epilog=f"MODEL is {MODEL_HELP}.")
+    p.add_argument("model", metavar="MODEL", help="a causal LM")
+    p.add_argument("--quant", nargs="+", default=["df11", "int6"],
+                   choices=("df11", "int6", "int6-rtn", "int6-gptq", "int6-a8", "int6-a6", "int6-mixed"),
+                   help="variants besides FP (default: df11 int6)")
+    p.add_argument("--text", default=None, metavar="FILE",
+                   help="a UTF-8 text file (default: braze/data/eval_text.txt)")
+    p.add_argument("--window", type=positive_int, default=256, metavar="N", help="tokens per window (default 256)")
+    p.add_argument("--max-tokens", type=positive_int, default=None, metavar="N",
+                   help="evaluate only the first N tokens")
+    p.add_argument("--agreement-tokens", type=nonneg_int, default=0, metavar="N",
+                   help="also compare N greedy tokens of each variant with FP on a chat prompt (default 0: off)")
+    p.add_argument("--executor", choices=("reference", "interpret", "cuda"), default="reference",
+                   help="executor for the compiled variants (default reference)")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from braze.eval import format_table, quant_perplexity_table
+
+    from .models import resolve_model
+
+    if args.executor == "cuda":
+        device_for("cuda")
+    text = None
+    if args.text is not None:
+        try:
+            text = Path(args.text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise UsageError(f"--text {args.text}: not a readable UTF-8 text file ({e})") from None
+        if not text.strip():
+            raise UsageError(f"--text {args.text}: the file is empty")
+    loaded = resolve_model(args.model)
+    if not loaded.causal_lm:
+        raise UsageError(f"{args.model}: eval needs a causal LM; this is a {type(loaded.model).__name__}")
+    if loaded.tokenizer is None:
+        raise UsageError(f"{args.model}: eval needs a model that comes with a tokenizer")
+    variants = ["eager", "braze"] + (["eager-bf16"] if "df11" in args.quant else []) + list(dict.fromkeys(args.quant))
+    rows = quant_perplexity_table(loaded.model, loaded.tokenizer, text=text, window=args.window,
+                                  executor=args.executor, variants=tuple(variants), max_tokens=args.max_tokens,
+                                  agreement_tokens=args.agreement_tokens)
+    print(format_table(rows))
+    return 0

@@ -1,0 +1,159 @@
+"""`braze inspect PKG`: a package's digest, manifest, plans, kernels and the graph nodes they cover, sizes.
+
+Reads JSON and the safetensors header only: nothing is imported from the package, no weights are loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from .common import EXIT_RUNTIME, add_sha256
+
+
+def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("inspect", parents=parents, help="show a package's digest, plan, kernels and sizes",
+                       description="Show a package's sha256 digest, manifest, plan steps, kernels and the graph nodes "
+                       "they cover, launches per forward, weight bytes and the bytes-per-token estimate. Verifies "
+                       "file hashes (exit 1 if one differs).")
+    p.add_argument("package", metavar="PKG", help="package directory")
+    p.add_argument("--steps", action="store_true", help="list every plan step in order")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    add_sha256(p)
+    p.set_defaults(func=main)
+
+
+def _safetensors_header(path: Path) -> dict[str, Any]:
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("file too short")
+        (n,) = struct.unpack("<Q", head)
+        if n > 100_000_000:
+            raise ValueError("header too large")
+        return json.loads(f.read(n))
+
+
+def summarize_package(path: str, sha256: str | None = None) -> dict[str, Any]:
+    """Everything `braze inspect` shows, as plain data (reads JSON and the safetensors header only)."""
+    from braze.runtime.errors import PackageError
+    from braze.runtime.package import manifest_digest, read_manifest, verify_package
+    from braze.runtime.plan import Plan
+
+    root = Path(path)
+    manifest = read_manifest(root, sha256=sha256)
+    digest = manifest_digest(root)
+    try:
+        verify_package(root, manifest)
+        integrity = f"ok ({len(manifest['files'])} files, sha256)"
+    except PackageError as e:
+        integrity = f"FAILED: {e}"
+    plans = {}
+    for name, rel in manifest["plans"].items():
+        try:
+            plan = Plan.from_json((root / rel).read_text())
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise PackageError(f"{root / rel}: not a readable plan ({type(e).__name__}: {e}); integrity: "
+                               f"{integrity}") from None
+        kinds: dict[str, int] = {}
+        for s in plan.steps:
+            kinds[s.kind] = kinds.get(s.kind, 0) + 1
+        launches: dict[str, dict[str, Any]] = {}
+        for s in plan.steps:
+            if s.kind in ("fused", "template"):
+                entry = launches.setdefault(s.kernel, {"family": "fused" if s.kind == "fused" else s.launcher,
+                                                       "launches": 0, "nodes": [], "file": plan.kernels.get(s.kernel)})
+                entry["launches"] += 1
+                entry["nodes"] += s.nodes
+        plans[name] = {
+            "steps": len(plan.steps), "step_kinds": kinds, "launches": plan.launches, "kernels": launches,
+            "eager": [{"target": s.target, "nodes": s.nodes} for s in plan.steps if s.kind == "eager"],
+            "step_list": [{"kind": s.kind, "kernel": s.kernel or s.target, "inputs": s.inputs, "outputs": s.outputs,
+                           "nodes": s.nodes} for s in plan.steps],
+            "symbols": [{"label": s.label, "lower": s.lower, "upper": s.upper} for s in plan.symbols],
+        }
+    wfile = root / manifest["weights"]["file"]
+    by_dtype: dict[str, int] = {}
+    n_tensors = 0
+    try:
+        header = _safetensors_header(wfile)
+        for key, info in header.items():
+            if key == "__metadata__":
+                continue
+            n_tensors += 1
+            lo, hi = info["data_offsets"]
+            by_dtype[info["dtype"]] = by_dtype.get(info["dtype"], 0) + (hi - lo)
+    except (OSError, ValueError, KeyError) as e:
+        by_dtype = {"unreadable": 0}
+        integrity += f"; weights header unreadable ({e})"
+    weight_bytes = sum(by_dtype.values())
+    return {
+        "path": str(root), "sha256": digest, "format_version": manifest["format_version"],
+        "versions": manifest.get("versions", {}),
+        "model": manifest.get("model"), "causal_lm": manifest.get("causal_lm"), "target": manifest["target"],
+        "compile_options": manifest.get("compile_options", {}), "metadata": manifest.get("metadata", {}),
+        "integrity": integrity, "plans": plans,
+        "weights": {"tensors": n_tensors, "aliases": len(manifest["weights"].get("aliases", {})),
+                    "bytes": weight_bytes, "by_dtype": by_dtype},
+        "bytes_per_token_decode": weight_bytes, "tokenizer": bool(manifest.get("tokenizer")),
+    }
+
+
+def main(args: argparse.Namespace) -> int:
+    from braze.runtime.units import format_bytes
+
+    info = summarize_package(args.package, sha256=args.sha256)
+    if args.json:
+        if not args.steps:
+            for p in info["plans"].values():
+                p.pop("step_list")
+        print(json.dumps(info, indent=1))
+        return 0 if info["integrity"].startswith("ok") else EXIT_RUNTIME
+    v = info["versions"]
+    print(f"package {info['path']}: format {info['format_version']}, braze {v.get('braze')}, torch {v.get('torch')}, "
+          f"triton {v.get('triton')}")
+    print(f"sha256: {info['sha256']} (of manifest.json, which hashes every other file; pin with --sha256)")
+    tgt = info["target"]
+    print(f"model: {info['model']}{' (causal LM)' if info['causal_lm'] else ''}; target {tgt.get('device')}"
+          f"{' ' + tgt['device_name'] if tgt.get('device_name') else ''} (compiled with executor "
+          f"{tgt.get('executor')}); source: {info['metadata'].get('source', 'unknown')}")
+    opts = info["compile_options"]
+    shown = ", ".join(f"{k}={opts[k]}" for k in ("quant", "speculate", "deterministic", "max_batch", "max_seq")
+                      if k in opts)
+    print(f"compile options: {shown}")
+    print(f"integrity: {info['integrity']}")
+    for name, plan in info["plans"].items():
+        dims = ", ".join(f"{s['label']} in [{s['lower']}, {'inf' if s['upper'] is None else s['upper']}]"
+                         for s in plan["symbols"])
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(plan["step_kinds"].items()))
+        print(f"\nplan {name}: {plan['steps']} steps ({kinds}); {plan['launches']} kernel launches per call; "
+              f"dims: {dims}")
+        print(f"  kernels ({len(plan['kernels'])} distinct):")
+        width = max([len(k) for k in plan["kernels"]] + [6])
+        for kname, k in plan["kernels"].items():
+            nodes = k["nodes"]
+            shown = ", ".join(nodes[:5]) + (f", ... (+{len(nodes) - 5})" if len(nodes) > 5 else "")
+            print(f"    {kname:{width}s}  {k['family']:<16s} x{k['launches']:<3d} {shown}")
+        if plan["eager"]:
+            print(f"  eager fallbacks ({len(plan['eager'])}):")
+            for e in plan["eager"]:
+                print(f"    {e['target']}  ({', '.join(e['nodes'][:3])})")
+        else:
+            print("  eager fallbacks: none")
+        if args.steps:
+            print("  steps:")
+            for i, s in enumerate(plan["step_list"]):
+                print(f"    {i:4d} {s['kind']:8s} {s['kernel'] or '':28s} {', '.join(s['inputs'][:4])} -> "
+                      f"{', '.join(o or '-' for o in s['outputs'])}")
+    w = info["weights"]
+    dt = ", ".join(f"{k} {format_bytes(b)}" for k, b in sorted(w["by_dtype"].items()))
+    print(f"\nweights: {w['tensors']} tensors (+{w['aliases']} aliases), {format_bytes(w['bytes'])} ({dt})")
+    print(f"bytes per token (decode step, batch 1): ~{format_bytes(info['bytes_per_token_decode'])} "
+          f"(every weight read once; KV cache and activations not counted)")
+    print(f"tokenizer: {'yes' if info['tokenizer'] else 'no'}")
+    return 0 if info["integrity"].startswith("ok") else EXIT_RUNTIME
+
+

@@ -1,0 +1,215 @@
+"""`braze run PKG --prompt TEXT`: load a causal-LM package and generate with CompiledModel.generate.
+
+Decoding is greedy unless a sampling option is given: --temperature T (> 0), --top-k K and --top-p P may be combined
+freely (HF's order: temperature -> top-k -> top-p; temperature 1.0 when only top-k / top-p is given) and the draw is
+seeded by --seed (default 0). --temperature 0 is greedy, so it is refused together with --top-k / --top-p, and
+--seed without sampling is refused (it would do nothing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from typing import Any
+
+from .common import (
+    Stages,
+    UsageError,
+    add_executor,
+    add_sha256,
+    err,
+    executor_words,
+    load_package,
+    nonneg_float,
+    nonneg_int,
+    package_tokenizer,
+    positive_int,
+    probability,
+)
+
+
+def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("run", parents=parents, help="generate text with a package",
+                       description="Generate a continuation of a prompt with a causal-LM package "
+                       "(CompiledModel.generate: prefill + decode plans over the KV cache).",
+                       epilog="Decoding is greedy unless --temperature (> 0), --top-k or --top-p is given; they "
+                       "combine (temperature 1.0 unless given) and --seed seeds the draw.")
+    p.add_argument("package", metavar="PKG", help="package directory")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", metavar="TEXT", help="prompt text (tokenized with the package's tokenizer)")
+    src.add_argument("--prompt-ids", metavar="IDS", help="prompt as token ids, e.g. '1 2 3' (packages without a "
+                     "tokenizer)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=32, metavar="N", help="tokens to generate "
+                   "(default 32; fewer if the package's max seq leaves less room)")
+    p.add_argument("--temperature", type=nonneg_float, default=None, metavar="T",
+                   help="sample at temperature T > 0 (0: greedy, the default without sampling options)")
+    p.add_argument("--top-k", type=positive_int, default=None, metavar="K",
+                   help="sample from the K likeliest tokens")
+    p.add_argument("--top-p", type=probability, default=None, metavar="P",
+                   help="sample from the smallest set of tokens with probability mass >= P, in (0, 1]")
+    p.add_argument("--seed", type=nonneg_int, default=None, metavar="S",
+                   help="seed of the sampling draw (default 0); needs a sampling option")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--speculate", action=argparse.BooleanOptionalAction, default=None,
+                   help="suffix-tree speculative decoding (lossless); default: what the package was compiled with "
+                   "(braze compile --speculate suffix)")
+    add_executor(p)
+    add_sha256(p)
+    p.set_defaults(func=main)
+
+
+def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The generate() sampling options the arguments ask for; contradictory or idle options are a UsageError."""
+    filters = [name for name, value in (("--top-k", args.top_k), ("--top-p", args.top_p)) if value is not None]
+    if args.temperature == 0 and filters:
+        raise UsageError(f"--temperature 0 means greedy decoding, which {' and '.join(filters)} would not change; "
+                         f"drop one, or sample with --temperature T > 0")
+    sample = bool(filters) or bool(args.temperature)
+    if not sample:
+        if args.seed is not None:
+            raise UsageError("--seed only affects sampling, and decoding is greedy; add --temperature T (> 0), "
+                             "--top-k K or --top-p P")
+        return {"do_sample": False}
+    return {"do_sample": True, "temperature": args.temperature or 1.0, "top_k": args.top_k, "top_p": args.top_p,
+            "seed": 0 if args.seed is None else args.seed}
+
+
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Everything about the arguments that can be refused before the package is read."""
+    if args.chat and args.prompt_ids is not None:
+        raise UsageError("--chat wraps prompt text in the chat template; use it with --prompt, not --prompt-ids")
+    if args.prompt is not None and not args.prompt.strip():
+        raise UsageError("--prompt is empty; generation needs at least one prompt token")
+    if args.stream and args.speculate:
+        raise UsageError("--stream and --speculate do not combine yet (speculative decoding emits tokens in bursts "
+                         "after verification); drop one")
+
+
+def _prompt_ids(args: argparse.Namespace, tokenizer: Any, vocab: int | None) -> list[int]:
+    if args.prompt_ids is not None:
+        try:
+            prompt = [int(x) for x in args.prompt_ids.replace(",", " ").split()]
+        except ValueError:
+            raise UsageError(f"--prompt-ids: expected integers separated by spaces, got {args.prompt_ids!r}") from None
+        if not prompt:
+            raise UsageError("--prompt-ids is empty; generation needs at least one prompt token")
+    else:
+        if tokenizer is None:
+            raise UsageError(f"{args.package} has no tokenizer; pass token ids with --prompt-ids")
+        if args.chat:
+            if not getattr(tokenizer, "chat_template", None):
+                raise UsageError(f"{args.package}: the tokenizer has no chat template; drop --chat")
+            text = tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}],
+                                                 add_generation_prompt=True, tokenize=False)
+            prompt = tokenizer(text, add_special_tokens=False).input_ids
+        else:
+            prompt = tokenizer(args.prompt).input_ids
+        if not prompt:
+            raise UsageError(f"--prompt {args.prompt!r} tokenizes to no tokens")
+    bad = [t for t in prompt if t < 0 or (vocab is not None and t >= vocab)]
+    if bad:
+        raise UsageError(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab if vocab else 'vocab'})")
+    return prompt
+
+
+def _eos_ids(tokenizer: Any, model_config: Any) -> list[int]:
+    eos: set[int] = set()
+    for source in (getattr(tokenizer, "eos_token_id", None), getattr(model_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            eos.add(source)
+        elif isinstance(source, (list, tuple)):
+            eos.update(int(x) for x in source)
+    return sorted(eos)
+
+
+class Streamer:
+    """Prints decoded text as tokens arrive (HF streamer protocol: put(tensor) / end())."""
+
+    def __init__(self, tokenizer: Any, prompt_len: int):
+        self.tokenizer = tokenizer
+        self.skip = prompt_len  # generate puts the prompt first
+        self.tokens: list[int] = []
+        self.printed = ""
+
+    def put(self, value: Any) -> None:
+        ids = [int(x) for x in value.reshape(-1).tolist()]
+        if self.skip:
+            self.skip = 0
+            return
+        self.tokens += ids
+        text = decode(self.tokenizer, self.tokens)
+        if text.startswith(self.printed) and not text.endswith("\ufffd"):
+            sys.stdout.write(text[len(self.printed):])
+            sys.stdout.flush()
+            self.printed = text
+
+    def end(self) -> None:
+        text = decode(self.tokenizer, self.tokens)
+        if text.startswith(self.printed):
+            sys.stdout.write(text[len(self.printed):])
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        self.printed = text
+
+
+def decode(tokenizer: Any, ids: list[int]) -> str:
+    if tokenizer is None:
+        return " ".join(str(i) for i in ids)
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def main(args: argparse.Namespace) -> int:
+    import torch
+
+    sampling = sampling_options(args)
+    _check_arguments(args)
+    with Stages(["load package", "load tokenizer"]) as stages:
+        stages.start("loading package")
+        t0 = time.perf_counter()
+        compiled = load_package(args.package, args.executor, sha256=args.sha256)
+        load_s = time.perf_counter() - t0
+        if not compiled.causal_lm:
+            raise UsageError(f"{args.package}: 'run' needs a causal-LM package; this one holds "
+                             f"{compiled.manifest.get('model')} (use 'braze check' or 'braze bench')")
+        if getattr(compiled, "generator", None) is None:
+            raise UsageError(f"{args.package}: the package has no generation plans (prefill/decode); recompile it "
+                             f"with 'braze compile'")
+        stages.start("loading tokenizer")
+        tokenizer = package_tokenizer(compiled)
+    prompt = _prompt_ids(args, tokenizer, getattr(compiled.model_config, "vocab_size", None))
+    max_seq = compiled.generator.max_seq
+    if len(prompt) >= max_seq:
+        raise UsageError(f"the prompt has {len(prompt)} tokens; the package's max seq is {max_seq}, which leaves no "
+                         f"room to generate (recompile with a larger --max-seq)")
+    max_new = min(args.max_new_tokens, max_seq - len(prompt))
+    if max_new < args.max_new_tokens:
+        err(f"[braze] note: --max-new-tokens reduced to {max_new} (prompt {len(prompt)} tokens, the package's max "
+            f"seq is {max_seq})")
+    speculate = args.speculate
+    if speculate is None:
+        speculate = getattr(compiled.config, "speculate", None) == "suffix"
+        if speculate and args.stream:
+            err("[braze] note: --stream decodes without speculation (the package speculates by default)")
+            speculate = False
+    ids = torch.tensor([prompt], dtype=torch.long, device=compiled.device)
+    eos = _eos_ids(tokenizer, compiled.model_config)
+    streamer = Streamer(tokenizer, len(prompt)) if args.stream else None
+    start = time.perf_counter()
+    out = compiled.generate(ids, max_new_tokens=max_new, eos_token_id=eos or None, streamer=streamer,
+                            speculate=speculate, **sampling)
+    seconds = time.perf_counter() - start
+    new = out[0, len(prompt):].tolist()
+    if eos and any(t in eos for t in new):  # the row stopped: drop the padding after its EOS
+        new = new[: next(i for i, t in enumerate(new) if t in eos) + 1]
+    if streamer is None:
+        print(decode(tokenizer, new))
+    rate = len(new) / seconds if seconds > 0 else float("inf")
+    how = ("greedy" if not sampling["do_sample"] else
+           "sampled (" + ", ".join(f"{k}={sampling[k]}" for k in ("temperature", "top_k", "top_p", "seed")
+                                   if sampling[k] is not None) + ")")
+    how += ", speculative (suffix)" if speculate else ""
+    err(f"[braze] {len(new)} tokens in {seconds:.2f} s ({rate:.2f} tokens/s), {how}; executor: "
+        f"{executor_words(compiled.executor_name, compiled.device)}; package loaded in {load_s:.2f} s")
+    return 0
