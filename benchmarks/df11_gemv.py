@@ -41,8 +41,9 @@ def _stored_bytes(unit) -> int:
 
 def _runners(unit, weights: dict[str, torch.Tensor], batch: int):
     """(name -> zero-argument callable) for the three variants, buffers allocated once."""
-    from braze.codegen.df11_template import _gemv_kernel, decode_df11_triton, df11_gemv_params
-    from braze.runtime.quant_launchers import run_df11_gemv
+    from braze.kernels import device_spec
+    from braze.kernels.df11 import DF11_GEMV, GEMV_KERNEL_NAME, decode_df11_triton, df11_gemv_params, render_df11_gemv
+    from braze.runtime.kernel_loader import load_kernel_module
 
     dev = next(iter(weights.values())).device
     xs = {n: torch.randn(batch, w.shape[1], device=dev).to(torch.bfloat16) for n, w in weights.items()}
@@ -51,7 +52,7 @@ def _runners(unit, weights: dict[str, torch.Tensor], batch: int):
     params = {n: df11_gemv_params(unit, unit.offsets[n], *w.shape) for n, w in weights.items()}
     accs = {n: torch.empty(batch, w.shape[0], device=dev) for n, w in weights.items()}
     stream = {r: getattr(unit, r) for r in STREAM}
-    kernel = _gemv_kernel()
+    module, spec = load_kernel_module(render_df11_gemv()), device_spec(dev)
 
     def bf16() -> None:
         for n, w in weights.items():
@@ -63,9 +64,8 @@ def _runners(unit, weights: dict[str, torch.Tensor], batch: int):
             torch.nn.functional.linear(xs[n], views[n])
 
     def df11_fused() -> None:
-        for n in weights:
-            accs[n].zero_()
-            run_df11_gemv(kernel, xs[n], stream, accs[n], params[n])
+        for n in weights:  # the plan's launcher: fills the fp32 accumulator, then the fused kernel adds into it
+            DF11_GEMV.launch(module, GEMV_KERNEL_NAME, {"x": xs[n], **stream}, accs[n], params[n], spec)
 
     return {"bf16": bf16, "df11 scratch": df11_scratch, "df11 fused": df11_fused}, xs, accs, views
 

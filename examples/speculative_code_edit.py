@@ -24,11 +24,11 @@ def main() -> None:
     prompt = next(w["prompt"] for w in work["repetitive"] if w["name"] == "code_edit_rename")
     text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
     ids = tok(text, return_tensors="pt").input_ids.to(model.device)
-    spec = compiled.generate(ids, max_new_tokens=48, max_spec_tokens=16)  # speculate="suffix" made it the default
+    spec = compiled.generate(ids, max_new_tokens=24, max_spec_tokens=16)  # speculate="suffix" made it the default
     stats = compiled.generator.spec.stats
-    plain = compiled.generate(ids, max_new_tokens=48, speculate=False)
+    plain = compiled.generate(ids, max_new_tokens=24, speculate=False)
     with torch.no_grad():
-        eager = model.generate(ids, max_new_tokens=48, do_sample=False)
+        eager = model.generate(ids, max_new_tokens=24, do_sample=False)
     n = min(spec.shape[1], eager.shape[1])
     print(tok.decode(spec[0, ids.shape[1]:], skip_special_tokens=True))
     print(f"\nmax |braze - eager| = {int((spec[:, :n] != eager[:, :n]).sum())} differing tokens vs HF generate")

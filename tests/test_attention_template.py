@@ -16,19 +16,19 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from braze.codegen.attention_template import (  # noqa: E402
-    AttentionBlocks,
+from braze.kernels import INTERPRETER, TARGETS  # noqa: E402
+from braze.kernels.attention import (  # noqa: E402
     AttentionSpec,
     DecodeAttentionSpec,
-    DecodeBlocks,
     attention_blocks,
     decode_blocks,
     decode_splits,
+    flash_attention,
     render_attention,
     render_decode_attention,
-    run_attention,
-    run_decode_attention,
+    split_kv_decode,
 )
+from braze.runtime.kernel_loader import load_kernel_module  # noqa: E402
 
 TOL = {torch.float32: {"atol": 1e-4, "rtol": 1e-4}, torch.float16: {"atol": 3e-3, "rtol": 3e-3}}
 
@@ -88,9 +88,29 @@ def _packed_qkv(batch, seq, hq, hkv, dim, dtype):
     return q, k, v
 
 
-def _blocks(dim: int, block_m: int = 16, block_n: int = 16) -> AttentionBlocks:
-    # Small tiles: several key blocks per row, so masked and unmasked sweeps both run.
-    return AttentionBlocks(block_m, block_n, max(16, 1 << (dim - 1).bit_length()), num_warps=4, num_stages=1)
+def run_attention(q, k, v, *, causal=True, sm_scale=None, cos=None, sin=None, kv_start=None, tree_mask=None,
+                  out=None, device=INTERPRETER):
+    """Render the flash kernel for these flags and launch it through the production launch function (the one the
+    attention / cached / tree-cached families call). Sequences > 64 give several query and key tiles."""
+    batch, hq, sq, dim = q.shape
+    spec = AttentionSpec("attn", causal=causal, rope=cos is not None, has_kv_start=kv_start is not None,
+                         tree_mask=tree_mask is not None, out_dtype=str(q.dtype).removeprefix("torch."))
+    out = torch.empty(batch, hq, sq, dim, dtype=q.dtype) if out is None else out
+    past = None if tree_mask is None else torch.full((1,), k.shape[2] - sq, dtype=torch.int64)
+    kernel = load_kernel_module(render_attention(spec)).attn
+    flash_attention(kernel, q, k, v, out, sm_scale or dim**-0.5, device, cos=cos, sin=sin, kv_start=kv_start,
+                    tree_mask=tree_mask, past=past)
+    return out
+
+
+def run_decode_attention(q, k_cache, v_cache, seq_lens, *, kv_start=None, out=None, num_splits=None,
+                         device=INTERPRETER):
+    """The decode kernels through the production split-KV launch function."""
+    spec = DecodeAttentionSpec("dec", has_kv_start=kv_start is not None, out_dtype=str(q.dtype).removeprefix("torch."))
+    out = torch.empty_like(q) if out is None else out
+    split_kv_decode(load_kernel_module(render_decode_attention(spec)), "dec", q, k_cache, v_cache, out, seq_lens,
+                    kv_start, q.shape[-1] ** -0.5, device, splits=num_splits)
+    return out
 
 
 def _check(out: torch.Tensor, ref: torch.Tensor) -> None:
@@ -105,8 +125,8 @@ def _check(out: torch.Tensor, ref: torch.Tensor) -> None:
 @pytest.mark.parametrize(
     "causal, batch, hq, hkv, sq, skv, dim, dtype, block_m",
     [
-        (True, 2, 4, 4, 37, 37, 32, torch.float32, 16),  # causal MHA, ragged last block
-        (True, 1, 4, 2, 40, 40, 16, torch.float32, 32),  # BLOCK_M > BLOCK_N: two diagonal blocks
+        (True, 2, 4, 4, 77, 77, 32, torch.float32, 16),  # causal MHA, 2x2 tiles, ragged last block
+        (True, 1, 4, 2, 40, 40, 16, torch.float32, 32),  # one tile
         (False, 2, 4, 2, 33, 33, 16, torch.float32, 16),  # GQA
         (False, 1, 4, 1, 9, 40, 32, torch.float32, 16),  # Sq != Skv, MQA
         (True, 2, 4, 2, 7, 40, 16, torch.float32, 16),  # prefill continuing a cache: causal offset
@@ -118,7 +138,7 @@ def test_forward_matches_sdpa(causal, batch, hq, hkv, sq, skv, dim, dtype, block
     q = torch.randn(batch, hq, sq, dim, dtype=dtype)
     k = torch.randn(batch, hkv, skv, dim, dtype=dtype)
     v = torch.randn(batch, hkv, skv, dim, dtype=dtype)
-    out = run_attention(q, k, v, causal=causal, blocks=_blocks(dim, block_m))
+    out = run_attention(q, k, v, causal=causal)
     _check(out, _reference(q, k, v, causal=causal))
 
 
@@ -130,7 +150,7 @@ def test_forward_packed_views_and_strided_out():
     # Output written straight into the [B, S, Hq * D] layout the o-projection reads.
     out_buf = torch.full((batch, seq, hq * dim), float("nan"))
     out = out_buf.view(batch, seq, hq, dim).transpose(1, 2)
-    run_attention(q, k, v, causal=True, out=out, sm_scale=0.3, blocks=_blocks(dim))
+    run_attention(q, k, v, causal=True, out=out, sm_scale=0.3)
     _check(out, _reference(q, k, v, causal=True, scale=0.3))
 
 
@@ -144,15 +164,8 @@ def test_forward_rope(sq, skv, dim):
     _, k, v = _packed_qkv(batch, skv, hq, hkv, dim, torch.float32)
     q = torch.randn(batch, sq, hq, dim).transpose(1, 2)
     cos, sin = _rope_tables(batch, skv, dim)
-    out = run_attention(q, k, v, causal=True, cos=cos, sin=sin, blocks=_blocks(dim))
+    out = run_attention(q, k, v, causal=True, cos=cos, sin=sin)
     _check(out, _reference(q, k, v, causal=True, cos=cos, sin=sin))
-
-
-def test_forward_rope_rejects_odd_head_dim():
-    q = torch.randn(1, 1, 4, 15)
-    cos, sin = _rope_tables(1, 4, 16)
-    with pytest.raises(ValueError, match="even head_dim"):
-        run_attention(q, q, q, cos=cos[..., :15], sin=sin[..., :15])
 
 
 @pytest.mark.parametrize(
@@ -167,7 +180,7 @@ def test_forward_kv_start(causal, kv_start):
     batch, hq, hkv, seq, dim = 2, 4, 2, 20, 16
     q, k, v = _packed_qkv(batch, seq, hq, hkv, dim, torch.float32)
     starts = torch.tensor(kv_start, dtype=torch.int32)
-    out = run_attention(q, k, v, causal=causal, kv_start=starts, blocks=_blocks(dim))
+    out = run_attention(q, k, v, causal=causal, kv_start=starts)
     ref = _reference(q, k, v, causal=causal, kv_start=starts)
     _check(out, ref)
     if kv_start[1] >= seq:
@@ -183,7 +196,7 @@ def test_forward_everything_fp16():
     q, k, v = _packed_qkv(batch, seq, hq, hkv, dim, torch.float16)
     cos, sin = _rope_tables(batch, seq, dim)
     starts = torch.tensor([0, 3], dtype=torch.int32)
-    out = run_attention(q, k, v, causal=True, cos=cos, sin=sin, kv_start=starts, blocks=_blocks(dim))
+    out = run_attention(q, k, v, causal=True, cos=cos, sin=sin, kv_start=starts)
     _check(out, _reference(q, k, v, causal=True, kv_start=starts, cos=cos, sin=sin))
 
 
@@ -201,6 +214,7 @@ def _random_tree_mask(n: int, gen: torch.Generator) -> torch.Tensor:
     [
         (2, 4, 2, 29, 11, 16, torch.float32, "tree", [0, 13], 16),  # GQA, tree straddling a key block edge
         (1, 4, 1, 5, 9, 32, torch.float32, "tree", [2], 16),  # MQA, short cache
+        (1, 4, 2, 70, 9, 16, torch.float32, "tree", [0], 16),  # two key tiles: the tree in the second
         (2, 4, 2, 16, 12, 16, torch.float32, "any", [3, 20], 16),  # arbitrary mask (also j > i); kv_start past cache
         (1, 4, 2, 0, 7, 16, torch.float32, "tree", [0], 16),  # no cache at all
         (2, 4, 1, 40, 20, 32, torch.float16, "tree", [0, 5], 32),  # fp16, two query blocks
@@ -220,7 +234,7 @@ def test_forward_tree_mask(batch, hq, hkv, past, sq, dim, dtype, kind, kv_start,
         tree = torch.rand(sq, sq, generator=gen) < 0.4
         tree[0] = False  # a row that sees only the cache (nothing at all in batch row 1: kv_start past the cache)
     starts = torch.tensor(kv_start, dtype=torch.int32)
-    out = run_attention(q, k, v, causal=True, kv_start=starts, tree_mask=tree, blocks=_blocks(dim, block_m))
+    out = run_attention(q, k, v, causal=True, kv_start=starts, tree_mask=tree)
 
     visible = torch.zeros(sq, skv, dtype=torch.bool)
     visible[:, :past] = True
@@ -235,16 +249,13 @@ def test_forward_tree_mask(batch, hq, hkv, past, sq, dim, dtype, kind, kv_start,
     # a bool mask and its integer twin are the same kernel input
     if kind == "any":
         torch.testing.assert_close(
-            run_attention(q, k, v, kv_start=starts, tree_mask=tree.to(torch.int32), blocks=_blocks(dim, block_m)), out)
+            run_attention(q, k, v, kv_start=starts, tree_mask=tree.to(torch.int32)), out)
         assert torch.count_nonzero(out[1, :, 0]) == 0
 
 
-def test_tree_mask_needs_causal_and_square_mask():
+def test_tree_mask_needs_causal():
     with pytest.raises(ValueError, match="causal"):
         AttentionSpec("a", causal=False, tree_mask=True)
-    q = torch.randn(1, 2, 4, 16)
-    with pytest.raises(ValueError, match="tree_mask shape"):
-        run_attention(q, q, q, tree_mask=torch.ones(4, 3, dtype=torch.bool))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,20 +286,13 @@ def _decode_inputs(batch, hq, hkv, s_max, dim, dtype):
     return q, k_cache, v_cache
 
 
-def _decode_blocks(dim: int, group: int) -> DecodeBlocks:
-    base = decode_blocks(group, dim)
-    return DecodeBlocks(base.block_g, 16, base.block_d, num_warps=4, num_stages=1)
-
-
 @pytest.mark.parametrize("hkv, dim", [(1, 32), (2, 16), (4, 32)])
 def test_decode_ragged_rows(hkv, dim):
     torch.manual_seed(5)
-    batch, hq, s_max = 2, 4, 40
+    batch, hq, s_max = 2, 4, 300
     q, k_cache, v_cache = _decode_inputs(batch, hq, hkv, s_max, dim, torch.float32)
-    seq_lens = torch.tensor([40, 17], dtype=torch.int32)  # row 1 leaves its last splits empty
-    out = run_decode_attention(
-        q, k_cache, v_cache, seq_lens, num_splits=4, blocks=_decode_blocks(dim, hq // hkv)
-    )
+    seq_lens = torch.tensor([300, 77], dtype=torch.int32)  # row 1 leaves its last splits empty
+    out = run_decode_attention(q, k_cache, v_cache, seq_lens, num_splits=4)
     _check(out, _decode_reference(q, k_cache, v_cache, seq_lens))
 
 
@@ -300,10 +304,7 @@ def test_decode_kv_start_and_empty_row(num_splits):
     seq_lens = torch.tensor([37, 12], dtype=torch.int32)
     kv_start = torch.tensor([9, 12], dtype=torch.int32)  # row 1 has no valid position at all
     out = torch.full((batch, hq, dim), float("nan"))
-    run_decode_attention(
-        q, k_cache, v_cache, seq_lens, kv_start=kv_start, out=out, num_splits=num_splits,
-        blocks=_decode_blocks(dim, hq // hkv),
-    )  # fmt: skip
+    run_decode_attention(q, k_cache, v_cache, seq_lens, kv_start=kv_start, out=out, num_splits=num_splits)
     _check(out, _decode_reference(q, k_cache, v_cache, seq_lens, kv_start))
     assert torch.count_nonzero(out[1]) == 0
 
@@ -354,13 +355,14 @@ def test_render_rejects_bad_input():
 
 
 def test_block_choosers():
-    for dim in (16, 64, 80, 128, 256):
-        for rope in (False, True):
-            blocks = attention_blocks(dim, rope)
+    for device in (INTERPRETER, *TARGETS.values()):
+        for dim in (16, 64, 80, 128, 256):
+            blocks = attention_blocks(100, 100, dim, device)
             assert blocks.block_d >= dim and blocks.block_d & (blocks.block_d - 1) == 0
             assert min(blocks.block_m, blocks.block_n, blocks.block_d) >= 16
     assert decode_blocks(1, 80).block_g == 16 and decode_blocks(32, 128).block_g == 32
-    assert decode_splits(1, 8, 4096) == 16  # few programs, long cache: split hard
-    assert decode_splits(64, 8, 4096) == 1  # the batch alone fills the GPU
-    assert decode_splits(1, 1, 100) == 1  # too short to be worth splitting
-    assert all(1 <= decode_splits(b, 8, s) <= 64 for b in (1, 3, 16) for s in (1, 300, 10**6))
+    h100 = TARGETS["sm_90"]
+    assert decode_splits(8, 4096, h100) == 16  # few programs, long cache: split hard
+    assert decode_splits(1, 100, h100) == 1  # too short to be worth splitting
+    assert decode_splits(8, 4096, INTERPRETER) == 1  # the interpreter pays per program
+    assert all(1 <= decode_splits(h, s, d) <= 64 for h in (1, 8) for s in (1, 300, 10**6) for d in TARGETS.values())

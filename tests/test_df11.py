@@ -9,7 +9,7 @@ import json  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from braze.codegen.df11_template import (  # noqa: E402
+from braze.kernels.df11 import (  # noqa: E402
     decode_df11_tensor_triton,
     decode_df11_triton,
     render_df11_decode,

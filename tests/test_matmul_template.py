@@ -1,7 +1,8 @@
 """Matmul template vs plain torch, run under the Triton interpreter (CPU, fp32 and fp16 only).
 
 Shapes are small and ragged on purpose (M=1 decode rows, N and K not multiples of the tile) so every
-mask is exercised; a few cases force tiny tiles to get several programs and K iterations.
+mask is exercised. Every case launches through the production launcher (braze.kernels.MATMUL.launch); a few run
+with the sm_90 description, whose decode-sized tiles give several programs per dimension under the interpreter.
 """
 
 import os
@@ -14,7 +15,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from braze.codegen.matmul_template import MatmulSpec, matmul_blocks, render_matmul, run_matmul
+from braze.kernels import INTERPRETER, TARGETS, DeviceSpec
+from braze.kernels.matmul import MATMUL, MatmulSpec, matmul_config, render_matmul
+from braze.runtime.kernel_loader import load_kernel_module
 
 # fp32: the kernel accumulates in fp32 like torch, only the summation order differs.
 # fp16: inputs are identical and accumulation is fp32, so the error is the fp16 rounding of the output
@@ -22,8 +25,20 @@ from braze.codegen.matmul_template import MatmulSpec, matmul_blocks, render_matm
 # fp16 before tl.dot (as on tensor cores): a few ulps of outputs of magnitude ~1-4.
 TOL = {torch.float32: {"atol": 1e-4, "rtol": 1e-4}, torch.float16: {"atol": 2e-3, "rtol": 2e-3}}
 
-# Forces a 3x3 grid with a ragged last tile and 3 K iterations (ragged too) for M=33, N=96, K=40.
-SMALL_BLOCKS = (16, 32, 16)
+# GPU tiles under the interpreter: for M=33, N=96 a 1x3 grid with a ragged last N tile (BLOCK_N shrinks to 32 to
+# cover the SMs); K=576 takes 9 K iterations.
+SMALL_BLOCKS = TARGETS["sm_90"]
+
+
+def run_matmul(spec: MatmulSpec, a: torch.Tensor, w: torch.Tensor, *, out: torch.Tensor | None = None,
+               eps: float = 1e-6, blocks: DeviceSpec | None = None, **roles: torch.Tensor | None) -> torch.Tensor:
+    """Render `spec` and launch it through the production launcher (the plan's roles: x, w, w2, bias, ...)."""
+    if out is None:
+        out = torch.empty(a.shape[0], w.shape[0], dtype=getattr(torch, spec.out_dtype))
+    tensors = {"x": a, "w": w, **{k: v for k, v in roles.items() if v is not None}}
+    MATMUL.launch(load_kernel_module(render_matmul(spec)), spec.name, tensors, out, {"eps": eps},
+                  blocks or INTERPRETER)
+    return out
 
 
 def _rand(*shape: int, dtype: torch.dtype, scale: float = 1.0, seed: int = 0) -> torch.Tensor:
@@ -256,26 +271,21 @@ def test_spec_validation(kwargs: dict) -> None:
         MatmulSpec(**kwargs)
 
 
-def test_run_matmul_checks_operands() -> None:
-    a, w = _operands(5, 24, 40, torch.float32)
-    with pytest.raises(ValueError, match="w2"):
-        run_matmul(MatmulSpec("k", dual="swiglu"), a, w)
-    with pytest.raises(ValueError, match="bias"):
-        run_matmul(MatmulSpec("k"), a, w, bias=torch.zeros(24))
-    with pytest.raises(ValueError, match="out"):
-        run_matmul(MatmulSpec("k"), a, w, out=torch.empty(5, 24, dtype=torch.float16))
-
-
-@pytest.mark.parametrize("interpret", [True, False])
-def test_matmul_blocks(interpret: bool) -> None:
+@pytest.mark.parametrize("device", [INTERPRETER, *TARGETS.values()], ids=lambda d: d.name)
+def test_matmul_config_fits_the_device(device: DeviceSpec) -> None:
+    """Tiles are powers of two >= 16; on a GPU the pipelined stages fit the device's shared memory per block."""
     for M, N, K in [(1, 24, 40), (8, 4096, 4096), (33, 96, 576), (512, 14336, 4096), (4096, 128256, 4096)]:
         for dual in (False, True):
-            bm, bn, bk = matmul_blocks(M, N, K, interpret, dual=dual)
-            for b in (bm, bn, bk):
-                assert b >= 16 and b & (b - 1) == 0
-            if interpret:
-                assert bm <= 64 and bn <= 128 and bk <= 128
-            else:
-                assert bm <= 128 and bn <= 128 and bk <= 128
-    assert matmul_blocks(1, 4096, 4096, interpret)[0] == 16  # decode: BLOCK_M hugs M
-    assert matmul_blocks(1, 24, 40, True) == (16, 32, 64)  # never (much) bigger than the problem
+            for elem in (2, 4):
+                cfg = matmul_config(M, N, K, device, elem_size=elem, dual=dual)
+                for b in (cfg.block_m, cfg.block_n, cfg.block_k):
+                    assert b >= 16 and b & (b - 1) == 0
+                if device.interpret:
+                    assert cfg.block_m <= 64 and cfg.block_n <= 128 and cfg.block_k <= 128
+                    continue
+                stage = (cfg.block_m * cfg.block_k + (2 if dual else 1) * cfg.block_k * cfg.block_n) * elem
+                assert cfg.num_stages >= 2 and cfg.num_stages * stage <= device.smem_per_block, (M, N, K, dual, elem)
+    assert matmul_config(1, 4096, 4096, device).block_m == 16  # decode: BLOCK_M hugs M
+    if device.interpret:  # never (much) bigger than the problem
+        cfg = matmul_config(1, 24, 40, device)
+        assert (cfg.block_m, cfg.block_n, cfg.block_k) == (16, 32, 64)

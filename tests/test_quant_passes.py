@@ -93,24 +93,25 @@ def test_df11_bf16_model_reference_executor_is_lossless():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
 def test_df11_decode_launcher(dtype):
     """The decode (+ widen) launch on its own: bit patterns of every output dtype, sizes off the block grid."""
-    from braze.codegen.df11_template import render_df11_decode
-    from braze.codegen.quant_lowering import _WIDEN
+    from braze.kernels import INTERPRETER, recording_launches
+    from braze.kernels.df11 import DF11_DECODE, render_df11_decode
     from braze.runtime.kernel_loader import load_kernel_module
-    from braze.runtime.quant_launchers import launch_df11_decode
 
     g = torch.Generator().manual_seed(1)
     w = (torch.randn(3000, generator=g) * 0.02).to(torch.bfloat16)
     w[:7] = torch.tensor([0.0, -0.0, 1e-40, -3e-39, 1.0, -2.5, 3.0e4]).to(torch.bfloat16)  # zeros, subnormals
     unit = encode_df11({"w": w}, threads_per_block=32)
-    module = load_kernel_module(render_df11_decode(kernel_name="k") + _WIDEN.format(name="k"))
+    module = load_kernel_module(render_df11_decode(kernel_name="k", widen=True))
     tensors = {k: getattr(unit, k) for k in ("encoded", "sign_mantissa", "gaps", "output_positions", "luts",
                                              "code_lengths")}
     params = {"numel": w.numel(), "threads_per_block": 32, "n_threads": unit.n_threads, "n_blocks": unit.n_blocks,
               "max_codes": unit.max_codes_per_window, "lut_levels": unit.lut_levels,
               "dtype": str(dtype).removeprefix("torch.")}
     out = torch.empty(w.numel(), dtype=dtype)
-    launches = launch_df11_decode(module, "k", tensors, out, params)
-    assert launches == (1 if dtype == torch.bfloat16 else 2)
+    with recording_launches() as seen:
+        DF11_DECODE.launch(module, "k", tensors, out, params, INTERPRETER)
+    expected = 1 if dtype == torch.bfloat16 else 2
+    assert len(seen) == DF11_DECODE.launch_count(params, INTERPRETER, out.shape) == expected
     want = w.to(dtype)
     assert torch.equal(out.view(torch.int16 if dtype != torch.float32 else torch.int32),
                        want.view(torch.int16 if dtype != torch.float32 else torch.int32))

@@ -27,7 +27,6 @@ import torch.fx as fx
 
 import braze.ops  # noqa: F401  (registers braze::*, for the grouped-quantization ops)
 from braze.codegen import pointwise_ops as P
-from braze.codegen.render import render_template
 from braze.codegen.symbolic import (
     FloorDiv,
     ModularIndexing,
@@ -38,6 +37,7 @@ from braze.codegen.symbolic import (
     simplify_index,
     to_sympy,
 )
+from braze.kernels.render import render_template
 from braze.ops.schema import op_args
 from braze.quant.int6 import ACT_RANGES
 

@@ -19,7 +19,7 @@ from braze.codegen import schedule
 from braze.codegen.fused import BufferInfo, KernelBuilder, meta
 from braze.codegen.memory import plan_memory
 from braze.codegen.symbolic import contiguous_strides, pexpr, shape_of, strides_of, to_sympy
-from braze.codegen.templates import TEMPLATE_LOWERINGS, template_unsupported_reason
+from braze.kernels import family_for_op, launch_count
 from braze.runtime.plan import BufferSpec, InputSpec, Plan, Step, SymbolSpec
 
 DTYPE_NAMES = {v: str(v).removeprefix("torch.") for v in (
@@ -104,9 +104,9 @@ class Lowering:
         self.symbol_specs = symbol_specs
         self.weights = weights
         self.record = LoweringRecord()
-        self.fusable, self.template, self.eager = schedule.classify(gm, set(TEMPLATE_LOWERINGS))
+        self.fusable, self.template, self.eager = schedule.classify(gm, family_for_op)
         for n in list(self.template):
-            reason = template_unsupported_reason(n)
+            reason = family_for_op(n.target).supports(n)
             if reason:
                 self.template.discard(n)
                 self.eager.add(n)
@@ -188,7 +188,7 @@ class Lowering:
             fk = b.render(header="")
             kname = add_kernel(fk.source, g.members, "fused", "KERNEL_NAME")
             step = Step(
-                kind="fused", kernel=kname, inputs=fk.inputs, outputs=[n for n, _ in fk.outputs],
+                kind="fused", launcher="fused", kernel=kname, inputs=fk.inputs, outputs=[n for n, _ in fk.outputs],
                 params={"xnumel": pexpr(fk.xnumel), "rnumel": pexpr(fk.rnumel), "reduction": fk.reduction,
                         "symbols": fk.symbols},
                 nodes=[m.name for m in g.members],
@@ -200,8 +200,7 @@ class Lowering:
             self.record.fused_kernels.append((kname, [m.name for m in g.members]))
 
         for n in self.template:
-            lowering = TEMPLATE_LOWERINGS[n.target]
-            body, step = lowering(n, "KERNEL_NAME")
+            body, step = family_for_op(n.target).lower(n, "KERNEL_NAME")
             kname = add_kernel(body, [n], step.launcher, "KERNEL_NAME")
             step.kernel = kname
             step.nodes = [n.name]
@@ -238,6 +237,7 @@ class Lowering:
                     steps=ordered, outputs=outputs, kernels={})
         for kname, (body, uses, kind) in kernels.items():
             plan.kernels[kname] = _header(kind, uses) + "\n" + body.lstrip("\n")
+        plan.launches = launch_count(plan)
         plan_memory(plan, self.gm, self.record, self.symbol_specs)
         return plan
 

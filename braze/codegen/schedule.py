@@ -8,7 +8,9 @@ merge creates no cycle in the region graph (networkx) — the same rule Inductor
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import networkx as nx
 import sympy
@@ -40,8 +42,9 @@ def tensor_inputs(node: fx.Node) -> list[fx.Node]:
     return [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), __import__("torch").Tensor)]
 
 
-def classify(gm: fx.GraphModule, template_targets: set) -> tuple[set[fx.Node], set[fx.Node], set[fx.Node]]:
-    """Split call_function nodes into fusable, template and eager (fallback) sets."""
+def classify(gm: fx.GraphModule, family_for_op: Callable[[Any], Any]
+             ) -> tuple[set[fx.Node], set[fx.Node], set[fx.Node]]:
+    """Split call_function nodes into fusable, template (a kernel family lowers the op) and eager sets."""
     fusable, template, eager = set(), set(), set()
     for n in gm.graph.nodes:
         if n.op != "call_function":
@@ -49,7 +52,7 @@ def classify(gm: fx.GraphModule, template_targets: set) -> tuple[set[fx.Node], s
         val = n.meta.get("val")
         if not isinstance(val, __import__("torch").Tensor) and not isinstance(val, (tuple, list)):
             continue  # symbolic ints (sym_size) are evaluated from the dims
-        if n.target in template_targets:
+        if family_for_op(n.target) is not None:
             template.add(n)
         elif is_fusable(n):
             fusable.add(n)

@@ -1,7 +1,7 @@
 """DFloat11 weight compression (lossless), and the helpers the INT6 pass (braze/passes/int6.py) shares.
 
 The quant passes run after the template fusions (merge_sibling_linears, fuse_norm_prologue,
-fuse_linear_epilogue), not before them as DESIGN §3 lists, because those fusions pattern-match braze::linear nodes
+fuse_linear_epilogue), not before them, because those fusions pattern-match braze::linear nodes
 whose weights are placeholders:
 
 - quantize_df11 keeps every braze::linear / linear_glu exactly as the fusions left it and only swaps where its
@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 import braze.ops  # noqa: F401  (registers braze::*)
-from braze.codegen.df11_template import df11_block_range
+from braze.kernels.df11 import df11_block_range
 from braze.ops.schema import op_args
 from braze.passes.context import PassContext
 from braze.passes.graph_utils import ACTIVATION_NODES, activate, aten, dce, is_op, new_node, val

@@ -48,7 +48,7 @@ PASSES: list[PassSpec] = [
     PassSpec("fuse_norm_prologue", "fusion", fuse_norm_prologue),
     PassSpec("fuse_linear_epilogue", "fusion", fuse_linear_epilogue),
     PassSpec("fuse_rope_into_attention", "fusion", fuse_rope_into_attention),
-    # quantization runs after the linear fusions (not before, as DESIGN §3 lists): see braze/passes/quantize.py
+    # quantization runs after the linear fusions (not before them): see braze/passes/quantize.py
     PassSpec("quantize_df11", "quant", quantize_df11, enabled=lambda config: config.quant == "df11"),
     PassSpec("quantize_int6", "quant", quantize_int6, enabled=lambda config: config.quant == "int6"),
     # W6A8 / W6A6: quantize activations in the kernel that produces them (braze/passes/int6_act.py)

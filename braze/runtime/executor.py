@@ -12,11 +12,12 @@ import math
 from typing import Any
 
 import torch
-import triton
 
+from braze.kernels import FAMILIES, LAUNCH_HOOKS, device_spec
+from braze.kernels.fused import FUSED
 from braze.runtime.errors import InputMismatchError, ShapeOutOfRangeError
-from braze.runtime.kernel_loader import load_kernel_module
-from braze.runtime.launchers import LAUNCH_COUNTS, LAUNCHERS, check_interpreter_ready, fused_blocks, interpreting
+from braze.runtime.expr import Expr as _Expr
+from braze.runtime.kernel_loader import check_interpreter_ready, load_kernel_module
 from braze.runtime.plan import Plan
 
 DTYPES = {
@@ -24,7 +25,6 @@ DTYPES = {
     "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
     "bool": torch.bool,
 }
-_EVAL_GLOBALS = {"__builtins__": {}, "max": max, "min": min}
 
 
 def resolve_target(name: str) -> Any:
@@ -36,17 +36,6 @@ def resolve_target(name: str) -> Any:
         return getattr(getattr(getattr(torch.ops, parts[0]), parts[1]), parts[2])
     module, _, attr = name.rpartition(".")
     return getattr(importlib.import_module(module), attr)
-
-
-class _Expr:
-    """A compiled shape/grid expression over the dynamic dims."""
-
-    def __init__(self, text: str):
-        self.text = text
-        self.code = compile(text, "<braze-expr>", "eval")
-
-    def __call__(self, syms: dict[str, int]) -> int:
-        return int(eval(self.code, _EVAL_GLOBALS, syms))
 
 
 class PlanExecutor:
@@ -71,8 +60,12 @@ class PlanExecutor:
         self.targets = {i: resolve_target(s.target) for i, s in enumerate(plan.steps) if s.target}
         self.symbol_specs = {s.name: s for s in plan.symbols}
         self.stats = {"calls": 0, "launches": 0, "eager_ops": 0}
+        self.spec = device_spec(device)
         if kernels:
             check_interpreter_ready()
+
+    def _count_launch(self, kind: str, name: str, grid: Any) -> None:
+        self.stats["launches"] += 1
 
     def module(self, name: str) -> Any:
         if name not in self.kernels:
@@ -171,30 +164,29 @@ class PlanExecutor:
         for spec, t in zip(self.user_inputs, inputs):
             env[spec.name] = t.contiguous()
         slots: list[torch.Tensor | None] = [None] * len(self.slot_exprs)
-        interpret = interpreting()
+        LAUNCH_HOOKS.append(self._count_launch)  # launches are counted where they happen, not predicted
+        try:
+            self._run_steps(env, syms, slots)
+        finally:
+            LAUNCH_HOOKS.remove(self._count_launch)
+        self.stats["calls"] += 1
+        return [env[o] if o is not None else None for o in self.plan.outputs]
+
+    def _run_steps(self, env: dict[str, Any], syms: dict[str, int], slots: list[torch.Tensor | None]) -> None:
         for i, step in enumerate(self.plan.steps):
             if step.kind == "fused":
                 xexpr, rexpr = self.step_exprs[i]
-                xnumel, rnumel = xexpr(syms), rexpr(syms)
                 outs = [self._alloc(o, syms, slots) for o in step.outputs]
-                for o, t in zip(step.outputs, outs):
-                    env[o] = t
-                if xnumel > 0:
-                    xblock, rblock = fused_blocks(xnumel, rnumel, step.params["reduction"], interpret)
-                    args = [env[n] for n in step.inputs] + outs + [syms[s] for s in step.params["symbols"]]
-                    meta = {"XBLOCK": xblock}
-                    if step.params["reduction"]:
-                        meta["RBLOCK"] = rblock
-                    self.kernel(step.kernel)[(triton.cdiv(xnumel, xblock),)](*args, **meta)
-                    self.stats["launches"] += 1
+                env.update(zip(step.outputs, outs))
+                args = [env[n] for n in step.inputs] + outs + [syms[s] for s in step.params["symbols"]]
+                FUSED.launch_flat(self.kernel(step.kernel), args, xexpr(syms), rexpr(syms),
+                                  step.params["reduction"], self.spec)
             elif step.kind == "template":
                 out = self._alloc(step.outputs[0], syms, slots)
                 env[step.outputs[0]] = out
                 tensors = {role: env[n] for role, n in zip(step.params["roles"], step.inputs)}
-                launched = LAUNCHERS[step.launcher](self.module(step.kernel), step.kernel, tensors, out, step.params)
-                if not launched:
-                    launched = LAUNCH_COUNTS[step.launcher](step.params) if step.launcher in LAUNCH_COUNTS else 1
-                self.stats["launches"] += launched
+                FAMILIES[step.launcher].launch(self.module(step.kernel), step.kernel, tensors, out, step.params,
+                                               self.spec)
             else:
                 target = self.targets[i]
                 args = self._decode(step.args, env, syms)
@@ -209,8 +201,6 @@ class PlanExecutor:
                 env[step.outputs[0]] = result
             for name in step.free_after:
                 env.pop(name, None)
-        self.stats["calls"] += 1
-        return [env[o] if o is not None else None for o in self.plan.outputs]
 
 
 class GraphExecutor:

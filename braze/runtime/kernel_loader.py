@@ -63,3 +63,18 @@ def load_kernel_module(source: str) -> Any:
 def load_kernel(source: str, name: str) -> Any:
     """Return the @triton.jit function `name` defined in `source`."""
     return getattr(load_kernel_module(source), name)
+
+
+def check_interpreter_ready() -> None:
+    """Triton decides at its own import whether its library functions are interpreted; fail clearly if it was
+    imported (e.g. by transformers) before TRITON_INTERPRET was set, instead of deep inside a kernel."""
+    if not _interpret():
+        return
+    from triton.language import standard
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if not isinstance(getattr(standard, "sigmoid", None), InterpretedFunction):
+        from braze.runtime.errors import BrazeError
+
+        raise BrazeError("triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run under "
+                         "the CPU interpreter: import braze before transformers/triton, or export TRITON_INTERPRET=1")

@@ -64,6 +64,7 @@ class Plan:
     kernels: dict[str, str]  # kernel name -> source
     slots: list[str] = field(default_factory=list)  # arena slot sizes in bytes (expressions)
     out_spec: Any = None
+    launches: int = 0  # per call on the interpreter at the smallest shapes (braze.kernels.launch_count)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -81,13 +82,6 @@ class Plan:
             kernels=raw["kernels"],
             slots=raw.get("slots", []),
             out_spec=raw.get("out_spec"),
+            launches=raw.get("launches", 0),
         )
 
-    @property
-    def launches(self) -> int:
-        per_step = {"cached_attention": lambda s: 3 if s.params.get("decode") else 2,
-                    "tree_cached_attention": lambda s: 2,
-                    # W6A8 / W6A6 reading float x quantize it in a launch of their own (int6_linear_q does not)
-                    "int6_matmul": lambda s: 2 if s.params.get("act_bits", 16) != 16
-                    and "x" in s.params.get("roles", []) else 1}
-        return sum(per_step.get(s.launcher, lambda s: 1)(s) for s in self.steps if s.kind in ("fused", "template"))

@@ -4,7 +4,7 @@ A snapshot is one safetensors file, `<test dir>/golden/<test module>/<name>.safe
 the output under a dotted key (`output`, `output.logits`, `output.0`, ...). safetensors stores bf16/fp16/fp32 and
 integer tensors bit for bit, which the bit-exact mode needs.
 
-Why not pytest-regressions' `ndarrays_regression` or syrupy (DESIGN.md suggests building on one): both resolve from
+Why not pytest-regressions' `ndarrays_regression` or syrupy (the obvious libraries to build on): both resolve from
 PyPI here, but neither fits without more glue than this module. `ndarrays_regression` stores NumPy `.npz` files
 (NumPy has no bfloat16, so bf16 outputs would be stored widened to float32 with their dtype tracked on the side),
 fails the first run by design ("file not found, created") where we want a first run with an eager reference to

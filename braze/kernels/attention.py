@@ -1,0 +1,425 @@
+"""Attention families: flash attention forward, attention over a KV cache (prefill / split-KV decode), and
+tree-verify attention over a KV cache.
+
+Both kernels keep softmax statistics and accumulators in fp32 and work in the log2 domain
+(scores are scaled by sm_scale * log2(e) and exponentiated with exp2). All tensors are passed with
+explicit strides, so q/k/v may be strided views of one fused QKV projection.
+
+Flash attention forward, `render_attention(AttentionSpec)`; kernel `<name>`::
+
+    <name>(q_ptr, k_ptr, v_ptr, out_ptr, [cos_ptr, sin_ptr], [kv_start_ptr],
+           [tree_ptr, stride_tm_b, stride_tm_i, stride_tm_j, past_ptr, stride_past], Sq, Skv, Hq, GROUP, D,
+           stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
+           stride_vb, stride_vh, stride_vs, stride_vd, stride_ob, stride_oh, stride_os, stride_od,
+           [stride_cb, stride_cs, stride_cd], sm_scale, BLOCK_M, BLOCK_N, BLOCK_D)
+    grid = (cdiv(Sq, BLOCK_M), B * Hq)
+
+  q/out [B, Hq, Sq, D], k/v [B, Hkv, Skv, D], GROUP = Hq // Hkv (query head h reads kv head h // GROUP).
+  Query row i sits at absolute position Skv - Sq + i; causal lets it see keys j <= that position.
+  kv_start int32 [B]: keys j < kv_start[b] are left padding. A row with no visible key outputs 0.
+  cos/sin [B, >=Skv, D] (same strides, batch stride may be 0) are indexed by absolute position:
+  key j uses row j and query i uses row Skv - Sq + i (the same as i when Sq == Skv).
+  tree_mask (needs causal; speculative tree verification): tree [B, Sq, Sq] (any integer/bool dtype; batch
+  stride 0 shares one tree) replaces the causal test for the Sq newest keys of row b, which has past[b] cached
+  keys (int, stride_past = 0 for one length): key j < past[b] is visible to every query, key j >= past[b] to
+  query i iff tree[b, i, j - past[b]] != 0 (kv_start still applies); keys from past[b] + Sq on are not read.
+  A module also defines the helper `<name>_kv_loop`.
+
+Split-KV decode, `render_decode_attention(DecodeAttentionSpec)`; kernels `<name>_partial`, `<name>_combine`::
+
+    <name>_partial(q_ptr, k_ptr, v_ptr, mid_o_ptr, mid_lse_ptr, seq_lens_ptr, [kv_start_ptr],
+                   Hkv, GROUP, D, NUM_SPLITS,
+                   stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
+                   stride_vb, stride_vh, stride_vs, stride_vd, sm_scale, BLOCK_G, BLOCK_N, BLOCK_D)
+    grid = (B * Hkv, NUM_SPLITS)
+    <name>_combine(mid_o_ptr, mid_lse_ptr, out_ptr, Hq, D, NUM_SPLITS,
+                   stride_ob, stride_oh, stride_od, BLOCK_S, BLOCK_D)
+    grid = (B * Hq,)
+
+  q/out [B, Hq, D], k_cache/v_cache [B, Hkv, S_max, D], seq_lens int32 [B] (valid positions, <= S_max),
+  kv_start int32 [B] (positions below it are padding). Scratch: mid_o fp32 contiguous
+  [B, Hq, NUM_SPLITS, D] (normalised partial outputs), mid_lse fp32 contiguous [B, Hq, NUM_SPLITS]
+  (log2-sum-exp of the scaled scores, -inf for an empty split). Each row's valid range
+  [kv_start, seq_len) is cut into NUM_SPLITS BLOCK_N-aligned chunks; BLOCK_G >= GROUP.
+
+Cached attention (braze::cached_attention, templates kv_cache.py.j2 + one of the two above): `<name>_rope_write`
+rotates q and k (HF rotate_half, fp32 math), writes k/v into the caches at cache_len, then flash attention over
+the cache (prefill) or split-KV decode (one query token). Tree-cached attention (braze::tree_cached_attention):
+the same write, then flash attention in tree-mask mode.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import triton
+
+from braze.kernels.device import DeviceSpec
+from braze.kernels.family import FLOAT_NAMES, KernelFamily, launch_kernel
+from braze.kernels.matmul import check_header, pow2_clamp
+from braze.kernels.render import render_template
+
+if TYPE_CHECKING:
+    import torch.fx as fx
+
+    from braze.runtime.plan import Step
+
+INPUT_PRECISIONS = ("ieee", "tf32")
+OUT_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _check_common(name: str, input_precision: str, out_dtype: str) -> None:
+    if not name.isidentifier():
+        raise ValueError(f"kernel name {name!r} is not a Python identifier")
+    if input_precision not in INPUT_PRECISIONS:
+        raise ValueError(f"input_precision must be one of {INPUT_PRECISIONS}, got {input_precision!r}")
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"out_dtype must be one of {OUT_DTYPES}, got {out_dtype!r}")
+
+
+@dataclass(frozen=True)
+class AttentionSpec:
+    """Compile-time choices of one flash attention forward kernel (each flag changes the signature)."""
+
+    name: str
+    causal: bool = True
+    rope: bool = False
+    has_kv_start: bool = False
+    input_precision: str = "ieee"
+    out_dtype: str = "float16"
+    tree_mask: bool = False
+
+    def __post_init__(self) -> None:
+        _check_common(self.name, self.input_precision, self.out_dtype)
+        if self.tree_mask and not self.causal:
+            raise ValueError("tree_mask uses the causal query alignment: it needs causal=True")
+
+
+@dataclass(frozen=True)
+class DecodeAttentionSpec:
+    """Compile-time choices of one split-KV decode kernel pair."""
+
+    name: str
+    has_kv_start: bool = False
+    input_precision: str = "ieee"
+    out_dtype: str = "float16"
+
+    def __post_init__(self) -> None:
+        _check_common(self.name, self.input_precision, self.out_dtype)
+
+
+def render_attention(spec: AttentionSpec, header: str = "") -> str:
+    """Python source of the flash attention forward module for `spec`."""
+    return render_template(
+        "attention.py.j2", header=check_header(header), name=spec.name, causal=spec.causal, rope=spec.rope,
+        has_kv_start=spec.has_kv_start, tree_mask=spec.tree_mask, input_precision=spec.input_precision,
+        out_dtype=spec.out_dtype)
+
+
+def render_decode_attention(spec: DecodeAttentionSpec, header: str = "") -> str:
+    """Python source of the decode module (`<name>_partial` and `<name>_combine`) for `spec`."""
+    return render_template(
+        "decode_attention.py.j2", header=check_header(header), name=spec.name, has_kv_start=spec.has_kv_start,
+        input_precision=spec.input_precision, out_dtype=spec.out_dtype)
+
+
+def render_cache_write(name: str) -> str:
+    """Python source of `<name>_rope_write` (RoPE on q/k, k/v written into the caches)."""
+    return render_template("kv_cache.py.j2", header="", name=name)
+
+
+# ---- launch configurations --------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AttentionBlocks:
+    block_m: int
+    block_n: int
+    block_d: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def meta(self, device: DeviceSpec) -> dict[str, int]:
+        meta = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_D": self.block_d}
+        if not device.interpret:
+            meta.update(num_warps=self.num_warps, num_stages=self.num_stages)
+        return meta
+
+
+@dataclass(frozen=True)
+class DecodeBlocks:
+    block_g: int
+    block_n: int
+    block_d: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def block_d_for(head_dim: int) -> int:
+    """tl.dot needs every dimension >= 16; a head dim that is not a power of two is padded."""
+    if head_dim < 1:
+        raise ValueError(f"head_dim must be positive, got {head_dim}")
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def attention_blocks(sq: int, skv: int, head_dim: int, device: DeviceSpec) -> AttentionBlocks:
+    """Flash tiles: the interpreter takes the biggest tiles (it pays per program); a GPU keeps the q tile, the
+    accumulator and a K/V tile in registers (64 x 64 at D <= 64, a narrower key tile above), 2 stages."""
+    block_d = block_d_for(head_dim)
+    if device.interpret:
+        return AttentionBlocks(pow2_clamp(sq, 16, 64), pow2_clamp(skv, 16, 64), block_d)
+    return AttentionBlocks(pow2_clamp(sq, 16, 64), 64 if block_d <= 64 else 32, block_d, num_warps=4, num_stages=2)
+
+
+def decode_blocks(group: int, head_dim: int) -> DecodeBlocks:
+    """Tile sizes for the decode partial kernel: all GROUP query heads in one (padded) tile."""
+    if group < 1:
+        raise ValueError(f"group must be positive, got {group}")
+    block_d = block_d_for(head_dim)
+    return DecodeBlocks(max(16, triton.next_power_of_2(group)), 64 if block_d <= 128 else 32, block_d)
+
+
+def decode_splits(heads_kv: int, s_max: int, device: DeviceSpec) -> int:
+    """Split count of the KV axis for decode: about two waves of programs at batch 1, at least ~256 cache slots
+    per split. It does not depend on the batch, so a row reduces in the same order whatever else is batched."""
+    if heads_kv < 1 or s_max < 1:
+        raise ValueError(f"heads_kv and s_max must be positive, got {heads_kv}, {s_max}")
+    if device.interpret:
+        return 1
+    wanted = math.ceil(2 * device.sm_count / heads_kv)
+    return max(1, min(wanted, max(1, s_max // 256), 64))
+
+
+# ---- launches ---------------------------------------------------------------------------------------------------
+def _row_stride(t: torch.Tensor) -> int:
+    """Batch stride of a per-row argument given as one value for the batch ([1], stride 0) or one per row."""
+    return 0 if t.numel() == 1 else t.stride(0)
+
+
+def flash_attention(kernel: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                    scale: float, device: DeviceSpec, *, cos: torch.Tensor | None = None,
+                    sin: torch.Tensor | None = None, kv_start: torch.Tensor | None = None,
+                    tree_mask: torch.Tensor | None = None, past: torch.Tensor | None = None) -> None:
+    """One flash launch; the optional arguments must match the flags the kernel was rendered with."""
+    B, Hq, Sq, D = q.shape
+    Hkv, Skv = k.shape[1], k.shape[2]
+    args: list[Any] = [q, k, v, out]
+    if cos is not None:
+        if cos.stride() != sin.stride():
+            cos, sin = cos.contiguous(), sin.contiguous()
+        args += [cos, sin]
+    if kv_start is not None:
+        args.append(kv_start)
+    if tree_mask is not None:  # tree [(B,) Sq, Sq] and past lengths after kv_start_ptr
+        if tree_mask.dtype == torch.bool:
+            tree_mask = tree_mask.view(torch.uint8)  # same bytes; avoids int1 pointers
+        strides = tree_mask.stride() if tree_mask.dim() == 3 else (0, *tree_mask.stride())
+        args += [tree_mask, *strides, past, _row_stride(past)]
+    args += [Sq, Skv, Hq, Hq // Hkv, D]
+    for t in (q, k, v, out):
+        args += list(t.stride())
+    if cos is not None:
+        args += list(cos.stride())
+    args.append(float(scale))
+    blocks = attention_blocks(Sq, Skv, D, device)
+    launch_kernel(kernel, (triton.cdiv(Sq, blocks.block_m), B * Hq), *args, **blocks.meta(device))
+
+
+def rope_write(module: Any, name: str, tensors: dict[str, torch.Tensor], device: DeviceSpec) -> torch.Tensor:
+    """One launch of `<name>_rope_write`: returns roped q [B, Hq, S, D]; roped k and v go into the caches at
+    cache_len + s (k rotated by cos/sin row s, i.e. at the position its position_ids gave it)."""
+    q, k, v = tensors["q"], tensors["k"], tensors["v"]
+    cos, sin = tensors["cos"], tensors["sin"]
+    if cos.stride() != sin.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    kc, vc, cache_len = tensors["k_cache"], tensors["v_cache"], tensors["cache_len"]
+    B, Hq, S, D = q.shape
+    Hkv = k.shape[1]
+    qo = torch.empty((B, Hq, S, D), dtype=q.dtype, device=q.device)
+    rows = S * max(Hq, Hkv)
+    block_r = pow2_clamp(rows, 1, 1024 if device.interpret else 32)
+    args: list[Any] = [q, k, v, cos, sin, qo, kc, vc, cache_len, _row_stride(cache_len), S, Hq, Hkv, D]
+    for t in (q, k, v, cos, qo, kc, vc):
+        args += list(t.stride())
+    launch_kernel(getattr(module, f"{name}_rope_write"), (B * triton.cdiv(rows, block_r), 2), *args,
+                  BLOCK_R=block_r, BLOCK_D=triton.next_power_of_2(D))
+    return qo
+
+
+def split_kv_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    out: torch.Tensor, seq_lens: torch.Tensor, kv_start: torch.Tensor | None, scale: float,
+                    device: DeviceSpec, splits: int | None = None) -> int:
+    """Decode attention of one query per row: q/out [B, Hq, D], caches [B, Hkv, S_max, D]. One split writes its
+    normalised partial output straight into `out` (no combine launch). Returns the launches."""
+    B, Hq, D = q.shape
+    Hkv, s_max = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // Hkv
+    splits = splits or decode_splits(Hkv, s_max, device)
+    blocks = decode_blocks(group, D)
+    direct = splits == 1 and out.is_contiguous()
+    mid_o = out if direct else torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
+    args = [q, k_cache, v_cache, mid_o, mid_lse, seq_lens, *([kv_start] if kv_start is not None else []),
+            Hkv, group, D, splits, *q.stride(), *k_cache.stride(), *v_cache.stride(), float(scale)]
+    opts = {} if device.interpret else {"num_warps": blocks.num_warps, "num_stages": blocks.num_stages}
+    launch_kernel(getattr(module, f"{name}_partial"), (B * Hkv, splits), *args,
+                  BLOCK_G=blocks.block_g, BLOCK_N=blocks.block_n, BLOCK_D=blocks.block_d, **opts)
+    if direct:
+        return 1
+    opts = {} if device.interpret else {"num_warps": 4 if blocks.block_d >= 128 else 2}
+    launch_kernel(getattr(module, f"{name}_combine"), (B * Hq,), mid_o, mid_lse, out, Hq, D, splits,
+                  *out.stride(), BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=blocks.block_d, **opts)
+    return 2
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _attention_mask_reason(node: fx.Node) -> str | None:
+    from braze.ops.schema import op_args
+
+    a = op_args(node)
+    if node.meta["val"].dtype not in FLOAT_NAMES:
+        return f"{node.target} output dtype {node.meta['val'].dtype} has no kernel"
+    if a.get("attn_mask") is not None:
+        return "attention with an explicit mask (not causal) runs eagerly"
+    if a["q"].meta["val"].shape[-1] > 256:
+        return f"head dim {a['q'].meta['val'].shape[-1]} > 256"
+    return None
+
+
+class AttentionFamily(KernelFamily):
+    """braze::attention: flash attention forward, RoPE optionally fused into the q/k loads."""
+
+    name = "attention"
+    templates = ("attention.py.j2",)
+
+    @property
+    def ops(self) -> tuple[Any, ...]:  # type: ignore[override]
+        import braze.ops  # noqa: F401
+
+        return (torch.ops.braze.attention.default,)
+
+    def supports(self, node: fx.Node) -> str | None:
+        return _attention_mask_reason(node)
+
+    def lower(self, node: fx.Node, name: str) -> tuple[str, Step]:
+        from braze.ops.schema import op_args
+        from braze.runtime.plan import Step
+
+        a = op_args(node)
+        spec = AttentionSpec(name=name, causal=bool(a["causal"]), rope=a["cos"] is not None,
+                             input_precision=_precision(a["q"].meta["val"].dtype),
+                             out_dtype=FLOAT_NAMES[node.meta["val"].dtype])
+        roles = {k: a[k] for k in ("q", "k", "v", "cos", "sin") if a[k] is not None}
+        step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[v.name for v in roles.values()],
+                    params={"roles": list(roles), "scale": float(a["scale"]), "causal": bool(a["causal"])})
+        return render_attention(spec), step
+
+    def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
+               params: dict[str, Any], device: DeviceSpec) -> None:
+        flash_attention(getattr(module, name), tensors["q"], tensors["k"], tensors["v"], out, params["scale"],
+                        device, cos=tensors.get("cos"), sin=tensors.get("sin"))
+
+
+class CachedAttentionFamily(KernelFamily):
+    """braze::cached_attention: RoPE + cache write, then flash (prefill) or split-KV decode over the cache."""
+
+    name = "cached_attention"
+    templates = ("kv_cache.py.j2", "attention.py.j2", "decode_attention.py.j2")
+
+    @property
+    def ops(self) -> tuple[Any, ...]:  # type: ignore[override]
+        import braze.ops  # noqa: F401
+
+        return (torch.ops.braze.cached_attention.default,)
+
+    def supports(self, node: fx.Node) -> str | None:
+        return _attention_mask_reason(node)
+
+    def lower(self, node: fx.Node, name: str) -> tuple[str, Step]:
+        from braze.ops.schema import op_args
+        from braze.runtime.plan import Step
+
+        a = op_args(node)
+        q = a["q"].meta["val"]
+        decode = isinstance(q.shape[2], int) and q.shape[2] == 1
+        precision, out_dtype = _precision(q.dtype), FLOAT_NAMES[node.meta["val"].dtype]
+        if decode:
+            attn = render_decode_attention(DecodeAttentionSpec(name, True, precision, out_dtype))
+        else:
+            attn = render_attention(AttentionSpec(name, causal=True, rope=False, has_kv_start=True,
+                                                  input_precision=precision, out_dtype=out_dtype))
+        roles = ["q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start"]
+        k_cache = a["k_cache"].meta["val"]
+        step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
+                    params={"roles": roles, "scale": float(a["scale"]), "decode": decode,
+                            "heads_kv": int(k_cache.shape[1]), "s_max": int(k_cache.shape[2])})
+        return attn + "\n\n" + render_cache_write(name), step
+
+    def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
+               params: dict[str, Any], device: DeviceSpec) -> None:
+        qo = rope_write(module, name, tensors, device)
+        kc, vc, cache_len, kv_start = tensors["k_cache"], tensors["v_cache"], tensors["cache_len"], tensors["kv_start"]
+        if not params["decode"]:
+            total = int(cache_len.reshape(-1)[0]) + qo.shape[2]  # prefill is not graph-captured: a host read is fine
+            flash_attention(getattr(module, name), qo, kc[:, :, :total], vc[:, :, :total], out, params["scale"],
+                            device, kv_start=kv_start)
+            return
+        seq_lens = (cache_len.to(torch.int32) + 1).expand(qo.shape[0]).contiguous()
+        split_kv_decode(module, name, qo[:, :, 0, :], kc, vc, out[:, :, 0, :], seq_lens, kv_start,
+                        params["scale"], device)
+
+    def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
+        if not params["decode"]:
+            return 2
+        splits = decode_splits(params["heads_kv"], params["s_max"], device)
+        return 2 if splits == 1 else 3
+
+
+class TreeCachedAttentionFamily(KernelFamily):
+    """braze::tree_cached_attention (tree verify): cache write, then flash over the cache in tree-mask mode. The
+    cache length is read per row on device, so the step needs no host read and can be graph-captured."""
+
+    name = "tree_cached_attention"
+    templates = ("kv_cache.py.j2", "attention.py.j2")
+
+    @property
+    def ops(self) -> tuple[Any, ...]:  # type: ignore[override]
+        import braze.ops  # noqa: F401
+
+        return (torch.ops.braze.tree_cached_attention.default,)
+
+    def supports(self, node: fx.Node) -> str | None:
+        return _attention_mask_reason(node)
+
+    def lower(self, node: fx.Node, name: str) -> tuple[str, Step]:
+        from braze.ops.schema import op_args
+        from braze.runtime.plan import Step
+
+        a = op_args(node)
+        attn = render_attention(AttentionSpec(name, causal=True, rope=False, has_kv_start=True, tree_mask=True,
+                                              input_precision=_precision(a["q"].meta["val"].dtype),
+                                              out_dtype=FLOAT_NAMES[node.meta["val"].dtype]))
+        roles = ["q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start", "tree_mask"]
+        step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
+                    params={"roles": roles, "scale": float(a["scale"])})
+        return attn + "\n\n" + render_cache_write(name), step
+
+    def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
+               params: dict[str, Any], device: DeviceSpec) -> None:
+        qo = rope_write(module, name, tensors, device)
+        flash_attention(getattr(module, name), qo, tensors["k_cache"], tensors["v_cache"], out, params["scale"],
+                        device, kv_start=tensors["kv_start"], tree_mask=tensors["tree_mask"],
+                        past=tensors["cache_len"])
+
+    def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
+        return 2
+
+
+ATTENTION = AttentionFamily()
+CACHED_ATTENTION = CachedAttentionFamily()
+TREE_CACHED_ATTENTION = TreeCachedAttentionFamily()

@@ -1,0 +1,86 @@
+"""The kernel-family contract, and the one path every kernel launch goes through.
+
+A family (Inductor's TritonTemplate, Thunder's checker + implementation) owns, in one module under braze/kernels/:
+its name (the plan Step's `launcher`), the braze ops it lowers, its Jinja2 template(s), `supports` (why a node
+cannot use it), `lower` (node -> kernel source + Step), `config` (tiles, warps, stages, splits from a DeviceSpec),
+`launch` (tensors -> grid + arguments) and `launch_count` (the launches one step issues). Lowering, the plan
+executor, the report and the tests all reach a family through braze.kernels.FAMILIES; packages import this
+package without the compiler.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from braze.kernels.device import DeviceSpec
+
+if TYPE_CHECKING:
+    import torch.fx as fx
+
+    from braze.runtime.plan import Step
+
+FLOAT_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+# Called as hook(kind, name, grid) for every launch: kind is "kernel" (a Triton kernel) or "torch" (a device op a
+# launcher issues itself: a memset, a cast copy). Tests and the executor's counters observe launches here.
+LAUNCH_HOOKS: list[Callable[[str, str, Any], None]] = []
+
+
+def launch_kernel(kernel: Any, grid: Sequence[int], *args: Any, **meta: Any) -> None:
+    """Launch one Triton kernel (every family launches through here, so counts are observed, not assumed)."""
+    for hook in LAUNCH_HOOKS:
+        hook("kernel", getattr(kernel, "__name__", str(kernel)), tuple(grid))
+    kernel[tuple(grid)](*args, **meta)
+
+
+def device_op(name: str) -> None:
+    """Record a torch device op (memset, copy) a launcher issues: on a GPU it is a launch like any kernel."""
+    for hook in LAUNCH_HOOKS:
+        hook("torch", name, ())
+
+
+@contextmanager
+def recording_launches() -> Iterator[list[tuple[str, str]]]:
+    """Collect (kind, name) of every launch inside the block."""
+    seen: list[tuple[str, str]] = []
+
+    def hook(kind: str, name: str, grid: Any) -> None:
+        seen.append((kind, name))
+
+    LAUNCH_HOOKS.append(hook)
+    try:
+        yield seen
+    finally:
+        LAUNCH_HOOKS.remove(hook)
+
+
+class KernelFamily:
+    """Base of every family; subclasses set `name`, `ops`, `templates` and implement lower/launch/launch_count."""
+
+    name: str = ""
+    ops: tuple[Any, ...] = ()  # braze ops (OpOverloads) this family lowers
+    templates: tuple[str, ...] = ()  # files under braze/templates/
+
+    def supports(self, node: fx.Node) -> str | None:
+        """None when `node` can use this family's kernel, else the reason it runs eagerly (shown in the report)."""
+        return None
+
+    def lower(self, node: fx.Node, name: str) -> tuple[str, Step]:
+        """Kernel source (kernels named `name`) and the plan Step that launches it."""
+        raise NotImplementedError
+
+    def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
+               params: dict[str, Any], device: DeviceSpec) -> None:
+        """Compute sizes, strides, grid and configuration from the real tensors and launch."""
+        raise NotImplementedError
+
+    def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
+        """Launches (kernels + device ops) one step issues for an output of `out_shape` on `device`."""
+        return 1
+
+    def __repr__(self) -> str:
+        return f"<kernel family {self.name}: {', '.join(self.templates)}>"

@@ -1,0 +1,216 @@
+"""Matmul family: C = epilogue(prologue(A) @ W^T), rendered from templates/matmul.py.j2.
+
+One template covers every linear layer of a decoder block, so fusions (RMSNorm before the GEMM, a gate/up pair
+with SwiGLU/GeGLU, bias, activation, residual add) save whole round trips through memory. Lowers braze::linear
+and braze::linear_glu.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import triton
+
+from braze.kernels.device import DeviceSpec
+from braze.kernels.family import FLOAT_NAMES, KernelFamily, launch_kernel
+from braze.kernels.render import render_template
+
+if TYPE_CHECKING:
+    import torch.fx as fx
+
+    from braze.runtime.plan import Step
+
+DUAL_KINDS = (None, "swiglu", "geglu")
+ACTIVATIONS = (None, "silu", "gelu", "gelu_tanh", "relu")
+INPUT_PRECISIONS = ("ieee", "tf32")
+OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_GLU = {"silu": "swiglu", "gelu_tanh": "geglu"}
+
+
+@dataclass(frozen=True)
+class MatmulSpec:
+    """What one generated kernel computes; hashable so a spec can key a kernel cache."""
+
+    name: str
+    rmsnorm_prologue: bool = False
+    dual: str | None = None
+    has_bias: bool = False
+    activation: str | None = None
+    has_residual: bool = False
+    input_precision: str = "ieee"
+    out_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        # Reject bad specs here: a wrong flag would otherwise surface as a confusing Triton compile error.
+        if not self.name.isidentifier():
+            raise ValueError(f"kernel name {self.name!r} is not a Python identifier")
+        if self.dual not in DUAL_KINDS:
+            raise ValueError(f"dual must be one of {DUAL_KINDS}, got {self.dual!r}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+        if self.dual is not None and (self.has_bias or self.activation is not None):
+            raise ValueError("dual (gated) GEMM takes neither bias nor a separate activation")
+        if self.input_precision not in INPUT_PRECISIONS:
+            raise ValueError(f"input_precision must be one of {INPUT_PRECISIONS}, got {self.input_precision!r}")
+        if self.out_dtype not in OUT_DTYPES:
+            raise ValueError(f"out_dtype must be one of {tuple(OUT_DTYPES)}, got {self.out_dtype!r}")
+
+
+def check_header(header: str) -> str:
+    """Headers are pasted at the top of generated source, so they must be comments."""
+    header = header.rstrip("\n")
+    bad = [line for line in header.splitlines() if line.strip() and not line.startswith("#")]
+    if bad:
+        raise ValueError(f"header lines must be comments, got {bad[0]!r}")
+    return header
+
+
+def render_matmul(spec: MatmulSpec, header: str = "") -> str:
+    """Return the Triton source of the kernel described by `spec`; `header` lines must start with '#'."""
+    return render_template(
+        "matmul.py.j2", header=check_header(header), name=spec.name, rmsnorm_prologue=spec.rmsnorm_prologue,
+        dual=spec.dual, has_bias=spec.has_bias, activation=spec.activation, has_residual=spec.has_residual,
+        input_precision=spec.input_precision, out_dtype=spec.out_dtype)
+
+
+def pow2_clamp(x: int, lo: int, hi: int) -> int:
+    return max(lo, min(hi, triton.next_power_of_2(max(1, x))))
+
+
+@dataclass(frozen=True)
+class MatmulConfig:
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def meta(self, device: DeviceSpec) -> dict[str, int]:
+        meta = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k}
+        if not device.interpret:  # the interpreter ignores warps and stages
+            meta.update(num_warps=self.num_warps, num_stages=self.num_stages)
+        return meta
+
+
+def matmul_config(M: int, N: int, K: int, device: DeviceSpec, *, elem_size: int = 2, dual: bool = False
+                  ) -> MatmulConfig:
+    """Tiles, warps and stages for one launch.
+
+    The interpreter pays per program, so it gets the biggest tiles. On a GPU, decode (small M) is bandwidth bound
+    and wants enough programs to cover the SMs; stages are as deep as the device's shared memory per block allows
+    (one stage holds an A tile and one or two W tiles), at most 4 and at least 2 (the tile shrinks in K first).
+    """
+    if device.interpret:
+        return MatmulConfig(pow2_clamp(M, 16, 64), pow2_clamp(N, 16, 128), pow2_clamp(K, 16, 128))
+    block_m = pow2_clamp(M, 16, 128)
+    block_n = pow2_clamp(N, 16, 64 if dual else 128)
+    block_k = pow2_clamp(K, 16, 64 if block_m >= 64 else 128)
+    while block_n > 32 and triton.cdiv(M, block_m) * triton.cdiv(N, block_n) < device.sm_count:
+        block_n //= 2
+    n_weights = 2 if dual else 1
+    budget = device.smem_per_block - 8 * 1024  # headroom for the epilogue's layout conversion
+    stage_bytes = lambda bk: (block_m * bk + n_weights * bk * block_n) * elem_size  # noqa: E731
+    while block_k > 32 and 2 * stage_bytes(block_k) > budget:
+        block_k //= 2
+    stages = max(2, min(4, budget // stage_bytes(block_k)))
+    big = block_m * block_n * n_weights >= 128 * 128
+    return MatmulConfig(block_m, block_n, block_k, num_warps=8 if big else 4, num_stages=stages)
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 models get IEEE fp32 dots, as eager does; 16-bit inputs use the tensor cores natively anyway
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def matmul_args(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, w2: torch.Tensor | None = None,
+                bias: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
+                residual: torch.Tensor | None = None, eps: float = 0.0) -> list[Any]:
+    """Kernel arguments in the template's signature order. a [M, K], w/w2 [N, K], residual/out [M, N]."""
+    M, K = a.shape
+    N = w.shape[0]
+    args: list[Any] = [a, w]
+    args += [t for t in (w2, bias, norm_weight, residual) if t is not None]
+    args += [out, M, N, K, a.stride(0), a.stride(1), w.stride(0), w.stride(1)]
+    if w2 is not None:
+        args += [w2.stride(0), w2.stride(1)]
+    if residual is not None:
+        args += [residual.stride(0), residual.stride(1)]
+    args += [out.stride(0), out.stride(1)]
+    if norm_weight is not None:
+        args.append(float(eps))
+    return args
+
+
+class MatmulFamily(KernelFamily):
+    name = "matmul"
+    templates = ("matmul.py.j2",)
+
+    @property
+    def ops(self) -> tuple[Any, ...]:  # type: ignore[override]
+        import braze.ops  # noqa: F401  (registers braze::*)
+
+        return (torch.ops.braze.linear.default, torch.ops.braze.linear_glu.default)
+
+    def supports(self, node: fx.Node) -> str | None:
+        from braze.ops.schema import op_args
+
+        a = op_args(node)
+        out = node.meta["val"]
+        glu = node.target is torch.ops.braze.linear_glu.default
+        if out.dtype not in FLOAT_NAMES:
+            return f"{node.target} output dtype {out.dtype} has no kernel"
+        if glu and a["activation"] not in _GLU:
+            return f"gated linear with activation {a['activation']!r} has no kernel"
+        if not glu and a["activation"] not in ("none", *[x for x in ACTIVATIONS if x]):
+            return f"linear activation {a['activation']!r} has no kernel"
+        if not glu and a["residual"] is not None:
+            if tuple(a["residual"].meta["val"].shape) != tuple(out.shape):
+                return "residual epilogue needs the residual in the output's shape"
+        return None
+
+    def lower(self, node: fx.Node, name: str) -> tuple[str, Step]:
+        from braze.ops.schema import op_args
+        from braze.runtime.plan import Step
+
+        a = op_args(node)
+        glu = node.target is torch.ops.braze.linear_glu.default
+        spec = MatmulSpec(
+            name=name, rmsnorm_prologue=a["norm_weight"] is not None, dual=_GLU[a["activation"]] if glu else None,
+            has_bias=(not glu) and a["bias"] is not None,
+            activation=None if glu or a["activation"] == "none" else a["activation"],
+            has_residual=(not glu) and a["residual"] is not None,
+            input_precision=_precision(a["x"].meta["val"].dtype), out_dtype=FLOAT_NAMES[node.meta["val"].dtype])
+        roles = {"x": a["x"], "w": a["gate_weight"] if glu else a["weight"], "w2": a["up_weight"] if glu else None,
+                 "bias": None if glu else a["bias"], "norm_weight": a["norm_weight"],
+                 "residual": None if glu else a["residual"]}
+        present = {k: v for k, v in roles.items() if v is not None}
+        step = Step(kind="template", launcher=self.name, outputs=[node.name],
+                    inputs=[v.name for v in present.values()],
+                    params={"roles": list(present), "eps": float(a["eps"] or 0.0)})
+        return render_matmul(spec), step
+
+    def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
+               params: dict[str, Any], device: DeviceSpec) -> None:
+        x, w = tensors["x"], tensors["w"]
+        K, N = x.shape[-1], w.shape[0]
+        a = x.reshape(-1, K)
+        o = out.view(-1, N)
+        w2 = tensors.get("w2")
+        res = tensors.get("residual")
+        if res is not None:
+            res = res.reshape(-1, N)
+        args = matmul_args(a, w, o, w2=w2, bias=tensors.get("bias"), norm_weight=tensors.get("norm_weight"),
+                           residual=res, eps=params.get("eps", 0.0))
+        M = a.shape[0]
+        cfg = matmul_config(M, N, K, device, elem_size=max(a.element_size(), w.element_size()), dual=w2 is not None)
+        launch_kernel(getattr(module, name), (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n)), *args,
+                      **cfg.meta(device))
+
+    def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
+        return 1
+
+
+MATMUL = MatmulFamily()

@@ -1,0 +1,183 @@
+"""Every registered kernel family, driven exactly as a compiled plan drives it, against its braze op's torch
+reference: trace one op call to an FX node, `supports` -> `lower` (source + Step) -> `launch` with the Step's
+roles and params (what PlanExecutor does), under the interpreter. The launches counted at the launch path must
+equal the family's `launch_count`.
+
+Tolerances: fp32 everywhere; the kernels accumulate in fp32 like the references and differ only in summation
+order (products of O(1) values over K <= 256 terms: ~1e-6), so 1e-4 leaves margin while an indexing or masking
+bug is O(0.1). DFloat11 decode is bit-exact (lossless by construction); int6 compares against the reference of
+the same quantized weights (the kernel's only difference is again summation order).
+"""
+
+import math
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import braze
+import braze.ops  # noqa: F401  (registers braze::*)
+from braze.kernels import FAMILIES, INTERPRETER, family_for_op, recording_launches
+from braze.quant.df11 import encode_df11
+from braze.quant.int6 import quantize_int6
+from braze.runtime.kernel_loader import load_kernel_module
+
+ops = torch.ops.braze
+TOL = {"atol": 1e-4, "rtol": 1e-4}
+EXERCISED: set[str] = set()
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def launch_like_a_plan(fn, *inputs):
+    """Trace fn(*inputs) (one braze op call), lower its node with the op's family and launch it through the
+    family's launcher; returns (kernel output, family)."""
+    gm = make_fx(fn, tracing_mode="fake")(*inputs)
+    node = next(n for n in gm.graph.nodes if n.op == "call_function" and family_for_op(n.target) is not None)
+    family = family_for_op(node.target)
+    assert family.supports(node) is None
+    source, step = family.lower(node, "kernel")
+    assert step.launcher == family.name
+    by_name = dict(zip((n.name for n in gm.graph.nodes if n.op == "placeholder"), inputs))
+    tensors = {role: by_name[name] for role, name in zip(step.params["roles"], step.inputs)}
+    val = node.meta["val"]
+    out = torch.empty_strided(tuple(val.shape), tuple(val.stride()), dtype=val.dtype)
+    with recording_launches() as seen:
+        family.launch(load_kernel_module(source), "kernel", tensors, out, step.params, INTERPRETER)
+    assert len(seen) == family.launch_count(step.params, INTERPRETER, out.shape)
+    EXERCISED.add(family.name)
+    return out, family
+
+
+@pytest.mark.parametrize("variant", ["plain", "norm_silu_bias_residual", "glu"])
+def test_matmul_family(variant):
+    g = _gen(0)
+    x = torch.randn(2, 5, 96, generator=g)
+    w = torch.randn(80, 96, generator=g) / math.sqrt(96)
+    w2 = torch.randn(80, 96, generator=g) / math.sqrt(96)
+    nw, b, r = 1 + 0.1 * torch.randn(96, generator=g), torch.randn(80, generator=g), torch.randn(2, 5, 80, generator=g)
+    fn = {"plain": lambda x, w: ops.linear(x, w),
+          "norm_silu_bias_residual": lambda x, w, b, nw, r: ops.linear(x, w, b, nw, 1e-5, "silu", r),
+          "glu": lambda x, w, w2, nw: ops.linear_glu(x, w, w2, nw, 1e-5, "silu")}[variant]
+    args = {"plain": (x, w), "norm_silu_bias_residual": (x, w, b, nw, r), "glu": (x, w, w2, nw)}[variant]
+    out, _ = launch_like_a_plan(fn, *args)
+    torch.testing.assert_close(out, fn(*args), **TOL)
+
+
+def _rope(batch, seq, dim):
+    inv = 1.0 / (10000 ** (torch.arange(0, dim, 2).float() / dim))
+    f = torch.arange(seq).float()[:, None] * inv
+    emb = torch.cat((f, f), -1)[None].expand(batch, seq, dim)
+    return emb.cos().contiguous(), emb.sin().contiguous()
+
+
+@pytest.mark.parametrize("rope", [False, True])
+def test_attention_family(rope):
+    g = _gen(1)
+    q, k, v = (torch.randn(2, h, 70, 32, generator=g) for h in (4, 2, 2))
+    cos, sin = _rope(2, 70, 32)
+    if rope:
+        fn, args = (lambda q, k, v, c, s: ops.attention(q, k, v, 32**-0.5, True, c, s)), (q, k, v, cos, sin)
+    else:
+        fn, args = (lambda q, k, v: ops.attention(q, k, v, 32**-0.5, True)), (q, k, v)
+    out, _ = launch_like_a_plan(fn, *args)
+    torch.testing.assert_close(out, fn(*args), **TOL)
+
+
+def _cache_inputs(batch, s_new, past, s_max=96, hq=4, hkv=2, dim=32, seed=2):
+    g = _gen(seed)
+    q, k, v = (torch.randn(batch, h, s_new, dim, generator=g) for h in (hq, hkv, hkv))
+    kc, vc = (torch.randn(batch, hkv, s_max, dim, generator=g) for _ in range(2))
+    cos, sin = _rope(batch, s_max, dim)
+    cos, sin = cos[:, past: past + s_new].contiguous(), sin[:, past: past + s_new].contiguous()
+    cache_len = torch.tensor([past], dtype=torch.int64)
+    kv_start = torch.tensor([0, 3][:batch], dtype=torch.int32)
+    return q, k, v, cos, sin, kc, vc, cache_len, kv_start
+
+
+@pytest.mark.parametrize("s_new,past", [(9, 0), (1, 40)], ids=["prefill", "decode"])
+def test_cached_attention_family(s_new, past):
+    args = _cache_inputs(2, s_new, past)
+    fn = lambda *a: ops.cached_attention(*a, 32**-0.5)  # noqa: E731
+    ref_args = [a.clone() for a in args]
+    out, _ = launch_like_a_plan(fn, *args)
+    ref = fn(*ref_args)
+    torch.testing.assert_close(out, ref, **TOL)
+    torch.testing.assert_close(args[5], ref_args[5], **TOL)  # the k cache written at cache_len, roped
+    torch.testing.assert_close(args[6], ref_args[6], **TOL)
+
+
+def test_tree_cached_attention_family():
+    args = _cache_inputs(2, 5, 30, seed=3)
+    tree = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [1, 0, 1, 0, 1]],
+                        dtype=torch.bool)[None].expand(2, 5, 5).contiguous()
+    cache_len = torch.tensor([30, 30], dtype=torch.int64)
+    args = (*args[:7], cache_len, args[8], tree)
+    fn = lambda *a: ops.tree_cached_attention(*a, 32**-0.5)  # noqa: E731
+    ref_args = [a.clone() for a in args]
+    out, _ = launch_like_a_plan(fn, *args)
+    torch.testing.assert_close(out, fn(*ref_args), **TOL)
+
+
+def _df11_unit():
+    w = (torch.randn(48, 128, generator=_gen(4)) * 0.02).to(torch.bfloat16)
+    return w, encode_df11({"w": w}, threads_per_block=32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_df11_decode_family(dtype):
+    w, u = _df11_unit()
+    stream = (u.encoded, u.sign_mantissa, u.gaps, u.output_positions, u.luts, u.code_lengths)
+    consts = (u.threads_per_block, u.max_codes_per_window, u.lut_levels)  # read outside the fake trace
+    fn = lambda *s: ops.df11_decode(*s, *consts, list(w.shape), dtype)  # noqa: E731
+    out, _ = launch_like_a_plan(fn, *stream)
+    want = w.to(dtype)
+    view = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert torch.equal(out.view(view), want.view(view)) and torch.equal(fn(*stream).view(view), want.view(view))
+
+
+def test_df11_gemv_family():
+    from braze.kernels.df11 import df11_gemv_params
+
+    w, u = _df11_unit()
+    p = df11_gemv_params(u, 0, *w.shape)
+    x, b = torch.randn(3, 128, generator=_gen(5)), torch.randn(48, generator=_gen(6))
+    stream = (u.encoded, u.sign_mantissa, u.gaps, u.output_positions, u.luts, u.code_lengths)
+    keys = ("start", "out_features", "in_features", "threads_per_block", "max_codes", "lut_levels", "block_first",
+            "block_count")
+    fn = lambda x, b, *s: ops.df11_linear(x, *s, b, *(p[k] for k in keys))  # noqa: E731
+    out, _ = launch_like_a_plan(fn, x, b, *stream)
+    torch.testing.assert_close(out, fn(x, b, *stream), **TOL)
+
+
+@pytest.mark.parametrize("act_bits", [16, 8])
+def test_int6_matmul_family(act_bits):
+    g = _gen(7)
+    x, w, b = torch.randn(3, 256, generator=g), torch.randn(64, 256, generator=g) * 0.05, torch.randn(64, generator=g)
+    qw = quantize_int6(w)
+    fn = lambda x, p, s, b: ops.int6_linear(x, p, s, b, 256, qw.group_size, act_bits)  # noqa: E731
+    out, _ = launch_like_a_plan(fn, x, qw.packed, qw.scales, b)
+    torch.testing.assert_close(out, fn(x, qw.packed, qw.scales, b), **TOL)
+
+
+def test_fused_family_through_a_compiled_plan():
+    """The generated pointwise/reduction family has no fixed op: a compiled function's plan launches it."""
+    def f(x, y):
+        return torch.softmax(x * 2 + y, dim=-1).sum(-1, keepdim=True) + x.amax(-1, keepdim=True)
+
+    x, y = torch.randn(6, 50, generator=_gen(8)), torch.randn(6, 50, generator=_gen(9))
+    cm = braze.compile(f)
+    with recording_launches() as seen:
+        out = cm(x, y)
+    torch.testing.assert_close(out, f(x, y), **TOL)
+    plan = cm.plan
+    assert {s.launcher for s in plan.steps if s.kind == "fused"} == {"fused"}
+    assert len(seen) == plan.launches > 0
+    EXERCISED.add("fused")
+
+
+def test_every_registered_family_is_exercised():
+    """Runs last in this module: a family added to the registry without a test here fails."""
+    assert EXERCISED == set(FAMILIES)
