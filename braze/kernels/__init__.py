@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from braze.kernels.attention import ATTENTION, CACHED_ATTENTION, TREE_CACHED_ATTENTION
 from braze.kernels.device import INTERPRETER, TARGETS, DeviceSpec, device_spec, target_spec
 from braze.kernels.df11 import DF11_DECODE, DF11_GEMV
-from braze.kernels.family import LAUNCH_HOOKS, KernelFamily, device_op, launch_kernel, recording_launches
+from braze.kernels.family import LAUNCH_HOOKS, KernelFamily, Launch, device_op, launch_kernel, recording_launches
 from braze.kernels.fused import FUSED
 from braze.kernels.int6 import INT6_MATMUL
 from braze.kernels.matmul import MATMUL
@@ -53,5 +53,5 @@ def launch_count(plan: Plan, device: DeviceSpec | None = None, sizes: Mapping[st
     return total
 
 
-__all__ = ["FAMILIES", "INTERPRETER", "LAUNCH_HOOKS", "TARGETS", "DeviceSpec", "KernelFamily", "device_op",
+__all__ = ["FAMILIES", "INTERPRETER", "LAUNCH_HOOKS", "TARGETS", "DeviceSpec", "KernelFamily", "Launch", "device_op",
            "device_spec", "family_for_op", "launch_count", "launch_kernel", "recording_launches", "target_spec"]

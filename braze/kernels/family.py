@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,31 +26,45 @@ if TYPE_CHECKING:
 
 FLOAT_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
-# Called as hook(kind, name, grid) for every launch: kind is "kernel" (a Triton kernel) or "torch" (a device op a
-# launcher issues itself: a memset, a cast copy). Tests and the executor's counters observe launches here.
-LAUNCH_HOOKS: list[Callable[[str, str, Any], None]] = []
+@dataclass(frozen=True)
+class Launch:
+    """One launch as a hook sees it. kind: "kernel" (a Triton kernel: `kernel`, `args`, `meta` are what it was
+    called with, e.g. for cross-compiling the same specialization) or "torch" (a device op a launcher issues
+    itself: a memset, a cast copy)."""
+
+    kind: str
+    name: str
+    grid: tuple[int, ...] = ()
+    kernel: Any = None
+    args: tuple[Any, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+# Called with a Launch for every launch; tests, the executor's counters and the cross-compiler observe them here.
+LAUNCH_HOOKS: list[Callable[[Launch], None]] = []
 
 
 def launch_kernel(kernel: Any, grid: Sequence[int], *args: Any, **meta: Any) -> None:
     """Launch one Triton kernel (every family launches through here, so counts are observed, not assumed)."""
-    for hook in LAUNCH_HOOKS:
-        hook("kernel", getattr(kernel, "__name__", str(kernel)), tuple(grid))
-    kernel[tuple(grid)](*args, **meta)
+    grid = tuple(grid)
+    if LAUNCH_HOOKS:
+        event = Launch("kernel", getattr(kernel, "__name__", str(kernel)), grid, kernel, args, meta)
+        for hook in LAUNCH_HOOKS:
+            hook(event)
+    kernel[grid](*args, **meta)
 
 
 def device_op(name: str) -> None:
     """Record a torch device op (memset, copy) a launcher issues: on a GPU it is a launch like any kernel."""
     for hook in LAUNCH_HOOKS:
-        hook("torch", name, ())
+        hook(Launch("torch", name))
 
 
 @contextmanager
-def recording_launches() -> Iterator[list[tuple[str, str]]]:
-    """Collect (kind, name) of every launch inside the block."""
-    seen: list[tuple[str, str]] = []
-
-    def hook(kind: str, name: str, grid: Any) -> None:
-        seen.append((kind, name))
+def recording_launches() -> Iterator[list[Launch]]:
+    """Collect every Launch inside the block."""
+    seen: list[Launch] = []
+    hook = seen.append
 
     LAUNCH_HOOKS.append(hook)
     try:

@@ -64,7 +64,7 @@ class PlanExecutor:
         if kernels:
             check_interpreter_ready()
 
-    def _count_launch(self, kind: str, name: str, grid: Any) -> None:
+    def _count_launch(self, launch: Any) -> None:
         self.stats["launches"] += 1
 
     def module(self, name: str) -> Any:
