@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from braze.kernels import FAMILIES, LAUNCH_HOOKS, device_spec
+from braze.kernels import FAMILIES, LAUNCH_HOOKS, DeviceSpec, device_spec
 from braze.kernels.fused import FUSED
 from braze.runtime.errors import InputMismatchError, ShapeOutOfRangeError
 from braze.runtime.expr import Expr as _Expr
@@ -41,7 +41,10 @@ def resolve_target(name: str) -> Any:
 class PlanExecutor:
     """Runs one plan on one device with a fixed set of weights."""
 
-    def __init__(self, plan: Plan, weights: dict[str, torch.Tensor], device: torch.device, kernels: bool = True):
+    def __init__(self, plan: Plan, weights: dict[str, torch.Tensor], device: torch.device, kernels: bool = True,
+                 spec: DeviceSpec | None = None):
+        """`spec` overrides the description launch configurations are chosen for (default: `device`'s); the
+        cross-compiler runs a plan on CPU with a GPU target's spec to record the launches that target gets."""
         self.plan = plan
         self.device = device
         self.weights = weights
@@ -60,7 +63,7 @@ class PlanExecutor:
         self.targets = {i: resolve_target(s.target) for i, s in enumerate(plan.steps) if s.target}
         self.symbol_specs = {s.name: s for s in plan.symbols}
         self.stats = {"calls": 0, "launches": 0, "eager_ops": 0}
-        self.spec = device_spec(device)
+        self.spec = spec or device_spec(device)
         if kernels:
             check_interpreter_ready()
 
