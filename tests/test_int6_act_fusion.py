@@ -8,8 +8,12 @@ compute x with the same generated fused code and quantize it with the same fp32 
 to even), so the int8 codes and fp32 scales are identical and the int8 matmul kernel is the same; only the
 RMSNorm reduction may be summed in another order when the region changes shape, which a later quantization
 step can amplify to at most one code step. We assert 1e-5 on logits of magnitude ~1 (EXACT_TOL); measured 0.
-Against the reference executor (torch ops) the fused path gets the same 1e-3 bound tests/test_quant_passes.py
-uses for A8 / A6: a one-ulp difference in x may flip a rounding tie of a code.
+Against the reference executor (torch ops) x itself may differ by an ulp (RMSNorm summed in another order), and
+an ulp can flip a code that sits on a rounding tie: one code step is 1/127 of its group's absmax (A8), so one flip
+moves that linear's output by absmax/127 x |w| (~1e-2 x 0.05 here) and the O(1) logits by ~1e-3 after the final
+norm and lm_head (measured: 0 to 1.9e-3 depending on the library versions that draw the seeded weights). REF_TOL
+= 1e-2 admits a few such flips; what this comparison guards against (a wrong group, scale, tail or dtype) moves
+logits by O(0.1-1). The exact checks are EXACT_TOL above and the bit-level code/scale tests of test_int6.py.
 """
 
 import os
@@ -26,7 +30,7 @@ from braze.quant.int6 import quantize_activations_reference
 
 IDS = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
 EXACT_TOL = 1e-5
-REF_TOL = 1e-3
+REF_TOL = 1e-2
 GROUP = 128
 
 
