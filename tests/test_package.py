@@ -89,7 +89,7 @@ def test_package_layout_and_manifest(packages):
     root, _ = packages
     pkg = root / "llama"
     manifest = json.loads((pkg / "manifest.json").read_text())
-    assert manifest["format_version"] == FORMAT_VERSION == 1
+    assert manifest["format_version"] == FORMAT_VERSION == 2
     assert set(manifest["versions"]) == {"braze", "torch", "triton"}
     assert manifest["target"]["device"] == "cpu" and manifest["causal_lm"] is True
     assert manifest["compile_options"]["max_seq"] == 32 and manifest["compile_options"]["max_batch"] == 2
@@ -199,7 +199,16 @@ def test_newer_format_version(copy):
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["format_version"] = FORMAT_VERSION + 1
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    assert _error(copy) == f"{copy}: package format 2 is newer than this braze (supports 1); upgrade braze"
+    assert _error(copy) == f"{copy}: package format 3 is newer than this braze (supports 2); upgrade braze"
+
+
+def test_older_format_version(copy):
+    """Format 1 packages were launched by per-kind launchers that no longer exist: refused, with what to do."""
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format_version"] = 1
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert _error(copy) == (f"{copy}: package format 1 is older than this braze supports (2); recompile it with "
+                            "`braze compile`")
 
 
 def test_missing_path(tmp_path):

@@ -34,7 +34,8 @@ import torch
 from braze.runtime.errors import ConfigError, DigestMismatchError, PackageError
 from braze.runtime.plan import Plan
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: plans launch through the kernel-family registry (launch counts and params recorded)
+OLDEST_FORMAT = 2  # older packages were launched by per-kind launchers that no longer exist: recompile them
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 REPORT = "report.json"
@@ -318,6 +319,9 @@ def read_manifest(path: str | os.PathLike, sha256: str | None = None) -> dict[st
                            f"{FORMAT_VERSION}); upgrade braze")
     if version < 1:
         raise PackageError(f"{root}: package format {version} is not a valid version")
+    if version < OLDEST_FORMAT:
+        raise PackageError(f"{root}: package format {version} is older than this braze supports ({OLDEST_FORMAT}); "
+                           "recompile it with `braze compile`")
     for key in ("files", "plans", "target", "weights"):
         if key not in manifest:
             raise PackageError(f"{root / MANIFEST}: missing field {key!r}")
