@@ -98,8 +98,11 @@ def _header(kind: str, uses: list[list[fx.Node]]) -> str:
 
 
 class Lowering:
-    def __init__(self, gm: fx.GraphModule, name: str, symbol_specs: list[SymbolSpec], weights: set[str]):
+    def __init__(self, gm: fx.GraphModule, name: str, symbol_specs: list[SymbolSpec], weights: set[str],
+                 deterministic: bool = False):
         self.gm = gm
+        # deterministic: every Step records it; its family launches the batch-invariant configuration
+        self.deterministic = deterministic
         self.name = name
         self.symbol_specs = symbol_specs
         self.weights = weights
@@ -190,7 +193,7 @@ class Lowering:
             step = Step(
                 kind="fused", launcher="fused", kernel=kname, inputs=fk.inputs, outputs=[n for n, _ in fk.outputs],
                 params={"xnumel": pexpr(fk.xnumel), "rnumel": pexpr(fk.rnumel), "reduction": fk.reduction,
-                        "symbols": fk.symbols},
+                        "symbols": fk.symbols, **({"deterministic": True} if self.deterministic else {})},
                 nodes=[m.name for m in g.members],
             )
             for bname, node in fk.outputs:
@@ -200,7 +203,9 @@ class Lowering:
             self.record.fused_kernels.append((kname, [m.name for m in g.members]))
 
         for n in self.template:
-            body, step = family_for_op(n.target).lower(n, "KERNEL_NAME")
+            family = family_for_op(n.target)
+            lower = family.lower_deterministic if self.deterministic else family.lower
+            body, step = lower(n, "KERNEL_NAME")
             kname = add_kernel(body, [n], step.launcher, "KERNEL_NAME")
             step.kernel = kname
             step.nodes = [n.name]
@@ -265,9 +270,9 @@ def _flatten(x: Any) -> list[Any]:
     return [x]
 
 
-def lower_graph(gm: fx.GraphModule, name: str, symbol_specs: list[SymbolSpec], weights: set[str]
-                ) -> tuple[Plan, LoweringRecord]:
-    low = Lowering(gm, name, symbol_specs, weights)
+def lower_graph(gm: fx.GraphModule, name: str, symbol_specs: list[SymbolSpec], weights: set[str],
+                deterministic: bool = False) -> tuple[Plan, LoweringRecord]:
+    low = Lowering(gm, name, symbol_specs, weights, deterministic)
     plan = low.run()
     return plan, low.record
 

@@ -82,14 +82,14 @@ def compile_generation(cap: Captured, config: CompileConfig, report: CompileRepo
     gen_cap = dataclasses.replace(cap, gm=gm)
     run_passes(gen_cap, config, report, phases=("cache",))
     weights = set(cap.weights)
-    prefill, _ = lower_graph(gm, "prefill", cap.symbols, weights)
+    prefill, _ = lower_graph(gm, "prefill", cap.symbols, weights, config.deterministic)
     decode_gm = copy_graph_module(gm)
     symbols = _respecialize_decode(decode_gm, cap.weights, config.max_batch)
     fuse_df11_decode_plan(decode_gm, cap.weights, config, report)  # quant="df11", df11_strategy="auto" only
-    decode, _ = lower_graph(decode_gm, "decode", symbols, weights)
+    decode, _ = lower_graph(decode_gm, "decode", symbols, weights, config.deterministic)
     verify_gm = copy_graph_module(gm)
     run_passes(dataclasses.replace(cap, gm=verify_gm), config, report, phases=("verify",))
-    verify, _ = lower_graph(verify_gm, "verify", cap.symbols, weights)
+    verify, _ = lower_graph(verify_gm, "verify", cap.symbols, weights, config.deterministic)
     kv = []
     for n in gm.graph.nodes:
         if n.op == "placeholder" and n.name.startswith("kv_cache_"):

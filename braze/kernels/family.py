@@ -88,6 +88,14 @@ class KernelFamily:
         """Kernel source (kernels named `name`) and the plan Step that launches it."""
         raise NotImplementedError
 
+    def lower_deterministic(self, node: fx.Node, name: str) -> tuple[str, Step]:
+        """lower() for a deterministic compile: the Step records the mode (params["deterministic"]) and `launch`
+        picks the family's batch-invariant configuration from it. Families whose kernel source changes in that
+        mode (matmul: LayerCast) override this."""
+        body, step = self.lower(node, name)
+        step.params["deterministic"] = True
+        return body, step
+
     def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
                params: dict[str, Any], device: DeviceSpec) -> None:
         """Compute sizes, strides, grid and configuration from the real tensors and launch."""

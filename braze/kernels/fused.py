@@ -14,12 +14,17 @@ from braze.kernels.device import DeviceSpec
 from braze.kernels.family import KernelFamily, launch_kernel
 
 
-def fused_blocks(xnumel: int, rnumel: int, reduction: bool, device: DeviceSpec) -> tuple[int, int]:
+def fused_blocks(xnumel: int, rnumel: int, reduction: bool, device: DeviceSpec, deterministic: bool = False
+                 ) -> tuple[int, int]:
     """(XBLOCK, RBLOCK): a reduction keeps a whole row in one block (RBLOCK = next pow2 of rnumel) and packs rows
-    up to a register budget; the interpreter takes the biggest blocks, since it pays per program."""
+    up to a register budget; the interpreter takes the biggest blocks, since it pays per program.
+    deterministic: a reduction's XBLOCK does not depend on xnumel (the row count grows with the batch), so a
+    row's reduction runs in the same tile layout at any batch size."""
     if reduction:
         rblock = triton.next_power_of_2(max(1, rnumel))
         budget, cap = (16384, 1024) if device.interpret else (4096, 64)
+        if deterministic:
+            return max(1, min(budget // rblock, cap)), rblock
         return max(1, min(budget // rblock, triton.next_power_of_2(max(1, xnumel)), cap)), rblock
     xblock = min(triton.next_power_of_2(max(1, xnumel)), 16384 if device.interpret else 1024)
     return max(xblock, 16), 1
@@ -30,11 +35,11 @@ class FusedFamily(KernelFamily):
     templates = ("fused.py.j2",)
 
     def launch_flat(self, kernel: Any, args: Sequence[Any], xnumel: int, rnumel: int, reduction: bool,
-                    device: DeviceSpec) -> None:
+                    device: DeviceSpec, deterministic: bool = False) -> None:
         """One launch over xnumel rows (nothing when there are none)."""
         if xnumel <= 0:
             return
-        xblock, rblock = fused_blocks(xnumel, rnumel, reduction, device)
+        xblock, rblock = fused_blocks(xnumel, rnumel, reduction, device, deterministic)
         meta = {"XBLOCK": xblock, **({"RBLOCK": rblock} if reduction else {})}
         launch_kernel(kernel, (triton.cdiv(xnumel, xblock),), *args, **meta)
 

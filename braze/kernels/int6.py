@@ -111,14 +111,15 @@ class Int6Config:
     num_stages: int = 3
 
 
-def int6_config(m: int, n: int, n_groups: int, device: DeviceSpec) -> Int6Config:
+def int6_config(m: int, n: int, n_groups: int, device: DeviceSpec, deterministic: bool = False) -> Int6Config:
     """Tiles and split-K: decode (small M) splits K when the output tiles alone cannot fill the device's SMs (the
-    interpreter has none, so it never splits); stages as deep as shared memory allows, at most 3."""
-    bm = min(128, max(16, triton.next_power_of_2(m)))
-    bn = 64 if m <= 64 else 128
+    interpreter has none, so it never splits); stages as deep as shared memory allows, at most 3.
+    deterministic: the batch-invariant configuration: BLOCK_M 16 and BLOCK_N 64 whatever M, split_k 1 (no atomics)."""
+    bm = 16 if deterministic else min(128, max(16, triton.next_power_of_2(m)))
+    bn = 64 if deterministic or m <= 64 else 128
     split_k = 1
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    if device.sm_count and m <= 64 and tiles < device.sm_count:
+    if device.sm_count and m <= 64 and tiles < device.sm_count and not deterministic:
         split_k = max(1, min(n_groups // 2, triton.cdiv(device.sm_count, tiles), 16))
     # one stage: an x tile (<= 4 B/elem) and 3 byte planes of the weights per 128-wide group
     stage_bytes = bm * 128 * 4 + bn * 96
@@ -200,7 +201,7 @@ class Int6MatmulFamily(KernelFamily):
         o = out.view(-1, n)
         if m == 0:
             return
-        cfg = int6_config(m, n, g, device)
+        cfg = int6_config(m, n, g, device, bool(params.get("deterministic")))
         acc = o
         if cfg.split_k > 1:  # split-K programs atomically add into a zeroed fp32 buffer
             acc = o if o.dtype == torch.float32 else torch.empty((m, n), dtype=torch.float32, device=o.device)
@@ -236,7 +237,7 @@ class Int6MatmulFamily(KernelFamily):
             return 0
         n, g = int(out_shape[-1]), triton.cdiv(int(params["in_features"]), int(params["group_size"]))
         quantizer = int(int(params["act_bits"]) != A16 and "x" in params["roles"])
-        split = int6_config(m, n, g, device).split_k > 1
+        split = int6_config(m, n, g, device, bool(params.get("deterministic"))).split_k > 1
         cast = split and params.get("out_dtype", "float32") != "float32"
         return 1 + quantizer + int(split) + int(cast)
 

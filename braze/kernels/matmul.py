@@ -42,6 +42,9 @@ class MatmulSpec:
     has_residual: bool = False
     input_precision: str = "ieee"
     out_dtype: str = "float32"
+    # deterministic compiles: fp32 math on upcast 16-bit weights (LayerCast), and the ROW_DOT constexpr
+    layercast: bool = False
+    batch_invariant: bool = False
 
     def __post_init__(self) -> None:
         # Reject bad specs here: a wrong flag would otherwise surface as a confusing Triton compile error.
@@ -57,6 +60,8 @@ class MatmulSpec:
             raise ValueError(f"input_precision must be one of {INPUT_PRECISIONS}, got {self.input_precision!r}")
         if self.out_dtype not in OUT_DTYPES:
             raise ValueError(f"out_dtype must be one of {tuple(OUT_DTYPES)}, got {self.out_dtype!r}")
+        if self.layercast and self.input_precision != "ieee":
+            raise ValueError("layercast computes in fp32: it needs input_precision='ieee'")
 
 
 def check_header(header: str) -> str:
@@ -73,7 +78,8 @@ def render_matmul(spec: MatmulSpec, header: str = "") -> str:
     return render_template(
         "matmul.py.j2", header=check_header(header), name=spec.name, rmsnorm_prologue=spec.rmsnorm_prologue,
         dual=spec.dual, has_bias=spec.has_bias, activation=spec.activation, has_residual=spec.has_residual,
-        input_precision=spec.input_precision, out_dtype=spec.out_dtype)
+        input_precision=spec.input_precision, out_dtype=spec.out_dtype, layercast=spec.layercast,
+        batch_invariant=spec.batch_invariant)
 
 
 def pow2_clamp(x: int, lo: int, hi: int) -> int:
@@ -95,14 +101,19 @@ class MatmulConfig:
         return meta
 
 
-def matmul_config(M: int, N: int, K: int, device: DeviceSpec, *, elem_size: int = 2, dual: bool = False
-                  ) -> MatmulConfig:
+def matmul_config(M: int, N: int, K: int, device: DeviceSpec, *, elem_size: int = 2, dual: bool = False,
+                  deterministic: bool = False) -> MatmulConfig:
     """Tiles, warps and stages for one launch.
 
     The interpreter pays per program, so it gets the biggest tiles. On a GPU, decode (small M) is bandwidth bound
     and wants enough programs to cover the SMs; stages are as deep as the device's shared memory per block allows
     (one stage holds an A tile and one or two W tiles), at most 4 and at least 2 (the tile shrinks in K first).
+
+    deterministic: the batch-invariant configuration: nothing depends on M (BLOCK_M fixed at 16, BLOCK_N/BLOCK_K
+    from N and K only, no split-K), so a row's dot products are the same computation at any batch size.
     """
+    if deterministic:
+        return _deterministic_config(N, K, device, elem_size=elem_size, dual=dual)
     if device.interpret:
         return MatmulConfig(pow2_clamp(M, 16, 64), pow2_clamp(N, 16, 128), pow2_clamp(K, 16, 128))
     block_m = pow2_clamp(M, 16, 128)
@@ -118,6 +129,18 @@ def matmul_config(M: int, N: int, K: int, device: DeviceSpec, *, elem_size: int 
     stages = max(2, min(4, budget // stage_bytes(block_k)))
     big = block_m * block_n * n_weights >= 128 * 128
     return MatmulConfig(block_m, block_n, block_k, num_warps=8 if big else 4, num_stages=stages)
+
+
+def _deterministic_config(N: int, K: int, device: DeviceSpec, *, elem_size: int, dual: bool) -> MatmulConfig:
+    if device.interpret:
+        return MatmulConfig(16, pow2_clamp(N, 16, 64), pow2_clamp(K, 16, 64))
+    block_n = pow2_clamp(N, 16, 64 if dual else 128)
+    block_k = pow2_clamp(K, 16, 128)
+    budget = device.smem_per_block - 8 * 1024
+    stage_bytes = lambda bk: (16 * bk + (2 if dual else 1) * bk * block_n) * elem_size  # noqa: E731
+    while block_k > 32 and 2 * stage_bytes(block_k) > budget:
+        block_k //= 2
+    return MatmulConfig(16, block_n, block_k, num_warps=4, num_stages=max(2, min(4, budget // stage_bytes(block_k))))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -171,26 +194,34 @@ class MatmulFamily(KernelFamily):
                 return "residual epilogue needs the residual in the output's shape"
         return None
 
-    def lower(self, node: fx.Node, name: str) -> tuple[str, Step]:
+    def lower(self, node: fx.Node, name: str, deterministic: bool = False) -> tuple[str, Step]:
         from braze.ops.schema import op_args
         from braze.runtime.plan import Step
 
         a = op_args(node)
         glu = node.target is torch.ops.braze.linear_glu.default
+        w_dtype = (a["gate_weight"] if glu else a["weight"]).meta["val"].dtype
+        layercast = deterministic and w_dtype != torch.float32
         spec = MatmulSpec(
             name=name, rmsnorm_prologue=a["norm_weight"] is not None, dual=_GLU[a["activation"]] if glu else None,
             has_bias=(not glu) and a["bias"] is not None,
             activation=None if glu or a["activation"] == "none" else a["activation"],
             has_residual=(not glu) and a["residual"] is not None,
-            input_precision=_precision(a["x"].meta["val"].dtype), out_dtype=FLOAT_NAMES[node.meta["val"].dtype])
+            input_precision="ieee" if layercast else _precision(a["x"].meta["val"].dtype),
+            out_dtype=FLOAT_NAMES[node.meta["val"].dtype], layercast=layercast, batch_invariant=deterministic)
         roles = {"x": a["x"], "w": a["gate_weight"] if glu else a["weight"], "w2": a["up_weight"] if glu else None,
                  "bias": None if glu else a["bias"], "norm_weight": a["norm_weight"],
                  "residual": None if glu else a["residual"]}
         present = {k: v for k, v in roles.items() if v is not None}
         step = Step(kind="template", launcher=self.name, outputs=[node.name],
                     inputs=[v.name for v in present.values()],
-                    params={"roles": list(present), "eps": float(a["eps"] or 0.0)})
+                    params={"roles": list(present), "eps": float(a["eps"] or 0.0),
+                            **({"deterministic": True} if deterministic else {})})
         return render_matmul(spec), step
+
+    def lower_deterministic(self, node: fx.Node, name: str) -> tuple[str, Step]:
+        """Batch-invariant tiles at launch; 16-bit weights computed in fp32 (LayerCast)."""
+        return self.lower(node, name, deterministic=True)
 
     def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
                params: dict[str, Any], device: DeviceSpec) -> None:
@@ -205,9 +236,13 @@ class MatmulFamily(KernelFamily):
         args = matmul_args(a, w, o, w2=w2, bias=tensors.get("bias"), norm_weight=tensors.get("norm_weight"),
                            residual=res, eps=params.get("eps", 0.0))
         M = a.shape[0]
-        cfg = matmul_config(M, N, K, device, elem_size=max(a.element_size(), w.element_size()), dual=w2 is not None)
+        deterministic = bool(params.get("deterministic"))
+        cfg = matmul_config(M, N, K, device, elem_size=max(a.element_size(), w.element_size()), dual=w2 is not None,
+                            deterministic=deterministic)
+        # ROW_DOT: the interpreter's tl.dot (BLAS) is not row-invariant; a GPU's tl.dot with fixed tiles is
+        row_dot = {"ROW_DOT": device.interpret} if deterministic else {}
         launch_kernel(getattr(module, name), (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n)), *args,
-                      **cfg.meta(device))
+                      **cfg.meta(device), **row_dot)
 
     def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
         return 1
