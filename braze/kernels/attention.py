@@ -59,7 +59,7 @@ import torch
 import triton
 
 from braze.kernels.device import DeviceSpec
-from braze.kernels.family import FLOAT_NAMES, KernelFamily, launch_kernel
+from braze.kernels.family import FLOAT_NAMES, KernelFamily, device_op, launch_kernel
 from braze.kernels.matmul import check_header, pow2_clamp
 from braze.kernels.render import render_template
 
@@ -164,10 +164,16 @@ def block_d_for(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def attention_blocks(sq: int, skv: int, head_dim: int, device: DeviceSpec) -> AttentionBlocks:
+def attention_blocks(sq: int, skv: int, head_dim: int, device: DeviceSpec, deterministic: bool = False
+                     ) -> AttentionBlocks:
     """Flash tiles: the interpreter takes the biggest tiles (it pays per program); a GPU keeps the q tile, the
-    accumulator and a K/V tile in registers (64 x 64 at D <= 64, a narrower key tile above), 2 stages."""
+    accumulator and a K/V tile in registers (64 x 64 at D <= 64, a narrower key tile above), 2 stages.
+    deterministic: tiles fixed by the head dim alone (not by the query or key count)."""
     block_d = block_d_for(head_dim)
+    if deterministic:
+        if device.interpret:
+            return AttentionBlocks(16, 16, block_d)
+        return AttentionBlocks(64, 64 if block_d <= 64 else 32, block_d, num_warps=4, num_stages=2)
     if device.interpret:
         return AttentionBlocks(pow2_clamp(sq, 16, 64), pow2_clamp(skv, 16, 64), block_d)
     return AttentionBlocks(pow2_clamp(sq, 16, 64), 64 if block_d <= 64 else 32, block_d, num_warps=4, num_stages=2)
@@ -201,7 +207,8 @@ def _row_stride(t: torch.Tensor) -> int:
 def flash_attention(kernel: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                     scale: float, device: DeviceSpec, *, cos: torch.Tensor | None = None,
                     sin: torch.Tensor | None = None, kv_start: torch.Tensor | None = None,
-                    tree_mask: torch.Tensor | None = None, past: torch.Tensor | None = None) -> None:
+                    tree_mask: torch.Tensor | None = None, past: torch.Tensor | None = None,
+                    deterministic: bool = False) -> None:
     """One flash launch; the optional arguments must match the flags the kernel was rendered with."""
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
@@ -223,8 +230,34 @@ def flash_attention(kernel: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if cos is not None:
         args += list(cos.stride())
     args.append(float(scale))
-    blocks = attention_blocks(Sq, Skv, D, device)
+    blocks = attention_blocks(Sq, Skv, D, device, deterministic)
     launch_kernel(kernel, (triton.cdiv(Sq, blocks.block_m), B * Hq), *args, **blocks.meta(device))
+
+
+def flash_per_row(kernel: Any, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
+                  scale: float, device: DeviceSpec, kv_start: torch.Tensor, cache_len: torch.Tensor,
+                  device_len: bool) -> None:
+    """Deterministic prefill / path verify over the cache: one flash launch per batch row, over the row's keys from
+    its kv_start on (and its queries from its first real token on), so query and key tiles start at the request's
+    first token whatever its left padding: the request alone and left-padded in any batch runs the same tiles.
+    Reads kv_start and cache_len on the host (not graph-capturable). Launches: a memset (padding queries output
+    0), one small copy (per-row lengths), B flash kernels."""
+    B, _, S, _ = q.shape
+    starts = kv_start.reshape(-1).tolist()
+    lens = cache_len.reshape(-1).tolist()
+    rows = []
+    for b in range(B):
+        ks, c = int(starts[b if len(starts) > 1 else 0]), int(lens[b if len(lens) > 1 else 0])
+        rows.append((ks, c, max(0, ks - c), max(0, c - ks)))  # (kv_start, cached, padding queries, past keys)
+    out.zero_()
+    device_op("memset")
+    meta = torch.tensor([[0, past] for _, _, _, past in rows], dtype=torch.int32, device=q.device)
+    device_op("copy")
+    for b, (ks, c, cut, _) in enumerate(rows):
+        total = c + S
+        flash_attention(kernel, q[b:b + 1, :, cut:], k_cache[b:b + 1, :, ks:total], v_cache[b:b + 1, :, ks:total],
+                        out[b:b + 1, :, cut:], scale, device, kv_start=meta[b, :1],
+                        past=meta[b, 1:] if device_len else None, deterministic=True)
 
 
 def rope_write(module: Any, name: str, tensors: dict[str, torch.Tensor], device: DeviceSpec) -> torch.Tensor:
@@ -364,6 +397,10 @@ class CachedAttentionFamily(KernelFamily):
                params: dict[str, Any], device: DeviceSpec) -> None:
         qo = rope_write(module, name, tensors, device)
         kc, vc, cache_len, kv_start = tensors["k_cache"], tensors["v_cache"], tensors["cache_len"], tensors["kv_start"]
+        if params.get("deterministic") and not params["decode"]:
+            flash_per_row(getattr(module, name), qo, kc, vc, out, params["scale"], device, kv_start, cache_len,
+                          bool(params.get("len_on_device")))
+            return
         if not params["decode"]:
             total = int(cache_len.reshape(-1)[0]) + qo.shape[2]  # prefill is not graph-captured: a host read is fine
             flash_attention(getattr(module, name), qo, kc[:, :, :total], vc[:, :, :total], out, params["scale"],
@@ -374,6 +411,8 @@ class CachedAttentionFamily(KernelFamily):
                         params["scale"], device)
 
     def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
+        if params.get("deterministic") and not params["decode"]:
+            return 3 + int(out_shape[0])  # rope_write, memset, copy, one flash per row (flash_per_row)
         if not params["decode"]:
             return 2
         if "heads_kv" not in params:  # a plan saved before the count was recorded: the launcher decides per call
