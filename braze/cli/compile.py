@@ -39,7 +39,11 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                    "a tokenizer, else round to nearest)")
     p.add_argument("--speculate", choices=("suffix",), default=None,
                    help="causal LMs: speculative decoding (suffix drafts) by default when the package runs")
-    p.add_argument("--deterministic", action="store_true", help="FP32 math, batch-invariant kernels")
+    p.add_argument("--deterministic", action="store_true",
+                   help="batch-invariant generation: a request's logits and tokens are bitwise the same alone or "
+                   "batched with others (fixed kernel tiles, no split-K or atomics, prefill attention per row); "
+                   "matmuls compute 16-bit weights in fp32 (LayerCast); KV cache and activations keep the model "
+                   "dtype; slower")
     p.add_argument("--report", action="store_true", help="print the full compile report")
     p.set_defaults(func=main)
 
