@@ -243,7 +243,11 @@ class Lowering:
         for kname, (body, uses, kind) in kernels.items():
             plan.kernels[kname] = _header(kind, uses) + "\n" + body.lstrip("\n")
         plan.launches = launch_count(plan)
-        plan_memory(plan, self.gm, self.record, self.symbol_specs)
+        layout = plan_memory(plan, self.gm, self.symbol_specs)
+        layout.apply(plan)
+        self.record.planned_peak_bytes = layout.planned_peak_bytes
+        self.record.no_reuse_bytes = layout.no_reuse_bytes
+        self.record.eager_peak_bytes = layout.eager_peak_bytes
         return plan
 
     def _topo(self, steps: list[tuple[int, Step]]) -> list[Step]:

@@ -2,11 +2,19 @@
 
 HF causal LMs are captured through a wrapper `forward(input_ids, position_ids) -> logits` with dynamic batch
 and sequence dims; any other nn.Module is captured from example arguments with a dynamic leading dim.
+
+`torch.export` gives the training IR; `run_decompositions` would trace the whole graph a second time to reach
+the decomposed ATen IR, which costs more than the export itself. When every op of the training IR is either
+already in that IR or one of the few that `LOCAL_DECOMPOSITIONS` rewrites node by node (transpose -> permute,
+`to` -> `_to_copy`, `diff` -> slices, ...), the training IR is consumed directly; anything else (mutations,
+higher-order ops, other composite ops) takes the full re-trace.
 """
 
 from __future__ import annotations
 
 import inspect
+import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +46,10 @@ class Captured:
 
 def is_causal_lm(model: torch.nn.Module) -> bool:
     cfg = getattr(model, "config", None)
-    return cfg is not None and type(model).__name__.endswith("ForCausalLM") and hasattr(model, "generate")
+    name = type(model).__name__
+    if cfg is None or not hasattr(model, "generate") or getattr(cfg, "is_encoder_decoder", False):
+        return False
+    return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")  # GPT2LMHeadModel, GPTJ, CodeGen, ...
 
 
 class CausalLMWrapper(torch.nn.Module):
@@ -77,10 +88,215 @@ def _var_mean(x, dim=None, *, correction=None, keepdim=False):
     return var, (mean if keepdim else torch.squeeze(mean, dims))
 
 
+# ---- local decompositions of the training IR ------------------------------------------------------------
+# Each rule rewrites one node into the ops run_decompositions would produce for it (up to what the normalize pass
+# erases anyway: clones, aliases, same-dtype casts, view vs reshape); `_local_ok` says beforehand whether it can.
+LocalRule = Callable[[fx.Node, Any], None]
+SYM_FUNCTIONS = {operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod,
+                 operator.neg, operator.eq, operator.ne, operator.lt, operator.le, operator.gt, operator.ge,
+                 operator.truediv, torch.sym_int, torch.sym_float, torch.sym_max, torch.sym_min, torch.sym_not}
+
+
+def _replace(node: fx.Node, target: Any, args: tuple, kwargs: dict | None = None) -> fx.Node:
+    """`target(*args, **kwargs)` in place of `node`, with node's meta (its value is the same tensor)."""
+    with node.graph.inserting_before(node):
+        new = node.graph.call_function(target, args, kwargs or {})
+    new.meta.update(node.meta)
+    node.replace_all_uses_with(new)
+    node.graph.erase_node(node)
+    return new
+
+
+def _add(node: fx.Node, target: Any, args: tuple, kwargs: dict, fake_mode: Any) -> fx.Node:
+    """A new node before `node` (meta copied from it) whose value is computed on fake tensors."""
+    with node.graph.inserting_before(node):
+        new = node.graph.call_function(target, args, kwargs)
+    new.meta.update({k: v for k, v in node.meta.items() if k != "val"})
+    fake = fx.node.map_arg((args, kwargs), lambda a: a.meta["val"])
+    with fake_mode:
+        new.meta["val"] = target(*fake[0], **fake[1])
+    return new
+
+
+def _alias_input(node: fx.Node, _fake_mode: Any) -> None:
+    node.replace_all_uses_with(node.args[0])
+    node.graph.erase_node(node)
+
+
+def _to(node: fx.Node, _fake_mode: Any) -> None:
+    """aten.to.* / type_as: the input itself when nothing changes, else _to_copy (what the decomposition does)."""
+    src, out = node.args[0].meta["val"], node.meta["val"]
+    if src.dtype == out.dtype and src.device == out.device:
+        return _alias_input(node, _fake_mode)
+    kwargs: dict[str, Any] = {"dtype": out.dtype} if src.dtype != out.dtype else {}
+    if src.device != out.device:
+        kwargs["device"] = out.device
+    _replace(node, aten._to_copy.default, (node.args[0],), kwargs)
+
+
+def _transpose(node: fx.Node, _fake_mode: Any) -> None:
+    x = node.args[0]
+    ndim = x.meta["val"].dim()
+    perm = list(range(ndim))
+    if node.target == aten.t.default:
+        if ndim < 2:
+            return _alias_input(node, _fake_mode)
+        perm = [1, 0]
+    elif ndim:
+        d0, d1 = (d % ndim for d in node.args[1:3])
+        perm[d0], perm[d1] = perm[d1], perm[d0]
+    _replace(node, aten.permute.default, (x, perm))
+
+
+def _rename(target: Any) -> LocalRule:
+    def rule(node: fx.Node, _fake_mode: Any) -> None:
+        _replace(node, target, node.args, dict(node.kwargs))
+
+    return rule
+
+
+def _arange(node: fx.Node, _fake_mode: Any) -> None:
+    args = list(node.args)
+    if node.target == aten.arange.default:
+        start, end, step = 0, args[0], 1
+    else:
+        start, end, step = (args + [1])[:3]
+    kwargs = {"layout": torch.strided, **node.kwargs}
+    _replace(node, aten.arange.start_step, (start, end) if step == 1 else (start, end, step), kwargs)
+
+
+def _new_filled(node: fx.Node, _fake_mode: Any) -> None:
+    out = node.meta["val"]
+    fill = {aten.new_ones.default: 1, aten.new_zeros.default: 0}.get(node.target)
+    if fill is None:
+        fill = node.args[2] if len(node.args) > 2 else node.kwargs["fill_value"]
+    kwargs = {"dtype": out.dtype, "layout": torch.strided, "device": out.device, "pin_memory": False}
+    _replace(node, aten.full.default, (node.args[1], fill), kwargs)
+
+
+def _diff_options(node: fx.Node) -> dict[str, Any]:
+    names = ("n", "dim", "prepend", "append")
+    opts = dict(zip(names, (1, -1, None, None)))
+    opts.update(dict(zip(names, node.args[1:])))
+    opts.update(node.kwargs)
+    return opts
+
+
+def _diff(node: fx.Node, fake_mode: Any) -> None:
+    """diff(x, 1, dim, prepend, append) -> cat -> slice[1:] - slice[:-1] along dim."""
+    opts = _diff_options(node)
+    x = node.args[0]
+    dim = opts["dim"] % x.meta["val"].dim()
+    parts = [p for p in (opts["prepend"], x, opts["append"]) if p is not None]
+    whole = _add(node, aten.cat.default, (parts, dim), {}, fake_mode) if len(parts) > 1 else x
+    length = whole.meta["val"].shape[dim]
+    if isinstance(length, int):
+        end: Any = length
+        before_end: Any = length - 1
+    else:
+        end = _add(node, aten.sym_size.int, (whole, dim), {}, fake_mode)
+        before_end = _add(node, operator.sub, (end, 1), {}, fake_mode)
+    hi = _add(node, aten.slice.Tensor, (whole, dim, 1, end), {}, fake_mode)
+    lo = _add(node, aten.slice.Tensor, (whole, dim, 0, before_end), {}, fake_mode)
+    _replace(node, aten.sub.Tensor, (hi, lo))
+
+
+def _argument(node: fx.Node, name: str, default: Any = None) -> Any:
+    for i, arg in enumerate(node.target._schema.arguments):
+        if arg.name == name:
+            return node.args[i] if i < len(node.args) else node.kwargs.get(name, default)
+    return default
+
+
+def _local_ok(node: fx.Node) -> bool:
+    """Whether the node's local rule applies (checked for every node before any is rewritten)."""
+    if not isinstance(node.meta.get("val"), torch.Tensor):
+        return False
+    if node.target not in (aten.arange.default, aten.arange.start, aten.arange.start_step) and not (
+            node.args and isinstance(node.args[0], fx.Node) and isinstance(node.args[0].meta.get("val"), torch.Tensor)):
+        return False
+    if node.target in TO_OPS:
+        return not _argument(node, "copy", False) and _argument(node, "memory_format") in (None, torch.preserve_format)
+    if node.target == aten.diff.default:
+        opts = _diff_options(node)
+        parts = (opts["prepend"], opts["append"])
+        return opts["n"] == 1 and all(p is None or isinstance(p, fx.Node) for p in parts)
+    if node.target == aten.dropout.default:
+        return not _argument(node, "train", False)
+    return True
+
+
+TO_OPS = (aten.to.dtype, aten.to.dtype_layout, aten.to.device, aten.to.other, aten.type_as.default)
+LOCAL_DECOMPOSITIONS: dict[Any, LocalRule] = {
+    **dict.fromkeys(TO_OPS, _to),
+    aten.transpose.int: _transpose, aten.t.default: _transpose,
+    aten.contiguous.default: _rename(aten.clone.default),
+    aten.__and__.Tensor: _rename(aten.bitwise_and.Tensor), aten.__or__.Tensor: _rename(aten.bitwise_or.Tensor),
+    aten.__xor__.Tensor: _rename(aten.bitwise_xor.Tensor),
+    aten.arange.default: _arange, aten.arange.start: _arange,
+    aten.new_ones.default: _new_filled, aten.new_zeros.default: _new_filled, aten.new_full.default: _new_filled,
+    aten.diff.default: _diff,
+    aten.dropout.default: _alias_input,
+}
+# composite or table ops that the decomposed IR keeps as they are (reshape: the normalize pass turns the view /
+# clone + view the decomposition makes back into reshape)
+LOCAL_KEEP = {aten.reshape.default, aten.sym_size.int}
+
+
+def _is_composite(op: torch._ops.OpOverload) -> bool:
+    key = torch._C.DispatchKey.CompositeImplicitAutograd
+    return torch._C._dispatch_has_kernel_for_dispatch_key(op.name(), key) or key in op.py_kernels
+
+
+def _training_ir_usable(ep: torch.export.ExportedProgram, table: Any) -> bool:
+    """Whether `decompose_locally` can bring this training IR to the decomposed IR without a re-trace."""
+    sig = torch.export.graph_signature
+    if any(spec.kind != sig.OutputKind.USER_OUTPUT for spec in ep.graph_signature.output_specs):
+        return False  # mutated buffers or inputs need functionalization
+    decomposed = set(table.keys()) if hasattr(table, "keys") else set(table)
+    for node in ep.graph.nodes:
+        if node.op == "get_attr":
+            return False
+        if node.op != "call_function":
+            continue
+        op = node.target
+        if not isinstance(op, torch._ops.OpOverload):
+            if op in SYM_FUNCTIONS:
+                continue
+            return False  # higher-order ops, grad-mode wrappers, ...
+        if op in LOCAL_DECOMPOSITIONS:
+            if not _local_ok(node):
+                return False
+            continue
+        if op in LOCAL_KEEP or op in KEEP_WHOLE:
+            continue
+        if op._schema.is_mutable or op in decomposed or _is_composite(op):
+            return False
+    return True
+
+
+def decompose_locally(ep: torch.export.ExportedProgram, table: Any) -> bool:
+    """Rewrite ep's training IR into the decomposed ATen IR in place, node by node; False (and ep untouched) when
+    the graph needs the full `run_decompositions` re-trace."""
+    if not _training_ir_usable(ep, table):
+        return False
+    gm = ep.graph_module
+    fake_mode = torch._guards.detect_fake_mode([n.meta["val"] for n in gm.graph.nodes
+                                                if n.op == "placeholder" and "val" in n.meta])
+    todo = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in LOCAL_DECOMPOSITIONS]
+    for node in todo:
+        LOCAL_DECOMPOSITIONS[node.target](node, fake_mode)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return True
+
+
 def _export(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any, labels: dict) -> Captured:
     try:
         ep = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes)
-        ep = ep.run_decompositions(_decomposition_table())
+        table = _decomposition_table()
+        if not decompose_locally(ep, table):
+            ep = ep.run_decompositions(table)
     except Exception as exc:  # export errors are long; keep the first line and say what to do
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CaptureError(f"torch.export could not capture {type(module).__name__}: {first}") from exc
