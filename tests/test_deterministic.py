@@ -182,3 +182,46 @@ def test_deterministic_plans_launch_what_they_predict(det, monkeypatch):
     assert {plan.name for plan, *_ in calls} >= {"prefill", "decode"}
     for plan, sizes, seen in calls:
         assert seen == launch_count(plan, INTERPRETER, sizes), (plan.name, sizes)
+
+
+_CROSS_COMPILE = """
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+from braze.kernels.device import TARGETS
+from braze.kernels.matmul import MatmulSpec, matmul_config, render_matmul
+from braze.runtime.kernel_loader import load_kernel_module
+
+target = sys.argv[1]
+spec = MatmulSpec("lc", rmsnorm_prologue=True, dual="swiglu", layercast=True, batch_invariant=True,
+                  out_dtype="float16")
+kernel = load_kernel_module(render_matmul(spec)).lc
+fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
+blocks = ("BLOCK_M", "BLOCK_N", "BLOCK_K", "ROW_DOT")
+sig = {n: "constexpr" if n in blocks else "fp32" if n == "eps" else "*fp16" if n.endswith("_ptr") else "i32"
+       for n in fn.arg_names}
+cfg = matmul_config(1, 1536, 576, TARGETS[target], dual=True, deterministic=True)
+consts = {"BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "BLOCK_K": cfg.block_k, "ROW_DOT": False}
+k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", int(target[3:]), 32),
+                   options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
+assert cfg.block_m == 16 and k.metadata.shared <= TARGETS[target].smem_per_block, (cfg, k.metadata.shared)
+print("ok", target, k.metadata.shared)
+"""
+
+
+@pytest.mark.parametrize("target", ["sm_86", "sm_90"])
+def test_deterministic_matmul_cross_compiles(target):
+    """The GPU form of the deterministic LayerCast kernel (ROW_DOT=False: tl.dot on fp32 operands, BLOCK_M 16)
+    compiles for the target within its shared memory (no GPU needed: Triton cross-compiles; in a subprocess,
+    since the Triton interpreter must be off while compiling)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _CROSS_COMPILE, target], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
