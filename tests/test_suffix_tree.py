@@ -1,15 +1,23 @@
-"""Tests for the suffix-trie drafter (SuffixDecoding) and the prompt-lookup baseline."""
+"""Tests for the suffix-automaton drafter (SuffixDecoding) and the prompt-lookup baseline.
+
+The automaton replaced a depth-bounded counting suffix trie (kept as the reference oracle in benchmarks/drafter.py):
+counts must equal a brute-force count of every substring, drafts must equal a brute-force drafter that applies the
+documented rules (count ratios, min_token_prob, caps, longest match on ties, the most recent continuation among
+equally frequent ones), and replays of fixed traces must yield at least the old drafter's tokens per step.
+"""
 
 from __future__ import annotations
 
 import random
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from benchmarks import drafter as bench
 from braze.runtime.speculative import greedy_accept
-from braze.runtime.suffix_tree import Draft, PromptLookupDrafter, SuffixDrafter, SuffixTrie
+from braze.runtime.suffix_tree import Draft, PromptLookupDrafter, SuffixAutomaton, SuffixDrafter
 
 
 def brute_counts(seqs, max_depth):
@@ -64,20 +72,20 @@ def rand_tokens(rng, n, vocab=1000):
     return [rng.randrange(vocab) for _ in range(n)]
 
 
-# ------------------------------------------------------------------------------------------ the trie
+# ------------------------------------------------------------------------------------------ the automaton
 
 
-def test_trie_counts_and_match():
-    trie = SuffixTrie(max_depth=3)
-    trie.add_sequence("a", [1, 2, 3, 1, 2, 4])
-    assert trie.counts() == brute_counts([[1, 2, 3, 1, 2, 4]], 3)
-    chain = trie.match([9, 1, 2])  # "1 2" occurs twice, "9 1 2" never
-    assert [trie.depth(c) for c in chain] == [1, 2]
-    assert trie.count(chain[1]) == 2
-    assert sorted((tok, cnt) for tok, cnt, _ in trie.children(chain[1])) == [(3, 1), (4, 1)]
-    assert trie.match([7]) == []
-    trie.remove_sequence("a")
-    assert trie.counts() == {} and trie.node_count() == 1 and trie.root.count == 0
+def test_counts_and_match():
+    auto = SuffixAutomaton(max_depth=3)
+    auto.add_sequence("a", [1, 2, 3, 1, 2, 4])
+    assert auto.counts() == brute_counts([[1, 2, 3, 1, 2, 4]], 3)
+    chain = auto.match([9, 1, 2])  # "1 2" occurs twice, "9 1 2" never
+    assert [auto.depth(c) for c in chain] == [1, 2]
+    assert auto.count(chain[1]) == 2
+    assert sorted((tok, cnt) for tok, cnt, _ in auto.children(chain[1])) == [(3, 1), (4, 1)]
+    assert auto.match([7]) == []
+    auto.remove_sequence("a")
+    assert auto.counts() == {} and auto.node_count() == 1 and auto.count((0, 0)) == 0
 
 
 op = st.tuples(st.integers(0, 3), st.lists(st.integers(0, 2), max_size=7), st.booleans())
@@ -87,41 +95,138 @@ ops = st.lists(op, max_size=14)
 @settings(max_examples=300, deadline=None)
 @given(max_depth=st.integers(1, 5), ops=ops)
 def test_incremental_counts_equal_brute_force(max_depth, ops):
-    """Interleaved extends/removals on a tiny alphabet (lots of shared and self-overlapping suffixes)."""
-    trie = SuffixTrie(max_depth)
+    """Interleaved extends/removals on a tiny alphabet (lots of shared and self-overlapping suffixes): dead states
+    after removals, rebuilds once dead positions outnumber live ones."""
+    auto = SuffixAutomaton(max_depth)
     seqs: dict[int, list[int]] = {}
     for sid, toks, remove in ops:
         if remove and sid in seqs:
-            trie.remove_sequence(sid)
+            auto.remove_sequence(sid)
             del seqs[sid]
         else:
-            trie.extend(sid, toks)
+            auto.extend(sid, toks)
             seqs.setdefault(sid, []).extend(toks)
-        trie.check()
-        assert trie.counts() == brute_counts(seqs.values(), max_depth)
-        for sid, s in seqs.items():  # the O(depth) own-end chain equals a from-scratch match
-            assert trie.tail_chain(sid) == trie.match(s)
-            assert len(trie.tail_chain(sid)) == min(max_depth, len(s))
+        auto.check()
+        assert auto.counts() == brute_counts(seqs.values(), max_depth)
+        for sid, s in seqs.items():  # the own-end chain equals a from-scratch match
+            assert auto.tail_chain(sid) == auto.match(s)
+            assert len(auto.tail_chain(sid)) == min(max_depth, len(s))
 
 
-def test_incremental_cost_is_bounded_by_depth():
-    """Appending a token touches <= max_depth + 1 nodes however long the sequence, and repetitive text
-    (the worst case: every suffix stays explicit) hits but never exceeds that bound."""
+def test_count_updates_per_token_are_bounded():
+    """Appending a token updates one count per distinct count among the text's suffixes of length <= max_depth:
+    a few on ordinary text, never more than max_depth (a run of one token, the worst case, reaches it; the old
+    trie paid max_depth on every token). States stay <= 2 per token."""
     depth = 16
     rng = random.Random(0)
-    for toks in (rand_tokens(rng, 3000), [rng.randrange(3) for _ in range(3000)]):
-        trie = SuffixTrie(depth)
+    for toks, mean_bound in ((rand_tokens(rng, 3000), 3.0), ([rng.randrange(3) for _ in range(3000)], depth),
+                             ([5] * 3000, depth)):
+        auto = SuffixAutomaton(depth)
         worst = 0
         for t in toks:
-            before = trie.touches
-            trie.extend(0, [t])
-            worst = max(worst, trie.touches - before)
-        assert worst <= depth + 1
-        assert trie.touches <= (depth + 1) * len(toks)
-    # Lazy tails: random text (mostly unique suffixes) needs O(L) nodes, not O(L * depth).
-    trie = SuffixTrie(64)
-    trie.add_sequence(0, rand_tokens(rng, 4000, vocab=50_000))
-    assert trie.node_count() <= 2 * 4000
+            before = auto.touches
+            auto.extend(0, [t])
+            worst = max(worst, auto.touches - before)
+        assert worst <= depth
+        assert auto.touches <= mean_bound * len(toks)
+        assert auto.node_count() <= 2 * len(toks)
+    assert worst == depth  # the run of one token does hit the bound
+
+
+def test_eviction_rebuilds_and_drops_dead_states():
+    auto = SuffixAutomaton(8)
+    rng = random.Random(6)
+    live = []
+    for i in range(40):
+        seq = [rng.randrange(4) for _ in range(50)]
+        auto.add_sequence(i, seq)
+        live.append(seq)
+        if len(live) > 3:
+            auto.remove_sequence(i - 3)
+            live.pop(0)
+        assert auto.node_count() <= 2 * 2 * sum(map(len, live))  # rebuilt before dead states outnumber live ones
+    assert auto.counts() == brute_counts(live, 8)
+
+
+# ----------------------------------------------------------------------------------------- brute-force drafts
+
+
+def brute_path_draft(seqs, order, context, max_depth, max_match, spec, factor, min_prob):
+    """Path draft from first principles: seqs {id: tokens}, order = [(id, index)] in append order (the clock).
+
+    For p = longest match .. 1 (p <= max_match): follow the continuation of the last p context tokens that occurs
+    most often, the most recently appended one among equals, multiplying count ratios while >= min_prob, at most
+    min(spec, int(p * factor)) tokens and max_depth - p deep; keep the first strictly best score."""
+    clock = {pos: i for i, pos in enumerate(order)}
+
+    def ends(s):  # end positions of occurrences of s
+        n = len(s)
+        return [(sid, j + n - 1) for sid, t in seqs.items() for j in range(len(t) - n + 1) if tuple(t[j:j + n]) == s]
+
+    longest = 0
+    for p in range(1, min(max_match, len(context)) + 1):
+        if ends(tuple(context[-p:])):
+            longest = p
+    best = Draft()
+    for p in range(longest, 0, -1):
+        s = tuple(context[-p:])
+        limit = min(spec, int(p * factor), max_depth - p)
+        toks, probs, prob = [], [], 1.0
+        while len(toks) < limit:
+            occ = ends(s)
+            kids: dict[int, list[int]] = {}
+            for sid, e in occ:
+                if e + 1 < len(seqs[sid]):
+                    kids.setdefault(seqs[sid][e + 1], []).append(clock[(sid, e + 1)])
+            if not kids:
+                break
+            tok = max(kids, key=lambda t: (len(kids[t]), max(kids[t])))
+            prob *= len(kids[tok]) / len(occ)
+            if prob < min_prob:
+                break
+            toks.append(tok)
+            probs.append(prob)
+            s = s + (tok,)
+        if toks and sum(probs) > best.score:
+            best = Draft(toks, list(range(-1, len(toks) - 1)), probs, sum(probs), p)
+    return best
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data(), max_depth=st.integers(2, 9), spec=st.integers(1, 6), factor=st.sampled_from([0.5, 1.0, 3.0]),
+       min_prob=st.sampled_from([0.05, 0.1, 0.4]))
+def test_path_drafts_equal_brute_force(data, max_depth, spec, factor, min_prob):
+    """Every draft of the automaton equals the brute-force drafter, on random interleaved sequences over a 3-token
+    alphabet (ties everywhere), for contexts that do and do not occur, with and without a shorter match cap."""
+    max_match = data.draw(st.integers(1, max_depth))
+    auto = SuffixAutomaton(max_depth, max_match=max_match)
+    seqs: dict[int, list[int]] = {}
+    order = []
+    for sid, toks in data.draw(st.lists(st.tuples(st.integers(0, 2), st.lists(st.integers(0, 2), max_size=12)),
+                                        min_size=1, max_size=6)):
+        auto.extend(sid, toks)
+        for t in toks:
+            seqs.setdefault(sid, []).append(t)
+            order.append((sid, len(seqs[sid]) - 1))
+    context = data.draw(st.lists(st.integers(0, 3), min_size=1, max_size=10))
+    x, n = auto._locate(context)
+    got = auto.draft_from(x, n, spec, factor, 0.0, min_prob, False, 0.0) or Draft()
+    want = brute_path_draft({k: v for k, v in seqs.items() if v}, order, context, max_depth, max_match, spec,
+                            factor, min_prob)
+    assert (got.tokens, got.match_len) == (want.tokens, want.match_len)
+    assert got.probs == pytest.approx(want.probs) and got.score == pytest.approx(want.score)
+
+
+def test_ties_go_to_the_most_recent_continuation():
+    """After "1 2" the history continues with 3 and with 4 equally often: the draft follows the one seen last,
+    whichever it is; a more frequent continuation wins over a more recent one."""
+    for first, second in (([3, 9], [4, 8]), ([4, 8], [3, 9])):
+        drafter = SuffixDrafter()
+        drafter.start_request("a", [1, 2, *first, 7, 1, 2, *second, 7, 1, 2, *first, 6, 1, 2, *second, 5, 1, 2])
+        d = drafter.draft("a", max_spec_tokens=2, max_spec_factor=1.0)
+        assert d.tokens == second and d.probs == [0.4, 0.4] and d.match_len == 2
+    drafter.observe("a", [3, 9, 0, 1, 2])  # 3 now follows "1 2" three times, 4 twice
+    assert drafter.draft("a", max_spec_tokens=2, max_spec_factor=1.0).tokens == [3, 9]
 
 
 # ----------------------------------------------------------------------------------------- drafting
@@ -172,7 +277,7 @@ def test_replay_with_greedy_accept_on_one_hot_logits():
     assert len(response) / steps >= 3.5  # tokens per step including the bonus
 
 
-def test_global_tree_learns_from_finished_requests():
+def test_global_automaton_learns_from_finished_requests():
     rng = random.Random(3)
     response = rand_tokens(rng, 200)
     with_cache = SuffixDrafter(max_cached_sequences=8)
@@ -202,7 +307,7 @@ def test_fifo_eviction_bound_and_consistent_counts():
         g = drafter.global_trie
         assert len(g) == min(i + 1, 3)
         g.check()
-        assert g.counts() == brute_counts(responses[-3:], 8)
+        assert g.counts() == brute_counts(responses[-3:], g.max_depth)
     assert [drafter.global_trie.sequence(s) for s in drafter.global_trie.seq_ids] == responses[-3:]
 
 
@@ -226,6 +331,63 @@ def test_draft_limits_and_tree_shape():
         assert tree.probs[i] >= 0.1 and (p < 0 or tree.probs[i] <= tree.probs[p])
     strict = drafter.draft("t", max_spec_tokens=6, max_spec_factor=3.0, min_token_prob=0.9)
     assert strict.tokens == []
+
+
+def test_count_depth_lets_long_matches_draft_in_full():
+    """ArcticInference's depth-64 tree (count_depth=max_depth) gives a 64-token match no room to draft: it backs
+    off to a 48-token match for 16 tokens. Counting deeper, the full 64-token match drafts them."""
+    rng = random.Random(7)
+    text = rand_tokens(rng, 200)
+    for count_depth, match_len in ((64, 48), (None, 64)):
+        drafter = SuffixDrafter(max_depth=64, count_depth=count_depth)
+        drafter.start_request(0, text + text[:100])
+        d = drafter.draft(0, max_spec_tokens=16)
+        assert d.tokens == text[100:116] and d.match_len == match_len
+
+
+# ------------------------------------------------------------------------------ old drafter on fixed traces
+
+# The benchmark's trace generators at fixed seeds, replayed with path drafts (depth 64, min_token_prob 0.1) at two
+# settings: max_spec_tokens 16 with ArcticInference's max_spec_factor 1.0, and 32 with the runner's 4.0.
+FIXED = {"file_edits": lambda: bench.file_edits(0, 2, 3), "json_edits": lambda: bench.json_edits(1, 2, 4),
+         "chat_requotes": lambda: bench.chat_requotes(2, 2)}
+SETTINGS = ((16, 1.0), (32, 4.0))
+# (tokens, steps) of the old trie drafter (bench.OldSuffixDrafter) on each: test_old_drafter_figures re-derives
+# them (slow: the old drafter takes seconds per replay).
+OLD = {("file_edits", 16, 1.0): (2127, 154), ("file_edits", 32, 4.0): (2127, 90),
+       ("json_edits", 16, 1.0): (1941, 189), ("json_edits", 32, 4.0): (1941, 118),
+       ("chat_requotes", 16, 1.0): (2883, 602), ("chat_requotes", 32, 4.0): (2883, 485)}
+
+
+def _fixed_replays(make_drafter):
+    out = {}
+    for name, make in FIXED.items():
+        trace = make()
+        for spec, factor in SETTINGS:
+            r = bench.replay(make_drafter(), trace, max_spec_tokens=spec, max_spec_factor=factor)
+            out[name, spec, factor] = (r["tokens"], r["steps"])
+    return out
+
+
+def test_tokens_per_step_at_least_the_old_drafters():
+    """Every response is reproduced exactly (replay asserts it). With ArcticInference's depth semantics
+    (count_depth=64) the automaton drafts what the old trie drafted except on ties (recency instead of storage
+    order), which moves a trace's tokens per step by a step or two either way; by default long matches also draft
+    in full. Summed over the fixed traces the default drafter needs no more steps than the old one, and no trace
+    loses more than 1% of its tokens per step."""
+    for label, make in (("new", SuffixDrafter), ("new64", lambda: SuffixDrafter(count_depth=64))):
+        got = _fixed_replays(make)
+        for key, (tokens, steps) in got.items():
+            old_tokens, old_steps = OLD[key]
+            assert tokens == old_tokens
+            assert tokens / steps >= 0.99 * old_tokens / old_steps, (label, key, steps, old_steps)
+        steps, old_steps = sum(s for _, s in got.values()), sum(s for _, s in OLD.values())
+        assert steps <= (old_steps if label == "new" else 1.005 * old_steps), (label, steps, old_steps)
+
+
+@pytest.mark.slow
+def test_old_drafter_figures():
+    assert _fixed_replays(bench.OldSuffixDrafter) == OLD
 
 
 # -------------------------------------------------------------------------------------- prompt lookup
