@@ -82,14 +82,40 @@ def compile_causal_lm(model: torch.nn.Module, config: CompileConfig) -> Compiled
     compiled.generator.speculate_default = config.speculate == "suffix"
     compiled.report.extra["generation"] = (f"prefill {gen.prefill.launches} launches, decode {gen.decode.launches} "
                                            f"launches per step, KV cache {len(gen.kv_inputs)} tensors")
+    _cross_compile(compiled, config)
     return compiled
+
+
+def _cross_compile(compiled: CompiledModel, config: CompileConfig) -> None:
+    """config.targets: cross-compile every kernel specialization the plans launch for each GPU target (no GPU
+    needed), keep the cubins for packages, and refuse kernels that do not fit unless target_check='warn'."""
+    if not config.targets:
+        return
+    import warnings
+
+    from braze.compiler.targets import build_targets
+
+    build = build_targets(compiled, config.targets)
+    compiled.target_build = build
+    errors = build.errors
+    if compiled.report is not None:
+        compiled.report.extra["gpu targets"] = (
+            f"{', '.join(build.targets)}: {len(build.results)} kernel specializations cross-compiled in "
+            f"{build.seconds:.1f} s; {len(errors)} do not fit, {len(build.issues) - len(errors)} warnings")
+    build.check(accept=config.target_check == "warn")
+    issues = build.issues
+    if issues:
+        more = f" (+{len(issues) - 1} more: braze inspect, or compiled.target_build.issues)" if len(issues) > 1 else ""
+        warnings.warn(f"cross-compiling: {issues[0].severity}: {issues[0]}{more}", stacklevel=3)
 
 
 def compile_module(module: torch.nn.Module, args: tuple, kwargs: dict, config: CompileConfig) -> CompiledModel:
     from braze.compiler.capture import capture_module
 
     cap = capture_module(module, args, kwargs, config.dynamic_shapes)
-    return _build(cap, config, _device_of(module), type(module).__name__)
+    compiled = _build(cap, config, _device_of(module), type(module).__name__)
+    _cross_compile(compiled, config)
+    return compiled
 
 
 class LazyCompiled:

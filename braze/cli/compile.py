@@ -44,6 +44,12 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                    "batched with others (fixed kernel tiles, no split-K or atomics, prefill attention per row); "
                    "matmuls compute 16-bit weights in fp32 (LayerCast); KV cache and activations keep the model "
                    "dtype; slower")
+    p.add_argument("--target", default=None, metavar="SM[,SM...]",
+                   help="GPU targets to cross-compile every kernel for (sm_80, sm_86, sm_89, sm_90; no GPU needed): "
+                   "the package carries the cubins, 'braze inspect' shows registers/spills/shared memory per target")
+    p.add_argument("--target-check", choices=("error", "warn"), default="error",
+                   help="a kernel that spills (bf16/fp16 models) or exceeds a target's limits: error (default) or "
+                   "warn (accept it)")
     p.add_argument("--report", action="store_true", help="print the full compile report")
     p.set_defaults(func=main)
 
@@ -56,6 +62,13 @@ def _check_arguments(args: argparse.Namespace, dtype: Any) -> None:
         raise UsageError("--int6-act / --int6-method apply to --quant int6 only")
     if args.quant != "df11" and args.df11_strategy:
         raise UsageError("--df11-strategy applies to --quant df11 only")
+    if args.target is not None:
+        from braze.kernels.device import TARGETS
+
+        names = [t.strip() for t in args.target.split(",")]
+        bad = [t for t in names if t.lower().replace("sm", "").lstrip("_") not in {n[3:] for n in TARGETS}]
+        if bad:
+            raise UsageError(f"--target: unknown GPU target {bad[0]!r}; valid targets: {', '.join(TARGETS)}")
     if args.quant == "df11" and dtype != torch.bfloat16:
         raise UsageError(f"--quant df11 compresses BF16 weights losslessly; the model would be "
                          f"{str(dtype).removeprefix('torch.')}: add --dtype bfloat16")
@@ -87,6 +100,8 @@ def main(args: argparse.Namespace) -> int:
                 options[key] = getattr(args, key)
         if args.deterministic:
             options["deterministic"] = True
+        if args.target is not None:
+            options.update(targets=args.target, target_check=args.target_check)
         compiled = compile_model(loaded, options)
         stages.start(f"saving {args.output}")
         meta = {"source": loaded.source, "source_kind": loaded.kind, "dtype": str(dtype).removeprefix("torch."),
@@ -105,6 +120,15 @@ def main(args: argparse.Namespace) -> int:
           f"tokenizer: {'yes' if loaded.tokenizer is not None else 'no'}")
     print(f"  load {t.get(f'loading {args.model}', 0):.1f} s, compile {t.get('compiling', 0):.1f} s, "
           f"save {t.get(f'saving {args.output}', 0):.1f} s; executor {compiled.executor_name}")
+    build = getattr(compiled, "target_build", None)
+    if build is not None:
+        print(f"  GPU targets {', '.join(build.targets)}: {len(build.results)} kernel specializations cross-compiled "
+              f"in {build.seconds:.1f} s ({len(build.errors)} do not fit, {len(build.issues) - len(build.errors)} "
+              f"warnings); cubins in {path}/targets/")
+        for issue in build.issues[:10]:
+            print(f"    {issue.severity}: {issue}")
+        if len(build.issues) > 10:
+            print(f"    ... {len(build.issues) - 10} more (braze inspect {path})")
     print(f"  sha256 {manifest_digest(path)} (pin it: braze run {path} --sha256 DIGEST)")
     return 0
 

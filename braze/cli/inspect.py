@@ -90,6 +90,7 @@ def summarize_package(path: str, sha256: str | None = None) -> dict[str, Any]:
         by_dtype = {"unreadable": 0}
         integrity += f"; weights header unreadable ({e})"
     weight_bytes = sum(by_dtype.values())
+    gpu_targets = _gpu_targets(root, manifest)
     return {
         "path": str(root), "sha256": digest, "format_version": manifest["format_version"],
         "versions": manifest.get("versions", {}),
@@ -99,7 +100,34 @@ def summarize_package(path: str, sha256: str | None = None) -> dict[str, Any]:
         "weights": {"tensors": n_tensors, "aliases": len(manifest["weights"].get("aliases", {})),
                     "bytes": weight_bytes, "by_dtype": by_dtype},
         "bytes_per_token_decode": weight_bytes, "tokenizer": bool(manifest.get("tokenizer")),
+        "gpu_targets": gpu_targets,
     }
+
+
+def _gpu_targets(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Per cross-compiled target: its index (triton version, limit, issues) and per kernel the maxima over its
+    specializations (registers, spill bytes, shared memory) and MMA kinds."""
+    out: dict[str, Any] = {}
+    for name, info in (manifest.get("gpu_targets") or {}).items():
+        try:
+            index = json.loads((root / info["index"]).read_text())
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            out[name] = {"error": f"unreadable index ({e})"}
+            continue
+        kernels: dict[str, dict[str, Any]] = {}
+        for e in index.get("kernels", []):
+            k = kernels.setdefault(e["kernel"], {"family": e.get("family"), "specializations": 0, "regs": 0,
+                                                 "spills": 0, "smem": 0, "mma": [], "warps": []})
+            k["specializations"] += 1
+            k["regs"] = max(k["regs"], e.get("regs", 0))
+            k["spills"] = max(k["spills"], e.get("spill_stores", 0) + e.get("spill_loads", 0))
+            k["smem"] = max(k["smem"], e.get("smem", 0))
+            for key, value in (("mma", e.get("mma")), ("warps", e.get("num_warps"))):
+                if value not in k[key]:
+                    k[key].append(value)
+        out[name] = {"triton": index.get("triton"), "smem_per_block": index.get("smem_per_block"),
+                     "issues": index.get("issues", []), "kernels": kernels}
+    return out
 
 
 def main(args: argparse.Namespace) -> int:
@@ -154,6 +182,22 @@ def main(args: argparse.Namespace) -> int:
     print(f"bytes per token (decode step, batch 1): ~{format_bytes(info['bytes_per_token_decode'])} "
           f"(every weight read once; KV cache and activations not counted)")
     print(f"tokenizer: {'yes' if info['tokenizer'] else 'no'}")
+    for name, t in info["gpu_targets"].items():
+        if "error" in t:
+            print(f"\nGPU target {name}: {t['error']}")
+            continue
+        print(f"\nGPU target {name} (cubins cross-compiled with triton {t['triton']}; shared memory limit "
+              f"{t['smem_per_block']:,} B per block; verified by sha256, not executed without a GPU): "
+              f"{len(t['kernels'])} kernels, max over each kernel's specializations")
+        width = max([len(k) for k in t["kernels"]] + [6])
+        print(f"    {'kernel':{width}s}  {'family':<22s} {'specs':>5s} {'regs':>5s} {'spills B':>9s} {'smem B':>9s}  "
+              f"{'mma':<9s} warps")
+        for kname, k in t["kernels"].items():
+            print(f"    {kname:{width}s}  {k['family'] or '?':<22s} {k['specializations']:>5d} {k['regs']:>5d} "
+                  f"{k['spills']:>9,} {k['smem']:>9,}  {'/'.join(map(str, k['mma'])):<9s} "
+                  f"{'/'.join(map(str, k['warps']))}")
+        for issue in t["issues"]:
+            print(f"    {issue}")
     return 0 if info["integrity"].startswith("ok") else EXIT_RUNTIME
 
 

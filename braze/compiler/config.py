@@ -20,6 +20,7 @@ INT6_ACTS = ("a16", "a8", "a6", "mixed")
 # gptq: Hessian-aware rounding (braze/quant/gptq.py); auto: awq when calibration data can be had, else rtn
 INT6_METHODS = ("auto", "rtn", "awq", "gptq")
 INT6_ACT_BITS = (16, 8, 6)
+TARGET_CHECKS = ("error", "warn")
 
 
 @dataclass
@@ -43,6 +44,11 @@ class CompileConfig:
     int6_act_overrides: Any = None
     # the sensitivity pass allows W6A6 on a linear whose calibration output error with A6 is at most this
     int6_a6_tolerance: float = 0.02
+    # GPU targets to cross-compile every kernel specialization for ("sm_80", "sm_86", "sm_89", "sm_90"; a list or
+    # "sm_80,sm_90"); braze/compiler/targets.py. Packages then carry the cubins per target.
+    targets: Any = None
+    # a cross-compiled kernel that spills (16-bit models) or exceeds a target limit: "error" or "warn" (accept it)
+    target_check: str = "error"
 
     def __post_init__(self) -> None:
         _choice("executor", self.executor, EXECUTORS)
@@ -51,6 +57,11 @@ class CompileConfig:
         _choice("df11_strategy", self.df11_strategy, DF11_STRATEGIES)
         _choice("int6_act", self.int6_act, INT6_ACTS)
         _choice("int6_method", self.int6_method, INT6_METHODS)
+        _choice("target_check", self.target_check, TARGET_CHECKS)
+        if self.targets is not None:
+            from braze.compiler.targets import parse_targets
+
+            self.targets = list(parse_targets(self.targets)) or None
         self._check_int6()
         for name in ("max_batch", "max_seq"):
             value = getattr(self, name)

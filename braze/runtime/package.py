@@ -9,6 +9,10 @@ Layout of a package directory::
     kernels/<name>.py       the generated Triton sources, readable as written by codegen
     weights.safetensors     every weight (safetensors, never pickle); identical tensors are stored once
     report.json             the compile report as plain data (for `braze inspect`)
+    targets/<sm_XX>/        optional (braze.compile(..., targets=[...])): cross-compiled cubins of every kernel
+                            specialization the plans launch on that GPU target, and index.json (per cubin: kernel,
+                            family, signature, constexprs, warps, stages, registers, spills, shared memory, MMA
+                            kind, sha256); the manifest's `gpu_targets` names them with the triton version
     tokenizer/              optional: tokenizer.save_pretrained(...)
 
 Loading verifies the manifest's format version and every file's hash before any kernel source is imported, and
@@ -25,6 +29,7 @@ import os
 import shutil
 import time
 import uuid
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -40,6 +45,7 @@ MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
 REPORT = "report.json"
 TOKENIZER_DIR = "tokenizer"
+TARGETS_DIR = "targets"
 PRIMARY_PLAN = "forward"
 EXECUTORS = ("auto", "cuda", "interpret")
 
@@ -242,6 +248,7 @@ def _write_contents(compiled: Any, root: Path, tokenizer: Any, metadata: dict | 
         (root / REPORT).write_text(json.dumps(report, indent=1))
     if tokenizer is not None:
         tokenizer.save_pretrained(str(root / TOKENIZER_DIR))
+    gpu_targets = _write_gpu_targets(compiled, root)
 
     device = torch.device(compiled.device)
     target: dict[str, Any] = {"device": device.type, "executor": compiled.executor_name}
@@ -269,8 +276,86 @@ def _write_contents(compiled: Any, root: Path, tokenizer: Any, metadata: dict | 
         "tokenizer": TOKENIZER_DIR if tokenizer is not None else None,
         "generation": _generation_info(compiled, plans),
         "metadata": _jsonable(metadata) if metadata else {},
+        **({"gpu_targets": gpu_targets} if gpu_targets else {}),
         "files": files,
     }
+
+
+def _write_gpu_targets(compiled: Any, root: Path) -> dict[str, Any]:
+    """targets/<sm_XX>/: the cubins and index of a cross-compiled model (compiled.target_build, made by
+    braze.compiler.targets.build_targets); returns the manifest's `gpu_targets` entry ({} when there are none)."""
+    build = getattr(compiled, "target_build", None)
+    if build is None:
+        return {}
+    out: dict[str, Any] = {}
+    for target, data in build.package_entries().items():
+        tdir = root / TARGETS_DIR / target
+        tdir.mkdir(parents=True)
+        entries = []
+        for entry in data["kernels"]:
+            entry = dict(entry)
+            blob = Path(entry.pop("cubin_file")).read_bytes()
+            if hashlib.sha256(blob).hexdigest() != entry["sha256"]:
+                raise PackageError(f"cross-compiled cubin of {entry['kernel']} ({target}) changed in the cache since "
+                                   f"it was built; compile again")
+            rel = f"{TARGETS_DIR}/{target}/{entry['kernel']}.{entry['key'][:16]}.cubin"
+            (root / rel).write_bytes(blob)
+            entries.append({**entry, "cubin": rel})
+        index = {**{k: v for k, v in data.items() if k != "kernels"}, "kernels": entries}
+        rel = f"{TARGETS_DIR}/{target}/index.json"
+        (root / rel).write_text(json.dumps(index, indent=1))
+        out[target] = {"capability": data["capability"], "triton": data["triton"], "index": rel,
+                       "kernels": len(entries), "issues": len(data.get("issues", []))}
+    return out
+
+
+def check_gpu_targets(root: Path, manifest: dict[str, Any], device: torch.device | None = None) -> list[str]:
+    """Check a package's cross-compiled targets (after verify_package checked every file's sha256): known target
+    names, index and cubins covered by the manifest's hashes and matching the index, the triton version. Returns
+    one-line notes (triton version differs; no cubins for the GPU in use); a package that fails a check raises
+    PackageError. Cubins are verified, not executed: on a GPU the runtime JIT-compiles the same sources."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from braze.kernels.device import TARGETS
+
+    try:  # not `import triton`: it must not be imported before TRITON_INTERPRET is settled
+        triton_version = version("triton")
+    except PackageNotFoundError:
+        triton_version = "unknown"
+    targets = manifest.get("gpu_targets") or {}
+    if not isinstance(targets, dict):
+        raise PackageError(f"{root / MANIFEST}: gpu_targets must map target names to their index")
+    notes: list[str] = []
+    for name, info in targets.items():
+        if name not in TARGETS:
+            raise PackageError(f"{root / MANIFEST}: unknown GPU target {name!r} (this braze knows "
+                               f"{', '.join(TARGETS)})")
+        rel = info.get("index") if isinstance(info, dict) else None
+        if rel not in manifest["files"]:
+            raise PackageError(f"{root / MANIFEST}: the {name} kernel index is not covered by a hash")
+        try:
+            index = json.loads((root / rel).read_text())
+        except (OSError, ValueError) as e:
+            raise PackageError(f"{root / rel}: unreadable target index ({e})") from None
+        if index.get("target") != name or index.get("capability") != TARGETS[name].capability:
+            raise PackageError(f"{root / rel}: index is for {index.get('target')!r} "
+                               f"(capability {index.get('capability')}), not {name}")
+        for entry in index.get("kernels", []):
+            cubin = entry.get("cubin")
+            if cubin not in manifest["files"]:
+                raise PackageError(f"{root / rel}: cubin {cubin!r} is not covered by a hash")
+            if manifest["files"][cubin] != entry.get("sha256"):
+                raise PackageError(f"{root / cubin}: sha256 differs from its {name} index entry (package tampered)")
+        if index.get("triton") != triton_version:
+            notes.append(f"{name} cubins were built with triton {index.get('triton')}, this is triton "
+                         f"{triton_version}: kernels JIT-compile from source")
+    if targets and device is not None and device.type == "cuda" and torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability(device)
+        here = f"sm_{major}{minor}"
+        if here not in targets:
+            notes.append(f"package has cubins for {', '.join(targets)}, not for this GPU ({here}): kernels "
+                         f"JIT-compile from source")
+    return notes
 
 
 # ---- load ------------------------------------------------------------------------------------------------
@@ -363,6 +448,8 @@ def _choose(manifest: dict[str, Any], executor: str, root: Path) -> tuple[str, t
             raise PackageError(f"{root}: executor='cuda' needs a CUDA GPU and none is available; "
                                f"pass executor='interpret' to run the kernels under the Triton interpreter on CPU")
         return "cuda", torch.device("cuda")
+    if target == "cpu" and manifest.get("gpu_targets") and have_cuda:  # cross-compiled for GPUs on a CPU
+        return "cuda", torch.device("cuda")
     if target == "cuda":
         if not have_cuda:
             raise PackageError(f"{root}: this package was compiled for a CUDA GPU and this machine has none; "
@@ -415,6 +502,7 @@ def load_package(path: str | os.PathLike, executor: str = "auto", sha256: str | 
     manifest = read_manifest(root, sha256=sha256)
     executor_name, device = _choose(manifest, executor, root)
     verify_package(root, manifest)  # before any kernel source is imported
+    target_notes = check_gpu_targets(root, manifest, device)
     timings["verify"] = time.perf_counter() - t0
     if executor_name == "interpret":
         os.environ["TRITON_INTERPRET"] = "1"  # must be set before the kernels are imported
@@ -475,6 +563,9 @@ def load_package(path: str | os.PathLike, executor: str = "auto", sha256: str | 
             except Exception as e:
                 raise PackageError(f"{root / manifest['plans'][_plan_name(plans, plan)]}: kernel {kname} does not "
                                    f"import ({type(e).__name__}: {e})") from None
+    compiled.target_notes = target_notes
+    for note in target_notes:
+        warnings.warn(note, stacklevel=2)
     compiled.manifest = manifest
     compiled.package_path = root
     compiled.tokenizer_path = root / manifest["tokenizer"] if manifest.get("tokenizer") else None

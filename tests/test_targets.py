@@ -1,0 +1,211 @@
+"""Cross-compiling for GPU targets without a GPU (braze/compiler/targets.py): the specializations a plan launches on
+a target, compiled by triton for that target, checked against its limits; packages carrying the cubins; bad input.
+
+Kept small (a tiny model's decode plan on two targets, a tiny MLP): `make gpucheck` runs every test model, variant
+and target. Cubins are verified, not executed (no GPU here)."""
+
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import braze
+from braze.cli import main
+from braze.compiler.targets import (
+    KernelResult,
+    Specialization,
+    TargetBuild,
+    TargetCheckError,
+    build_targets,
+    mma_kind,
+    parse_ptxas_log,
+    parse_targets,
+    size_points,
+)
+from braze.kernels import TARGETS
+from braze.models import tiny_causal_lm
+from braze.runtime.errors import ConfigError, PackageError
+from braze.runtime.package import check_gpu_targets, read_manifest
+
+MLP = "tests.tiny_factory:tiny_mlp"
+
+
+@pytest.fixture(scope="module")
+def decode_build():
+    model = tiny_causal_lm("llama", layers=1, dtype=torch.bfloat16)
+    cm = braze.compile(model, max_batch=4, max_seq=64)
+    return build_targets(cm, ["sm_90", "sm_86"], plans=["decode"])
+
+
+def test_decode_plan_fits_sm90_and_sm86(decode_build):
+    build = decode_build
+    assert build.targets == ("sm_90", "sm_86")
+    assert not build.issues, [str(i) for i in build.issues]
+    families = {r.spec.family for r in build.results}
+    assert {"matmul", "cached_attention", "fused"} <= families
+    for r in build.results:
+        limit = TARGETS[r.spec.target]
+        assert r.error is None and r.cubin is not None and r.cubin.stat().st_size > 0
+        assert 0 < r.regs <= limit.max_regs_per_thread and r.spills == 0
+        assert r.smem <= limit.smem_per_block
+        assert r.spec.uses and all(u.startswith("decode batch=") for u in r.spec.uses)
+    # bf16 GEMMs run on tensor cores; the decode tiles (BLOCK_M 16) use mma.sync even on sm_90
+    assert {r.mma for r in build.results if r.spec.family == "matmul"} == {"mma.sync"}
+    # both ends of the batch range were enumerated, and triton's specialization is the JIT's: M == 1 is a
+    # constexpr at batch 1, an i32 at batch 4; aligned pointers carry tt.divisibility 16
+    per_use = {(r.spec.target, u): r.spec for r in build.results if r.spec.family == "matmul" for u in r.spec.uses}
+    assert per_use[("sm_90", "decode batch=1")].signature["M"] == "constexpr"
+    assert per_use[("sm_90", "decode batch=4")].signature["M"] == "i32"
+    spec = per_use[("sm_86", "decode batch=4")]
+    assert spec.attrs[(0,)] == [["tt.divisibility", 16]]
+    assert spec.num_warps in (4, 8) and spec.num_stages >= 2
+
+
+def test_repeat_is_cached(decode_build):
+    from braze.compiler.targets import compile_specializations
+
+    again = compile_specializations([r.spec for r in decode_build.results])
+    assert all(r.cached for r in again)
+    assert [r.sha256 for r in again] == [r.sha256 for r in decode_build.results]
+
+
+def test_ptxas_log_and_mma_parsing():
+    log = ("ptxas info    : Compiling entry function 'k' for 'sm_90a'\nptxas info    : Function properties for k\n"
+           "    48 bytes stack frame, 40 bytes spill stores, 44 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers, 1024 bytes smem, 392 bytes cmem[0]\n")
+    assert parse_ptxas_log(log) == {"regs": 255, "stack": 48, "spill_stores": 40, "spill_loads": 44,
+                                    "static_smem": 1024}
+    assert parse_ptxas_log("no report") is None
+    assert mma_kind("wgmma.mma_async.sync.aligned.m64n64k16") == "wgmma"
+    assert mma_kind("mma.sync.aligned.m16n8k16.row.col") == "mma.sync"
+    assert mma_kind("fma.rn.f32") == "none"
+
+
+def _fake_result(target="sm_86", dtype="bfloat16", **figures):
+    spec = Specialization("k" * 32, target, "matmul", "matmul_x", "matmul_x", "", {}, {}, {},
+                          {"num_warps": 8, "num_stages": 4}, dtype, ["prefill batch=8 seq=512"])
+    return KernelResult(spec, **figures)
+
+
+def test_limits_are_errors_naming_kernel_target_and_figure():
+    over = TargetBuild(("sm_86",), [_fake_result(smem=114688, regs=128)], "3.9.0")
+    with pytest.raises(TargetCheckError, match=r"sm_86: kernel matmul_x \(matmul, prefill batch=8 seq=512\): shared "
+                                               r"memory 114,688 B > 101,376 B"):
+        over.check()
+    over.check(accept=True)  # target_check="warn"
+    spills = TargetBuild(("sm_80",), [_fake_result("sm_80", regs=255, spill_stores=64, spill_loads=64)], "3.9.0")
+    assert [i.severity for i in spills.issues] == ["error"]
+    assert "spills 64 B stored / 64 B loaded at 255 registers" in str(spills.issues[0])
+    fp32 = TargetBuild(("sm_80",), [_fake_result("sm_80", "float32", regs=255, spill_stores=8)], "3.9.0")
+    assert [i.severity for i in fp32.issues] == ["warning"] and not fp32.errors
+    failed = TargetBuild(("sm_90",), [_fake_result("sm_90", error="CompilationError: boom")], "3.9.0")
+    with pytest.raises(TargetCheckError, match="sm_90: kernel matmul_x .*compile error: CompilationError: boom"):
+        failed.check()
+
+
+def test_target_names_and_size_points():
+    assert parse_targets("sm_80, 90,sm86") == ("sm_80", "sm_90", "sm_86")
+    with pytest.raises(ConfigError, match="unknown GPU target 'sm_75'; valid targets: sm_80, sm_86, sm_89, sm_90"):
+        parse_targets(["sm_75"])
+    with pytest.raises(ConfigError, match="unknown GPU target"):
+        braze.compile(torch.nn.Linear(4, 4), targets=["sm_75"])
+    with pytest.raises(ConfigError, match="target_check='maybe' is not valid"):
+        braze.compile(torch.nn.Linear(4, 4), targets=["sm_90"], target_check="maybe")
+    from braze.runtime.plan import Plan, SymbolSpec
+
+    plan = Plan("p", [], [SymbolSpec("s0", "batch", 1, 8), SymbolSpec("s1", "seq", 1, 512)], [], [], [], {})
+    assert size_points(plan) == [{"s0": a, "s1": b} for a in (1, 8) for b in (1, 512)]
+    full = size_points(plan, "full")
+    assert {p["s1"] for p in full} == {1, 257, 512} and {p["s0"] for p in full} == {1, 5, 8}
+
+
+@pytest.fixture(scope="module")
+def target_package(tmp_path_factory):
+    out = tmp_path_factory.mktemp("targets") / "mlp"
+    assert main(["compile", MLP, "-o", str(out), "--target", "sm_80,sm_90"]) == 0
+    return out
+
+
+def test_package_carries_cubins_per_target(target_package, capsys):
+    manifest = read_manifest(target_package)
+    assert set(manifest["gpu_targets"]) == {"sm_80", "sm_90"}
+    for name, info in manifest["gpu_targets"].items():
+        index = json.loads((target_package / info["index"]).read_text())
+        assert index["target"] == name and index["capability"] == TARGETS[name].capability and index["kernels"]
+        for entry in index["kernels"]:
+            assert manifest["files"][entry["cubin"]] == entry["sha256"]  # hashed in the manifest
+            assert entry["smem"] <= TARGETS[name].smem_per_block and entry["mma"] in ("none", "mma.sync", "wgmma")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # same triton, CPU: loading verifies and has nothing to say
+        loaded = braze.load(target_package)
+    assert loaded.target_notes == []
+    x = torch.randn(3, 8)
+    from tests.tiny_factory import tiny_mlp
+
+    torch.testing.assert_close(loaded(x), tiny_mlp()["model"](x), rtol=1e-4, atol=1e-4)
+    capsys.readouterr()
+    assert main(["inspect", str(target_package)]) == 0
+    out = capsys.readouterr().out
+    assert "GPU target sm_80" in out and "GPU target sm_90" in out
+    assert "regs" in out and "spills B" in out and "smem B" in out and "mma" in out
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rehash(root: Path, rel: str) -> None:
+    from braze.runtime.package import _sha256
+
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["files"][rel] = _sha256(root / rel)
+    (root / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_tampered_cubin_is_refused(target_package, tmp_path):
+    pkg = _copy(target_package, tmp_path / "p")
+    index = json.loads((pkg / "targets/sm_90/index.json").read_text())
+    cubin = pkg / index["kernels"][0]["cubin"]
+    blob = bytearray(cubin.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    cubin.write_bytes(bytes(blob))
+    with pytest.raises(PackageError, match=r"\.cubin: sha256 mismatch \(package corrupted or tampered\)"):
+        braze.load(pkg)
+    _rehash(pkg, index["kernels"][0]["cubin"])  # manifest rewritten to match: the index still disagrees
+    with pytest.raises(PackageError, match="sha256 differs from its sm_90 index entry"):
+        braze.load(pkg)
+
+
+def test_unknown_target_and_other_triton(target_package, tmp_path):
+    pkg = _copy(target_package, tmp_path / "p")
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    manifest["gpu_targets"]["sm_75"] = manifest["gpu_targets"].pop("sm_80")
+    (pkg / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(PackageError, match="unknown GPU target 'sm_75'"):
+        braze.load(pkg)
+    pkg = _copy(target_package, tmp_path / "q")
+    index = json.loads((pkg / "targets/sm_90/index.json").read_text())
+    index["triton"] = "0.0.1"
+    (pkg / "targets/sm_90/index.json").write_text(json.dumps(index))
+    _rehash(pkg, "targets/sm_90/index.json")
+    with pytest.warns(UserWarning, match="sm_90 cubins were built with triton 0.0.1, this is triton"):
+        braze.load(pkg)
+
+
+def test_package_without_the_running_gpus_target_notes_it(target_package, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 6))
+    notes = check_gpu_targets(target_package, read_manifest(target_package), torch.device("cuda"))
+    assert notes == ["package has cubins for sm_80, sm_90, not for this GPU (sm_86): kernels JIT-compile from "
+                     "source"]
+
+
+def test_cli_unknown_target_is_one_line(tmp_path, capsys):
+    assert main(["compile", MLP, "-o", str(tmp_path / "o"), "--target", "sm_80,sm_75"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown GPU target 'sm_75'" in err[0]
