@@ -36,22 +36,60 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
     return model, tok
 
 
-def tiny_causal_lm(arch: str = "llama", seed: int = 0, layers: int = 2, dtype: torch.dtype = torch.float32,
-                   attn: str = "sdpa", vocab: int = 256) -> Any:
-    """A small seeded HF causal LM (llama, qwen2, mistral) for fast checks."""
-    import transformers
+# small seeded configs per architecture: hidden 64, 4 heads (head_dim 16), 2 KV heads where the architecture has
+# GQA; the values that select a code path (partial rotary, fused projections, parallel residual, QK-norm, softcap,
+# sliding window, MQA, MoE) are set so the path is exercised at tiny sizes
+def _arch_configs(vocab: int, layers: int) -> dict[str, Any]:
+    import transformers as t
 
     common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
-    configs = {
-        "llama": lambda: transformers.LlamaConfig(**common),
-        "qwen2": lambda: transformers.Qwen2Config(**common),
-        "mistral": lambda: transformers.MistralConfig(**common, sliding_window=None),
+    mha = {**common, "num_key_value_heads": 4}
+    gemma = dict(head_dim=16, query_pre_attn_scalar=16, sliding_window=8)
+    return {
+        "llama": lambda: t.LlamaConfig(**common),
+        "qwen2": lambda: t.Qwen2Config(**common),
+        "mistral": lambda: t.MistralConfig(**common, sliding_window=None),
+        "mistral_swa": lambda: t.MistralConfig(**common, sliding_window=8),
+        "qwen3": lambda: t.Qwen3Config(**common, head_dim=16),
+        "gemma": lambda: t.GemmaConfig(**common, head_dim=16),
+        "gemma2": lambda: t.Gemma2Config(**common, **gemma),
+        "gemma3_text": lambda: t.Gemma3TextConfig(**common, **gemma),
+        "phi": lambda: t.PhiConfig(**mha, partial_rotary_factor=0.5, resid_pdrop=0.0, embd_pdrop=0.0),
+        "phi3": lambda: t.Phi3Config(**common, pad_token_id=0),
+        "gpt_neox": lambda: t.GPTNeoXConfig(**mha, rotary_pct=0.25, use_parallel_residual=True),
+        "stablelm": lambda: t.StableLmConfig(**common, partial_rotary_factor=0.25),
+        "olmo2": lambda: t.Olmo2Config(**common),
+        "gpt2": lambda: t.GPT2Config(vocab_size=vocab, n_positions=128, n_embd=64, n_layer=layers, n_head=4,
+                                     n_inner=128, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+        "opt": lambda: t.OPTConfig(vocab_size=vocab, hidden_size=64, ffn_dim=128, num_hidden_layers=layers,
+                                   num_attention_heads=4, max_position_embeddings=128, word_embed_proj_dim=64,
+                                   dropout=0.0, pad_token_id=1),
+        "falcon": lambda: t.FalconConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=layers,
+                                         num_attention_heads=4, multi_query=True, parallel_attn=True, alibi=False,
+                                         new_decoder_architecture=False, bias=False),
+        "mixtral": lambda: t.MixtralConfig(**{**common, "intermediate_size": 64}, num_local_experts=4,
+                                           num_experts_per_tok=2, sliding_window=None),
     }
+
+
+ARCHITECTURES = ("llama", "qwen2", "mistral", "mistral_swa", "qwen3", "gemma", "gemma2", "gemma3_text", "phi",
+                 "phi3", "gpt_neox", "stablelm", "olmo2", "gpt2", "opt", "falcon", "mixtral")
+
+
+EAGER_ONLY = ("gemma2",)  # HF refuses SDPA for these (softcapped attention)
+
+
+def tiny_causal_lm(arch: str = "llama", seed: int = 0, layers: int = 2, dtype: torch.dtype = torch.float32,
+                   attn: str = "sdpa", vocab: int = 256) -> Any:
+    """A small seeded HF causal LM (one of ARCHITECTURES) for fast checks."""
+    import transformers
+
+    configs = _arch_configs(vocab, layers)
     if arch not in configs:
         raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(configs)}")
     cfg = configs[arch]()
-    cfg._attn_implementation = attn
+    cfg._attn_implementation = "eager" if arch in EAGER_ONLY else attn
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype)
     return model.eval()

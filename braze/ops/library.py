@@ -280,6 +280,191 @@ def _tree_cached_attention_fake(q, k, v, cos, sin, k_cache, v_cache, cache_len, 
     return q.new_empty(b, s, h, v.shape[-1]).transpose(1, 2)
 
 
+# ---- the general path: attention that the flash / cached-attention kernels do not cover ------------------------
+# Partial or no rotary (q and k arrive position-encoded), learned or absolute positions, logit softcapping, sliding
+# windows and arbitrary static masks (an additive bias indexed by position): every decoder-only attention HF runs
+# eagerly fits here, so a compile never refuses one. These ops run their references eagerly (listed in the report).
+def _expand_kv(keys: Tensor, values: Tensor, heads: int) -> tuple[Tensor, Tensor]:
+    group = heads // keys.shape[1]
+    if group > 1:
+        keys = keys.repeat_interleave(group, dim=1)
+        values = values.repeat_interleave(group, dim=1)
+    return keys, values
+
+
+def _general_softmax(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor, scale: float, softcap: float,
+                     bias: Tensor | None) -> Tensor:
+    """HF eager attention order: scores * scale, softcap (tanh(s / c) * c), + bias, masked fp32 softmax, @ v.
+    `visible` and `bias` broadcast against [B, H, Sq, Skv]; a query that sees nothing outputs 0."""
+    keys, values = _expand_kv(keys, values, q.shape[1])
+    scores = (q.float() @ keys.float().transpose(-1, -2)) * scale
+    if softcap:
+        scores = torch.tanh(scores / softcap) * softcap
+    if bias is not None:
+        scores = scores + bias.float()
+    probs = torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1).nan_to_num(0.0)
+    return (probs @ values.float()).to(q.dtype)
+
+
+def _split_mask(attn_mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
+    """(visible, additive bias) of an SDPA-style mask (bool: where to attend; float: added to the scores)."""
+    if attn_mask is None:
+        return None, None
+    if attn_mask.dtype == torch.bool:
+        return attn_mask, None
+    return attn_mask > torch.finfo(attn_mask.dtype).min / 2, attn_mask
+
+
+def general_attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, softcap: float = 0.0,
+                                window: int = 0, cos: Tensor | None = None, sin: Tensor | None = None,
+                                attn_mask: Tensor | None = None) -> Tensor:
+    """Attention with optional RoPE, causal (bottom-right aligned) with an optional sliding window (query at
+    position p sees keys p - window < j <= p), logit softcapping and an SDPA-style mask."""
+    if cos is not None:
+        q = rope_reference(q, cos[:, -q.shape[2]:], sin[:, -q.shape[2]:])
+        k = rope_reference(k, cos, sin)
+    sq, skv = q.shape[2], k.shape[2]
+    qpos = torch.arange(skv - sq, skv, device=q.device)[:, None]
+    kpos = torch.arange(skv, device=q.device)[None, :]
+    visible = torch.ones(sq, skv, dtype=torch.bool, device=q.device)
+    if causal:
+        visible = kpos <= qpos
+    if window:
+        visible = visible & (qpos - kpos < window)
+    mask_visible, bias = _split_mask(attn_mask)
+    if mask_visible is not None:
+        visible = visible & mask_visible
+    return _general_softmax(q, k, v, visible, scale, softcap, None if bias is None else bias.masked_fill(~visible, 0))
+
+
+@torch.library.custom_op("braze::general_attention", mutates_args=())
+def general_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    causal: bool,
+    softcap: float = 0.0,
+    window: int = 0,
+    cos: Tensor | None = None,
+    sin: Tensor | None = None,
+    attn_mask: Tensor | None = None,
+) -> Tensor:
+    """braze::attention plus softcapping and sliding windows; output laid out [B, Sq, Hq, D] like attention."""
+    out = general_attention_reference(q, k, v, scale, causal, softcap, window, cos, sin, attn_mask)
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@general_attention.register_fake
+def _general_attention_fake(q, k, v, scale, causal, softcap=0.0, window=0, cos=None, sin=None, attn_mask=None):
+    b, h, s, _ = q.shape
+    return q.new_empty(b, s, h, v.shape[-1]).transpose(1, 2)
+
+
+def _general_cached_rows(q, k, v, k_cache, v_cache, start, kv_start, scale, softcap, window, cos, sin, attn_bias,
+                         tree):
+    """Rows sharing one write offset `start`: (RoPE,) write k/v at [start, start + S), attend over the cache."""
+    s = q.shape[2]
+    if cos is not None:
+        q, k = rope_reference(q, cos, sin), rope_reference(k, cos, sin)
+    k_cache[:, :, start:start + s] = k.to(k_cache.dtype)
+    v_cache[:, :, start:start + s] = v.to(v_cache.dtype)
+    keys = k_cache[:, :, :start + s].to(q.dtype)
+    values = v_cache[:, :, :start + s].to(q.dtype)
+    dev = q.device
+    # positions: slot index, except draft-tree tokens, which sit at start + their depth
+    depth = torch.arange(s, device=dev) if tree is None else tree.long().sum(-1) - 1
+    qpos = start + depth
+    kpos = torch.cat([torch.arange(start, device=dev), qpos])
+    if tree is None:
+        visible = kpos[None, :] <= qpos[:, None]
+    else:
+        visible = torch.cat([torch.ones(s, start, dtype=torch.bool, device=dev), tree.bool()], dim=1)
+    if window:
+        visible = visible & (qpos[:, None] - kpos[None, :] < window)
+    b = q.shape[0]
+    slots = torch.arange(start + s, device=dev)
+    visible = visible[None, None] & (slots[None, None, None, :] >= kv_start.reshape(b, 1, 1, 1).to(slots.dtype))
+    bias = None
+    if attn_bias is not None:  # [Hb, N, N] indexed by (query position, key position)
+        n = attn_bias.shape[-1]
+        bias = attn_bias[:, qpos.clamp(max=n - 1)[:, None], kpos.clamp(max=n - 1)[None, :]][None]
+        visible = visible & (bias > -math.inf)
+        bias = bias.masked_fill(~visible, 0)
+    return _general_softmax(q, keys, values, visible, scale, softcap, bias)
+
+
+def general_cached_attention_reference(q, k, v, k_cache, v_cache, cache_len, kv_start, scale, softcap=0.0, window=0,
+                                       cos=None, sin=None, attn_bias=None, tree_mask=None):
+    """Attention over the static KV cache for whatever cached_attention does not cover: q and k arrive
+    position-encoded (or cos/sin RoPE them), causal with an optional sliding window, softcap, a static additive
+    bias [Hb, N, N] by (query, key) position, and optionally a draft-tree mask [B, S, S] (verify). Row b's keys
+    below kv_start[b] are left padding. cache_len is [1] or, in verify, [B]."""
+    lens = cache_len.reshape(-1)
+    if lens.numel() == 1 and tree_mask is None:
+        return _general_cached_rows(q, k, v, k_cache, v_cache, int(lens[0]), kv_start, scale, softcap, window, cos,
+                                    sin, attn_bias, None)
+    bsz = q.shape[0]
+    lens = lens.expand(bsz)
+    outs = []
+    for b in range(bsz):  # one row at a time: each has its own write offset and tree
+        r = slice(b, b + 1)
+        tree = None if tree_mask is None else tree_mask.expand(bsz, *tree_mask.shape[-2:])[b]
+        outs.append(_general_cached_rows(q[r], k[r], v[r], k_cache[r], v_cache[r], int(lens[b]),
+                                         kv_start.reshape(-1)[r], scale, softcap, window,
+                                         None if cos is None else cos[r], None if sin is None else sin[r],
+                                         attn_bias, tree))
+    return torch.cat(outs)
+
+
+@torch.library.custom_op("braze::general_cached_attention", mutates_args=("k_cache", "v_cache"))
+def general_cached_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_len: Tensor,
+    kv_start: Tensor,
+    scale: float,
+    softcap: float = 0.0,
+    window: int = 0,
+    cos: Tensor | None = None,
+    sin: Tensor | None = None,
+    attn_bias: Tensor | None = None,
+    tree_mask: Tensor | None = None,
+) -> Tensor:
+    """The general cached attention (see general_cached_attention_reference); output laid out [B, S, Hq, D]."""
+    out = general_cached_attention_reference(q, k, v, k_cache, v_cache, cache_len, kv_start, scale, softcap, window,
+                                             cos, sin, attn_bias, tree_mask)
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@general_cached_attention.register_fake
+def _general_cached_attention_fake(q, k, v, k_cache, v_cache, cache_len, kv_start, scale, softcap=0.0, window=0,
+                                   cos=None, sin=None, attn_bias=None, tree_mask=None):
+    b, h, s, _ = q.shape
+    return q.new_empty(b, s, h, v.shape[-1]).transpose(1, 2)
+
+
+# ---- mixture of experts ------------------------------------------------------------------------------------------
+@torch.library.custom_op("braze::grouped_mm", mutates_args=())
+def grouped_mm(x: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
+    """Rows of x sorted by expert: rows [offs[e-1], offs[e]) times weight[e] ([E, K, N]); HF's MoE grouped matmul."""
+    out = x.new_zeros(x.shape[0], weight.shape[2])
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            out[start:end] = x[start:end] @ weight[e].to(x.dtype)
+        start = end
+    return out
+
+
+@grouped_mm.register_fake
+def _grouped_mm_fake(x: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
+    return x.new_empty(x.shape[0], weight.shape[2])
+
+
 BRAZE_OPS = {
     "rms_norm": torch.ops.braze.rms_norm.default,
     "linear": torch.ops.braze.linear.default,
@@ -288,4 +473,7 @@ BRAZE_OPS = {
     "attention": torch.ops.braze.attention.default,
     "cached_attention": torch.ops.braze.cached_attention.default,
     "tree_cached_attention": torch.ops.braze.tree_cached_attention.default,
+    "general_attention": torch.ops.braze.general_attention.default,
+    "general_cached_attention": torch.ops.braze.general_cached_attention.default,
+    "grouped_mm": torch.ops.braze.grouped_mm.default,
 }

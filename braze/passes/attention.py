@@ -1,8 +1,11 @@
 """Attention substitution: SDPA and eager (matmul-softmax-matmul) attention become braze::attention.
 
 GQA's repeat_kv (unsqueeze -> expand -> reshape) is stripped so the kernel reads the shared K/V heads directly.
-For causal LMs the mask that HF builds from position ids is replaced by the causal flag (the TRT-LLM AutoDeploy
-approach): the compiled forward assumes standard positions, and padding is handled by the runtime.
+For causal LMs the mask that HF builds from position ids is evaluated at compile time (braze/passes/masks.py) and,
+when it is plain causal, replaced by the causal flag (the TRT-LLM AutoDeploy approach): the compiled forward
+assumes standard positions, and padding is handled by the runtime. A sliding-window mask becomes the window
+argument of braze::general_attention, as does logit softcapping (Gemma 2): no flash kernel has those, so that op
+runs its reference eagerly and the report lists it. Any other mask is kept as the graph computes it.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import torch.fx as fx
 
 from braze.passes.context import PassContext
 from braze.passes.graph_utils import aten, graph_rewrite, is_op, new_node, val
+from braze.passes.masks import classify_mask
 
 braze = torch.ops.braze
 
@@ -44,15 +48,47 @@ def _sdpa(node: fx.Node, ctx: PassContext):
     return _make_attention(node, q, k, v, mask, bool(causal), float(scale), ctx)
 
 
-def _make_attention(anchor, q, k, v, mask, causal, scale, ctx):
+def _make_attention(anchor, q, k, v, mask, causal, scale, ctx, softcap=0.0):
     k, v = strip_repeat_kv(k), strip_repeat_kv(v)
     if val(q).shape[1] % val(k).shape[1]:
         return None
+    gm = anchor.graph.owning_module
+    window = 0
     if mask is not None and ctx.causal_lm:
-        ctx.note(f"{anchor.name}: HF mask replaced by the causal flag")
-        mask, causal = None, True
+        info = classify_mask(gm, mask, ctx)
+        if info.kind == "causal":
+            ctx.note(f"{anchor.name}: HF mask replaced by the causal flag")
+            mask, causal = None, True
+        elif info.kind == "window":
+            ctx.note(f"{anchor.name}: HF mask replaced by the causal flag and a sliding window of {info.window}")
+            mask, causal, window = None, True, info.window
+        else:
+            ctx.note(f"{anchor.name}: HF mask kept ({info.describe()})")
+    if softcap or window:  # no flash kernel has these: the general op (runs its reference eagerly)
+        kwargs = {"softcap": float(softcap), "window": int(window)}
+        if mask is not None:
+            kwargs["attn_mask"] = mask
+        what = ", ".join(x for x in (softcap and f"softcap {softcap:g}", window and f"sliding window {window}") if x)
+        ctx.note(f"{anchor.name}: general attention ({what}) runs eagerly")
+        return new_node(gm, braze.general_attention.default, (q, k, v, scale, causal), kwargs, ctx, anchor)
     kwargs = {"attn_mask": mask} if mask is not None else {}
-    return new_node(anchor.graph.owning_module, braze.attention.default, (q, k, v, scale, causal), kwargs, ctx, anchor)
+    return new_node(gm, braze.attention.default, (q, k, v, scale, causal), kwargs, ctx, anchor)
+
+
+def _softcap_of(scores):
+    """tanh(x / c) * c (or tanh(x * (1/c)) * c) -> (x, c); anything else -> (scores, 0.0)."""
+    if not (is_op(scores, aten.mul.Tensor) and isinstance(scores.args[1], (int, float))):
+        return scores, 0.0
+    th, cap = scores.args[0], float(scores.args[1])
+    if not is_op(th, aten.tanh.default) or cap <= 0:
+        return scores, 0.0
+    inner = th.args[0]
+    if is_op(inner, aten.div.Tensor) and isinstance(inner.args[1], (int, float)) and \
+            abs(float(inner.args[1]) - cap) <= 1e-6 * cap:
+        return inner.args[0], cap
+    if is_op(inner, aten.mul.Tensor) and isinstance(inner.args[1], float) and abs(inner.args[1] * cap - 1) < 1e-6:
+        return inner.args[0], cap
+    return scores, 0.0
 
 
 def _transposed_keys(kt):
@@ -65,7 +101,7 @@ def _transposed_keys(kt):
 
 
 def _eager_attention(out_mm: fx.Node, ctx: PassContext):
-    """matmul(softmax(matmul(q, k^T) * scale [+ mask]).to(dtype), v)."""
+    """matmul(softmax([softcap](matmul(q, k^T) * scale) [+ mask]).to(dtype), v)."""
     if not is_op(out_mm, aten.matmul.default):
         return None
     probs, v = out_mm.args
@@ -74,9 +110,12 @@ def _eager_attention(out_mm: fx.Node, ctx: PassContext):
     if not is_op(probs, aten._softmax.default, aten.softmax.int) or probs.args[1] not in (-1, 3):
         return None
     scores = probs.args[0]
+    if is_op(scores, aten._to_copy.default, aten.to.dtype):  # softmax(..., dtype=float32)
+        scores = scores.args[0]
     mask = None
     if is_op(scores, aten.add.Tensor) and is_op(scores.args[0], aten.mul.Tensor, aten.div.Tensor, aten.matmul.default):
         scores, mask = scores.args[0], scores.args[1]
+    scores, softcap = _softcap_of(scores)
     scale = 1.0
     if is_op(scores, aten.mul.Tensor) and isinstance(scores.args[1], float):
         scale, scores = scores.args[1], scores.args[0]
@@ -88,9 +127,7 @@ def _eager_attention(out_mm: fx.Node, ctx: PassContext):
     k = _transposed_keys(kt)
     if k is None or val(q).dim() != 4:
         return None
-    if mask is not None and is_op(mask, aten.slice.Tensor):
-        pass
-    return _make_attention(out_mm, q, k, v, mask, False, float(scale), ctx)
+    return _make_attention(out_mm, q, k, v, mask, False, float(scale), ctx, softcap)
 
 
 ATTENTION_RULES = {

@@ -19,11 +19,12 @@ braze = torch.ops.braze
 LINEARS = (braze.linear.default, braze.linear_glu.default)
 
 
-def _replace(node: fx.Node, ctx: PassContext, **changes) -> fx.Node:
+def _replace(node: fx.Node, ctx: PassContext, before: fx.Node | None = None, **changes) -> fx.Node:
+    """node's op with some arguments changed, inserted before `before` (default: node itself)."""
     a = op_args(node)
     a.update(changes)
     names = [arg.name for arg in node.target._schema.arguments]
-    return new_node(node.graph.owning_module, node.target, tuple(a[n] for n in names), {}, ctx, node)
+    return new_node(node.graph.owning_module, node.target, tuple(a[n] for n in names), {}, ctx, before or node)
 
 
 def merge_sibling_linears(gm: fx.GraphModule, ctx: PassContext) -> int:
@@ -110,7 +111,8 @@ def _residual(node: fx.Node, ctx: PassContext):
             continue
         if tuple(rv.shape) != tuple(ov.shape) or rv.dtype != ov.dtype or val(lin).dtype != ov.dtype:
             continue
-        return _replace(lin, ctx, residual=res)
+        # at the add, not at the linear: the residual may be computed after the linear (parallel attention + MLP)
+        return _replace(lin, ctx, before=node, residual=res)
     return None
 
 

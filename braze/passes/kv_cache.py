@@ -5,6 +5,11 @@ as graph inputs — `cache_len` (int64 [1], where this call's tokens go), `kv_st
 and one K and one V cache per layer [B, Hkv, max_seq, D] — and rewrites each RoPE-fused causal braze::attention
 into braze::cached_attention, which writes K/V and attends over the cache. The same graph serves prefill
 (S tokens) and, re-specialized to S = 1, decode.
+
+Every other attention (RoPE not fused: partial or no rotary, learned positions; softcap; sliding window; a static
+mask such as ALiBi, kept as a [H, N, N] bias weight by position) becomes braze::general_cached_attention, whose
+reference writes the same cache and attends with the window / softcap / bias: it runs eagerly, and the pass notes
+say which layer and why. Generation never refuses an attention whose mask depends only on positions.
 """
 
 from __future__ import annotations
@@ -15,14 +20,30 @@ import torch.fx as fx
 from braze.ops.schema import op_args
 from braze.passes.context import PassContext
 from braze.passes.graph_utils import dce, is_op, new_node, val
+from braze.passes.masks import MaskInfo, classify_mask
 from braze.runtime.errors import CaptureError
 
 braze = torch.ops.braze
 STATE_INPUTS = ("cache_len", "kv_start")
 
 
+def _general_reasons(a: dict, general: bool, info: MaskInfo | None) -> list[str]:
+    reasons = []
+    if a.get("cos") is None:
+        reasons.append("q/k position-encoded in the graph (partial or no rotary, learned positions)")
+    if general and a.get("softcap"):
+        reasons.append(f"softcap {a['softcap']:g}")
+    if general and a.get("window"):
+        reasons.append(f"sliding window {a['window']}")
+    if info is not None:
+        reasons.append(f"mask: {info.describe()}")
+    elif not a.get("causal"):
+        reasons.append("not causal")
+    return reasons
+
+
 def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> int:
-    attn = [n for n in gm.graph.nodes if is_op(n, braze.attention.default)]
+    attn = [n for n in gm.graph.nodes if is_op(n, braze.attention.default, braze.general_attention.default)]
     if not attn:
         return 0
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -41,18 +62,22 @@ def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> int:
         cache_len = add_input("cache_len", torch.empty(1, dtype=torch.int64))
         kv_start = add_input("kv_start", torch.empty(batch, dtype=torch.int32))
     count = 0
+    biases: dict[fx.Node, fx.Node] = {}
     for i, node in enumerate(attn):
         a = op_args(node)
-        if not a.get("causal") or a.get("cos") is None or a.get("attn_mask") is not None:
-            raise CaptureError(f"{node.name}: generation needs causal attention with RoPE fused into it")
+        general = node.target is braze.general_attention.default
         k = val(a["k"])
         with ctx.fake_mode:
             shape = (batch, k.shape[1], max_seq, k.shape[3])
             k_cache = add_input(f"kv_cache_{i}_k", torch.empty(shape, dtype=k.dtype))
             v_cache = add_input(f"kv_cache_{i}_v", torch.empty(shape, dtype=val(a["v"]).dtype))
-        rep = new_node(gm, braze.cached_attention.default,
-                       (a["q"], a["k"], a["v"], a["cos"], a["sin"], k_cache, v_cache, cache_len, kv_start,
-                        float(a["scale"])), {}, ctx, node)
+        plain = not general and a.get("causal") and a.get("cos") is not None and a.get("attn_mask") is None
+        if plain:
+            rep = new_node(gm, braze.cached_attention.default,
+                           (a["q"], a["k"], a["v"], a["cos"], a["sin"], k_cache, v_cache, cache_len, kv_start,
+                            float(a["scale"])), {}, ctx, node)
+        else:
+            rep = _general(gm, node, a, general, (k_cache, v_cache, cache_len, kv_start), biases, ctx)
         node.replace_all_uses_with(rep)
         count += 1
     dce(gm)
@@ -61,12 +86,48 @@ def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> int:
     return count
 
 
+def _general(gm: fx.GraphModule, node: fx.Node, a: dict, general: bool, state: tuple, biases: dict,
+             ctx: PassContext) -> fx.Node:
+    """braze::general_cached_attention for an attention the cached-attention kernel does not cover."""
+    softcap = float(a.get("softcap") or 0.0) if general else 0.0
+    window = int(a.get("window") or 0) if general else 0
+    mask, info, bias = a.get("attn_mask"), None, None
+    if mask is not None:
+        info = classify_mask(gm, mask, ctx)
+        if info.kind == "window":
+            window = window or info.window
+        elif info.kind == "dense":
+            if info.seq < ctx.config.max_seq:
+                raise CaptureError(f"{node.name}: its mask ({info.describe()}) was evaluated on {info.seq} positions, "
+                                   f"fewer than max_seq={ctx.config.max_seq}; compile with a smaller max_seq")
+            if mask not in biases:
+                biases[mask] = ctx.add_weight(gm, f"attn_bias_{mask.name}", info.bias)
+            bias = biases[mask]
+        elif info.kind == "dynamic":
+            raise CaptureError(f"{node.name}: generation needs an attention mask computed from positions only; this "
+                               "one depends on activations or token values")
+    elif not a.get("causal"):  # full attention over whatever is cached: an all-zero bias (no causal limit)
+        if None not in biases:
+            n = ctx.config.max_seq
+            biases[None] = ctx.add_weight(gm, "attn_bias_full", torch.zeros(1, n, n))
+        bias = biases[None]
+    reasons = _general_reasons(a, general, info)
+    ctx.note(f"{node.name}: general cached attention, runs eagerly ({'; '.join(reasons)})")
+    cache = state
+    kwargs = {"softcap": softcap, "window": window, "cos": a.get("cos"), "sin": a.get("sin"), "attn_bias": bias}
+    rep = new_node(gm, braze.general_cached_attention.default,
+                   (a["q"], a["k"], a["v"], *cache, float(a["scale"])), kwargs, ctx, node)
+    rep.meta["braze_eager_reason"] = "; ".join(reasons)
+    return rep
+
+
 def insert_tree_verify(gm: fx.GraphModule, ctx: PassContext) -> int:
     """Verify-graph insertion: cached attention gains a `tree_mask` input [B, S, S] so one forward scores a
     whole draft tree per row (each draft token sees the cache, the pending token and its ancestors; positions =
     base + depth), and `cache_len` becomes per row [B]: the rows of a batched verify step accept different
     numbers of drafts, so they hold different cache lengths."""
-    nodes = [n for n in gm.graph.nodes if is_op(n, braze.cached_attention.default)]
+    nodes = [n for n in gm.graph.nodes
+             if is_op(n, braze.cached_attention.default, braze.general_cached_attention.default)]
     if not nodes:
         return 0
     placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
@@ -79,8 +140,13 @@ def insert_tree_verify(gm: fx.GraphModule, ctx: PassContext) -> int:
         placeholders["cache_len"].meta["val"] = torch.empty(batch, dtype=torch.int64)
     for node in nodes:
         a = op_args(node)
-        args = tuple(a[n] for n in ("q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start"))
-        rep = new_node(gm, braze.tree_cached_attention.default, (*args, mask, float(a["scale"])), {}, ctx, node)
+        if node.target is braze.general_cached_attention.default:
+            kwargs = {k: a[k] for k in ("softcap", "window", "cos", "sin", "attn_bias")}
+            args = tuple(a[n] for n in ("q", "k", "v", "k_cache", "v_cache", "cache_len", "kv_start", "scale"))
+            rep = new_node(gm, node.target, args, {**kwargs, "tree_mask": mask}, ctx, node)
+        else:
+            args = tuple(a[n] for n in ("q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start"))
+            rep = new_node(gm, braze.tree_cached_attention.default, (*args, mask, float(a["scale"])), {}, ctx, node)
         node.replace_all_uses_with(rep)
     dce(gm)
     gm.recompile()

@@ -1,0 +1,121 @@
+"""What an attention mask computed inside the captured graph means, found by evaluating it.
+
+HF builds a causal LM's mask inside the forward from the positions (causal, sliding window, packed sequences,
+ALiBi-style biases...). The mask subgraph depends only on the input shapes, the positions and constant buffers, so
+it can be run at compile time on a prompt of N tokens at the standard positions 0..N-1, and the [N, N] result
+classified: plain causal (the kernels' causal flag), causal with a sliding window of W positions, or anything else
+("dense": kept as an additive bias [H, N, N] indexed by (query, key) position). A mask that depends on activations
+or token values cannot be evaluated ("dynamic").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from braze.passes.context import PassContext
+from braze.passes.graph_utils import aten
+
+POSITION_INPUTS = ("input_ids", "position_ids")
+MAX_EVAL_SEQ = 2048  # masks are evaluated on at most this many positions (window detection sees windows below it)
+
+
+@dataclass
+class MaskInfo:
+    kind: str  # "causal" | "window" | "dense" | "dynamic"
+    window: int = 0
+    bias: torch.Tensor | None = None  # "dense": float32 [H, N, N], -inf where masked
+    seq: int = 0  # the N it was evaluated at
+
+    def describe(self) -> str:
+        if self.kind == "window":
+            return f"causal, sliding window {self.window}"
+        if self.kind == "dense":
+            return f"static mask/bias [{', '.join(str(s) for s in self.bias.shape)}] by position"
+        return self.kind
+
+
+def _ancestors(node: fx.Node) -> list[fx.Node] | None:
+    """The nodes `node` is computed from, in graph order; None if it depends on activations or token values."""
+    seen: set[fx.Node] = set()
+    stack = [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        stack.extend(n.all_input_nodes)
+    for n in seen:
+        for inp in n.all_input_nodes:
+            if inp.op == "placeholder" and inp.name == "input_ids" and n.target is not aten.sym_size.int:
+                return None  # reads token values (an embedding): not a static mask
+    order = {n: i for i, n in enumerate(node.graph.nodes)}
+    return sorted(seen, key=order.__getitem__)
+
+
+def static_value(gm: fx.GraphModule, node: fx.Node, ctx: PassContext, seq: int) -> torch.Tensor | None:
+    """node's value on a [1, seq] prompt at positions 0..seq-1, when it depends only on the input shapes, the
+    positions and weights; else None."""
+    nodes = _ancestors(node)
+    if nodes is None:
+        return None
+    device = next((w.device for w in ctx.weights.values()), torch.device("cpu"))
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    args = []
+    for n in nodes:
+        if n.op == "placeholder":
+            if n.name in ctx.weights:
+                args.append(ctx.weights[n.name])
+            elif n.name == "input_ids":
+                args.append(torch.zeros(1, seq, dtype=torch.int64, device=device))
+            elif n.name == "position_ids":
+                args.append(torch.arange(seq, device=device)[None])
+            else:
+                return None  # a runtime input (cache_len, ...) or another user input
+        elif n.op != "call_function":
+            return None
+        env[n] = graph.node_copy(n, lambda x: env[x])
+    graph.output(env[node])
+    try:
+        with torch.no_grad():
+            return fx.GraphModule(gm, graph)(*args)
+    except Exception:  # a shape the graph guards against, a data-dependent op...: treat as dynamic
+        return None
+
+
+def classify_mask(gm: fx.GraphModule, mask: fx.Node, ctx: PassContext) -> MaskInfo:
+    """Evaluate `mask` (an SDPA-style attention mask, bool or additive) at N = min(max_seq, MAX_EVAL_SEQ) positions
+    and say what it is. Results are cached on the node."""
+    cached = mask.meta.get("braze_mask_info")
+    if cached is not None:
+        return cached
+    seq = min(int(ctx.config.max_seq), MAX_EVAL_SEQ)
+    value = static_value(gm, mask, ctx, seq)
+    info = MaskInfo("dynamic", seq=seq)
+    if isinstance(value, torch.Tensor) and value.dim() >= 2 and tuple(value.shape[-2:]) == (seq, seq):
+        info = _classify(value.reshape(-1, seq, seq)[: value.shape[-3] if value.dim() >= 3 else 1], seq)
+    mask.meta["braze_mask_info"] = info
+    return info
+
+
+def _classify(m: torch.Tensor, seq: int) -> MaskInfo:
+    if m.dtype == torch.bool:
+        allowed, bias = m, torch.zeros(m.shape, dtype=torch.float32, device=m.device)
+    else:
+        allowed = m > torch.finfo(m.dtype).min / 2
+        bias = torch.where(allowed, m, torch.zeros((), dtype=m.dtype, device=m.device)).float()
+    i = torch.arange(seq, device=m.device)[:, None]
+    j = torch.arange(seq, device=m.device)[None, :]
+    causal = j <= i
+    if not bool(bias.any()) and bool((allowed == allowed[:1]).all()):
+        a = allowed[0]
+        if torch.equal(a, causal):
+            return MaskInfo("causal", seq=seq)
+        window = int(a[-1].sum())
+        if window > 0 and torch.equal(a, causal & (i - j < window)):
+            return MaskInfo("window", window=window, seq=seq)
+    dense = bias.masked_fill(~allowed, -torch.inf)
+    return MaskInfo("dense", bias=dense, seq=seq)
