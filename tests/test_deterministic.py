@@ -85,7 +85,9 @@ def test_logits_bitwise_equal_across_batch_sizes(det):
 
 
 def test_plans_record_the_mode(det):
-    _, cm = det
+    model, cm = det
+    assert "deterministic: on:" in str(cm.report)
+    assert ("LayerCast" in str(cm.report)) and (" 0 matmul kernels" in str(cm.report)) == (model.dtype == torch.float32)
     for name in ("prefill", "decode"):
         steps = [s for s in cm.extra_plans[name].steps if s.kind == "template"]
         assert steps and all(s.params.get("deterministic") for s in steps)
