@@ -8,7 +8,8 @@ explicit strides, so q/k/v may be strided views of one fused QKV projection.
 Flash attention forward, `render_attention(AttentionSpec)`; kernel `<name>`::
 
     <name>(q_ptr, k_ptr, v_ptr, out_ptr, [cos_ptr, sin_ptr], [kv_start_ptr],
-           [tree_ptr, stride_tm_b, stride_tm_i, stride_tm_j, past_ptr, stride_past], Sq, Skv, Hq, GROUP, D,
+           [tree_ptr, stride_tm_b, stride_tm_i, stride_tm_j, past_ptr, stride_past] | [past_ptr, stride_past],
+           Sq, Skv, Hq, GROUP, D,
            stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
            stride_vb, stride_vh, stride_vs, stride_vd, stride_ob, stride_oh, stride_os, stride_od,
            [stride_cb, stride_cs, stride_cd], sm_scale, BLOCK_M, BLOCK_N, BLOCK_D)
@@ -23,11 +24,13 @@ Flash attention forward, `render_attention(AttentionSpec)`; kernel `<name>`::
   stride 0 shares one tree) replaces the causal test for the Sq newest keys of row b, which has past[b] cached
   keys (int, stride_past = 0 for one length): key j < past[b] is visible to every query, key j >= past[b] to
   query i iff tree[b, i, j - past[b]] != 0 (kv_start still applies); keys from past[b] + Sq on are not read.
+  device_len (causal, no tree; prefill over a static cache): only past_ptr/stride_past are added, and row b sees
+  Skv = past[b] + Sq keys, read on device (the Skv argument is then the cache capacity).
   A module also defines the helper `<name>_kv_loop`.
 
 Split-KV decode, `render_decode_attention(DecodeAttentionSpec)`; kernels `<name>_partial`, `<name>_combine`::
 
-    <name>_partial(q_ptr, k_ptr, v_ptr, mid_o_ptr, mid_lse_ptr, seq_lens_ptr, [kv_start_ptr],
+    <name>_partial(q_ptr, k_ptr, v_ptr, mid_o_ptr, mid_lse_ptr, seq_lens_ptr, [stride_sl], [kv_start_ptr],
                    Hkv, GROUP, D, NUM_SPLITS,
                    stride_qb, stride_qh, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
                    stride_vb, stride_vh, stride_vs, stride_vd, sm_scale, BLOCK_G, BLOCK_N, BLOCK_D)
@@ -37,14 +40,16 @@ Split-KV decode, `render_decode_attention(DecodeAttentionSpec)`; kernels `<name>
     grid = (B * Hq,)
 
   q/out [B, Hq, D], k_cache/v_cache [B, Hkv, S_max, D], seq_lens int32 [B] (valid positions, <= S_max),
-  kv_start int32 [B] (positions below it are padding). Scratch: mid_o fp32 contiguous
-  [B, Hq, NUM_SPLITS, D] (normalised partial outputs), mid_lse fp32 contiguous [B, Hq, NUM_SPLITS]
+  kv_start int32 [B] (positions below it are padding). from_cache_len: seq_lens_ptr[b * stride_sl] is the cache
+  length before the new token (stride 0: one for the batch) and the row's length is that + 1. Scratch: mid_o fp32
+  contiguous [B, Hq, NUM_SPLITS, D] (normalised partial outputs), mid_lse fp32 contiguous [B, Hq, NUM_SPLITS]
   (log2-sum-exp of the scaled scores, -inf for an empty split). Each row's valid range
   [kv_start, seq_len) is cut into NUM_SPLITS BLOCK_N-aligned chunks; BLOCK_G >= GROUP.
 
 Cached attention (braze::cached_attention, templates kv_cache.py.j2 + one of the two above): `<name>_rope_write`
 rotates q and k (HF rotate_half, fp32 math), writes k/v into the caches at cache_len, then flash attention over
-the cache (prefill) or split-KV decode (one query token). Tree-cached attention (braze::tree_cached_attention):
+the cache (prefill) or split-KV decode (one query token); both read cache_len on device, so a step issues
+launches only (no host read, no torch op). Tree-cached attention (braze::tree_cached_attention):
 the same write, then flash attention in tree-mask mode.
 """
 
@@ -92,11 +97,14 @@ class AttentionSpec:
     input_precision: str = "ieee"
     out_dtype: str = "float16"
     tree_mask: bool = False
+    device_len: bool = False
 
     def __post_init__(self) -> None:
         _check_common(self.name, self.input_precision, self.out_dtype)
         if self.tree_mask and not self.causal:
             raise ValueError("tree_mask uses the causal query alignment: it needs causal=True")
+        if self.device_len and (self.tree_mask or not self.causal):
+            raise ValueError("device_len is the causal, tree-less form of the past length (tree_mask reads it too)")
 
 
 @dataclass(frozen=True)
@@ -107,6 +115,7 @@ class DecodeAttentionSpec:
     has_kv_start: bool = False
     input_precision: str = "ieee"
     out_dtype: str = "float16"
+    from_cache_len: bool = False
 
     def __post_init__(self) -> None:
         _check_common(self.name, self.input_precision, self.out_dtype)
@@ -116,15 +125,15 @@ def render_attention(spec: AttentionSpec, header: str = "") -> str:
     """Python source of the flash attention forward module for `spec`."""
     return render_template(
         "attention.py.j2", header=check_header(header), name=spec.name, causal=spec.causal, rope=spec.rope,
-        has_kv_start=spec.has_kv_start, tree_mask=spec.tree_mask, input_precision=spec.input_precision,
-        out_dtype=spec.out_dtype)
+        has_kv_start=spec.has_kv_start, tree_mask=spec.tree_mask, device_len=spec.device_len,
+        input_precision=spec.input_precision, out_dtype=spec.out_dtype)
 
 
 def render_decode_attention(spec: DecodeAttentionSpec, header: str = "") -> str:
     """Python source of the decode module (`<name>_partial` and `<name>_combine`) for `spec`."""
     return render_template(
         "decode_attention.py.j2", header=check_header(header), name=spec.name, has_kv_start=spec.has_kv_start,
-        input_precision=spec.input_precision, out_dtype=spec.out_dtype)
+        from_cache_len=spec.from_cache_len, input_precision=spec.input_precision, out_dtype=spec.out_dtype)
 
 
 def render_cache_write(name: str) -> str:
@@ -224,6 +233,8 @@ def flash_attention(kernel: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
             tree_mask = tree_mask.view(torch.uint8)  # same bytes; avoids int1 pointers
         strides = tree_mask.stride() if tree_mask.dim() == 3 else (0, *tree_mask.stride())
         args += [tree_mask, *strides, past, _row_stride(past)]
+    elif past is not None:  # device_len: row b attends over its first past[b] + Sq keys, read on device
+        args += [past, _row_stride(past)]
     args += [Sq, Skv, Hq, Hq // Hkv, D]
     for t in (q, k, v, out):
         args += list(t.stride())
@@ -283,9 +294,11 @@ def rope_write(module: Any, name: str, tensors: dict[str, torch.Tensor], device:
 
 def split_kv_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     out: torch.Tensor, seq_lens: torch.Tensor, kv_start: torch.Tensor | None, scale: float,
-                    device: DeviceSpec, splits: int | None = None) -> int:
+                    device: DeviceSpec, splits: int | None = None, *, from_cache_len: bool = False) -> int:
     """Decode attention of one query per row: q/out [B, Hq, D], caches [B, Hkv, S_max, D]. One split writes its
-    normalised partial output straight into `out` (no combine launch). Returns the launches."""
+    normalised partial output straight into `out` (no combine launch). Returns the launches.
+    from_cache_len (kernel rendered with it): `seq_lens` is the cache length before the new token, [1] for the
+    batch or [B], any integer dtype; the kernel reads it and adds 1 (no torch op, no host read)."""
     B, Hq, D = q.shape
     Hkv, s_max = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
@@ -294,7 +307,8 @@ def split_kv_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tens
     direct = splits == 1 and out.is_contiguous()
     mid_o = out if direct else torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
     mid_lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
-    args = [q, k_cache, v_cache, mid_o, mid_lse, seq_lens, *([kv_start] if kv_start is not None else []),
+    lens = [seq_lens, _row_stride(seq_lens)] if from_cache_len else [seq_lens]
+    args = [q, k_cache, v_cache, mid_o, mid_lse, *lens, *([kv_start] if kv_start is not None else []),
             Hkv, group, D, splits, *q.stride(), *k_cache.stride(), *v_cache.stride(), float(scale)]
     opts = {} if device.interpret else {"num_warps": blocks.num_warps, "num_stages": blocks.num_stages}
     launch_kernel(getattr(module, f"{name}_partial"), (B * Hkv, splits), *args,
@@ -381,16 +395,17 @@ class CachedAttentionFamily(KernelFamily):
         q = a["q"].meta["val"]
         decode = isinstance(q.shape[2], int) and q.shape[2] == 1
         precision, out_dtype = _precision(q.dtype), FLOAT_NAMES[node.meta["val"].dtype]
+        # The cache length is read on device by the kernels (len_on_device): no host read, no torch op per call.
         if decode:
-            attn = render_decode_attention(DecodeAttentionSpec(name, True, precision, out_dtype))
+            attn = render_decode_attention(DecodeAttentionSpec(name, True, precision, out_dtype, from_cache_len=True))
         else:
-            attn = render_attention(AttentionSpec(name, causal=True, rope=False, has_kv_start=True,
+            attn = render_attention(AttentionSpec(name, causal=True, rope=False, has_kv_start=True, device_len=True,
                                                   input_precision=precision, out_dtype=out_dtype))
         roles = ["q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start"]
         k_cache = a["k_cache"].meta["val"]
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
                     params={"roles": roles, "scale": float(a["scale"]), "decode": decode,
-                            "heads_kv": int(k_cache.shape[1]), "s_max": int(k_cache.shape[2])})
+                            "heads_kv": int(k_cache.shape[1]), "s_max": int(k_cache.shape[2]), "len_on_device": True})
         return attn + "\n\n" + render_cache_write(name), step
 
     def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
@@ -401,6 +416,15 @@ class CachedAttentionFamily(KernelFamily):
             flash_per_row(getattr(module, name), qo, kc, vc, out, params["scale"], device, kv_start, cache_len,
                           bool(params.get("len_on_device")))
             return
+        if params.get("len_on_device"):  # the kernels read cache_len: the whole step is launches only
+            if params["decode"]:
+                split_kv_decode(module, name, qo[:, :, 0, :], kc, vc, out[:, :, 0, :], cache_len, kv_start,
+                                params["scale"], device, from_cache_len=True)
+            else:
+                flash_attention(getattr(module, name), qo, kc, vc, out, params["scale"], device, kv_start=kv_start,
+                                past=cache_len)
+            return
+        # plans saved before len_on_device: the kernels take the length from the host / a small torch op
         if not params["decode"]:
             total = int(cache_len.reshape(-1)[0]) + qo.shape[2]  # prefill is not graph-captured: a host read is fine
             flash_attention(getattr(module, name), qo, kc[:, :, :total], vc[:, :, :total], out, params["scale"],
