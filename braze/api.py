@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from braze.runtime.compiled import CompiledModel
+from braze.runtime.package import load_package  # also installs the writer behind CompiledModel.save
 
 if TYPE_CHECKING:  # the compiler is imported on first use, so `braze.load` stays runtime-only
     from braze.compiler.config import CompileConfig
@@ -65,6 +66,28 @@ def _with_calibration(model: torch.nn.Module, config: CompileConfig) -> CompileC
 
 
 def compile_causal_lm(model: torch.nn.Module, config: CompileConfig) -> CompiledModel:
+    """Forward, prefill and decode plans from one capture, or from the compile cache (braze/compiler/cache.py);
+    the report's `cache` line says which."""
+    import time
+
+    from braze.compiler import cache
+
+    start = time.perf_counter()
+    device = _device_of(model)
+    key, status = cache.compile_key(model, config, device)
+    if key is not None:
+        compiled, status = cache.load(key, model, config, _executor(config, device))
+        if compiled is not None:
+            _cross_compile(compiled, config)
+            return compiled
+    compiled = _compile_causal_lm(model, config)
+    compiled.report.compile_seconds = time.perf_counter() - start  # every plan, not just the forward
+    compiled.report.extra["cache"] = cache.store(key, compiled, status) if key is not None else status
+    _cross_compile(compiled, config)
+    return compiled
+
+
+def _compile_causal_lm(model: torch.nn.Module, config: CompileConfig) -> CompiledModel:
     """Forward, prefill and decode plans from one capture."""
     from braze.compiler.capture import capture_causal_lm
     from braze.compiler.generation import compile_generation
@@ -82,7 +105,6 @@ def compile_causal_lm(model: torch.nn.Module, config: CompileConfig) -> Compiled
     compiled.generator.speculate_default = config.speculate == "suffix"
     compiled.report.extra["generation"] = (f"prefill {gen.prefill.launches} launches, decode {gen.decode.launches} "
                                            f"launches per step, KV cache {len(gen.kv_inputs)} tensors")
-    _cross_compile(compiled, config)
     return compiled
 
 
@@ -203,8 +225,6 @@ def load(path: Any, executor: str = "auto", sha256: str | None = None) -> Compil
     sha256: the package's pinned digest (the sha256 of its manifest.json, which `braze inspect` prints): a package
     whose manifest differs is refused (braze.PackageError) before anything else in it is read.
     """
-    from braze.runtime.package import load_package
-
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"braze.load takes a package directory path (str or os.PathLike), got {type(path).__name__}")
     return load_package(path, executor=executor, sha256=sha256)

@@ -7,8 +7,9 @@ timings as kernel performance.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch.utils import _pytree as pytree
@@ -157,8 +158,13 @@ class CompiledModel:
         return f"CompiledModel({self.plan.name}, executor={self.executor_name}, launches={self.plan.launches})"
 
     # ---- packages -------------------------------------------------------------------------------------
+    # braze.runtime.package reads and writes CompiledModels, so it imports this module and not the other way
+    # round: importing it (which `import braze` does) installs its writer here.
+    package_writer: ClassVar[Callable[..., Any] | None] = None
+
     def save(self, path: Any, tokenizer: Any = None) -> Any:
         """Write this model as a self-contained kernel package directory (see braze.runtime.package)."""
-        from braze.runtime.package import save_package
-
-        return save_package(self, path, tokenizer=tokenizer)
+        writer = CompiledModel.package_writer
+        if writer is None:
+            raise RuntimeError("no package writer installed: import braze.runtime.package (import braze does)")
+        return writer(self, path, tokenizer=tokenizer)

@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 
+from braze.runtime.compiled import CompiledModel
 from braze.runtime.errors import ConfigError, DigestMismatchError, PackageError
 from braze.runtime.plan import Plan
 
@@ -216,6 +217,9 @@ def save_package(compiled: Any, path: str | os.PathLike, tokenizer: Any = None,
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return dest
+
+
+CompiledModel.package_writer = save_package  # CompiledModel.save (compiled.py does not import this module)
 
 
 def _write_contents(compiled: Any, root: Path, tokenizer: Any, metadata: dict | None, save_file: Any) -> dict:
@@ -506,8 +510,6 @@ def load_package(path: str | os.PathLike, executor: str = "auto", sha256: str | 
     timings["verify"] = time.perf_counter() - t0
     if executor_name == "interpret":
         os.environ["TRITON_INTERPRET"] = "1"  # must be set before the kernels are imported
-    from braze.runtime.compiled import CompiledModel  # after TRITON_INTERPRET is settled
-
     t1 = time.perf_counter()
     plans: dict[str, Plan] = {}
     for pname, rel in manifest["plans"].items():

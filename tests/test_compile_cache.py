@@ -1,0 +1,218 @@
+"""The compile cache (braze/compiler/cache.py) and the memory layout it stores (braze/codegen/memory.py)."""
+
+import copy
+import dataclasses
+import itertools
+import shutil
+
+import pytest
+import torch
+
+import braze
+from braze.codegen.memory import ELEMENT_SIZE, plan_memory
+from braze.compiler import cache
+from braze.compiler.config import CompileConfig
+from braze.models import tiny_causal_lm
+from braze.runtime.plan import Plan
+
+OPTIONS = {"max_seq": 32, "max_batch": 4}
+
+
+@pytest.fixture(scope="module")
+def cache_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("braze_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BRAZE_CACHE", "1")
+        mp.setenv("BRAZE_CACHE_DIR", str(root))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_causal_lm("llama", layers=1)
+
+
+@pytest.fixture(scope="module")
+def cold(cache_root, model):
+    """The first compile: a miss that stores the entry."""
+    return braze.compile(model, **OPTIONS)
+
+
+def _ids():
+    return torch.randint(0, 256, (3, 7), generator=torch.Generator().manual_seed(0))
+
+
+def _outputs(cm):
+    ids = _ids()
+    return cm(ids).logits, cm.generate(ids, max_new_tokens=4), cm.generate(ids, max_new_tokens=4, speculate=True,
+                                                                            spec_tree=True)
+
+
+def _key(model, **options):
+    key, why = cache.compile_key(model, CompileConfig.from_options(**options), torch.device("cpu"))
+    assert key is not None, why
+    return key
+
+
+def test_miss_then_hit_with_identical_outputs(cold, model, cache_root):
+    assert cold.report.extra["cache"].startswith("miss; stored as ")
+    entry = cache.entry_path(_key(model, **OPTIONS))
+    assert entry.parent.parent == cache_root and (entry / "manifest.json").is_file()
+
+    hit = braze.compile(model, **OPTIONS)
+    assert hit.report.extra["cache"].startswith("hit: loaded "), hit.report.extra["cache"]
+    assert "cache: hit" in str(hit.report)
+    for name, plan in [("forward", cold.plan), *cold.extra_plans.items()]:
+        cached = hit.plan if name == "forward" else hit.extra_plans[name]
+        steps = [(s.kind, s.kernel, s.target) for s in plan.steps]
+        assert [(s.kind, s.kernel, s.target) for s in cached.steps] == steps
+        assert cached.kernels == plan.kernels and cached.slots == plan.slots
+    assert hit.report.launches == cold.report.launches and hit.report.kernels == cold.report.kernels
+    for a, b in zip(_outputs(cold), _outputs(hit)):
+        assert torch.equal(a, b)
+    assert torch.allclose(hit(_ids()).logits, model(_ids()).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_key_follows_options_versions_and_weights(cache_root, model, monkeypatch):
+    base = _key(model, **OPTIONS)
+    assert _key(model, **OPTIONS) == base  # deterministic
+    assert _key(model, max_seq=64, max_batch=4) != base
+    assert _key(model, **OPTIONS, speculate="suffix") != base
+    monkeypatch.setattr(torch, "__version__", "0.0.0+other")
+    assert _key(model, **OPTIONS) != base
+    monkeypatch.undo()
+    monkeypatch.setattr(braze, "__version__", "0.0.0+other")
+    assert _key(model, **OPTIONS) != base
+    monkeypatch.undo()
+    monkeypatch.setattr(cache, "_source_digest", "0" * 64)  # any change to braze's sources
+    assert _key(model, **OPTIONS) != base
+    monkeypatch.undo()
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.model.layers[0].mlp.down_proj.weight[3, 5] += 1e-3
+    assert _key(other, **OPTIONS) != base
+    assert _key(model, **OPTIONS) == base
+
+    monkeypatch.setenv("BRAZE_CACHE", "0")
+    key, why = cache.compile_key(model, CompileConfig.from_options(**OPTIONS), torch.device("cpu"))
+    assert key is None and "BRAZE_CACHE=0" in why
+    monkeypatch.setenv("BRAZE_CACHE", "1")
+    key, why = cache.compile_key(model, CompileConfig.from_options(**OPTIONS, executor="reference"),
+                                 torch.device("cpu"))
+    assert key is None and "reference" in why
+
+
+def test_changed_options_miss(cold, model):
+    """An entry for other options is never served: a new key, a new compile."""
+    cm = braze.compile(model, max_seq=16, max_batch=4)
+    assert cm.report.extra["cache"].startswith("miss; stored as ")
+    assert cm.generator.max_seq == 16
+
+
+def test_cache_dir_resolution(monkeypatch, tmp_path):
+    monkeypatch.delenv("BRAZE_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache.cache_dir() == tmp_path / "xdg" / "braze"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache.cache_dir() == tmp_path / "home" / ".cache" / "braze"
+    monkeypatch.setenv("BRAZE_CACHE_DIR", str(tmp_path / "mine"))
+    assert cache.cache_dir() == tmp_path / "mine"
+
+
+@pytest.mark.parametrize("damage", ["kernel", "weights", "other_key"])
+def test_corrupt_entry_is_rebuilt(cold, model, damage):
+    key = _key(model, **OPTIONS)
+    entry = cache.entry_path(key)
+    if not (entry / "manifest.json").is_file():  # a previous case rebuilt it already in this module
+        braze.compile(model, **OPTIONS)
+    if damage == "kernel":
+        kernel = sorted((entry / "kernels").iterdir())[0]
+        kernel.write_text(kernel.read_text() + "\nraise SystemExit('tampered')\n")
+    elif damage == "weights":
+        weights = entry / "weights.safetensors"
+        weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    else:  # a valid entry for other options, copied under this key
+        other = cache.entry_path(_key(model, max_seq=16, max_batch=4))
+        if not (other / "manifest.json").is_file():
+            braze.compile(model, max_seq=16, max_batch=4)
+        shutil.rmtree(entry)
+        shutil.copytree(other, entry)
+    cm = braze.compile(model, **OPTIONS)
+    assert cm.report.extra["cache"].startswith("miss (the cached entry was unusable"), cm.report.extra["cache"]
+    assert "stored as" in cm.report.extra["cache"]
+    for a, b in zip(_outputs(cold), _outputs(cm)):
+        assert torch.equal(a, b)
+    assert braze.compile(model, **OPTIONS).report.extra["cache"].startswith("hit")
+
+
+def test_store_failure_does_not_fail_the_compile(cache_root, model, monkeypatch, tmp_path):
+    (tmp_path / cache.ENTRIES).write_text("a file where the entries directory should be")
+    monkeypatch.setenv("BRAZE_CACHE_DIR", str(tmp_path))
+    cm = braze.compile(model, max_seq=8, max_batch=4)
+    assert "not stored" in cm.report.extra["cache"], cm.report.extra["cache"]
+    assert cm(_ids()).logits.shape == (3, 7, 256)
+
+
+# ---- memory planning -------------------------------------------------------------------------------------
+def _value(expr: str, env: dict[str, int]) -> int:
+    return int(eval(expr, {"max": max, "min": min}, dict(env)))  # plan expressions: integer arithmetic only
+
+
+def _check_layout(plan: Plan) -> int:
+    """At shapes across the compiled range: every buffer lies inside the arena, 64-byte aligned, and no two
+    buffers that are live at the same step overlap."""
+    ranges = [sorted({max(s.lower, 1), 2, 3, (s.upper or 64) // 2 + 1, s.upper or 64}) for s in plan.symbols]
+    root: dict[str, str] = {}
+    first: dict[str, int] = {}
+    last: dict[str, int] = {}
+    for i, step in enumerate(plan.steps):
+        for o in step.outputs:
+            root[o] = root.get(step.inputs[0], step.inputs[0]) if step.kind == "view" and step.inputs else o
+            first.setdefault(o, i)
+        for x in step.inputs:
+            last[root.get(x, x)] = i
+    placed = [b for b in plan.buffers if b.slot is not None]
+    assert placed and plan.slots
+    checked = 0
+    for values in itertools.product(*ranges):
+        env = dict(zip([s.name for s in plan.symbols], values))
+        arena = _value(plan.slots[0], env)
+        spans = []
+        for b in placed:
+            size = ELEMENT_SIZE[b.dtype]
+            for d in b.shape:
+                size *= _value(d, env)
+            offset = _value(b.offset, env)
+            assert offset % 64 == 0 and offset + size <= arena, (b.name, env, offset, size, arena)
+            if size:
+                spans.append((b.name, first[b.name], last.get(b.name, first[b.name]), offset, offset + size))
+        for a, c in itertools.combinations(spans, 2):
+            live_together = a[1] <= c[2] and c[1] <= a[2]
+            assert not (live_together and a[3] < c[4] and c[3] < a[4]), f"{a} and {c} overlap at {env}"
+        checked += 1
+    return checked
+
+
+def test_memory_layout_holds_at_every_shape(cold):
+    for plan in [cold.plan, *cold.extra_plans.values()]:
+        assert _check_layout(plan) > 1
+
+
+def test_plan_memory_returns_the_layout_without_touching_the_plan(cold):
+    plan = cold.plan
+    gm = cold.graph_module
+    bare = copy.deepcopy(plan)
+    for b in bare.buffers:
+        b.slot, b.offset = None, None
+    bare.slots = []
+    for s in bare.steps:
+        s.free_after = []
+    before = copy.deepcopy(bare)
+    layout = plan_memory(bare, gm, bare.symbols)
+    assert dataclasses.asdict(bare) == dataclasses.asdict(before)
+    layout.apply(bare)
+    assert dataclasses.asdict(bare) == dataclasses.asdict(plan)
+    assert layout.planned_peak_bytes == cold.report.planned_peak_bytes > 0
+    assert 0 < layout.eager_peak_bytes and layout.planned_peak_bytes <= layout.no_reuse_bytes
+
