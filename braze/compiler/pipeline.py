@@ -75,7 +75,7 @@ def compile_captured(cap: Captured, config: CompileConfig, name: str = "forward"
     report = CompileReport(model=name, executor=config.executor)
     run_passes(cap, config, report, after_pass)
     drop_unused_weights(cap.gm, cap.weights)
-    plan, record = lower_graph(cap.gm, name, cap.symbols, set(cap.weights))
+    plan, record = lower_graph(cap.gm, name, cap.symbols, set(cap.weights), config.deterministic)
     report.kernels = [(s.kernel, "fused" if s.kind == "fused" else s.launcher, s.nodes)
                       for s in plan.steps if s.kind in ("fused", "template")]
     report.fallbacks = record.fallbacks
