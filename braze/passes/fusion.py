@@ -136,8 +136,77 @@ def _rope_attention(node: fx.Node, ctx: PassContext):
     return _replace(node, ctx, q=q.args[0], k=k.args[0], cos=q.args[1], sin=q.args[2])
 
 
+def _partial_rope(t):
+    """cat([rope(x[..., :r], cos, sin), x[..., r:]], -1) (partial rotary: GPT-NeoX, Phi, StableLM) -> (x, cos, sin,
+    r, rope node)."""
+    if not is_op(t, aten.cat.default) or len(t.args[0]) != 2 or (t.args[1] if len(t.args) > 1 else 0) not in (-1, 3):
+        return None
+    rot, rest = t.args[0]
+    if not is_op(rot, braze.rope.default) or not is_op(rest, aten.slice.Tensor) or not single_user(rot):
+        return None
+    lo = rot.args[0]
+    if not is_op(lo, aten.slice.Tensor) or lo.args[0] is not rest.args[0]:
+        return None
+    x = lo.args[0]
+    xv = val(x)
+    if xv is None or xv.dim() != 4 or not isinstance(xv.shape[-1], int) or val(rot).dtype != xv.dtype:
+        return None
+    d = xv.shape[-1]
+    r = lo.args[3] if len(lo.args) > 3 else None
+    if lo.args[1] not in (-1, 3) or lo.args[2] not in (0, None) or not isinstance(r, int) or not 0 < r < d:
+        return None
+    end = rest.args[3] if len(rest.args) > 3 else None
+    if rest.args[1] not in (-1, 3) or rest.args[2] != r or not (end is None or (isinstance(end, int) and end >= d)):
+        return None
+    if r % 2 or (d - r) % 2:
+        return None
+    return x, rot.args[1], rot.args[2], r
+
+
+def _full_width_rope(node: fx.Node, q, k, ctx: PassContext):
+    """Partial rotary as full-width RoPE: permute the head dims of q and k alike (q.k is unchanged) so the rotated
+    pairs (i, i + r/2) become (j, j + D/2), and pad cos with 1 / sin with 0 over the pass-through pairs. The
+    attention and cached-attention kernels then apply it as they load q and k."""
+    gm = node.graph.owning_module
+    (xq, cos, sin, r), (xk, cos_k, sin_k, r_k) = q, k
+    if cos is not cos_k or sin is not sin_k or r != r_k or val(xq).shape[-1] != val(xk).shape[-1]:
+        return None
+    d = val(xq).shape[-1]
+    half, h = r // 2, (d - r) // 2
+
+    def sl(t, a, b):
+        return new_node(gm, aten.slice.Tensor, (t, -1, a, b), {}, ctx, node)
+
+    def cat(parts):
+        return new_node(gm, aten.cat.default, (parts, -1), {}, ctx, node)
+
+    def permuted(x):  # [rot_lo, pass_lo, rot_hi, pass_hi]
+        return cat([sl(x, 0, half), sl(x, r, r + h), sl(x, half, r), sl(x, r + h, d)])
+
+    def padded(t, fill):
+        one = new_node(gm, aten.mul.Tensor, (sl(t, 0, 1), 0.0), {}, ctx, node)
+        if fill:
+            one = new_node(gm, aten.add.Tensor, (one, fill), {}, ctx, node)
+        pad = new_node(gm, aten.expand.default, (one, [-1, -1, h]), {}, ctx, node)
+        return cat([sl(t, 0, half), pad, sl(t, half, r), pad])
+
+    ctx.note(f"{node.name}: partial rotary ({r} of {d} dims) applied as full-width RoPE over permuted head dims")
+    return _replace(node, ctx, q=permuted(xq), k=permuted(xk), cos=padded(cos, 1.0), sin=padded(sin, 0.0))
+
+
+def _partial_rope_attention(node: fx.Node, ctx: PassContext):
+    a = op_args(node)
+    if a["cos"] is not None or a.get("attn_mask") is not None:
+        return None
+    q, k = _partial_rope(a["q"]), _partial_rope(a["k"])
+    if q is None or k is None:
+        return None
+    return _full_width_rope(node, q, k, ctx)
+
+
 def fuse_rope_into_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
-    return graph_rewrite(gm, {braze.attention.default: _rope_attention}, ctx)
+    n = graph_rewrite(gm, {braze.attention.default: _rope_attention}, ctx)
+    return n + graph_rewrite(gm, {braze.attention.default: _partial_rope_attention}, ctx)
 
 
 # ---- leftovers: braze ops without a template go back to ATen, where the fused family picks them up ----------

@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from braze.ops.schema import op_args
 from braze.passes.context import PassContext
-from braze.passes.graph_utils import dce, is_op, new_node, val
+from braze.passes.graph_utils import aten, dce, is_op, new_node, val
 from braze.passes.masks import MaskInfo, classify_mask
 from braze.runtime.errors import CaptureError
 
@@ -63,6 +63,7 @@ def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> int:
         kv_start = add_input("kv_start", torch.empty(batch, dtype=torch.int32))
     count = 0
     biases: dict[fx.Node, fx.Node] = {}
+    identity: dict[tuple, tuple[fx.Node, fx.Node]] = {}
     for i, node in enumerate(attn):
         a = op_args(node)
         general = node.target is braze.general_attention.default
@@ -71,7 +72,9 @@ def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> int:
             shape = (batch, k.shape[1], max_seq, k.shape[3])
             k_cache = add_input(f"kv_cache_{i}_k", torch.empty(shape, dtype=k.dtype))
             v_cache = add_input(f"kv_cache_{i}_v", torch.empty(shape, dtype=val(a["v"]).dtype))
-        plain = not general and a.get("causal") and a.get("cos") is not None and a.get("attn_mask") is None
+        plain = not general and a.get("causal") and a.get("attn_mask") is None
+        if plain and a.get("cos") is None:  # learned / no positions: the kernel's RoPE at angle 0 is the identity
+            a["cos"], a["sin"] = _identity_rope(gm, node, val(a["q"]), identity, ctx)
         if plain:
             rep = new_node(gm, braze.cached_attention.default,
                            (a["q"], a["k"], a["v"], a["cos"], a["sin"], k_cache, v_cache, cache_len, kv_start,
@@ -84,6 +87,23 @@ def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> int:
     gm.recompile()
     ctx.note(f"{count} layers read and write a static KV cache of {max_seq} positions")
     return count
+
+
+def _identity_rope(gm: fx.GraphModule, anchor: fx.Node, q: torch.Tensor, made: dict, ctx: PassContext):
+    """cos = 1, sin = 0 [B, S, D] (computed once per head dim and dtype, from position_ids' shape), so attention
+    without RoPE (learned or absolute positions: GPT-2, OPT) runs the cached-attention kernel."""
+    key = (q.shape[-1], q.dtype)
+    if key not in made:
+        pos = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == "position_ids")
+        first = next(n for n in gm.graph.nodes if n.op == "call_function")
+        p = new_node(gm, aten.unsqueeze.default, (pos, -1), {}, ctx, first)
+        p = new_node(gm, aten.expand.default, (p, [-1, -1, q.shape[-1]]), {}, ctx, first)
+        p = new_node(gm, aten._to_copy.default, (p,), {"dtype": q.dtype}, ctx, first)
+        zero = new_node(gm, aten.mul.Tensor, (p, 0.0), {}, ctx, first)
+        one = new_node(gm, aten.add.Tensor, (zero, 1.0), {}, ctx, first)
+        made[key] = (one, zero)
+        ctx.note(f"{anchor.name}: no RoPE in the graph: the cached-attention kernel applies RoPE at angle 0")
+    return made[key]
 
 
 def _general(gm: fx.GraphModule, node: fx.Node, a: dict, general: bool, state: tuple, biases: dict,

@@ -2,16 +2,19 @@
 
 `view` becomes `reshape` (identical on contiguous inputs, and still valid eagerly once copies are gone),
 then clones, aliases and same-dtype casts are removed: the graph is functional, so they carry no meaning.
-Custom ops of other libraries with a braze equivalent (HF's MoE grouped matmul) become that braze op.
+Custom ops of other libraries with a braze equivalent (HF's MoE grouped matmul) become that braze op, and splits and
+constant consecutive index lists become slices.
 """
 
 from __future__ import annotations
+
+import operator
 
 import torch
 import torch.fx as fx
 
 from braze.passes.context import PassContext
-from braze.passes.graph_utils import aten, dce, val
+from braze.passes.graph_utils import aten, dce, new_node, val
 
 ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default}
 # custom ops of other libraries that a model's export holds -> the braze op with the same semantics (a plan may
@@ -19,12 +22,104 @@ ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default}
 FOREIGN_OPS = {"transformers::grouped_mm_fallback": torch.ops.braze.grouped_mm.default}  # HF MoE experts
 
 
+def _split_to_slices(node: fx.Node) -> bool:
+    """split / split_with_sizes whose pieces are read by getitem -> one slice per piece (free index remaps for the
+    fused kernels, where the split itself had no lowering): fused QKV and gate/up projections, chunk(2)."""
+    x = node.args[0]
+    xv = val(x)
+    if not isinstance(xv, torch.Tensor):
+        return False
+    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+    dim = dim % xv.dim()
+    length = xv.shape[dim]
+    if not isinstance(length, int):
+        return False
+    if node.target is aten.split.Tensor:
+        size = node.args[1]
+        if not isinstance(size, int) or size <= 0:
+            return False
+        sizes = [min(size, length - s) for s in range(0, length, size)]
+    else:
+        sizes = list(node.args[1])
+    if not all(isinstance(s, int) for s in sizes) or not all(u.target is operator.getitem for u in node.users):
+        return False
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    for user in list(node.users):
+        i = user.args[1]
+        with node.graph.inserting_before(user):
+            piece = node.graph.call_function(aten.slice.Tensor, (x, dim, starts[i], starts[i] + sizes[i]))
+        piece.meta.update(user.meta)
+        user.replace_all_uses_with(piece)
+        node.graph.erase_node(user)
+    node.graph.erase_node(node)
+    return True
+
+
+def _constant_index_to_slice(node: fx.Node, ctx: PassContext) -> bool:
+    """x[..., [a, a+1, ..., b-1], ...] with a constant index list (Falcon's fused_qkv[..., [-2], :]) -> a slice."""
+    x, indices = node.args[0], node.args[1]
+    xv = val(x)
+    present = [(d, i) for d, i in enumerate(indices) if i is not None]
+    if not isinstance(xv, torch.Tensor) or len(present) != 1:
+        return False
+    dim, idx = present[0]
+    if not (isinstance(idx, fx.Node) and idx.op == "placeholder" and idx.name in ctx.weights):
+        return False
+    const = ctx.weights[idx.name]
+    length = xv.shape[dim]
+    if const.dim() != 1 or const.numel() == 0 or const.dtype not in (torch.int64, torch.int32) or \
+            not isinstance(length, int):
+        return False
+    values = [int(v) % length for v in const.tolist()]
+    if values != list(range(values[0], values[0] + len(values))):
+        return False
+    piece = new_node(node.graph.owning_module, aten.slice.Tensor, (x, dim, values[0], values[0] + len(values)), {},
+                     ctx, node)
+    node.replace_all_uses_with(piece)
+    node.graph.erase_node(node)
+    return True
+
+
+def _trivial_slice_or_cat(node: fx.Node) -> bool:
+    """x[..., 0:len] -> x; cat([..., empty, ...]) drops the empty pieces (Phi-3's partial-rotary code at factor 1.0
+    slices the whole head and concatenates an empty pass-through part)."""
+    if node.target is aten.slice.Tensor:
+        x = node.args[0]
+        xv = val(x)
+        dim, start = node.args[1] if len(node.args) > 1 else 0, node.args[2] if len(node.args) > 2 else None
+        end = node.args[3] if len(node.args) > 3 else None
+        step = node.args[4] if len(node.args) > 4 else 1
+        if not isinstance(xv, torch.Tensor) or step != 1 or start not in (None, 0):
+            return False
+        length = xv.shape[dim % xv.dim()]
+        if end is None or (isinstance(length, int) and isinstance(end, int) and end >= length):
+            node.replace_all_uses_with(x)
+            return True
+        return False
+    pieces, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
+    kept = [p for p in pieces if not (isinstance(val(p), torch.Tensor) and val(p).dim() > 0
+                                      and val(p).shape[dim % val(p).dim()] == 0)]
+    if len(kept) == len(pieces) or not kept:
+        return False
+    if len(kept) == 1:
+        node.replace_all_uses_with(kept[0])
+    else:
+        node.args = (kept, *node.args[1:])
+    return True
+
+
 def normalize(gm: fx.GraphModule, ctx: PassContext) -> int:
     count = 0
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
-        if node.target in ASSERTS or (
+        if node.target in (aten.split.Tensor, aten.split_with_sizes.default):
+            count += _split_to_slices(node)
+        elif node.target is aten.index.Tensor:
+            count += _constant_index_to_slice(node, ctx)
+        elif node.target in (aten.slice.Tensor, aten.cat.default):
+            count += _trivial_slice_or_cat(node)
+        elif node.target in ASSERTS or (
             isinstance(node.target, torch._ops.OpOverload) and node.target.name().startswith("aten::sym_constrain")
         ):
             gm.graph.erase_node(node)

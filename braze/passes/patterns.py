@@ -33,6 +33,19 @@ def _transposed_weight(t):
     return None
 
 
+def _weight_t(w: fx.Node, ctx: PassContext):
+    """A [K, N] weight read as x @ w (GPT-2's Conv1D) -> its [N, K] transpose as a new weight (made once)."""
+    if w.op != "placeholder" or w.name not in ctx.weights or ctx.weights[w.name].dim() != 2:
+        return None
+    gm = w.graph.owning_module
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" and n.meta.get("braze_transpose_of") == w.name:
+            return n
+    node = ctx.add_weight(gm, f"{w.name}_t", ctx.weights[w.name].t().contiguous())
+    node.meta["braze_transpose_of"] = w.name
+    return node
+
+
 def _mm(node: fx.Node, ctx: PassContext):
     bias = None
     if node.target is aten.addmm.default:
@@ -41,13 +54,23 @@ def _mm(node: fx.Node, ctx: PassContext):
             return None
     else:
         x, wt = node.args
-    w = _transposed_weight(wt)
+    w = _transposed_weight(wt) or _weight_t(wt, ctx)
     if w is None:
         return None
     return new_node(node.graph.owning_module, braze.linear.default, (x, w, bias), {}, ctx, node)
 
 
-LINEAR_RULES = {aten.linear.default: _linear, aten.mm.default: _mm, aten.addmm.default: _mm}
+def _matmul(node: fx.Node, ctx: PassContext):
+    """x @ W^T with W a 2-D weight (Falcon's `input @ self.weight.T`), any leading dims on x."""
+    x, wt = node.args
+    w = _transposed_weight(wt)
+    if w is None or w.op != "placeholder" or w.name not in ctx.weights or val(x).dim() < 2:
+        return None
+    return new_node(node.graph.owning_module, braze.linear.default, (x, w, None), {}, ctx, node)
+
+
+LINEAR_RULES = {aten.linear.default: _linear, aten.mm.default: _mm, aten.addmm.default: _mm,
+                aten.matmul.default: _matmul}
 
 
 def recognize_linear(gm: fx.GraphModule, ctx: PassContext) -> int:
