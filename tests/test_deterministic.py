@@ -84,6 +84,16 @@ def test_logits_bitwise_equal_across_batch_sizes(det):
     assert _bitwise_diff(again, logits1) == 0
 
 
+def test_forward_rows_bitwise_equal_across_batch_sizes(det):
+    """The forward plan (cm(ids), unpadded rows of one length): a row's logits do not depend on its companions."""
+    _, cm = det
+    ids = torch.randint(3, 200, (MAX_BATCH, 7), generator=torch.Generator().manual_seed(9))
+    alone = cm(ids[:1]).logits
+    for batch in (2, 3, 5, MAX_BATCH):
+        assert _bitwise_diff(cm(ids[:batch]).logits[:1], alone) == 0, batch
+    assert all(s.params.get("deterministic") for s in cm.plan.steps if s.kind in ("fused", "template"))
+
+
 def test_plans_record_the_mode(det):
     model, cm = det
     assert "deterministic: on:" in str(cm.report)
