@@ -154,3 +154,13 @@ def test_policy_drafter_passes_through_and_cleans_up():
     drafter.observe("a", [3])
     drafter.finish_request("a")
     assert drafter.policies == {} and len(drafter.global_trie) == 1
+
+
+def test_policy_drafter_times_itself():
+    """The runner splits the policy's host time from the drafter's (generation_stats): the policy drafter counts
+    the time of its decisions and of its learning from emitted tokens, and nothing else."""
+    drafter = PolicyDrafter(SuffixDrafter(), **default_costs("cpu"))
+    assert drafter.decide_seconds == 0.0 and drafter.learn_seconds == 0.0
+    out, verify, _, _ = replay(drafter, EMAIL_PROMPT, EMAIL_RESPONSE)
+    assert out == EMAIL_RESPONSE and verify > 0
+    assert drafter.decide_seconds > 0 and drafter.learn_seconds > 0

@@ -311,3 +311,37 @@ def test_without_a_verify_plan_rows_run_one_at_a_time():
     assert torch.equal(plain, spec)
     stats = cm.generator.spec.stats
     assert stats.verify_steps > 0 and stats.verify_steps + stats.plain_steps == stats.forward_steps
+
+
+def test_generation_stats_report_speculation_host_overhead(llama_models):
+    """generation_stats after a speculative call: that call's counters (not the runner's running totals) and its
+    host time per step by phase, disjoint and inside the step's wall time, so a GPU run can subtract the host
+    overhead (no timing thresholds: only the accounting is checked)."""
+    from braze.runtime.speculate import HOST_PHASES
+
+    cm = _compiled(llama_models, "reference")
+    ids, mask = _ragged_batch()
+    _always_draft(cm)
+    cm.generate(ids, attention_mask=mask, max_new_tokens=20, speculate=True, spec_tree=True)
+    gs = cm.generation_stats
+    spec, st = gs.extra["speculation"], cm.generator.spec.stats
+    assert spec["rows"] == 3 and spec["tokens"] == 60 and spec["forward_steps"] == gs.decode_steps == st.forward_steps
+    assert spec["verify_steps"] == st.verify_steps > 0 and spec["accepted_per_verify"] >= 1.0
+    assert gs.time_to_first_token_s > 0 and gs.decode_tokens_per_s > 0 and gs.kv_cache_bytes > 0
+    ms = spec["ms_per_step"]
+    assert set(ms) == {*HOST_PHASES, "host", "forward", "sync", "step"}
+    assert all(v >= 0 for v in ms.values()), ms
+    for phase in ("draft", "policy", "append", "build", "accept", "compact", "emit", "forward", "sync"):
+        if phase != "policy":  # _always_draft runs without the policy
+            assert ms[phase] > 0, (phase, ms)
+    assert ms["policy"] == 0
+    assert ms["host"] == pytest.approx(sum(ms[p] for p in HOST_PHASES))
+    assert ms["host"] + ms["forward"] + ms["sync"] <= ms["step"] * (1 + 1e-9)
+    assert spec["ingest_ms_per_request"] > 0
+    # the next call reports its own figures; with the adaptive policy its time is its own phase
+    cm.generator.spec = None
+    cm.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=6, speculate=True)
+    spec = cm.generation_stats.extra["speculation"]
+    assert spec["tokens"] == 6 and spec["rows"] == 1 and spec["ms_per_step"]["policy"] > 0
+    cm.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=4, speculate=True)
+    assert cm.generation_stats.extra["speculation"]["tokens"] == 4 and cm.generator.spec.stats.tokens == 10

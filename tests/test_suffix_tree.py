@@ -333,6 +333,26 @@ def test_draft_limits_and_tree_shape():
     assert strict.tokens == []
 
 
+def test_a_cached_short_match_does_not_outweigh_a_longer_own_match():
+    """The global automaton does not hold the drafting request: where the request's own history matches a longer
+    context, the context's own occurrence (continuation unseen) counts against the cache's shorter match, as in
+    ArcticInference, whose global tree holds live responses. Without a longer own match the cache is taken as is."""
+    rng = random.Random(8)
+    cached, a, b = rand_tokens(rng, 40), rand_tokens(rng, 30), rand_tokens(rng, 30)
+    t = cached[10:13]
+    kw = dict(max_spec_tokens=16, max_spec_factor=8.0)
+    drafter = SuffixDrafter()
+    drafter.start_request("old", [0])
+    drafter.observe("old", cached)
+    drafter.finish_request("old")
+    drafter.start_request("quote", a + t + b + [7] + a + t)  # quotes itself: "a t" continued with b before
+    d = drafter.draft("quote", **kw)
+    assert (d.source, d.match_len, d.tokens, d.probs) == ("request", 33, b[:16], [0.5] * 16)
+    drafter.start_request("fresh", a + t)
+    d = drafter.draft("fresh", **kw)
+    assert (d.source, d.match_len, d.tokens, d.probs) == ("global", 3, cached[13:29], [1.0] * 16)
+
+
 def test_count_depth_lets_long_matches_draft_in_full():
     """ArcticInference's depth-64 tree (count_depth=max_depth) gives a 64-token match no room to draft: it backs
     off to a 48-token match for 16 tokens. Counting deeper, the full 64-token match drafts them."""

@@ -89,6 +89,7 @@ class Generator:
         self.spec.max_spec_tokens = max_spec_tokens
         self.spec.tree = tree
         mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).to(self.device)
+        before = self.spec.stats.snapshot()
         if self.verify is not None:
             rows = self.spec.generate_batch(input_ids.to(self.device), mask, max_new_tokens, do_sample, temperature,
                                             top_k, top_p, generator, eos_ids)
@@ -96,6 +97,7 @@ class Generator:
             rows = [self.spec.generate_row(input_ids[b][mask[b].bool()][None].to(self.device), max_new_tokens,
                                            do_sample, temperature, top_k, top_p, generator, eos_ids)
                     for b in range(input_ids.shape[0])]
+        self.stats = self.spec.generation_stats(before)  # per-step host overhead under extra["speculation"]
         width = max(len(r) for r in rows)
         if len(eos_ids) == 0:
             width = max_new_tokens

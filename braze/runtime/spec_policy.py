@@ -19,6 +19,7 @@ that would have succeeded turn it back on.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
@@ -136,6 +137,9 @@ class PolicyDrafter:
         self.inner = drafter
         self.options = policy
         self.policies: dict[Hashable, SpecPolicy] = {}
+        # host time spent in the policy itself (decisions; learning from emitted tokens), for runner statistics
+        self.decide_seconds = 0.0
+        self.learn_seconds = 0.0
 
     def __getattr__(self, name: str) -> Any:  # global_trie, context, ... of the wrapped drafter
         if name == "inner":  # not set yet (copy, unpickling): no recursion
@@ -149,11 +153,17 @@ class PolicyDrafter:
     def observe(self, req_id: Hashable, new_tokens: Iterable[int]) -> None:
         toks = [int(t) for t in new_tokens]
         self.inner.observe(req_id, toks)
+        t0 = time.perf_counter()
         self.policies[req_id].observe(toks)
+        self.learn_seconds += time.perf_counter() - t0
 
     def draft(self, req_id: Hashable, **kwargs: Any) -> Draft:
         """The inner drafter's draft as the policy cuts it; an empty draft means: take a plain step."""
-        return self.policies[req_id].decide(self.inner.draft(req_id, **kwargs)) or Draft()
+        draft = self.inner.draft(req_id, **kwargs)
+        t0 = time.perf_counter()
+        chosen = self.policies[req_id].decide(draft) or Draft()
+        self.decide_seconds += time.perf_counter() - t0
+        return chosen
 
     def finish_request(self, req_id: Hashable, cache: bool = True) -> None:
         self.inner.finish_request(req_id, cache)

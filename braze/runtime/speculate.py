@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
@@ -40,19 +40,44 @@ from braze.runtime.suffix_tree import Draft, SuffixDrafter
 K_BUCKETS = (4, 8, 16)  # verify draft sizes captured as CUDA graphs
 
 
+HOST_PHASES = ("draft", "policy", "append", "build", "accept", "compact", "emit")
+"""Host-side phases of a speculative step (``<phase>_seconds`` in SpeculationStats), disjoint: drafting (suffix
+drafter), the speculation policy (decide + learn), appending emitted tokens to the drafter, building the step's inputs
+(draft layout, masks, host->device copies), enqueueing acceptance (and sampling) ops, K/V compaction launches, and
+per-row bookkeeping (EOS/budget cuts, row state, counters)."""
+
+
 @dataclass
 class SpeculationStats:
-    """Counters over rows: a row's verify step is one row verifying a draft in a (batched) verify forward."""
+    """Counters over rows (a row's verify step is one row verifying a draft in a batched verify forward) and host
+    time per phase, summed over steps (a step is one batched forward after prefill).
+
+    Besides the HOST_PHASES, ``forward_seconds`` is the forward call (on a GPU an asynchronous launch or graph
+    replay; on a CPU the whole computation) and ``sync_seconds`` the step's one host read of the results, which on a
+    GPU waits for the device: so per step, device-bound time ~ forward + sync and host overhead = ``host_seconds``.
+    """
 
     verify_steps: int = 0  # (row, step) pairs that verified a draft
     tree_steps: int = 0  # of those, drafts that were trees (branching), verified with tree attention
     plain_steps: int = 0  # (row, step) pairs that advanced one token without a draft
     accepted_drafts: int = 0  # draft tokens accepted over all rows' verify steps
     forward_steps: int = 0  # batched forwards after prefill (verify or decode), one per step for the whole batch
-    draft_seconds: float = 0.0
-    verify_seconds: float = 0.0
+    rows: int = 0  # requests generated
     tokens: int = 0  # new tokens over all rows
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of generation calls, prefill included
+    prefill_seconds: float = 0.0  # prefill forwards and first-token selection
+    ingest_seconds: float = 0.0  # per request, not per step: prompts into the drafter, responses into its cache
+    step_seconds: float = 0.0  # wall time of the steps (drafting, forward, acceptance, bookkeeping)
+    verify_seconds: float = 0.0  # of that, the part after drafting
+    draft_seconds: float = 0.0
+    policy_seconds: float = 0.0
+    append_seconds: float = 0.0
+    build_seconds: float = 0.0
+    accept_seconds: float = 0.0
+    compact_seconds: float = 0.0
+    emit_seconds: float = 0.0
+    forward_seconds: float = 0.0
+    sync_seconds: float = 0.0
 
     @property
     def accepted_per_verify(self) -> float:
@@ -62,6 +87,29 @@ class SpeculationStats:
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def host_seconds(self) -> float:
+        """Host overhead of the steps: every HOST_PHASES phase (not the forward call, not the host read)."""
+        return sum(getattr(self, f"{p}_seconds") for p in HOST_PHASES)
+
+    def per_step_ms(self) -> dict[str, float]:
+        """Milliseconds per step (batched forward): each host phase, their sum (``host``), the forward call, the host
+        read, and the wall time of a step (``step``: drafting plus the rest)."""
+        n = max(self.forward_steps, 1)
+        out = {p: getattr(self, f"{p}_seconds") * 1e3 / n for p in HOST_PHASES}
+        out["host"] = self.host_seconds * 1e3 / n
+        out["forward"] = self.forward_seconds * 1e3 / n
+        out["sync"] = self.sync_seconds * 1e3 / n
+        out["step"] = self.step_seconds * 1e3 / n
+        return out
+
+    def since(self, before: SpeculationStats) -> SpeculationStats:
+        """The counters accumulated after the snapshot ``before`` (a copy taken earlier)."""
+        return SpeculationStats(**{f.name: getattr(self, f.name) - getattr(before, f.name) for f in fields(self)})
+
+    def snapshot(self) -> SpeculationStats:
+        return replace(self)
 
 
 @dataclass
@@ -211,13 +259,13 @@ class SpeculativeRunner:
             accepted = accepted[: next(i for i, t in enumerate(accepted) if t in eos) + 1]
             bonus = None
         new = (accepted + ([bonus] if bonus is not None else []))[: row.budget - len(row.out)]
-        self.drafter.observe(row.req, new[:-1])
         row.cached += 1 + len(accepted)
         row.out.extend(new)
         row.pending = new[-1]
         row.done = len(row.out) >= row.budget or row.pending in eos
-        if not row.done:
-            self.drafter.observe(row.req, [row.pending])
+        t0 = time.perf_counter()
+        self.drafter.observe(row.req, new if not row.done else new[:-1])  # the last token only if it continues
+        self.stats.append_seconds += time.perf_counter() - t0
         return accepted
 
     # ---------------------------------------------------------------------------------------------- stepping
@@ -228,18 +276,31 @@ class SpeculativeRunner:
         from braze.runtime.sampling import select_next
 
         g = self.gen
+        st = self.stats
+        t0 = time.perf_counter()
         ids = torch.tensor([[r.pending] for r in rows], device=g.device)
         pos = torch.tensor([[max(min(cached, g.max_seq - 1) - r.kv_start, 0)] for r in rows], device=g.device)
         values = {"input_ids": ids, "position_ids": pos, "kv_start": kv_start,
                   "cache_len": torch.tensor([cached], dtype=torch.int64, device=g.device), **caches}
         inputs = g._ordered(g.decode, values)
+        t1 = time.perf_counter()
         (logits,) = self.decode_graphs.run(inputs) if self.decode_graphs else g.decode.run(inputs)
+        t2 = time.perf_counter()
         nxt = select_next(logits[:, -1], sample["do_sample"], sample["temperature"], sample["top_k"],
-                          sample["top_p"], sample["generator"]).tolist()
+                          sample["top_p"], sample["generator"])
+        t3 = time.perf_counter()
+        nxt = nxt.tolist()
+        t4 = time.perf_counter()
+        st.build_seconds += t1 - t0
+        st.forward_seconds += t2 - t1
+        st.accept_seconds += t3 - t2
+        st.sync_seconds += t4 - t3
+        appended = st.append_seconds
         for r in rows:
             if not r.done:
                 self._emit(r, [], int(nxt[r.row]), eos)
-                self.stats.plain_steps += 1
+                st.plain_steps += 1
+        st.emit_seconds += time.perf_counter() - t4 - (st.append_seconds - appended)
 
     def _run_verify(self, batch: VerifyBatch, kv_start: torch.Tensor, caches: dict[str, torch.Tensor]
                     ) -> torch.Tensor:
@@ -257,7 +318,9 @@ class SpeculativeRunner:
         batch, then one host read; sampling of trees: row by row (recursive rejection over siblings, one host read
         per row)."""
         bsz, k = batch.drafts.shape
+        st = self.stats
         trees = any(d is not None and not d.is_path for d in drafts)
+        t0 = time.perf_counter()
         if not sample["do_sample"] or not trees:
             if sample["do_sample"]:
                 n, bonus = sample_accept_paths(batch.drafts, logits, sample["generator"], sample["temperature"],
@@ -265,39 +328,57 @@ class SpeculativeRunner:
                 path = torch.arange(k, device=n.device).expand(bsz, k)
             else:
                 n, path, bonus = greedy_accept_batched(batch.drafts, batch.parents, batch.lengths, logits)
+            t1 = time.perf_counter()
             if trees:
                 compact_accepted(list(caches.values()), batch.cache_len, path, n)
+            t2 = time.perf_counter()
             host = torch.cat([n, bonus, path.reshape(-1)]).tolist()  # the one host sync of the step
+            st.accept_seconds += t1 - t0
+            st.compact_seconds += t2 - t1
+            st.sync_seconds += time.perf_counter() - t2
             return [(host[2 * bsz + b * k: 2 * bsz + b * k + host[b]], host[bsz + b]) for b in range(bsz)]
         result = []
-        for b, (r, d) in enumerate(zip(rows, drafts)):
+        for b, (r, d) in enumerate(zip(rows, drafts)):  # (each row's acceptance reads the device: no sync split)
             kb = len(d) if d is not None and not r.done else 0
             result.append(sample_accept(d.tokens[:kb] if kb else [], d.parents[:kb] if kb else [],
                                         logits[b, : kb + 1], sample["generator"], sample["temperature"],
                                         sample["top_k"], sample["top_p"]))
+        t1 = time.perf_counter()
         if trees:
             path = torch.tensor([p + [0] * (k - len(p)) for p, _ in result], device=logits.device).reshape(bsz, k)
             n = torch.tensor([len(p) for p, _ in result], device=logits.device)
             compact_accepted(list(caches.values()), batch.cache_len, path, n)
+        st.accept_seconds += t1 - t0
+        st.compact_seconds += time.perf_counter() - t1
         return result
 
     def _verify_step(self, rows: list[RowState], drafts: list[Draft | None], limit: int, kv_start: torch.Tensor,
                      caches: dict[str, torch.Tensor], sample: dict[str, Any], eos: set[int]) -> None:
         g = self.gen
+        st = self.stats
+        t0 = time.perf_counter()
         k = bucket_size(max(len(d) if d is not None else 0 for d in drafts), self.k_buckets, limit)
         batch = build_verify_batch(rows, drafts, k, g.max_seq, g.device)
+        t1 = time.perf_counter()
         logits = self._run_verify(batch, kv_start, caches)
-        for r, d, (path, bonus) in zip(rows, drafts, self._accept(batch, logits, rows, drafts, caches, sample)):
+        t2 = time.perf_counter()
+        st.build_seconds += t1 - t0
+        st.forward_seconds += t2 - t1
+        results = self._accept(batch, logits, rows, drafts, caches, sample)
+        t3 = time.perf_counter()
+        appended = st.append_seconds
+        for r, d, (path, bonus) in zip(rows, drafts, results):
             if r.done:
                 continue
             if d is None:
                 self._emit(r, [], bonus, eos)
-                self.stats.plain_steps += 1
+                st.plain_steps += 1
                 continue
             accepted = self._emit(r, [d.tokens[i] for i in path], bonus, eos)
-            self.stats.verify_steps += 1
-            self.stats.tree_steps += not d.is_path
-            self.stats.accepted_drafts += len(accepted)
+            st.verify_steps += 1
+            st.tree_steps += not d.is_path
+            st.accepted_drafts += len(accepted)
+        st.emit_seconds += time.perf_counter() - t3 - (st.append_seconds - appended)
 
     def _step(self, rows: list[RowState], kv_start: torch.Tensor, caches: dict[str, torch.Tensor],
               sample: dict[str, Any], eos: set[int]) -> None:
@@ -305,15 +386,17 @@ class SpeculativeRunner:
         limit = self.gen.max_seq - 1 - max(r.cached for r in live)  # every live row's verify slots must fit
         t0 = time.perf_counter()
         drafts = [None if r.done else self._draft_for(r, limit) for r in rows]
-        self.stats.draft_seconds += time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t1 = time.perf_counter()
+        self.stats.draft_seconds += t1 - t0
         lengths = {r.cached for r in live}
         if all(d is None for d in drafts) and len(lengths) == 1:
             self._decode_step(rows, lengths.pop(), kv_start, caches, sample, eos)
         else:
             self._verify_step(rows, drafts, limit, kv_start, caches, sample, eos)
         self.stats.forward_steps += 1
-        self.stats.verify_seconds += time.perf_counter() - t0
+        t2 = time.perf_counter()
+        self.stats.verify_seconds += t2 - t1
+        self.stats.step_seconds += t2 - t0
 
     # ---------------------------------------------------------------------------------------------- requests
 
@@ -332,11 +415,15 @@ class SpeculativeRunner:
         caches, kv_start = self._buffers(bsz)
         kv_start.copy_((mask == 0).sum(-1).to(torch.int32))
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        self.kv_cache_bytes = sum(c.numel() * c.element_size() for c in caches.values())
+        st = self.stats
         start = time.perf_counter()
         logits = g.forward(g.prefill, ids, positions, 0, kv_start, caches)
         sample = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p,
                   "generator": generator}
         first = select_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator).tolist()
+        t0 = time.perf_counter()
+        st.prefill_seconds += t0 - start
         eos = set(eos_ids.tolist())
         starts = kv_start.tolist()
         rows = []
@@ -349,13 +436,49 @@ class SpeculativeRunner:
                 self.drafter.start_request(row.req, ids[b][mask[b].bool()].tolist())
                 self.drafter.observe(row.req, [row.pending])
             rows.append(row)
+        st.ingest_seconds += time.perf_counter() - t0
+        policy = self._policy_clock()
         while any(not r.done for r in rows):
             self._step(rows, kv_start, caches, sample, eos)
+        self._split_policy(policy)
+        t0 = time.perf_counter()
         for r in rows[:real]:
             self.drafter.finish_request(r.req)
-        self.stats.tokens += sum(len(r.out[:max_new_tokens]) for r in rows[:real])
-        self.stats.seconds += time.perf_counter() - start
+        st.ingest_seconds += time.perf_counter() - t0
+        st.rows += real
+        st.tokens += sum(len(r.out[:max_new_tokens]) for r in rows[:real])
+        st.seconds += time.perf_counter() - start
         return [r.out[:max_new_tokens] for r in rows[:real]]
+
+    def _policy_clock(self) -> tuple[float, float]:
+        """The policy's own time in drafting and in learning from emitted tokens (runtime/spec_policy.py)."""
+        return getattr(self.drafter, "decide_seconds", 0.0), getattr(self.drafter, "learn_seconds", 0.0)
+
+    def _split_policy(self, before: tuple[float, float]) -> None:
+        """Move the policy's share out of the draft and append timings (which time the drafter calls whole)."""
+        decide, learn = (a - b for a, b in zip(self._policy_clock(), before))
+        self.stats.draft_seconds -= decide
+        self.stats.append_seconds -= learn
+        self.stats.policy_seconds += decide + learn
+
+    def generation_stats(self, before: SpeculationStats) -> Any:
+        """GenerationStats of the generation since the snapshot ``before``: the usual fields plus, under
+        ``extra["speculation"]``, the step counters and the host time per step by phase (``ms_per_step``; see
+        SpeculationStats.per_step_ms), so a GPU run can subtract and attribute the host overhead."""
+        from braze.runtime.generate import GenerationStats
+
+        st = self.stats.since(before)
+        decode_s = st.seconds - st.prefill_seconds
+        spec = {k: getattr(st, k) for k in ("rows", "tokens", "forward_steps", "verify_steps", "plain_steps",
+                                             "tree_steps", "accepted_drafts")}
+        spec["accepted_per_verify"] = st.accepted_per_verify
+        spec["ms_per_step"] = st.per_step_ms()
+        spec["ingest_ms_per_request"] = st.ingest_seconds * 1e3 / max(st.rows, 1)
+        prefills = st.rows if self.gen.verify is None else 1  # without a verify plan rows prefill one at a time
+        return GenerationStats(time_to_first_token_s=st.prefill_seconds / max(prefills, 1),
+                               decode_tokens_per_s=(st.tokens - st.rows) / decode_s if decode_s > 0 else 0.0,
+                               decode_steps=st.forward_steps, kv_cache_bytes=getattr(self, "kv_cache_bytes", 0),
+                               extra={"speculation": spec})
 
     def generate_row(self, ids: torch.Tensor, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
                      top_p: float, generator: torch.Generator | None, eos_ids: torch.Tensor) -> list[int]:
@@ -365,43 +488,63 @@ class SpeculativeRunner:
         from braze.runtime.speculative import greedy_accept
 
         g = self.gen
+        st = self.stats
         caches, kv_start = g.new_caches(1), torch.zeros(1, dtype=torch.int32, device=g.device)
+        self.kv_cache_bytes = sum(c.numel() * c.element_size() for c in caches.values())
         start = time.perf_counter()
         logits = g.forward(g.prefill, ids, torch.arange(ids.shape[1], device=g.device)[None], 0, kv_start, caches)
         first = int(select_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator)[0])
+        t0 = time.perf_counter()
+        st.prefill_seconds += t0 - start
         row = RowState(0, self._next_request, max_new_tokens, first, ids.shape[1], 0, [first])
         self._next_request += 1
         self.drafter.start_request(row.req, ids[0].tolist())
         self.drafter.observe(row.req, [row.pending])
+        st.ingest_seconds += time.perf_counter() - t0
         eos = set(eos_ids.tolist())
         row.done = row.pending in eos or max_new_tokens <= 1
         tree, self.tree = self.tree, False
+        policy = self._policy_clock()
         try:
             while not row.done:
                 t0 = time.perf_counter()
                 draft = self._draft_for(row, g.max_seq)
-                self.stats.draft_seconds += time.perf_counter() - t0
-                t0 = time.perf_counter()
+                t1 = time.perf_counter()
                 toks = [row.pending] + (draft.tokens if draft is not None else [])
                 pos = torch.arange(row.cached, row.cached + len(toks), device=g.device)[None]
                 plan = g.decode if draft is None else g.prefill
+                t2 = time.perf_counter()
                 logits = g.forward(plan, torch.tensor([toks], device=g.device), pos, row.cached, kv_start, caches)[0]
+                t3 = time.perf_counter()
                 parents = draft.parents if draft is not None else []
-                if do_sample:
+                if do_sample:  # (acceptance reads the device: its wait counts here, not as sync)
                     path, bonus = sample_accept(toks[1:], parents, logits, generator, temperature, top_k, top_p)
                 else:
                     path, bonus = greedy_accept(toks[1:], parents, logits)
+                t4 = time.perf_counter()
+                appended = st.append_seconds
                 accepted = self._emit(row, [toks[1 + i] for i in path], bonus, eos)
                 if draft is None:
-                    self.stats.plain_steps += 1
+                    st.plain_steps += 1
                 else:
-                    self.stats.verify_steps += 1
-                    self.stats.accepted_drafts += len(accepted)
-                self.stats.forward_steps += 1
-                self.stats.verify_seconds += time.perf_counter() - t0
+                    st.verify_steps += 1
+                    st.accepted_drafts += len(accepted)
+                st.forward_steps += 1
+                t5 = time.perf_counter()
+                st.draft_seconds += t1 - t0
+                st.build_seconds += t2 - t1
+                st.forward_seconds += t3 - t2
+                st.accept_seconds += t4 - t3
+                st.emit_seconds += t5 - t4 - (st.append_seconds - appended)
+                st.verify_seconds += t5 - t1
+                st.step_seconds += t5 - t0
         finally:
             self.tree = tree
+        self._split_policy(policy)
+        t0 = time.perf_counter()
         self.drafter.finish_request(row.req)
-        self.stats.tokens += len(row.out[:max_new_tokens])
-        self.stats.seconds += time.perf_counter() - start
+        st.ingest_seconds += time.perf_counter() - t0
+        st.rows += 1
+        st.tokens += len(row.out[:max_new_tokens])
+        st.seconds += time.perf_counter() - start
         return row.out[:max_new_tokens]

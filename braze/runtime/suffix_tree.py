@@ -20,14 +20,17 @@ of O(max_depth):
   continuation of a context, the most recently seen one among equal counts, is one C-level ``max`` over the
   state's transitions (ArcticInference keeps children sorted by count and breaks ties toward recent updates).
 - Drafting walks the context's suffix-link chain from the longest match down. All match lengths p inside one state
-  share their continuations, so a path draft is expanded once per state, not once per p.
+  share their continuations, so a path draft is expanded once per state, not once per p; an expansion stops as
+  soon as it cannot beat the best draft so far, and once a single occurrence is left its continuation is a slice
+  of that occurrence's sequence (found from the clock) instead of a walk.
 - Removing a sequence (FIFO eviction of the global cache) decrements the counts along each of its positions'
   chains; states left at count 0 are dead and skipped, and the automaton is rebuilt from the live sequences once
   dead positions outnumber live ones (amortized O(1) per token).
 
 Counts and drafts are exactly those of a depth-``max_depth`` counting suffix trie (a match of p tokens drafts at
-most max_depth - p tokens, as in ArcticInference), except that ties between equally frequent continuations go to
-the most recent one.
+most max_depth - p tokens, as in ArcticInference and braze's previous trie), except that ties between equally
+frequent continuations go to the most recent one. ``SuffixDrafter`` counts deeper than it matches (``count_depth``,
+twice ``max_depth`` by default), so its longest matches are not cut short by the depth bound.
 """
 
 from __future__ import annotations
@@ -194,7 +197,11 @@ class SuffixAutomaton:
             # one more end position (clock) for every short state on cur's chain
             clock += 1
             inc = _ONE + clock
-            y = cur if ln[link[cur]] < depth else self._short(cur)
+            y = cur
+            if ln[link[y]] >= depth:  # cur is long: start from its link (no jump is recorded for cur itself)
+                y = link[y]
+                if ln[link[y]] >= depth:
+                    y = self._short(y)
             while y > 0:
                 k = key[y]
                 key[y] = k - (k & _CLOCK) + inc
@@ -327,14 +334,15 @@ class SuffixAutomaton:
         return self._chain(seq.last, min(len(seq.tokens), self.max_depth))
 
     # ------------------------------------------------------------------ drafting
-    def _path(self, x: int, limit: int, min_prob: float, beat: float = 0.0) -> tuple[list[int], list[float]]:
+    def _path(self, x: int, limit: int, min_prob: float, beat: float = 0.0, unseen: int = 0
+              ) -> tuple[list[int], list[float]]:
         """Greedy path from state x: follow the most frequent (then most recent) continuation while the path
         probability (product of count ratios) stays >= min_prob. Stops early, with a path scoring <= ``beat``,
         once the path cannot score above ``beat`` (probabilities never grow along a path)."""
         nxt, key, tok = self._next, self._key, self._tok
         toks: list[int] = []
         probs: list[float] = []
-        base = key[x] >> _SHIFT
+        base = (key[x] >> _SHIFT) + unseen
         prob = 1.0
         score = 0.0
         if min_prob > prob or limit <= beat:
@@ -369,7 +377,7 @@ class SuffixAutomaton:
             x, base = s, c
         return toks, probs
 
-    def _tree(self, x: int, limit: int, min_prob: float, max_levels: int) -> Draft:
+    def _tree(self, x: int, limit: int, min_prob: float, max_levels: int, unseen: int = 0) -> Draft:
         """Best-first draft tree from state x: the most probable frontier node next, at most max_levels deep."""
         nxt, key, tok = self._next, self._key, self._tok
         d = Draft()
@@ -381,7 +389,7 @@ class SuffixAutomaton:
             kids = nxt[s0]
             if not kids or level >= max_levels:
                 return
-            base = key[s0] >> _SHIFT
+            base = (key[s0] >> _SHIFT) + (unseen if level == 0 else 0)
             for s in sorted(kids.values(), key=key.__getitem__, reverse=True):
                 c = key[s] >> _SHIFT
                 q = prob * c / base
@@ -401,12 +409,14 @@ class SuffixAutomaton:
         return d
 
     def draft_from(self, x: int, n: int, max_spec_tokens: int, max_spec_factor: float, max_spec_offset: float,
-                   min_token_prob: float, tree: bool, beat: float) -> Draft | None:
+                   min_token_prob: float, tree: bool, beat: float, unseen: int = 0) -> Draft | None:
         """Best draft over the match lengths p <= min(n, max_match) of the chain holding (x, n), if its score beats
         ``beat``.
 
         Match length p drafts at most min(max_spec_tokens, int(p * max_spec_factor + max_spec_offset)) tokens and
-        reaches at most max_depth - p tokens deep; longest match first, ties go to the longer match.
+        reaches at most max_depth - p tokens deep; longest match first, ties go to the longer match. ``unseen``
+        occurrences of the context are added to its count: occurrences held elsewhere whose continuation is not
+        known yet (the drafting request's own, for the global automaton).
         """
         depth = self.max_depth
         ln, link = self._len, self._link
@@ -431,7 +441,7 @@ class SuffixAutomaton:
                         return best
                     if depth - p <= 0 or (last is not None and u <= last[0] and last[0] <= depth - last[1]):
                         continue  # an empty draft, or a prefix of the last tree of this state
-                    d = self._tree(x, u, min_token_prob, depth - p)
+                    d = self._tree(x, u, min_token_prob, depth - p, unseen)
                     last = (u, p)
                     if d.score > beat:
                         d.match_len = p
@@ -450,7 +460,7 @@ class SuffixAutomaton:
                         if depth - p >= u:
                             break
                 if lb > beat:
-                    toks, probs = self._path(x, lb, min_token_prob, beat)
+                    toks, probs = self._path(x, lb, min_token_prob, beat, unseen)
                     m = len(toks)
                     if m:
                         score = sum(probs)
@@ -621,7 +631,13 @@ class SuffixDrafter:
             if req.gversion != g.version:
                 req.gstate = g._locate(seq.tokens[-self.max_depth :])
                 req.gversion = g.version
-            other = g.draft_from(*req.gstate, *opts, best.score if best is not None else 0.0)
+            # The global automaton does not hold this request, so its counts miss the context's own occurrence (whose
+            # continuation is unseen). Where the request's own history matches a longer context than the cache does,
+            # count that occurrence: a short match in one cached response is weak evidence against a long one here.
+            # (ArcticInference gets the same effect by inserting live responses into its global tree.)
+            own = min(req.auto._len[req.auto._link[seq.last]], self.max_depth)  # longest repeated suffix here
+            other = g.draft_from(*req.gstate, *opts, best.score if best is not None else 0.0,
+                                 unseen=int(req.gstate[1] < own))
             if other is not None:
                 other.source = "global"
                 best = other
