@@ -720,10 +720,10 @@ def tokens_per_step(make_drafter: Callable[[], Any], trace: Trace, **kw: Any) ->
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3, help="round-robin runs per drafter; the fastest is kept")
-    ap.add_argument("--max-spec", default="16,32", help="comma-separated max_spec_tokens settings")
-    ap.add_argument("--factors", default="1.0,4.0",
-                    help="comma-separated max_spec_factor settings (1.0: ArcticInference's default; 4.0: braze's "
-                    "speculative runner)")
+    ap.add_argument("--old-repeats", type=int, default=1, help="runs of the old drafter (seconds per replay)")
+    ap.add_argument("--settings", default="16:1.0,32:1.0,16:4.0",
+                    help="comma-separated max_spec_tokens:max_spec_factor pairs (factor 1.0: ArcticInference's "
+                    "default; 4.0: braze's speculative runner)")
     ap.add_argument("--depth", type=int, default=64)
     ap.add_argument("--min-prob", type=float, default=0.1)
     ap.add_argument("--tree", action="store_true", help="tree drafts instead of path drafts")
@@ -736,8 +736,8 @@ def main() -> None:
         "new64": lambda: SuffixDrafter(args.depth, count_depth=args.depth)}
     if arctic is not None:
         drafters["arctic"] = lambda: arctic(args.depth)
-    specs = [16] if args.quick else [int(s) for s in args.max_spec.split(",")]
-    factors = [1.0] if args.quick else [float(f) for f in args.factors.split(",")]
+    settings = [(16, 1.0)] if args.quick else [(int(a), float(b)) for a, b in
+                                                (x.split(":") for x in args.settings.split(","))]
     repeats = 1 if args.quick else args.repeats
     traces = {name: make() for name, make in TRACES.items()}
     print(f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs, load average "
@@ -754,26 +754,27 @@ def main() -> None:
     head = (f"{'trace':14s} {'spec':>4s} {'fac':>4s} {'drafter':7s} {'steps':>6s} {'tok/step':>8s} "
             f"{'draft us':>9s} {'append us':>9s} {'step us':>9s} {'start ms':>9s} {'step/' + ref:>12s} "
             f"{'tok/step/' + ref:>15s}")
-    for spec in specs:
-        for factor in factors:
-            print()
-            print(head)
-            for name, trace in traces.items():
-                best: dict[str, dict[str, Any]] = {}
-                for _ in range(repeats):
-                    for label, make in drafters.items():
-                        r = replay(make(), trace, spec, factor, args.min_prob, args.tree)
-                        if label not in best:
-                            best[label] = r
-                        else:
-                            assert r["steps"] == best[label]["steps"]  # deterministic drafts
-                            for k in ("draft", "append", "step", "start"):
-                                best[label][k] = min(best[label][k], r[k])
-                for label, r in best.items():
-                    print(f"{name:14s} {spec:4d} {factor:4.1f} {label:7s} {r['steps']:6d} {r['tok_per_step']:8.2f} "
-                          f"{r['draft'] * 1e6:9.1f} {r['append'] * 1e6:9.1f} {r['step'] * 1e6:9.1f} "
-                          f"{r['start'] * 1e3:9.2f} {r['step'] / best[ref]['step']:11.2f}x "
-                          f"{r['tok_per_step'] / best[ref]['tok_per_step']:14.3f}x", flush=True)
+    for spec, factor in settings:
+        print()
+        print(head)
+        for name, trace in traces.items():
+            best: dict[str, dict[str, Any]] = {}
+            for rep in range(repeats):
+                for label, make in drafters.items():
+                    if label == "old" and rep >= args.old_repeats:
+                        continue
+                    r = replay(make(), trace, spec, factor, args.min_prob, args.tree)
+                    if label not in best:
+                        best[label] = r
+                    else:
+                        assert r["steps"] == best[label]["steps"]  # deterministic drafts
+                        for k in ("draft", "append", "step", "start"):
+                            best[label][k] = min(best[label][k], r[k])
+            for label, r in best.items():
+                print(f"{name:14s} {spec:4d} {factor:4.1f} {label:7s} {r['steps']:6d} {r['tok_per_step']:8.2f} "
+                      f"{r['draft'] * 1e6:9.1f} {r['append'] * 1e6:9.1f} {r['step'] * 1e6:9.1f} "
+                      f"{r['start'] * 1e3:9.2f} {r['step'] / best[ref]['step']:11.2f}x "
+                      f"{r['tok_per_step'] / best[ref]['tok_per_step']:14.3f}x", flush=True)
     print("\nsteps: draft-verify steps over all requests; tok/step: emitted tokens (accepted drafts + bonus) per step; "
           "draft/append/step us: host microseconds per step; start ms: prompt ingestion per request")
 
