@@ -247,12 +247,6 @@ def load(key: str, model: torch.nn.Module, config: CompileConfig, executor: str)
         return None, f"miss (the cached entry was unusable and has been rebuilt: {first})"
     compiled.config = config
     compiled.model_config = getattr(model, "config", compiled.model_config)
-    plans = getattr(compiled, "extra_plans", {})
-    gen = compiled.manifest.get("generation")
-    if gen and "verify" in plans:  # packages attach prefill/decode; the cached compile also verifies trees
-        compiled.attach_generation(plans[gen["prefill"]], plans[gen["decode"]], [tuple(x) for x in gen["kv_inputs"]],
-                                   gen["max_seq"], gen["max_batch"], gen.get("eos_token_id"),
-                                   gen.get("pad_token_id"), verify=plans["verify"])
     if getattr(compiled, "generator", None) is not None:
         compiled.generator.speculate_default = config.speculate == "suffix"
     report = _report_from(entry, executor)

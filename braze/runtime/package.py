@@ -553,7 +553,7 @@ def load_package(path: str | os.PathLike, executor: str = "auto", sha256: str | 
             raise PackageError(f"{root / MANIFEST}: generation plan(s) {', '.join(missing)} are not in the package")
         compiled.attach_generation(plans[gen["prefill"]], plans[gen["decode"]],
                                    [tuple(x) for x in gen["kv_inputs"]], gen["max_seq"], gen["max_batch"],
-                                   gen.get("eos_token_id"), gen.get("pad_token_id"))
+                                   gen.get("eos_token_id"), gen.get("pad_token_id"), verify=plans.get("verify"))
     if extra:
         compiled.extra_plans = extra
     from braze.runtime.kernel_loader import load_kernel_module
