@@ -36,16 +36,18 @@ def observed(monkeypatch):
 def _exercise(cm, ids):
     """Forward, plain generation (prefill + decode), speculative generation (verify); returns the plain stats."""
     from braze.runtime.speculate import SpeculativeRunner
+    from tests.test_plan_purity import FixedDrafter
 
     cm(ids)
     cm.generate(ids, max_new_tokens=3)
     stats = cm.generation_stats
-    cm.generator.spec = SpeculativeRunner(cm.generator, adaptive=False)  # verify every draft offered
+    cm.generator.spec = SpeculativeRunner(cm.generator, adaptive=False)
+    cm.generator.spec.drafter = FixedDrafter()  # every step drafts, so every step runs the verify plan
     cm.generate(ids, max_new_tokens=6, speculate=True)
     return stats
 
 
-def _check(calls, plans=("forward", "prefill", "decode", "verify")):
+def _check(calls, plans):
     assert {plan.name for plan, *_ in calls} >= set(plans)
     for plan, sizes, counted, hooked in calls:
         assert counted == hooked, plan.name
@@ -59,7 +61,7 @@ def test_every_plan_launches_what_it_predicts(observed, arch):
     cm = braze.compile(tiny_causal_lm(arch, layers=2), max_seq=64, max_batch=2)
     ids = _repetitive_prompt()
     stats = _exercise(cm, ids)
-    _check(observed)
+    _check(observed, (cm.plan.name, "prefill", "decode", "verify"))
     decode = cm.generator.decode.plan
     assert stats.launches_per_decode_step == decode.launches  # batch 1: the plan's smallest shape
     assert f"decode {decode.launches} launches per step" in cm.report.extra["generation"]
@@ -73,7 +75,7 @@ def test_every_plan_launches_what_it_predicts(observed, arch):
 def test_quant_plans_launch_what_they_predict(observed, quant):
     cm = braze.compile(tiny_causal_lm("llama", layers=1), max_seq=64, max_batch=2, **quant)
     _exercise(cm, _repetitive_prompt())
-    _check(observed)
+    _check(observed, (cm.plan.name, "prefill", "decode", "verify"))
 
 
 def test_smollm2_decode_step_launches_what_it_predicts(observed):
