@@ -86,7 +86,9 @@ def compile_generation(cap: Captured, config: CompileConfig, report: CompileRepo
     decode_gm = copy_graph_module(gm)
     symbols = _respecialize_decode(decode_gm, cap.weights, config.max_batch)
     fuse_df11_decode_plan(decode_gm, cap.weights, config, report)  # quant="df11", df11_strategy="auto" only
-    decode, _ = lower_graph(decode_gm, "decode", symbols, weights, config.deterministic)
+    decode, decode_record = lower_graph(decode_gm, "decode", symbols, weights, config.deterministic)
+    if decode_record.fallbacks:  # what generation runs eagerly, with the passes' reasons (general attention, ...)
+        report.extra["decode eager steps"] = _fallback_summary(decode_gm, decode_record.fallbacks)
     verify_gm = copy_graph_module(gm)
     run_passes(dataclasses.replace(cap, gm=verify_gm), config, report, phases=("verify",))
     verify, _ = lower_graph(verify_gm, "verify", cap.symbols, weights, config.deterministic)
@@ -98,6 +100,13 @@ def compile_generation(cap: Captured, config: CompileConfig, report: CompileRepo
             v = n.meta["val"]
             kv.append((n.name, [int(s) for s in v.shape[1:]], str(v.dtype).removeprefix("torch.")))
     return GenerationPlans(prefill, decode, kv, gm, decode_gm, verify, verify_gm)
+
+
+def _fallback_summary(gm: fx.GraphModule, fallbacks: list[tuple[str, str]]) -> str:
+    nodes = {n.name: n for n in gm.graph.nodes}
+    parts = [f"{name} ({nodes[name].meta.get('braze_eager_reason') or reason})" if name in nodes else
+             f"{name} ({reason})" for name, reason in fallbacks if not name.startswith("getitem")]
+    return f"{len(parts)}: " + "; ".join(parts)
 
 
 def _deterministic_summary(decode: Plan, weights: dict[str, torch.Tensor]) -> str:

@@ -163,7 +163,7 @@ def _partial_rope(t):
     return x, rot.args[1], rot.args[2], r
 
 
-def _full_width_rope(node: fx.Node, q, k, ctx: PassContext):
+def _full_width_rope(node: fx.Node, q, k, ctx: PassContext, made: dict):
     """Partial rotary as full-width RoPE: permute the head dims of q and k alike (q.k is unchanged) so the rotated
     pairs (i, i + r/2) become (j, j + D/2), and pad cos with 1 / sin with 0 over the pass-through pairs. The
     attention and cached-attention kernels then apply it as they load q and k."""
@@ -191,22 +191,27 @@ def _full_width_rope(node: fx.Node, q, k, ctx: PassContext):
         return cat([sl(t, 0, half), pad, sl(t, half, r), pad])
 
     ctx.note(f"{node.name}: partial rotary ({r} of {d} dims) applied as full-width RoPE over permuted head dims")
-    return _replace(node, ctx, q=permuted(xq), k=permuted(xk), cos=padded(cos, 1.0), sin=padded(sin, 0.0))
+    if (cos, sin, r, d) not in made:  # one padded cos / sin for every layer
+        made[(cos, sin, r, d)] = (padded(cos, 1.0), padded(sin, 0.0))
+    cos_full, sin_full = made[(cos, sin, r, d)]
+    return _replace(node, ctx, q=permuted(xq), k=permuted(xk), cos=cos_full, sin=sin_full)
 
 
-def _partial_rope_attention(node: fx.Node, ctx: PassContext):
+def _partial_rope_attention(node: fx.Node, ctx: PassContext, made: dict):
     a = op_args(node)
     if a["cos"] is not None or a.get("attn_mask") is not None:
         return None
     q, k = _partial_rope(a["q"]), _partial_rope(a["k"])
     if q is None or k is None:
         return None
-    return _full_width_rope(node, q, k, ctx)
+    return _full_width_rope(node, q, k, ctx, made)
 
 
 def fuse_rope_into_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
     n = graph_rewrite(gm, {braze.attention.default: _rope_attention}, ctx)
-    return n + graph_rewrite(gm, {braze.attention.default: _partial_rope_attention}, ctx)
+    made: dict = {}
+    return n + graph_rewrite(gm, {braze.attention.default: lambda node, c: _partial_rope_attention(node, c, made)},
+                             ctx)
 
 
 # ---- leftovers: braze ops without a template go back to ATen, where the fused family picks them up ----------

@@ -64,14 +64,20 @@ def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> int:
     count = 0
     biases: dict[fx.Node, fx.Node] = {}
     identity: dict[tuple, tuple[fx.Node, fx.Node]] = {}
-    for i, node in enumerate(attn):
+    caches: dict[tuple, tuple[fx.Node, fx.Node]] = {}
+    for node in attn:
         a = op_args(node)
         general = node.target is braze.general_attention.default
         k = val(a["k"])
-        with ctx.fake_mode:
-            shape = (batch, k.shape[1], max_seq, k.shape[3])
-            k_cache = add_input(f"kv_cache_{i}_k", torch.empty(shape, dtype=k.dtype))
-            v_cache = add_input(f"kv_cache_{i}_v", torch.empty(shape, dtype=val(a["v"]).dtype))
+        # layers attending over the same k / v (cross-layer KV sharing) share one cache: they write the same values
+        key = (a["k"], a["v"], a.get("cos"), a.get("sin"))
+        if key not in caches:
+            i = len(caches)
+            with ctx.fake_mode:
+                shape = (batch, k.shape[1], max_seq, k.shape[3])
+                caches[key] = (add_input(f"kv_cache_{i}_k", torch.empty(shape, dtype=k.dtype)),
+                               add_input(f"kv_cache_{i}_v", torch.empty(shape, dtype=val(a["v"]).dtype)))
+        k_cache, v_cache = caches[key]
         plain = not general and a.get("causal") and a.get("attn_mask") is None
         if plain and a.get("cos") is None:  # learned / no positions: the kernel's RoPE at angle 0 is the identity
             a["cos"], a["sin"] = _identity_rope(gm, node, val(a["q"]), identity, ctx)

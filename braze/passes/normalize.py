@@ -125,6 +125,8 @@ def normalize(gm: fx.GraphModule, ctx: PassContext) -> int:
             gm.graph.erase_node(node)
             count += 1
         elif isinstance(node.target, torch._ops.OpOverload) and node.target.name() in FOREIGN_OPS:
+            ctx.note(f"{node.name}: {node.target.name()} -> {FOREIGN_OPS[node.target.name()]}: MoE experts (routing "
+                     "and the grouped expert matmuls) run eagerly")
             node.target = FOREIGN_OPS[node.target.name()]
             count += 1
         elif node.target in (aten.view.default, aten._unsafe_view.default):

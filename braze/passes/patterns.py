@@ -57,7 +57,17 @@ def _mm(node: fx.Node, ctx: PassContext):
     w = _transposed_weight(wt) or _weight_t(wt, ctx)
     if w is None:
         return None
-    return new_node(node.graph.owning_module, braze.linear.default, (x, w, bias), {}, ctx, node)
+    gm = node.graph.owning_module
+    out = next(iter(node.users)) if len(node.users) == 1 else None
+    if is_op(x, aten.reshape.default) and is_op(out, aten.reshape.default) and val(x.args[0]).dim() > 2:
+        # reshape(x, [-1, K]) @ W -> reshape(.., [*lead, N]) (GPT-2's Conv1D): one linear over x, so an
+        # activation or residual after it can still fuse into the matmul's epilogue
+        src = x.args[0]
+        if [str(d) for d in val(out).shape] == [str(d) for d in (*val(src).shape[:-1], val(node).shape[-1])]:
+            rep = new_node(gm, braze.linear.default, (src, w, bias), {}, ctx, out)
+            out.replace_all_uses_with(rep)
+            return rep
+    return new_node(gm, braze.linear.default, (x, w, bias), {}, ctx, node)
 
 
 def _matmul(node: fx.Node, ctx: PassContext):
@@ -179,11 +189,83 @@ def recognize_rope(gm: fx.GraphModule, ctx: PassContext) -> int:
     return graph_rewrite(gm, {aten.add.Tensor: _rope}, ctx)
 
 
+# ---- GELU written out (gelu_new / gelu_pytorch_tanh in GPT-2, Phi, ...) -----------------------------------------
+def _scalar_mul(n, c=None):
+    """mul(x, c) / mul(c, x) with a Python scalar -> (x, c)."""
+    if not is_op(n, aten.mul.Tensor):
+        return None, None
+    a, b = n.args[0], n.args[1]
+    if isinstance(b, (int, float)) and isinstance(a, fx.Node):
+        x, k = a, float(b)
+    elif isinstance(a, (int, float)) and isinstance(b, fx.Node):
+        x, k = b, float(a)
+    else:
+        return None, None
+    if c is not None and abs(k - c) > 1e-6 * abs(c):
+        return None, None
+    return x, k
+
+
+def _gelu_tanh(mul: fx.Node, ctx: PassContext):
+    """0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))) -> gelu(x, approximate="tanh")."""
+    for half, rest in ((mul.args[0], mul.args[1]), (mul.args[1], mul.args[0])):
+        x, _ = _scalar_mul(half, 0.5)
+        if x is None or not is_op(rest, aten.add.Tensor) or rest.args[1] != 1.0 or \
+                not is_op(rest.args[0], aten.tanh.default):
+            continue
+        inner, _ = _scalar_mul(rest.args[0].args[0], 0.7978845608028654)
+        if not is_op(inner, aten.add.Tensor) or x not in inner.args[:2]:
+            continue
+        cube, _ = _scalar_mul(_other(inner, x), 0.044715)
+        if is_op(cube, aten.pow.Tensor_Scalar) and cube.args[0] is x and cube.args[1] == 3:
+            return new_node(mul.graph.owning_module, aten.gelu.default, (x,), {"approximate": "tanh"}, ctx, mul)
+    return None
+
+
+def recognize_gelu_tanh(gm: fx.GraphModule, ctx: PassContext) -> int:
+    return graph_rewrite(gm, {aten.mul.Tensor: _gelu_tanh}, ctx)
+
+
 # ---- SwiGLU / GeGLU ----------------------------------------------------------------------------------------
 def _plain_linear(n) -> bool:
     if not is_op(n, braze.linear.default) or len(n.args) > 2 and n.args[2] is not None:
         return False
     return not n.kwargs and single_user(n)
+
+
+def _last_dim_slice(n):
+    """slice(x, -1, a, b) -> (x, a, b)."""
+    if not is_op(n, aten.slice.Tensor) or len(n.args) < 4 or not single_user(n):
+        return None
+    x = n.args[0]
+    if n.args[1] not in (-1, val(x).dim() - 1) or (len(n.args) > 4 and n.args[4] != 1):
+        return None
+    return x, n.args[2], n.args[3]
+
+
+def _fused_gate_up(gate, up, ctx: PassContext):
+    """gate, up = gate_up_proj(x).chunk(2, -1) (Phi-3): two slices of one bias-free linear over a weight -> (x, the
+    gate rows, the up rows) as new weights."""
+    g, u = _last_dim_slice(gate), _last_dim_slice(up)
+    if g is None or u is None or g[0] is not u[0]:
+        return None
+    lin = g[0]
+    if not is_op(lin, braze.linear.default) or len(lin.users) != 2 or lin.kwargs or len(lin.args) > 3 or \
+            (len(lin.args) > 2 and lin.args[2] is not None):
+        return None
+    w = lin.args[1]
+    if w.op != "placeholder" or w.name not in ctx.weights:
+        return None
+    rows = ctx.weights[w.name].shape[0]
+    (_, g0, g1), (_, u0, u1) = g, u
+    if not all(isinstance(i, int) for i in (g0, g1, u0, u1)) or g1 - g0 != u1 - u0 or \
+            sorted([(g0, g1), (u0, u1)]) != [(0, rows // 2), (rows // 2, rows)]:
+        return None
+    gm = lin.graph.owning_module
+    weight = ctx.weights[w.name]
+    wg = ctx.add_weight(gm, f"{w.name}_gate"[:60], weight[g0:g1].contiguous())
+    wu = ctx.add_weight(gm, f"{w.name}_up"[:60], weight[u0:u1].contiguous())
+    return lin.args[0], wg, wu
 
 
 def _glu(mul: fx.Node, ctx: PassContext):
@@ -195,6 +277,11 @@ def _glu(mul: fx.Node, ctx: PassContext):
         else:
             continue
         gate = act.args[0]
+        fused = _fused_gate_up(gate, up, ctx)
+        if fused is not None and single_user(act):
+            x, wg, wu = fused
+            return new_node(mul.graph.owning_module, braze.linear_glu.default, (x, wg, wu), {"activation": kind},
+                            ctx, mul)
         if not (_plain_linear(gate) and _plain_linear(up) and single_user(act)):
             continue
         if gate.args[0] is not up.args[0]:

@@ -13,6 +13,7 @@ from typing import Any
 import torch.fx as fx
 
 from braze.passes.attention import substitute_attention
+from braze.passes.constants import fold_constants
 from braze.passes.context import PassContext
 from braze.passes.fusion import (
     decompose_unfused,
@@ -25,7 +26,13 @@ from braze.passes.int6 import quantize_int6
 from braze.passes.int6_act import split_int6_act_quant
 from braze.passes.kv_cache import insert_kv_cache, insert_tree_verify
 from braze.passes.normalize import normalize
-from braze.passes.patterns import recognize_glu, recognize_linear, recognize_rms_norm, recognize_rope
+from braze.passes.patterns import (
+    recognize_gelu_tanh,
+    recognize_glu,
+    recognize_linear,
+    recognize_rms_norm,
+    recognize_rope,
+)
 from braze.passes.quantize import quantize_df11
 
 
@@ -39,9 +46,11 @@ class PassSpec:
 
 PASSES: list[PassSpec] = [
     PassSpec("normalize", "normalize", normalize),
+    PassSpec("fold_constants", "normalize", fold_constants),
     PassSpec("recognize_linear", "patterns", recognize_linear),
     PassSpec("recognize_rms_norm", "patterns", recognize_rms_norm),
     PassSpec("recognize_rope", "patterns", recognize_rope),
+    PassSpec("recognize_gelu_tanh", "patterns", recognize_gelu_tanh),
     PassSpec("recognize_glu", "patterns", recognize_glu),
     PassSpec("substitute_attention", "attention", substitute_attention),
     PassSpec("merge_sibling_linears", "fusion", merge_sibling_linears),
