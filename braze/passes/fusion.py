@@ -160,7 +160,84 @@ def _partial_rope(t):
         return None
     if r % 2 or (d - r) % 2:
         return None
-    return x, rot.args[1], rot.args[2], r
+    return x, rot.args[1], rot.args[2], r, set(x.users) == {lo, rest}
+
+
+# views through which a projection's output columns reach q / k (B = S = 1 when they are evaluated on indices)
+COLUMN_VIEWS = (aten.reshape.default, aten.permute.default, aten.slice.Tensor, aten.transpose.int,
+                aten.unsqueeze.default, aten.squeeze.dim)
+_BAIL = object()
+
+
+def _concrete(a):
+    """A view op's argument with the symbolic batch / sequence sizes at 1 (_BAIL: something else symbolic)."""
+    if isinstance(a, fx.Node):
+        return 1 if is_op(a, aten.sym_size.int) else _BAIL
+    if isinstance(a, (list, tuple)):
+        vals = [_concrete(b) for b in a]
+        return _BAIL if any(v is _BAIL for v in vals) else type(a)(vals)
+    if isinstance(a, torch.SymInt):
+        return _BAIL
+    return a
+
+
+def _permute_into_weights(ends: list[fx.Node], perm: list[int], ctx: PassContext) -> bool:
+    """Apply the head-dim permutation `perm` to q / k (`ends`) by permuting the rows of the projection weights
+    they are views of: no copy of q / k per call. False (graph untouched) unless every end is a view chain of a
+    bias-or-not braze::linear over weights, and no other reader of that linear sees a permuted column."""
+    sources: dict[fx.Node, list[fx.Node]] = {}
+    for x in ends:
+        n = x
+        while is_op(n, *COLUMN_VIEWS):
+            n = n.args[0]
+        a = op_args(n) if is_op(n, braze.linear.default) else None
+        if a is None or a["residual"] is not None or a["weight"].op != "placeholder" or \
+                a["weight"].name not in ctx.weights or ctx.weights[a["weight"].name].dim() != 2 or \
+                (a["bias"] is not None and (a["bias"].op != "placeholder" or a["bias"].name not in ctx.weights)):
+            return False
+        sources.setdefault(n, []).append(x)
+    d = len(perm)
+    plans = []
+    for lin, xs in sources.items():
+        out = val(lin)
+        n_cols = out.shape[-1]
+        shape = [s if isinstance(s, int) else 1 for s in out.shape]
+        idx = {lin: torch.arange(n_cols).expand(shape).contiguous()}
+        readers, stack = [], [lin]
+        while stack:  # every view of lin, and what each other reader reads
+            node = stack.pop()
+            for u in node.users:
+                if is_op(u, *COLUMN_VIEWS) and u.args[0] is node:
+                    args = _concrete(list(u.args[1:]))
+                    if args is _BAIL:
+                        return False
+                    idx[u] = u.target(idx[node], *args)
+                    if u not in xs:
+                        stack.append(u)
+                else:
+                    readers.append(idx[node])
+        cols = torch.arange(n_cols)
+        permuted = set()
+        for x in xs:
+            rows = idx[x].reshape(-1, d)
+            cols[rows] = rows[:, perm]
+            permuted.update(rows.flatten().tolist())
+        if len(permuted) != sum(idx[x].numel() for x in xs):
+            return False  # q and k overlap
+        if any(permuted & set(r.flatten().tolist()) for r in readers):
+            return False
+        plans.append((lin, cols))
+    for lin, cols in plans:
+        a = op_args(lin)
+        gm = lin.graph.owning_module
+        w = ctx.add_weight(gm, f"{a['weight'].name}_rope_perm"[:60], ctx.weights[a["weight"].name][cols].contiguous())
+        if "braze_sources" in a["weight"].meta:
+            w.meta["braze_sources"] = a["weight"].meta["braze_sources"]
+        b = a["bias"]
+        if b is not None:
+            b = ctx.add_weight(gm, f"{b.name}_rope_perm"[:60], ctx.weights[b.name][cols].contiguous())
+        lin.replace_all_uses_with(_replace(lin, ctx, weight=w, bias=b))
+    return True
 
 
 def _full_width_rope(node: fx.Node, q, k, ctx: PassContext, made: dict):
@@ -168,11 +245,12 @@ def _full_width_rope(node: fx.Node, q, k, ctx: PassContext, made: dict):
     pairs (i, i + r/2) become (j, j + D/2), and pad cos with 1 / sin with 0 over the pass-through pairs. The
     attention and cached-attention kernels then apply it as they load q and k."""
     gm = node.graph.owning_module
-    (xq, cos, sin, r), (xk, cos_k, sin_k, r_k) = q, k
+    (xq, cos, sin, r, q_alone), (xk, cos_k, sin_k, r_k, k_alone) = q, k
     if cos is not cos_k or sin is not sin_k or r != r_k or val(xq).shape[-1] != val(xk).shape[-1]:
         return None
     d = val(xq).shape[-1]
     half, h = r // 2, (d - r) // 2
+    perm = [*range(half), *range(r, r + h), *range(half, r), *range(r + h, d)]
 
     def sl(t, a, b):
         return new_node(gm, aten.slice.Tensor, (t, -1, a, b), {}, ctx, node)
@@ -190,10 +268,14 @@ def _full_width_rope(node: fx.Node, q, k, ctx: PassContext, made: dict):
         pad = new_node(gm, aten.expand.default, (one, [-1, -1, h]), {}, ctx, node)
         return cat([sl(t, 0, half), pad, sl(t, half, r), pad])
 
-    ctx.note(f"{node.name}: partial rotary ({r} of {d} dims) applied as full-width RoPE over permuted head dims")
     if (cos, sin, r, d) not in made:  # one padded cos / sin for every layer
         made[(cos, sin, r, d)] = (padded(cos, 1.0), padded(sin, 0.0))
     cos_full, sin_full = made[(cos, sin, r, d)]
+    if q_alone and k_alone and xq is not xk and _permute_into_weights([xq, xk], perm, ctx):
+        ctx.note(f"{node.name}: partial rotary ({r} of {d} dims) as full-width RoPE; head dims permuted in the "
+                 "projection weights")
+        return _replace(node, ctx, q=xq, k=xk, cos=cos_full, sin=sin_full)
+    ctx.note(f"{node.name}: partial rotary ({r} of {d} dims) as full-width RoPE over permuted head dims")
     return _replace(node, ctx, q=permuted(xq), k=permuted(xk), cos=cos_full, sin=sin_full)
 
 
