@@ -7,13 +7,13 @@ token until every row is done; left-padded batches via attention_mask; a streame
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from braze.runtime.errors import ConfigError, InputMismatchError, ShapeOutOfRangeError
 from braze.runtime.executor import DTYPES, PlanExecutor
+from braze.runtime.generation_stats import GenerationStats
 from braze.runtime.sampling import check_sampling, select_next
 
 DEFAULT = object()  # "use the model's generation_config value" (an explicit None means "none", as in HF)
@@ -21,16 +21,6 @@ DEFAULT = object()  # "use the model's generation_config value" (an explicit Non
 GENERATE_OPTIONS = ("attention_mask", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed",
                     "eos_token_id", "pad_token_id", "streamer", "speculate", "max_spec_tokens", "spec_tree",
                     "stop_strings", "tokenizer")
-
-
-@dataclass
-class GenerationStats:
-    time_to_first_token_s: float = 0.0
-    decode_tokens_per_s: float = 0.0
-    decode_steps: int = 0
-    launches_per_decode_step: float = 0.0
-    kv_cache_bytes: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Generator:

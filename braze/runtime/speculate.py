@@ -465,7 +465,7 @@ class SpeculativeRunner:
         """GenerationStats of the generation since the snapshot ``before``: the usual fields plus, under
         ``extra["speculation"]``, the step counters and the host time per step by phase (``ms_per_step``; see
         SpeculationStats.per_step_ms), so a GPU run can subtract and attribute the host overhead."""
-        from braze.runtime.generate import GenerationStats
+        from braze.runtime.generation_stats import GenerationStats
 
         st = self.stats.since(before)
         decode_s = st.seconds - st.prefill_seconds
