@@ -173,10 +173,13 @@ def block_d_for(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def attention_blocks(sq: int, skv: int, head_dim: int, device: DeviceSpec, deterministic: bool = False
-                     ) -> AttentionBlocks:
+def attention_blocks(sq: int, skv: int, head_dim: int, device: DeviceSpec, deterministic: bool = False, *,
+                     elem_size: int = 2, tree: bool = False) -> AttentionBlocks:
     """Flash tiles: the interpreter takes the biggest tiles (it pays per program); a GPU keeps the q tile, the
-    accumulator and a K/V tile in registers (64 x 64 at D <= 64, a narrower key tile above), 2 stages.
+    accumulator and a K/V tile in registers (64 x 64 at D <= 64, a narrower key tile above), 2 stages. fp32 inputs
+    (elem_size 4: FMA dots, no tensor cores) take 32 x 32 tiles and 8 warps, tree-mask mode (the gathered mask
+    tile on top of the scores) a key tile half as wide and 8 warps for 64 query rows: both spilled at 64 x 64
+    (ptxas, sm_80-90; 255 registers), and fp32 64 x 64 needs 114,688 B of shared memory (> 101,376 on sm_86/89).
     deterministic: tiles fixed by the head dim alone (not by the query or key count)."""
     block_d = block_d_for(head_dim)
     if deterministic:
@@ -185,7 +188,14 @@ def attention_blocks(sq: int, skv: int, head_dim: int, device: DeviceSpec, deter
         return AttentionBlocks(64, 64 if block_d <= 64 else 32, block_d, num_warps=4, num_stages=2)
     if device.interpret:
         return AttentionBlocks(pow2_clamp(sq, 16, 64), pow2_clamp(skv, 16, 64), block_d)
-    return AttentionBlocks(pow2_clamp(sq, 16, 64), 64 if block_d <= 64 else 32, block_d, num_warps=4, num_stages=2)
+    block_m, block_n, warps = pow2_clamp(sq, 16, 64), 64 if block_d <= 64 else 32, 4
+    if elem_size >= 4:
+        block_m, block_n = min(block_m, 32), block_n // 2
+        warps = 8 if block_m >= 32 else 4
+    elif tree:
+        block_n //= 2
+        warps = 8 if block_m >= 64 else 4
+    return AttentionBlocks(block_m, block_n, block_d, num_warps=warps, num_stages=2)
 
 
 def decode_blocks(group: int, head_dim: int) -> DecodeBlocks:
@@ -241,7 +251,8 @@ def flash_attention(kernel: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     if cos is not None:
         args += list(cos.stride())
     args.append(float(scale))
-    blocks = attention_blocks(Sq, Skv, D, device, deterministic)
+    blocks = attention_blocks(Sq, Skv, D, device, deterministic, elem_size=q.element_size(),
+                              tree=tree_mask is not None)
     launch_kernel(kernel, (triton.cdiv(Sq, blocks.block_m), B * Hq), *args, **blocks.meta(device))
 
 

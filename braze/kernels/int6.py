@@ -117,6 +117,8 @@ def int6_config(m: int, n: int, n_groups: int, device: DeviceSpec, deterministic
     deterministic: the batch-invariant configuration: BLOCK_M 16 and BLOCK_N 64 whatever M, split_k 1 (no atomics)."""
     bm = 16 if deterministic else min(128, max(16, triton.next_power_of_2(m)))
     bn = 64 if deterministic or m <= 64 else 128
+    if bm == 128 and bn == 128 and not device.interpret and device.capability < 90:
+        bm = 64  # mma.sync keeps the 128 x 128 accumulator in registers: 255 + 1 KB of spills (ptxas); 64 x 128: ~150
     split_k = 1
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     if device.sm_count and m <= 64 and tiles < device.sm_count and not deterministic:

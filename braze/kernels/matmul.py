@@ -119,6 +119,8 @@ def matmul_config(M: int, N: int, K: int, device: DeviceSpec, *, elem_size: int 
     block_m = pow2_clamp(M, 16, 128)
     block_n = pow2_clamp(N, 16, 64 if dual else 128)
     block_k = pow2_clamp(K, 16, 64 if block_m >= 64 else 128)
+    if elem_size >= 4:  # fp32 dots are FMA loops that hold a K slice of both operands in registers: keep it thin
+        block_k = min(block_k, 16 if block_m >= 64 else 32)  # (ptxas, sm_80: 64 -> 30 KB of spills; 16/32 -> none)
     while block_n > 32 and triton.cdiv(M, block_m) * triton.cdiv(N, block_n) < device.sm_count:
         block_n //= 2
     n_weights = 2 if dual else 1
