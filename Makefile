@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.braze-installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test gpucheck lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,6 +19,11 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -n 2 tests
+
+# cross-compile the test models' plans for sm_80/86/89/90 (no GPU needed) and check registers, spills and shared
+# memory; writes benchmarks/results/cpu-2core-<date>-gpucheck.txt (braze/compiler/targets.py, benchmarks/gpucheck.py)
+gpucheck: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) benchmarks/gpucheck.py --out benchmarks/results/cpu-2core-$$(date +%Y-%m-%d)-gpucheck.txt
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check braze tests benchmarks

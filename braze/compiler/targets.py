@@ -473,8 +473,9 @@ class _Worker:
     """One `python -m braze.compiler.targets` process compiling the jobs it is fed (pickled, one per line)."""
 
     def __init__(self) -> None:
+        self.err = tempfile.TemporaryFile()  # the worker's stderr: its last line explains a worker that died
         self.proc = subprocess.Popen([sys.executable, "-m", "braze.compiler.targets", "--worker"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.err,
                                      env=_worker_env())
 
     def run(self, job: dict[str, Any]) -> dict[str, Any]:
@@ -486,10 +487,14 @@ class _Worker:
         except (BrokenPipeError, OSError):
             line = b""
         if not line:  # the worker died (e.g. a crash inside the compiler): report it, start another
-            code = self.proc.poll()
             self.close()
+            self.err.seek(0)
+            last = [ln for ln in self.err.read()[-4000:].decode(errors="replace").splitlines() if ln.strip()]
+            self.err.close()
+            code = self.proc.returncode
             self.__init__()  # type: ignore[misc]
-            return {"key": job["key"], "error": f"compiler process died (exit code {code})"}
+            return {"key": job["key"], "error": f"compiler process died (exit code {code})"
+                                                + (f": {last[-1].strip()}" if last else "")}
         return json.loads(line)
 
     def close(self) -> None:
@@ -501,6 +506,8 @@ class _Worker:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        if not self.err.closed and self.proc.returncode == 0:
+            self.err.close()
 
 
 def _worker_main() -> None:
