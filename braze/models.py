@@ -68,16 +68,19 @@ def _arch_configs(vocab: int, layers: int) -> dict[str, Any]:
         "falcon": lambda: t.FalconConfig(vocab_size=vocab, hidden_size=64, num_hidden_layers=layers,
                                          num_attention_heads=4, multi_query=True, parallel_attn=True, alibi=False,
                                          new_decoder_architecture=False, bias=False),
+        "mpt": lambda: t.MptConfig(vocab_size=vocab, d_model=64, n_layers=layers, n_heads=4, expansion_ratio=2,
+                                   max_seq_len=128),  # ALiBi
+        "bloom": lambda: t.BloomConfig(vocab_size=vocab, hidden_size=64, n_layer=layers, n_head=4),  # ALiBi
         "mixtral": lambda: t.MixtralConfig(**{**common, "intermediate_size": 64}, num_local_experts=4,
                                            num_experts_per_tok=2, sliding_window=None),
     }
 
 
 ARCHITECTURES = ("llama", "qwen2", "mistral", "mistral_swa", "qwen3", "gemma", "gemma2", "gemma3_text", "phi",
-                 "phi3", "gpt_neox", "stablelm", "olmo2", "gpt2", "opt", "falcon", "mixtral")
+                 "phi3", "gpt_neox", "stablelm", "olmo2", "gpt2", "opt", "falcon", "mpt", "bloom", "mixtral")
 
 
-EAGER_ONLY = ("gemma2",)  # HF refuses SDPA for these (softcapped attention)
+EAGER_ONLY = ("gemma2", "mpt", "bloom")  # HF refuses SDPA for these (softcapped / ALiBi attention)
 
 
 def tiny_causal_lm(arch: str = "llama", seed: int = 0, layers: int = 2, dtype: torch.dtype = torch.float32,

@@ -100,6 +100,25 @@ def _transposed_keys(kt):
     return None
 
 
+def _very_negative(t) -> bool:
+    """A scalar tensor node holding -inf or a dtype's min (what masked positions are filled with)."""
+    if is_op(t, aten.scalar_tensor.default):
+        value = t.args[0]
+    elif is_op(t, aten.full.default) and list(t.args[0]) == []:
+        value = t.args[1]
+    else:
+        return False
+    return isinstance(value, (int, float)) and value <= -1e30
+
+
+def _masked_fill_as_bias(anchor: fx.Node, fill: fx.Node, bias, ctx: PassContext) -> fx.Node:
+    """masked_fill(scores [+ bias], fill, min) as one additive mask: bias + fill * finfo.min."""
+    gm = anchor.graph.owning_module
+    f = new_node(gm, aten._to_copy.default, (fill,), {"dtype": torch.float32}, ctx, anchor)
+    m = new_node(gm, aten.mul.Tensor, (f, torch.finfo(torch.float32).min), {}, ctx, anchor)
+    return m if bias is None else new_node(gm, aten.add.Tensor, (bias, m), {}, ctx, anchor)
+
+
 def _eager_attention(out_mm: fx.Node, ctx: PassContext):
     """matmul(softmax([softcap](matmul(q, k^T) * scale) [+ mask]).to(dtype), v)."""
     if not is_op(out_mm, aten.matmul.default):
@@ -112,9 +131,16 @@ def _eager_attention(out_mm: fx.Node, ctx: PassContext):
     scores = probs.args[0]
     if is_op(scores, aten._to_copy.default, aten.to.dtype):  # softmax(..., dtype=float32)
         scores = scores.args[0]
+    fill = None
+    if is_op(scores, aten.masked_fill.Scalar) and isinstance(scores.args[2], (int, float)) and scores.args[2] <= -1e30:
+        scores, fill = scores.args[0], scores.args[1]  # MPT: masked_fill(scores + bias, mask, finfo.min)
+    elif is_op(scores, aten.where.self) and _very_negative(scores.args[1]):  # the same, decomposed
+        scores, fill = scores.args[2], scores.args[0]
     mask = None
     if is_op(scores, aten.add.Tensor) and is_op(scores.args[0], aten.mul.Tensor, aten.div.Tensor, aten.matmul.default):
         scores, mask = scores.args[0], scores.args[1]
+    if fill is not None:
+        mask = _masked_fill_as_bias(out_mm, fill, mask, ctx)
     scores, softcap = _softcap_of(scores)
     scale = 1.0
     if is_op(scores, aten.mul.Tensor) and isinstance(scores.args[1], float):
@@ -130,9 +156,67 @@ def _eager_attention(out_mm: fx.Node, ctx: PassContext):
     return _make_attention(out_mm, q, k, v, mask, False, float(scale), ctx, softcap)
 
 
+def _unmerge_heads(t3):
+    """reshape(x [B, H, S, D], [B*H, S, D]) -> x."""
+    if not is_op(t3, aten.reshape.default) or val(t3.args[0]).dim() != 4 or val(t3).dim() != 3:
+        return None
+    x = t3.args[0]
+    return x if str(val(x).shape[-1]) == str(val(t3).shape[-1]) else None
+
+
+def _strip_cast(n):
+    return n.args[0] if is_op(n, aten._to_copy.default, aten.to.dtype) else n
+
+
+def _bmm_attention(out: fx.Node, ctx: PassContext):
+    """Bloom: bmm(softmax(reshape(bias + bmm(q, k^T) * scale, [B, H, S, S]) + mask), v) with heads merged into
+    the batch ([B*H, S, D] views of the 4-D q / k / v); the bias (ALiBi) joins the mask."""
+    p3, v3 = out.args
+    v = _unmerge_heads(v3)
+    if v is None or not is_op(p3, aten.reshape.default) or len(out.users) != 1:
+        return None
+    (user,) = out.users
+    probs = _strip_cast(p3.args[0])
+    if not is_op(probs, aten._softmax.default) or probs.args[1] not in (-1, 3) or val(probs).dim() != 4:
+        return None
+    scores4, mask = _strip_cast(probs.args[0]), None
+    if is_op(scores4, aten.add.Tensor) and is_op(scores4.args[0], aten.reshape.default):
+        scores4, mask = scores4.args[0], scores4.args[1]
+    if not is_op(scores4, aten.reshape.default):
+        return None
+    s3, bias = scores4.args[0], None
+    if is_op(s3, aten.add.Tensor):
+        a, b = s3.args[0], s3.args[1]
+        s3, bias = (b, a) if is_op(b, aten.mul.Tensor, aten.bmm.default) else (a, b)
+    scale = 1.0
+    if is_op(s3, aten.mul.Tensor) and isinstance(s3.args[1], float):
+        scale, s3 = s3.args[1], s3.args[0]
+    if not is_op(s3, aten.bmm.default) or not is_op(s3.args[1], aten.permute.default) or \
+            list(s3.args[1].args[1]) != [0, 2, 1]:
+        return None
+    q, k = _unmerge_heads(s3.args[0]), _unmerge_heads(s3.args[1].args[0])
+    shape4 = list(scores4.args[1]) if len(scores4.args) > 1 else None
+    if q is None or k is None or shape4 is None or len(shape4) != 4:
+        return None
+    gm = out.graph.owning_module
+    if bias is not None:
+        bv = val(bias)
+        if not isinstance(bv, torch.Tensor) or bv.dim() != 3 or not isinstance(bv.shape[1], int):
+            return None
+        bias = new_node(gm, aten.reshape.default, (bias, [shape4[0], shape4[1], bv.shape[1], -1]), {}, ctx, out)
+        mask = bias if mask is None else new_node(gm, aten.add.Tensor, (bias, mask), {}, ctx, out)
+    if not is_op(user, aten.reshape.default) or [str(d) for d in val(user).shape] != [str(d) for d in val(q).shape]:
+        return None
+    attn = _make_attention(out, q, k, v, mask, False, float(scale), ctx)
+    if attn is not None:
+        user.replace_all_uses_with(attn)  # the [B, H, S, D] view of the bmm is the attention's output
+    return attn
+
+
 ATTENTION_RULES = {
     aten.scaled_dot_product_attention.default: _sdpa,
     aten.matmul.default: _eager_attention,
+    aten.bmm.default: _bmm_attention,
 }
 
 

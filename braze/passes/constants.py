@@ -16,7 +16,10 @@ from braze.passes.graph_utils import aten, dce
 
 FOLDABLE = {aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor, aten._to_copy.default,
             aten.neg.default, aten.rsqrt.default, aten.sqrt.default, aten.exp.default, aten.pow.Tensor_Scalar,
-            aten.reciprocal.default, aten.add.Scalar, aten.mul.Scalar}
+            aten.reciprocal.default, aten.add.Scalar, aten.mul.Scalar, aten.pow.Tensor_Tensor}
+# Not folded: tensors made from nothing (arange / full of a static shape, e.g. MPT's ALiBi slopes). As weights,
+# the fused kernels read them wrongly through a slice whose start is symbolic (sym_max(0, 128 - S)): see the
+# architecture notes in benchmarks/results/2026-11-29-architectures-cpu.md.
 
 
 def fold_constants(gm: fx.GraphModule, ctx: PassContext) -> int:

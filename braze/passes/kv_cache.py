@@ -30,7 +30,7 @@ STATE_INPUTS = ("cache_len", "kv_start")
 def _general_reasons(a: dict, general: bool, info: MaskInfo | None) -> list[str]:
     reasons = []
     if a.get("cos") is None:
-        reasons.append("q/k position-encoded in the graph (partial or no rotary, learned positions)")
+        reasons.append("no RoPE to fuse (q / k as the graph computes them)")
     if general and a.get("softcap"):
         reasons.append(f"softcap {a['softcap']:g}")
     if general and a.get("window"):
@@ -42,7 +42,19 @@ def _general_reasons(a: dict, general: bool, info: MaskInfo | None) -> list[str]
     return reasons
 
 
+def _unrecognized_attention(gm: fx.GraphModule) -> list[str]:
+    """Softmaxes over [.., S, S]-like scores (3-D or more) that no attention op took: attention braze did not
+    recognize (Bloom's baddbmm form...). A KV cache would leave those layers without their past."""
+    return [n.meta["braze_softmax_of"] for n in gm.graph.nodes
+            if "braze_softmax_of" in n.meta and isinstance(val(n), torch.Tensor) and val(n).dim() >= 3]
+
+
 def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> int:
+    missed = _unrecognized_attention(gm)
+    if missed:
+        raise CaptureError(f"{', '.join(missed)}: softmax over attention scores that braze did not recognize as "
+                           "attention; generation over a KV cache would drop those layers' past tokens, so braze "
+                           "does not build it (the forward plan is exact)")
     attn = [n for n in gm.graph.nodes if is_op(n, braze.attention.default, braze.general_attention.default)]
     if not attn:
         return 0
