@@ -24,7 +24,11 @@ def _replace(node: fx.Node, ctx: PassContext, before: fx.Node | None = None, **c
     a = op_args(node)
     a.update(changes)
     names = [arg.name for arg in node.target._schema.arguments]
-    return new_node(node.graph.owning_module, node.target, tuple(a[n] for n in names), {}, ctx, before or node)
+    new = new_node(node.graph.owning_module, node.target, tuple(a[n] for n in names), {}, ctx, before or node)
+    for key in ("stack_trace", "nn_module_stack"):  # the linear's provenance, wherever it is inserted
+        if key in node.meta:
+            new.meta[key] = node.meta[key]
+    return new
 
 
 def merge_sibling_linears(gm: fx.GraphModule, ctx: PassContext) -> int:
