@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
             "regs: max registers per thread; spills: max spill bytes (stores + loads); smem: max shared memory per "
             "block a launch requests; mma: tensor-core instructions in the PTX", "", total.table(), ""]
     issues = total.issues
+    out += decode_grids(builds)
     out.append(f"## issues ({len(total.errors)} errors, {len(issues) - len(total.errors)} warnings)")
     out += [f"{i.severity}: {i}" for i in issues] or ["none"]
     text = "\n".join(out) + "\n"
@@ -146,6 +147,31 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.out).write_text(text)
         print(f"wrote {args.out}")
     return 1 if total.errors else 0
+
+
+GEMV_FAMILIES = ("matmul", "int6_matmul", "df11_gemv")
+
+
+def decode_grids(builds: list[tuple[str, TargetBuild]]) -> list[str]:
+    """Programs per decode launch of the linear families at batch 1 on the 1B shape, against each target's SMs:
+    a bandwidth-bound GEMV with fewer programs than SMs leaves bandwidth unused."""
+    out = ["## decode linears of the Llama-3.2-1B shape at batch 1: programs per launch vs SMs", ""]
+    rows = []
+    for label, build in builds:
+        if not label.startswith("llama-3.2-1b"):
+            continue
+        for r in build.results:
+            s = r.spec
+            if s.family not in GEMV_FAMILIES:
+                continue
+            for use, programs in s.programs.items():
+                if use.startswith("decode ") and all(part.endswith("=1") for part in use.split()[1:2]):
+                    sms = TARGETS[s.target].sm_count
+                    rows.append(f"{label:<32} {s.target:<6} {s.family:<12} {s.module:<28} {programs:>8} {sms:>4} "
+                                f"{'ok' if programs >= sms else 'BELOW'}")
+    out += [f"{'model variant':<32} {'target':<6} {'family':<12} {'kernel':<28} {'programs':>8} {'SMs':>4}",
+            *sorted(set(rows)), ""]
+    return out
 
 
 def _issues(r):  # noqa: ANN001, ANN202

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from braze.kernels import INTERPRETER, TARGETS, DeviceSpec
-from braze.kernels.matmul import MATMUL, MatmulSpec, matmul_config, render_matmul
+from braze.kernels.matmul import GEMV_MAX_M, MATMUL, MatmulSpec, gemv_config, matmul_config, render_matmul
 from braze.runtime.kernel_loader import load_kernel_module
 
 # fp32: the kernel accumulates in fp32 like torch, only the summation order differs.
@@ -246,7 +246,7 @@ def test_header_and_module_layout() -> None:
         "M", "N", "K",
         "stride_am", "stride_ak", "stride_wn", "stride_wk", "stride_w2n", "stride_w2k",
         "stride_rm", "stride_rn", "stride_om", "stride_on",
-        "eps", "BLOCK_M", "BLOCK_N", "BLOCK_K",
+        "eps", "BLOCK_M", "BLOCK_N", "BLOCK_K", "ROW_DOT",
     ]  # fmt: skip
     # No header: the module still opens with the generated description comment.
     assert render_matmul(MatmulSpec("k")).startswith("# braze matmul kernel `k`")
@@ -278,14 +278,59 @@ def test_matmul_config_fits_the_device(device: DeviceSpec) -> None:
         for dual in (False, True):
             for elem in (2, 4):
                 cfg = matmul_config(M, N, K, device, elem_size=elem, dual=dual)
+                gemv = M <= GEMV_MAX_M and not device.interpret
+                assert cfg.row_dot == gemv
                 for b in (cfg.block_m, cfg.block_n, cfg.block_k):
-                    assert b >= 16 and b & (b - 1) == 0
+                    assert b >= (1 if gemv else 16) and b & (b - 1) == 0
                 if device.interpret:
                     assert cfg.block_m <= 64 and cfg.block_n <= 128 and cfg.block_k <= 128
                     continue
                 stage = (cfg.block_m * cfg.block_k + (2 if dual else 1) * cfg.block_k * cfg.block_n) * elem
-                assert cfg.num_stages >= 2 and cfg.num_stages * stage <= device.smem_per_block, (M, N, K, dual, elem)
-    assert matmul_config(1, 4096, 4096, device).block_m == 16  # decode: BLOCK_M hugs M
+                assert cfg.num_stages >= (1 if gemv else 2), (M, N, K, dual, elem)
+                assert cfg.num_stages * stage <= device.smem_per_block, (M, N, K, dual, elem)
+    # decode: BLOCK_M hugs M (the GEMV form on a GPU has no MMA tile to pad to)
+    assert matmul_config(1, 4096, 4096, device).block_m == (16 if device.interpret else 1)
     if device.interpret:  # never (much) bigger than the problem
         cfg = matmul_config(1, 24, 40, device)
         assert (cfg.block_m, cfg.block_n, cfg.block_k) == (16, 32, 64)
+
+
+# ---- the small-M GEMV form (decode on a GPU: ROW_DOT, no MMA padding) -------------------------------------------
+# Llama-3.2-1B decode linears: (N, K, dual) for QKV, o_proj, gate/up, down_proj, lm_head
+LLAMA_1B_DECODE = [(3072, 2048, False), (2048, 2048, False), (8192, 2048, True), (2048, 8192, False),
+                   (128256, 2048, False)]
+
+
+@pytest.mark.parametrize("target", ["sm_80", "sm_90"])
+def test_gemv_grid_covers_every_sm(target: str) -> None:
+    """Every decode linear of the 1B shape launches at least one program per SM at batch 1 to 16."""
+    device = TARGETS[target]
+    for M in (1, 2, 5, 16):
+        for N, K, dual in LLAMA_1B_DECODE:
+            cfg = gemv_config(M, N, K, device, dual=dual)
+            programs = -(-M // cfg.block_m) * -(-N // cfg.block_n)
+            assert cfg.row_dot and cfg.block_m == max(1, 1 << (M - 1).bit_length()), (M, N)
+            assert programs >= device.sm_count, (target, M, N, K, programs)
+            per_thread = cfg.block_m * cfg.block_k * cfg.block_n * (2 if dual else 1) / (32 * cfg.num_warps)
+            assert per_thread <= 64, (M, N, K, cfg)
+
+
+@pytest.mark.parametrize(("M", "dt", "target"), [(1, "float32", "sm_90"), (3, "float16", "sm_80"),
+                                                 (16, "float32", "sm_86")])
+def test_gemv_form_through_the_launcher(M: int, dt: str, target: str) -> None:
+    """The GEMV launch a GPU gets at decode, under the interpreter: plain + bias + GELU, and the fused
+    norm -> gate/up -> SwiGLU -> + residual block, vs torch; ragged N and K tiles."""
+    dtype, device = getattr(torch, dt), TARGETS[target]
+    N, K, eps = 40, 72, 1e-5
+    assert matmul_config(M, N, K, device).row_dot
+    a, w = _operands(M, N, K, dtype)
+    bias = _rand(N, dtype=dtype, seed=3)
+    out = run_matmul(_spec(dtype, has_bias=True, activation="gelu"), a, w, bias=bias, blocks=device)
+    _check(out, F.gelu(F.linear(a.float(), w.float(), bias.float())), dtype)
+    wu = _rand(N, K, dtype=dtype, scale=K**-0.5, seed=7)
+    norm_w = (1.0 + _rand(K, dtype=torch.float32, scale=0.1, seed=6)).to(dtype)
+    residual = _rand(M, N, dtype=dtype, seed=4)
+    spec = _spec(dtype, rmsnorm_prologue=True, dual="swiglu", has_residual=True)
+    out = run_matmul(spec, a, w, w2=wu, norm_weight=norm_w, residual=residual, eps=eps, blocks=device)
+    x = _hf_rmsnorm(a, norm_w, eps)
+    _check(out, F.silu(F.linear(x, w.float())) * F.linear(x, wu.float()) + residual.float(), dtype)

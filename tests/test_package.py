@@ -173,6 +173,20 @@ def test_tampered_plan(copy):
     assert _error(copy) == f"{plan}: sha256 mismatch (package corrupted or tampered)"
 
 
+@pytest.mark.parametrize("payload", ["__import__('os').system('touch MARKER')", "s0 ** 99999", "1.5"])
+def test_a_plan_expression_is_data_not_code(copy, tmp_path, payload):
+    """Even with its hash rewritten, a plan whose expression is not integer arithmetic is refused at load."""
+    plan = copy / "plans" / "forward.json"
+    raw = json.loads(plan.read_text())
+    marker = tmp_path / "MARKER"
+    raw["slots"] = [payload.replace("MARKER", str(marker))] + raw["slots"][1:]
+    plan.write_text(json.dumps(raw))
+    _rehash(copy, "plans/forward.json")
+    msg = _error(copy)
+    assert msg.startswith(f"{plan}: plan expression ") and "is not allowed" in msg
+    assert not marker.exists()
+
+
 def test_tampered_weights(copy):
     w = copy / "weights.safetensors"
     data = bytearray(w.read_bytes())

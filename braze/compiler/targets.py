@@ -98,6 +98,7 @@ class Specialization:
     options: dict[str, Any]
     dtype: str  # the model's compute dtype (the plan's dominant float activation dtype)
     uses: list[str] = field(default_factory=list)  # "decode batch=1", ...
+    programs: dict[str, int] = field(default_factory=dict)  # use -> programs in its launch grid (the smallest)
 
     @property
     def num_warps(self) -> int:
@@ -113,7 +114,7 @@ class Specialization:
                 "signature": self.signature, "constexprs": {_path(k): _plain(v) for k, v in self.constexprs.items()},
                 "attrs": {_path(k): _plain(v) for k, v in self.attrs.items() if v},
                 "num_warps": self.num_warps, "num_stages": self.num_stages, "dtype": self.dtype,
-                "uses": list(self.uses)}
+                "uses": list(self.uses), "programs": dict(self.programs)}
 
 
 def _path(path: tuple) -> str:
@@ -161,7 +162,7 @@ class _Recorder:
         self.version = _triton_version()
 
     def record(self, jit: Any, source: str, module: str, family: str, dtype: str, use: str, args: tuple,
-               meta: dict[str, Any]) -> None:
+               meta: dict[str, Any], programs: int = 0) -> None:
         from triton import knobs
         from triton.runtime.jit import create_function_from_signature
 
@@ -192,6 +193,8 @@ class _Recorder:
                                                      dict(signature), dict(constexprs), dict(attrs), opts, dtype)
         if use not in found.uses:
             found.uses.append(use)
+        if programs:
+            found.programs[use] = min(programs, found.programs.get(use, programs))
 
 
 class _DryKernel:
@@ -206,8 +209,19 @@ class _DryKernel:
 
     def __getitem__(self, grid: Any) -> Callable[..., None]:
         def launch(*args: Any, **meta: Any) -> None:
-            self.recorder.record(self.jit, self.source, self.module, self.family, self.dtype, self.use(), args, meta)
+            self.recorder.record(self.jit, self.source, self.module, self.family, self.dtype, self.use(), args, meta,
+                                 grid_programs(grid, meta))
         return launch
+
+
+def grid_programs(grid: Any, meta: dict[str, Any]) -> int:
+    """Programs a launch grid starts (a grid may be a callable of the launch's meta, as triton allows)."""
+    dims = grid(meta) if callable(grid) else grid
+    dims = dims if isinstance(dims, (tuple, list)) else (dims,)
+    total = 1
+    for d in dims:
+        total *= int(d)
+    return total
 
 
 class _DryModule:

@@ -93,9 +93,11 @@ class MatmulConfig:
     block_k: int
     num_warps: int = 4
     num_stages: int = 2
+    row_dot: bool = False  # the GEMV form: per-row reductions instead of tl.dot
 
-    def meta(self, device: DeviceSpec) -> dict[str, int]:
-        meta = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k}
+    def meta(self, device: DeviceSpec) -> dict[str, Any]:
+        meta: dict[str, Any] = {"BLOCK_M": self.block_m, "BLOCK_N": self.block_n, "BLOCK_K": self.block_k,
+                                "ROW_DOT": self.row_dot}
         if not device.interpret:  # the interpreter ignores warps and stages
             meta.update(num_warps=self.num_warps, num_stages=self.num_stages)
         return meta
@@ -116,6 +118,8 @@ def matmul_config(M: int, N: int, K: int, device: DeviceSpec, *, elem_size: int 
         return _deterministic_config(N, K, device, elem_size=elem_size, dual=dual)
     if device.interpret:
         return MatmulConfig(pow2_clamp(M, 16, 64), pow2_clamp(N, 16, 128), pow2_clamp(K, 16, 128))
+    if M <= GEMV_MAX_M:
+        return gemv_config(M, N, K, device, elem_size=elem_size, dual=dual)
     block_m = pow2_clamp(M, 16, 128)
     block_n = pow2_clamp(N, 16, 64 if dual else 128)
     block_k = pow2_clamp(K, 16, 64 if block_m >= 64 else 128)
@@ -133,9 +137,33 @@ def matmul_config(M: int, N: int, K: int, device: DeviceSpec, *, elem_size: int 
     return MatmulConfig(block_m, block_n, block_k, num_warps=8 if big else 4, num_stages=stages)
 
 
+GEMV_MAX_M = 16  # decode rows (batch x draft tokens) up to which a GPU launch takes the GEMV form
+GEMV_MIN_BLOCK_N = 4
+GEMV_ELEMS_PER_THREAD = 64  # fp32 products of one K tile held per thread (per weight): no spills on sm_80-90
+
+
+def gemv_config(M: int, N: int, K: int, device: DeviceSpec, *, elem_size: int = 2, dual: bool = False,
+                num_warps: int = 4) -> MatmulConfig:
+    """Small-M (decode) launch: no MMA, so M is not padded to 16 rows; BLOCK_N shrinks until the grid covers every
+    SM (a b=1 GEMV is bandwidth bound: an idle SM is lost bandwidth); BLOCK_K takes what is left of a per-thread
+    register budget for the [BLOCK_M, BLOCK_K, BLOCK_N] product tile, so a program streams long contiguous runs
+    of each weight row."""
+    block_m = pow2_clamp(M, 1, GEMV_MAX_M)
+    block_n = 16 if dual else 32
+    while block_n > GEMV_MIN_BLOCK_N and triton.cdiv(N, block_n) < device.sm_count:
+        block_n //= 2
+    n_weights = 2 if dual else 1
+    budget = GEMV_ELEMS_PER_THREAD * 32 * num_warps // n_weights
+    block_k = pow2_clamp(K, 16, max(16, min(1024, budget // (block_m * block_n))))
+    stage_bytes = (block_m + n_weights * block_n) * block_k * elem_size
+    stages = max(1, min(3, (device.smem_per_block - 8 * 1024) // stage_bytes))
+    return MatmulConfig(block_m, block_n, block_k, num_warps=num_warps, num_stages=stages, row_dot=True)
+
+
 def _deterministic_config(N: int, K: int, device: DeviceSpec, *, elem_size: int, dual: bool) -> MatmulConfig:
     if device.interpret:
-        return MatmulConfig(16, pow2_clamp(N, 16, 64), pow2_clamp(K, 16, 64))
+        # ROW_DOT: the interpreter's tl.dot (BLAS) is not row-invariant; a GPU's tl.dot with fixed tiles is
+        return MatmulConfig(16, pow2_clamp(N, 16, 64), pow2_clamp(K, 16, 64), row_dot=True)
     block_n = pow2_clamp(N, 16, 64 if dual else 128)
     block_k = pow2_clamp(K, 16, 128)
     budget = device.smem_per_block - 8 * 1024
@@ -241,10 +269,8 @@ class MatmulFamily(KernelFamily):
         deterministic = bool(params.get("deterministic"))
         cfg = matmul_config(M, N, K, device, elem_size=max(a.element_size(), w.element_size()), dual=w2 is not None,
                             deterministic=deterministic)
-        # ROW_DOT: the interpreter's tl.dot (BLAS) is not row-invariant; a GPU's tl.dot with fixed tiles is
-        row_dot = {"ROW_DOT": device.interpret} if deterministic else {}
         launch_kernel(getattr(module, name), (triton.cdiv(M, cfg.block_m), triton.cdiv(N, cfg.block_n)), *args,
-                      **cfg.meta(device), **row_dot)
+                      **cfg.meta(device))
 
     def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
         return 1

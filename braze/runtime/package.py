@@ -38,6 +38,7 @@ import torch
 
 from braze.runtime.compiled import CompiledModel
 from braze.runtime.errors import ConfigError, DigestMismatchError, PackageError
+from braze.runtime.expr import Expr, ExprError
 from braze.runtime.plan import Plan
 
 FORMAT_VERSION = 2  # 2: plans launch through the kernel-family registry (launch counts and params recorded)
@@ -517,6 +518,11 @@ def load_package(path: str | os.PathLike, executor: str = "auto", sha256: str | 
             plan = Plan.from_json((root / rel).read_text())
         except (ValueError, KeyError, TypeError) as e:
             raise PackageError(f"{root / rel}: not a valid plan ({type(e).__name__}: {e})") from None
+        try:  # plans are data: every expression must be the integer arithmetic the compiler prints
+            for text in plan.expressions():
+                Expr(text)
+        except ExprError as e:
+            raise PackageError(f"{root / rel}: {e}") from None
         sources = {}
         for kname, krel in plan.kernels.items():
             if krel not in manifest["files"]:

@@ -66,6 +66,29 @@ class Plan:
     out_spec: Any = None
     launches: int = 0  # per call on the interpreter at the smallest shapes (braze.kernels.launch_count)
 
+    def expressions(self) -> list[str]:
+        """Every expression the executor evaluates (shapes, strides, offsets, slots, fused sizes, symbolic args)."""
+        out = [e for i in self.inputs for e in i.shape] + list(self.slots)
+        for b in self.buffers:
+            out += [*b.shape, *(b.strides or []), *([b.offset] if b.offset is not None else [])]
+
+        def walk(a: object) -> None:
+            if isinstance(a, list):
+                for x in a:
+                    walk(x)
+            elif isinstance(a, dict):
+                if "sym" in a:
+                    out.append(a["sym"])
+                for x in a.values():
+                    if isinstance(x, (list, dict)):
+                        walk(x)
+
+        for s in self.steps:
+            if s.kind == "fused":
+                out += [s.params.get("xnumel", "1"), s.params.get("rnumel", "1")]
+            walk(s.params)
+        return out
+
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
 
