@@ -107,7 +107,7 @@ def _gc_paused() -> Iterator[None]:
 def _compile_causal_lm(model: torch.nn.Module, config: CompileConfig) -> CompiledModel:
     """Forward, prefill and decode plans from one capture."""
     from braze.compiler.capture import capture_causal_lm
-    from braze.compiler.generation import compile_generation
+    from braze.compiler.generation import attach_compression, compile_generation
 
     build_config = _with_calibration(model, config)
     cap = capture_causal_lm(model, config.max_batch, config.max_seq)
@@ -120,6 +120,7 @@ def _compile_causal_lm(model: torch.nn.Module, config: CompileConfig) -> Compile
     compiled.attach_generation(gen.prefill, gen.decode, gen.kv_inputs, config.max_seq, config.max_batch, eos, pad,
                                graphs=(gen.prefill_graph, gen.decode_graph, gen.verify_graph), verify=gen.verify)
     compiled.generator.speculate_default = config.speculate == "suffix"
+    attach_compression(compiled, gen)  # kv_compression: the generator's compression state, the report's bytes
     compiled.report.extra["generation"] = (f"prefill {gen.prefill.launches} launches, decode {gen.decode.launches} "
                                            f"launches per step, KV cache {len(gen.kv_inputs)} tensors")
     return compiled

@@ -49,6 +49,12 @@ class CompileConfig:
     targets: Any = None
     # a cross-compiled kernel that spills (16-bit models) or exceeds a target limit: "error" or "warn" (accept it)
     target_check: str = "error"
+    # KV-cache compression after prefill (braze/kvcompress): "keydiff", "snapkv", "adakv", "chunkkv" or None;
+    # kv_budget: the compressed cache's capacity, a fraction of max_seq or a token count; kv_window: recent
+    # tokens always kept (also SnapKV's observation window)
+    kv_compression: str | None = None
+    kv_budget: Any = 1.0
+    kv_window: int = 16
 
     def __post_init__(self) -> None:
         _choice("executor", self.executor, EXECUTORS)
@@ -63,6 +69,9 @@ class CompileConfig:
 
             self.targets = list(parse_targets(self.targets)) or None
         self._check_int6()
+        from braze.kvcompress.policy import check_options
+
+        check_options(self.kv_compression, self.kv_budget, self.kv_window, self.max_seq, self.speculate)
         for name in ("max_batch", "max_seq"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -8,6 +8,7 @@ fake tensors of the decode shapes through it (decode). Both plans share the weig
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -21,7 +22,10 @@ from braze.compiler.capture import Captured
 from braze.compiler.config import CompileConfig
 from braze.compiler.pipeline import run_passes
 from braze.compiler.report import CompileReport
+from braze.kvcompress.policy import Budget
+from braze.passes.kv_compression import compress_decode_graph, insert_kv_compression
 from braze.passes.quantize import fuse_df11_decode_plan
+from braze.runtime.kv_compression import CompressionSpec
 from braze.runtime.plan import Plan, SymbolSpec
 
 
@@ -75,6 +79,7 @@ class GenerationPlans:
     decode_graph: fx.GraphModule
     verify: Plan
     verify_graph: fx.GraphModule
+    compression: Any = None  # braze.runtime.kv_compression.CompressionSpec (kv_compression=...)
 
 
 def compile_generation(cap: Captured, config: CompileConfig, report: CompileReport) -> GenerationPlans:
@@ -82,8 +87,14 @@ def compile_generation(cap: Captured, config: CompileConfig, report: CompileRepo
     gen_cap = dataclasses.replace(cap, gm=gm)
     run_passes(gen_cap, config, report, phases=("cache",))
     weights = set(cap.weights)
-    prefill, _ = lower_graph(gm, "prefill", cap.symbols, weights, config.deterministic)
+    prefill_gm, compression = gm, None
+    if config.kv_compression:
+        prefill_gm = copy_graph_module(gm)
+        compression = _compress(prefill_gm, config, report)
+    prefill, _ = lower_graph(prefill_gm, "prefill", cap.symbols, weights, config.deterministic)
     decode_gm = copy_graph_module(gm)
+    if compression is not None:
+        compress_decode_graph(decode_gm, compression.policy, compression.capacity)
     symbols = _respecialize_decode(decode_gm, cap.weights, config.max_batch)
     fuse_df11_decode_plan(decode_gm, cap.weights, config, report)  # quant="df11", df11_strategy="auto" only
     decode, decode_record = lower_graph(decode_gm, "decode", symbols, weights, config.deterministic)
@@ -94,12 +105,32 @@ def compile_generation(cap: Captured, config: CompileConfig, report: CompileRepo
     verify, _ = lower_graph(verify_gm, "verify", cap.symbols, weights, config.deterministic)
     if config.deterministic:
         report.extra["deterministic"] = _deterministic_summary(decode, cap.weights)
+    kv = _kv_inputs(gm)
+    if compression is not None:
+        compression.kv_inputs = _kv_inputs(decode_gm)
+    return GenerationPlans(prefill, decode, kv, prefill_gm, decode_gm, verify, verify_gm, compression)
+
+
+def _kv_inputs(gm: fx.GraphModule) -> list[tuple[str, list[int], str]]:
     kv = []
     for n in gm.graph.nodes:
         if n.op == "placeholder" and n.name.startswith("kv_cache_"):
             v = n.meta["val"]
             kv.append((n.name, [int(s) for s in v.shape[1:]], str(v.dtype).removeprefix("torch.")))
-    return GenerationPlans(prefill, decode, kv, gm, decode_gm, verify, verify_gm)
+    return kv
+
+
+def _compress(prefill_gm: fx.GraphModule, config: CompileConfig, report: CompileReport) -> CompressionSpec:
+    """kv_compression: the prefill graph compacts each layer's cache after its attention (passes/kv_compression)."""
+    policy = config.kv_compression
+    capacity = Budget(config.kv_budget).capacity(config.max_seq, policy)
+    layers = insert_kv_compression(prefill_gm, policy, capacity, config.kv_window)
+    heads = {int(n.name.split("_")[2]): int(n.meta["val"].shape[1]) for n in prefill_gm.graph.nodes
+             if n.op == "placeholder" and n.name.startswith("kvc_cache_") and n.name.endswith("_k")}
+    report.extra["kv compression"] = (f"{policy}, budget {config.kv_budget} -> {capacity} of {config.max_seq} cache "
+                                      f"slots per row and head, recent {config.kv_window} tokens kept; {layers} "
+                                      "caches compacted on device after prefill")
+    return CompressionSpec(policy, config.kv_budget, config.kv_window, capacity, [], heads, policy == "adakv")
 
 
 def _fallback_summary(gm: fx.GraphModule, fallbacks: list[tuple[str, str]]) -> str:
@@ -121,3 +152,21 @@ def _deterministic_summary(decode: Plan, weights: dict[str, torch.Tensor]) -> st
             f"{', fp32 dots instead of 16-bit tensor-core dots' if layercast else ''}. Its attention aside, the "
             f"verify plan (speculative decoding) uses the same kernels; its tree attention and the forward plan "
             f"are not batch-invariant")
+
+
+def attach_compression(compiled: Any, gen: GenerationPlans) -> None:
+    """Hand the compression spec to the generator; the report's bytes come from allocated batch-1 caches."""
+    spec = gen.compression
+    if spec is None:
+        return
+    from braze.runtime.executor import DTYPES
+
+    compiled.generator.compression = spec
+    full = compiled.generator.new_caches(1)
+    small = [torch.zeros([1, *shape], dtype=DTYPES[dtype], device=compiled.device)
+             for _, shape, dtype in spec.kv_inputs]
+    full_bytes = sum(t.numel() * t.element_size() for t in full.values())
+    small_bytes = sum(t.numel() * t.element_size() for t in small)
+    compiled.report.extra["kv compression"] += (
+        f"; decode KV cache {small_bytes} bytes per row vs {full_bytes} uncompressed "
+        f"({full_bytes - small_bytes} saved, {small_bytes / full_bytes:.1%} kept)")

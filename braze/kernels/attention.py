@@ -116,6 +116,7 @@ class DecodeAttentionSpec:
     input_precision: str = "ieee"
     out_dtype: str = "float16"
     from_cache_len: bool = False
+    head_start: bool = False  # kv_start is [B, Hkv] (a compressed cache whose heads hold different lengths)
 
     def __post_init__(self) -> None:
         _check_common(self.name, self.input_precision, self.out_dtype)
@@ -133,7 +134,8 @@ def render_decode_attention(spec: DecodeAttentionSpec, header: str = "") -> str:
     """Python source of the decode module (`<name>_partial` and `<name>_combine`) for `spec`."""
     return render_template(
         "decode_attention.py.j2", header=check_header(header), name=spec.name, has_kv_start=spec.has_kv_start,
-        from_cache_len=spec.from_cache_len, input_precision=spec.input_precision, out_dtype=spec.out_dtype)
+        from_cache_len=spec.from_cache_len, input_precision=spec.input_precision, out_dtype=spec.out_dtype,
+        head_start=spec.head_start)
 
 
 def render_cache_write(name: str) -> str:
@@ -305,11 +307,13 @@ def rope_write(module: Any, name: str, tensors: dict[str, torch.Tensor], device:
 
 def split_kv_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     out: torch.Tensor, seq_lens: torch.Tensor, kv_start: torch.Tensor | None, scale: float,
-                    device: DeviceSpec, splits: int | None = None, *, from_cache_len: bool = False) -> int:
+                    device: DeviceSpec, splits: int | None = None, *, from_cache_len: bool = False,
+                    head_start: bool = False) -> int:
     """Decode attention of one query per row: q/out [B, Hq, D], caches [B, Hkv, S_max, D]. One split writes its
     normalised partial output straight into `out` (no combine launch). Returns the launches.
     from_cache_len (kernel rendered with it): `seq_lens` is the cache length before the new token, [1] for the
-    batch or [B], any integer dtype; the kernel reads it and adds 1 (no torch op, no host read)."""
+    batch or [B], any integer dtype; the kernel reads it and adds 1 (no torch op, no host read).
+    head_start (kernel rendered with it): kv_start is [B, Hkv], one start per row and kv head."""
     B, Hq, D = q.shape
     Hkv, s_max = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
@@ -319,7 +323,10 @@ def split_kv_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tens
     mid_o = out if direct else torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
     mid_lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
     lens = [seq_lens, _row_stride(seq_lens)] if from_cache_len else [seq_lens]
-    args = [q, k_cache, v_cache, mid_o, mid_lse, *lens, *([kv_start] if kv_start is not None else []),
+    starts = [kv_start] if kv_start is not None else []
+    if head_start:
+        starts += [kv_start.stride(0), kv_start.stride(1)]
+    args = [q, k_cache, v_cache, mid_o, mid_lse, *lens, *starts,
             Hkv, group, D, splits, *q.stride(), *k_cache.stride(), *v_cache.stride(), float(scale)]
     opts = {} if device.interpret else {"num_warps": blocks.num_warps, "num_stages": blocks.num_stages}
     launch_kernel(getattr(module, f"{name}_partial"), (B * Hkv, splits), *args,
@@ -407,8 +414,10 @@ class CachedAttentionFamily(KernelFamily):
         decode = isinstance(q.shape[2], int) and q.shape[2] == 1
         precision, out_dtype = _precision(q.dtype), FLOAT_NAMES[node.meta["val"].dtype]
         # The cache length is read on device by the kernels (len_on_device): no host read, no torch op per call.
+        head_start = a["kv_start"].meta["val"].dim() == 2  # kv_compression="adakv": per-head lengths
         if decode:
-            attn = render_decode_attention(DecodeAttentionSpec(name, True, precision, out_dtype, from_cache_len=True))
+            attn = render_decode_attention(DecodeAttentionSpec(name, True, precision, out_dtype, from_cache_len=True,
+                                                               head_start=head_start))
         else:
             attn = render_attention(AttentionSpec(name, causal=True, rope=False, has_kv_start=True, device_len=True,
                                                   input_precision=precision, out_dtype=out_dtype))
@@ -416,7 +425,8 @@ class CachedAttentionFamily(KernelFamily):
         k_cache = a["k_cache"].meta["val"]
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
                     params={"roles": roles, "scale": float(a["scale"]), "decode": decode,
-                            "heads_kv": int(k_cache.shape[1]), "s_max": int(k_cache.shape[2]), "len_on_device": True})
+                            "heads_kv": int(k_cache.shape[1]), "s_max": int(k_cache.shape[2]), "len_on_device": True,
+                            **({"head_start": True} if head_start else {})})
         return attn + "\n\n" + render_cache_write(name), step
 
     def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
@@ -430,7 +440,8 @@ class CachedAttentionFamily(KernelFamily):
         if params.get("len_on_device"):  # the kernels read cache_len: the whole step is launches only
             if params["decode"]:
                 split_kv_decode(module, name, qo[:, :, 0, :], kc, vc, out[:, :, 0, :], cache_len, kv_start,
-                                params["scale"], device, from_cache_len=True)
+                                params["scale"], device, from_cache_len=True,
+                                head_start=bool(params.get("head_start")))
             else:
                 flash_attention(getattr(module, name), qo, kc, vc, out, params["scale"], device, kv_start=kv_start,
                                 past=cache_len)

@@ -1,5 +1,6 @@
 """braze::* custom ops (importing this package registers them)."""
 
+from braze.ops import kv_compress as _kv_compress  # noqa: F401  (registers braze::kv_compress)
 from braze.ops.library import BRAZE_OPS
 from braze.ops.quant_ops import QUANT_OPS
 

@@ -192,10 +192,14 @@ def _write_and_read_cache(q, k, v, cos, sin, k_cache, v_cache, cache_len):
 
 
 def _masked_attention(q, keys, values, visible, kv_start, scale):
-    """Softmax attention where `visible` [Sq, Skv] is and keys >= kv_start[b]; a query seeing nothing gives 0."""
+    """Softmax attention where `visible` [Sq, Skv] is and keys >= kv_start[b] ([B]) or kv_start[b, h] ([B, Hkv]:
+    a compressed cache whose heads hold different lengths); a query seeing nothing gives 0."""
     b = q.shape[0]
     kpos = torch.arange(keys.shape[2], device=q.device)
-    visible = visible[None, None] & (kpos[None, None, None, :] >= kv_start.reshape(b, 1, 1, 1).to(kpos.dtype))
+    start = kv_start.reshape(b, -1).to(kpos.dtype)
+    if start.shape[1] > 1:
+        start = start.repeat_interleave(q.shape[1] // start.shape[1], dim=1)
+    visible = visible[None, None] & (kpos[None, None, None, :] >= start[:, :, None, None])
     scores = (q.float() @ keys.float().transpose(-1, -2)) * scale
     probs = torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1).nan_to_num(0.0)
     return (probs @ values.float()).to(q.dtype)

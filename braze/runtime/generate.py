@@ -40,13 +40,14 @@ class Generator:
         self.speculate_default = False
         self.graphs = None
         self.verify: Any = None  # tree-verify executor (draft trees); path drafts verify through the prefill plan
+        self.compression: Any = None  # braze.runtime.kv_compression.CompressionSpec when compiled with kv_compression
         # CUDA graphs are captured per batch bucket (1, 2, 4, ... max_batch): a batch is padded up to its bucket with
         # dummy rows that own their own cache rows, start finished, and are sliced off the result
         self.bucket_batches = cuda_graphs
         if cuda_graphs:
             from braze.runtime.cuda_graphs import CudaGraphRunner
 
-            self.graphs = CudaGraphRunner(decode, static_prefixes=("kv_cache_", "kv_start"))
+            self.graphs = CudaGraphRunner(decode, static_prefixes=("kv_cache_", "kv_start", "kvc_start"))
 
     def _ordered(self, executor: PlanExecutor, values: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         return [values[i.name] for i in executor.user_inputs]
@@ -169,14 +170,31 @@ class Generator:
                 positions = torch.cat([positions, positions[:1].expand(extra, -1)])
                 batch = bucket
         caches = self.new_caches(batch)
-        self.stats = GenerationStats(kv_cache_bytes=sum(c.numel() * c.element_size() for c in caches.values()))
+        comp, base, extra_inputs = None, prompt_len, {}
+        if self.compression is not None:  # prefill fills the full cache and compacts it into comp.caches
+            from braze.runtime.kv_compression import plan_call, prefill_inputs
+
+            comp = plan_call(self.compression, prompt_len, max_new_tokens, self.max_seq, batch, self.device)
+            extra_inputs = prefill_inputs(comp, self.device)
+        kept = comp.caches if comp is not None else caches
+        self.stats = GenerationStats(kv_cache_bytes=sum(c.numel() * c.element_size() for c in kept.values()))
+        if comp is not None:
+            self.stats.extra["kv_cache_bytes_uncompressed"] = sum(c.numel() * c.element_size()
+                                                                  for c in caches.values())
         if streamer is not None:
             streamer.put(ids[:real].cpu())
 
         start = time.perf_counter()
         values = {"input_ids": ids, "position_ids": positions.contiguous(),
-                  "cache_len": torch.zeros(1, dtype=torch.int64, device=self.device), "kv_start": kv_start, **caches}
+                  "cache_len": torch.zeros(1, dtype=torch.int64, device=self.device), "kv_start": kv_start, **caches,
+                  **extra_inputs}
         (logits,) = self.prefill.run(self._ordered(self.prefill, values))
+        if comp is not None:  # decode runs over the compressed cache; the full one is dropped here
+            from braze.runtime.kv_compression import decode_state
+
+            caches, base = comp.caches, comp.end
+            kv_start, extra_inputs = decode_state(self.compression, comp)
+            del values
         next_tok = select_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
         self.stats.time_to_first_token_s = time.perf_counter() - start
         unfinished = torch.ones(batch, dtype=torch.bool, device=self.device)
@@ -204,8 +222,8 @@ class Generator:
                 break
             pos = pos + 1
             values = {"input_ids": next_tok[:, None], "position_ids": pos,
-                      "cache_len": torch.tensor([prompt_len + step], dtype=torch.int64, device=self.device),
-                      "kv_start": kv_start, **caches}
+                      "cache_len": torch.tensor([base + step], dtype=torch.int64, device=self.device),
+                      "kv_start": kv_start, **caches, **extra_inputs}
             inputs = self._ordered(self.decode, values)
             (logits,) = self.graphs.run(inputs) if self.graphs else self.decode.run(inputs)
             next_tok = select_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator)

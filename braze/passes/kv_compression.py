@@ -1,0 +1,105 @@
+"""KV-cache compression in the generation plans (kv_compression=..., kv_budget=...).
+
+The prefill graph gains, after each layer's cached attention, a braze::kv_compress step that scores the prompt's
+cached tokens and compacts the kept ones into that layer's compressed cache (new inputs `kvc_cache_<i>_k/v`,
+`kvc_start_<i>` and `kv_keep`); the full-size prefill cache is transient. The decode graph's caches are
+re-declared at the compressed capacity, and for adakv (heads keep different counts) each layer's attention masks
+with its own per-head start [B, Hkv] instead of the per-row kv_start.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from braze.ops.schema import op_args
+from braze.runtime.errors import ConfigError
+
+braze = torch.ops.braze
+
+
+def _placeholder(gm: fx.GraphModule, name: str, fake: torch.Tensor) -> fx.Node:
+    last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    with gm.graph.inserting_after(last):
+        node = gm.graph.placeholder(name)
+    node.meta["val"] = fake
+    return node
+
+
+def _layers(gm: fx.GraphModule) -> list[tuple[int, fx.Node]]:
+    """(cache index, attention node) for each cached attention; refuses what compression cannot serve."""
+    general = [n.name for n in gm.graph.nodes if n.target is braze.general_cached_attention.default]
+    if general:
+        raise ConfigError(f"kv_compression needs RoPE causal attention over the cache; {', '.join(general)} run "
+                          "the general cached attention (positions differ from cache slots once compacted)")
+    out = []
+    for n in gm.graph.nodes:
+        if n.target is braze.cached_attention.default:
+            out.append((int(op_args(n)["k_cache"].name.split("_")[2]), n))
+    return out
+
+
+def _cache_shape(fake: torch.Tensor, capacity: int) -> list:
+    return [fake.shape[0], fake.shape[1], capacity, fake.shape[3]]
+
+
+def insert_kv_compression(gm: fx.GraphModule, policy: str, capacity: int, window: int) -> int:
+    """Prefill graph: one braze::kv_compress after the first attention writing each cache."""
+    layers = _layers(gm)
+    if not layers:
+        return 0
+    done: set[int] = set()
+    keep = None
+    for i, node in layers:
+        if i in done:  # cross-layer KV sharing: one cache, compressed once
+            continue
+        done.add(i)
+        a = op_args(node)
+        kc = a["k_cache"].meta["val"]
+        mode = kc.fake_mode
+        with mode:
+            if keep is None:
+                keep = _placeholder(gm, "kv_keep", torch.empty(2, dtype=torch.int64))
+            ck = _placeholder(gm, f"kvc_cache_{i}_k", torch.empty(_cache_shape(kc, capacity), dtype=kc.dtype))
+            cv = _placeholder(gm, f"kvc_cache_{i}_v", torch.empty(_cache_shape(kc, capacity),
+                                                                    dtype=a["v_cache"].meta["val"].dtype))
+            start = _placeholder(gm, f"kvc_start_{i}", torch.empty([kc.shape[0], kc.shape[1]], dtype=torch.int32))
+        with gm.graph.inserting_after(node):
+            comp = gm.graph.call_function(
+                braze.kv_compress.default,
+                (node, a["q"], a["k_cache"], a["v_cache"], a["kv_start"], ck, cv, keep, start, float(a["scale"]),
+                 policy, int(window)), {"cos": a["cos"], "sin": a["sin"]})
+        with mode:
+            comp.meta["val"] = torch.empty_like(node.meta["val"])
+        for key in ("stack_trace", "nn_module_stack"):
+            if key in node.meta:
+                comp.meta[key] = node.meta[key]
+        node.replace_all_uses_with(comp, delete_user_cb=lambda user, c=comp: user is not c)
+    gm.graph.lint()
+    gm.recompile()
+    return len(done)
+
+
+def compress_decode_graph(gm: fx.GraphModule, policy: str, capacity: int) -> None:
+    """Decode graph: caches at the compressed capacity; adakv layers mask with their per-head start."""
+    layers = _layers(gm)
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" and n.name.startswith("kv_cache_"):
+            fake = n.meta["val"]
+            with fake.fake_mode:
+                n.meta["val"] = torch.empty(_cache_shape(fake, capacity), dtype=fake.dtype)
+    if policy != "adakv":
+        gm.recompile()
+        return
+    starts: dict[int, fx.Node] = {}
+    for i, node in layers:
+        if i not in starts:
+            kc = op_args(node)["k_cache"].meta["val"]
+            with kc.fake_mode:
+                starts[i] = _placeholder(gm, f"kvc_start_{i}",
+                                         torch.empty([kc.shape[0], kc.shape[1]], dtype=torch.int32))
+        args = list(node.args)
+        args[8] = starts[i]  # cached_attention(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, scale)
+        node.args = tuple(args)
+    gm.graph.lint()
+    gm.recompile()

@@ -1,0 +1,64 @@
+"""The generator's side of KV-cache compression: per-call counts, the compressed caches and their starts.
+
+The prefill plan fills the compressed caches (braze::kv_compress); this object allocates them, gives the prefill
+its extra inputs, and gives decode its caches, per-row start (or per-layer, per-head starts for adakv) and the
+slot where generated tokens go.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from braze.kvcompress.policy import Budget
+from braze.runtime.errors import ShapeOutOfRangeError
+from braze.runtime.executor import DTYPES
+
+
+@dataclass
+class CompressionSpec:
+    policy: str
+    budget: float | int
+    window: int
+    capacity: int  # slots per row and head of the decode cache
+    kv_inputs: list  # (name, shape without batch, dtype) of the decode caches (at capacity)
+    heads: dict  # cache index -> kv heads (the kvc_start_<i> inputs are [B, heads])
+    per_head: bool  # adakv: decode masks each layer with its own per-head start
+
+
+@dataclass
+class CompressedCall:
+    keep: int  # mean prompt tokens kept per row and head
+    end: int  # decode writes from this slot on
+    caches: dict  # kv_cache_<i>_k/v at capacity
+    starts: dict  # kvc_start_<i> [B, Hkv] int32
+
+
+def plan_call(spec: CompressionSpec, prompt_len: int, max_new_tokens: int, max_seq: int, batch: int,
+              device: torch.device) -> CompressedCall:
+    """Counts for one generate call (host integers from shapes: no device read) and the compressed caches."""
+    keep = Budget(spec.budget).keep(prompt_len, max_new_tokens, max_seq)
+    if keep < min(spec.window, prompt_len):
+        raise ShapeOutOfRangeError(
+            f"max_new_tokens={max_new_tokens} leaves {max(keep, 0)} slots of the compressed KV cache (capacity "
+            f"{spec.capacity}) for the prompt, fewer than kv_window={spec.window}; raise kv_budget or generate fewer "
+            "tokens")
+    end = min(prompt_len, spec.capacity - max_new_tokens) if spec.per_head else keep
+    caches = {name: torch.zeros([batch, *shape], dtype=DTYPES[dtype], device=device)
+              for name, shape, dtype in spec.kv_inputs}
+    starts = {f"kvc_start_{i}": torch.zeros(batch, h, dtype=torch.int32, device=device) for i, h in spec.heads.items()}
+    return CompressedCall(keep, end, caches, starts)
+
+
+def prefill_inputs(call: CompressedCall, device: torch.device) -> dict[str, torch.Tensor]:
+    """The prefill plan's compression inputs: kv_keep = (keep, end), the compressed caches, the starts."""
+    out = {"kv_keep": torch.tensor([call.keep, call.end], dtype=torch.int64, device=device), **call.starts}
+    out.update({"kvc_" + name.removeprefix("kv_"): t for name, t in call.caches.items()})
+    return out
+
+
+def decode_state(spec: CompressionSpec, call: CompressedCall) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(per-row kv_start for uniform policies, extra decode inputs: the per-head starts for adakv)."""
+    first = next(iter(call.starts.values()))
+    return first[:, 0].contiguous(), (call.starts if spec.per_head else {})

@@ -1,0 +1,276 @@
+"""KV-cache compression (kv_compression=...): each policy's kept set against a plain loop oracle of its paper's rule
+on random K/V, compaction, per-head starts in the decode kernel, and generation over the compressed cache."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
+
+import math  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import braze  # noqa: E402
+from braze.kvcompress import compact, select_keep  # noqa: E402
+from braze.kvcompress.policy import ADAKV_SAFEGUARD, CHUNK, POLICIES, POOL_KERNEL  # noqa: E402
+from braze.models import tiny_causal_lm  # noqa: E402
+from braze.runtime.errors import ConfigError, ShapeOutOfRangeError  # noqa: E402
+
+B, HQ, HKV, P, D, WINDOW = 2, 4, 2, 60, 16, 8
+PAD = (0, 7)  # left padding per row
+
+
+def _inputs(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(B, HKV, P, D, generator=g)
+    q_win = torch.randn(B, HQ, WINDOW, D, generator=g)
+    valid = torch.arange(P)[None] >= torch.tensor(PAD)[:, None]
+    return keys, q_win, valid
+
+
+# ---- oracles: one row and head at a time, the papers' rules written out -------------------------------------------
+def _oracle_keydiff(keys, b, h):
+    real = keys[b, h, PAD[b]:]
+    anchor = torch.stack([k / k.norm() for k in real]).mean(0)
+    return {PAD[b] + i: -float(k @ anchor / (k.norm() * anchor.norm())) for i, k in enumerate(real)}
+
+
+def _oracle_snapkv(keys, q_win, b, h):
+    """Window queries' causal softmax over the real keys, averaged over real queries, max-pooled, GQA-averaged."""
+    group = HQ // HKV
+    per_head = []
+    for qh in range(h * group, (h + 1) * group):
+        acc = [0.0] * P
+        votes = 0
+        for i in range(WINDOW):
+            pos = P - WINDOW + i
+            if pos < PAD[b]:
+                continue
+            votes += 1
+            logits = {j: float(q_win[b, qh, i] @ keys[b, h, j]) / math.sqrt(D) for j in range(PAD[b], pos + 1)}
+            top = max(logits.values())
+            z = sum(math.exp(v - top) for v in logits.values())
+            for j, v in logits.items():
+                acc[j] += math.exp(v - top) / z
+        acc = [a / max(votes, 1) for a in acc]
+        r = POOL_KERNEL // 2
+        per_head.append([max(acc[max(0, j - r):j + r + 1]) for j in range(P)])
+    return {j: sum(s[j] for s in per_head) / group for j in range(PAD[b], P)}
+
+
+def _top(scores: dict, keep: int, forced: set) -> set:
+    rest = sorted((j for j in scores if j not in forced), key=lambda j: (-scores[j], j))
+    return forced | set(rest[:keep - len(forced)])
+
+
+def _recent(b):
+    return {j for j in range(P - WINDOW, P) if j >= PAD[b]}
+
+
+def _mask_of(kept: dict) -> torch.Tensor:
+    m = torch.zeros(B, HKV, P, dtype=torch.bool)
+    for (b, h), js in kept.items():
+        m[b, h, sorted(js)] = True
+    return m
+
+
+def _select(policy, keys, q_win, valid, keep, end=None):
+    t = torch.tensor([keep])
+    return select_keep(policy, keys, valid, t, torch.tensor([end or keep]), WINDOW, q_win, D ** -0.5)
+
+
+@pytest.mark.parametrize("keep", [12, 30])
+def test_keydiff_keeps_the_oracles_tokens(keep):
+    keys, q_win, valid = _inputs(1)
+    kept = {(b, h): _top(_oracle_keydiff(keys, b, h), min(keep, P - PAD[b]), _recent(b))
+            for b in range(B) for h in range(HKV)}
+    assert torch.equal(_select("keydiff", keys, None, valid, keep), _mask_of(kept))
+
+
+@pytest.mark.parametrize("keep", [12, 30])
+def test_snapkv_keeps_the_oracles_tokens(keep):
+    keys, q_win, valid = _inputs(2)
+    kept = {(b, h): _top(_oracle_snapkv(keys, q_win, b, h), min(keep, P - PAD[b]), _recent(b))
+            for b in range(B) for h in range(HKV)}
+    assert torch.equal(_select("snapkv", keys, q_win, valid, keep), _mask_of(kept))
+
+
+@pytest.mark.parametrize("keep, cap", [(12, 24), (20, 22)])
+def test_adakv_allocates_the_budget_across_heads_like_the_oracle(keep, cap):
+    """Ada-KV: each head keeps its window and top safeguard share; the rest of the row's budget (heads x keep)
+    goes to the highest scores over all heads jointly, a head holding at most `cap` tokens."""
+    keys, q_win, valid = _inputs(3)
+    mask = _select("adakv", keys, q_win, valid, keep, cap)
+    safe = int((keep - WINDOW) * ADAKV_SAFEGUARD)
+    for b in range(B):
+        scores = {h: _oracle_snapkv(keys, q_win, b, h) for h in range(HKV)}
+        kept = {h: set(_recent(b)) for h in range(HKV)}
+        for h in range(HKV):
+            kept[h] = _top(scores[h], len(kept[h]) + safe, kept[h])
+        pool = sorted(((scores[h][j], -j, h, j) for h in range(HKV) for j in scores[h] if j not in kept[h]),
+                      reverse=True)
+        total = HKV * min(keep, P - PAD[b])
+        for _, _, h, j in pool:
+            if sum(map(len, kept.values())) == total:
+                break
+            if len(kept[h]) < cap:
+                kept[h].add(j)
+        for h in range(HKV):
+            assert set(torch.nonzero(mask[b, h]).flatten().tolist()) == kept[h], (b, h)
+    counts = mask.sum(-1)
+    assert counts.max() <= cap and (counts[0] != counts[0, 0]).any()  # heads hold different lengths
+
+
+@pytest.mark.parametrize("keep", [WINDOW + CHUNK, WINDOW + 2 * CHUNK - 5])
+def test_chunkkv_keeps_whole_chunks_like_the_oracle(keep):
+    """ChunkKV: chunks of CHUNK tokens from the first real token, scored by the mean over the chunk of the SnapKV
+    scores summed over heads; best chunks first (the last one that fits partly: its first tokens), same set in every
+    head; the recent window always."""
+    keys, q_win, valid = _inputs(4)
+    mask = _select("chunkkv", keys, q_win, valid, keep)
+    for b in range(B):
+        summed = {j: sum(_oracle_snapkv(keys, q_win, b, h)[j] for h in range(HKV)) for j in range(PAD[b], P)}
+        chunks = {}
+        for j in summed:
+            chunks.setdefault((j - PAD[b]) // CHUNK, []).append(j)
+        order = sorted(chunks, key=lambda c: -sum(summed[j] for j in chunks[c]) / len(chunks[c]))
+        kept = set(_recent(b))
+        for c in order:
+            for j in chunks[c]:
+                if len(kept) < keep:
+                    kept.add(j)
+        for h in range(HKV):
+            assert set(torch.nonzero(mask[b, h]).flatten().tolist()) == kept
+
+
+def test_compact_right_aligns_kept_tokens_and_returns_starts():
+    torch.manual_seed(5)
+    full = torch.randn(B, HKV, P + 4, D)  # the prefill cache is larger than the prompt
+    keep = torch.rand(B, HKV, P) < 0.3
+    dest = torch.full((B, HKV, 40, D), float("nan"))
+    end = int(keep.sum(-1).max()) + 2
+    start = compact(full, keep, dest, torch.tensor([end]))
+    for b in range(B):
+        for h in range(HKV):
+            idx = torch.nonzero(keep[b, h]).flatten()
+            s = end - len(idx)
+            assert int(start[b, h]) == s
+            assert torch.equal(dest[b, h, s:end], full[b, h, idx])
+            assert torch.count_nonzero(dest[b, h, :s]) == 0 and torch.count_nonzero(dest[b, h, end:]) == 0
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_compressed_attention_equals_attention_over_the_kept_tokens(policy):
+    """braze::kv_compress + decode over the compacted cache = attention over the full cache with the dropped tokens
+    masked (per row and, for adakv, per head)."""
+    from braze.ops.kv_compress import kv_compress_reference
+    from braze.ops.library import cached_attention_reference
+
+    torch.manual_seed(6)
+    s_max, cap, keep = 80, 40, 20
+    k_cache, v_cache = torch.randn(B, HKV, s_max, D), torch.randn(B, HKV, s_max, D)
+    q = torch.randn(B, HQ, P, D)
+    cos, sin = torch.ones(B, P, D), torch.zeros(B, P, D)
+    kv_start = torch.tensor(PAD, dtype=torch.int32)
+    ck, cv = torch.zeros(B, HKV, cap, D), torch.zeros(B, HKV, cap, D)
+    starts = torch.zeros(B, HKV, dtype=torch.int32)
+    end = cap - 4 if policy == "adakv" else keep
+    kv_compress_reference(q, k_cache, v_cache, kv_start, ck, cv, torch.tensor([keep, end]), starts, D ** -0.5,
+                          policy, WINDOW, cos, sin)
+    valid = torch.arange(P)[None] >= kv_start[:, None]
+    mask = select_keep(policy, k_cache[:, :, :P], valid, torch.tensor([keep]), torch.tensor([end]), WINDOW,
+                       q[:, :, -WINDOW:], D ** -0.5)
+    qd, kd, vd = torch.randn(B, HQ, 1, D), torch.randn(B, HKV, 1, D), torch.randn(B, HKV, 1, D)
+    cd, sd = torch.ones(B, 1, D), torch.zeros(B, 1, D)
+    out = cached_attention_reference(qd, kd, vd, cd, sd, ck, cv, torch.tensor([end]), starts, D ** -0.5)
+    keys = torch.cat([k_cache[:, :, :P], kd], 2).repeat_interleave(HQ // HKV, 1)
+    values = torch.cat([v_cache[:, :, :P], vd], 2).repeat_interleave(HQ // HKV, 1)
+    seen = torch.cat([mask, torch.ones(B, HKV, 1, dtype=torch.bool)], 2).repeat_interleave(HQ // HKV, 1)
+    scores = (qd @ keys.transpose(-1, -2)) * D ** -0.5
+    want = torch.softmax(scores.masked_fill(~seen[:, :, None], -math.inf), -1) @ values
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("splits", [1, 3])
+def test_decode_kernel_per_head_start_matches_masked_reference(splits):
+    """The split-KV decode kernel with head_start (adakv: kv_start [B, Hkv]) under the interpreter."""
+    from braze.kernels import INTERPRETER
+    from braze.kernels.attention import DecodeAttentionSpec, render_decode_attention, split_kv_decode
+    from braze.runtime.kernel_loader import load_kernel_module
+
+    torch.manual_seed(7)
+    s_max = 48
+    q = torch.randn(B, HQ, D)
+    kc, vc = torch.randn(B, HKV, s_max, D), torch.randn(B, HKV, s_max, D)
+    cache_len = torch.tensor([39])
+    kv_start = torch.tensor([[3, 30], [17, 0]], dtype=torch.int32)
+    spec = DecodeAttentionSpec("dec", has_kv_start=True, out_dtype="float32", from_cache_len=True, head_start=True)
+    out = torch.full((B, HQ, D), float("nan"))
+    split_kv_decode(load_kernel_module(render_decode_attention(spec)), "dec", q, kc, vc, out, cache_len, kv_start,
+                    D ** -0.5, INTERPRETER, splits=splits, from_cache_len=True, head_start=True)
+    start = kv_start.long().repeat_interleave(HQ // HKV, 1)
+    pos = torch.arange(s_max)
+    seen = (pos[None, None] >= start[..., None]) & (pos <= 39)
+    keys, values = kc.repeat_interleave(HQ // HKV, 1), vc.repeat_interleave(HQ // HKV, 1)
+    scores = torch.einsum("bhd,bhsd->bhs", q, keys) * D ** -0.5
+    want = torch.einsum("bhs,bhsd->bhd", torch.softmax(scores.masked_fill(~seen, -math.inf), -1), values)
+    torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
+
+
+# ---- generation ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def lm():
+    model = tiny_causal_lm("llama", layers=1)
+    ids = torch.randint(3, 200, (2, 30), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    base = braze.compile(model, max_seq=48, max_batch=2, executor="reference")
+    return model, ids, mask, base.generate(ids, attention_mask=mask, max_new_tokens=6)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_full_budget_reproduces_uncompressed_generation(lm, policy):
+    model, ids, mask, want = lm
+    cm = braze.compile(model, max_seq=48, max_batch=2, executor="reference", kv_compression=policy, kv_budget=1.0)
+    assert torch.equal(cm.generate(ids, attention_mask=mask, max_new_tokens=6), want)
+
+
+def test_cache_bytes_shrink_by_the_budget_and_the_report_says_so(lm):
+    model, ids, mask, _ = lm
+    cm = braze.compile(model, max_seq=48, max_batch=2, executor="reference", kv_compression="keydiff",
+                       kv_budget=0.25, kv_window=4)
+    out = cm.generate(ids, attention_mask=mask, max_new_tokens=4)
+    assert out.shape == (2, 34)
+    stats = cm.generator.stats
+    assert stats.kv_cache_bytes * 4 == stats.extra["kv_cache_bytes_uncompressed"]  # measured on the tensors
+    line = cm.report.extra["kv compression"]
+    assert line.startswith("keydiff, budget 0.25 -> 12 of 48") and "25.0% kept" in line, line
+    with pytest.raises(ShapeOutOfRangeError, match="kv_window"):
+        cm.generate(ids, attention_mask=mask, max_new_tokens=9)  # 12 - 9 slots left for the prompt < kv_window
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "adakv"])
+def test_kernel_plans_match_the_reference_executor(lm, policy):
+    """The interpreter plans (decode kernel over the compressed cache; adakv: per-head starts) = the reference."""
+    model, ids, mask, _ = lm
+    opts = dict(max_seq=48, max_batch=2, kv_compression=policy, kv_budget=0.5)
+    ref = braze.compile(model, executor="reference", **opts).generate(ids, attention_mask=mask, max_new_tokens=5)
+    cm = braze.compile(model, executor="interpret", **opts)
+    assert torch.equal(cm.generate(ids, attention_mask=mask, max_new_tokens=5), ref)
+    assert "decode eager steps" not in cm.report.extra
+
+
+@pytest.mark.parametrize("options, match", [
+    ({"kv_compression": "h2o"}, "kv_compression='h2o' is not valid"),
+    ({"kv_compression": "keydiff", "kv_budget": 0.0}, "fraction must be in"),
+    ({"kv_compression": "keydiff", "kv_budget": 1000}, "token count must be in"),
+    ({"kv_compression": "keydiff", "kv_budget": "half"}, "kv_budget must be"),
+    ({"kv_compression": "keydiff", "kv_window": 0}, "kv_window must be"),
+    ({"kv_compression": "keydiff", "speculate": "suffix"}, "speculate"),
+])
+def test_bad_options_are_one_line_config_errors(options, match):
+    with pytest.raises(ConfigError, match=match) as e:
+        braze.compile(torch.nn.Linear(2, 2), max_seq=64, **options)
+    assert "\n" not in str(e.value)
