@@ -197,9 +197,10 @@ def compile(model: Any = None, **options: Any) -> Any:
 
     HF causal LMs compile at once (their example inputs are known); other modules compile on the first call.
     """
-    from braze.compiler.config import CompileConfig
+    from braze.compiler.config import CompileConfig, tp_rank
 
     config = CompileConfig.from_options(**options)
+    tp_rank(config)  # tp > 1 outside a matching process group: refused before anything is captured
     if model is None:
         return functools.partial(_decorate, config=config)
     return _compile_object(model, config)

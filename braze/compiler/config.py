@@ -49,6 +49,9 @@ class CompileConfig:
     targets: Any = None
     # a cross-compiled kernel that spills (16-bit models) or exceeds a target limit: "error" or "warn" (accept it)
     target_check: str = "error"
+    # tensor parallelism: shard the model over the `tp` ranks of the initialized torch.distributed process group
+    # (braze/passes/tensor_parallel.py); 1 = no sharding
+    tp: int = 1
     # KV-cache compression after prefill (braze/kvcompress): "keydiff", "snapkv", "adakv", "chunkkv" or None;
     # kv_budget: the compressed cache's capacity, a fraction of max_seq or a token count; kv_window: recent
     # tokens always kept (also SnapKV's observation window)
@@ -72,7 +75,7 @@ class CompileConfig:
         from braze.kvcompress.policy import check_options
 
         check_options(self.kv_compression, self.kv_budget, self.kv_window, self.max_seq, self.speculate)
-        for name in ("max_batch", "max_seq"):
+        for name in ("max_batch", "max_seq", "tp"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -109,3 +112,18 @@ def _choice(name: str, value: Any, valid: tuple) -> None:
     if value not in valid:
         shown = ", ".join(repr(v) for v in valid)
         raise ConfigError(f"{name}={value!r} is not valid; choose one of {shown}")
+
+
+def tp_rank(config: CompileConfig) -> tuple[int, int]:
+    """(rank, world size) of a tp > 1 compile, checked against the torch.distributed process group it runs in."""
+    import torch.distributed as dist
+
+    if config.tp == 1:
+        return 0, 1
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ConfigError(f"tp={config.tp} needs an initialized torch.distributed process group "
+                          "(torch.distributed.init_process_group, e.g. under torchrun); none is initialized")
+    world = dist.get_world_size()
+    if world != config.tp:
+        raise ConfigError(f"tp={config.tp} must equal the process group's world size ({world})")
+    return dist.get_rank(), world

@@ -1,7 +1,8 @@
 """braze::* custom ops (importing this package registers them)."""
 
 from braze.ops import kv_compress as _kv_compress  # noqa: F401  (registers braze::kv_compress)
+from braze.ops.collectives import COLLECTIVE_OPS
 from braze.ops.library import BRAZE_OPS
 from braze.ops.quant_ops import QUANT_OPS
 
-__all__ = ["BRAZE_OPS", "QUANT_OPS"]
+__all__ = ["BRAZE_OPS", "COLLECTIVE_OPS", "QUANT_OPS"]

@@ -34,6 +34,7 @@ from braze.passes.patterns import (
     recognize_rope,
 )
 from braze.passes.quantize import quantize_df11
+from braze.passes.tensor_parallel import shard_tensor_parallel
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ PASSES: list[PassSpec] = [
     PassSpec("recognize_gelu_tanh", "patterns", recognize_gelu_tanh),
     PassSpec("recognize_glu", "patterns", recognize_glu),
     PassSpec("substitute_attention", "attention", substitute_attention),
+    # tp > 1: this rank's shard of the weights, all-reduces after row-parallel linears (braze/passes/tensor_parallel.py)
+    PassSpec("shard_tensor_parallel", "parallel", shard_tensor_parallel,
+             enabled=lambda config: getattr(config, "tp", 1) > 1),
     PassSpec("merge_sibling_linears", "fusion", merge_sibling_linears),
     PassSpec("fuse_norm_prologue", "fusion", fuse_norm_prologue),
     PassSpec("fuse_linear_epilogue", "fusion", fuse_linear_epilogue),

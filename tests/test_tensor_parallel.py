@@ -1,0 +1,176 @@
+"""Tensor parallelism (braze.compile(model, tp=N), braze/passes/tensor_parallel.py) across gloo ranks on CPU.
+
+One spawn per world size runs every check on each rank and hands the results back; the tp=1 baselines are
+compiled here, in the test process. Models: tiny Llama (4 heads, 2 KV heads: at tp=4 fewer KV heads than
+ranks), tiny Qwen2 (Q/K/V biases) and a Llama with one KV head (MQA: fewer KV heads than ranks at tp=2).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+import braze
+from braze import ConfigError
+from braze.testing.distributed import spawn
+
+MAX_NEW = 6
+LAYERS = 2
+IDS = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(0))
+MASK = torch.tensor([[1] * 7, [0, 0, 0, 1, 1, 1, 1]])  # row 1 left-padded
+PADDED = IDS.masked_fill(MASK == 0, 0)
+
+
+def make_model(name: str, layers: int = LAYERS):
+    """Tiny seeded causal LMs: the tiny_causal_lm archs plus Llama variants by KV / attention head count."""
+    from braze.models import tiny_causal_lm
+
+    if name in ("llama", "qwen2"):
+        return tiny_causal_lm(name, layers=layers)
+    import transformers
+
+    heads = {"mqa": (4, 1), "heads3": (3, 3)}[name]
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=16 * heads[0], intermediate_size=128,
+                                   num_hidden_layers=layers, num_attention_heads=heads[0],
+                                   num_key_value_heads=heads[1], max_position_embeddings=512)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def run_model(compiled) -> dict:
+    """Logits, greedy generations (batch 1, left-padded batch 2) and collectives counted per step."""
+    from braze.ops.collectives import COUNTS
+
+    out = {"logits": compiled(IDS).logits}
+    COUNTS.clear()
+    out["gen1"] = compiled.generate(IDS[:1], max_new_tokens=MAX_NEW, eos_token_id=None, pad_token_id=0)
+    out["forwards"] = 1 + compiled.generator.stats.decode_steps
+    out["counts"] = dict(COUNTS)
+    out["gen2"] = compiled.generate(PADDED, attention_mask=MASK, max_new_tokens=MAX_NEW, eos_token_id=None,
+                                    pad_token_id=0)
+    out["weight_bytes"] = sum(t.numel() * t.element_size() for t in compiled.weights.values())
+    decode = compiled.generator.decode.checker.plan  # the reference executor checks inputs against the plan
+    out["decode_collectives"] = [s.target for s in decode.steps if s.target and "braze.all_" in s.target]
+    return out
+
+
+def rank_checks(rank: int, world: int, names: tuple[str, ...], interpret: bool) -> dict:
+    """Every check one rank runs (spawned by braze.testing.distributed.spawn): reference-executor compiles of
+    `names`, optionally a 1-layer Llama on the generated kernels, and (rank 0, world 2) the refused configs."""
+    results = {}
+    for name in names:
+        compiled = braze.compile(make_model(name), tp=world, executor="reference", max_seq=32, max_batch=2)
+        results[name] = run_model(compiled)
+        results[name]["notes"] = [n for p in compiled.report.passes if p.name == "shard_tensor_parallel"
+                                  for n in p.notes]
+    if interpret:
+        results["interpret"] = run_interpret(braze.compile(make_model("llama", layers=1), tp=world,
+                                                           executor="interpret", max_seq=32, max_batch=2))
+    if rank == 0 and world == 2:  # refused before any collective: one rank is enough
+        for key, name, tp in (("world", "llama", 2 * world), ("heads", "heads3", world)):
+            try:
+                braze.compile(make_model(name, layers=1), tp=tp, executor="reference", max_seq=32, max_batch=2)
+                results[key] = None
+            except ConfigError as e:
+                results[key] = str(e)
+    return results
+
+
+def run_interpret(compiled) -> dict:
+    return {"logits": compiled(IDS).logits,
+            "gen1": compiled.generate(IDS[:1], max_new_tokens=3, eos_token_id=None, pad_token_id=0)}
+
+
+@functools.cache
+def baseline(name: str) -> dict:
+    """The tp=1 compile's results."""
+    if name == "interpret":
+        return run_interpret(braze.compile(make_model("llama", layers=1), executor="interpret", max_seq=32,
+                                           max_batch=2))
+    return run_model(braze.compile(make_model(name), executor="reference", max_seq=32, max_batch=2))
+
+
+@pytest.fixture(scope="module")
+def world2():
+    return spawn(2, rank_checks, ("llama", "qwen2", "mqa"), True)
+
+
+@pytest.fixture(scope="module")
+def world4():
+    return spawn(4, rank_checks, ("llama",), False)
+
+
+def _same_as_tp1(ranks: list[dict], name: str) -> None:
+    base = baseline(name)
+    for r in ranks:
+        got = r[name]
+        torch.testing.assert_close(got["logits"], base["logits"], atol=1e-5, rtol=1e-5)
+        assert torch.equal(got["gen1"], base["gen1"])
+        assert torch.equal(got["gen2"], base["gen2"])
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mqa"])
+def test_tp2_logits_and_greedy_generation_match_tp1(world2, name):
+    _same_as_tp1(world2, name)
+    notes = world2[0][name]["notes"]
+    assert sum("row-parallel + all_reduce" in n for n in notes) == 2 * LAYERS, notes
+    assert any("vocab-parallel" in n for n in notes), notes
+
+
+def test_tp4_logits_and_greedy_generation_match_tp1(world4):
+    """Tiny Llama has 2 KV heads: at tp=4 each rank keeps the one its query head reads."""
+    _same_as_tp1(world4, "llama")
+
+
+def test_two_all_reduces_per_layer_per_decode_step(world2, world4):
+    for r in world2 + world4:
+        got = r["llama"]
+        assert got["counts"] == {"all_reduce": 2 * LAYERS * got["forwards"], "all_gather": got["forwards"]}
+        assert sorted(got["decode_collectives"]) == (["braze.all_gather.default"]
+                                                     + ["braze.all_reduce.default"] * 2 * LAYERS)
+
+
+def _sharded_bytes(model) -> int:
+    """Bytes of the linears tensor parallelism splits (projections and lm_head; not embeddings and norms)."""
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+               if n.endswith(("proj.weight", "proj.bias")) or n.startswith("lm_head"))
+
+
+def test_each_rank_holds_its_shard_of_the_weights(world2, world4):
+    """Every projection and the lm_head are split 1/N (KV heads exactly so where N divides them); embeddings and
+    norms are replicated."""
+    model = make_model("llama")
+    total = baseline("llama")["weight_bytes"]
+    split = _sharded_bytes(model)
+    for ranks, world in ((world2, 2), (world4, 4)):
+        kv_extra = 0
+        if world == 4:  # 2 KV heads over 4 ranks: each keeps a whole KV head (1/2 of K and V, not 1/4)
+            kv = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                     if n.endswith(("k_proj.weight", "v_proj.weight")))
+            kv_extra = kv // 2 - kv // 4
+        for r in ranks:
+            assert r["llama"]["weight_bytes"] == total - split + split // world + kv_extra
+    assert world2[0]["llama"]["weight_bytes"] < 0.65 * total
+
+
+def test_bad_tp_is_one_line_config_error(world2):
+    world_err, heads_err = world2[0]["world"], world2[0]["heads"]
+    assert world_err and "\n" not in world_err and "tp=4" in world_err and "world size (2)" in world_err
+    assert heads_err and "\n" not in heads_err and "3 attention heads" in heads_err
+    with pytest.raises(ConfigError, match="initialized torch.distributed process group") as e:
+        braze.compile(make_model("llama", layers=1), tp=2)
+    assert "\n" not in str(e.value)
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ConfigError, match="tp must be a positive integer"):
+            braze.compile(make_model("llama", layers=1), tp=bad)
+
+
+def test_generated_kernels_under_the_interpreter(world2):
+    """The interpret executor runs each rank's plan: its generated kernels, the collectives as plan steps."""
+    base = baseline("interpret")
+    for r in world2:
+        torch.testing.assert_close(r["interpret"]["logits"], base["logits"], atol=1e-5, rtol=1e-5)
+        assert torch.equal(r["interpret"]["gen1"], base["gen1"])
