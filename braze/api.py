@@ -13,6 +13,7 @@ import torch
 
 from braze.runtime.compiled import CompiledModel
 from braze.runtime.package import load_package  # also installs the writer behind CompiledModel.save
+from braze.runtime.sharded_package import is_sharded, load_sharded  # tp > 1: one package per rank
 
 if TYPE_CHECKING:  # the compiler is imported on first use, so `braze.load` stays runtime-only
     from braze.compiler.config import CompileConfig
@@ -246,6 +247,8 @@ def load(path: Any, executor: str = "auto", sha256: str | None = None) -> Compil
     """
     if not isinstance(path, (str, os.PathLike)):
         raise TypeError(f"braze.load takes a package directory path (str or os.PathLike), got {type(path).__name__}")
+    if is_sharded(path):  # a tensor-parallel package: this rank's shard
+        return load_sharded(path, executor=executor, sha256=sha256)
     return load_package(path, executor=executor, sha256=sha256)
 
 

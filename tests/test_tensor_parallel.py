@@ -8,6 +8,8 @@ ranks), tiny Qwen2 (Q/K/V biases) and a Llama with one KV head (MQA: fewer KV he
 from __future__ import annotations
 
 import functools
+import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -57,18 +59,21 @@ def run_model(compiled) -> dict:
     return out
 
 
-def rank_checks(rank: int, world: int, names: tuple[str, ...], interpret: bool) -> dict:
+def rank_checks(rank: int, world: int, names: tuple[str, ...], package: str | None) -> dict:
     """Every check one rank runs (spawned by braze.testing.distributed.spawn): reference-executor compiles of
-    `names`, optionally a 1-layer Llama on the generated kernels, and (rank 0, world 2) the refused configs."""
+    `names`; with `package` (a directory), a 1-layer Llama on the generated kernels, saved as a sharded package,
+    loaded back and run, and loaded with the ranks' shards swapped; (rank 0, world 2) the refused configs."""
     results = {}
     for name in names:
         compiled = braze.compile(make_model(name), tp=world, executor="reference", max_seq=32, max_batch=2)
         results[name] = run_model(compiled)
         results[name]["notes"] = [n for p in compiled.report.passes if p.name == "shard_tensor_parallel"
                                   for n in p.notes]
-    if interpret:
-        results["interpret"] = run_interpret(braze.compile(make_model("llama", layers=1), tp=world,
-                                                           executor="interpret", max_seq=32, max_batch=2))
+    if package:
+        compiled = braze.compile(make_model("llama", layers=1), tp=world, executor="interpret", max_seq=32,
+                                 max_batch=2)
+        results["interpret"] = run_interpret(compiled)
+        results.update(package_checks(rank, compiled, Path(package)))
     if rank == 0 and world == 2:  # refused before any collective: one rank is enough
         for key, name, tp in (("world", "llama", 2 * world), ("heads", "heads3", world)):
             try:
@@ -77,6 +82,27 @@ def rank_checks(rank: int, world: int, names: tuple[str, ...], interpret: bool) 
             except ConfigError as e:
                 results[key] = str(e)
     return results
+
+
+def package_checks(rank: int, compiled, root: Path) -> dict:
+    """Save each rank's shard, load it back and run it; then refuse a copy whose rank directories are swapped."""
+    import torch.distributed as dist
+
+    compiled.save(root / "pkg")
+    loaded = braze.load(root / "pkg", executor="interpret")
+    out = {"package": run_interpret(loaded), "package_files": sorted(p.name for p in (root / "pkg").iterdir()),
+           "package_bytes": sum(t.numel() * t.element_size() for t in loaded.weights.values())}
+    if rank == 0:
+        shutil.copytree(root / "pkg", root / "swapped")
+        for a, b in (("rank0", "tmp"), ("rank1", "rank0"), ("tmp", "rank1")):
+            (root / "swapped" / a).rename(root / "swapped" / b)
+    dist.barrier()
+    try:
+        braze.load(root / "swapped", executor="interpret")
+        out["swapped"] = None
+    except braze.PackageError as e:
+        out["swapped"] = str(e)
+    return out
 
 
 def run_interpret(compiled) -> dict:
@@ -88,19 +114,19 @@ def run_interpret(compiled) -> dict:
 def baseline(name: str) -> dict:
     """The tp=1 compile's results."""
     if name == "interpret":
-        return run_interpret(braze.compile(make_model("llama", layers=1), executor="interpret", max_seq=32,
-                                           max_batch=2))
+        compiled = braze.compile(make_model("llama", layers=1), executor="interpret", max_seq=32, max_batch=2)
+        return {**run_interpret(compiled), "weight_bytes": sum(t.nbytes for t in compiled.weights.values())}
     return run_model(braze.compile(make_model(name), executor="reference", max_seq=32, max_batch=2))
 
 
 @pytest.fixture(scope="module")
-def world2():
-    return spawn(2, rank_checks, ("llama", "qwen2", "mqa"), True)
+def world2(tmp_path_factory):
+    return spawn(2, rank_checks, ("llama", "qwen2", "mqa"), str(tmp_path_factory.mktemp("tp2")))
 
 
 @pytest.fixture(scope="module")
 def world4():
-    return spawn(4, rank_checks, ("llama",), False)
+    return spawn(4, rank_checks, ("llama",), None)
 
 
 def _same_as_tp1(ranks: list[dict], name: str) -> None:
@@ -174,3 +200,17 @@ def test_generated_kernels_under_the_interpreter(world2):
     for r in world2:
         torch.testing.assert_close(r["interpret"]["logits"], base["logits"], atol=1e-5, rtol=1e-5)
         assert torch.equal(r["interpret"]["gen1"], base["gen1"])
+
+
+def test_sharded_package_loads_and_runs_per_rank(world2):
+    """`compiled.save` on each rank writes rank<r>/ and the shard index; `braze.load` on each rank reads its own."""
+    base = baseline("interpret")
+    for rank, r in enumerate(world2):
+        assert r["package_files"] == ["rank0", "rank1", "shards.json"]
+        torch.testing.assert_close(r["package"]["logits"], base["logits"], atol=1e-5, rtol=1e-5)
+        assert torch.equal(r["package"]["gen1"], base["gen1"])
+        assert r["package_bytes"] < 0.7 * base["weight_bytes"]
+        other = 1 - rank
+        assert r["swapped"] == (f"rank {rank}: {r['swapped'].split(': ')[1].split(' is not')[0]} is not the shard "
+                                f"shards.json lists for rank {rank} (it is rank {other}'s shard)")
+        assert f"rank{rank}/manifest.json" in r["swapped"] and "\n" not in r["swapped"]
