@@ -16,7 +16,7 @@ import torch
 
 import braze
 from braze import ConfigError
-from braze.testing.distributed import spawn
+from braze.distributed import spawn
 
 MAX_NEW = 6
 LAYERS = 2
@@ -60,7 +60,7 @@ def run_model(compiled) -> dict:
 
 
 def rank_checks(rank: int, world: int, names: tuple[str, ...], package: str | None) -> dict:
-    """Every check one rank runs (spawned by braze.testing.distributed.spawn): reference-executor compiles of
+    """Every check one rank runs (spawned by braze.distributed.spawn): reference-executor compiles of
     `names`; with `package` (a directory), a 1-layer Llama on the generated kernels, saved as a sharded package,
     loaded back and run, and loaded with the ranks' shards swapped; (rank 0, world 2) the refused configs."""
     results = {}

@@ -50,6 +50,9 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--target-check", choices=("error", "warn"), default="error",
                    help="a kernel that spills (bf16/fp16 models) or exceeds a target's limits: error (default) or "
                    "warn (accept it)")
+    p.add_argument("--tp", type=positive_int, default=1, metavar="N",
+                   help="tensor parallelism: compile N shards on N local ranks (gloo on CPU, NCCL on GPUs) into a "
+                   "sharded package (rank<r>/ + shards.json); run it with torchrun --nproc-per-node N -m braze run")
     p.add_argument("--report", action="store_true", help="print the full compile report")
     p.set_defaults(func=main)
 
@@ -75,7 +78,7 @@ def _check_arguments(args: argparse.Namespace, dtype: Any) -> None:
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise UsageError(f"-o {out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+    if out.is_dir() and any(out.iterdir()) and not any((out / f).is_file() for f in ("manifest.json", "shards.json")):
         raise UsageError(f"-o {out}: a non-empty directory that is not a braze package; refusing to overwrite it")
 
 
@@ -88,21 +91,15 @@ def main(args: argparse.Namespace) -> int:
     device = device_for(args.executor)
     dtype = _torch_dtype(args.dtype, device)
     _check_arguments(args, dtype)
+    if args.tp > 1:
+        return _main_tp(args, device)
     with Stages(["load model", "compile", "save package"]) as stages:
         stages.start(f"loading {args.model}")
         loaded = resolve_model(args.model, dtype=dtype, device=device)
         if not loaded.causal_lm and args.speculate:
             raise UsageError(f"--speculate applies to causal LMs; {args.model} is a {type(loaded.model).__name__}")
         stages.start("compiling")
-        options: dict[str, Any] = dict(executor=args.executor, max_seq=args.max_seq, max_batch=args.max_batch)
-        for key in ("quant", "speculate", "df11_strategy", "int6_act", "int6_method"):
-            if getattr(args, key, None) is not None:
-                options[key] = getattr(args, key)
-        if args.deterministic:
-            options["deterministic"] = True
-        if args.target is not None:
-            options.update(targets=args.target, target_check=args.target_check)
-        compiled = compile_model(loaded, options)
+        compiled = compile_model(loaded, _options(args))
         stages.start(f"saving {args.output}")
         meta = {"source": loaded.source, "source_kind": loaded.kind, "dtype": str(dtype).removeprefix("torch."),
                 "example_inputs": _describe_inputs(loaded.example_inputs)}
@@ -130,6 +127,65 @@ def main(args: argparse.Namespace) -> int:
         if len(build.issues) > 10:
             print(f"    ... {len(build.issues) - 10} more (braze inspect {path})")
     print(f"  sha256 {manifest_digest(path)} (pin it: braze run {path} --sha256 DIGEST)")
+    return 0
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    options: dict[str, Any] = dict(executor=args.executor, max_seq=args.max_seq, max_batch=args.max_batch)
+    for key in ("quant", "speculate", "df11_strategy", "int6_act", "int6_method"):
+        if getattr(args, key, None) is not None:
+            options[key] = getattr(args, key)
+    if args.deterministic:
+        options["deterministic"] = True
+    if args.target is not None:
+        options.update(targets=args.target, target_check=args.target_check)
+    if args.tp > 1:
+        options["tp"] = args.tp
+    return options
+
+
+def _compile_rank(rank: int, world: int, args: argparse.Namespace, device: str) -> dict[str, Any]:
+    """One rank of `braze compile --tp N`: load the model, compile this rank's shard, save rank<r>/."""
+    from braze.runtime.sharded_package import save_sharded
+
+    from .models import resolve_model
+
+    where = f"cuda:{rank}" if device == "cuda" else device
+    dtype = _torch_dtype(args.dtype, device)
+    loaded = resolve_model(args.model, dtype=dtype, device=where)
+    if not loaded.causal_lm:
+        raise UsageError(f"--tp applies to causal LMs; {args.model} is a {type(loaded.model).__name__}")
+    compiled = compile_model(loaded, _options(args))
+    meta = {"source": loaded.source, "source_kind": loaded.kind, "dtype": str(dtype).removeprefix("torch.")}
+    save_sharded(compiled, args.output, tokenizer=loaded.tokenizer, metadata=meta)
+    return {"model": type(loaded.model).__name__, "executor": compiled.executor_name,
+            "weight_bytes": sum(t.nbytes for t in compiled.weights.values()),
+            "notes": [n for p in compiled.report.passes if p.name == "shard_tensor_parallel" for n in p.notes]}
+
+
+def _main_tp(args: argparse.Namespace, device: str) -> int:
+    """`braze compile --tp N`: N local ranks (spawned here) each compile and save their shard."""
+    import hashlib
+
+    from braze.distributed import spawn
+    from braze.runtime.units import format_bytes
+
+    try:
+        results = spawn(args.tp, _compile_rank, args, device, backend="nccl" if device == "cuda" else "gloo")
+    except RuntimeError as e:  # a rank failed: its traceback's last line (the error) is the message
+        lines = str(e).strip().splitlines()
+        raise UsageError(f"{lines[0].rstrip(':')}: {lines[-1]}") from None
+    path = Path(args.output)
+    first = results[0]
+    print(f"compiled {first['model']} from {args.model} -> {path} (tp={args.tp}: rank0/ .. rank{args.tp - 1}/, "
+          f"shards.json); executor {first['executor']}")
+    print(f"  weights per rank: {', '.join(format_bytes(r['weight_bytes']) for r in results)}")
+    if args.report:
+        for note in first["notes"]:
+            print(f"  {note}")
+    digest = hashlib.sha256((path / "shards.json").read_bytes()).hexdigest()
+    print(f"  sha256 {digest} (pin it: braze run {path} --sha256 DIGEST, under torchrun --nproc-per-node "
+          f"{args.tp})")
     return 0
 
 

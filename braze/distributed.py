@@ -1,5 +1,6 @@
-"""Run a function on N CPU ranks of a gloo process group (torch.multiprocessing): how tensor parallelism is tested
-without GPUs. Each rank's return value (or its traceback) comes back to the caller, in rank order."""
+"""Run a function on N local ranks of a torch.distributed process group (torch.multiprocessing): how `braze compile
+--tp N` compiles each rank's shard, and how tensor parallelism is tested without GPUs (gloo on CPU). Each rank's
+return value (or its traceback) comes back to the caller, in rank order."""
 
 from __future__ import annotations
 
@@ -15,10 +16,13 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
-def _rank_main(rank: int, world: int, init: str, fn: Callable[..., Any], args: tuple, queue: Any) -> None:
+def _rank_main(rank: int, world: int, init: str, backend: str, fn: Callable[..., Any], args: tuple,
+               queue: Any) -> None:
     try:
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, init_method=init, rank=rank, world_size=world)
         try:
             buf = io.BytesIO()  # by value: a tensor sent as a shared-memory handle dies with this process
             torch.save(fn(rank, world, *args), buf)
@@ -29,8 +33,10 @@ def _rank_main(rank: int, world: int, init: str, fn: Callable[..., Any], args: t
         queue.put((rank, False, traceback.format_exc()))
 
 
-def spawn(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 600.0) -> list[Any]:
-    """fn(rank, world, *args) on `world` spawned processes sharing a gloo group (file rendezvous: no ports);
+def spawn(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 600.0, backend: str = "gloo"
+          ) -> list[Any]:
+    """fn(rank, world, *args) on `world` spawned processes sharing a process group (file rendezvous: no ports;
+    backend "nccl" puts rank r on cuda:r);
     returns the results in rank order, or raises with the first failing rank's traceback. `fn` and its
     arguments must pickle, its result must torch.save."""
     ctx = mp.get_context("spawn")
@@ -38,7 +44,7 @@ def spawn(world: int, fn: Callable[..., Any], *args: Any, timeout: float = 600.0
     fd, path = tempfile.mkstemp(prefix="braze_tp_")
     os.close(fd)
     os.unlink(path)  # the store creates it
-    procs = [ctx.Process(target=_rank_main, args=(r, world, f"file://{path}", fn, args, queue), daemon=True)
+    procs = [ctx.Process(target=_rank_main, args=(r, world, f"file://{path}", backend, fn, args, queue), daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()
