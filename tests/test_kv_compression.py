@@ -56,7 +56,8 @@ def _oracle_snapkv(keys, q_win, b, h):
                 acc[j] += math.exp(v - top) / z
         acc = [a / max(votes, 1) for a in acc]
         r = POOL_KERNEL // 2
-        per_head.append([max(acc[max(0, j - r):j + r + 1]) for j in range(P)])
+        cut = P - WINDOW  # pooled over the keys before the window
+        per_head.append([max(acc[max(0, j - r):min(cut, j + r + 1)]) if j < cut else acc[j] for j in range(P)])
     return {j: sum(s[j] for s in per_head) / group for j in range(PAD[b], P)}
 
 
@@ -97,18 +98,18 @@ def test_snapkv_keeps_the_oracles_tokens(keep):
     assert torch.equal(_select("snapkv", keys, q_win, valid, keep), _mask_of(kept))
 
 
-@pytest.mark.parametrize("keep, cap", [(12, 24), (20, 22)])
+@pytest.mark.parametrize("keep, cap", [(12, 24), (20, 22), (50, 55)])
 def test_adakv_allocates_the_budget_across_heads_like_the_oracle(keep, cap):
     """Ada-KV: each head keeps its window and top safeguard share; the rest of the row's budget (heads x keep)
     goes to the highest scores over all heads jointly, a head holding at most `cap` tokens."""
     keys, q_win, valid = _inputs(3)
     mask = _select("adakv", keys, q_win, valid, keep, cap)
-    safe = int((keep - WINDOW) * ADAKV_SAFEGUARD)
+    safe = max(WINDOW, int(keep * ADAKV_SAFEGUARD))  # per head: the window, or the top alpha share if more
     for b in range(B):
         scores = {h: _oracle_snapkv(keys, q_win, b, h) for h in range(HKV)}
         kept = {h: set(_recent(b)) for h in range(HKV)}
         for h in range(HKV):
-            kept[h] = _top(scores[h], len(kept[h]) + safe, kept[h])
+            kept[h] = _top(scores[h], max(len(kept[h]), safe), kept[h])
         pool = sorted(((scores[h][j], -j, h, j) for h in range(HKV) for j in scores[h] if j not in kept[h]),
                       reverse=True)
         total = HKV * min(keep, P - PAD[b])
@@ -274,3 +275,13 @@ def test_bad_options_are_one_line_config_errors(options, match):
     with pytest.raises(ConfigError, match=match) as e:
         braze.compile(torch.nn.Linear(2, 2), max_seq=64, **options)
     assert "\n" not in str(e.value)
+
+
+def test_eval_cli_prints_the_kv_compression_table(capsys):
+    from braze.cli import main
+
+    assert main(["eval", "tests.tiny_factory:tiny_llama", "--kv-compression", "keydiff", "--kv-budgets", "0.5",
+                 "--kv-context", "40"]) == 0
+    out = capsys.readouterr().out
+    assert "| full cache | 40/40 (100.0%) |" in out and "| keydiff | 20/40 (50.0%) |" in out
+    assert "needles" in out and "(100.0%)" in out

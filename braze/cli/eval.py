@@ -29,6 +29,14 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                    help="also compare N greedy tokens of each variant with FP on a chat prompt (default 0: off)")
     p.add_argument("--executor", choices=("reference", "interpret", "cuda"), default="reference",
                    help="executor for the compiled variants (default reference)")
+    p.add_argument("--kv-compression", nargs="+", default=None, metavar="POLICY",
+                   choices=("keydiff", "snapkv", "adakv", "chunkkv"),
+                   help="instead of the quant table: the full KV cache vs these compression policies (perplexity of "
+                   "a continuation after the compressed context, next-token agreement, greedy divergence, needles)")
+    p.add_argument("--kv-budgets", nargs="+", type=float, default=[0.5, 0.25, 0.125], metavar="F",
+                   help="with --kv-compression: shares of the context kept (default 0.5 0.25 0.125)")
+    p.add_argument("--kv-context", type=positive_int, default=448, metavar="N",
+                   help="with --kv-compression: context tokens (default 448; 64 continuation tokens follow)")
     p.set_defaults(func=main)
 
 
@@ -52,6 +60,13 @@ def main(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.model}: eval needs a causal LM; this is a {type(loaded.model).__name__}")
     if loaded.tokenizer is None:
         raise UsageError(f"{args.model}: eval needs a model that comes with a tokenizer")
+    if args.kv_compression:
+        from braze.kvcompress.quality import format_kv_table, kv_compression_table
+
+        rows = kv_compression_table(loaded.model, loaded.tokenizer, tuple(args.kv_compression),
+                                    tuple(args.kv_budgets), context=args.kv_context, executor=args.executor)
+        print(format_kv_table(rows, args.kv_context, 64))
+        return 0
     variants = ["eager", "braze"] + (["eager-bf16"] if "df11" in args.quant else []) + list(dict.fromkeys(args.quant))
     rows = quant_perplexity_table(loaded.model, loaded.tokenizer, text=text, window=args.window,
                                   executor=args.executor, variants=tuple(variants), max_tokens=args.max_tokens,

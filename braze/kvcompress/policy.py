@@ -56,7 +56,8 @@ def select_keep(policy: str, keys: Tensor, valid: Tensor, keep: Tensor, end: Ten
     kept = torch.minimum(valid.sum(-1), keep.reshape(()))  # [B]
     if policy != "adakv":
         return keep_mask(scores, kept[:, None].expand(b, h))
-    safe = window + ((keep.reshape(()) - window).clamp(min=0) * ADAKV_SAFEGUARD).long()
+    # kvpress: the top int(alpha * mean budget) of each head are safe, and the window (scored above all) too
+    safe = torch.clamp((keep.reshape(()) * ADAKV_SAFEGUARD).long(), min=window)
     return joint_keep_mask(scores, kept * h, end.reshape(()), safe)
 
 

@@ -21,8 +21,8 @@ def keydiff_scores(keys: Tensor, valid: Tensor) -> Tensor:
 
 def snapkv_scores(q_win: Tensor, keys: Tensor, valid: Tensor, scale: float, kernel: int = 5) -> Tensor:
     """SnapKV: the observation window's (last W queries', RoPE applied) causal softmax attention to each key,
-    averaged over the window's real queries, max-pooled over `kernel` neighbouring keys (the paper's clustering),
-    averaged over each GQA group. q_win [B, Hq, W, D], keys [B, Hkv, P, D]."""
+    averaged over the window's real queries, max-pooled over `kernel` neighbouring keys (the paper's clustering;
+    kvpress average-pools), averaged over each GQA group. q_win [B, Hq, W, D], keys [B, Hkv, P, D]."""
     b, hq, w, _ = q_win.shape
     hkv, p = keys.shape[1], keys.shape[2]
     group = hq // hkv
@@ -34,8 +34,9 @@ def snapkv_scores(q_win: Tensor, keys: Tensor, valid: Tensor, scale: float, kern
     probs = torch.softmax(logits.masked_fill(~visible, float("-inf")), dim=-1).nan_to_num(0.0)
     qvalid = valid[:, p - w:].to(probs.dtype)  # padding queries (short rows) do not vote
     scores = (probs * qvalid[:, None, :, None]).sum(2) / qvalid.sum(-1).clamp(min=1)[:, None, None]
-    if kernel > 1:
-        scores = F.max_pool1d(scores, kernel_size=kernel, stride=1, padding=kernel // 2)
+    if kernel > 1 and p > w:  # pooled over the keys before the window, as kvpress (the window is kept anyway)
+        pooled = F.max_pool1d(scores[..., : p - w], kernel_size=kernel, stride=1, padding=kernel // 2)
+        scores = torch.cat([pooled, scores[..., p - w:]], dim=-1)
     return scores.view(b, hkv, group, p).mean(2)
 
 
