@@ -2,7 +2,8 @@
 
 One spawn per world size runs every check on each rank and hands the results back; the tp=1 baselines are
 compiled here, in the test process. Models: tiny Llama (4 heads, 2 KV heads: at tp=4 fewer KV heads than
-ranks), tiny Qwen2 (Q/K/V biases) and a Llama with one KV head (MQA: fewer KV heads than ranks at tp=2).
+ranks), tiny Qwen2 (Q/K/V biases), a Llama with one KV head (MQA: fewer KV heads than ranks at tp=2) and tiny Phi
+(partial rotary, GELU MLP, biased o_proj / fc2).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ def make_model(name: str, layers: int = LAYERS):
     """Tiny seeded causal LMs: the tiny_causal_lm archs plus Llama variants by KV / attention head count."""
     from braze.models import tiny_causal_lm
 
-    if name in ("llama", "qwen2"):
+    if name in ("llama", "qwen2", "phi"):
         return tiny_causal_lm(name, layers=layers)
     import transformers
 
@@ -121,7 +122,7 @@ def baseline(name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def world2(tmp_path_factory):
-    return spawn(2, rank_checks, ("llama", "qwen2", "mqa"), str(tmp_path_factory.mktemp("tp2")))
+    return spawn(2, rank_checks, ("llama", "qwen2", "mqa", "phi"), str(tmp_path_factory.mktemp("tp2")))
 
 
 @pytest.fixture(scope="module")
@@ -138,8 +139,10 @@ def _same_as_tp1(ranks: list[dict], name: str) -> None:
         assert torch.equal(got["gen2"], base["gen2"])
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "mqa"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mqa", "phi"])
 def test_tp2_logits_and_greedy_generation_match_tp1(world2, name):
+    """phi: partial rotary (q / k sliced and concatenated along head dims), a GELU MLP, and biases on the
+    row-parallel linears (added once, after the all-reduce)."""
     _same_as_tp1(world2, name)
     notes = world2[0][name]["notes"]
     assert sum("row-parallel + all_reduce" in n for n in notes) == 2 * LAYERS, notes

@@ -149,6 +149,12 @@ class _Region:
             self.visit(node.args[0], Shard(shard.dim - (shard.dim > u), shard.size, shard.local, shard.start))
         elif is_op(node, *SAME_DIM):
             self.visit(node.args[0], shard)
+        elif is_op(node, aten.slice.Tensor, aten.cat.default):  # along another dim (partial rotary's head dims)
+            axis = (node.args[1] if len(node.args) > 1 else 0) % v.dim()
+            if axis == shard.dim:
+                raise _NoShard(f"{node.name} slices or concatenates along the sharded dim")
+            for src in (node.args[0] if is_op(node, aten.cat.default) else [node.args[0]]):
+                self.visit(src, shard)
         elif is_op(node, *BINARY):
             for arg in node.args[:2]:
                 self.operand(node, arg, shard)
