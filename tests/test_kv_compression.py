@@ -11,6 +11,7 @@ import math  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 import braze  # noqa: E402
 from braze.kvcompress import compact, select_keep  # noqa: E402
@@ -285,3 +286,48 @@ def test_eval_cli_prints_the_kv_compression_table(capsys):
     out = capsys.readouterr().out
     assert "| full cache | 40/40 (100.0%) |" in out and "| keydiff | 20/40 (50.0%) |" in out
     assert "needles" in out and "(100.0%)" in out
+
+
+def test_keydiff_and_snapkv_on_smollm2_layer_kv_match_kvpress_formulas():
+    """SmolLM2's real post-RoPE keys and window queries of one layer: the kept sets equal kvpress's score formulas
+    (KeyDiffPress.score; SnapKVPress.compute_window_attention + score, with max pooling) followed by a top-k."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from braze.eval import eval_text
+    from braze.models import load_smollm2
+
+    model, tok = load_smollm2(torch.float32)
+    ids = torch.tensor(tok(eval_text()).input_ids[:160])[None]
+    layer, seen = 3, {}
+    attn = model.model.layers[layer].self_attn
+    hook = attn.q_proj.register_forward_hook(lambda m, i, o: seen.setdefault("q", o))
+    with torch.no_grad():
+        cache = model(ids, use_cache=True).past_key_values
+    hook.remove()
+    keys = cache.layers[layer].keys if hasattr(cache, "layers") else cache.key_cache[layer]
+    cfg, hd = model.config, attn.head_dim
+    p, w, keep = ids.shape[1], WINDOW, 40
+    q = seen["q"].view(1, p, cfg.num_attention_heads, hd).transpose(1, 2)[:, :, -w:]
+    cos, sin = model.model.rotary_emb(q, torch.arange(p)[None])
+    q, _ = apply_rotary_pos_emb(q, q, cos[:, -w:], sin[:, -w:])
+    valid = torch.ones(1, p, dtype=torch.bool)
+
+    def topk_mask(scores):
+        scores = scores.clone()
+        scores[..., -w:] = float("inf")
+        top = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :keep]  # max-pool ties: by position
+        return torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True)
+
+    anchor = F.normalize(keys, p=2, dim=-1).mean(dim=2, keepdim=True)  # kvpress KeyDiffPress.score
+    want = topk_mask(-F.cosine_similarity(keys, anchor, dim=-1))
+    got = select_keep("keydiff", keys, valid, torch.tensor([keep]), torch.tensor([keep]), w)
+    assert torch.equal(got, want)
+
+    group = cfg.num_attention_heads // cfg.num_key_value_heads  # kvpress SnapKVPress, max-pooled
+    logits = q @ keys.repeat_interleave(group, 1).transpose(2, 3) / math.sqrt(hd)
+    logits = logits + torch.triu(torch.full_like(logits, float("-inf")), diagonal=p - w + 1)
+    weights = torch.softmax(logits, dim=-1, dtype=torch.float32)[..., :-w].mean(dim=-2)
+    weights = F.max_pool1d(weights, kernel_size=POOL_KERNEL, padding=POOL_KERNEL // 2, stride=1)
+    scores = F.pad(weights.view(1, cfg.num_key_value_heads, group, p - w).mean(2), (0, w), value=0.0)
+    got = select_keep("snapkv", keys, valid, torch.tensor([keep]), torch.tensor([keep]), w, q, hd ** -0.5)
+    assert torch.equal(got, topk_mask(scores))
