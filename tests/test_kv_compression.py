@@ -251,6 +251,8 @@ def test_cache_bytes_shrink_by_the_budget_and_the_report_says_so(lm):
     assert line.startswith("keydiff, budget 0.25 -> 12 of 48") and "25.0% kept" in line, line
     with pytest.raises(ShapeOutOfRangeError, match="kv_window"):
         cm.generate(ids, attention_mask=mask, max_new_tokens=9)  # 12 - 9 slots left for the prompt < kv_window
+    with pytest.raises(ConfigError, match="packages do not hold KV-cache compression"):
+        cm.save("/nonexistent/pkg")
 
 
 @pytest.mark.parametrize("policy", ["snapkv", "adakv"])
