@@ -8,7 +8,8 @@ propagating a `Shard` (which dim is split, and which block of it this rank holds
 linear's input, so no module names or head counts are assumed: a layer whose region holds an op we cannot shard
 stays replicated (correct, just not split). K/V heads are split when the ranks divide them; when there are fewer
 K/V heads than ranks, each rank keeps the one K/V head its query heads read (GQA). The lm_head is vocab-parallel
-(rows split, logits joined by braze::all_gather); embeddings and norms stay replicated.
+(rows split, logits joined by braze::all_gather), and so are embeddings (each rank looks up the ids it holds,
+an all-reduce joins the rows; a tied lm_head shares the embedding's shard); norms stay replicated.
 
 Runs after substitute_attention (repeat_kv is gone, attention is one op with native GQA) and before the fusions,
 which then merge and fuse the per-rank linears as usual. The all-reduce sits between the linear and the residual
@@ -206,10 +207,50 @@ class _Region:
 
 
 def _slice(ctx: PassContext, gm: fx.GraphModule, w: fx.Node, dim: int, start: int, n: int) -> fx.Node:
+    """This rank's block of weight `w` as a new weight; one per block (a tied embedding / lm_head shares it)."""
+    key = (w.name, dim, start, n)
+    for p in gm.graph.nodes:
+        if p.op == "placeholder" and p.meta.get("braze_tp_slice") == key:
+            return p
     shard = ctx.weights[w.name].narrow(dim, start, n).contiguous()
     node = ctx.add_weight(gm, f"{w.name}_tp"[:60], shard)
-    node.meta["braze_tp_source"] = w.name
+    node.meta["braze_tp_slice"] = key
     return node
+
+
+def _vocab_parallel_embedding(gm: fx.GraphModule, ctx: PassContext, rank: int, world: int) -> int:
+    """Embeddings split by vocabulary rows: each rank looks up the ids it holds, zeros the others, and an
+    all-reduce sums the rows (exact: one non-zero term per element)."""
+    count = 0
+    for node in list(gm.graph.nodes):
+        if not is_op(node, aten.embedding.default):
+            continue
+        w, ids = node.args[0], node.args[1]
+        if w.op != "placeholder" or w.name not in ctx.weights or ctx.weights[w.name].dim() != 2:
+            continue
+        if not (isinstance(ids, fx.Node) and ids.op == "placeholder" and ids.name == "input_ids"):
+            continue  # token embeddings only: a position table is small, not worth a collective
+        rows = ctx.weights[w.name].shape[0]
+        if rows % world:
+            continue
+        n = rows // world
+        local = _slice(ctx, gm, w, 0, rank * n, n)
+        after = node.next
+
+        def add(target, *args):
+            return new_node(gm, target, args, {}, ctx, after)
+
+        shifted = add(aten.sub.Scalar, ids, rank * n)
+        outside = add(aten.logical_or.default, add(aten.lt.Scalar, shifted, 0), add(aten.ge.Scalar, shifted, n))
+        looked = add(aten.embedding.default, local, add(aten.masked_fill.Scalar, shifted, outside, 0))
+        zeroed = add(aten.masked_fill.Scalar, looked, add(aten.unsqueeze.default, outside, -1), 0.0)
+        reduced = add(ALL_REDUCE, zeroed)
+        reduced.meta["braze_eager_reason"] = COLLECTIVE_REASON
+        node.replace_all_uses_with(reduced)
+        gm.graph.erase_node(node)
+        ctx.note(f"{looked.name}: vocab-parallel embedding ({n} of {rows} rows), rows all-reduced")
+        count += 1
+    return count
 
 
 def _rewrite(region: _Region, gm: fx.GraphModule, ctx: PassContext) -> None:
@@ -312,6 +353,7 @@ def shard_tensor_parallel(gm: fx.GraphModule, ctx: PassContext) -> int:
         ctx.note(f"{lin.name}: row-parallel + all_reduce; column-parallel {cols}")
         count += 1
     count += _vocab_parallel(gm, ctx, rank, world)
+    count += _vocab_parallel_embedding(gm, ctx, rank, world)
     gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
     gm.recompile()
     ctx.note(f"rank {rank} of {world}: {sum(1 for n in gm.graph.nodes if is_op(n, ALL_REDUCE))} "
