@@ -11,7 +11,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from .common import EXIT_RUNTIME, add_sha256
+from .common import EXIT_RUNTIME, UsageError, add_sha256
 
 
 def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -131,8 +131,13 @@ def _gpu_targets(root: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(args: argparse.Namespace) -> int:
+    from braze.runtime.sharded_package import is_sharded, read_index
     from braze.runtime.units import format_bytes
 
+    if is_sharded(args.package):  # a tensor-parallel package: one ordinary package per rank
+        index = read_index(Path(args.package))
+        dirs = ", ".join(f"{args.package}/{e['dir']}" for e in index["ranks"])
+        raise UsageError(f"{args.package} is a tp={index['tp']} package (shards.json); inspect a rank's shard: {dirs}")
     info = summarize_package(args.package, sha256=args.sha256)
     if args.json:
         if not args.steps:
