@@ -139,7 +139,9 @@ def matmul_config(M: int, N: int, K: int, device: DeviceSpec, *, elem_size: int 
 
 GEMV_MAX_M = 16  # decode rows (batch x draft tokens) up to which a GPU launch takes the GEMV form
 GEMV_MIN_BLOCK_N = 4
-GEMV_ELEMS_PER_THREAD = 64  # fp32 products of one K tile held per thread (per weight): no spills on sm_80-90
+# fp32 products of one K tile per thread (per weight): 48-128 registers, no spills (ptxas, sm_80-90); 64 took
+# up to 221 registers and spilled at M=8 on sm_86/89
+GEMV_ELEMS_PER_THREAD = 32
 
 
 def gemv_config(M: int, N: int, K: int, device: DeviceSpec, *, elem_size: int = 2, dual: bool = False,
@@ -154,6 +156,8 @@ def gemv_config(M: int, N: int, K: int, device: DeviceSpec, *, elem_size: int = 
         block_n //= 2
     n_weights = 2 if dual else 1
     budget = GEMV_ELEMS_PER_THREAD * 32 * num_warps // n_weights
+    while block_n > GEMV_MIN_BLOCK_N and block_m * block_n * 16 > budget:  # BLOCK_K is at least 16
+        block_n //= 2
     block_k = pow2_clamp(K, 16, max(16, min(1024, budget // (block_m * block_n))))
     stage_bytes = (block_m + n_weights * block_n) * block_k * elem_size
     stages = max(1, min(3, (device.smem_per_block - 8 * 1024) // stage_bytes))
