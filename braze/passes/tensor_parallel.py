@@ -135,6 +135,8 @@ class _Region:
                 raise _NoShard(f"{node.name} cannot be column-parallel")
             self.roots.append(node)
         elif is_op(node, *RESHAPES):
+            if isinstance(node.args[1][shard.dim], fx.Node):
+                raise _NoShard(f"{node.name}'s sharded size is symbolic")
             self.visit(node.args[0], map_reshape(v.shape, val(node.args[0]).shape, shard))
         elif is_op(node, aten.permute.default):
             dims = [d % v.dim() for d in node.args[1]]
@@ -265,9 +267,7 @@ def _rewrite(region: _Region, gm: fx.GraphModule, ctx: PassContext) -> None:
     for node, s in region.specs.items():
         if is_op(node, *RESHAPES):
             shape = list(node.args[1])
-            if isinstance(shape[s.dim], fx.Node):
-                raise _NoShard(f"{node.name}'s sharded size is symbolic")  # unreachable: sizes checked as ints
-            if shape[s.dim] == s.size:
+            if shape[s.dim] == s.size:  # -1 stays -1
                 shape[s.dim] = s.local
                 node.update_arg(1, shape)
     lin = region.linear
@@ -359,9 +359,3 @@ def shard_tensor_parallel(gm: fx.GraphModule, ctx: PassContext) -> int:
     ctx.note(f"rank {rank} of {world}: {sum(1 for n in gm.graph.nodes if is_op(n, ALL_REDUCE))} "
              f"all-reduces per forward")
     return count
-
-
-def weight_bytes(weights: dict[str, torch.Tensor]) -> int:
-    """Bytes of a rank's weights (what tensor parallelism divides)."""
-    return sum(t.numel() * t.element_size() for t in weights.values())
-
