@@ -154,7 +154,7 @@ def test_tp4_logits_and_greedy_generation_match_tp1(world4):
     _same_as_tp1(world4, "llama")
 
 
-def test_two_all_reduces_per_layer_per_decode_step(world2, world4):
+def test_collectives_per_decode_step_two_per_layer_plus_embedding(world2, world4):
     for r in world2 + world4:
         got = r["llama"]
         # o_proj and down_proj per layer, plus the embedding's rows; the logits are all-gathered
