@@ -216,3 +216,44 @@ def test_plan_memory_returns_the_layout_without_touching_the_plan(cold):
     assert layout.planned_peak_bytes == cold.report.planned_peak_bytes > 0
     assert 0 < layout.eager_peak_bytes and layout.planned_peak_bytes <= layout.no_reuse_bytes
 
+
+
+# ---- capture: one traced layer stamped over the stack ----------------------------------------------------------
+def test_stamped_capture_gives_the_plans_of_a_full_trace(monkeypatch):
+    """A 4-layer Llama captured by tracing two layers and stamping layer 1 compiles to the same plans (steps,
+    kernels, inputs, memory) and the same outputs as tracing all four."""
+    import braze.compiler.capture as capture
+
+    monkeypatch.setenv("BRAZE_CACHE", "0")
+    model = tiny_causal_lm("llama", layers=4)
+    assert capture._decoder_layers(model) is not None
+    stamped = []
+    real = capture._capture_stamped
+    monkeypatch.setattr(capture, "_capture_stamped", lambda *a: stamped.append(real(*a)) or stamped[-1])
+    a = braze.compile(model, **OPTIONS)
+    assert stamped and stamped[0] is not None
+    monkeypatch.setattr(capture, "_capture_stamped", lambda *a: None)
+    b = braze.compile(model, **OPTIONS)
+
+    def body(source):
+        return [line for line in source.splitlines() if not line.startswith("#")]  # headers name FX nodes
+
+    for name, plan in [("forward", b.plan), *b.extra_plans.items()]:
+        got = a.plan if name == "forward" else a.extra_plans[name]
+        assert [(s.kind, s.kernel, s.target) for s in got.steps] == [(s.kind, s.kernel, s.target) for s in plan.steps]
+        assert {k: body(v) for k, v in got.kernels.items()} == {k: body(v) for k, v in plan.kernels.items()}
+        assert [dataclasses.asdict(i) for i in got.inputs] == [dataclasses.asdict(i) for i in plan.inputs]
+        assert got.slots == plan.slots
+    assert sorted(a.weights) == sorted(b.weights)
+    assert all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
+    for x, y in zip(_outputs(a), _outputs(b)):
+        assert torch.equal(x, y)
+
+
+def test_layers_told_apart_by_the_config_are_traced_whole():
+    import braze.compiler.capture as capture
+
+    assert capture._decoder_layers(tiny_causal_lm("llama", layers=2)) is None  # too few to gain anything
+    gemma3 = tiny_causal_lm("gemma3_text", layers=7)  # sliding layers with a global one every 6th
+    assert len(set(gemma3.config.layer_types)) > 1
+    assert capture._decoder_layers(gemma3) is None

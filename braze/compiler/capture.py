@@ -8,12 +8,19 @@ the decomposed ATen IR, which costs more than the export itself. When every op o
 already in that IR or one of the few that `LOCAL_DECOMPOSITIONS` rewrites node by node (transpose -> permute,
 `to` -> `_to_copy`, `diff` -> slices, ...), the training IR is consumed directly; anything else (mutations,
 higher-order ops, other composite ops) takes the full re-trace.
+
+Tracing a decoder stack costs the same per layer, so when a causal LM's layers are built alike (same modules,
+shapes and attributes; no per-layer config list such as alternating attention types), a two-layer copy is traced
+and layer 1 is stamped out for the remaining layers (`_capture_stamped`); the plans are the same as from tracing
+every layer (tests/test_compile_cache.py compares them), and anything unexpected traces the whole model.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -334,6 +341,243 @@ def _export(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: 
                     fake_mode, [t for t in flat if isinstance(t, torch.Tensor)])
 
 
+# ---- one traced layer, stamped N times ---------------------------------------------------------------------
+# Tracing dominates a compile, and a decoder stack traces the same layer N times. When every layer is built the
+# same way, a copy of the model with two layers is exported, the two traced layers are checked to be the same
+# graph (same ops, same arguments up to the layer's own weights and the hidden state it reads from the layer
+# before), and layer 1's nodes are copied for layers 2..N-1 over their own weights. Anything unexpected falls back
+# to tracing the whole model.
+STAMP_MIN_LAYERS = 4
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks",
+          "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs", "_state_dict_hooks")
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        return isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape \
+            and a.dtype == b.dtype and bool(torch.equal(a, b))
+    if isinstance(a, functools.partial) and isinstance(b, functools.partial):
+        return a.func is b.func and _same_value(list(a.args), list(b.args)) and _same_value(a.keywords, b.keywords)
+    try:
+        return a is b or bool(a == b)
+    except Exception:
+        return False
+
+
+def _built_alike(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    """Same module tree, parameter/buffer shapes and dtypes, and non-tensor attributes (but `layer_idx`)."""
+    mods_a, mods_b = list(a.named_modules()), list(b.named_modules())
+    if [(n, type(m)) for n, m in mods_a] != [(n, type(m)) for n, m in mods_b]:
+        return False
+    for (_, x), (_, y) in zip(mods_a, mods_b):
+        if any(getattr(x, h, None) or getattr(y, h, None) for h in _HOOKS):
+            return False
+        for kind in ("_parameters", "_buffers"):
+            tx, ty = getattr(x, kind), getattr(y, kind)
+            if tx.keys() != ty.keys() or any(
+                    (tx[k] is None) != (ty[k] is None) or (tx[k] is not None and (
+                        tx[k].shape != ty[k].shape or tx[k].dtype != ty[k].dtype)) for k in tx):
+                return False
+        attrs_x = {k: v for k, v in vars(x).items() if not k.startswith("_") and k != "layer_idx"}
+        attrs_y = {k: v for k, v in vars(y).items() if not k.startswith("_") and k != "layer_idx"}
+        if attrs_x.keys() != attrs_y.keys() or not all(_same_value(attrs_x[k], attrs_y[k]) for k in attrs_x):
+            return False
+    return True
+
+
+def _decoder_layers(model: torch.nn.Module) -> tuple[str, torch.nn.ModuleList] | None:
+    """(path, layers) of the decoder stack when stamping applies: one ModuleList of num_hidden_layers modules
+    built alike, and no per-layer list in the config that tells the layers apart (layer_types, ...)."""
+    cfg = getattr(model, "config", None)
+    count = getattr(cfg, "num_hidden_layers", None)
+    if not isinstance(count, int) or count < STAMP_MIN_LAYERS:
+        return None
+    stacks = [(name, m) for name, m in model.named_modules()
+              if isinstance(m, torch.nn.ModuleList) and len(m) == count]
+    if len(stacks) != 1:
+        return None
+    raw = cfg.to_dict() if hasattr(cfg, "to_dict") else {}
+    for value in raw.values():
+        if isinstance(value, (list, tuple)) and len(value) == count and len({repr(v) for v in value}) > 1:
+            return None
+    path, layers = stacks[0]
+    if not path or any(not _built_alike(layers[0], layer) for layer in layers):
+        return None
+    return path, layers
+
+
+def _capture_stamped(model: torch.nn.Module, args: tuple, dyn: Any) -> Captured | None:
+    found = _decoder_layers(model)
+    if found is None:
+        return None
+    path, layers = found
+    parent_path, _, attr = path.rpartition(".")
+    parent = model.get_submodule(parent_path)
+    cfg = model.config
+    count = cfg.num_hidden_layers
+    setattr(parent, attr, torch.nn.ModuleList(list(layers)[:2]))
+    cfg.num_hidden_layers = 2
+    try:
+        cap = _export(CausalLMWrapper(model), args, {}, dyn, {})
+    except CaptureError:
+        return None
+    finally:
+        setattr(parent, attr, layers)
+        cfg.num_hidden_layers = count
+    return cap if _stamp_layers(cap, f"model.{path}", layers) else None
+
+
+def _weight_suffixes(cap: Captured, prefix: str, layer: int) -> dict[str, fx.Node]:
+    """Weight placeholders of one layer by the rest of their name (export names them p_/b_/c_ + dotted path)."""
+    pattern = re.compile(rf"^[pbc]_{re.escape(prefix.replace('.', '_'))}_{layer}_(.+)$")
+    out = {}
+    for n in cap.gm.graph.nodes:
+        m = pattern.match(n.name) if n.op == "placeholder" and n.name in cap.weights else None
+        if m:
+            out[m.group(1)] = n
+    return out
+
+
+def _layer_of(node: fx.Node, prefix: str) -> int | None:
+    for path, _ in (node.meta.get("nn_module_stack") or {}).values():
+        if isinstance(path, str) and path.startswith(prefix + "."):
+            head = path[len(prefix) + 1:].split(".")[0]
+            if head.isdigit():
+                return int(head)
+    return None
+
+
+def _renamed_stack(stack: dict, prefix: str, layer: int) -> dict:
+    dotted = re.compile(rf"{re.escape(prefix)}\.1(?!\d)")
+    under = re.compile(rf"{re.escape(prefix.replace('.', '_'))}_1(?!\d)")
+
+    def rename(text: Any) -> Any:
+        if not isinstance(text, str):
+            return text
+        text = dotted.sub(f"{prefix}.{layer}", text)
+        return under.sub(f"{prefix.replace('.', '_')}_{layer}", text)
+
+    return {rename(k): (rename(v[0]), *v[1:]) if isinstance(v, tuple) else v for k, v in stack.items()}
+
+
+def _stamp_layers(cap: Captured, prefix: str, layers: torch.nn.ModuleList) -> bool:
+    """Copy traced layer 1 for layers 2..N-1 in place (False, cap untouched, when the trace is not uniform)."""
+    graph = cap.gm.graph
+    nodes = list(graph.nodes)
+    index = {n: i for i, n in enumerate(nodes)}
+    segs: dict[int, list[fx.Node]] = {0: [], 1: []}
+    for n in nodes:
+        layer = _layer_of(n, prefix) if n.op == "call_function" else None
+        if layer is not None:
+            if layer not in segs:
+                return False
+            segs[layer].append(n)
+    seg0, seg1 = segs[0], segs[1]
+    if not seg0 or len(seg0) != len(seg1):
+        return False
+    first, mid, end = index[seg0[0]], index[seg1[0]], index[seg1[-1]]
+    if mid - first != len(seg0) or end + 1 - mid != len(seg1):
+        return False  # each layer must be one contiguous run, layer 1 right after layer 0
+    w0, w1 = _weight_suffixes(cap, prefix, 0), _weight_suffixes(cap, prefix, 1)
+    if not w1 or w0.keys() != w1.keys():
+        return False
+    pos0 = {n: k for k, n in enumerate(seg0)}
+    pos1 = {n: k for k, n in enumerate(seg1)}
+    suffix0 = {n: s for s, n in w0.items()}
+    suffix1 = {n: s for s, n in w1.items()}
+    carry: dict[fx.Node, fx.Node] = {}  # layer 0's input from before the stack -> layer 0's node layer 1 reads
+    shared: set[fx.Node] = set()
+
+    def same(x: Any, y: Any) -> bool:
+        if isinstance(x, fx.Node) or isinstance(y, fx.Node):
+            if not (isinstance(x, fx.Node) and isinstance(y, fx.Node)):
+                return False
+            if x in pos0:
+                return pos1.get(y) == pos0[x]
+            if x in suffix0:
+                return suffix1.get(y) == suffix0[x]
+            if y is x:
+                shared.add(x)
+                return True
+            if y in pos0 and carry.setdefault(x, y) is y:
+                return True
+            return False
+        if isinstance(x, (list, tuple)) and isinstance(y, (list, tuple)):
+            return type(x) is type(y) and len(x) == len(y) and all(same(a, b) for a, b in zip(x, y))
+        if isinstance(x, dict) and isinstance(y, dict):
+            return x.keys() == y.keys() and all(same(x[k], y[k]) for k in x)
+        return type(x) is type(y) and (x == y or (x != x and y != y))  # NaN equals NaN here
+
+    for a, b in zip(seg0, seg1):
+        if a.target != b.target or not same(a.args, b.args) or not same(a.kwargs, b.kwargs):
+            return False
+    if shared & carry.keys():
+        return False
+    seg1_set = set(seg1)
+    if any(u not in seg1_set and u not in pos0 for n in seg0 for u in n.users):
+        return False  # layer 0's values are read only by layers 0 and 1
+    outputs = {pos1[n] for n in seg1 if any(u not in seg1_set for u in n.users)}
+    if not outputs <= {pos0[y] for y in carry.values()}:
+        return False  # what leaves layer 1 must be what layer 1 took from layer 0
+
+    # the weights of layers 2..N-1, found by the same names in their modules (checked on layer 1)
+    def tensors_of(layer: torch.nn.Module) -> dict[str, torch.Tensor]:
+        named = {**dict(layer.named_parameters(remove_duplicate=False)),
+                 **dict(layer.named_buffers(remove_duplicate=False))}
+        return {k.replace(".", "_"): v for k, v in named.items()}
+
+    if any(tensors_of(layers[1]).get(s) is None or not _same_tensor(tensors_of(layers[1])[s], cap.weights[n.name])
+           for s, n in w1.items()):
+        return False
+    stacked = [tensors_of(layers[i]) for i in range(2, len(layers))]
+    if any(s not in t for t in stacked for s in w1):
+        return False
+
+    fake_mode = cap.fake_mode
+    prev = list(seg1)
+    anchor = seg1[-1]
+    # each new layer's weights go after the previous layer's, parameters and buffers apart (export's order)
+    placeholder_anchor = {n.name[0]: n for n in w1.values()}
+    for i, tensors in enumerate(stacked, start=2):
+        env: dict[fx.Node, fx.Node] = {}
+        for s, template in w1.items():
+            name = re.sub(rf"_{re.escape(prefix.replace('.', '_'))}_1_", f"_{prefix.replace('.', '_')}_{i}_",
+                          template.name, count=1)
+            with graph.inserting_after(placeholder_anchor[template.name[0]]):
+                ph = graph.placeholder(name)
+            placeholder_anchor[template.name[0]] = ph
+            ph.meta.update({k: v for k, v in template.meta.items() if k != "val"})
+            ph.meta["val"] = fake_mode.from_tensor(tensors[s], static_shapes=True)
+            cap.weights[ph.name] = tensors[s].detach()
+            env[template] = ph
+        for y in carry.values():
+            env[y] = prev[pos0[y]]
+        copies = []
+        for n in seg1:
+            with graph.inserting_after(anchor):
+                new = graph.node_copy(n, lambda a: env.get(a, a))
+            new.meta = dict(n.meta)
+            if "nn_module_stack" in n.meta:
+                new.meta["nn_module_stack"] = _renamed_stack(n.meta["nn_module_stack"], prefix, i)
+            env[n] = new
+            copies.append(new)
+            anchor = new
+        prev = copies
+    copied = {n for n in graph.nodes} - set(nodes)
+    for k in outputs:
+        for user in list(seg1[k].users):
+            if user not in seg1_set and user not in copied:
+                user.replace_input_with(seg1[k], prev[k])
+    graph.lint()
+    cap.gm.recompile()
+    return True
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and (
+        a.data_ptr() == b.data_ptr() or bool(torch.equal(a.detach().cpu(), b.detach().cpu())))
+
+
 def capture_causal_lm(model: torch.nn.Module, max_batch: int, max_seq: int) -> Captured:
     """Capture a HF causal LM with dynamic batch in [1, max_batch] and sequence in [1, max_seq]."""
     if hasattr(model, "set_attn_implementation"):
@@ -353,9 +597,11 @@ def capture_causal_lm(model: torch.nn.Module, max_batch: int, max_seq: int) -> C
     dyn = ({0: batch, 1: seq} if batch else {1: seq},) * 2
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        cap = _export(CausalLMWrapper(model), (ids, pos), {}, dyn, {})
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            cap = _capture_stamped(model, (ids, pos), dyn) or _export(CausalLMWrapper(model), (ids, pos), {}, dyn, {})
+    finally:
+        model.train(was_training)
     for sym in cap.symbols:
         val = None
         for inp in cap.user_inputs[:1]:

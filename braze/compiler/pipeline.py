@@ -48,12 +48,14 @@ def run_passes(cap: Captured, config: CompileConfig, report: CompileReport,
         ctx.current_pass = spec.name
         count = spec.fn(cap.gm, ctx)
         cap.gm.graph.lint()
-        cap.gm.recompile()
         report.passes.append(PassResult(spec.name, spec.phase, count, ctx.notes.get(spec.name, [])))
+        if dump or after_pass:  # they read or run the module's code; passes only read the graph
+            cap.gm.recompile()
         if dump:
             (dump / f"{i:02d}_{spec.name}.txt").write_text(cap.gm.code)
         if after_pass:
             after_pass(spec.name, cap.gm, ctx.weights)
+    cap.gm.recompile()  # once, for whoever runs the rewritten graph (the reference executor)
     return ctx
 
 

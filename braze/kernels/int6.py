@@ -111,14 +111,21 @@ class Int6Config:
     num_stages: int = 3
 
 
-def int6_config(m: int, n: int, n_groups: int, device: DeviceSpec, deterministic: bool = False) -> Int6Config:
+def int6_config(m: int, n: int, n_groups: int, device: DeviceSpec, deterministic: bool = False,
+                elem_size: int = 2) -> Int6Config:
     """Tiles and split-K: decode (small M) splits K when the output tiles alone cannot fill the device's SMs (the
     interpreter has none, so it never splits); stages as deep as shared memory allows, at most 3.
+    The 128 x 128 prefill tile (8 warps) fits wgmma (sm_90) at 16-bit x; mma.sync (sm_80-89) spilled at 255
+    registers (+1 KB, ptxas) and takes 64 x 128 (~150); fp32 x (elem_size 4: tf32x3, three dots per product)
+    takes 128 x 64 on sm_90 and 32 x 128 before it (no spills; 128 x 128 spilled 0.1-2.4 KB).
     deterministic: the batch-invariant configuration: BLOCK_M 16 and BLOCK_N 64 whatever M, split_k 1 (no atomics)."""
     bm = 16 if deterministic else min(128, max(16, triton.next_power_of_2(m)))
     bn = 64 if deterministic or m <= 64 else 128
-    if bm == 128 and bn == 128 and not device.interpret and device.capability < 90:
-        bm = 64  # mma.sync keeps the 128 x 128 accumulator in registers: 255 + 1 KB of spills (ptxas); 64 x 128: ~150
+    prefill = bm == 128 and bn == 128 and not device.interpret
+    if prefill and elem_size >= 4:
+        bm, bn = (128, 64) if device.capability >= 90 else (32, 128)
+    elif prefill and device.capability < 90:
+        bm = 64
     split_k = 1
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     if device.sm_count and m <= 64 and tiles < device.sm_count and not deterministic:
@@ -126,7 +133,7 @@ def int6_config(m: int, n: int, n_groups: int, device: DeviceSpec, deterministic
     # one stage: an x tile (<= 4 B/elem) and 3 byte planes of the weights per 128-wide group
     stage_bytes = bm * 128 * 4 + bn * 96
     stages = max(2, min(3, (device.smem_per_block - 8 * 1024) // stage_bytes))
-    return Int6Config(bm, bn, max(1, min(split_k, n_groups)), num_warps=4 if bm * bn <= 64 * 64 else 8,
+    return Int6Config(bm, bn, max(1, min(split_k, n_groups)), num_warps=8 if prefill or bm * bn > 64 * 64 else 4,
                       num_stages=stages)
 
 
@@ -203,7 +210,7 @@ class Int6MatmulFamily(KernelFamily):
         o = out.view(-1, n)
         if m == 0:
             return
-        cfg = int6_config(m, n, g, device, bool(params.get("deterministic")))
+        cfg = int6_config(m, n, g, device, bool(params.get("deterministic")), elem_size=x2.element_size())
         acc = o
         if cfg.split_k > 1:  # split-K programs atomically add into a zeroed fp32 buffer
             acc = o if o.dtype == torch.float32 else torch.empty((m, n), dtype=torch.float32, device=o.device)
