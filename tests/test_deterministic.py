@@ -237,3 +237,29 @@ def test_deterministic_matmul_cross_compiles(target):
     done = subprocess.run([sys.executable, "-c", _CROSS_COMPILE, target], env=env, capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0 and "ok" in done.stdout, done.stderr[-2000:]
+
+
+def _decode_atomics(cm, target):
+    from braze.compiler.targets import build_targets
+
+    build = build_targets(cm, [target], plans=["decode"])
+    assert build.results and not any(r.error for r in build.results), [r.error for r in build.results if r.error]
+    return {r.spec.kernel: r.atomics for r in build.results}
+
+
+@pytest.mark.parametrize("target", ["sm_80", "sm_90"])
+def test_deterministic_int6_decode_has_no_atomics_on_gpu_targets(target):
+    """Cross-compiled for the GPU (PTX read back): the default int6 decode splits K across programs that add into
+    one fp32 buffer with atomics (their order is the order programs finish in); the deterministic plan has none.
+    int6 quantization itself is deterministic (RTN), so the same weights feed both."""
+    import transformers
+
+    cfg = transformers.LlamaConfig(vocab_size=256, hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)  # K of 2-4 int6 groups of 128
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    default = _decode_atomics(braze.compile(model, max_seq=24, max_batch=2, quant="int6", int6_method="rtn"), target)
+    assert sum(default.values()) > 0, default  # the check sees split-K's atomics
+    det = _decode_atomics(braze.compile(model, max_seq=24, max_batch=2, quant="int6", int6_method="rtn",
+                                        deterministic=True), target)
+    assert sum(det.values()) == 0, {k: v for k, v in det.items() if v}

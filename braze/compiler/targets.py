@@ -55,7 +55,7 @@ from braze.runtime.errors import BrazeError, ConfigError
 from braze.runtime.expr import Expr
 from braze.runtime.plan import Plan
 
-XC_VERSION = 1  # bump when what a cached result holds changes
+XC_VERSION = 2  # bump when what a cached result holds changes
 SIXTEEN_BIT = ("bfloat16", "float16")
 SIZE_MODES = ("corners", "full")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int64": torch.int64,
@@ -362,6 +362,7 @@ class KernelResult:
     stack: int = 0
     smem: int = 0  # bytes of shared memory a launch requests (triton's allocation + ptxas' static smem)
     mma: str = "none"  # wgmma | mma.sync | none
+    atomics: int = 0  # atom.* / red.* instructions in the PTX
     error: str | None = None
     cubin: Path | None = None  # in the cache
     sha256: str | None = None
@@ -375,7 +376,8 @@ class KernelResult:
     def describe(self) -> dict[str, Any]:
         return {**self.spec.describe(), "target": self.spec.target, "regs": self.regs,
                 "spill_stores": self.spill_stores, "spill_loads": self.spill_loads, "stack": self.stack,
-                "smem": self.smem, "mma": self.mma, "error": self.error, "sha256": self.sha256}
+                "smem": self.smem, "mma": self.mma, "atomics": self.atomics, "error": self.error,
+                "sha256": self.sha256}
 
 
 def xcompile_cache_dir() -> Path:
@@ -410,6 +412,15 @@ def mma_kind(ptx: str) -> str:
     if re.search(r"\bmma\.sync\b", ptx):
         return "mma.sync"
     return "none"
+
+
+_ATOMIC = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:atom|red)\.", re.M)
+
+
+def atomic_count(ptx: str) -> int:
+    """Atomic read-modify-write instructions (atom.* / red.*) in a kernel's PTX: split-K partial sums and the like,
+    whose summation order is the order the programs happen to finish in."""
+    return len(_ATOMIC.findall(ptx))
 
 
 def _run_ptxas(ptx: str, capability: int, fp_fusion: bool) -> str:
@@ -461,6 +472,7 @@ def _compile_job(job: dict[str, Any]) -> dict[str, Any]:
         os.replace(tmp, path)
         out.update(regs=report["regs"], spill_stores=report["spill_stores"], spill_loads=report["spill_loads"],
                    stack=report["stack"], smem=int(k.metadata.shared) + report["static_smem"], mma=mma_kind(ptx),
+                   atomics=atomic_count(ptx),
                    sha256=hashlib.sha256(cubin).hexdigest(), num_warps=int(k.metadata.num_warps))
     except Exception as e:  # a compile error is a result, reported per kernel and target
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
@@ -605,7 +617,8 @@ def _result(spec: Specialization, data: dict[str, Any], cubin: Path, cached: boo
     if data.get("error"):
         return KernelResult(spec, error=data["error"], compile_s=data.get("compile_s", 0.0), cached=cached)
     return KernelResult(spec, regs=data["regs"], spill_stores=data["spill_stores"], spill_loads=data["spill_loads"],
-                        stack=data["stack"], smem=data["smem"], mma=data["mma"], cubin=cubin, sha256=data["sha256"],
+                        stack=data["stack"], smem=data["smem"], mma=data["mma"], atomics=data.get("atomics", 0),
+                        cubin=cubin, sha256=data["sha256"],
                         compile_s=data.get("compile_s", 0.0), cached=cached)
 
 
