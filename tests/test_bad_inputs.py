@@ -452,3 +452,38 @@ def test_capture_failure_is_a_clear_error():
     with pytest.raises(braze.CaptureError, match="torch.export could not capture DataDependent") as info:
         braze.compile(DataDependent())(torch.randn(2, 3))
     one_line(info.value)
+
+
+def test_keyboard_interrupt_during_cli_generate_exits_cleanly(pkg, capsys, monkeypatch):
+    """Ctrl-C while tokens are generated: exit code 130 and one line, no traceback."""
+    from braze.runtime.compiled import CompiledModel
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(CompiledModel, "generate", interrupted)
+    code, line = cli(["run", pkg / "pkg", "--prompt", "hi", "--max-new-tokens", "3"], capsys)
+    assert code == 130 and line == "braze: interrupted"
+
+
+def test_keyboard_interrupt_during_save_leaves_nothing_half_written(lm, tmp_path, monkeypatch):
+    """Ctrl-C while a package is written: neither the package nor its temporary directory is left behind, and an
+    existing package at the destination is untouched."""
+    import braze.runtime.package as package
+
+    _, cm = lm
+    cm.save(tmp_path / "old")
+    before = sorted(p.name for p in (tmp_path / "old").rglob("*"))
+    real = package._write_contents
+
+    def interrupted(*args, **kwargs):
+        real(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(package, "_write_contents", interrupted)
+    for dest in ("new", "old"):
+        with pytest.raises(KeyboardInterrupt):
+            cm.save(tmp_path / dest)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
+    assert sorted(p.name for p in (tmp_path / "old").rglob("*")) == before
+    assert braze.load(tmp_path / "old") is not None
