@@ -8,7 +8,7 @@ first generated tokens run the packaged kernels; and the eager steps of the forw
 exactly, so a pattern that silently stops matching fails here.
 
 `python tests/test_architectures.py` prints the launch table (forward / decode launches per layer, eager steps)
-written to benchmarks/results/2026-11-29-architectures-cpu.md.
+written to benchmarks/results/cpu-2core-2026-11-30-architectures.md.
 """
 
 import os
