@@ -23,6 +23,16 @@ def val(node: Any) -> Any:
     return node.meta.get("val") if isinstance(node, fx.Node) else node
 
 
+def _braze_fake_kernel(target: Any) -> Callable[..., Any] | None:
+    """The registered fake implementation of a braze:: custom op. Calling it directly inside the fake mode skips
+    the dispatcher's autograd and fake-tensor-cache layers (~14 ms a call, a third of a SmolLM2 compile); braze's
+    fake implementations only allocate outputs (none uses torch.library.get_ctx)."""
+    if not isinstance(target, torch._ops.OpOverload) or target.namespace != "braze":
+        return None
+    entry = torch._library.simple_registry.singleton.find(target._schema.name)
+    return entry.fake_impl.kernel if entry.fake_impl.kernel is not None else None
+
+
 def fake_value(target: Any, args: tuple, kwargs: dict, ctx: PassContext) -> Any:
     def to_fake(a: Any) -> Any:
         if isinstance(a, fx.Node):
@@ -31,8 +41,12 @@ def fake_value(target: Any, args: tuple, kwargs: dict, ctx: PassContext) -> Any:
             return type(a)(to_fake(x) for x in a)
         return a
 
+    fargs, fkwargs = to_fake(args), {k: to_fake(v) for k, v in kwargs.items()}
     with ctx.fake_mode:
-        return target(*to_fake(args), **{k: to_fake(v) for k, v in kwargs.items()})
+        kernel = _braze_fake_kernel(target)
+        if kernel is not None:
+            return kernel(*fargs, **fkwargs)
+        return target(*fargs, **fkwargs)
 
 
 def new_node(gm: fx.GraphModule, target: Any, args: tuple, kwargs: dict | None, ctx: PassContext,
@@ -70,6 +84,19 @@ def dce(gm: fx.GraphModule) -> None:
     gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
 
 
+def _erase_dead_from(node: fx.Node) -> None:
+    """Erase `node` if nothing uses it, then whatever only it used: the local part of `dce` a rewrite leaves
+    behind (a whole-graph pass per match made rewriting quadratic in the graph size)."""
+    work = [node]
+    while work:
+        n = work.pop()
+        if getattr(n, "_erased", False) or n.users or n.op in ("placeholder", "output"):
+            continue
+        inputs = [a for a in n.all_input_nodes]
+        n.graph.erase_node(n)
+        work.extend(inputs)
+
+
 def graph_rewrite(gm: fx.GraphModule, rules: dict[Any, Rule], ctx: PassContext) -> int:
     """Apply (op -> rule) once over the graph in order; a rule returns the replacement node or None."""
     count = 0
@@ -80,7 +107,7 @@ def graph_rewrite(gm: fx.GraphModule, rules: dict[Any, Rule], ctx: PassContext) 
         if replacement is not None and replacement is not node:
             node.replace_all_uses_with(replacement)
             count += 1
-            dce(gm)
+            _erase_dead_from(node)  # later rules' single_user checks must not count dead users
     dce(gm)
     gm.recompile()
     return count
