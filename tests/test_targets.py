@@ -51,8 +51,11 @@ def test_decode_plan_fits_sm90_and_sm86(decode_build):
         assert 0 < r.regs <= limit.max_regs_per_thread and r.spills == 0
         assert r.smem <= limit.smem_per_block
         assert r.spec.uses and all(u.startswith("decode batch=") for u in r.spec.uses)
-    # bf16 GEMMs run on tensor cores; the decode tiles (BLOCK_M 16) use mma.sync even on sm_90
-    assert {r.mma for r in build.results if r.spec.family == "matmul"} == {"mma.sync"}
+    # decode linears (M <= 16) take the GEMV form on a GPU: per-row reductions (ROW_DOT), no MMA padding of M
+    assert {r.mma for r in build.results if r.spec.family == "matmul"} == {"none"}
+    for r in build.results:
+        if r.spec.family == "matmul":
+            assert r.spec.constexprs[(list(r.spec.signature).index("ROW_DOT"),)] is True
     # both ends of the batch range were enumerated, and triton's specialization is the JIT's: M == 1 is a
     # constexpr at batch 1, an i32 at batch 4; aligned pointers carry tt.divisibility 16
     per_use = {(r.spec.target, u): r.spec for r in build.results if r.spec.family == "matmul" for u in r.spec.uses}
