@@ -175,20 +175,23 @@ def test_dual(kind: str, dt: str) -> None:
     _check(run_matmul(_spec(dtype, dual=kind), a, wg, w2=wu), ref, dtype)
 
 
-@pytest.mark.parametrize("dt", ["float32", "float16"])
-def test_fused_norm_swiglu_residual(dt: str) -> None:
-    """Everything at once, on a multi-tile grid: norm -> gate/up -> SwiGLU -> + residual."""
-    dtype = getattr(torch, dt)
-    M, N, K, eps = 33, 96, 40, 1e-5
-    a, wg = _operands(M, N, K, dtype)
+def _check_norm_swiglu_residual(a: torch.Tensor, wg: torch.Tensor, dtype: torch.dtype, device: DeviceSpec) -> None:
+    """norm -> gate/up -> SwiGLU -> + residual through the launcher for `device`, vs torch."""
+    (M, K), N, eps = a.shape, wg.shape[0], 1e-5
     wu = _rand(N, K, dtype=dtype, scale=K**-0.5, seed=7)
     norm_w = (1.0 + _rand(K, dtype=torch.float32, scale=0.1, seed=6)).to(dtype)
     residual = _rand(M, N, dtype=dtype, seed=4)
     spec = _spec(dtype, rmsnorm_prologue=True, dual="swiglu", has_residual=True)
-    out = run_matmul(spec, a, wg, w2=wu, norm_weight=norm_w, residual=residual, eps=eps, blocks=SMALL_BLOCKS)
+    out = run_matmul(spec, a, wg, w2=wu, norm_weight=norm_w, residual=residual, eps=eps, blocks=device)
     x = _hf_rmsnorm(a, norm_w, eps)
-    ref = F.silu(F.linear(x, wg.float())) * F.linear(x, wu.float()) + residual.float()
-    _check(out, ref, dtype)
+    _check(out, F.silu(F.linear(x, wg.float())) * F.linear(x, wu.float()) + residual.float(), dtype)
+
+
+@pytest.mark.parametrize("dt", ["float32", "float16"])
+def test_fused_norm_swiglu_residual(dt: str) -> None:
+    """Everything at once, on a multi-tile grid: norm -> gate/up -> SwiGLU -> + residual."""
+    dtype = getattr(torch, dt)
+    _check_norm_swiglu_residual(*_operands(33, 96, 40, dtype), dtype, SMALL_BLOCKS)
 
 
 @pytest.mark.parametrize("layout", ["transposed", "sliced"])
@@ -321,16 +324,10 @@ def test_gemv_form_through_the_launcher(M: int, dt: str, target: str) -> None:
     """The GEMV launch a GPU gets at decode, under the interpreter: plain + bias + GELU, and the fused
     norm -> gate/up -> SwiGLU -> + residual block, vs torch; ragged N and K tiles."""
     dtype, device = getattr(torch, dt), TARGETS[target]
-    N, K, eps = 40, 72, 1e-5
+    N, K = 40, 72
     assert matmul_config(M, N, K, device).row_dot
     a, w = _operands(M, N, K, dtype)
     bias = _rand(N, dtype=dtype, seed=3)
     out = run_matmul(_spec(dtype, has_bias=True, activation="gelu"), a, w, bias=bias, blocks=device)
     _check(out, F.gelu(F.linear(a.float(), w.float(), bias.float())), dtype)
-    wu = _rand(N, K, dtype=dtype, scale=K**-0.5, seed=7)
-    norm_w = (1.0 + _rand(K, dtype=torch.float32, scale=0.1, seed=6)).to(dtype)
-    residual = _rand(M, N, dtype=dtype, seed=4)
-    spec = _spec(dtype, rmsnorm_prologue=True, dual="swiglu", has_residual=True)
-    out = run_matmul(spec, a, w, w2=wu, norm_weight=norm_w, residual=residual, eps=eps, blocks=device)
-    x = _hf_rmsnorm(a, norm_w, eps)
-    _check(out, F.silu(F.linear(x, w.float())) * F.linear(x, wu.float()) + residual.float(), dtype)
+    _check_norm_swiglu_residual(a, w, dtype, device)

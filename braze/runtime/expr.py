@@ -69,8 +69,6 @@ class Expr:
     def __init__(self, text: str):
         self.text = text
         self.code = compile(parse_expr(text), "<braze-expr>", "eval")
-        self.names = tuple(sorted({n.id for n in ast.walk(ast.parse(text.strip(), mode="eval"))
-                                   if isinstance(n, ast.Name) and n.id not in _FUNCS}))
 
     def __call__(self, syms: dict[str, int]) -> int:
         return int(eval(self.code, _EVAL_GLOBALS, syms))  # validated by parse_expr: integer arithmetic only
