@@ -1,7 +1,8 @@
 """`make demo`: SmolLM2-135M-Instruct -> kernel package -> lean runtime -> chat answer, with a golden check.
 
 Everything runs on this machine: generated Triton kernels under the interpreter on a CPU (timings printed here
-are interpreter timings, not performance), on a GPU the same package runs with CUDA graphs.
+are interpreter timings, not performance), on a GPU the same package runs with CUDA graphs. The answer streams
+token by token as the decode plan produces it.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import TextStreamer
 
 import braze
 from braze.models import load_smollm2
@@ -18,7 +20,16 @@ PACKAGE = Path("out/smollm2")
 QUESTION = "What is the capital of France?"
 
 
+INTERPRETER_NOTE = (
+    "No GPU here: braze's generated Triton kernels run under the Triton interpreter, which executes every kernel\n"
+    "program one by one in NumPy on the CPU. A token takes about a second instead of microseconds; the kernels,\n"
+    "the plans and the package are the ones a GPU runs (there compiled, and replayed with CUDA graphs).\n"
+)
+
+
 def main() -> None:
+    if not torch.cuda.is_available():
+        print(INTERPRETER_NOTE)
     t0 = time.perf_counter()
     model, tok = load_smollm2(torch.float32)
     print(
@@ -42,11 +53,15 @@ def main() -> None:
     )
 
     print(f"\n[5/5] user: {QUESTION}")
+    text = tok.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True)
+    ids = tok(text, return_tensors="pt").input_ids
+    print("assistant: ", end="", flush=True)
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     t0 = time.perf_counter()
-    answer = runtime.generate_text(tok, QUESTION, max_new_tokens=12)[0]
+    out = runtime.generate(ids, max_new_tokens=12, eos_token_id=tok.eos_token_id, streamer=streamer, speculate=False)
     took = time.perf_counter() - t0
+    answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
     stats = runtime.generation_stats
-    print(f"assistant: {answer.strip()}")
     print(
         f"  {stats.decode_steps + 1} tokens in {took:.1f} s: time to first token {stats.time_to_first_token_s:.1f} s, "
         f"decode {stats.decode_tokens_per_s:.2f} tokens/s, {stats.launches_per_decode_step:.0f} launches per "
@@ -55,8 +70,6 @@ def main() -> None:
         else f"  decode {stats.decode_tokens_per_s:.1f} tokens/s"
     )
 
-    text = tok.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False, add_generation_prompt=True)
-    ids = tok(text, return_tensors="pt").input_ids
     logits = runtime(ids).logits
     with torch.no_grad():
         ref = model(ids).logits

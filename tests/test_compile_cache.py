@@ -234,10 +234,16 @@ def test_stamped_capture_gives_the_plans_of_a_full_trace(monkeypatch):
     assert stamped and stamped[0] is not None
     monkeypatch.setattr(capture, "_capture_stamped", lambda *a: None)
     b = braze.compile(model, **OPTIONS)
+    _assert_same_compile(a, b)
+
+
+def _assert_same_compile(a, b):
+    """Same plans (steps, kernel sources, inputs, memory), same weights, same outputs."""
 
     def body(source):
         return [line for line in source.splitlines() if not line.startswith("#")]  # headers name FX nodes
 
+    assert sorted(a.extra_plans) == sorted(b.extra_plans)
     for name, plan in [("forward", b.plan), *b.extra_plans.items()]:
         got = a.plan if name == "forward" else a.extra_plans[name]
         assert [(s.kind, s.kernel, s.target) for s in got.steps] == [(s.kind, s.kernel, s.target) for s in plan.steps]
@@ -248,6 +254,43 @@ def test_stamped_capture_gives_the_plans_of_a_full_trace(monkeypatch):
     assert all(torch.equal(a.weights[k], b.weights[k]) for k in a.weights)
     for x, y in zip(_outputs(a), _outputs(b)):
         assert torch.equal(x, y)
+
+
+def test_memoized_fake_values_give_the_plans_of_per_node_propagation(monkeypatch):
+    """Fake values computed once per distinct (op, input metadata) and shared by the layers that repeat them
+    (braze/passes/fake_memo.py) compile a 4-layer Llama to exactly what per-node fake propagation gives."""
+    from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+    import braze.compiler.generation as generation
+    import braze.passes.graph_utils as graph_utils
+
+    monkeypatch.setenv("BRAZE_CACHE", "0")
+    model = tiny_causal_lm("llama", layers=4)
+    computed = []
+    real = graph_utils.memo_call
+    monkeypatch.setattr(graph_utils, "memo_call", lambda memo, *a: computed.append(1) or real(memo, *a))
+    a = braze.compile(model, **OPTIONS)
+    assert computed
+    monkeypatch.setattr(graph_utils, "memo_call", lambda memo, target, fargs, fkwargs, compute: compute())
+    monkeypatch.setattr(generation, "MemoFakeTensorProp", FakeTensorProp)
+    b = braze.compile(model, **OPTIONS)
+    _assert_same_compile(a, b)
+
+
+def test_fake_memo_keeps_apart_what_changes_an_output():
+    from braze.passes.fake_memo import memo_call, memoizable, value_signature
+
+    aten = torch.ops.aten
+    assert memoizable(torch.ops.braze.cached_attention.default)  # writes the cache, returns a new tensor
+    assert not memoizable(aten.add_.Tensor) and not memoizable(aten.copy_.default)  # return their input
+    assert not memoizable(lambda x: x)
+    x, y = torch.empty(2, 3), torch.empty(3, 2).t()
+    assert value_signature(x) != value_signature(y)  # same shape, different strides
+    assert value_signature((x, 1)) != value_signature((x, 1.0)) != value_signature((x, True))
+    memo, calls = {}, []
+    for t in (x, x.clone(), y):
+        memo_call(memo, aten.neg.default, (t,), {}, lambda t=t: calls.append(t) or t.neg())
+    assert len(calls) == 2  # the clone shares x's entry; y's strides do not
 
 
 def test_layers_told_apart_by_the_config_are_traced_whole():

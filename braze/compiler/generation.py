@@ -14,15 +14,15 @@ import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from braze.codegen.lower import lower_graph
 from braze.codegen.symbolic import to_sympy
-from braze.compiler.capture import Captured
+from braze.compiler.capture import Captured, lazy_module
 from braze.compiler.config import CompileConfig
 from braze.compiler.pipeline import run_passes
 from braze.compiler.report import CompileReport
 from braze.kvcompress.policy import Budget
+from braze.passes.fake_memo import MemoFakeTensorProp
 from braze.passes.kv_compression import compress_decode_graph, insert_kv_compression
 from braze.passes.quantize import fuse_df11_decode_plan
 from braze.runtime.kv_compression import CompressionSpec
@@ -30,11 +30,12 @@ from braze.runtime.plan import Plan, SymbolSpec
 
 
 def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
-    """A new GraphModule over a copied graph; node metas are shallow-copied (fake values shared)."""
+    """A new GraphModule over a copied graph; node metas are shallow-copied (fake values shared). Lazy: its Python
+    code is generated only if something runs it (braze/compiler/capture.py: lazy_module)."""
     graph = fx.Graph()
     out = graph.graph_copy(gm.graph, {})
     graph.output(out)
-    return fx.GraphModule(gm, graph)
+    return lazy_module(gm, graph)
 
 
 def _respecialize_decode(gm: fx.GraphModule, weights: dict[str, torch.Tensor], max_batch: int
@@ -64,7 +65,7 @@ def _respecialize_decode(gm: fx.GraphModule, weights: dict[str, torch.Tensor], m
                  for s in shape]
         with mode:
             args.append(torch.empty(shape, dtype=old.dtype))
-    FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*args)
+    MemoFakeTensorProp(gm, mode).propagate_dont_convert_inputs(*args)
     if isinstance(batch, int):
         return []
     return [SymbolSpec(str(to_sympy(batch)), "batch", 1, max_batch)]

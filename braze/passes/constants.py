@@ -44,5 +44,4 @@ def fold_constants(gm: fx.GraphModule, ctx: PassContext) -> int:
         gm.graph.erase_node(node)
         count += 1
     dce(gm)
-    gm.recompile()
     return count

@@ -17,6 +17,7 @@ class PassContext:
     causal_lm: bool = False
     notes: dict[str, list[str]] = field(default_factory=dict)
     current_pass: str = ""
+    fake_memo: dict = field(default_factory=dict)  # braze/passes/fake_memo.py: one fake op per distinct signature
 
     def note(self, message: str) -> None:
         self.notes.setdefault(self.current_pass, []).append(message)

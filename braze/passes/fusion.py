@@ -69,7 +69,6 @@ def merge_sibling_linears(gm: fx.GraphModule, ctx: PassContext) -> int:
         ctx.note(f"merged {', '.join(n.name for n in nodes)} -> {merged.name} (N={start})")
         count += 1
     dce(gm)
-    gm.recompile()
     return count
 
 

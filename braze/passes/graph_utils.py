@@ -10,6 +10,7 @@ import torch.fx as fx
 
 import braze.ops  # noqa: F401  (registers braze::*)
 from braze.passes.context import PassContext
+from braze.passes.fake_memo import memo_call
 
 aten = torch.ops.aten
 Rule = Callable[[fx.Node, PassContext], "fx.Node | None"]
@@ -42,11 +43,15 @@ def fake_value(target: Any, args: tuple, kwargs: dict, ctx: PassContext) -> Any:
         return a
 
     fargs, fkwargs = to_fake(args), {k: to_fake(v) for k, v in kwargs.items()}
-    with ctx.fake_mode:
-        kernel = _braze_fake_kernel(target)
-        if kernel is not None:
-            return kernel(*fargs, **fkwargs)
-        return target(*fargs, **fkwargs)
+
+    def compute() -> Any:
+        with ctx.fake_mode:
+            kernel = _braze_fake_kernel(target)
+            if kernel is not None:
+                return kernel(*fargs, **fkwargs)
+            return target(*fargs, **fkwargs)
+
+    return memo_call(ctx.fake_memo, target, fargs, fkwargs, compute)
 
 
 def new_node(gm: fx.GraphModule, target: Any, args: tuple, kwargs: dict | None, ctx: PassContext,
@@ -109,7 +114,6 @@ def graph_rewrite(gm: fx.GraphModule, rules: dict[Any, Rule], ctx: PassContext) 
             count += 1
             _erase_dead_from(node)  # later rules' single_user checks must not count dead users
     dce(gm)
-    gm.recompile()
     return count
 
 

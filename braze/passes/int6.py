@@ -218,7 +218,6 @@ def quantize_int6(gm: fx.GraphModule, ctx: PassContext) -> int:
     for line in notes:
         ctx.note(line)
     dce(gm)
-    gm.recompile()
     return count
 
 

@@ -68,5 +68,4 @@ def split_int6_act_quant(gm: fx.GraphModule, ctx: PassContext) -> int:
     if count:
         ctx.note(f"{count} W6A8/W6A6 linears read pre-quantized activations ({len(cache)} quantizations)")
     dce(gm)
-    gm.recompile()
     return count

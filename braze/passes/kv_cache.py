@@ -102,7 +102,6 @@ def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> int:
         node.replace_all_uses_with(rep)
         count += 1
     dce(gm)
-    gm.recompile()
     ctx.note(f"{count} layers read and write a static KV cache of {max_seq} positions")
     return count
 
@@ -187,6 +186,5 @@ def insert_tree_verify(gm: fx.GraphModule, ctx: PassContext) -> int:
             rep = new_node(gm, braze.tree_cached_attention.default, (*args, mask, float(a["scale"])), {}, ctx, node)
         node.replace_all_uses_with(rep)
     dce(gm)
-    gm.recompile()
     ctx.note(f"{len(nodes)} layers verify draft trees (tree_mask input)")
     return len(nodes)

@@ -141,5 +141,4 @@ def normalize(gm: fx.GraphModule, ctx: PassContext) -> int:
                 node.replace_all_uses_with(node.args[0])
                 count += 1
     dce(gm)
-    gm.recompile()
     return count

@@ -137,7 +137,6 @@ def recognize_rms_norm(gm: fx.GraphModule, ctx: PassContext) -> int:
             if _rms_from_rsqrt(node, ctx) is not None:
                 count += 1
     dce(gm)
-    gm.recompile()
     return count
 
 

@@ -2,6 +2,8 @@
 
 A pass is `fn(gm, ctx) -> int` (rewrites made). Every pass leaves the graph runnable eagerly: the nodes it
 introduces are braze::* ops with reference implementations, so any prefix of this list can be golden-checked.
+Passes edit `gm.graph` only: `run_passes` regenerates the module's Python code once, after the last pass (a
+recompile of a 30-layer graph costs ~0.2 s; per pass and per rewrite it was a quarter of a SmolLM2 compile).
 """
 
 from __future__ import annotations

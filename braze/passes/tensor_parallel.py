@@ -355,7 +355,6 @@ def shard_tensor_parallel(gm: fx.GraphModule, ctx: PassContext) -> int:
     count += _vocab_parallel(gm, ctx, rank, world)
     count += _vocab_parallel_embedding(gm, ctx, rank, world)
     gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.op in ("placeholder", "output"))
-    gm.recompile()
     ctx.note(f"rank {rank} of {world}: {sum(1 for n in gm.graph.nodes if is_op(n, ALL_REDUCE))} "
              f"all-reduces per forward")
     return count
