@@ -79,6 +79,9 @@ def _arch_configs(vocab: int, layers: int) -> dict[str, Any]:
                                      rotary_dim=8, n_inner=128, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
         # interleaved rotary (full width), parallel attention + MLP, LayerNorm without bias, logit_scale
         "cohere": lambda: t.CohereConfig(**common, logit_scale=0.25),
+        # the same with a LayerNorm over each head of q / k (Command R+): the rotation reads normed q / k, so the
+        # head-dim permutation cannot go into the projection weights
+        "cohere_qknorm": lambda: t.CohereConfig(**common, logit_scale=0.25, use_qk_norm=True),
         # relu2 (non-gated squared ReLU) MLP, LayerNorm1P (weight + 1), partial rotary 0.5
         "nemotron": lambda: t.NemotronConfig(**common, head_dim=16, partial_rotary_factor=0.5),
         # relu2 MLP, QK LayerNorm over each head, partial rotary 0.5, fused QKV
@@ -88,7 +91,7 @@ def _arch_configs(vocab: int, layers: int) -> dict[str, Any]:
 
 ARCHITECTURES = ("llama", "qwen2", "mistral", "mistral_swa", "qwen3", "gemma", "gemma2", "gemma3_text", "phi",
                  "phi3", "gpt_neox", "stablelm", "olmo2", "gpt2", "opt", "falcon", "mpt", "bloom", "mixtral",
-                 "gptj", "cohere", "nemotron", "persimmon")
+                 "gptj", "cohere", "cohere_qknorm", "nemotron", "persimmon")
 
 
 EAGER_ONLY = ("gemma2", "mpt", "bloom")  # HF refuses SDPA for these (softcapped / ALiBi attention)

@@ -199,8 +199,10 @@ def _fuse(node: fx.Node, ctx: PassContext, made: dict):
             parts = [parts[0], pad, parts[1], pad]
         return op(aten.cat.default, parts, -1)
 
-    key = (cos, sin, r, d)
-    if key not in made:  # one permuted cos / sin for every layer
+    # one permuted cos / sin for every layer (GPT-J recomputes the broadcast per layer: compared by value)
+    key = next((k for k in made if k[2:] == (r, d) and _same_value(k[0], cos) and _same_value(k[1], sin)), None)
+    if key is None:
+        key = (cos, sin, r, d)
         made[key] = (angles(cos, 1.0), angles(sin, 0.0))
     cos_p, sin_p = made[key]
     heads = (lambda t: op(aten.permute.default, t, _HEADS_SWAP)) if swapped else (lambda t: t)
