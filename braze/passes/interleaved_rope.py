@@ -73,7 +73,7 @@ def _cos3(c, x):
         return None
     if is_op(c, aten.unsqueeze.default) and c.args[1] == 1 and val(c.args[0]).dim() == 3:
         return c.args[0], False
-    if cv.shape[2] == 1 and cv.shape[1] != 1 and str(cv.shape[1]) == str(xv.shape[1]):
+    if str(cv.shape[2]) == "1" and str(cv.shape[1]) != "1" and str(cv.shape[1]) == str(xv.shape[1]):
         return c, True
     return None
 
