@@ -73,11 +73,25 @@ def _arch_configs(vocab: int, layers: int) -> dict[str, Any]:
         "bloom": lambda: t.BloomConfig(vocab_size=vocab, hidden_size=64, n_layer=layers, n_head=4),  # ALiBi
         "mixtral": lambda: t.MixtralConfig(**{**common, "intermediate_size": 64}, num_local_experts=4,
                                            num_experts_per_tok=2, sliding_window=None),
+        # interleaved (rotate_every_two) rotary over 8 of 16 head dims, applied in [B, S, H, D] layout; parallel
+        # attention + MLP, gelu_new
+        "gptj": lambda: t.GPTJConfig(vocab_size=vocab, n_positions=128, n_embd=64, n_layer=layers, n_head=4,
+                                     rotary_dim=8, n_inner=128, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0),
+        # interleaved rotary (full width), parallel attention + MLP, LayerNorm without bias, logit_scale
+        "cohere": lambda: t.CohereConfig(**common, logit_scale=0.25),
+        # the same with a LayerNorm over each head of q / k (Command R+): the rotation reads normed q / k, so the
+        # head-dim permutation cannot go into the projection weights
+        "cohere_qknorm": lambda: t.CohereConfig(**common, logit_scale=0.25, use_qk_norm=True),
+        # relu2 (non-gated squared ReLU) MLP, LayerNorm1P (weight + 1), partial rotary 0.5
+        "nemotron": lambda: t.NemotronConfig(**common, head_dim=16, partial_rotary_factor=0.5),
+        # relu2 MLP, QK LayerNorm over each head, partial rotary 0.5, fused QKV
+        "persimmon": lambda: t.PersimmonConfig(**mha, partial_rotary_factor=0.5, qk_layernorm=True),
     }
 
 
 ARCHITECTURES = ("llama", "qwen2", "mistral", "mistral_swa", "qwen3", "gemma", "gemma2", "gemma3_text", "phi",
-                 "phi3", "gpt_neox", "stablelm", "olmo2", "gpt2", "opt", "falcon", "mpt", "bloom", "mixtral")
+                 "phi3", "gpt_neox", "stablelm", "olmo2", "gpt2", "opt", "falcon", "mpt", "bloom", "mixtral",
+                 "gptj", "cohere", "cohere_qknorm", "nemotron", "persimmon")
 
 
 EAGER_ONLY = ("gemma2", "mpt", "bloom")  # HF refuses SDPA for these (softcapped / ALiBi attention)

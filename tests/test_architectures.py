@@ -55,6 +55,24 @@ EXPECTED_EAGER = {
     # ALiBi with heads merged into the batch (baddbmm / bmm attention)
     "bloom": (["aten.pow.Tensor_Tensor", "aten.repeat.default", "braze.attention.default"], [GENERAL_CACHED]),
     "mixtral": (MOE, MOE),  # MoE routing runs eagerly (top-2 of 4 experts)
+    # interleaved rotary (rotate_every_two) over 8 of 16 dims in the [B, S, H, D] layout, parallel attention + MLP;
+    # the sin/cos table indexed by position_ids is an embedding lookup (no aten.index step)
+    "gptj": ([], []),
+    "cohere": ([], []),  # interleaved rotary, parallel attention + MLP, LayerNorm without bias, logit_scale
+    "cohere_qknorm": ([], []),  # the same with per-head LayerNorm on q / k before the rotation
+    "nemotron": ([], []),  # relu2 MLP, LayerNorm1P (weight + 1), partial rotary 0.5
+    "persimmon": ([], []),  # relu2 MLP, QK LayerNorm, partial rotary 0.5, fused QKV
+}
+# how the rotary reaches the attention kernel (fusion pass notes): the eager lists above cannot tell, since an
+# unrecognized rotation still runs as generated elementwise kernels before the attention
+ROPE_NOTES = {
+    "gptj": "interleaved rotary (8 of 16 dims) as half-split RoPE over permuted head dims, permuted in the "
+            "projection weights",
+    "cohere": "interleaved rotary (16 of 16 dims) as half-split RoPE over permuted head dims, permuted in the "
+              "projection weights",
+    "cohere_qknorm": "interleaved rotary (16 of 16 dims) as half-split RoPE over permuted head dims (strided slices)",
+    "nemotron": "partial rotary (8 of 16 dims) as full-width RoPE; head dims permuted in the projection weights",
+    "persimmon": "partial rotary (8 of 16 dims) as full-width RoPE over permuted head dims",
 }
 # reasons a general attention carries in the report (kv-cache pass notes)
 GENERAL_REASONS = {"mistral_swa": ["sliding window 8"], "gemma2": ["softcap 50", "sliding window 8"],
@@ -140,6 +158,9 @@ def test_eager_fallbacks_are_listed(lm):
         assert reason in notes and reason in summary, (arch, reason, notes, summary)
     if GENERAL_CACHED in decode:
         assert "general cached attention, runs eagerly" in notes
+    if arch in ROPE_NOTES:
+        fused = [n for p in cm.report.passes if p.name.startswith("fuse_") for n in p.notes]
+        assert any(ROPE_NOTES[arch] in n for n in fused), fused
 
 
 # ---- the general cached-attention reference: prefill + decode over the cache equals attention over the whole ----

@@ -63,3 +63,51 @@ def test_cycle_check_on_region_graph():
     assert _creates_cycle(g, 0, 1)  # 0 -> tmpl -> 1 goes through a third node
     g2 = nx.DiGraph([(0, 1), (1, 2)])
     assert not _creates_cycle(g2, 0, 1)
+
+
+def test_interleaved_rope_is_half_split_rope_over_permuted_dims():
+    """The identity fuse_interleaved_rope rests on, for arbitrary (not pair-repeated) angles: rotating the pairs
+    (2j, 2j+1) and permuting [evens, odds] equals permuting first and rotating the pairs (j, j + D/2)."""
+    from braze.ops.library import interleaved_rope_reference, rope_reference
+
+    g = torch.Generator().manual_seed(0)
+    x, cos, sin = torch.randn(2, 3, 5, 8, generator=g), torch.randn(2, 5, 8, generator=g), torch.randn(2, 5, 8,
+                                                                                                       generator=g)
+    perm = [0, 2, 4, 6, 1, 3, 5, 7]
+    want = interleaved_rope_reference(x, cos, sin)
+    assert torch.allclose(rope_reference(x[..., perm], cos[..., perm], sin[..., perm]), want[..., perm], atol=1e-6)
+    assert not torch.allclose(rope_reference(x, cos, sin), want, atol=1e-3)  # the two conventions do differ
+    # and it is what HF's GPT-J computes (sin / cos repeated per pair)
+    from transformers.models.gptj.modeling_gptj import apply_rotary_pos_emb
+
+    c, s = cos[..., ::2], sin[..., ::2]
+    hf = apply_rotary_pos_emb(x.transpose(1, 2), s, c).transpose(1, 2)
+    assert torch.allclose(hf, interleaved_rope_reference(x, c.repeat_interleave(2, -1), s.repeat_interleave(2, -1)),
+                          atol=1e-6)
+
+
+class ReluSquaredMLP(torch.nn.Module):
+    """Nemotron / Persimmon's non-gated MLP: down(relu(up(x))^2)."""
+
+    def __init__(self, dim=32, hidden=64):
+        super().__init__()
+        self.up = torch.nn.Linear(dim, hidden)
+        self.down = torch.nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        return self.down(torch.square(F.relu(self.up(x))))
+
+
+def test_squared_relu_fuses_into_the_matmul_epilogue():
+    torch.manual_seed(0)
+    m = ReluSquaredMLP().eval()
+    cm = braze.compile(m)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        assert (cm(x) - m(x)).abs().max().item() < 1e-5
+    assert [k[1] for k in cm.compiled.report.kernels] == ["matmul", "matmul"]  # relu and the square in the first
+    from braze.ops.schema import op_args
+
+    acts = [op_args(n)["activation"] for n in cm.compiled.graph_module.graph.nodes
+            if n.target is torch.ops.braze.linear.default]
+    assert acts == ["relu2", "none"], acts

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from braze.runtime.plan import Step
 
 DUAL_KINDS = (None, "swiglu", "geglu")
-ACTIVATIONS = (None, "silu", "gelu", "gelu_tanh", "relu")
+ACTIVATIONS = (None, "silu", "gelu", "gelu_tanh", "relu", "relu2")
 INPUT_PRECISIONS = ("ieee", "tf32")
 OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _GLU = {"silu": "swiglu", "gelu_tanh": "geglu"}

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ACTIVATIONS = ("none", "silu", "gelu", "gelu_tanh", "relu")
+ACTIVATIONS = ("none", "silu", "gelu", "gelu_tanh", "relu", "relu2")  # relu2: relu(x)^2 (Nemotron, Persimmon)
 
 
 def apply_activation(y: Tensor, activation: str) -> Tensor:
@@ -28,6 +28,8 @@ def apply_activation(y: Tensor, activation: str) -> Tensor:
         return F.gelu(y, approximate="tanh")
     if activation == "relu":
         return F.relu(y)
+    if activation == "relu2":
+        return F.relu(y).square()
     raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
 
 
@@ -109,6 +111,13 @@ def rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     cos = cos.unsqueeze(1)
     sin = sin.unsqueeze(1)
     return x * cos + rotate_half(x) * sin
+
+
+def interleaved_rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """GPT-J / Cohere rotary (rotate_every_two: pairs (2j, 2j + 1)); x [B, H, S, D], cos/sin [B, S, D]. Equal to
+    rope_reference over head dims permuted [0, 2, .., 1, 3, ..] (braze/passes/interleaved_rope.py relies on it)."""
+    rot = torch.stack((-x[..., 1::2], x[..., ::2]), dim=-1).flatten(-2)
+    return x * cos.unsqueeze(1) + rot * sin.unsqueeze(1)
 
 
 @torch.library.custom_op("braze::rope", mutates_args=())

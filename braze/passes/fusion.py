@@ -2,7 +2,7 @@
 
 - merge_sibling_linears: linears reading the same input (Q/K/V) become one matmul over concatenated weights.
 - fuse_norm_prologue: RMSNorm feeding a linear moves into the matmul's prologue.
-- fuse_linear_epilogue: activation and residual add after a linear move into its epilogue.
+- fuse_linear_epilogue: activation (squared ReLU included) and residual add after a linear move into its epilogue.
 - fuse_rope_into_attention: RoPE on q and k is applied by the attention kernel as it loads them.
 """
 
@@ -102,6 +102,21 @@ def _activation(node: fx.Node, ctx: PassContext):
     return _replace(lin, ctx, activation=kind)
 
 
+def _squared_relu(node: fx.Node, ctx: PassContext):
+    """relu(linear)^2 (HF's relu2: torch.square after relu) -> the linear with a relu2 epilogue."""
+    lin = node.args[0]
+    if node.target is aten.pow.Tensor_Scalar and node.args[1] != 2:
+        return None
+    if node.target is aten.mul.Tensor and node.args[1] is not lin:
+        return None
+    if not is_op(lin, braze.linear.default) or len(lin.users) != 1:
+        return None
+    a = op_args(lin)
+    if a["activation"] != "relu" or a["residual"] is not None:
+        return None
+    return _replace(lin, ctx, activation="relu2")
+
+
 def _residual(node: fx.Node, ctx: PassContext):
     if node.kwargs.get("alpha", 1) != 1:
         return None
@@ -122,6 +137,7 @@ def _residual(node: fx.Node, ctx: PassContext):
 def fuse_linear_epilogue(gm: fx.GraphModule, ctx: PassContext) -> int:
     n = graph_rewrite(gm, {aten.silu.default: _activation, aten.relu.default: _activation,
                            aten.gelu.default: _activation}, ctx)
+    n += graph_rewrite(gm, {aten.pow.Tensor_Scalar: _squared_relu, aten.mul.Tensor: _squared_relu}, ctx)
     return n + graph_rewrite(gm, {aten.add.Tensor: _residual}, ctx)
 
 

@@ -73,15 +73,17 @@ ACTIVATION_NODES: dict[str, tuple[Any, dict[str, Any]]] = {
     "relu": (aten.relu.default, {}),
     "gelu": (aten.gelu.default, {}),
     "gelu_tanh": (aten.gelu.default, {"approximate": "tanh"}),
+    "relu2": (aten.relu.default, {}),  # then squared (activate)
 }
 
 
 def activate(gm: fx.GraphModule, y: fx.Node, kind: str, ctx: PassContext, before: fx.Node) -> fx.Node:
-    """`kind`(y) as an ATen node before `before` ("none": y itself)."""
+    """`kind`(y) as ATen nodes before `before` ("none": y itself; relu2: relu, then squared)."""
     if kind == "none":
         return y
     target, kwargs = ACTIVATION_NODES[kind]
-    return new_node(gm, target, (y,), dict(kwargs), ctx, before)
+    out = new_node(gm, target, (y,), dict(kwargs), ctx, before)
+    return new_node(gm, aten.pow.Tensor_Scalar, (out, 2), {}, ctx, before) if kind == "relu2" else out
 
 
 def dce(gm: fx.GraphModule) -> None:

@@ -3,7 +3,7 @@
 `view` becomes `reshape` (identical on contiguous inputs, and still valid eagerly once copies are gone),
 then clones, aliases and same-dtype casts are removed: the graph is functional, so they carry no meaning.
 Custom ops of other libraries with a braze equivalent (HF's MoE grouped matmul) become that braze op, and splits and
-constant consecutive index lists become slices.
+constant consecutive index lists become slices; a constant table indexed by integer ids becomes an embedding.
 """
 
 from __future__ import annotations
@@ -80,6 +80,22 @@ def _constant_index_to_slice(node: fx.Node, ctx: PassContext) -> bool:
     return True
 
 
+def _table_lookup_to_embedding(node: fx.Node, ctx: PassContext) -> bool:
+    """table[ids] with a 2-D constant table and integer ids (GPT-J's sin/cos table indexed by position_ids) ->
+    embedding(table, ids): the same rows, and a gather the fused kernels lower (aten.index has no lowering)."""
+    x, indices = node.args[0], node.args[1]
+    if len(indices) != 1 or not isinstance(indices[0], fx.Node) or not isinstance(x, fx.Node) or \
+            x.op != "placeholder" or x.name not in ctx.weights or ctx.weights[x.name].dim() != 2:
+        return False
+    idx = val(indices[0])
+    if not isinstance(idx, torch.Tensor) or idx.dtype not in (torch.int64, torch.int32):
+        return False
+    emb = new_node(node.graph.owning_module, aten.embedding.default, (x, indices[0]), {}, ctx, node)
+    node.replace_all_uses_with(emb)
+    node.graph.erase_node(node)
+    return True
+
+
 def _trivial_slice_or_cat(node: fx.Node) -> bool:
     """x[..., 0:len] -> x; cat([..., empty, ...]) drops the empty pieces (Phi-3's partial-rotary code at factor 1.0
     slices the whole head and concatenates an empty pass-through part)."""
@@ -116,7 +132,7 @@ def normalize(gm: fx.GraphModule, ctx: PassContext) -> int:
         if node.target in (aten.split.Tensor, aten.split_with_sizes.default):
             count += _split_to_slices(node)
         elif node.target is aten.index.Tensor:
-            count += _constant_index_to_slice(node, ctx)
+            count += _constant_index_to_slice(node, ctx) or _table_lookup_to_embedding(node, ctx)
         elif node.target in (aten.slice.Tensor, aten.cat.default):
             count += _trivial_slice_or_cat(node)
         elif node.target in ASSERTS or (

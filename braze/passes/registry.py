@@ -26,6 +26,7 @@ from braze.passes.fusion import (
 )
 from braze.passes.int6 import quantize_int6
 from braze.passes.int6_act import split_int6_act_quant
+from braze.passes.interleaved_rope import fuse_interleaved_rope
 from braze.passes.kv_cache import insert_kv_cache, insert_tree_verify
 from braze.passes.normalize import normalize
 from braze.passes.patterns import (
@@ -63,6 +64,8 @@ PASSES: list[PassSpec] = [
     PassSpec("fuse_norm_prologue", "fusion", fuse_norm_prologue),
     PassSpec("fuse_linear_epilogue", "fusion", fuse_linear_epilogue),
     PassSpec("fuse_rope_into_attention", "fusion", fuse_rope_into_attention),
+    # GPT-J / Cohere rotate_every_two: the same kernels over permuted head dims (braze/passes/interleaved_rope.py)
+    PassSpec("fuse_interleaved_rope", "fusion", fuse_interleaved_rope),
     # quantization runs after the linear fusions (not before them): see braze/passes/quantize.py
     PassSpec("quantize_df11", "quant", quantize_df11, enabled=lambda config: config.quant == "df11"),
     PassSpec("quantize_int6", "quant", quantize_int6, enabled=lambda config: config.quant == "int6"),
