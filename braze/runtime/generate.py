@@ -229,7 +229,7 @@ class Generator:
             kv_start, extra_inputs = decode_state(self.compression, comp)
             del values
         next_tok = select_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator, positions[:, -1] + 1)
-        seen = [logits[:, -1]] if output_logits else None
+        seen = [logits[:, -1].clone()] if output_logits else None  # (clones: plans and graphs reuse outputs)
         live: list[torch.Tensor] = []  # per new token: whether the row was still generating (with EOS / stops)
         self.stats.time_to_first_token_s = time.perf_counter() - start
         unfinished = torch.ones(batch, dtype=torch.bool, device=self.device)
@@ -265,7 +265,7 @@ class Generator:
             (logits,) = self.graphs.run(inputs) if self.graphs else self.decode.run(inputs)
             next_tok = select_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator, pos[:, 0] + 1)
             if seen is not None:
-                seen.append(logits[:, -1])
+                seen.append(logits[:, -1].clone())
             self.stats.decode_steps += 1
         took = time.perf_counter() - decode_start
         if streamer is not None:

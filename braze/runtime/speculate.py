@@ -307,7 +307,7 @@ class SpeculativeRunner:
         appended = st.append_seconds
         for r in rows:
             if not r.done:
-                self._emit(r, [], int(nxt[r.row]), eos, logits[r.row, -1:])
+                self._emit(r, [], int(nxt[r.row]), eos, logits[r.row, -1:].clone() if r.logits is not None else None)
                 st.plain_steps += 1
         st.emit_seconds += time.perf_counter() - t4 - (st.append_seconds - appended)
 
@@ -445,7 +445,7 @@ class SpeculativeRunner:
         rows = []
         for b in range(bsz):
             row = RowState(b, self._next_request, max_new_tokens, int(first[b]), ids.shape[1], starts[b],
-                           [int(first[b])], logits=[logits[b, -1]] if self.record_logits else None)
+                           [int(first[b])], logits=[logits[b, -1].clone()] if self.record_logits else None)
             row.done = b >= real or row.pending in eos or max_new_tokens <= 1
             self._next_request += 1
             if b < real:
@@ -516,7 +516,7 @@ class SpeculativeRunner:
         t0 = time.perf_counter()
         st.prefill_seconds += t0 - start
         row = RowState(0, self._next_request, max_new_tokens, first, ids.shape[1], 0, [first],
-                       logits=[logits[0, -1]] if self.record_logits else None)
+                       logits=[logits[0, -1].clone()] if self.record_logits else None)
         self._next_request += 1
         self.drafter.start_request(row.req, ids[0].tolist())
         self.drafter.observe(row.req, [row.pending])
