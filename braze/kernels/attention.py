@@ -565,7 +565,9 @@ class TreeCachedAttentionFamily(KernelFamily):
         k_cache = a["k_cache"].meta["val"]
         attn = render_decode_attention(DecodeAttentionSpec(name, True, _precision(k_cache.dtype),
                                                            FLOAT_NAMES[node.meta["val"].dtype], from_cache_len=True))
-        step.params.update(deterministic=True, heads_kv=int(k_cache.shape[1]), s_max=int(k_cache.shape[2]))
+        # host_read: the launcher reads lengths and the tree on the host, so the plan is not CUDA-graph capturable
+        step.params.update(deterministic=True, heads_kv=int(k_cache.shape[1]), s_max=int(k_cache.shape[2]),
+                           host_read=True)
         return attn + "\n\n" + render_cache_write(name), step
 
     def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,

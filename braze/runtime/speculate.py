@@ -223,7 +223,11 @@ class SpeculativeRunner:
         self.k_buckets: tuple[int, ...] = K_BUCKETS if graphs else ()
         self.pad_batches = graphs
         self.verify_graphs = self.decode_graphs = None
-        if graphs and getattr(generator, "verify", None) is not None:
+        verify = getattr(generator, "verify", None)
+        # a deterministic verify plan reads lengths on the host (kernels/attention.py verify_as_decode): not captured
+        host_read = verify is not None and any(s.params.get("host_read") for s in
+                                                 getattr(getattr(verify, "plan", None), "steps", []))
+        if graphs and verify is not None and not host_read:
             from braze.runtime.cuda_graphs import CudaGraphRunner
 
             # own graph runners: graphs capture the KV cache by identity, and these caches are the runner's
