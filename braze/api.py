@@ -121,9 +121,11 @@ def _compile_causal_lm(model: torch.nn.Module, config: CompileConfig) -> Compile
     compiled.attach_generation(gen.prefill, gen.decode, gen.kv_inputs, config.max_seq, config.max_batch, eos, pad,
                                graphs=(gen.prefill_graph, gen.decode_graph, gen.verify_graph), verify=gen.verify)
     compiled.generator.speculate_default = config.speculate == "suffix"
+    compiled.generator.keyed_sampling = config.deterministic  # batch-invariant seeded sampling (KeyedNoise)
     attach_compression(compiled, gen)  # kv_compression: the generator's compression state, the report's bytes
     compiled.report.extra["generation"] = (f"prefill {gen.prefill.launches} launches, decode {gen.decode.launches} "
-                                           f"launches per step, KV cache {len(gen.kv_inputs)} tensors")
+                                           f"launches per step, KV cache {len(gen.kv_inputs)} tensors "
+                                           f"({'/'.join(sorted({d for _, _, d in gen.kv_inputs})) or 'none'})")
     return compiled
 
 

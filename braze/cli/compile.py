@@ -42,8 +42,11 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--deterministic", action="store_true",
                    help="batch-invariant generation: a request's logits and tokens are bitwise the same alone or "
                    "batched with others (fixed kernel tiles, no split-K or atomics, prefill attention per row); "
-                   "matmuls compute 16-bit weights in fp32 (LayerCast); KV cache and activations keep the model "
-                   "dtype; slower")
+                   "matmuls compute 16-bit weights in fp32 (LayerCast); the KV cache is fp32 (--kv-dtype), "
+                   "activations keep the model dtype; slower")
+    p.add_argument("--kv-dtype", choices=("auto", "float32", "float16", "bfloat16"), default=None,
+                   help="KV cache dtype (RoPE and attention scores run in it); auto: float32 with --deterministic, "
+                   "else the model's dtype")
     p.add_argument("--target", default=None, metavar="SM[,SM...]",
                    help="GPU targets to cross-compile every kernel for (sm_80, sm_86, sm_89, sm_90; no GPU needed): "
                    "the package carries the cubins, 'braze inspect' shows registers/spills/shared memory per target")
@@ -132,7 +135,7 @@ def main(args: argparse.Namespace) -> int:
 
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = dict(executor=args.executor, max_seq=args.max_seq, max_batch=args.max_batch)
-    for key in ("quant", "speculate", "df11_strategy", "int6_act", "int6_method"):
+    for key in ("quant", "speculate", "df11_strategy", "int6_act", "int6_method", "kv_dtype"):
         if getattr(args, key, None) is not None:
             options[key] = getattr(args, key)
     if args.deterministic:

@@ -21,6 +21,7 @@ INT6_ACTS = ("a16", "a8", "a6", "mixed")
 INT6_METHODS = ("auto", "rtn", "awq", "gptq")
 INT6_ACT_BITS = (16, 8, 6)
 TARGET_CHECKS = ("error", "warn")
+KV_DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
 @dataclass
@@ -58,6 +59,11 @@ class CompileConfig:
     kv_compression: str | None = None
     kv_budget: Any = 1.0
     kv_window: int = 16
+    # the KV cache's dtype (KV_DTYPES, or a torch.dtype): "auto" (None) is float32 when deterministic=True and the
+    # model's dtype otherwise. Attention kernels rotate q and k into it, store the cache in it and compute their
+    # scores in it (so "float32" on a 16-bit model means fp32 RoPE, cache and attention math); the attention output
+    # is the model's dtype. See kv_cache_dtype.
+    kv_dtype: Any = None
 
     def __post_init__(self) -> None:
         _choice("executor", self.executor, EXECUTORS)
@@ -67,6 +73,7 @@ class CompileConfig:
         _choice("int6_act", self.int6_act, INT6_ACTS)
         _choice("int6_method", self.int6_method, INT6_METHODS)
         _choice("target_check", self.target_check, TARGET_CHECKS)
+        self.kv_dtype = _kv_dtype(self.kv_dtype)
         if self.targets is not None:
             from braze.compiler.targets import parse_targets
 
@@ -112,6 +119,31 @@ def _choice(name: str, value: Any, valid: tuple) -> None:
     if value not in valid:
         shown = ", ".join(repr(v) for v in valid)
         raise ConfigError(f"{name}={value!r} is not valid; choose one of {shown}")
+
+
+def _kv_dtype(value: Any) -> str | None:
+    """kv_dtype normalized to a KV_DTYPES name (None for "auto"); anything else is a one-line ConfigError."""
+    import torch
+
+    if isinstance(value, torch.dtype):
+        value = str(value).removeprefix("torch.")
+    if value is None or value == "auto":
+        return None
+    if value not in KV_DTYPES:
+        shown = ", ".join(repr(v) for v in KV_DTYPES)
+        raise ConfigError(f"kv_dtype={value!r} is not valid; choose one of {shown} (or a torch float dtype of those)")
+    return value
+
+
+def kv_cache_dtype(config: Any, model_dtype: Any) -> Any:
+    """The KV cache's torch dtype for a model whose keys are `model_dtype`: kv_dtype when set, else float32 under
+    deterministic=True, else the model's dtype."""
+    import torch
+
+    name = getattr(config, "kv_dtype", None)
+    if name is not None:
+        return getattr(torch, name)
+    return torch.float32 if getattr(config, "deterministic", False) else model_dtype
 
 
 def tp_rank(config: CompileConfig) -> tuple[int, int]:

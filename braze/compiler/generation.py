@@ -104,9 +104,9 @@ def compile_generation(cap: Captured, config: CompileConfig, report: CompileRepo
     verify_gm = copy_graph_module(gm)
     run_passes(dataclasses.replace(cap, gm=verify_gm), config, report, phases=("verify",))
     verify, _ = lower_graph(verify_gm, "verify", cap.symbols, weights, config.deterministic)
-    if config.deterministic:
-        report.extra["deterministic"] = _deterministic_summary(decode, cap.weights)
     kv = _kv_inputs(gm)
+    if config.deterministic:
+        report.extra["deterministic"] = _deterministic_summary(decode, cap.weights, kv)
     if compression is not None:
         compression.kv_inputs = _kv_inputs(decode_gm)
     return GenerationPlans(prefill, decode, kv, prefill_gm, decode_gm, verify, verify_gm, compression)
@@ -141,18 +141,21 @@ def _fallback_summary(gm: fx.GraphModule, fallbacks: list[tuple[str, str]]) -> s
     return f"{len(parts)}: " + "; ".join(parts)
 
 
-def _deterministic_summary(decode: Plan, weights: dict[str, torch.Tensor]) -> str:
+def _deterministic_summary(decode: Plan, weights: dict[str, torch.Tensor], kv: list) -> str:
     """The report line of a deterministic compile: what the mode does here and what it costs."""
     layercast = sum(1 for s in decode.steps if s.launcher == "matmul" and "LayerCast" in decode.kernels[s.kernel])
     dtypes = sorted({str(w.dtype).removeprefix("torch.") for w in weights.values()
                      if w.dtype in (torch.float16, torch.bfloat16)}) or ["16-bit"]
+    kv_dtypes = "/".join(sorted({dtype for _, _, dtype in kv})) or "none"
     return (f"on: the prefill and decode plans are batch-invariant (fixed matmul tiles, BLOCK_M 16, no split-K "
             f"or atomics; prefill attention launched per row); {layercast} matmul kernels compute "
-            f"{'/'.join(dtypes)} weights in fp32 (LayerCast); KV cache and activations keep the model dtype. Cost: "
-            f"3 + batch prefill attention launches per layer instead of 2, small matmul tiles"
-            f"{', fp32 dots instead of 16-bit tensor-core dots' if layercast else ''}. Its attention aside, the "
-            f"verify plan (speculative decoding) uses the same kernels; its tree attention and the forward plan "
-            f"are not batch-invariant")
+            f"{'/'.join(dtypes)} weights in fp32 (LayerCast); KV cache {kv_dtypes} (kv_dtype; RoPE and attention "
+            f"scores in the cache's dtype), activations between kernels keep the model dtype; seeded sampling keyed "
+            f"by (seed, position). The verify plan (speculative decoding) runs each query node through the decode "
+            f"attention kernel, so accepted tokens' logits equal plain decoding's bitwise. Cost: 3 + batch prefill "
+            f"attention launches per layer instead of 2, per-row verify attention launches, small matmul tiles"
+            f"{', fp32 dots instead of 16-bit tensor-core dots' if layercast else ''}. The forward plan is not "
+            f"batch-invariant")
 
 
 def attach_compression(compiled: Any, gen: GenerationPlans) -> None:

@@ -184,9 +184,11 @@ def attention_blocks(sq: int, skv: int, head_dim: int, device: DeviceSpec, deter
     (ptxas, sm_80-90; 255 registers), and fp32 64 x 64 needs 114,688 B of shared memory (> 101,376 on sm_86/89).
     deterministic: tiles fixed by the head dim alone (not by the query or key count)."""
     block_d = block_d_for(head_dim)
-    if deterministic:
+    if deterministic:  # (the dtype is fixed per compile: fp32 caches take the fp32 tiles below)
         if device.interpret:
             return AttentionBlocks(16, 16, block_d)
+        if elem_size >= 4:
+            return AttentionBlocks(32, 32 if block_d <= 64 else 16, block_d, num_warps=8, num_stages=2)
         return AttentionBlocks(64, 64 if block_d <= 64 else 32, block_d, num_warps=4, num_stages=2)
     if device.interpret:
         return AttentionBlocks(pow2_clamp(sq, 16, 64), pow2_clamp(skv, 16, 64), block_d)
@@ -284,6 +286,61 @@ def flash_per_row(kernel: Any, q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
                         past=meta[b, 1:] if device_len else None, deterministic=True)
 
 
+def verify_as_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     out: torch.Tensor, cache_len: torch.Tensor, kv_start: torch.Tensor, tree_mask: torch.Tensor,
+                     scale: float, device: DeviceSpec) -> None:
+    """Deterministic tree verify: every real query node runs through the decode plan's split-KV kernel (the same
+    template, tiles and split count, decode_splits of the cache), over exactly the keys plain decoding reads at that
+    node's position, in the same cache slots: the row's cache [kv_start, cache_len) then the node's ancestors and
+    itself at cache_len + depth. So an accepted node's attention output (and, the other kernels being row-invariant,
+    its logits) is bitwise what the decode plan computes there. A node whose ancestors are nodes 0..i (path drafts,
+    every node of one) reads the cache in place; a row with a branching node reads a per-node copy of its cache row
+    with the ancestors gathered to consecutive slots. Padding nodes (they see only themselves: no real logit reads
+    them) are not computed and output 0.
+
+    Reads cache_len, kv_start and the tree mask on the host (not graph-capturable). Launches: a memset, then per row
+    a q gather, one small copy (lengths), the decode kernel (+ its combine when the cache splits), an output scatter;
+    a row with a branching node adds two copies (K and V gathered)."""
+    B, Hq, S, D = q.shape
+    lens = cache_len.reshape(-1).expand(B).tolist()
+    starts = kv_start.reshape(-1).expand(B).tolist()
+    tree = tree_mask.bool().expand(B, S, S).cpu()
+    splits = decode_splits(k_cache.shape[1], k_cache.shape[2], device)
+    out.zero_()
+    device_op("memset")
+    for b in range(B):
+        c = int(lens[b])
+        nodes, seq, gathers = [], [], []
+        for i in range(S):
+            anc = tree[b, i, : i + 1].nonzero().flatten().tolist()
+            if not anc or anc[0] != 0:  # padding: sees only itself
+                continue
+            nodes.append(i)
+            seq.append(c + len(anc) - 1)  # the cache length before this node, as decode would hold it
+            gathers.append(None if anc == list(range(i + 1)) else anc)
+        n = len(nodes)
+        idx = torch.tensor(nodes, device=q.device)
+        qb = q[b, :, idx, :].transpose(0, 1).contiguous()
+        device_op("copy")
+        kb, vb = k_cache[b:b + 1].expand(n, -1, -1, -1), v_cache[b:b + 1].expand(n, -1, -1, -1)
+        if any(g is not None for g in gathers):
+            kb, vb = kb.clone(), vb.clone()
+            for j, anc in enumerate(gathers):
+                if anc is not None:
+                    slots = torch.tensor(anc, device=q.device) + c
+                    kb[j, :, c:c + len(anc)] = k_cache[b, :, slots]
+                    vb[j, :, c:c + len(anc)] = v_cache[b, :, slots]
+            device_op("copy")
+            device_op("copy")
+        meta = torch.tensor(seq + [int(starts[b])] * n, dtype=torch.int32, device=q.device)
+        device_op("copy")
+        ob = torch.empty((n, Hq, D), dtype=out.dtype, device=q.device)
+        split_kv_decode(module, name, qb, kb, vb, ob, meta[:n], meta[n:], scale, device, splits,
+                        from_cache_len=True)
+        out[b, :, idx, :] = ob.transpose(0, 1)
+        device_op("copy")
+
+
 def rope_write(module: Any, name: str, tensors: dict[str, torch.Tensor], device: DeviceSpec) -> torch.Tensor:
     """One launch of `<name>_rope_write`: returns roped q [B, Hq, S, D]; roped k and v go into the caches at
     cache_len + s (k rotated by cos/sin row s, i.e. at the position its position_ids gave it)."""
@@ -294,7 +351,8 @@ def rope_write(module: Any, name: str, tensors: dict[str, torch.Tensor], device:
     kc, vc, cache_len = tensors["k_cache"], tensors["v_cache"], tensors["cache_len"]
     B, Hq, S, D = q.shape
     Hkv = k.shape[1]
-    qo = torch.empty((B, Hq, S, D), dtype=q.dtype, device=q.device)
+    # attention runs in the cache's dtype (kv_dtype): q is rotated in fp32 and stored like the keys
+    qo = torch.empty((B, Hq, S, D), dtype=kc.dtype, device=q.device)
     rows = S * max(Hq, Hkv)
     block_r = pow2_clamp(rows, 1, 1024 if device.interpret else 32)
     args: list[Any] = [q, k, v, cos, sin, qo, kc, vc, cache_len, _row_stride(cache_len), S, Hq, Hkv, D]
@@ -412,7 +470,8 @@ class CachedAttentionFamily(KernelFamily):
         a = op_args(node)
         q = a["q"].meta["val"]
         decode = isinstance(q.shape[2], int) and q.shape[2] == 1
-        precision, out_dtype = _precision(q.dtype), FLOAT_NAMES[node.meta["val"].dtype]
+        # the kernels read q (roped into the cache dtype), k and v in the cache's dtype (kv_dtype)
+        precision, out_dtype = _precision(a["k_cache"].meta["val"].dtype), FLOAT_NAMES[node.meta["val"].dtype]
         # The cache length is read on device by the kernels (len_on_device): no host read, no torch op per call.
         head_start = a["kv_start"].meta["val"].dim() == 2  # kv_compression="adakv": per-head lengths
         if decode:
@@ -489,21 +548,43 @@ class TreeCachedAttentionFamily(KernelFamily):
 
         a = op_args(node)
         attn = render_attention(AttentionSpec(name, causal=True, rope=False, has_kv_start=True, tree_mask=True,
-                                              input_precision=_precision(a["q"].meta["val"].dtype),
+                                              input_precision=_precision(a["k_cache"].meta["val"].dtype),
                                               out_dtype=FLOAT_NAMES[node.meta["val"].dtype]))
         roles = ["q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start", "tree_mask"]
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
                     params={"roles": roles, "scale": float(a["scale"])})
         return attn + "\n\n" + render_cache_write(name), step
 
+    def lower_deterministic(self, node: fx.Node, name: str) -> tuple[str, Step]:
+        """Deterministic verify: the decode plan's split-KV kernel per query node (verify_as_decode) instead of
+        flash in tree-mask mode, so accepted positions' logits equal plain decoding's bitwise."""
+        from braze.ops.schema import op_args
+
+        body, step = self.lower(node, name)
+        a = op_args(node)
+        k_cache = a["k_cache"].meta["val"]
+        attn = render_decode_attention(DecodeAttentionSpec(name, True, _precision(k_cache.dtype),
+                                                           FLOAT_NAMES[node.meta["val"].dtype], from_cache_len=True))
+        # host_read: the launcher reads lengths and the tree on the host, so the plan is not CUDA-graph capturable
+        step.params.update(deterministic=True, heads_kv=int(k_cache.shape[1]), s_max=int(k_cache.shape[2]),
+                           host_read=True)
+        return attn + "\n\n" + render_cache_write(name), step
+
     def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
                params: dict[str, Any], device: DeviceSpec) -> None:
         qo = rope_write(module, name, tensors, device)
+        if params.get("deterministic"):
+            verify_as_decode(module, name, qo, tensors["k_cache"], tensors["v_cache"], out, tensors["cache_len"],
+                             tensors["kv_start"], tensors["tree_mask"], params["scale"], device)
+            return
         flash_attention(getattr(module, name), qo, tensors["k_cache"], tensors["v_cache"], out, params["scale"],
                         device, kv_start=tensors["kv_start"], tree_mask=tensors["tree_mask"],
                         past=tensors["cache_len"])
 
     def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
+        if params.get("deterministic"):  # verify_as_decode, path drafts (a branching row adds 2 copies)
+            splits = decode_splits(params["heads_kv"], params["s_max"], device)
+            return 2 + int(out_shape[0]) * (3 + (1 if splits == 1 else 2))
         return 2
 
 

@@ -28,6 +28,7 @@ def kv_compress_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_start:
         q_win = q[:, :, p - w:]
         if cos is not None:
             q_win = rope_reference(q_win, cos[:, p - w:], sin[:, p - w:])
+        q_win = q_win.to(torch.promote_types(q_win.dtype, k_cache.dtype))  # kv_dtype may be wider than q
     keep, end = kv_keep[0:1], kv_keep[1:2]
     mask = select_keep(policy, k_cache[:, :, :p], valid, keep, end, w, q_win, scale)
     compact(k_cache, mask, ck_cache, end)

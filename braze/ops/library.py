@@ -185,14 +185,17 @@ def _attention_fake(q, k, v, scale, causal, cos=None, sin=None, attn_mask=None):
 
 def _write_and_read_cache(q, k, v, cos, sin, k_cache, v_cache, cache_len):
     """RoPE q and k, write k/v into the cache at [cache_len, cache_len + S); return roped q, the cached keys and
-    values up to the last new slot (GQA-expanded, in q's dtype) and cache_len."""
+    values up to the last new slot (GQA-expanded) and cache_len. Attention runs in the wider of q's and the
+    cache's dtype (kv_dtype="float32" on a 16-bit model: RoPE, the cache and the scores in fp32), as the kernels
+    do; callers cast the output back to q's dtype."""
     start = int(cache_len.reshape(-1)[0])
     s = q.shape[2]
-    q = rope_reference(q, cos, sin)
-    k_cache[:, :, start:start + s] = rope_reference(k, cos, sin).to(k_cache.dtype)
+    work = torch.promote_types(q.dtype, k_cache.dtype)
+    q = rope_reference(q.to(work), cos, sin)
+    k_cache[:, :, start:start + s] = rope_reference(k.to(work), cos, sin).to(k_cache.dtype)
     v_cache[:, :, start:start + s] = v.to(v_cache.dtype)
-    keys = k_cache[:, :, :start + s].to(q.dtype)
-    values = v_cache[:, :, :start + s].to(q.dtype)
+    keys = k_cache[:, :, :start + s].to(work)
+    values = v_cache[:, :, :start + s].to(work)
     group = q.shape[1] // keys.shape[1]
     if group > 1:
         keys = keys.repeat_interleave(group, dim=1)
@@ -219,10 +222,11 @@ def cached_attention_reference(q, k, v, cos, sin, k_cache, v_cache, cache_len, k
 
     Row b's keys below kv_start[b] are left padding and masked; a query with no visible key outputs 0.
     """
+    dtype = q.dtype
     q, keys, values, start = _write_and_read_cache(q, k, v, cos, sin, k_cache, v_cache, cache_len)
     qpos = torch.arange(start, start + q.shape[2], device=q.device)[:, None]
     kpos = torch.arange(keys.shape[2], device=q.device)[None, :]
-    return _masked_attention(q, keys, values, kpos <= qpos, kv_start, scale)
+    return _masked_attention(q, keys, values, kpos <= qpos, kv_start, scale).to(dtype)
 
 
 @torch.library.custom_op("braze::cached_attention", mutates_args=("k_cache", "v_cache"))
@@ -264,7 +268,7 @@ def tree_cached_attention_reference(q, k, v, cos, sin, k_cache, v_cache, cache_l
         visible = torch.zeros(qb.shape[2], keys.shape[2], dtype=torch.bool, device=q.device)
         visible[:, :start] = True
         visible[:, start:] = masks[b]
-        outs.append(_masked_attention(qb, keys, values, visible, kv_start.reshape(-1)[rows], scale))
+        outs.append(_masked_attention(qb, keys, values, visible, kv_start.reshape(-1)[rows], scale).to(q.dtype))
     return torch.cat(outs)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from braze.compiler.config import kv_cache_dtype
 from braze.ops.schema import op_args
 from braze.passes.context import PassContext
 from braze.passes.graph_utils import aten, dce, is_op, new_node, val
@@ -87,8 +88,10 @@ def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> int:
             i = len(caches)
             with ctx.fake_mode:
                 shape = (batch, k.shape[1], max_seq, k.shape[3])
-                caches[key] = (add_input(f"kv_cache_{i}_k", torch.empty(shape, dtype=k.dtype)),
-                               add_input(f"kv_cache_{i}_v", torch.empty(shape, dtype=val(a["v"]).dtype)))
+                # kv_dtype (fp32 under deterministic=True; the model's dtype by default)
+                kd, vd = kv_cache_dtype(ctx.config, k.dtype), kv_cache_dtype(ctx.config, val(a["v"]).dtype)
+                caches[key] = (add_input(f"kv_cache_{i}_k", torch.empty(shape, dtype=kd)),
+                               add_input(f"kv_cache_{i}_v", torch.empty(shape, dtype=vd)))
         k_cache, v_cache = caches[key]
         plain = not general and a.get("causal") and a.get("attn_mask") is None
         if plain and a.get("cos") is None:  # learned / no positions: the kernel's RoPE at angle 0 is the identity
@@ -102,7 +105,8 @@ def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> int:
         node.replace_all_uses_with(rep)
         count += 1
     dce(gm)
-    ctx.note(f"{count} layers read and write a static KV cache of {max_seq} positions")
+    dtypes = sorted({str(val(kc).dtype).removeprefix("torch.") for kc, _ in caches.values()})
+    ctx.note(f"{count} layers read and write a static KV cache of {max_seq} positions ({'/'.join(dtypes)})")
     return count
 
 

@@ -14,13 +14,30 @@ import torch
 from braze.runtime.errors import ConfigError, InputMismatchError, ShapeOutOfRangeError
 from braze.runtime.executor import DTYPES, PlanExecutor
 from braze.runtime.generation_stats import GenerationStats
-from braze.runtime.sampling import check_sampling, select_next
+from braze.runtime.sampling import KeyedNoise, check_sampling, select_next
 
 DEFAULT = object()  # "use the model's generation_config value" (an explicit None means "none", as in HF)
 
 GENERATE_OPTIONS = ("attention_mask", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed",
                     "eos_token_id", "pad_token_id", "streamer", "speculate", "max_spec_tokens", "spec_tree",
-                    "stop_strings", "tokenizer")
+                    "stop_strings", "tokenizer", "output_logits")
+
+
+class GenerateOutput(tuple):
+    """generate(..., output_logits=True): (sequences, logits), also as attributes. logits [B, n, V] holds, for each
+    new token, the logits it was chosen from (prefill's last position for the first token, then the decode step's
+    or, with speculation, the verify node's); positions a row did not generate (EOS, or past a budget) are 0."""
+
+    def __new__(cls, sequences: torch.Tensor, logits: torch.Tensor) -> GenerateOutput:
+        return super().__new__(cls, (sequences, logits))
+
+    @property
+    def sequences(self) -> torch.Tensor:
+        return self[0]
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self[1]
 
 
 class Generator:
@@ -38,6 +55,9 @@ class Generator:
         self.default_pad = pad_token_id
         self.stats = GenerationStats()
         self.speculate_default = False
+        # deterministic compiles sample with KeyedNoise (runtime/sampling.py): a request's sample does not depend on
+        # its batch, and speculative decoding emits plain decoding's sampled tokens
+        self.keyed_sampling = False
         self.graphs = None
         self.verify: Any = None  # tree-verify executor (draft trees); path drafts verify through the prefill plan
         self.compression: Any = None  # braze.runtime.kv_compression.CompressionSpec when compiled with kv_compression
@@ -68,7 +88,8 @@ class Generator:
 
     def speculative(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                     do_sample: bool, temperature: float, top_k: int, top_p: float, generator: Any,
-                    eos_ids: torch.Tensor, pad: int, max_spec_tokens: int, tree: bool = False) -> torch.Tensor:
+                    eos_ids: torch.Tensor, pad: int, max_spec_tokens: int, tree: bool = False,
+                    output_logits: bool = False) -> Any:
         """Speculative decoding, one batched verify forward per step (rows without the verify plan, as in packages,
         run one at a time); HF output layout."""
         from braze.runtime.speculate import SpeculativeRunner
@@ -79,6 +100,8 @@ class Generator:
             raise InputMismatchError("tree drafts need the verify plan (compile with braze.compile, not a package)")
         self.spec.max_spec_tokens = max_spec_tokens
         self.spec.tree = tree
+        self.spec.record_logits = output_logits
+        self.spec.recorded = []
         mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).to(self.device)
         before = self.spec.stats.snapshot()
         if self.verify is not None:
@@ -95,7 +118,14 @@ class Generator:
         tail = torch.full((len(rows), width), pad, dtype=input_ids.dtype, device=self.device)
         for b, r in enumerate(rows):
             tail[b, : len(r)] = torch.tensor(r, dtype=input_ids.dtype, device=self.device)
-        return torch.cat([input_ids.to(self.device), tail], dim=1)
+        sequences = torch.cat([input_ids.to(self.device), tail], dim=1)
+        if not output_logits:
+            return sequences
+        seen = self.spec.recorded
+        logits = torch.zeros((len(rows), width, seen[0].shape[-1]), dtype=seen[0].dtype, device=self.device)
+        for b, row in enumerate(seen):
+            logits[b, : min(len(row), width)] = row[:width]
+        return GenerateOutput(sequences, logits)
 
     def check(self, batch: int, prompt_len: int, max_new_tokens: int) -> None:
         if batch == 0:
@@ -120,7 +150,8 @@ class Generator:
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, eos_token_id: Any = DEFAULT, pad_token_id: Any = DEFAULT,
                  streamer: Any = None, speculate: bool | None = None, max_spec_tokens: int = 8,
-                 spec_tree: bool = False, stop_strings: Any = None, tokenizer: Any = None) -> torch.Tensor:
+                 spec_tree: bool = False, stop_strings: Any = None, tokenizer: Any = None,
+                 output_logits: bool = False) -> Any:
         if (not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype.is_complex
                 or input_ids.dtype == torch.bool or input_ids.dim() not in (1, 2)):
             what = (f"a {input_ids.dim()}-dim {str(input_ids.dtype).removeprefix('torch.')} tensor"
@@ -151,15 +182,17 @@ class Generator:
         pad = self.default_pad if pad_token_id is DEFAULT else pad_token_id
         if pad is None:
             pad = int(eos_ids[0]) if len(eos_ids) else 0
-        generator = None
-        if do_sample:
+        generator: Any = None
+        if do_sample and self.keyed_sampling:
+            generator = KeyedNoise(0 if seed is None else seed)
+        elif do_sample:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(0 if seed is None else seed)
         if self.speculate_default if speculate is None else speculate:
             if streamer is not None or stops:
                 raise InputMismatchError("streamer and stop_strings do not work with speculative decoding yet")
             return self.speculative(ids, mask, max_new_tokens, do_sample, temperature, top_k, top_p, generator,
-                                    eos_ids, pad, max_spec_tokens, spec_tree)
+                                    eos_ids, pad, max_spec_tokens, spec_tree, output_logits)
         real = batch
         if self.bucket_batches:
             bucket = min(self.max_batch, 1 << (batch - 1).bit_length())
@@ -195,7 +228,9 @@ class Generator:
             caches, base = comp.caches, comp.end
             kv_start, extra_inputs = decode_state(self.compression, comp)
             del values
-        next_tok = select_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
+        next_tok = select_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator, positions[:, -1] + 1)
+        seen = [logits[:, -1].clone()] if output_logits else None  # (clones: plans and graphs reuse outputs)
+        live: list[torch.Tensor] = []  # per new token: whether the row was still generating (with EOS / stops)
         self.stats.time_to_first_token_s = time.perf_counter() - start
         unfinished = torch.ones(batch, dtype=torch.bool, device=self.device)
         unfinished[real:] = False  # bucket padding rows
@@ -206,6 +241,8 @@ class Generator:
         for step in range(max_new_tokens):
             if len(eos_ids) or stops:
                 next_tok = torch.where(unfinished, next_tok, torch.full_like(next_tok, pad))
+                if seen is not None:
+                    live.append(unfinished.clone())
             out.append(next_tok[:, None])
             if streamer is not None:
                 streamer.put(next_tok[:real].cpu())
@@ -226,7 +263,9 @@ class Generator:
                       "kv_start": kv_start, **caches, **extra_inputs}
             inputs = self._ordered(self.decode, values)
             (logits,) = self.graphs.run(inputs) if self.graphs else self.decode.run(inputs)
-            next_tok = select_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
+            next_tok = select_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator, pos[:, 0] + 1)
+            if seen is not None:
+                seen.append(logits[:, -1].clone())
             self.stats.decode_steps += 1
         took = time.perf_counter() - decode_start
         if streamer is not None:
@@ -234,4 +273,10 @@ class Generator:
         steps = max(1, self.stats.decode_steps)
         self.stats.decode_tokens_per_s = real * self.stats.decode_steps / took if took > 0 else 0.0
         self.stats.launches_per_decode_step = (self.decode.stats["launches"] - launches0) / steps
-        return torch.cat(out, dim=1)[:real]
+        sequences = torch.cat(out, dim=1)[:real]
+        if seen is None:
+            return sequences
+        logits = torch.stack(seen, dim=1)[:real]
+        if live:  # positions after a row finished hold pad: zero their logits
+            logits = logits.masked_fill(~torch.stack(live, dim=1)[:real, :, None], 0)
+        return GenerateOutput(sequences, logits)

@@ -561,6 +561,7 @@ def load_package(path: str | os.PathLike, executor: str = "auto", sha256: str | 
                                    [tuple(x) for x in gen["kv_inputs"]], gen["max_seq"], gen["max_batch"],
                                    gen.get("eos_token_id"), gen.get("pad_token_id"), verify=plans.get("verify"))
         compiled.generator.speculate_default = options.get("speculate") == "suffix"  # as the compile set it
+        compiled.generator.keyed_sampling = bool(options.get("deterministic"))
     if extra:
         compiled.extra_plans = extra
     from braze.runtime.kernel_loader import load_kernel_module

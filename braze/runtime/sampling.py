@@ -80,14 +80,68 @@ def _not_a_distribution(logits: torch.Tensor) -> SamplingError:
                          f"in the model or its weights; greedy decoding would pick an arbitrary token)")
 
 
+_MASK32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xorshift-multiply rounds) on int64 tensors holding values in [0, 2^32); the
+    multipliers are < 2^31 so no product leaves int64."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _MASK32
+    return x ^ (x >> 16)
+
+
+class KeyedNoise:
+    """Seeded sampling whose randomness is a function of (seed, position, token) only: the token at position p is
+    argmax over v of (filtered logits[v] + Gumbel(seed, p, v)) (the Gumbel-max trick: exactly a sample of the
+    filtered softmax). Nothing depends on the batch, the row, or how many draws came before, so a request samples
+    the same tokens alone or in any batch, and speculative decoding, which accepts a draft token when it equals the
+    keyed sample at its position (greedy acceptance on the perturbed scores: lossless), emits plain decoding's
+    tokens exactly. deterministic=True compiles sample with it. Rows of one call share the seed: two rows at the
+    same position with the same logits sample the same token."""
+
+    def __init__(self, seed: int):
+        self.seed = int(seed) & _MASK32
+
+    def gumbel(self, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+        """Gumbel noise float64 [*positions.shape, vocab] for the token positions (int tensor)."""
+        key = _mix32(_mix32(torch.full_like(positions, self.seed, dtype=torch.int64)) ^ (positions.long() & _MASK32))
+        v = torch.arange(vocab, device=positions.device, dtype=torch.int64)
+        h = _mix32(_mix32(key[..., None] ^ v) ^ 0x5BD1E995)
+        u = (h.double() + 0.5) / 2.0**32
+        return -torch.log(-torch.log(u))
+
+    def scores(self, logits: torch.Tensor, positions: torch.Tensor, temperature: float, top_k: int | None,
+               top_p: float | None) -> torch.Tensor:
+        """Perturbed scores [..., V] whose argmax is the keyed sample at each position ([...] = positions.shape)."""
+        flat = process_logits(logits.reshape(-1, logits.shape[-1]), temperature, top_k, top_p)
+        return flat.reshape(logits.shape).double() + self.gumbel(positions, logits.shape[-1])
+
+    def select(self, logits: torch.Tensor, positions: torch.Tensor, temperature: float, top_k: int | None,
+               top_p: float | None) -> torch.Tensor:
+        scores = self.scores(logits, positions, temperature, top_k, top_p)
+        if bool(torch.isneginf(scores).all(dim=-1).any()) or bool(torch.isnan(scores).any()):
+            raise _not_a_distribution(logits)
+        return scores.argmax(dim=-1)
+
+
 def select_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int | None,
-                top_p: float | None, generator: torch.Generator | None) -> torch.Tensor:
+                top_p: float | None, generator: torch.Generator | KeyedNoise | None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
     """The next token per row of logits [B, V]: argmax, or a seeded sample of the filtered distribution.
 
-    Logits with NaN or +inf (or every token at -inf) cannot be sampled from: a SamplingError says so. The check
-    costs nothing on the good path (multinomial validates its input and we only diagnose when it refuses)."""
+    `generator` a KeyedNoise (deterministic compiles): the keyed sample at `positions` [B] (the positions of the
+    tokens being chosen). Logits with NaN or +inf (or every token at -inf) cannot be sampled from: a SamplingError
+    says so. The check costs nothing on the good path (multinomial validates its input and we only diagnose when it
+    refuses)."""
     if not do_sample:
         return logits.argmax(dim=-1)
+    if isinstance(generator, KeyedNoise):
+        if positions is None:
+            raise ValueError("keyed sampling needs the positions of the tokens it chooses")
+        return generator.select(logits, positions.reshape(-1), temperature, top_k, top_p)
     probs = process_logits(logits, temperature, top_k, top_p).softmax(dim=-1)
     try:
         return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from braze.runtime.sampling import KeyedNoise
 from braze.runtime.spec_policy import PolicyDrafter, default_costs
 from braze.runtime.speculative import (
     compact_accepted,
@@ -124,6 +125,7 @@ class RowState:
     kv_start: int
     out: list[int] = field(default_factory=list)
     done: bool = False
+    logits: list[torch.Tensor] | None = None  # record_logits: the logits each emitted token was chosen from
 
     @property
     def position(self) -> int:
@@ -212,13 +214,20 @@ class SpeculativeRunner:
         self.min_token_prob = min_token_prob
         self.stats = SpeculationStats()
         self.tree = False  # draft trees verified with tree attention (else path drafts)
+        # generate(output_logits=True): per row, the logits [n, V] each new token was chosen from (`recorded`)
+        self.record_logits = False
+        self.recorded: list[torch.Tensor] = []
         self._next_request = 0
         graphs = getattr(generator, "graphs", None) is not None
         # padding to fixed shapes only pays where shapes are captured (CUDA graphs); tests turn it on to check it
         self.k_buckets: tuple[int, ...] = K_BUCKETS if graphs else ()
         self.pad_batches = graphs
         self.verify_graphs = self.decode_graphs = None
-        if graphs and getattr(generator, "verify", None) is not None:
+        verify = getattr(generator, "verify", None)
+        # a deterministic verify plan reads lengths on the host (kernels/attention.py verify_as_decode): not captured
+        host_read = verify is not None and any(s.params.get("host_read") for s in
+                                                 getattr(getattr(verify, "plan", None), "steps", []))
+        if graphs and verify is not None and not host_read:
             from braze.runtime.cuda_graphs import CudaGraphRunner
 
             # own graph runners: graphs capture the KV cache by identity, and these caches are the runner's
@@ -252,13 +261,17 @@ class SpeculativeRunner:
                                   torch.zeros(batch, dtype=torch.int32, device=self.gen.device))
         return self._state[batch]
 
-    def _emit(self, row: RowState, accepted: list[int], bonus: int | None, eos: set[int]) -> list[int]:
+    def _emit(self, row: RowState, accepted: list[int], bonus: int | None, eos: set[int],
+              sources: torch.Tensor | None = None) -> list[int]:
         """Append a step's tokens to a row (cut at the first EOS and at the budget); returns the accepted drafts
-        kept."""
+        kept. `sources` [len(accepted) + 1, V]: the logits each token (accepted drafts, then the bonus) was chosen
+        from, kept when recording."""
         if eos & set(accepted):  # stop at the first accepted EOS, exactly as plain decoding would
             accepted = accepted[: next(i for i, t in enumerate(accepted) if t in eos) + 1]
             bonus = None
         new = (accepted + ([bonus] if bonus is not None else []))[: row.budget - len(row.out)]
+        if row.logits is not None and sources is not None:
+            row.logits.extend(sources[: len(new)])
         row.cached += 1 + len(accepted)
         row.out.extend(new)
         row.pending = new[-1]
@@ -287,7 +300,7 @@ class SpeculativeRunner:
         (logits,) = self.decode_graphs.run(inputs) if self.decode_graphs else g.decode.run(inputs)
         t2 = time.perf_counter()
         nxt = select_next(logits[:, -1], sample["do_sample"], sample["temperature"], sample["top_k"],
-                          sample["top_p"], sample["generator"])
+                          sample["top_p"], sample["generator"], pos[:, 0] + 1)
         t3 = time.perf_counter()
         nxt = nxt.tolist()
         t4 = time.perf_counter()
@@ -298,7 +311,7 @@ class SpeculativeRunner:
         appended = st.append_seconds
         for r in rows:
             if not r.done:
-                self._emit(r, [], int(nxt[r.row]), eos)
+                self._emit(r, [], int(nxt[r.row]), eos, logits[r.row, -1:].clone() if r.logits is not None else None)
                 st.plain_steps += 1
         st.emit_seconds += time.perf_counter() - t4 - (st.append_seconds - appended)
 
@@ -321,8 +334,13 @@ class SpeculativeRunner:
         st = self.stats
         trees = any(d is not None and not d.is_path for d in drafts)
         t0 = time.perf_counter()
-        if not sample["do_sample"] or not trees:
-            if sample["do_sample"]:
+        keyed = sample["do_sample"] and isinstance(sample["generator"], KeyedNoise)
+        if not sample["do_sample"] or not trees or keyed:
+            if keyed:  # the keyed sample at each node's next position: greedy acceptance on perturbed scores
+                scores = sample["generator"].scores(logits, batch.positions + 1, sample["temperature"],
+                                                    sample["top_k"], sample["top_p"])
+                n, path, bonus = greedy_accept_batched(batch.drafts, batch.parents, batch.lengths, scores)
+            elif sample["do_sample"]:
                 n, bonus = sample_accept_paths(batch.drafts, logits, sample["generator"], sample["temperature"],
                                                sample["top_k"], sample["top_p"], lengths=batch.lengths)
                 path = torch.arange(k, device=n.device).expand(bsz, k)
@@ -370,11 +388,12 @@ class SpeculativeRunner:
         for r, d, (path, bonus) in zip(rows, drafts, results):
             if r.done:
                 continue
+            sources = logits[r.row, [0] + [i + 1 for i in path]] if r.logits is not None else None
             if d is None:
-                self._emit(r, [], bonus, eos)
+                self._emit(r, [], bonus, eos, sources)
                 st.plain_steps += 1
                 continue
-            accepted = self._emit(r, [d.tokens[i] for i in path], bonus, eos)
+            accepted = self._emit(r, [d.tokens[i] for i in path], bonus, eos, sources)
             st.verify_steps += 1
             st.tree_steps += not d.is_path
             st.accepted_drafts += len(accepted)
@@ -421,7 +440,8 @@ class SpeculativeRunner:
         logits = g.forward(g.prefill, ids, positions, 0, kv_start, caches)
         sample = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p,
                   "generator": generator}
-        first = select_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator).tolist()
+        first = select_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator,
+                            positions[:, -1] + 1).tolist()
         t0 = time.perf_counter()
         st.prefill_seconds += t0 - start
         eos = set(eos_ids.tolist())
@@ -429,7 +449,7 @@ class SpeculativeRunner:
         rows = []
         for b in range(bsz):
             row = RowState(b, self._next_request, max_new_tokens, int(first[b]), ids.shape[1], starts[b],
-                           [int(first[b])])
+                           [int(first[b])], logits=[logits[b, -1].clone()] if self.record_logits else None)
             row.done = b >= real or row.pending in eos or max_new_tokens <= 1
             self._next_request += 1
             if b < real:
@@ -448,6 +468,8 @@ class SpeculativeRunner:
         st.rows += real
         st.tokens += sum(len(r.out[:max_new_tokens]) for r in rows[:real])
         st.seconds += time.perf_counter() - start
+        if self.record_logits:
+            self.recorded = [torch.stack(r.logits[:max_new_tokens]) for r in rows[:real]]
         return [r.out[:max_new_tokens] for r in rows[:real]]
 
     def _policy_clock(self) -> tuple[float, float]:
@@ -493,10 +515,12 @@ class SpeculativeRunner:
         self.kv_cache_bytes = sum(c.numel() * c.element_size() for c in caches.values())
         start = time.perf_counter()
         logits = g.forward(g.prefill, ids, torch.arange(ids.shape[1], device=g.device)[None], 0, kv_start, caches)
-        first = int(select_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator)[0])
+        first = int(select_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator,
+                                torch.tensor([ids.shape[1]], device=g.device))[0])
         t0 = time.perf_counter()
         st.prefill_seconds += t0 - start
-        row = RowState(0, self._next_request, max_new_tokens, first, ids.shape[1], 0, [first])
+        row = RowState(0, self._next_request, max_new_tokens, first, ids.shape[1], 0, [first],
+                       logits=[logits[0, -1].clone()] if self.record_logits else None)
         self._next_request += 1
         self.drafter.start_request(row.req, ids[0].tolist())
         self.drafter.observe(row.req, [row.pending])
@@ -517,13 +541,17 @@ class SpeculativeRunner:
                 logits = g.forward(plan, torch.tensor([toks], device=g.device), pos, row.cached, kv_start, caches)[0]
                 t3 = time.perf_counter()
                 parents = draft.parents if draft is not None else []
-                if do_sample:  # (acceptance reads the device: its wait counts here, not as sync)
+                if isinstance(generator, KeyedNoise) and do_sample:  # path drafts: node i at position + i + 1
+                    scores = generator.scores(logits, pos[0] + 1, temperature, top_k, top_p)
+                    path, bonus = greedy_accept(toks[1:], parents, scores)
+                elif do_sample:  # (acceptance reads the device: its wait counts here, not as sync)
                     path, bonus = sample_accept(toks[1:], parents, logits, generator, temperature, top_k, top_p)
                 else:
                     path, bonus = greedy_accept(toks[1:], parents, logits)
                 t4 = time.perf_counter()
                 appended = st.append_seconds
-                accepted = self._emit(row, [toks[1 + i] for i in path], bonus, eos)
+                accepted = self._emit(row, [toks[1 + i] for i in path], bonus, eos,
+                                      logits[[0] + [i + 1 for i in path]] if row.logits is not None else None)
                 if draft is None:
                     st.plain_steps += 1
                 else:
@@ -547,4 +575,6 @@ class SpeculativeRunner:
         st.rows += 1
         st.tokens += len(row.out[:max_new_tokens])
         st.seconds += time.perf_counter() - start
+        if self.record_logits:
+            self.recorded.append(torch.stack(row.logits[:max_new_tokens]))
         return row.out[:max_new_tokens]
