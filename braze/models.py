@@ -25,15 +25,65 @@ def smollm2_gguf_path() -> Path:
 
 
 def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """SmolLM2-135M-Instruct (dequantized Q4_1 weights) and its tokenizer, from the local GGUF."""
+    """SmolLM2-135M-Instruct (dequantized Q4_1 weights) and its tokenizer, from the local GGUF.
+
+    Reading the GGUF through transformers takes ~25 s on a 2-core machine (the gguf reader parses the 49k-token
+    vocabulary in Python and rebuilds its name maps per tensor), so the first load saves the converted fp32
+    checkpoint and tokenizer under braze's cache directory and later loads read that (~1 s). BRAZE_MODEL_CACHE=0
+    reads the GGUF every time (the switch is its own: BRAZE_CACHE=0 turns off compiled-plan caching only)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = smollm2_gguf_path()
-    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, torch_dtype=dtype)
+    converted = _converted_smollm2(path)
+    if converted is None:
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
+    else:
+        tok = AutoTokenizer.from_pretrained(str(converted))
+        model = AutoModelForCausalLM.from_pretrained(str(converted), dtype=dtype)
     model.eval()
     return model, tok
+
+
+def _converted_smollm2(gguf: Path) -> Path | None:
+    """The GGUF converted once into an HF checkpoint directory in the cache (None: caching is off). Written to a
+    private directory and renamed into place, so concurrent first loads (test workers) never see half a copy."""
+    import shutil
+    import tempfile
+
+    import transformers
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from braze.compiler.cache import cache_dir
+
+    if os.environ.get("BRAZE_MODEL_CACHE", "1").strip().lower() in ("0", "false", "no", "off", ""):
+        return None
+    target = cache_dir() / "models" / f"smollm2-{gguf.stat().st_size}-transformers-{transformers.__version__}"
+    if (target / CONVERTED_MARKER).exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        # (save_pretrained refuses models loaded from a GGUF: the weights and configs are written directly)
+        save_model(model, str(work / "model.safetensors"), metadata={"format": "pt"})
+        model.config.save_pretrained(work)
+        model.generation_config.save_pretrained(work)
+        tok.save_pretrained(work)
+        (work / CONVERTED_MARKER).write_text(f"converted from {gguf.name}\n")
+        try:
+            os.replace(work, target)
+        except OSError:  # another process got there first (a non-empty target): use theirs
+            pass
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return target if (target / CONVERTED_MARKER).exists() else None
+
+
+CONVERTED_MARKER = "braze-converted.txt"
 
 
 # small seeded configs per architecture: hidden 64, 4 heads (head_dim 16), 2 KV heads where the architecture has

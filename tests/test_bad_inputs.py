@@ -179,8 +179,10 @@ def test_static_dim_mismatch_names_dim():
     (torch.ones(1, 4, dtype=torch.long), {"do_sample": True, "temperature": float("inf")}, braze.ConfigError,
      "temperature must be a finite number > 0"),
     (torch.ones(1, 4, dtype=torch.long), {"num_beams": 4}, braze.ConfigError, "unknown generate option.*num_beams"),
-    (torch.ones(1, 4, dtype=torch.long), {"speculate": True, "streamer": object()}, braze.InputMismatchError,
-     "streamer and stop_strings do not work with speculative decoding"),
+    (torch.ones(2, 4, dtype=torch.long), {"speculate": True, "streamer": object()}, braze.InputMismatchError,
+     "a streamer with speculative decoding takes one prompt, got a batch of 2"),
+    (torch.ones(1, 4, dtype=torch.long), {"speculate": True, "stop_strings": "x", "tokenizer": object()},
+     braze.InputMismatchError, "stop_strings do not work with speculative decoding"),
     (torch.ones(1, 4, dtype=torch.long), {"stop_strings": "x"}, braze.InputMismatchError,
      "stop_strings needs tokenizer="),
 ], ids=lambda v: None)

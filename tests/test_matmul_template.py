@@ -14,9 +14,18 @@ import ast
 import pytest
 import torch
 import torch.nn.functional as F
+from triton.language import TRITON_MAX_TENSOR_NUMEL
 
 from braze.kernels import INTERPRETER, TARGETS, DeviceSpec
-from braze.kernels.matmul import GEMV_MAX_M, MATMUL, MatmulSpec, gemv_config, matmul_config, render_matmul
+from braze.kernels.matmul import (
+    GEMV_MAX_M,
+    INTERPRETER_MAX_BLOCK_N,
+    MATMUL,
+    MatmulSpec,
+    gemv_config,
+    matmul_config,
+    render_matmul,
+)
 from braze.runtime.kernel_loader import load_kernel_module
 
 # fp32: the kernel accumulates in fp32 like torch, only the summation order differs.
@@ -286,7 +295,9 @@ def test_matmul_config_fits_the_device(device: DeviceSpec) -> None:
                 for b in (cfg.block_m, cfg.block_n, cfg.block_k):
                     assert b >= (1 if gemv else 16) and b & (b - 1) == 0
                 if device.interpret:
-                    assert cfg.block_m <= 64 and cfg.block_n <= 128 and cfg.block_k <= 128
+                    # wide tiles (fewer interpreted programs and ops) within Triton's block-size limit
+                    assert cfg.block_m <= 64 and cfg.block_n <= INTERPRETER_MAX_BLOCK_N and cfg.block_k <= 128
+                    assert cfg.block_n * max(cfg.block_m, cfg.block_k) <= TRITON_MAX_TENSOR_NUMEL
                     continue
                 stage = (cfg.block_m * cfg.block_k + (2 if dual else 1) * cfg.block_k * cfg.block_n) * elem
                 assert cfg.num_stages >= (1 if gemv else 2), (M, N, K, dual, elem)

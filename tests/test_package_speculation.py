@@ -54,3 +54,35 @@ def test_package_speculates_like_the_compile(tmp_path):
     assert torch.equal(outs[0][:, :27], ids)
     assert _counters(cm)["accepted_drafts"] > 0
     assert torch.equal(cm.generate(branching, max_new_tokens=24, speculate=True, spec_tree=True), plain)
+
+
+class RecordingStreamer:
+    """The HF streamer protocol (put/end), recording what it was given."""
+
+    def __init__(self):
+        self.puts: list[list[int]] = []
+        self.ended = 0
+
+    def put(self, value):
+        self.puts.append(value.reshape(-1).tolist())
+
+    def end(self):
+        self.ended += 1
+
+
+def test_streaming_with_speculation_matches_the_output(tmp_path):
+    """A streamer sees the prompt, then every token as it is emitted (an accepted draft run arrives in one put),
+    for the compile (batched verify plan) and for its package alike; the concatenation is the returned sequence."""
+    cm = braze.compile(tiny_causal_lm("llama"), max_seq=128, max_batch=2)
+    cm.save(tmp_path / "pkg")
+    loaded = braze.load(tmp_path / "pkg")
+    branching, _, _ = _prompts()
+    for model in (cm, loaded):
+        _fresh_runner(model)
+        streamer = RecordingStreamer()
+        out = model.generate(branching, max_new_tokens=24, speculate=True, streamer=streamer)
+        assert streamer.ended == 1
+        assert streamer.puts[0] == branching[0].tolist()
+        assert sum(streamer.puts[1:], []) == out[0, branching.shape[1]:].tolist()
+        assert _counters(model)["accepted_drafts"] > 0 and max(len(p) for p in streamer.puts[1:]) > 1
+        assert model.generator.spec.streamer is None  # not kept for the next request

@@ -67,3 +67,27 @@ def test_smollm2_kernels_generate_like_hf(smollm2):
     assert torch.equal(out, _hf_greedy(model, ids, 8))
     assert "Paris" in tok.decode(out[0, ids.shape[1]:])
     assert cm.generation_stats.launches_per_decode_step <= 4 + 6 * model.config.num_hidden_layers
+
+
+def test_the_cached_conversion_is_the_gguf_model(smollm2, tmp_path, monkeypatch):
+    """load_smollm2 converts the GGUF once into braze's cache: the cached checkpoint must be the GGUF model (same
+    weights bit for bit, same tokenizer and chat template), and a second load must read the cache."""
+    import braze.models as models
+
+    model, tok = smollm2
+    monkeypatch.setenv("BRAZE_CACHE_DIR", str(tmp_path))
+    cached_model, cached_tok = load_smollm2(torch.float32)  # converts into tmp_path
+    (converted,) = (tmp_path / "models").iterdir()
+    assert (converted / models.CONVERTED_MARKER).exists()
+    monkeypatch.setenv("BRAZE_MODEL_CACHE", "0")
+    gguf_model, gguf_tok = load_smollm2(torch.float32)  # straight from the GGUF
+    assert gguf_model.config._name_or_path != cached_model.config._name_or_path == str(converted)
+    a, b = cached_model.state_dict(), gguf_model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    text = gguf_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert cached_tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == text
+    assert cached_tok(text).input_ids == gguf_tok(text).input_ids
+    assert cached_tok.eos_token_id == gguf_tok.eos_token_id
+    monkeypatch.setenv("BRAZE_MODEL_CACHE", "1")
+    assert models._converted_smollm2(models.smollm2_gguf_path()) == converted  # found, not converted again

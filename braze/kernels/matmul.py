@@ -117,7 +117,9 @@ def matmul_config(M: int, N: int, K: int, device: DeviceSpec, *, elem_size: int 
     if deterministic:
         return _deterministic_config(N, K, device, elem_size=elem_size, dual=dual)
     if device.interpret:
-        return MatmulConfig(pow2_clamp(M, 16, 64), pow2_clamp(N, 16, 128), pow2_clamp(K, 16, 128))
+        # Interpreted time is the weight loads plus a fixed NumPy cost per op; wide N tiles and a 128-deep K tile
+        # keep both low (SmolLM2's 49152 x 576 lm_head at M=1: 12.7 s at 128 x 128, 1.5 s at 2048 x 128).
+        return MatmulConfig(pow2_clamp(M, 16, 64), pow2_clamp(N, 16, INTERPRETER_MAX_BLOCK_N), pow2_clamp(K, 16, 128))
     if M <= GEMV_MAX_M:
         return gemv_config(M, N, K, device, elem_size=elem_size, dual=dual)
     block_m = pow2_clamp(M, 16, 128)
@@ -137,6 +139,7 @@ def matmul_config(M: int, N: int, K: int, device: DeviceSpec, *, elem_size: int 
     return MatmulConfig(block_m, block_n, block_k, num_warps=8 if big else 4, num_stages=stages)
 
 
+INTERPRETER_MAX_BLOCK_N = 2048
 GEMV_MAX_M = 16  # decode rows (batch x draft tokens) up to which a GPU launch takes the GEMV form
 GEMV_MIN_BLOCK_N = 4
 # fp32 products of one K tile per thread (per weight): 48-128 registers, no spills (ptxas, sm_80-90); 64 took

@@ -89,9 +89,9 @@ class Generator:
     def speculative(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                     do_sample: bool, temperature: float, top_k: int, top_p: float, generator: Any,
                     eos_ids: torch.Tensor, pad: int, max_spec_tokens: int, tree: bool = False,
-                    output_logits: bool = False) -> Any:
+                    output_logits: bool = False, streamer: Any = None) -> Any:
         """Speculative decoding, one batched verify forward per step (rows without the verify plan, as in packages,
-        run one at a time); HF output layout."""
+        run one at a time); HF output layout. A streamer (batch 1) gets each step's accepted tokens at once."""
         from braze.runtime.speculate import SpeculativeRunner
 
         if getattr(self, "spec", None) is None:
@@ -102,6 +102,9 @@ class Generator:
         self.spec.tree = tree
         self.spec.record_logits = output_logits
         self.spec.recorded = []
+        self.spec.streamer = streamer
+        if streamer is not None:
+            streamer.put(input_ids[0].cpu())
         mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).to(self.device)
         before = self.spec.stats.snapshot()
         if self.verify is not None:
@@ -111,6 +114,9 @@ class Generator:
             rows = [self.spec.generate_row(input_ids[b][mask[b].bool()][None].to(self.device), max_new_tokens,
                                            do_sample, temperature, top_k, top_p, generator, eos_ids)
                     for b in range(input_ids.shape[0])]
+        if streamer is not None:
+            streamer.end()
+            self.spec.streamer = None
         self.stats = self.spec.generation_stats(before)  # per-step host overhead under extra["speculation"]
         width = max(len(r) for r in rows)
         if len(eos_ids) == 0:
@@ -189,10 +195,13 @@ class Generator:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(0 if seed is None else seed)
         if self.speculate_default if speculate is None else speculate:
-            if streamer is not None or stops:
-                raise InputMismatchError("streamer and stop_strings do not work with speculative decoding yet")
+            if stops:
+                raise InputMismatchError("stop_strings do not work with speculative decoding yet (speculate=False)")
+            if streamer is not None and batch > 1:
+                raise InputMismatchError(f"a streamer with speculative decoding takes one prompt, got a batch of "
+                                         f"{batch} (rows accept different numbers of tokens per step)")
             return self.speculative(ids, mask, max_new_tokens, do_sample, temperature, top_k, top_p, generator,
-                                    eos_ids, pad, max_spec_tokens, spec_tree, output_logits)
+                                    eos_ids, pad, max_spec_tokens, spec_tree, output_logits, streamer)
         real = batch
         if self.bucket_batches:
             bucket = min(self.max_batch, 1 << (batch - 1).bit_length())

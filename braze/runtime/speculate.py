@@ -206,7 +206,8 @@ class SpeculativeRunner:
         self.gen = generator
         self.drafter: Any = SuffixDrafter()
         if adaptive:  # a per-request cost model decides whether and how far to speculate (runtime/spec_policy.py)
-            costs = default_costs(generator.device) if policy is None else policy
+            interpreted = bool(getattr(getattr(generator.decode, "spec", None), "interpret", False))
+            costs = default_costs(generator.device, interpreted) if policy is None else policy
             self.drafter = PolicyDrafter(self.drafter, **costs)
         self.max_spec_tokens = max_spec_tokens
         self.min_score = min_score
@@ -217,6 +218,7 @@ class SpeculativeRunner:
         # generate(output_logits=True): per row, the logits [n, V] each new token was chosen from (`recorded`)
         self.record_logits = False
         self.recorded: list[torch.Tensor] = []
+        self.streamer: Any = None  # generate(streamer=...) at batch 1: put() gets row 0's tokens as they are emitted
         self._next_request = 0
         graphs = getattr(generator, "graphs", None) is not None
         # padding to fixed shapes only pays where shapes are captured (CUDA graphs); tests turn it on to check it
@@ -274,12 +276,17 @@ class SpeculativeRunner:
             row.logits.extend(sources[: len(new)])
         row.cached += 1 + len(accepted)
         row.out.extend(new)
+        self._stream(row.row, new)
         row.pending = new[-1]
         row.done = len(row.out) >= row.budget or row.pending in eos
         t0 = time.perf_counter()
         self.drafter.observe(row.req, new if not row.done else new[:-1])  # the last token only if it continues
         self.stats.append_seconds += time.perf_counter() - t0
         return accepted
+
+    def _stream(self, row: int, tokens: list[int]) -> None:
+        if self.streamer is not None and row == 0 and tokens:
+            self.streamer.put(torch.tensor(tokens))
 
     # ---------------------------------------------------------------------------------------------- stepping
 
@@ -453,6 +460,7 @@ class SpeculativeRunner:
             row.done = b >= real or row.pending in eos or max_new_tokens <= 1
             self._next_request += 1
             if b < real:
+                self._stream(b, row.out)
                 self.drafter.start_request(row.req, ids[b][mask[b].bool()].tolist())
                 self.drafter.observe(row.req, [row.pending])
             rows.append(row)
@@ -522,6 +530,7 @@ class SpeculativeRunner:
         row = RowState(0, self._next_request, max_new_tokens, first, ids.shape[1], 0, [first],
                        logits=[logits[0, -1].clone()] if self.record_logits else None)
         self._next_request += 1
+        self._stream(0, row.out)
         self.drafter.start_request(row.req, ids[0].tolist())
         self.drafter.observe(row.req, [row.pending])
         st.ingest_seconds += time.perf_counter() - t0
