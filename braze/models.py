@@ -63,8 +63,11 @@ def _converted_smollm2(gguf: Path) -> Path | None:
     target = cache_dir() / "models" / f"smollm2-{gguf.stat().st_size}-transformers-{transformers.__version__}"
     if (target / CONVERTED_MARKER).exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=".smollm2-", dir=target.parent))
+    except OSError:  # an unwritable cache: read the GGUF each time
+        return None
     try:
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
@@ -160,3 +163,7 @@ def tiny_causal_lm(arch: str = "llama", seed: int = 0, layers: int = 2, dtype: t
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype)
     return model.eval()
+
+
+if __name__ == "__main__":  # `make` runs this once after installing: the demo and the tests then load in ~1 s
+    load_smollm2()

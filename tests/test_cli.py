@@ -109,6 +109,7 @@ def test_inspect_prints_the_digest(package, capsys):
     assert "integrity: ok" in out
     assert "launches per call" in out and "kernels (" in out and "embedding" in out
     assert "bytes per token" in out and "weights:" in out
+    assert "compile options: " in out and "kv_dtype=auto" in out and "max_seq=48" in out
     assert main(["inspect", str(package), "--json", "--sha256", digest]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["sha256"] == digest

@@ -19,16 +19,22 @@ class GeGLU(torch.nn.Module):
         return self.down(F.gelu(self.gate(x), approximate="tanh") * self.up(x))
 
 
-def test_geglu_becomes_one_gated_matmul():
+def _two_matmul_mlp(module_cls):
+    """Compile a seeded MLP, check it against eager, and check it became exactly two matmul kernels (the
+    activation in the first one's epilogue)."""
     torch.manual_seed(0)
-    m = GeGLU().eval()
+    m = module_cls().eval()
     cm = braze.compile(m)
     x = torch.randn(3, 32)
     with torch.no_grad():
         assert (cm(x) - m(x)).abs().max().item() < 1e-5
-    report = cm.compiled.report
-    assert report.pass_count("recognize_glu") == 1
-    assert [k[1] for k in report.kernels] == ["matmul", "matmul"]  # gate/up/gelu/mul in one, down in the other
+    assert [k[1] for k in cm.compiled.report.kernels] == ["matmul", "matmul"]
+    return cm
+
+
+def test_geglu_becomes_one_gated_matmul():
+    cm = _two_matmul_mlp(GeGLU)  # gate/up/gelu/mul in one, down in the other
+    assert cm.compiled.report.pass_count("recognize_glu") == 1
     ops = {n.target for n in cm.compiled.graph_module.graph.nodes if n.op == "call_function"}
     assert torch.ops.braze.linear_glu.default in ops and torch.ops.aten.gelu.default not in ops
 
@@ -99,13 +105,7 @@ class ReluSquaredMLP(torch.nn.Module):
 
 
 def test_squared_relu_fuses_into_the_matmul_epilogue():
-    torch.manual_seed(0)
-    m = ReluSquaredMLP().eval()
-    cm = braze.compile(m)
-    x = torch.randn(3, 32)
-    with torch.no_grad():
-        assert (cm(x) - m(x)).abs().max().item() < 1e-5
-    assert [k[1] for k in cm.compiled.report.kernels] == ["matmul", "matmul"]  # relu and the square in the first
+    cm = _two_matmul_mlp(ReluSquaredMLP)  # relu and the square in the first matmul's epilogue
     from braze.ops.schema import op_args
 
     acts = [op_args(n)["activation"] for n in cm.compiled.graph_module.graph.nodes

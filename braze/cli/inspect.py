@@ -153,9 +153,12 @@ def main(args: argparse.Namespace) -> int:
     print(f"model: {info['model']}{' (causal LM)' if info['causal_lm'] else ''}; target {tgt.get('device')}"
           f"{' ' + tgt['device_name'] if tgt.get('device_name') else ''} (compiled with executor "
           f"{tgt.get('executor')}); source: {info['metadata'].get('source', 'unknown')}")
-    opts = info["compile_options"]
-    shown = ", ".join(f"{k}={opts[k]}" for k in ("quant", "speculate", "deterministic", "max_batch", "max_seq")
-                      if k in opts)
+    opts = dict(info["compile_options"])
+    if "kv_dtype" in opts and opts["kv_dtype"] is None:
+        opts["kv_dtype"] = "auto"  # the model's dtype (float32 in deterministic mode)
+    shown = ", ".join(f"{k}={opts[k]}" for k in ("quant", "speculate", "deterministic", "kv_dtype", "kv_compression",
+                                                 "kv_budget", "tp", "max_batch", "max_seq")
+                      if opts.get(k) is not None)
     print(f"compile options: {shown}")
     print(f"integrity: {info['integrity']}")
     for name, plan in info["plans"].items():

@@ -66,13 +66,20 @@ def has_unbacked(v: Any) -> bool:
         return False
 
 
+def memo_key(target: Any, fargs: tuple, fkwargs: dict) -> Hashable | None:
+    """The memo key of one call: (target, metadata of its arguments); None when the call cannot be memoized."""
+    if not memoizable(target):
+        return None
+    try:
+        return (target, value_signature(fargs), value_signature(fkwargs))
+    except Unmemoizable:
+        return None
+
+
 def memo_call(memo: dict, target: Any, fargs: tuple, fkwargs: dict, compute: Callable[[], Any]) -> Any:
     """compute() once per (target, metadata of fargs/fkwargs); later calls with equal metadata share its result."""
-    if not memoizable(target):
-        return compute()
-    try:
-        key = (target, value_signature(fargs), value_signature(fkwargs))
-    except Unmemoizable:
+    key = memo_key(target, fargs, fkwargs)
+    if key is None:
         return compute()
     if key in memo:
         return memo[key]
@@ -92,10 +99,8 @@ class MemoFakeTensorProp(FakeTensorProp):
     def run_node(self, n: fx.Node) -> Any:
         if n.op != "call_function" or not memoizable(n.target):
             return super().run_node(n)
-        try:
-            fargs, fkwargs = self.fetch_args_kwargs_from_env(n)
-            key = (n.target, value_signature(fargs), value_signature(fkwargs))
-        except Unmemoizable:
+        key = memo_key(n.target, *self.fetch_args_kwargs_from_env(n))
+        if key is None:
             return super().run_node(n)
         hit = self._memo.get(key)
         if hit is not None:

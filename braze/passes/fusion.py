@@ -298,9 +298,16 @@ def _full_width_rope(node: fx.Node, q, k, ctx: PassContext, made: dict):
     return _replace(node, ctx, q=permuted(xq), k=permuted(xk), cos=cos_full, sin=sin_full)
 
 
-def _partial_rope_attention(node: fx.Node, ctx: PassContext, made: dict):
+def rope_free_attention_args(node: fx.Node) -> dict | None:
+    """braze::attention's arguments when a rotary embedding could still be folded into it (no cos/sin in the op
+    yet, no explicit mask); None otherwise. Shared by the partial- and interleaved-rotary fusions."""
     a = op_args(node)
-    if a["cos"] is not None or a.get("attn_mask") is not None:
+    return None if a["cos"] is not None or a.get("attn_mask") is not None else a
+
+
+def _partial_rope_attention(node: fx.Node, ctx: PassContext, made: dict):
+    a = rope_free_attention_args(node)
+    if a is None:
         return None
     q, k = _partial_rope(a["q"]), _partial_rope(a["k"])
     if q is None or k is None:

@@ -20,9 +20,8 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-from braze.ops.schema import op_args
 from braze.passes.context import PassContext
-from braze.passes.fusion import _permute_into_weights, _replace
+from braze.passes.fusion import _permute_into_weights, _replace, rope_free_attention_args
 from braze.passes.graph_utils import aten, graph_rewrite, is_op, new_node, val
 
 braze = torch.ops.braze
@@ -166,8 +165,8 @@ def _private(base: fx.Node, t: fx.Node) -> bool:
 
 
 def _fuse(node: fx.Node, ctx: PassContext, made: dict):
-    a = op_args(node)
-    if a["cos"] is not None or a.get("attn_mask") is not None:
+    a = rope_free_attention_args(node)
+    if a is None:
         return None
     mq, mk = _match(a["q"]), _match(a["k"])
     if mq is None or mk is None:
