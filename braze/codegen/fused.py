@@ -274,7 +274,7 @@ class KernelBuilder:
     def value(self, node: Any, idx: Index) -> str:
         if not isinstance(node, fx.Node):
             return _literal(node)
-        key = (node, tuple(sympy.srepr(i) for i in idx), self.mask_ctx)
+        key = (node, tuple(idx), self.mask_ctx)  # sympy expressions hash and compare structurally
         if key in self.cse:
             return self.cse[key]
         buf = None if node in self.members else self.load_buffer(node)

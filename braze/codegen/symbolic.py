@@ -6,6 +6,7 @@ index in generated code is a sympy expression over them, simplified before it is
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from functools import reduce
 from typing import Any
@@ -111,7 +112,14 @@ _PRINTER = CodePrinter()
 
 def pexpr(expr: Any) -> str:
     """Print a (simplified) sympy expression as code."""
-    return _PRINTER.doprint(sympy.expand(to_sympy(expr)) if not isinstance(expr, (int,)) else sympy.Integer(expr))
+    return _print_code(sympy.Integer(expr) if isinstance(expr, int) else to_sympy(expr), not isinstance(expr, int))
+
+
+# Index expressions repeat across a model's layers (same shapes, same strides), and expanding and printing them is
+# most of a fused kernel's code generation: both are pure functions of the (immutable, hashable) sympy expression.
+@functools.lru_cache(maxsize=1 << 16)
+def _print_code(expr: sympy.Expr, expand: bool) -> str:
+    return _PRINTER.doprint(sympy.expand(expr) if expand else expr)
 
 
 def free_symbol_names(exprs: Iterable[Any]) -> set[str]:
@@ -127,7 +135,12 @@ def simplify_index(expr: sympy.Expr) -> sympy.Expr:
 
     This is what turns `16*(x // 16) + x % 16` back into `x` when a contiguous tensor is read in order.
     """
-    expr = sympy.expand(to_sympy(expr))
+    return _simplify_index(to_sympy(expr))
+
+
+@functools.lru_cache(maxsize=1 << 16)  # a pure function of an immutable expression (see _print_code)
+def _simplify_index(expr: sympy.Expr) -> sympy.Expr:
+    expr = sympy.expand(expr)
     terms: list[list] = []  # [coeff, base, div, mod (None = inf)]
     rest = sympy.Integer(0)
     for term in sympy.Add.make_args(expr):
