@@ -95,8 +95,9 @@ def _plan(config: Any, method: str, w: torch.Tensor, x: torch.Tensor | None, nam
         return _Plan(bits, method)
     smooth = can_smooth and method == "awq"
     rejected = None
+    shared: dict = {}  # X W^T and the fake-quantized weights, for both searches of this linear
     if bits == 6:
-        sm6 = search_smoothing(w, x, 6, GROUP, smooth=smooth)
+        sm6 = search_smoothing(w, x, 6, GROUP, smooth=smooth, shared=shared)
         if sm6.rel_error <= config.int6_a6_tolerance:
             return _Plan(6, method, sm6)
         rejected, bits = sm6.rel_error, 8
@@ -106,7 +107,7 @@ def _plan(config: Any, method: str, w: torch.Tensor, x: torch.Tensor | None, nam
                           "keeping W6A8", stacklevel=2)
     if method == "gptq":
         return _Plan(bits, method, None, rejected)
-    return _Plan(bits, method, search_smoothing(w, x, bits, GROUP, smooth=smooth), rejected)
+    return _Plan(bits, method, search_smoothing(w, x, bits, GROUP, smooth=smooth, shared=shared), rejected)
 
 
 def _method(config: Any, stats: Calibration | None) -> str:

@@ -48,34 +48,43 @@ def _scale(d: Tensor, alpha: float) -> Tensor:
 
 
 def output_error(w: Tensor, x: Tensor, act_bits: int, s: Tensor, group_size: int = 128,
-                 reference: Tensor | None = None) -> float:
-    """||X W^T - fq_a(X / s) fq_w(W * s)^T|| / ||X W^T|| in fp32 (act_bits 16: activations unquantized)."""
+                 reference: Tensor | None = None, quantized_weight: Tensor | None = None) -> float:
+    """||X W^T - fq_a(X / s) fq_w(W * s)^T|| / ||X W^T|| in fp32 (act_bits 16: activations unquantized).
+    reference / quantized_weight: X W^T and fq_w(W * s) when the caller has them already."""
     w, x = w.float(), x.float()
     y = x @ w.T if reference is None else reference
     xs = x / s
     if act_bits != A16:
         xs = fake_quant_activation(xs, act_bits, group_size)
-    err = xs @ fake_quant_weight(w * s, group_size).T - y
+    wq = fake_quant_weight(w * s, group_size) if quantized_weight is None else quantized_weight
+    err = xs @ wq.T - y
     return float(err.norm() / y.norm().clamp_min(1e-30))
 
 
 @torch.no_grad()
 def search_smoothing(w: Tensor, x: Tensor, act_bits: int = A16, group_size: int = 128,
-                     alphas: tuple[float, ...] = ALPHAS, smooth: bool = True) -> Smoothing:
+                     alphas: tuple[float, ...] = ALPHAS, smooth: bool = True,
+                     shared: dict | None = None) -> Smoothing:
     """The smoothing of weight w [N, K] that minimises the output error on calibration rows x [R, K].
 
     smooth=False measures plain round-to-nearest only (alpha 0): for a linear whose input cannot absorb a
-    multiply for free.
+    multiply for free. shared: a dict the caller passes to every search of the same (w, x) (W6A6, then W6A8 when
+    A6 is rejected): X W^T and each alpha's fake-quantized weight are computed once for all of them.
     """
     if x.dim() != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(f"calibration rows {tuple(x.shape)} do not match weight {tuple(w.shape)}")
     w, x = w.detach().float(), x.detach().float()
-    y = x @ w.T
+    shared = {} if shared is None else shared
+    if "reference" not in shared:
+        shared["reference"] = x @ w.T
+    y = shared["reference"]
     d = x.abs().mean(0).clamp_min(1e-8)
     best: Smoothing | None = None
     for alpha in alphas if smooth else (0.0,):
         s = _scale(d, alpha)
-        e = output_error(w, x, act_bits, s, group_size, reference=y)
+        if alpha not in shared:
+            shared[alpha] = fake_quant_weight(w * s, group_size)
+        e = output_error(w, x, act_bits, s, group_size, reference=y, quantized_weight=shared[alpha])
         if best is None or e < best.rel_error:
             best = Smoothing(scale=s, alpha=float(alpha), rel_error=e)
     assert best is not None
