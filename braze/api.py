@@ -66,7 +66,9 @@ def _with_calibration(model: torch.nn.Module, config: CompileConfig) -> CompileC
                               "found no tokenizer next to the model; pass "
                               "int6_calibration=braze.quant.calibration.collect(model, tokenizer)")
         return config  # the pass rounds to nearest and says so in the report
-    return dataclasses.replace(config, int6_calibration=collect(model, tokenizer))
+    # X^T X only for GPTQ (auto/awq smooth with input samples): a K x K product per linear and window
+    stats = collect(model, tokenizer, hessians=config.int6_method == "gptq")
+    return dataclasses.replace(config, int6_calibration=stats)
 
 
 def compile_causal_lm(model: torch.nn.Module, config: CompileConfig) -> CompiledModel:

@@ -66,8 +66,9 @@ class Calibration:
 class _Recorder:
     """Forward pre-hooks that accumulate X^T X and keep every `stride`-th row of each distinct linear input."""
 
-    def __init__(self, stride: int):
+    def __init__(self, stride: int, hessians: bool = True):
         self.stride = stride
+        self.hessians = hessians
         self.alias: dict[str, str] = {}
         self.sums: dict[str, Tensor] = {}
         self.counts: dict[str, int] = {}
@@ -84,7 +85,8 @@ class _Recorder:
             if self.alias[name] != name:
                 return
             x2 = x.detach().reshape(-1, x.shape[-1]).float()
-            self.sums[name] = self.sums.get(name, 0) + x2.T @ x2
+            if self.hessians:
+                self.sums[name] = self.sums.get(name, 0) + x2.T @ x2
             self.counts[name] = self.counts.get(name, 0) + x2.shape[0]
             self.rows.setdefault(name, []).append(x2[:: self.stride].clone())
         return pre
@@ -95,9 +97,10 @@ class _Recorder:
 
 @torch.no_grad()
 def collect(model: torch.nn.Module, tokenizer: Any = None, ids: Tensor | None = None, max_tokens: int = 1024,
-            window: int = 256, sample_rows: int = 256) -> Calibration:
+            window: int = 256, sample_rows: int = 256, hessians: bool = True) -> Calibration:
     """Hessians and input samples of every nn.Linear of an eager causal LM over `ids` (default: the shipped
-    calibration text, tokenized with `tokenizer` or the one found next to the model), in windows of `window`."""
+    calibration text, tokenized with `tokenizer` or the one found next to the model), in windows of `window`.
+    hessians=False: input samples only (what AWQ smoothing and the A6 checks read; GPTQ needs the Hessians)."""
     if ids is None:
         tokenizer = tokenizer if tokenizer is not None else find_tokenizer(model)
         if tokenizer is None:
@@ -107,7 +110,7 @@ def collect(model: torch.nn.Module, tokenizer: Any = None, ids: Tensor | None = 
     p = next(model.parameters())
     run = model if p.dtype == torch.float32 and p.device.type == "cpu" else copy.deepcopy(model).float().cpu()
     linears = {name: m for name, m in run.named_modules() if isinstance(m, torch.nn.Linear)}
-    rec = _Recorder(stride=max(1, ids.numel() // max(1, sample_rows)))
+    rec = _Recorder(stride=max(1, ids.numel() // max(1, sample_rows)), hessians=hessians)
     handles = [m.register_forward_pre_hook(rec.hook(name)) for name, m in linears.items()]
     was_training = run.training
     run.eval()
@@ -127,7 +130,8 @@ def collect(model: torch.nn.Module, tokenizer: Any = None, ids: Tensor | None = 
     stats = Calibration(tokens=int(ids.numel()))
     for name in linears:
         leader = rec.alias.get(name)
+        if leader in rows:
+            stats.samples[f"{name}.weight"] = rows[leader]
         if leader in hess:
             stats.hessians[f"{name}.weight"] = hess[leader]
-            stats.samples[f"{name}.weight"] = rows[leader]
     return stats
