@@ -223,6 +223,17 @@ def test_run_streams_and_takes_prompt_ids(package, capsys):
     assert "3 tokens" in capsys.readouterr().err
 
 
+def test_run_streams_with_speculation(package, capsys):
+    """--stream --speculate prints each verify step's accepted tokens as they come: the same text as without
+    --stream (a repetitive prompt, so drafts are accepted)."""
+    prompt = ["--prompt", "abcabcabcabcabc", "--max-new-tokens", "12", "--speculate"]
+    assert main(["run", str(package), *prompt]) == 0
+    plain = capsys.readouterr()
+    assert main(["run", str(package), *prompt, "--stream"]) == 0
+    streamed = capsys.readouterr()
+    assert streamed.out == plain.out and "speculative (suffix)" in streamed.err
+
+
 def test_max_new_tokens_is_reduced_to_the_room_left(package, capsys):
     assert main(["run", str(package), "--prompt", "x" * 46, "--max-new-tokens", "5"]) == 0
     err = capsys.readouterr().err
@@ -234,7 +245,6 @@ def test_max_new_tokens_is_reduced_to_the_room_left(package, capsys):
     (["--temperature", "0", "--top-p", "0.5"], "--temperature 0 means greedy decoding, which --top-p"),
     (["--seed", "3"], "--seed only affects sampling"),
     (["--temperature", "0", "--seed", "3"], "--seed only affects sampling"),
-    (["--stream", "--speculate"], "--stream and --speculate do not combine"),
     (["--top-k", "0"], "--top-k: expected a positive integer"),
     (["--top-p", "0"], "--top-p: expected a number in (0, 1]"),
     (["--top-p", "1.5"], "--top-p: expected a number in (0, 1]"),

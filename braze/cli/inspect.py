@@ -156,6 +156,8 @@ def main(args: argparse.Namespace) -> int:
     opts = dict(info["compile_options"])
     if "kv_dtype" in opts and opts["kv_dtype"] is None:
         opts["kv_dtype"] = "auto"  # the model's dtype (float32 in deterministic mode)
+    if opts.get("kv_compression") is None:
+        opts.pop("kv_budget", None)  # meaningful only with a compression policy
     shown = ", ".join(f"{k}={opts[k]}" for k in ("quant", "speculate", "deterministic", "kv_dtype", "kv_compression",
                                                  "kv_budget", "tp", "max_batch", "max_seq")
                       if opts.get(k) is not None)

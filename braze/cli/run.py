@@ -82,9 +82,6 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise UsageError("--chat wraps prompt text in the chat template; use it with --prompt, not --prompt-ids")
     if args.prompt is not None and not args.prompt.strip():
         raise UsageError("--prompt is empty; generation needs at least one prompt token")
-    if args.stream and args.speculate:
-        raise UsageError("--stream and --speculate do not combine yet (speculative decoding emits tokens in bursts "
-                         "after verification); drop one")
 
 
 def _prompt_ids(args: argparse.Namespace, tokenizer: Any, vocab: int | None) -> list[int]:
@@ -190,9 +187,6 @@ def main(args: argparse.Namespace) -> int:
     speculate = args.speculate
     if speculate is None:
         speculate = getattr(compiled.config, "speculate", None) == "suffix"
-        if speculate and args.stream:
-            err("[braze] note: --stream decodes without speculation (the package speculates by default)")
-            speculate = False
     ids = torch.tensor([prompt], dtype=torch.long, device=compiled.device)
     eos = _eos_ids(tokenizer, compiled.model_config)
     streamer = Streamer(tokenizer, len(prompt)) if args.stream else None
