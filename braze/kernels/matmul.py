@@ -171,13 +171,14 @@ def _deterministic_config(N: int, K: int, device: DeviceSpec, *, elem_size: int,
     if device.interpret:
         # ROW_DOT: the interpreter's tl.dot (BLAS) is not row-invariant; a GPU's tl.dot with fixed tiles is
         return MatmulConfig(16, pow2_clamp(N, 16, 64), pow2_clamp(K, 16, 64), row_dot=True)
+    # Deterministic dots are fp32 (LayerCast upcasts 16-bit weights): FMA loops that hold a K slice of both operands
+    # in registers, as in matmul_config's fp32 case. make gpucheck (bf16-det, 2026-11-30) at BLOCK_K 128: 5.9-16.7 KB
+    # of spills and 102-184 KB of shared memory (over sm_80/86/89's limits); BLOCK_K 32 is what fp32 tiles take.
     block_n = pow2_clamp(N, 16, 64 if dual else 128)
-    block_k = pow2_clamp(K, 16, 128)
+    block_k = pow2_clamp(K, 16, 32)
     budget = device.smem_per_block - 8 * 1024
-    stage_bytes = lambda bk: (16 * bk + (2 if dual else 1) * bk * block_n) * elem_size  # noqa: E731
-    while block_k > 32 and 2 * stage_bytes(block_k) > budget:
-        block_k //= 2
-    return MatmulConfig(16, block_n, block_k, num_warps=4, num_stages=max(2, min(4, budget // stage_bytes(block_k))))
+    stage_bytes = (16 * block_k + (2 if dual else 1) * block_k * block_n) * 4  # operands upcast to fp32 in the kernel
+    return MatmulConfig(16, block_n, block_k, num_warps=4, num_stages=max(2, min(4, budget // stage_bytes)))
 
 
 def _precision(dtype: torch.dtype) -> str:
