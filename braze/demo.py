@@ -75,7 +75,7 @@ def main() -> None:
     )
 
     # golden check without another interpreted forward: eager PyTorch scores the whole answer in one call, and the
-    # logits each new token was chosen from (prefill, verify and decode plans) must match it
+    # logits each new token was chosen from (the prefill and decode plans) must match it
     with torch.no_grad():
         ref = model(out).logits[0, ids.shape[1] - 1: out.shape[1] - 1]
     got = logits[0, : len(new)]

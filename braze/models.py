@@ -56,9 +56,9 @@ def _converted_smollm2(gguf: Path) -> Path | None:
     from safetensors.torch import save_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from braze.compiler.cache import cache_dir
+    from braze.compiler.cache import cache_dir, env_switch
 
-    if os.environ.get("BRAZE_MODEL_CACHE", "1").strip().lower() in ("0", "false", "no", "off", ""):
+    if not env_switch("BRAZE_MODEL_CACHE"):
         return None
     target = cache_dir() / "models" / f"smollm2-{gguf.stat().st_size}-transformers-{transformers.__version__}"
     if (target / CONVERTED_MARKER).exists():

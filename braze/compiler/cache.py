@@ -49,8 +49,13 @@ SOURCE_SUFFIXES = (".py", ".j2", ".txt", ".json")
 _source_digest: str | None = None
 
 
+def env_switch(name: str) -> bool:
+    """An on-by-default switch: `name` set to 0/false/no/off (or empty) turns it off."""
+    return os.environ.get(name, "1").strip().lower() not in ("0", "false", "no", "off", "")
+
+
 def enabled() -> bool:
-    return os.environ.get("BRAZE_CACHE", "1").strip().lower() not in ("0", "false", "no", "off", "")
+    return env_switch("BRAZE_CACHE")
 
 
 def cache_dir() -> Path:

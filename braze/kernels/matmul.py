@@ -115,7 +115,7 @@ def matmul_config(M: int, N: int, K: int, device: DeviceSpec, *, elem_size: int 
     from N and K only, no split-K), so a row's dot products are the same computation at any batch size.
     """
     if deterministic:
-        return _deterministic_config(N, K, device, elem_size=elem_size, dual=dual)
+        return _deterministic_config(N, K, device, dual=dual)
     if device.interpret:
         # Interpreted time is the weight loads plus a fixed NumPy cost per op; wide N tiles and a 128-deep K tile
         # keep both low (SmolLM2's 49152 x 576 lm_head at M=1: 12.7 s at 128 x 128, 1.5 s at 2048 x 128).
@@ -167,7 +167,7 @@ def gemv_config(M: int, N: int, K: int, device: DeviceSpec, *, elem_size: int = 
     return MatmulConfig(block_m, block_n, block_k, num_warps=num_warps, num_stages=stages, row_dot=True)
 
 
-def _deterministic_config(N: int, K: int, device: DeviceSpec, *, elem_size: int, dual: bool) -> MatmulConfig:
+def _deterministic_config(N: int, K: int, device: DeviceSpec, *, dual: bool) -> MatmulConfig:
     if device.interpret:
         # ROW_DOT: the interpreter's tl.dot (BLAS) is not row-invariant; a GPU's tl.dot with fixed tiles is
         return MatmulConfig(16, pow2_clamp(N, 16, 64), pow2_clamp(K, 16, 64), row_dot=True)

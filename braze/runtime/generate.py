@@ -107,16 +107,18 @@ class Generator:
             streamer.put(input_ids[0].cpu())
         mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).to(self.device)
         before = self.spec.stats.snapshot()
-        if self.verify is not None:
-            rows = self.spec.generate_batch(input_ids.to(self.device), mask, max_new_tokens, do_sample, temperature,
-                                            top_k, top_p, generator, eos_ids)
-        else:
-            rows = [self.spec.generate_row(input_ids[b][mask[b].bool()][None].to(self.device), max_new_tokens,
-                                           do_sample, temperature, top_k, top_p, generator, eos_ids)
-                    for b in range(input_ids.shape[0])]
+        try:
+            if self.verify is not None:
+                rows = self.spec.generate_batch(input_ids.to(self.device), mask, max_new_tokens, do_sample,
+                                                temperature, top_k, top_p, generator, eos_ids)
+            else:
+                rows = [self.spec.generate_row(input_ids[b][mask[b].bool()][None].to(self.device), max_new_tokens,
+                                               do_sample, temperature, top_k, top_p, generator, eos_ids)
+                        for b in range(input_ids.shape[0])]
+        finally:
+            self.spec.streamer = None  # never kept for a later request, even after an error or Ctrl-C
         if streamer is not None:
             streamer.end()
-            self.spec.streamer = None
         self.stats = self.spec.generation_stats(before)  # per-step host overhead under extra["speculation"]
         width = max(len(r) for r in rows)
         if len(eos_ids) == 0:
