@@ -35,6 +35,7 @@ import re
 import subprocess
 import sys
 import time
+import traceback
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,7 @@ import braze  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 BRAZE_VARIANTS = {"braze-" + k: v for k, v in quant_decode.VARIANTS.items()}
+BRAZE_VARIANTS["braze-bf16-det"] = {"deterministic": True}  # LayerCast + batch-invariant tiles (issue #16)
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------------
@@ -156,14 +158,19 @@ def step_time(generate: Any, new_tokens: int, repeats: int, device: str, energy:
 
 
 # ---- sections ---------------------------------------------------------------------------------------------------
-def run_pytest(smoke: bool, timeout: float) -> str:
-    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-p", "no:cacheprovider"]
+def run_pytest(smoke: bool, timeout: float, log: Path, workers: int) -> str:
+    """`pytest -m gpu`'s summary line and failures; its whole output goes to `log`."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "--tb=short", "-p", "no:cacheprovider",
+           "--continue-on-collection-errors", *(["-n", str(workers)] if workers > 1 else [])]
     if smoke:  # a second interpreter importing torch costs more than the rest of the smoke run; CI runs pytest itself
         return "--smoke: not run (" + " ".join(cmd[1:]) + ")"
     try:
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as e:
+        log.write_text((e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout or "")
         return f"timed out after {timeout:.0f} s"
+    log.write_text(r.stdout + r.stderr)
     lines = [ln for ln in r.stdout.splitlines() if ln.strip()]
     summary = next((ln for ln in reversed(lines) if re.search(r"\b(passed|failed|skipped|error|deselected)", ln)),
                    lines[-1] if lines else r.stderr.strip()[-300:])
@@ -181,7 +188,7 @@ def hf_generate(model: Any, ids: torch.Tensor, compile_config: Any = None) -> An
 
 
 def decode_section(args: argparse.Namespace, device: str, clock: Clock, energy: Energy, bw: float | None,
-                   report: list[str]) -> None:
+                   report: list[str], save: Any) -> None:
     shape = quant_decode.SMOKE if args.smoke else quant_decode.LLAMA_1B
     model = quant_decode.build(shape, torch.bfloat16, device)
     hf_weights = weight_bytes(model.parameters())
@@ -191,28 +198,45 @@ def decode_section(args: argparse.Namespace, device: str, clock: Clock, energy: 
                f"(t(N) - t(1)) / (N - 1), best of {args.repeats}; braze executor `{args.executor}`.", "",
                "| implementation | batch | step ms | tok/s | vs HF eager | vs torch.compile | MB/step | % HBM floor "
                "| J/token |", "|---|---|---|---|---|---|---|---|---|"]
-    rows: dict[tuple[str, int], float] = {}
+    rows: dict[tuple[str, int], tuple[float, float, int]] = {}  # (impl, batch) -> (step s, J/step, bytes/step)
+    notes: list[str] = []  # failed / skipped implementations
+    compile_s: dict[str, float] = {}
+    table_at = len(report)
+
+    def render() -> None:
+        """The table from every row so far (the vs columns fill in whatever order the implementations ran); saved at
+        once, so a run cut short by its time limit still leaves its rows."""
+        lines = []
+        for (impl, batch), (step_s, joules, nbytes) in rows.items():
+            eager, comp = rows.get(("hf-eager", batch)), rows.get(("torch.compile", batch))
+            floor = f"{100 * nbytes / bw / step_s:.1f}%" if bw else "n/a"
+            j = f"{joules / batch:.4f}" if energy.available else energy.why
+            lines.append(f"| {impl} | {batch} | {1e3 * step_s:.3f} | {batch / step_s:.1f} | "
+                         f"{f'{eager[0] / step_s:.2f}x' if eager else '-'} | "
+                         f"{f'{comp[0] / step_s:.2f}x' if comp else '-'} | "
+                         f"{nbytes / 1e6:.1f} | {floor} | {j} |")
+        report[table_at:] = lines + notes
+        if compile_s:
+            report.extend(["", "braze.compile wall time (this machine's CPU, kernels' first launch not included): "
+                           + ", ".join(f"{k} {v:.1f} s" for k, v in compile_s.items()) + "."])
+        save()
 
     def record(impl: str, batch: int, step_s: float, joules: float, nbytes: int) -> None:
-        rows[impl, batch] = step_s
-        tps = batch / step_s
-        eager, comp = rows.get(("hf-eager", batch)), rows.get(("torch.compile", batch))
-        floor = f"{100 * nbytes / bw / step_s:.1f}%" if bw else "n/a"
-        j = f"{joules / batch:.4f}" if energy.available else energy.why
-        report.append(f"| {impl} | {batch} | {1e3 * step_s:.3f} | {tps:.1f} | "
-                      f"{f'{eager / step_s:.2f}x' if eager else '-'} | {f'{comp / step_s:.2f}x' if comp else '-'} | "
-                      f"{nbytes / 1e6:.1f} | {floor} | {j} |")
-        print(report[-1], flush=True)
+        rows[impl, batch] = (step_s, joules, nbytes)
+        print(f"[suite] {impl} batch {batch}: {1e3 * step_s:.3f} ms/step", flush=True)
+        render()
 
     def attempt(impl: str, fn: Any) -> None:
         if clock.over():
-            report.append(f"| {impl} | - | skipped: suite budget {clock.budget:.0f} s spent | | | | | | |")
+            notes.append(f"| {impl} | - | skipped: suite budget {clock.budget:.0f} s spent | | | | | | |")
             return
         t = time.perf_counter()
         try:
             fn()
         except Exception as e:  # a failing implementation is a row of the report, not the end of the suite
-            report.append(f"| {impl} | - | failed: {type(e).__name__}: {str(e)[:200]} | | | | | | |")
+            notes.append(f"| {impl} | - | failed: {type(e).__name__}: {str(e)[:200]} | | | | | | |")
+            traceback.print_exc()
+        render()
         print(f"[suite] {impl}: {time.perf_counter() - t:.1f} s", flush=True)
 
     def ids_for(batch: int) -> torch.Tensor:
@@ -226,8 +250,11 @@ def decode_section(args: argparse.Namespace, device: str, clock: Clock, energy: 
             record(impl, batch, step, joules, hf_weights + kv_bytes(shape, batch, live, 2))
 
     def braze_rows(impl: str) -> None:
+        t = time.perf_counter()
         cm = braze.compile(model, max_batch=max(args.batches), max_seq=args.prompt_len + args.new_tokens + 8,
                            executor=args.executor, **BRAZE_VARIANTS[impl])
+        compile_s[impl] = time.perf_counter() - t
+        print(f"[suite] {impl}: compiled in {compile_s[impl]:.1f} s", flush=True)
         nbytes = weight_bytes(cm.generator.decode.weights.values())
         for batch in args.batches:
             ids = ids_for(batch)
@@ -244,10 +271,15 @@ def decode_section(args: argparse.Namespace, device: str, clock: Clock, energy: 
     if args.smoke:  # the path, not the compiler: dynamo with the eager backend, allowed on CPU
         compile_config = CompileConfig(backend="eager", mode=None, fullgraph=True)
         compile_config._compile_all_devices = True
-    attempt("hf-eager", lambda: hf_rows("hf-eager", None))
-    attempt("torch.compile", lambda: hf_rows("torch.compile", compile_config))
-    for impl in args.variants:
-        attempt(impl, lambda impl=impl: braze_rows(impl))
+    # braze's plain bf16 row runs second, so a short budget still compares braze with HF eager
+    order = ["hf-eager", *args.variants[:1], "torch.compile", *args.variants[1:]]
+    for impl in order:
+        if impl == "hf-eager":
+            attempt(impl, lambda: hf_rows("hf-eager", None))
+        elif impl == "torch.compile":
+            attempt(impl, lambda: hf_rows("torch.compile", compile_config))
+        else:
+            attempt(impl, lambda impl=impl: braze_rows(impl))
         if device == "cuda":
             torch.cuda.empty_cache()
 
@@ -317,6 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spec-repeats", type=int, default=2)
     ap.add_argument("--skip", nargs="*", default=[], choices=["pytest", "bandwidth", "decode", "speculation"])
     ap.add_argument("--pytest-timeout", type=float, default=180.0)
+    ap.add_argument("--pytest-workers", type=int, default=4, help="pytest-xdist processes sharing the GPU")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available() and not args.smoke:
         print("gpu_suite.py needs a CUDA GPU for its figures (run with --smoke to check it on the CPU)")
@@ -338,6 +371,10 @@ def main(argv: list[str] | None = None) -> int:
               f"{'NVML' if energy.available else energy.why}.", ""]
     bw = None
 
+    def save() -> None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text("\n".join(report) + "\n")
+
     def section(title: str, key: str, fn: Any) -> None:
         report.extend([f"## {title}", ""])
         if key in args.skip:
@@ -352,10 +389,12 @@ def main(argv: list[str] | None = None) -> int:
                 report.append(f"failed: {type(e).__name__}: {e}")
             report.append(f"\n_{time.perf_counter() - t:.1f} s_")
         report.append("")
+        save()
         print(f"[suite] {title}: done at {clock.elapsed:.1f} s", flush=True)
 
     def pytest_fn() -> None:
-        report.append("```\n" + run_pytest(args.smoke, args.pytest_timeout) + "\n```")
+        report.append("```\n" + run_pytest(args.smoke, args.pytest_timeout, out.with_suffix(".pytest.log"),
+                                             args.pytest_workers) + "\n```")
 
     def bandwidth_fn() -> None:
         nonlocal bw
@@ -366,12 +405,11 @@ def main(argv: list[str] | None = None) -> int:
     section("pytest -m gpu", "pytest", pytest_fn)
     section("Copy bandwidth", "bandwidth", bandwidth_fn)
     section("Decode tokens/s and % of the HBM floor", "decode",
-            lambda: decode_section(args, device, clock, energy, bw, report))
+            lambda: decode_section(args, device, clock, energy, bw, report, save))
     section("Speculation on the shipped workloads", "speculation",
             lambda: speculation_section(args, device, clock, report))
     report.append(f"Total: {clock.elapsed:.1f} s (budget {clock.budget:.0f} s).")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(report) + "\n")
+    save()
     print(f"[suite] wrote {out}")
     return 0
 

@@ -1,12 +1,14 @@
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():  # as `import braze` does: on a GPU, `pytest -m gpu` runs compiled kernels
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["BRAZE_CACHE"] = "0"  # no compile cache in ~/.cache (tests/test_compile_cache.py turns it on in a tmp dir)
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 torch.set_num_threads(1)
 

@@ -72,3 +72,75 @@ def test_batched_speculation_replays_verify_graphs_on_cuda():
     for key in runner.verify_graphs.graphs:  # a key holds each input's (shape, dtype)
         batch, seq = key[ids_at][0]  # input_ids: [batch bucket, 1 + k bucket]
         assert batch == 4 and seq - 1 in K_BUCKETS
+
+
+# ---- deterministic mode, KV-cache compression, quantized plans on CUDA (issues #16, #17; CPU twins: ----------------
+# test_deterministic.py, test_kv_compression.py, test_df11_models.py, test_int6.py under the interpreter)
+def _left_padded(prompts):
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros((len(prompts), width), dtype=torch.long, device="cuda")
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p):], mask[b, width - len(p):] = p, 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_deterministic_request_logits_bitwise_equal_across_batches_on_cuda(dtype):
+    """A request's logits at every generated position are bitwise the same alone and at any row of batches 2..8
+    of random companions (so: different padding, batch buckets and CUDA graphs), and run after run."""
+    model = tiny_causal_lm("llama", layers=2, dtype=dtype).cuda()
+    cm = braze.compile(model, max_seq=64, max_batch=8, deterministic=True)
+    assert cm.executor_name == "cuda"
+    g = torch.Generator().manual_seed(3)
+    prompt = torch.randint(3, 256, (11,), generator=g).cuda()
+
+    def request(batch, row):
+        prompts = [torch.randint(3, 256, (int(torch.randint(2, 20, (1,), generator=g)),), generator=g).cuda()
+                   for _ in range(batch)]
+        prompts[row] = prompt
+        ids, mask = _left_padded(prompts)
+        out = cm.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=None, output_logits=True)
+        return out.sequences[row, ids.shape[1]:], out.logits[row].float().view(torch.int32)
+
+    tokens1, logits1 = request(1, 0)
+    for batch, row in ((1, 0), (2, 1), (3, 0), (5, 4), (8, 6)):
+        tokens, logits = request(batch, row)
+        assert torch.equal(tokens, tokens1), (batch, row)
+        assert int((logits != logits1).sum()) == 0, (batch, row)
+
+
+def test_df11_logits_bitwise_equal_bf16_on_cuda():
+    """DFloat11 is lossless: the df11 plan's logits are bitwise the bf16 plan's (same tiles, decoded weights)."""
+    model = tiny_causal_lm("llama", layers=2, dtype=torch.bfloat16).cuda()
+    ids = torch.randint(3, 256, (2, 13), device="cuda")
+    base, df11 = braze.compile(model, max_seq=64), braze.compile(model, max_seq=64, quant="df11")
+    with torch.no_grad():
+        a, b = base(ids).logits, df11(ids).logits
+    assert int((a.view(torch.int16) != b.view(torch.int16)).sum()) == 0
+
+
+@pytest.mark.parametrize("act", ["a16", "a8"])
+def test_int6_plans_on_cuda_match_the_reference_executor(act):
+    """INT6 kernels on the GPU vs the same quantized graph run by torch ops (fp32 model: the two differ by
+    accumulation order only; A8 quantizes activations identically in both)."""
+    model = tiny_causal_lm("llama", layers=2).cuda()
+    opts = dict(max_seq=64, quant="int6", int6_method="rtn", int6_act=act)
+    ids = torch.randint(3, 256, (2, 13), device="cuda")
+    with torch.no_grad():
+        got = braze.compile(model, **opts)(ids).logits
+        want = braze.compile(model, executor="reference", **opts)(ids).logits
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+
+
+@pytest.mark.parametrize("policy", ["keydiff", "snapkv", "adakv", "chunkkv"])
+def test_kv_compression_on_cuda_matches_the_reference_executor(policy):
+    model = tiny_causal_lm("llama", layers=1).cuda()
+    ids = torch.randint(3, 200, (2, 30), generator=torch.Generator().manual_seed(0)).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    opts = dict(max_seq=48, max_batch=2, kv_compression=policy, kv_budget=0.5)
+    want = braze.compile(model, executor="reference", **opts).generate(ids, attention_mask=mask, max_new_tokens=6)
+    cm = braze.compile(model, **opts)
+    assert cm.executor_name == "cuda"
+    assert torch.equal(cm.generate(ids, attention_mask=mask, max_new_tokens=6), want)
