@@ -315,16 +315,87 @@ def lazy_module(root: torch.nn.Module, graph: fx.Graph) -> fx.GraphModule:
     return _LazyGraphModule(root, graph)
 
 
+def _symbol_ranges(ep: torch.export.ExportedProgram) -> dict[Any, tuple[int, int]]:
+    out = {}
+    for sym, rng in ep.range_constraints.items():
+        lower = int(rng.lower) if rng.lower.is_number and "oo" not in str(rng.lower) else 0
+        upper = int(rng.upper) if rng.upper.is_number and "oo" not in str(rng.upper) else None
+        out[sym] = (lower, upper)
+    return out
+
+
+MAX_ASSERT_POINTS = 1 << 16  # enumerated only when value ranges cannot prove an assert
+
+
+def holds_over_ranges(expr: Any, ranges: dict[Any, tuple[int, int | None]]) -> bool:
+    """Whether the sympy condition `expr` is true at every integer point of the symbols' declared ranges: proven by
+    torch's value-range analysis, else checked point by point with torch's own evaluator of its sympy functions
+    (False when a range is unbounded or the grid is too large to enumerate)."""
+    import itertools
+
+    import sympy
+    from torch.utils._sympy.interp import sympy_interp
+    from torch.utils._sympy.reference import PythonReferenceAnalysis
+    from torch.utils._sympy.value_ranges import ValueRanges, bound_sympy
+
+    if expr in (sympy.true, True):
+        return True
+    syms = sorted(expr.free_symbols, key=str)
+    if any(sym not in ranges or ranges[sym][1] is None for sym in syms):
+        return False
+    bounds = bound_sympy(expr, {sym: ValueRanges(*ranges[sym]) for sym in syms})
+    if bounds.lower in (sympy.true, True):
+        return True
+    axes = [range(ranges[sym][0], ranges[sym][1] + 1) for sym in syms]
+    if functools.reduce(operator.mul, (len(axis) for axis in axes), 1) > MAX_ASSERT_POINTS:
+        return False
+    return all(bool(sympy_interp(PythonReferenceAnalysis, dict(zip(syms, point)), expr))
+               for point in itertools.product(*axes))
+
+
+def drop_proven_asserts(gm: fx.GraphModule, ranges: dict[Any, tuple[int, int | None]]) -> None:
+    """Remove the runtime shape asserts a deferred-guard export leaves, each after proving it over the compiled
+    range (plans check their inputs against that range); CaptureError names one that does not hold."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not aten._assert_scalar.default:
+            continue
+        cond = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else node.args[0]
+        expr = cond.node.expr if isinstance(cond, torch.SymBool) else None
+        if expr is None or not holds_over_ranges(expr, ranges):
+            raise CaptureError(f"the model constrains its input shapes ({expr}) inside the compiled range; compile "
+                               "with a max_batch / max_seq range the model accepts")
+        gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+
+
+def _export_program(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> Any:
+    """torch.export, and once more with deferred runtime asserts when the shape solver cannot prove a guard that
+    holds over the whole range (torch 2.11 cannot prove min(D*s, r*D*s) == D*s from the reshape of an expanded
+    KV head, HF's repeat_kv, though s >= 1): `drop_proven_asserts` then checks each assert over the range."""
+    try:
+        return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes), False
+    except Exception as exc:
+        if "Constraints violated" not in str(exc) or dynamic_shapes is None:
+            raise
+        return torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes,
+                                   prefer_deferred_runtime_asserts_over_guards=True), True
+
+
 def _export(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any, labels: dict) -> Captured:
     try:
-        ep = torch.export.export(module, args, kwargs, dynamic_shapes=dynamic_shapes)
+        ep, deferred = _export_program(module, args, kwargs, dynamic_shapes)
         table = _decomposition_table()
         if not decompose_locally(ep, table):
             ep = ep.run_decompositions(table)
+        gm = lazy_module(ep.graph_module, ep.graph_module.graph)
+        if deferred:
+            drop_proven_asserts(gm, _symbol_ranges(ep))
+    except CaptureError:
+        raise
     except Exception as exc:  # export errors are long; keep the first line and say what to do
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CaptureError(f"torch.export could not capture {type(module).__name__}: {first}") from exc
-    gm = lazy_module(ep.graph_module, ep.graph_module.graph)
     sig = ep.graph_signature
     weights: dict[str, torch.Tensor] = {}
     user_inputs: list[str] = []
