@@ -318,6 +318,45 @@ def test_decode_fp16_default_blocks():
     _check(out, _decode_reference(q, k_cache, v_cache, seq_lens))
 
 
+@pytest.mark.parametrize("num_splits", [1, 3, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_decode_with_fused_rope_and_cache_write(num_splits, dtype):
+    """rope_write: the decode kernel rotates q and the new key (fp32 math, rounded to the cache dtype), writes the new
+    key / value into the cache at the row's cache length and attends over cache + new token: the same as rotating,
+    writing and attending in three steps. Rows of different lengths; some splits hold no key, one owns the new token."""
+    torch.manual_seed(8)
+    batch, hq, hkv, s_max, dim = 2, 4, 2, 48, 16
+    _, k_cache, v_cache = _decode_inputs(batch, hq, hkv, s_max, dim, dtype)
+    q, k, v = (t[:, :, 0] for t in _packed_qkv(batch, 1, hq, hkv, dim, dtype))  # strided [B, H, D] views
+    cache_len = torch.tensor([40, 13], dtype=torch.int64)
+    kv_start = torch.tensor([0, 5], dtype=torch.int32)
+    cos_all, sin_all = _rope_tables(batch, s_max, dim)
+    cos = torch.stack([cos_all[b, int(n)] for b, n in enumerate(cache_len)]).to(dtype)
+    sin = torch.stack([sin_all[b, int(n)] for b, n in enumerate(cache_len)]).to(dtype)
+    # reference: the three steps, on copies of the caches
+    rq = _rope_ref(q[:, :, None].float(), cos[:, None].float(), sin[:, None].float())[:, :, 0].to(dtype)
+    rk = _rope_ref(k[:, :, None].float(), cos[:, None].float(), sin[:, None].float())[:, :, 0].to(dtype)
+    want_k, want_v = k_cache.clone(), v_cache.clone()
+    for b, n in enumerate(cache_len):
+        want_k[b, :, n], want_v[b, :, n] = rk[b], v[b]
+    want = _decode_reference(rq, want_k, want_v, (cache_len + 1).to(torch.int32), kv_start)
+
+    spec = DecodeAttentionSpec("dec", has_kv_start=True, from_cache_len=True, rope_write=True,
+                               out_dtype=str(dtype).removeprefix("torch."))
+    out = torch.full((batch, hq, dim), float("nan"), dtype=dtype)
+    launches = split_kv_decode(load_kernel_module(render_decode_attention(spec)), "dec", q, k_cache, v_cache, out,
+                               cache_len, kv_start, dim ** -0.5, INTERPRETER, splits=num_splits,
+                               from_cache_len=True, rope=(k, v, cos, sin))
+    assert launches == (1 if num_splits == 1 else 2)
+    _check(out, want)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)  # written once, nothing else touched
+
+
+def test_rope_write_needs_the_cache_length():
+    with pytest.raises(ValueError, match="from_cache_len"):
+        DecodeAttentionSpec("dec", rope_write=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # rendering and choosers
 

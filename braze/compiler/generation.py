@@ -64,7 +64,7 @@ def _respecialize_decode(gm: fx.GraphModule, weights: dict[str, torch.Tensor], m
         shape = [int(s) if isinstance(s, torch.SymInt) and s is not batch and s.node.is_constant() else s
                  for s in shape]
         with mode:
-            args.append(torch.empty(shape, dtype=old.dtype))
+            args.append(torch.empty(shape, dtype=old.dtype, device=old.device))
     MemoFakeTensorProp(gm, mode).propagate_dont_convert_inputs(*args)
     if isinstance(batch, int):
         return []

@@ -46,10 +46,17 @@ Split-KV decode, `render_decode_attention(DecodeAttentionSpec)`; kernels `<name>
   (log2-sum-exp of the scaled scores, -inf for an empty split). Each row's valid range
   [kv_start, seq_len) is cut into NUM_SPLITS BLOCK_N-aligned chunks; BLOCK_G >= GROUP.
 
-Cached attention (braze::cached_attention, templates kv_cache.py.j2 + one of the two above): `<name>_rope_write`
-rotates q and k (HF rotate_half, fp32 math), writes k/v into the caches at cache_len, then flash attention over
-the cache (prefill) or split-KV decode (one query token); both read cache_len on device, so a step issues
-launches only (no host read, no torch op). Tree-cached attention (braze::tree_cached_attention):
+  rope_write (needs from_cache_len; the decode plans' form) adds, after seq_lens_ptr, ``k_new_ptr, v_new_ptr,
+  cos_ptr, sin_ptr, stride_knb, stride_knh, stride_knd, stride_vnb, stride_vnh, stride_vnd, stride_cb, stride_cd``:
+  q is read unrotated, q and the new key are rotated in the kernel (fp32 math, rounded to the cache dtype), the
+  loop reads the cached keys [kv_lo, cache_len), the split owning position cache_len adds the new key / value
+  from registers and writes them into the caches there (no other program reads that slot).
+
+Cached attention (braze::cached_attention, templates kv_cache.py.j2 + one of the two above): prefill runs
+`<name>_rope_write` (rotates q and k, HF rotate_half, fp32 math; writes k/v into the caches at cache_len), then
+flash attention over the cache; decode runs the rope_write form of split-KV decode alone (one launch, plus the
+combine when split). Both read cache_len on device, so a step issues launches only (no host read, no torch op).
+Tree-cached attention (braze::tree_cached_attention):
 the same write, then flash attention in tree-mask mode.
 """
 
@@ -117,9 +124,12 @@ class DecodeAttentionSpec:
     out_dtype: str = "float16"
     from_cache_len: bool = False
     head_start: bool = False  # kv_start is [B, Hkv] (a compressed cache whose heads hold different lengths)
+    rope_write: bool = False  # RoPE on q and the new key, and the cache write, inside `_partial` (needs from_cache_len)
 
     def __post_init__(self) -> None:
         _check_common(self.name, self.input_precision, self.out_dtype)
+        if self.rope_write and not self.from_cache_len:
+            raise ValueError("rope_write needs from_cache_len (the new token sits at the cache length)")
 
 
 def render_attention(spec: AttentionSpec, header: str = "") -> str:
@@ -135,7 +145,7 @@ def render_decode_attention(spec: DecodeAttentionSpec, header: str = "") -> str:
     return render_template(
         "decode_attention.py.j2", header=check_header(header), name=spec.name, has_kv_start=spec.has_kv_start,
         from_cache_len=spec.from_cache_len, input_precision=spec.input_precision, out_dtype=spec.out_dtype,
-        head_start=spec.head_start)
+        head_start=spec.head_start, rope_write=spec.rope_write)
 
 
 def render_cache_write(name: str) -> str:
@@ -366,12 +376,15 @@ def rope_write(module: Any, name: str, tensors: dict[str, torch.Tensor], device:
 def split_kv_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     out: torch.Tensor, seq_lens: torch.Tensor, kv_start: torch.Tensor | None, scale: float,
                     device: DeviceSpec, splits: int | None = None, *, from_cache_len: bool = False,
-                    head_start: bool = False) -> int:
+                    head_start: bool = False, rope: tuple[torch.Tensor, ...] | None = None) -> int:
     """Decode attention of one query per row: q/out [B, Hq, D], caches [B, Hkv, S_max, D]. One split writes its
     normalised partial output straight into `out` (no combine launch). Returns the launches.
     from_cache_len (kernel rendered with it): `seq_lens` is the cache length before the new token, [1] for the
     batch or [B], any integer dtype; the kernel reads it and adds 1 (no torch op, no host read).
-    head_start (kernel rendered with it): kv_start is [B, Hkv], one start per row and kv head."""
+    head_start (kernel rendered with it): kv_start is [B, Hkv], one start per row and kv head.
+    rope = (k_new, v_new, cos, sin) (kernel rendered with rope_write): q is not yet rotated; k_new/v_new [B, Hkv, D]
+    are the new token's key and value, cos/sin [B or 1, D]; the kernel rotates q and k_new and writes k/v into
+    the caches at the cache length (what `<name>_rope_write` would do, without its launch)."""
     B, Hq, D = q.shape
     Hkv, s_max = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
@@ -380,11 +393,18 @@ def split_kv_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tens
     direct = splits == 1 and out.is_contiguous()
     mid_o = out if direct else torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
     mid_lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
+    fused = []
+    if rope is not None:
+        k_new, v_new, cos, sin = rope
+        if cos.stride() != sin.stride():
+            cos, sin = cos.contiguous(), sin.contiguous()
+        cos_b = 0 if cos.shape[0] == 1 else cos.stride(0)
+        fused = [k_new, v_new, cos, sin, *k_new.stride(), *v_new.stride(), cos_b, cos.stride(-1)]
     lens = [seq_lens, _row_stride(seq_lens)] if from_cache_len else [seq_lens]
     starts = [kv_start] if kv_start is not None else []
     if head_start:
         starts += [kv_start.stride(0), kv_start.stride(1)]
-    args = [q, k_cache, v_cache, mid_o, mid_lse, *lens, *starts,
+    args = [q, k_cache, v_cache, mid_o, mid_lse, seq_lens, *fused, *lens[1:], *starts,
             Hkv, group, D, splits, *q.stride(), *k_cache.stride(), *v_cache.stride(), float(scale)]
     opts = {} if device.interpret else {"num_warps": blocks.num_warps, "num_stages": blocks.num_stages}
     launch_kernel(getattr(module, f"{name}_partial"), (B * Hkv, splits), *args,
@@ -449,7 +469,8 @@ class AttentionFamily(KernelFamily):
 
 
 class CachedAttentionFamily(KernelFamily):
-    """braze::cached_attention: RoPE + cache write, then flash (prefill) or split-KV decode over the cache."""
+    """braze::cached_attention: prefill = RoPE + cache write, then flash over the cache; decode = one split-KV
+    kernel that rotates, writes the new token into the cache and attends (+ the combine when split)."""
 
     name = "cached_attention"
     templates = ("kv_cache.py.j2", "attention.py.j2", "decode_attention.py.j2")
@@ -474,9 +495,9 @@ class CachedAttentionFamily(KernelFamily):
         precision, out_dtype = _precision(a["k_cache"].meta["val"].dtype), FLOAT_NAMES[node.meta["val"].dtype]
         # The cache length is read on device by the kernels (len_on_device): no host read, no torch op per call.
         head_start = a["kv_start"].meta["val"].dim() == 2  # kv_compression="adakv": per-head lengths
-        if decode:
+        if decode:  # RoPE and the cache write happen inside the decode kernel (fused_rope): one launch fewer
             attn = render_decode_attention(DecodeAttentionSpec(name, True, precision, out_dtype, from_cache_len=True,
-                                                               head_start=head_start))
+                                                               head_start=head_start, rope_write=True))
         else:
             attn = render_attention(AttentionSpec(name, causal=True, rope=False, has_kv_start=True, device_len=True,
                                                   input_precision=precision, out_dtype=out_dtype))
@@ -485,13 +506,20 @@ class CachedAttentionFamily(KernelFamily):
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
                     params={"roles": roles, "scale": float(a["scale"]), "decode": decode,
                             "heads_kv": int(k_cache.shape[1]), "s_max": int(k_cache.shape[2]), "len_on_device": True,
-                            **({"head_start": True} if head_start else {})})
-        return attn + "\n\n" + render_cache_write(name), step
+                            **({"head_start": True} if head_start else {}),
+                            **({"fused_rope": True} if decode else {})})
+        return attn if decode else attn + "\n\n" + render_cache_write(name), step
 
     def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
                params: dict[str, Any], device: DeviceSpec) -> None:
-        qo = rope_write(module, name, tensors, device)
         kc, vc, cache_len, kv_start = tensors["k_cache"], tensors["v_cache"], tensors["cache_len"], tensors["kv_start"]
+        if params.get("fused_rope"):  # decode: one kernel rotates, writes the cache and attends
+            t = tensors
+            split_kv_decode(module, name, t["q"][:, :, 0, :], kc, vc, out[:, :, 0, :], cache_len, kv_start,
+                            params["scale"], device, from_cache_len=True, head_start=bool(params.get("head_start")),
+                            rope=(t["k"][:, :, 0, :], t["v"][:, :, 0, :], t["cos"][:, 0, :], t["sin"][:, 0, :]))
+            return
+        qo = rope_write(module, name, tensors, device)
         if params.get("deterministic") and not params["decode"]:
             flash_per_row(getattr(module, name), qo, kc, vc, out, params["scale"], device, kv_start, cache_len,
                           bool(params.get("len_on_device")))
@@ -523,7 +551,7 @@ class CachedAttentionFamily(KernelFamily):
         if "heads_kv" not in params:  # a plan saved before the count was recorded: the launcher decides per call
             return 2 if device.interpret else 3
         splits = decode_splits(params["heads_kv"], params["s_max"], device)
-        return 2 if splits == 1 else 3
+        return (1 if splits == 1 else 2) + (0 if params.get("fused_rope") else 1)
 
 
 class TreeCachedAttentionFamily(KernelFamily):

@@ -19,6 +19,11 @@ class PassContext:
     current_pass: str = ""
     fake_memo: dict = field(default_factory=dict)  # braze/passes/fake_memo.py: one fake op per distinct signature
 
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights live: weights a pass adds go there too, so plans never mix devices."""
+        return next((w.device for w in self.weights.values() if isinstance(w, torch.Tensor)), torch.device("cpu"))
+
     def note(self, message: str) -> None:
         self.notes.setdefault(self.current_pass, []).append(message)
 
@@ -29,6 +34,7 @@ class PassContext:
         while name in names or name in self.weights:
             k += 1
             name = f"{base}_{k}"
+        value = value.to(self.device)  # no copy when it is there already
         self.weights[name] = value
         first = next(iter(gm.graph.nodes))
         with gm.graph.inserting_before(first):

@@ -71,9 +71,10 @@ def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> int:
         node.meta["val"] = fake
         return node
 
+    device = val(ids).device  # the model's: generation inputs and caches live beside its weights
     with ctx.fake_mode:
-        cache_len = add_input("cache_len", torch.empty(1, dtype=torch.int64))
-        kv_start = add_input("kv_start", torch.empty(batch, dtype=torch.int32))
+        cache_len = add_input("cache_len", torch.empty(1, dtype=torch.int64, device=device))
+        kv_start = add_input("kv_start", torch.empty(batch, dtype=torch.int32, device=device))
     count = 0
     biases: dict[fx.Node, fx.Node] = {}
     identity: dict[tuple, tuple[fx.Node, fx.Node]] = {}
@@ -90,8 +91,8 @@ def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> int:
                 shape = (batch, k.shape[1], max_seq, k.shape[3])
                 # kv_dtype (fp32 under deterministic=True; the model's dtype by default)
                 kd, vd = kv_cache_dtype(ctx.config, k.dtype), kv_cache_dtype(ctx.config, val(a["v"]).dtype)
-                caches[key] = (add_input(f"kv_cache_{i}_k", torch.empty(shape, dtype=kd)),
-                               add_input(f"kv_cache_{i}_v", torch.empty(shape, dtype=vd)))
+                caches[key] = (add_input(f"kv_cache_{i}_k", torch.empty(shape, dtype=kd, device=device)),
+                               add_input(f"kv_cache_{i}_v", torch.empty(shape, dtype=vd, device=device)))
         k_cache, v_cache = caches[key]
         plain = not general and a.get("causal") and a.get("attn_mask") is None
         if plain and a.get("cos") is None:  # learned / no positions: the kernel's RoPE at angle 0 is the identity
@@ -176,9 +177,10 @@ def insert_tree_verify(gm: fx.GraphModule, ctx: PassContext) -> int:
     last = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
     with gm.graph.inserting_after(last):
         mask = gm.graph.placeholder("tree_mask")
+    device = val(placeholders["input_ids"]).device
     with ctx.fake_mode:
-        mask.meta["val"] = torch.empty((batch, seq, seq), dtype=torch.bool)
-        placeholders["cache_len"].meta["val"] = torch.empty(batch, dtype=torch.int64)
+        mask.meta["val"] = torch.empty((batch, seq, seq), dtype=torch.bool, device=device)
+        placeholders["cache_len"].meta["val"] = torch.empty(batch, dtype=torch.int64, device=device)
     for node in nodes:
         a = op_args(node)
         if node.target is braze.general_cached_attention.default:

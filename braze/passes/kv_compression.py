@@ -59,11 +59,14 @@ def insert_kv_compression(gm: fx.GraphModule, policy: str, capacity: int, window
         mode = kc.fake_mode
         with mode:
             if keep is None:
-                keep = _placeholder(gm, "kv_keep", torch.empty(2, dtype=torch.int64))
-            ck = _placeholder(gm, f"kvc_cache_{i}_k", torch.empty(_cache_shape(kc, capacity), dtype=kc.dtype))
+                keep = _placeholder(gm, "kv_keep", torch.empty(2, dtype=torch.int64, device=kc.device))
+            ck = _placeholder(gm, f"kvc_cache_{i}_k", torch.empty(_cache_shape(kc, capacity), dtype=kc.dtype,
+                                                                    device=kc.device))
             cv = _placeholder(gm, f"kvc_cache_{i}_v", torch.empty(_cache_shape(kc, capacity),
-                                                                    dtype=a["v_cache"].meta["val"].dtype))
-            start = _placeholder(gm, f"kvc_start_{i}", torch.empty([kc.shape[0], kc.shape[1]], dtype=torch.int32))
+                                                                    dtype=a["v_cache"].meta["val"].dtype,
+                                                                    device=kc.device))
+            start = _placeholder(gm, f"kvc_start_{i}", torch.empty([kc.shape[0], kc.shape[1]], dtype=torch.int32,
+                                                                   device=kc.device))
         with gm.graph.inserting_after(node):
             comp = gm.graph.call_function(
                 braze.kv_compress.default,
@@ -87,7 +90,7 @@ def compress_decode_graph(gm: fx.GraphModule, policy: str, capacity: int) -> Non
         if n.op == "placeholder" and n.name.startswith("kv_cache_"):
             fake = n.meta["val"]
             with fake.fake_mode:
-                n.meta["val"] = torch.empty(_cache_shape(fake, capacity), dtype=fake.dtype)
+                n.meta["val"] = torch.empty(_cache_shape(fake, capacity), dtype=fake.dtype, device=fake.device)
     if policy != "adakv":
         gm.recompile()
         return
@@ -96,8 +99,8 @@ def compress_decode_graph(gm: fx.GraphModule, policy: str, capacity: int) -> Non
         if i not in starts:
             kc = op_args(node)["k_cache"].meta["val"]
             with kc.fake_mode:
-                starts[i] = _placeholder(gm, f"kvc_start_{i}",
-                                         torch.empty([kc.shape[0], kc.shape[1]], dtype=torch.int32))
+                starts[i] = _placeholder(gm, f"kvc_start_{i}", torch.empty([kc.shape[0], kc.shape[1]],
+                                                                           dtype=torch.int32, device=kc.device))
         args = list(node.args)
         args[8] = starts[i]  # cached_attention(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, scale)
         node.args = tuple(args)
