@@ -251,8 +251,29 @@ def test_cache_bytes_shrink_by_the_budget_and_the_report_says_so(lm):
     assert line.startswith("keydiff, budget 0.25 -> 12 of 48") and "25.0% kept" in line, line
     with pytest.raises(ShapeOutOfRangeError, match="kv_window"):
         cm.generate(ids, attention_mask=mask, max_new_tokens=9)  # 12 - 9 slots left for the prompt < kv_window
-    with pytest.raises(ConfigError, match="packages do not hold KV-cache compression"):
-        cm.save("/nonexistent/pkg")
+
+
+@pytest.mark.parametrize("policy", ["keydiff", "adakv"])
+def test_packages_and_the_compile_cache_hold_compression(lm, policy, tmp_path, monkeypatch):
+    """A compressed compile saved as a package, and a compile-cache hit, generate what the compile did, with the
+    same (compressed) cache bytes; adakv also round-trips its per-head starts."""
+    model, ids, mask, _ = lm
+    opts = dict(max_seq=48, max_batch=2, kv_compression=policy, kv_budget=0.5)
+    cm = braze.compile(model, **opts)
+    want = cm.generate(ids, attention_mask=mask, max_new_tokens=5)
+    cm.save(tmp_path / "pkg")
+    loaded = braze.load(tmp_path / "pkg")
+    assert loaded.generator.compression == cm.generator.compression
+    assert torch.equal(loaded.generate(ids, attention_mask=mask, max_new_tokens=5), want)
+    assert loaded.generator.stats.kv_cache_bytes == cm.generator.stats.kv_cache_bytes
+    monkeypatch.setenv("BRAZE_CACHE", "1")
+    monkeypatch.setenv("BRAZE_CACHE_DIR", str(tmp_path / "cache"))
+    assert braze.compile(model, **opts).report.extra["cache"].startswith("miss; stored as ")
+    hit = braze.compile(model, **opts)
+    assert hit.report.extra["cache"].startswith("hit: loaded "), hit.report.extra["cache"]
+    assert torch.equal(hit.generate(ids, attention_mask=mask, max_new_tokens=5), want)
+    assert hit.generator.stats.kv_cache_bytes == cm.generator.stats.kv_cache_bytes
+    assert hit.generator.stats.extra == cm.generator.stats.extra  # the uncompressed size it is measured against
 
 
 @pytest.mark.parametrize("policy", ["snapkv", "adakv"])

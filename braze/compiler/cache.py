@@ -198,8 +198,6 @@ def compile_key(model: torch.nn.Module, config: CompileConfig, device: torch.dev
         return None, "off (GPU cross-compilation targets are not cached)"
     if getattr(config, "tp", 1) > 1:
         return None, "off (tensor parallel: each rank compiles its own shard)"
-    if getattr(config, "kv_compression", None):
-        return None, "off (kv_compression: cache entries do not hold the compression state yet)"
     try:
         tensors = dict(model.named_parameters(remove_duplicate=False))
         tensors.update(dict(model.named_buffers(remove_duplicate=False)))

@@ -174,11 +174,12 @@ def _deterministic_config(N: int, K: int, device: DeviceSpec, *, dual: bool) -> 
     # Deterministic dots are fp32 (LayerCast upcasts 16-bit weights): FMA loops that hold a K slice of both operands
     # in registers, as in matmul_config's fp32 case. make gpucheck (bf16-det, 2026-11-30) at BLOCK_K 128: 5.9-16.7 KB
     # of spills and 102-184 KB of shared memory (over sm_80/86/89's limits); BLOCK_K 32 is what fp32 tiles take.
+    # With 4 warps one sm_90 forward tile still spilled 8 B at 80 registers; 8 warps: no spill on any target.
     block_n = pow2_clamp(N, 16, 64 if dual else 128)
     block_k = pow2_clamp(K, 16, 32)
     budget = device.smem_per_block - 8 * 1024
     stage_bytes = (16 * block_k + (2 if dual else 1) * block_k * block_n) * 4  # operands upcast to fp32 in the kernel
-    return MatmulConfig(16, block_n, block_k, num_warps=4, num_stages=max(2, min(4, budget // stage_bytes)))
+    return MatmulConfig(16, block_n, block_k, num_warps=8, num_stages=max(2, min(4, budget // stage_bytes)))
 
 
 def _precision(dtype: torch.dtype) -> str:

@@ -164,10 +164,6 @@ class CompiledModel:
 
     def save(self, path: Any, tokenizer: Any = None) -> Any:
         """Write this model as a self-contained kernel package directory (see braze.runtime.package)."""
-        if getattr(getattr(self, "generator", None), "compression", None) is not None:
-            from braze.runtime.errors import ConfigError
-
-            raise ConfigError("packages do not hold KV-cache compression yet; save a compile without kv_compression")
         writer = CompiledModel.package_writer
         if writer is None:
             raise RuntimeError("no package writer installed: import braze.runtime.package (import braze does)")

@@ -170,6 +170,8 @@ def _generation_info(compiled: Any, plans: dict[str, Plan]) -> dict[str, Any] | 
     info = {"prefill": "prefill", "decode": "decode", "kv_inputs": [list(x) for x in kv],
             "max_seq": getattr(gen, "max_seq", None), "max_batch": getattr(gen, "max_batch", None),
             "eos_token_id": getattr(gen, "default_eos", None), "pad_token_id": getattr(gen, "default_pad", None)}
+    if getattr(gen, "compression", None) is not None:  # kv_compression: the prefill plan holds the selection
+        info["compression"] = dataclasses.asdict(gen.compression)
     return json.loads(json.dumps(info, default=str))
 
 
@@ -560,6 +562,13 @@ def load_package(path: str | os.PathLike, executor: str = "auto", sha256: str | 
         compiled.attach_generation(plans[gen["prefill"]], plans[gen["decode"]],
                                    [tuple(x) for x in gen["kv_inputs"]], gen["max_seq"], gen["max_batch"],
                                    gen.get("eos_token_id"), gen.get("pad_token_id"), verify=plans.get("verify"))
+        if gen.get("compression"):
+            from braze.runtime.kv_compression import CompressionSpec
+
+            spec = dict(gen["compression"])
+            spec["kv_inputs"] = [tuple(x) for x in spec["kv_inputs"]]
+            spec["heads"] = {int(k): int(v) for k, v in spec["heads"].items()}  # JSON keys are strings
+            compiled.generator.compression = CompressionSpec(**spec)
         compiled.generator.speculate_default = options.get("speculate") == "suffix"  # as the compile set it
         compiled.generator.keyed_sampling = bool(options.get("deterministic"))
     if extra:
