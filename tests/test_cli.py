@@ -323,12 +323,32 @@ def test_compile_option_combinations_refused_before_loading(tmp_path, capsys):
         (["--int6-act", "a8"], "--quant int6 only"),
         (["--int6-method", "gptq", "--quant", "df11", "--dtype", "bfloat16"], "--quant int6 only"),
         (["--quant", "int6", "--df11-strategy", "fused"], "--quant df11 only"),
+        (["--kv-budget", "0.5"], "--kv-compression only"),
+        (["--kv-window", "4"], "--kv-compression only"),
         (["--quant", "df11"], "add --dtype bfloat16"),
         (["--executor", "cuda"] if not torch.cuda.is_available() else ["--quant", "df11", "--dtype", "float16"],
          "--executor cuda needs a CUDA GPU" if not torch.cuda.is_available() else "add --dtype bfloat16"),
     ]:
         assert main(["compile", "no.such:model", "-o", str(tmp_path / "o"), *argv]) == 2, argv
         assert needle in _one_line_error(capsys.readouterr().err)
+
+
+def test_compile_and_run_a_kv_compressed_package(tmp_path, ids_out, capsys):
+    """--kv-compression/--kv-budget/--kv-window reach braze.compile, the package keeps the policy, and `braze run`
+    generates what the library's compressed compile generates (greedy and sampled)."""
+    out = tmp_path / "pkg"
+    argv = ["--kv-compression", "snapkv", "--kv-budget", "24", "--kv-window", "4", "--max-seq", "48"]
+    assert main(["compile", CHAT_FACTORY, "-o", str(out), "--max-batch", "2", *argv]) == 0
+    assert "kv compression: snapkv, budget 24 -> 24 of 48" in capsys.readouterr().out
+    rt = braze.load(out)
+    assert rt.generator.compression.policy == "snapkv" and rt.generator.compression.window == 4
+    made = tiny_chat_llama()
+    cm = braze.compile(made["model"], max_seq=48, max_batch=2, kv_compression="snapkv", kv_budget=24, kv_window=4)
+    prompt = "the quick brown fox jumps"
+    for options, kwargs in (([], {}), (["--temperature", "0.7", "--seed", "3"],
+                                       dict(do_sample=True, temperature=0.7, seed=3))):
+        got = _run_ids(["run", str(out), "--prompt", prompt, "--max-new-tokens", "4", *options], capsys)
+        assert got == _library((cm, made["tokenizer"]), prompt, n=4, **kwargs), options
 
 
 def test_missing_model_path_exits_1_with_the_path(tmp_path, capsys):

@@ -47,6 +47,14 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--kv-dtype", choices=("auto", "float32", "float16", "bfloat16"), default=None,
                    help="KV cache dtype (RoPE and attention scores run in it); auto: float32 with --deterministic, "
                    "else the model's dtype")
+    p.add_argument("--kv-compression", choices=("keydiff", "snapkv", "adakv", "chunkkv"), default=None,
+                   help="causal LMs: compress the KV cache after prefill (the package's decode cache holds "
+                   "--kv-budget of max_seq per row and head; lossy: see braze eval --kv-compression)")
+    p.add_argument("--kv-budget", type=_budget, default=None, metavar="F|N",
+                   help="with --kv-compression: the compressed cache's capacity, a share of --max-seq (0 < F <= 1) "
+                   "or a token count (default 1.0)")
+    p.add_argument("--kv-window", type=positive_int, default=None, metavar="N",
+                   help="with --kv-compression: most recent prompt tokens always kept (default 16)")
     p.add_argument("--target", default=None, metavar="SM[,SM...]",
                    help="GPU targets to cross-compile every kernel for (sm_80, sm_86, sm_89, sm_90; no GPU needed): "
                    "the package carries the cubins, 'braze inspect' shows registers/spills/shared memory per target")
@@ -68,6 +76,8 @@ def _check_arguments(args: argparse.Namespace, dtype: Any) -> None:
         raise UsageError("--int6-act / --int6-method apply to --quant int6 only")
     if args.quant != "df11" and args.df11_strategy:
         raise UsageError("--df11-strategy applies to --quant df11 only")
+    if not args.kv_compression and (args.kv_budget is not None or args.kv_window is not None):
+        raise UsageError("--kv-budget / --kv-window apply with --kv-compression only")
     if args.target is not None:
         from braze.kernels.device import TARGETS
 
@@ -120,6 +130,8 @@ def main(args: argparse.Namespace) -> int:
           f"tokenizer: {'yes' if loaded.tokenizer is not None else 'no'}")
     print(f"  load {t.get(f'loading {args.model}', 0):.1f} s, compile {t.get('compiling', 0):.1f} s, "
           f"save {t.get(f'saving {args.output}', 0):.1f} s; executor {compiled.executor_name}")
+    if compiled.report is not None and "kv compression" in compiled.report.extra:
+        print(f"  kv compression: {compiled.report.extra['kv compression']}")
     build = getattr(compiled, "target_build", None)
     if build is not None:
         print(f"  GPU targets {', '.join(build.targets)}: {len(build.results)} kernel specializations cross-compiled "
@@ -133,9 +145,19 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budget(text: str) -> float | int:
+    """--kv-budget: a share of max_seq (0 < F <= 1) or a whole token count (N > 1); braze.compile checks ranges."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    return int(value) if value > 1 and value.is_integer() else value
+
+
 def _options(args: argparse.Namespace) -> dict[str, Any]:
     options: dict[str, Any] = dict(executor=args.executor, max_seq=args.max_seq, max_batch=args.max_batch)
-    for key in ("quant", "speculate", "df11_strategy", "int6_act", "int6_method", "kv_dtype"):
+    for key in ("quant", "speculate", "df11_strategy", "int6_act", "int6_method", "kv_dtype", "kv_compression",
+                "kv_budget", "kv_window"):
         if getattr(args, key, None) is not None:
             options[key] = getattr(args, key)
     if args.deterministic:
