@@ -17,7 +17,7 @@ import braze  # noqa: E402
 from braze.kvcompress import compact, select_keep  # noqa: E402
 from braze.kvcompress.policy import ADAKV_SAFEGUARD, CHUNK, POLICIES, POOL_KERNEL  # noqa: E402
 from braze.models import tiny_causal_lm  # noqa: E402
-from braze.runtime.errors import ConfigError, ShapeOutOfRangeError  # noqa: E402
+from braze.runtime.errors import ConfigError, InputMismatchError, ShapeOutOfRangeError  # noqa: E402
 
 B, HQ, HKV, P, D, WINDOW = 2, 4, 2, 60, 16, 8
 PAD = (0, 7)  # left padding per row
@@ -272,6 +272,8 @@ def test_packages_and_the_compile_cache_hold_compression(lm, policy, tmp_path, m
     hit = braze.compile(model, **opts)
     assert hit.report.extra["cache"].startswith("hit: loaded "), hit.report.extra["cache"]
     assert torch.equal(hit.generate(ids, attention_mask=mask, max_new_tokens=5), want)
+    with pytest.raises(InputMismatchError, match="compressed KV cache"):  # a package cannot ask for it at compile
+        loaded.generate(ids, attention_mask=mask, max_new_tokens=5, speculate=True)
     assert hit.generator.stats.kv_cache_bytes == cm.generator.stats.kv_cache_bytes
     assert hit.generator.stats.extra == cm.generator.stats.extra  # the uncompressed size it is measured against
 

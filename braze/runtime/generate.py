@@ -199,6 +199,9 @@ class Generator:
         if self.speculate_default if speculate is None else speculate:
             if stops:
                 raise InputMismatchError("stop_strings do not work with speculative decoding yet (speculate=False)")
+            if self.compression is not None:
+                raise InputMismatchError("speculative decoding does not run over a compressed KV cache yet (the "
+                                         "verify step reads the full cache); generate with speculate=False")
             if streamer is not None and batch > 1:
                 raise InputMismatchError(f"a streamer with speculative decoding takes one prompt, got a batch of "
                                          f"{batch} (rows accept different numbers of tokens per step)")
