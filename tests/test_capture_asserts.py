@@ -32,7 +32,7 @@ def unprovable_guards(monkeypatch):
 def test_deferred_export_compiles_the_same_model(unprovable_guards):
     model = tiny_causal_lm("llama", layers=2)
     cm = braze.compile(model, max_seq=32, max_batch=2, executor="reference")
-    assert True in unprovable_guards
+    assert unprovable_guards[:2] == [False, True]  # the plain export failed, the deferred one was taken
     assert not any(n.target is torch.ops.aten._assert_scalar.default for n in cm.graph_module.graph.nodes)
     ids = torch.randint(3, 256, (2, 9))
     with torch.no_grad():

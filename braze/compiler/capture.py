@@ -315,7 +315,8 @@ def lazy_module(root: torch.nn.Module, graph: fx.Graph) -> fx.GraphModule:
     return _LazyGraphModule(root, graph)
 
 
-def _symbol_ranges(ep: torch.export.ExportedProgram) -> dict[Any, tuple[int, int]]:
+def _symbol_ranges(ep: torch.export.ExportedProgram) -> dict[Any, tuple[int, int | None]]:
+    """(lower, upper) of each dynamic dim; an unbounded end is 0 / None."""
     out = {}
     for sym, rng in ep.range_constraints.items():
         lower = int(rng.lower) if rng.lower.is_number and "oo" not in str(rng.lower) else 0
@@ -411,7 +412,7 @@ def _export(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: 
             raise CaptureError(f"cannot find the value of graph input {name} ({spec.target})")
     placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
     symbols: list[SymbolSpec] = []
-    for sym, rng in ep.range_constraints.items():
+    for sym, (lower, upper) in _symbol_ranges(ep).items():
         name = str(sym)
         label = labels.get(name)
         if label is None:
@@ -420,8 +421,6 @@ def _export(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: 
                 for d, s in enumerate(val.shape):
                     if isinstance(s, torch.SymInt) and str(s.node.expr) == name and label is None:
                         label = f"dim {d} of {inp}"
-        upper = int(rng.upper) if rng.upper.is_number and str(rng.upper) not in ('oo', 'int_oo') else None
-        lower = int(rng.lower) if rng.lower.is_number and 'oo' not in str(rng.lower) else 0
         symbols.append(SymbolSpec(name, label or name, lower, upper))
     fake_mode = torch._guards.detect_fake_mode([n.meta["val"] for n in placeholders.values() if "val" in n.meta])
     flat, _ = pytree.tree_flatten((args, kwargs))
