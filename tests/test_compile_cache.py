@@ -3,16 +3,21 @@
 import copy
 import dataclasses
 import itertools
+import json
+import os
 import shutil
+import time
 
 import pytest
 import torch
 
 import braze
+from braze.cli import main as cli_main
 from braze.codegen.memory import ELEMENT_SIZE, plan_memory
 from braze.compiler import cache
 from braze.compiler.config import CompileConfig
 from braze.models import tiny_causal_lm
+from braze.runtime.errors import ConfigError
 from braze.runtime.plan import Plan
 
 OPTIONS = {"max_seq": 32, "max_batch": 4}
@@ -152,6 +157,139 @@ def test_store_failure_does_not_fail_the_compile(cache_root, model, monkeypatch,
     cm = braze.compile(model, max_seq=8, max_batch=4)
     assert "not stored" in cm.report.extra["cache"], cm.report.extra["cache"]
     assert cm(_ids()).logits.shape == (3, 7, 256)
+
+
+# ---- size cap, LRU eviction, `braze cache` ---------------------------------------------------------------------
+@pytest.fixture
+def fresh_cache(monkeypatch, tmp_path):
+    """An empty cache directory of this test's own (the entries of the module's cache stay out of its totals)."""
+    monkeypatch.setenv("BRAZE_CACHE", "1")
+    monkeypatch.setenv("BRAZE_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("BRAZE_CACHE_MAX_GB", raising=False)
+    return tmp_path / cache.ENTRIES
+
+
+def _fake_entry(root, key, size, used, model="FakeForCausalLM"):
+    """An entry as eviction and `braze cache` see one: a manifest (its mtime = last used) and `size` bytes in all."""
+    entry = root / key
+    entry.mkdir(parents=True)
+    manifest = json.dumps({"model": model}).encode()
+    (entry / "manifest.json").write_bytes(manifest)
+    (entry / "weights.safetensors").write_bytes(b"\0" * (size - len(manifest)))
+    os.utime(entry / "manifest.json", (used, used))
+    return entry
+
+
+def _set_cap(monkeypatch, n_bytes):
+    monkeypatch.setenv("BRAZE_CACHE_MAX_GB", repr(n_bytes / cache.GB))
+
+
+def _size(path):
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def test_eviction_is_least_recently_used_and_a_hit_counts_as_use(cold, model, cache_root, fresh_cache, monkeypatch):
+    """The real entry is the oldest written but is hit just before the store: the fake entry used least recently
+    goes instead (without the hit the real entry would), and only as many entries go as the cap needs."""
+    key = _key(model, **OPTIONS)
+    source = cache_root / cache.ENTRIES / key
+    if not (source / "manifest.json").is_file():  # a corrupt-entry case may have left it removed
+        with monkeypatch.context() as mp:
+            mp.setenv("BRAZE_CACHE_DIR", str(cache_root))
+            braze.compile(model, **OPTIONS)
+    now = time.time()
+    real = fresh_cache / key
+    shutil.copytree(source, real)
+    os.utime(real / "manifest.json", (now - 300, now - 300))
+    size = _size(real)
+    a = _fake_entry(fresh_cache, "a" * 64, size // 2, now - 200)
+    b = _fake_entry(fresh_cache, "b" * 64, size // 2, now - 100)
+    _set_cap(monkeypatch, size // 2 + 2 * size + size // 8)  # b, the real entry and the new one (about its size)
+
+    hit, status = cache.load(key, model, CompileConfig.from_options(**OPTIONS), "interpret")
+    assert status == "hit" and hit is not None
+    assert (real / "manifest.json").stat().st_mtime > now - 10  # the hit refreshed it
+    line = cache.store("c" * 64, cold, "miss")
+
+    assert not a.exists() and b.is_dir() and real.is_dir() and (fresh_cache / ("c" * 64) / "manifest.json").is_file()
+    assert f"evicted 1 older entry ({cache.format_gb(size // 2)}) to stay under BRAZE_CACHE_MAX_GB=" in line, line
+    assert [e.path for e in cache.list_entries()][:1] == [b]  # least recently used first
+    assert sum(e.size for e in cache.list_entries()) <= cache.max_gb() * cache.GB
+
+
+def test_the_entry_just_stored_is_never_evicted(cold, fresh_cache, monkeypatch):
+    """A cap smaller than the new entry alone: every other entry goes, the new one stays and the line says the
+    cache is still over the cap. Temp dirs of writers at work are neither counted nor deleted; a day-old one is."""
+    now = time.time()
+    old = _fake_entry(fresh_cache, "a" * 64, 5000, now - 100)
+    writing = _fake_entry(fresh_cache, f".{'b' * 64}.tmp-12345678", 10**6, now - 50)  # save_package's, pre-rename
+    stale = fresh_cache / f".{'d' * 64}.tmp-87654321"
+    stale.mkdir()
+    os.utime(stale, (now - 2 * cache.STALE_SECONDS, now - 2 * cache.STALE_SECONDS))
+    monkeypatch.setenv("BRAZE_CACHE_MAX_GB", "1e-9")  # 1 byte
+
+    line = cache.store("c" * 64, cold, "miss")
+    new = fresh_cache / ("c" * 64)
+    assert (new / "manifest.json").is_file() and not old.exists()
+    assert writing.is_dir() and not stale.exists()
+    assert "evicted 1 older entry (5.0 kB) to stay under BRAZE_CACHE_MAX_GB=1e-09" in line, line
+    assert f"the cache holds {cache.format_gb(_size(new))}, over BRAZE_CACHE_MAX_GB=1e-09" in line, line
+    assert [e.path for e in cache.list_entries()] == [new]
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "nan", "inf", "10GB"])
+def test_invalid_max_gb_is_a_one_line_config_error(value, fresh_cache, model, monkeypatch, capsys):
+    monkeypatch.setenv("BRAZE_CACHE_MAX_GB", value)
+    with pytest.raises(ConfigError) as info:
+        cache.max_gb()
+    text = str(info.value)
+    assert "\n" not in text and f"BRAZE_CACHE_MAX_GB={value!r}" in text and "positive" in text
+    with pytest.raises(ConfigError):  # before compiling anything, not after
+        cache.compile_key(model, CompileConfig.from_options(**OPTIONS), torch.device("cpu"))
+    assert cli_main(["cache"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"BRAZE_CACHE_MAX_GB={value!r}" in err
+
+
+def test_max_gb_default_and_value(fresh_cache, monkeypatch):
+    assert cache.max_gb() == 10
+    monkeypatch.setenv("BRAZE_CACHE_MAX_GB", " 2.5 ")
+    assert cache.max_gb() == 2.5
+
+
+def test_cli_cache_lists_and_clears(fresh_cache, monkeypatch, capsys):
+    assert cli_main(["cache"]) == 0  # no cache directory yet
+    out = capsys.readouterr().out
+    assert "empty" in out and str(fresh_cache) in out and not fresh_cache.exists()
+
+    now = time.time()
+    older = _fake_entry(fresh_cache, "1234567890ab" + "0" * 52, 3000, now - 3600, model="LlamaForCausalLM")
+    newer = _fake_entry(fresh_cache, "ba0987654321" + "0" * 52, 5000, now - 60, model="Qwen2ForCausalLM")
+    writing = _fake_entry(fresh_cache, f".{'c' * 64}.tmp-12345678", 7000, now)  # save_package's, pre-rename
+    monkeypatch.setenv("BRAZE_CACHE_MAX_GB", "2.5")
+    assert cli_main(["cache"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines if line.startswith("  ") and "key" not in line]
+    assert [r[:4] for r in rows] == [["ba0987654321", "Qwen2ForCausalLM", "5.0", "kB"],
+                                     ["1234567890ab", "LlamaForCausalLM", "3.0", "kB"]]  # most recently used first
+    assert time.strftime("%Y-%m-%d %H:%M", time.localtime(now - 3600)) in lines[-2]
+    assert lines[-1].startswith("2 entries, 8.0 kB of BRAZE_CACHE_MAX_GB=2.5 (2.5 GB)"), lines[-1]
+
+    assert cli_main(["cache", "--clear"]) == 0
+    assert capsys.readouterr().out == f"deleted 2 entries (8.0 kB) from {fresh_cache}\n"
+    assert not older.exists() and not newer.exists() and writing.is_dir()  # a write in progress is not an entry
+    assert cli_main(["cache", "--clear"]) == 0
+    assert "empty, nothing to delete" in capsys.readouterr().out
+    assert cli_main(["cache"]) == 0
+    assert "empty" in capsys.readouterr().out
+
+
+def test_cli_cache_help(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli_main(["cache", "--help"])
+    assert info.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: braze cache" in out and "--clear" in out and "BRAZE_CACHE_MAX_GB" in out
 
 
 # ---- memory planning -------------------------------------------------------------------------------------

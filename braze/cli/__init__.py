@@ -7,6 +7,7 @@
     braze bench MODEL|pkg/ [--batch B] [--seq S] [--iters N]
     braze check pkg/ MODEL
     braze eval MODEL [--quant ...]
+    braze cache [--clear]
 
 Errors print one line on stderr (`--debug` or BRAZE_DEBUG=1 shows the traceback). Exit codes: 0 success; 2 a usage
 error (a bad argument, a refused combination of arguments, an input outside what the package accepts); 1 a
@@ -20,11 +21,11 @@ import argparse
 import os
 import warnings
 
-from . import bench, check, compile, eval, inspect, run
+from . import bench, cache, check, compile, eval, inspect, run
 from .common import EXIT_RUNTIME, EXIT_USAGE, CheckFailed, Parser, UsageError, err
 from .models import MODEL_HELP
 
-COMMANDS = (compile, run, inspect, bench, check, eval)
+COMMANDS = (compile, run, inspect, bench, check, eval, cache)
 
 
 def _version() -> str:

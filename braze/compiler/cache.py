@@ -18,6 +18,11 @@ deleted and compiled again: nothing in it is trusted. The cache directory is `$B
 `$XDG_CACHE_HOME/braze`, else `~/.cache/braze`; `BRAZE_CACHE=0` turns the cache off. The report's `cache` line
 says what happened.
 
+The entries are capped at `BRAZE_CACHE_MAX_GB` (a positive number of gigabytes, 10**9 bytes; default 10; anything
+else is a ConfigError): after each store the least recently used entries (last used = the mtime of their
+manifest.json, which a hit refreshes) are deleted until the rest fit, never the entry just stored. `braze cache`
+lists the entries and `braze cache --clear` deletes them.
+
 Not cached: the reference executor (it runs the rewritten FX graphs, which packages do not hold), modules other
 than HF causal LMs (compiled from call arguments, the dynamo backend), GPU cross-compilation targets, and options
 whose values cannot be digested.
@@ -31,6 +36,7 @@ import json
 import os
 import shutil
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -41,11 +47,16 @@ import braze
 from braze.compiler.config import CompileConfig
 from braze.compiler.report import CompileReport, PassResult
 from braze.runtime.compiled import CompiledModel
+from braze.runtime.errors import ConfigError
 from braze.runtime.package import MANIFEST, REPORT, load_package, save_package
 
 CACHE_FORMAT = 1
 ENTRIES = "compiled"
 SOURCE_SUFFIXES = (".py", ".j2", ".txt", ".json")
+MAX_GB_VAR = "BRAZE_CACHE_MAX_GB"
+DEFAULT_MAX_GB = 10.0
+GB = 10**9
+STALE_SECONDS = 24 * 3600  # a save_package temp dir this old belongs to a writer that was killed
 _source_digest: str | None = None
 
 
@@ -67,8 +78,28 @@ def cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "braze"
 
 
+def entries_dir() -> Path:
+    return cache_dir() / ENTRIES
+
+
 def entry_path(key: str) -> Path:
-    return cache_dir() / ENTRIES / key
+    return entries_dir() / key
+
+
+def max_gb() -> float:
+    """`$BRAZE_CACHE_MAX_GB` (default 10): read on every use so a changed setting applies at once; a value that
+    is not a positive finite number is a ConfigError rather than a silently unbounded or empty cache."""
+    text = os.environ.get(MAX_GB_VAR, "").strip()
+    if not text:
+        return DEFAULT_MAX_GB
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (0 < value < float("inf")):
+        raise ConfigError(f"{MAX_GB_VAR}={text!r} is not valid: expected a positive number of gigabytes (the "
+                          f"compile cache's size cap; default {DEFAULT_MAX_GB:g})")
+    return value
 
 
 # ---- the key ---------------------------------------------------------------------------------------------
@@ -192,6 +223,7 @@ def compile_key(model: torch.nn.Module, config: CompileConfig, device: torch.dev
     """(key, why): the cache key of compiling `model` with `config`, or (None, the reason it is not cached)."""
     if not enabled():
         return None, "off (BRAZE_CACHE=0)"
+    max_gb()  # a bad cap fails before the compile, not after it
     if config.executor == "reference":
         return None, "off (the reference executor runs FX graphs, which cache entries do not hold)"
     if getattr(config, "targets", None):
@@ -252,6 +284,7 @@ def load(key: str, model: torch.nn.Module, config: CompileConfig, executor: str)
         shutil.rmtree(entry, ignore_errors=True)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return None, f"miss (the cached entry was unusable and has been rebuilt: {first})"
+    touch(entry)
     compiled.config = config
     compiled.model_config = getattr(model, "config", compiled.model_config)
     if getattr(compiled, "generator", None) is not None:
@@ -276,4 +309,136 @@ def store(key: str, compiled: CompiledModel, why: str) -> str:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         return f"{why}; not stored ({type(e).__name__}: {first})"
     compiled.cache_entry = entry
-    return f"{why}; stored as {entry} in {time.perf_counter() - start:.2f} s"
+    line = f"{why}; stored as {entry} in {time.perf_counter() - start:.2f} s"
+    try:
+        return line + _eviction_note(entry, max_gb())
+    except Exception as e:  # e.g. the cap was changed to a bad value mid-compile: the entry is stored all the same
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        return f"{line}; nothing evicted ({type(e).__name__}: {first})"
+
+
+# ---- size cap and least-recently-used eviction -----------------------------------------------------------
+@dataclasses.dataclass
+class Entry:
+    """One stored compile: `last_used` is its manifest's mtime (set when written, refreshed by every hit)."""
+
+    path: Path
+    size: int
+    last_used: float
+
+    @property
+    def key(self) -> str:
+        return self.path.name
+
+
+def format_gb(n: float) -> str:
+    """Bytes in the unit of BRAZE_CACHE_MAX_GB (decimal GB), with MB / kB for small entries."""
+    for unit, scale in (("GB", GB), ("MB", 10**6), ("kB", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def touch(entry: Path) -> None:
+    """Mark `entry` used now (its manifest's mtime): a read-only cache still serves hits, so errors are ignored."""
+    try:
+        os.utime(entry / MANIFEST)
+    except OSError:
+        pass
+
+
+def _tree_size(path: Path) -> int:
+    """Bytes of the files under `path` (symlinks not followed); files that vanish meanwhile count as 0."""
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def list_entries(root: Path | None = None) -> list[Entry]:
+    """The complete entries under `root` (default: the cache's `compiled/`), least recently used first.
+
+    save_package writes into `.<key>.tmp-*` and renames it into place, so a name starting with '.' is a write or a
+    removal in progress: never counted. An entry that vanishes while it is read (another process evicted it) is
+    skipped."""
+    root = entries_dir() if root is None else root
+    try:
+        children = list(root.iterdir())
+    except OSError:  # no cache yet (or `compiled` is not a directory)
+        return []
+    out = []
+    for path in children:
+        if path.name.startswith(".") or not path.is_dir():
+            continue
+        try:
+            last_used = (path / MANIFEST).stat().st_mtime
+        except OSError:
+            continue
+        out.append(Entry(path, _tree_size(path), last_used))
+    return sorted(out, key=lambda e: (e.last_used, e.key))
+
+
+def remove_entry(entry: Path) -> bool:
+    """Delete `entry`; False if it was already gone. It is renamed to a dot-name first so that no process ever
+    loads a half-deleted entry (the rename is atomic; the slow delete happens out of sight)."""
+    trash = entry.parent / f".{entry.name}.evict-{uuid.uuid4().hex[:8]}"
+    try:
+        os.replace(entry, trash)
+    except OSError:
+        return False
+    shutil.rmtree(trash, ignore_errors=True)
+    return True
+
+
+def remove_stale_leftovers(root: Path | None = None) -> None:
+    """Delete dot-dirs (temp dirs of save_package or of a removal) untouched for a day: their process was killed.
+    Younger ones may belong to a writer still at work and are left alone."""
+    root = entries_dir() if root is None else root
+    try:
+        children = list(root.iterdir())
+    except OSError:
+        return
+    now = time.time()
+    for path in children:
+        try:
+            stale = path.name.startswith(".") and path.is_dir() and now - path.stat().st_mtime > STALE_SECONDS
+        except OSError:
+            continue
+        if stale:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def evict(keep: Path, cap_bytes: float) -> tuple[list[Entry], int]:
+    """Delete least recently used entries, never `keep`, until the entries total at most `cap_bytes`; returns
+    (the entries deleted, the bytes the remaining entries hold)."""
+    remove_stale_leftovers(keep.parent)
+    entries = list_entries(keep.parent)
+    total = sum(e.size for e in entries)
+    evicted = []
+    for e in entries:
+        if total <= cap_bytes:
+            break
+        if e.path == keep:
+            continue
+        if remove_entry(e.path):
+            evicted.append(e)
+        total -= e.size  # gone either way: this process removed it or another one did
+    return evicted, total
+
+
+def _eviction_note(entry: Path, cap_gb: float) -> str:
+    """The part of the report's cache line that says what the size cap did ('' when nothing)."""
+    evicted, total = evict(entry, cap_gb * GB)
+    note = ""
+    if evicted:
+        freed = sum(e.size for e in evicted)
+        note = (f"; evicted {len(evicted)} older entr{'y' if len(evicted) == 1 else 'ies'} ({format_gb(freed)}) "
+                f"to stay under {MAX_GB_VAR}={cap_gb:g}")
+    if total > cap_gb * GB:
+        note += (f"; the cache holds {format_gb(total)}, over {MAX_GB_VAR}={cap_gb:g}, because the entry just "
+                 f"stored is never evicted")
+    return note

@@ -24,7 +24,7 @@ QUESTION = " What is the secret passcode? The secret passcode is"
 def continuation_logits(compiled: Any, context: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
     """Logits [T, V] predicting continuation[t] from context + continuation[:t]: one prefill over the context (the
     cache compressed after it when compiled with kv_compression), then teacher-forced decode steps."""
-    from braze.runtime.kv_compression import decode_state, plan_call, prefill_inputs
+    from braze.runtime.kv_compression import compressed_buffers, decode_state, plan_call, prefill_inputs
 
     gen = compiled.generator
     dev = gen.device
@@ -37,13 +37,13 @@ def continuation_logits(compiled: Any, context: torch.Tensor, continuation: torc
     base, extra = s, {}
     comp = None
     if gen.compression is not None:
-        comp = plan_call(gen.compression, s, t, gen.max_seq, 1, dev)
+        comp = plan_call(gen.compression, s, t, gen.max_seq, compressed_buffers(gen.compression, 1, dev))
         values.update(prefill_inputs(comp, dev))
     (logits,) = gen.prefill.run(gen._ordered(gen.prefill, values))
     out = [logits[0, -1].float()]
     if comp is not None:
         caches, base = comp.caches, comp.end
-        kv_start, extra = decode_state(gen.compression, comp)
+        kv_start, extra = decode_state(gen.compression, comp, kv_start)
     for i in range(t - 1):
         values = {"input_ids": continuation[i].reshape(1, 1).to(dev),
                   "position_ids": torch.tensor([[s + i]], device=dev),

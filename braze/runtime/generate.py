@@ -43,6 +43,9 @@ class GenerateOutput(tuple):
 class Generator:
     """Runs the prefill and decode plans of one compiled causal LM."""
 
+    # decode inputs a CUDA graph captures by identity: allocated once per batch bucket (see _buffers)
+    STATE_PREFIXES = ("kv_cache_", "kv_start", "kvc_start", "kvq_")
+
     def __init__(self, prefill: PlanExecutor, decode: PlanExecutor, kv_inputs: list, max_seq: int, max_batch: int,
                  device: torch.device, eos_token_id: Any = None, pad_token_id: Any = None, cuda_graphs: bool = False):
         self.prefill = prefill
@@ -67,7 +70,8 @@ class Generator:
         if cuda_graphs:
             from braze.runtime.cuda_graphs import CudaGraphRunner
 
-            self.graphs = CudaGraphRunner(decode, static_prefixes=("kv_cache_", "kv_start", "kvc_start"))
+            self.graphs = CudaGraphRunner(decode, static_prefixes=self.STATE_PREFIXES)
+        self._state: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
 
     def _ordered(self, executor: PlanExecutor, values: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         return [values[i.name] for i in executor.user_inputs]
@@ -75,6 +79,16 @@ class Generator:
     def new_caches(self, batch: int) -> dict[str, torch.Tensor]:
         return {name: torch.zeros([batch, *shape], dtype=DTYPES[dtype], device=self.device)
                 for name, shape, dtype in self.kv_inputs}
+
+    def _buffers(self, kind: str, batch: int, make: Any) -> dict[str, torch.Tensor]:
+        """Decode state of a batch (`make()` allocates it): fresh tensors, or, when decode replays CUDA graphs (which
+        capture state by identity), the same tensors for every request of this batch bucket. Nothing needs zeroing:
+        attention masks every slot a request has not written (below kv_start, past cache_len)."""
+        if not self.bucket_batches:
+            return make()
+        if (kind, batch) not in self._state:
+            self._state[kind, batch] = make()
+        return self._state[kind, batch]
 
     def forward(self, executor: Any, ids: torch.Tensor, positions: torch.Tensor, cache_len: int,
                 kv_start: torch.Tensor, caches: dict[str, torch.Tensor], tree_mask: torch.Tensor | None = None
@@ -216,12 +230,18 @@ class Generator:
                 kv_start = torch.cat([kv_start, kv_start[:1].expand(extra)])
                 positions = torch.cat([positions, positions[:1].expand(extra, -1)])
                 batch = bucket
-        caches = self.new_caches(batch)
+        kv_start = self._buffers("kv_start", batch, lambda: {"kv_start": torch.empty_like(kv_start)})[
+            "kv_start"].copy_(kv_start)
         comp, base, extra_inputs = None, prompt_len, {}
-        if self.compression is not None:  # prefill fills the full cache and compacts it into comp.caches
-            from braze.runtime.kv_compression import plan_call, prefill_inputs
+        if self.compression is None:
+            caches = self._buffers("kv_cache", batch, lambda: self.new_caches(batch))
+        else:  # prefill fills a transient full cache and compacts it into comp.caches, which decode reads
+            from braze.runtime.kv_compression import compressed_buffers, plan_call, prefill_inputs
 
-            comp = plan_call(self.compression, prompt_len, max_new_tokens, self.max_seq, batch, self.device)
+            caches = self.new_caches(batch)
+            buffers = self._buffers("compressed", batch,
+                                    lambda: compressed_buffers(self.compression, batch, self.device))
+            comp = plan_call(self.compression, prompt_len, max_new_tokens, self.max_seq, buffers)
             extra_inputs = prefill_inputs(comp, self.device)
         kept = comp.caches if comp is not None else caches
         self.stats = GenerationStats(kv_cache_bytes=sum(c.numel() * c.element_size() for c in kept.values()))
@@ -240,7 +260,7 @@ class Generator:
             from braze.runtime.kv_compression import decode_state
 
             caches, base = comp.caches, comp.end
-            kv_start, extra_inputs = decode_state(self.compression, comp)
+            kv_start, extra_inputs = decode_state(self.compression, comp, kv_start)
             del values
         next_tok = select_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator, positions[:, -1] + 1)
         seen = [logits[:, -1].clone()] if output_logits else None  # (clones: plans and graphs reuse outputs)

@@ -35,9 +35,18 @@ class CompressedCall:
     starts: dict  # kvc_start_<i> [B, Hkv] int32
 
 
-def plan_call(spec: CompressionSpec, prompt_len: int, max_new_tokens: int, max_seq: int, batch: int,
-              device: torch.device) -> CompressedCall:
-    """Counts for one generate call (host integers from shapes: no device read) and the compressed caches."""
+def compressed_buffers(spec: CompressionSpec, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """The decode caches at the compressed capacity (kv_cache_<i>_k/v) and their starts (kvc_start_<i>)."""
+    caches = {name: torch.zeros([batch, *shape], dtype=DTYPES[dtype], device=device)
+              for name, shape, dtype in spec.kv_inputs}
+    starts = {f"kvc_start_{i}": torch.zeros(batch, h, dtype=torch.int32, device=device) for i, h in spec.heads.items()}
+    return {**caches, **starts}
+
+
+def plan_call(spec: CompressionSpec, prompt_len: int, max_new_tokens: int, max_seq: int,
+              buffers: dict[str, torch.Tensor]) -> CompressedCall:
+    """Counts for one generate call (host integers from shapes: no device read) over `buffers`
+    (compressed_buffers: reused across calls when decode replays CUDA graphs)."""
     keep = Budget(spec.budget).keep(prompt_len, max_new_tokens, max_seq)
     if keep < min(spec.window, prompt_len):
         raise ShapeOutOfRangeError(
@@ -45,9 +54,8 @@ def plan_call(spec: CompressionSpec, prompt_len: int, max_new_tokens: int, max_s
             f"{spec.capacity}) for the prompt, fewer than kv_window={spec.window}; raise kv_budget or generate fewer "
             "tokens")
     end = min(prompt_len, spec.capacity - max_new_tokens) if spec.per_head else keep
-    caches = {name: torch.zeros([batch, *shape], dtype=DTYPES[dtype], device=device)
-              for name, shape, dtype in spec.kv_inputs}
-    starts = {f"kvc_start_{i}": torch.zeros(batch, h, dtype=torch.int32, device=device) for i, h in spec.heads.items()}
+    caches = {name: t for name, t in buffers.items() if name.startswith("kv_cache_")}
+    starts = {name: t for name, t in buffers.items() if name.startswith("kvc_start_")}
     return CompressedCall(keep, end, caches, starts)
 
 
@@ -58,7 +66,9 @@ def prefill_inputs(call: CompressedCall, device: torch.device) -> dict[str, torc
     return out
 
 
-def decode_state(spec: CompressionSpec, call: CompressedCall) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """(per-row kv_start for uniform policies, extra decode inputs: the per-head starts for adakv)."""
+def decode_state(spec: CompressionSpec, call: CompressedCall, kv_start: torch.Tensor
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """(kv_start, overwritten with the per-row start of uniform policies; extra decode inputs: the per-head starts
+    for adakv)."""
     first = next(iter(call.starts.values()))
-    return first[:, 0].contiguous(), (call.starts if spec.per_head else {})
+    return kv_start.copy_(first[:, 0]), (call.starts if spec.per_head else {})
