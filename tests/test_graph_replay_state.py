@@ -31,8 +31,9 @@ def _requests():
 
 
 @pytest.mark.parametrize("options", [{}, {"kv_compression": "keydiff", "kv_budget": 24, "kv_window": 4},
-                                     {"kv_compression": "adakv", "kv_budget": 24, "kv_window": 4}],
-                         ids=["full-cache", "keydiff", "adakv"])
+                                     {"kv_compression": "adakv", "kv_budget": 24, "kv_window": 4},
+                                     {"kv_compression": "rkv", "kv_budget": 8, "kv_window": 4}],
+                         ids=["full-cache", "keydiff", "adakv", "rkv"])
 def test_requests_through_one_graph_runner_match_plain_decode(options):
     model = tiny_causal_lm("llama")
     plain = braze.compile(model, max_seq=48, max_batch=4, **options)

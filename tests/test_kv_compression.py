@@ -91,6 +91,59 @@ def test_keydiff_keeps_the_oracles_tokens(keep):
     assert torch.equal(_select("keydiff", keys, None, valid, keep), _mask_of(kept))
 
 
+def _oracle_rkv(keys, q_win, b, h):
+    """R-KV's rule on the row's real keys (the reference code's update_kv, unpadded): importance (window logits
+    averaged over the GQA group, softmax over the keys before the window, mean over the window, max-pool 7) * 0.1
+    - redundancy (key cosine similarities, each key's last near-duplicate above 0.5 zeroed, mean, softmax) * 0.9."""
+    real = keys[b, h, PAD[b]:]
+    n, group = real.shape[0], HQ // HKV
+    logits = (q_win[b, h * group:(h + 1) * group] @ real.T).mean(0) / math.sqrt(D)  # [W, n]
+    probs = torch.softmax(logits[:, : n - WINDOW], dim=-1).mean(0)
+    importance = F.max_pool1d(probs[None], kernel_size=7, stride=1, padding=3)[0]
+    unit = real / (real.norm(dim=-1, keepdim=True) + 1e-8)
+    sim = unit @ unit.T
+    sim.fill_diagonal_(0.0)
+    last = torch.where(sim > 0.5, torch.arange(n), torch.zeros(n, n, dtype=torch.long)).max(-1).values
+    sim[torch.arange(n), last] = 0.0
+    redundancy = sim.mean(0).softmax(-1)[: n - WINDOW]
+    score = importance * 0.1 - redundancy * 0.9
+    return {PAD[b] + j: float(score[j]) for j in range(n - WINDOW)}
+
+
+@pytest.mark.parametrize("keep", [12, 30])
+def test_rkv_keeps_the_oracles_tokens(keep):
+    keys, q_win, valid = _inputs(7)
+    keys[:, :, 20:26] = keys[:, :, 30:31] + 0.05 * keys[:, :, 20:26]  # near-duplicates: the redundancy term bites
+    kept = {(b, h): _top(_oracle_rkv(keys, q_win, b, h), min(keep, P - PAD[b]), _recent(b))
+            for b in range(B) for h in range(HKV)}
+    got = _select("rkv", keys, q_win, valid, keep)
+    assert torch.equal(got, _mask_of(kept))
+    assert not got[:, :, 20:26].all()  # some duplicates dropped
+
+
+def test_rkv_query_rings_hold_the_latest_window_in_cache_slot_order():
+    """Prefill writes the window's queries (RoPE applied) at ring slot (cache slot % window) of the compacted
+    cache; each decode step at cache_len % window: the ring always holds the last `window` queries."""
+    from braze.ops.kv_compress import kv_compress_reference, record_query_reference
+    from braze.ops.library import rope_reference
+
+    torch.manual_seed(3)
+    w, end, p = 4, 10, 14
+    q, k = torch.randn(1, HQ, p, D), torch.randn(1, HKV, 16, D)
+    cos, sin = torch.randn(1, p, D), torch.randn(1, p, D)
+    ring = torch.zeros(1, HQ, w, D)
+    ck, cv, starts = torch.zeros(1, HKV, 16, D), torch.zeros(1, HKV, 16, D), torch.zeros(1, HKV, dtype=torch.int32)
+    kv_compress_reference(q, k, k.clone(), torch.zeros(1, dtype=torch.int32), ck, cv, torch.tensor([end, end]),
+                          starts, D ** -0.5, "rkv", w, cos, sin, ring)
+    roped = rope_reference(q, cos, sin)
+    for j in range(w):  # prompt position p - w + j sits in cache slot end - w + j
+        assert torch.equal(ring[0, :, (end - w + j) % w], roped[0, :, p - w + j])
+    qd, cd, sd = torch.randn(1, HQ, 1, D), torch.randn(1, 1, D), torch.randn(1, 1, D)
+    record_query_reference(qd, ring, torch.tensor([end]), cd, sd)
+    assert torch.equal(ring[0, :, end % w], rope_reference(qd, cd, sd)[0, :, 0])
+    assert torch.equal(ring[0, :, (end + 1) % w], roped[0, :, p - w + 1])  # the oldest but one is still there
+
+
 @pytest.mark.parametrize("keep", [12, 30])
 def test_snapkv_keeps_the_oracles_tokens(keep):
     keys, q_win, valid = _inputs(2)
@@ -253,7 +306,7 @@ def test_cache_bytes_shrink_by_the_budget_and_the_report_says_so(lm):
         cm.generate(ids, attention_mask=mask, max_new_tokens=9)  # 12 - 9 slots left for the prompt < kv_window
 
 
-@pytest.mark.parametrize("policy", ["keydiff", "adakv"])
+@pytest.mark.parametrize("policy", ["keydiff", "adakv", "rkv"])
 def test_packages_and_the_compile_cache_hold_compression(lm, policy, tmp_path, monkeypatch):
     """A compressed compile saved as a package, and a compile-cache hit, generate what the compile did, with the
     same (compressed) cache bytes; adakv also round-trips its per-head starts."""
@@ -289,8 +342,26 @@ def test_kernel_plans_match_the_reference_executor(lm, policy):
     assert "decode eager steps" not in cm.report.extra
 
 
+def test_rkv_recompresses_during_decoding_and_kernels_match_the_reference(lm):
+    """rkv, budget 16 + an interval of 8 decode slots: the 30-token prompt is compressed to 16 after prefill, and
+    every 8 generated tokens the cache goes back to 16 (two times in 17 decode steps). The interpreter plans (decode
+    kernels over the small cache, the recorded queries) generate what the reference executor does."""
+    model, ids, mask, _ = lm
+    opts = dict(max_seq=48, max_batch=2, kv_compression="rkv", kv_budget=16, kv_window=4)
+    ref = braze.compile(model, executor="reference", **opts)
+    want = ref.generate(ids, attention_mask=mask, max_new_tokens=18)
+    cm = braze.compile(model, executor="interpret", **opts)
+    assert torch.equal(cm.generate(ids, attention_mask=mask, max_new_tokens=18), want)
+    stats = cm.generator.stats
+    assert stats.extra["kv_recompressions"] == 2 == ref.generator.stats.extra["kv_recompressions"]
+    assert stats.kv_cache_bytes * 2 == stats.extra["kv_cache_bytes_uncompressed"]  # 24 of 48 slots, measured
+    assert "every 8 tokens" in cm.report.extra["kv compression"]
+    assert "kv_record_query" in cm.report.extra["decode eager steps"]  # the query ring runs as a torch step
+
+
 @pytest.mark.parametrize("options, match", [
     ({"kv_compression": "h2o"}, "kv_compression='h2o' is not valid"),
+    ({"kv_compression": "rkv", "kv_budget": 8, "kv_window": 8}, "not more than kv_window"),
     ({"kv_compression": "keydiff", "kv_budget": 0.0}, "fraction must be in"),
     ({"kv_compression": "keydiff", "kv_budget": 1000}, "token count must be in"),
     ({"kv_compression": "keydiff", "kv_budget": "half"}, "kv_budget must be"),

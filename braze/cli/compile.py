@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from braze.kvcompress.policy import POLICIES
+
 from .common import DTYPES, EXECUTOR_HELP, EXECUTORS, Stages, UsageError, compile_model, device_for, positive_int
 from .common import torch_dtype as _torch_dtype
 from .models import MODEL_HELP
@@ -47,14 +49,16 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--kv-dtype", choices=("auto", "float32", "float16", "bfloat16"), default=None,
                    help="KV cache dtype (RoPE and attention scores run in it); auto: float32 with --deterministic, "
                    "else the model's dtype")
-    p.add_argument("--kv-compression", choices=("keydiff", "snapkv", "adakv", "chunkkv"), default=None,
+    p.add_argument("--kv-compression", choices=POLICIES, default=None,
                    help="causal LMs: compress the KV cache after prefill (the package's decode cache holds "
-                   "--kv-budget of max_seq per row and head; lossy: see braze eval --kv-compression)")
+                   "--kv-budget of max_seq per row and head; rkv keeps the budget plus an interval of decode slots "
+                   "and compresses again whenever they fill; lossy: see braze eval --kv-compression)")
     p.add_argument("--kv-budget", type=_budget, default=None, metavar="F|N",
                    help="with --kv-compression: the compressed cache's capacity, a share of --max-seq (0 < F <= 1) "
                    "or a token count (default 1.0)")
     p.add_argument("--kv-window", type=positive_int, default=None, metavar="N",
-                   help="with --kv-compression: most recent prompt tokens always kept (default 16)")
+                   help="with --kv-compression: most recent tokens always kept (default 16; also the "
+                   "observation window of snapkv/adakv/chunkkv/rkv)")
     p.add_argument("--target", default=None, metavar="SM[,SM...]",
                    help="GPU targets to cross-compile every kernel for (sm_80, sm_86, sm_89, sm_90; no GPU needed): "
                    "the package carries the cubins, 'braze inspect' shows registers/spills/shared memory per target")

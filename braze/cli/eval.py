@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from braze.kvcompress.policy import POLICIES
+
 from .common import UsageError, device_for, nonneg_int, positive_int
 from .models import MODEL_HELP
 
@@ -30,7 +32,7 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--executor", choices=("reference", "interpret", "cuda"), default="reference",
                    help="executor for the compiled variants (default reference)")
     p.add_argument("--kv-compression", nargs="+", default=None, metavar="POLICY",
-                   choices=("keydiff", "snapkv", "adakv", "chunkkv"),
+                   choices=POLICIES,
                    help="instead of the quant table: the full KV cache vs these compression policies (perplexity of "
                    "a continuation after the compressed context, next-token agreement, greedy divergence, needles)")
     p.add_argument("--kv-budgets", nargs="+", type=float, default=[0.5, 0.25, 0.125], metavar="F",

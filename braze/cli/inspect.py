@@ -158,8 +158,9 @@ def main(args: argparse.Namespace) -> int:
         opts["kv_dtype"] = "auto"  # the model's dtype (float32 in deterministic mode)
     if opts.get("kv_compression") is None:
         opts.pop("kv_budget", None)  # meaningful only with a compression policy
+        opts.pop("kv_window", None)
     shown = ", ".join(f"{k}={opts[k]}" for k in ("quant", "speculate", "deterministic", "kv_dtype", "kv_compression",
-                                                 "kv_budget", "tp", "max_batch", "max_seq")
+                                                 "kv_budget", "kv_window", "tp", "max_batch", "max_seq")
                       if opts.get(k) is not None)
     print(f"compile options: {shown}")
     print(f"integrity: {info['integrity']}")

@@ -21,7 +21,7 @@ from braze.compiler.capture import Captured, lazy_module
 from braze.compiler.config import CompileConfig
 from braze.compiler.pipeline import run_passes
 from braze.compiler.report import CompileReport
-from braze.kvcompress.policy import Budget
+from braze.kvcompress.policy import DURING_DECODE, Budget
 from braze.passes.fake_memo import MemoFakeTensorProp
 from braze.passes.kv_compression import compress_decode_graph, insert_kv_compression
 from braze.passes.quantize import fuse_df11_decode_plan
@@ -95,7 +95,7 @@ def compile_generation(cap: Captured, config: CompileConfig, report: CompileRepo
     prefill, _ = lower_graph(prefill_gm, "prefill", cap.symbols, weights, config.deterministic)
     decode_gm = copy_graph_module(gm)
     if compression is not None:
-        compress_decode_graph(decode_gm, compression.policy, compression.capacity)
+        compress_decode_graph(decode_gm, compression.policy, compression.capacity, compression.window)
     symbols = _respecialize_decode(decode_gm, cap.weights, config.max_batch)
     fuse_df11_decode_plan(decode_gm, cap.weights, config, report)  # quant="df11", df11_strategy="auto" only
     decode, decode_record = lower_graph(decode_gm, "decode", symbols, weights, config.deterministic)
@@ -109,13 +109,14 @@ def compile_generation(cap: Captured, config: CompileConfig, report: CompileRepo
         report.extra["deterministic"] = _deterministic_summary(decode, cap.weights, kv)
     if compression is not None:
         compression.kv_inputs = _kv_inputs(decode_gm)
+        compression.query_inputs = _kv_inputs(decode_gm, "kvq_")
     return GenerationPlans(prefill, decode, kv, prefill_gm, decode_gm, verify, verify_gm, compression)
 
 
-def _kv_inputs(gm: fx.GraphModule) -> list[tuple[str, list[int], str]]:
+def _kv_inputs(gm: fx.GraphModule, prefix: str = "kv_cache_") -> list[tuple[str, list[int], str]]:
     kv = []
     for n in gm.graph.nodes:
-        if n.op == "placeholder" and n.name.startswith("kv_cache_"):
+        if n.op == "placeholder" and n.name.startswith(prefix):
             v = n.meta["val"]
             kv.append((n.name, [int(s) for s in v.shape[1:]], str(v.dtype).removeprefix("torch.")))
     return kv
@@ -124,14 +125,22 @@ def _kv_inputs(gm: fx.GraphModule) -> list[tuple[str, list[int], str]]:
 def _compress(prefill_gm: fx.GraphModule, config: CompileConfig, report: CompileReport) -> CompressionSpec:
     """kv_compression: the prefill graph compacts each layer's cache after its attention (passes/kv_compression)."""
     policy = config.kv_compression
-    capacity = Budget(config.kv_budget).capacity(config.max_seq, policy)
+    budget = Budget(config.kv_budget)
+    capacity = budget.capacity(config.max_seq, policy, config.kv_window)
     layers = insert_kv_compression(prefill_gm, policy, capacity, config.kv_window)
     heads = {int(n.name.split("_")[2]): int(n.meta["val"].shape[1]) for n in prefill_gm.graph.nodes
              if n.op == "placeholder" and n.name.startswith("kvc_cache_") and n.name.endswith("_k")}
+    again = ""
+    if policy in DURING_DECODE:
+        again = (f" and, whenever decode has filled the {capacity} slots, back to the budget of "
+                 f"{budget.base(config.max_seq)} (every {budget.interval(config.max_seq, config.kv_window)} tokens)")
     report.extra["kv compression"] = (f"{policy}, budget {config.kv_budget} -> {capacity} of {config.max_seq} cache "
                                       f"slots per row and head, recent {config.kv_window} tokens kept; {layers} "
-                                      "caches compacted on device after prefill")
-    return CompressionSpec(policy, config.kv_budget, config.kv_window, capacity, [], heads, policy == "adakv")
+                                      f"caches compacted on device after prefill{again}")
+    scale = next((float(n.args[9]) for n in prefill_gm.graph.nodes if n.target is torch.ops.braze.kv_compress.default),
+                 1.0)
+    return CompressionSpec(policy, config.kv_budget, config.kv_window, capacity, [], heads, policy == "adakv",
+                           scale=scale, budget_slots=budget.base(config.max_seq))
 
 
 def _fallback_summary(gm: fx.GraphModule, fallbacks: list[tuple[str, str]]) -> str:

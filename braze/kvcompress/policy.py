@@ -9,16 +9,20 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from braze.kvcompress.scores import chunk_scores, keydiff_scores, snapkv_scores
+from braze.kvcompress.scores import chunk_scores, keydiff_scores, rkv_scores, snapkv_scores
 from braze.kvcompress.select import joint_keep_mask, keep_mask
 
-POLICIES = ("keydiff", "snapkv", "adakv", "chunkkv")
-UNIFORM_POLICIES = ("keydiff", "snapkv", "chunkkv")  # every head keeps the same count: one kv_start per row
-NEEDS_QUERIES = ("snapkv", "adakv", "chunkkv")
+POLICIES = ("keydiff", "snapkv", "adakv", "chunkkv", "rkv")
+UNIFORM_POLICIES = ("keydiff", "snapkv", "chunkkv", "rkv")  # every head keeps the same count: one kv_start per row
+NEEDS_QUERIES = ("snapkv", "adakv", "chunkkv", "rkv")
+DURING_DECODE = ("rkv",)  # re-compressed whenever decode fills the cache, not only after prefill
 POOL_KERNEL = 5  # SnapKV's clustering kernel (kvpress default)
 CHUNK = 20  # ChunkKV chunk length (kvpress default)
 ADAKV_SAFEGUARD = 0.2  # Ada-KV: each head keeps at least this share of the mean per-head budget (kvpress alpha)
 ADAKV_HEAD_SLOTS = 2  # Ada-KV: a head may hold up to this many times the mean budget (its static-cache slots)
+RKV_KERNEL = 7  # R-KV's max-pool kernel over the importance (reference code default)
+RKV_MIX = 0.1  # R-KV's lambda: importance * lambda - redundancy * (1 - lambda) (the paper's value)
+RKV_BUFFER = 128  # R-KV's decode buffer: generated tokens between re-compressions (reference code default)
 
 
 @dataclass(frozen=True)
@@ -28,15 +32,31 @@ class Budget:
 
     value: float | int
 
-    def capacity(self, max_seq: int, policy: str) -> int:
-        base = self.value if isinstance(self.value, int) else math.ceil(self.value * max_seq)
+    def base(self, max_seq: int) -> int:
+        return min(max_seq, self.value if isinstance(self.value, int) else math.ceil(self.value * max_seq))
+
+    def capacity(self, max_seq: int, policy: str, window: int = 1) -> int:
+        base = self.base(max_seq)
+        if policy in DURING_DECODE:
+            return base + self.interval(max_seq, window)
         slots = base * (ADAKV_HEAD_SLOTS if policy == "adakv" else 1)
         return max(1, min(max_seq, slots))
 
-    def keep(self, prompt_len: int, max_new_tokens: int, max_seq: int) -> int:
-        """Mean tokens of the prompt kept per row and head."""
-        base = self.value if isinstance(self.value, int) else math.ceil(self.value * max_seq)
-        return min(prompt_len, min(base, max_seq) - max_new_tokens)
+    def interval(self, max_seq: int, window: int) -> int:
+        """R-KV: decode slots past the budget; when they are full the cache is compressed back to the budget. A
+        multiple of the window, so the ring of recorded queries always holds the last `window` (0: the budget
+        covers max_seq, nothing to re-compress)."""
+        room = max_seq - self.base(max_seq)
+        if room <= 0:
+            return 0
+        want = min(RKV_BUFFER, max(window, self.base(max_seq) // 2))
+        return min(room, max(window, -(-want // window) * window))  # room: the cache never outgrows max_seq
+
+    def keep(self, prompt_len: int, max_new_tokens: int, max_seq: int, policy: str = "") -> int:
+        """Mean tokens of the prompt kept per row and head (R-KV: up to the budget; decode re-compresses)."""
+        if policy in DURING_DECODE:
+            return min(prompt_len, self.base(max_seq))
+        return min(prompt_len, self.base(max_seq) - max_new_tokens)
 
 
 def select_keep(policy: str, keys: Tensor, valid: Tensor, keep: Tensor, end: Tensor, window: int,
@@ -47,6 +67,8 @@ def select_keep(policy: str, keys: Tensor, valid: Tensor, keep: Tensor, end: Ten
     b, h, p, _ = keys.shape
     if policy == "keydiff":
         scores = keydiff_scores(keys, valid)
+    elif policy == "rkv":
+        scores = rkv_scores(q_win, keys, valid, scale, window, RKV_KERNEL, RKV_MIX)
     else:
         scores = snapkv_scores(q_win, keys, valid, scale, POOL_KERNEL)
         if policy == "chunkkv":
@@ -78,5 +100,8 @@ def check_options(policy: Any, budget: Any, window: Any, max_seq: Any, speculate
         raise ConfigError(f"kv_budget={budget!r}: a token count must be in [1, max_seq={max_seq}]")
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ConfigError(f"kv_window must be a positive integer (recent tokens always kept), got {window!r}")
+    if policy in DURING_DECODE and Budget(budget).base(max_seq) <= window:
+        raise ConfigError(f"kv_compression={policy!r}: kv_budget={budget!r} leaves {Budget(budget).base(max_seq)} "
+                          f"slots, not more than kv_window={window}; raise kv_budget or lower kv_window")
     if speculate is not None:
         raise ConfigError("kv_compression does not work with speculate yet (verify runs over the full cache)")

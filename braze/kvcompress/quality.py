@@ -15,6 +15,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from braze.kvcompress.policy import DURING_DECODE
+
 NEEDLES = (("4817", 0.15), ("9352", 0.35), ("2604", 0.55), ("7139", 0.75))  # (passcode, depth in the context)
 NEEDLE = " The secret passcode is {}. Remember it."
 QUESTION = " What is the secret passcode? The secret passcode is"
@@ -24,7 +26,7 @@ QUESTION = " What is the secret passcode? The secret passcode is"
 def continuation_logits(compiled: Any, context: torch.Tensor, continuation: torch.Tensor) -> torch.Tensor:
     """Logits [T, V] predicting continuation[t] from context + continuation[:t]: one prefill over the context (the
     cache compressed after it when compiled with kv_compression), then teacher-forced decode steps."""
-    from braze.runtime.kv_compression import compressed_buffers, decode_state, plan_call, prefill_inputs
+    from braze.runtime.kv_compression import compressed_buffers, decode_state, next_slot, plan_call, prefill_inputs
 
     gen = compiled.generator
     dev = gen.device
@@ -44,13 +46,17 @@ def continuation_logits(compiled: Any, context: torch.Tensor, continuation: torc
     if comp is not None:
         caches, base = comp.caches, comp.end
         kv_start, extra = decode_state(gen.compression, comp, kv_start)
+    slot = base
     for i in range(t - 1):
+        if comp is not None:  # rkv: a full cache is compressed back to the budget first
+            slot = next_slot(gen.compression, comp, slot, kv_start)
         values = {"input_ids": continuation[i].reshape(1, 1).to(dev),
                   "position_ids": torch.tensor([[s + i]], device=dev),
-                  "cache_len": torch.tensor([base + i], dtype=torch.int64, device=dev), "kv_start": kv_start,
+                  "cache_len": torch.tensor([slot], dtype=torch.int64, device=dev), "kv_start": kv_start,
                   **caches, **extra}
         (logits,) = gen.decode.run(gen._ordered(gen.decode, values))
         out.append(logits[0, -1].float())
+        slot += 1
     return torch.stack(out).cpu()
 
 
@@ -92,7 +98,9 @@ def kv_compression_table(model: Any = None, tokenizer: Any = None, policies: tup
         kept = context
         if policy is not None:
             kept = max(kv_window, round(budget * context))
-            opts.update(kv_compression=policy, kv_budget=kept + continuation, kv_window=kv_window)
+            # rkv's budget is all it keeps (it re-compresses during decoding); the others keep room for the continuation
+            opts.update(kv_compression=policy, kv_budget=kept if policy in DURING_DECODE else kept + continuation,
+                        kv_window=kv_window)
         cm = braze.compile(model, **opts)
         logits = continuation_logits(cm, ctx, cont)
         greedy = cm.generate(ctx[None], max_new_tokens=continuation, do_sample=False, eos_token_id=None)[0, context:]

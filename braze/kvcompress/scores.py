@@ -52,3 +52,32 @@ def chunk_scores(scores: Tensor, valid: Tensor, chunk: int) -> Tensor:
     count = torch.zeros(b, p + 1, device=scores.device).scatter_add_(1, ids, valid.float())
     per_chunk = total / count.clamp(min=1)
     return per_chunk.gather(1, ids)[:, None].expand_as(scores)
+
+
+def rkv_scores(q_win: Tensor, keys: Tensor, valid: Tensor, scale: float, window: int, kernel: int = 7,
+               mix: float = 0.1, threshold: float = 0.5) -> Tensor:
+    """R-KV: importance * mix - redundancy * (1 - mix) for the keys before the last `window` real ones (those are
+    kept anyway; their scores here are meaningless). Importance: the observation window's (last W queries', RoPE
+    applied) logits averaged over each GQA group, softmax over the older keys, mean over the queries, max-pooled
+    over `kernel` keys. Redundancy: each key's mean cosine similarity to the other keys, where every key's most
+    recent near-duplicate (similarity > threshold; else its first key) does not count, softmaxed over the keys.
+    Computed over each row's real keys only (`valid` [B, P], left padding), as the reference would on the
+    unpadded row. q_win [B, Hq, W, D], keys [B, Hkv, P, D]."""
+    b, hq, w, d = q_win.shape
+    hkv, p = keys.shape[1], keys.shape[2]
+    k = keys.float()
+    first = (~valid).sum(-1)  # [B]: each row's first real slot
+    pos = torch.arange(p, device=keys.device)
+    older = valid & (pos[None] < p - window)  # the keys R-KV scores
+    logits = (q_win.float().view(b, hkv, hq // hkv, w, d) @ k[:, :, None].transpose(-1, -2)).mean(2) * scale
+    probs = torch.softmax(logits.masked_fill(~older[:, None, None], float("-inf")), dim=-1).nan_to_num(0.0)
+    importance = F.max_pool1d(probs.mean(2), kernel_size=kernel, stride=1, padding=kernel // 2)
+    unit = k / (k.norm(dim=-1, keepdim=True) + 1e-8)
+    sim = unit @ unit.transpose(-1, -2)  # [B, Hkv, P, P]
+    pair = valid[:, None, :, None] & valid[:, None, None, :]
+    sim = sim.masked_fill(~pair | torch.eye(p, dtype=torch.bool, device=keys.device), 0.0)
+    similar_at = torch.where(sim > threshold, pos.view(1, 1, 1, p), first.view(b, 1, 1, 1))
+    sim = sim.scatter(-1, similar_at.max(-1, keepdim=True).values, 0.0)
+    mean_sim = sim.sum(-2) / valid.sum(-1).clamp(min=1).view(b, 1, 1)
+    redundancy = torch.softmax(mean_sim.masked_fill(~valid[:, None], float("-inf")), dim=-1).nan_to_num(0.0)
+    return importance * mix - redundancy * (1 - mix)

@@ -4,7 +4,9 @@ The prefill graph gains, after each layer's cached attention, a braze::kv_compre
 cached tokens and compacts the kept ones into that layer's compressed cache (new inputs `kvc_cache_<i>_k/v`,
 `kvc_start_<i>` and `kv_keep`); the full-size prefill cache is transient. The decode graph's caches are
 re-declared at the compressed capacity, and for adakv (heads keep different counts) each layer's attention masks
-with its own per-head start [B, Hkv] instead of the per-row kv_start.
+with its own per-head start [B, Hkv] instead of the per-row kv_start. For rkv (re-compressed during decoding) both
+graphs record each cache's latest `window` queries into a ring input `kvq_<i>` [B, Hq, window, D]: prefill the
+prompt's last ones (in braze::kv_compress), decode each step's (braze::kv_record_query).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from braze.kvcompress.policy import DURING_DECODE
 from braze.ops.schema import op_args
 from braze.runtime.errors import ConfigError
 
@@ -43,6 +46,15 @@ def _cache_shape(fake: torch.Tensor, capacity: int) -> list:
     return [fake.shape[0], fake.shape[1], capacity, fake.shape[3]]
 
 
+def _query_ring(gm: fx.GraphModule, i: int, node: fx.Node, window: int) -> fx.Node:
+    """rkv: the placeholder kvq_<i> [B, Hq, window, D] (the cache's dtype) holding the latest queries."""
+    a = op_args(node)
+    q, kc = a["q"].meta["val"], a["k_cache"].meta["val"]
+    with kc.fake_mode:
+        return _placeholder(gm, f"kvq_{i}", torch.empty([kc.shape[0], q.shape[1], window, q.shape[3]],
+                                                        dtype=kc.dtype, device=kc.device))
+
+
 def insert_kv_compression(gm: fx.GraphModule, policy: str, capacity: int, window: int) -> int:
     """Prefill graph: one braze::kv_compress after the first attention writing each cache."""
     layers = _layers(gm)
@@ -67,11 +79,14 @@ def insert_kv_compression(gm: fx.GraphModule, policy: str, capacity: int, window
                                                                     device=kc.device))
             start = _placeholder(gm, f"kvc_start_{i}", torch.empty([kc.shape[0], kc.shape[1]], dtype=torch.int32,
                                                                    device=kc.device))
+        kwargs = {"cos": a["cos"], "sin": a["sin"]}
+        if policy in DURING_DECODE:
+            kwargs["q_ring"] = _query_ring(gm, i, node, window)
         with gm.graph.inserting_after(node):
             comp = gm.graph.call_function(
                 braze.kv_compress.default,
                 (node, a["q"], a["k_cache"], a["v_cache"], a["kv_start"], ck, cv, keep, start, float(a["scale"]),
-                 policy, int(window)), {"cos": a["cos"], "sin": a["sin"]})
+                 policy, int(window)), kwargs)
         with mode:
             comp.meta["val"] = torch.empty_like(node.meta["val"])
         for key in ("stack_trace", "nn_module_stack"):
@@ -83,14 +98,40 @@ def insert_kv_compression(gm: fx.GraphModule, policy: str, capacity: int, window
     return len(done)
 
 
-def compress_decode_graph(gm: fx.GraphModule, policy: str, capacity: int) -> None:
-    """Decode graph: caches at the compressed capacity; adakv layers mask with their per-head start."""
+def _record_queries(gm: fx.GraphModule, layers: list[tuple[int, fx.Node]], window: int) -> None:
+    """rkv decode: after the first attention over each cache, braze::kv_record_query puts its query in the ring."""
+    done: set[int] = set()
+    for i, node in layers:
+        if i in done:
+            continue
+        done.add(i)
+        a = op_args(node)
+        ring = _query_ring(gm, i, node, window)
+        with gm.graph.inserting_after(node):
+            rec = gm.graph.call_function(braze.kv_record_query.default, (node, a["q"], ring, a["cache_len"]),
+                                         {"cos": a["cos"], "sin": a["sin"]})
+        with node.meta["val"].fake_mode:
+            rec.meta["val"] = torch.empty_like(node.meta["val"])
+        for key in ("stack_trace", "nn_module_stack"):
+            if key in node.meta:
+                rec.meta[key] = node.meta[key]
+        node.replace_all_uses_with(rec, delete_user_cb=lambda user, r=rec: user is not r)
+
+
+def compress_decode_graph(gm: fx.GraphModule, policy: str, capacity: int, window: int = 0) -> None:
+    """Decode graph: caches at the compressed capacity; adakv layers mask with their per-head start; rkv records
+    each step's queries."""
     layers = _layers(gm)
     for n in gm.graph.nodes:
         if n.op == "placeholder" and n.name.startswith("kv_cache_"):
             fake = n.meta["val"]
             with fake.fake_mode:
                 n.meta["val"] = torch.empty(_cache_shape(fake, capacity), dtype=fake.dtype, device=fake.device)
+    if policy in DURING_DECODE:
+        _record_queries(gm, layers, window)
+        gm.graph.lint()
+        gm.recompile()
+        return
     if policy != "adakv":
         gm.recompile()
         return

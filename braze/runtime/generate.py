@@ -215,7 +215,8 @@ class Generator:
                 raise InputMismatchError("stop_strings do not work with speculative decoding yet (speculate=False)")
             if self.compression is not None:
                 raise InputMismatchError("speculative decoding does not run over a compressed KV cache yet (the "
-                                         "verify step reads the full cache); generate with speculate=False")
+                                         "verify step reads the full cache); generate without it (speculate=False; "
+                                         "braze run: drop --speculate)")
             if streamer is not None and batch > 1:
                 raise InputMismatchError(f"a streamer with speculative decoding takes one prompt, got a batch of "
                                          f"{batch} (rows accept different numbers of tokens per step)")
@@ -236,7 +237,13 @@ class Generator:
         if self.compression is None:
             caches = self._buffers("kv_cache", batch, lambda: self.new_caches(batch))
         else:  # prefill fills a transient full cache and compacts it into comp.caches, which decode reads
-            from braze.runtime.kv_compression import compressed_buffers, plan_call, prefill_inputs
+            from braze.runtime.kv_compression import (
+                compressed_buffers,
+                decode_state,
+                next_slot,
+                plan_call,
+                prefill_inputs,
+            )
 
             caches = self.new_caches(batch)
             buffers = self._buffers("compressed", batch,
@@ -257,8 +264,6 @@ class Generator:
                   **extra_inputs}
         (logits,) = self.prefill.run(self._ordered(self.prefill, values))
         if comp is not None:  # decode runs over the compressed cache; the full one is dropped here
-            from braze.runtime.kv_compression import decode_state
-
             caches, base = comp.caches, comp.end
             kv_start, extra_inputs = decode_state(self.compression, comp, kv_start)
             del values
@@ -270,6 +275,7 @@ class Generator:
         unfinished[real:] = False  # bucket padding rows
         out = [ids]
         pos = positions[:, -1:]
+        slot = base  # the cache slot the next decode step writes
         launches0 = self.decode.stats["launches"]
         decode_start = time.perf_counter()
         for step in range(max_new_tokens):
@@ -292,8 +298,10 @@ class Generator:
             if step == max_new_tokens - 1:
                 break
             pos = pos + 1
+            if comp is not None:  # rkv: a full cache is compressed back to the budget first
+                slot = next_slot(self.compression, comp, slot, kv_start)
             values = {"input_ids": next_tok[:, None], "position_ids": pos,
-                      "cache_len": torch.tensor([base + step], dtype=torch.int64, device=self.device),
+                      "cache_len": torch.tensor([slot], dtype=torch.int64, device=self.device),
                       "kv_start": kv_start, **caches, **extra_inputs}
             inputs = self._ordered(self.decode, values)
             (logits,) = self.graphs.run(inputs) if self.graphs else self.decode.run(inputs)
@@ -301,7 +309,10 @@ class Generator:
             if seen is not None:
                 seen.append(logits[:, -1].clone())
             self.stats.decode_steps += 1
+            slot += 1
         took = time.perf_counter() - decode_start
+        if comp is not None and comp.recompressions:
+            self.stats.extra["kv_recompressions"] = comp.recompressions
         if streamer is not None:
             streamer.end()
         steps = max(1, self.stats.decode_steps)

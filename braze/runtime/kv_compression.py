@@ -2,16 +2,19 @@
 
 The prefill plan fills the compressed caches (braze::kv_compress); this object allocates them, gives the prefill
 its extra inputs, and gives decode its caches, per-row start (or per-layer, per-head starts for adakv) and the
-slot where generated tokens go.
+slot where generated tokens go. R-KV (policy "rkv") also compresses during decoding: the plans record each layer's
+last `window` queries in a ring (kvq_<i>), and when decode has filled the cache, `next_slot` compacts every layer
+back to the budget on device before the step (a torch step between two decode replays; no host sync).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
-from braze.kvcompress.policy import Budget
+from braze.kvcompress.policy import DURING_DECODE, Budget, select_keep
+from braze.kvcompress.select import compact
 from braze.runtime.errors import ShapeOutOfRangeError
 from braze.runtime.executor import DTYPES
 
@@ -25,6 +28,9 @@ class CompressionSpec:
     kv_inputs: list  # (name, shape without batch, dtype) of the decode caches (at capacity)
     heads: dict  # cache index -> kv heads (the kvc_start_<i> inputs are [B, heads])
     per_head: bool  # adakv: decode masks each layer with its own per-head start
+    query_inputs: list = field(default_factory=list)  # rkv: (name, shape without batch, dtype) of the query rings
+    scale: float = 1.0  # rkv: the attention scale of the importance logits
+    budget_slots: int = 0  # rkv: slots kept when decode re-compresses (the budget; capacity - budget = interval)
 
 
 @dataclass
@@ -33,6 +39,8 @@ class CompressedCall:
     end: int  # decode writes from this slot on
     caches: dict  # kv_cache_<i>_k/v at capacity
     starts: dict  # kvc_start_<i> [B, Hkv] int32
+    queries: dict = field(default_factory=dict)  # kvq_<i> [B, Hq, window, D]: rkv's rings of recent queries
+    recompressions: int = 0
 
 
 def compressed_buffers(spec: CompressionSpec, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -40,14 +48,16 @@ def compressed_buffers(spec: CompressionSpec, batch: int, device: torch.device) 
     caches = {name: torch.zeros([batch, *shape], dtype=DTYPES[dtype], device=device)
               for name, shape, dtype in spec.kv_inputs}
     starts = {f"kvc_start_{i}": torch.zeros(batch, h, dtype=torch.int32, device=device) for i, h in spec.heads.items()}
-    return {**caches, **starts}
+    queries = {name: torch.zeros([batch, *shape], dtype=DTYPES[dtype], device=device)
+               for name, shape, dtype in spec.query_inputs}
+    return {**caches, **starts, **queries}
 
 
 def plan_call(spec: CompressionSpec, prompt_len: int, max_new_tokens: int, max_seq: int,
               buffers: dict[str, torch.Tensor]) -> CompressedCall:
     """Counts for one generate call (host integers from shapes: no device read) over `buffers`
     (compressed_buffers: reused across calls when decode replays CUDA graphs)."""
-    keep = Budget(spec.budget).keep(prompt_len, max_new_tokens, max_seq)
+    keep = Budget(spec.budget).keep(prompt_len, max_new_tokens, max_seq, spec.policy)
     if keep < min(spec.window, prompt_len):
         raise ShapeOutOfRangeError(
             f"max_new_tokens={max_new_tokens} leaves {max(keep, 0)} slots of the compressed KV cache (capacity "
@@ -56,12 +66,14 @@ def plan_call(spec: CompressionSpec, prompt_len: int, max_new_tokens: int, max_s
     end = min(prompt_len, spec.capacity - max_new_tokens) if spec.per_head else keep
     caches = {name: t for name, t in buffers.items() if name.startswith("kv_cache_")}
     starts = {name: t for name, t in buffers.items() if name.startswith("kvc_start_")}
-    return CompressedCall(keep, end, caches, starts)
+    queries = {name: t for name, t in buffers.items() if name.startswith("kvq_")}
+    return CompressedCall(keep, end, caches, starts, queries)
 
 
 def prefill_inputs(call: CompressedCall, device: torch.device) -> dict[str, torch.Tensor]:
     """The prefill plan's compression inputs: kv_keep = (keep, end), the compressed caches, the starts."""
-    out = {"kv_keep": torch.tensor([call.keep, call.end], dtype=torch.int64, device=device), **call.starts}
+    out = {"kv_keep": torch.tensor([call.keep, call.end], dtype=torch.int64, device=device), **call.starts,
+           **call.queries}
     out.update({"kvc_" + name.removeprefix("kv_"): t for name, t in call.caches.items()})
     return out
 
@@ -71,4 +83,24 @@ def decode_state(spec: CompressionSpec, call: CompressedCall, kv_start: torch.Te
     """(kv_start, overwritten with the per-row start of uniform policies; extra decode inputs: the per-head starts
     for adakv)."""
     first = next(iter(call.starts.values()))
-    return kv_start.copy_(first[:, 0]), (call.starts if spec.per_head else {})
+    return kv_start.copy_(first[:, 0]), {**(call.starts if spec.per_head else {}), **call.queries}
+
+
+def next_slot(spec: CompressionSpec, call: CompressedCall, slot: int, kv_start: torch.Tensor) -> int:
+    """The cache slot the next decode step writes: `slot`, or, for rkv when the cache is full, the budget, after
+    every layer's cache has been compacted back to it (kv_start and the starts updated in place)."""
+    if spec.policy not in DURING_DECODE or slot < spec.capacity:
+        return slot
+    budget = spec.budget_slots
+    valid = torch.arange(slot, device=kv_start.device)[None] >= kv_start.reshape(-1, 1).long()
+    keep = torch.full((1,), budget, dtype=torch.int64, device=kv_start.device)
+    for i in spec.heads:
+        k_cache, v_cache = call.caches[f"kv_cache_{i}_k"], call.caches[f"kv_cache_{i}_v"]
+        queries = call.queries[f"kvq_{i}"].to(torch.promote_types(call.queries[f"kvq_{i}"].dtype, k_cache.dtype))
+        mask = select_keep(spec.policy, k_cache[:, :, :slot], valid, keep, keep, spec.window, queries, spec.scale)
+        compact(k_cache, mask, k_cache, keep)
+        start = compact(v_cache, mask, v_cache, keep)
+        call.starts[f"kvc_start_{i}"].copy_(start)
+    kv_start.copy_(next(iter(call.starts.values()))[:, 0])
+    call.recompressions += 1
+    return budget

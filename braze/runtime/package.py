@@ -567,6 +567,7 @@ def load_package(path: str | os.PathLike, executor: str = "auto", sha256: str | 
 
             spec = dict(gen["compression"])
             spec["kv_inputs"] = [tuple(x) for x in spec["kv_inputs"]]
+            spec["query_inputs"] = [tuple(x) for x in spec.get("query_inputs", [])]
             spec["heads"] = {int(k): int(v) for k, v in spec["heads"].items()}  # JSON keys are strings
             compiled.generator.compression = CompressionSpec(**spec)
         compiled.generator.speculate_default = options.get("speculate") == "suffix"  # as the compile set it
