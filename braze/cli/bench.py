@@ -7,6 +7,8 @@ import sys
 import time
 from typing import Any
 
+from braze.runtime.errors import first_line
+
 from .common import (
     CPU_NOTICE,
     DTYPES,
@@ -131,7 +133,7 @@ def main(args: argparse.Namespace) -> int:
                                    cuda)
                 rows.append(("torch.compile", "inductor (default)", f"{first:.3f}", med, None))
             except Exception as e:  # inductor needs a C++ toolchain on CPU; report instead of failing the bench
-                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                msg = first_line(e)
                 notes.append(f"torch.compile unavailable: {type(e).__name__}: {msg[:200]}")
     first, med = _time(braze_forward(compiled), inputs, args.iters, args.warmup, cuda)
     setup = f"load {compile_s:.2f} s" if braze_label.endswith("(package)") else f"compile {compile_s:.2f} s"

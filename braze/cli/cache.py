@@ -34,7 +34,7 @@ def _model_name(entry: Path) -> str:
 
 
 def _list(root: Path, entries: list[Any], cap_gb: float, on: bool) -> None:
-    from braze.compiler.cache import MAX_GB_VAR, format_gb
+    from braze.compiler.cache import MAX_GB_VAR, entries_word, format_gb
 
     state = "" if on else " (off: BRAZE_CACHE=0)"
     if not entries:
@@ -48,12 +48,12 @@ def _list(root: Path, entries: list[Any], cap_gb: float, on: bool) -> None:
     for key, model, size, used in rows:
         print(f"  {key:<{KEY_CHARS}s}  {model:<{width}s}  {size:>9s}  {used}")
     total = sum(e.size for e in entries)
-    print(f"{len(entries)} entr{'y' if len(entries) == 1 else 'ies'}, {format_gb(total)} of {MAX_GB_VAR}="
+    print(f"{len(entries)} {entries_word(len(entries))}, {format_gb(total)} of {MAX_GB_VAR}="
           f"{cap_gb:g} ({format_gb(cap_gb * 10**9)}); least recently used entries are evicted past it")
 
 
 def _clear(root: Path, entries: list[Any]) -> None:
-    from braze.compiler.cache import format_gb, remove_entry, remove_stale_leftovers
+    from braze.compiler.cache import entries_word, format_gb, remove_entry, remove_stale_leftovers
 
     if not entries:
         print(f"compile cache {root}: empty, nothing to delete")
@@ -61,7 +61,7 @@ def _clear(root: Path, entries: list[Any]) -> None:
     removed = [e for e in entries if remove_entry(e.path)]
     remove_stale_leftovers(root)
     freed = format_gb(sum(e.size for e in removed))
-    print(f"deleted {len(removed)} entr{'y' if len(removed) == 1 else 'ies'} ({freed}) from {root}")
+    print(f"deleted {len(removed)} {entries_word(len(removed))} ({freed}) from {root}")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from braze.runtime.errors import BrazeError
+from braze.runtime.errors import BrazeError, first_line
 
 BUILTINS = ("smollm2",)
 _FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
@@ -98,7 +98,7 @@ def _builtin(name: str, dtype: Any) -> LoadedModel:
 
 def _unsupported(where: Path, config: dict, err: Exception) -> ModelSpecError:
     arch = ", ".join(config.get("architectures") or []) or config.get("model_type") or "unknown"
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    first = first_line(err)
     return ModelSpecError(f"{where}: unsupported architecture {arch!r} (not a causal LM transformers can load: "
                           f"{first})")
 

@@ -47,7 +47,7 @@ import braze
 from braze.compiler.config import CompileConfig
 from braze.compiler.report import CompileReport, PassResult
 from braze.runtime.compiled import CompiledModel
-from braze.runtime.errors import ConfigError
+from braze.runtime.errors import ConfigError, first_line
 from braze.runtime.package import MANIFEST, REPORT, load_package, save_package
 
 CACHE_FORMAT = 1
@@ -281,8 +281,8 @@ def load(key: str, model: torch.nn.Module, config: CompileConfig, executor: str)
         if (compiled.manifest.get("metadata") or {}).get("cache_key") != key:
             raise ValueError("the entry was stored under another key")
     except Exception as e:  # a bad entry is never trusted: drop it and compile again
-        shutil.rmtree(entry, ignore_errors=True)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        remove_entry(entry)
+        first = first_line(e)
         return None, f"miss (the cached entry was unusable and has been rebuilt: {first})"
     touch(entry)
     compiled.config = config
@@ -306,14 +306,14 @@ def store(key: str, compiled: CompiledModel, why: str) -> str:
     try:
         save_package(compiled, entry, metadata={"cache_key": key})
     except Exception as e:  # the compile itself succeeded; a cache that cannot be written is only a slower next time
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         return f"{why}; not stored ({type(e).__name__}: {first})"
     compiled.cache_entry = entry
     line = f"{why}; stored as {entry} in {time.perf_counter() - start:.2f} s"
     try:
         return line + _eviction_note(entry, max_gb())
     except Exception as e:  # e.g. the cap was changed to a bad value mid-compile: the entry is stored all the same
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         return f"{line}; nothing evicted ({type(e).__name__}: {first})"
 
 
@@ -337,6 +337,10 @@ def format_gb(n: float) -> str:
         if n >= scale:
             return f"{n / scale:.1f} {unit}"
     return f"{n:.0f} B"
+
+
+def entries_word(n: int) -> str:
+    return "entry" if n == 1 else "entries"
 
 
 def touch(entry: Path) -> None:
@@ -436,7 +440,7 @@ def _eviction_note(entry: Path, cap_gb: float) -> str:
     note = ""
     if evicted:
         freed = sum(e.size for e in evicted)
-        note = (f"; evicted {len(evicted)} older entr{'y' if len(evicted) == 1 else 'ies'} ({format_gb(freed)}) "
+        note = (f"; evicted {len(evicted)} older {entries_word(len(evicted))} ({format_gb(freed)}) "
                 f"to stay under {MAX_GB_VAR}={cap_gb:g}")
     if total > cap_gb * GB:
         note += (f"; the cache holds {format_gb(total)}, over {MAX_GB_VAR}={cap_gb:g}, because the entry just "

@@ -29,7 +29,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from braze.runtime.errors import CaptureError
+from braze.runtime.errors import CaptureError, first_line
 from braze.runtime.plan import SymbolSpec
 
 aten = torch.ops.aten
@@ -395,7 +395,7 @@ def _export(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: 
     except CaptureError:
         raise
     except Exception as exc:  # export errors are long; keep the first line and say what to do
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = first_line(exc)
         raise CaptureError(f"torch.export could not capture {type(module).__name__}: {first}") from exc
     sig = ep.graph_signature
     weights: dict[str, torch.Tensor] = {}

@@ -172,14 +172,13 @@ def attach_compression(compiled: Any, gen: GenerationPlans) -> None:
     spec = gen.compression
     if spec is None:
         return
-    from braze.runtime.executor import DTYPES
+    from braze.runtime.executor import zeros_for
 
     compiled.generator.compression = spec
     full = compiled.generator.new_caches(1)
-    small = [torch.zeros([1, *shape], dtype=DTYPES[dtype], device=compiled.device)
-             for _, shape, dtype in spec.kv_inputs]
+    small = zeros_for(spec.kv_inputs, 1, compiled.device)
     full_bytes = sum(t.numel() * t.element_size() for t in full.values())
-    small_bytes = sum(t.numel() * t.element_size() for t in small)
+    small_bytes = sum(t.numel() * t.element_size() for t in small.values())
     compiled.report.extra["kv compression"] += (
         f"; decode KV cache {small_bytes} bytes per row vs {full_bytes} uncompressed "
         f"({full_bytes - small_bytes} saved, {small_bytes / full_bytes:.1%} kept)")

@@ -46,6 +46,28 @@ def _cache_shape(fake: torch.Tensor, capacity: int) -> list:
     return [fake.shape[0], fake.shape[1], capacity, fake.shape[3]]
 
 
+def _first_per_cache(layers: list[tuple[int, fx.Node]]) -> list[tuple[int, fx.Node]]:
+    """The first attention over each cache (cross-layer KV sharing: one cache, handled once)."""
+    seen: dict[int, fx.Node] = {}
+    for i, node in layers:
+        seen.setdefault(i, node)
+    return list(seen.items())
+
+
+def _insert_after(gm: fx.GraphModule, node: fx.Node, target: object, args: tuple, kwargs: dict) -> fx.Node:
+    """A step right after the attention `node` that returns a copy of its output and takes over its users, so
+    the step is ordered after the attention that wrote the cache and before anything reading the output."""
+    with gm.graph.inserting_after(node):
+        step = gm.graph.call_function(target, args, kwargs)
+    with node.meta["val"].fake_mode:
+        step.meta["val"] = torch.empty_like(node.meta["val"])
+    for key in ("stack_trace", "nn_module_stack"):
+        if key in node.meta:
+            step.meta[key] = node.meta[key]
+    node.replace_all_uses_with(step, delete_user_cb=lambda user: user is not step)
+    return step
+
+
 def _query_ring(gm: fx.GraphModule, i: int, node: fx.Node, window: int) -> fx.Node:
     """rkv: the placeholder kvq_<i> [B, Hq, window, D] (the cache's dtype) holding the latest queries."""
     a = op_args(node)
@@ -60,12 +82,9 @@ def insert_kv_compression(gm: fx.GraphModule, policy: str, capacity: int, window
     layers = _layers(gm)
     if not layers:
         return 0
-    done: set[int] = set()
+    firsts = _first_per_cache(layers)
     keep = None
-    for i, node in layers:
-        if i in done:  # cross-layer KV sharing: one cache, compressed once
-            continue
-        done.add(i)
+    for i, node in firsts:
         a = op_args(node)
         kc = a["k_cache"].meta["val"]
         mode = kc.fake_mode
@@ -82,40 +101,21 @@ def insert_kv_compression(gm: fx.GraphModule, policy: str, capacity: int, window
         kwargs = {"cos": a["cos"], "sin": a["sin"]}
         if policy in DURING_DECODE:
             kwargs["q_ring"] = _query_ring(gm, i, node, window)
-        with gm.graph.inserting_after(node):
-            comp = gm.graph.call_function(
-                braze.kv_compress.default,
-                (node, a["q"], a["k_cache"], a["v_cache"], a["kv_start"], ck, cv, keep, start, float(a["scale"]),
-                 policy, int(window)), kwargs)
-        with mode:
-            comp.meta["val"] = torch.empty_like(node.meta["val"])
-        for key in ("stack_trace", "nn_module_stack"):
-            if key in node.meta:
-                comp.meta[key] = node.meta[key]
-        node.replace_all_uses_with(comp, delete_user_cb=lambda user, c=comp: user is not c)
+        _insert_after(gm, node, braze.kv_compress.default,
+                      (node, a["q"], a["k_cache"], a["v_cache"], a["kv_start"], ck, cv, keep, start,
+                       float(a["scale"]), policy, int(window)), kwargs)
     gm.graph.lint()
     gm.recompile()
-    return len(done)
+    return len(firsts)
 
 
 def _record_queries(gm: fx.GraphModule, layers: list[tuple[int, fx.Node]], window: int) -> None:
     """rkv decode: after the first attention over each cache, braze::kv_record_query puts its query in the ring."""
-    done: set[int] = set()
-    for i, node in layers:
-        if i in done:
-            continue
-        done.add(i)
+    for i, node in _first_per_cache(layers):
         a = op_args(node)
-        ring = _query_ring(gm, i, node, window)
-        with gm.graph.inserting_after(node):
-            rec = gm.graph.call_function(braze.kv_record_query.default, (node, a["q"], ring, a["cache_len"]),
-                                         {"cos": a["cos"], "sin": a["sin"]})
-        with node.meta["val"].fake_mode:
-            rec.meta["val"] = torch.empty_like(node.meta["val"])
-        for key in ("stack_trace", "nn_module_stack"):
-            if key in node.meta:
-                rec.meta[key] = node.meta[key]
-        node.replace_all_uses_with(rec, delete_user_cb=lambda user, r=rec: user is not r)
+        _insert_after(gm, node, braze.kv_record_query.default,
+                      (node, a["q"], _query_ring(gm, i, node, window), a["cache_len"]),
+                      {"cos": a["cos"], "sin": a["sin"]})
 
 
 def compress_decode_graph(gm: fx.GraphModule, policy: str, capacity: int, window: int = 0) -> None:

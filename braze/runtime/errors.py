@@ -31,3 +31,10 @@ class CaptureError(BrazeError):
 
 class SamplingError(BrazeError, RuntimeError):
     """The logits to sample from are not a distribution (NaN, +inf, or every token masked out)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's first message line (its type name if it has no message): for one-line reports of errors
+    whose full text runs long (export, transformers, I/O)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

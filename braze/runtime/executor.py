@@ -27,6 +27,12 @@ DTYPES = {
 }
 
 
+def zeros_for(inputs: list, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+    """Zeroed tensors for declared plan inputs [(name, shape without batch, dtype name)] at `batch` rows (the KV
+    caches, compressed caches, query rings)."""
+    return {name: torch.zeros([batch, *shape], dtype=DTYPES[dtype], device=device) for name, shape, dtype in inputs}
+
+
 def resolve_target(name: str) -> Any:
     """'aten.view.default' -> torch.ops.aten.view.default; '_operator.getitem' -> operator.getitem."""
     parts = name.split(".")

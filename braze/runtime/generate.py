@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from braze.runtime.errors import ConfigError, InputMismatchError, ShapeOutOfRangeError
-from braze.runtime.executor import DTYPES, PlanExecutor
+from braze.runtime.executor import PlanExecutor, zeros_for
 from braze.runtime.generation_stats import GenerationStats
 from braze.runtime.sampling import KeyedNoise, check_sampling, select_next
 
@@ -71,24 +71,32 @@ class Generator:
             from braze.runtime.cuda_graphs import CudaGraphRunner
 
             self.graphs = CudaGraphRunner(decode, static_prefixes=self.STATE_PREFIXES)
-        self._state: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+        self._state: dict[int, dict[str, torch.Tensor]] = {}
 
     def _ordered(self, executor: PlanExecutor, values: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         return [values[i.name] for i in executor.user_inputs]
 
     def new_caches(self, batch: int) -> dict[str, torch.Tensor]:
-        return {name: torch.zeros([batch, *shape], dtype=DTYPES[dtype], device=self.device)
-                for name, shape, dtype in self.kv_inputs}
+        return zeros_for(self.kv_inputs, batch, self.device)
 
-    def _buffers(self, kind: str, batch: int, make: Any) -> dict[str, torch.Tensor]:
-        """Decode state of a batch (`make()` allocates it): fresh tensors, or, when decode replays CUDA graphs (which
-        capture state by identity), the same tensors for every request of this batch bucket. Nothing needs zeroing:
-        attention masks every slot a request has not written (below kv_start, past cache_len)."""
-        if not self.bucket_batches:
-            return make()
-        if (kind, batch) not in self._state:
-            self._state[kind, batch] = make()
-        return self._state[kind, batch]
+    def _buffers(self, batch: int) -> dict[str, torch.Tensor]:
+        """The decode state of a batch: kv_start and the decode caches (with kv_compression, the compressed caches,
+        their starts and query rings; the full prefill cache stays transient). Fresh tensors, or, when decode replays
+        CUDA graphs (which capture state by identity), the same tensors for every request of this batch bucket.
+        Nothing needs zeroing: attention masks every slot a request has not written (below kv_start, past
+        cache_len)."""
+        if self.bucket_batches and batch in self._state:
+            return self._state[batch]
+        state = {"kv_start": torch.zeros(batch, dtype=torch.int32, device=self.device)}
+        if self.compression is None:
+            state.update(self.new_caches(batch))
+        else:
+            from braze.runtime.kv_compression import compressed_buffers
+
+            state.update(compressed_buffers(self.compression, batch, self.device))
+        if self.bucket_batches:
+            self._state[batch] = state
+        return state
 
     def forward(self, executor: Any, ids: torch.Tensor, positions: torch.Tensor, cache_len: int,
                 kv_start: torch.Tensor, caches: dict[str, torch.Tensor], tree_mask: torch.Tensor | None = None
@@ -231,24 +239,16 @@ class Generator:
                 kv_start = torch.cat([kv_start, kv_start[:1].expand(extra)])
                 positions = torch.cat([positions, positions[:1].expand(extra, -1)])
                 batch = bucket
-        kv_start = self._buffers("kv_start", batch, lambda: {"kv_start": torch.empty_like(kv_start)})[
-            "kv_start"].copy_(kv_start)
+        state = self._buffers(batch)
+        kv_start = state["kv_start"].copy_(kv_start)
         comp, base, extra_inputs = None, prompt_len, {}
         if self.compression is None:
-            caches = self._buffers("kv_cache", batch, lambda: self.new_caches(batch))
+            caches = {name: state[name] for name, _, _ in self.kv_inputs}
         else:  # prefill fills a transient full cache and compacts it into comp.caches, which decode reads
-            from braze.runtime.kv_compression import (
-                compressed_buffers,
-                decode_state,
-                next_slot,
-                plan_call,
-                prefill_inputs,
-            )
+            from braze.runtime.kv_compression import decode_state, next_slot, plan_call, prefill_inputs
 
             caches = self.new_caches(batch)
-            buffers = self._buffers("compressed", batch,
-                                    lambda: compressed_buffers(self.compression, batch, self.device))
-            comp = plan_call(self.compression, prompt_len, max_new_tokens, self.max_seq, buffers)
+            comp = plan_call(self.compression, prompt_len, max_new_tokens, self.max_seq, state)
             extra_inputs = prefill_inputs(comp, self.device)
         kept = comp.caches if comp is not None else caches
         self.stats = GenerationStats(kv_cache_bytes=sum(c.numel() * c.element_size() for c in kept.values()))

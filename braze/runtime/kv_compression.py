@@ -16,7 +16,7 @@ import torch
 from braze.kvcompress.policy import DURING_DECODE, Budget, select_keep
 from braze.kvcompress.select import compact
 from braze.runtime.errors import ShapeOutOfRangeError
-from braze.runtime.executor import DTYPES
+from braze.runtime.executor import zeros_for
 
 
 @dataclass
@@ -45,12 +45,8 @@ class CompressedCall:
 
 def compressed_buffers(spec: CompressionSpec, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
     """The decode caches at the compressed capacity (kv_cache_<i>_k/v) and their starts (kvc_start_<i>)."""
-    caches = {name: torch.zeros([batch, *shape], dtype=DTYPES[dtype], device=device)
-              for name, shape, dtype in spec.kv_inputs}
     starts = {f"kvc_start_{i}": torch.zeros(batch, h, dtype=torch.int32, device=device) for i, h in spec.heads.items()}
-    queries = {name: torch.zeros([batch, *shape], dtype=DTYPES[dtype], device=device)
-               for name, shape, dtype in spec.query_inputs}
-    return {**caches, **starts, **queries}
+    return {**zeros_for(spec.kv_inputs, batch, device), **starts, **zeros_for(spec.query_inputs, batch, device)}
 
 
 def plan_call(spec: CompressionSpec, prompt_len: int, max_new_tokens: int, max_seq: int,
@@ -82,8 +78,12 @@ def decode_state(spec: CompressionSpec, call: CompressedCall, kv_start: torch.Te
                  ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(kv_start, overwritten with the per-row start of uniform policies; extra decode inputs: the per-head starts
     for adakv)."""
-    first = next(iter(call.starts.values()))
-    return kv_start.copy_(first[:, 0]), {**(call.starts if spec.per_head else {}), **call.queries}
+    return _row_start(call, kv_start), {**(call.starts if spec.per_head else {}), **call.queries}
+
+
+def _row_start(call: CompressedCall, kv_start: torch.Tensor) -> torch.Tensor:
+    """kv_start <- each row's start in the compressed cache (uniform policies: every head of every cache alike)."""
+    return kv_start.copy_(next(iter(call.starts.values()))[:, 0])
 
 
 def next_slot(spec: CompressionSpec, call: CompressedCall, slot: int, kv_start: torch.Tensor) -> int:
@@ -101,6 +101,6 @@ def next_slot(spec: CompressionSpec, call: CompressedCall, slot: int, kv_start: 
         compact(k_cache, mask, k_cache, keep)
         start = compact(v_cache, mask, v_cache, keep)
         call.starts[f"kvc_start_{i}"].copy_(start)
-    kv_start.copy_(next(iter(call.starts.values()))[:, 0])
+    _row_start(call, kv_start)
     call.recompressions += 1
     return budget
