@@ -179,3 +179,39 @@ def test_batch_bucket_padding_gives_the_same_tokens():
     assert padded.shape == plain.shape and torch.equal(padded, plain)
     per_row = sum(math.prod(shape) * 4 for _, shape, _ in cm.kv_inputs)
     assert cm.generation_stats.kv_cache_bytes == 4 * per_row  # the cache was allocated for the bucket of 4
+
+
+def test_generation_plans_reference_only_their_own_symbols():
+    """Every size a plan step reads is one of the plan's declared symbols: the decode plan re-specialized to one
+    token must not keep the capture's seq symbol in a reshape (torch 2.11 left it there: NameError on CUDA)."""
+    import dataclasses
+    import json
+    import re
+
+    gen = braze.compile(tiny_causal_lm("llama", layers=1), max_seq=32, max_batch=2).generator
+    for name in ("prefill", "decode", "verify"):
+        plan = getattr(gen, name).plan
+        declared = {s.name for s in plan.symbols}
+        for step in plan.steps:
+            used = set(re.findall(r'"sym": "([^"]*)"', json.dumps(dataclasses.asdict(step), default=str)))
+            names = {m for expr in used for m in re.findall(r"\bs\d+\b", expr)}
+            assert names <= declared, (name, step.outputs, names - declared)
+
+
+def test_fake_propagation_records_sizes_that_became_constants():
+    import torch.fx as fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from braze.passes.fake_memo import MemoFakeTensorProp
+
+    g = fx.Graph()
+    x = g.placeholder("x")
+    size = g.call_function(torch.ops.aten.sym_size.int, (x, 1))
+    g.output(g.call_function(torch.ops.aten.reshape.default, (x, [-1, size])))
+    gm = fx.GraphModule(torch.nn.Module(), g)
+    size.meta["val"] = "stale"  # as a captured graph's symbolic size before re-specialization
+    mode = FakeTensorMode()
+    with mode:
+        fake = torch.empty(2, 1)
+    MemoFakeTensorProp(gm, mode).propagate_dont_convert_inputs(fake)
+    assert size.meta["val"] == 1

@@ -98,16 +98,25 @@ class MemoFakeTensorProp(FakeTensorProp):
 
     def run_node(self, n: fx.Node) -> Any:
         if n.op != "call_function" or not memoizable(n.target):
-            return super().run_node(n)
+            return self._propagate(n)
         key = memo_key(n.target, *self.fetch_args_kwargs_from_env(n))
         if key is None:
-            return super().run_node(n)
+            return self._propagate(n)
         hit = self._memo.get(key)
         if hit is not None:
             result, meta = hit
             n.meta["val"] = meta
             return result
-        result = super().run_node(n)
+        result = self._propagate(n)
         if "unbacked_bindings" not in n.meta and not has_unbacked(result) and "val" in n.meta:
             self._memo[key] = (result, n.meta["val"])
+        return result
+
+    def _propagate(self, n: fx.Node) -> Any:
+        """FakeTensorProp.run_node, also recording a plain-number result: torch 2.11's FakeTensorProp keeps the old
+        value when a size becomes a constant (sym_size of the decode graph's S = 1 dim), which left the captured
+        seq symbol in the decode plan's reshape arguments."""
+        result = super().run_node(n)
+        if isinstance(result, (bool, int, float)):
+            n.meta["val"] = result
         return result
