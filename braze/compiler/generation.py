@@ -22,6 +22,7 @@ from braze.compiler.config import CompileConfig
 from braze.compiler.pipeline import run_passes
 from braze.compiler.report import CompileReport
 from braze.kvcompress.policy import DURING_DECODE, Budget
+from braze.ops.schema import op_args
 from braze.passes.fake_memo import MemoFakeTensorProp
 from braze.passes.kv_compression import compress_decode_graph, insert_kv_compression
 from braze.passes.quantize import fuse_df11_decode_plan
@@ -137,8 +138,8 @@ def _compress(prefill_gm: fx.GraphModule, config: CompileConfig, report: Compile
     report.extra["kv compression"] = (f"{policy}, budget {config.kv_budget} -> {capacity} of {config.max_seq} cache "
                                       f"slots per row and head, recent {config.kv_window} tokens kept; {layers} "
                                       f"caches compacted on device after prefill{again}")
-    scale = next((float(n.args[9]) for n in prefill_gm.graph.nodes if n.target is torch.ops.braze.kv_compress.default),
-                 1.0)
+    scale = next((float(op_args(n)["scale"]) for n in prefill_gm.graph.nodes
+                  if n.target is torch.ops.braze.cached_attention.default), 1.0)
     return CompressionSpec(policy, config.kv_budget, config.kv_window, capacity, [], heads, policy == "adakv",
                            scale=scale, budget_slots=budget.base(config.max_seq))
 

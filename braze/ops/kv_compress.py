@@ -51,19 +51,38 @@ def record_query_reference(q: Tensor, q_ring: Tensor, cache_len: Tensor, cos: Te
     q_ring.index_copy_(2, slots, _roped(q, cos, sin).to(q_ring.dtype))
 
 
-@torch.library.custom_op("braze::kv_compress", mutates_args=("ck_cache", "cv_cache", "start_out", "q_ring"))
+@torch.library.custom_op("braze::kv_compress", mutates_args=("ck_cache", "cv_cache", "start_out"))
 def kv_compress(attn_out: Tensor, q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_start: Tensor, ck_cache: Tensor,
                 cv_cache: Tensor, kv_keep: Tensor, start_out: Tensor, scale: float, policy: str, window: int,
-                cos: Tensor | None = None, sin: Tensor | None = None, q_ring: Tensor | None = None) -> Tensor:
+                cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
     """Compress one layer's prefill cache (see kv_compress_reference); returns a copy of attn_out."""
     kv_compress_reference(q, k_cache, v_cache, kv_start, ck_cache, cv_cache, kv_keep, start_out, scale, policy,
-                          window, cos, sin, q_ring)
+                          window, cos, sin)
     return attn_out.clone()
 
 
 @kv_compress.register_fake
 def _kv_compress_fake(attn_out, q, k_cache, v_cache, kv_start, ck_cache, cv_cache, kv_keep, start_out, scale, policy,
-                      window, cos=None, sin=None, q_ring=None):
+                      window, cos=None, sin=None):
+    return torch.empty_like(attn_out)
+
+
+# A separate op rather than an optional q_ring on kv_compress: torch 2.11's custom ops fail on a mutated optional
+# argument left out (ADInplaceOrView indexes the call's arguments by the schema's position: IndexError).
+@torch.library.custom_op("braze::kv_compress_recording", mutates_args=("ck_cache", "cv_cache", "start_out", "q_ring"))
+def kv_compress_recording(attn_out: Tensor, q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_start: Tensor,
+                          ck_cache: Tensor, cv_cache: Tensor, kv_keep: Tensor, start_out: Tensor, q_ring: Tensor,
+                          scale: float, policy: str, window: int, cos: Tensor | None = None,
+                          sin: Tensor | None = None) -> Tensor:
+    """rkv: kv_compress that also records the window's queries in q_ring (see kv_compress_reference)."""
+    kv_compress_reference(q, k_cache, v_cache, kv_start, ck_cache, cv_cache, kv_keep, start_out, scale, policy,
+                          window, cos, sin, q_ring)
+    return attn_out.clone()
+
+
+@kv_compress_recording.register_fake
+def _kv_compress_recording_fake(attn_out, q, k_cache, v_cache, kv_start, ck_cache, cv_cache, kv_keep, start_out,
+                                q_ring, scale, policy, window, cos=None, sin=None):
     return torch.empty_like(attn_out)
 
 

@@ -98,12 +98,13 @@ def insert_kv_compression(gm: fx.GraphModule, policy: str, capacity: int, window
                                                                     device=kc.device))
             start = _placeholder(gm, f"kvc_start_{i}", torch.empty([kc.shape[0], kc.shape[1]], dtype=torch.int32,
                                                                    device=kc.device))
-        kwargs = {"cos": a["cos"], "sin": a["sin"]}
+        caches = (node, a["q"], a["k_cache"], a["v_cache"], a["kv_start"], ck, cv, keep, start)
+        options = (float(a["scale"]), policy, int(window))
         if policy in DURING_DECODE:
-            kwargs["q_ring"] = _query_ring(gm, i, node, window)
-        _insert_after(gm, node, braze.kv_compress.default,
-                      (node, a["q"], a["k_cache"], a["v_cache"], a["kv_start"], ck, cv, keep, start,
-                       float(a["scale"]), policy, int(window)), kwargs)
+            target, args = braze.kv_compress_recording.default, (*caches, _query_ring(gm, i, node, window), *options)
+        else:
+            target, args = braze.kv_compress.default, (*caches, *options)
+        _insert_after(gm, node, target, args, {"cos": a["cos"], "sin": a["sin"]})
     gm.graph.lint()
     gm.recompile()
     return len(firsts)
