@@ -8,16 +8,12 @@ fed to the P@V dot and the output to fp16 (unit roundoff 4.9e-4), hence atol = r
 
 from __future__ import annotations
 
-import os
+import pytest
+import torch
+import torch.nn.functional as F
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from braze.kernels import INTERPRETER, TARGETS  # noqa: E402
-from braze.kernels.attention import (  # noqa: E402
+from braze.kernels import INTERPRETER, TARGETS
+from braze.kernels.attention import (
     AttentionSpec,
     DecodeAttentionSpec,
     attention_blocks,
@@ -28,7 +24,7 @@ from braze.kernels.attention import (  # noqa: E402
     render_decode_attention,
     split_kv_decode,
 )
-from braze.runtime.kernel_loader import load_kernel_module  # noqa: E402
+from braze.runtime.kernel_loader import load_kernel_module
 
 TOL = {torch.float32: {"atol": 1e-4, "rtol": 1e-4}, torch.float16: {"atol": 3e-3, "rtol": 3e-3}}
 

@@ -1,20 +1,16 @@
 """DFloat11 codec: bit-exact round trips through the reference and the Triton (interpreter) decoder."""
 
-import os
+import json
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import pytest
+import torch
 
-import json  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from braze.kernels.df11 import (  # noqa: E402
+from braze.kernels.df11 import (
     decode_df11_tensor_triton,
     decode_df11_triton,
     render_df11_decode,
 )
-from braze.quant.df11 import (  # noqa: E402
+from braze.quant.df11 import (
     DF11EncodeError,
     DF11Unit,
     canonical_codes,

@@ -10,23 +10,19 @@ Two kinds of checks:
   gamma_K's first-order term would also pass; this one is already loose by orders of magnitude in practice).
 """
 
-import os
+import pytest
+import torch
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-import braze  # noqa: E402
-import braze.ops  # noqa: E402, F401  (registers braze::df11_linear)
-from braze.kernels.df11 import (  # noqa: E402
+import braze
+import braze.ops
+from braze.kernels.df11 import (
     df11_gemv_params,
     df11_gemv_supported,
     df11_linear_triton,
     render_df11_gemv,
 )
-from braze.quant.df11 import decode_df11_reference, encode_df11  # noqa: E402
-from braze.runtime.errors import ConfigError  # noqa: E402
+from braze.quant.df11 import decode_df11_reference, encode_df11
+from braze.runtime.errors import ConfigError
 
 STREAM = ("encoded", "sign_mantissa", "gaps", "output_positions", "luts", "code_lengths")
 

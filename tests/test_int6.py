@@ -13,10 +13,6 @@ Measured errors are <= 0.1 x these bounds, while one weight one quantization ste
 activation) exceeds them 20-3000x; test_tolerance_detects_one_step_weight_error checks one such case.
 """
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
 import torch.nn.functional as F

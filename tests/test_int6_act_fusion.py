@@ -16,10 +16,6 @@ norm and lm_head (measured: 0 to 1.9e-3 depending on the library versions that d
 logits by O(0.1-1). The exact checks are EXACT_TOL above and the bit-level code/scale tests of test_int6.py.
 """
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")
-
 import pytest
 import torch
 import transformers

@@ -3,21 +3,17 @@ on random K/V, compaction, per-head starts in the decode kernel, and generation 
 
 from __future__ import annotations
 
-import os
+import math
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first triton import
+import pytest
+import torch
+import torch.nn.functional as F
 
-import math  # noqa: E402
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import braze  # noqa: E402
-from braze.kvcompress import compact, select_keep  # noqa: E402
-from braze.kvcompress.policy import ADAKV_SAFEGUARD, CHUNK, POLICIES, POOL_KERNEL  # noqa: E402
-from braze.models import tiny_causal_lm  # noqa: E402
-from braze.runtime.errors import ConfigError, InputMismatchError, ShapeOutOfRangeError  # noqa: E402
+import braze
+from braze.kvcompress import compact, select_keep
+from braze.kvcompress.policy import ADAKV_SAFEGUARD, CHUNK, POLICIES, POOL_KERNEL
+from braze.models import tiny_causal_lm
+from braze.runtime.errors import ConfigError, InputMismatchError, ShapeOutOfRangeError
 
 B, HQ, HKV, P, D, WINDOW = 2, 4, 2, 60, 16, 8
 PAD = (0, 7)  # left padding per row

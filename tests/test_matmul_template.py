@@ -5,10 +5,6 @@ mask is exercised. Every case launches through the production launcher (braze.ke
 with the sm_90 description, whose decode-sized tiles give several programs per dimension under the interpreter.
 """
 
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # must be set before triton is imported
-
 import ast
 
 import pytest
