@@ -363,10 +363,13 @@ def main(argv: list[str] | None = None) -> int:
     date = datetime.date.today().isoformat()
     out = args.out or ROOT / "benchmarks" / "results" / f"{device_slug(device)}-{date}-suite.md"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                           text=True).stdout.strip()
+    at = (commit.stdout.strip() or "?") + (" + uncommitted changes" if dirty else "")  # a copied tree: not HEAD
     name = torch.cuda.get_device_name() if device == "cuda" else "CPU (smoke: checks the script, not performance)"
     report = [f"# braze GPU suite: {name}, {date}", "",
               f"`python benchmarks/gpu_suite.py {' '.join(argv if argv is not None else sys.argv[1:])}` at "
-              f"{commit.stdout.strip() or '?'}; torch {torch.__version__}, triton "
+              f"{at}; torch {torch.__version__}, triton "
               f"{__import__('triton').__version__}, braze executor `{args.executor}`; energy: "
               f"{'NVML' if energy.available else energy.why}.", ""]
     bw = None
