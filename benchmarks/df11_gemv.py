@@ -19,11 +19,11 @@ which is the traffic the fused kernel removes). Ratios are time / bf16 time, tak
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
+from kernel_bench_cli import kernel_bench_main
 
 SHAPES = {"qkv": (3072, 2048), "o": (2048, 2048), "gate": (8192, 2048), "up": (8192, 2048), "down": (2048, 8192)}
 STREAM = ("encoded", "sign_mantissa", "gaps", "output_positions", "luts", "code_lengths")
@@ -111,17 +111,7 @@ def bench() -> None:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="CPU: tiny interpreter correctness check")
-    args = parser.parse_args()
-    if args.smoke:
-        return smoke()
-    if not torch.cuda.is_available():
-        print("df11_gemv benchmark: needs a CUDA GPU (interpreter timings are not performance); "
-              "run with --smoke for a CPU correctness check. Nothing measured.")
-        return 0
-    bench()
-    return 0
+    return kernel_bench_main(__file__, __doc__, smoke, bench, smoke_help="CPU: tiny interpreter correctness check")
 
 
 if __name__ == "__main__":

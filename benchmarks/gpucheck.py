@@ -36,6 +36,7 @@ VARIANTS = {  # name -> (dtype, compile options)
     "bf16": (torch.bfloat16, {}),
     "bf16-df11": (torch.bfloat16, {"quant": "df11"}),
     "bf16-int6": (torch.bfloat16, {"quant": "int6", "int6_method": "rtn"}),
+    "bf16-int6-a8": (torch.bfloat16, {"quant": "int6", "int6_method": "rtn", "int6_act": "a8"}),
     "fp32": (torch.float32, {}),
     "fp32-int6": (torch.float32, {"quant": "int6", "int6_method": "rtn"}),
     # deterministic mode: LayerCast matmuls (16-bit weights, fp32 math), batch-invariant tiles, fp32 KV caches
@@ -84,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--out", default=None, help="results file (default: print only)")
     args = p.parse_args(argv)
+    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+    if unknown:
+        p.error(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     t0 = time.perf_counter()
     builds: list[tuple[str, TargetBuild]] = []
     lines: list[str] = []

@@ -14,13 +14,13 @@ from triton.language import TRITON_MAX_TENSOR_NUMEL
 
 from braze.kernels import INTERPRETER, TARGETS, DeviceSpec
 from braze.kernels.matmul import (
-    GEMV_MAX_M,
     INTERPRETER_MAX_BLOCK_N,
     MATMUL,
     MatmulSpec,
     gemv_config,
     matmul_config,
     render_matmul,
+    takes_gemv_form,
 )
 from braze.runtime.kernel_loader import load_kernel_module
 
@@ -286,7 +286,7 @@ def test_matmul_config_fits_the_device(device: DeviceSpec) -> None:
         for dual in (False, True):
             for elem in (2, 4):
                 cfg = matmul_config(M, N, K, device, elem_size=elem, dual=dual)
-                gemv = M <= GEMV_MAX_M and not device.interpret
+                gemv = takes_gemv_form(M, N, K, dual=dual) and not device.interpret
                 assert cfg.row_dot == gemv
                 for b in (cfg.block_m, cfg.block_n, cfg.block_k):
                     assert b >= (1 if gemv else 16) and b & (b - 1) == 0
@@ -325,8 +325,16 @@ def test_gemv_grid_covers_every_sm(target: str) -> None:
             assert per_thread <= 32, (M, N, K, cfg)
 
 
-@pytest.mark.parametrize(("M", "dt", "target"), [(1, "float32", "sm_90"), (3, "float16", "sm_80"),
-                                                 (16, "float32", "sm_86")])
+def test_gemv_form_only_where_it_measured_faster() -> None:
+    """The H200 tile benchmark's verdict on the 1B decode linears: GEMV at M=1 for o_proj and down_proj only."""
+    o, down = (2048, 2048), (2048, 8192)
+    for M in (1, 2, 16):
+        for N, K, dual in LLAMA_1B_DECODE:
+            cfg = matmul_config(M, N, K, TARGETS["sm_90"], dual=dual)
+            assert cfg.row_dot == (M == 1 and (N, K) in (o, down)), (M, N, K, dual)
+
+
+@pytest.mark.parametrize(("M", "dt", "target"), [(1, "float32", "sm_90"), (1, "float16", "sm_80")])
 def test_gemv_form_through_the_launcher(M: int, dt: str, target: str) -> None:
     """The GEMV launch a GPU gets at decode, under the interpreter: plain + bias + GELU, and the fused
     norm -> gate/up -> SwiGLU -> + residual block, vs torch; ragged N and K tiles."""

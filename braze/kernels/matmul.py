@@ -107,9 +107,9 @@ def matmul_config(M: int, N: int, K: int, device: DeviceSpec, *, elem_size: int 
                   deterministic: bool = False) -> MatmulConfig:
     """Tiles, warps and stages for one launch.
 
-    The interpreter pays per program, so it gets the biggest tiles. On a GPU, decode (small M) is bandwidth bound
-    and wants enough programs to cover the SMs; stages are as deep as the device's shared memory per block allows
-    (one stage holds an A tile and one or two W tiles), at most 4 and at least 2 (the tile shrinks in K first).
+    The interpreter pays per program, so it gets the biggest tiles. On a GPU a few single-row launches take the
+    GEMV form (takes_gemv_form); the rest are tl.dot tiles (mma_config): decode is bandwidth bound and wants
+    enough programs to cover the SMs, and stages are as deep as the device's shared memory per block allows.
 
     deterministic: the batch-invariant configuration: nothing depends on M (BLOCK_M fixed at 16, BLOCK_N/BLOCK_K
     from N and K only, no split-K), so a row's dot products are the same computation at any batch size.
@@ -120,8 +120,15 @@ def matmul_config(M: int, N: int, K: int, device: DeviceSpec, *, elem_size: int 
         # Interpreted time is the weight loads plus a fixed NumPy cost per op; wide N tiles and a 128-deep K tile
         # keep both low (SmolLM2's 49152 x 576 lm_head at M=1: 12.7 s at 128 x 128, 1.5 s at 2048 x 128).
         return MatmulConfig(pow2_clamp(M, 16, 64), pow2_clamp(N, 16, INTERPRETER_MAX_BLOCK_N), pow2_clamp(K, 16, 128))
-    if M <= GEMV_MAX_M:
+    if takes_gemv_form(M, N, K, dual=dual):
         return gemv_config(M, N, K, device, elem_size=elem_size, dual=dual)
+    return mma_config(M, N, K, device, elem_size=elem_size, dual=dual)
+
+
+def mma_config(M: int, N: int, K: int, device: DeviceSpec, *, elem_size: int = 2, dual: bool = False
+               ) -> MatmulConfig:
+    """tl.dot (tensor-core) launch: BLOCK_M covers M (at least the 16-row MMA tile), BLOCK_N halves until the
+    grid covers the SMs, and the K tile and stages fit the device's shared memory per block."""
     block_m = pow2_clamp(M, 16, 128)
     block_n = pow2_clamp(N, 16, 64 if dual else 128)
     block_k = pow2_clamp(K, 16, 64 if block_m >= 64 else 128)
@@ -140,7 +147,18 @@ def matmul_config(M: int, N: int, K: int, device: DeviceSpec, *, elem_size: int 
 
 
 INTERPRETER_MAX_BLOCK_N = 2048
-GEMV_MAX_M = 16  # decode rows (batch x draft tokens) up to which a GPU launch takes the GEMV form
+GEMV_MAX_M = 1  # decode rows (batch x draft tokens) up to which a GPU launch may take the GEMV form
+
+
+def takes_gemv_form(M: int, N: int, K: int, *, dual: bool = False) -> bool:
+    """Whether a GPU launch uses the GEMV form (ROW_DOT) rather than tl.dot tiles.
+
+    benchmarks/matmul_tiles.py on an H200 (2026-11-30, Llama-3.2-1B shapes, bf16): the GEMV form wins only at M=1
+    on single-weight GEMMs with K >= N (o_proj 10.1 vs 10.6 us, down_proj 24.6 vs 28.9 us); tl.dot wins QKV,
+    gate/up and lm_head at M=1 and every shape from M=2 on (2-37x at M=8: the per-row reduction's cost grows with
+    M while a 16-row MMA tile is free up to 16 rows).
+    """
+    return M <= GEMV_MAX_M and not dual and K >= N
 GEMV_MIN_BLOCK_N = 4
 # fp32 products of one K tile per thread (per weight): 48-128 registers, no spills (ptxas, sm_80-90); 64 took
 # up to 221 registers and spilled at M=8 on sm_86/89
@@ -153,7 +171,7 @@ def gemv_config(M: int, N: int, K: int, device: DeviceSpec, *, elem_size: int = 
     SM (a b=1 GEMV is bandwidth bound: an idle SM is lost bandwidth); BLOCK_K takes what is left of a per-thread
     register budget for the [BLOCK_M, BLOCK_K, BLOCK_N] product tile, so a program streams long contiguous runs
     of each weight row."""
-    block_m = pow2_clamp(M, 1, GEMV_MAX_M)
+    block_m = pow2_clamp(M, 1, 16)
     block_n = 16 if dual else 32
     while block_n > GEMV_MIN_BLOCK_N and triton.cdiv(N, block_n) < device.sm_count:
         block_n //= 2
