@@ -14,6 +14,7 @@ import braze.runtime.generate as generate_mod
 from braze.kernels.device import INTERPRETER, TARGETS
 from braze.kernels.matmul import matmul_config
 from braze.models import tiny_causal_lm
+from braze.runtime.errors import ConfigError
 
 NEW = 4
 MAX_BATCH = 8
@@ -350,11 +351,12 @@ def _same_bits(a, b):
 
 class _OracleTreeDrafter:
     """Draft trees around a known continuation (plain decoding's tokens per prompt): at each depth a wrong token
-    first, then the right one, whose children continue. Acceptance takes every second node, so an accepted node's
-    ancestors are not consecutive slots (verify_as_decode gathers them) and the kept K/V get compacted."""
+    first, then the right one, whose children continue (branching=False: the right path alone). Acceptance takes
+    every second node, so an accepted node's ancestors are not consecutive slots (verify_as_decode gathers them)
+    and the kept K/V get compacted."""
 
-    def __init__(self, continuations: dict, vocab: int):
-        self.continuations, self.vocab, self.seen = continuations, vocab, {}
+    def __init__(self, continuations: dict, vocab: int, branching: bool = True):
+        self.continuations, self.vocab, self.seen, self.branching = continuations, vocab, {}, branching
 
     def start_request(self, req, tokens):
         self.seen[req] = [self.continuations[tuple(tokens)], 0]
@@ -369,6 +371,9 @@ class _OracleTreeDrafter:
         from braze.runtime.suffix_tree import Draft
 
         want, done = self.seen[req]
+        if not self.branching:  # a path: the right tokens only
+            path = want[done:done + max_spec_tokens]
+            return Draft(path, list(range(-1, len(path) - 1)), score=len(path)) if path else None
         tokens, parents, parent = [], [], -1
         for t in want[done:done + max_spec_tokens // 2]:
             tokens += [(t + 1) % self.vocab, t]
@@ -434,6 +439,33 @@ def test_keyed_sampling_is_batch_invariant_and_seeded():
         tokens, logits = sampled(batch, row, seed, 11)
         assert torch.equal(tokens, tokens1) and _same_bits(logits, logits1), (batch, row)
     assert not torch.equal(sampled(1, 0, 0, 12)[0], tokens1)
+
+
+def test_a_seed_per_prompt_samples_what_each_prompt_samples_alone():
+    """seed=[...] (keyed sampling): each row of a batch samples, plain and speculative, the tokens (and bitwise the
+    logits) it samples alone with its own seed; seeds per prompt without deterministic=True, or a count that does
+    not match the batch, are one-line ConfigErrors."""
+    model = tiny_causal_lm("llama", layers=1)
+    cm = braze.compile(model, max_seq=32, max_batch=4, deterministic=True)
+    ids = torch.tensor([[0, 0, 5, 6, 7, 5, 6, 7], [9, 10, 11, 12, 9, 10, 11, 12], [0, 3, 4, 3, 4, 3, 4, 3]])
+    mask = (ids != 0).long()
+    seeds = [11, 12, 13]
+    kw = dict(max_new_tokens=8, eos_token_id=None, pad_token_id=0, do_sample=True, temperature=0.9,
+              output_logits=True)
+    alone = [cm.generate(ids[b:b + 1][:, mask[b].argmax():], seed=seeds[b], **kw) for b in range(3)]
+    for spec in ({}, {"speculate": True, "max_spec_tokens": 4}):
+        out = cm.generate(ids, attention_mask=mask, seed=seeds, **kw, **spec)
+        for b in range(3):
+            assert torch.equal(out.sequences[b, ids.shape[1]:], alone[b].sequences[0, -8:]), (spec, b)
+            assert _same_bits(out.logits[b], alone[b].logits[0]), (spec, b)
+    shared = cm.generate(ids, attention_mask=mask, seed=11, **kw)
+    assert not torch.equal(shared.sequences[1:], out.sequences[1:])  # the seeds matter
+    with pytest.raises(ConfigError, match="3 prompts"):
+        cm.generate(ids, attention_mask=mask, seed=[1, 2], **kw)
+    plain = braze.compile(model, max_seq=32, max_batch=4, executor="reference")
+    with pytest.raises(ConfigError, match="deterministic=True") as e:
+        plain.generate(ids, attention_mask=mask, seed=seeds, **kw)
+    assert "\n" not in str(e.value)
 
 
 def test_keyed_noise_samples_the_filtered_distribution():

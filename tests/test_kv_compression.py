@@ -321,8 +321,11 @@ def test_packages_and_the_compile_cache_hold_compression(lm, policy, tmp_path, m
     hit = braze.compile(model, **opts)
     assert hit.report.extra["cache"].startswith("hit: loaded "), hit.report.extra["cache"]
     assert torch.equal(hit.generate(ids, attention_mask=mask, max_new_tokens=5), want)
-    with pytest.raises(InputMismatchError, match="compressed KV cache"):  # a package cannot ask for it at compile
-        loaded.generate(ids, attention_mask=mask, max_new_tokens=5, speculate=True)
+    if policy == "keydiff":  # the package's verify plan reads the compressed cache too
+        assert torch.equal(loaded.generate(ids, attention_mask=mask, max_new_tokens=5, speculate=True), want)
+    else:
+        with pytest.raises(InputMismatchError, match="speculative decoding"):
+            loaded.generate(ids, attention_mask=mask, max_new_tokens=5, speculate=True)
     assert hit.generator.stats.kv_cache_bytes == cm.generator.stats.kv_cache_bytes
     assert hit.generator.stats.extra == cm.generator.stats.extra  # the uncompressed size it is measured against
 
@@ -355,6 +358,49 @@ def test_rkv_recompresses_during_decoding_and_kernels_match_the_reference(lm):
     assert "kv_record_query" in cm.report.extra["decode eager steps"]  # the query ring runs as a torch step
 
 
+@pytest.mark.parametrize("policy, tree, executor", [
+    ("keydiff", False, "reference"), ("snapkv", True, "reference"), ("chunkkv", True, "reference"),
+    ("keydiff", True, "interpret"),
+])
+def test_speculation_over_the_compressed_cache_is_exact(lm, policy, tree, executor):
+    """Speculative decoding verifies drafts over the compacted cache (the verify plan's caches are declared at the
+    compressed capacity; positions continue the prompt's while slots continue the kept tokens): greedy tokens equal
+    plain decoding over the same compressed cache, with drafts accepted (path, and trees whose accepted nodes
+    are compacted), in a left-padded batch; the runner holds the compressed cache (bytes measured). The
+    interpreter case pads to CUDA-graph shapes (batch and draft buckets) as a GPU does."""
+    from braze.runtime.speculate import K_BUCKETS, SpeculativeRunner
+    from tests.test_deterministic import _OracleTreeDrafter
+
+    model, ids, mask, _ = lm
+    cm = braze.compile(model, max_seq=48, max_batch=2, executor=executor, kv_compression=policy, kv_budget=0.5,
+                       kv_window=4)
+    plain = cm.generate(ids, attention_mask=mask, max_new_tokens=10)
+    compressed_bytes = cm.generator.stats.kv_cache_bytes
+    full_bytes = cm.generator.stats.extra["kv_cache_bytes_uncompressed"]
+    runner = cm.generator.spec = SpeculativeRunner(cm.generator, adaptive=False)
+    if executor == "interpret":
+        runner.pad_batches, runner.k_buckets = True, K_BUCKETS
+    cont = {tuple(ids[b][mask[b].bool()].tolist()): plain[b, ids.shape[1]:].tolist() for b in range(2)}
+    runner.drafter = _OracleTreeDrafter(cont, 256, branching=tree)
+    spec = cm.generate(ids, attention_mask=mask, max_new_tokens=10, speculate=True, spec_tree=tree,
+                       max_spec_tokens=4)
+    assert torch.equal(spec, plain)
+    stats = runner.stats
+    assert stats.verify_steps > 0 and stats.accepted_drafts >= stats.verify_steps, stats
+    assert stats.tree_steps > 0 if tree else stats.tree_steps == 0
+    assert runner.kv_cache_bytes == compressed_bytes == full_bytes // 2
+
+
+@pytest.mark.parametrize("policy, match", [("adakv", "heads hold different lengths"),
+                                           ("rkv", "re-compresses during decoding")])
+def test_speculation_refuses_policies_it_cannot_verify(lm, policy, match):
+    model, ids, mask, _ = lm
+    cm = braze.compile(model, max_seq=48, max_batch=2, executor="reference", kv_compression=policy, kv_budget=32)
+    with pytest.raises(InputMismatchError, match=match) as e:
+        cm.generate(ids, attention_mask=mask, max_new_tokens=4, speculate=True)
+    assert "\n" not in str(e.value) and "speculate=False" in str(e.value)
+
+
 @pytest.mark.parametrize("options, match", [
     ({"kv_compression": "h2o"}, "kv_compression='h2o' is not valid"),
     ({"kv_compression": "rkv", "kv_budget": 8, "kv_window": 8}, "not more than kv_window"),
@@ -362,7 +408,8 @@ def test_rkv_recompresses_during_decoding_and_kernels_match_the_reference(lm):
     ({"kv_compression": "keydiff", "kv_budget": 1000}, "token count must be in"),
     ({"kv_compression": "keydiff", "kv_budget": "half"}, "kv_budget must be"),
     ({"kv_compression": "keydiff", "kv_window": 0}, "kv_window must be"),
-    ({"kv_compression": "keydiff", "speculate": "suffix"}, "speculate"),
+    ({"kv_compression": "adakv", "speculate": "suffix"}, "adakv.*speculative decoding"),
+    ({"kv_compression": "rkv", "kv_budget": 32, "speculate": "suffix"}, "re-compresses during decoding"),
 ])
 def test_bad_options_are_one_line_config_errors(options, match):
     with pytest.raises(ConfigError, match=match) as e:

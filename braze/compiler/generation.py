@@ -21,10 +21,10 @@ from braze.compiler.capture import Captured, lazy_module
 from braze.compiler.config import CompileConfig
 from braze.compiler.pipeline import run_passes
 from braze.compiler.report import CompileReport
-from braze.kvcompress.policy import DURING_DECODE, Budget
+from braze.kvcompress.policy import DURING_DECODE, SPECULATES, Budget
 from braze.ops.schema import op_args
 from braze.passes.fake_memo import MemoFakeTensorProp
-from braze.passes.kv_compression import compress_decode_graph, insert_kv_compression
+from braze.passes.kv_compression import compress_decode_graph, declare_compressed_caches, insert_kv_compression
 from braze.passes.quantize import fuse_df11_decode_plan
 from braze.runtime.kv_compression import CompressionSpec
 from braze.runtime.plan import Plan, SymbolSpec
@@ -104,6 +104,8 @@ def compile_generation(cap: Captured, config: CompileConfig, report: CompileRepo
         report.extra["decode eager steps"] = _fallback_summary(decode_gm, decode_record.fallbacks)
     verify_gm = copy_graph_module(gm)
     run_passes(dataclasses.replace(cap, gm=verify_gm), config, report, phases=("verify",))
+    if compression is not None and compression.policy in SPECULATES:  # verify drafts over the compacted cache
+        declare_compressed_caches(verify_gm, compression.capacity)
     verify, _ = lower_graph(verify_gm, "verify", cap.symbols, weights, config.deterministic)
     kv = _kv_inputs(gm)
     if config.deterministic:

@@ -16,6 +16,18 @@ POLICIES = ("keydiff", "snapkv", "adakv", "chunkkv", "rkv")
 UNIFORM_POLICIES = ("keydiff", "snapkv", "chunkkv", "rkv")  # every head keeps the same count: one kv_start per row
 NEEDS_QUERIES = ("snapkv", "adakv", "chunkkv", "rkv")
 DURING_DECODE = ("rkv",)  # re-compressed whenever decode fills the cache, not only after prefill
+SPECULATES = ("keydiff", "snapkv", "chunkkv")  # speculative decoding verifies drafts over these compressed caches
+
+
+def speculation_refusal(policy: str) -> str | None:
+    """Why speculative decoding does not run over `policy`'s compressed cache (None: it does)."""
+    if policy == "adakv":
+        return ("kv_compression='adakv' does not work with speculative decoding yet: its heads hold different "
+                "lengths, which the tree-verify kernel does not mask per head")
+    if policy in DURING_DECODE:
+        return (f"kv_compression={policy!r} does not work with speculative decoding yet: it re-compresses during "
+                "decoding, and rows of a speculative batch fill their caches at different steps")
+    return None
 POOL_KERNEL = 5  # SnapKV's clustering kernel (kvpress default)
 CHUNK = 20  # ChunkKV chunk length (kvpress default)
 ADAKV_SAFEGUARD = 0.2  # Ada-KV: each head keeps at least this share of the mean per-head budget (kvpress alpha)
@@ -103,5 +115,5 @@ def check_options(policy: Any, budget: Any, window: Any, max_seq: Any, speculate
     if policy in DURING_DECODE and Budget(budget).base(max_seq) <= window:
         raise ConfigError(f"kv_compression={policy!r}: kv_budget={budget!r} leaves {Budget(budget).base(max_seq)} "
                           f"slots, not more than kv_window={window}; raise kv_budget or lower kv_window")
-    if speculate is not None:
-        raise ConfigError("kv_compression does not work with speculate yet (verify runs over the full cache)")
+    if speculate is not None and speculation_refusal(policy):
+        raise ConfigError(speculation_refusal(policy))

@@ -119,15 +119,21 @@ def _record_queries(gm: fx.GraphModule, layers: list[tuple[int, fx.Node]], windo
                       {"cos": a["cos"], "sin": a["sin"]})
 
 
-def compress_decode_graph(gm: fx.GraphModule, policy: str, capacity: int, window: int = 0) -> None:
-    """Decode graph: caches at the compressed capacity; adakv layers mask with their per-head start; rkv records
-    each step's queries."""
-    layers = _layers(gm)
+def declare_compressed_caches(gm: fx.GraphModule, capacity: int) -> None:
+    """The graph's KV-cache inputs at the compressed capacity (decode, and verify for speculation: both read and
+    write the compacted cache; RoPE takes positions from position_ids, not from cache slots)."""
     for n in gm.graph.nodes:
         if n.op == "placeholder" and n.name.startswith("kv_cache_"):
             fake = n.meta["val"]
             with fake.fake_mode:
                 n.meta["val"] = torch.empty(_cache_shape(fake, capacity), dtype=fake.dtype, device=fake.device)
+
+
+def compress_decode_graph(gm: fx.GraphModule, policy: str, capacity: int, window: int = 0) -> None:
+    """Decode graph: caches at the compressed capacity; adakv layers mask with their per-head start; rkv records
+    each step's queries."""
+    layers = _layers(gm)
+    declare_compressed_caches(gm, capacity)
     if policy in DURING_DECODE:
         _record_queries(gm, layers, window)
         gm.graph.lint()

@@ -14,7 +14,7 @@ import torch
 from braze.runtime.errors import ConfigError, InputMismatchError, ShapeOutOfRangeError
 from braze.runtime.executor import PlanExecutor, zeros_for
 from braze.runtime.generation_stats import GenerationStats
-from braze.runtime.sampling import KeyedNoise, check_sampling, select_next
+from braze.runtime.sampling import KeyedNoise, check_sampling, check_seed, select_next
 
 DEFAULT = object()  # "use the model's generation_config value" (an explicit None means "none", as in HF)
 
@@ -98,13 +98,28 @@ class Generator:
             self._state[batch] = state
         return state
 
+    @property
+    def cache_slots(self) -> int:
+        """Slots per row of the cache decode and verify write: the compressed capacity under kv_compression."""
+        return self.compression.capacity if self.compression is not None else self.max_seq
+
+    def _check_compressed_speculation(self) -> None:
+        from braze.kvcompress.policy import speculation_refusal
+
+        why = speculation_refusal(self.compression.policy)
+        if why is None and self.verify is None:
+            why = "speculative decoding over a compressed KV cache needs the verify plan, which packages do not carry"
+        if why is not None:
+            raise InputMismatchError(f"{why}; generate without it (speculate=False; braze run: drop --speculate)")
+
     def forward(self, executor: Any, ids: torch.Tensor, positions: torch.Tensor, cache_len: int,
-                kv_start: torch.Tensor, caches: dict[str, torch.Tensor], tree_mask: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """Logits [B, S, V] for `ids` at `positions`, written into the cache from `cache_len` on."""
+                kv_start: torch.Tensor, caches: dict[str, torch.Tensor], tree_mask: torch.Tensor | None = None,
+                extra: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits [B, S, V] for `ids` at `positions`, written into the cache from `cache_len` on (`extra`: further
+        plan inputs, such as kv_compression's)."""
         values = {"input_ids": ids, "position_ids": positions.contiguous(),
                   "cache_len": torch.tensor([cache_len], dtype=torch.int64, device=self.device),
-                  "kv_start": kv_start, "tree_mask": tree_mask, **caches}
+                  "kv_start": kv_start, "tree_mask": tree_mask, **caches, **(extra or {})}
         (logits,) = executor.run(self._ordered(executor, values))
         return logits
 
@@ -178,7 +193,7 @@ class Generator:
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 20,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int | None = None, eos_token_id: Any = DEFAULT, pad_token_id: Any = DEFAULT,
+                 seed: int | list[int] | None = None, eos_token_id: Any = DEFAULT, pad_token_id: Any = DEFAULT,
                  streamer: Any = None, speculate: bool | None = None, max_spec_tokens: int = 8,
                  spec_tree: bool = False, stop_strings: Any = None, tokenizer: Any = None,
                  output_logits: bool = False) -> Any:
@@ -212,19 +227,18 @@ class Generator:
         pad = self.default_pad if pad_token_id is DEFAULT else pad_token_id
         if pad is None:
             pad = int(eos_ids[0]) if len(eos_ids) else 0
+        seed = check_seed(seed, batch, self.keyed_sampling)
         generator: Any = None
         if do_sample and self.keyed_sampling:
-            generator = KeyedNoise(0 if seed is None else seed)
+            generator = KeyedNoise(seed)
         elif do_sample:
             generator = torch.Generator(device=self.device)
-            generator.manual_seed(0 if seed is None else seed)
+            generator.manual_seed(seed)
         if self.speculate_default if speculate is None else speculate:
             if stops:
                 raise InputMismatchError("stop_strings do not work with speculative decoding yet (speculate=False)")
             if self.compression is not None:
-                raise InputMismatchError("speculative decoding does not run over a compressed KV cache yet (the "
-                                         "verify step reads the full cache); generate without it (speculate=False; "
-                                         "braze run: drop --speculate)")
+                self._check_compressed_speculation()
             if streamer is not None and batch > 1:
                 raise InputMismatchError(f"a streamer with speculative decoding takes one prompt, got a batch of "
                                          f"{batch} (rows accept different numbers of tokens per step)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -42,6 +43,25 @@ def check_sampling(do_sample: bool, temperature: Any, top_k: Any, top_p: Any) ->
         raise ConfigError("temperature must be > 0 when sampling (do_sample=True); for greedy decoding pass "
                           "do_sample=False")
     return float(temperature), int(top_k), float(top_p)
+
+
+def check_seed(seed: Any, batch: int, keyed: bool) -> int | list[int]:
+    """generate's seed: None (0), an int, or (keyed sampling, deterministic=True) one int per prompt."""
+    if seed is None:
+        return 0
+    if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+        return int(seed)
+    if isinstance(seed, torch.Tensor) and seed.dim() == 1 and not seed.dtype.is_floating_point:
+        seed = seed.tolist()
+    if isinstance(seed, (list, tuple)) and seed and all(isinstance(s, numbers.Integral) and not isinstance(s, bool)
+                                                        for s in seed):
+        if not keyed:
+            raise ConfigError("a seed per prompt needs keyed sampling (braze.compile(..., deterministic=True)); "
+                              "give one int seed")
+        if len(seed) != batch:
+            raise ConfigError(f"seed has {len(seed)} values for a batch of {batch} prompts (one per prompt)")
+        return [int(s) for s in seed]
+    raise ConfigError(f"seed must be an int (or, with deterministic=True, a list of one int per prompt), got {seed!r}")
 
 
 def process_logits(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = 0,
@@ -99,15 +119,27 @@ class KeyedNoise:
     filtered softmax). Nothing depends on the batch, the row, or how many draws came before, so a request samples
     the same tokens alone or in any batch, and speculative decoding, which accepts a draft token when it equals the
     keyed sample at its position (greedy acceptance on the perturbed scores: lossless), emits plain decoding's
-    tokens exactly. deterministic=True compiles sample with it. Rows of one call share the seed: two rows at the
-    same position with the same logits sample the same token."""
+    tokens exactly. deterministic=True compiles sample with it. One seed is shared by every row (two rows at the same
+    position with the same logits sample the same token); a list gives each row its own (rows past the list, a
+    batch bucket's padding, take the first)."""
 
-    def __init__(self, seed: int):
-        self.seed = int(seed) & _MASK32
+    def __init__(self, seed: int | Sequence[int]):
+        seeds = [seed] if isinstance(seed, int) else list(seed)
+        self.seeds = torch.tensor([int(s) & _MASK32 for s in seeds], dtype=torch.int64)
+
+    def _row_seeds(self, positions: torch.Tensor) -> torch.Tensor:
+        """Seeds broadcastable against `positions` (rows along its first dimension)."""
+        seeds = self.seeds.to(positions.device)
+        if len(seeds) == 1 or positions.dim() == 0:
+            return seeds[0]
+        rows = positions.shape[0]
+        seeds = torch.cat([seeds, seeds[:1].expand(max(0, rows - len(seeds)))])[:rows]
+        return seeds.reshape(rows, *[1] * (positions.dim() - 1))
 
     def gumbel(self, positions: torch.Tensor, vocab: int) -> torch.Tensor:
         """Gumbel noise float64 [*positions.shape, vocab] for the token positions (int tensor)."""
-        key = _mix32(_mix32(torch.full_like(positions, self.seed, dtype=torch.int64)) ^ (positions.long() & _MASK32))
+        seeds = torch.broadcast_to(self._row_seeds(positions), positions.shape)
+        key = _mix32(_mix32(seeds.to(torch.int64)) ^ (positions.long() & _MASK32))
         v = torch.arange(vocab, device=positions.device, dtype=torch.int64)
         h = _mix32(_mix32(key[..., None] ^ v) ^ 0x5BD1E995)
         u = (h.double() + 0.5) / 2.0**32

@@ -232,18 +232,19 @@ class SpeculativeRunner:
         if graphs and verify is not None and not host_read:
             from braze.runtime.cuda_graphs import CudaGraphRunner
 
-            # own graph runners: graphs capture the KV cache by identity, and these caches are the runner's
-            state = ("kv_cache_", "kv_start")
+            # own graph runners over the generator's per-bucket state (graphs capture it by identity)
+            state = generator.STATE_PREFIXES
             self.verify_graphs = CudaGraphRunner(generator.verify, static_prefixes=state)
             self.decode_graphs = CudaGraphRunner(generator.decode, static_prefixes=state)
-        self._state: dict[int, tuple[dict[str, torch.Tensor], torch.Tensor]] = {}
+        self._state: dict[int, dict[str, torch.Tensor]] = {}
+        self._extra: dict[str, torch.Tensor] = {}  # decode / verify inputs beyond the caches (kv_compression)
 
     # ---------------------------------------------------------------------------------------------- drafting
 
     def _draft_for(self, row: RowState, limit: int) -> Draft | None:
         """Whether row `row` drafts this step, and its draft: None = a plain (one-token) step for this row.
         `limit` caps the draft length for the batch (every row's verify slots must fit in the cache)."""
-        room = min(self.max_spec_tokens, row.budget - len(row.out) - 1, self.gen.max_seq - row.cached - 1, limit)
+        room = min(self.max_spec_tokens, row.budget - len(row.out) - 1, self.gen.cache_slots - row.cached - 1, limit)
         if room <= 0:
             return None
         draft = self.drafter.draft(row.req, max_spec_tokens=room, max_spec_factor=self.max_spec_factor,
@@ -254,13 +255,14 @@ class SpeculativeRunner:
 
     # ------------------------------------------------------------------------------------------ batch state
 
-    def _buffers(self, batch: int) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """KV caches and kv_start for a batch; kept per batch size when graphs capture them by identity."""
-        if not self.pad_batches:
-            return self.gen.new_caches(batch), torch.zeros(batch, dtype=torch.int32, device=self.gen.device)
+    def _buffers(self, batch: int) -> dict[str, torch.Tensor]:
+        """The generator's decode state for a batch (kv_start, the caches: compressed ones under kv_compression);
+        kept per batch size when shapes are padded to buckets (graphs capture the state by identity)."""
         if batch not in self._state:
-            self._state[batch] = (self.gen.new_caches(batch),
-                                  torch.zeros(batch, dtype=torch.int32, device=self.gen.device))
+            state = self.gen._buffers(batch)
+            if not self.pad_batches:
+                return state
+            self._state[batch] = state
         return self._state[batch]
 
     def _emit(self, row: RowState, accepted: list[int], bonus: int | None, eos: set[int],
@@ -299,9 +301,9 @@ class SpeculativeRunner:
         st = self.stats
         t0 = time.perf_counter()
         ids = torch.tensor([[r.pending] for r in rows], device=g.device)
-        pos = torch.tensor([[max(min(cached, g.max_seq - 1) - r.kv_start, 0)] for r in rows], device=g.device)
+        pos = torch.tensor([[max(min(cached, g.cache_slots - 1) - r.kv_start, 0)] for r in rows], device=g.device)
         values = {"input_ids": ids, "position_ids": pos, "kv_start": kv_start,
-                  "cache_len": torch.tensor([cached], dtype=torch.int64, device=g.device), **caches}
+                  "cache_len": torch.tensor([cached], dtype=torch.int64, device=g.device), **caches, **self._extra}
         inputs = g._ordered(g.decode, values)
         t1 = time.perf_counter()
         (logits,) = self.decode_graphs.run(inputs) if self.decode_graphs else g.decode.run(inputs)
@@ -326,7 +328,7 @@ class SpeculativeRunner:
                     ) -> torch.Tensor:
         g = self.gen
         values = {"input_ids": batch.ids, "position_ids": batch.positions, "cache_len": batch.cache_len,
-                  "kv_start": kv_start, "tree_mask": batch.tree_mask, **caches}
+                  "kv_start": kv_start, "tree_mask": batch.tree_mask, **caches, **self._extra}
         inputs = g._ordered(g.verify, values)
         captured = batch.drafts.shape[1] in self.k_buckets and self.verify_graphs is not None
         (logits,) = self.verify_graphs.run(inputs) if captured else g.verify.run(inputs)
@@ -383,7 +385,7 @@ class SpeculativeRunner:
         st = self.stats
         t0 = time.perf_counter()
         k = bucket_size(max(len(d) if d is not None else 0 for d in drafts), self.k_buckets, limit)
-        batch = build_verify_batch(rows, drafts, k, g.max_seq, g.device)
+        batch = build_verify_batch(rows, drafts, k, g.cache_slots, g.device)
         t1 = time.perf_counter()
         logits = self._run_verify(batch, kv_start, caches)
         t2 = time.perf_counter()
@@ -409,7 +411,7 @@ class SpeculativeRunner:
     def _step(self, rows: list[RowState], kv_start: torch.Tensor, caches: dict[str, torch.Tensor],
               sample: dict[str, Any], eos: set[int]) -> None:
         live = [r for r in rows if not r.done]
-        limit = self.gen.max_seq - 1 - max(r.cached for r in live)  # every live row's verify slots must fit
+        limit = self.gen.cache_slots - 1 - max(r.cached for r in live)  # every live row's verify slots must fit
         t0 = time.perf_counter()
         drafts = [None if r.done else self._draft_for(r, limit) for r in rows]
         t1 = time.perf_counter()
@@ -438,13 +440,15 @@ class SpeculativeRunner:
         if bsz > real:  # dummy rows (copies of row 0) own their own cache rows and start finished
             ids = torch.cat([ids, ids[:1].expand(bsz - real, -1)])
             mask = torch.cat([mask, mask[:1].expand(bsz - real, -1)])
-        caches, kv_start = self._buffers(bsz)
+        state = self._buffers(bsz)
+        kv_start = state["kv_start"]
         kv_start.copy_((mask == 0).sum(-1).to(torch.int32))
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
-        self.kv_cache_bytes = sum(c.numel() * c.element_size() for c in caches.values())
         st = self.stats
         start = time.perf_counter()
-        logits = g.forward(g.prefill, ids, positions, 0, kv_start, caches)
+        logits, caches, base = self._prefill(ids, positions, kv_start, state, max_new_tokens)
+        real_lens = (mask != 0).sum(-1).tolist()
+        self.kv_cache_bytes = sum(c.numel() * c.element_size() for c in caches.values())
         sample = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p,
                   "generator": generator}
         first = select_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator,
@@ -452,10 +456,9 @@ class SpeculativeRunner:
         t0 = time.perf_counter()
         st.prefill_seconds += t0 - start
         eos = set(eos_ids.tolist())
-        starts = kv_start.tolist()
         rows = []
-        for b in range(bsz):
-            row = RowState(b, self._next_request, max_new_tokens, int(first[b]), ids.shape[1], starts[b],
+        for b in range(bsz):  # a row's cache slot base + i holds its token at position real_lens[b] + i
+            row = RowState(b, self._next_request, max_new_tokens, int(first[b]), base, base - real_lens[b],
                            [int(first[b])], logits=[logits[b, -1].clone()] if self.record_logits else None)
             row.done = b >= real or row.pending in eos or max_new_tokens <= 1
             self._next_request += 1
@@ -479,6 +482,25 @@ class SpeculativeRunner:
         if self.record_logits:
             self.recorded = [torch.stack(r.logits[:max_new_tokens]) for r in rows[:real]]
         return [r.out[:max_new_tokens] for r in rows[:real]]
+
+    def _prefill(self, ids: torch.Tensor, positions: torch.Tensor, kv_start: torch.Tensor,
+                 state: dict[str, torch.Tensor], max_new_tokens: int
+                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+        """Prefill a batch: (logits, the caches decode and verify write, the first slot they write). Under
+        kv_compression the prompt goes through a transient full cache and is compacted into the state's compressed
+        caches; kv_start becomes each row's start there (uniform policies, runtime/kv_compression.py)."""
+        g = self.gen
+        caches = {name: t for name, t in state.items() if name.startswith("kv_cache_")}
+        self._extra = {}
+        if g.compression is None:
+            return g.forward(g.prefill, ids, positions, 0, kv_start, caches), caches, ids.shape[1]
+        from braze.runtime.kv_compression import decode_state, plan_call, prefill_inputs
+
+        call = plan_call(g.compression, ids.shape[1], max_new_tokens, g.max_seq, state)
+        logits = g.forward(g.prefill, ids, positions, 0, kv_start, g.new_caches(ids.shape[0]),
+                           extra=prefill_inputs(call, g.device))
+        _, self._extra = decode_state(g.compression, call, kv_start)
+        return logits, call.caches, call.end
 
     def _policy_clock(self) -> tuple[float, float]:
         """The policy's own time in drafting and in learning from emitted tokens (runtime/spec_policy.py)."""
