@@ -24,7 +24,7 @@ from braze.compiler.report import CompileReport
 from braze.kvcompress.policy import DURING_DECODE, SPECULATES, Budget
 from braze.ops.schema import op_args
 from braze.passes.fake_memo import MemoFakeTensorProp
-from braze.passes.kv_compression import compress_decode_graph, declare_compressed_caches, insert_kv_compression
+from braze.passes.kv_compression import compress_decode_graph, compress_verify_graph, insert_kv_compression
 from braze.passes.quantize import fuse_df11_decode_plan
 from braze.runtime.kv_compression import CompressionSpec
 from braze.runtime.plan import Plan, SymbolSpec
@@ -105,7 +105,7 @@ def compile_generation(cap: Captured, config: CompileConfig, report: CompileRepo
     verify_gm = copy_graph_module(gm)
     run_passes(dataclasses.replace(cap, gm=verify_gm), config, report, phases=("verify",))
     if compression is not None and compression.policy in SPECULATES:  # verify drafts over the compacted cache
-        declare_compressed_caches(verify_gm, compression.capacity)
+        compress_verify_graph(verify_gm, compression.policy, compression.capacity)
     verify, _ = lower_graph(verify_gm, "verify", cap.symbols, weights, config.deterministic)
     kv = _kv_inputs(gm)
     if config.deterministic:

@@ -7,7 +7,7 @@ explicit strides, so q/k/v may be strided views of one fused QKV projection.
 
 Flash attention forward, `render_attention(AttentionSpec)`; kernel `<name>`::
 
-    <name>(q_ptr, k_ptr, v_ptr, out_ptr, [cos_ptr, sin_ptr], [kv_start_ptr],
+    <name>(q_ptr, k_ptr, v_ptr, out_ptr, [cos_ptr, sin_ptr], [kv_start_ptr, stride_ksb, stride_ksh],
            [tree_ptr, stride_tm_b, stride_tm_i, stride_tm_j, past_ptr, stride_past] | [past_ptr, stride_past],
            Sq, Skv, Hq, GROUP, D,
            stride_qb, stride_qh, stride_qs, stride_qd, stride_kb, stride_kh, stride_ks, stride_kd,
@@ -17,7 +17,8 @@ Flash attention forward, `render_attention(AttentionSpec)`; kernel `<name>`::
 
   q/out [B, Hq, Sq, D], k/v [B, Hkv, Skv, D], GROUP = Hq // Hkv (query head h reads kv head h // GROUP).
   Query row i sits at absolute position Skv - Sq + i; causal lets it see keys j <= that position.
-  kv_start int32 [B]: keys j < kv_start[b] are left padding. A row with no visible key outputs 0.
+  kv_start int32 [B]: keys j < kv_start[b] are left padding, or [B, Hkv]: kv head h's keys j < kv_start[b, h]
+  (a compressed cache whose heads hold different lengths). A row with no visible key outputs 0.
   cos/sin [B, >=Skv, D] (same strides, batch stride may be 0) are indexed by absolute position:
   key j uses row j and query i uses row Skv - Sq + i (the same as i when Sq == Skv).
   tree_mask (needs causal; speculative tree verification): tree [B, Sq, Sq] (any integer/bool dtype; batch
@@ -250,8 +251,8 @@ def flash_attention(kernel: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         if cos.stride() != sin.stride():
             cos, sin = cos.contiguous(), sin.contiguous()
         args += [cos, sin]
-    if kv_start is not None:
-        args.append(kv_start)
+    if kv_start is not None:  # [B], or [B, Hkv] per kv head (kv_compression="adakv")
+        args += [kv_start, _row_stride(kv_start), kv_start.stride(1) if kv_start.dim() == 2 else 0]
     if tree_mask is not None:  # tree [(B,) Sq, Sq] and past lengths after kv_start_ptr
         if tree_mask.dtype == torch.bool:
             tree_mask = tree_mask.view(torch.uint8)  # same bytes; avoids int1 pointers

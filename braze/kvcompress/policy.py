@@ -16,14 +16,11 @@ POLICIES = ("keydiff", "snapkv", "adakv", "chunkkv", "rkv")
 UNIFORM_POLICIES = ("keydiff", "snapkv", "chunkkv", "rkv")  # every head keeps the same count: one kv_start per row
 NEEDS_QUERIES = ("snapkv", "adakv", "chunkkv", "rkv")
 DURING_DECODE = ("rkv",)  # re-compressed whenever decode fills the cache, not only after prefill
-SPECULATES = ("keydiff", "snapkv", "chunkkv")  # speculative decoding verifies drafts over these compressed caches
+SPECULATES = ("keydiff", "snapkv", "adakv", "chunkkv")  # speculative decoding verifies over these compressed caches
 
 
 def speculation_refusal(policy: str) -> str | None:
     """Why speculative decoding does not run over `policy`'s compressed cache (None: it does)."""
-    if policy == "adakv":
-        return ("kv_compression='adakv' does not work with speculative decoding yet: its heads hold different "
-                "lengths, which the tree-verify kernel does not mask per head")
     if policy in DURING_DECODE:
         return (f"kv_compression={policy!r} does not work with speculative decoding yet: it re-compresses during "
                 "decoding, and rows of a speculative batch fill their caches at different steps")

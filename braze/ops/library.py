@@ -268,7 +268,8 @@ def tree_cached_attention_reference(q, k, v, cos, sin, k_cache, v_cache, cache_l
         visible = torch.zeros(qb.shape[2], keys.shape[2], dtype=torch.bool, device=q.device)
         visible[:, :start] = True
         visible[:, start:] = masks[b]
-        outs.append(_masked_attention(qb, keys, values, visible, kv_start.reshape(-1)[rows], scale).to(q.dtype))
+        start = kv_start[rows] if kv_start.dim() == 2 else kv_start.reshape(-1)[rows]  # [B, Hkv]: per kv head
+        outs.append(_masked_attention(qb, keys, values, visible, start, scale).to(q.dtype))
     return torch.cat(outs)
 
 

@@ -29,15 +29,16 @@ def _placeholder(gm: fx.GraphModule, name: str, fake: torch.Tensor) -> fx.Node:
     return node
 
 
-def _layers(gm: fx.GraphModule) -> list[tuple[int, fx.Node]]:
-    """(cache index, attention node) for each cached attention; refuses what compression cannot serve."""
+def _layers(gm: fx.GraphModule, target: object = braze.cached_attention.default) -> list[tuple[int, fx.Node]]:
+    """(cache index, attention node) for each cached attention (`target`: the verify graph's tree attention);
+    refuses what compression cannot serve."""
     general = [n.name for n in gm.graph.nodes if n.target is braze.general_cached_attention.default]
     if general:
         raise ConfigError(f"kv_compression needs RoPE causal attention over the cache; {', '.join(general)} run "
                           "the general cached attention (positions differ from cache slots once compacted)")
     out = []
     for n in gm.graph.nodes:
-        if n.target is braze.cached_attention.default:
+        if n.target is target:
             out.append((int(op_args(n)["k_cache"].name.split("_")[2]), n))
     return out
 
@@ -136,12 +137,25 @@ def compress_decode_graph(gm: fx.GraphModule, policy: str, capacity: int, window
     declare_compressed_caches(gm, capacity)
     if policy in DURING_DECODE:
         _record_queries(gm, layers, window)
-        gm.graph.lint()
-        gm.recompile()
-        return
-    if policy != "adakv":
-        gm.recompile()
-        return
+    elif policy == "adakv":
+        _use_head_starts(gm, layers)
+    gm.graph.lint()
+    gm.recompile()
+
+
+def compress_verify_graph(gm: fx.GraphModule, policy: str, capacity: int) -> None:
+    """Verify graph (speculation over a compressed cache): caches at the compressed capacity; adakv's tree
+    attention masks each kv head with its own start, as decode does."""
+    declare_compressed_caches(gm, capacity)
+    if policy == "adakv":
+        _use_head_starts(gm, _layers(gm, braze.tree_cached_attention.default))
+    gm.graph.lint()
+    gm.recompile()
+
+
+def _use_head_starts(gm: fx.GraphModule, layers: list[tuple[int, fx.Node]]) -> None:
+    """adakv: each layer's attention masks with its cache's per-head start kvc_start_<i> [B, Hkv] (a new input)
+    instead of the per-row kv_start; kv_start is argument 8 of cached_attention and tree_cached_attention."""
     starts: dict[int, fx.Node] = {}
     for i, node in layers:
         if i not in starts:
@@ -150,7 +164,5 @@ def compress_decode_graph(gm: fx.GraphModule, policy: str, capacity: int, window
                 starts[i] = _placeholder(gm, f"kvc_start_{i}", torch.empty([kc.shape[0], kc.shape[1]],
                                                                            dtype=torch.int32, device=kc.device))
         args = list(node.args)
-        args[8] = starts[i]  # cached_attention(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, scale)
+        args[8] = starts[i]  # (q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, ...)
         node.args = tuple(args)
-    gm.graph.lint()
-    gm.recompile()
