@@ -57,6 +57,8 @@ def run_model(compiled) -> dict:
     out["weight_bytes"] = sum(t.numel() * t.element_size() for t in compiled.weights.values())
     decode = compiled.generator.decode.checker.plan  # the reference executor checks inputs against the plan
     out["decode_collectives"] = [s.target for s in decode.steps if s.target and "braze.all_" in s.target]
+    reduced = {o for s in decode.steps if s.target == "braze.all_reduce.default" for o in s.outputs}
+    out["ops_after_reduce"] = sorted({s.launcher or s.target for s in decode.steps if set(s.inputs) & reduced})
     return out
 
 
@@ -161,6 +163,9 @@ def test_collectives_per_decode_step_two_per_layer_plus_embedding(world2, world4
         assert got["counts"] == {"all_reduce": (2 * LAYERS + 1) * got["forwards"], "all_gather": got["forwards"]}
         assert sorted(got["decode_collectives"]) == (["braze.all_gather.default"]
                                                      + ["braze.all_reduce.default"] * (2 * LAYERS + 1))
+        # the residual add is folded into rank 0's partial product: a reduced hidden state goes straight into
+        # the next linears (norm prologue, residual epilogue), never through an add
+        assert got["ops_after_reduce"] == ["matmul"], got["ops_after_reduce"]
 
 
 def _sharded_bytes(model) -> int:

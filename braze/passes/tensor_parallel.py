@@ -12,8 +12,9 @@ K/V heads than ranks, each rank keeps the one K/V head its query heads read (GQA
 an all-reduce joins the rows; a tied lm_head shares the embedding's shard); norms stay replicated.
 
 Runs after substitute_attention (repeat_kv is gone, attention is one op with native GQA) and before the fusions,
-which then merge and fuse the per-rank linears as usual. The all-reduce sits between the linear and the residual
-add, so the residual is not fused into the partial product.
+which then merge and fuse the per-rank linears as usual. A residual add after the all-reduce is folded into rank 0's
+partial product (its linear's residual epilogue, with the bias): the sum over ranks then is the new hidden state,
+and the add disappears from the plan (vLLM fuses AllReduce + residual add for the same reason).
 """
 
 from __future__ import annotations
@@ -285,6 +286,45 @@ def _rewrite(region: _Region, gm: fx.GraphModule, ctx: PassContext) -> None:
     reduced.meta["braze_eager_reason"] = COLLECTIVE_REASON
     out = reduced if bias is None else new_node(gm, aten.add.Tensor, (reduced, bias), {}, ctx, after)
     lin.replace_all_uses_with(out, delete_user_cb=lambda u: u is not reduced)
+    _fold_residual(gm, ctx, lin, reduced, out, bias, region.rank)
+
+
+def _set_arg(node: fx.Node, name: str, value: object) -> None:
+    idx = [arg.name for arg in node.target._schema.arguments].index(name)
+    if idx < len(node.args):
+        node.update_arg(idx, value)
+    else:
+        node.update_kwarg(name, value)
+
+
+def _fold_residual(gm: fx.GraphModule, ctx: PassContext, lin: fx.Node, reduced: fx.Node, out: fx.Node,
+                   bias: fx.Node | None, rank: int) -> None:
+    """add(all_reduce(linear) [+ bias], residual) -> all_reduce(linear) where rank 0's linear adds bias and
+    residual in its epilogue: the ranks' partial products then sum to the new hidden state, so no add runs after
+    the collective. Skipped when the residual is not a same-shape tensor computed before the linear and used
+    elsewhere too."""
+    users = list(out.users)
+    if len(users) != 1 or not is_op(users[0], aten.add.Tensor) or users[0].kwargs:
+        return
+    add = users[0]
+    residual = add.args[1] if add.args[0] is out else add.args[0]
+    if not isinstance(residual, fx.Node) or residual is out or len(residual.users) < 2:
+        # the residual must stay live on every rank: were the add its only user, ranks other than 0 would drop
+        # whatever computes it, a collective included (Phi's parallel block: attention's all-reduced output)
+        return
+    if val(residual).shape != val(lin).shape or val(residual).dtype != val(lin).dtype:
+        return
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    if order[residual] > order[lin]:
+        return
+    if rank == 0:
+        _set_arg(lin, "bias", bias)
+        _set_arg(lin, "residual", residual)
+        lin.meta["val"] = fake_value(lin.target, lin.args, lin.kwargs, ctx)
+    add.replace_all_uses_with(reduced)
+    gm.graph.erase_node(add)
+    if out is not reduced:
+        gm.graph.erase_node(out)
 
 
 def _vocab_parallel(gm: fx.GraphModule, ctx: PassContext, rank: int, world: int) -> int:
