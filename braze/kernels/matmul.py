@@ -148,6 +148,10 @@ def mma_config(M: int, N: int, K: int, device: DeviceSpec, *, elem_size: int = 2
 
 INTERPRETER_MAX_BLOCK_N = 2048
 GEMV_MAX_M = 1  # decode rows (batch x draft tokens) up to which a GPU launch may take the GEMV form
+GEMV_MIN_BLOCK_N = 4
+# fp32 products of one K tile per thread (per weight): 48-128 registers, no spills (ptxas, sm_80-90); 64 took
+# up to 221 registers and spilled at M=8 on sm_86/89
+GEMV_ELEMS_PER_THREAD = 32
 
 
 def takes_gemv_form(M: int, N: int, K: int, *, dual: bool = False) -> bool:
@@ -159,10 +163,6 @@ def takes_gemv_form(M: int, N: int, K: int, *, dual: bool = False) -> bool:
     M while a 16-row MMA tile is free up to 16 rows).
     """
     return M <= GEMV_MAX_M and not dual and K >= N
-GEMV_MIN_BLOCK_N = 4
-# fp32 products of one K tile per thread (per weight): 48-128 registers, no spills (ptxas, sm_80-90); 64 took
-# up to 221 registers and spilled at M=8 on sm_86/89
-GEMV_ELEMS_PER_THREAD = 32
 
 
 def gemv_config(M: int, N: int, K: int, device: DeviceSpec, *, elem_size: int = 2, dual: bool = False,

@@ -16,7 +16,6 @@ POLICIES = ("keydiff", "snapkv", "adakv", "chunkkv", "rkv")
 UNIFORM_POLICIES = ("keydiff", "snapkv", "chunkkv", "rkv")  # every head keeps the same count: one kv_start per row
 NEEDS_QUERIES = ("snapkv", "adakv", "chunkkv", "rkv")
 DURING_DECODE = ("rkv",)  # re-compressed whenever decode fills the cache, not only after prefill
-SPECULATES = ("keydiff", "snapkv", "adakv", "chunkkv")  # speculative decoding verifies over these compressed caches
 
 
 def speculation_refusal(policy: str) -> str | None:
@@ -112,5 +111,6 @@ def check_options(policy: Any, budget: Any, window: Any, max_seq: Any, speculate
     if policy in DURING_DECODE and Budget(budget).base(max_seq) <= window:
         raise ConfigError(f"kv_compression={policy!r}: kv_budget={budget!r} leaves {Budget(budget).base(max_seq)} "
                           f"slots, not more than kv_window={window}; raise kv_budget or lower kv_window")
-    if speculate is not None and speculation_refusal(policy):
-        raise ConfigError(speculation_refusal(policy))
+    refusal = speculation_refusal(policy) if speculate is not None else None
+    if refusal:
+        raise ConfigError(refusal)

@@ -263,8 +263,7 @@ def _rewrite(region: _Region, gm: fx.GraphModule, ctx: PassContext) -> None:
         for key in ("weight", "bias", "gate_weight", "up_weight"):
             w = op_args(root).get(key)
             if w is not None:
-                idx = [arg.name for arg in root.target._schema.arguments].index(key)
-                root.update_arg(idx, _slice(ctx, gm, w, 0, s.start, s.local))
+                _set_arg(root, key, _slice(ctx, gm, w, 0, s.start, s.local))
     for node, s in region.specs.items():
         if is_op(node, *RESHAPES):
             shape = list(node.args[1])
@@ -290,6 +289,7 @@ def _rewrite(region: _Region, gm: fx.GraphModule, ctx: PassContext) -> None:
 
 
 def _set_arg(node: fx.Node, name: str, value: object) -> None:
+    """Set an op's argument by its schema name, positional or keyword, wherever the node holds it."""
     idx = [arg.name for arg in node.target._schema.arguments].index(name)
     if idx < len(node.args):
         node.update_arg(idx, value)

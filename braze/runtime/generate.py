@@ -7,6 +7,7 @@ token until every row is done; left-padded batches via attention_mask; a streame
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,6 +39,23 @@ class GenerateOutput(tuple):
     @property
     def logits(self) -> torch.Tensor:
         return self[1]
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+@dataclass
+class Prefilled:
+    """What prefill leaves for decode and verify: the caches they write from slot `base` on, their further inputs
+    (kv_compression's per-head starts or query rings) and, under kv_compression, the call's counts."""
+
+    logits: torch.Tensor
+    caches: dict[str, torch.Tensor]
+    base: int
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    call: Any = None  # braze.runtime.kv_compression.CompressedCall
+    uncompressed_bytes: int = 0  # kv_compression: the transient full cache prefill wrote
 
 
 class Generator:
@@ -115,6 +133,22 @@ class Generator:
                    "runs each node through the decode kernel with one start per row, not per head")
         if why is not None:
             raise InputMismatchError(f"{why}; generate without it (speculate=False; braze run: drop --speculate)")
+
+    def run_prefill(self, ids: torch.Tensor, positions: torch.Tensor, kv_start: torch.Tensor,
+                    state: dict[str, torch.Tensor], max_new_tokens: int) -> Prefilled:
+        """Prefill a batch into its decode state (`_buffers`). Under kv_compression the prompt goes through a
+        transient full cache and is compacted into the state's compressed caches (dropped on return), and kv_start
+        becomes each row's start there."""
+        if self.compression is None:
+            caches = {name: state[name] for name, _, _ in self.kv_inputs}
+            return Prefilled(self.forward(self.prefill, ids, positions, 0, kv_start, caches), caches, ids.shape[1])
+        from braze.runtime.kv_compression import decode_state, plan_call, prefill_inputs
+
+        call = plan_call(self.compression, ids.shape[1], max_new_tokens, self.max_seq, state)
+        full = self.new_caches(ids.shape[0])
+        logits = self.forward(self.prefill, ids, positions, 0, kv_start, full, extra=prefill_inputs(call, self.device))
+        _, extra = decode_state(self.compression, call, kv_start)
+        return Prefilled(logits, call.caches, call.end, extra, call, _nbytes(full))
 
     def forward(self, executor: Any, ids: torch.Tensor, positions: torch.Tensor, cache_len: int,
                 kv_start: torch.Tensor, caches: dict[str, torch.Tensor], tree_mask: torch.Tensor | None = None,
@@ -259,32 +293,15 @@ class Generator:
                 batch = bucket
         state = self._buffers(batch)
         kv_start = state["kv_start"].copy_(kv_start)
-        comp, base, extra_inputs = None, prompt_len, {}
-        if self.compression is None:
-            caches = {name: state[name] for name, _, _ in self.kv_inputs}
-        else:  # prefill fills a transient full cache and compacts it into comp.caches, which decode reads
-            from braze.runtime.kv_compression import decode_state, next_slot, plan_call, prefill_inputs
-
-            caches = self.new_caches(batch)
-            comp = plan_call(self.compression, prompt_len, max_new_tokens, self.max_seq, state)
-            extra_inputs = prefill_inputs(comp, self.device)
-        kept = comp.caches if comp is not None else caches
-        self.stats = GenerationStats(kv_cache_bytes=sum(c.numel() * c.element_size() for c in kept.values()))
-        if comp is not None:
-            self.stats.extra["kv_cache_bytes_uncompressed"] = sum(c.numel() * c.element_size()
-                                                                  for c in caches.values())
         if streamer is not None:
             streamer.put(ids[:real].cpu())
 
         start = time.perf_counter()
-        values = {"input_ids": ids, "position_ids": positions.contiguous(),
-                  "cache_len": torch.zeros(1, dtype=torch.int64, device=self.device), "kv_start": kv_start, **caches,
-                  **extra_inputs}
-        (logits,) = self.prefill.run(self._ordered(self.prefill, values))
-        if comp is not None:  # decode runs over the compressed cache; the full one is dropped here
-            caches, base = comp.caches, comp.end
-            kv_start, extra_inputs = decode_state(self.compression, comp, kv_start)
-            del values
+        pre = self.run_prefill(ids, positions, kv_start, state, max_new_tokens)
+        logits, caches, base, extra_inputs, comp = pre.logits, pre.caches, pre.base, pre.extra, pre.call
+        self.stats = GenerationStats(kv_cache_bytes=_nbytes(caches))
+        if comp is not None:
+            self.stats.extra["kv_cache_bytes_uncompressed"] = pre.uncompressed_bytes
         next_tok = select_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator, positions[:, -1] + 1)
         seen = [logits[:, -1].clone()] if output_logits else None  # (clones: plans and graphs reuse outputs)
         live: list[torch.Tensor] = []  # per new token: whether the row was still generating (with EOS / stops)
@@ -317,6 +334,8 @@ class Generator:
                 break
             pos = pos + 1
             if comp is not None:  # rkv: a full cache is compressed back to the budget first
+                from braze.runtime.kv_compression import next_slot
+
                 slot = next_slot(self.compression, comp, slot, kv_start)
             values = {"input_ids": next_tok[:, None], "position_ids": pos,
                       "cache_len": torch.tensor([slot], dtype=torch.int64, device=self.device),

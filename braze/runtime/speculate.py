@@ -449,7 +449,8 @@ class SpeculativeRunner:
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
         st = self.stats
         start = time.perf_counter()
-        logits, caches, base = self._prefill(ids, positions, kv_start, state, max_new_tokens)
+        pre = g.run_prefill(ids, positions, kv_start, state, max_new_tokens)
+        logits, caches, base, self._extra = pre.logits, pre.caches, pre.base, pre.extra
         real_lens = (mask != 0).sum(-1).tolist()
         self.kv_cache_bytes = sum(c.numel() * c.element_size() for c in caches.values())
         sample = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p,
@@ -485,25 +486,6 @@ class SpeculativeRunner:
         if self.record_logits:
             self.recorded = [torch.stack(r.logits[:max_new_tokens]) for r in rows[:real]]
         return [r.out[:max_new_tokens] for r in rows[:real]]
-
-    def _prefill(self, ids: torch.Tensor, positions: torch.Tensor, kv_start: torch.Tensor,
-                 state: dict[str, torch.Tensor], max_new_tokens: int
-                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-        """Prefill a batch: (logits, the caches decode and verify write, the first slot they write). Under
-        kv_compression the prompt goes through a transient full cache and is compacted into the state's compressed
-        caches; kv_start becomes each row's start there (uniform policies, runtime/kv_compression.py)."""
-        g = self.gen
-        caches = {name: t for name, t in state.items() if name.startswith("kv_cache_")}
-        self._extra = {}
-        if g.compression is None:
-            return g.forward(g.prefill, ids, positions, 0, kv_start, caches), caches, ids.shape[1]
-        from braze.runtime.kv_compression import decode_state, plan_call, prefill_inputs
-
-        call = plan_call(g.compression, ids.shape[1], max_new_tokens, g.max_seq, state)
-        logits = g.forward(g.prefill, ids, positions, 0, kv_start, g.new_caches(ids.shape[0]),
-                           extra=prefill_inputs(call, g.device))
-        _, self._extra = decode_state(g.compression, call, kv_start)
-        return logits, call.caches, call.end
 
     def _policy_clock(self) -> tuple[float, float]:
         """The policy's own time in drafting and in learning from emitted tokens (runtime/spec_policy.py)."""
