@@ -195,7 +195,7 @@ def test_deterministic_plans_launch_what_they_predict(det, monkeypatch):
     ids, mask = _batch_with(PROMPT, 3, 1, seed=2)
     cm.generate(ids, attention_mask=mask, max_new_tokens=2, eos_token_id=None, pad_token_id=0)
     assert {plan.name for plan, *_ in calls} >= {"prefill", "decode"}
-    # speculative path drafts: the verify plan's per-row decode-kernel attention (verify_as_decode); the second
+    # speculative path drafts: the verify plan's decode-kernel attention in its tree form (tree_decode); the second
     # call drafts the first's continuation (the suffix drafter caches responses)
     ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [0, 0, 0, 0, 9, 10, 11, 9, 10, 11]])
     for _ in range(2):
@@ -352,7 +352,7 @@ def _same_bits(a, b):
 class _OracleTreeDrafter:
     """Draft trees around a known continuation (plain decoding's tokens per prompt): at each depth a wrong token
     first, then the right one, whose children continue (branching=False: the right path alone). Acceptance takes
-    every second node, so an accepted node's ancestors are not consecutive slots (verify_as_decode gathers them)
+    every second node, so an accepted node's ancestors are not consecutive slots (tree_decode gathers them)
     and the kept K/V get compacted."""
 
     def __init__(self, continuations: dict, vocab: int, branching: bool = True):
@@ -385,7 +385,7 @@ class _OracleTreeDrafter:
 def test_speculative_verify_logits_bitwise_equal_plain_decoding():
     """deterministic=True speculation (one batched verify forward per step): the verify plan runs each query node
     through the decode plan's attention kernel over the keys decoding reads there (kernels/attention.py
-    verify_as_decode), so the logits every emitted token was chosen from (output_logits: accepted drafts and bonus
+    tree_decode), so the logits every emitted token was chosen from (output_logits: accepted drafts and bonus
     tokens alike) are bitwise plain decoding's, greedy and seeded sampling (KeyedNoise: the sample at a position is
     keyed by (seed, position), so acceptance is exact, not only in distribution). Drafts: the suffix drafter (the
     second call drafts the first's cached continuation, so drafts are accepted: asserted, so the comparison covers
@@ -395,8 +395,13 @@ def test_speculative_verify_logits_bitwise_equal_plain_decoding():
     model = tiny_causal_lm("llama", layers=1, dtype=torch.float16)
     cm = braze.compile(model, max_seq=40, max_batch=4, deterministic=True)
     tree_steps = [s for s in cm.extra_plans["verify"].steps if s.launcher == "tree_cached_attention"]
-    # host_read: the speculative runner does not capture this verify plan in CUDA graphs
-    assert tree_steps and all(s.params.get("deterministic") and s.params.get("host_read") for s in tree_steps)
+    assert tree_steps and all(s.params.get("deterministic") for s in tree_steps)
+    # lengths and the tree are read on device (CUDA-graph capturable): rope_write + tree decode + its combine
+    from braze.kernels import INTERPRETER, TARGETS
+    from braze.kernels.attention import TREE_CACHED_ATTENTION
+
+    assert {TREE_CACHED_ATTENTION.launch_count(s.params, dev, (b, 4, 5, 16)) for s in tree_steps
+            for dev in (INTERPRETER, TARGETS["sm_90"]) for b in (1, 4)} == {3}
     ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [0, 0, 0, 0, 9, 10, 11, 9, 10, 11]])
     mask = (ids != 0).long()
     kw = dict(attention_mask=mask, max_new_tokens=10, eos_token_id=None, pad_token_id=0, output_logits=True)

@@ -270,6 +270,42 @@ def test_decode_kernel_per_head_start_matches_masked_reference(splits):
     torch.testing.assert_close(out, want, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("splits, head_start", [(1, False), (3, False), (1, True), (3, True)])
+def test_tree_decode_kernel_matches_the_reference(splits, head_start):
+    """The deterministic verify's tree form of the split-KV decode kernel (tree_decode) under the interpreter = the
+    op's reference: rows at different cache lengths, left padding per row or per kv head, a branching tree whose
+    node 3's ancestors (0, 2, 3) are not consecutive slots, and a padding node (not under the pending token) that
+    outputs 0; the KV axis in 1 or 3 splits."""
+    from braze.kernels import INTERPRETER
+    from braze.kernels.attention import DecodeAttentionSpec, render_decode_attention, tree_decode
+    from braze.ops.library import _expand_kv, _masked_attention
+    from braze.runtime.kernel_loader import load_kernel_module
+
+    torch.manual_seed(5)
+    s_max, sq = 48, 5
+    q = torch.randn(B, HQ, sq, D)
+    kc, vc = torch.randn(B, HKV, s_max, D), torch.randn(B, HKV, s_max, D)
+    past = torch.tensor([20, 33])
+    kv_start = torch.tensor([[3, 12], [0, 25]] if head_start else [5, 0], dtype=torch.int32)
+    tree = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 0, 1, 1, 0], [0, 0, 0, 0, 1]],
+                        dtype=torch.bool).expand(B, sq, sq)
+    spec = DecodeAttentionSpec("tv", has_kv_start=True, out_dtype="float32", from_cache_len=True,
+                               head_start=head_start, tree=True)
+    out = torch.full_like(q, float("nan"))
+    tree_decode(load_kernel_module(render_decode_attention(spec)), "tv", q, kc, vc, out, past, kv_start, tree,
+                D ** -0.5, INTERPRETER, head_start=head_start, splits=splits)
+    assert torch.equal(out[:, :, 4], torch.zeros(B, HQ, D))  # the padding node
+    starts = kv_start if head_start else kv_start[:, None].expand(B, HKV)
+    for b in range(B):
+        n = int(past[b])
+        visible = torch.zeros(sq - 1, n + sq, dtype=torch.bool)
+        visible[:, :n] = True
+        visible[:, n:] = tree[b, :4]
+        keys, values = _expand_kv(kc[b:b + 1, :, :n + sq], vc[b:b + 1, :, :n + sq], HQ)
+        want = _masked_attention(q[b:b + 1, :, :4], keys, values, visible, starts[b:b + 1], D ** -0.5)
+        torch.testing.assert_close(out[b:b + 1, :, :4], want, atol=1e-5, rtol=1e-5)
+
+
 def test_tree_verify_kernel_per_head_start_matches_the_reference():
     """The flash kernel in tree mode with kv_start [B, Hkv] (adakv's verify) under the interpreter = the op's
     reference (braze::tree_cached_attention), rows at different cache lengths, a branching tree."""
@@ -422,15 +458,34 @@ def test_speculation_over_the_compressed_cache_is_exact(lm, policy, tree, execut
     assert runner.kv_cache_bytes == compressed_bytes == full_bytes // (1 if policy == "adakv" else 2)
 
 
-@pytest.mark.parametrize("policy, deterministic, match", [("rkv", False, "re-compresses during decoding"),
-                                                          ("adakv", True, "one start per row, not per head")])
-def test_speculation_refuses_what_it_cannot_verify(lm, policy, deterministic, match):
+def test_speculation_refuses_what_it_cannot_verify(lm):
     model, ids, mask, _ = lm
-    cm = braze.compile(model, max_seq=48, max_batch=2, kv_compression=policy, kv_budget=32,
-                       deterministic=deterministic, **({} if deterministic else {"executor": "reference"}))
-    with pytest.raises(InputMismatchError, match=match) as e:
+    cm = braze.compile(model, max_seq=48, max_batch=2, kv_compression="rkv", kv_budget=32, executor="reference")
+    with pytest.raises(InputMismatchError, match="re-compresses during decoding") as e:
         cm.generate(ids, attention_mask=mask, max_new_tokens=4, speculate=True)
     assert "\n" not in str(e.value) and "speculate=False" in str(e.value)
+
+
+def test_deterministic_adakv_speculation_is_bitwise_plain_decoding(lm):
+    """deterministic=True with adakv (per-head cache lengths): the verify plan's tree decode kernel starts each kv
+    head at its own kv_start, so branching-tree speculation over the compressed cache emits plain decoding's
+    tokens from bitwise the same logits, drafts accepted, in a left-padded batch (interpreter)."""
+    from braze.runtime.speculate import SpeculativeRunner
+    from tests.test_deterministic import _OracleTreeDrafter, _same_bits
+
+    model, ids, mask, _ = lm
+    cm = braze.compile(model, max_seq=48, max_batch=2, kv_compression="adakv", kv_budget=0.5, kv_window=4,
+                       deterministic=True)
+    assert cm.generator.compression.per_head
+    kw = dict(attention_mask=mask, max_new_tokens=10, output_logits=True)
+    plain = cm.generate(ids, **kw)
+    runner = cm.generator.spec = SpeculativeRunner(cm.generator, adaptive=False)
+    cont = {tuple(ids[b][mask[b].bool()].tolist()): plain.sequences[b, ids.shape[1]:].tolist() for b in range(2)}
+    runner.drafter = _OracleTreeDrafter(cont, 256, branching=True)
+    spec = cm.generate(ids, **kw, speculate=True, spec_tree=True, max_spec_tokens=4)
+    assert torch.equal(spec.sequences, plain.sequences)
+    assert _same_bits(spec.logits, plain.logits)
+    assert runner.stats.tree_steps > 0 and runner.stats.accepted_drafts >= runner.stats.verify_steps > 0
 
 
 @pytest.mark.parametrize("options, match", [

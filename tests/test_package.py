@@ -89,7 +89,7 @@ def test_package_layout_and_manifest(packages):
     root, _ = packages
     pkg = root / "llama"
     manifest = json.loads((pkg / "manifest.json").read_text())
-    assert manifest["format_version"] == FORMAT_VERSION == 2
+    assert manifest["format_version"] == FORMAT_VERSION == 3
     assert set(manifest["versions"]) == {"braze", "torch", "triton"}
     assert manifest["target"]["device"] == "cpu" and manifest["causal_lm"] is True
     assert manifest["compile_options"]["max_seq"] == 32 and manifest["compile_options"]["max_batch"] == 2
@@ -213,7 +213,23 @@ def test_newer_format_version(copy):
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["format_version"] = FORMAT_VERSION + 1
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    assert _error(copy) == f"{copy}: package format 3 is newer than this braze (supports 2); upgrade braze"
+    assert _error(copy) == f"{copy}: package format 4 is newer than this braze (supports 3); upgrade braze"
+
+
+def test_format_2_deterministic_verify_plan_is_refused(copy):
+    """Format 2 deterministic verify plans read lengths on the host (host_read) with kernels that lack the tree
+    form their launcher now runs: refused in one line, with what to do (other format 2 plans still load)."""
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest["format_version"] = 2
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    load_package(copy)
+    plan = copy / "plans" / "forward.json"
+    raw = json.loads(plan.read_text())
+    raw["steps"][-1]["params"]["host_read"] = True
+    plan.write_text(json.dumps(raw))
+    _rehash(copy, "plans/forward.json")
+    assert _error(copy) == (f"{plan}: a deterministic verify plan from package format 2 (its attention kernels "
+                            "predate the on-device tree form); rebuild the package")
 
 
 def test_older_format_version(copy):

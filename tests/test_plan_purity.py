@@ -208,6 +208,18 @@ def test_quant_plans_are_pure(purity, quant):
     print(quant, dict(listed))
 
 
+def test_deterministic_decode_and_verify_plans_are_pure(purity):
+    """deterministic=True: decode and verify (the tree form of the decode kernel) read lengths and the draft tree
+    on device, so both are CUDA-graph capturable. Prefill reads kv_start on the host by design (flash_per_row: one
+    flash launch per row, so a request's tiles start at its first token) and is not captured."""
+    cm = braze.compile(tiny_causal_lm("llama", layers=2), max_seq=64, max_batch=2, deterministic=True)
+    _exercise(cm)
+    assert purity["decode"] and purity["verify"]
+    for name in ("decode", "verify"):
+        for syncs, stray, _, n_ops in purity[name]:
+            assert n_ops > 0 and not syncs and not stray, (name, syncs, Counter(stray))
+
+
 def test_classify_flags_host_reads_and_undeclared_ops():
     mode = PlanOps()
     t = torch.arange(4)

@@ -164,8 +164,9 @@ def _deterministic_summary(decode: Plan, weights: dict[str, torch.Tensor], kv: l
             f"{'/'.join(dtypes)} weights in fp32 (LayerCast); KV cache {kv_dtypes} (kv_dtype; RoPE and attention "
             f"scores in the cache's dtype), activations between kernels keep the model dtype; seeded sampling keyed "
             f"by (seed, position). The verify plan (speculative decoding) runs each query node through the decode "
-            f"attention kernel, so accepted tokens' logits equal plain decoding's bitwise. Cost: 3 + batch prefill "
-            f"attention launches per layer instead of 2, per-row verify attention launches, small matmul tiles"
+            f"attention kernel (its tree form, on device), so accepted tokens' logits equal plain decoding's bitwise. "
+            f"Cost: 3 + batch prefill attention launches per layer instead of 2, 3 verify attention launches per "
+            f"layer instead of 2, small matmul tiles"
             f"{', fp32 dots instead of 16-bit tensor-core dots' if layercast else ''}. The forward plan is not "
             f"batch-invariant")
 

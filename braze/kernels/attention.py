@@ -53,12 +53,20 @@ Split-KV decode, `render_decode_attention(DecodeAttentionSpec)`; kernels `<name>
   loop reads the cached keys [kv_lo, cache_len), the split owning position cache_len adds the new key / value
   from registers and writes them into the caches there (no other program reads that slot).
 
+  tree (needs from_cache_len, not rope_write; the deterministic verify plans' form) adds, after stride_sl,
+  ``tree_ptr, S, stride_tb, stride_ti, stride_tj, stride_qs`` and the constexpr BLOCK_S >= S: q [B, Hq, S, D] holds
+  S draft nodes per row, already rotated, whose keys / values are in the caches at cache_len + node; the grid is
+  (B * S * Hkv, NUM_SPLITS) and node i of row b attends exactly as decoding does at its position (the cache, then
+  its ancestors under tree[b, i], the node itself added after the loop), into mid rows b * S + i. The combine adds
+  ``S, stride_os`` (out [B, Hq, S, D]) and its grid is (B * S * Hq,). A padding node (tree[b, i, 0] == 0) outputs 0.
+
 Cached attention (braze::cached_attention, templates kv_cache.py.j2 + one of the two above): prefill runs
 `<name>_rope_write` (rotates q and k, HF rotate_half, fp32 math; writes k/v into the caches at cache_len), then
 flash attention over the cache; decode runs the rope_write form of split-KV decode alone (one launch, plus the
 combine when split). Both read cache_len on device, so a step issues launches only (no host read, no torch op).
 Tree-cached attention (braze::tree_cached_attention):
-the same write, then flash attention in tree-mask mode.
+the same write, then flash attention in tree-mask mode; under deterministic=True the tree form of split-KV decode
+(every node reduced in decode's order, so accepted positions' logits are bitwise plain decoding's) and its combine.
 """
 
 from __future__ import annotations
@@ -126,11 +134,14 @@ class DecodeAttentionSpec:
     from_cache_len: bool = False
     head_start: bool = False  # kv_start is [B, Hkv] (a compressed cache whose heads hold different lengths)
     rope_write: bool = False  # RoPE on q and the new key, and the cache write, inside `_partial` (needs from_cache_len)
+    tree: bool = False  # the draft nodes of a verify step, each as decode at its position (needs from_cache_len)
 
     def __post_init__(self) -> None:
         _check_common(self.name, self.input_precision, self.out_dtype)
-        if self.rope_write and not self.from_cache_len:
-            raise ValueError("rope_write needs from_cache_len (the new token sits at the cache length)")
+        if (self.rope_write or self.tree) and not self.from_cache_len:
+            raise ValueError("rope_write and tree need from_cache_len (the new token sits at the cache length)")
+        if self.rope_write and self.tree:
+            raise ValueError("tree reads nodes the verify's rope_write kernel wrote: it excludes rope_write")
 
 
 def render_attention(spec: AttentionSpec, header: str = "") -> str:
@@ -146,7 +157,7 @@ def render_decode_attention(spec: DecodeAttentionSpec, header: str = "") -> str:
     return render_template(
         "decode_attention.py.j2", header=check_header(header), name=spec.name, has_kv_start=spec.has_kv_start,
         from_cache_len=spec.from_cache_len, input_precision=spec.input_precision, out_dtype=spec.out_dtype,
-        head_start=spec.head_start, rope_write=spec.rope_write)
+        head_start=spec.head_start, rope_write=spec.rope_write, tree=spec.tree)
 
 
 def render_cache_write(name: str) -> str:
@@ -297,59 +308,37 @@ def flash_per_row(kernel: Any, q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
                         past=meta[b, 1:] if device_len else None, deterministic=True)
 
 
-def verify_as_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     out: torch.Tensor, cache_len: torch.Tensor, kv_start: torch.Tensor, tree_mask: torch.Tensor,
-                     scale: float, device: DeviceSpec) -> None:
-    """Deterministic tree verify: every real query node runs through the decode plan's split-KV kernel (the same
-    template, tiles and split count, decode_splits of the cache), over exactly the keys plain decoding reads at that
-    node's position, in the same cache slots: the row's cache [kv_start, cache_len) then the node's ancestors and
-    itself at cache_len + depth. So an accepted node's attention output (and, the other kernels being row-invariant,
-    its logits) is bitwise what the decode plan computes there. A node whose ancestors are nodes 0..i (path drafts,
-    every node of one) reads the cache in place; a row with a branching node reads a per-node copy of its cache row
-    with the ancestors gathered to consecutive slots. Padding nodes (they see only themselves: no real logit reads
-    them) are not computed and output 0.
-
-    Reads cache_len, kv_start and the tree mask on the host (not graph-capturable). Launches: a memset, then per row
-    a q gather, one small copy (lengths), the decode kernel (+ its combine when the cache splits), an output scatter;
-    a row with a branching node adds two copies (K and V gathered)."""
+def tree_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                out: torch.Tensor, cache_len: torch.Tensor, kv_start: torch.Tensor, tree_mask: torch.Tensor,
+                scale: float, device: DeviceSpec, *, head_start: bool = False, splits: int | None = None) -> int:
+    """Deterministic tree verify: every draft node of q [B, Hq, S, D] (rotated, its key and value written at
+    cache_len + node) through the decode plan's split-KV kernel in its tree form: the same template, tiles and split
+    count (decode_splits of the cache), over exactly the keys plain decoding reads at that node's position: the
+    row's cache [kv_start, cache_len), then the node's ancestors in order, gathered by slot inside the kernel. So an
+    accepted node's attention output (and, the other kernels being row-invariant, its logits) is bitwise what the
+    decode plan computes there. Lengths and the tree are read on device: two launches, CUDA-graph capturable.
+    head_start: kv_start is [B, Hkv] (kv_compression="adakv"). `splits` overrides decode_splits (tests)."""
     B, Hq, S, D = q.shape
-    lens = cache_len.reshape(-1).expand(B).tolist()
-    starts = kv_start.reshape(-1).expand(B).tolist()
-    tree = tree_mask.bool().expand(B, S, S).cpu()
-    splits = decode_splits(k_cache.shape[1], k_cache.shape[2], device)
-    out.zero_()
-    device_op("memset")
-    for b in range(B):
-        c = int(lens[b])
-        nodes, seq, gathers = [], [], []
-        for i in range(S):
-            anc = tree[b, i, : i + 1].nonzero().flatten().tolist()
-            if not anc or anc[0] != 0:  # padding: sees only itself
-                continue
-            nodes.append(i)
-            seq.append(c + len(anc) - 1)  # the cache length before this node, as decode would hold it
-            gathers.append(None if anc == list(range(i + 1)) else anc)
-        n = len(nodes)
-        idx = torch.tensor(nodes, device=q.device)
-        qb = q[b, :, idx, :].transpose(0, 1).contiguous()
-        device_op("copy")
-        kb, vb = k_cache[b:b + 1].expand(n, -1, -1, -1), v_cache[b:b + 1].expand(n, -1, -1, -1)
-        if any(g is not None for g in gathers):
-            kb, vb = kb.clone(), vb.clone()
-            for j, anc in enumerate(gathers):
-                if anc is not None:
-                    slots = torch.tensor(anc, device=q.device) + c
-                    kb[j, :, c:c + len(anc)] = k_cache[b, :, slots]
-                    vb[j, :, c:c + len(anc)] = v_cache[b, :, slots]
-            device_op("copy")
-            device_op("copy")
-        meta = torch.tensor(seq + [int(starts[b])] * n, dtype=torch.int32, device=q.device)
-        device_op("copy")
-        ob = torch.empty((n, Hq, D), dtype=out.dtype, device=q.device)
-        split_kv_decode(module, name, qb, kb, vb, ob, meta[:n], meta[n:], scale, device, splits,
-                        from_cache_len=True)
-        out[b, :, idx, :] = ob.transpose(0, 1)
-        device_op("copy")
+    Hkv, s_max = k_cache.shape[1], k_cache.shape[2]
+    group = Hq // Hkv
+    splits = splits or decode_splits(Hkv, s_max, device)
+    blocks = decode_blocks(group, D)
+    mid_o = torch.empty((B * S, Hq, splits, D), dtype=torch.float32, device=q.device)
+    mid_lse = torch.empty((B * S, Hq, splits), dtype=torch.float32, device=q.device)
+    tree = tree_mask.view(torch.uint8) if tree_mask.dtype == torch.bool else tree_mask
+    tree = tree.expand(B, S, S)  # one tree for the batch: batch stride 0
+    starts = [kv_start, kv_start.stride(0), kv_start.stride(1)] if head_start else [kv_start]
+    args = [q, k_cache, v_cache, mid_o, mid_lse, cache_len, _row_stride(cache_len), tree, S, *tree.stride(),
+            q.stride(2), *starts, Hkv, group, D, splits, q.stride(0), q.stride(1), q.stride(3), *k_cache.stride(),
+            *v_cache.stride(), float(scale)]
+    opts = {} if device.interpret else {"num_warps": blocks.num_warps, "num_stages": blocks.num_stages}
+    launch_kernel(getattr(module, f"{name}_partial"), (B * S * Hkv, splits), *args, BLOCK_G=blocks.block_g,
+                  BLOCK_N=blocks.block_n, BLOCK_D=blocks.block_d, BLOCK_S=triton.next_power_of_2(S), **opts)
+    opts = {} if device.interpret else {"num_warps": 4 if blocks.block_d >= 128 else 2}
+    launch_kernel(getattr(module, f"{name}_combine"), (B * S * Hq,), mid_o, mid_lse, out, Hq, D, splits,
+                  out.stride(0), out.stride(1), out.stride(3), S, out.stride(2),
+                  BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=blocks.block_d, **opts)
+    return 2
 
 
 def rope_write(module: Any, name: str, tensors: dict[str, torch.Tensor], device: DeviceSpec) -> torch.Tensor:
@@ -585,36 +574,35 @@ class TreeCachedAttentionFamily(KernelFamily):
         return attn + "\n\n" + render_cache_write(name), step
 
     def lower_deterministic(self, node: fx.Node, name: str) -> tuple[str, Step]:
-        """Deterministic verify: the decode plan's split-KV kernel per query node (verify_as_decode) instead of
-        flash in tree-mask mode, so accepted positions' logits equal plain decoding's bitwise."""
+        """Deterministic verify: the decode plan's split-KV kernel in its tree form (tree_decode) instead of flash
+        in tree-mask mode, so accepted positions' logits equal plain decoding's bitwise."""
         from braze.ops.schema import op_args
 
         body, step = self.lower(node, name)
         a = op_args(node)
         k_cache = a["k_cache"].meta["val"]
+        head_start = a["kv_start"].meta["val"].dim() == 2  # kv_compression="adakv": per-head lengths
         attn = render_decode_attention(DecodeAttentionSpec(name, True, _precision(k_cache.dtype),
-                                                           FLOAT_NAMES[node.meta["val"].dtype], from_cache_len=True))
-        # host_read: the launcher reads lengths and the tree on the host, so the plan is not CUDA-graph capturable
+                                                           FLOAT_NAMES[node.meta["val"].dtype], from_cache_len=True,
+                                                           head_start=head_start, tree=True))
         step.params.update(deterministic=True, heads_kv=int(k_cache.shape[1]), s_max=int(k_cache.shape[2]),
-                           host_read=True)
+                           **({"head_start": True} if head_start else {}))
         return attn + "\n\n" + render_cache_write(name), step
 
     def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
                params: dict[str, Any], device: DeviceSpec) -> None:
         qo = rope_write(module, name, tensors, device)
         if params.get("deterministic"):
-            verify_as_decode(module, name, qo, tensors["k_cache"], tensors["v_cache"], out, tensors["cache_len"],
-                             tensors["kv_start"], tensors["tree_mask"], params["scale"], device)
+            tree_decode(module, name, qo, tensors["k_cache"], tensors["v_cache"], out, tensors["cache_len"],
+                        tensors["kv_start"], tensors["tree_mask"], params["scale"], device,
+                        head_start=bool(params.get("head_start")))
             return
         flash_attention(getattr(module, name), qo, tensors["k_cache"], tensors["v_cache"], out, params["scale"],
                         device, kv_start=tensors["kv_start"], tree_mask=tensors["tree_mask"],
                         past=tensors["cache_len"])
 
     def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
-        if params.get("deterministic"):  # verify_as_decode, path drafts (a branching row adds 2 copies)
-            splits = decode_splits(params["heads_kv"], params["s_max"], device)
-            return 2 + int(out_shape[0]) * (3 + (1 if splits == 1 else 2))
-        return 2
+        return 3 if params.get("deterministic") else 2  # rope_write, then tree_decode's two kernels / flash
 
 
 ATTENTION = AttentionFamily()

@@ -123,14 +123,10 @@ class Generator:
 
     def _check_compressed_speculation(self) -> None:
         from braze.kvcompress.policy import speculation_refusal
-        from braze.runtime.speculate import reads_host
 
         why = speculation_refusal(self.compression.policy)
         if why is None and self.verify is None:
             why = "speculative decoding over a compressed KV cache needs the verify plan, which packages do not carry"
-        elif why is None and self.compression.per_head and reads_host(self.verify):
-            why = ("kv_compression='adakv' does not work with deterministic speculative decoding yet: its verify "
-                   "runs each node through the decode kernel with one start per row, not per head")
         if why is not None:
             raise InputMismatchError(f"{why}; generate without it (speculate=False; braze run: drop --speculate)")
 

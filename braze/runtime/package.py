@@ -41,7 +41,8 @@ from braze.runtime.errors import ConfigError, DigestMismatchError, PackageError
 from braze.runtime.expr import Expr, ExprError
 from braze.runtime.plan import Plan
 
-FORMAT_VERSION = 2  # 2: plans launch through the kernel-family registry (launch counts and params recorded)
+FORMAT_VERSION = 3  # 2: plans launch through the kernel-family registry (launch counts and params recorded)
+# 3: the deterministic verify plan's attention is the decode kernel's tree form (read on device)
 OLDEST_FORMAT = 2  # older packages were launched by per-kind launchers that no longer exist: recompile them
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
@@ -525,6 +526,10 @@ def load_package(path: str | os.PathLike, executor: str = "auto", sha256: str | 
                 Expr(text)
         except ExprError as e:
             raise PackageError(f"{root / rel}: {e}") from None
+        if any(s.params.get("host_read") for s in plan.steps):
+            raise PackageError(f"{root / rel}: a deterministic verify plan from package format "
+                               f"{manifest['format_version']} (its attention kernels predate the on-device tree "
+                               "form); rebuild the package")
         sources = {}
         for kname, krel in plan.kernels.items():
             if krel not in manifest["files"]:

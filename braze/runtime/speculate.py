@@ -197,12 +197,6 @@ def build_verify_batch(rows: Sequence[RowState], drafts: Sequence[Draft | None],
                        t(lens)[:, 0])
 
 
-def reads_host(verify: Any) -> bool:
-    """Whether a verify executor's plan reads lengths on the host: the deterministic verify (kernels/attention.py
-    verify_as_decode), which is not CUDA-graph captured and takes one start per row."""
-    return any(s.params.get("host_read") for s in getattr(getattr(verify, "plan", None), "steps", []))
-
-
 class SpeculativeRunner:
     """Speculative loop over a Generator's executors: one batched verify forward per step."""
 
@@ -232,7 +226,7 @@ class SpeculativeRunner:
         self.pad_batches = graphs
         self.verify_graphs = self.decode_graphs = None
         verify = getattr(generator, "verify", None)
-        if graphs and verify is not None and not reads_host(verify):
+        if graphs and verify is not None:
             from braze.runtime.cuda_graphs import CudaGraphRunner
 
             # own graph runners over the generator's per-bucket state (graphs capture it by identity)
