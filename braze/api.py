@@ -124,6 +124,7 @@ def _compile_causal_lm(model: torch.nn.Module, config: CompileConfig) -> Compile
                                graphs=(gen.prefill_graph, gen.decode_graph, gen.verify_graph), verify=gen.verify)
     compiled.generator.speculate_default = config.speculate == "suffix"
     compiled.generator.keyed_sampling = config.deterministic  # batch-invariant seeded sampling (KeyedNoise)
+    compiled.generator.tp_world = config.tp  # tp > 1: speculation drafts on rank 0 and broadcasts
     attach_compression(compiled, gen)  # kv_compression: the generator's compression state, the report's bytes
     compiled.report.extra["generation"] = (f"prefill {gen.prefill.launches} launches, decode {gen.decode.launches} "
                                            f"launches per step, KV cache {len(gen.kv_inputs)} tensors "

@@ -18,6 +18,7 @@ import torch
 import braze
 from braze import ConfigError
 from braze.distributed import spawn
+from tests.test_deterministic import _OracleTreeDrafter
 
 MAX_NEW = 6
 LAYERS = 2
@@ -62,6 +63,37 @@ def run_model(compiled) -> dict:
     return out
 
 
+class _RankZeroDrafter(_OracleTreeDrafter):
+    """Drafts plain decoding's continuation (a path) on rank 0 and fails on any other rank: under tensor
+    parallelism only rank 0 drafts, the others verify what it broadcasts."""
+
+    def __init__(self, continuations: dict, rank: int):
+        super().__init__(continuations, 256, branching=False)
+        self.rank = rank
+
+    def draft(self, req, max_spec_tokens, **kw):
+        assert self.rank == 0, f"rank {self.rank} drafted: only rank 0 drafts under tensor parallelism"
+        return super().draft(req, max_spec_tokens, **kw)
+
+
+def spec_checks(rank: int, compiled) -> dict:
+    """Speculative greedy decoding on this rank's shard, batch 1 (one row's loop) and the left-padded batch (one
+    verify forward per step): rank 0 drafts and broadcasts (_RankZeroDrafter)."""
+    from braze.runtime.speculate import SpeculativeRunner
+
+    out = {}
+    for key, ids, mask in (("spec1", IDS[:1], torch.ones_like(IDS[:1])), ("spec2", PADDED, MASK)):
+        plain = compiled.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, eos_token_id=None,
+                                  pad_token_id=0)
+        cont = {tuple(ids[b][mask[b].bool()].tolist()): plain[b, ids.shape[1]:].tolist() for b in range(len(ids))}
+        runner = compiled.generator.spec = SpeculativeRunner(compiled.generator, adaptive=False)
+        runner.drafter = _RankZeroDrafter(cont, rank)
+        out[key] = compiled.generate(ids, attention_mask=mask, max_new_tokens=MAX_NEW, eos_token_id=None,
+                                     pad_token_id=0, speculate=True, max_spec_tokens=3)
+        out[key + "_accepted"] = runner.stats.accepted_drafts
+    return out
+
+
 def rank_checks(rank: int, world: int, names: tuple[str, ...], package: str | None) -> dict:
     """Every check one rank runs (spawned by braze.distributed.spawn): reference-executor compiles of
     `names`; with `package` (a directory), a 1-layer Llama on the generated kernels, saved as a sharded package,
@@ -72,6 +104,8 @@ def rank_checks(rank: int, world: int, names: tuple[str, ...], package: str | No
         results[name] = run_model(compiled)
         results[name]["notes"] = [n for p in compiled.report.passes if p.name == "shard_tensor_parallel"
                                   for n in p.notes]
+        if name == "llama":
+            results[name].update(spec_checks(rank, compiled))
     if package:
         compiled = braze.compile(make_model("llama", layers=1), tp=world, executor="interpret", max_seq=32,
                                  max_batch=2)
@@ -95,6 +129,13 @@ def package_checks(rank: int, compiled, root: Path) -> dict:
     loaded = braze.load(root / "pkg", executor="interpret")
     out = {"package": run_interpret(loaded), "package_files": sorted(p.name for p in (root / "pkg").iterdir()),
            "package_bytes": sum(t.numel() * t.element_size() for t in loaded.weights.values())}
+    from braze.runtime.speculate import SpeculativeRunner
+
+    runner = loaded.generator.spec = SpeculativeRunner(loaded.generator, adaptive=False)  # a loaded shard knows its tp
+    runner.drafter = _RankZeroDrafter({tuple(IDS[0].tolist()): out["package"]["gen1"][0, IDS.shape[1]:].tolist()}, rank)
+    out["package_spec"] = loaded.generate(IDS[:1], max_new_tokens=3, eos_token_id=None, pad_token_id=0,
+                                          speculate=True, max_spec_tokens=2)
+    out["package_spec_accepted"] = runner.stats.accepted_drafts
     if rank == 0:
         shutil.copytree(root / "pkg", root / "swapped")
         for a, b in (("rank0", "tmp"), ("rank1", "rank0"), ("tmp", "rank1")):
@@ -154,6 +195,18 @@ def test_tp2_logits_and_greedy_generation_match_tp1(world2, name):
 def test_tp4_logits_and_greedy_generation_match_tp1(world4):
     """Tiny Llama has 2 KV heads: at tp=4 each rank keeps the one its query head reads."""
     _same_as_tp1(world4, "llama")
+
+
+def test_speculation_drafts_on_rank_zero_and_matches_tp1(world2, world4):
+    """Speculative decoding under tp=2 and tp=4: rank 0 drafts and broadcasts (another rank's drafter fails the
+    test if called), drafts are accepted, and every rank emits the tp=1 greedy tokens (batch 1, padded batch)."""
+    base = baseline("llama")
+    for ranks in (world2, world4):
+        for r in ranks:
+            got = r["llama"]
+            assert torch.equal(got["spec1"], base["gen1"]) and torch.equal(got["spec2"], base["gen2"])
+        accepted = {(r["llama"]["spec1_accepted"], r["llama"]["spec2_accepted"]) for r in ranks}
+        assert len(accepted) == 1 and min(accepted.pop()) > 0, accepted
 
 
 def test_collectives_per_decode_step_two_per_layer_plus_embedding(world2, world4):
@@ -219,6 +272,8 @@ def test_sharded_package_loads_and_runs_per_rank(world2):
         assert r["package_files"] == ["rank0", "rank1", "shards.json"]
         torch.testing.assert_close(r["package"]["logits"], base["logits"], atol=1e-5, rtol=1e-5)
         assert torch.equal(r["package"]["gen1"], base["gen1"])
+        # speculation on a loaded shard: rank 0 drafts (the shard's compile options say tp=2), drafts accepted
+        assert torch.equal(r["package_spec"], base["gen1"]) and r["package_spec_accepted"] > 0
         assert r["package_bytes"] < 0.51 * base["weight_bytes"]
         other = 1 - rank
         assert r["swapped"] == (f"rank {rank}: {r['swapped'].split(': ')[1].split(' is not')[0]} is not the shard "

@@ -79,6 +79,7 @@ class Generator:
         # deterministic compiles sample with KeyedNoise (runtime/sampling.py): a request's sample does not depend on
         # its batch, and speculative decoding emits plain decoding's sampled tokens
         self.keyed_sampling = False
+        self.tp_world = 1  # tensor parallelism: this rank's shard; speculation drafts on rank 0 (runtime/speculate.py)
         self.graphs = None
         self.verify: Any = None  # tree-verify executor (draft trees); path drafts verify through the prefill plan
         self.compression: Any = None  # braze.runtime.kv_compression.CompressionSpec when compiled with kv_compression

@@ -577,6 +577,7 @@ def load_package(path: str | os.PathLike, executor: str = "auto", sha256: str | 
             compiled.generator.compression = CompressionSpec(**spec)
         compiled.generator.speculate_default = options.get("speculate") == "suffix"  # as the compile set it
         compiled.generator.keyed_sampling = bool(options.get("deterministic"))
+        compiled.generator.tp_world = int(options.get("tp") or 1)
     if extra:
         compiled.extra_plans = extra
     from braze.runtime.kernel_loader import load_kernel_module

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from braze.runtime.sampling import KeyedNoise
 from braze.runtime.spec_policy import PolicyDrafter, default_costs
@@ -250,6 +251,20 @@ class SpeculativeRunner:
             return None  # speculation turns itself off when the trees predict poorly
         return draft
 
+    def _drafts(self, rows: Sequence[RowState], limit: int) -> list[Draft | None]:
+        """This step's draft per row (None: a plain step for the row). Under tensor parallelism rank 0 drafts and
+        broadcasts them (torch.distributed): every rank must verify the same drafts, since its plans' collectives
+        meet the other ranks' shape for shape, whatever a drafter would decide on its own."""
+        tp = getattr(self.gen, "tp_world", 1) > 1
+        drafts = None
+        if not tp or dist.get_rank() == 0:
+            drafts = [None if r.done else self._draft_for(r, limit) for r in rows]
+        if tp:
+            box = [drafts]
+            dist.broadcast_object_list(box, src=0)
+            drafts = box[0]
+        return drafts
+
     # ------------------------------------------------------------------------------------------ batch state
 
     def _buffers(self, batch: int) -> dict[str, torch.Tensor]:
@@ -410,7 +425,7 @@ class SpeculativeRunner:
         live = [r for r in rows if not r.done]
         limit = self.gen.cache_slots - 1 - max(r.cached for r in live)  # every live row's verify slots must fit
         t0 = time.perf_counter()
-        drafts = [None if r.done else self._draft_for(r, limit) for r in rows]
+        drafts = self._drafts(rows, limit)
         t1 = time.perf_counter()
         self.stats.draft_seconds += t1 - t0
         lengths = {r.cached for r in live}
@@ -542,7 +557,7 @@ class SpeculativeRunner:
         try:
             while not row.done:
                 t0 = time.perf_counter()
-                draft = self._draft_for(row, g.max_seq)
+                draft = self._drafts([row], g.max_seq)[0]
                 t1 = time.perf_counter()
                 toks = [row.pending] + (draft.tokens if draft is not None else [])
                 pos = torch.arange(row.cached, row.cached + len(toks), device=g.device)[None]
