@@ -26,6 +26,8 @@ from hypothesis import strategies as st
 import braze
 from braze.codegen.symbolic import FloorDiv, ModularIndexing, simplify_index
 
+# a non-boolean tl.where condition is deprecated by triton (an error in a later release)
+pytestmark = pytest.mark.filterwarnings("error:tl.where with a non-boolean condition")
 ATOL = RTOL = 1e-5
 # more examples for a bug hunt: BRAZE_PROPERTY_EXAMPLES=500 pytest tests/test_fused_property.py
 EXAMPLES = int(os.environ.get("BRAZE_PROPERTY_EXAMPLES", "25"))
@@ -117,6 +119,9 @@ class Program(torch.nn.Module):
             cmp, i, j, k, against_scalar = a
             cond = COMPARE[cmp](v[i], 0.25) if against_scalar else COMPARE[cmp](v[i], v[j])
             return torch.where(cond, v[j], torch.tanh(v[k]))
+        if kind == "masked_fill":  # a mask computed in the kernel (a comparison, or-ed): the vocab-parallel lookup
+            cmp, i, j = a
+            return v[j].masked_fill(COMPARE[cmp](v[i], 0.25) | (v[i] > 1.0), -0.5)
         if kind == "reduce":
             red, comb, i, j = a
             return COMBINE[comb](v[j], REDUCE[red](v[i]))
@@ -171,8 +176,8 @@ def programs(draw, rank: int | None = None):
         n_vals = 3 + step
         avail = list(range(n_inputs)) + list(range(3, n_vals))
         ix = st.sampled_from(avail)
-        kinds = ["unary", "binary", "scalar", "where", "reduce", "softmax", "transpose_pw", "transpose_reduce",
-                 "merge", "expand"]
+        kinds = ["unary", "binary", "scalar", "where", "masked_fill", "reduce", "softmax", "transpose_pw",
+                 "transpose_reduce", "merge", "expand"]
         if r >= 2:
             kinds.append("roll_cat")
         divisors = [k for k in range(2, r + 1) if r % k == 0 and k < r]
@@ -189,6 +194,8 @@ def programs(draw, rank: int | None = None):
             op = (kind, draw(st.sampled_from(sorted(SCALAR))), draw(ix), c)
         elif kind == "where":
             op = (kind, draw(st.sampled_from(sorted(COMPARE))), draw(ix), draw(ix), draw(ix), draw(st.booleans()))
+        elif kind == "masked_fill":
+            op = (kind, draw(st.sampled_from(sorted(COMPARE))), draw(ix), draw(ix))
         elif kind == "reduce":
             op = (kind, draw(st.sampled_from(sorted(REDUCE))), draw(st.sampled_from(sorted(COMBINE))), draw(ix),
                   draw(ix))
@@ -297,6 +304,8 @@ REGRESSIONS = [
     # cat of slices, then a reduction over the concatenated row
     ((0, 9), [("roll_cat", 0, 1, 4), ("reduce", "mean", "mul", 3, 3), ("where", "gt", 4, 0, 1, False)],
      [("plain", 5)], 4, 2),
+    # masked_fill with a mask computed in the kernel (captured as where.self over an or-ed comparison)
+    ((0, 6), [("masked_fill", "gt", 0, 1), ("unary", "tanh", 3)], [("plain", 4)], 2, 3),
     # unsqueeze/expand + reduction, broadcast operands of all kinds
     ((0, 3, 5), [("expand", 0, 3), ("binary", "add", 3, 1, "last1"), ("binary", "min", 4, 2, "row")],
      [("plain", 5), ("transpose", 4)], 2, 3),

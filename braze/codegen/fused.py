@@ -425,19 +425,21 @@ class KernelBuilder:
         # operands: tensor args broadcast to the output, scalars as literals; math in fp32 for floats
         tensor_args = [a for a in node.args if isinstance(a, fx.Node) and isinstance(meta(a), torch.Tensor)]
         math_float = is_float(out_dtype) or any(is_float(meta(a).dtype) for a in tensor_args)
+        # where's condition and masked_fill's mask select, they are not math: kept boolean (tl.where wants int1)
+        cond = {P.aten.where.self: 0, P.aten.masked_fill.Scalar: 1}.get(t)
         operands = []
-        for a in node.args:
+        for i, a in enumerate(node.args):
             if isinstance(a, fx.Node) and isinstance(meta(a), torch.Tensor):
                 var = self.value(a, _broadcast_index(idx, out_shape, shape_of(meta(a))))
-                if math_float and not is_float(meta(a).dtype) and t not in (P.aten.where.self,):
+                if i == cond:
+                    var = var if meta(a).dtype == torch.bool else f"({var} != 0)"
+                elif math_float and not is_float(meta(a).dtype):
                     var = self._tmp(f"({var}).to(tl.float32)", torch.float32)
                 operands.append(var)
             elif isinstance(a, fx.Node):
                 operands.append(self._expr(scalar_arg(a)))
             else:
                 operands.append(_literal(a))
-        if t is P.aten.where.self and isinstance(node.args[0], fx.Node):
-            operands[0] = f"({operands[0]} != 0)" if meta(node.args[0]).dtype != torch.bool else operands[0]
         kwargs = {k: v for k, v in node.kwargs.items() if k in ("alpha", "approximate")}
         if t is P.aten.pow.Tensor_Scalar:
             code = P._pow(operands[0], node.args[1])
