@@ -13,7 +13,7 @@ import braze
 from braze.kvcompress import compact, select_keep
 from braze.kvcompress.policy import ADAKV_SAFEGUARD, CHUNK, POLICIES, POOL_KERNEL
 from braze.models import tiny_causal_lm
-from braze.runtime.errors import ConfigError, InputMismatchError, ShapeOutOfRangeError
+from braze.runtime.errors import ConfigError, ShapeOutOfRangeError
 
 B, HQ, HKV, P, D, WINDOW = 2, 4, 2, 60, 16, 8
 PAD = (0, 7)  # left padding per row
@@ -387,11 +387,8 @@ def test_packages_and_the_compile_cache_hold_compression(lm, policy, tmp_path, m
     hit = braze.compile(model, **opts)
     assert hit.report.extra["cache"].startswith("hit: loaded "), hit.report.extra["cache"]
     assert torch.equal(hit.generate(ids, attention_mask=mask, max_new_tokens=5), want)
-    if policy != "rkv":  # the package's verify plan reads the compressed cache too
-        assert torch.equal(loaded.generate(ids, attention_mask=mask, max_new_tokens=5, speculate=True), want)
-    else:
-        with pytest.raises(InputMismatchError, match="speculative decoding"):
-            loaded.generate(ids, attention_mask=mask, max_new_tokens=5, speculate=True)
+    # the package's verify plan reads the compressed cache too (rkv: and records the draft nodes' queries)
+    assert torch.equal(loaded.generate(ids, attention_mask=mask, max_new_tokens=5, speculate=True), want)
     assert hit.generator.stats.kv_cache_bytes == cm.generator.stats.kv_cache_bytes
     assert hit.generator.stats.extra == cm.generator.stats.extra  # the uncompressed size it is measured against
 
@@ -458,12 +455,47 @@ def test_speculation_over_the_compressed_cache_is_exact(lm, policy, tree, execut
     assert runner.kv_cache_bytes == compressed_bytes == full_bytes // (1 if policy == "adakv" else 2)
 
 
-def test_speculation_refuses_what_it_cannot_verify(lm):
+@pytest.mark.parametrize("tree, executor", [(False, "reference"), (True, "reference"), (True, "interpret")])
+def test_rkv_speculation_recompresses_rows_where_decoding_does(lm, tree, executor, monkeypatch):
+    """rkv under speculation (budget 16, re-compressed every 8 slots, window 4): rows of the left-padded batch
+    fill their caches at different steps, and each is compacted back to the budget when full, at the slot where
+    plain decoding compacts it, scored with the same ring of queries (the verify records every node's, the runner
+    keeps the accepted ones at their slots); drafts (paths, or trees whose accepted nodes are compacted) are
+    accepted and the tokens equal plain decoding's."""
+    import braze.runtime.kv_compression as kvc
+    from braze.runtime.speculate import SpeculativeRunner
+    from tests.test_deterministic import _OracleTreeDrafter
+
+    rings: dict[int, list] = {}  # row -> the query rings each of its re-compressions scored with, in order
+    real = kvc.recompress
+
+    def spy(spec, call, kv_start, row=None):
+        for b in range(kv_start.shape[0]) if row is None else [row]:
+            rings.setdefault(b, []).append(torch.cat([q[b] for q in call.queries.values()]).clone())
+        return real(spec, call, kv_start, row)
+
+    monkeypatch.setattr(kvc, "recompress", spy)
     model, ids, mask, _ = lm
-    cm = braze.compile(model, max_seq=48, max_batch=2, kv_compression="rkv", kv_budget=32, executor="reference")
-    with pytest.raises(InputMismatchError, match="re-compresses during decoding") as e:
-        cm.generate(ids, attention_mask=mask, max_new_tokens=4, speculate=True)
-    assert "\n" not in str(e.value) and "speculate=False" in str(e.value)
+    cm = braze.compile(model, max_seq=48, max_batch=2, executor=executor, kv_compression="rkv", kv_budget=16,
+                       kv_window=4)
+    plain = cm.generate(ids, attention_mask=mask, max_new_tokens=18)
+    assert cm.generator.stats.extra["kv_recompressions"] == 2
+    want, rings = rings, {}
+    runner = cm.generator.spec = SpeculativeRunner(cm.generator, adaptive=False)
+    cont = {tuple(ids[b][mask[b].bool()].tolist()): plain[b, ids.shape[1]:].tolist() for b in range(2)}
+    runner.drafter = _OracleTreeDrafter(cont, 256, branching=tree)
+    spec = cm.generate(ids, attention_mask=mask, max_new_tokens=18, speculate=True, spec_tree=tree,
+                       max_spec_tokens=4)
+    assert torch.equal(spec, plain)
+    # row by row: once or twice each (a row whose last token is a bonus never needs the second), each scored with
+    # the queries plain decoding recorded (the rejected nodes' queries are not left in the ring)
+    assert 2 < cm.generator.stats.extra["kv_recompressions"] <= 4
+    for b in range(2):
+        assert 1 <= len(rings[b]) <= len(want[b])
+        for got, ref in zip(rings[b], want[b]):
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert runner.stats.accepted_drafts >= runner.stats.verify_steps > 0
+    assert runner.stats.tree_steps > 0 if tree else runner.stats.tree_steps == 0
 
 
 def test_deterministic_adakv_speculation_is_bitwise_plain_decoding(lm):
@@ -495,7 +527,6 @@ def test_deterministic_adakv_speculation_is_bitwise_plain_decoding(lm):
     ({"kv_compression": "keydiff", "kv_budget": 1000}, "token count must be in"),
     ({"kv_compression": "keydiff", "kv_budget": "half"}, "kv_budget must be"),
     ({"kv_compression": "keydiff", "kv_window": 0}, "kv_window must be"),
-    ({"kv_compression": "rkv", "kv_budget": 32, "speculate": "suffix"}, "re-compresses during decoding"),
 ])
 def test_bad_options_are_one_line_config_errors(options, match):
     with pytest.raises(ConfigError, match=match) as e:
@@ -556,3 +587,19 @@ def test_keydiff_and_snapkv_on_smollm2_layer_kv_match_kvpress_formulas():
     scores = F.pad(weights.view(1, cfg.num_key_value_heads, group, p - w).mean(2), (0, w), value=0.0)
     got = select_keep("snapkv", keys, valid, torch.tensor([keep]), torch.tensor([keep]), w, q, hd ** -0.5)
     assert torch.equal(got, topk_mask(scores))
+
+
+def test_rkv_speculation_needs_a_verify_plan_that_records_queries():
+    """Packages built before the verify plan recorded the draft nodes' queries would re-compress with stale rings:
+    generate refuses speculation over them (one line); plans that record, or executors running the compiled graph
+    (no plan object), pass."""
+    from types import SimpleNamespace
+
+    from braze.runtime.generate import _records_draft_queries
+
+    def plan(*targets):
+        return SimpleNamespace(plan=SimpleNamespace(steps=[SimpleNamespace(target=t) for t in targets]))
+
+    assert not _records_draft_queries(plan(None, "braze.all_reduce.default"))
+    assert _records_draft_queries(plan(None, "braze.kv_record_query.default"))
+    assert _records_draft_queries(SimpleNamespace())

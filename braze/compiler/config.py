@@ -81,7 +81,7 @@ class CompileConfig:
         self._check_int6()
         from braze.kvcompress.policy import check_options
 
-        check_options(self.kv_compression, self.kv_budget, self.kv_window, self.max_seq, self.speculate)
+        check_options(self.kv_compression, self.kv_budget, self.kv_window, self.max_seq)
         for name in ("max_batch", "max_seq", "tp"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

@@ -21,7 +21,7 @@ from braze.compiler.capture import Captured, lazy_module
 from braze.compiler.config import CompileConfig
 from braze.compiler.pipeline import run_passes
 from braze.compiler.report import CompileReport
-from braze.kvcompress.policy import DURING_DECODE, Budget, speculation_refusal
+from braze.kvcompress.policy import DURING_DECODE, Budget
 from braze.ops.schema import op_args
 from braze.passes.fake_memo import MemoFakeTensorProp
 from braze.passes.kv_compression import compress_decode_graph, compress_verify_graph, insert_kv_compression
@@ -104,8 +104,8 @@ def compile_generation(cap: Captured, config: CompileConfig, report: CompileRepo
         report.extra["decode eager steps"] = _fallback_summary(decode_gm, decode_record.fallbacks)
     verify_gm = copy_graph_module(gm)
     run_passes(dataclasses.replace(cap, gm=verify_gm), config, report, phases=("verify",))
-    if compression is not None and speculation_refusal(compression.policy) is None:  # verify over the compacted cache
-        compress_verify_graph(verify_gm, compression.policy, compression.capacity)
+    if compression is not None:  # verify over the compacted cache
+        compress_verify_graph(verify_gm, compression.policy, compression.capacity, compression.window)
     verify, _ = lower_graph(verify_gm, "verify", cap.symbols, weights, config.deterministic)
     kv = _kv_inputs(gm)
     if config.deterministic:

@@ -16,14 +16,6 @@ POLICIES = ("keydiff", "snapkv", "adakv", "chunkkv", "rkv")
 UNIFORM_POLICIES = ("keydiff", "snapkv", "chunkkv", "rkv")  # every head keeps the same count: one kv_start per row
 NEEDS_QUERIES = ("snapkv", "adakv", "chunkkv", "rkv")
 DURING_DECODE = ("rkv",)  # re-compressed whenever decode fills the cache, not only after prefill
-
-
-def speculation_refusal(policy: str) -> str | None:
-    """Why speculative decoding does not run over `policy`'s compressed cache (None: it does)."""
-    if policy in DURING_DECODE:
-        return (f"kv_compression={policy!r} does not work with speculative decoding yet: it re-compresses during "
-                "decoding, and rows of a speculative batch fill their caches at different steps")
-    return None
 POOL_KERNEL = 5  # SnapKV's clustering kernel (kvpress default)
 CHUNK = 20  # ChunkKV chunk length (kvpress default)
 ADAKV_SAFEGUARD = 0.2  # Ada-KV: each head keeps at least this share of the mean per-head budget (kvpress alpha)
@@ -91,7 +83,7 @@ def select_keep(policy: str, keys: Tensor, valid: Tensor, keep: Tensor, end: Ten
     return joint_keep_mask(scores, kept * h, end.reshape(()), safe)
 
 
-def check_options(policy: Any, budget: Any, window: Any, max_seq: Any, speculate: Any) -> None:
+def check_options(policy: Any, budget: Any, window: Any, max_seq: Any) -> None:
     """CompileConfig validation of kv_compression / kv_budget / kv_window (one-line ConfigErrors)."""
     from braze.runtime.errors import ConfigError
 
@@ -111,6 +103,3 @@ def check_options(policy: Any, budget: Any, window: Any, max_seq: Any, speculate
     if policy in DURING_DECODE and Budget(budget).base(max_seq) <= window:
         raise ConfigError(f"kv_compression={policy!r}: kv_budget={budget!r} leaves {Budget(budget).base(max_seq)} "
                           f"slots, not more than kv_window={window}; raise kv_budget or lower kv_window")
-    refusal = speculation_refusal(policy) if speculate is not None else None
-    if refusal:
-        raise ConfigError(refusal)

@@ -143,11 +143,14 @@ def compress_decode_graph(gm: fx.GraphModule, policy: str, capacity: int, window
     gm.recompile()
 
 
-def compress_verify_graph(gm: fx.GraphModule, policy: str, capacity: int) -> None:
+def compress_verify_graph(gm: fx.GraphModule, policy: str, capacity: int, window: int = 0) -> None:
     """Verify graph (speculation over a compressed cache): caches at the compressed capacity; adakv's tree
-    attention masks each kv head with its own start, as decode does."""
+    attention masks each kv head with its own start, as decode does; rkv records every node's query (the runner
+    keeps the accepted ones in the ring: runtime/speculate.py)."""
     declare_compressed_caches(gm, capacity)
-    if policy == "adakv":
+    if policy in DURING_DECODE:
+        _record_queries(gm, _layers(gm, braze.tree_cached_attention.default), window)
+    elif policy == "adakv":
         _use_head_starts(gm, _layers(gm, braze.tree_cached_attention.default))
     gm.graph.lint()
     gm.recompile()

@@ -58,6 +58,13 @@ class Prefilled:
     uncompressed_bytes: int = 0  # kv_compression: the transient full cache prefill wrote
 
 
+def _records_draft_queries(verify: Any) -> bool:
+    """Whether a verify executor's plan records the draft nodes' queries (rkv speculation: plans from before it did
+    not); an executor without a plan object runs the compiled graph, which does."""
+    plan = getattr(verify, "plan", None)
+    return plan is None or any("kv_record_query" in (s.target or "") for s in plan.steps)
+
+
 class Generator:
     """Runs the prefill and decode plans of one compiled causal LM."""
 
@@ -123,11 +130,14 @@ class Generator:
         return self.compression.capacity if self.compression is not None else self.max_seq
 
     def _check_compressed_speculation(self) -> None:
-        from braze.kvcompress.policy import speculation_refusal
+        from braze.kvcompress.policy import DURING_DECODE
 
-        why = speculation_refusal(self.compression.policy)
-        if why is None and self.verify is None:
-            why = "speculative decoding over a compressed KV cache needs the verify plan, which packages do not carry"
+        why = None
+        if self.verify is None:
+            why = "speculative decoding over a compressed KV cache needs the verify plan, which this package lacks"
+        elif self.compression.policy in DURING_DECODE and not _records_draft_queries(self.verify):
+            why = (f"kv_compression={self.compression.policy!r}: this package's verify plan does not record the "
+                   "draft queries its re-compression scores with (built by an older braze); rebuild it to speculate")
         if why is not None:
             raise InputMismatchError(f"{why}; generate without it (speculate=False; braze run: drop --speculate)")
 

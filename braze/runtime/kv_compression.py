@@ -91,16 +91,26 @@ def next_slot(spec: CompressionSpec, call: CompressedCall, slot: int, kv_start: 
     every layer's cache has been compacted back to it (kv_start and the starts updated in place)."""
     if spec.policy not in DURING_DECODE or slot < spec.capacity:
         return slot
-    budget = spec.budget_slots
-    valid = torch.arange(slot, device=kv_start.device)[None] >= kv_start.reshape(-1, 1).long()
+    return recompress(spec, call, kv_start)
+
+
+def recompress(spec: CompressionSpec, call: CompressedCall, kv_start: torch.Tensor, row: int | None = None) -> int:
+    """rkv: compact every layer's full cache (capacity slots) back to the budget, scored with the ring of recent
+    queries, for the batch or one `row` (speculation: rows fill their caches at different steps; a row's selection
+    reads only its own cache and queries, so it is the one the whole batch's would make for it). kv_start and the
+    starts are updated in place; returns the slot the next token goes to (the budget)."""
+    rows = slice(None) if row is None else slice(row, row + 1)
+    slot, budget = spec.capacity, spec.budget_slots
+    valid = torch.arange(slot, device=kv_start.device)[None] >= kv_start[rows].reshape(-1, 1).long()
     keep = torch.full((1,), budget, dtype=torch.int64, device=kv_start.device)
     for i in spec.heads:
-        k_cache, v_cache = call.caches[f"kv_cache_{i}_k"], call.caches[f"kv_cache_{i}_v"]
-        queries = call.queries[f"kvq_{i}"].to(torch.promote_types(call.queries[f"kvq_{i}"].dtype, k_cache.dtype))
+        k_cache, v_cache = call.caches[f"kv_cache_{i}_k"][rows], call.caches[f"kv_cache_{i}_v"][rows]
+        ring = call.queries[f"kvq_{i}"][rows]
+        queries = ring.to(torch.promote_types(ring.dtype, k_cache.dtype))
         mask = select_keep(spec.policy, k_cache[:, :, :slot], valid, keep, keep, spec.window, queries, spec.scale)
         compact(k_cache, mask, k_cache, keep)
         start = compact(v_cache, mask, v_cache, keep)
-        call.starts[f"kvc_start_{i}"].copy_(start)
+        call.starts[f"kvc_start_{i}"][rows].copy_(start)
     _row_start(call, kv_start)
     call.recompressions += 1
     return budget

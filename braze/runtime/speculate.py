@@ -236,6 +236,7 @@ class SpeculativeRunner:
             self.decode_graphs = CudaGraphRunner(generator.decode, static_prefixes=state)
         self._state: dict[int, dict[str, torch.Tensor]] = {}
         self._extra: dict[str, torch.Tensor] = {}  # decode / verify inputs beyond the caches (kv_compression)
+        self._call: Any = None  # kv_compression: this batch's CompressedCall (rkv re-compresses rows through it)
 
     # ---------------------------------------------------------------------------------------------- drafting
 
@@ -399,11 +400,14 @@ class SpeculativeRunner:
         k = bucket_size(max(len(d) if d is not None else 0 for d in drafts), self.k_buckets, limit)
         batch = build_verify_batch(rows, drafts, k, g.cache_slots, g.device)
         t1 = time.perf_counter()
+        rings = {n: t.clone() for n, t in self._extra.items() if n.startswith("kvq_")} if self._rkv() else {}
         logits = self._run_verify(batch, kv_start, caches)
         t2 = time.perf_counter()
         st.build_seconds += t1 - t0
         st.forward_seconds += t2 - t1
         results = self._accept(batch, logits, rows, drafts, caches, sample)
+        if rings:
+            self._keep_accepted_queries(rings, rows, results)
         t3 = time.perf_counter()
         appended = st.append_seconds
         for r, d, (path, bonus) in zip(rows, drafts, results):
@@ -420,10 +424,51 @@ class SpeculativeRunner:
             st.accepted_drafts += len(accepted)
         st.emit_seconds += time.perf_counter() - t3 - (st.append_seconds - appended)
 
+    def _rkv(self) -> Any:
+        """The CompressionSpec when the cache is re-compressed during decoding (kv_compression="rkv"), else None."""
+        from braze.kvcompress.policy import DURING_DECODE
+
+        spec = self.gen.compression
+        return spec if spec is not None and spec.policy in DURING_DECODE else None
+
+    def _recompress_full_rows(self, rows: list[RowState], kv_start: torch.Tensor) -> None:
+        """rkv: a row whose cache is full is compacted back to the budget before its next step, at the slot (and so
+        the position) where plain decoding compacts it; its positions continue (slot j holds j - kv_start)."""
+        from braze.runtime.kv_compression import recompress
+
+        spec = self._rkv()
+        for r in rows:
+            if not r.done and r.cached >= spec.capacity:
+                slot = recompress(spec, self._call, kv_start, r.row)
+                r.kv_start += slot - r.cached
+                r.cached = slot
+
+    def _keep_accepted_queries(self, before: dict[str, torch.Tensor], rows: list[RowState],
+                               results: list[tuple[list[int], int]]) -> None:
+        """rkv: the verify recorded every node's query at ring slot (cache_len + node) % window; the ring keeps
+        what it held before the step plus the accepted nodes' queries at the slots they now hold (cache_len + i,
+        as decoding would have recorded them). Rows are fixed before _emit moves their cache_len."""
+        for name, old in before.items():
+            ring = self._extra[name]
+            window = ring.shape[2]
+            fixed = old.clone()
+            for r, (path, _) in zip(rows, results):
+                if r.done:
+                    continue
+                nodes = torch.tensor([0] + [i + 1 for i in path], device=ring.device)
+                dst = (r.cached + torch.arange(len(nodes), device=ring.device)) % window
+                fixed[r.row, :, dst] = ring[r.row, :, (r.cached + nodes) % window]
+            ring.copy_(fixed)
+
     def _step(self, rows: list[RowState], kv_start: torch.Tensor, caches: dict[str, torch.Tensor],
               sample: dict[str, Any], eos: set[int]) -> None:
+        rkv = self._rkv()
+        if rkv is not None:
+            self._recompress_full_rows(rows, kv_start)
         live = [r for r in rows if not r.done]
         limit = self.gen.cache_slots - 1 - max(r.cached for r in live)  # every live row's verify slots must fit
+        if rkv is not None:  # a step's nodes record their queries in distinct ring slots
+            limit = min(limit, rkv.window - 1)
         t0 = time.perf_counter()
         drafts = self._drafts(rows, limit)
         t1 = time.perf_counter()
@@ -459,7 +504,7 @@ class SpeculativeRunner:
         st = self.stats
         start = time.perf_counter()
         pre = g.run_prefill(ids, positions, kv_start, state, max_new_tokens)
-        logits, caches, base, self._extra = pre.logits, pre.caches, pre.base, pre.extra
+        logits, caches, base, self._extra, self._call = pre.logits, pre.caches, pre.base, pre.extra, pre.call
         real_lens = (mask != 0).sum(-1).tolist()
         self.kv_cache_bytes = sum(c.numel() * c.element_size() for c in caches.values())
         sample = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p,
@@ -521,10 +566,13 @@ class SpeculativeRunner:
         spec["ms_per_step"] = st.per_step_ms()
         spec["ingest_ms_per_request"] = st.ingest_seconds * 1e3 / max(st.rows, 1)
         prefills = st.rows if self.gen.verify is None else 1  # without a verify plan rows prefill one at a time
+        extra: dict[str, Any] = {"speculation": spec}
+        if self._call is not None and self._call.recompressions:  # rkv: row re-compressions of the last batch
+            extra["kv_recompressions"] = self._call.recompressions
         return GenerationStats(time_to_first_token_s=st.prefill_seconds / max(prefills, 1),
                                decode_tokens_per_s=(st.tokens - st.rows) / decode_s if decode_s > 0 else 0.0,
                                decode_steps=st.forward_steps, kv_cache_bytes=getattr(self, "kv_cache_bytes", 0),
-                               extra={"speculation": spec})
+                               extra=extra)
 
     def generate_row(self, ids: torch.Tensor, max_new_tokens: int, do_sample: bool, temperature: float, top_k: int,
                      top_p: float, generator: torch.Generator | None, eos_ids: torch.Tensor) -> list[int]:
