@@ -110,6 +110,30 @@ def test_deterministic_request_logits_bitwise_equal_across_batches_on_cuda(dtype
         assert int((logits != logits1).sum()) == 0, (batch, row)
 
 
+def test_deterministic_speculation_replays_verify_graphs_bitwise_on_cuda():
+    """deterministic=True speculation on CUDA: the verify plan (the decode kernel's tree form, lengths and tree read
+    on device) is replayed from CUDA graphs per (batch, k) bucket, and a left-padded batch emits plain decoding's
+    tokens from bitwise plain decoding's logits, path and tree drafts of the right continuation (CPU twin:
+    test_deterministic.py::test_speculative_verify_logits_bitwise_equal_plain_decoding)."""
+    from braze.runtime.speculate import SpeculativeRunner
+    from tests.test_deterministic import _OracleTreeDrafter
+
+    model = tiny_causal_lm("llama", layers=2, dtype=torch.bfloat16).cuda()
+    cm = braze.compile(model, max_seq=64, max_batch=4, deterministic=True)
+    g = torch.Generator().manual_seed(5)
+    ids, mask = _left_padded([torch.randint(3, 256, (n,), generator=g).cuda() for n in (12, 7, 9)])
+    kw = dict(attention_mask=mask, max_new_tokens=12, eos_token_id=None, output_logits=True)
+    plain = cm.generate(ids, **kw)
+    cont = {tuple(ids[b][mask[b].bool()].tolist()): plain.sequences[b, ids.shape[1]:].tolist() for b in range(3)}
+    for tree in (False, True):
+        runner = cm.generator.spec = SpeculativeRunner(cm.generator, adaptive=False)
+        runner.drafter = _OracleTreeDrafter(cont, 256, branching=tree)
+        out = cm.generate(ids, **kw, speculate=True, spec_tree=tree, max_spec_tokens=4)
+        assert torch.equal(out.sequences, plain.sequences), tree
+        assert int((out.logits.float().view(torch.int32) != plain.logits.float().view(torch.int32)).sum()) == 0
+        assert runner.stats.accepted_drafts > 0 and runner.verify_graphs.graphs, tree
+
+
 def test_df11_logits_bitwise_equal_bf16_on_cuda():
     """DFloat11 is lossless: the df11 plan's logits are bitwise the bf16 plan's (same tiles, decoded weights)."""
     model = tiny_causal_lm("llama", layers=2, dtype=torch.bfloat16).cuda()
