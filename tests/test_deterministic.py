@@ -110,6 +110,11 @@ def test_batch_invariant_matmul_config():
     for device in (INTERPRETER, *TARGETS.values()):
         cfgs = {matmul_config(m, 576, 192, device, deterministic=True) for m in (1, 3, 17, 64, 200, 4096)}
         assert len(cfgs) == 1 and next(iter(cfgs)).block_m == 16
+    # a single-row launch covers the SMs as far as the 16-wide MMA tile allows (N and the device decide, not M)
+    for device in TARGETS.values():
+        for n in (2048, 3072, 8192):
+            cfg = matmul_config(1, n, 2048, device, deterministic=True)
+            assert -(-n // cfg.block_n) >= min(device.sm_count, n // 16), (device.name, n, cfg)
 
 
 def test_speculative_path_tokens_equal_plain_decoding(det):

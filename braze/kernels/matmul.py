@@ -194,6 +194,10 @@ def _deterministic_config(N: int, K: int, device: DeviceSpec, *, dual: bool) -> 
     # of spills and 102-184 KB of shared memory (over sm_80/86/89's limits); BLOCK_K 32 is what fp32 tiles take.
     # With 4 warps one sm_90 forward tile still spilled 8 B at 80 registers; 8 warps: no spill on any target.
     block_n = pow2_clamp(N, 16, 64 if dual else 128)
+    # narrower N tiles until a single-row launch covers the SMs (decode: 1B o_proj went from 16 programs to 128):
+    # decided by N and the device alone, so still batch-invariant
+    while block_n > 16 and triton.cdiv(N, block_n) < device.sm_count:
+        block_n //= 2
     block_k = pow2_clamp(K, 16, 32)
     budget = device.smem_per_block - 8 * 1024
     stage_bytes = (16 * block_k + (2 if dual else 1) * block_k * block_n) * 4  # operands upcast to fp32 in the kernel
