@@ -244,6 +244,8 @@ def test_kernel_bias_split_k_and_3d_input(act_bits: int | None) -> None:
     # the sm_90 description makes the production launcher split K (atomic adds into a zeroed fp32 buffer)
     assert int6_config(6, 200, qw.n_groups, TARGETS["sm_90"]).split_k > 1
     assert int6_config(6, 200, qw.n_groups, INTERPRETER).split_k == 1
+    # 1B decode linears (N >= 2048) narrow their tiles instead: no split-K, so no memset and cast launches
+    assert all(int6_config(1, n, 16, TARGETS[t]).split_k == 1 for n in (2048, 3072) for t in TARGETS)
     for device in (INTERPRETER, TARGETS["sm_90"]):
         out = int6_linear_triton(x, qw, act_bits=act_bits, bias=bias, device=device)
         assert out.shape == (2, 3, 200)

@@ -113,8 +113,9 @@ class Int6Config:
 
 def int6_config(m: int, n: int, n_groups: int, device: DeviceSpec, deterministic: bool = False,
                 elem_size: int = 2) -> Int6Config:
-    """Tiles and split-K: decode (small M) splits K when the output tiles alone cannot fill the device's SMs (the
-    interpreter has none, so it never splits); stages as deep as shared memory allows, at most 3.
+    """Tiles and split-K: decode (small M) narrows the N tiles until they cover the device's SMs, and splits K only
+    when even 16-wide tiles leave most SMs idle (the interpreter has none, so it never splits); stages as deep as
+    shared memory allows, at most 3.
     The 128 x 128 prefill tile (8 warps) fits wgmma (sm_90) at 16-bit x; mma.sync (sm_80-89) spilled at 255
     registers (+1 KB, ptxas) and takes 64 x 128 (~150); fp32 x (elem_size 4: tf32x3, three dots per product)
     takes 128 x 64 on sm_90 and 32 x 128 before it (no spills; 128 x 128 spilled 0.1-2.4 KB).
@@ -128,8 +129,14 @@ def int6_config(m: int, n: int, n_groups: int, device: DeviceSpec, deterministic
         bm = 64
     split_k = 1
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-    if device.sm_count and m <= 64 and tiles < device.sm_count and not deterministic:
-        split_k = max(1, min(n_groups // 2, triton.cdiv(device.sm_count, tiles), 16))
+    if device.sm_count and m <= 64 and not deterministic:
+        # narrower N tiles first: split-K costs two launches more (the fp32 buffer's memset, the cast), so it is
+        # left for outputs too narrow to occupy half the SMs even with 16-wide tiles (1B decode: none)
+        while bn > 16 and tiles < device.sm_count:
+            bn //= 2
+            tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+        if 2 * tiles < device.sm_count:
+            split_k = max(1, min(n_groups // 2, triton.cdiv(device.sm_count, tiles), 16))
     # one stage: an x tile (<= 4 B/elem) and 3 byte planes of the weights per 128-wide group
     stage_bytes = bm * 128 * 4 + bn * 96
     stages = max(2, min(3, (device.smem_per_block - 8 * 1024) // stage_bytes))
