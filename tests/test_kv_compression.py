@@ -491,7 +491,8 @@ def test_rkv_speculation_recompresses_rows_where_decoding_does(lm, tree, executo
     # the queries plain decoding recorded (the rejected nodes' queries are not left in the ring)
     assert 2 < cm.generator.stats.extra["kv_recompressions"] <= 4
     for b in range(2):
-        assert 1 <= len(rings[b]) <= len(want[b])
+        assert rings.get(b), f"row {b} was never re-compressed"
+        assert len(rings[b]) <= len(want[b])
         for got, ref in zip(rings[b], want[b]):
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert runner.stats.accepted_drafts >= runner.stats.verify_steps > 0

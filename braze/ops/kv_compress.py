@@ -49,12 +49,9 @@ def record_query_reference(q: Tensor, q_ring: Tensor, cache_len: Tensor, cos: Te
     """rkv: the step's queries (RoPE applied) into ring slots (cache_len + s) % window (the cache slots they write).
     cache_len is [1] (decode) or one per row [B] (the speculative verify: every draft node is recorded, and the
     runner keeps the accepted ones; S <= window, so a step's nodes never share a slot)."""
-    roped = _roped(q, cos, sin).to(q_ring.dtype)
-    slots = (cache_len.reshape(-1, 1) + torch.arange(q.shape[2], device=q.device)) % q_ring.shape[2]
-    if slots.shape[0] == 1:
-        q_ring.index_copy_(2, slots[0], roped)
-    else:
-        q_ring.scatter_(2, slots[:, None, :, None].expand(-1, q.shape[1], -1, q.shape[3]), roped)
+    b, h, s, d = q.shape
+    slots = (cache_len.reshape(-1, 1) + torch.arange(s, device=q.device)) % q_ring.shape[2]  # [1 or B, S]
+    q_ring.scatter_(2, slots[:, None, :, None].expand(b, h, s, d), _roped(q, cos, sin).to(q_ring.dtype))
 
 
 @torch.library.custom_op("braze::kv_compress", mutates_args=("ck_cache", "cv_cache", "start_out"))

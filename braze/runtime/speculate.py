@@ -431,12 +431,11 @@ class SpeculativeRunner:
         spec = self.gen.compression
         return spec if spec is not None and spec.policy in DURING_DECODE else None
 
-    def _recompress_full_rows(self, rows: list[RowState], kv_start: torch.Tensor) -> None:
+    def _recompress_full_rows(self, spec: Any, rows: list[RowState], kv_start: torch.Tensor) -> None:
         """rkv: a row whose cache is full is compacted back to the budget before its next step, at the slot (and so
         the position) where plain decoding compacts it; its positions continue (slot j holds j - kv_start)."""
         from braze.runtime.kv_compression import recompress
 
-        spec = self._rkv()
         for r in rows:
             if not r.done and r.cached >= spec.capacity:
                 slot = recompress(spec, self._call, kv_start, r.row)
@@ -448,10 +447,9 @@ class SpeculativeRunner:
         """rkv: the verify recorded every node's query at ring slot (cache_len + node) % window; the ring keeps
         what it held before the step plus the accepted nodes' queries at the slots they now hold (cache_len + i,
         as decoding would have recorded them). Rows are fixed before _emit moves their cache_len."""
-        for name, old in before.items():
+        for name, fixed in before.items():  # `before` holds this step's private copies
             ring = self._extra[name]
             window = ring.shape[2]
-            fixed = old.clone()
             for r, (path, _) in zip(rows, results):
                 if r.done:
                     continue
@@ -464,7 +462,7 @@ class SpeculativeRunner:
               sample: dict[str, Any], eos: set[int]) -> None:
         rkv = self._rkv()
         if rkv is not None:
-            self._recompress_full_rows(rows, kv_start)
+            self._recompress_full_rows(rkv, rows, kv_start)
         live = [r for r in rows if not r.done]
         limit = self.gen.cache_slots - 1 - max(r.cached for r in live)  # every live row's verify slots must fit
         if rkv is not None:  # a step's nodes record their queries in distinct ring slots
