@@ -99,6 +99,9 @@ def compile_generation(cap: Captured, config: CompileConfig, report: CompileRepo
         compress_decode_graph(decode_gm, compression.policy, compression.capacity, compression.window)
     symbols = _respecialize_decode(decode_gm, cap.weights, config.max_batch)
     fuse_df11_decode_plan(decode_gm, cap.weights, config, report)  # quant="df11", df11_strategy="auto" only
+    decode_fake = next(n.meta["val"] for n in decode_gm.graph.nodes if n.op == "placeholder" and n.name not in weights)
+    run_passes(dataclasses.replace(cap, gm=decode_gm, fake_mode=decode_fake.fake_mode), config, report,
+               phases=("decode",))
     decode, decode_record = lower_graph(decode_gm, "decode", symbols, weights, config.deterministic)
     if decode_record.fallbacks:  # what generation runs eagerly, with the passes' reasons (general attention, ...)
         report.extra["decode eager steps"] = _fallback_summary(decode_gm, decode_record.fallbacks)

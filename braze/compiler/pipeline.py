@@ -30,11 +30,14 @@ def _dump_dir() -> Path | None:
     return path
 
 
+GENERATION_PHASES = ("cache", "verify", "decode")
+
+
 def run_passes(cap: Captured, config: CompileConfig, report: CompileReport,
                after_pass: AfterPass | None = None, phases: tuple[str, ...] | None = None) -> PassContext:
     """Rewrite cap.gm in place with every enabled pass; `after_pass` sees the graph after each one.
 
-    `phases` selects which phases run; by default all but "cache" and "verify" (generation graphs only).
+    `phases` selects which phases run; by default all but "cache", "verify" and "decode" (generation graphs only).
     """
     ctx = PassContext(config=config, weights=cap.weights, fake_mode=cap.fake_mode, causal_lm=cap.causal_lm)
     dump = _dump_dir()
@@ -43,7 +46,7 @@ def run_passes(cap: Captured, config: CompileConfig, report: CompileReport,
     for i, spec in enumerate(PASSES, start=1):
         if not spec.enabled(config):
             continue
-        if (phases is None and spec.phase in ("cache", "verify")) or (phases is not None and spec.phase not in phases):
+        if (phases is None and spec.phase in GENERATION_PHASES) or (phases is not None and spec.phase not in phases):
             continue
         ctx.current_pass = spec.name
         count = spec.fn(cap.gm, ctx)

@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from braze.kernels.attention import ATTENTION, CACHED_ATTENTION, TREE_CACHED_ATTENTION
+from braze.kernels.decode_layer import ATTENTION_BLOCK, MLP_BLOCK
 from braze.kernels.device import INTERPRETER, TARGETS, DeviceSpec, device_spec, target_spec
 from braze.kernels.df11 import DF11_DECODE, DF11_GEMV
 from braze.kernels.family import LAUNCH_HOOKS, KernelFamily, Launch, device_op, launch_kernel, recording_launches
@@ -20,7 +21,7 @@ from braze.kernels.matmul import MATMUL
 
 FAMILIES: dict[str, KernelFamily] = {
     f.name: f for f in (FUSED, MATMUL, ATTENTION, CACHED_ATTENTION, TREE_CACHED_ATTENTION, DF11_DECODE, DF11_GEMV,
-                        INT6_MATMUL)
+                        INT6_MATMUL, ATTENTION_BLOCK, MLP_BLOCK)
 }
 
 if TYPE_CHECKING:

@@ -135,6 +135,7 @@ class DecodeAttentionSpec:
     head_start: bool = False  # kv_start is [B, Hkv] (a compressed cache whose heads hold different lengths)
     rope_write: bool = False  # RoPE on q and the new key, and the cache write, inside `_partial` (needs from_cache_len)
     tree: bool = False  # the draft nodes of a verify step, each as decode at its position (needs from_cache_len)
+    o_proj: bool = False  # attention block: merge, o_proj and residual inside `_partial` (needs rope_write)
 
     def __post_init__(self) -> None:
         _check_common(self.name, self.input_precision, self.out_dtype)
@@ -142,6 +143,8 @@ class DecodeAttentionSpec:
             raise ValueError("rope_write and tree need from_cache_len (the new token sits at the cache length)")
         if self.rope_write and self.tree:
             raise ValueError("tree reads nodes the verify's rope_write kernel wrote: it excludes rope_write")
+        if self.o_proj and not self.rope_write:
+            raise ValueError("o_proj is the decode plans' attention block: it needs rope_write")
 
 
 def render_attention(spec: AttentionSpec, header: str = "") -> str:
@@ -157,7 +160,7 @@ def render_decode_attention(spec: DecodeAttentionSpec, header: str = "") -> str:
     return render_template(
         "decode_attention.py.j2", header=check_header(header), name=spec.name, has_kv_start=spec.has_kv_start,
         from_cache_len=spec.from_cache_len, input_precision=spec.input_precision, out_dtype=spec.out_dtype,
-        head_start=spec.head_start, rope_write=spec.rope_write, tree=spec.tree)
+        head_start=spec.head_start, rope_write=spec.rope_write, tree=spec.tree, o_proj=spec.o_proj)
 
 
 def render_cache_write(name: str) -> str:
@@ -241,6 +244,30 @@ def decode_splits(heads_kv: int, s_max: int, device: DeviceSpec) -> int:
         return 1
     wanted = math.ceil(2 * device.sm_count / heads_kv)
     return max(1, min(wanted, max(1, s_max // 256), 64))
+
+
+@dataclass(frozen=True)
+class OutputProjection:
+    """The attention block's tail (decode_attention.py.j2 with o_proj): out [B, N] = residual + attention
+    [B, Hq * D] @ weight[N, Hq * D]^T, reduced across kv heads in `acc` (fp32 [B, N], zeros) with the counters
+    `group_sync` (int32 [B * Hkv], zeros) and `row_sync` (int32 [B], zeros), all left at zero by the launch."""
+
+    weight: torch.Tensor
+    residual: torch.Tensor
+    out: torch.Tensor
+    acc: torch.Tensor
+    group_sync: torch.Tensor
+    row_sync: torch.Tensor
+
+    def args(self) -> list[Any]:
+        w, r, o = self.weight, self.residual, self.out
+        return [w, r, o, self.acc, self.group_sync, self.row_sync, w.shape[0], *w.stride(), *r.stride(),
+                *o.stride()]
+
+    def block_o(self, device: DeviceSpec, block_d: int) -> int:
+        """Output columns per o_proj tile: [BLOCK_O, BLOCK_D] weight tiles, 32 fp32 values per thread (4 warps)
+        on a GPU."""
+        return pow2_clamp(self.weight.shape[0], 16, 256 if device.interpret else max(16, 4096 // block_d))
 
 
 # ---- launches ---------------------------------------------------------------------------------------------------
@@ -364,9 +391,10 @@ def rope_write(module: Any, name: str, tensors: dict[str, torch.Tensor], device:
 
 
 def split_kv_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    out: torch.Tensor, seq_lens: torch.Tensor, kv_start: torch.Tensor | None, scale: float,
+                    out: torch.Tensor | None, seq_lens: torch.Tensor, kv_start: torch.Tensor | None, scale: float,
                     device: DeviceSpec, splits: int | None = None, *, from_cache_len: bool = False,
-                    head_start: bool = False, rope: tuple[torch.Tensor, ...] | None = None) -> int:
+                    head_start: bool = False, rope: tuple[torch.Tensor, ...] | None = None,
+                    block: OutputProjection | None = None) -> int:
     """Decode attention of one query per row: q/out [B, Hq, D], caches [B, Hkv, S_max, D]. One split writes its
     normalised partial output straight into `out` (no combine launch). Returns the launches.
     from_cache_len (kernel rendered with it): `seq_lens` is the cache length before the new token, [1] for the
@@ -374,13 +402,15 @@ def split_kv_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tens
     head_start (kernel rendered with it): kv_start is [B, Hkv], one start per row and kv head.
     rope = (k_new, v_new, cos, sin) (kernel rendered with rope_write): q is not yet rotated; k_new/v_new [B, Hkv, D]
     are the new token's key and value, cos/sin [B or 1, D]; the kernel rotates q and k_new and writes k/v into
-    the caches at the cache length (what `<name>_rope_write` would do, without its launch)."""
+    the caches at the cache length (what `<name>_rope_write` would do, without its launch).
+    block (kernel rendered with o_proj, needs rope): `out` is not written; the kernel merges the splits itself and
+    writes block.out = block.residual + o_proj(attention) (kernels/decode_layer.py), one launch in all."""
     B, Hq, D = q.shape
     Hkv, s_max = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
     splits = splits or decode_splits(Hkv, s_max, device)
     blocks = decode_blocks(group, D)
-    direct = splits == 1 and out.is_contiguous()
+    direct = block is None and splits == 1 and out.is_contiguous()
     mid_o = out if direct else torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
     mid_lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)
     fused = []
@@ -397,9 +427,12 @@ def split_kv_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tens
     args = [q, k_cache, v_cache, mid_o, mid_lse, seq_lens, *fused, *lens[1:], *starts,
             Hkv, group, D, splits, *q.stride(), *k_cache.stride(), *v_cache.stride(), float(scale)]
     opts = {} if device.interpret else {"num_warps": blocks.num_warps, "num_stages": blocks.num_stages}
+    if block is not None:
+        args += block.args()
+        opts["BLOCK_O"] = block.block_o(device, blocks.block_d)
     launch_kernel(getattr(module, f"{name}_partial"), (B * Hkv, splits), *args,
                   BLOCK_G=blocks.block_g, BLOCK_N=blocks.block_n, BLOCK_D=blocks.block_d, **opts)
-    if direct:
+    if direct or block is not None:
         return 1
     opts = {} if device.interpret else {"num_warps": 4 if blocks.block_d >= 128 else 2}
     launch_kernel(getattr(module, f"{name}_combine"), (B * Hq,), mid_o, mid_lse, out, Hq, D, splits,

@@ -17,6 +17,7 @@ import torch.fx as fx
 from braze.passes.attention import substitute_attention
 from braze.passes.constants import fold_constants
 from braze.passes.context import PassContext
+from braze.passes.decode_layer import fold_decode_layers
 from braze.passes.fusion import (
     decompose_unfused,
     fuse_linear_epilogue,
@@ -76,4 +77,6 @@ PASSES: list[PassSpec] = [
     PassSpec("insert_kv_cache", "cache", insert_kv_cache),
     # the speculative verify graph (on a copy of the cache graph)
     PassSpec("insert_tree_verify", "verify", insert_tree_verify),
+    # the decode graph (one token per row): each layer's attention and MLP halves as one launch each (atomics)
+    PassSpec("fold_decode_layers", "decode", fold_decode_layers, enabled=lambda config: not config.deterministic),
 ]

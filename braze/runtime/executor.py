@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import math
+import re
 from typing import Any
 
 import torch
@@ -70,8 +71,25 @@ class PlanExecutor:
         self.symbol_specs = {s.name: s for s in plan.symbols}
         self.stats = {"calls": 0, "launches": 0, "eager_ops": 0}
         self.spec = spec or device_spec(device)
+        self.workspace: dict[str, torch.Tensor] = self._zeroed_workspace() if kernels else {}
         if kernels:
             check_interpreter_ready()
+
+    def _zeroed_workspace(self) -> dict[str, torch.Tensor]:
+        """One zeroed buffer per dtype that steps declaring params["workspace"] share (the decode-layer blocks'
+        accumulators and counters, kernels/decode_layer.py): sized for the plan's largest shapes and allocated
+        here, once, so a call allocates and clears nothing (the kernels leave it at zero) and CUDA-graph replay
+        keeps one address. Steps run one after another, so they can share it."""
+        need: dict[str, int] = {}
+        bounds = {s.name: s.upper for s in self.plan.symbols}
+        for step in self.plan.steps:
+            for dtype, numel in (step.params or {}).get("workspace", {}).items():
+                unbounded = [name for name, hi in bounds.items() if hi is None and re.search(rf"\b{name}\b", numel)]
+                if unbounded:
+                    raise ValueError(f"step {step.outputs[0]}: its workspace ({numel}) needs an upper bound for "
+                                     f"{', '.join(unbounded)}")
+                need[dtype] = max(need.get(dtype, 0), _Expr(numel)(bounds))
+        return {dtype: torch.zeros(n, dtype=DTYPES[dtype], device=self.device) for dtype, n in need.items()}
 
     def _count_launch(self, launch: Any) -> None:
         self.stats["launches"] += 1
@@ -176,6 +194,10 @@ class PlanExecutor:
         LAUNCH_HOOKS.append(self._count_launch)  # launches are counted where they happen, not predicted
         try:
             self._run_steps(env, syms, slots)
+        except BaseException:
+            for buf in self.workspace.values():  # a launch that stopped half way may have left partial sums
+                buf.zero_()
+            raise
         finally:
             LAUNCH_HOOKS.remove(self._count_launch)
         self.stats["calls"] += 1
@@ -194,6 +216,8 @@ class PlanExecutor:
                 out = self._alloc(step.outputs[0], syms, slots)
                 env[step.outputs[0]] = out
                 tensors = {role: env[n] for role, n in zip(step.params["roles"], step.inputs)}
+                if "workspace" in step.params:
+                    tensors.update({f"workspace_{dtype}": self.workspace[dtype] for dtype in step.params["workspace"]})
                 FAMILIES[step.launcher].launch(self.module(step.kernel), step.kernel, tensors, out, step.params,
                                                self.spec)
             else:

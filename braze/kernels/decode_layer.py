@@ -1,0 +1,219 @@
+"""Decode-layer block families: a decode layer in three launches (norm + QKV; attention block; MLP block).
+
+`attention_block` (braze::attention_block): the split-KV decode kernel in its o_proj form
+(decode_attention.py.j2): RoPE, the cache write, attention, the split merge, o_proj and the residual add in one
+launch. `mlp_block` (braze::mlp_block, mlp_block.py.j2): norm, gate/up, SwiGLU / GeGLU, down and the residual add
+in one launch. Both reduce across programs with fp32 atomics into a zeroed accumulator and per-row counters; the
+last program to finish writes the output and clears them. ClusterFusion's cluster-wide reduction has no Triton
+equivalent (no distributed shared memory); atomics are the issue's default-mode answer, so both blocks are
+decode-only and never used under deterministic=True (the order of fp32 atomic adds is not fixed).
+
+The accumulator and counters are the plan executor's zeroed workspace (Step.params["workspace"]: element counts
+per dtype, evaluated at the plan's largest shapes and allocated once), so no launch clears anything and CUDA-graph
+replay captures none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import torch
+import triton
+
+from braze.kernels.attention import (
+    DecodeAttentionSpec,
+    OutputProjection,
+    _attention_mask_reason,
+    _precision,
+    render_decode_attention,
+    split_kv_decode,
+)
+from braze.kernels.device import DeviceSpec
+from braze.kernels.family import FLOAT_NAMES, KernelFamily, launch_kernel
+from braze.kernels.matmul import check_header, pow2_clamp
+from braze.kernels.render import render_template
+
+if TYPE_CHECKING:
+    import torch.fx as fx
+
+    from braze.runtime.plan import Step
+
+GLU_KINDS = {"silu": "swiglu", "gelu_tanh": "geglu"}
+
+
+def _rows_expr(shape: Sequence[Any]) -> str:
+    """The product of the leading dims as a plan expression (dims may be symbolic, e.g. the batch)."""
+    return "*".join(f"({d})" for d in shape[:-1]) or "1"
+
+
+def workspace(params: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The executor's zeroed workspace for a step that declared params["workspace"] (tensors["workspace_<dtype>"])."""
+    return {dtype: tensors[f"workspace_{dtype}"] for dtype in params["workspace"]}
+
+
+class AttentionBlockFamily(KernelFamily):
+    """braze::attention_block: one decode launch from q/k/v to the residual stream."""
+
+    name = "attention_block"
+    templates = ("decode_attention.py.j2",)
+
+    @property
+    def ops(self) -> tuple[Any, ...]:  # type: ignore[override]
+        import braze.ops  # noqa: F401
+
+        return (torch.ops.braze.attention_block.default,)
+
+    def supports(self, node: fx.Node) -> str | None:
+        return _attention_mask_reason(node)
+
+    def lower(self, node: fx.Node, name: str) -> tuple[str, Step]:
+        from braze.ops.schema import op_args
+        from braze.runtime.plan import Step
+
+        a = op_args(node)
+        k_cache = a["k_cache"].meta["val"]
+        head_start = a["kv_start"].meta["val"].dim() == 2
+        attn_dtype = FLOAT_NAMES[a["q"].meta["val"].dtype]  # the attention output's dtype before o_proj
+        source = render_decode_attention(DecodeAttentionSpec(
+            name, True, _precision(k_cache.dtype), attn_dtype, from_cache_len=True, head_start=head_start,
+            rope_write=True, o_proj=True))
+        roles = ["q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start", "o_weight", "residual"]
+        out = node.meta["val"]
+        rows, n_out, heads_kv = _rows_expr(out.shape), int(out.shape[-1]), int(k_cache.shape[1])
+        step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
+                    params={"roles": roles, "scale": float(a["scale"]), "heads_kv": heads_kv,
+                            "s_max": int(k_cache.shape[2]), **({"head_start": True} if head_start else {}),
+                            # acc [B, N] fp32; counters: one per (row, kv head), then one per row
+                            "workspace": {"float32": f"{rows}*{n_out}", "int32": f"{rows}*{heads_kv + 1}"}})
+        return source, step
+
+    def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
+               params: dict[str, Any], device: DeviceSpec) -> None:
+        t = tensors
+        q = t["q"][:, :, 0, :]
+        B, Hkv = q.shape[0], t["k_cache"].shape[1]
+        out2 = out.view(B, -1)
+        n_out = out2.shape[1]
+        ws = workspace(params, tensors)
+        counters = ws["int32"]
+        proj = OutputProjection(t["o_weight"], t["residual"].reshape(B, n_out), out2, ws["float32"][:B * n_out],
+                                counters[:B * Hkv], counters[B * Hkv:B * Hkv + B])
+        split_kv_decode(module, name, q, t["k_cache"], t["v_cache"], None, t["cache_len"], t["kv_start"],
+                        params["scale"], device, from_cache_len=True, head_start=bool(params.get("head_start")),
+                        rope=(t["k"][:, :, 0, :], t["v"][:, :, 0, :], t["cos"][:, 0, :], t["sin"][:, 0, :]),
+                        block=proj)
+
+    def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
+        return 1  # the split merge happens in the kernel's last program: no combine launch
+
+
+@dataclass(frozen=True)
+class MlpBlockSpec:
+    name: str
+    glu: str = "swiglu"
+    input_precision: str = "ieee"
+    out_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ValueError(f"kernel name {self.name!r} is not a Python identifier")
+        if self.glu not in GLU_KINDS.values():
+            raise ValueError(f"glu must be one of {tuple(GLU_KINDS.values())}, got {self.glu!r}")
+
+
+def render_mlp_block(spec: MlpBlockSpec, header: str = "") -> str:
+    return render_template("mlp_block.py.j2", header=check_header(header), name=spec.name, glu=spec.glu,
+                           input_precision=spec.input_precision, out_dtype=spec.out_dtype)
+
+
+@dataclass(frozen=True)
+class MlpBlockConfig:
+    block_m: int
+    block_i: int
+    block_k: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def meta(self, device: DeviceSpec) -> dict[str, int]:
+        meta = {"BLOCK_M": self.block_m, "BLOCK_I": self.block_i, "BLOCK_K": self.block_k, "BLOCK_N": self.block_n}
+        if not device.interpret:
+            meta.update(num_warps=self.num_warps, num_stages=self.num_stages)
+        return meta
+
+
+def mlp_block_config(M: int, K: int, inter: int, N: int, device: DeviceSpec, *, elem_size: int = 2) -> MlpBlockConfig:
+    """The interpreter takes big tiles (it pays per program). A GPU: 16-row MMA tiles, intermediate columns
+    narrowed until the grid covers every SM (each program streams its slice of all three weights: a b=1 decode is
+    bandwidth bound), a [BLOCK_K, BLOCK_I] pair of gate/up tiles and a [BLOCK_I, BLOCK_N] down tile per step."""
+    if device.interpret:
+        return MlpBlockConfig(16, pow2_clamp(inter, 16, 128), pow2_clamp(K, 16, 128), pow2_clamp(N, 16, 128))
+    block_i = 64
+    while block_i > 16 and triton.cdiv(inter, block_i) * triton.cdiv(M, 16) < device.sm_count:
+        block_i //= 2
+    block_k = 64 if elem_size <= 2 else 32
+    return MlpBlockConfig(16, block_i, block_k, 64 if elem_size <= 2 else 32)
+
+
+class MlpBlockFamily(KernelFamily):
+    """braze::mlp_block: one decode launch for norm, gate/up, SwiGLU / GeGLU, down and the residual add."""
+
+    name = "mlp_block"
+    templates = ("mlp_block.py.j2",)
+
+    @property
+    def ops(self) -> tuple[Any, ...]:  # type: ignore[override]
+        import braze.ops  # noqa: F401
+
+        return (torch.ops.braze.mlp_block.default,)
+
+    def supports(self, node: fx.Node) -> str | None:
+        from braze.ops.schema import op_args
+
+        a = op_args(node)
+        if node.meta["val"].dtype not in FLOAT_NAMES:
+            return f"{node.target} output dtype {node.meta['val'].dtype} has no kernel"
+        if a["activation"] not in GLU_KINDS:
+            return f"gated MLP with activation {a['activation']!r} has no kernel"
+        return None
+
+    def lower(self, node: fx.Node, name: str) -> tuple[str, Step]:
+        from braze.ops.schema import op_args
+        from braze.runtime.plan import Step
+
+        a = op_args(node)
+        out = node.meta["val"]
+        w_dtype = a["gate_weight"].meta["val"].dtype
+        spec = MlpBlockSpec(name, GLU_KINDS[a["activation"]], _precision(w_dtype), FLOAT_NAMES[out.dtype])
+        roles = ["x", "norm_weight", "gate_weight", "up_weight", "down_weight", "residual"]
+        rows = _rows_expr(out.shape)
+        step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
+                    params={"roles": roles, "eps": float(a["eps"]),
+                            # acc [M, N] fp32; one counter per row block (at most one per row)
+                            "workspace": {"float32": f"{rows}*{int(out.shape[-1])}", "int32": rows}})
+        return render_mlp_block(spec), step
+
+    def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
+               params: dict[str, Any], device: DeviceSpec) -> None:
+        t = tensors
+        x = t["x"].reshape(-1, t["x"].shape[-1])
+        wg, wu, wd = t["gate_weight"], t["up_weight"], t["down_weight"]
+        M, K = x.shape
+        inter, N = wg.shape[0], wd.shape[0]
+        o = out.view(M, N)
+        res = t["residual"].reshape(M, N)
+        ws = workspace(params, tensors)
+        cfg = mlp_block_config(M, K, inter, N, device, elem_size=max(x.element_size(), wg.element_size()))
+        args = [x, t["norm_weight"], wg, wu, wd, res, o, ws["float32"][:M * N], ws["int32"][:M], M, K, inter, N,
+                *x.stride(), *wg.stride(), *wu.stride(), *wd.stride(), *res.stride(), *o.stride(), float(params["eps"])]
+        launch_kernel(getattr(module, name), (triton.cdiv(inter, cfg.block_i), triton.cdiv(M, cfg.block_m)), *args,
+                      **cfg.meta(device))
+
+    def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
+        return 1
+
+
+ATTENTION_BLOCK = AttentionBlockFamily()
+MLP_BLOCK = MlpBlockFamily()

@@ -1,0 +1,66 @@
+"""braze::attention_block and braze::mlp_block: a decode layer's two halves as single ops (passes/decode_layer.py).
+
+Each is the composition of ops braze already has, so the references are those ops' references chained; the
+kernels (kernels/decode_layer.py) compute each half in one launch and reduce across programs with atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from braze.ops.library import cached_attention_reference, linear, linear_glu
+
+
+@torch.library.custom_op("braze::attention_block", mutates_args=("k_cache", "v_cache"))
+def attention_block(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_len: Tensor,
+    kv_start: Tensor,
+    scale: float,
+    o_weight: Tensor,
+    residual: Tensor,
+) -> Tensor:
+    """residual + o_proj(cached attention of one new token per row): RoPE, the cache write, attention over the
+    cache, the heads flattened in order ([B, 1, Hq * D]) and the output projection with its residual add."""
+    attn = cached_attention_reference(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, scale)
+    x = attn.transpose(1, 2).reshape(*residual.shape[:-1], -1)
+    return linear(x, o_weight, residual=residual)
+
+
+@attention_block.register_fake
+def _attention_block_fake(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, scale, o_weight, residual):
+    return torch.empty_like(residual, dtype=torch.promote_types(q.dtype, residual.dtype))
+
+
+@torch.library.custom_op("braze::mlp_block", mutates_args=())
+def mlp_block(
+    x: Tensor,
+    norm_weight: Tensor,
+    gate_weight: Tensor,
+    up_weight: Tensor,
+    down_weight: Tensor,
+    residual: Tensor,
+    eps: float,
+    activation: str = "silu",
+) -> Tensor:
+    """residual + down(act(gate(rmsnorm(x))) * up(rmsnorm(x))): a gated MLP with its norm and residual add."""
+    h = linear_glu(x, gate_weight, up_weight, norm_weight, eps, activation)
+    return linear(h, down_weight, residual=residual)
+
+
+@mlp_block.register_fake
+def _mlp_block_fake(x, norm_weight, gate_weight, up_weight, down_weight, residual, eps, activation="silu"):
+    return torch.empty_like(residual)
+
+
+DECODE_LAYER_OPS = {
+    "attention_block": torch.ops.braze.attention_block.default,
+    "mlp_block": torch.ops.braze.mlp_block.default,
+}

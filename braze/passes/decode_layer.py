@@ -1,0 +1,152 @@
+"""fold_decode_layers: a decode layer in three launches (the decode plan only; deterministic=False).
+
+    rms_norm + QKV linear                     -> unchanged: the matmul family's norm prologue (launch 1)
+    cached_attention -> head flatten -> o_proj linear (+ residual)
+                                              -> braze::attention_block (launch 2: RoPE, cache write, split-KV
+                                                 attention, the split merge, o_proj, residual)
+    linear_glu (norm, gate/up, SwiGLU) -> down linear (+ residual)
+                                              -> braze::mlp_block (launch 3)
+
+Both blocks reduce across programs with fp32 atomics (kernels/decode_layer.py), so the pass is off under
+deterministic=True. It runs on the decode plan's graph after it is re-specialized to one token per row
+(compiler/generation.py); prefill and verify keep their kernels. A layer that does not match (a bias on o_proj,
+quantized weights, tensor-parallel all-reduces between o_proj and the residual add, attention outside the
+RoPE-causal cached kernel) keeps its unfused steps, and the pass notes why for the first of each kind.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from braze.ops.schema import op_args
+from braze.passes.context import PassContext
+from braze.passes.graph_utils import _erase_dead_from, is_op, new_node, single_user, val
+
+aten = torch.ops.aten
+braze = torch.ops.braze
+
+# ops between the attention output and o_proj that only re-view the heads (no arithmetic)
+_HEAD_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
+               aten.transpose.int, aten.clone.default, aten.alias.default, aten.unsqueeze.default,
+               aten.squeeze.dim, aten.squeeze.dims, aten.flatten.using_ints)
+
+
+def _concrete(shape: torch.Size) -> list[int]:
+    """A shape with every symbolic dim (the batch) set to 2, for replaying a view chain on a small tensor."""
+    out = []
+    for d in shape:
+        if isinstance(d, torch.SymInt):
+            expr = d.node.expr
+            d = int(expr.subs({s: 2 for s in expr.free_symbols}))
+        out.append(int(d))
+    return out
+
+
+def _heads_flattened_in_order(attn: fx.Node, chain: list[fx.Node]) -> bool:
+    """Whether the view chain maps the attention output [B, Hq, 1, D] to [..., Hq * D] element for element as
+    transpose(1, 2).reshape does (the column order o_proj's weight expects), replayed on an arange."""
+    shape = _concrete(val(attn).shape)
+    t = torch.arange(int(torch.tensor(shape).prod())).reshape(shape)
+    want = t.transpose(1, 2).reshape(-1)
+    for n in chain:
+        if n.target is aten.permute.default:
+            t = t.permute(*n.args[1])
+        elif n.target is aten.transpose.int:
+            t = t.transpose(n.args[1], n.args[2])
+        else:  # every other allowed op keeps the logical element order: reshape to its output shape
+            t = t.reshape(_concrete(val(n).shape))
+    return t.reshape(-1).equal(want)
+
+
+def _fold_attention(attn: fx.Node, order: dict[fx.Node, int], ctx: PassContext) -> str | None:
+    """Replace attention -> views -> o_proj(+residual) by braze::attention_block; returns why not, or None."""
+    a = op_args(attn)
+    if val(a["q"]).shape[2] != 1:
+        return "not a one-token decode"
+    chain, cur = [], attn
+    while single_user(cur) and is_op(next(iter(cur.users)), *_HEAD_VIEWS):
+        cur = next(iter(cur.users))
+        chain.append(cur)
+    lin = next(iter(cur.users)) if single_user(cur) else None
+    if not is_op(lin, braze.linear.default):
+        return "the attention output does not feed one linear"
+    la = op_args(lin)
+    w, res = la["weight"], la["residual"]
+    if la["x"] is not cur or res is None:
+        return "o_proj has no residual add in its epilogue (e.g. a tensor-parallel all-reduce sits between)"
+    if la["bias"] is not None or la["norm_weight"] is not None or la["activation"] != "none":
+        return "o_proj has a bias, a norm or an activation"
+    if w.op != "placeholder" or w.name not in ctx.weights:
+        return "o_proj's weight is not a plain weight (quantized)"
+    out, q = val(lin), val(a["q"])
+    if not (out.dtype == q.dtype == val(w).dtype == val(res).dtype) or tuple(val(res).shape) != tuple(out.shape):
+        return "o_proj's weight, residual and attention dtypes differ"
+    if not _heads_flattened_in_order(attn, chain):
+        return "the heads reach o_proj in another order"
+    # nothing between the attention and o_proj may read the caches the attention writes
+    span = range(order[attn] + 1, order[lin])
+    for cache in (a["k_cache"], a["v_cache"]):
+        if any(u is not attn and order.get(u, -1) in span for u in cache.users):
+            return "a cache is read between the attention and o_proj"
+    names = ("q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start", "scale")
+    block = new_node(attn.graph.owning_module, braze.attention_block.default,
+                     (*(a[n] for n in names), w, res), {}, ctx, before=lin)
+    _replace(lin, block)
+    return None
+
+
+def _fold_mlp(glu: fx.Node, ctx: PassContext) -> str | None:
+    """Replace linear_glu(norm) -> down linear(+residual) by braze::mlp_block; returns why not, or None."""
+    g = op_args(glu)
+    down = next(iter(glu.users)) if single_user(glu) else None
+    if not is_op(down, braze.linear.default):
+        return "the gated MLP does not feed one linear"
+    d = op_args(down)
+    if d["x"] is not glu or d["residual"] is None or d["bias"] is not None or d["norm_weight"] is not None \
+            or d["activation"] != "none":
+        return "the down projection is not a plain linear with a residual add"
+    if g["norm_weight"] is None:
+        return "the gated MLP has no RMSNorm prologue"
+    weights = (g["gate_weight"], g["up_weight"], d["weight"])
+    if any(w.op != "placeholder" or w.name not in ctx.weights for w in weights):
+        return "an MLP weight is not a plain weight (quantized)"
+    dtypes = {val(n).dtype for n in (g["x"], g["norm_weight"], d["residual"], down, *weights)}
+    if len(dtypes) != 1 or tuple(val(d["residual"]).shape) != tuple(val(down).shape):
+        return "the MLP's input, weights and residual dtypes differ"
+    block = new_node(glu.graph.owning_module, braze.mlp_block.default,
+                     (g["x"], g["norm_weight"], *weights, d["residual"], float(g["eps"]), g["activation"]), {}, ctx,
+                     before=down)
+    _replace(down, block)
+    return None
+
+
+def _replace(old: fx.Node, new: fx.Node) -> None:
+    for key in ("stack_trace", "nn_module_stack"):
+        if key in old.meta:
+            new.meta[key] = old.meta[key]
+    old.replace_all_uses_with(new)
+    _erase_dead_from(old)  # the linear, then the views and the attention / gate-up it alone used
+
+
+def fold_decode_layers(gm: fx.GraphModule, ctx: PassContext) -> int:
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    folded = {"attention": 0, "mlp": 0}
+    skipped: dict[str, str] = {}
+    for node in list(gm.graph.nodes):
+        if getattr(node, "_erased", False) or node.graph is not gm.graph:
+            continue
+        if is_op(node, braze.cached_attention.default):
+            kind, why = "attention", _fold_attention(node, order, ctx)
+        elif is_op(node, braze.linear_glu.default):
+            kind, why = "mlp", _fold_mlp(node, ctx)
+        else:
+            continue
+        if why is None:
+            folded[kind] += 1
+        else:
+            skipped.setdefault(kind, f"{node.name}: {why}")
+    ctx.note(f"{folded['attention']} attention blocks, {folded['mlp']} MLP blocks (one launch each)")
+    for kind, why in skipped.items():
+        ctx.note(f"{kind} kept unfused, first case: {why}")
+    return folded["attention"] + folded["mlp"]
