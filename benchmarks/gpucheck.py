@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if total.errors else 0
 
 
-GEMV_FAMILIES = ("matmul", "int6_matmul", "df11_gemv")
+GEMV_FAMILIES = ("matmul", "int6_matmul", "df11_gemv", "mlp_block", "attention_block")
 
 
 def decode_grids(builds: list[tuple[str, TargetBuild]]) -> list[str]:
@@ -174,9 +174,9 @@ def decode_grids(builds: list[tuple[str, TargetBuild]]) -> list[str]:
             for use, programs in s.programs.items():
                 if use.startswith("decode ") and all(part.endswith("=1") for part in use.split()[1:2]):
                     sms = TARGETS[s.target].sm_count
-                    rows.append(f"{label:<32} {s.target:<6} {s.family:<12} {s.module:<28} {programs:>8} {sms:>4} "
+                    rows.append(f"{label:<32} {s.target:<6} {s.family:<15} {s.module:<28} {programs:>8} {sms:>4} "
                                 f"{'ok' if programs >= sms else 'BELOW'}")
-    out += [f"{'model variant':<32} {'target':<6} {'family':<12} {'kernel':<28} {'programs':>8} {'SMs':>4}",
+    out += [f"{'model variant':<32} {'target':<6} {'family':<15} {'kernel':<28} {'programs':>8} {'SMs':>4}",
             *sorted(set(rows)), ""]
     return out
 

@@ -17,9 +17,10 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import braze
 import braze.ops  # noqa: F401  (registers braze::*)
-from braze.kernels import FAMILIES, INTERPRETER, family_for_op, recording_launches
+from braze.kernels import FAMILIES, INTERPRETER, TARGETS, family_for_op, recording_launches
 from braze.quant.df11 import encode_df11
 from braze.quant.int6 import quantize_int6
+from braze.runtime.expr import Expr
 from braze.runtime.kernel_loader import load_kernel_module
 
 ops = torch.ops.braze
@@ -31,9 +32,11 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def launch_like_a_plan(fn, *inputs):
+def launch_like_a_plan(fn, *inputs, device=INTERPRETER):
     """Trace fn(*inputs) (one braze op call), lower its node with the op's family and launch it through the
-    family's launcher; returns (kernel output, family)."""
+    family's launcher with `device`'s configuration (kernels run under the interpreter whatever it is); returns
+    (kernel output, family). A step that declares a workspace gets it zeroed, as the executor hands it over, and
+    must leave it zeroed."""
     gm = make_fx(fn, tracing_mode="fake")(*inputs)
     node = next(n for n in gm.graph.nodes if n.op == "call_function" and family_for_op(n.target) is not None)
     family = family_for_op(node.target)
@@ -44,9 +47,12 @@ def launch_like_a_plan(fn, *inputs):
     tensors = {role: by_name[name] for role, name in zip(step.params["roles"], step.inputs)}
     val = node.meta["val"]
     out = torch.empty_strided(tuple(val.shape), tuple(val.stride()), dtype=val.dtype)
+    workspace = {f"workspace_{dtype}": torch.zeros(Expr(numel)({}), dtype=getattr(torch, dtype))
+                 for dtype, numel in step.params.get("workspace", {}).items()}
     with recording_launches() as seen:
-        family.launch(load_kernel_module(source), "kernel", tensors, out, step.params, INTERPRETER)
-    assert len(seen) == family.launch_count(step.params, INTERPRETER, out.shape)
+        family.launch(load_kernel_module(source), "kernel", {**tensors, **workspace}, out, step.params, device)
+    assert len(seen) == family.launch_count(step.params, device, out.shape)
+    assert all(not w.any() for w in workspace.values()), "the launch left its workspace dirty"
     EXERCISED.add(family.name)
     return out, family
 
@@ -121,6 +127,56 @@ def test_tree_cached_attention_family():
     torch.testing.assert_close(out, fn(*ref_args), **TOL)
 
 
+@pytest.mark.parametrize("device", ["interpreter", "sm_90"])
+@pytest.mark.parametrize("starts", ["row", "head"])
+def test_attention_block_family(device, starts):
+    """The decode attention block: RoPE, cache write, attention, o_proj and the residual add in one launch. sm_90's
+    configuration splits the 200-slot context in two, so the last split's merge of the other's partials runs
+    (the interpreter's own configuration keeps one split); `head` gives every (row, kv head) its own start
+    (kv_compression="adakv"). Batch 3, GQA group 2, a 72-wide o_proj output (not a multiple of any tile)."""
+    q, k, v, cos, sin, kc, vc, _, _ = _cache_inputs(3, 1, 150, s_max=512, seed=5)
+    cache_len = torch.tensor([150], dtype=torch.int64)
+    kv_start = torch.tensor([0, 7, 140], dtype=torch.int32)
+    if starts == "head":
+        kv_start = torch.tensor([[0, 9], [7, 7], [149, 120]], dtype=torch.int32)
+    g = _gen(6)
+    w_o = torch.randn(72, 4 * 32, generator=g) / math.sqrt(128)
+    residual = torch.randn(3, 1, 72, generator=g)
+    args = (q, k, v, cos, sin, kc, vc, cache_len, kv_start)
+    fn = lambda *a: ops.attention_block(*a[:9], 32**-0.5, a[9], a[10])  # noqa: E731
+    ref_args = [a.clone() for a in (*args, w_o, residual)]
+    target = INTERPRETER if device == "interpreter" else TARGETS[device]
+    from braze.kernels.attention import decode_splits
+
+    assert decode_splits(2, 512, target) == (1 if device == "interpreter" else 2)
+    out, _ = launch_like_a_plan(fn, *args, w_o, residual, device=target)
+    torch.testing.assert_close(out, fn(*ref_args), **TOL)
+    torch.testing.assert_close(kc, ref_args[5], **TOL)  # the new key, roped, at slot 150 of every row
+    torch.testing.assert_close(vc, ref_args[6], **TOL)
+    # the same block through its parts: attention, then the flattened heads through o_proj
+    attn = ops.cached_attention(*[a.clone() for a in args], 32**-0.5)
+    torch.testing.assert_close(out, residual + attn.transpose(1, 2).reshape(3, 1, 128) @ w_o.T, **TOL)
+
+
+@pytest.mark.parametrize("device", ["interpreter", "sm_80"])
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+def test_mlp_block_family(device, activation):
+    """The decode MLP block: norm, gate/up, SwiGLU / GeGLU, down and the residual add in one launch; 3 rows, sizes
+    that are no tile's multiple (K = N = 72, I = 200: sm_80 splits I into 13 programs of 16 columns)."""
+    g = _gen(7)
+    x = torch.randn(3, 1, 72, generator=g)
+    nw = 1 + 0.1 * torch.randn(72, generator=g)
+    wg, wu = (torch.randn(200, 72, generator=g) / math.sqrt(72) for _ in range(2))
+    wd = torch.randn(72, 200, generator=g) / math.sqrt(200)
+    residual = torch.randn(3, 1, 72, generator=g)
+    fn = lambda *a: ops.mlp_block(*a, 1e-5, activation)  # noqa: E731
+    target = INTERPRETER if device == "interpreter" else TARGETS[device]
+    out, _ = launch_like_a_plan(fn, x, nw, wg, wu, wd, residual, device=target)
+    torch.testing.assert_close(out, fn(x, nw, wg, wu, wd, residual), **TOL)
+    h = ops.linear_glu(x, wg, wu, nw, 1e-5, activation)
+    torch.testing.assert_close(out, residual + h @ wd.T, **TOL)
+
+
 def _df11_unit():
     w = (torch.randn(48, 128, generator=_gen(4)) * 0.02).to(torch.bfloat16)
     return w, encode_df11({"w": w}, threads_per_block=32)
@@ -179,5 +235,9 @@ def test_fused_family_through_a_compiled_plan():
 
 
 def test_every_registered_family_is_exercised():
-    """Runs last in this module: a family added to the registry without a test here fails."""
-    assert EXERCISED == set(FAMILIES)
+    """A family added to the registry without a test here fails: each has its `test_<family>_family...` (found by
+    name: under pytest-xdist the tests of this module may run on different workers, so the set of families this
+    worker launched, EXERCISED, is only a subset); what did run here was launched through the registry."""
+    tested = {name.removeprefix("test_").split("_family")[0] for name in globals()
+              if name.startswith("test_") and "_family" in name and name != "test_every_registered_family_is_exercised"}
+    assert tested == set(FAMILIES) and EXERCISED <= set(FAMILIES)

@@ -265,9 +265,10 @@ class OutputProjection:
                 *o.stride()]
 
     def block_o(self, device: DeviceSpec, block_d: int) -> int:
-        """Output columns per o_proj tile: [BLOCK_O, BLOCK_D] weight tiles, 32 fp32 values per thread (4 warps)
-        on a GPU."""
-        return pow2_clamp(self.weight.shape[0], 16, 256 if device.interpret else max(16, 4096 // block_d))
+        """Output columns per o_proj tile: [BLOCK_O, BLOCK_D] weight tiles, 16 fp32 values per thread (4 warps)
+        on a GPU (32 spilled 4-8 B at 72 registers on sm_86/89, bf16 1B shape; ptxas via make gpucheck)."""
+        per_thread = 2048 if self.weight.element_size() <= 2 else 1024  # fp32 models: the partial's tiles are wider
+        return pow2_clamp(self.weight.shape[0], 16, 256 if device.interpret else max(16, per_thread // block_d))
 
 
 # ---- launches ---------------------------------------------------------------------------------------------------

@@ -134,7 +134,10 @@ def mma_config(M: int, N: int, K: int, device: DeviceSpec, *, elem_size: int = 2
     block_k = pow2_clamp(K, 16, 64 if block_m >= 64 else 128)
     if elem_size >= 4:  # fp32 dots are FMA loops that hold a K slice of both operands in registers: keep it thin
         block_k = min(block_k, 16 if block_m >= 64 else 32)  # (ptxas, sm_80: 64 -> 30 KB of spills; 16/32 -> none)
-    while block_n > 32 and triton.cdiv(M, block_m) * triton.cdiv(N, block_n) < device.sm_count:
+    # down to 16 columns for one row (the 1B QKV at batch 1: 96 programs at 32, 192 at 16 on 132 SMs); at M = 8
+    # a 16-column tile spilled on sm_90 (make gpucheck), M = 1 is a constant Triton specializes on
+    narrowest = 16 if M == 1 else 32
+    while block_n > narrowest and triton.cdiv(M, block_m) * triton.cdiv(N, block_n) < device.sm_count:
         block_n //= 2
     n_weights = 2 if dual else 1
     budget = device.smem_per_block - 8 * 1024  # headroom for the epilogue's layout conversion

@@ -10,7 +10,7 @@
 Both blocks reduce across programs with fp32 atomics (kernels/decode_layer.py), so the pass is off under
 deterministic=True. It runs on the decode plan's graph after it is re-specialized to one token per row
 (compiler/generation.py); prefill and verify keep their kernels. A layer that does not match (a bias on o_proj,
-quantized weights, tensor-parallel all-reduces between o_proj and the residual add, attention outside the
+int6 / fused-df11 linears, tensor-parallel all-reduces between o_proj and the residual add, attention outside the
 RoPE-causal cached kernel) keeps its unfused steps, and the pass notes why for the first of each kind.
 """
 
@@ -70,15 +70,15 @@ def _fold_attention(attn: fx.Node, order: dict[fx.Node, int], ctx: PassContext) 
         chain.append(cur)
     lin = next(iter(cur.users)) if single_user(cur) else None
     if not is_op(lin, braze.linear.default):
-        return "the attention output does not feed one linear"
+        return f"the attention output feeds {_what(lin)}, not one plain linear"
     la = op_args(lin)
     w, res = la["weight"], la["residual"]
     if la["x"] is not cur or res is None:
         return "o_proj has no residual add in its epilogue (e.g. a tensor-parallel all-reduce sits between)"
     if la["bias"] is not None or la["norm_weight"] is not None or la["activation"] != "none":
         return "o_proj has a bias, a norm or an activation"
-    if w.op != "placeholder" or w.name not in ctx.weights:
-        return "o_proj's weight is not a plain weight (quantized)"
+    if val(w).dim() != 2:
+        return "o_proj's weight is not a matrix"
     out, q = val(lin), val(a["q"])
     if not (out.dtype == q.dtype == val(w).dtype == val(res).dtype) or tuple(val(res).shape) != tuple(out.shape):
         return "o_proj's weight, residual and attention dtypes differ"
@@ -101,7 +101,7 @@ def _fold_mlp(glu: fx.Node, ctx: PassContext) -> str | None:
     g = op_args(glu)
     down = next(iter(glu.users)) if single_user(glu) else None
     if not is_op(down, braze.linear.default):
-        return "the gated MLP does not feed one linear"
+        return f"the gated MLP feeds {_what(down)}, not one plain linear"
     d = op_args(down)
     if d["x"] is not glu or d["residual"] is None or d["bias"] is not None or d["norm_weight"] is not None \
             or d["activation"] != "none":
@@ -109,8 +109,8 @@ def _fold_mlp(glu: fx.Node, ctx: PassContext) -> str | None:
     if g["norm_weight"] is None:
         return "the gated MLP has no RMSNorm prologue"
     weights = (g["gate_weight"], g["up_weight"], d["weight"])
-    if any(w.op != "placeholder" or w.name not in ctx.weights for w in weights):
-        return "an MLP weight is not a plain weight (quantized)"
+    if any(val(w).dim() != 2 for w in weights):  # a weight may be a tensor decoded in the plan (df11 scratch)
+        return "an MLP weight is not a matrix"
     dtypes = {val(n).dtype for n in (g["x"], g["norm_weight"], d["residual"], down, *weights)}
     if len(dtypes) != 1 or tuple(val(d["residual"]).shape) != tuple(val(down).shape):
         return "the MLP's input, weights and residual dtypes differ"
@@ -119,6 +119,10 @@ def _fold_mlp(glu: fx.Node, ctx: PassContext) -> str | None:
                      before=down)
     _replace(down, block)
     return None
+
+
+def _what(node: fx.Node | None) -> str:
+    return "several nodes" if node is None else str(getattr(node.target, "__name__", node.target))
 
 
 def _replace(old: fx.Node, new: fx.Node) -> None:

@@ -71,7 +71,7 @@ class PlanExecutor:
         self.symbol_specs = {s.name: s for s in plan.symbols}
         self.stats = {"calls": 0, "launches": 0, "eager_ops": 0}
         self.spec = spec or device_spec(device)
-        self.workspace: dict[str, torch.Tensor] = self._zeroed_workspace() if kernels else {}
+        self.workspace: dict[str, torch.Tensor] = self._zeroed_workspace()
         if kernels:
             check_interpreter_ready()
 

@@ -1,0 +1,109 @@
+"""The decode layer in three launches (passes/decode_layer.py, kernels/decode_layer.py; issue #14).
+
+The kernels against their references are in test_kernel_families.py (interpreter and GPU configurations, the
+split merge, per-head starts, the workspace left at zero); greedy generation equal to HF for Llama and Qwen2
+through the folded decode plan is test_generate.py. Here: what the pass folds and why it leaves a layer alone,
+the launch budget per layer on the interpreter and the GPU targets, the fp16 twin of the bf16 path, and the
+executor's workspace across calls.
+"""
+
+import pytest
+import torch
+
+import braze
+import braze.runtime.generate as generate_mod
+from braze.kernels import INTERPRETER, TARGETS, launch_count
+from braze.models import tiny_causal_lm
+
+
+def _launchers(plan):
+    return [s.launcher for s in plan.steps if s.kind == "template"]
+
+
+def _fold_notes(cm):
+    return next(p.notes for p in cm.report.passes if p.name == "fold_decode_layers")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_three_launches_per_decode_layer_on_every_target(arch):
+    """Launches per layer = the difference between a 2-layer and a 1-layer compile, as each target counts them
+    (the GPU descriptions used to add the split-KV combine: now merged inside the attention block)."""
+    per_layer = {}
+    for layers in (1, 2):
+        cm = braze.compile(tiny_causal_lm(arch, layers=layers), max_seq=600, max_batch=4)
+        decode = cm.generator.decode.plan
+        for name, device in (("interpreter", INTERPRETER), *TARGETS.items()):
+            for batch in (1, 4):
+                per_layer.setdefault((name, batch), []).append(launch_count(decode, device, {
+                    s.name: batch for s in decode.symbols}))
+    assert {k: v[1] - v[0] for k, v in per_layer.items()} == {k: 3 for k in per_layer}
+    assert _launchers(decode).count("attention_block") == 2 and _launchers(decode).count("mlp_block") == 2
+    assert "cached_attention" not in _launchers(decode)
+    assert _fold_notes(cm)[0] == "2 attention blocks, 2 MLP blocks (one launch each)"
+
+
+def test_prefill_and_verify_keep_their_kernels():
+    cm = braze.compile(tiny_causal_lm("llama", layers=2), max_seq=64)
+    for plan in (cm.generator.prefill.plan, cm.generator.verify.plan):
+        assert not {"attention_block", "mlp_block"} & set(_launchers(plan))
+
+
+def test_deterministic_mode_does_not_fold():
+    """fp32 atomics add in no fixed order: deterministic=True keeps the batch-invariant kernels."""
+    cm = braze.compile(tiny_causal_lm("llama", layers=1), max_seq=32, deterministic=True)
+    launchers = _launchers(cm.generator.decode.plan)
+    assert "cached_attention" in launchers and not {"attention_block", "mlp_block"} & set(launchers)
+    assert all(p.name != "fold_decode_layers" for p in cm.report.passes)
+
+
+def test_quantized_mlp_stays_unfused_and_says_why():
+    cm = braze.compile(tiny_causal_lm("llama", layers=1), max_seq=32, quant="int6", int6_method="rtn")
+    launchers = _launchers(cm.generator.decode.plan)
+    assert "mlp_block" not in launchers and "attention_block" not in launchers
+    notes = _fold_notes(cm)
+    assert notes[0] == "0 attention blocks, 0 MLP blocks (one launch each)"
+    assert notes[1] == ("attention kept unfused, first case: cached_attention_default: the attention output feeds "
+                        "int6_linear.default, not one plain linear")
+
+
+def _decode_logits(cm, ids, n):
+    seen, real = [], generate_mod.select_next
+
+    def spy(logits, *args, **kwargs):
+        seen.append(logits.detach().clone())
+        return real(logits, *args, **kwargs)
+
+    generate_mod.select_next = spy
+    try:
+        out = cm.generate(ids, max_new_tokens=n)
+    finally:
+        generate_mod.select_next = real
+    return out, torch.stack(seen[1:], 1)  # the decode steps' logits [B, n - 1, V]
+
+
+def test_fp16_twin_matches_hf():
+    """The 16-bit path (bf16 arithmetic is not faithful under the interpreter; fp16 is): decode logits of the
+    folded plan against HF fp16 on the same tokens. Both round the attention output, the MLP intermediate and the
+    residual stream to fp16 at the same places and sum in fp32; they differ in summation order only, so the
+    logits (|x| <= ~4) agree to a few fp16 ulps: 2e-2 absolute, while a wrong head order or a lost split is O(1)."""
+    model = tiny_causal_lm("llama", layers=2, dtype=torch.float16)
+    cm = braze.compile(model, max_seq=64, max_batch=2)
+    assert "attention_block" in _launchers(cm.generator.decode.plan)
+    ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(4))
+    out, logits = _decode_logits(cm, ids, 8)
+    with torch.no_grad():
+        ref = model(out).logits[:, 7:14].float()  # position t's logits predict token t + 1
+    torch.testing.assert_close(logits.float(), ref, atol=2e-2, rtol=0)
+
+
+def test_workspace_stays_zero_between_calls():
+    """The blocks' accumulator and counters are allocated once per decode executor and left at zero by every
+    launch: a second identical request gives identical tokens, and the buffers are all zero after each."""
+    cm = braze.compile(tiny_causal_lm("qwen2", layers=2), max_seq=64, max_batch=3)
+    ws = cm.generator.decode.workspace
+    assert set(ws) == {"float32", "int32"} and ws["float32"].numel() == 3 * 64  # max_batch x hidden
+    ids = torch.randint(3, 256, (3, 5), generator=torch.Generator().manual_seed(9))
+    first = cm.generate(ids, max_new_tokens=6)
+    assert all(not w.any() for w in ws.values())
+    assert torch.equal(cm.generate(ids, max_new_tokens=6), first)
+    assert all(not w.any() for w in ws.values())
