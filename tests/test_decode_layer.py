@@ -39,13 +39,17 @@ def test_three_launches_per_decode_layer_on_every_target(arch):
     assert {k: v[1] - v[0] for k, v in per_layer.items()} == {k: 3 for k in per_layer}
     assert _launchers(decode).count("attention_block") == 2 and _launchers(decode).count("mlp_block") == 2
     assert "cached_attention" not in _launchers(decode)
-    assert _fold_notes(cm)[0] == "2 attention blocks, 2 MLP blocks (one launch each)"
+    assert _fold_notes(cm)[0] == "decode plan: 2 attention blocks, 2 MLP blocks (one launch each)"
 
 
-def test_prefill_and_verify_keep_their_kernels():
+def test_verify_folds_its_mlps_and_prefill_nothing():
     cm = braze.compile(tiny_causal_lm("llama", layers=2), max_seq=64)
-    for plan in (cm.generator.prefill.plan, cm.generator.verify.plan):
-        assert not {"attention_block", "mlp_block"} & set(_launchers(plan))
+    assert not {"attention_block", "mlp_block"} & set(_launchers(cm.generator.prefill.plan))
+    verify = _launchers(cm.generator.verify.plan)
+    assert verify.count("mlp_block") == 2 and "attention_block" not in verify
+    assert [p.notes[0] for p in cm.report.passes if p.name == "fold_decode_layers"] == [
+        "decode plan: 2 attention blocks, 2 MLP blocks (one launch each)",
+        "verify plan: 0 attention blocks, 2 MLP blocks (one launch each)"]
 
 
 def test_deterministic_mode_does_not_fold():
@@ -61,7 +65,7 @@ def test_quantized_mlp_stays_unfused_and_says_why():
     launchers = _launchers(cm.generator.decode.plan)
     assert "mlp_block" not in launchers and "attention_block" not in launchers
     notes = _fold_notes(cm)
-    assert notes[0] == "0 attention blocks, 0 MLP blocks (one launch each)"
+    assert notes[0] == "decode plan: 0 attention blocks, 0 MLP blocks (one launch each)"
     assert notes[1] == ("attention kept unfused, first case: cached_attention_default: the attention output feeds "
                         "int6_linear.default, not one plain linear")
 

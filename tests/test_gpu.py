@@ -38,6 +38,32 @@ def test_fp32_generation_on_cuda_matches_hf_with_cuda_graphs():
     assert cm.generator.graphs is not None and cm.generator.graphs.graphs  # decode replayed from a CUDA graph
 
 
+def test_decode_blocks_on_cuda_split_merge_and_graph_replay():
+    """The 3-launch decode layer on a GPU (atomics, the last program's split merge, CUDA-graph replay over the
+    executor's workspace): max_seq 1024 gives the attention block several splits; a left-padded batch of 3 greedy
+    decodes as HF does, twice (the second replays the captured graphs), and the workspace is zero after each. CPU
+    twins: test_kernel_families.py::test_attention_block_family (sm_90's split configuration under the
+    interpreter) and test_decode_layer.py."""
+    from braze.kernels import device_spec
+    from braze.kernels.attention import decode_splits
+
+    model = tiny_causal_lm("llama", layers=2).cuda()
+    cm = braze.compile(model, max_seq=1024, max_batch=4)
+    assert decode_splits(2, 1024, device_spec(torch.device("cuda"))) > 1
+    assert {"attention_block", "mlp_block"} <= {s.launcher for s in cm.generator.decode.plan.steps}
+    ids = torch.randint(3, 256, (3, 9), device="cuda")
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0
+    ids[mask == 0] = 0
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=mask, max_new_tokens=48, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+    for _ in range(2):
+        assert torch.equal(cm.generate(ids, attention_mask=mask, max_new_tokens=48), ref)
+        assert all(not w.any() for w in cm.generator.decode.workspace.values())
+    assert cm.generator.graphs is not None and cm.generator.graphs.graphs
+
+
 def test_speculation_on_cuda_is_exact():
     model = tiny_causal_lm("llama").cuda()
     cm = braze.compile(model, max_seq=128)

@@ -106,7 +106,8 @@ def compile_generation(cap: Captured, config: CompileConfig, report: CompileRepo
     if decode_record.fallbacks:  # what generation runs eagerly, with the passes' reasons (general attention, ...)
         report.extra["decode eager steps"] = _fallback_summary(decode_gm, decode_record.fallbacks)
     verify_gm = copy_graph_module(gm)
-    run_passes(dataclasses.replace(cap, gm=verify_gm), config, report, phases=("verify",))
+    # the verify graph: tree attention, and the MLP blocks of fold_decode_layers (its attention stays a tree kernel)
+    run_passes(dataclasses.replace(cap, gm=verify_gm), config, report, phases=("verify", "decode"))
     if compression is not None:  # verify over the compacted cache
         compress_verify_graph(verify_gm, compression.policy, compression.capacity, compression.window)
     verify, _ = lower_graph(verify_gm, "verify", cap.symbols, weights, config.deterministic)

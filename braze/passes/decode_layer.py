@@ -1,4 +1,4 @@
-"""fold_decode_layers: a decode layer in three launches (the decode plan only; deterministic=False).
+"""fold_decode_layers: a decode layer in three launches (deterministic=False).
 
     rms_norm + QKV linear                     -> unchanged: the matmul family's norm prologue (launch 1)
     cached_attention -> head flatten -> o_proj linear (+ residual)
@@ -9,7 +9,8 @@
 
 Both blocks reduce across programs with fp32 atomics (kernels/decode_layer.py), so the pass is off under
 deterministic=True. It runs on the decode plan's graph after it is re-specialized to one token per row
-(compiler/generation.py); prefill and verify keep their kernels. A layer that does not match (a bias on o_proj,
+(compiler/generation.py), and on the verify plan's graph, whose MLPs fold the same way (its tree attention
+keeps its kernels); prefill keeps its kernels. A layer that does not match (a bias on o_proj,
 int6 / fused-df11 linears, tensor-parallel all-reduces between o_proj and the residual add, attention outside the
 RoPE-causal cached kernel) keeps its unfused steps, and the pass notes why for the first of each kind.
 """
@@ -150,7 +151,8 @@ def fold_decode_layers(gm: fx.GraphModule, ctx: PassContext) -> int:
             folded[kind] += 1
         else:
             skipped.setdefault(kind, f"{node.name}: {why}")
-    ctx.note(f"{folded['attention']} attention blocks, {folded['mlp']} MLP blocks (one launch each)")
+    plan = "verify" if any(is_op(n, braze.tree_cached_attention.default) for n in gm.graph.nodes) else "decode"
+    ctx.note(f"{plan} plan: {folded['attention']} attention blocks, {folded['mlp']} MLP blocks (one launch each)")
     for kind, why in skipped.items():
         ctx.note(f"{kind} kept unfused, first case: {why}")
     return folded["attention"] + folded["mlp"]

@@ -1,0 +1,152 @@
+"""The decode step of the Llama-3.2-1B shape as each GPU target gets it: the launch list, programs per launch vs
+SMs, registers and spills (ptxas), and a bytes-per-step model from the recorded launch arguments. CPU only.
+
+    .venv/bin/python benchmarks/decode_step_model.py [--targets sm_90,sm_80] [--context 1024] [--out FILE]
+
+The plan is compiled from the 1B config with 1 and 2 layers (seeded weights, bf16); its decode plan runs dry on
+the CPU with each target's launch configuration (braze/compiler/targets.py: every launch is recorded, none runs),
+and the kernels are cross-compiled for the target. The 16-layer figures are the 1-layer plan plus 15 times what the
+second layer added. Bytes model: each launch reads the distinct tensors it is passed once, except the KV caches, of
+which it reads the live part (context + 1 of max_seq slots); the ideal is every weight once plus the live caches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import braze  # noqa: E402
+from braze.compiler.targets import build_targets, plan_inputs  # noqa: E402
+from braze.kernels import TARGETS, recording_launches  # noqa: E402
+from braze.runtime.executor import PlanExecutor  # noqa: E402
+
+LAYERS = 16
+MAX_SEQ = 2048
+
+
+class _NoKernel:
+    def __getitem__(self, grid):  # noqa: ANN001, ANN204
+        return lambda *args, **meta: None
+
+
+class _NoModule:
+    def __getattr__(self, name: str) -> _NoKernel:
+        return _NoKernel()
+
+
+def record_step(cm, target: str, context: int) -> list[dict]:  # noqa: ANN001
+    """The decode plan at batch 1 with `context` cached tokens, run dry with `target`'s configuration."""
+    plan = cm.generator.decode.plan
+    ex = PlanExecutor(plan, cm.generator.decode.weights, torch.device("cpu"), kernels=False, spec=TARGETS[target])
+    ex.module = lambda name: _NoModule()  # type: ignore[method-assign]
+    syms = {s.name: 1 for s in plan.symbols}
+    inputs = plan_inputs(plan, syms, torch.device("cpu"))
+    names = [i.name for i in plan.inputs if i.kind == "user"]
+    for name, t in zip(names, inputs):
+        if name == "cache_len":
+            t.fill_(context)
+    caches = {t.data_ptr() for name, t in zip(names, inputs) if name.startswith("kv_cache_")}
+    weights = {t.data_ptr() for t in ex.weights.values()}
+    live = (context + 1) / MAX_SEQ
+    launches = []
+    with recording_launches() as seen, torch.no_grad():
+        ex.run(inputs)
+    for launch in seen:
+        tensors = {}
+        for a in launch.args:
+            if isinstance(a, torch.Tensor):
+                tensors[(a.data_ptr(), a.nbytes)] = a
+        nbytes = weight_bytes = 0
+        for (ptr, size), _ in tensors.items():
+            if ptr in caches:
+                nbytes += int(size * live)
+            else:
+                nbytes += size
+                weight_bytes += size if ptr in weights else 0
+        programs = 1
+        for d in launch.grid:
+            programs *= int(d)
+        launches.append({"name": launch.name, "programs": programs, "bytes": nbytes, "weight_bytes": weight_bytes})
+    return launches
+
+
+def compile_shape(layers: int) -> object:
+    from quant_decode import LLAMA_1B, build
+
+    model = build({**LLAMA_1B, "num_hidden_layers": layers}, torch.bfloat16, "cpu")
+    return braze.compile(model, max_seq=MAX_SEQ, max_batch=16)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--targets", default="sm_90,sm_80")
+    p.add_argument("--context", type=int, default=1024)
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    targets = args.targets.split(",")
+    models = {n: compile_shape(n) for n in (1, 2)}
+    lines = [f"# decode step model: Llama-3.2-1B shape ({LAYERS} layers), bf16, batch 1, context {args.context}, "
+             f"max_seq {MAX_SEQ}", ""]
+    for target in targets:
+        sms = TARGETS[target].sm_count
+        build = build_targets(models[2], [target], plans=["decode"])
+        ptxas = {}
+        for r in build.results:
+            ptxas[r.spec.kernel] = (max(r.regs, ptxas.get(r.spec.kernel, (0, 0))[0]),
+                                    max(r.spill_stores + r.spill_loads, ptxas.get(r.spec.kernel, (0, 0))[1]))
+        steps = {n: record_step(m, target, args.context) for n, m in models.items()}
+        per_layer = len(steps[2]) - len(steps[1])
+        # one layer's launches are those the 2-layer plan has beyond the 1-layer one: find them by kernel name
+        names1 = defaultdict(int)
+        for s in steps[1]:
+            names1[s["name"]] += 1
+        layer, seen = [], defaultdict(int)
+        for s in steps[2]:
+            seen[s["name"]] += 1
+            if seen[s["name"]] > names1[s["name"]]:
+                layer.append(s)
+        assert len(layer) == per_layer, (len(layer), per_layer)
+        total = sum(s["bytes"] for s in steps[1]) + (LAYERS - 1) * sum(s["bytes"] for s in layer)
+        weights = models[1].generator.decode.weights, models[2].generator.decode.weights
+        w1 = sum({t.data_ptr(): t.nbytes for t in weights[0].values()}.values())
+        w2 = sum({t.data_ptr(): t.nbytes for t in weights[1].values()}.values())
+        kv_layer = 2 * 8 * 64 * 2 * (args.context + 1)  # k and v, 8 kv heads x 64 dims, bf16, live slots
+        ideal = w1 + (LAYERS - 1) * (w2 - w1) + LAYERS * kv_layer
+        lines += [f"## {target} ({sms} SMs): {len(steps[1]) + (LAYERS - 1) * per_layer} launches per step, "
+                  f"{per_layer} per layer", "",
+                  f"{'launch (one layer; the rest once per step)':<44} {'programs':>8} {'>= SMs':>6} {'regs':>4} "
+                  f"{'spill B':>7} {'MB read':>8}"]
+        rest = list(steps[1])
+        for s in layer:  # the 1-layer plan's copy of this layer's launches
+            for i, r in enumerate(rest):
+                if r["name"] == s["name"]:
+                    del rest[i]
+                    break
+        for tag, group in (("layer", layer), ("once", rest)):
+            for s in group:
+                module = s["name"].removesuffix("_partial")
+                regs, spill = ptxas.get(s["name"], ptxas.get(module, (0, 0)))
+                lines.append(f"{tag + ': ' + s['name']:<44} {s['programs']:>8} "
+                             f"{'yes' if s['programs'] >= sms else 'no':>6} {regs:>4} {spill:>7} "
+                             f"{s['bytes'] / 1e6:>8.2f}")
+        lines += ["", f"bytes per step (model): {total / 1e9:.3f} GB; ideal (weights once + live KV): "
+                      f"{ideal / 1e9:.3f} GB; model / ideal = {total / ideal:.3f}", ""]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
