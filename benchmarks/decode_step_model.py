@@ -7,15 +7,17 @@ The plan is compiled from the 1B config with 1 and 2 layers (seeded weights, bf1
 the CPU with each target's launch configuration (braze/compiler/targets.py: every launch is recorded, none runs),
 and the kernels are cross-compiled for the target. The 16-layer figures are the 1-layer plan plus 15 times what the
 second layer added. Bytes model: each launch reads the distinct tensors it is passed once, except the KV caches, of
-which it reads the live part (context + 1 of max_seq slots); the ideal is every weight once plus the live caches.
+which it reads the live part (context + 1 of max_seq slots), and pointwise kernels, which read at most one element
+per output element (the embedding gather reads one row); the ideal is every weight once plus the live caches.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
+import re
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -27,27 +29,44 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import braze  # noqa: E402
 from braze.compiler.targets import build_targets, plan_inputs  # noqa: E402
-from braze.kernels import TARGETS, recording_launches  # noqa: E402
+from braze.kernels import FAMILIES, TARGETS, recording_launches  # noqa: E402
 from braze.runtime.executor import PlanExecutor  # noqa: E402
+from braze.runtime.expr import Expr  # noqa: E402
 
 LAYERS = 16
 MAX_SEQ = 2048
 
 
 class _NoKernel:
+    """A kernel that records nothing and runs nothing (the launch hook sees its name, grid and arguments)."""
+
+    def __init__(self, name: str):
+        self.__name__ = name
+
     def __getitem__(self, grid):  # noqa: ANN001, ANN204
         return lambda *args, **meta: None
 
 
 class _NoModule:
     def __getattr__(self, name: str) -> _NoKernel:
-        return _NoKernel()
+        return _NoKernel(name)
+
+
+def _layer_of(step) -> int | None:  # noqa: ANN001
+    """The decoder layer a plan step belongs to, from the names of the weights and caches it reads."""
+    for name in step.inputs:
+        m = re.search(r"(?:layers_|kv_cache_)(\d+)_", name)
+        if m:
+            return int(m.group(1))
+    return None
 
 
 def record_step(cm, target: str, context: int) -> list[dict]:  # noqa: ANN001
-    """The decode plan at batch 1 with `context` cached tokens, run dry with `target`'s configuration."""
+    """The decode plan at batch 1 with `context` cached tokens, run dry with `target`'s configuration: one entry
+    per launch (kernel, layer, programs, modelled bytes)."""
     plan = cm.generator.decode.plan
-    ex = PlanExecutor(plan, cm.generator.decode.weights, torch.device("cpu"), kernels=False, spec=TARGETS[target])
+    spec = TARGETS[target]
+    ex = PlanExecutor(plan, cm.generator.decode.weights, torch.device("cpu"), kernels=False, spec=spec)
     ex.module = lambda name: _NoModule()  # type: ignore[method-assign]
     syms = {s.name: 1 for s in plan.symbols}
     inputs = plan_inputs(plan, syms, torch.device("cpu"))
@@ -56,27 +75,32 @@ def record_step(cm, target: str, context: int) -> list[dict]:  # noqa: ANN001
         if name == "cache_len":
             t.fill_(context)
     caches = {t.data_ptr() for name, t in zip(names, inputs) if name.startswith("kv_cache_")}
-    weights = {t.data_ptr() for t in ex.weights.values()}
     live = (context + 1) / MAX_SEQ
-    launches = []
     with recording_launches() as seen, torch.no_grad():
         ex.run(inputs)
-    for launch in seen:
-        tensors = {}
-        for a in launch.args:
-            if isinstance(a, torch.Tensor):
-                tensors[(a.data_ptr(), a.nbytes)] = a
-        nbytes = weight_bytes = 0
-        for (ptr, size), _ in tensors.items():
-            if ptr in caches:
-                nbytes += int(size * live)
-            else:
-                nbytes += size
-                weight_bytes += size if ptr in weights else 0
+    # launches come in step order; each step issues what its family counts for this target
+    owners = []
+    for step in plan.steps:
+        if step.kind in ("fused", "template"):
+            shape = [Expr(e)(syms) for e in ex.buffers[step.outputs[0]].shape]
+            count = FAMILIES[step.launcher or step.kind].launch_count(step.params, spec, shape)
+            owners += [step] * count
+    assert len(owners) == len(seen), (len(owners), len(seen))
+    launches = []
+    for step, launch in zip(owners, seen):
+        tensors = {(a.data_ptr(), a.nbytes, a.element_size()) for a in launch.args if isinstance(a, torch.Tensor)}
+        # a pointwise kernel reads at most one element of each input per output element (the embedding gather:
+        # one table row per token, not the table)
+        cap = None
+        if step.kind == "fused" and not step.params.get("reduction"):
+            cap = math.prod(Expr(e)(syms) for e in ex.buffers[step.outputs[0]].shape)
+        nbytes = sum(int(size * live) if ptr in caches else (size if cap is None else min(size, cap * elem))
+                     for ptr, size, elem in tensors)
         programs = 1
         for d in launch.grid:
             programs *= int(d)
-        launches.append({"name": launch.name, "programs": programs, "bytes": nbytes, "weight_bytes": weight_bytes})
+        launches.append({"name": launch.name, "family": step.launcher or step.kind, "layer": _layer_of(step),
+                         "programs": programs, "bytes": nbytes})
     return launches
 
 
@@ -104,39 +128,25 @@ def main(argv: list[str] | None = None) -> int:
         for r in build.results:
             ptxas[r.spec.kernel] = (max(r.regs, ptxas.get(r.spec.kernel, (0, 0))[0]),
                                     max(r.spill_stores + r.spill_loads, ptxas.get(r.spec.kernel, (0, 0))[1]))
-        steps = {n: record_step(m, target, args.context) for n, m in models.items()}
-        per_layer = len(steps[2]) - len(steps[1])
-        # one layer's launches are those the 2-layer plan has beyond the 1-layer one: find them by kernel name
-        names1 = defaultdict(int)
-        for s in steps[1]:
-            names1[s["name"]] += 1
-        layer, seen = [], defaultdict(int)
-        for s in steps[2]:
-            seen[s["name"]] += 1
-            if seen[s["name"]] > names1[s["name"]]:
-                layer.append(s)
-        assert len(layer) == per_layer, (len(layer), per_layer)
-        total = sum(s["bytes"] for s in steps[1]) + (LAYERS - 1) * sum(s["bytes"] for s in layer)
+        step = record_step(models[2], target, args.context)
+        layer = [s for s in step if s["layer"] == 1]
+        rest = [s for s in step if s["layer"] is None]
+        assert len(layer) == len([s for s in step if s["layer"] == 0]), "layers 0 and 1 launch differently"
+        per_layer = len(layer)
+        total = sum(s["bytes"] for s in rest) + LAYERS * sum(s["bytes"] for s in layer)
         weights = models[1].generator.decode.weights, models[2].generator.decode.weights
         w1 = sum({t.data_ptr(): t.nbytes for t in weights[0].values()}.values())
         w2 = sum({t.data_ptr(): t.nbytes for t in weights[1].values()}.values())
         kv_layer = 2 * 8 * 64 * 2 * (args.context + 1)  # k and v, 8 kv heads x 64 dims, bf16, live slots
         ideal = w1 + (LAYERS - 1) * (w2 - w1) + LAYERS * kv_layer
-        lines += [f"## {target} ({sms} SMs): {len(steps[1]) + (LAYERS - 1) * per_layer} launches per step, "
+        lines += [f"## {target} ({sms} SMs): {len(rest) + LAYERS * per_layer} launches per step, "
                   f"{per_layer} per layer", "",
-                  f"{'launch (one layer; the rest once per step)':<44} {'programs':>8} {'>= SMs':>6} {'regs':>4} "
+                  f"{'launch (layer: each of the 16; once: per step)':<60} {'programs':>8} {'>= SMs':>6} {'regs':>4} "
                   f"{'spill B':>7} {'MB read':>8}"]
-        rest = list(steps[1])
-        for s in layer:  # the 1-layer plan's copy of this layer's launches
-            for i, r in enumerate(rest):
-                if r["name"] == s["name"]:
-                    del rest[i]
-                    break
         for tag, group in (("layer", layer), ("once", rest)):
             for s in group:
-                module = s["name"].removesuffix("_partial")
-                regs, spill = ptxas.get(s["name"], ptxas.get(module, (0, 0)))
-                lines.append(f"{tag + ': ' + s['name']:<44} {s['programs']:>8} "
+                regs, spill = ptxas.get(s["name"], (0, 0))
+                lines.append(f"{tag + ': ' + s['family'] + ' ' + s['name']:<60} {s['programs']:>8} "
                              f"{'yes' if s['programs'] >= sms else 'no':>6} {regs:>4} {spill:>7} "
                              f"{s['bytes'] / 1e6:>8.2f}")
         lines += ["", f"bytes per step (model): {total / 1e9:.3f} GB; ideal (weights once + live KV): "

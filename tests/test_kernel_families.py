@@ -20,7 +20,6 @@ import braze.ops  # noqa: F401  (registers braze::*)
 from braze.kernels import FAMILIES, INTERPRETER, TARGETS, family_for_op, recording_launches
 from braze.quant.df11 import encode_df11
 from braze.quant.int6 import quantize_int6
-from braze.runtime.expr import Expr
 from braze.runtime.kernel_loader import load_kernel_module
 
 ops = torch.ops.braze
@@ -32,7 +31,7 @@ def _gen(seed):
     return torch.Generator().manual_seed(seed)
 
 
-def launch_like_a_plan(fn, *inputs, device=INTERPRETER):
+def launch_like_a_plan(fn, *inputs, device=INTERPRETER, deterministic=False):
     """Trace fn(*inputs) (one braze op call), lower its node with the op's family and launch it through the
     family's launcher with `device`'s configuration (kernels run under the interpreter whatever it is); returns
     (kernel output, family). A step that declares a workspace gets it zeroed, as the executor hands it over, and
@@ -41,18 +40,18 @@ def launch_like_a_plan(fn, *inputs, device=INTERPRETER):
     node = next(n for n in gm.graph.nodes if n.op == "call_function" and family_for_op(n.target) is not None)
     family = family_for_op(node.target)
     assert family.supports(node) is None
-    source, step = family.lower(node, "kernel")
+    source, step = (family.lower_deterministic if deterministic else family.lower)(node, "kernel")
     assert step.launcher == family.name
     by_name = dict(zip((n.name for n in gm.graph.nodes if n.op == "placeholder"), inputs))
     tensors = {role: by_name[name] for role, name in zip(step.params["roles"], step.inputs)}
     val = node.meta["val"]
     out = torch.empty_strided(tuple(val.shape), tuple(val.stride()), dtype=val.dtype)
-    workspace = {f"workspace_{dtype}": torch.zeros(Expr(numel)({}), dtype=getattr(torch, dtype))
-                 for dtype, numel in step.params.get("workspace", {}).items()}
+    workspace = {f"workspace_{key}": torch.zeros(numel, dtype=getattr(torch, key.removeprefix("scratch_")))
+                 for key, numel in family.workspace(step.params, device, out.shape).items()}
     with recording_launches() as seen:
         family.launch(load_kernel_module(source), "kernel", {**tensors, **workspace}, out, step.params, device)
     assert len(seen) == family.launch_count(step.params, device, out.shape)
-    assert all(not w.any() for w in workspace.values()), "the launch left its workspace dirty"
+    assert all(not w.any() for k, w in workspace.items() if "scratch" not in k), "the launch left its workspace dirty"
     EXERCISED.add(family.name)
     return out, family
 
@@ -127,9 +126,10 @@ def test_tree_cached_attention_family():
     torch.testing.assert_close(out, fn(*ref_args), **TOL)
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "fixed-order"])
 @pytest.mark.parametrize("device", ["interpreter", "sm_90"])
 @pytest.mark.parametrize("starts", ["row", "head"])
-def test_attention_block_family(device, starts):
+def test_attention_block_family(device, starts, deterministic):
     """The decode attention block: RoPE, cache write, attention, o_proj and the residual add in one launch. sm_90's
     configuration splits the 200-slot context in two, so the last split's merge of the other's partials runs
     (the interpreter's own configuration keeps one split); `head` gives every (row, kv head) its own start
@@ -149,7 +149,7 @@ def test_attention_block_family(device, starts):
     from braze.kernels.attention import decode_splits
 
     assert decode_splits(2, 512, target) == (1 if device == "interpreter" else 2)
-    out, _ = launch_like_a_plan(fn, *args, w_o, residual, device=target)
+    out, _ = launch_like_a_plan(fn, *args, w_o, residual, device=target, deterministic=deterministic)
     torch.testing.assert_close(out, fn(*ref_args), **TOL)
     torch.testing.assert_close(kc, ref_args[5], **TOL)  # the new key, roped, at slot 150 of every row
     torch.testing.assert_close(vc, ref_args[6], **TOL)
@@ -158,9 +158,27 @@ def test_attention_block_family(device, starts):
     torch.testing.assert_close(out, residual + attn.transpose(1, 2).reshape(3, 1, 128) @ w_o.T, **TOL)
 
 
+def test_attention_block_family_tree_verify():
+    """The deterministic verify's attention block: the verify's rope_write, then every draft node of a branching
+    tree (and a padding node) as decode at its position, through o_proj with a fixed-order sum over kv heads."""
+    args = _cache_inputs(2, 5, 30, seed=3)
+    tree = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [0, 0, 0, 0, 0]],
+                        dtype=torch.bool)[None].expand(2, 5, 5).contiguous()
+    args = (*args[:7], torch.tensor([30, 30], dtype=torch.int64), args[8], tree)
+    g = _gen(8)
+    w_o, residual = torch.randn(40, 128, generator=g) / math.sqrt(128), torch.randn(2, 5, 40, generator=g)
+    fn = lambda *a: ops.tree_attention_block(*a[:10], 32**-0.5, a[10], a[11])  # noqa: E731
+    ref_args = [a.clone() for a in (*args, w_o, residual)]
+    out, _ = launch_like_a_plan(fn, *args, w_o, residual, device=TARGETS["sm_90"], deterministic=True)
+    torch.testing.assert_close(out[:, :4], fn(*ref_args)[:, :4], **TOL)
+    # a padding node (no ancestor, never accepted) attends to nothing in the tree decode kernel, as without the block
+    torch.testing.assert_close(out[:, 4], residual[:, 4], **TOL)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "fixed-order"])
 @pytest.mark.parametrize("device", ["interpreter", "sm_80"])
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
-def test_mlp_block_family(device, activation):
+def test_mlp_block_family(device, activation, deterministic):
     """The decode MLP block: norm, gate/up, SwiGLU / GeGLU, down and the residual add in one launch; 3 rows, sizes
     that are no tile's multiple (K = N = 72, I = 200: sm_80 splits I into 13 programs of 16 columns)."""
     g = _gen(7)
@@ -171,10 +189,14 @@ def test_mlp_block_family(device, activation):
     residual = torch.randn(3, 1, 72, generator=g)
     fn = lambda *a: ops.mlp_block(*a, 1e-5, activation)  # noqa: E731
     target = INTERPRETER if device == "interpreter" else TARGETS[device]
-    out, _ = launch_like_a_plan(fn, x, nw, wg, wu, wd, residual, device=target)
+    out, _ = launch_like_a_plan(fn, x, nw, wg, wu, wd, residual, device=target, deterministic=deterministic)
     torch.testing.assert_close(out, fn(x, nw, wg, wu, wd, residual), **TOL)
     h = ops.linear_glu(x, wg, wu, nw, 1e-5, activation)
     torch.testing.assert_close(out, residual + h @ wd.T, **TOL)
+    if deterministic:  # batch-invariant and repeatable: row 1 alone is bitwise row 1 of the batch
+        alone, _ = launch_like_a_plan(fn, x[1:2], nw, wg, wu, wd, residual[1:2], device=target, deterministic=True)
+        again, _ = launch_like_a_plan(fn, x, nw, wg, wu, wd, residual, device=target, deterministic=True)
+        assert torch.equal(alone[0], out[1]) and torch.equal(again, out)
 
 
 def _df11_unit():

@@ -135,7 +135,8 @@ class DecodeAttentionSpec:
     head_start: bool = False  # kv_start is [B, Hkv] (a compressed cache whose heads hold different lengths)
     rope_write: bool = False  # RoPE on q and the new key, and the cache write, inside `_partial` (needs from_cache_len)
     tree: bool = False  # the draft nodes of a verify step, each as decode at its position (needs from_cache_len)
-    o_proj: bool = False  # attention block: merge, o_proj and residual inside `_partial` (needs rope_write)
+    o_proj: bool = False  # attention block: merge, o_proj and residual inside `_partial` (rope_write or tree)
+    fixed_order: bool = False  # o_proj's sum over kv heads in head order (deterministic), not atomics
 
     def __post_init__(self) -> None:
         _check_common(self.name, self.input_precision, self.out_dtype)
@@ -143,8 +144,10 @@ class DecodeAttentionSpec:
             raise ValueError("rope_write and tree need from_cache_len (the new token sits at the cache length)")
         if self.rope_write and self.tree:
             raise ValueError("tree reads nodes the verify's rope_write kernel wrote: it excludes rope_write")
-        if self.o_proj and not self.rope_write:
-            raise ValueError("o_proj is the decode plans' attention block: it needs rope_write")
+        if self.o_proj and not (self.rope_write or self.tree):
+            raise ValueError("o_proj is the decode / verify plans' attention block: it needs rope_write or tree")
+        if self.fixed_order and not self.o_proj:
+            raise ValueError("fixed_order is the order of o_proj's sum over kv heads: it needs o_proj")
 
 
 def render_attention(spec: AttentionSpec, header: str = "") -> str:
@@ -160,7 +163,8 @@ def render_decode_attention(spec: DecodeAttentionSpec, header: str = "") -> str:
     return render_template(
         "decode_attention.py.j2", header=check_header(header), name=spec.name, has_kv_start=spec.has_kv_start,
         from_cache_len=spec.from_cache_len, input_precision=spec.input_precision, out_dtype=spec.out_dtype,
-        head_start=spec.head_start, rope_write=spec.rope_write, tree=spec.tree, o_proj=spec.o_proj)
+        head_start=spec.head_start, rope_write=spec.rope_write, tree=spec.tree, o_proj=spec.o_proj,
+        fixed_order=spec.fixed_order)
 
 
 def render_cache_write(name: str) -> str:
@@ -248,9 +252,10 @@ def decode_splits(heads_kv: int, s_max: int, device: DeviceSpec) -> int:
 
 @dataclass(frozen=True)
 class OutputProjection:
-    """The attention block's tail (decode_attention.py.j2 with o_proj): out [B, N] = residual + attention
-    [B, Hq * D] @ weight[N, Hq * D]^T, reduced across kv heads in `acc` (fp32 [B, N], zeros) with the counters
-    `group_sync` (int32 [B * Hkv], zeros) and `row_sync` (int32 [B], zeros), all left at zero by the launch."""
+    """The attention block's tail (decode_attention.py.j2 with o_proj): out [R, N] = residual + attention
+    [R, Hq * D] @ weight[N, Hq * D]^T over R rows (decode: the batch; tree verify: batch x draft nodes), reduced
+    across kv heads in `acc` (fp32 [R, N], zeros; fixed_order: [R, Hkv, N], one slot per kv head) with the
+    counters `group_sync` (int32 [R * Hkv], zeros) and `row_sync` (int32 [R], zeros), left at zero by the launch."""
 
     weight: torch.Tensor
     residual: torch.Tensor
@@ -337,15 +342,18 @@ def flash_per_row(kernel: Any, q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 
 def tree_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                out: torch.Tensor, cache_len: torch.Tensor, kv_start: torch.Tensor, tree_mask: torch.Tensor,
-                scale: float, device: DeviceSpec, *, head_start: bool = False, splits: int | None = None) -> int:
+                out: torch.Tensor | None, cache_len: torch.Tensor, kv_start: torch.Tensor, tree_mask: torch.Tensor,
+                scale: float, device: DeviceSpec, *, head_start: bool = False, splits: int | None = None,
+                block: OutputProjection | None = None) -> int:
     """Deterministic tree verify: every draft node of q [B, Hq, S, D] (rotated, its key and value written at
     cache_len + node) through the decode plan's split-KV kernel in its tree form: the same template, tiles and split
     count (decode_splits of the cache), over exactly the keys plain decoding reads at that node's position: the
     row's cache [kv_start, cache_len), then the node's ancestors in order, gathered by slot inside the kernel. So an
     accepted node's attention output (and, the other kernels being row-invariant, its logits) is bitwise what the
     decode plan computes there. Lengths and the tree are read on device: two launches, CUDA-graph capturable.
-    head_start: kv_start is [B, Hkv] (kv_compression="adakv"). `splits` overrides decode_splits (tests)."""
+    head_start: kv_start is [B, Hkv] (kv_compression="adakv"). `splits` overrides decode_splits (tests).
+    block (kernel rendered with o_proj): no combine; `out` is not written, the kernel writes block.out [B * S, N]
+    (the deterministic verify's attention block, kernels/decode_layer.py): one launch."""
     B, Hq, S, D = q.shape
     Hkv, s_max = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
@@ -360,8 +368,13 @@ def tree_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tensor, 
             q.stride(2), *starts, Hkv, group, D, splits, q.stride(0), q.stride(1), q.stride(3), *k_cache.stride(),
             *v_cache.stride(), float(scale)]
     opts = {} if device.interpret else {"num_warps": blocks.num_warps, "num_stages": blocks.num_stages}
+    if block is not None:
+        args += block.args()
+        opts["BLOCK_O"] = block.block_o(device, blocks.block_d)
     launch_kernel(getattr(module, f"{name}_partial"), (B * S * Hkv, splits), *args, BLOCK_G=blocks.block_g,
                   BLOCK_N=blocks.block_n, BLOCK_D=blocks.block_d, BLOCK_S=triton.next_power_of_2(S), **opts)
+    if block is not None:
+        return 1
     opts = {} if device.interpret else {"num_warps": 4 if blocks.block_d >= 128 else 2}
     launch_kernel(getattr(module, f"{name}_combine"), (B * S * Hq,), mid_o, mid_lse, out, Hq, D, splits,
                   out.stride(0), out.stride(1), out.stride(3), S, out.stride(2),

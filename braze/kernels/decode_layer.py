@@ -15,6 +15,7 @@ replay captures none.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -27,8 +28,11 @@ from braze.kernels.attention import (
     OutputProjection,
     _attention_mask_reason,
     _precision,
+    render_cache_write,
     render_decode_attention,
+    rope_write,
     split_kv_decode,
+    tree_decode,
 )
 from braze.kernels.device import DeviceSpec
 from braze.kernels.family import FLOAT_NAMES, KernelFamily, launch_kernel
@@ -43,70 +47,91 @@ if TYPE_CHECKING:
 GLU_KINDS = {"silu": "swiglu", "gelu_tanh": "geglu"}
 
 
-def _rows_expr(shape: Sequence[Any]) -> str:
-    """The product of the leading dims as a plan expression (dims may be symbolic, e.g. the batch)."""
-    return "*".join(f"({d})" for d in shape[:-1]) or "1"
+def _rows(out_shape: Sequence[int]) -> int:
+    return math.prod(int(d) for d in out_shape[:-1])
 
 
-def workspace(params: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The executor's zeroed workspace for a step that declared params["workspace"] (tensors["workspace_<dtype>"])."""
-    return {dtype: tensors[f"workspace_{dtype}"] for dtype in params["workspace"]}
+def workspace_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The executor's zeroed workspace (KernelFamily.workspace), by dtype name."""
+    return {k.removeprefix("workspace_"): t for k, t in tensors.items() if k.startswith("workspace_")}
 
 
 class AttentionBlockFamily(KernelFamily):
-    """braze::attention_block: one decode launch from q/k/v to the residual stream."""
+    """braze::attention_block (decode: one launch from q/k/v to the residual stream) and
+    braze::tree_attention_block (the deterministic verify: the verify's rope_write, then the tree form of the same
+    kernel with the same o_proj tail, so accepted nodes match decode bitwise)."""
 
     name = "attention_block"
-    templates = ("decode_attention.py.j2",)
+    templates = ("decode_attention.py.j2", "kv_cache.py.j2")
 
     @property
     def ops(self) -> tuple[Any, ...]:  # type: ignore[override]
         import braze.ops  # noqa: F401
 
-        return (torch.ops.braze.attention_block.default,)
+        return (torch.ops.braze.attention_block.default, torch.ops.braze.tree_attention_block.default)
 
     def supports(self, node: fx.Node) -> str | None:
         return _attention_mask_reason(node)
 
-    def lower(self, node: fx.Node, name: str) -> tuple[str, Step]:
+    def lower(self, node: fx.Node, name: str, deterministic: bool = False) -> tuple[str, Step]:
         from braze.ops.schema import op_args
         from braze.runtime.plan import Step
 
         a = op_args(node)
+        tree = node.target is torch.ops.braze.tree_attention_block.default
         k_cache = a["k_cache"].meta["val"]
         head_start = a["kv_start"].meta["val"].dim() == 2
         attn_dtype = FLOAT_NAMES[a["q"].meta["val"].dtype]  # the attention output's dtype before o_proj
         source = render_decode_attention(DecodeAttentionSpec(
             name, True, _precision(k_cache.dtype), attn_dtype, from_cache_len=True, head_start=head_start,
-            rope_write=True, o_proj=True))
-        roles = ["q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start", "o_weight", "residual"]
-        out = node.meta["val"]
-        rows, n_out, heads_kv = _rows_expr(out.shape), int(out.shape[-1]), int(k_cache.shape[1])
+            rope_write=not tree, tree=tree, o_proj=True, fixed_order=deterministic))
+        roles = ["q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start",
+                 *(["tree_mask"] if tree else []), "o_weight", "residual"]
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
-                    params={"roles": roles, "scale": float(a["scale"]), "heads_kv": heads_kv,
+                    params={"roles": roles, "scale": float(a["scale"]), "heads_kv": int(k_cache.shape[1]),
                             "s_max": int(k_cache.shape[2]), **({"head_start": True} if head_start else {}),
-                            # acc [B, N] fp32; counters: one per (row, kv head), then one per row
-                            "workspace": {"float32": f"{rows}*{n_out}", "int32": f"{rows}*{heads_kv + 1}"}})
-        return source, step
+                            **({"tree": True} if tree else {}),
+                            **({"deterministic": True} if deterministic else {})})
+        return (source + "\n\n" + render_cache_write(name)) if tree else source, step
+
+    def lower_deterministic(self, node: fx.Node, name: str) -> tuple[str, Step]:
+        """o_proj summed over kv heads in head order (one slot per kv head), not with atomics."""
+        return self.lower(node, name, deterministic=True)
+
+    def workspace(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> dict[str, int]:
+        rows, heads_kv, n_out = _rows(out_shape), int(params["heads_kv"]), int(out_shape[-1])
+        counters = {"int32": rows * (heads_kv + 1)}  # per (row, kv head), then per row
+        if params.get("deterministic"):  # one o_proj slot per kv head, each written before it is read
+            return {"scratch_float32": rows * heads_kv * n_out, **counters}
+        return {"float32": rows * n_out, **counters}  # the o_proj accumulator
 
     def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
                params: dict[str, Any], device: DeviceSpec) -> None:
         t = tensors
-        q = t["q"][:, :, 0, :]
-        B, Hkv = q.shape[0], t["k_cache"].shape[1]
-        out2 = out.view(B, -1)
+        tree = bool(params.get("tree"))
+        Hkv = t["k_cache"].shape[1]
+        rows = math.prod(out.shape[:-1])
+        out2 = out.view(rows, -1)
         n_out = out2.shape[1]
-        ws = workspace(params, tensors)
+        ws = workspace_tensors(tensors)
+        acc = ws["scratch_float32"] if params.get("deterministic") else ws["float32"]
         counters = ws["int32"]
-        proj = OutputProjection(t["o_weight"], t["residual"].reshape(B, n_out), out2, ws["float32"][:B * n_out],
-                                counters[:B * Hkv], counters[B * Hkv:B * Hkv + B])
-        split_kv_decode(module, name, q, t["k_cache"], t["v_cache"], None, t["cache_len"], t["kv_start"],
-                        params["scale"], device, from_cache_len=True, head_start=bool(params.get("head_start")),
+        proj = OutputProjection(t["o_weight"], t["residual"].reshape(rows, n_out), out2, acc,
+                                counters[:rows * Hkv], counters[rows * Hkv:rows * Hkv + rows])
+        head_start = bool(params.get("head_start"))
+        if tree:
+            qo = rope_write(module, name, tensors, device)
+            tree_decode(module, name, qo, t["k_cache"], t["v_cache"], None, t["cache_len"], t["kv_start"],
+                        t["tree_mask"], params["scale"], device, head_start=head_start, block=proj)
+            return
+        split_kv_decode(module, name, t["q"][:, :, 0, :], t["k_cache"], t["v_cache"], None, t["cache_len"],
+                        t["kv_start"], params["scale"], device, from_cache_len=True, head_start=head_start,
                         rope=(t["k"][:, :, 0, :], t["v"][:, :, 0, :], t["cos"][:, 0, :], t["sin"][:, 0, :]),
                         block=proj)
 
     def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
-        return 1  # the split merge happens in the kernel's last program: no combine launch
+        # the split merge happens in the kernel's last program: no combine launch; tree: the rope_write first
+        return 2 if params.get("tree") else 1
 
 
 @dataclass(frozen=True)
@@ -115,6 +140,9 @@ class MlpBlockSpec:
     glu: str = "swiglu"
     input_precision: str = "ieee"
     out_dtype: str = "float32"
+    # deterministic compiles: LayerCast (16-bit weights upcast, fp32 dots) and the down projection's partial tiles
+    # summed in program order instead of with atomics
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -125,7 +153,8 @@ class MlpBlockSpec:
 
 def render_mlp_block(spec: MlpBlockSpec, header: str = "") -> str:
     return render_template("mlp_block.py.j2", header=check_header(header), name=spec.name, glu=spec.glu,
-                           input_precision=spec.input_precision, out_dtype=spec.out_dtype)
+                           input_precision=spec.input_precision, out_dtype=spec.out_dtype,
+                           deterministic=spec.deterministic)
 
 
 @dataclass(frozen=True)
@@ -136,25 +165,34 @@ class MlpBlockConfig:
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    row_dot: bool = False
 
     def meta(self, device: DeviceSpec) -> dict[str, int]:
-        meta = {"BLOCK_M": self.block_m, "BLOCK_I": self.block_i, "BLOCK_K": self.block_k, "BLOCK_N": self.block_n}
+        meta = {"BLOCK_M": self.block_m, "BLOCK_I": self.block_i, "BLOCK_K": self.block_k, "BLOCK_N": self.block_n,
+                "ROW_DOT": self.row_dot}
         if not device.interpret:
             meta.update(num_warps=self.num_warps, num_stages=self.num_stages)
         return meta
 
 
-def mlp_block_config(M: int, K: int, inter: int, N: int, device: DeviceSpec, *, elem_size: int = 2) -> MlpBlockConfig:
+def mlp_block_config(M: int, K: int, inter: int, N: int, device: DeviceSpec, *, elem_size: int = 2,
+                     deterministic: bool = False) -> MlpBlockConfig:
     """The interpreter takes big tiles (it pays per program). A GPU: 16-row MMA tiles, intermediate columns
     narrowed until the grid covers every SM (each program streams its slice of all three weights: a b=1 decode is
-    bandwidth bound), a [BLOCK_K, BLOCK_I] pair of gate/up tiles and a [BLOCK_I, BLOCK_N] down tile per step."""
+    bandwidth bound), a [BLOCK_K, BLOCK_I] pair of gate/up tiles and a [BLOCK_I, BLOCK_N] down tile per step.
+    deterministic: nothing depends on M (batch invariance; the grid's row blocks are independent), fp32 operands
+    (LayerCast) in thin K tiles, and ROW_DOT under the interpreter (its tl.dot is a BLAS call whose result for a
+    row depends on the row's place in the tile)."""
     if device.interpret:
-        return MlpBlockConfig(16, pow2_clamp(inter, 16, 128), pow2_clamp(K, 16, 128), pow2_clamp(N, 16, 128))
+        return MlpBlockConfig(16, pow2_clamp(inter, 16, 128), pow2_clamp(K, 16, 128), pow2_clamp(N, 16, 128),
+                              row_dot=deterministic)
+    rows = 1 if deterministic else triton.cdiv(M, 16)
     block_i = 64
-    while block_i > 16 and triton.cdiv(inter, block_i) * triton.cdiv(M, 16) < device.sm_count:
+    while block_i > 16 and triton.cdiv(inter, block_i) * rows < device.sm_count:
         block_i //= 2
-    block_k = 64 if elem_size <= 2 else 32
-    return MlpBlockConfig(16, block_i, block_k, 64 if elem_size <= 2 else 32)
+    if deterministic or elem_size > 2:
+        return MlpBlockConfig(16, block_i, 32, 32, num_warps=4)
+    return MlpBlockConfig(16, block_i, 64, 64)
 
 
 class MlpBlockFamily(KernelFamily):
@@ -179,21 +217,38 @@ class MlpBlockFamily(KernelFamily):
             return f"gated MLP with activation {a['activation']!r} has no kernel"
         return None
 
-    def lower(self, node: fx.Node, name: str) -> tuple[str, Step]:
+    def lower(self, node: fx.Node, name: str, deterministic: bool = False) -> tuple[str, Step]:
         from braze.ops.schema import op_args
         from braze.runtime.plan import Step
 
         a = op_args(node)
         out = node.meta["val"]
-        w_dtype = a["gate_weight"].meta["val"].dtype
-        spec = MlpBlockSpec(name, GLU_KINDS[a["activation"]], _precision(w_dtype), FLOAT_NAMES[out.dtype])
+        w = a["gate_weight"].meta["val"]
+        layercast = deterministic and w.dtype != torch.float32
+        spec = MlpBlockSpec(name, GLU_KINDS[a["activation"]], "ieee" if layercast else _precision(w.dtype),
+                            FLOAT_NAMES[out.dtype], deterministic=deterministic)
         roles = ["x", "norm_weight", "gate_weight", "up_weight", "down_weight", "residual"]
-        rows = _rows_expr(out.shape)
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
-                    params={"roles": roles, "eps": float(a["eps"]),
-                            # acc [M, N] fp32; one counter per row block (at most one per row)
-                            "workspace": {"float32": f"{rows}*{int(out.shape[-1])}", "int32": rows}})
+                    params={"roles": roles, "eps": float(a["eps"]), "inter": int(w.shape[0]),
+                            "hidden_in": int(w.shape[1]), "elem_size": w.element_size(),
+                            **({"deterministic": True} if deterministic else {})})
         return render_mlp_block(spec), step
+
+    def lower_deterministic(self, node: fx.Node, name: str) -> tuple[str, Step]:
+        return self.lower(node, name, deterministic=True)
+
+    def _config(self, params: dict[str, Any], device: DeviceSpec, M: int, N: int) -> MlpBlockConfig:
+        return mlp_block_config(M, params["hidden_in"], params["inter"], N, device, elem_size=params["elem_size"],
+                                deterministic=bool(params.get("deterministic")))
+
+    def workspace(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> dict[str, int]:
+        M, N = _rows(out_shape), int(out_shape[-1])
+        if not params.get("deterministic"):
+            return {"float32": M * N, "int32": M}  # the accumulator; one counter per row block (<= one per row)
+        cfg = self._config(params, device, M, N)
+        blocks, programs = triton.cdiv(M, cfg.block_m), triton.cdiv(params["inter"], cfg.block_i)
+        # every program's partial [BLOCK_M, N] per row block; one counter per (row block, column tile)
+        return {"scratch_float32": blocks * programs * cfg.block_m * N, "int32": blocks * triton.cdiv(N, cfg.block_n)}
 
     def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
                params: dict[str, Any], device: DeviceSpec) -> None:
@@ -204,10 +259,13 @@ class MlpBlockFamily(KernelFamily):
         inter, N = wg.shape[0], wd.shape[0]
         o = out.view(M, N)
         res = t["residual"].reshape(M, N)
-        ws = workspace(params, tensors)
-        cfg = mlp_block_config(M, K, inter, N, device, elem_size=max(x.element_size(), wg.element_size()))
-        args = [x, t["norm_weight"], wg, wu, wd, res, o, ws["float32"][:M * N], ws["int32"][:M], M, K, inter, N,
-                *x.stride(), *wg.stride(), *wu.stride(), *wd.stride(), *res.stride(), *o.stride(), float(params["eps"])]
+        ws = workspace_tensors(tensors)
+        need = self.workspace(params, device, [M, N])
+        cfg = self._config(params, device, M, N)
+        acc = "scratch_float32" if params.get("deterministic") else "float32"
+        args = [x, t["norm_weight"], wg, wu, wd, res, o, ws[acc][:need[acc]], ws["int32"][:need["int32"]],
+                M, K, inter, N, *x.stride(), *wg.stride(), *wu.stride(), *wd.stride(), *res.stride(), *o.stride(),
+                float(params["eps"])]
         launch_kernel(getattr(module, name), (triton.cdiv(inter, cfg.block_i), triton.cdiv(M, cfg.block_m)), *args,
                       **cfg.meta(device))
 

@@ -105,5 +105,12 @@ class KernelFamily:
         """Launches (kernels + device ops) one step issues for an output of `out_shape` on `device`."""
         return 1
 
+    def workspace(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> dict[str, int]:
+        """Scratch one step needs for an output of `out_shape` (key -> elements), handed to `launch` as
+        tensors["workspace_<key>"]. The executor allocates it once for the plan's largest shapes and shares it
+        between steps (they run one after another). A key is a dtype name ("float32", "int32"): zeroed buffers,
+        which a launch must leave at zero; or "scratch_<dtype>": contents undefined, a launch writes what it reads."""
+        return {}
+
     def __repr__(self) -> str:
         return f"<kernel family {self.name}: {', '.join(self.templates)}>"

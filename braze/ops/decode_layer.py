@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from braze.ops.library import cached_attention_reference, linear, linear_glu
+from braze.ops.library import cached_attention_reference, linear, linear_glu, tree_cached_attention_reference
 
 
 @torch.library.custom_op("braze::attention_block", mutates_args=("k_cache", "v_cache"))
@@ -39,6 +39,35 @@ def _attention_block_fake(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_sta
     return torch.empty_like(residual, dtype=torch.promote_types(q.dtype, residual.dtype))
 
 
+@torch.library.custom_op("braze::tree_attention_block", mutates_args=("k_cache", "v_cache"))
+def tree_attention_block(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_len: Tensor,
+    kv_start: Tensor,
+    tree_mask: Tensor,
+    scale: float,
+    o_weight: Tensor,
+    residual: Tensor,
+) -> Tensor:
+    """attention_block for the speculative verify (deterministic mode): tree attention over the cache for every
+    draft node, then the heads flattened in order and o_proj with its residual add."""
+    attn = tree_cached_attention_reference(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, tree_mask, scale)
+    x = attn.transpose(1, 2).reshape(*residual.shape[:-1], -1)
+    return linear(x, o_weight, residual=residual)
+
+
+@tree_attention_block.register_fake
+def _tree_attention_block_fake(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, tree_mask, scale, o_weight,
+                               residual):
+    return torch.empty_like(residual, dtype=torch.promote_types(q.dtype, residual.dtype))
+
+
 @torch.library.custom_op("braze::mlp_block", mutates_args=())
 def mlp_block(
     x: Tensor,
@@ -62,5 +91,6 @@ def _mlp_block_fake(x, norm_weight, gate_weight, up_weight, down_weight, residua
 
 DECODE_LAYER_OPS = {
     "attention_block": torch.ops.braze.attention_block.default,
+    "tree_attention_block": torch.ops.braze.tree_attention_block.default,
     "mlp_block": torch.ops.braze.mlp_block.default,
 }

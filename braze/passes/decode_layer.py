@@ -1,4 +1,4 @@
-"""fold_decode_layers: a decode layer in three launches (deterministic=False).
+"""fold_decode_layers: a decode layer in three launches.
 
     rms_norm + QKV linear                     -> unchanged: the matmul family's norm prologue (launch 1)
     cached_attention -> head flatten -> o_proj linear (+ residual)
@@ -7,8 +7,9 @@
     linear_glu (norm, gate/up, SwiGLU) -> down linear (+ residual)
                                               -> braze::mlp_block (launch 3)
 
-Both blocks reduce across programs with fp32 atomics (kernels/decode_layer.py), so the pass is off under
-deterministic=True. It runs on the decode plan's graph after it is re-specialized to one token per row
+Both blocks reduce across programs with fp32 atomics (kernels/decode_layer.py); under deterministic=True they
+sum per-program partials in a fixed order instead (and the verify's tree attention folds too, so speculation still
+accepts bitwise decode's tokens). It runs on the decode plan's graph after it is re-specialized to one token per row
 (compiler/generation.py), and on the verify plan's graph, whose MLPs fold the same way (its tree attention
 keeps its kernels); prefill keeps its kernels. A layer that does not match (a bias on o_proj,
 int6 / fused-df11 linears, tensor-parallel all-reduces between o_proj and the residual add, attention outside the
@@ -61,9 +62,11 @@ def _heads_flattened_in_order(attn: fx.Node, chain: list[fx.Node]) -> bool:
 
 
 def _fold_attention(attn: fx.Node, order: dict[fx.Node, int], ctx: PassContext) -> str | None:
-    """Replace attention -> views -> o_proj(+residual) by braze::attention_block; returns why not, or None."""
+    """Replace attention -> views -> o_proj(+residual) by braze::attention_block (tree verify:
+    braze::tree_attention_block); returns why not, or None."""
     a = op_args(attn)
-    if val(a["q"]).shape[2] != 1:
+    tree = is_op(attn, braze.tree_cached_attention.default)
+    if not tree and val(a["q"]).shape[2] != 1:
         return "not a one-token decode"
     chain, cur = [], attn
     while single_user(cur) and is_op(next(iter(cur.users)), *_HEAD_VIEWS):
@@ -90,9 +93,10 @@ def _fold_attention(attn: fx.Node, order: dict[fx.Node, int], ctx: PassContext) 
     for cache in (a["k_cache"], a["v_cache"]):
         if any(u is not attn and order.get(u, -1) in span for u in cache.users):
             return "a cache is read between the attention and o_proj"
-    names = ("q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start", "scale")
-    block = new_node(attn.graph.owning_module, braze.attention_block.default,
-                     (*(a[n] for n in names), w, res), {}, ctx, before=lin)
+    names = ("q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start",
+             *(("tree_mask",) if tree else ()), "scale")
+    target = braze.tree_attention_block.default if tree else braze.attention_block.default
+    block = new_node(attn.graph.owning_module, target, (*(a[n] for n in names), w, res), {}, ctx, before=lin)
     _replace(lin, block)
     return None
 
@@ -141,7 +145,10 @@ def fold_decode_layers(gm: fx.GraphModule, ctx: PassContext) -> int:
     for node in list(gm.graph.nodes):
         if getattr(node, "_erased", False) or node.graph is not gm.graph:
             continue
-        if is_op(node, braze.cached_attention.default):
+        # the verify's tree attention folds under deterministic=True only: its tree decode kernel is then the same
+        # as decode's, so the blocks keep accepted nodes bitwise equal to decode (default mode: flash tree mode)
+        tree = ctx.config.deterministic and is_op(node, braze.tree_cached_attention.default)
+        if is_op(node, braze.cached_attention.default) or tree:
             kind, why = "attention", _fold_attention(node, order, ctx)
         elif is_op(node, braze.linear_glu.default):
             kind, why = "mlp", _fold_mlp(node, ctx)

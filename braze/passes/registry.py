@@ -77,6 +77,6 @@ PASSES: list[PassSpec] = [
     PassSpec("insert_kv_cache", "cache", insert_kv_cache),
     # the speculative verify graph (on a copy of the cache graph)
     PassSpec("insert_tree_verify", "verify", insert_tree_verify),
-    # the decode graph (one token per row): each layer's attention and MLP halves as one launch each (atomics)
-    PassSpec("fold_decode_layers", "decode", fold_decode_layers, enabled=lambda config: not config.deterministic),
+    # the decode graph (one token per row): each layer's attention and MLP halves as one launch each
+    PassSpec("fold_decode_layers", "decode", fold_decode_layers),
 ]

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import importlib
 import math
-import re
 from typing import Any
 
 import torch
 
-from braze.kernels import FAMILIES, LAUNCH_HOOKS, DeviceSpec, device_spec
+from braze.kernels import FAMILIES, LAUNCH_HOOKS, DeviceSpec, KernelFamily, device_spec
 from braze.kernels.fused import FUSED
 from braze.runtime.errors import InputMismatchError, ShapeOutOfRangeError
 from braze.runtime.expr import Expr as _Expr
@@ -76,20 +75,27 @@ class PlanExecutor:
             check_interpreter_ready()
 
     def _zeroed_workspace(self) -> dict[str, torch.Tensor]:
-        """One zeroed buffer per dtype that steps declaring params["workspace"] share (the decode-layer blocks'
-        accumulators and counters, kernels/decode_layer.py): sized for the plan's largest shapes and allocated
-        here, once, so a call allocates and clears nothing (the kernels leave it at zero) and CUDA-graph replay
-        keeps one address. Steps run one after another, so they can share it."""
+        """One zeroed buffer per dtype shared by the steps whose family asks for scratch (KernelFamily.workspace:
+        the decode-layer blocks' accumulators and counters, kernels/decode_layer.py): sized for the plan's largest
+        shapes and allocated here, once, so a call allocates and clears nothing (the kernels leave it at zero) and
+        CUDA-graph replay keeps one address. Steps run one after another, so they can share it."""
         need: dict[str, int] = {}
+        self.step_workspace: dict[int, list[str]] = {}
         bounds = {s.name: s.upper for s in self.plan.symbols}
-        for step in self.plan.steps:
-            for dtype, numel in (step.params or {}).get("workspace", {}).items():
-                unbounded = [name for name, hi in bounds.items() if hi is None and re.search(rf"\b{name}\b", numel)]
-                if unbounded:
-                    raise ValueError(f"step {step.outputs[0]}: its workspace ({numel}) needs an upper bound for "
-                                     f"{', '.join(unbounded)}")
-                need[dtype] = max(need.get(dtype, 0), _Expr(numel)(bounds))
-        return {dtype: torch.zeros(n, dtype=DTYPES[dtype], device=self.device) for dtype, n in need.items()}
+        for i, step in enumerate(self.plan.steps):
+            family = FAMILIES.get(step.launcher or "") if step.kind == "template" else None
+            if family is None or type(family).workspace is KernelFamily.workspace:
+                continue
+            shape_exprs = self.shape_exprs[step.outputs[0]]
+            unbounded = [n for n, hi in bounds.items() if hi is None and any(n in e.code.co_names for e in shape_exprs)]
+            if unbounded:
+                raise ValueError(f"step {step.outputs[0]}: its workspace needs an upper bound for {unbounded}")
+            sizes = family.workspace(step.params, self.spec, [e(bounds) for e in shape_exprs])
+            self.step_workspace[i] = list(sizes)
+            for dtype, numel in sizes.items():
+                need[dtype] = max(need.get(dtype, 0), numel)
+        return {key: torch.zeros(n, dtype=DTYPES[key.removeprefix("scratch_")], device=self.device)
+                for key, n in need.items()}
 
     def _count_launch(self, launch: Any) -> None:
         self.stats["launches"] += 1
@@ -216,8 +222,8 @@ class PlanExecutor:
                 out = self._alloc(step.outputs[0], syms, slots)
                 env[step.outputs[0]] = out
                 tensors = {role: env[n] for role, n in zip(step.params["roles"], step.inputs)}
-                if "workspace" in step.params:
-                    tensors.update({f"workspace_{dtype}": self.workspace[dtype] for dtype in step.params["workspace"]})
+                if i in self.step_workspace:
+                    tensors.update({f"workspace_{dtype}": self.workspace[dtype] for dtype in self.step_workspace[i]})
                 FAMILIES[step.launcher].launch(self.module(step.kernel), step.kernel, tensors, out, step.params,
                                                self.spec)
             else:
