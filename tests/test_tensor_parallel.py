@@ -246,8 +246,10 @@ def test_collectives_per_decode_step_two_per_layer_plus_embedding(world2, world4
         assert sorted(got["decode_collectives"]) == (["braze.all_gather.default"]
                                                      + ["braze.all_reduce.default"] * (2 * LAYERS + 1))
         # the residual add is folded into rank 0's partial product: a reduced hidden state goes straight into
-        # the next linears (norm prologue, residual epilogue), never through an add
-        assert got["ops_after_reduce"] == ["matmul"], got["ops_after_reduce"]
+        # the next linears (norm prologue, residual epilogue; on rank 0, whose o_proj / down_proj carry the
+        # residual, the decode layer's attention and MLP blocks), never through an add
+        allowed = {"matmul", "attention_block", "mlp_block"}
+        assert "matmul" in got["ops_after_reduce"] and set(got["ops_after_reduce"]) <= allowed, got["ops_after_reduce"]
 
 
 def _sharded_bytes(model) -> int:

@@ -160,17 +160,19 @@ def _fallback_summary(gm: fx.GraphModule, fallbacks: list[tuple[str, str]]) -> s
 def _deterministic_summary(decode: Plan, weights: dict[str, torch.Tensor], kv: list) -> str:
     """The report line of a deterministic compile: what the mode does here and what it costs."""
     layercast = sum(1 for s in decode.steps if s.launcher == "matmul" and "LayerCast" in decode.kernels[s.kernel])
+    blocks = sum(1 for s in decode.steps if s.launcher in ("attention_block", "mlp_block"))
     dtypes = sorted({str(w.dtype).removeprefix("torch.") for w in weights.values()
                      if w.dtype in (torch.float16, torch.bfloat16)}) or ["16-bit"]
     kv_dtypes = "/".join(sorted({dtype for _, _, dtype in kv})) or "none"
     return (f"on: the prefill and decode plans are batch-invariant (fixed matmul tiles, BLOCK_M 16, no split-K "
-            f"or atomics; prefill attention launched per row); {layercast} matmul kernels compute "
+            f"or float atomics; prefill attention launched per row; {blocks} decode attention / MLP blocks sum their "
+            f"partials in a fixed order); {layercast} matmul kernels compute "
             f"{'/'.join(dtypes)} weights in fp32 (LayerCast); KV cache {kv_dtypes} (kv_dtype; RoPE and attention "
             f"scores in the cache's dtype), activations between kernels keep the model dtype; seeded sampling keyed "
             f"by (seed, position). The verify plan (speculative decoding) runs each query node through the decode "
-            f"attention kernel (its tree form, on device), so accepted tokens' logits equal plain decoding's bitwise. "
-            f"Cost: 3 + batch prefill attention launches per layer instead of 2, 3 verify attention launches per "
-            f"layer instead of 2, small matmul tiles"
+            f"attention kernel (its tree form, on device, with the same o_proj tail), so accepted tokens' logits "
+            f"equal plain decoding's bitwise. Cost: 3 + batch prefill attention launches per layer instead of 2, "
+            f"small matmul tiles"
             f"{', fp32 dots instead of 16-bit tensor-core dots' if layercast else ''}. The forward plan is not "
             f"batch-invariant")
 

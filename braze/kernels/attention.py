@@ -271,8 +271,10 @@ class OutputProjection:
 
     def block_o(self, device: DeviceSpec, block_d: int) -> int:
         """Output columns per o_proj tile: [BLOCK_O, BLOCK_D] weight tiles, 16 fp32 values per thread (4 warps)
-        on a GPU (32 spilled 4-8 B at 72 registers on sm_86/89, bf16 1B shape; ptxas via make gpucheck)."""
-        per_thread = 2048 if self.weight.element_size() <= 2 else 1024  # fp32 models: the partial's tiles are wider
+        on a GPU (32 spilled 4-8 B at 72 registers on sm_86/89, bf16 1B shape; ptxas via make gpucheck); 8 with
+        fp32 weights. (With an fp32 cache, deterministic mode, 8 spilled more than 16: 16-44 B at 255 registers
+        on sm_86/89 against 8 B at 72-80.)"""
+        per_thread = 1024 if self.weight.element_size() > 2 else 2048
         return pow2_clamp(self.weight.shape[0], 16, 256 if device.interpret else max(16, per_thread // block_d))
 
 
