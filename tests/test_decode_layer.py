@@ -53,10 +53,11 @@ def test_verify_folds_its_mlps_and_prefill_nothing():
 
 
 @pytest.mark.parametrize("device", ["interpreter", "sm_90"])
-def test_deterministic_mode_folds_with_fixed_order_sums(device):
-    """deterministic=True: the same 3 launches per decode layer, reducing in a fixed order (no float atomics in any
-    kernel of the plan); the verify's tree attention folds too (rope_write + its block: 4 per layer), so an accepted
-    node keeps decode's bits (test_deterministic.py checks the tokens and logits)."""
+def test_deterministic_mode_folds_attention_with_a_fixed_order_sum(device):
+    """deterministic=True: the attention block with o_proj summed over kv heads in a fixed order (no float atomics),
+    in decode and, as a tree block after the verify's rope_write, in verify (so an accepted node keeps decode's
+    bits: test_deterministic.py checks tokens and logits); the MLP keeps its two batch-invariant matmuls. Decode 4
+    launches per layer (was 5, 6 on a GPU with the split-KV combine), verify 5."""
     per_layer = {}
     for layers in (1, 2):
         cm = braze.compile(tiny_causal_lm("llama", layers=layers), max_seq=600, max_batch=4, deterministic=True)
@@ -64,13 +65,43 @@ def test_deterministic_mode_folds_with_fixed_order_sums(device):
         for name in ("decode", "verify"):
             plan = getattr(cm.generator, name).plan
             per_layer.setdefault(name, []).append(launch_count(plan, target, {s.name: 2 for s in plan.symbols}))
-    assert {k: v[1] - v[0] for k, v in per_layer.items()} == {"decode": 3, "verify": 4}
+    assert {k: v[1] - v[0] for k, v in per_layer.items()} == {"decode": 4, "verify": 5}
     decode, verify = cm.generator.decode.plan, cm.generator.verify.plan
-    assert _launchers(decode).count("attention_block") == 2 and _launchers(verify).count("attention_block") == 2
-    assert _launchers(verify).count("mlp_block") == 2
     for plan in (decode, verify):
-        blocks = [plan.kernels[s.kernel] for s in plan.steps if s.launcher in ("attention_block", "mlp_block")]
-        assert blocks and all("tl.atomic_add(acc_ptr" not in src for src in blocks)  # counters only
+        assert _launchers(plan).count("attention_block") == 2 and "mlp_block" not in _launchers(plan)
+        blocks = [plan.kernels[s.kernel] for s in plan.steps if s.launcher == "attention_block"]
+        assert all("tl.atomic_add(acc_ptr" not in src for src in blocks)  # atomics on the counters only
+    assert all(s.params.get("tree") for s in verify.steps if s.launcher == "attention_block")
+
+
+def test_verify_workspace_grows_past_its_initial_size():
+    """The verify plan's blocks size their workspace for up to 16 rows per batch row at construction; a step with
+    more draft nodes (a batch of 2 with 20-token drafts: 42 rows) grows it once (the old buffers stay alive for
+    graphs captured over them) and still verifies
+    exactly: speculative greedy tokens equal plain greedy with 20-token drafts."""
+    from braze.runtime.executor import WORKSPACE_DIM_CAP
+    from braze.runtime.speculate import SpeculativeRunner
+    from tests.test_plan_purity import FixedDrafter
+
+    class LongDrafter(FixedDrafter):
+        def draft(self, req, max_spec_tokens, **_):
+            from braze.runtime.suffix_tree import Draft
+
+            n = min(20, max_spec_tokens)
+            return Draft(tokens=[7] * n, parents=list(range(-1, n - 1)), probs=[1.0] * n, score=float(n))
+
+    cm = braze.compile(tiny_causal_lm("llama", layers=1), max_seq=96, max_batch=2)
+    verify = cm.generator.verify
+    before = verify.workspace["float32"].numel()
+    assert before == 2 * WORKSPACE_DIM_CAP * 64
+    ids = torch.randint(3, 256, (2, 6), generator=torch.Generator().manual_seed(5))  # 2 x 21 rows > 2 x 16
+    plain = cm.generate(ids, max_new_tokens=30)
+    cm.generator.spec = SpeculativeRunner(cm.generator, adaptive=False)
+    cm.generator.spec.drafter = LongDrafter()
+    out = cm.generate(ids, max_new_tokens=30, speculate=True, max_spec_tokens=20)
+    assert torch.equal(out, plain)
+    assert verify.workspace["float32"].numel() > before and verify._retired
+    assert all(not w.any() for w in verify.workspace.values())
 
 
 def test_quantized_mlp_stays_unfused_and_says_why():

@@ -2,15 +2,16 @@
 
 `attention_block` (braze::attention_block): the split-KV decode kernel in its o_proj form
 (decode_attention.py.j2): RoPE, the cache write, attention, the split merge, o_proj and the residual add in one
-launch. `mlp_block` (braze::mlp_block, mlp_block.py.j2): norm, gate/up, SwiGLU / GeGLU, down and the residual add
-in one launch. Both reduce across programs with fp32 atomics into a zeroed accumulator and per-row counters; the
-last program to finish writes the output and clears them. ClusterFusion's cluster-wide reduction has no Triton
-equivalent (no distributed shared memory); atomics are the issue's default-mode answer, so both blocks are
-decode-only and never used under deterministic=True (the order of fp32 atomic adds is not fixed).
+launch (braze::tree_attention_block: the same for the deterministic verify's draft nodes, after its rope_write).
+`mlp_block` (braze::mlp_block, mlp_block.py.j2): norm, gate/up, SwiGLU / GeGLU, down and the residual add in one
+launch. Both reduce across programs with fp32 atomics into a zeroed accumulator and per-row counters; the last
+program to finish writes the output and clears them. ClusterFusion's cluster-wide reduction has no Triton
+equivalent (no distributed shared memory); atomics are the issue's default-mode answer. Under deterministic=True
+the attention block stores each kv head's o_proj partial in its own slot and the last program sums them in head
+order; the MLP block is not used there (passes/decode_layer.py says why).
 
-The accumulator and counters are the plan executor's zeroed workspace (Step.params["workspace"]: element counts
-per dtype, evaluated at the plan's largest shapes and allocated once), so no launch clears anything and CUDA-graph
-replay captures none.
+The accumulator, slots and counters are the plan executor's workspace (KernelFamily.workspace), allocated once, so
+no launch allocates or clears anything and CUDA-graph replay captures none.
 """
 
 from __future__ import annotations
@@ -140,9 +141,6 @@ class MlpBlockSpec:
     glu: str = "swiglu"
     input_precision: str = "ieee"
     out_dtype: str = "float32"
-    # deterministic compiles: LayerCast (16-bit weights upcast, fp32 dots) and the down projection's partial tiles
-    # summed in program order instead of with atomics
-    deterministic: bool = False
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -153,8 +151,7 @@ class MlpBlockSpec:
 
 def render_mlp_block(spec: MlpBlockSpec, header: str = "") -> str:
     return render_template("mlp_block.py.j2", header=check_header(header), name=spec.name, glu=spec.glu,
-                           input_precision=spec.input_precision, out_dtype=spec.out_dtype,
-                           deterministic=spec.deterministic)
+                           input_precision=spec.input_precision, out_dtype=spec.out_dtype)
 
 
 @dataclass(frozen=True)
@@ -165,38 +162,31 @@ class MlpBlockConfig:
     block_n: int
     num_warps: int = 4
     num_stages: int = 2
-    row_dot: bool = False
 
     def meta(self, device: DeviceSpec) -> dict[str, int]:
-        meta = {"BLOCK_M": self.block_m, "BLOCK_I": self.block_i, "BLOCK_K": self.block_k, "BLOCK_N": self.block_n,
-                "ROW_DOT": self.row_dot}
+        meta = {"BLOCK_M": self.block_m, "BLOCK_I": self.block_i, "BLOCK_K": self.block_k, "BLOCK_N": self.block_n}
         if not device.interpret:
             meta.update(num_warps=self.num_warps, num_stages=self.num_stages)
         return meta
 
 
-def mlp_block_config(M: int, K: int, inter: int, N: int, device: DeviceSpec, *, elem_size: int = 2,
-                     deterministic: bool = False) -> MlpBlockConfig:
+def mlp_block_config(M: int, K: int, inter: int, N: int, device: DeviceSpec, *, elem_size: int = 2) -> MlpBlockConfig:
     """The interpreter takes big tiles (it pays per program). A GPU: 16-row MMA tiles, intermediate columns
     narrowed until the grid covers every SM (each program streams its slice of all three weights: a b=1 decode is
-    bandwidth bound), a [BLOCK_K, BLOCK_I] pair of gate/up tiles and a [BLOCK_I, BLOCK_N] down tile per step.
-    deterministic: nothing depends on M (batch invariance; the grid's row blocks are independent), fp32 operands
-    (LayerCast) in thin K tiles, and ROW_DOT under the interpreter (its tl.dot is a BLAS call whose result for a
-    row depends on the row's place in the tile)."""
+    bandwidth bound), a [BLOCK_K, BLOCK_I] pair of gate/up tiles and a [BLOCK_I, BLOCK_N] down tile per step."""
     if device.interpret:
-        return MlpBlockConfig(16, pow2_clamp(inter, 16, 128), pow2_clamp(K, 16, 128), pow2_clamp(N, 16, 128),
-                              row_dot=deterministic)
-    rows = 1 if deterministic else triton.cdiv(M, 16)
+        return MlpBlockConfig(16, pow2_clamp(inter, 16, 128), pow2_clamp(K, 16, 128), pow2_clamp(N, 16, 128))
     block_i = 64
-    while block_i > 16 and triton.cdiv(inter, block_i) * rows < device.sm_count:
+    while block_i > 16 and triton.cdiv(inter, block_i) * triton.cdiv(M, 16) < device.sm_count:
         block_i //= 2
-    if deterministic or elem_size > 2:
-        return MlpBlockConfig(16, block_i, 32, 32, num_warps=4)
+    if elem_size > 2:
+        return MlpBlockConfig(16, block_i, 32, 32)
     return MlpBlockConfig(16, block_i, 64, 64)
 
 
 class MlpBlockFamily(KernelFamily):
-    """braze::mlp_block: one decode launch for norm, gate/up, SwiGLU / GeGLU, down and the residual add."""
+    """braze::mlp_block: one decode launch for norm, gate/up, SwiGLU / GeGLU, down and the residual add (not in
+    deterministic compiles: fold_decode_layers leaves their MLPs to the batch-invariant matmuls)."""
 
     name = "mlp_block"
     templates = ("mlp_block.py.j2",)
@@ -217,38 +207,25 @@ class MlpBlockFamily(KernelFamily):
             return f"gated MLP with activation {a['activation']!r} has no kernel"
         return None
 
-    def lower(self, node: fx.Node, name: str, deterministic: bool = False) -> tuple[str, Step]:
+    def lower(self, node: fx.Node, name: str) -> tuple[str, Step]:
         from braze.ops.schema import op_args
         from braze.runtime.plan import Step
 
         a = op_args(node)
         out = node.meta["val"]
         w = a["gate_weight"].meta["val"]
-        layercast = deterministic and w.dtype != torch.float32
-        spec = MlpBlockSpec(name, GLU_KINDS[a["activation"]], "ieee" if layercast else _precision(w.dtype),
-                            FLOAT_NAMES[out.dtype], deterministic=deterministic)
+        spec = MlpBlockSpec(name, GLU_KINDS[a["activation"]], _precision(w.dtype), FLOAT_NAMES[out.dtype])
         roles = ["x", "norm_weight", "gate_weight", "up_weight", "down_weight", "residual"]
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
-                    params={"roles": roles, "eps": float(a["eps"]), "inter": int(w.shape[0]),
-                            "hidden_in": int(w.shape[1]), "elem_size": w.element_size(),
-                            **({"deterministic": True} if deterministic else {})})
+                    params={"roles": roles, "eps": float(a["eps"])})
         return render_mlp_block(spec), step
 
     def lower_deterministic(self, node: fx.Node, name: str) -> tuple[str, Step]:
-        return self.lower(node, name, deterministic=True)
-
-    def _config(self, params: dict[str, Any], device: DeviceSpec, M: int, N: int) -> MlpBlockConfig:
-        return mlp_block_config(M, params["hidden_in"], params["inter"], N, device, elem_size=params["elem_size"],
-                                deterministic=bool(params.get("deterministic")))
+        raise ValueError("mlp_block adds with atomics: deterministic compiles keep the MLP's matmuls")
 
     def workspace(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> dict[str, int]:
-        M, N = _rows(out_shape), int(out_shape[-1])
-        if not params.get("deterministic"):
-            return {"float32": M * N, "int32": M}  # the accumulator; one counter per row block (<= one per row)
-        cfg = self._config(params, device, M, N)
-        blocks, programs = triton.cdiv(M, cfg.block_m), triton.cdiv(params["inter"], cfg.block_i)
-        # every program's partial [BLOCK_M, N] per row block; one counter per (row block, column tile)
-        return {"scratch_float32": blocks * programs * cfg.block_m * N, "int32": blocks * triton.cdiv(N, cfg.block_n)}
+        M = _rows(out_shape)
+        return {"float32": M * int(out_shape[-1]), "int32": M}  # the accumulator; a counter per row block (<= row)
 
     def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
                params: dict[str, Any], device: DeviceSpec) -> None:
@@ -260,12 +237,9 @@ class MlpBlockFamily(KernelFamily):
         o = out.view(M, N)
         res = t["residual"].reshape(M, N)
         ws = workspace_tensors(tensors)
-        need = self.workspace(params, device, [M, N])
-        cfg = self._config(params, device, M, N)
-        acc = "scratch_float32" if params.get("deterministic") else "float32"
-        args = [x, t["norm_weight"], wg, wu, wd, res, o, ws[acc][:need[acc]], ws["int32"][:need["int32"]],
-                M, K, inter, N, *x.stride(), *wg.stride(), *wu.stride(), *wd.stride(), *res.stride(), *o.stride(),
-                float(params["eps"])]
+        cfg = mlp_block_config(M, K, inter, N, device, elem_size=max(x.element_size(), wg.element_size()))
+        args = [x, t["norm_weight"], wg, wu, wd, res, o, ws["float32"][:M * N], ws["int32"][:M], M, K, inter, N,
+                *x.stride(), *wg.stride(), *wu.stride(), *wd.stride(), *res.stride(), *o.stride(), float(params["eps"])]
         launch_kernel(getattr(module, name), (triton.cdiv(inter, cfg.block_i), triton.cdiv(M, cfg.block_m)), *args,
                       **cfg.meta(device))
 

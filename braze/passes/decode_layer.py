@@ -7,13 +7,18 @@
     linear_glu (norm, gate/up, SwiGLU) -> down linear (+ residual)
                                               -> braze::mlp_block (launch 3)
 
-Both blocks reduce across programs with fp32 atomics (kernels/decode_layer.py); under deterministic=True they
-sum per-program partials in a fixed order instead (and the verify's tree attention folds too, so speculation still
-accepts bitwise decode's tokens). It runs on the decode plan's graph after it is re-specialized to one token per row
-(compiler/generation.py), and on the verify plan's graph, whose MLPs fold the same way (its tree attention
-keeps its kernels); prefill keeps its kernels. A layer that does not match (a bias on o_proj,
-int6 / fused-df11 linears, tensor-parallel all-reduces between o_proj and the residual add, attention outside the
-RoPE-causal cached kernel) keeps its unfused steps, and the pass notes why for the first of each kind.
+Both blocks reduce across programs with fp32 atomics (kernels/decode_layer.py). Under deterministic=True the
+attention block sums its per-kv-head o_proj partials in a fixed order instead, and the verify's tree attention
+folds the same way, so speculation still accepts bitwise decode's tokens; the MLP keeps its two batch-invariant
+matmuls there (a fixed-order sum of the down projection needs every program's partial rows in memory: 2 MB per
+verify row on the 1B shape), so a deterministic decode layer is 4 launches.
+
+The pass runs on the decode plan's graph after it is re-specialized to one token per row (compiler/generation.py),
+and on the verify plan's graph, whose MLPs fold the same way (its flash tree attention keeps its kernels outside
+deterministic mode); prefill keeps its kernels. A layer that does not match (a bias on o_proj, int6 / fused-df11
+linears, attention outside the RoPE-causal cached kernel, rkv's query recording on the attention output) keeps its
+unfused steps, and the pass notes why for the first of each kind. Under tensor parallelism only rank 0's o_proj and
+down_proj carry the residual add, so only rank 0 folds.
 """
 
 from __future__ import annotations
@@ -150,7 +155,7 @@ def fold_decode_layers(gm: fx.GraphModule, ctx: PassContext) -> int:
         tree = ctx.config.deterministic and is_op(node, braze.tree_cached_attention.default)
         if is_op(node, braze.cached_attention.default) or tree:
             kind, why = "attention", _fold_attention(node, order, ctx)
-        elif is_op(node, braze.linear_glu.default):
+        elif is_op(node, braze.linear_glu.default) and not ctx.config.deterministic:
             kind, why = "mlp", _fold_mlp(node, ctx)
         else:
             continue

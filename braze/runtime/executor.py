@@ -20,6 +20,9 @@ from braze.runtime.expr import Expr as _Expr
 from braze.runtime.kernel_loader import check_interpreter_ready, load_kernel_module
 from braze.runtime.plan import Plan
 
+# workspace sizing at construction: dims other than the batch (the verify plan's draft nodes) count up to this
+WORKSPACE_DIM_CAP = 16
+
 DTYPES = {
     "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
     "int64": torch.int64, "int32": torch.int32, "int16": torch.int16, "int8": torch.int8, "uint8": torch.uint8,
@@ -75,27 +78,46 @@ class PlanExecutor:
             check_interpreter_ready()
 
     def _zeroed_workspace(self) -> dict[str, torch.Tensor]:
-        """One zeroed buffer per dtype shared by the steps whose family asks for scratch (KernelFamily.workspace:
-        the decode-layer blocks' accumulators and counters, kernels/decode_layer.py): sized for the plan's largest
-        shapes and allocated here, once, so a call allocates and clears nothing (the kernels leave it at zero) and
-        CUDA-graph replay keeps one address. Steps run one after another, so they can share it."""
-        need: dict[str, int] = {}
+        """One buffer per key shared by the steps whose family asks for scratch (KernelFamily.workspace: the
+        decode-layer blocks' accumulators and counters, kernels/decode_layer.py), zeroed and allocated here, so a
+        call allocates and clears nothing (the kernels leave it at zero) and CUDA-graph replay keeps one address.
+        Steps run one after another, so they can share it. Sized for the largest batch and, for other dims (the
+        verify plan's draft nodes), up to WORKSPACE_DIM_CAP: a call beyond that grows it (_reserve)."""
         self.step_workspace: dict[int, list[str]] = {}
-        bounds = {s.name: s.upper for s in self.plan.symbols}
+        self._workspace_need: dict[tuple, dict[str, int]] = {}
+        self._retired: list[torch.Tensor] = []  # grown out of, kept alive: captured CUDA graphs may still use them
         for i, step in enumerate(self.plan.steps):
             family = FAMILIES.get(step.launcher or "") if step.kind == "template" else None
-            if family is None or type(family).workspace is KernelFamily.workspace:
-                continue
-            shape_exprs = self.shape_exprs[step.outputs[0]]
-            unbounded = [n for n, hi in bounds.items() if hi is None and any(n in e.code.co_names for e in shape_exprs)]
-            if unbounded:
-                raise ValueError(f"step {step.outputs[0]}: its workspace needs an upper bound for {unbounded}")
-            sizes = family.workspace(step.params, self.spec, [e(bounds) for e in shape_exprs])
-            self.step_workspace[i] = list(sizes)
-            for dtype, numel in sizes.items():
-                need[dtype] = max(need.get(dtype, 0), numel)
-        return {key: torch.zeros(n, dtype=DTYPES[key.removeprefix("scratch_")], device=self.device)
-                for key, n in need.items()}
+            if family is not None and type(family).workspace is not KernelFamily.workspace:
+                self.step_workspace[i] = []
+        if not self.step_workspace:
+            return {}
+        bounds = {s.name: (s.upper if s.label == "batch" else min(s.upper or s.lower, WORKSPACE_DIM_CAP))
+                  for s in self.plan.symbols}
+        self.workspace = {}
+        self._reserve(bounds)
+        return self.workspace
+
+    def _reserve(self, syms: dict[str, int]) -> None:
+        """Grow the workspace to what the steps need at `syms` (a new largest shape only: a one-time allocation)."""
+        key = tuple(sorted(syms.items()))
+        need = self._workspace_need.get(key)
+        if need is None:
+            need = {}
+            for i in self.step_workspace:
+                step = self.plan.steps[i]
+                shape = [e(syms) for e in self.shape_exprs[step.outputs[0]]]
+                sizes = FAMILIES[step.launcher].workspace(step.params, self.spec, shape)
+                self.step_workspace[i] = list(sizes)
+                for k, n in sizes.items():
+                    need[k] = max(need.get(k, 0), n)
+            self._workspace_need[key] = need
+        for k, n in need.items():
+            have = self.workspace.get(k)
+            if have is None or have.numel() < n:
+                if have is not None:
+                    self._retired.append(have)
+                self.workspace[k] = torch.zeros(n, dtype=DTYPES[k.removeprefix("scratch_")], device=self.device)
 
     def _count_launch(self, launch: Any) -> None:
         self.stats["launches"] += 1
@@ -197,6 +219,8 @@ class PlanExecutor:
         for spec, t in zip(self.user_inputs, inputs):
             env[spec.name] = t.contiguous()
         slots: list[torch.Tensor | None] = [None] * len(self.slot_exprs)
+        if self.step_workspace:
+            self._reserve(syms)
         LAUNCH_HOOKS.append(self._count_launch)  # launches are counted where they happen, not predicted
         try:
             self._run_steps(env, syms, slots)
