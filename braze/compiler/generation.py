@@ -106,10 +106,12 @@ def compile_generation(cap: Captured, config: CompileConfig, report: CompileRepo
     if decode_record.fallbacks:  # what generation runs eagerly, with the passes' reasons (general attention, ...)
         report.extra["decode eager steps"] = _fallback_summary(decode_gm, decode_record.fallbacks)
     verify_gm = copy_graph_module(gm)
-    # the verify graph: tree attention, and the MLP blocks of fold_decode_layers (its attention stays a tree kernel)
-    run_passes(dataclasses.replace(cap, gm=verify_gm), config, report, phases=("verify", "decode"))
+    run_passes(dataclasses.replace(cap, gm=verify_gm), config, report, phases=("verify",))
     if compression is not None:  # verify over the compacted cache
         compress_verify_graph(verify_gm, compression.policy, compression.capacity, compression.window)
+    # then fold_decode_layers (after compression rewrote the tree attention's caches and starts): MLP blocks, and
+    # under deterministic=True the tree attention blocks
+    run_passes(dataclasses.replace(cap, gm=verify_gm), config, report, phases=("decode",))
     verify, _ = lower_graph(verify_gm, "verify", cap.symbols, weights, config.deterministic)
     kv = _kv_inputs(gm)
     if config.deterministic:
