@@ -72,6 +72,9 @@ def test_deterministic_mode_folds_attention_with_a_fixed_order_sum(device):
         blocks = [plan.kernels[s.kernel] for s in plan.steps if s.launcher == "attention_block"]
         assert all("tl.atomic_add(acc_ptr" not in src for src in blocks)  # atomics on the counters only
     assert all(s.params.get("tree") for s in verify.steps if s.launcher == "attention_block")
+    assert [p.notes[0] for p in cm.report.passes if p.name == "fold_decode_layers"] == [
+        "decode plan: 2 attention blocks, 0 MLP blocks (one launch each)",
+        "verify plan: 2 attention blocks, 0 MLP blocks (one launch each)"]
 
 
 def test_verify_workspace_grows_past_its_initial_size():

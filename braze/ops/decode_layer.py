@@ -12,6 +12,11 @@ from torch import Tensor
 from braze.ops.library import cached_attention_reference, linear, linear_glu, tree_cached_attention_reference
 
 
+def _project_heads(attn: Tensor, o_weight: Tensor, residual: Tensor) -> Tensor:
+    """residual + o_proj(attention [B, Hq, S, D] with its heads flattened in order to [B, S, Hq * D])."""
+    return linear(attn.transpose(1, 2).reshape(*residual.shape[:-1], -1), o_weight, residual=residual)
+
+
 @torch.library.custom_op("braze::attention_block", mutates_args=("k_cache", "v_cache"))
 def attention_block(
     q: Tensor,
@@ -30,8 +35,7 @@ def attention_block(
     """residual + o_proj(cached attention of one new token per row): RoPE, the cache write, attention over the
     cache, the heads flattened in order ([B, 1, Hq * D]) and the output projection with its residual add."""
     attn = cached_attention_reference(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, scale)
-    x = attn.transpose(1, 2).reshape(*residual.shape[:-1], -1)
-    return linear(x, o_weight, residual=residual)
+    return _project_heads(attn, o_weight, residual)
 
 
 @attention_block.register_fake
@@ -58,8 +62,7 @@ def tree_attention_block(
     """attention_block for the speculative verify (deterministic mode): tree attention over the cache for every
     draft node, then the heads flattened in order and o_proj with its residual add."""
     attn = tree_cached_attention_reference(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, tree_mask, scale)
-    x = attn.transpose(1, 2).reshape(*residual.shape[:-1], -1)
-    return linear(x, o_weight, residual=residual)
+    return _project_heads(attn, o_weight, residual)
 
 
 @tree_attention_block.register_fake

@@ -136,19 +136,19 @@ def _what(node: fx.Node | None) -> str:
 
 
 def _replace(old: fx.Node, new: fx.Node) -> None:
-    for key in ("stack_trace", "nn_module_stack"):
-        if key in old.meta:
-            new.meta[key] = old.meta[key]
+    """`new` was inserted before `old` by new_node, which gave it old's provenance."""
     old.replace_all_uses_with(new)
     _erase_dead_from(old)  # the linear, then the views and the attention / gate-up it alone used
 
 
 def fold_decode_layers(gm: fx.GraphModule, ctx: PassContext) -> int:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    # named before folding: under deterministic=True the tree attention it is told by folds away
+    plan = "verify" if any(is_op(n, braze.tree_cached_attention.default) for n in order) else "decode"
     folded = {"attention": 0, "mlp": 0}
     skipped: dict[str, str] = {}
     for node in list(gm.graph.nodes):
-        if getattr(node, "_erased", False) or node.graph is not gm.graph:
+        if getattr(node, "_erased", False):
             continue
         # the verify's tree attention folds under deterministic=True only: its tree decode kernel is then the same
         # as decode's, so the blocks keep accepted nodes bitwise equal to decode (default mode: flash tree mode)
@@ -163,7 +163,6 @@ def fold_decode_layers(gm: fx.GraphModule, ctx: PassContext) -> int:
             folded[kind] += 1
         else:
             skipped.setdefault(kind, f"{node.name}: {why}")
-    plan = "verify" if any(is_op(n, braze.tree_cached_attention.default) for n in gm.graph.nodes) else "decode"
     ctx.note(f"{plan} plan: {folded['attention']} attention blocks, {folded['mlp']} MLP blocks (one launch each)")
     for kind, why in skipped.items():
         ctx.note(f"{kind} kept unfused, first case: {why}")

@@ -73,11 +73,12 @@ class PlanExecutor:
         self.symbol_specs = {s.name: s for s in plan.symbols}
         self.stats = {"calls": 0, "launches": 0, "eager_ops": 0}
         self.spec = spec or device_spec(device)
-        self.workspace: dict[str, torch.Tensor] = self._zeroed_workspace()
+        self.workspace: dict[str, torch.Tensor] = {}
+        self._init_workspace()
         if kernels:
             check_interpreter_ready()
 
-    def _zeroed_workspace(self) -> dict[str, torch.Tensor]:
+    def _init_workspace(self) -> None:
         """One buffer per key shared by the steps whose family asks for scratch (KernelFamily.workspace: the
         decode-layer blocks' accumulators and counters, kernels/decode_layer.py), zeroed and allocated here, so a
         call allocates and clears nothing (the kernels leave it at zero) and CUDA-graph replay keeps one address.
@@ -90,13 +91,9 @@ class PlanExecutor:
             family = FAMILIES.get(step.launcher or "") if step.kind == "template" else None
             if family is not None and type(family).workspace is not KernelFamily.workspace:
                 self.step_workspace[i] = []
-        if not self.step_workspace:
-            return {}
-        bounds = {s.name: (s.upper if s.label == "batch" else min(s.upper or s.lower, WORKSPACE_DIM_CAP))
-                  for s in self.plan.symbols}
-        self.workspace = {}
-        self._reserve(bounds)
-        return self.workspace
+        if self.step_workspace:
+            self._reserve({s.name: (s.upper if s.label == "batch" else min(s.upper or s.lower, WORKSPACE_DIM_CAP))
+                           for s in self.plan.symbols})
 
     def _reserve(self, syms: dict[str, int]) -> None:
         """Grow the workspace to what the steps need at `syms` (a new largest shape only: a one-time allocation)."""
