@@ -194,3 +194,18 @@ def test_kv_compression_on_cuda_matches_the_reference_executor(policy):
     cm = braze.compile(model, **opts)
     assert cm.executor_name == "cuda"
     assert torch.equal(cm.generate(ids, attention_mask=mask, max_new_tokens=6), want)
+
+
+def test_rkv_compression_on_cuda_recompresses_with_kernels_like_the_reference():
+    """R-KV on a GPU: prefill compression, the decode plan's query-recording kernel inside replayed CUDA graphs, and
+    two decode-time re-compressions by the kv_compress kernels (in place, between replays) = the reference."""
+    model = tiny_causal_lm("llama", layers=1).cuda()
+    ids = torch.randint(3, 200, (2, 30), generator=torch.Generator().manual_seed(0)).cuda()
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    opts = dict(max_seq=48, max_batch=2, kv_compression="rkv", kv_budget=16, kv_window=4)
+    want = braze.compile(model, executor="reference", **opts).generate(ids, attention_mask=mask, max_new_tokens=18)
+    cm = braze.compile(model, **opts)
+    assert cm.executor_name == "cuda"
+    assert torch.equal(cm.generate(ids, attention_mask=mask, max_new_tokens=18), want)
+    assert cm.generator.stats.extra["kv_recompressions"] == 2

@@ -257,6 +257,63 @@ def test_fused_family_through_a_compiled_plan():
     EXERCISED.add("fused")
 
 
+@pytest.mark.parametrize("device", ["interpreter", "sm_90"])
+@pytest.mark.parametrize("policy", ["keydiff", "snapkv", "adakv", "chunkkv", "rkv"])
+def test_kv_compress_family(policy, device):
+    """One prefill layer's compression (scores, top-k, compaction kernels) = the reference: the compressed caches,
+    starts and (rkv) the query ring bit for bit, the attention output passed through. sm_90: the GPU tiles."""
+    from braze.ops.kv_compress import kv_compress_reference
+
+    g = _gen(11)
+    b, hq, hkv, p, d, window = 2, 4, 2, 40, 16, 4
+    q, attn = torch.randn(b, hq, p, d, generator=g), torch.randn(b, hq, p, d, generator=g)
+    kc, vc = torch.randn(b, hkv, 48, d, generator=g), torch.randn(b, hkv, 48, d, generator=g)
+    kc[:, :, 5:9] = kc[:, :, 20:24]  # exact score ties
+    cos, sin = _rope(b, p, d)
+    kv_start = torch.tensor([0, 6], dtype=torch.int32)
+    keep = torch.tensor([12, 20 if policy == "adakv" else 12])
+
+    def state():
+        return (torch.full((b, hkv, 24, d), 5.0), torch.full((b, hkv, 24, d), 5.0),
+                torch.full((b, hkv), -1, dtype=torch.int32), torch.zeros(b, hq, window, d))
+
+    ck, cv, start, ring = state()
+    if policy == "rkv":
+        fn = lambda a, q, kc, vc, ks, ck, cv, keep, st, ring, cos, sin: ops.kv_compress_recording(  # noqa: E731
+            a, q, kc, vc, ks, ck, cv, keep, st, ring, 0.25, policy, window, cos, sin)
+        args = (attn, q, kc, vc, kv_start, ck, cv, keep, start, ring, cos, sin)
+    else:
+        fn = lambda a, q, kc, vc, ks, ck, cv, keep, st, cos, sin: ops.kv_compress(  # noqa: E731
+            a, q, kc, vc, ks, ck, cv, keep, st, 0.25, policy, window, cos, sin)
+        args = (attn, q, kc, vc, kv_start, ck, cv, keep, start, cos, sin)
+    out, _ = launch_like_a_plan(fn, *args, device=INTERPRETER if device == "interpreter" else TARGETS[device])
+    want = state()
+    kv_compress_reference(q, kc, vc, kv_start, want[0], want[1], keep, want[2], 0.25, policy, window, cos, sin,
+                          want[3] if policy == "rkv" else None)
+    assert torch.equal(out, attn)
+    assert torch.equal(ck, want[0]) and torch.equal(cv, want[1]) and torch.equal(start, want[2])
+    assert torch.equal(ring, want[3])
+
+
+def test_kv_compress_family_records_queries():
+    """braze::kv_record_query (R-KV decode / verify): the step's RoPE'd queries land in ring slots
+    (cache_len + s) % window, one cache_len for the batch or one per row; the attention output passes through."""
+    from braze.ops.kv_compress import record_query_reference
+
+    g = _gen(12)
+    b, hq, s, d, window = 2, 4, 3, 16, 4
+    q, attn = torch.randn(b, hq, s, d, generator=g), torch.randn(b, hq, s, d, generator=g)
+    cos, sin = _rope(b, s, d)
+    for cache_len in (torch.tensor([6]), torch.tensor([2, 7])):
+        ring, want = torch.zeros(b, hq, window, d), torch.zeros(b, hq, window, d)
+        fn = lambda a, q, ring, cl, cos, sin: ops.kv_record_query(a, q, ring, cl, cos, sin)  # noqa: E731
+        out, _ = launch_like_a_plan(fn, attn, q, ring, cache_len, cos, sin)
+        record_query_reference(q, want, cache_len, cos, sin)
+        assert torch.equal(out, attn)
+        torch.testing.assert_close(ring, want, atol=1e-6, rtol=1e-6)  # fp32 RoPE: summation order only
+        assert ring.abs().sum() > 0
+
+
 def test_every_registered_family_is_exercised():
     """A family added to the registry without a test here fails: each has its `test_<family>_family...` (found by
     name: under pytest-xdist the tests of this module may run on different workers, so the set of families this

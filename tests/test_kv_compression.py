@@ -407,18 +407,24 @@ def test_kernel_plans_match_the_reference_executor(lm, policy):
 def test_rkv_recompresses_during_decoding_and_kernels_match_the_reference(lm):
     """rkv, budget 16 + an interval of 8 decode slots: the 30-token prompt is compressed to 16 after prefill, and
     every 8 generated tokens the cache goes back to 16 (two times in 17 decode steps). The interpreter plans (decode
-    kernels over the small cache, the recorded queries) generate what the reference executor does."""
+    kernels over the small cache, the queries recorded by a kernel, the re-compression by the prefill plan's
+    kv_compress kernels) generate what the reference executor does."""
+    from braze.kernels import recording_launches
+
     model, ids, mask, _ = lm
     opts = dict(max_seq=48, max_batch=2, kv_compression="rkv", kv_budget=16, kv_window=4)
     ref = braze.compile(model, executor="reference", **opts)
     want = ref.generate(ids, attention_mask=mask, max_new_tokens=18)
     cm = braze.compile(model, executor="interpret", **opts)
-    assert torch.equal(cm.generate(ids, attention_mask=mask, max_new_tokens=18), want)
+    with recording_launches() as seen:
+        assert torch.equal(cm.generate(ids, attention_mask=mask, max_new_tokens=18), want)
+    compactions = [launch for launch in seen if launch.name.endswith("_compact")]
+    assert len(compactions) == 1 * (1 + 2)  # one layer: after prefill, then at each re-compression
     stats = cm.generator.stats
     assert stats.extra["kv_recompressions"] == 2 == ref.generator.stats.extra["kv_recompressions"]
     assert stats.kv_cache_bytes * 2 == stats.extra["kv_cache_bytes_uncompressed"]  # 24 of 48 slots, measured
     assert "every 8 tokens" in cm.report.extra["kv compression"]
-    assert "kv_record_query" in cm.report.extra["decode eager steps"]  # the query ring runs as a torch step
+    assert "decode eager steps" not in cm.report.extra  # the query ring is recorded by a kernel
 
 
 @pytest.mark.parametrize("policy, tree, executor", [
@@ -550,22 +556,13 @@ def test_keydiff_and_snapkv_on_smollm2_layer_kv_match_kvpress_formulas():
     (KeyDiffPress.score; SnapKVPress.compute_window_attention + score, with max pooling) followed by a top-k."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from braze.eval import eval_text
-    from braze.models import load_smollm2
+    from tests.smollm2_layer import smollm2_layer_kv
 
-    model, tok = load_smollm2(torch.float32)
-    ids = torch.tensor(tok(eval_text()).input_ids[:160])[None]
-    layer, seen = 3, {}
-    attn = model.model.layers[layer].self_attn
-    hook = attn.q_proj.register_forward_hook(lambda m, i, o: seen.setdefault("q", o))
-    with torch.no_grad():
-        cache = model(ids, use_cache=True).past_key_values
-    hook.remove()
-    keys = cache.layers[layer].keys if hasattr(cache, "layers") else cache.key_cache[layer]
-    cfg, hd = model.config, attn.head_dim
-    p, w, keep = ids.shape[1], WINDOW, 40
-    q = seen["q"].view(1, p, cfg.num_attention_heads, hd).transpose(1, 2)[:, :, -w:]
-    cos, sin = model.model.rotary_emb(q, torch.arange(p)[None])
+    layer = smollm2_layer_kv(3, 160)
+    keys, cfg, hd = layer.keys, layer.config, layer.head_dim
+    p, w, keep = keys.shape[2], WINDOW, 40
+    q = layer.q[:, :, -w:]
+    cos, sin = layer.cos, layer.sin
     q, _ = apply_rotary_pos_emb(q, q, cos[:, -w:], sin[:, -w:])
     valid = torch.ones(1, p, dtype=torch.bool)
 
@@ -603,4 +600,8 @@ def test_rkv_speculation_needs_a_verify_plan_that_records_queries():
 
     assert not _records_draft_queries(plan(None, "braze.all_reduce.default"))
     assert _records_draft_queries(plan(None, "braze.kv_record_query.default"))
+    kernel_step = SimpleNamespace(target=None, launcher="kv_compress", params={"record": True})
+    assert _records_draft_queries(SimpleNamespace(plan=SimpleNamespace(steps=[kernel_step])))
+    prefill_step = SimpleNamespace(target=None, launcher="kv_compress", params={"policy": "rkv"})
+    assert not _records_draft_queries(SimpleNamespace(plan=SimpleNamespace(steps=[prefill_step])))
     assert _records_draft_queries(SimpleNamespace())

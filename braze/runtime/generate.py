@@ -6,6 +6,7 @@ token until every row is done; left-padded batches via attention_mask; a streame
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -62,7 +63,13 @@ def _records_draft_queries(verify: Any) -> bool:
     """Whether a verify executor's plan records the draft nodes' queries (rkv speculation: plans from before it did
     not); an executor without a plan object runs the compiled graph, which does."""
     plan = getattr(verify, "plan", None)
-    return plan is None or any("kv_record_query" in (s.target or "") for s in plan.steps)
+    return plan is None or any("kv_record_query" in (s.target or "") or _records(s) for s in plan.steps)
+
+
+def _records(step: Any) -> bool:
+    """A plan step that launches kv_record_query's kernel (kernels/kv_compress.py)."""
+    params = getattr(step, "params", None) or {}
+    return getattr(step, "launcher", None) == "kv_compress" and bool(params.get("record"))
 
 
 class Generator:
@@ -124,6 +131,14 @@ class Generator:
             self._state[batch] = state
         return state
 
+    @functools.cached_property
+    def compression_kernels(self) -> Any:
+        """kv_compression: the prefill plan's kv_compress kernels, which R-KV's re-compression launches too (None
+        under the reference executor)."""
+        from braze.runtime.kv_compression import compression_kernels
+
+        return compression_kernels(self.prefill)
+
     @property
     def cache_slots(self) -> int:
         """Slots per row of the cache decode and verify write: the compressed capacity under kv_compression."""
@@ -151,7 +166,8 @@ class Generator:
             return Prefilled(self.forward(self.prefill, ids, positions, 0, kv_start, caches), caches, ids.shape[1])
         from braze.runtime.kv_compression import decode_state, plan_call, prefill_inputs
 
-        call = plan_call(self.compression, ids.shape[1], max_new_tokens, self.max_seq, state)
+        call = plan_call(self.compression, ids.shape[1], max_new_tokens, self.max_seq, state,
+                         self.compression_kernels)
         full = self.new_caches(ids.shape[0])
         logits = self.forward(self.prefill, ids, positions, 0, kv_start, full, extra=prefill_inputs(call, self.device))
         _, extra = decode_state(self.compression, call, kv_start)

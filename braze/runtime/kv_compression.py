@@ -4,12 +4,14 @@ The prefill plan fills the compressed caches (braze::kv_compress); this object a
 its extra inputs, and gives decode its caches, per-row start (or per-layer, per-head starts for adakv) and the
 slot where generated tokens go. R-KV (policy "rkv") also compresses during decoding: the plans record each layer's
 last `window` queries in a ring (kvq_<i>), and when decode has filled the cache, `next_slot` compacts every layer
-back to the budget on device before the step (a torch step between two decode replays; no host sync).
+back to the budget on device before the step, between two decode replays, with no host sync: with the prefill
+plan's kv_compress kernels (kernels/kv_compress.py) when it runs kernels, else the torch reference.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -34,6 +36,39 @@ class CompressionSpec:
 
 
 @dataclass
+class CompressionKernels:
+    """The prefill plan's kv_compress kernels, which R-KV's decode-time re-compression launches too, and their
+    scratch (grown once to the largest batch re-compressed)."""
+
+    module: Any
+    name: str
+    device: Any  # braze.kernels.DeviceSpec
+    scratch: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def scratch_for(self, batch: int, slots: int, heads_q: int, heads_kv: int,
+                    device: torch.device) -> dict[str, torch.Tensor]:
+        from braze.kernels.kv_compress import scratch_sizes
+
+        for key, n in scratch_sizes(batch, slots, heads_q, heads_kv).items():
+            if key not in self.scratch or self.scratch[key].numel() < n:
+                dtype = torch.float32 if key.endswith("float32") else torch.int32
+                self.scratch[key] = torch.empty(n, dtype=dtype, device=device)
+        return self.scratch
+
+
+def compression_kernels(executor: Any) -> CompressionKernels | None:
+    """The kv_compress kernels of a prefill PlanExecutor (None: the reference executor, or no compression step)."""
+    from braze.runtime.executor import PlanExecutor
+
+    if not isinstance(executor, PlanExecutor):
+        return None
+    for step in executor.plan.steps:
+        if step.launcher == "kv_compress" and not step.params.get("record"):
+            return CompressionKernels(executor.module(step.kernel), step.kernel, executor.spec)
+    return None
+
+
+@dataclass
 class CompressedCall:
     keep: int  # mean prompt tokens kept per row and head
     end: int  # decode writes from this slot on
@@ -41,6 +76,7 @@ class CompressedCall:
     starts: dict  # kvc_start_<i> [B, Hkv] int32
     queries: dict = field(default_factory=dict)  # kvq_<i> [B, Hq, window, D]: rkv's rings of recent queries
     recompressions: int = 0
+    kernels: CompressionKernels | None = None  # rkv re-compresses with these (None: the torch reference)
 
 
 def compressed_buffers(spec: CompressionSpec, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
@@ -50,9 +86,9 @@ def compressed_buffers(spec: CompressionSpec, batch: int, device: torch.device) 
 
 
 def plan_call(spec: CompressionSpec, prompt_len: int, max_new_tokens: int, max_seq: int,
-              buffers: dict[str, torch.Tensor]) -> CompressedCall:
+              buffers: dict[str, torch.Tensor], kernels: CompressionKernels | None = None) -> CompressedCall:
     """Counts for one generate call (host integers from shapes: no device read) over `buffers`
-    (compressed_buffers: reused across calls when decode replays CUDA graphs)."""
+    (compressed_buffers: reused across calls when decode replays CUDA graphs); `kernels` re-compress (rkv)."""
     keep = Budget(spec.budget).keep(prompt_len, max_new_tokens, max_seq, spec.policy)
     if keep < min(spec.window, prompt_len):
         raise ShapeOutOfRangeError(
@@ -63,7 +99,7 @@ def plan_call(spec: CompressionSpec, prompt_len: int, max_new_tokens: int, max_s
     caches = {name: t for name, t in buffers.items() if name.startswith("kv_cache_")}
     starts = {name: t for name, t in buffers.items() if name.startswith("kvc_start_")}
     queries = {name: t for name, t in buffers.items() if name.startswith("kvq_")}
-    return CompressedCall(keep, end, caches, starts, queries)
+    return CompressedCall(keep, end, caches, starts, queries, kernels=kernels)
 
 
 def prefill_inputs(call: CompressedCall, device: torch.device) -> dict[str, torch.Tensor]:
@@ -101,12 +137,16 @@ def recompress(spec: CompressionSpec, call: CompressedCall, kv_start: torch.Tens
     starts are updated in place; returns the slot the next token goes to (the budget)."""
     rows = slice(None) if row is None else slice(row, row + 1)
     slot, budget = spec.capacity, spec.budget_slots
-    valid = torch.arange(slot, device=kv_start.device)[None] >= kv_start[rows].reshape(-1, 1).long()
     keep = torch.full((1,), budget, dtype=torch.int64, device=kv_start.device)
     for i in spec.heads:
         k_cache, v_cache = call.caches[f"kv_cache_{i}_k"][rows], call.caches[f"kv_cache_{i}_v"][rows]
         ring = call.queries[f"kvq_{i}"][rows]
+        if call.kernels is not None:
+            _recompress_with_kernels(spec, call.kernels, ring, k_cache, v_cache, kv_start[rows], keep,
+                                     call.starts[f"kvc_start_{i}"][rows])
+            continue
         queries = ring.to(torch.promote_types(ring.dtype, k_cache.dtype))
+        valid = torch.arange(slot, device=kv_start.device)[None] >= kv_start[rows].reshape(-1, 1).long()
         mask = select_keep(spec.policy, k_cache[:, :, :slot], valid, keep, keep, spec.window, queries, spec.scale)
         compact(k_cache, mask, k_cache, keep)
         start = compact(v_cache, mask, v_cache, keep)
@@ -114,3 +154,16 @@ def recompress(spec: CompressionSpec, call: CompressedCall, kv_start: torch.Tens
     _row_start(call, kv_start)
     call.recompressions += 1
     return budget
+
+
+def _recompress_with_kernels(spec: CompressionSpec, kernels: CompressionKernels, ring: torch.Tensor,
+                             k_cache: torch.Tensor, v_cache: torch.Tensor, kv_start: torch.Tensor, keep: torch.Tensor,
+                             start_out: torch.Tensor) -> None:
+    """One layer re-compressed in place by the kv_compress kernels: the ring's queries score the full cache."""
+    from braze.kernels.kv_compress import LayerTensors, compress_layer
+
+    batch, heads_kv, slots = k_cache.shape[0], k_cache.shape[1], spec.capacity
+    scratch = kernels.scratch_for(batch, slots, ring.shape[1], heads_kv, k_cache.device)
+    layer = LayerTensors(ring, 0, k_cache, v_cache, k_cache, v_cache, kv_start, keep, keep, start_out, slots)
+    compress_layer(kernels.module, kernels.name, layer, spec.policy, spec.scale, spec.window, scratch,
+                   kernels.device)
