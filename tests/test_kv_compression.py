@@ -534,6 +534,8 @@ def test_deterministic_adakv_speculation_is_bitwise_plain_decoding(lm):
     ({"kv_compression": "keydiff", "kv_budget": 1000}, "token count must be in"),
     ({"kv_compression": "keydiff", "kv_budget": "half"}, "kv_budget must be"),
     ({"kv_compression": "keydiff", "kv_window": 0}, "kv_window must be"),
+    ({"kv_compression": "adakv", "tp": 2}, "selects across all kv heads, which tp=2 splits"),
+    ({"kv_compression": "chunkkv", "tp": 4}, "with tp > 1 use 'keydiff', 'snapkv' or 'rkv'"),
 ])
 def test_bad_options_are_one_line_config_errors(options, match):
     with pytest.raises(ConfigError, match=match) as e:

@@ -128,6 +128,8 @@ def rank_checks(rank: int, world: int, names: tuple[str, ...], package: str | No
         compiled = braze.compile(make_model("llama", layers=1), tp=world, executor="interpret", max_seq=32,
                                  max_batch=2)
         results["interpret"] = run_interpret(compiled)
+        for policy in KV_POLICIES:  # KV-cache compression per rank: each compresses its own kv heads
+            results[f"kv_{policy}"] = run_compressed(policy, world)
         results.update(package_checks(rank, compiled, Path(package)))
     if rank == 0 and world == 2:  # refused before any collective: one rank is enough
         for key, name, tp in (("world", "llama", 2 * world), ("heads", "heads3", world)):
@@ -167,6 +169,18 @@ def package_checks(rank: int, compiled, root: Path) -> dict:
     return out
 
 
+KV_POLICIES = ("keydiff", "rkv")  # per-head policies (adakv / chunkkv select across heads: refused under tp > 1)
+
+
+def run_compressed(policy: str, world: int) -> torch.Tensor:
+    """Greedy tokens of a 1-layer Llama on the generated kernels with kv_compression (rkv: budget 16 + decode
+    re-compression twice in 18 tokens)."""
+    compiled = braze.compile(make_model("llama", layers=1), tp=world, executor="interpret", max_seq=48, max_batch=2,
+                             kv_compression=policy, kv_budget=16 if policy == "rkv" else 0.5, kv_window=4)
+    ids = torch.randint(3, 200, (2, 30), generator=torch.Generator().manual_seed(0))
+    return compiled.generate(ids, max_new_tokens=18 if policy == "rkv" else 6, eos_token_id=None, pad_token_id=0)
+
+
 def run_interpret(compiled) -> dict:
     return {"logits": compiled(IDS).logits,
             "gen1": compiled.generate(IDS[:1], max_new_tokens=3, eos_token_id=None, pad_token_id=0)}
@@ -175,6 +189,8 @@ def run_interpret(compiled) -> dict:
 @functools.cache
 def baseline(name: str) -> dict:
     """The tp=1 compile's results."""
+    if name.startswith("kv_"):
+        return run_compressed(name.removeprefix("kv_"), 1)
     if name == "interpret":
         compiled = braze.compile(make_model("llama", layers=1), executor="interpret", max_seq=32, max_batch=2)
         return {**run_interpret(compiled), "weight_bytes": sum(t.nbytes for t in compiled.weights.values())}
@@ -294,6 +310,15 @@ def test_generated_kernels_under_the_interpreter(world2):
     for r in world2:
         torch.testing.assert_close(r["interpret"]["logits"], base["logits"], atol=1e-5, rtol=1e-5)
         assert torch.equal(r["interpret"]["gen1"], base["gen1"])
+
+
+@pytest.mark.parametrize("policy", KV_POLICIES)
+def test_kv_compression_per_rank_matches_tp1(world2, policy):
+    """Each rank compresses its own kv heads' caches with the kv_compress kernels (prefill; rkv also during
+    decoding): greedy tokens equal tp=1's."""
+    base = baseline(f"kv_{policy}")
+    for r in world2:
+        assert torch.equal(r[f"kv_{policy}"], base)
 
 
 def test_sharded_package_loads_and_runs_per_rank(world2):

@@ -52,7 +52,7 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--kv-compression", choices=POLICIES, default=None,
                    help="causal LMs: compress the KV cache after prefill (the package's decode cache holds "
                    "--kv-budget of max_seq per row and head; rkv keeps the budget plus an interval of decode slots "
-                   "and compresses again whenever they fill; --speculate works with all but rkv; "
+                   "and compresses again whenever they fill; --speculate works with every policy; "
                    "lossy: see braze eval --kv-compression)")
     p.add_argument("--kv-budget", type=_budget, default=None, metavar="F|N",
                    help="with --kv-compression: the compressed cache's capacity, a share of --max-seq (0 < F <= 1) "

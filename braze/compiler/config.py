@@ -79,13 +79,17 @@ class CompileConfig:
 
             self.targets = list(parse_targets(self.targets)) or None
         self._check_int6()
-        from braze.kvcompress.policy import check_options
+        from braze.kvcompress.policy import CROSS_HEAD_POLICIES, check_options
 
         check_options(self.kv_compression, self.kv_budget, self.kv_window, self.max_seq)
         for name in ("max_batch", "max_seq", "tp"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+        if self.tp > 1 and self.kv_compression in CROSS_HEAD_POLICIES:
+            raise ConfigError(f"kv_compression={self.kv_compression!r} selects across all kv heads, which tp="
+                              f"{self.tp} splits over ranks (each rank would choose differently from tp=1); with "
+                              "tp > 1 use 'keydiff', 'snapkv' or 'rkv'")
 
     def _check_int6(self) -> None:
         from braze.quant.calibration import Calibration

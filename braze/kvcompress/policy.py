@@ -16,6 +16,7 @@ POLICIES = ("keydiff", "snapkv", "adakv", "chunkkv", "rkv")
 UNIFORM_POLICIES = ("keydiff", "snapkv", "chunkkv", "rkv")  # every head keeps the same count: one kv_start per row
 NEEDS_QUERIES = ("snapkv", "adakv", "chunkkv", "rkv")
 DURING_DECODE = ("rkv",)  # re-compressed whenever decode fills the cache, not only after prefill
+CROSS_HEAD_POLICIES = ("adakv", "chunkkv")  # a head's kept set depends on the other heads' scores (not under tp > 1)
 POOL_KERNEL = 5  # SnapKV's clustering kernel (kvpress default)
 CHUNK = 20  # ChunkKV chunk length (kvpress default)
 ADAKV_SAFEGUARD = 0.2  # Ada-KV: each head keeps at least this share of the mean per-head budget (kvpress alpha)
