@@ -80,6 +80,27 @@ def test_repeat_is_cached(decode_build):
     assert [r.sha256 for r in again] == [r.sha256 for r in decode_build.results]
 
 
+@pytest.mark.parametrize("policy", ["adakv", "rkv"])
+def test_kv_compression_kernels_fit_sm86_and_sm90(policy):
+    """The KV-compression kernels a bf16 compile's prefill (and rkv's decode) launches compile for the L4-class
+    and H100 targets within their limits, without spills (adakv: window attention, pooling, both selection modes,
+    compaction; rkv: the R-KV scoring kernels and the query recording). benchmarks/kv_compress_kernels.py runs every
+    policy on the 1B shape."""
+    from braze.compiler.targets import check_result, compile_specializations, enumerate_specializations
+
+    model = tiny_causal_lm("llama", layers=1, dtype=torch.bfloat16)
+    cm = braze.compile(model, max_batch=2, max_seq=128, kv_compression=policy, kv_budget=0.5)
+    specs = [s for s in enumerate_specializations(cm, ["sm_86", "sm_90"], plans=["prefill", "decode"])
+             if s.family == "kv_compress"]
+    results = compile_specializations(specs)
+    kernels = {r.spec.kernel.split("_", 3)[-1] for r in results}  # kv_compress_<hash>_<kernel>
+    assert kernels == {"window", "pool", "select", "compact", *(("last_dup", "redundancy", "record")
+                                                                 if policy == "rkv" else ())}
+    for r in results:
+        assert r.error is None and r.spills == 0 and not check_result(r), (r.spec.kernel, r.spec.target)
+        assert r.smem <= TARGETS[r.spec.target].smem_per_block
+
+
 def test_ptxas_log_and_mma_parsing():
     log = ("ptxas info    : Compiling entry function 'k' for 'sm_90a'\nptxas info    : Function properties for k\n"
            "    48 bytes stack frame, 40 bytes spill stores, 44 bytes spill loads\n"
