@@ -3,8 +3,8 @@
 For each policy and dtype (bf16: tensor-core logits; fp32: TF32x3), a model of Llama-3.2-1B's shape (1 layer; or
 tiny Llama with --model tiny-llama) is compiled with kv_compression=<policy>; the prefill and decode plans run on
 CPU under each target's launch configuration at the corners of their size ranges, recording the kv_compress
-specializations (decode: R-KV's query recording); triton + ptxas compile them and report registers, spills and
-shared memory per kernel. Usage:
+specializations (and R-KV's decode attention block, which records the queries); triton + ptxas compile them and
+report registers, spills and shared memory per kernel. Usage:
 
     .venv/bin/python benchmarks/kv_compress_kernels.py [--model llama-3.2-1b-1layer] [--out FILE]
 """
@@ -49,13 +49,12 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(args.model, getattr(torch, dtype))
         cm = braze.compile(model, max_batch=MAX_BATCH, max_seq=MAX_SEQ, kv_compression=policy, kv_budget=0.25)
         specs = [s for s in enumerate_specializations(cm, list(TARGETS), plans=["prefill", "decode"])
-                 if s.family == "kv_compress"]
+                 if s.family == "kv_compress" or (policy == "rkv" and s.family == "attention_block")]
         rows: dict[tuple[str, str], list] = {}
         for r in compile_specializations(specs):
             issues = [str(i.what) for i in check_result(r)]
             failures += bool(r.error) + sum(i.severity == "error" for i in check_result(r))
-            kernel = r.spec.kernel.rsplit("_", 1)[-1]
-            kernel = "last_dup" if kernel == "dup" else kernel
+            kernel = r.spec.kernel.split("_", 3)[-1] if r.spec.family == "kv_compress" else "attn_block"
             row = rows.setdefault((r.spec.target, kernel), [0, 0, 0, set()])
             row[0], row[1], row[2] = max(row[0], r.regs), max(row[1], r.spills), max(row[2], r.smem)
             row[3].update(issues + ([r.error] if r.error else []))

@@ -42,6 +42,22 @@ def test_three_launches_per_decode_layer_on_every_target(arch):
     assert _fold_notes(cm)[0] == "decode plan: 2 attention blocks, 2 MLP blocks (one launch each)"
 
 
+def test_rkv_decode_records_its_queries_inside_the_attention_block():
+    """kv_compression="rkv": the decode plan's query recording folds into the attention block
+    (braze::attention_block_recording), so a compressed R-KV decode layer is 3 launches too, on every target."""
+    per_layer = {}
+    for layers in (1, 2):
+        cm = braze.compile(tiny_causal_lm("llama", layers=layers), max_seq=128, max_batch=2, kv_compression="rkv",
+                           kv_budget=32, kv_window=8)
+        decode = cm.generator.decode.plan
+        for name, device in (("interpreter", INTERPRETER), *TARGETS.items()):
+            per_layer.setdefault(name, []).append(launch_count(decode, device, {s.name: 1 for s in decode.symbols}))
+    assert {k: v[1] - v[0] for k, v in per_layer.items()} == {k: 3 for k in per_layer}
+    assert _launchers(decode).count("attention_block") == 2 and "kv_compress" not in _launchers(decode)
+    assert not any("kv_record_query" in (s.target or "") for s in decode.steps)
+    assert _fold_notes(cm)[0] == "decode plan: 2 attention blocks, 2 MLP blocks (one launch each)"
+
+
 def test_verify_folds_its_mlps_and_prefill_nothing():
     cm = braze.compile(tiny_causal_lm("llama", layers=2), max_seq=64)
     assert not {"attention_block", "mlp_block"} & set(_launchers(cm.generator.prefill.plan))

@@ -164,6 +164,27 @@ def test_attention_block_family(device, starts, deterministic):
         assert torch.equal(alone[0], out[1])
 
 
+@pytest.mark.parametrize("device", ["interpreter", "sm_90"])
+def test_attention_block_family_records_rkv_queries(device):
+    """braze::attention_block_recording (R-KV decode): the attention block plus the rotated query of every head in
+    ring slot cache_len % W, equal to attention_block followed by kv_record_query's reference."""
+    q, k, v, cos, sin, kc, vc, _, _ = _cache_inputs(3, 1, 150, s_max=512, seed=5)
+    cache_len = torch.tensor([150], dtype=torch.int64)
+    kv_start = torch.tensor([0, 7, 140], dtype=torch.int32)
+    g = _gen(9)
+    w_o, residual = torch.randn(72, 4 * 32, generator=g) / math.sqrt(128), torch.randn(3, 1, 72, generator=g)
+    ring = torch.zeros(3, 4, 8, 32)
+    args = (q, k, v, cos, sin, kc, vc, cache_len, kv_start)
+    fn = lambda *a: ops.attention_block_recording(*a[:9], 32**-0.5, a[9], a[10], a[11])  # noqa: E731
+    ref_args = [a.clone() for a in (*args, w_o, residual, ring)]
+    target = INTERPRETER if device == "interpreter" else TARGETS[device]
+    out, _ = launch_like_a_plan(fn, *args, w_o, residual, ring, device=target)
+    want = fn(*ref_args)
+    torch.testing.assert_close(out, want, **TOL)
+    torch.testing.assert_close(ring, ref_args[11], atol=1e-6, rtol=1e-6)  # fp32 RoPE, rounded once
+    assert ring[:, :, 150 % 8].abs().sum() > 0 and not ring[:, :, 150 % 8 - 1].any()
+
+
 def test_attention_block_family_tree_verify():
     """The deterministic verify's attention block: the verify's rope_write, then every draft node of a branching
     tree (and a padding node) as decode at its position, through o_proj with a fixed-order sum over kv heads."""

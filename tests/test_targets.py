@@ -84,18 +84,19 @@ def test_repeat_is_cached(decode_build):
 def test_kv_compression_kernels_fit_sm86_and_sm90(policy):
     """The KV-compression kernels a bf16 compile's prefill (and rkv's decode) launches compile for the L4-class
     and H100 targets within their limits, without spills (adakv: window attention, pooling, both selection modes,
-    compaction; rkv: the R-KV scoring kernels and the query recording). benchmarks/kv_compress_kernels.py runs every
-    policy on the 1B shape."""
+    compaction; rkv: the R-KV scoring kernels, and decode's attention block recording the queries).
+    benchmarks/kv_compress_kernels.py runs every policy on the 1B shape."""
     from braze.compiler.targets import check_result, compile_specializations, enumerate_specializations
 
     model = tiny_causal_lm("llama", layers=1, dtype=torch.bfloat16)
     cm = braze.compile(model, max_batch=2, max_seq=128, kv_compression=policy, kv_budget=0.5)
     specs = [s for s in enumerate_specializations(cm, ["sm_86", "sm_90"], plans=["prefill", "decode"])
-             if s.family == "kv_compress"]
+             if s.family in ("kv_compress", "attention_block")]
     results = compile_specializations(specs)
-    kernels = {r.spec.kernel.split("_", 3)[-1] for r in results}  # kv_compress_<hash>_<kernel>
-    assert kernels == {"window", "pool", "select", "compact", *(("last_dup", "redundancy", "record")
-                                                                 if policy == "rkv" else ())}
+    kernels = {r.spec.kernel.split("_", 3)[-1] for r in results if r.spec.family == "kv_compress"}
+    assert kernels == {"window", "pool", "select", "compact", *(("last_dup", "redundancy") if policy == "rkv" else ())}
+    # the decode attention block (rkv: with the query ring, which replaced kv_record_query's kernel)
+    assert {r.spec.target for r in results if r.spec.family == "attention_block"} == {"sm_86", "sm_90"}
     for r in results:
         assert r.error is None and r.spills == 0 and not check_result(r), (r.spec.kernel, r.spec.target)
         assert r.smem <= TARGETS[r.spec.target].smem_per_block

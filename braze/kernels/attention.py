@@ -137,6 +137,7 @@ class DecodeAttentionSpec:
     tree: bool = False  # the draft nodes of a verify step, each as decode at its position (needs from_cache_len)
     o_proj: bool = False  # attention block: merge, o_proj and residual inside `_partial` (rope_write or tree)
     fixed_order: bool = False  # o_proj's sum over kv heads in head order (deterministic), not atomics
+    ring: bool = False  # R-KV: the rotated query also into the query ring (needs rope_write)
 
     def __post_init__(self) -> None:
         _check_common(self.name, self.input_precision, self.out_dtype)
@@ -148,6 +149,8 @@ class DecodeAttentionSpec:
             raise ValueError("o_proj is the decode / verify plans' attention block: it needs rope_write or tree")
         if self.fixed_order and not self.o_proj:
             raise ValueError("fixed_order is the order of o_proj's sum over kv heads: it needs o_proj")
+        if self.ring and not self.rope_write:
+            raise ValueError("ring stores the query the kernel rotates: it needs rope_write")
 
 
 def render_attention(spec: AttentionSpec, header: str = "") -> str:
@@ -164,7 +167,7 @@ def render_decode_attention(spec: DecodeAttentionSpec, header: str = "") -> str:
         "decode_attention.py.j2", header=check_header(header), name=spec.name, has_kv_start=spec.has_kv_start,
         from_cache_len=spec.from_cache_len, input_precision=spec.input_precision, out_dtype=spec.out_dtype,
         head_start=spec.head_start, rope_write=spec.rope_write, tree=spec.tree, o_proj=spec.o_proj,
-        fixed_order=spec.fixed_order)
+        fixed_order=spec.fixed_order, ring=spec.ring)
 
 
 def render_cache_write(name: str) -> str:
@@ -410,7 +413,7 @@ def split_kv_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tens
                     out: torch.Tensor | None, seq_lens: torch.Tensor, kv_start: torch.Tensor | None, scale: float,
                     device: DeviceSpec, splits: int | None = None, *, from_cache_len: bool = False,
                     head_start: bool = False, rope: tuple[torch.Tensor, ...] | None = None,
-                    block: OutputProjection | None = None) -> int:
+                    block: OutputProjection | None = None, ring: torch.Tensor | None = None) -> int:
     """Decode attention of one query per row: q/out [B, Hq, D], caches [B, Hkv, S_max, D]. One split writes its
     normalised partial output straight into `out` (no combine launch). Returns the launches.
     from_cache_len (kernel rendered with it): `seq_lens` is the cache length before the new token, [1] for the
@@ -420,7 +423,9 @@ def split_kv_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tens
     are the new token's key and value, cos/sin [B or 1, D]; the kernel rotates q and k_new and writes k/v into
     the caches at the cache length (what `<name>_rope_write` would do, without its launch).
     block (kernel rendered with o_proj, needs rope): `out` is not written; the kernel merges the splits itself and
-    writes block.out = block.residual + o_proj(attention) (kernels/decode_layer.py), one launch in all."""
+    writes block.out = block.residual + o_proj(attention) (kernels/decode_layer.py), one launch in all.
+    ring [B, Hq, W, D] (kernel rendered with ring, needs rope): R-KV's query ring; the rotated q goes to slot
+    cache_len % W."""
     B, Hq, D = q.shape
     Hkv, s_max = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
@@ -436,6 +441,8 @@ def split_kv_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tens
             cos, sin = cos.contiguous(), sin.contiguous()
         cos_b = 0 if cos.shape[0] == 1 else cos.stride(0)
         fused = [k_new, v_new, cos, sin, *k_new.stride(), *v_new.stride(), cos_b, cos.stride(-1)]
+    if ring is not None:
+        fused += [ring, ring.shape[2], *ring.stride()]
     lens = [seq_lens, _row_stride(seq_lens)] if from_cache_len else [seq_lens]
     starts = [kv_start] if kv_start is not None else []
     if head_start:

@@ -2,7 +2,8 @@
 
 `attention_block` (braze::attention_block): the split-KV decode kernel in its o_proj form
 (decode_attention.py.j2): RoPE, the cache write, attention, the split merge, o_proj and the residual add in one
-launch (braze::tree_attention_block: the same for the deterministic verify's draft nodes, after its rope_write).
+launch (braze::attention_block_recording: also R-KV's query recording; braze::tree_attention_block: the same
+for the deterministic verify's draft nodes, after its rope_write).
 `mlp_block` (braze::mlp_block, mlp_block.py.j2): norm, gate/up, SwiGLU / GeGLU, down and the residual add in one
 launch. Both reduce across programs with fp32 atomics into a zeroed accumulator and per-row counters; the last
 program to finish writes the output and clears them. ClusterFusion's cluster-wide reduction has no Triton
@@ -69,7 +70,8 @@ class AttentionBlockFamily(KernelFamily):
     def ops(self) -> tuple[Any, ...]:  # type: ignore[override]
         import braze.ops  # noqa: F401
 
-        return (torch.ops.braze.attention_block.default, torch.ops.braze.tree_attention_block.default)
+        return (torch.ops.braze.attention_block.default, torch.ops.braze.tree_attention_block.default,
+                torch.ops.braze.attention_block_recording.default)
 
     def supports(self, node: fx.Node) -> str | None:
         return _attention_mask_reason(node)
@@ -80,14 +82,15 @@ class AttentionBlockFamily(KernelFamily):
 
         a = op_args(node)
         tree = node.target is torch.ops.braze.tree_attention_block.default
+        ring = node.target is torch.ops.braze.attention_block_recording.default
         k_cache = a["k_cache"].meta["val"]
         head_start = a["kv_start"].meta["val"].dim() == 2
         attn_dtype = FLOAT_NAMES[a["q"].meta["val"].dtype]  # the attention output's dtype before o_proj
         source = render_decode_attention(DecodeAttentionSpec(
             name, True, _precision(k_cache.dtype), attn_dtype, from_cache_len=True, head_start=head_start,
-            rope_write=not tree, tree=tree, o_proj=True, fixed_order=deterministic))
+            rope_write=not tree, tree=tree, o_proj=True, fixed_order=deterministic, ring=ring))
         roles = ["q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start",
-                 *(["tree_mask"] if tree else []), "o_weight", "residual"]
+                 *(["tree_mask"] if tree else []), "o_weight", "residual", *(["q_ring"] if ring else [])]
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
                     params={"roles": roles, "scale": float(a["scale"]), "heads_kv": int(k_cache.shape[1]),
                             "s_max": int(k_cache.shape[2]), **({"head_start": True} if head_start else {}),
@@ -128,7 +131,7 @@ class AttentionBlockFamily(KernelFamily):
         split_kv_decode(module, name, t["q"][:, :, 0, :], t["k_cache"], t["v_cache"], None, t["cache_len"],
                         t["kv_start"], params["scale"], device, from_cache_len=True, head_start=head_start,
                         rope=(t["k"][:, :, 0, :], t["v"][:, :, 0, :], t["cos"][:, 0, :], t["sin"][:, 0, :]),
-                        block=proj)
+                        block=proj, ring=t.get("q_ring"))
 
     def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
         # the split merge happens in the kernel's last program: no combine launch; tree: the rope_write first

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from braze.ops.kv_compress import record_query_reference
 from braze.ops.library import cached_attention_reference, linear, linear_glu, tree_cached_attention_reference
 
 
@@ -40,6 +41,34 @@ def attention_block(
 
 @attention_block.register_fake
 def _attention_block_fake(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, scale, o_weight, residual):
+    return torch.empty_like(residual, dtype=torch.promote_types(q.dtype, residual.dtype))
+
+
+@torch.library.custom_op("braze::attention_block_recording", mutates_args=("k_cache", "v_cache", "q_ring"))
+def attention_block_recording(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cos: Tensor,
+    sin: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_len: Tensor,
+    kv_start: Tensor,
+    scale: float,
+    o_weight: Tensor,
+    residual: Tensor,
+    q_ring: Tensor,
+) -> Tensor:
+    """attention_block that also records the rotated query in R-KV's ring (braze::kv_record_query folded in)."""
+    attn = cached_attention_reference(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, scale)
+    record_query_reference(q, q_ring, cache_len, cos, sin)
+    return _project_heads(attn, o_weight, residual)
+
+
+@attention_block_recording.register_fake
+def _attention_block_recording_fake(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, scale, o_weight,
+                                    residual, q_ring):
     return torch.empty_like(residual, dtype=torch.promote_types(q.dtype, residual.dtype))
 
 

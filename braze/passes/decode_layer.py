@@ -1,9 +1,10 @@
 """fold_decode_layers: a decode layer in three launches.
 
     rms_norm + QKV linear                     -> unchanged: the matmul family's norm prologue (launch 1)
-    cached_attention -> head flatten -> o_proj linear (+ residual)
+    cached_attention [-> kv_record_query] -> head flatten -> o_proj linear (+ residual)
                                               -> braze::attention_block (launch 2: RoPE, cache write, split-KV
-                                                 attention, the split merge, o_proj, residual)
+                                                 attention, the split merge, o_proj, residual; R-KV:
+                                                 braze::attention_block_recording also writes the query ring)
     linear_glu (norm, gate/up, SwiGLU) -> down linear (+ residual)
                                               -> braze::mlp_block (launch 3)
 
@@ -16,9 +17,9 @@ verify row on the 1B shape), so a deterministic decode layer is 4 launches.
 The pass runs on the decode plan's graph after it is re-specialized to one token per row (compiler/generation.py),
 and on the verify plan's graph, whose MLPs fold the same way (its flash tree attention keeps its kernels outside
 deterministic mode); prefill keeps its kernels. A layer that does not match (a bias on o_proj, int6 / fused-df11
-linears, attention outside the RoPE-causal cached kernel, rkv's query recording on the attention output) keeps its
-unfused steps, and the pass notes why for the first of each kind. Under tensor parallelism only rank 0's o_proj and
-down_proj carry the residual add, so only rank 0 folds.
+linears, attention outside the RoPE-causal cached kernel) keeps its unfused steps, and the pass notes why for the
+first of each kind. Under tensor parallelism only rank 0's o_proj and down_proj carry the residual add, so only
+rank 0 folds.
 """
 
 from __future__ import annotations
@@ -73,7 +74,14 @@ def _fold_attention(attn: fx.Node, order: dict[fx.Node, int], ctx: PassContext) 
     tree = is_op(attn, braze.tree_cached_attention.default)
     if not tree and val(a["q"]).shape[2] != 1:
         return "not a one-token decode"
-    chain, cur = [], attn
+    chain, cur, ring = [], attn, None
+    record = next(iter(attn.users)) if single_user(attn) else None
+    if is_op(record, braze.kv_record_query.default):  # R-KV decode: the block records the query itself
+        r = op_args(record)
+        if tree or r["attn_out"] is not attn or r["q"] is not a["q"] or r["cos"] is not a["cos"] \
+                or r["sin"] is not a["sin"] or r["cache_len"] is not a["cache_len"]:
+            return "the query recorded for R-KV is not the attention's own (or a verify's)"
+        cur, ring = record, r["q_ring"]
     while single_user(cur) and is_op(next(iter(cur.users)), *_HEAD_VIEWS):
         cur = next(iter(cur.users))
         chain.append(cur)
@@ -93,15 +101,18 @@ def _fold_attention(attn: fx.Node, order: dict[fx.Node, int], ctx: PassContext) 
         return "o_proj's weight, residual and attention dtypes differ"
     if not _heads_flattened_in_order(attn, chain):
         return "the heads reach o_proj in another order"
-    # nothing between the attention and o_proj may read the caches the attention writes
+    # nothing between the attention and o_proj may read the caches the attention writes (or the query ring)
     span = range(order[attn] + 1, order[lin])
-    for cache in (a["k_cache"], a["v_cache"]):
-        if any(u is not attn and order.get(u, -1) in span for u in cache.users):
+    for buf in (a["k_cache"], a["v_cache"], *((ring,) if ring is not None else ())):
+        if any(u is not attn and u is not record and order.get(u, -1) in span for u in buf.users):
             return "a cache is read between the attention and o_proj"
     names = ("q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start",
              *(("tree_mask",) if tree else ()), "scale")
     target = braze.tree_attention_block.default if tree else braze.attention_block.default
-    block = new_node(attn.graph.owning_module, target, (*(a[n] for n in names), w, res), {}, ctx, before=lin)
+    args = (*(a[n] for n in names), w, res)
+    if ring is not None:
+        target, args = braze.attention_block_recording.default, (*args, ring)
+    block = new_node(attn.graph.owning_module, target, args, {}, ctx, before=lin)
     _replace(lin, block)
     return None
 
