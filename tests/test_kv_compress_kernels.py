@@ -189,3 +189,13 @@ def test_kernels_on_smollm2_real_keys_equal_the_reference(module):
             results.append((ck, cv, start))
         for want, got in zip(*results):
             assert torch.equal(got, want), policy
+
+
+@pytest.mark.parametrize("policy", ["snapkv", "rkv"])
+def test_rope_tables_shared_by_the_batch(module, policy):
+    """cos / sin [1, P, D] (one table for every row, as a batch at the same positions has): the window's queries
+    rotate and score as the reference's broadcast does."""
+    q, k, v, cos, sin, kv_start = _layer(40, 48, torch.float32, seed=6)
+    keep = torch.tensor([12, 12])
+    args = (q, k, v, cos[:1], sin[:1], kv_start, keep, 24)
+    _assert_same(_run(policy, *args, module), _run(policy, *args), torch.float32)

@@ -78,6 +78,17 @@ def _strides(t: torch.Tensor | None, n: int) -> tuple[int, ...]:
     return tuple(t.stride()) if t is not None else (0,) * n
 
 
+def _rope_tables(cos: torch.Tensor | None, sin: torch.Tensor | None, like: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int, int]]:
+    """cos / sin [B or 1, S, D] with one set of strides for both (batch stride 0 when shared by the rows), or
+    `like` as a placeholder pointer when there is no RoPE."""
+    if cos is None or sin is None:
+        return like, like, (0, 0, 0)
+    if cos.stride() != sin.stride():
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return cos, sin, (0 if cos.shape[0] == 1 else cos.stride(0), cos.stride(1), cos.stride(2))
+
+
 def compress_layer(module: Any, name: str, t: LayerTensors, policy: str, scale: float, window: int,
                    scratch: dict[str, torch.Tensor], device: DeviceSpec) -> None:
     """Launch one layer's compression (POLICY_KERNELS[policy]) from `module` (render_kv_compress(name));
@@ -106,11 +117,10 @@ def compress_layer(module: Any, name: str, t: LayerTensors, policy: str, scale: 
     if "window" in kernels:
         q = t.queries
         ring = t.ring if t.ring is not None else q
-        cos = t.cos if t.cos is not None else q
-        sin = t.sin if t.sin is not None else q
+        cos, sin, cos_strides = _rope_tables(t.cos, t.sin, q)
         launch_kernel(kernels["window"], (B * (Hkv if rkv else Hq),), q, cos, sin, ring, t.k_cache, kv_start, t.end,
                       raw, P, W, t.q0, P - window, ring.shape[2], Hq, Hkv, D, float(scale),
-                      *q.stride(), *_strides(t.cos, 3),
+                      *q.stride(), *cos_strides,
                       *_strides(t.ring, 4), *k_strides,
                       GROUP=Hq // Hkv, RKV=rkv, ROPE=t.cos is not None, RING=t.ring is not None, PRECISION=precision,
                       BLOCK_W=max(16, triton.next_power_of_2(W)),
@@ -152,9 +162,10 @@ def record_queries(kernel: Any, q: torch.Tensor, cos: torch.Tensor | None, sin: 
     """R-KV decode / verify (braze::kv_record_query): each step's queries into the ring, attn_out copied to out."""
     B, Hq, S, D = q.shape
     da = attn_out.shape[-1]
-    launch_kernel(kernel, (B * Hq * S,), q, cos if cos is not None else q, sin if sin is not None else q, ring,
+    cos_t, sin_t, cos_strides = _rope_tables(cos, sin, q)
+    launch_kernel(kernel, (B * Hq * S,), q, cos_t, sin_t, ring,
                   cache_len, 0 if cache_len.numel() == 1 else cache_len.stride(0), attn_out, out, S, Hq, D, da,
-                  ring.shape[2], *q.stride(), *_strides(cos, 3), *ring.stride(), *attn_out.stride(), *out.stride(),
+                  ring.shape[2], *q.stride(), *cos_strides, *ring.stride(), *attn_out.stride(), *out.stride(),
                   ROPE=cos is not None, BLOCK_D=triton.next_power_of_2(D), BLOCK_DA=triton.next_power_of_2(da))
 
 
