@@ -70,8 +70,10 @@ def run_model(compiled) -> dict:
                                     pad_token_id=0)
     out["weight_bytes"] = sum(t.numel() * t.element_size() for t in compiled.weights.values())
     decode = compiled.generator.decode.checker.plan  # the reference executor checks inputs against the plan
-    out["decode_collectives"] = [s.target for s in decode.steps if s.target and "braze.all_" in s.target]
-    reduced = {o for s in decode.steps if s.target == "braze.all_reduce.default" for o in s.outputs}
+    op_of = {"braze.ops.collectives.all_reduce_in_place": "braze.all_reduce.default"}  # the in-place plan form
+    targets = [op_of.get(s.target, s.target) for s in decode.steps]
+    out["decode_collectives"] = [t for t in targets if t and "braze.all_" in t]
+    reduced = {o for s, t in zip(decode.steps, targets) if t == "braze.all_reduce.default" for o in s.outputs}
     out["ops_after_reduce"] = sorted({s.launcher or s.target for s in decode.steps if set(s.inputs) & reduced})
     return out
 
@@ -128,6 +130,8 @@ def rank_checks(rank: int, world: int, names: tuple[str, ...], package: str | No
         compiled = braze.compile(make_model("llama", layers=1), tp=world, executor="interpret", max_seq=32,
                                  max_batch=2)
         results["interpret"] = run_interpret(compiled)
+        results["reduce_steps"] = [(s.target, s.params.get("in_place")) for s in compiled.generator.decode.plan.steps
+                                   if "all_reduce" in (s.target or "")]
         for policy in KV_POLICIES:  # KV-cache compression per rank: each compresses its own kv heads
             results[f"kv_{policy}"] = run_compressed(policy, world)
         results.update(package_checks(rank, compiled, Path(package)))
@@ -319,6 +323,14 @@ def test_kv_compression_per_rank_matches_tp1(world2, policy):
     base = baseline(f"kv_{policy}")
     for r in world2:
         assert torch.equal(r[f"kv_{policy}"], base)
+
+
+def test_all_reduces_sum_in_place_of_their_input(world2):
+    """Each decode all-reduce (embedding, then o_proj and down_proj of the 1-layer model) reads a kernel's output
+    that nothing else reads, so the plan sums into that buffer (no copy): the interpret runs above prove the
+    memory plan keeps it alive (their logits and tokens equal tp=1's)."""
+    for r in world2:
+        assert r["reduce_steps"] == [("braze.ops.collectives.all_reduce_in_place", True)] * 3
 
 
 def test_sharded_package_loads_and_runs_per_rank(world2):

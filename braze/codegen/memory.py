@@ -161,7 +161,8 @@ def plan_memory(plan: Plan, gm: fx.GraphModule, symbols: list[SymbolSpec]) -> Me
     produced: dict[str, int] = {}
     for i, s in enumerate(plan.steps):
         for o in s.outputs:
-            root[o] = root.get(s.inputs[0], s.inputs[0]) if (s.kind == "view" and s.inputs) else o
+            aliases = (s.kind == "view" or s.params.get("in_place")) and s.inputs  # in place: the input's buffer
+            root[o] = root.get(s.inputs[0], s.inputs[0]) if aliases else o
             produced.setdefault(o, i)
     last_use: dict[str, int] = {}
     for i, s in enumerate(plan.steps):

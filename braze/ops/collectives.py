@@ -26,6 +26,17 @@ def all_reduce(x: Tensor) -> Tensor:
     return out
 
 
+def all_reduce_in_place(x: Tensor) -> Tensor:
+    """braze::all_reduce as a plan step where its input is a kernel's output that nothing else reads
+    (codegen/lower.py): the sum lands in that buffer, no copy; the memory plan keeps the buffer alive as the
+    result (Step.params["in_place"]). A plain function, not an op: the graph keeps the functional all_reduce."""
+    COUNTS["all_reduce"] += 1
+    if not x.is_contiguous():
+        x = x.contiguous()
+    dist.all_reduce(x)
+    return x
+
+
 @all_reduce.register_fake
 def _all_reduce_fake(x: Tensor) -> Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
