@@ -209,3 +209,40 @@ def test_rkv_compression_on_cuda_recompresses_with_kernels_like_the_reference():
     assert cm.executor_name == "cuda"
     assert torch.equal(cm.generate(ids, attention_mask=mask, max_new_tokens=18), want)
     assert cm.generator.stats.extra["kv_recompressions"] == 2
+
+
+@pytest.mark.parametrize("policy", ["keydiff", "snapkv", "adakv", "chunkkv", "rkv"])
+def test_kv_compress_kernels_bf16_on_cuda_equal_the_reference(policy):
+    """The bf16 twin of tests/test_kv_compress_kernels.py (the interpreter's bf16 tl.dot is not faithful, so bf16
+    is checked here): scores from tensor-core dots of bf16 values (exact products, fp32 sums) and RoPE in fp32
+    rounded once, as the reference computes them, so the kept tokens and the compressed caches are equal; random
+    data keeps the k-th and (k+1)-th scores far apart compared with the summation-order difference (~1e-6)."""
+    from braze.kernels import device_spec
+    from braze.kernels.kv_compress import LayerTensors, compress_layer, render_kv_compress, scratch_sizes
+    from braze.ops.kv_compress import kv_compress_reference
+    from braze.runtime.kernel_loader import load_kernel_module
+
+    g = torch.Generator().manual_seed(1)
+    b, hq, hkv, p, d, window = 2, 8, 2, 300, 64, 16
+    q, cos, sin = (torch.randn(*s, generator=g).bfloat16().cuda() for s in ((b, hq, p, d), (b, p, d), (b, p, d)))
+    k, v = (torch.randn(b, hkv, 320, d, generator=g).bfloat16().cuda() for _ in range(2))
+    kv_start = torch.tensor([0, 13], dtype=torch.int32, device="cuda")
+    keep = torch.tensor([80, 160 if policy == "adakv" else 80], device="cuda")
+    module = load_kernel_module(render_kv_compress("kvc"))
+    results = []
+    for kernels in (False, True):
+        ck, cv = (torch.zeros(b, hkv, int(keep[1]), d, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+        start = torch.zeros(b, hkv, dtype=torch.int32, device="cuda")
+        ring = torch.zeros(b, hq, window, d, dtype=torch.bfloat16, device="cuda") if policy == "rkv" else None
+        if kernels:
+            sizes = scratch_sizes(b, p, hq, hkv)
+            scratch = {"scratch_float32": torch.empty(sizes["scratch_float32"], device="cuda"),
+                       "scratch_int32": torch.empty(sizes["scratch_int32"], dtype=torch.int32, device="cuda")}
+            layer = LayerTensors(q, p - window, k, v, ck, cv, kv_start, keep[0:1], keep[1:2], start, p, cos, sin, ring)
+            compress_layer(module, "kvc", layer, policy, d ** -0.5, window, scratch, device_spec(q.device))
+        else:
+            kv_compress_reference(q, k, v, kv_start, ck, cv, keep, start, d ** -0.5, policy, window, cos, sin, ring)
+        results.append((ck, cv, start, ring))
+    for want, got in zip(*results):
+        if want is not None:
+            assert torch.equal(got, want), policy

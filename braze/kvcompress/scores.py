@@ -77,7 +77,8 @@ def rkv_scores(q_win: Tensor, keys: Tensor, valid: Tensor, scale: float, window:
     pair = valid[:, None, :, None] & valid[:, None, None, :]
     sim = sim.masked_fill(~pair | torch.eye(p, dtype=torch.bool, device=keys.device), 0.0)
     similar_at = torch.where(sim > threshold, pos.view(1, 1, 1, p), first.view(b, 1, 1, 1))
-    sim = sim.scatter(-1, similar_at.max(-1, keepdim=True).values, 0.0)
+    # a row with no real token (first == p) has nothing to leave out: clamp its index into range
+    sim = sim.scatter(-1, similar_at.max(-1, keepdim=True).values.clamp(max=p - 1), 0.0)
     mean_sim = sim.sum(-2) / valid.sum(-1).clamp(min=1).view(b, 1, 1)
     redundancy = torch.softmax(mean_sim.masked_fill(~valid[:, None], float("-inf")), dim=-1).nan_to_num(0.0)
     return importance * mix - redundancy * (1 - mix)

@@ -16,7 +16,11 @@ from braze.ops.library import rope_reference
 
 
 def _roped(q: Tensor, cos: Tensor | None, sin: Tensor | None) -> Tensor:
-    return q if cos is None else rope_reference(q, cos, sin)
+    """RoPE in fp32, rounded once to q's dtype: what the kernels (kv_compress.py.j2, the decode attention block)
+    compute, so 16-bit scores and rings match them rather than an op-by-op 16-bit rotation."""
+    if cos is None:
+        return q
+    return rope_reference(q.float(), cos.float(), sin.float()).to(q.dtype)
 
 
 def kv_compress_reference(q: Tensor, k_cache: Tensor, v_cache: Tensor, kv_start: Tensor, ck_cache: Tensor,
