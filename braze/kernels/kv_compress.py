@@ -20,7 +20,7 @@ import torch
 import triton
 
 from braze.kernels.device import DeviceSpec
-from braze.kernels.family import KernelFamily, device_op, launch_kernel
+from braze.kernels.family import KernelFamily, launch_kernel
 from braze.kernels.matmul import pow2_clamp
 from braze.kernels.render import render_template
 
@@ -56,7 +56,8 @@ class LayerTensors:
     the prompt's queries, RoPE from cos/sin; re-compression: the ring of recorded ones, already rotated). The
     first `prompt` slots of k/v_cache are scored; kept ones go to ck/cv_cache slots [end - count, end) and
     start_out [B, Hkv] (int32) gets end - count. keep / end: one-element int tensors on device. ring: R-KV's query
-    ring written from the prefill window (slots (end - W + w) % window)."""
+    ring written from the prefill window (slots (end - W + w) % window). attn: the prefill step's attention output
+    and its pass-through copy, which the compaction kernel writes."""
 
     queries: torch.Tensor
     q0: int
@@ -72,6 +73,7 @@ class LayerTensors:
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
     ring: torch.Tensor | None = None
+    attn: tuple[torch.Tensor, torch.Tensor] | None = None  # (attention output, the op's copy of it): prefill
 
 
 def _strides(t: torch.Tensor | None, n: int) -> tuple[int, ...]:
@@ -150,11 +152,14 @@ def compress_layer(module: Any, name: str, t: LayerTensors, policy: str, scale: 
         launch_kernel(kernels["select"], (B,), *select, MODE=2, BLOCK=block_row)
     else:
         launch_kernel(kernels["select"], (B * Hkv,), *select, MODE=0, BLOCK=block_row)
+    attn, attn_out = t.attn if t.attn is not None else (t.ck_cache, t.ck_cache)
     launch_kernel(kernels["compact"], (B * Hkv,), mask, t.k_cache, t.v_cache, t.ck_cache, t.cv_cache, t.start_out,
                   t.end, P, t.ck_cache.shape[2], Hkv, D, t.v_cache.shape[3], *k_strides, *t.v_cache.stride(),
-                  *t.ck_cache.stride(), *t.cv_cache.stride(),
+                  *t.ck_cache.stride(), *t.cv_cache.stride(), attn, attn_out, Hq // Hkv, attn.shape[-1],
+                  *attn.stride(), *attn_out.stride(), COPY=t.attn is not None,
                   BLOCK_P=pow2_clamp(P, 16, 128 if interp else 32), BLOCK_DK=block_d,
-                  BLOCK_DV=triton.next_power_of_2(t.v_cache.shape[3]))
+                  BLOCK_DV=triton.next_power_of_2(t.v_cache.shape[3]),
+                  BLOCK_DA=triton.next_power_of_2(attn.shape[-1]) if t.attn is not None else 16)
 
 
 def record_queries(kernel: Any, q: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
@@ -215,13 +220,11 @@ class KvCompressFamily(KernelFamily):
             record_queries(getattr(module, f"{name}_record"), t["q"], t.get("cos"), t.get("sin"), t["q_ring"],
                            t["cache_len"], t["attn_out"], out)
             return
-        out.copy_(t["attn_out"])
-        device_op("kv_compress: attention output")
         q = t["q"]
         keep = t["kv_keep"]
         layer = LayerTensors(q, q.shape[2] - min(int(params["window"]), q.shape[2]), t["k_cache"], t["v_cache"],
                              t["ck_cache"], t["cv_cache"], t["kv_start"], keep[0:1], keep[1:2], t["start_out"],
-                             q.shape[2], t.get("cos"), t.get("sin"), t.get("q_ring"))
+                             q.shape[2], t.get("cos"), t.get("sin"), t.get("q_ring"), (t["attn_out"], out))
         scratch = {k.removeprefix("workspace_"): v for k, v in t.items() if k.startswith("workspace_")}
         compress_layer(module, name, layer, params["policy"], params["scale"], int(params["window"]), scratch,
                        device)
@@ -229,7 +232,7 @@ class KvCompressFamily(KernelFamily):
     def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
         if params.get("record"):
             return 1
-        return 1 + len(POLICY_KERNELS[params["policy"]])  # the attention output's copy, then the kernels
+        return len(POLICY_KERNELS[params["policy"]])
 
 
 KV_COMPRESS = KvCompressFamily()
