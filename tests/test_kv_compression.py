@@ -607,3 +607,19 @@ def test_rkv_speculation_needs_a_verify_plan_that_records_queries():
     prefill_step = SimpleNamespace(target=None, launcher="kv_compress", params={"policy": "rkv"})
     assert not _records_draft_queries(SimpleNamespace(plan=SimpleNamespace(steps=[prefill_step])))
     assert _records_draft_queries(SimpleNamespace())
+
+
+def test_a_package_lowered_for_an_older_kernel_interface_is_refused_in_one_line(lm, tmp_path, monkeypatch):
+    """A package's kv_compress steps record the launcher interface they were lowered for (KernelFamily.abi): when
+    this braze's launcher passes other arguments, loading refuses it in one line instead of failing in a kernel."""
+    from braze.kernels.kv_compress import KV_COMPRESS
+
+    model, ids, mask, _ = lm
+    cm = braze.compile(model, max_seq=48, max_batch=2, executor="interpret", kv_compression="keydiff", kv_budget=0.5)
+    cm.save(tmp_path / "pkg")
+    assert braze.load(tmp_path / "pkg", executor="interpret").generate(ids, attention_mask=mask,
+                                                                          max_new_tokens=2) is not None
+    monkeypatch.setattr(KV_COMPRESS, "abi", KV_COMPRESS.abi + 1)
+    with pytest.raises(braze.PackageError, match="recompile the package") as e:
+        braze.load(tmp_path / "pkg", executor="interpret").generate(ids, attention_mask=mask, max_new_tokens=2)
+    assert "\n" not in str(e.value) and "kv_compress kernels of interface 2" in str(e.value)

@@ -209,6 +209,8 @@ class Lowering:
             family = family_for_op(n.target)
             lower = family.lower_deterministic if self.deterministic else family.lower
             body, step = lower(n, "KERNEL_NAME")
+            if family.abi > 1:
+                step.params["abi"] = family.abi
             kname = add_kernel(body, [n], step.launcher, "KERNEL_NAME")
             step.kernel = kname
             step.nodes = [n.name]

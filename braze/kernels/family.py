@@ -79,6 +79,10 @@ class KernelFamily:
     name: str = ""
     ops: tuple[Any, ...] = ()  # braze ops (OpOverloads) this family lowers
     templates: tuple[str, ...] = ()  # files under braze/templates/
+    # the launcher / template interface version: bumped when `launch` passes arguments kernels lowered before would
+    # not accept, so a package lowered against the old interface is refused in one line (plan steps record it when
+    # it is above 1; PlanExecutor checks it) instead of failing inside a kernel call
+    abi: int = 1
 
     def supports(self, node: fx.Node) -> str | None:
         """None when `node` can use this family's kernel, else the reason it runs eagerly (shown in the report)."""

@@ -180,6 +180,7 @@ class KvCompressFamily(KernelFamily):
 
     name = "kv_compress"
     templates = ("kv_compress.py.j2",)
+    abi = 2  # 2: the compaction kernel writes the attention output's copy
 
     @property
     def ops(self) -> tuple[Any, ...]:  # type: ignore[override]

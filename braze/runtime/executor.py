@@ -15,7 +15,7 @@ import torch
 
 from braze.kernels import FAMILIES, LAUNCH_HOOKS, DeviceSpec, KernelFamily, device_spec
 from braze.kernels.fused import FUSED
-from braze.runtime.errors import InputMismatchError, ShapeOutOfRangeError
+from braze.runtime.errors import InputMismatchError, PackageError, ShapeOutOfRangeError
 from braze.runtime.expr import Expr as _Expr
 from braze.runtime.kernel_loader import check_interpreter_ready, load_kernel_module
 from braze.runtime.plan import Plan
@@ -47,6 +47,19 @@ def resolve_target(name: str) -> Any:
     return getattr(importlib.import_module(module), attr)
 
 
+def _check_kernel_interfaces(plan: Plan) -> None:
+    """Each template step was lowered against its family's current launcher interface (KernelFamily.abi)."""
+    for step in plan.steps:
+        family = FAMILIES.get(step.launcher or "") if step.kind == "template" else None
+        if family is None:
+            continue
+        have = int(step.params.get("abi", 1))
+        if have != family.abi:
+            raise PackageError(f"plan {plan.name!r}: step {step.outputs[0]} holds {family.name} kernels of interface "
+                               f"{have}, this braze launches interface {family.abi}; recompile the package with this "
+                               "braze")
+
+
 class PlanExecutor:
     """Runs one plan on one device with a fixed set of weights."""
 
@@ -73,6 +86,7 @@ class PlanExecutor:
         self.symbol_specs = {s.name: s for s in plan.symbols}
         self.stats = {"calls": 0, "launches": 0, "eager_ops": 0}
         self.spec = spec or device_spec(device)
+        _check_kernel_interfaces(plan)
         self.workspace: dict[str, torch.Tensor] = {}
         self._init_workspace()
         if kernels:
