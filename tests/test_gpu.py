@@ -218,7 +218,7 @@ def test_kv_compress_kernels_bf16_on_cuda_equal_the_reference(policy):
     rounded once, as the reference computes them, so the kept tokens and the compressed caches are equal; random
     data keeps the k-th and (k+1)-th scores far apart compared with the summation-order difference (~1e-6)."""
     from braze.kernels import device_spec
-    from braze.kernels.kv_compress import LayerTensors, compress_layer, render_kv_compress, scratch_sizes
+    from braze.kernels.kv_compress import LayerTensors, compress_layer, new_scratch, render_kv_compress
     from braze.ops.kv_compress import kv_compress_reference
     from braze.runtime.kernel_loader import load_kernel_module
 
@@ -235,9 +235,7 @@ def test_kv_compress_kernels_bf16_on_cuda_equal_the_reference(policy):
         start = torch.zeros(b, hkv, dtype=torch.int32, device="cuda")
         ring = torch.zeros(b, hq, window, d, dtype=torch.bfloat16, device="cuda") if policy == "rkv" else None
         if kernels:
-            sizes = scratch_sizes(b, p, hq, hkv)
-            scratch = {"scratch_float32": torch.empty(sizes["scratch_float32"], device="cuda"),
-                       "scratch_int32": torch.empty(sizes["scratch_int32"], dtype=torch.int32, device="cuda")}
+            scratch = new_scratch(b, p, hq, hkv, "cuda")
             layer = LayerTensors(q, p - window, k, v, ck, cv, kv_start, keep[0:1], keep[1:2], start, p, cos, sin, ring)
             compress_layer(module, "kvc", layer, policy, d ** -0.5, window, scratch, device_spec(q.device))
         else:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from braze.kernels import INTERPRETER
-from braze.kernels.kv_compress import LayerTensors, compress_layer, render_kv_compress, scratch_sizes
+from braze.kernels.kv_compress import LayerTensors, compress_layer, new_scratch, render_kv_compress
 from braze.kvcompress import compact, select_keep
 from braze.kvcompress.policy import POLICIES
 from braze.ops.kv_compress import kv_compress_reference
@@ -30,10 +30,12 @@ def module():
     return load_kernel_module(render_kv_compress("kvc"))
 
 
-def _scratch(batch, prompt):
-    sizes = scratch_sizes(batch, prompt, HQ, HKV)
-    return {"scratch_float32": torch.full((sizes["scratch_float32"],), float("nan")),
-            "scratch_int32": torch.full((sizes["scratch_int32"],), -7, dtype=torch.int32)}
+def _scratch(batch, prompt, heads_q=HQ, heads_kv=HKV):
+    """Scratch poisoned (NaN, -7): a kernel reading an element it did not write shows up as a mismatch."""
+    scratch = new_scratch(batch, prompt, heads_q, heads_kv)
+    scratch["scratch_float32"].fill_(float("nan"))
+    scratch["scratch_int32"].fill_(-7)
+    return scratch
 
 
 def _layer(prompt, slots, dtype, seed, pad=(0, 5), duplicates=True):
@@ -183,9 +185,7 @@ def test_kernels_on_smollm2_real_keys_equal_the_reference(module):
                 kv_compress_reference(q, keys, values, kv_start, ck, cv, keep, start, hd ** -0.5, policy, WINDOW,
                                       cos, sin, ring)
             else:
-                sizes = scratch_sizes(1, p, hq, hkv)
-                scratch = {"scratch_float32": torch.empty(sizes["scratch_float32"]),
-                           "scratch_int32": torch.empty(sizes["scratch_int32"], dtype=torch.int32)}
+                scratch = _scratch(1, p, hq, hkv)
                 layer_t = LayerTensors(q, p - WINDOW, keys, values, ck, cv, kv_start, keep[0:1], keep[1:2], start, p,
                                        cos, sin, ring)
                 compress_layer(kernels, "kvc", layer_t, policy, hd ** -0.5, WINDOW, scratch, INTERPRETER)

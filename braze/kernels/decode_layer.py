@@ -37,7 +37,7 @@ from braze.kernels.attention import (
     tree_decode,
 )
 from braze.kernels.device import DeviceSpec
-from braze.kernels.family import FLOAT_NAMES, KernelFamily, launch_kernel
+from braze.kernels.family import FLOAT_NAMES, KernelFamily, launch_kernel, workspace_tensors
 from braze.kernels.matmul import check_header, pow2_clamp
 from braze.kernels.render import render_template
 
@@ -51,11 +51,6 @@ GLU_KINDS = {"silu": "swiglu", "gelu_tanh": "geglu"}
 
 def _rows(out_shape: Sequence[int]) -> int:
     return math.prod(int(d) for d in out_shape[:-1])
-
-
-def workspace_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The executor's zeroed workspace (KernelFamily.workspace), by dtype name."""
-    return {k.removeprefix("workspace_"): t for k, t in tensors.items() if k.startswith("workspace_")}
 
 
 class AttentionBlockFamily(KernelFamily):

@@ -60,6 +60,11 @@ def device_op(name: str) -> None:
         hook(Launch("torch", name))
 
 
+def workspace_tensors(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The executor's workspace buffers handed to a launch (KernelFamily.workspace), by key."""
+    return {k.removeprefix("workspace_"): t for k, t in tensors.items() if k.startswith("workspace_")}
+
+
 @contextmanager
 def recording_launches() -> Iterator[list[Launch]]:
     """Collect every Launch inside the block."""

@@ -20,7 +20,7 @@ import torch
 import triton
 
 from braze.kernels.device import DeviceSpec
-from braze.kernels.family import KernelFamily, launch_kernel
+from braze.kernels.family import KernelFamily, launch_kernel, workspace_tensors
 from braze.kernels.matmul import pow2_clamp
 from braze.kernels.render import render_template
 
@@ -48,6 +48,14 @@ def scratch_sizes(batch: int, prompt: int, heads_q: int, heads_kv: int) -> dict[
     scores; int32 keep mask + R-KV's near-duplicate index."""
     rows = batch * prompt
     return {"scratch_float32": rows * (heads_kv + max(heads_q, 2 * heads_kv)), "scratch_int32": rows * 2 * heads_kv}
+
+
+def new_scratch(batch: int, prompt: int, heads_q: int, heads_kv: int,
+                device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Uninitialized scratch of scratch_sizes for one compress_layer call outside a plan (R-KV's re-compression
+    between decode steps; tests): the kernels write every element they read."""
+    return {key: torch.empty(n, dtype=getattr(torch, key.removeprefix("scratch_")), device=device)
+            for key, n in scratch_sizes(batch, prompt, heads_q, heads_kv).items()}
 
 
 @dataclass
@@ -196,17 +204,15 @@ class KvCompressFamily(KernelFamily):
         a = op_args(node)
         rope = ["cos", "sin"] if a["cos"] is not None else []
         if node.target is torch.ops.braze.kv_record_query.default:
-            roles = ["attn_out", "q", "q_ring", "cache_len", *rope]
-            step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
-                        params={"roles": roles, "record": True})
-            return render_kv_compress(name), step
-        recording = node.target is torch.ops.braze.kv_compress_recording.default
-        roles = ["attn_out", "q", "k_cache", "v_cache", "kv_start", "ck_cache", "cv_cache", "kv_keep", "start_out",
-                 *(["q_ring"] if recording else []), *rope]
-        q, k_cache = a["q"].meta["val"], a["k_cache"].meta["val"]
+            roles, params = ["attn_out", "q", "q_ring", "cache_len", *rope], {"record": True}
+        else:
+            recording = node.target is torch.ops.braze.kv_compress_recording.default
+            roles = ["attn_out", "q", "k_cache", "v_cache", "kv_start", "ck_cache", "cv_cache", "kv_keep",
+                     "start_out", *(["q_ring"] if recording else []), *rope]
+            params = {"scale": float(a["scale"]), "policy": str(a["policy"]), "window": int(a["window"]),
+                      "heads_q": int(a["q"].meta["val"].shape[1]), "heads_kv": int(a["k_cache"].meta["val"].shape[1])}
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
-                    params={"roles": roles, "scale": float(a["scale"]), "policy": str(a["policy"]),
-                            "window": int(a["window"]), "heads_q": int(q.shape[1]), "heads_kv": int(k_cache.shape[1])})
+                    params={"roles": roles, **params})
         return render_kv_compress(name), step
 
     def workspace(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> dict[str, int]:
@@ -226,9 +232,8 @@ class KvCompressFamily(KernelFamily):
         layer = LayerTensors(q, q.shape[2] - min(int(params["window"]), q.shape[2]), t["k_cache"], t["v_cache"],
                              t["ck_cache"], t["cv_cache"], t["kv_start"], keep[0:1], keep[1:2], t["start_out"],
                              q.shape[2], t.get("cos"), t.get("sin"), t.get("q_ring"), (t["attn_out"], out))
-        scratch = {k.removeprefix("workspace_"): v for k, v in t.items() if k.startswith("workspace_")}
-        compress_layer(module, name, layer, params["policy"], params["scale"], int(params["window"]), scratch,
-                       device)
+        compress_layer(module, name, layer, params["policy"], params["scale"], int(params["window"]),
+                       workspace_tensors(t), device)
 
     def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
         if params.get("record"):
@@ -239,5 +244,5 @@ class KvCompressFamily(KernelFamily):
 KV_COMPRESS = KvCompressFamily()
 
 
-__all__ = ["KV_COMPRESS", "POLICY_KERNELS", "LayerTensors", "compress_layer", "record_queries", "render_kv_compress",
-           "scratch_sizes"]
+__all__ = ["KV_COMPRESS", "POLICY_KERNELS", "LayerTensors", "compress_layer", "new_scratch", "record_queries",
+           "render_kv_compress", "scratch_sizes"]

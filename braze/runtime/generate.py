@@ -63,13 +63,9 @@ def _records_draft_queries(verify: Any) -> bool:
     """Whether a verify executor's plan records the draft nodes' queries (rkv speculation: plans from before it did
     not); an executor without a plan object runs the compiled graph, which does."""
     plan = getattr(verify, "plan", None)
-    return plan is None or any("kv_record_query" in (s.target or "") or _records(s) for s in plan.steps)
+    from braze.runtime.kv_compression import records_queries
 
-
-def _records(step: Any) -> bool:
-    """A plan step that launches kv_record_query's kernel (kernels/kv_compress.py)."""
-    params = getattr(step, "params", None) or {}
-    return getattr(step, "launcher", None) == "kv_compress" and bool(params.get("record"))
+    return plan is None or any("kv_record_query" in (s.target or "") or records_queries(s) for s in plan.steps)
 
 
 class Generator:

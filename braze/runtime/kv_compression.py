@@ -47,13 +47,18 @@ class CompressionKernels:
 
     def scratch_for(self, batch: int, slots: int, heads_q: int, heads_kv: int,
                     device: torch.device) -> dict[str, torch.Tensor]:
-        from braze.kernels.kv_compress import scratch_sizes
+        from braze.kernels.kv_compress import new_scratch, scratch_sizes
 
-        for key, n in scratch_sizes(batch, slots, heads_q, heads_kv).items():
-            if key not in self.scratch or self.scratch[key].numel() < n:
-                dtype = torch.float32 if key.endswith("float32") else torch.int32
-                self.scratch[key] = torch.empty(n, dtype=dtype, device=device)
+        need = scratch_sizes(batch, slots, heads_q, heads_kv)
+        if any(key not in self.scratch or self.scratch[key].numel() < n for key, n in need.items()):
+            self.scratch = new_scratch(batch, slots, heads_q, heads_kv, device)
         return self.scratch
+
+
+def records_queries(step: Any) -> bool:
+    """A plan step that launches kv_record_query's kernel (the kv_compress family's `record` form)."""
+    params = getattr(step, "params", None) or {}
+    return getattr(step, "launcher", None) == "kv_compress" and bool(params.get("record"))
 
 
 def compression_kernels(executor: Any) -> CompressionKernels | None:
@@ -63,7 +68,7 @@ def compression_kernels(executor: Any) -> CompressionKernels | None:
     if not isinstance(executor, PlanExecutor):
         return None
     for step in executor.plan.steps:
-        if step.launcher == "kv_compress" and not step.params.get("record"):
+        if step.launcher == "kv_compress" and not records_queries(step):
             return CompressionKernels(executor.module(step.kernel), step.kernel, executor.spec)
     return None
 
@@ -138,6 +143,7 @@ def recompress(spec: CompressionSpec, call: CompressedCall, kv_start: torch.Tens
     rows = slice(None) if row is None else slice(row, row + 1)
     slot, budget = spec.capacity, spec.budget_slots
     keep = torch.full((1,), budget, dtype=torch.int64, device=kv_start.device)
+    valid = torch.arange(slot, device=kv_start.device)[None] >= kv_start[rows].reshape(-1, 1).long()
     for i in spec.heads:
         k_cache, v_cache = call.caches[f"kv_cache_{i}_k"][rows], call.caches[f"kv_cache_{i}_v"][rows]
         ring = call.queries[f"kvq_{i}"][rows]
@@ -146,7 +152,6 @@ def recompress(spec: CompressionSpec, call: CompressedCall, kv_start: torch.Tens
                                      call.starts[f"kvc_start_{i}"][rows])
             continue
         queries = ring.to(torch.promote_types(ring.dtype, k_cache.dtype))
-        valid = torch.arange(slot, device=kv_start.device)[None] >= kv_start[rows].reshape(-1, 1).long()
         mask = select_keep(spec.policy, k_cache[:, :, :slot], valid, keep, keep, spec.window, queries, spec.scale)
         compact(k_cache, mask, k_cache, keep)
         start = compact(v_cache, mask, v_cache, keep)
