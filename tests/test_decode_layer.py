@@ -165,12 +165,16 @@ def test_fp16_twin_matches_hf():
 
 def test_workspace_stays_zero_between_calls():
     """The blocks' accumulator and counters are allocated once per decode executor and left at zero by every
-    launch: a second identical request gives identical tokens, and the buffers are all zero after each."""
+    launch: a second identical request gives identical tokens, and the buffers are all zero after each (the
+    attention block's scratch holds the merged attention of the last call: it is written before it is read)."""
     cm = braze.compile(tiny_causal_lm("qwen2", layers=2), max_seq=64, max_batch=3)
     ws = cm.generator.decode.workspace
-    assert set(ws) == {"float32", "int32"} and ws["float32"].numel() == 3 * 64  # max_batch x hidden
+    assert set(ws) == {"float32", "int32", "scratch_float32"}
+    assert ws["float32"].numel() == 3 * 64  # the MLP block's accumulator: max_batch x hidden
+    assert ws["scratch_float32"].numel() == 3 * 64  # the attention block's merged attention: max_batch x Hq * D
     ids = torch.randint(3, 256, (3, 5), generator=torch.Generator().manual_seed(9))
     first = cm.generate(ids, max_new_tokens=6)
-    assert all(not w.any() for w in ws.values())
+    zeroed = [w for k, w in ws.items() if not k.startswith("scratch")]
+    assert ws["scratch_float32"].any() and all(not w.any() for w in zeroed)
     assert torch.equal(cm.generate(ids, max_new_tokens=6), first)
-    assert all(not w.any() for w in ws.values())
+    assert all(not w.any() for w in zeroed)

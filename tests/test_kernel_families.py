@@ -126,14 +126,15 @@ def test_tree_cached_attention_family():
     torch.testing.assert_close(out, fn(*ref_args), **TOL)
 
 
-@pytest.mark.parametrize("deterministic", [False, True], ids=["atomics", "fixed-order"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
 @pytest.mark.parametrize("device", ["interpreter", "sm_90"])
 @pytest.mark.parametrize("starts", ["row", "head"])
 def test_attention_block_family(device, starts, deterministic):
     """The decode attention block: RoPE, cache write, attention, o_proj and the residual add in one launch. sm_90's
     configuration splits the 200-slot context in two, so the last split's merge of the other's partials runs
-    (the interpreter's own configuration keeps one split); `head` gives every (row, kv head) its own start
-    (kv_compression="adakv"). Batch 3, GQA group 2, a 72-wide o_proj output (not a multiple of any tile)."""
+    (the interpreter's own configuration keeps one split), and projects in 16-row tl.dot tiles 16 columns wide
+    (default) or one row at a time in 4-column GEMV tiles (deterministic), so the 72-wide output ends in a partial
+    tile; `head` gives every (row, kv head) its own start (kv_compression="adakv"). Batch 3, GQA group 2."""
     q, k, v, cos, sin, kc, vc, _, _ = _cache_inputs(3, 1, 150, s_max=512, seed=5)
     cache_len = torch.tensor([150], dtype=torch.int64)
     kv_start = torch.tensor([0, 7, 140], dtype=torch.int32)
@@ -149,7 +150,13 @@ def test_attention_block_family(device, starts, deterministic):
     from braze.kernels.attention import decode_splits
 
     assert decode_splits(2, 512, target) == (1 if device == "interpreter" else 2)
-    out, _ = launch_like_a_plan(fn, *args, w_o, residual, device=target, deterministic=deterministic)
+    with recording_launches() as seen:
+        out, _ = launch_like_a_plan(fn, *args, w_o, residual, device=target, deterministic=deterministic)
+    tile = {k: seen[0].meta[k] for k in ("BLOCK_R", "BLOCK_O", "ROW_DOT")}
+    if device == "sm_90":
+        assert tile == ({"BLOCK_R": 1, "BLOCK_O": 4, "ROW_DOT": True} if deterministic
+                        else {"BLOCK_R": 16, "BLOCK_O": 16, "ROW_DOT": False})
+        assert seen[0].grid == (3 * 2 * 2 + math.ceil(72 / tile["BLOCK_O"]),)  # attending, then projecting
     torch.testing.assert_close(out, fn(*ref_args), **TOL)
     torch.testing.assert_close(kc, ref_args[5], **TOL)  # the new key, roped, at slot 150 of every row
     torch.testing.assert_close(vc, ref_args[6], **TOL)
@@ -162,6 +169,27 @@ def test_attention_block_family(device, starts, deterministic):
         alone, _ = launch_like_a_plan(fn, *row, *caches, cache_len, kv_start[1:2], w_o, residual[1:2],
                                       device=target, deterministic=True)
         assert torch.equal(alone[0], out[1])
+
+
+@pytest.mark.parametrize("device", ["interpreter", "sm_90"])
+def test_attention_block_family_projects_row_tiles(device):
+    """18 decode rows: the projecting programs take the rows in two 16-row tiles (the second one 2 rows deep), and
+    every row's result matches attention followed by o_proj."""
+    q, k, v, cos, sin, kc, vc, _, _ = _cache_inputs(18, 1, 40, s_max=64, seed=11)
+    cache_len = torch.tensor([40], dtype=torch.int64)
+    kv_start = torch.arange(18, dtype=torch.int32)
+    g = _gen(12)
+    w_o, residual = torch.randn(48, 4 * 32, generator=g) / math.sqrt(128), torch.randn(18, 1, 48, generator=g)
+    args = (q, k, v, cos, sin, kc, vc, cache_len, kv_start)
+    fn = lambda *a: ops.attention_block(*a[:9], 32**-0.5, a[9], a[10])  # noqa: E731
+    ref_args = [a.clone() for a in (*args, w_o, residual)]
+    target = INTERPRETER if device == "interpreter" else TARGETS[device]
+    with recording_launches() as seen:
+        out, _ = launch_like_a_plan(fn, *args, w_o, residual, device=target)
+    assert seen[0].meta["BLOCK_R"] == 16 and not seen[0].meta["ROW_DOT"]
+    torch.testing.assert_close(out, fn(*ref_args), **TOL)
+    attn = ops.cached_attention(*[a.clone() for a in args], 32**-0.5)
+    torch.testing.assert_close(out, residual + attn.transpose(1, 2).reshape(18, 1, 128) @ w_o.T, **TOL)
 
 
 @pytest.mark.parametrize("device, dtype", [("interpreter", torch.float32), ("sm_90", torch.float32),

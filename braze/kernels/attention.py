@@ -81,7 +81,7 @@ import triton
 
 from braze.kernels.device import DeviceSpec
 from braze.kernels.family import FLOAT_NAMES, KernelFamily, device_op, launch_kernel
-from braze.kernels.matmul import check_header, pow2_clamp
+from braze.kernels.matmul import check_header, gemv_config, pow2_clamp
 from braze.kernels.render import render_template
 
 if TYPE_CHECKING:
@@ -136,7 +136,6 @@ class DecodeAttentionSpec:
     rope_write: bool = False  # RoPE on q and the new key, and the cache write, inside `_partial` (needs from_cache_len)
     tree: bool = False  # the draft nodes of a verify step, each as decode at its position (needs from_cache_len)
     o_proj: bool = False  # attention block: merge, o_proj and residual inside `_partial` (rope_write or tree)
-    fixed_order: bool = False  # o_proj's sum over kv heads in head order (deterministic), not atomics
     ring: bool = False  # R-KV: the rotated query also into the query ring (needs rope_write)
 
     def __post_init__(self) -> None:
@@ -147,8 +146,6 @@ class DecodeAttentionSpec:
             raise ValueError("tree reads nodes the verify's rope_write kernel wrote: it excludes rope_write")
         if self.o_proj and not (self.rope_write or self.tree):
             raise ValueError("o_proj is the decode / verify plans' attention block: it needs rope_write or tree")
-        if self.fixed_order and not self.o_proj:
-            raise ValueError("fixed_order is the order of o_proj's sum over kv heads: it needs o_proj")
         if self.ring and not self.rope_write:
             raise ValueError("ring stores the query the kernel rotates: it needs rope_write")
 
@@ -167,7 +164,7 @@ def render_decode_attention(spec: DecodeAttentionSpec, header: str = "") -> str:
         "decode_attention.py.j2", header=check_header(header), name=spec.name, has_kv_start=spec.has_kv_start,
         from_cache_len=spec.from_cache_len, input_precision=spec.input_precision, out_dtype=spec.out_dtype,
         head_start=spec.head_start, rope_write=spec.rope_write, tree=spec.tree, o_proj=spec.o_proj,
-        fixed_order=spec.fixed_order, ring=spec.ring)
+        ring=spec.ring)
 
 
 def render_cache_write(name: str) -> str:
@@ -256,29 +253,47 @@ def decode_splits(heads_kv: int, s_max: int, device: DeviceSpec) -> int:
 @dataclass(frozen=True)
 class OutputProjection:
     """The attention block's tail (decode_attention.py.j2 with o_proj): out [R, N] = residual + attention
-    [R, Hq * D] @ weight[N, Hq * D]^T over R rows (decode: the batch; tree verify: batch x draft nodes), reduced
-    across kv heads in `acc` (fp32 [R, N], zeros; fixed_order: [R, Hkv, N], one slot per kv head) with the
-    counters `group_sync` (int32 [R * Hkv], zeros) and `row_sync` (int32 [R], zeros), left at zero by the launch."""
+    [R, Hq * D] @ weight[N, Hq * D]^T over R rows (decode: the batch; tree verify: batch x draft nodes). `attn`
+    (fp32 [R * Hq * D], any contents) holds the merged attention between the two phases; the counters `group_sync`
+    (int32 [R * Hkv]) and `tail_sync` (int32 [3]) are zeros before and after the launch. The projection is a GEMV
+    of its own: cdiv(N, BLOCK_O) programs, which fill the GPU (it used to be Hkv programs per row)."""
 
     weight: torch.Tensor
     residual: torch.Tensor
     out: torch.Tensor
-    acc: torch.Tensor
+    attn: torch.Tensor
     group_sync: torch.Tensor
-    row_sync: torch.Tensor
+    tail_sync: torch.Tensor
+    deterministic: bool = False
 
     def args(self) -> list[Any]:
         w, r, o = self.weight, self.residual, self.out
-        return [w, r, o, self.acc, self.group_sync, self.row_sync, w.shape[0], *w.stride(), *r.stride(),
-                *o.stride()]
+        return [w, r, o, self.attn, self.group_sync, self.tail_sync, o.shape[0], w.shape[0], w.shape[1],
+                *w.stride(), *r.stride(), *o.stride()]
 
-    def block_o(self, device: DeviceSpec, block_d: int) -> int:
-        """Output columns per o_proj tile: [BLOCK_O, BLOCK_D] weight tiles, 16 fp32 values per thread (4 warps)
-        on a GPU (32 spilled 4-8 B at 72 registers on sm_86/89, bf16 1B shape; ptxas via make gpucheck); 8 with
-        fp32 weights. (With an fp32 cache, deterministic mode, 8 spilled more than 16: 16-44 B at 255 registers
-        on sm_86/89 against 8 B at 72-80.)"""
-        per_thread = 1024 if self.weight.element_size() > 2 else 2048
-        return pow2_clamp(self.weight.shape[0], 16, 256 if device.interpret else max(16, per_thread // block_d))
+    def config(self, device: DeviceSpec, num_warps: int) -> dict[str, int | bool]:
+        """The projection's tiles. One row (b=1 decode) and deterministic compiles take the GEMV form (ROW_DOT,
+        matmul's gemv_config: BLOCK_O narrowed until the programs cover every SM); deterministic compiles also fix
+        BLOCK_R at 1, so a row's sums never depend on the batch (nor on draft nodes: decode and the tree verify
+        agree bitwise). Several rows otherwise: 16-row tl.dot tiles (benchmarks/matmul_tiles.py: from 2 rows on
+        they beat the per-row reduction)."""
+        rows, (n, k) = self.out.shape[0], self.weight.shape
+        if device.interpret:  # large tiles: the interpreter's cost is per program and per loop trip
+            row_dot = self.deterministic
+            block_r = 1 if row_dot else pow2_clamp(rows, 16, 16)
+            return {"BLOCK_O": pow2_clamp(n, 16, 128), "BLOCK_R": block_r, "BLOCK_KO": pow2_clamp(k, 16, 128),
+                    "ROW_DOT": row_dot}
+        if self.deterministic or rows == 1:
+            c = gemv_config(1, n, k, device, elem_size=self.weight.element_size(), num_warps=num_warps)
+            return {"BLOCK_O": c.block_n, "BLOCK_R": 1, "BLOCK_KO": c.block_k, "ROW_DOT": True}
+        block_o = 32 if triton.cdiv(n, 32) >= device.sm_count else 16
+        return {"BLOCK_O": block_o, "BLOCK_R": 16, "BLOCK_KO": pow2_clamp(k, 16, 64), "ROW_DOT": False}
+
+    def launch(self, kernel: Any, attend: int, args: list[Any], device: DeviceSpec, **meta: Any) -> None:
+        """One launch: `attend` attending programs, then the projecting ones."""
+        tail = self.config(device, int(meta.get("num_warps", 4)))
+        grid = (attend + triton.cdiv(self.weight.shape[0], int(tail["BLOCK_O"])),)
+        launch_kernel(kernel, grid, *args, *self.args(), **meta, **tail)
 
 
 # ---- launches ---------------------------------------------------------------------------------------------------
@@ -373,13 +388,12 @@ def tree_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tensor, 
             q.stride(2), *starts, Hkv, group, D, splits, q.stride(0), q.stride(1), q.stride(3), *k_cache.stride(),
             *v_cache.stride(), float(scale)]
     opts = {} if device.interpret else {"num_warps": blocks.num_warps, "num_stages": blocks.num_stages}
+    opts.update(BLOCK_G=blocks.block_g, BLOCK_N=blocks.block_n, BLOCK_D=blocks.block_d,
+                BLOCK_S=triton.next_power_of_2(S))
     if block is not None:
-        args += block.args()
-        opts["BLOCK_O"] = block.block_o(device, blocks.block_d)
-    launch_kernel(getattr(module, f"{name}_partial"), (B * S * Hkv, splits), *args, BLOCK_G=blocks.block_g,
-                  BLOCK_N=blocks.block_n, BLOCK_D=blocks.block_d, BLOCK_S=triton.next_power_of_2(S), **opts)
-    if block is not None:
+        block.launch(getattr(module, f"{name}_partial"), B * S * Hkv * splits, args, device, **opts)
         return 1
+    launch_kernel(getattr(module, f"{name}_partial"), (B * S * Hkv, splits), *args, **opts)
     opts = {} if device.interpret else {"num_warps": 4 if blocks.block_d >= 128 else 2}
     launch_kernel(getattr(module, f"{name}_combine"), (B * S * Hq,), mid_o, mid_lse, out, Hq, D, splits,
                   out.stride(0), out.stride(1), out.stride(3), S, out.stride(2),
@@ -450,12 +464,12 @@ def split_kv_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tens
     args = [q, k_cache, v_cache, mid_o, mid_lse, seq_lens, *fused, *lens[1:], *starts,
             Hkv, group, D, splits, *q.stride(), *k_cache.stride(), *v_cache.stride(), float(scale)]
     opts = {} if device.interpret else {"num_warps": blocks.num_warps, "num_stages": blocks.num_stages}
+    opts.update(BLOCK_G=blocks.block_g, BLOCK_N=blocks.block_n, BLOCK_D=blocks.block_d)
     if block is not None:
-        args += block.args()
-        opts["BLOCK_O"] = block.block_o(device, blocks.block_d)
-    launch_kernel(getattr(module, f"{name}_partial"), (B * Hkv, splits), *args,
-                  BLOCK_G=blocks.block_g, BLOCK_N=blocks.block_n, BLOCK_D=blocks.block_d, **opts)
-    if direct or block is not None:
+        block.launch(getattr(module, f"{name}_partial"), B * Hkv * splits, args, device, **opts)
+        return 1
+    launch_kernel(getattr(module, f"{name}_partial"), (B * Hkv, splits), *args, **opts)
+    if direct:
         return 1
     opts = {} if device.interpret else {"num_warps": 4 if blocks.block_d >= 128 else 2}
     launch_kernel(getattr(module, f"{name}_combine"), (B * Hq,), mid_o, mid_lse, out, Hq, D, splits,

@@ -5,13 +5,14 @@
 launch (braze::attention_block_recording: also R-KV's query recording; braze::tree_attention_block: the same
 for the deterministic verify's draft nodes, after its rope_write).
 `mlp_block` (braze::mlp_block, mlp_block.py.j2): norm, gate/up, SwiGLU / GeGLU, down and the residual add in one
-launch. Both reduce across programs with fp32 atomics into a zeroed accumulator and per-row counters; the last
-program to finish writes the output and clears them. ClusterFusion's cluster-wide reduction has no Triton
-equivalent (no distributed shared memory); atomics are the issue's default-mode answer. Under deterministic=True
-the attention block stores each kv head's o_proj partial in its own slot and the last program sums them in head
-order; the MLP block is not used there (passes/decode_layer.py says why).
+launch, reducing the down projection across programs with fp32 atomics into a zeroed accumulator; the last program
+to finish writes the output and clears it (not used under deterministic=True: passes/decode_layer.py says why).
+ClusterFusion's cluster-wide reduction has no Triton equivalent (no distributed shared memory). The attention
+block instead runs two roles in one grid, assigned by start ticket: attending programs (the last split of each
+(row, kv head) merges the splits and stores the attention), then projecting programs that wait for every merge
+and compute o_proj + residual as a GEMV over all SMs. No float atomics there, so both modes share it.
 
-The accumulator, slots and counters are the plan executor's workspace (KernelFamily.workspace), allocated once, so
+The accumulator, scratch and counters are the plan executor's workspace (KernelFamily.workspace), allocated once, so
 no launch allocates or clears anything and CUDA-graph replay captures none.
 """
 
@@ -60,6 +61,7 @@ class AttentionBlockFamily(KernelFamily):
 
     name = "attention_block"
     templates = ("decode_attention.py.j2", "kv_cache.py.j2")
+    abi = 2  # 2: the projection runs in its own programs (tail_sync counters, attn scratch)
 
     @property
     def ops(self) -> tuple[Any, ...]:  # type: ignore[override]
@@ -83,26 +85,26 @@ class AttentionBlockFamily(KernelFamily):
         attn_dtype = FLOAT_NAMES[a["q"].meta["val"].dtype]  # the attention output's dtype before o_proj
         source = render_decode_attention(DecodeAttentionSpec(
             name, True, _precision(k_cache.dtype), attn_dtype, from_cache_len=True, head_start=head_start,
-            rope_write=not tree, tree=tree, o_proj=True, fixed_order=deterministic, ring=ring))
+            rope_write=not tree, tree=tree, o_proj=True, ring=ring))
         roles = ["q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start",
                  *(["tree_mask"] if tree else []), "o_weight", "residual", *(["q_ring"] if ring else [])]
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
                     params={"roles": roles, "scale": float(a["scale"]), "heads_kv": int(k_cache.shape[1]),
-                            "s_max": int(k_cache.shape[2]), **({"head_start": True} if head_start else {}),
+                            "s_max": int(k_cache.shape[2]), "attn_width": int(a["o_weight"].meta["val"].shape[1]),
+                            **({"head_start": True} if head_start else {}),
                             **({"tree": True} if tree else {}),
                             **({"deterministic": True} if deterministic else {})})
         return (source + "\n\n" + render_cache_write(name)) if tree else source, step
 
     def lower_deterministic(self, node: fx.Node, name: str) -> tuple[str, Step]:
-        """o_proj summed over kv heads in head order (one slot per kv head), not with atomics."""
+        """The same kernel (it has no float atomics); the launch fixes the projection's tiles for any batch."""
         return self.lower(node, name, deterministic=True)
 
     def workspace(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> dict[str, int]:
-        rows, heads_kv, n_out = _rows(out_shape), int(params["heads_kv"]), int(out_shape[-1])
-        counters = {"int32": rows * (heads_kv + 1)}  # per (row, kv head), then per row
-        if params.get("deterministic"):  # one o_proj slot per kv head, each written before it is read
-            return {"scratch_float32": rows * heads_kv * n_out, **counters}
-        return {"float32": rows * n_out, **counters}  # the o_proj accumulator
+        rows, heads_kv = _rows(out_shape), int(params["heads_kv"])
+        # the merged attention [rows, Hq * D], written before it is read; tickets per (row, kv head), then the
+        # launch's three (start, merged, projected)
+        return {"scratch_float32": rows * int(params["attn_width"]), "int32": rows * heads_kv + 3}
 
     def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
                params: dict[str, Any], device: DeviceSpec) -> None:
@@ -113,10 +115,10 @@ class AttentionBlockFamily(KernelFamily):
         out2 = out.view(rows, -1)
         n_out = out2.shape[1]
         ws = workspace_tensors(tensors)
-        acc = ws["scratch_float32"] if params.get("deterministic") else ws["float32"]
         counters = ws["int32"]
-        proj = OutputProjection(t["o_weight"], t["residual"].reshape(rows, n_out), out2, acc,
-                                counters[:rows * Hkv], counters[rows * Hkv:rows * Hkv + rows])
+        proj = OutputProjection(t["o_weight"], t["residual"].reshape(rows, n_out), out2, ws["scratch_float32"],
+                                counters[:rows * Hkv], counters[rows * Hkv:rows * Hkv + 3],
+                                deterministic=bool(params.get("deterministic")))
         head_start = bool(params.get("head_start"))
         if tree:
             qo = rope_write(module, name, tensors, device)

@@ -8,9 +8,9 @@
     linear_glu (norm, gate/up, SwiGLU) -> down linear (+ residual)
                                               -> braze::mlp_block (launch 3)
 
-Both blocks reduce across programs with fp32 atomics (kernels/decode_layer.py). Under deterministic=True the
-attention block sums its per-kv-head o_proj partials in a fixed order instead, and the verify's tree attention
-folds the same way, so speculation still accepts bitwise decode's tokens; the MLP keeps its two batch-invariant
+How the blocks reduce across programs: kernels/decode_layer.py. Under deterministic=True the attention block
+projects one row at a time in fixed tiles, and the verify's tree attention folds the same way, so speculation still
+accepts bitwise decode's tokens; the MLP keeps its two batch-invariant
 matmuls there (a fixed-order sum of the down projection needs every program's partial rows in memory: 2 MB per
 verify row on the 1B shape), so a deterministic decode layer is 4 launches.
 
