@@ -7,8 +7,9 @@ The plan is compiled from the 1B config with 1 and 2 layers (seeded weights, bf1
 the CPU with each target's launch configuration (braze/compiler/targets.py: every launch is recorded, none runs),
 and the kernels are cross-compiled for the target. The 16-layer figures are the 1-layer plan plus 15 times what the
 second layer added. Bytes model: each launch reads the distinct tensors it is passed once, except the KV caches, of
-which it reads the live part (context + 1 of max_seq slots), and pointwise kernels, which read at most one element
-per output element (the embedding gather reads one row); the ideal is every weight once plus the live caches.
+which it reads the live part (context + 1 of max_seq slots), the executor's workspace, of which it reads what the
+step declares at this shape, and pointwise kernels, which read at most one element per output element (the
+embedding gather reads one row); the ideal is every weight once plus the live caches.
 """
 
 from __future__ import annotations
@@ -86,9 +87,15 @@ def record_step(cm, target: str, context: int) -> list[dict]:  # noqa: ANN001
             count = FAMILIES[step.launcher or step.kind].launch_count(step.params, spec, shape)
             owners += [step] * count
     assert len(owners) == len(seen), (len(owners), len(seen))
+    workspace = {t.data_ptr(): key for key, t in ex.workspace.items()}
     launches = []
     for step, launch in zip(owners, seen):
         tensors = {(a.data_ptr(), a.nbytes, a.element_size()) for a in launch.args if isinstance(a, torch.Tensor)}
+        # a workspace buffer is sized for the plan's largest shapes: count what this step uses of it at batch 1
+        shape = [Expr(e)(syms) for e in ex.buffers[step.outputs[0]].shape]
+        used = FAMILIES[step.launcher or step.kind].workspace(step.params, spec, shape)
+        tensors = {(ptr, used[workspace[ptr]] * elem if ptr in workspace else size, elem)
+                   for ptr, size, elem in tensors}
         # a pointwise kernel reads at most one element of each input per output element (the embedding gather:
         # one table row per token, not the table)
         cap = None

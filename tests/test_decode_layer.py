@@ -7,6 +7,8 @@ the launch budget per layer on the interpreter and the GPU targets, the fp16 twi
 executor's workspace across calls.
 """
 
+import re
+
 import pytest
 import torch
 
@@ -69,11 +71,11 @@ def test_verify_folds_its_mlps_and_prefill_nothing():
 
 
 @pytest.mark.parametrize("device", ["interpreter", "sm_90"])
-def test_deterministic_mode_folds_attention_with_a_fixed_order_sum(device):
-    """deterministic=True: the attention block with o_proj summed over kv heads in a fixed order (no float atomics),
-    in decode and, as a tree block after the verify's rope_write, in verify (so an accepted node keeps decode's
-    bits: test_deterministic.py checks tokens and logits); the MLP keeps its two batch-invariant matmuls. Decode 4
-    launches per layer (was 5, 6 on a GPU with the split-KV combine), verify 5."""
+def test_deterministic_mode_folds_both_blocks(device):
+    """deterministic=True: both blocks (no float atomics; batch-invariant tiles, LayerCast gate/up), the attention
+    block in decode and, as a tree block after the verify's rope_write, in verify (so an accepted node keeps
+    decode's bits: test_deterministic.py checks tokens and logits). Decode 3 launches per layer (was 4 with the
+    MLP's two matmuls, 5 before the attention block), verify 4."""
     per_layer = {}
     for layers in (1, 2):
         cm = braze.compile(tiny_causal_lm("llama", layers=layers), max_seq=600, max_batch=4, deterministic=True)
@@ -81,16 +83,19 @@ def test_deterministic_mode_folds_attention_with_a_fixed_order_sum(device):
         for name in ("decode", "verify"):
             plan = getattr(cm.generator, name).plan
             per_layer.setdefault(name, []).append(launch_count(plan, target, {s.name: 2 for s in plan.symbols}))
-    assert {k: v[1] - v[0] for k, v in per_layer.items()} == {"decode": 4, "verify": 5}
+    assert {k: v[1] - v[0] for k, v in per_layer.items()} == {"decode": 3, "verify": 4}
     decode, verify = cm.generator.decode.plan, cm.generator.verify.plan
     for plan in (decode, verify):
-        assert _launchers(plan).count("attention_block") == 2 and "mlp_block" not in _launchers(plan)
-        blocks = [plan.kernels[s.kernel] for s in plan.steps if s.launcher == "attention_block"]
-        assert all("tl.atomic_add(acc_ptr" not in src for src in blocks)  # atomics on the counters only
+        assert _launchers(plan).count("attention_block") == 2 and _launchers(plan).count("mlp_block") == 2
+        blocks = [s for s in plan.steps if s.launcher in ("attention_block", "mlp_block")]
+        assert all(s.params.get("deterministic") for s in blocks)
+        # atomics on the int32 tickets only: every atomic_add in the kernels adds 1 (a ticket) or 0 (a read)
+        added = [v for s in blocks for v in re.findall(r"tl\.atomic_add\([^,]+, ([^,)]+)", plan.kernels[s.kernel])]
+        assert added and set(added) <= {"1", "0"}
     assert all(s.params.get("tree") for s in verify.steps if s.launcher == "attention_block")
     assert [p.notes[0] for p in cm.report.passes if p.name == "fold_decode_layers"] == [
-        "decode plan: 2 attention blocks, 0 MLP blocks (one launch each)",
-        "verify plan: 2 attention blocks, 0 MLP blocks (one launch each)"]
+        "decode plan: 2 attention blocks, 2 MLP blocks (one launch each)",
+        "verify plan: 2 attention blocks, 2 MLP blocks (one launch each)"]
 
 
 def test_verify_workspace_grows_past_its_initial_size():
@@ -111,16 +116,16 @@ def test_verify_workspace_grows_past_its_initial_size():
 
     cm = braze.compile(tiny_causal_lm("llama", layers=1), max_seq=96, max_batch=2)
     verify = cm.generator.verify
-    before = verify.workspace["float32"].numel()
-    assert before == 2 * WORKSPACE_DIM_CAP * 64
+    before = verify.workspace["scratch_float32"].numel()
+    assert before == 2 * WORKSPACE_DIM_CAP * 128  # the MLP block's intermediate: rows x I
     ids = torch.randint(3, 256, (2, 6), generator=torch.Generator().manual_seed(5))  # 2 x 21 rows > 2 x 16
     plain = cm.generate(ids, max_new_tokens=30)
     cm.generator.spec = SpeculativeRunner(cm.generator, adaptive=False)
     cm.generator.spec.drafter = LongDrafter()
     out = cm.generate(ids, max_new_tokens=30, speculate=True, max_spec_tokens=20)
     assert torch.equal(out, plain)
-    assert verify.workspace["float32"].numel() > before and verify._retired
-    assert all(not w.any() for w in verify.workspace.values())
+    assert verify.workspace["scratch_float32"].numel() > before and verify._retired
+    assert not verify.workspace["int32"].any()
 
 
 def test_quantized_mlp_stays_unfused_and_says_why():
@@ -164,17 +169,18 @@ def test_fp16_twin_matches_hf():
 
 
 def test_workspace_stays_zero_between_calls():
-    """The blocks' accumulator and counters are allocated once per decode executor and left at zero by every
-    launch: a second identical request gives identical tokens, and the buffers are all zero after each (the
-    attention block's scratch holds the merged attention of the last call: it is written before it is read)."""
+    """The blocks' counters are allocated once per decode executor and left at zero by every launch: a second
+    identical request gives identical tokens, and the counters are all zero after each. The blocks share one
+    scratch (they run one after another), sized for the larger of the attention block's merged attention
+    (max_batch x Hq * D = 3 x 64) and the MLP block's intermediate (max_batch x I = 3 x 128); it is written
+    before it is read."""
     cm = braze.compile(tiny_causal_lm("qwen2", layers=2), max_seq=64, max_batch=3)
     ws = cm.generator.decode.workspace
-    assert set(ws) == {"float32", "int32", "scratch_float32"}
-    assert ws["float32"].numel() == 3 * 64  # the MLP block's accumulator: max_batch x hidden
-    assert ws["scratch_float32"].numel() == 3 * 64  # the attention block's merged attention: max_batch x Hq * D
+    assert set(ws) == {"int32", "scratch_float32"}
+    assert ws["scratch_float32"].numel() == 3 * 128
+    assert ws["int32"].numel() == 3 + 3 * 2  # three tickets, then one per (row, kv head)
     ids = torch.randint(3, 256, (3, 5), generator=torch.Generator().manual_seed(9))
     first = cm.generate(ids, max_new_tokens=6)
-    zeroed = [w for k, w in ws.items() if not k.startswith("scratch")]
-    assert ws["scratch_float32"].any() and all(not w.any() for w in zeroed)
+    assert ws["scratch_float32"].any() and not ws["int32"].any()
     assert torch.equal(cm.generate(ids, max_new_tokens=6), first)
-    assert all(not w.any() for w in zeroed)
+    assert not ws["int32"].any()

@@ -39,11 +39,11 @@ def test_fp32_generation_on_cuda_matches_hf_with_cuda_graphs():
 
 
 def test_decode_blocks_on_cuda_split_merge_and_graph_replay():
-    """The 3-launch decode layer on a GPU (atomics, the last program's split merge, CUDA-graph replay over the
-    executor's workspace): max_seq 1024 gives the attention block several splits; a left-padded batch of 3 greedy
-    decodes as HF does, twice (the second replays the captured graphs), and the workspace is zero after each. CPU
-    twins: test_kernel_families.py::test_attention_block_family (sm_90's split configuration under the
-    interpreter) and test_decode_layer.py."""
+    """The 3-launch decode layer on a GPU (start tickets, the last split's merge, the projecting programs' wait,
+    CUDA-graph replay over the executor's workspace): max_seq 1024 gives the attention block several splits; a
+    left-padded batch of 3 greedy decodes as HF does, twice (the second replays the captured graphs), and the
+    counters are zero after each. CPU twins: test_kernel_families.py::test_attention_block_family (sm_90's split
+    configuration under the interpreter), test_mlp_block_family and test_decode_layer.py."""
     from braze.kernels import device_spec
     from braze.kernels.attention import decode_splits
 
@@ -60,7 +60,7 @@ def test_decode_blocks_on_cuda_split_merge_and_graph_replay():
                              pad_token_id=0)
     for _ in range(2):
         assert torch.equal(cm.generate(ids, attention_mask=mask, max_new_tokens=48), ref)
-        assert all(not w.any() for w in cm.generator.decode.workspace.values())
+        assert all(not w.any() for k, w in cm.generator.decode.workspace.items() if not k.startswith("scratch"))
     assert cm.generator.graphs is not None and cm.generator.graphs.graphs
 
 

@@ -239,21 +239,54 @@ def test_attention_block_family_tree_verify():
 
 @pytest.mark.parametrize("device", ["interpreter", "sm_80"])
 @pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
-def test_mlp_block_family(device, activation):
-    """The decode MLP block: norm, gate/up, SwiGLU / GeGLU, down and the residual add in one launch; 3 rows, sizes
-    that are no tile's multiple (K = N = 72, I = 200: sm_80 splits I into 13 programs of 16 columns)."""
+@pytest.mark.parametrize("rows", [3, 1])
+def test_mlp_block_family(device, activation, rows):
+    """The decode MLP block: norm, gate/up, SwiGLU / GeGLU, down and the residual add in one launch; sizes that are
+    no tile's multiple (K = N = 72, I = 200: sm_80 splits I into 13 up programs of 16 columns, then the down
+    projection's programs: 16-row tl.dot tiles for 3 rows, the 4-column GEMV form for one)."""
     g = _gen(7)
-    x = torch.randn(3, 1, 72, generator=g)
+    x = torch.randn(rows, 1, 72, generator=g)
     nw = 1 + 0.1 * torch.randn(72, generator=g)
     wg, wu = (torch.randn(200, 72, generator=g) / math.sqrt(72) for _ in range(2))
     wd = torch.randn(72, 200, generator=g) / math.sqrt(200)
-    residual = torch.randn(3, 1, 72, generator=g)
+    residual = torch.randn(rows, 1, 72, generator=g)
     fn = lambda *a: ops.mlp_block(*a, 1e-5, activation)  # noqa: E731
     target = INTERPRETER if device == "interpreter" else TARGETS[device]
-    out, _ = launch_like_a_plan(fn, x, nw, wg, wu, wd, residual, device=target)
+    with recording_launches() as seen:
+        out, _ = launch_like_a_plan(fn, x, nw, wg, wu, wd, residual, device=target)
+    if device == "sm_80":
+        block_o = 4 if rows == 1 else 16
+        assert (seen[0].meta["BLOCK_I"], seen[0].meta["BLOCK_O"], seen[0].meta["ROW_DOT"]) == (16, block_o, rows == 1)
+        assert seen[0].grid == (13 + math.ceil(72 / block_o),)  # up programs, then down programs
     torch.testing.assert_close(out, fn(x, nw, wg, wu, wd, residual), **TOL)
     h = ops.linear_glu(x, wg, wu, nw, 1e-5, activation)
     torch.testing.assert_close(out, residual + h @ wd.T, **TOL)
+
+
+@pytest.mark.parametrize("device", ["interpreter", "sm_80"])
+def test_mlp_block_family_deterministic(device):
+    """deterministic=True: LayerCast gate/up (fp16 weights upcast, fp32 math) and tiles that do not depend on the
+    rows, so row 1 alone is bitwise row 1 of a batch of 5 (and of 1 + 2), and a rerun is bitwise the same; the
+    result matches the fp32 reference of the same fp16 weights (tolerance: the fp16 rounding of the intermediate
+    and the output, as the unfused kernels round them)."""
+    g = _gen(13)
+    x = torch.randn(5, 1, 72, generator=g).half()
+    nw = (1 + 0.1 * torch.randn(72, generator=g)).half()
+    wg, wu = ((torch.randn(200, 72, generator=g) / math.sqrt(72)).half() for _ in range(2))
+    wd = (torch.randn(72, 200, generator=g) / math.sqrt(200)).half()
+    residual = torch.randn(5, 1, 72, generator=g).half()
+    fn = lambda *a: ops.mlp_block(*a, 1e-5, "silu")  # noqa: E731
+    target = INTERPRETER if device == "interpreter" else TARGETS[device]
+    with recording_launches() as seen:
+        out, _ = launch_like_a_plan(fn, x, nw, wg, wu, wd, residual, device=target, deterministic=True)
+    assert seen[0].meta["BLOCK_R"] == 1 and seen[0].meta["ROW_DOT"]
+    again, _ = launch_like_a_plan(fn, x, nw, wg, wu, wd, residual, device=target, deterministic=True)
+    assert torch.equal(again, out)
+    for rows in (slice(1, 2), slice(0, 3)):
+        part, _ = launch_like_a_plan(fn, x[rows], nw, wg, wu, wd, residual[rows], device=target, deterministic=True)
+        assert torch.equal(part.view(torch.int16), out[rows].view(torch.int16))
+    ref = fn(*(t.float() for t in (x, nw, wg, wu, wd, residual)))
+    torch.testing.assert_close(out.float(), ref, atol=1e-2, rtol=1e-2)
 
 
 def _df11_unit():

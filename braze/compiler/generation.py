@@ -161,14 +161,15 @@ def _fallback_summary(gm: fx.GraphModule, fallbacks: list[tuple[str, str]]) -> s
 
 def _deterministic_summary(decode: Plan, weights: dict[str, torch.Tensor], kv: list) -> str:
     """The report line of a deterministic compile: what the mode does here and what it costs."""
-    layercast = sum(1 for s in decode.steps if s.launcher == "matmul" and "LayerCast" in decode.kernels[s.kernel])
+    layercast = sum(1 for s in decode.steps
+                    if s.launcher in ("matmul", "mlp_block") and "LayerCast" in decode.kernels[s.kernel])
     blocks = sum(1 for s in decode.steps if s.launcher in ("attention_block", "mlp_block"))
     dtypes = sorted({str(w.dtype).removeprefix("torch.") for w in weights.values()
                      if w.dtype in (torch.float16, torch.bfloat16)}) or ["16-bit"]
     kv_dtypes = "/".join(sorted({dtype for _, _, dtype in kv})) or "none"
     return (f"on: the prefill and decode plans are batch-invariant (fixed matmul tiles, BLOCK_M 16, no split-K "
             f"or float atomics; prefill attention launched per row; {blocks} decode attention / MLP blocks sum their "
-            f"partials in a fixed order); {layercast} matmul kernels compute "
+            f"partials in a fixed order); {layercast} matmul / MLP-block kernels compute "
             f"{'/'.join(dtypes)} weights in fp32 (LayerCast); KV cache {kv_dtypes} (kv_dtype; RoPE and attention "
             f"scores in the cache's dtype), activations between kernels keep the model dtype; seeded sampling keyed "
             f"by (seed, position). The verify plan (speculative decoding) runs each query node through the decode "

@@ -362,7 +362,7 @@ class KernelResult:
     stack: int = 0
     smem: int = 0  # bytes of shared memory a launch requests (triton's allocation + ptxas' static smem)
     mma: str = "none"  # wgmma | mma.sync | none
-    atomics: int = 0  # atom.* / red.* instructions in the PTX
+    float_atomics: int = 0  # float atom.* / red.* instructions in the PTX (float_atomic_count)
     error: str | None = None
     cubin: Path | None = None  # in the cache
     sha256: str | None = None
@@ -376,7 +376,7 @@ class KernelResult:
     def describe(self) -> dict[str, Any]:
         return {**self.spec.describe(), "target": self.spec.target, "regs": self.regs,
                 "spill_stores": self.spill_stores, "spill_loads": self.spill_loads, "stack": self.stack,
-                "smem": self.smem, "mma": self.mma, "atomics": self.atomics, "error": self.error,
+                "smem": self.smem, "mma": self.mma, "float_atomics": self.float_atomics, "error": self.error,
                 "sha256": self.sha256}
 
 
@@ -414,13 +414,14 @@ def mma_kind(ptx: str) -> str:
     return "none"
 
 
-_ATOMIC = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:atom|red)\.", re.M)
+_FLOAT_ATOMIC = re.compile(r"^\s*(?:@!?%p\d+\s+)?(?:atom|red)(?:\.\w+)*\.(?:f16|bf16|f32|f64|f16x2|bf16x2)\b", re.M)
 
 
-def atomic_count(ptx: str) -> int:
-    """Atomic read-modify-write instructions (atom.* / red.*) in a kernel's PTX: split-K partial sums and the like,
-    whose summation order is the order the programs happen to finish in."""
-    return len(_ATOMIC.findall(ptx))
+def float_atomic_count(ptx: str) -> int:
+    """Floating-point atomic read-modify-writes (atom.* / red.* on f16/bf16/f32/f64) in a kernel's PTX: split-K
+    partial sums and the like, whose summation order is the order the programs happen to finish in. Integer atomics
+    (a block's start tickets and merge counters) are exact whatever the order and are not counted."""
+    return len(_FLOAT_ATOMIC.findall(ptx))
 
 
 def _run_ptxas(ptx: str, capability: int, fp_fusion: bool) -> str:
@@ -472,7 +473,7 @@ def _compile_job(job: dict[str, Any]) -> dict[str, Any]:
         os.replace(tmp, path)
         out.update(regs=report["regs"], spill_stores=report["spill_stores"], spill_loads=report["spill_loads"],
                    stack=report["stack"], smem=int(k.metadata.shared) + report["static_smem"], mma=mma_kind(ptx),
-                   atomics=atomic_count(ptx),
+                   float_atomics=float_atomic_count(ptx),
                    sha256=hashlib.sha256(cubin).hexdigest(), num_warps=int(k.metadata.num_warps))
     except Exception as e:  # a compile error is a result, reported per kernel and target
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
@@ -617,7 +618,8 @@ def _result(spec: Specialization, data: dict[str, Any], cubin: Path, cached: boo
     if data.get("error"):
         return KernelResult(spec, error=data["error"], compile_s=data.get("compile_s", 0.0), cached=cached)
     return KernelResult(spec, regs=data["regs"], spill_stores=data["spill_stores"], spill_loads=data["spill_loads"],
-                        stack=data["stack"], smem=data["smem"], mma=data["mma"], atomics=data.get("atomics", 0),
+                        stack=data["stack"], smem=data["smem"], mma=data["mma"],
+                        float_atomics=data["float_atomics"],
                         cubin=cubin, sha256=data["sha256"],
                         compile_s=data.get("compile_s", 0.0), cached=cached)
 

@@ -81,7 +81,8 @@ import triton
 
 from braze.kernels.device import DeviceSpec
 from braze.kernels.family import FLOAT_NAMES, KernelFamily, device_op, launch_kernel
-from braze.kernels.matmul import check_header, gemv_config, pow2_clamp
+from braze.kernels.matmul import check_header, pow2_clamp
+from braze.kernels.projection import Projection
 from braze.kernels.render import render_template
 
 if TYPE_CHECKING:
@@ -252,48 +253,16 @@ def decode_splits(heads_kv: int, s_max: int, device: DeviceSpec) -> int:
 
 @dataclass(frozen=True)
 class OutputProjection:
-    """The attention block's tail (decode_attention.py.j2 with o_proj): out [R, N] = residual + attention
-    [R, Hq * D] @ weight[N, Hq * D]^T over R rows (decode: the batch; tree verify: batch x draft nodes). `attn`
-    (fp32 [R * Hq * D], any contents) holds the merged attention between the two phases; the counters `group_sync`
-    (int32 [R * Hkv]) and `tail_sync` (int32 [3]) are zeros before and after the launch. The projection is a GEMV
-    of its own: cdiv(N, BLOCK_O) programs, which fill the GPU (it used to be Hkv programs per row)."""
+    """The attention block's tail (decode_attention.py.j2 with o_proj) over R rows (decode: the batch; tree verify:
+    batch x draft nodes): the last split of each (row, kv head) (tickets in `group_sync`, int32 [R * Hkv], zeros
+    before and after) merges the splits into the projection's scratch [R, Hq * D]; then `projection`
+    (kernels/projection.py) computes residual + attention @ o_proj^T in programs of its own."""
 
-    weight: torch.Tensor
-    residual: torch.Tensor
-    out: torch.Tensor
-    attn: torch.Tensor
+    projection: Projection
     group_sync: torch.Tensor
-    tail_sync: torch.Tensor
-    deterministic: bool = False
-
-    def args(self) -> list[Any]:
-        w, r, o = self.weight, self.residual, self.out
-        return [w, r, o, self.attn, self.group_sync, self.tail_sync, o.shape[0], w.shape[0], w.shape[1],
-                *w.stride(), *r.stride(), *o.stride()]
-
-    def config(self, device: DeviceSpec, num_warps: int) -> dict[str, int | bool]:
-        """The projection's tiles. One row (b=1 decode) and deterministic compiles take the GEMV form (ROW_DOT,
-        matmul's gemv_config: BLOCK_O narrowed until the programs cover every SM); deterministic compiles also fix
-        BLOCK_R at 1, so a row's sums never depend on the batch (nor on draft nodes: decode and the tree verify
-        agree bitwise). Several rows otherwise: 16-row tl.dot tiles (benchmarks/matmul_tiles.py: from 2 rows on
-        they beat the per-row reduction)."""
-        rows, (n, k) = self.out.shape[0], self.weight.shape
-        if device.interpret:  # large tiles: the interpreter's cost is per program and per loop trip
-            row_dot = self.deterministic
-            block_r = 1 if row_dot else pow2_clamp(rows, 16, 16)
-            return {"BLOCK_O": pow2_clamp(n, 16, 128), "BLOCK_R": block_r, "BLOCK_KO": pow2_clamp(k, 16, 128),
-                    "ROW_DOT": row_dot}
-        if self.deterministic or rows == 1:
-            c = gemv_config(1, n, k, device, elem_size=self.weight.element_size(), num_warps=num_warps)
-            return {"BLOCK_O": c.block_n, "BLOCK_R": 1, "BLOCK_KO": c.block_k, "ROW_DOT": True}
-        block_o = 32 if triton.cdiv(n, 32) >= device.sm_count else 16
-        return {"BLOCK_O": block_o, "BLOCK_R": 16, "BLOCK_KO": pow2_clamp(k, 16, 64), "ROW_DOT": False}
 
     def launch(self, kernel: Any, attend: int, args: list[Any], device: DeviceSpec, **meta: Any) -> None:
-        """One launch: `attend` attending programs, then the projecting ones."""
-        tail = self.config(device, int(meta.get("num_warps", 4)))
-        grid = (attend + triton.cdiv(self.weight.shape[0], int(tail["BLOCK_O"])),)
-        launch_kernel(kernel, grid, *args, *self.args(), **meta, **tail)
+        self.projection.launch(kernel, attend, [*args, self.group_sync], device, **meta)
 
 
 # ---- launches ---------------------------------------------------------------------------------------------------

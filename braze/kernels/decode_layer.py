@@ -5,14 +5,14 @@
 launch (braze::attention_block_recording: also R-KV's query recording; braze::tree_attention_block: the same
 for the deterministic verify's draft nodes, after its rope_write).
 `mlp_block` (braze::mlp_block, mlp_block.py.j2): norm, gate/up, SwiGLU / GeGLU, down and the residual add in one
-launch, reducing the down projection across programs with fp32 atomics into a zeroed accumulator; the last program
-to finish writes the output and clears it (not used under deterministic=True: passes/decode_layer.py says why).
-ClusterFusion's cluster-wide reduction has no Triton equivalent (no distributed shared memory). The attention
-block instead runs two roles in one grid, assigned by start ticket: attending programs (the last split of each
-(row, kv head) merges the splits and stores the attention), then projecting programs that wait for every merge
-and compute o_proj + residual as a GEMV over all SMs. No float atomics there, so both modes share it.
+launch. ClusterFusion's cluster-wide reduction has no Triton equivalent (no distributed shared memory); both blocks
+instead run two roles in one grid, handed out by start ticket (kernels/projection.py): the first role (attention,
+of which the last split of each (row, kv head) merges and stores the result; norm + gate/up + GLU) fills an fp32
+scratch, and projecting programs wait for all of it and compute o_proj / down + residual as a GEMV over all SMs.
+No float atomics, so deterministic compiles use both blocks too, with tiles that do not depend on the batch
+(and LayerCast gate/up).
 
-The accumulator, scratch and counters are the plan executor's workspace (KernelFamily.workspace), allocated once, so
+The scratch and counters are the plan executor's workspace (KernelFamily.workspace), allocated once, so
 no launch allocates or clears anything and CUDA-graph replay captures none.
 """
 
@@ -38,8 +38,9 @@ from braze.kernels.attention import (
     tree_decode,
 )
 from braze.kernels.device import DeviceSpec
-from braze.kernels.family import FLOAT_NAMES, KernelFamily, launch_kernel, workspace_tensors
+from braze.kernels.family import FLOAT_NAMES, KernelFamily, workspace_tensors
 from braze.kernels.matmul import check_header, pow2_clamp
+from braze.kernels.projection import Projection
 from braze.kernels.render import render_template
 
 if TYPE_CHECKING:
@@ -60,7 +61,7 @@ class AttentionBlockFamily(KernelFamily):
     kernel with the same o_proj tail, so accepted nodes match decode bitwise)."""
 
     name = "attention_block"
-    templates = ("decode_attention.py.j2", "kv_cache.py.j2")
+    templates = ("decode_attention.py.j2", "kv_cache.py.j2", "projection.py.j2")
     abi = 2  # 2: the projection runs in its own programs (tail_sync counters, attn scratch)
 
     @property
@@ -116,9 +117,9 @@ class AttentionBlockFamily(KernelFamily):
         n_out = out2.shape[1]
         ws = workspace_tensors(tensors)
         counters = ws["int32"]
-        proj = OutputProjection(t["o_weight"], t["residual"].reshape(rows, n_out), out2, ws["scratch_float32"],
-                                counters[:rows * Hkv], counters[rows * Hkv:rows * Hkv + 3],
-                                deterministic=bool(params.get("deterministic")))
+        proj = OutputProjection(Projection(t["o_weight"], t["residual"].reshape(rows, n_out), out2,
+                                           ws["scratch_float32"], counters[:3], bool(params.get("deterministic"))),
+                                counters[3:3 + rows * Hkv])
         head_start = bool(params.get("head_start"))
         if tree:
             qo = rope_write(module, name, tensors, device)
@@ -141,55 +142,71 @@ class MlpBlockSpec:
     glu: str = "swiglu"
     input_precision: str = "ieee"
     out_dtype: str = "float32"
+    layercast: bool = False  # deterministic compiles: 16-bit weights upcast, fp32 math
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
             raise ValueError(f"kernel name {self.name!r} is not a Python identifier")
         if self.glu not in GLU_KINDS.values():
             raise ValueError(f"glu must be one of {tuple(GLU_KINDS.values())}, got {self.glu!r}")
+        if self.layercast and self.input_precision != "ieee":
+            raise ValueError("layercast computes in fp32: it needs input_precision='ieee'")
 
 
 def render_mlp_block(spec: MlpBlockSpec, header: str = "") -> str:
     return render_template("mlp_block.py.j2", header=check_header(header), name=spec.name, glu=spec.glu,
-                           input_precision=spec.input_precision, out_dtype=spec.out_dtype)
+                           input_precision=spec.input_precision, out_dtype=spec.out_dtype, layercast=spec.layercast)
 
 
 @dataclass(frozen=True)
 class MlpBlockConfig:
+    """Tiles of the up role (norm + gate/up); the down projection's come from kernels/projection.py."""
+
     block_m: int
     block_i: int
     block_k: int
-    block_n: int
     num_warps: int = 4
     num_stages: int = 2
+    row_dot: bool = False  # per-row gate/up reductions (UP_ROW_DOT) instead of tl.dot
 
-    def meta(self, device: DeviceSpec) -> dict[str, int]:
-        meta = {"BLOCK_M": self.block_m, "BLOCK_I": self.block_i, "BLOCK_K": self.block_k, "BLOCK_N": self.block_n}
+    def meta(self, device: DeviceSpec) -> dict[str, int | bool]:
+        meta: dict[str, int | bool] = {"BLOCK_M": self.block_m, "BLOCK_I": self.block_i, "BLOCK_K": self.block_k,
+                                       "UP_ROW_DOT": self.row_dot}
         if not device.interpret:
             meta.update(num_warps=self.num_warps, num_stages=self.num_stages)
         return meta
 
 
-def mlp_block_config(M: int, K: int, inter: int, N: int, device: DeviceSpec, *, elem_size: int = 2) -> MlpBlockConfig:
+def mlp_block_config(M: int, K: int, inter: int, device: DeviceSpec, *, elem_size: int = 2,
+                     deterministic: bool = False) -> MlpBlockConfig:
     """The interpreter takes big tiles (it pays per program). A GPU: 16-row MMA tiles, intermediate columns
-    narrowed until the grid covers every SM (each program streams its slice of all three weights: a b=1 decode is
-    bandwidth bound), a [BLOCK_K, BLOCK_I] pair of gate/up tiles and a [BLOCK_I, BLOCK_N] down tile per step."""
+    narrowed until the up programs cover every SM (each streams its slice of the gate and up weights: a b=1
+    decode is bandwidth bound), a [BLOCK_K, BLOCK_I] pair of gate/up tiles per step.
+    deterministic: tiles from K, I and the device only (never the rows), as the deterministic matmul's: per-row
+    reductions under the interpreter (its tl.dot is a BLAS call, not row-invariant), fp32 FMA dots with 32-wide K
+    tiles and 8 warps on a GPU."""
+    if deterministic:
+        if device.interpret:
+            return MlpBlockConfig(16, pow2_clamp(inter, 16, 64), pow2_clamp(K, 16, 64), row_dot=True)
+        block_i = 64
+        while block_i > 16 and triton.cdiv(inter, block_i) < device.sm_count:
+            block_i //= 2
+        return MlpBlockConfig(16, block_i, 32, num_warps=8)
     if device.interpret:
-        return MlpBlockConfig(16, pow2_clamp(inter, 16, 128), pow2_clamp(K, 16, 128), pow2_clamp(N, 16, 128))
+        return MlpBlockConfig(16, pow2_clamp(inter, 16, 128), pow2_clamp(K, 16, 128))
     block_i = 64
     while block_i > 16 and triton.cdiv(inter, block_i) * triton.cdiv(M, 16) < device.sm_count:
         block_i //= 2
-    if elem_size > 2:
-        return MlpBlockConfig(16, block_i, 32, 32)
-    return MlpBlockConfig(16, block_i, 64, 64)
+    return MlpBlockConfig(16, block_i, 32 if elem_size > 2 else 64)
 
 
 class MlpBlockFamily(KernelFamily):
-    """braze::mlp_block: one decode launch for norm, gate/up, SwiGLU / GeGLU, down and the residual add (not in
-    deterministic compiles: fold_decode_layers leaves their MLPs to the batch-invariant matmuls)."""
+    """braze::mlp_block: one decode launch for norm, gate/up, SwiGLU / GeGLU, down and the residual add
+    (deterministic compiles: LayerCast gate/up and batch-invariant tiles throughout)."""
 
     name = "mlp_block"
-    templates = ("mlp_block.py.j2",)
+    templates = ("mlp_block.py.j2", "projection.py.j2")
+    abi = 2  # 2: the down projection runs in its own programs (no accumulator; h scratch, three tickets)
 
     @property
     def ops(self) -> tuple[Any, ...]:  # type: ignore[override]
@@ -207,25 +224,29 @@ class MlpBlockFamily(KernelFamily):
             return f"gated MLP with activation {a['activation']!r} has no kernel"
         return None
 
-    def lower(self, node: fx.Node, name: str) -> tuple[str, Step]:
+    def lower(self, node: fx.Node, name: str, deterministic: bool = False) -> tuple[str, Step]:
         from braze.ops.schema import op_args
         from braze.runtime.plan import Step
 
         a = op_args(node)
         out = node.meta["val"]
         w = a["gate_weight"].meta["val"]
-        spec = MlpBlockSpec(name, GLU_KINDS[a["activation"]], _precision(w.dtype), FLOAT_NAMES[out.dtype])
+        layercast = deterministic and w.dtype != torch.float32
+        spec = MlpBlockSpec(name, GLU_KINDS[a["activation"]], "ieee" if layercast else _precision(w.dtype),
+                            FLOAT_NAMES[out.dtype], layercast=layercast)
         roles = ["x", "norm_weight", "gate_weight", "up_weight", "down_weight", "residual"]
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
-                    params={"roles": roles, "eps": float(a["eps"])})
+                    params={"roles": roles, "eps": float(a["eps"]), "inter": int(w.shape[0]),
+                            **({"deterministic": True} if deterministic else {})})
         return render_mlp_block(spec), step
 
     def lower_deterministic(self, node: fx.Node, name: str) -> tuple[str, Step]:
-        raise ValueError("mlp_block adds with atomics: deterministic compiles keep the MLP's matmuls")
+        """LayerCast gate/up, and tiles (gate/up and down) that do not depend on the rows."""
+        return self.lower(node, name, deterministic=True)
 
     def workspace(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> dict[str, int]:
-        M = _rows(out_shape)
-        return {"float32": M * int(out_shape[-1]), "int32": M}  # the accumulator; a counter per row block (<= row)
+        # the intermediate h [M, I], written before it is read; the launch's three tickets
+        return {"scratch_float32": _rows(out_shape) * int(params["inter"]), "int32": 3}
 
     def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
                params: dict[str, Any], device: DeviceSpec) -> None:
@@ -237,11 +258,14 @@ class MlpBlockFamily(KernelFamily):
         o = out.view(M, N)
         res = t["residual"].reshape(M, N)
         ws = workspace_tensors(tensors)
-        cfg = mlp_block_config(M, K, inter, N, device, elem_size=max(x.element_size(), wg.element_size()))
-        args = [x, t["norm_weight"], wg, wu, wd, res, o, ws["float32"][:M * N], ws["int32"][:M], M, K, inter, N,
-                *x.stride(), *wg.stride(), *wu.stride(), *wd.stride(), *res.stride(), *o.stride(), float(params["eps"])]
-        launch_kernel(getattr(module, name), (triton.cdiv(inter, cfg.block_i), triton.cdiv(M, cfg.block_m)), *args,
-                      **cfg.meta(device))
+        deterministic = bool(params.get("deterministic"))
+        cfg = mlp_block_config(M, K, inter, device, elem_size=max(x.element_size(), wg.element_size()),
+                               deterministic=deterministic)
+        args = [x, t["norm_weight"], wg, wu, M, K, inter, *x.stride(), *wg.stride(), *wu.stride(),
+                float(params["eps"])]
+        down = Projection(wd, res, o, ws["scratch_float32"], ws["int32"][:3], deterministic)
+        up = triton.cdiv(inter, cfg.block_i) * triton.cdiv(M, cfg.block_m)
+        down.launch(getattr(module, name), up, args, device, **cfg.meta(device))
 
     def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
         return 1

@@ -8,11 +8,9 @@
     linear_glu (norm, gate/up, SwiGLU) -> down linear (+ residual)
                                               -> braze::mlp_block (launch 3)
 
-How the blocks reduce across programs: kernels/decode_layer.py. Under deterministic=True the attention block
-projects one row at a time in fixed tiles, and the verify's tree attention folds the same way, so speculation still
-accepts bitwise decode's tokens; the MLP keeps its two batch-invariant
-matmuls there (a fixed-order sum of the down projection needs every program's partial rows in memory: 2 MB per
-verify row on the 1B shape), so a deterministic decode layer is 4 launches.
+How the blocks reduce across programs: kernels/decode_layer.py. Under deterministic=True both blocks take
+batch-invariant tiles (and LayerCast gate/up), and the verify's tree attention folds too, so speculation still
+accepts bitwise decode's tokens; a deterministic decode layer is 3 launches as well.
 
 The pass runs on the decode plan's graph after it is re-specialized to one token per row (compiler/generation.py),
 and on the verify plan's graph, whose MLPs fold the same way (its flash tree attention keeps its kernels outside
@@ -166,7 +164,7 @@ def fold_decode_layers(gm: fx.GraphModule, ctx: PassContext) -> int:
         tree = ctx.config.deterministic and is_op(node, braze.tree_cached_attention.default)
         if is_op(node, braze.cached_attention.default) or tree:
             kind, why = "attention", _fold_attention(node, order, ctx)
-        elif is_op(node, braze.linear_glu.default) and not ctx.config.deterministic:
+        elif is_op(node, braze.linear_glu.default):
             kind, why = "mlp", _fold_mlp(node, ctx)
         else:
             continue

@@ -236,7 +236,7 @@ class PlanExecutor:
         try:
             self._run_steps(env, syms, slots)
         except BaseException:
-            for buf in self.workspace.values():  # a launch that stopped half way may have left partial sums
+            for buf in self.workspace.values():  # a launch that stopped half way may have left tickets set
                 buf.zero_()
             raise
         finally:
