@@ -80,19 +80,18 @@ def record_step(cm, target: str, context: int) -> list[dict]:  # noqa: ANN001
     with recording_launches() as seen, torch.no_grad():
         ex.run(inputs)
     # launches come in step order; each step issues what its family counts for this target
-    owners = []
+    owners: list[tuple[object, list[int]]] = []
     for step in plan.steps:
         if step.kind in ("fused", "template"):
             shape = [Expr(e)(syms) for e in ex.buffers[step.outputs[0]].shape]
             count = FAMILIES[step.launcher or step.kind].launch_count(step.params, spec, shape)
-            owners += [step] * count
+            owners += [(step, shape)] * count
     assert len(owners) == len(seen), (len(owners), len(seen))
     workspace = {t.data_ptr(): key for key, t in ex.workspace.items()}
     launches = []
-    for step, launch in zip(owners, seen):
+    for (step, shape), launch in zip(owners, seen):
         tensors = {(a.data_ptr(), a.nbytes, a.element_size()) for a in launch.args if isinstance(a, torch.Tensor)}
         # a workspace buffer is sized for the plan's largest shapes: count what this step uses of it at batch 1
-        shape = [Expr(e)(syms) for e in ex.buffers[step.outputs[0]].shape]
         used = FAMILIES[step.launcher or step.kind].workspace(step.params, spec, shape)
         tensors = {(ptr, used[workspace[ptr]] * elem if ptr in workspace else size, elem)
                    for ptr, size, elem in tensors}
@@ -100,7 +99,7 @@ def record_step(cm, target: str, context: int) -> list[dict]:  # noqa: ANN001
         # one table row per token, not the table)
         cap = None
         if step.kind == "fused" and not step.params.get("reduction"):
-            cap = math.prod(Expr(e)(syms) for e in ex.buffers[step.outputs[0]].shape)
+            cap = math.prod(shape)
         nbytes = sum(int(size * live) if ptr in caches else (size if cap is None else min(size, cap * elem))
                      for ptr, size, elem in tensors)
         programs = 1

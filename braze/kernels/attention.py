@@ -266,6 +266,13 @@ class OutputProjection:
 
 
 # ---- launches ---------------------------------------------------------------------------------------------------
+def rope_pair(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin with one set of strides (the kernels take the strides once, for both)."""
+    if cos.stride() != sin.stride():
+        return cos.contiguous(), sin.contiguous()
+    return cos, sin
+
+
 def _row_stride(t: torch.Tensor) -> int:
     """Batch stride of a per-row argument given as one value for the batch ([1], stride 0) or one per row."""
     return 0 if t.numel() == 1 else t.stride(0)
@@ -281,8 +288,7 @@ def flash_attention(kernel: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
     Hkv, Skv = k.shape[1], k.shape[2]
     args: list[Any] = [q, k, v, out]
     if cos is not None:
-        if cos.stride() != sin.stride():
-            cos, sin = cos.contiguous(), sin.contiguous()
+        cos, sin = rope_pair(cos, sin)
         args += [cos, sin]
     if kv_start is not None:  # [B], or [B, Hkv] per kv head (kv_compression="adakv")
         args += [kv_start, _row_stride(kv_start), kv_start.stride(1) if kv_start.dim() == 2 else 0]
@@ -375,8 +381,7 @@ def rope_write(module: Any, name: str, tensors: dict[str, torch.Tensor], device:
     cache_len + s (k rotated by cos/sin row s, i.e. at the position its position_ids gave it)."""
     q, k, v = tensors["q"], tensors["k"], tensors["v"]
     cos, sin = tensors["cos"], tensors["sin"]
-    if cos.stride() != sin.stride():
-        cos, sin = cos.contiguous(), sin.contiguous()
+    cos, sin = rope_pair(cos, sin)
     kc, vc, cache_len = tensors["k_cache"], tensors["v_cache"], tensors["cache_len"]
     B, Hq, S, D = q.shape
     Hkv = k.shape[1]
@@ -420,8 +425,7 @@ def split_kv_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tens
     fused = []
     if rope is not None:
         k_new, v_new, cos, sin = rope
-        if cos.stride() != sin.stride():
-            cos, sin = cos.contiguous(), sin.contiguous()
+        cos, sin = rope_pair(cos, sin)
         cos_b = 0 if cos.shape[0] == 1 else cos.stride(0)
         fused = [k_new, v_new, cos, sin, *k_new.stride(), *v_new.stride(), cos_b, cos.stride(-1)]
     if ring is not None:

@@ -185,18 +185,16 @@ def mlp_block_config(M: int, K: int, inter: int, device: DeviceSpec, *, elem_siz
     deterministic: tiles from K, I and the device only (never the rows), as the deterministic matmul's: per-row
     reductions under the interpreter (its tl.dot is a BLAS call, not row-invariant), fp32 FMA dots with 32-wide K
     tiles and 8 warps on a GPU."""
-    if deterministic:
-        if device.interpret:
-            return MlpBlockConfig(16, pow2_clamp(inter, 16, 64), pow2_clamp(K, 16, 64), row_dot=True)
-        block_i = 64
-        while block_i > 16 and triton.cdiv(inter, block_i) < device.sm_count:
-            block_i //= 2
-        return MlpBlockConfig(16, block_i, 32, num_warps=8)
     if device.interpret:
+        if deterministic:
+            return MlpBlockConfig(16, pow2_clamp(inter, 16, 64), pow2_clamp(K, 16, 64), row_dot=True)
         return MlpBlockConfig(16, pow2_clamp(inter, 16, 128), pow2_clamp(K, 16, 128))
+    row_tiles = 1 if deterministic else triton.cdiv(M, 16)  # deterministic tiles must not depend on the rows
     block_i = 64
-    while block_i > 16 and triton.cdiv(inter, block_i) * triton.cdiv(M, 16) < device.sm_count:
+    while block_i > 16 and triton.cdiv(inter, block_i) * row_tiles < device.sm_count:
         block_i //= 2
+    if deterministic:
+        return MlpBlockConfig(16, block_i, 32, num_warps=8)
     return MlpBlockConfig(16, block_i, 32 if elem_size > 2 else 64)
 
 

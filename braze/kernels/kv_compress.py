@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import triton
 
+from braze.kernels.attention import rope_pair
 from braze.kernels.device import DeviceSpec
 from braze.kernels.family import KernelFamily, launch_kernel, workspace_tensors
 from braze.kernels.matmul import pow2_clamp
@@ -94,8 +95,7 @@ def _rope_tables(cos: torch.Tensor | None, sin: torch.Tensor | None, like: torch
     `like` as a placeholder pointer when there is no RoPE."""
     if cos is None or sin is None:
         return like, like, (0, 0, 0)
-    if cos.stride() != sin.stride():
-        cos, sin = cos.contiguous(), sin.contiguous()
+    cos, sin = rope_pair(cos, sin)
     return cos, sin, (0 if cos.shape[0] == 1 else cos.stride(0), cos.stride(1), cos.stride(2))
 
 
