@@ -72,8 +72,8 @@ def _reference(a, w, w2):
 
 
 def smoke() -> int:
-    """Both forms' configurations on the shipped kernels, 1/64-scale shapes, under the interpreter: fp16, the
-    interpreter's faithful twin of bf16 (its bf16 arithmetic is not)."""
+    """Both forms' configurations on the shipped kernels, 1/64-scale shapes, under the interpreter: fp16 (the
+    interpreter runs it natively; the GPU run times bf16)."""
     os.environ.setdefault("TRITON_INTERPRET", "1")
     from braze.kernels.device import DeviceSpec
 

@@ -213,10 +213,10 @@ def test_rkv_compression_on_cuda_recompresses_with_kernels_like_the_reference():
 
 @pytest.mark.parametrize("policy", ["keydiff", "snapkv", "adakv", "chunkkv", "rkv"])
 def test_kv_compress_kernels_bf16_on_cuda_equal_the_reference(policy):
-    """The bf16 twin of tests/test_kv_compress_kernels.py (the interpreter's bf16 tl.dot is not faithful, so bf16
-    is checked here): scores from tensor-core dots of bf16 values (exact products, fp32 sums) and RoPE in fp32
-    rounded once, as the reference computes them, so the kept tokens and the compressed caches are equal; random
-    data keeps the k-th and (k+1)-th scores far apart compared with the summation-order difference (~1e-6)."""
+    """tests/test_kv_compress_kernels.py's bf16 case on CUDA: scores from tensor-core dots of bf16 values (exact
+    products, fp32 sums) and RoPE in fp32 rounded once, as the reference computes them, so the kept tokens and the
+    compressed caches are equal; random data keeps the k-th and (k+1)-th scores far apart compared with the
+    summation-order difference (~1e-6)."""
     from braze.kernels import device_spec
     from braze.kernels.kv_compress import LayerTensors, compress_layer, new_scratch, render_kv_compress
     from braze.ops.kv_compress import kv_compress_reference

@@ -6,8 +6,9 @@ Exactness: the kept set is a top-k of float scores, so the test asserts the comp
 *equal*, not close. The kernels compute the same fp32 quantities as the reference in a different summation order
 (~1e-7 relative); random data keeps the k-th and (k+1)-th scores far further apart than that, and exact ties
 (duplicated keys) tie in both. RoPE on the window's queries runs in fp32 and is rounded once to q's dtype in both,
-so fp16 rings are equal too. bf16 cannot be checked here (the interpreter's bf16 tl.dot is not faithful); the GPU
-suite's twin (tests/test_gpu.py) checks it.
+so 16-bit rings are equal too. bf16 computes as on a GPU under the interpreter (braze/kernels/interpreter_bf16.py:
+exact products, fp32 sums, one rounding), so it is checked here as well as in the GPU suite's twin
+(tests/test_gpu.py).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def _assert_same(got, want, dtype):
 
 
 @pytest.mark.parametrize("policy", POLICIES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_policy_kernels_equal_the_reference(module, policy, dtype):
     """Scores, selection and compaction of a 70-token prompt (row 1 left-padded by 5, duplicated keys) into a
     48-slot cache: same kept tokens, same slots, same starts as the reference; zeros elsewhere."""

@@ -1,6 +1,6 @@
 """quant="df11" / quant="int6" end to end: passes, lowering, launchers, report, perplexity.
 
-CPU runs use fp32 compute (the Triton interpreter gets BF16 arithmetic wrong): for DFloat11 the tiny Llama's
+CPU runs use fp32 compute (an exact check needs it): for DFloat11 the tiny Llama's
 weights are rounded to BF16 and back, so the BF16 streams decode (then widen exactly to fp32) to the very weights
 of the uncompressed model, and the compiled logits must be bit-identical to the uncompressed compile's.
 """

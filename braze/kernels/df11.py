@@ -47,7 +47,7 @@ GEMV_KERNEL_NAME = "df11_gemv_kernel"
 MAX_LUT_LEVELS = 4  # 32-bit codes -> root table + 3 levels
 STREAM_ROLES = ("encoded", "sign_mantissa", "gaps", "output_positions", "luts", "code_lengths")
 
-# Widen BF16 bits to the compute dtype without BF16 arithmetic (the interpreter gets that wrong): the BF16 bit
+# Widen BF16 bits to the compute dtype with bit moves only (exact, and no conversion unit needed): the BF16 bit
 # pattern shifted left by 16 *is* the fp32 value.
 _WIDEN = """
 

@@ -17,12 +17,15 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from braze.kernels import interpreter_bf16
 from braze.kernels.device import DeviceSpec
 
 if TYPE_CHECKING:
     import torch.fx as fx
 
     from braze.runtime.plan import Step
+
+interpreter_bf16.install()  # bf16 kernels under the Triton interpreter compute as on a GPU
 
 FLOAT_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
