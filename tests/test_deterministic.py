@@ -1,7 +1,7 @@
 """Deterministic mode (issue #16): a request's logits are bitwise the same alone or in any batch.
 
-Under the Triton interpreter (CPU): tiny Llama / Qwen2, fp32 and fp16 weights (fp16 through LayerCast: weights are
-upcast to fp32 inside the matmul kernels). A request's logits at every generated position (prefill, then each
+Under the Triton interpreter (CPU): tiny Llama / Qwen2, fp32 and fp16 weights, and Llama in bf16 (16-bit weights
+through LayerCast: upcast to fp32 inside the matmul kernels; bf16 computes as on a GPU: kernels/interpreter_bf16.py). A request's logits at every generated position (prefill, then each
 decode step) are compared with `.view(torch.int32)` across batch sizes with random companion prompts of random
 lengths (so the request is left-padded by a random amount, and sits at a random row).
 """
@@ -64,7 +64,8 @@ def _bitwise_diff(a, b):
 
 
 @pytest.fixture(scope="module", params=[("llama", torch.float32), ("qwen2", torch.float32),
-                                        ("llama", torch.float16), ("qwen2", torch.float16)],
+                                        ("llama", torch.float16), ("qwen2", torch.float16),
+                                        ("llama", torch.bfloat16)],  # bf16 computes as on a GPU: interpreter_bf16
                 ids=lambda p: f"{p[0]}-{str(p[1]).removeprefix('torch.')}")
 def det(request):
     arch, dtype = request.param
