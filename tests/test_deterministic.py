@@ -1,9 +1,10 @@
 """Deterministic mode (issue #16): a request's logits are bitwise the same alone or in any batch.
 
 Under the Triton interpreter (CPU): tiny Llama / Qwen2, fp32 and fp16 weights, and Llama in bf16 (16-bit weights
-through LayerCast: upcast to fp32 inside the matmul kernels; bf16 computes as on a GPU: kernels/interpreter_bf16.py). A request's logits at every generated position (prefill, then each
-decode step) are compared with `.view(torch.int32)` across batch sizes with random companion prompts of random
-lengths (so the request is left-padded by a random amount, and sits at a random row).
+through LayerCast: upcast to fp32 inside the matmul kernels; bf16 computes as on a GPU:
+kernels/interpreter_bf16.py). A request's logits at every generated position (prefill, then each decode step) are
+compared with `.view(torch.int32)` across batch sizes with random companion prompts of random lengths (so the
+request is left-padded by a random amount, and sits at a random row).
 """
 
 import pytest
