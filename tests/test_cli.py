@@ -412,3 +412,28 @@ def test_eval_prints_a_perplexity_table(capsys):
     agreement = [r.split("|")[6].strip() for r in rows]
     assert agreement[0] == agreement[1] == "8/8 / 100.0%"  # the reference, and the same model compiled
     assert re.fullmatch(r"\d/8 / \d+\.\d%", agreement[2])
+
+
+def test_tensor_parallel_package_through_the_cli(tmp_path):
+    """`braze compile --tp 2` then `torchrun --nproc-per-node 2 -m braze run`, as the help says: the tokens of the
+    tp=1 package (same model, same prompt), printed once (rank 0 speaks for the group: text on stdout, one stats
+    line on stderr); outside torchrun, run / bench / check name the torchrun command in one line."""
+    tp1, tp2 = tmp_path / "tp1", tmp_path / "tp2"
+    for out, extra in ((tp1, []), (tp2, ["--tp", "2"])):
+        done = _cli("compile", FACTORY, "-o", str(out), "--max-seq", "32", "--max-batch", "1", *extra, timeout=300)
+        assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in tp2.iterdir()) == ["rank0", "rank1", "shards.json"]
+    prompt = ["--prompt-ids", "5 6 7 8", "--max-new-tokens", "5"]
+    want = _cli("run", str(tp1), *prompt)
+    assert want.returncode == 0, want.stderr
+    torchrun = Path(sys.executable).parent / "torchrun"
+    env = dict(os.environ, TRITON_INTERPRET="1", HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    got = subprocess.run([str(torchrun), "--nproc-per-node", "2", "-m", "braze", "run", str(tp2), *prompt],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == want.stdout and "[braze] 5 tokens" in want.stderr
+    assert sum("tokens/s" in line for line in got.stderr.splitlines()) == 1, got.stderr
+    for command in (["run", str(tp2), *prompt], ["bench", str(tp2)], ["check", str(tp2), FACTORY]):
+        refused = _cli(*command)
+        assert refused.returncode != 0
+        assert "torchrun --nproc-per-node 2" in _one_line_error(refused.stderr), command

@@ -18,11 +18,12 @@ Heavy imports (torch, transformers) happen inside the commands.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import warnings
 
 from . import bench, cache, check, compile, eval, inspect, run
-from .common import EXIT_RUNTIME, EXIT_USAGE, CheckFailed, Parser, UsageError, err
+from .common import EXIT_RUNTIME, EXIT_USAGE, CheckFailed, Parser, UsageError, err, secondary_rank
 from .models import MODEL_HELP
 
 COMMANDS = (compile, run, inspect, bench, check, eval, cache)
@@ -88,7 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
-        return int(args.func(args) or 0)
+        if secondary_rank():  # under torchrun every rank runs the command; rank 0 prints its output
+            with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+                code = int(args.func(args) or 0)
+        else:
+            code = int(args.func(args) or 0)
+        _leave_process_group(wait=True)
+        return code
     except KeyboardInterrupt:
         err("braze: interrupted")
         return 130
@@ -99,7 +106,21 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         code, prefix = classify(e)
         err(f"braze {args.command}: {prefix}{_one_line(e)}")
+        _leave_process_group(wait=False)
         return code
+
+
+def _leave_process_group(wait: bool) -> None:
+    """Tear down the torch.distributed group a tp package's ranks joined (left to interpreter exit, gloo's threads
+    can abort the process); `wait`: after every rank is done, so none tears down under another's collective."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
 
 
 __all__ = ["build_parser", "main"]

@@ -8,6 +8,7 @@ Nothing here re-implements the library: packages load with `braze.runtime.packag
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -87,6 +88,11 @@ def add_sha256(p: argparse.ArgumentParser) -> None:
 # ---- shared helpers ------------------------------------------------------------------------------------------------
 def err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
+
+
+def secondary_rank() -> bool:
+    """True on ranks 1.. of a torchrun launch (a tp package runs on every rank; rank 0 speaks for them)."""
+    return os.environ.get("RANK", "0") not in ("", "0") and "WORLD_SIZE" in os.environ
 
 
 class Stages:

@@ -46,7 +46,8 @@ class LoadedModel:
 
 
 def is_package(path: str | os.PathLike) -> bool:
-    return Path(path).is_dir() and (Path(path) / "manifest.json").is_file()
+    """A braze package directory, or a tensor-parallel one (shards.json over one package per rank)."""
+    return Path(path).is_dir() and any((Path(path) / f).is_file() for f in ("manifest.json", "shards.json"))
 
 
 def resolve_model(spec: str, dtype: Any = None, device: Any = "cpu") -> LoadedModel:

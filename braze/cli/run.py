@@ -26,6 +26,7 @@ from .common import (
     package_tokenizer,
     positive_int,
     probability,
+    secondary_rank,
 )
 
 
@@ -189,7 +190,9 @@ def main(args: argparse.Namespace) -> int:
         speculate = getattr(compiled.config, "speculate", None) == "suffix"
     ids = torch.tensor([prompt], dtype=torch.long, device=compiled.device)
     eos = _eos_ids(tokenizer, compiled.model_config)
-    streamer = Streamer(tokenizer, len(prompt)) if args.stream else None
+    # a tp package runs on every rank of its group; they all generate the same tokens, rank 0 prints them
+    speaks = not secondary_rank()
+    streamer = Streamer(tokenizer, len(prompt)) if args.stream and speaks else None
     start = time.perf_counter()
     out = compiled.generate(ids, max_new_tokens=max_new, eos_token_id=eos or None, streamer=streamer,
                             speculate=speculate, **sampling)
@@ -197,6 +200,8 @@ def main(args: argparse.Namespace) -> int:
     new = out[0, len(prompt):].tolist()
     if eos and any(t in eos for t in new):  # the row stopped: drop the padding after its EOS
         new = new[: next(i for i, t in enumerate(new) if t in eos) + 1]
+    if not speaks:
+        return 0
     if streamer is None:
         print(decode(tokenizer, new))
     rate = len(new) / seconds if seconds > 0 else float("inf")
