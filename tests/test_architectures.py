@@ -5,7 +5,8 @@ once. For each: forward logits through the generated kernels (Triton interpreter
 (batch, seq) shapes; greedy generate of 16 tokens token-identical to HF generate at batch 1 and on a left-padded
 batch of 2 (reference executor: the rewritten prefill / decode graphs); a package round trip whose forward and
 first generated tokens run the packaged kernels; and the eager steps of the forward and decode plans, asserted
-exactly, so a pattern that silently stops matching fails here.
+exactly, so a pattern that silently stops matching fails here. Each architecture again in bf16 (the GPU's default
+dtype) through the kernels: forward logits and greedy decode (test_bf16_through_kernels).
 
 `python tests/test_architectures.py` prints the launch table (forward / decode launches per layer, eager steps)
 written to benchmarks/results/cpu-2core-2026-11-30-architectures.md.
@@ -127,6 +128,32 @@ def test_greedy_generate_matches_hf(lm):
     ids[mask == 0] = 0
     out = cm.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=0)
     assert torch.equal(out, _hf_generate(model, ids, mask)), arch
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bf16_through_kernels(arch):
+    """bf16, the dtype a GPU compile defaults to, through every plan's kernels (the interpreter computes bf16 as a
+    GPU does: braze/kernels/interpreter_bf16.py): forward logits within 2 bf16 ulps of eager at the logits' scale
+    (eager rounds after every op, the kernels sum in fp32 and round once; measured: at most 1 ulp), and 8 greedy
+    tokens (prefill + decode plans, decode-layer blocks where they fold) each within 2 ulps of the best logit of
+    the eager model run over the same sequence: bf16 logits tie often in a tiny random model, so a sequence may
+    take the other side of a near-tie than HF generate (gemma3_text does at token 6), while a wrong kernel picks
+    tokens far below the best."""
+    model = tiny_causal_lm(arch, layers=1, vocab=VOCAB).to(torch.bfloat16).eval()
+    cm = braze.compile(model, max_seq=MAX_SEQ, max_batch=2, executor="interpret")
+    ids = _ids(2, 9, 3)
+    with torch.no_grad():
+        want = model(ids).logits.float()
+    got = cm(ids).logits.float()
+    ulp = 2.0 ** (torch.floor(torch.log2(want.abs().max())).item() - 7)
+    assert (got - want).abs().max().item() <= 2 * ulp, arch
+    prompt = ids[:1]
+    out = cm.generate(prompt, max_new_tokens=8, eos_token_id=None, pad_token_id=0)
+    assert out.shape == (1, 17)
+    with torch.no_grad():
+        ref = model(out).logits.float()[0]
+    for t in range(prompt.shape[1], out.shape[1]):  # the logits at t - 1 chose token t
+        assert ref[t - 1, out[0, t]] >= ref[t - 1].max() - 2 * ulp, (arch, t)
 
 
 def test_package_round_trip(lm, tmp_path):

@@ -170,7 +170,8 @@ def _strip_cast(n):
 
 def _bmm_attention(out: fx.Node, ctx: PassContext):
     """Bloom: bmm(softmax(reshape(bias + bmm(q, k^T) * scale, [B, H, S, S]) + mask), v) with heads merged into
-    the batch ([B*H, S, D] views of the 4-D q / k / v); the bias (ALiBi) joins the mask."""
+    the batch ([B*H, S, D] views of the 4-D q / k / v); the bias (ALiBi) joins the mask. In 16 bits the baddbmm
+    is captured in fp32 (casts around q, k^T, the bias and the sum): the attention op computes in fp32 anyway."""
     p3, v3 = out.args
     v = _unmerge_heads(v3)
     if v is None or not is_op(p3, aten.reshape.default) or len(out.users) != 1:
@@ -184,17 +185,21 @@ def _bmm_attention(out: fx.Node, ctx: PassContext):
         scores4, mask = scores4.args[0], scores4.args[1]
     if not is_op(scores4, aten.reshape.default):
         return None
-    s3, bias = scores4.args[0], None
+    # 16-bit models: baddbmm runs in fp32 (its operands and the bias upcast, the sum cast back)
+    s3, bias = _strip_cast(scores4.args[0]), None
     if is_op(s3, aten.add.Tensor):
         a, b = s3.args[0], s3.args[1]
         s3, bias = (b, a) if is_op(b, aten.mul.Tensor, aten.bmm.default) else (a, b)
+        bias = _strip_cast(bias)
     scale = 1.0
     if is_op(s3, aten.mul.Tensor) and isinstance(s3.args[1], float):
         scale, s3 = s3.args[1], s3.args[0]
-    if not is_op(s3, aten.bmm.default) or not is_op(s3.args[1], aten.permute.default) or \
-            list(s3.args[1].args[1]) != [0, 2, 1]:
+    if not is_op(s3, aten.bmm.default):
         return None
-    q, k = _unmerge_heads(s3.args[0]), _unmerge_heads(s3.args[1].args[0])
+    q3, kt3 = _strip_cast(s3.args[0]), _strip_cast(s3.args[1])
+    if not is_op(kt3, aten.permute.default) or list(kt3.args[1]) != [0, 2, 1]:
+        return None
+    q, k = _unmerge_heads(q3), _unmerge_heads(kt3.args[0])
     shape4 = list(scores4.args[1]) if len(scores4.args) > 1 else None
     if q is None or k is None or shape4 is None or len(shape4) != 4:
         return None
