@@ -111,12 +111,18 @@ def _compile_causal_lm(model: torch.nn.Module, config: CompileConfig) -> Compile
     """Forward, prefill and decode plans from one capture."""
     from braze.compiler.capture import capture_causal_lm
     from braze.compiler.generation import attach_compression, compile_generation
+    from braze.runtime.errors import CaptureError
 
     build_config = _with_calibration(model, config)
     cap = capture_causal_lm(model, config.max_batch, config.max_seq)
     compiled = _build(cap, build_config, _device_of(model), type(model).__name__, model_config=model.config)
     compiled.config = config  # calibration statistics are only needed by the quant pass; don't keep them alive
-    gen = compile_generation(cap, config, compiled.report)
+    try:
+        gen = compile_generation(cap, config, compiled.report)
+    except CaptureError as e:  # attention braze cannot put over a KV cache: the forward plan still runs, exactly
+        compiled.generation_missing = str(e)
+        compiled.report.extra["generation"] = f"not built: {e}"
+        return compiled
     gen_cfg = getattr(model, "generation_config", None)
     eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
     pad = getattr(gen_cfg, "pad_token_id", None) if gen_cfg is not None else None

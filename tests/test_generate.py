@@ -216,3 +216,45 @@ def test_fake_propagation_records_sizes_that_became_constants():
         fake = torch.empty(2, 1)
     MemoFakeTensorProp(gm, mode).propagate_dont_convert_inputs(fake)
     assert size.meta["val"] == 1
+
+
+def _broadcast_sum_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Eager attention with scores as a broadcast product summed over the head dim: a form braze does not recognise
+    as attention (no matmul of q and k^T), standing in for any custom attention a model may bring."""
+    from transformers.models.llama.modeling_llama import repeat_kv
+
+    k, v = repeat_kv(key, module.num_key_value_groups), repeat_kv(value, module.num_key_value_groups)
+    scores = (query[:, :, :, None, :] * k[:, :, None, :, :]).sum(-1) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    probs = torch.softmax(scores, dim=-1)
+    return torch.matmul(probs, v).transpose(1, 2).contiguous(), probs
+
+
+def test_unrecognised_attention_compiles_the_forward_and_says_why_generate_cannot(monkeypatch, tmp_path, capsys):
+    """A compile never fails on a model eager runs: attention braze cannot put over a KV cache leaves the forward
+    plan (exact: the kernels and the eager attention ops), and generate() / `braze run` refuse in one line that
+    names the softmax, in the compiled model and in its package."""
+    import transformers.models.llama.modeling_llama as modeling_llama
+
+    from braze.cli import main
+    from braze.runtime.errors import ConfigError
+
+    monkeypatch.setattr(modeling_llama, "eager_attention_forward", _broadcast_sum_attention)
+    model = tiny_causal_lm("llama", layers=1)
+    model.set_attn_implementation("eager")
+    cm = braze.compile(model, max_seq=32, max_batch=2)
+    ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(cm(ids).logits, model(ids).logits, atol=1e-4, rtol=0)
+    assert "generation: not built:" in str(cm.report) and "did not recognize as attention" in str(cm.report)
+    with pytest.raises(ConfigError, match="generate\\(\\) is not available for this model: .*softmax"):
+        cm.generate(ids, max_new_tokens=2)
+    cm.save(tmp_path / "pkg")
+    loaded = braze.load(tmp_path / "pkg")
+    with pytest.raises(ConfigError, match="did not recognize as attention"):
+        loaded.generate(ids, max_new_tokens=2)
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "pkg"), "--prompt-ids", "5 6 7"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "no generation plans: _softmax" in line and "did not recognize as attention" in line

@@ -172,6 +172,8 @@ def main(args: argparse.Namespace) -> int:
             raise UsageError(f"{args.package}: 'run' needs a causal-LM package; this one holds "
                              f"{compiled.manifest.get('model')} (use 'braze check' or 'braze bench')")
         if getattr(compiled, "generator", None) is None:
+            if getattr(compiled, "generation_missing", None):
+                raise UsageError(f"{args.package}: the package has no generation plans: {compiled.generation_missing}")
             raise UsageError(f"{args.package}: the package has no generation plans (prefill/decode); recompile it "
                              f"with 'braze compile'")
         stages.start("loading tokenizer")

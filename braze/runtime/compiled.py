@@ -45,6 +45,8 @@ class CompiledModel:
         self.graph_module = graph_module
         self.config = config
         self.model_config = model_config
+        # why a causal LM has no generation plans (attention braze could not put over a KV cache); None otherwise
+        self.generation_missing: str | None = None
         if executor == "reference":
             if graph_module is None:
                 raise RuntimeError("the reference executor needs the rewritten graph; packages hold plans only")
@@ -120,6 +122,8 @@ class CompiledModel:
         from braze.runtime.generate import GENERATE_OPTIONS
 
         if getattr(self, "generator", None) is None:
+            if self.generation_missing:
+                raise ConfigError(f"generate() is not available for this model: {self.generation_missing}")
             raise ConfigError("generate() needs a causal LM compiled by braze.compile (no generation plans here)")
         unknown = sorted(set(options) - set(GENERATE_OPTIONS))
         if unknown:

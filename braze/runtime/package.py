@@ -283,6 +283,7 @@ def _write_contents(compiled: Any, root: Path, tokenizer: Any, metadata: dict | 
                     "bytes": sum(t.nbytes for t in tensors.values())},
         "tokenizer": TOKENIZER_DIR if tokenizer is not None else None,
         "generation": _generation_info(compiled, plans),
+        "generation_missing": getattr(compiled, "generation_missing", None),
         "metadata": _jsonable(metadata) if metadata else {},
         **({"gpu_targets": gpu_targets} if gpu_targets else {}),
         "files": files,
@@ -559,6 +560,7 @@ def load_package(path: str | os.PathLike, executor: str = "auto", sha256: str | 
     compiled = CompiledModel(plans[primary], weights, device, executor_name, report=None, out_spec=out_spec,
                              in_spec=in_spec, causal_lm=bool(manifest.get("causal_lm")), graph_module=None,
                              config=config, model_config=model_config)
+    compiled.generation_missing = manifest.get("generation_missing")
     gen = manifest.get("generation")
     if gen and hasattr(compiled, "attach_generation"):
         missing = [gen[k] for k in ("prefill", "decode") if gen[k] not in plans]
