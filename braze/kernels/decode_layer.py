@@ -188,7 +188,7 @@ def mlp_block_config(M: int, K: int, inter: int, device: DeviceSpec, *, elem_siz
     if device.interpret:
         if deterministic:
             return MlpBlockConfig(16, pow2_clamp(inter, 16, 64), pow2_clamp(K, 16, 64), row_dot=True)
-        return MlpBlockConfig(16, pow2_clamp(inter, 16, 128), pow2_clamp(K, 16, 128))
+        return MlpBlockConfig(16, pow2_clamp(inter, 16, 512), pow2_clamp(K, 16, 512))
     row_tiles = 1 if deterministic else triton.cdiv(M, 16)  # deterministic tiles must not depend on the rows
     block_i = 64
     while block_i > 16 and triton.cdiv(inter, block_i) * row_tiles < device.sm_count:

@@ -50,8 +50,8 @@ class Projection:
         rows, (n, k) = self.out.shape[0], self.weight.shape
         if device.interpret:  # large tiles: the interpreter's cost is per program and per loop trip
             row_dot = self.deterministic
-            return {"BLOCK_O": pow2_clamp(n, 16, 128), "BLOCK_R": 1 if row_dot else 16,
-                    "BLOCK_KO": pow2_clamp(k, 16, 128), "ROW_DOT": row_dot}
+            return {"BLOCK_O": pow2_clamp(n, 16, 512), "BLOCK_R": 1 if row_dot else 16,
+                    "BLOCK_KO": pow2_clamp(k, 16, 512), "ROW_DOT": row_dot}
         if self.deterministic or rows == 1:
             c = gemv_config(1, n, k, device, elem_size=self.weight.element_size(), num_warps=num_warps)
             return {"BLOCK_O": c.block_n, "BLOCK_R": 1, "BLOCK_KO": c.block_k, "ROW_DOT": True}
