@@ -111,7 +111,7 @@ def _compile_causal_lm(model: torch.nn.Module, config: CompileConfig) -> Compile
     """Forward, prefill and decode plans from one capture."""
     from braze.compiler.capture import capture_causal_lm
     from braze.compiler.generation import attach_compression, compile_generation
-    from braze.runtime.errors import CaptureError
+    from braze.runtime.errors import KVCacheUnsupportedError
 
     build_config = _with_calibration(model, config)
     cap = capture_causal_lm(model, config.max_batch, config.max_seq)
@@ -119,7 +119,7 @@ def _compile_causal_lm(model: torch.nn.Module, config: CompileConfig) -> Compile
     compiled.config = config  # calibration statistics are only needed by the quant pass; don't keep them alive
     try:
         gen = compile_generation(cap, config, compiled.report)
-    except CaptureError as e:  # attention braze cannot put over a KV cache: the forward plan still runs, exactly
+    except KVCacheUnsupportedError as e:  # attention braze cannot put over a KV cache: the forward plan runs, exactly
         compiled.generation_missing = str(e)
         compiled.report.extra["generation"] = f"not built: {e}"
         return compiled

@@ -437,3 +437,19 @@ def test_tensor_parallel_package_through_the_cli(tmp_path):
         refused = _cli(*command)
         assert refused.returncode != 0
         assert "torchrun --nproc-per-node 2" in _one_line_error(refused.stderr), command
+
+
+def test_a_callers_process_group_survives_a_command(package, tmp_path, capsys):
+    """braze.cli.main inside a program's own torch.distributed group: the command leaves that group alone (braze
+    tears down only a group it started itself for a tp package)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        assert main(["inspect", str(package)]) == 0
+        assert dist.is_initialized()
+        assert main(["run", str(tmp_path / "missing"), "--prompt-ids", "5 6"]) != 0
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
+    capsys.readouterr()

@@ -111,16 +111,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _leave_process_group(wait: bool) -> None:
-    """Tear down the torch.distributed group a tp package's ranks joined (left to interpreter exit, gloo's threads
-    can abort the process); `wait`: after every rank is done, so none tears down under another's collective."""
+    """Tear down the group a tp package's ranks joined under this command (only one braze started)."""
     import sys
 
-    dist = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_available() or not dist.is_initialized():
-        return
-    if wait:
-        dist.barrier()
-    dist.destroy_process_group()
+    sharded = sys.modules.get("braze.runtime.sharded_package")
+    if sharded is not None:
+        sharded.leave_own_process_group(wait)
 
 
 __all__ = ["build_parser", "main"]

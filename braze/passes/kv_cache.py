@@ -22,7 +22,7 @@ from braze.ops.schema import op_args
 from braze.passes.context import PassContext
 from braze.passes.graph_utils import aten, dce, is_op, new_node, val
 from braze.passes.masks import MaskInfo, classify_mask
-from braze.runtime.errors import CaptureError
+from braze.runtime.errors import KVCacheUnsupportedError
 
 braze = torch.ops.braze
 STATE_INPUTS = ("cache_len", "kv_start")
@@ -53,9 +53,10 @@ def _unrecognized_attention(gm: fx.GraphModule) -> list[str]:
 def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> int:
     missed = _unrecognized_attention(gm)
     if missed:
-        raise CaptureError(f"{', '.join(missed)}: softmax over attention scores that braze did not recognize as "
-                           "attention; generation over a KV cache would drop those layers' past tokens, so braze "
-                           "does not build it (the forward plan is exact)")
+        raise KVCacheUnsupportedError(
+            f"{', '.join(missed)}: softmax over attention scores that braze did not recognize as attention; generation "
+            "over a KV cache would drop those layers' past tokens, so braze does not build it (the forward plan is "
+            "exact)")
     attn = [n for n in gm.graph.nodes if is_op(n, braze.attention.default, braze.general_attention.default)]
     if not attn:
         return 0
@@ -140,14 +141,16 @@ def _general(gm: fx.GraphModule, node: fx.Node, a: dict, general: bool, state: t
             window = window or info.window
         elif info.kind == "dense":
             if info.seq < ctx.config.max_seq:
-                raise CaptureError(f"{node.name}: its mask ({info.describe()}) was evaluated on {info.seq} positions, "
-                                   f"fewer than max_seq={ctx.config.max_seq}; compile with a smaller max_seq")
+                raise KVCacheUnsupportedError(
+                    f"{node.name}: its mask ({info.describe()}) was evaluated on {info.seq} positions, fewer than "
+                    f"max_seq={ctx.config.max_seq}; compile with a smaller max_seq")
             if mask not in biases:
                 biases[mask] = ctx.add_weight(gm, f"attn_bias_{mask.name}", info.bias)
             bias = biases[mask]
         elif info.kind == "dynamic":
-            raise CaptureError(f"{node.name}: generation needs an attention mask computed from positions only; this "
-                               "one depends on activations or token values")
+            raise KVCacheUnsupportedError(
+                f"{node.name}: generation needs an attention mask computed from positions only; this one depends on "
+                "activations or token values")
     elif not a.get("causal"):  # full attention over whatever is cached: an all-zero bias (no causal limit)
         if None not in biases:
             n = ctx.config.max_seq

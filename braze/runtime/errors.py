@@ -29,6 +29,10 @@ class CaptureError(BrazeError):
     """The model could not be captured as a graph."""
 
 
+class KVCacheUnsupportedError(CaptureError):
+    """The graph captured, but its attention cannot be put over a KV cache: the forward plan still runs."""
+
+
 class SamplingError(BrazeError, RuntimeError):
     """The logits to sample from are not a distribution (NaN, +inf, or every token masked out)."""
 

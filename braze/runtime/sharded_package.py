@@ -78,16 +78,32 @@ def _save_any(compiled: Any, path: Any, tokenizer: Any = None, metadata: dict[st
 CompiledModel.package_writer = _save_any
 
 
+_OWN_GROUP = {"started": False}
+
+
 def _process_group(world: int, root: Path) -> int:
     """This process's rank in the N-rank group the package needs (started here under torchrun's environment)."""
     if not dist.is_initialized() and "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        _OWN_GROUP["started"] = True
     if not dist.is_initialized():
         raise ConfigError(f"{root} is a tp={world} package: run it on {world} ranks of a torch.distributed process "
                           f"group (torchrun --nproc-per-node {world})")
     if dist.get_world_size() != world:
         raise ConfigError(f"{root} is a tp={world} package; this process group has {dist.get_world_size()} ranks")
     return dist.get_rank()
+
+
+def leave_own_process_group(wait: bool) -> None:
+    """Tear down the process group braze started for a tp package (left to interpreter exit, gloo's threads can
+    abort the process); a group the caller initialised is theirs and stays. `wait`: after every rank is done, so
+    none tears down under another's collective."""
+    if not _OWN_GROUP["started"] or not dist.is_initialized():
+        return
+    if wait:
+        dist.barrier()
+    dist.destroy_process_group()
+    _OWN_GROUP["started"] = False
 
 
 def read_index(root: Path) -> dict[str, Any]:
