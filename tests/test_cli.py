@@ -182,6 +182,30 @@ def test_run_generates_what_the_library_generates(options, kwargs, package, load
     assert got == _library(loaded, "Hello", **kwargs)
 
 
+def test_run_says_when_a_row_stops_at_end_of_sequence(package, loaded, ids_out, capsys):
+    """Fewer tokens than --max-new-tokens because the model emitted EOS: the stats line names the stop; a run that
+    reaches --max-new-tokens says nothing of the kind."""
+    rt, tok = loaded
+    eos = cli_run._eos_ids(tok, rt.model_config)
+    stops = runs = None
+    for k in range(3, 60):  # greedy continuations of seeded weights: find a prompt of each kind
+        new = rt.generate(torch.tensor([[k, k + 1, k]]), max_new_tokens=4)[0, 3:].tolist()
+        hit = next((i for i, t in enumerate(new) if t in eos), None)
+        if hit is not None and hit < 3 and stops is None:
+            stops = (k, new[: hit + 1])
+        elif hit is None and runs is None:
+            runs = k
+    assert stops is not None and runs is not None
+    k, want = stops
+    assert main(["run", str(package), "--prompt-ids", f"{k} {k + 1} {k}", "--max-new-tokens", "4"]) == 0
+    got = capsys.readouterr()
+    assert [int(x) for x in got.out.split()] == want
+    assert f"[braze] {len(want)} tokens (stopped at end-of-sequence token {want[-1]}) in" in got.err
+    assert main(["run", str(package), "--prompt-ids", f"{runs} {runs + 1} {runs}", "--max-new-tokens", "4"]) == 0
+    got = capsys.readouterr()
+    assert len(got.out.split()) == 4 and "[braze] 4 tokens in" in got.err and "end-of-sequence" not in got.err
+
+
 def test_the_issue_command_samples_at_a_temperature_without_top_p(package, capsys):
     # issue #19: `braze run pkg --prompt hello --temperature 0.7` failed with a TypeError (top_p None)
     assert main(["run", str(package), "--prompt", "hello", "--temperature", "0.7", "--max-new-tokens", "3"]) == 0

@@ -200,8 +200,11 @@ def main(args: argparse.Namespace) -> int:
                             speculate=speculate, **sampling)
     seconds = time.perf_counter() - start
     new = out[0, len(prompt):].tolist()
+    stopped = ""
     if eos and any(t in eos for t in new):  # the row stopped: drop the padding after its EOS
         new = new[: next(i for i, t in enumerate(new) if t in eos) + 1]
+        if len(new) < max_new:
+            stopped = f" (stopped at end-of-sequence token {new[-1]})"
     if not speaks:
         return 0
     if streamer is None:
@@ -211,6 +214,6 @@ def main(args: argparse.Namespace) -> int:
            "sampled (" + ", ".join(f"{k}={sampling[k]}" for k in ("temperature", "top_k", "top_p", "seed")
                                    if sampling[k] is not None) + ")")
     how += ", speculative (suffix)" if speculate else ""
-    err(f"[braze] {len(new)} tokens in {seconds:.2f} s ({rate:.2f} tokens/s), {how}; executor: "
+    err(f"[braze] {len(new)} tokens{stopped} in {seconds:.2f} s ({rate:.2f} tokens/s), {how}; executor: "
         f"{executor_words(compiled.executor_name, compiled.device)}; package loaded in {load_s:.2f} s")
     return 0
