@@ -477,3 +477,20 @@ def test_a_callers_process_group_survives_a_command(package, tmp_path, capsys):
     finally:
         dist.destroy_process_group()
     capsys.readouterr()
+
+
+def test_bench_times_forward_and_decode_side_by_side(package, loaded, capsys):
+    """`braze bench PKG --decode N`: the forward table, then a decode table with the eager model (HF generate over a
+    static cache), torch.compile (a row, or a note naming why it could not run) and the package, and the package's
+    decode launches; the eager model is the one the manifest records."""
+    assert main(["bench", str(package), "--seq", "6", "--decode", "3", "--iters", "1", "--batch", "2"]) == 0
+    out = capsys.readouterr().out
+    forward, decode = out.split("\ndecode: ")
+    assert "inputs 2x6" in forward and re.search(r"^eager\s+PyTorch", forward, re.M)
+    assert decode.startswith("3 new tokens after the 6-token prompt, batch 2, greedy")
+    rows = {m.group(1): float(m.group(2)) for m in re.finditer(
+        r"^(eager|torch\.compile|braze \(package\))\s+\S+(?: generate)?\s+(\d+\.\d+)\s+\d", decode, re.M)}
+    assert "eager" in rows and "braze (package)" in rows and all(v > 0 for v in rows.values())
+    assert "torch.compile" in rows or "note: torch.compile decode unavailable: " in decode
+    rt, _ = loaded
+    assert f"braze: {rt.generator.decode.plan.launches} launches per decode step" in decode

@@ -1,4 +1,5 @@
-"""`braze bench MODEL|PKG`: one forward of braze, eager PyTorch and torch.compile on the same inputs, side by side."""
+"""`braze bench MODEL|PKG`: one forward of braze, eager PyTorch and torch.compile on the same inputs, side by side;
+with --decode N, also the decode step of generation (what an LLM user waits on), timed the same way for all three."""
 
 from __future__ import annotations
 
@@ -44,6 +45,10 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     add_executor(p)
     p.add_argument("--dtype", choices=DTYPES, default=None, help="MODEL only: model dtype (default auto: float32 "
                    "on CPU, bfloat16 on a GPU); a package keeps the dtype it was compiled with")
+    p.add_argument("--decode", type=positive_int, default=None, metavar="N",
+                   help="causal LMs: also time decoding N new tokens (N >= 2) after the --seq prompt, greedy, at "
+                   "--batch; a step is (t(N) - t(1)) / (N - 1), so the prefill cancels. Eager and torch.compile "
+                   "run HF generate over a static KV cache")
     p.add_argument("--no-torch-compile", action="store_true", help="skip the torch.compile row")
     add_sha256(p)
     p.set_defaults(func=main)
@@ -73,11 +78,86 @@ def _time(fn: Any, inputs: tuple, iters: int, warmup: int, cuda: bool) -> tuple[
 
 
 
+def _decode_step(generate: Any, new_tokens: int, iters: int, cuda: bool) -> float:
+    """Seconds per decode step: best t(N) minus best t(1) over `iters` rounds, over N - 1 steps (both warmed)."""
+    import torch
+
+    def once(n: int) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        generate(n)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    once(new_tokens)
+    once(1)
+    best = {n: min(once(n) for _ in range(iters)) for n in (new_tokens, 1)}
+    return max(best[new_tokens] - best[1], 1e-9) / (new_tokens - 1)
+
+
+def _hf_generate(model: Any, ids: Any, compiled_forward: bool, cuda: bool) -> Any:
+    """HF generate of exactly n greedy tokens over a static KV cache; compiled_forward: torch.compile'd through
+    generate's compile_config (reduce-overhead on a GPU, inductor's default mode on a CPU)."""
+    import torch
+    from transformers import CompileConfig
+
+    if compiled_forward:
+        config = CompileConfig(mode="reduce-overhead" if cuda else None, fullgraph=False)
+        config._compile_all_devices = True  # HF compiles on CUDA only unless told otherwise
+        opts: dict[str, Any] = {"compile_config": config}
+    else:
+        opts = {"disable_compile": True}
+
+    def gen(n: int) -> Any:
+        with torch.no_grad():
+            return model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None,
+                                  pad_token_id=0, cache_implementation="static", **opts)
+
+    return gen
+
+
+def _decode_rows(args: argparse.Namespace, compiled: Any, loaded: Any, label: str, cuda: bool, notes: list[str]
+                 ) -> list[tuple[str, str, float]]:
+    """(engine, backend, seconds per step) for each engine that could decode."""
+    ids = example_inputs(compiled, args.batch, args.seq)[0]
+    rows: list[tuple[str, str, float]] = []
+    if loaded is not None:
+        engines = [("eager", "HF generate", False)]
+        if not args.no_torch_compile:
+            engines.append(("torch.compile", "HF generate", True))
+        for name, backend, compiled_forward in engines:
+            try:
+                rows.append((name, backend, _decode_step(_hf_generate(loaded.model, ids, compiled_forward, cuda),
+                                                         args.decode, args.iters, cuda)))
+            except Exception as e:  # a model HF cannot decode over a static cache, or no C++ toolchain
+                notes.append(f"{name} decode unavailable: {type(e).__name__}: {first_line(e)[:200]}")
+    step = _decode_step(lambda n: compiled.generate(ids, max_new_tokens=n, eos_token_id=None), args.decode,
+                        args.iters, cuda)
+    rows.append((label, compiled.executor_name, step))
+    return rows
+
+
+def _check_decode(args: argparse.Namespace, compiled: Any) -> None:
+    if args.decode is None:
+        return
+    if not compiled.causal_lm or getattr(compiled, "generator", None) is None:
+        why = getattr(compiled, "generation_missing", None)
+        raise UsageError("--decode times generation; " + (f"this model has no KV-cache plans: {why}" if why else
+                                                          "the target is not a causal LM"))
+    max_seq = compiled.generator.max_seq
+    if args.seq + args.decode > max_seq:
+        raise UsageError(f"--seq {args.seq} + --decode {args.decode} exceeds the package's max seq {max_seq}")
+
+
 def main(args: argparse.Namespace) -> int:
     import torch
 
     from .models import is_package, resolve_model
 
+    if args.decode is not None and args.decode < 2:
+        raise UsageError("--decode N needs N >= 2 (a step is (t(N) - t(1)) / (N - 1))")
     package = is_package(args.target)
     if package and args.dtype is not None:
         raise UsageError("--dtype applies to a MODEL target; a package keeps the dtype it was compiled with")
@@ -107,13 +187,14 @@ def main(args: argparse.Namespace) -> int:
         loaded = resolve_model(args.target, dtype=torch_dtype(args.dtype or "auto", device), device=device)
         t0 = time.perf_counter()
         compiled = compile_model(loaded, dict(executor=args.executor, max_batch=max(args.batch, 8),
-                                               max_seq=max(args.seq, 64)))
+                                               max_seq=max(args.seq + (args.decode or 0), 64)))
         compile_s = time.perf_counter() - t0
         braze_label = "braze"
     batch_limit, seq_limit = shape_limits(compiled)
     if compiled.causal_lm and ((batch_limit and args.batch > batch_limit) or (seq_limit and args.seq > seq_limit)):
         raise UsageError(f"--batch {args.batch} --seq {args.seq} is outside the package's range (batch <= "
                          f"{batch_limit}, seq <= {seq_limit})")
+    _check_decode(args, compiled)
     if loaded is not None and loaded.example_inputs is not None and not compiled.causal_lm:
         inputs = loaded.example_inputs
     else:
@@ -152,6 +233,18 @@ def main(args: argparse.Namespace) -> int:
         ratio = f"{eager_med / med_s:8.2f}x" if eager_med and med_s else f"{'-':>9s}"
         print(f"{name:18s} {backend:20s} {first_s:>12s} {med_s * 1e3:10.2f} {tps} {ratio}")
     print(f"braze {setup}; launches per forward: {compiled.plan.launches}")
+    if args.decode is not None:
+        decode_rows = _decode_rows(args, compiled, loaded, braze_label, cuda, notes)
+        eager_step = decode_rows[0][2] if decode_rows[0][0] == "eager" else None
+        print(f"\ndecode: {args.decode} new tokens after the {args.seq}-token prompt, batch {args.batch}, greedy; "
+              f"step = (t(N) - t(1)) / (N - 1), best of {args.iters}")
+        header = f"{'engine':18s} {'backend/executor':20s} {'step ms':>10s} {'tokens/s':>10s} {'vs eager':>9s}"
+        print(header)
+        print("-" * len(header))
+        for name, backend, step in decode_rows:
+            ratio = f"{eager_step / step:8.2f}x" if eager_step else f"{'-':>9s}"
+            print(f"{name:18s} {backend:20s} {step * 1e3:10.2f} {args.batch / step:10.1f} {ratio}")
+        print(f"braze: {compiled.generator.decode.plan.launches} launches per decode step")
     for note in notes:
         print(f"note: {note}")
     if compiled.executor_name == "interpret" or not cuda:
