@@ -8,6 +8,7 @@ import torch
 from braze.kernels.df11 import (
     decode_df11_tensor_triton,
     decode_df11_triton,
+    df11_embedding_triton,
     render_df11_decode,
 )
 from braze.quant.df11 import (
@@ -74,6 +75,24 @@ def test_triton_many_small_blocks():
     unit = encode_df11([x], threads_per_block=64)
     assert unit.n_blocks >= 8
     _check_unit(unit, {"0": x})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_embedding_rows_decode_alone_bit_exact(dtype):
+    """df11_embedding: rows gathered straight from the stream equal F.embedding of the table bit for bit (bf16
+    bits, or exactly widened to fp32), with small blocks so rows straddle two blocks, and the first / last rows and
+    repeats among the ids."""
+    from braze.ops.quant_ops import df11_row_blocks
+
+    table = _normal((300, 96), seed=7)
+    unit = encode_df11({"emb": table}, threads_per_block=32)
+    first, per_row = df11_row_blocks(unit.output_positions, 300, 96)
+    assert unit.n_blocks >= 10 and per_row == 2 and int(first[-1]) == unit.n_blocks - 1 and int(first[0]) == 0
+    ids = torch.tensor([[0, 299, 5, 5], [150, 1, 298, 77]])
+    got = df11_embedding_triton(unit, "emb", ids, dtype)
+    want = torch.nn.functional.embedding(ids, table).to(dtype)
+    assert torch.equal(got.view(torch.int16) if dtype == torch.bfloat16 else got.view(torch.int32),
+                       want.view(torch.int16) if dtype == torch.bfloat16 else want.view(torch.int32))
 
 
 def test_triton_into_given_int16_buffer():

@@ -12,6 +12,7 @@ Two kinds of checks:
 
 import pytest
 import torch
+import transformers
 
 import braze
 import braze.ops
@@ -189,8 +190,8 @@ def _notes(cm, name):
 
 def test_fused_model_logits_at_m1_match_scratch(scratch, fused):
     kinds = [k for _, k, _ in fused.report.kernels]
-    # qkv, o, gate + up (the GLU splits into two GEMVs), down, lm_head; the embedding keeps its decode
-    assert kinds.count("df11_gemv") == 6 and kinds.count("df11_decode") == 1
+    # qkv, o, gate + up (the GLU splits into two GEMVs), down, lm_head; the embedding gathers its rows alone
+    assert kinds.count("df11_gemv") == 6 and kinds.count("df11_embedding") == 1 and "df11_decode" not in kinds
     assert [k for _, k, _ in scratch.report.kernels].count("df11_gemv") == 0
     ids = torch.tensor([[17]])
     a, b = scratch(ids).logits, fused(ids).logits
@@ -199,7 +200,7 @@ def test_fused_model_logits_at_m1_match_scratch(scratch, fused):
     torch.testing.assert_close(b, a, rtol=0, atol=1e-5)
     notes = _notes(fused, "quantize_df11")
     assert any("layer0" in n and "strategy: fused GEMV in every plan" in n for n in notes)
-    assert any("embed" in n and "strategy: scratch (embedding" in n for n in notes)
+    assert any("embed" in n and "strategy: embedding rows decoded alone (df11_embedding)" in n for n in notes)
 
 
 def test_fused_greedy_generation_is_token_identical(scratch, fused):
@@ -211,7 +212,9 @@ def test_auto_fuses_the_decode_plan_only_and_survives_a_package(qwen, scratch, t
     auto = braze.compile(qwen, max_seq=16, quant="df11", cast_bf16=True)
     assert auto.report.pass_count("df11_fuse_decode") == 5
     launchers = {name: {s.launcher for s in plan.steps} for name, plan in auto.extra_plans.items()}
-    assert "df11_gemv" in launchers["decode"] and "df11_decode" in launchers["decode"]  # embedding stays scratch
+    # every weight read from the stream: GEMVs, and the embedding's rows decoded alone (no whole-unit decode)
+    assert "df11_gemv" in launchers["decode"] and "df11_embedding" in launchers["decode"]
+    assert "df11_decode" not in launchers["decode"]
     assert "df11_gemv" not in launchers["prefill"] | launchers["verify"]
     assert any("auto: fused GEMV in the decode plan" in n for n in _notes(auto, "quantize_df11"))
     assert "unit layer0: fused GEMV (4 linears)" in _notes(auto, "df11_fuse_decode")
@@ -235,3 +238,20 @@ def test_reference_executor_runs_the_fused_op(qwen, scratch):
     cm = braze.compile(qwen, max_seq=16, quant="df11", cast_bf16=True, df11_strategy="fused", executor="reference")
     ids = torch.randint(0, 256, (2, 5), generator=torch.Generator().manual_seed(5))
     torch.testing.assert_close(cm(ids).logits, scratch(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_tied_embedding_decode_plan_decodes_no_whole_unit():
+    """A tied table (Llama-3.2-1B's shape): the decode plan's lm_head reads the stream in the fused GEMV and the
+    embedding gathers its rows from the same stream, so no launch decodes the whole vocabulary per step (it did:
+    the embedding kept a scratch decode of the table); tokens equal the scratch strategy's."""
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    auto = braze.compile(model, max_seq=16, max_batch=2, quant="df11")
+    decode = {s.launcher for s in auto.extra_plans["decode"].steps}
+    assert {"df11_embedding", "df11_gemv"} <= decode and "df11_decode" not in decode
+    assert "df11_decode" in {s.launcher for s in auto.extra_plans["prefill"].steps}  # the tied lm_head's scratch
+    ids = torch.randint(0, 512, (2, 4), generator=torch.Generator().manual_seed(5))
+    scratch = braze.compile(model, max_seq=16, max_batch=2, quant="df11", df11_strategy="scratch")
+    assert torch.equal(auto.generate(ids, max_new_tokens=3), scratch.generate(ids, max_new_tokens=3))

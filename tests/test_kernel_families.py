@@ -306,6 +306,23 @@ def test_df11_decode_family(dtype):
     assert torch.equal(out.view(view), want.view(view)) and torch.equal(fn(*stream).view(view), want.view(view))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_df11_embedding_family(dtype):
+    from braze.ops.quant_ops import df11_row_blocks
+
+    w, u = _df11_unit()
+    rows, dim = w.shape
+    row_blocks, per_row = df11_row_blocks(u.output_positions, rows, dim)
+    stream = (u.encoded, u.sign_mantissa, u.gaps, u.output_positions, u.luts, u.code_lengths, row_blocks)
+    consts = (u.threads_per_block, u.max_codes_per_window, u.lut_levels, dim, per_row)
+    ids = torch.tensor([[0, rows - 1, 7], [7, 3, rows // 2]])
+    fn = lambda ids, *s: ops.df11_embedding(ids, *s, *consts, dtype)  # noqa: E731
+    out, _ = launch_like_a_plan(fn, ids, *stream)
+    want = torch.nn.functional.embedding(ids, w).to(dtype)
+    view = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert torch.equal(out.view(view), want.view(view)) and torch.equal(fn(ids, *stream).view(view), want.view(view))
+
+
 def test_df11_gemv_family():
     from braze.kernels.df11 import df11_gemv_params
 

@@ -1,4 +1,5 @@
-"""DFloat11 families: the unit decoder (df11_decode) and the fused decode + GEMV (df11_gemv).
+"""DFloat11 families: the unit decoder (df11_decode), the embedding gather (df11_embedding) and the fused decode +
+GEMV (df11_gemv).
 
 Why a GPU decoder: DF11 weights are ~11 bits instead of 16, and decoding them into a BF16 buffer right
 before use keeps the memory saving while matmuls still see plain BF16.
@@ -61,15 +62,18 @@ def {name}_widen(src_ptr, out_ptr, n, BLOCK: tl.constexpr):
 """
 
 
-def _render(template: str, header: str, kernel_name: str) -> str:
+def _render(template: str, header: str, kernel_name: str, **context: Any) -> str:
     return render_template(
         template, header=header, kernel_name=kernel_name, max_levels=MAX_LUT_LEVELS, pointer_base=POINTER_BASE,
-        window_bytes=WINDOW_BYTES, window_bits=WINDOW_BITS, gap_bits=GAP_BITS, gap_mask=(1 << GAP_BITS) - 1)
+        window_bytes=WINDOW_BYTES, window_bits=WINDOW_BITS, gap_bits=GAP_BITS, gap_mask=(1 << GAP_BITS) - 1,
+        **context)
 
 
-def render_df11_decode(header: str = "", kernel_name: str = KERNEL_NAME, widen: bool = False) -> str:
-    """Python source of the DF11 decode kernel (plus `<name>_widen` for a non-BF16 compute dtype)."""
-    source = _render("df11_decode.py.j2", header, kernel_name)
+def render_df11_decode(header: str = "", kernel_name: str = KERNEL_NAME, widen: bool = False,
+                       gather: bool = False) -> str:
+    """Python source of the DF11 decode kernel (plus `<name>_widen` for a non-BF16 compute dtype, and
+    `<name>_gather`, the embedding rows of a table decoded alone, for df11_embedding)."""
+    source = _render("df11_decode.py.j2", header, kernel_name, gather=gather)
     return source + _WIDEN.format(name=kernel_name) if widen else source
 
 
@@ -176,6 +180,63 @@ class DF11DecodeFamily(KernelFamily):
         return int(params["n_threads"] > 0 and numel > 0) + int(params["dtype"] != "bfloat16" and numel > 0)
 
 
+class DF11EmbeddingFamily(KernelFamily):
+    """braze::df11_embedding: the rows of a DF11 embedding table a batch asks for, decoded straight into the output
+    (one launch; programs = tokens x the most blocks a row spans), instead of the whole table then a gather."""
+
+    name = "df11_embedding"
+    templates = ("df11_decode.py.j2",)
+    ROLES = ("ids", *STREAM_ROLES, "row_blocks")
+
+    @property
+    def ops(self) -> tuple[Any, ...]:  # type: ignore[override]
+        import braze.ops  # noqa: F401
+
+        return (torch.ops.braze.df11_embedding.default,)
+
+    def supports(self, node: fx.Node) -> str | None:
+        from braze.ops.schema import op_args
+
+        a = op_args(node)
+        if a["dtype"] not in FLOAT_NAMES:
+            return f"df11_embedding dtype {a['dtype']} has no kernel"
+        return None
+
+    def lower(self, node: fx.Node, name: str) -> tuple[str, Step]:
+        from braze.ops.schema import op_args
+        from braze.runtime.plan import Step
+
+        a = op_args(node)
+        encoded, positions = a["encoded"].meta["val"], a["output_positions"].meta["val"]
+        params = {"roles": list(self.ROLES), "n_threads": (int(encoded.shape[0]) - 4) // 8,
+                  "n_blocks": int(positions.shape[0]) - 1, "dtype": FLOAT_NAMES[a["dtype"]],
+                  **{k: int(a[k]) for k in ("threads_per_block", "max_codes", "lut_levels", "dim",
+                                            "blocks_per_row")}}
+        step = Step(kind="template", launcher=self.name, outputs=[node.name],
+                    inputs=[a[r].name for r in self.ROLES], params=params)
+        return render_df11_decode(kernel_name=name, gather=True), step
+
+    def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
+               params: dict[str, Any], device: DeviceSpec) -> None:
+        ids = tensors["ids"].reshape(-1)
+        if ids.numel() == 0:
+            return
+        bits = params["dtype"] == "bfloat16"
+        launch_kernel(getattr(module, f"{name}_gather"), (ids.numel(), int(params["blocks_per_row"])),
+                      ids if ids.is_contiguous() else ids.contiguous(), tensors["row_blocks"],
+                      *(tensors[r] for r in STREAM_ROLES), out.view(torch.int16) if bits else out,
+                      int(params["n_threads"]), int(params["n_blocks"]), int(params["dim"]),
+                      int(params["max_codes"]), THREADS=int(params["threads_per_block"]),
+                      N_LEVELS=int(params["lut_levels"]), OUT_BITS=bits,
+                      **({} if device.interpret else {"num_warps": 4}))
+
+    def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
+        tokens = 1
+        for s in out_shape[:-1]:
+            tokens *= int(s)
+        return int(tokens > 0)
+
+
 class DF11GemvFamily(KernelFamily):
     """braze::df11_linear (strategy "fused"): W's stream blocks decoded and multiplied with x in one launch; the
     launcher pre-fills the fp32 accumulator with the bias (or zeros) and the programs add into it atomically."""
@@ -250,6 +311,7 @@ class DF11GemvFamily(KernelFamily):
 
 
 DF11_DECODE = DF11DecodeFamily()
+DF11_EMBEDDING = DF11EmbeddingFamily()
 DF11_GEMV = DF11GemvFamily()
 
 
@@ -295,6 +357,26 @@ def decode_df11_tensor_triton(unit: DF11Unit, name: str, out: torch.Tensor | Non
         params = decode_params(unit, out_range=(offset, offset + numel, offset))
         DF11_DECODE.launch(_module(render_df11_decode()), KERNEL_NAME, unit_stream(unit), flat, params,
                            device_spec(out.device))
+    return out
+
+
+def df11_embedding_triton(unit: DF11Unit, name: str, ids: torch.Tensor, dtype: torch.dtype = torch.bfloat16
+                          ) -> torch.Tensor:
+    """F.embedding(ids, table) with table = tensor `name` of the unit [rows, dim] (its unit's only tensor, as the
+    compiler makes embedding units), through the df11_embedding launcher: only the rows' blocks are decoded."""
+    from braze.ops.quant_ops import df11_row_blocks
+
+    if unit.n_encoded != 1 or unit.names != [name]:
+        raise ValueError(f"df11_embedding reads a one-tensor unit; this one holds {unit.names}")
+    rows, dim = unit.shapes[0]
+    row_blocks, per_row = df11_row_blocks(unit.output_positions, rows, dim)
+    out = torch.empty((*ids.shape, dim), dtype=dtype, device=ids.device)
+    params = {"n_threads": unit.n_threads, "n_blocks": unit.n_blocks, "dtype": FLOAT_NAMES[dtype],
+              "threads_per_block": unit.threads_per_block, "max_codes": unit.max_codes_per_window,
+              "lut_levels": unit.lut_levels, "dim": dim, "blocks_per_row": per_row}
+    DF11_EMBEDDING.launch(_module(render_df11_decode(kernel_name=KERNEL_NAME, gather=True)), KERNEL_NAME,
+                          {"ids": ids, "row_blocks": row_blocks.to(ids.device), **unit_stream(unit)}, out, params,
+                          device_spec(ids.device))
     return out
 
 

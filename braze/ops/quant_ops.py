@@ -4,6 +4,8 @@
   into a flat buffer of the original weight dtype. The linears then read views of that buffer, so every matmul
   fusion (norm prologue, epilogues, merged QKV / gate-up) is untouched and the outputs are bit-identical to the
   uncompressed model's: decoding is lossless.
+- ``braze::df11_embedding``: embedding rows of a DFloat11 table, decoded alone (only the stream blocks holding
+  the requested rows run): a decode step gathers B rows instead of decoding the whole vocabulary.
 - ``braze::df11_linear``: y = x @ W^T (+ bias) with W a slice of a DF11 unit decoded inside the GEMV (strategy
   "fused", see braze/templates/df11_gemv.py.j2): at small batch the BF16 weights never round-trip through memory.
 - ``braze::int6_linear``: y = fq(x) @ dequant(W)^T (+ bias) with W packed INT6 (FlexQ-style groups of 128
@@ -65,6 +67,48 @@ def df11_decode(
 def _df11_decode_fake(encoded, sign_mantissa, gaps, output_positions, luts, code_lengths, threads_per_block,
                       max_codes, lut_levels, shape, dtype):
     return sign_mantissa.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("braze::df11_embedding", mutates_args=())
+def df11_embedding(
+    ids: Tensor,
+    encoded: Tensor,
+    sign_mantissa: Tensor,
+    gaps: Tensor,
+    output_positions: Tensor,
+    luts: Tensor,
+    code_lengths: Tensor,
+    row_blocks: Tensor,
+    threads_per_block: int,
+    max_codes: int,
+    lut_levels: int,
+    dim: int,
+    blocks_per_row: int,
+    dtype: torch.dtype,
+) -> Tensor:
+    """F.embedding(ids, table) with table [rows, dim] the one-tensor unit, as BF16 bits widened exactly or cast to
+    `dtype`. row_blocks[r] (int32) is the first stream block holding row r and blocks_per_row the most blocks any
+    row spans: compile-time tables, so the kernel decodes only the blocks of the requested rows."""
+    unit = df11_unit_from_tensors(encoded, sign_mantissa, gaps, output_positions, luts, code_lengths,
+                                  threads_per_block)
+    table = decode_df11_reference(unit)["flat"].view(-1, dim)
+    out = torch.nn.functional.embedding(ids, table)
+    return out.to(dtype) if dtype != torch.bfloat16 else out
+
+
+@df11_embedding.register_fake
+def _df11_embedding_fake(ids, encoded, sign_mantissa, gaps, output_positions, luts, code_lengths, row_blocks,
+                         threads_per_block, max_codes, lut_levels, dim, blocks_per_row, dtype):
+    return sign_mantissa.new_empty([*ids.shape, dim], dtype=dtype)
+
+
+def df11_row_blocks(output_positions: Tensor, rows: int, dim: int) -> tuple[Tensor, int]:
+    """(row_blocks int32 [rows]: first stream block holding each row, the most blocks one row spans)."""
+    starts = torch.arange(rows, dtype=torch.int64) * dim
+    pos = output_positions.cpu()[:-1]
+    first = torch.searchsorted(pos, starts, right=True) - 1
+    last = torch.searchsorted(pos, starts + dim - 1, right=True) - 1
+    return first.to(torch.int32), int((last - first).max().item()) + 1 if rows else 1
 
 
 @torch.library.custom_op("braze::df11_linear", mutates_args=())

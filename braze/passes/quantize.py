@@ -106,6 +106,7 @@ def quantize_df11(gm: fx.GraphModule, ctx: PassContext) -> int:
     count = 0
     total_weights, total_bytes = 0, 0
     unit_notes: list[str] = []
+    gathered: set[str] = set()
     for (label, dtype), phs in units.items():
         tensors = {}
         for ph in phs:
@@ -153,6 +154,10 @@ def quantize_df11(gm: fx.GraphModule, ctx: PassContext) -> int:
         decoded.meta["df11_unit"] = label  # copied with the graph: the decode plan's notes name the unit
         if len(phs) == 1:
             phs[0].replace_all_uses_with(decoded)
+            row_table = _gather_embedding_rows(gm, ctx, decoded, nodes, unit, label)
+            if row_table is not None:  # stored with the stream: counted in the unit's bytes
+                gathered.add(label)
+                stored["row_blocks"] = ctx.weights[row_table.name]
         else:
             for ph, start in ((ph, unit.offsets[ph.name]) for ph in phs):
                 w, here = ctx.weights[ph.name], min(ph.users, key=order.__getitem__)
@@ -172,13 +177,40 @@ def quantize_df11(gm: fx.GraphModule, ctx: PassContext) -> int:
             f"total: {len(units)} units, {total_weights} weights, {8 * total_bytes / total_weights:.2f} "
             f"bits/weight, {2 * total_weights - total_bytes} bytes saved vs BF16"
         )
+    dce(gm)  # a table read only by embeddings no longer needs its whole-unit decode
     strategies = _df11_unit_strategies(gm, ctx)
     for line in unit_notes:
-        ctx.note(f"{line}; strategy: {strategies.get(line.split()[1].rstrip(':'), 'scratch')}")
+        label = line.split()[1].rstrip(":")
+        gather = "embedding rows decoded alone (df11_embedding)" if label in gathered else ""
+        strategy = strategies.get(label, "" if gather else "scratch")
+        ctx.note(f"{line}; strategy: {'; '.join(x for x in (strategy, gather) if x)}")
     if df11_strategy(ctx.config) == "fused":
         _fuse_df11_linears(gm, ctx)
     dce(gm)
     return count
+
+
+def _gather_embedding_rows(gm: fx.GraphModule, ctx: PassContext, decoded: fx.Node, stream: dict[str, fx.Node],
+                           unit: Any, label: str) -> fx.Node | None:
+    """aten.embedding(df11_decode(table), ids) -> braze::df11_embedding(ids, stream): only the blocks holding the
+    rows asked for are decoded (a decode step reads B rows of the vocabulary, not all of it). A tied table's
+    decode stays for its linear (lm_head), which reads the stream itself in the fused decode plan. Returns the
+    row table's placeholder (None: no embedding reads the table)."""
+    from braze.ops.quant_ops import df11_row_blocks
+
+    embeddings = [u for u in decoded.users if is_op(u, aten.embedding.default) and u.args[0] is decoded]
+    if not embeddings or val(decoded).dim() != 2:
+        return None
+    rows, dim = (int(x) for x in val(decoded).shape)
+    row_blocks, per_row = df11_row_blocks(unit.output_positions, rows, dim)
+    table = ctx.add_weight(gm, f"df11_{label}_row_blocks"[:80], row_blocks)
+    for emb in embeddings:
+        args = (emb.args[1], *(stream[k] for k in ("encoded", "sign_mantissa", "gaps", "output_positions", "luts",
+                                                  "code_lengths")), table, *decoded.args[6:9], dim, per_row,
+                decoded.args[10])
+        emb.replace_all_uses_with(new_node(gm, braze.df11_embedding.default, args, {}, ctx, emb))
+        gm.graph.erase_node(emb)
+    return table
 
 
 # DFloat11 strategies: "scratch" = (a) one braze::df11_decode per unit into a scratch buffer, then the unchanged
