@@ -258,3 +258,27 @@ def test_unrecognised_attention_compiles_the_forward_and_says_why_generate_canno
     assert main(["run", str(tmp_path / "pkg"), "--prompt-ids", "5 6 7"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "no generation plans: _softmax" in line and "did not recognize as attention" in line
+
+
+def test_a_graph_that_pins_the_decode_batch_pads_up_to_max_batch():
+    """Llama 4's complex RoPE (torch.polar) pins the batch when the graph is re-traced at one token: the decode plan
+    is built at max_batch rows and smaller batches are padded up to it (it failed with 'input_ids dim 0 is 1,
+    expected 2'); greedy tokens equal HF's at every batch size, the report says so, and an explicit speculative
+    request, which needs a batch-dynamic decode plan, is refused in one line."""
+    import transformers
+
+    cfg = transformers.AutoConfig.for_model(
+        "llama4_text", vocab_size=256, hidden_size=64, intermediate_size=128, intermediate_size_mlp=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    cm = braze.compile(model, max_seq=32, max_batch=3)
+    assert "fixed at max_batch=3" in cm.report.extra["decode batch"]
+    assert cm.generator.static_decode_batch == 3
+    ids = torch.randint(3, 256, (3, 6), generator=torch.Generator().manual_seed(1))
+    for b in (1, 2, 3):
+        want = model.generate(ids[:b], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(cm.generate(ids[:b], max_new_tokens=4), want), b
+    with pytest.raises(braze.InputMismatchError, match="takes exactly 3 rows"):
+        cm.generate(ids[:1], max_new_tokens=3, speculate=True)

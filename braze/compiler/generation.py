@@ -41,14 +41,27 @@ def copy_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 def _respecialize_decode(gm: fx.GraphModule, weights: dict[str, torch.Tensor], max_batch: int
                          ) -> list[SymbolSpec]:
-    """Propagate decode-shaped fake inputs (batch dynamic, S = 1) through a cached-attention graph."""
-    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=False)
+    """Propagate decode-shaped fake inputs (batch dynamic, S = 1) through a cached-attention graph. A graph whose
+    ops pin the batch when re-traced at one token (Llama 4's complex RoPE: torch.polar's decomposition guards the
+    batch against its example value) is propagated again with the batch fixed at max_batch: the decode plan then
+    takes max_batch rows and the generator pads a smaller batch up to it (Generator.static_decode_batch)."""
     old_ids = next(n for n in gm.graph.nodes if n.op == "placeholder" and n.name == "input_ids").meta["val"]
     if isinstance(old_ids.shape[0], int):  # compiled with max_batch=1: the batch dim is static
-        batch = old_ids.shape[0]
-    else:
-        ctx = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC])
-        batch = mode.from_tensor(torch.zeros(2, 1, dtype=torch.int64), symbolic_context=ctx).shape[0]
+        _propagate_decode(gm, weights, old_ids.shape[0])
+        return []
+    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=False)
+    ctx = StatelessSymbolicContext(dynamic_sizes=[DimDynamic.DYNAMIC, DimDynamic.STATIC])
+    batch = mode.from_tensor(torch.zeros(2, 1, dtype=torch.int64), symbolic_context=ctx).shape[0]
+    _propagate_decode(gm, weights, batch, mode)
+    if to_sympy(batch).is_number:  # the graph specialized the batch: a static plan at max_batch instead
+        _propagate_decode(gm, weights, max_batch)
+        return []
+    return [SymbolSpec(str(to_sympy(batch)), "batch", 1, max_batch)]
+
+
+def _propagate_decode(gm: fx.GraphModule, weights: dict[str, torch.Tensor], batch: Any,
+                      mode: FakeTensorMode | None = None) -> None:
+    mode = mode or FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=False)
     args = []
     for n in gm.graph.nodes:
         if n.op != "placeholder":
@@ -67,9 +80,6 @@ def _respecialize_decode(gm: fx.GraphModule, weights: dict[str, torch.Tensor], m
         with mode:
             args.append(torch.empty(shape, dtype=old.dtype, device=old.device))
     MemoFakeTensorProp(gm, mode).propagate_dont_convert_inputs(*args)
-    if isinstance(batch, int):
-        return []
-    return [SymbolSpec(str(to_sympy(batch)), "batch", 1, max_batch)]
 
 
 @dataclasses.dataclass
@@ -98,6 +108,9 @@ def compile_generation(cap: Captured, config: CompileConfig, report: CompileRepo
     if compression is not None:
         compress_decode_graph(decode_gm, compression.policy, compression.capacity, compression.window)
     symbols = _respecialize_decode(decode_gm, cap.weights, config.max_batch)
+    if not symbols and config.max_batch > 1:
+        report.extra["decode batch"] = (f"fixed at max_batch={config.max_batch}: the graph pins the batch when "
+                                        "re-traced at one token; smaller batches are padded up to it")
     fuse_df11_decode_plan(decode_gm, cap.weights, config, report)  # quant="df11", df11_strategy="auto" only
     decode_fake = next(n.meta["val"] for n in decode_gm.graph.nodes if n.op == "placeholder" and n.name not in weights)
     run_passes(dataclasses.replace(cap, gm=decode_gm, fake_mode=decode_fake.fake_mode), config, report,

@@ -102,6 +102,14 @@ class Generator:
             self.graphs = CudaGraphRunner(decode, static_prefixes=self.STATE_PREFIXES)
         self._state: dict[int, dict[str, torch.Tensor]] = {}
 
+    @functools.cached_property
+    def static_decode_batch(self) -> int | None:
+        """Rows the decode plan takes when its batch is fixed (a graph that pins the batch when re-traced at one
+        token is compiled at max_batch; compiler/generation.py): generate pads a smaller batch up to it."""
+        spec = next(i for i in self.decode.user_inputs if i.name == "input_ids")
+        rows = str(spec.shape[0])
+        return int(rows) if rows.isdigit() and int(rows) > 1 else None
+
     def _ordered(self, executor: PlanExecutor, values: dict[str, torch.Tensor]) -> list[torch.Tensor]:
         return [values[i.name] for i in executor.user_inputs]
 
@@ -291,6 +299,12 @@ class Generator:
         elif do_sample:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(seed)
+        static = self.static_decode_batch
+        if static and static != batch and (self.speculate_default if speculate is None else speculate):
+            if speculate:
+                raise InputMismatchError(f"speculative decoding needs a decode plan for any batch; this model's "
+                                         f"takes exactly {static} rows (see the report's 'decode batch'), got {batch}")
+            speculate = False
         if self.speculate_default if speculate is None else speculate:
             if stops:
                 raise InputMismatchError("stop_strings do not work with speculative decoding yet (speculate=False)")
@@ -302,8 +316,8 @@ class Generator:
             return self.speculative(ids, mask, max_new_tokens, do_sample, temperature, top_k, top_p, generator,
                                     eos_ids, pad, max_spec_tokens, spec_tree, output_logits, streamer)
         real = batch
-        if self.bucket_batches:
-            bucket = min(self.max_batch, 1 << (batch - 1).bit_length())
+        if self.bucket_batches or static:
+            bucket = static or min(self.max_batch, 1 << (batch - 1).bit_length())
             if bucket > batch:
                 extra = bucket - batch
                 ids, mask = torch.cat([ids, ids[:1].expand(extra, -1)]), torch.cat([mask, mask[:1].expand(extra, -1)])
