@@ -282,3 +282,34 @@ def test_a_graph_that_pins_the_decode_batch_pads_up_to_max_batch():
         assert torch.equal(cm.generate(ids[:b], max_new_tokens=4), want), b
     with pytest.raises(braze.InputMismatchError, match="takes exactly 3 rows"):
         cm.generate(ids[:1], max_new_tokens=3, speculate=True)
+
+
+@pytest.mark.parametrize("arch, missing", [
+    # MoE routing through .tolist() of expert counts: data-dependent sizes run eagerly in the forward plan, bound
+    # from the eager results (it failed in normalize, then in memory planning)
+    ("jetmoe", "data-dependent sizes"),
+    # a one-sided clamp (clamp(x, None, limit)) in the fused code (it failed: "literal None"); attention with sinks
+    # is not recognised, so no KV-cache generation
+    ("gpt_oss", "did not recognize as attention"),
+])
+def test_held_out_architectures_compile_and_say_what_runs_eagerly(arch, missing):
+    """A compile never fails on a model eager PyTorch runs: the forward plan is exact and the report / generate()
+    say why there is no KV-cache generation."""
+    import transformers
+
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, head_dim=16)
+    cfg = transformers.AutoConfig.for_model(arch, **common)
+    for k, v in common.items():
+        setattr(cfg, k, v)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(1))
+    cm = braze.compile(model, max_seq=32, max_batch=2)
+    with torch.no_grad():
+        want = model(ids).logits
+    torch.testing.assert_close(cm(ids).logits, want, rtol=0, atol=1e-5)  # fp32, reassociation only
+    assert missing in cm.generation_missing and missing in cm.report.extra["generation"]
+    with pytest.raises(braze.ConfigError, match=missing):
+        cm.generate(ids, max_new_tokens=2)

@@ -438,6 +438,8 @@ class KernelBuilder:
                 operands.append(var)
             elif isinstance(a, fx.Node):
                 operands.append(self._expr(scalar_arg(a)))
+            elif a is None and t is P.aten.clamp.default:  # a one-sided clamp (gpt-oss: clamp(x, None, limit))
+                operands.append(None)
             else:
                 operands.append(_literal(a))
         kwargs = {k: v for k, v in node.kwargs.items() if k in ("alpha", "approximate")}

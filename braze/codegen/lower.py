@@ -14,6 +14,7 @@ import networkx as nx
 import sympy
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from braze.codegen import schedule
 from braze.codegen.fused import BufferInfo, KernelBuilder, meta
@@ -223,9 +224,13 @@ class Lowering:
         for n in self.eager | self.runtime_views:
             kind = "view" if n in self.runtime_views else "eager"
             in_place = self._reduces_in_place(n)
+            params: dict[str, Any] = {"in_place": True} if in_place else {}
+            binds = _unbacked_dims(n)
+            if binds:
+                params["binds"] = binds
             steps.append((order[n], Step(
                 kind=kind, target=IN_PLACE_ALL_REDUCE if in_place else target_name(n.target), outputs=[n.name],
-                params={"in_place": True} if in_place else {},
+                params=params,
                 inputs=[a.name for a in n.all_input_nodes
                         if not isinstance(a.meta.get("val"), (torch.SymInt, torch.SymFloat, int, float))],
                 args=encode_arg(list(n.args)), kwargs={k: encode_arg(v) for k, v in n.kwargs.items()},
@@ -279,6 +284,22 @@ class Lowering:
                     graph.add_edge(producer[inp], i)
         key = {i: pos for i, (pos, _) in enumerate(steps)}
         return [steps[i][1] for i in nx.lexicographical_topological_sort(graph, key=key.__getitem__)]
+
+
+def _unbacked_dims(n: fx.Node) -> list[list[Any]]:
+    """[dim, symbol] of each dim of n's tensor that is a bare data-dependent size (an unbacked symbol, e.g. the
+    tokens routed to an MoE expert), or [-1, symbol] for a scalar n reads from a tensor: the executor binds it from
+    the eager result, so later steps can use it."""
+    val = n.meta.get("val")
+    if isinstance(val, torch.SymInt):  # a scalar read from a tensor: dim -1 binds the value itself
+        return [[-1, str(val.node.expr)]] if isinstance(val.node.expr, sympy.Symbol) else []
+    if not isinstance(val, torch.Tensor):
+        return []
+    out = []
+    for i, s in enumerate(val.shape):
+        if isinstance(s, torch.SymInt) and isinstance(s.node.expr, sympy.Symbol) and free_unbacked_symbols(s):
+            out.append([i, str(s.node.expr)])
+    return out
 
 
 def _flatten(x: Any) -> list[Any]:

@@ -15,6 +15,7 @@ from typing import Any
 import networkx as nx
 import sympy
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from braze.codegen.fused import (
     IllegalFusion,
@@ -50,9 +51,14 @@ def classify(gm: fx.GraphModule, family_for_op: Callable[[Any], Any]
         if n.op != "call_function":
             continue
         val = n.meta.get("val")
+        if isinstance(val, __import__("torch").SymInt) and free_unbacked_symbols(val):
+            eager.add(n)  # a value read from a tensor (.tolist() of MoE expert counts): run, and bound from then on
+            continue
         if not isinstance(val, __import__("torch").Tensor) and not isinstance(val, (tuple, list)):
             continue  # symbolic ints (sym_size) are evaluated from the dims
-        if family_for_op(n.target) is not None:
+        if free_unbacked_symbols(val):  # a data-dependent size (MoE token routing): no plan can size it ahead
+            eager.add(n)
+        elif family_for_op(n.target) is not None:
             template.add(n)
         elif is_fusable(n):
             fusable.add(n)

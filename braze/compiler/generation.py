@@ -13,7 +13,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+from torch.fx.experimental.symbolic_shapes import (
+    DimDynamic,
+    ShapeEnv,
+    StatelessSymbolicContext,
+    free_unbacked_symbols,
+)
 
 from braze.codegen.lower import lower_graph
 from braze.codegen.symbolic import to_sympy
@@ -26,6 +31,7 @@ from braze.ops.schema import op_args
 from braze.passes.fake_memo import MemoFakeTensorProp
 from braze.passes.kv_compression import compress_decode_graph, compress_verify_graph, insert_kv_compression
 from braze.passes.quantize import fuse_df11_decode_plan
+from braze.runtime.errors import KVCacheUnsupportedError, first_line
 from braze.runtime.kv_compression import CompressionSpec
 from braze.runtime.plan import Plan, SymbolSpec
 
@@ -79,7 +85,14 @@ def _propagate_decode(gm: fx.GraphModule, weights: dict[str, torch.Tensor], batc
                  for s in shape]
         with mode:
             args.append(torch.empty(shape, dtype=old.dtype, device=old.device))
-    MemoFakeTensorProp(gm, mode).propagate_dont_convert_inputs(*args)
+    try:
+        MemoFakeTensorProp(gm, mode).propagate_dont_convert_inputs(*args)
+    except Exception as exc:  # e.g. data-dependent sizes (unbacked symbols) that fake propagation cannot redo
+        if not any(free_unbacked_symbols(n.meta.get("val")) for n in gm.graph.nodes):
+            raise
+        raise KVCacheUnsupportedError(f"the decode graph has data-dependent sizes (e.g. MoE token routing) that "
+                                      f"could not be re-traced at one token ({first_line(exc)[:120]}); the forward "
+                                      "plan runs them eagerly") from exc
 
 
 @dataclasses.dataclass

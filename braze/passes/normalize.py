@@ -12,6 +12,7 @@ import operator
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from braze.passes.context import PassContext
 from braze.passes.graph_utils import aten, dce, new_node, val
@@ -114,7 +115,7 @@ def _trivial_slice_or_cat(node: fx.Node) -> bool:
         return False
     pieces, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
     kept = [p for p in pieces if not (isinstance(val(p), torch.Tensor) and val(p).dim() > 0
-                                      and val(p).shape[dim % val(p).dim()] == 0)]
+                                      and statically_known_true(val(p).shape[dim % val(p).dim()] == 0))]
     if len(kept) == len(pieces) or not kept:
         return False
     if len(kept) == 1:

@@ -273,6 +273,8 @@ class PlanExecutor:
                     if isinstance(result, torch.Tensor):
                         result = result.contiguous()
                 env[step.outputs[0]] = result
+                for dim, symbol in step.params.get("binds", ()):  # a data-dependent size, known from now on
+                    syms[symbol] = int(result) if dim < 0 else int(result.shape[dim])
             for name in step.free_after:
                 env.pop(name, None)
 
