@@ -1,0 +1,114 @@
+"""Held-out HF causal LMs (not in braze/models.py's ARCHITECTURES): does braze.compile take each, is its forward
+exact, and does greedy generation give HF's tokens? CPU only (Triton interpreter), one subprocess per model type.
+
+    .venv/bin/python benchmarks/held_out_architectures.py [TYPE ...] [--out FILE] [--timeout S]
+
+Each type gets a tiny seeded config (hidden 64, 2 layers, 4 heads, vocab 256, fp32) from AutoConfig.for_model; a
+type HF itself cannot build or run at that size is listed as skipped with HF's reason. Per type: the largest
+|logit| difference of the compiled forward vs eager (fp32: reassociation only), then 6 greedy tokens vs HF
+generate, or the reason the compile gives for building no KV-cache generation (the forward still runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+TYPES = ("olmo3 granite granitemoe starcoder2 qwen2_moe qwen3_moe glm glm4 exaone4 helium smollm3 arcee apertus "
+         "ministral seed_oss hunyuan_v1_dense ernie4_5 biogpt codegen xglm gpt_bigcode gpt_neo phimoe jetmoe "
+         "internlm3 cohere2 gpt_oss olmoe llama4_text deepseek_v3 minicpm3 vaultgemma nanochat bitnet doge diffllama "
+         "dbrx lfm2 exaone openai-gpt ctrl granite_swa dots1 mellum ministral3 deepseek_v2 glm4_moe hunyuan_v1_moe "
+         "mamba recurrent_gemma falcon_h1 qwen3_next").split()
+COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=512, head_dim=16, pad_token_id=0)
+
+
+def check(model_type: str) -> dict:
+    """One model type, in this process: {"status": ..., "detail": ...}."""
+    import warnings
+
+    import torch
+    import transformers
+
+    warnings.filterwarnings("ignore")
+    try:
+        cfg = transformers.AutoConfig.for_model(model_type, **COMMON)
+        for k, v in COMMON.items():
+            try:
+                setattr(cfg, k, v)
+            except Exception:  # noqa: BLE001 (a config that derives the attribute)
+                pass
+        cfg._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        try:
+            model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+        except Exception:  # noqa: BLE001 (no SDPA for this architecture)
+            cfg._attn_implementation = "eager"
+            model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+        ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            ref = model(ids).logits
+    except Exception as e:  # noqa: BLE001
+        return {"status": "skipped", "detail": f"HF cannot build or run it: {type(e).__name__}: "
+                                               f"{str(e).splitlines()[0][:120] if str(e) else ''}"}
+    import braze
+
+    try:
+        cm = braze.compile(model, max_seq=64, max_batch=2)
+    except Exception as e:  # noqa: BLE001
+        return {"status": "COMPILE FAILS", "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    try:
+        err = (cm(ids).logits.float() - ref.float()).abs().max().item()
+    except Exception as e:  # noqa: BLE001
+        return {"status": "FORWARD FAILS", "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    fallbacks = len(cm.report.fallbacks)
+    if cm.generation_missing:
+        return {"status": "forward only", "err": err, "fallbacks": fallbacks, "detail": cm.generation_missing[:160]}
+    try:
+        with torch.no_grad():
+            hf = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, 7:].tolist()
+        got = cm.generate(ids, max_new_tokens=6)[0, 7:].tolist()
+    except Exception as e:  # noqa: BLE001
+        return {"status": "GENERATE FAILS", "err": err, "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
+    return {"status": "ok" if got == hf else "TOKENS DIFFER", "err": err, "fallbacks": fallbacks,
+            "detail": "" if got == hf else f"HF {hf}, braze {got}"}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("types", nargs="*", default=list(TYPES))
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--timeout", type=float, default=300)
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        print("RESULT " + json.dumps(check(args.one)))
+        return 0
+    env = dict(os.environ, TRITON_INTERPRET="1", HF_HUB_OFFLINE="1")
+    rows = ["| model type | result | forward max abs err | eager fallbacks | detail |", "|---|---|---|---|---|"]
+    start = time.perf_counter()
+    for t in args.types:
+        try:
+            done = subprocess.run([sys.executable, __file__, "--one", t], capture_output=True, text=True, env=env,
+                                  timeout=args.timeout)
+            line = next((ln for ln in done.stdout.splitlines() if ln.startswith("RESULT ")), None)
+            r = json.loads(line[7:]) if line else {"status": f"CRASH rc {done.returncode}",
+                                                     "detail": (done.stderr.strip().splitlines() or [""])[-1][:200]}
+        except subprocess.TimeoutExpired:
+            r = {"status": "timeout", "detail": f"> {args.timeout:.0f} s"}
+        err = f"{r['err']:.1e}" if "err" in r else "-"
+        rows.append(f"| {t} | {r['status']} | {err} | {r.get('fallbacks', '-')} | {r['detail'].replace('|', '/')} |")
+        print(rows[-1], flush=True)
+    text = "\n".join(rows) + f"\n\n{len(args.types)} model types in {time.perf_counter() - start:.0f} s\n"
+    if args.out:
+        args.out.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
