@@ -82,7 +82,7 @@ def test_embedding_rows_decode_alone_bit_exact(dtype):
     """df11_embedding: rows gathered straight from the stream equal F.embedding of the table bit for bit (bf16
     bits, or exactly widened to fp32), with small blocks so rows straddle two blocks, and the first / last rows and
     repeats among the ids."""
-    from braze.ops.quant_ops import df11_row_blocks
+    from braze.kernels.df11 import df11_row_blocks
 
     table = _normal((300, 96), seed=7)
     unit = encode_df11({"emb": table}, threads_per_block=32)

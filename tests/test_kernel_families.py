@@ -308,7 +308,7 @@ def test_df11_decode_family(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_df11_embedding_family(dtype):
-    from braze.ops.quant_ops import df11_row_blocks
+    from braze.kernels.df11 import df11_row_blocks
 
     w, u = _df11_unit()
     rows, dim = w.shape

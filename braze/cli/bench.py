@@ -54,19 +54,25 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=main)
 
 
+def _seconds(call: Any, cuda: bool) -> float:
+    """Wall seconds of call() (on a GPU, from an idle device to the end of its work)."""
+    import torch
+
+    if cuda:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    call()
+    if cuda:
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
 def _time(fn: Any, inputs: tuple, iters: int, warmup: int, cuda: bool) -> tuple[float, float]:
     """(first call seconds, median seconds per call)."""
-    import torch
     from tqdm import tqdm
 
     def once() -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn(*inputs)
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
+        return _seconds(lambda: fn(*inputs), cuda)
 
     first = once()
     for _ in range(max(0, warmup - 1)):
@@ -76,20 +82,11 @@ def _time(fn: Any, inputs: tuple, iters: int, warmup: int, cuda: bool) -> tuple[
     return first, times[len(times) // 2]
 
 
-
-
 def _decode_step(generate: Any, new_tokens: int, iters: int, cuda: bool) -> float:
     """Seconds per decode step: best t(N) minus best t(1) over `iters` rounds, over N - 1 steps (both warmed)."""
-    import torch
 
     def once(n: int) -> float:
-        if cuda:
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        generate(n)
-        if cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
+        return _seconds(lambda: generate(n), cuda)
 
     once(new_tokens)
     once(1)

@@ -82,15 +82,28 @@ def render_df11_gemv(header: str = "", kernel_name: str = GEMV_KERNEL_NAME) -> s
     return _render("df11_gemv.py.j2", header, kernel_name)
 
 
+def _blocks_holding(output_positions: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The stream block holding each output index (compile time: a host-side search of output_positions)."""
+    pos = output_positions.cpu()
+    return torch.searchsorted(pos[:-1], indices.to(pos.dtype), right=True) - 1
+
+
 def df11_block_range(output_positions: torch.Tensor, lo: int, hi: int) -> tuple[int, int]:
     """(first block, block count) of the stream blocks holding outputs lo .. hi - 1; a compile-time table, so
     launches need no host read."""
     if hi <= lo:
         return 0, 0
-    pos = output_positions.cpu()
-    lo_hi = torch.tensor([lo, hi - 1], dtype=pos.dtype)
-    first, last = (torch.searchsorted(pos[:-1], lo_hi, right=True) - 1).tolist()
+    first, last = _blocks_holding(output_positions, torch.tensor([lo, hi - 1])).tolist()
     return int(first), int(last - first + 1)
+
+
+def df11_row_blocks(output_positions: torch.Tensor, rows: int, dim: int) -> tuple[torch.Tensor, int]:
+    """(row_blocks int32 [rows]: the first stream block holding each row of a [rows, dim] table, the most blocks
+    one row spans): df11_embedding's compile-time tables."""
+    starts = torch.arange(rows, dtype=torch.int64) * dim
+    first = _blocks_holding(output_positions, starts)
+    last = _blocks_holding(output_positions, starts + dim - 1)
+    return first.to(torch.int32), int((last - first).max().item()) + 1 if rows else 1
 
 
 def df11_gemv_params(unit: DF11Unit, start: int, out_features: int, in_features: int) -> dict[str, Any]:
@@ -364,8 +377,6 @@ def df11_embedding_triton(unit: DF11Unit, name: str, ids: torch.Tensor, dtype: t
                           ) -> torch.Tensor:
     """F.embedding(ids, table) with table = tensor `name` of the unit [rows, dim] (its unit's only tensor, as the
     compiler makes embedding units), through the df11_embedding launcher: only the rows' blocks are decoded."""
-    from braze.ops.quant_ops import df11_row_blocks
-
     if unit.n_encoded != 1 or unit.names != [name]:
         raise ValueError(f"df11_embedding reads a one-tensor unit; this one holds {unit.names}")
     rows, dim = unit.shapes[0]

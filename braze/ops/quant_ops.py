@@ -102,15 +102,6 @@ def _df11_embedding_fake(ids, encoded, sign_mantissa, gaps, output_positions, lu
     return sign_mantissa.new_empty([*ids.shape, dim], dtype=dtype)
 
 
-def df11_row_blocks(output_positions: Tensor, rows: int, dim: int) -> tuple[Tensor, int]:
-    """(row_blocks int32 [rows]: first stream block holding each row, the most blocks one row spans)."""
-    starts = torch.arange(rows, dtype=torch.int64) * dim
-    pos = output_positions.cpu()[:-1]
-    first = torch.searchsorted(pos, starts, right=True) - 1
-    last = torch.searchsorted(pos, starts + dim - 1, right=True) - 1
-    return first.to(torch.int32), int((last - first).max().item()) + 1 if rows else 1
-
-
 @torch.library.custom_op("braze::df11_linear", mutates_args=())
 def df11_linear(
     x: Tensor,

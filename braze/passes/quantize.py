@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 import braze.ops  # noqa: F401  (registers braze::*)
-from braze.kernels.df11 import df11_block_range
+from braze.kernels.df11 import df11_block_range, df11_row_blocks
 from braze.ops.schema import op_args
 from braze.passes.context import PassContext
 from braze.passes.graph_utils import ACTIVATION_NODES, activate, aten, dce, is_op, new_node, val
@@ -196,8 +196,6 @@ def _gather_embedding_rows(gm: fx.GraphModule, ctx: PassContext, decoded: fx.Nod
     rows asked for are decoded (a decode step reads B rows of the vocabulary, not all of it). A tied table's
     decode stays for its linear (lm_head), which reads the stream itself in the fused decode plan. Returns the
     row table's placeholder (None: no embedding reads the table)."""
-    from braze.ops.quant_ops import df11_row_blocks
-
     embeddings = [u for u in decoded.users if is_op(u, aten.embedding.default) and u.args[0] is decoded]
     if not embeddings or val(decoded).dim() != 2:
         return None

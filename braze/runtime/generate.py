@@ -300,12 +300,13 @@ class Generator:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(seed)
         static = self.static_decode_batch
-        if static and static != batch and (self.speculate_default if speculate is None else speculate):
+        speculating = self.speculate_default if speculate is None else speculate
+        if speculating and static and static != batch:
             if speculate:
                 raise InputMismatchError(f"speculative decoding needs a decode plan for any batch; this model's "
                                          f"takes exactly {static} rows (see the report's 'decode batch'), got {batch}")
-            speculate = False
-        if self.speculate_default if speculate is None else speculate:
+            speculating = False  # the compile's default: decode plainly
+        if speculating:
             if stops:
                 raise InputMismatchError("stop_strings do not work with speculative decoding yet (speculate=False)")
             if self.compression is not None:
