@@ -75,7 +75,8 @@ def check(model_type: str) -> dict:
         got = cm.generate(ids, max_new_tokens=6)[0, 7:].tolist()
     except Exception as e:  # noqa: BLE001
         return {"status": "GENERATE FAILS", "err": err, "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-    return {"status": "ok" if got == hf else "TOKENS DIFFER", "err": err, "fallbacks": fallbacks,
+    via = " (Dynamo fallback: torch.export refused it)" if type(cm).__name__ == "DynamoCompiled" else ""
+    return {"status": ("ok" if got == hf else "TOKENS DIFFER") + via, "err": err, "fallbacks": fallbacks,
             "detail": "" if got == hf else f"HF {hf}, braze {got}"}
 
 

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from braze.runtime.compiled import CompiledModel
+from braze.runtime.errors import CaptureError
 from braze.runtime.package import load_package  # also installs the writer behind CompiledModel.save
 from braze.runtime.sharded_package import is_sharded, load_sharded  # tp > 1: one package per rank
 
@@ -43,9 +44,13 @@ def _build(cap: Any, config: CompileConfig, device: torch.device, name: str, mod
     plan, report = compile_captured(cap, config, name=name)
     executor = _executor(config, device)
     report.executor = executor
-    return CompiledModel(plan, cap.weights, device, executor, report=report, out_spec=cap.out_spec,
-                         in_spec=cap.in_spec, causal_lm=cap.causal_lm, graph_module=cap.gm, config=config,
-                         model_config=model_config)
+    compiled = CompiledModel(plan, cap.weights, device, executor, report=report, out_spec=cap.out_spec,
+                             in_spec=cap.in_spec, causal_lm=cap.causal_lm, graph_module=cap.gm, config=config,
+                             model_config=model_config)
+    compiled.state, compiled.mutations = cap.state, cap.mutations
+    if cap.mutations:
+        report.extra["in-place writes"] = ", ".join(f"{kind} {name}" for kind, name in cap.mutations)
+    return compiled
 
 
 def _with_calibration(model: torch.nn.Module, config: CompileConfig) -> CompileConfig:
@@ -71,9 +76,22 @@ def _with_calibration(model: torch.nn.Module, config: CompileConfig) -> CompileC
     return dataclasses.replace(config, int6_calibration=stats)
 
 
-def compile_causal_lm(model: torch.nn.Module, config: CompileConfig) -> CompiledModel:
+def compile_causal_lm(model: torch.nn.Module, config: CompileConfig) -> Any:
     """Forward, prefill and decode plans from one capture, or from the compile cache (braze/compiler/cache.py);
-    the report's `cache` line says which."""
+    the report's `cache` line says which. A model torch.export refuses compiles through Dynamo instead."""
+    from braze.compiler.capture import capture_failure
+
+    try:
+        return _compile_causal_lm_cached(model, config)
+    except CaptureError as e:
+        if not capture_failure(e):
+            raise
+        from braze.compiler.dynamo_fallback import dynamo_fallback
+
+        return dynamo_fallback(model, model.forward, config, e)
+
+
+def _compile_causal_lm_cached(model: torch.nn.Module, config: CompileConfig) -> CompiledModel:
     import time
 
     from braze.compiler import cache
@@ -170,6 +188,20 @@ def compile_module(module: torch.nn.Module, args: tuple, kwargs: dict, config: C
     return compiled
 
 
+def compile_or_fall_back(module: torch.nn.Module, fn: Any, args: tuple, kwargs: dict, config: CompileConfig) -> Any:
+    """compile_module, or the Dynamo fallback (over `fn`, the module or its forward) when torch.export refuses."""
+    from braze.compiler.capture import capture_failure
+
+    try:
+        return compile_module(module, args, kwargs, config)
+    except CaptureError as e:
+        if not capture_failure(e):
+            raise
+        from braze.compiler.dynamo_fallback import dynamo_fallback
+
+        return dynamo_fallback(module, fn, config, e)
+
+
 class LazyCompiled:
     """Compiles on the first call, from that call's arguments (like torch.compile), then reuses the plan."""
 
@@ -180,7 +212,7 @@ class LazyCompiled:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.compiled is None:
-            self.compiled = compile_module(self.module, args, kwargs, self.config)
+            self.compiled = compile_or_fall_back(self.module, self.module, args, kwargs, self.config)
         return self.compiled(*args, **kwargs)
 
     @property
@@ -213,8 +245,8 @@ def compile(model: Any = None, **options: Any) -> Any:
 
     config = CompileConfig.from_options(**options)
     tp_rank(config)  # tp > 1 outside a matching process group: refused before anything is captured
-    if model is None:
-        return functools.partial(_decorate, config=config)
+    if model is None or isinstance(model, type):  # @braze.compile(...) or a bare @braze.compile on a class
+        return functools.partial(_decorate, config=config) if model is None else _decorate(model, config)
     return _compile_object(model, config)
 
 
@@ -239,7 +271,8 @@ def _decorate(obj: Any, config: CompileConfig) -> Any:
                 if "_braze_compiled" not in self.__dict__:
                     self.__dict__["_braze_capturing"] = True
                     try:
-                        self.__dict__["_braze_compiled"] = compile_module(self, args, kwargs, config)
+                        self.__dict__["_braze_compiled"] = compile_or_fall_back(self, self.forward, args, kwargs,
+                                                                                config)
                     finally:
                         self.__dict__["_braze_capturing"] = False
                 return self.__dict__["_braze_compiled"](*args, **kwargs)
@@ -264,20 +297,12 @@ def load(path: Any, executor: str = "auto", sha256: str | None = None) -> Compil
 
 
 def dynamo_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **options: Any) -> Any:
-    """`torch.compile(model, backend="braze")`: Dynamo hands us an FX graph; we export and compile it."""
-    # Dynamo guards on shapes and re-invokes the backend when they change, so each graph is captured static.
+    """`torch.compile(model, backend="braze")`: each graph Dynamo hands over runs as a braze plan per input shape
+    (braze/compiler/dynamo_fallback.py: GraphCompiler); a graph braze refuses runs as Dynamo traced it."""
     from braze.compiler.config import CompileConfig
+    from braze.compiler.dynamo_fallback import GraphCompiler
 
-    config = CompileConfig.from_options(**options)
-    config.dynamic_shapes = "static"
-    compiled = compile_module(gm, tuple(example_inputs), {}, config)
-
-    def run(*args: Any) -> Any:
-        out = compiled(*args)
-        return out
-
-    run.braze_compiled = compiled  # type: ignore[attr-defined]
-    return run
+    return GraphCompiler(CompileConfig.from_options(**options))(gm, example_inputs)
 
 
 try:  # make torch.compile(backend="braze") work once braze is imported

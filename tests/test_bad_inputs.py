@@ -449,6 +449,15 @@ def test_unsupported_op_falls_back_and_is_reported():
     assert cm.compiled.stats["launches"] == 2  # x*2 before, sin after: both still generated kernels
 
 
+@pytest.mark.parametrize("command", ["compile", "bench"])
+def test_cli_refuses_a_model_without_a_whole_plan(command, tmp_path, capsys):
+    """torch.export refuses the model; the Dynamo fallback would run it in Python, but the commands need a plan."""
+    extra = ["-o", tmp_path / "pkg"] if command == "compile" else ["--iters", "1", "--no-torch-compile"]
+    code, line = cli([command, "tests.tiny_factory:branchy", *extra], capsys)
+    assert code == 2 and "was compiled through Dynamo" in line and "whole-model plan" in line
+    assert not (tmp_path / "pkg").exists()
+
+
 def test_capture_failure_is_a_clear_error():
     class DataDependent(torch.nn.Module):
         def forward(self, x):
@@ -457,7 +466,7 @@ def test_capture_failure_is_a_clear_error():
             return x - 1
 
     with pytest.raises(braze.CaptureError, match="torch.export could not capture DataDependent") as info:
-        braze.compile(DataDependent())(torch.randn(2, 3))
+        braze.compile(DataDependent(), capture="export")(torch.randn(2, 3))  # "auto" falls back to Dynamo
     one_line(info.value)
 
 

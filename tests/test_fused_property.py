@@ -387,3 +387,18 @@ def test_explicit_dynamic_dim():
             x = torch.randn(b, 16)
             torch.testing.assert_close(cm(x), m(x), atol=ATOL, rtol=RTOL)
     assert cm.compiled.stats["launches"] == 2
+
+
+@pytest.mark.parametrize("bounds", [(0.0, float("inf")), (float("-inf"), 2.0), (None, float("inf"))])
+def test_clamp_with_infinite_bound(bounds):
+    """Falcon-H1 clamps with max=inf: the bound is a literal in the kernel (float('inf')), not the name `inf`."""
+    lo, hi = bounds
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Identity())
+    x = torch.randn(3, 4)
+
+    class Clamped(torch.nn.Module):
+        def forward(self, x):
+            return torch.clamp(model(x) * 3, lo, hi)
+
+    out = braze.compile(Clamped())(x)
+    assert torch.allclose(out, Clamped()(x), atol=1e-6)

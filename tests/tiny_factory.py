@@ -49,3 +49,13 @@ def tiny_llama_other():
     from braze.models import tiny_causal_lm
 
     return {"model": tiny_causal_lm("llama", seed=1, layers=1), "tokenizer": char_tokenizer()}
+
+
+class Branchy(torch.nn.Module):
+    def forward(self, x):
+        return x + 1 if x.sum() > 0 else x - 1  # data-dependent: torch.export refuses it
+
+
+def branchy():
+    """A module only the Dynamo fallback compiles (so it has no package)."""
+    return {"model": Branchy(), "example_inputs": (torch.ones(2, 3),)}

@@ -11,6 +11,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -263,11 +264,18 @@ def compile_model(loaded: Any, options: dict[str, Any]) -> Any:
     """braze.compile a resolved model; a plain module compiles on a call with its example inputs."""
     import braze
 
-    compiled = braze.compile(loaded.model, **options)
-    if loaded.causal_lm:
-        return compiled
-    if loaded.example_inputs is None:
-        raise UsageError(f"{loaded.source}: not a HF causal LM, so braze needs example inputs to compile it: return "
-                         f"{{'model': m, 'example_inputs': (x,)}} from the factory or set model.example_inputs")
-    compiled(*loaded.example_inputs)
-    return compiled.compiled
+    with warnings.catch_warnings():  # the refusal below says it in one line
+        warnings.filterwarnings("ignore", message=".*compiling through Dynamo instead")
+        compiled = braze.compile(loaded.model, **options)
+        if not loaded.causal_lm:
+            if loaded.example_inputs is None:
+                raise UsageError(f"{loaded.source}: not a HF causal LM, so braze needs example inputs to compile "
+                                 f"it: return {{'model': m, 'example_inputs': (x,)}} from the factory or set "
+                                 "model.example_inputs")
+            compiled(*loaded.example_inputs)
+            compiled = compiled.compiled
+    refusal = getattr(compiled, "package_refusal", None)  # the Dynamo fallback: no whole-model plan
+    if refusal:
+        raise UsageError(f"{loaded.source}: {refusal}; the braze commands work on one whole-model plan "
+                         "(braze.compile(model) in Python runs it as it is)")
+    return compiled

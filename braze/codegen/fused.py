@@ -446,7 +446,7 @@ class KernelBuilder:
         if t is P.aten.pow.Tensor_Scalar:
             code = P._pow(operands[0], node.args[1])
         elif t is P.aten.clamp.default:
-            code = P._clamp(operands[0], *(list(node.args[1:]) + [None, None])[:2])
+            code = P._clamp(operands[0], *(operands[1:] + [None, None])[:2])  # literals: inf prints as float('inf')
         else:
             code = P.ELEMENTWISE[t](*operands, **kwargs)
         if code is None:

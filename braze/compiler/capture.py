@@ -17,19 +17,23 @@ every layer (tests/test_compile_cache.py compares them), and anything unexpected
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
+import io
+import logging
 import operator
 import re
+import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
-from braze.runtime.errors import CaptureError, first_line
+from braze.runtime.errors import CaptureError, KVCacheUnsupportedError, first_line
 from braze.runtime.plan import SymbolSpec
 
 aten = torch.ops.aten
@@ -49,6 +53,17 @@ class Captured:
     causal_lm: bool
     fake_mode: Any
     example_inputs: list[torch.Tensor]
+    # buffers the forward writes (placeholder name -> the module's buffer): plan inputs the compiled model feeds
+    # itself, kept out of `weights` so no pass folds or quantizes them
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+    # the graph's leading outputs, one per in-place write: ("state", name) or ("input", user input name)
+    mutations: list[tuple[str, str]] = field(default_factory=list)
+
+
+def capture_failure(error: CaptureError) -> bool:
+    """Whether `error` says the model could not become one graph (the Dynamo fallback's cue), not that a captured
+    graph lacks something later (KVCacheUnsupportedError: the forward plan still runs)."""
+    return not isinstance(error, KVCacheUnsupportedError)
 
 
 def is_causal_lm(model: torch.nn.Module) -> bool:
@@ -383,9 +398,41 @@ def _export_program(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_
                                    prefer_deferred_runtime_asserts_over_guards=True), True
 
 
+@contextlib.contextmanager
+def _quiet_export() -> Any:
+    """A refused export prints the partial graph to stderr (and the shape solver logs a warning about it); braze
+    says why in one line (CaptureError, or the Dynamo fallback's warning), so that text is dropped. What an export
+    that succeeds writes to stderr is passed on."""
+    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    held = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(held):
+            yield
+    finally:
+        logger.setLevel(level)
+    sys.stderr.write(held.getvalue())
+
+
+@contextlib.contextmanager
+def _unmarked_after(args: tuple, kwargs: dict) -> Any:
+    """torch.export marks the caller's tensors with Dynamo's dynamic-dim attributes and leaves them there, so a
+    later torch.compile of the same tensors (the Dynamo fallback) would trace them dynamic: they are removed."""
+    tensors = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+    before = [set(vars(t)) for t in tensors]
+    try:
+        yield
+    finally:
+        for t, had in zip(tensors, before):
+            for name in [n for n in vars(t) if "_dynamo" in n and n not in had]:
+                delattr(t, name)
+
+
 def _export(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any, labels: dict) -> Captured:
     try:
-        ep, deferred = _export_program(module, args, kwargs, dynamic_shapes)
+        with _quiet_export(), _unmarked_after(args, kwargs):
+            ep, deferred = _export_program(module, args, kwargs, dynamic_shapes)
         table = _decomposition_table()
         if not decompose_locally(ep, table):
             ep = ep.run_decompositions(table)
@@ -395,15 +442,20 @@ def _export(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: 
     except CaptureError:
         raise
     except Exception as exc:  # export errors are long; keep the first line and say what to do
-        first = first_line(exc)
-        raise CaptureError(f"torch.export could not capture {type(module).__name__}: {first}") from exc
+        name = type(module.model if isinstance(module, CausalLMWrapper) else module).__name__
+        raise CaptureError(f"torch.export could not capture {name}: {_export_reason(exc)}") from exc
     sig = ep.graph_signature
+    mutated_buffers, mutations = _mutations(ep, module)
     weights: dict[str, torch.Tensor] = {}
+    state: dict[str, torch.Tensor] = {}
     user_inputs: list[str] = []
     for spec in sig.input_specs:
         name = spec.arg.name
         if spec.kind == torch.export.graph_signature.InputKind.USER_INPUT:
             user_inputs.append(name)
+        elif spec.target in mutated_buffers:
+            state[name] = ep.state_dict[spec.target].detach()
+            mutations = [("state", name) if m == ("buffer", spec.target) else m for m in mutations]
         elif spec.target in ep.state_dict:
             weights[name] = ep.state_dict[spec.target].detach()
         elif spec.target in ep.constants:
@@ -425,7 +477,40 @@ def _export(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: 
     fake_mode = torch._guards.detect_fake_mode([n.meta["val"] for n in placeholders.values() if "val" in n.meta])
     flat, _ = pytree.tree_flatten((args, kwargs))
     return Captured(gm, weights, user_inputs, symbols, ep.call_spec.out_spec, ep.call_spec.in_spec, False,
-                    fake_mode, [t for t in flat if isinstance(t, torch.Tensor)])
+                    fake_mode, [t for t in flat if isinstance(t, torch.Tensor)], state, mutations)
+
+
+def _export_reason(exc: Exception) -> str:
+    """The first line of an export error, with the shape solver's "Constraints violated (seq)!" (the model's code
+    fixes a dimension braze asked to keep dynamic) said in words."""
+    first = first_line(exc)
+    m = re.match(r"(Constraints violated|Specializations unexpectedly required) \((.+?)\)!", first)
+    if m:
+        return f"its code fixes {m.group(2)} to the example's size (torch.export: {m.group(1).lower()})"
+    return first
+
+
+def _mutations(ep: Any, module: torch.nn.Module) -> tuple[set[str], list[tuple[str, str]]]:
+    """The in-place writes torch.export lifted to leading graph outputs: the buffers written (by target) and, per
+    leading output, ("buffer", target) or ("input", user input name). Other lifted outputs are refused."""
+    kinds = torch.export.graph_signature.OutputKind
+    buffers: set[str] = set()
+    out: list[tuple[str, str]] = []
+    specs = ep.graph_signature.output_specs
+    for i, spec in enumerate(specs):
+        if spec.kind == kinds.USER_OUTPUT:
+            continue
+        if any(s.kind == kinds.USER_OUTPUT for s in specs[:i]):
+            raise CaptureError(f"{type(module).__name__}: torch.export put an in-place write after the outputs")
+        if spec.kind == kinds.BUFFER_MUTATION:
+            buffers.add(spec.target)
+            out.append(("buffer", spec.target))
+        elif spec.kind == kinds.USER_INPUT_MUTATION:
+            out.append(("input", spec.target))
+        else:
+            raise CaptureError(f"{type(module).__name__} writes {spec.target} in place ({spec.kind.name}); braze "
+                               "compiles writes to buffers and tensor inputs only")
+    return buffers, out
 
 
 # ---- one traced layer, stamped N times ---------------------------------------------------------------------

@@ -22,6 +22,9 @@ INT6_METHODS = ("auto", "rtn", "awq", "gptq")
 INT6_ACT_BITS = (16, 8, 6)
 TARGET_CHECKS = ("error", "warn")
 KV_DTYPES = ("auto", "float32", "float16", "bfloat16")
+# auto: torch.export, and Dynamo graph by graph when export refuses the model (braze/compiler/dynamo_fallback.py);
+# export: refuse such a model with the capture error
+CAPTURES = ("auto", "export")
 
 
 @dataclass
@@ -64,6 +67,8 @@ class CompileConfig:
     # scores in it (so "float32" on a 16-bit model means fp32 RoPE, cache and attention math); the attention output
     # is the model's dtype. See kv_cache_dtype.
     kv_dtype: Any = None
+    # how the model becomes a graph (CAPTURES): "auto" falls back to Dynamo when torch.export refuses it
+    capture: str = "auto"
 
     def __post_init__(self) -> None:
         _choice("executor", self.executor, EXECUTORS)
@@ -73,6 +78,7 @@ class CompileConfig:
         _choice("int6_act", self.int6_act, INT6_ACTS)
         _choice("int6_method", self.int6_method, INT6_METHODS)
         _choice("target_check", self.target_check, TARGET_CHECKS)
+        _choice("capture", self.capture, CAPTURES)
         self.kv_dtype = _kv_dtype(self.kv_dtype)
         if self.targets is not None:
             from braze.compiler.targets import parse_targets

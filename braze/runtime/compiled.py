@@ -47,6 +47,10 @@ class CompiledModel:
         self.model_config = model_config
         # why a causal LM has no generation plans (attention braze could not put over a KV cache); None otherwise
         self.generation_missing: str | None = None
+        # buffers the forward writes in place (plan inputs fed from here) and, per leading plan output, where that
+        # write lands: ("state", name) or ("input", user input name); see braze.compiler.capture.Captured
+        self.state: dict[str, torch.Tensor] = {}
+        self.mutations: list[tuple[str, str]] = []
         if executor == "reference":
             if graph_module is None:
                 raise RuntimeError("the reference executor needs the rewritten graph; packages hold plans only")
@@ -67,13 +71,32 @@ class CompiledModel:
             return self._cuda_graphs.run(inputs)
         return self.executor.run(inputs)
 
+    def _run_with_writes(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Run the plan with the model's state buffers added to the caller's tensors, then land the in-place
+        writes the model makes (state buffers, tensor arguments) as eager PyTorch would; returns the outputs."""
+        if not self.mutations and not self.state:
+            return self.run_flat(tensors)
+        names = [i.name for i in self.plan.inputs if i.kind == "user" and i.name not in self.state]
+        if len(tensors) != len(names):
+            from braze.runtime.errors import InputMismatchError
+
+            raise InputMismatchError(f"expected {len(names)} tensor inputs ({', '.join(names)}), got {len(tensors)}")
+        given = dict(zip(names, tensors))
+        outs = self.run_flat([given[i.name] if i.name in given else self.state[i.name]
+                              for i in self.plan.inputs if i.kind == "user"])
+        for (kind, name), value in zip(self.mutations, outs):
+            target = self.state[name] if kind == "state" else given[name]
+            if target.data_ptr() != value.data_ptr():
+                target.copy_(value)
+        return outs[len(self.mutations):]
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.causal_lm:
             return self._call_causal_lm(*args, **kwargs)
         flat, _ = pytree.tree_flatten((args, kwargs))
         tensors = [t for t in flat if isinstance(t, torch.Tensor)]
         with torch.no_grad():
-            outs = self.run_flat(tensors)
+            outs = self._run_with_writes(tensors)
         if self.out_spec is not None:
             return pytree.tree_unflatten(outs, self.out_spec)
         return outs[0] if len(outs) == 1 else tuple(outs)
@@ -85,7 +108,7 @@ class CompiledModel:
         if position_ids is None:
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         with torch.no_grad():
-            (logits,) = self.run_flat([input_ids, position_ids.contiguous()])
+            (logits,) = self._run_with_writes([input_ids, position_ids.contiguous()])
         return CausalLMOutput(logits)
 
     # ---- generation -----------------------------------------------------------------------------------

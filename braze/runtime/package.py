@@ -197,6 +197,9 @@ def save_package(compiled: Any, path: str | os.PathLike, tokenizer: Any = None,
     from safetensors.torch import save_file
 
     compiled = getattr(compiled, "compiled", None) or compiled  # a LazyCompiled that has compiled
+    refusal = getattr(compiled, "package_refusal", None)  # a model compiled without one whole plan
+    if refusal:
+        raise PackageError(refusal)
     if not hasattr(compiled, "plan") or compiled.plan is None:
         raise PackageError("nothing to save: the model has not been compiled yet (call it once first)")
     dest = Path(path)
@@ -247,7 +250,8 @@ def _write_contents(compiled: Any, root: Path, tokenizer: Any, metadata: dict | 
     for fname, source in kernel_files.items():
         (root / "kernels" / fname).write_text(source)
 
-    tensors, aliases = _weights_for_file(compiled.weights)
+    state = getattr(compiled, "state", {})
+    tensors, aliases = _weights_for_file({**compiled.weights, **state})  # state: its value at save time
     save_file(tensors, str(root / WEIGHTS), metadata={"format": "pt", "braze_aliases": json.dumps(aliases)})
     # safetensors writes 0600; give the weights the mode our other files got from the umask
     os.chmod(root / WEIGHTS, (root / plan_files[PRIMARY_PLAN]).stat().st_mode & 0o666)
@@ -284,6 +288,7 @@ def _write_contents(compiled: Any, root: Path, tokenizer: Any, metadata: dict | 
         "tokenizer": TOKENIZER_DIR if tokenizer is not None else None,
         "generation": _generation_info(compiled, plans),
         "generation_missing": getattr(compiled, "generation_missing", None),
+        "state": {"buffers": sorted(state), "mutations": [list(m) for m in getattr(compiled, "mutations", [])]},
         "metadata": _jsonable(metadata) if metadata else {},
         **({"gpu_targets": gpu_targets} if gpu_targets else {}),
         "files": files,
@@ -557,10 +562,15 @@ def load_package(path: str | os.PathLike, executor: str = "auto", sha256: str | 
     except Exception as e:
         raise PackageError(f"{root / MANIFEST}: unreadable output structure ({e})") from None
     extra = {n: p for n, p in plans.items() if n != primary}
+    state = manifest.get("state") or {}  # buffers the forward writes: plan inputs, not weights
+    state_buffers = {name: weights.pop(name) for name in state.get("buffers", ()) if name in weights}
+    if len(state_buffers) != len(state.get("buffers", ())):
+        raise PackageError(f"{root / MANIFEST}: state buffers missing from {manifest['weights']['file']}")
     compiled = CompiledModel(plans[primary], weights, device, executor_name, report=None, out_spec=out_spec,
                              in_spec=in_spec, causal_lm=bool(manifest.get("causal_lm")), graph_module=None,
                              config=config, model_config=model_config)
     compiled.generation_missing = manifest.get("generation_missing")
+    compiled.state, compiled.mutations = state_buffers, [tuple(m) for m in state.get("mutations", ())]
     gen = manifest.get("generation")
     if gen and hasattr(compiled, "attach_generation"):
         missing = [gen[k] for k in ("prefill", "decode") if gen[k] not in plans]

@@ -1,0 +1,210 @@
+"""When torch.export refuses a model, Dynamo captures it instead, so a compile never fails on a model that runs.
+
+torch.export needs one graph for the whole forward: data-dependent Python control flow, or code that specializes
+the sequence length (Mamba's selective-scan loop, Falcon-H1's hybrid layers), stops it. Dynamo splits such a
+forward into graphs at the Python it cannot trace; each graph becomes a braze plan (compiled static, one per input
+shape: Dynamo guards on shapes and asks again when they change) and the Python between graphs runs eagerly. The
+report says so. Generation of a causal LM runs HF's own loop with the forward swapped for the compiled one, so
+caches the model keeps for itself (Mamba's conv and SSM states) are written through the plans' in-place outputs.
+
+What the fallback cannot give: a package (Dynamo's graphs and guards live in this process), and the options that
+rewrite a whole-model plan (quant, speculate, tp, kv_compression, deterministic, targets) - those keep the capture
+error, so no option is silently dropped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any
+
+import torch
+
+from braze.compiler.config import CompileConfig
+from braze.compiler.report import CompileReport
+from braze.runtime.errors import CaptureError, ConfigError, PackageError
+
+# options that need one plan for the whole model; the fallback refuses them with the capture error
+WHOLE_MODEL_OPTIONS = ("quant", "speculate", "kv_compression", "targets", "deterministic")
+SPECULATION_OPTIONS = ("speculate", "max_spec_tokens", "spec_tree")
+
+
+def dynamo_fallback(model: torch.nn.Module, fn: Any, config: CompileConfig, error: CaptureError) -> DynamoCompiled:
+    """The model compiled through Dynamo, or `error` again when config.capture is "export" or an option needs a
+    whole-model plan."""
+    if config.capture == "export":
+        raise error
+    wanted = [name for name in WHOLE_MODEL_OPTIONS if getattr(config, name)]
+    if config.tp > 1:
+        wanted.append("tp")
+    if wanted:
+        raise CaptureError(f"{error} (the Dynamo fallback compiles graph by graph, without "
+                           f"{', '.join(wanted)})") from error
+    return DynamoCompiled(model, fn, config, str(error))
+
+
+class GraphCompiler:
+    """A Dynamo backend: each graph Dynamo hands over runs as a braze plan per concrete input shape (a graph
+    Dynamo made dynamic takes its sizes as int arguments; each distinct set compiles once, static). A graph braze
+    refuses runs as Dynamo traced it and is listed in `eager_graphs`."""
+
+    def __init__(self, config: CompileConfig):
+        self.config = dataclasses.replace(config, dynamic_shapes="static")
+        self.graphs: list[Any] = []  # the CompiledModel of every (graph, shape) compiled, in order
+        self.eager_graphs: list[str] = []  # why each graph braze could not compile runs eagerly
+
+    def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        plans: dict[tuple, Any] = {}
+
+        def run(*args: Any) -> Any:
+            key = tuple((tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in args)
+            compiled = plans.get(key)
+            if compiled is None:
+                compiled = plans[key] = self._compile_one(gm, args)
+            return compiled(*(a for a in args if isinstance(a, torch.Tensor)))
+
+        run.plans = plans  # type: ignore[attr-defined]
+        return run
+
+    def _compile_one(self, gm: torch.fx.GraphModule, args: tuple) -> Any:
+        from braze.api import compile_module
+        from braze.runtime.errors import BrazeError
+
+        bound = _SizesBound(gm, args)
+        # copies: torch.export marks the tensors it traces, and these are the ones Dynamo's guards check next
+        tensors = tuple(a.clone() for a in args if isinstance(a, torch.Tensor))
+        try:
+            compiled = compile_module(bound, tensors, {}, self.config)
+        except BrazeError as e:
+            self.eager_graphs.append(str(e))
+            return bound
+        self.graphs.append(compiled)
+        return compiled
+
+
+class DynamoCompiled:
+    """A model compiled graph by graph through Dynamo. Call it like the model; `generate` for causal LMs."""
+
+    def __init__(self, model: torch.nn.Module, fn: Any, config: CompileConfig, reason: str):
+        from braze.compiler.capture import is_causal_lm
+
+        self.model = model
+        self.config = config
+        self.reason = reason
+        self.causal_lm = is_causal_lm(model)
+        self.generation_missing: str | None = None
+        self.backend = GraphCompiler(config)
+        self._forward = torch.compile(fn, backend=self.backend, dynamic=False)
+        warnings.warn(f"braze: {reason}; compiling through Dynamo instead (each graph a braze plan, the Python "
+                      "between graphs runs eagerly; see .report)", stacklevel=4)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with torch.no_grad():
+            return self._forward(*args, **kwargs)
+
+    def generate(self, input_ids: torch.Tensor, **options: Any) -> Any:
+        """HF generate over the compiled forward; the options are braze's (runtime/generate.py) but speculation."""
+        from braze.runtime.generate import GENERATE_OPTIONS, GenerateOutput
+        from braze.runtime.sampling import check_sampling
+
+        if not self.causal_lm:
+            raise ConfigError("generate() needs a causal LM compiled by braze.compile")
+        unknown = sorted(set(options) - set(GENERATE_OPTIONS))
+        if unknown:
+            raise ConfigError(f"unknown generate option(s) {', '.join(unknown)}; valid: {', '.join(GENERATE_OPTIONS)}")
+        spec = [k for k in SPECULATION_OPTIONS if options.get(k)]
+        if spec:
+            raise ConfigError(f"{', '.join(spec)}: speculation needs braze's own generation plans, which "
+                              f"this model has none of ({self.reason})")
+        for k in SPECULATION_OPTIONS:
+            options.pop(k, None)
+        do_sample = bool(options.pop("do_sample", False))
+        temperature, top_k, top_p = check_sampling(do_sample, options.pop("temperature", 1.0),
+                                                   options.pop("top_k", 0), options.pop("top_p", 1.0))
+        seed = options.pop("seed", None)
+        output_logits = bool(options.pop("output_logits", False))
+        hf: dict[str, Any] = dict(options, do_sample=do_sample, max_new_tokens=options.get("max_new_tokens", 20))
+        if do_sample:
+            hf.update(temperature=temperature, top_k=top_k or None, top_p=top_p)
+        else:  # greedy whatever the model's generation_config samples with, as braze's own loop
+            hf.update(temperature=None, top_k=None, top_p=None)
+        if output_logits:
+            hf.update(output_logits=True, return_dict_in_generate=True)
+        model = self.model
+        with torch.random.fork_rng(devices=[]), torch.no_grad(), _forward_swapped(model, self._forward):
+            if seed is not None:
+                torch.manual_seed(int(seed))
+            out = model.generate(input_ids, **hf)
+        if output_logits:
+            return GenerateOutput(out.sequences, torch.stack(list(out.logits), dim=1))
+        return out
+
+    @property
+    def report(self) -> CompileReport:
+        """One report over every graph compiled so far (graphs compile on the calls that first reach them)."""
+        first = self.backend.graphs[0].report if self.backend.graphs else None
+        report = CompileReport(model=type(self.model).__name__, executor=first.executor if first else "-")
+        for i, g in enumerate(self.backend.graphs):
+            r = g.report
+            report.kernels += [(name, family, [f"g{i}.{n}" for n in nodes]) for name, family, nodes in r.kernels]
+            report.fallbacks += [(f"g{i}.{node}", why) for node, why in r.fallbacks]
+            report.launches += r.launches
+            report.compile_seconds += r.compile_seconds
+            report.planned_peak_bytes = max(report.planned_peak_bytes, r.planned_peak_bytes)
+            report.eager_peak_bytes = max(report.eager_peak_bytes, r.eager_peak_bytes)
+            report.no_reuse_bytes = max(report.no_reuse_bytes, r.no_reuse_bytes)
+        report.extra["capture"] = (f"Dynamo fallback ({self.reason}): {len(self.backend.graphs)} graphs compiled by "
+                                   "braze so far, one per input shape (the kernels and launches above count them "
+                                   "all); the Python between graphs runs eagerly; no package")
+        for i, why in enumerate(self.backend.eager_graphs):
+            report.fallbacks.append((f"eager graph {i}", why))
+        return report
+
+    @property
+    def launches(self) -> int:
+        return sum(g.plan.launches for g in self.backend.graphs)
+
+    @property
+    def package_refusal(self) -> str:
+        return (f"{type(self.model).__name__} was compiled through Dynamo ({self.reason}); its graphs and guards "
+                "live in this process and cannot be written as a package")
+
+    def save(self, path: Any, tokenizer: Any = None) -> Any:
+        raise PackageError(self.package_refusal)
+
+    def __repr__(self) -> str:
+        return f"DynamoCompiled({type(self.model).__name__}, {len(self.backend.graphs)} graphs)"
+
+
+class _SizesBound(torch.nn.Module):
+    """A Dynamo graph with its non-tensor arguments (sizes of a graph Dynamo made dynamic) fixed to one call's
+    values: tensors in, the graph's outputs out."""
+
+    def __init__(self, gm: torch.fx.GraphModule, args: tuple):
+        super().__init__()
+        self.gm = gm
+        self.fixed = {i: int(a) if isinstance(a, torch.SymInt) else a
+                      for i, a in enumerate(args) if not isinstance(a, torch.Tensor)}
+        self.arity = len(args)
+
+    def forward(self, *tensors: torch.Tensor) -> Any:
+        rest = iter(tensors)
+        return self.gm(*(self.fixed[i] if i in self.fixed else next(rest) for i in range(self.arity)))
+
+
+class _forward_swapped:
+    """model.forward is the compiled forward inside the block (HF generate calls the model), restored after."""
+
+    def __init__(self, model: torch.nn.Module, forward: Any):
+        self.model, self.forward = model, forward
+
+    def __enter__(self) -> None:
+        self.had = "forward" in self.model.__dict__
+        self.old = self.model.__dict__.get("forward")
+        self.model.forward = self.forward
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.had:
+            self.model.forward = self.old
+        else:
+            del self.model.forward
