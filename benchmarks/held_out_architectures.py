@@ -6,7 +6,8 @@ exact, and does greedy generation give HF's tokens? CPU only (Triton interpreter
 Each type gets a tiny seeded config (hidden 64, 2 layers, 4 heads, vocab 256, fp32) from AutoConfig.for_model; a
 type HF itself cannot build or run at that size is listed as skipped with HF's reason. Per type: the largest
 |logit| difference of the compiled forward vs eager (fp32: reassociation only), then 6 greedy tokens vs HF
-generate, or the reason the compile gives for building no KV-cache generation (the forward still runs).
+generate (through the KV-cache plans, or, where the compile built none, by re-running the forward plan each step,
+with the reason; or through the Dynamo fallback where torch.export refused the model).
 """
 
 from __future__ import annotations
@@ -67,17 +68,18 @@ def check(model_type: str) -> dict:
     except Exception as e:  # noqa: BLE001
         return {"status": "FORWARD FAILS", "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
     fallbacks = len(cm.report.fallbacks)
-    if cm.generation_missing:
-        return {"status": "forward only", "err": err, "fallbacks": fallbacks, "detail": cm.generation_missing[:160]}
+    via = " (Dynamo fallback: torch.export refused it)" if type(cm).__name__ == "DynamoCompiled" else ""
+    detail = ""
+    if cm.generation_missing:  # generate() re-runs the forward plan (braze/runtime/recompute.py)
+        via, detail = " (recompute: no KV-cache plans)", cm.generation_missing[:160]
     try:
         with torch.no_grad():
             hf = model.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)[0, 7:].tolist()
         got = cm.generate(ids, max_new_tokens=6)[0, 7:].tolist()
     except Exception as e:  # noqa: BLE001
         return {"status": "GENERATE FAILS", "err": err, "detail": f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"}
-    via = " (Dynamo fallback: torch.export refused it)" if type(cm).__name__ == "DynamoCompiled" else ""
     return {"status": ("ok" if got == hf else "TOKENS DIFFER") + via, "err": err, "fallbacks": fallbacks,
-            "detail": "" if got == hf else f"HF {hf}, braze {got}"}
+            "detail": detail if got == hf else f"HF {hf}, braze {got}"}
 
 
 def main() -> int:

@@ -135,15 +135,18 @@ def _compile_causal_lm(model: torch.nn.Module, config: CompileConfig) -> Compile
     cap = capture_causal_lm(model, config.max_batch, config.max_seq)
     compiled = _build(cap, build_config, _device_of(model), type(model).__name__, model_config=model.config)
     compiled.config = config  # calibration statistics are only needed by the quant pass; don't keep them alive
+    gen_cfg = getattr(model, "generation_config", None)
+    eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
+    pad = getattr(gen_cfg, "pad_token_id", None) if gen_cfg is not None else None
     try:
         gen = compile_generation(cap, config, compiled.report)
     except KVCacheUnsupportedError as e:  # attention braze cannot put over a KV cache: the forward plan runs, exactly
         compiled.generation_missing = str(e)
-        compiled.report.extra["generation"] = f"not built: {e}"
+        compiled.recompute = {"max_seq": config.max_seq, "max_batch": config.max_batch, "eos_token_id": eos,
+                              "pad_token_id": pad}
+        compiled.report.extra["generation"] = (f"recompute: no KV-cache plans ({e}); generate() re-runs the forward "
+                                               "plan over the whole sequence each step")
         return compiled
-    gen_cfg = getattr(model, "generation_config", None)
-    eos = getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None
-    pad = getattr(gen_cfg, "pad_token_id", None) if gen_cfg is not None else None
     compiled.attach_generation(gen.prefill, gen.decode, gen.kv_inputs, config.max_seq, config.max_batch, eos, pad,
                                graphs=(gen.prefill_graph, gen.decode_graph, gen.verify_graph), verify=gen.verify)
     compiled.generator.speculate_default = config.speculate == "suffix"

@@ -231,10 +231,11 @@ def _broadcast_sum_attention(module, query, key, value, attention_mask, scaling,
     return torch.matmul(probs, v).transpose(1, 2).contiguous(), probs
 
 
-def test_unrecognised_attention_compiles_the_forward_and_says_why_generate_cannot(monkeypatch, tmp_path, capsys):
+def test_unrecognised_attention_generates_by_recomputing(monkeypatch, tmp_path, capsys):
     """A compile never fails on a model eager runs: attention braze cannot put over a KV cache leaves the forward
-    plan (exact: the kernels and the eager attention ops), and generate() / `braze run` refuse in one line that
-    names the softmax, in the compiled model and in its package."""
+    plan (exact: the kernels and the eager attention ops), the report says why there are no KV-cache plans, and
+    generate() / `braze run` re-run the forward plan over the sequence each step (runtime/recompute.py): HF's
+    tokens, greedy and for a left-padded batch, in the compiled model and in its package."""
     import transformers.models.llama.modeling_llama as modeling_llama
 
     from braze.cli import main
@@ -247,17 +248,27 @@ def test_unrecognised_attention_compiles_the_forward_and_says_why_generate_canno
     ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
         torch.testing.assert_close(cm(ids).logits, model(ids).logits, atol=1e-4, rtol=0)
-    assert "generation: not built:" in str(cm.report) and "did not recognize as attention" in str(cm.report)
-    with pytest.raises(ConfigError, match="generate\\(\\) is not available for this model: .*softmax"):
-        cm.generate(ids, max_new_tokens=2)
+        want = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        mask = torch.ones_like(ids)
+        mask[1, :3] = 0  # row 1 is a 6-token prompt, left-padded
+        want_padded = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    report = str(cm.report)
+    assert "generation: recompute: no KV-cache plans" in report and "did not recognize as attention" in report
+    assert torch.equal(cm.generate(ids, max_new_tokens=4), want)
+    assert torch.equal(cm.generate(ids, attention_mask=mask, max_new_tokens=4)[1, 9:], want_padded[1, 9:])
+    sampled = cm.generate(ids, max_new_tokens=4, do_sample=True, temperature=0.9, seed=3)
+    assert torch.equal(sampled, cm.generate(ids, max_new_tokens=4, do_sample=True, temperature=0.9, seed=3))
+    with pytest.raises(ConfigError, match="needs KV-cache plans.*did not recognize as attention"):
+        cm.generate(ids, max_new_tokens=2, speculate=True)
     cm.save(tmp_path / "pkg")
     loaded = braze.load(tmp_path / "pkg")
-    with pytest.raises(ConfigError, match="did not recognize as attention"):
-        loaded.generate(ids, max_new_tokens=2)
+    assert torch.equal(loaded.generate(ids, max_new_tokens=4), want)
     capsys.readouterr()
-    assert main(["run", str(tmp_path / "pkg"), "--prompt-ids", "5 6 7"]) == 2
-    (line,) = capsys.readouterr().err.strip().splitlines()
-    assert "no generation plans: _softmax" in line and "did not recognize as attention" in line
+    assert main(["run", str(tmp_path / "pkg"), "--prompt-ids", " ".join(map(str, ids[0].tolist())),
+                 "--max-new-tokens", "4"]) == 0
+    out, err = capsys.readouterr()
+    assert out.split()[-4:] == [str(t) for t in want[0, 9:].tolist()]
+    assert "no KV-cache plans" in err and "re-runs the forward plan" in err
 
 
 def test_a_graph_that_pins_the_decode_batch_pads_up_to_max_batch():
@@ -293,8 +304,8 @@ def test_a_graph_that_pins_the_decode_batch_pads_up_to_max_batch():
     ("gpt_oss", "did not recognize as attention"),
 ])
 def test_held_out_architectures_compile_and_say_what_runs_eagerly(arch, missing):
-    """A compile never fails on a model eager PyTorch runs: the forward plan is exact and the report / generate()
-    say why there is no KV-cache generation."""
+    """A compile never fails on a model eager PyTorch runs: the forward plan is exact, the report says why there is
+    no KV-cache generation, and generate() gives HF's tokens by recomputing."""
     import transformers
 
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -311,5 +322,6 @@ def test_held_out_architectures_compile_and_say_what_runs_eagerly(arch, missing)
         want = model(ids).logits
     torch.testing.assert_close(cm(ids).logits, want, rtol=0, atol=1e-5)  # fp32, reassociation only
     assert missing in cm.generation_missing and missing in cm.report.extra["generation"]
-    with pytest.raises(braze.ConfigError, match=missing):
-        cm.generate(ids, max_new_tokens=2)
+    with torch.no_grad():  # generation re-runs the forward plan each step (runtime/recompute.py)
+        want = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(cm.generate(ids, max_new_tokens=3, pad_token_id=0), want)

@@ -171,6 +171,11 @@ def main(args: argparse.Namespace) -> int:
         if not compiled.causal_lm:
             raise UsageError(f"{args.package}: 'run' needs a causal-LM package; this one holds "
                              f"{compiled.manifest.get('model')} (use 'braze check' or 'braze bench')")
+        recompute = getattr(compiled, "generator", None) is None and bool(getattr(compiled, "recompute", None))
+        if recompute:  # no KV-cache plans: each token re-runs the forward plan (runtime/recompute.py)
+            compiled.generator = compiled._recompute_generator()
+            err(f"[braze] note: the package has no KV-cache plans ({compiled.generation_missing}); each new token "
+                "re-runs the forward plan over the whole sequence")
         if getattr(compiled, "generator", None) is None:
             if getattr(compiled, "generation_missing", None):
                 raise UsageError(f"{args.package}: the package has no generation plans: {compiled.generation_missing}")
@@ -189,7 +194,7 @@ def main(args: argparse.Namespace) -> int:
             f"seq is {max_seq})")
     speculate = args.speculate
     if speculate is None:
-        speculate = getattr(compiled.config, "speculate", None) == "suffix"
+        speculate = getattr(compiled.config, "speculate", None) == "suffix" and not recompute
     ids = torch.tensor([prompt], dtype=torch.long, device=compiled.device)
     eos = _eos_ids(tokenizer, compiled.model_config)
     # a tp package runs on every rank of its group; they all generate the same tokens, rank 0 prints them

@@ -47,6 +47,8 @@ class CompiledModel:
         self.model_config = model_config
         # why a causal LM has no generation plans (attention braze could not put over a KV cache); None otherwise
         self.generation_missing: str | None = None
+        # with generation_missing: {max_seq, max_batch, eos_token_id, pad_token_id} for recompute generation
+        self.recompute: dict[str, Any] | None = None
         # buffers the forward writes in place (plan inputs fed from here) and, per leading plan output, where that
         # write lands: ("state", name) or ("input", user input name); see braze.compiler.capture.Captured
         self.state: dict[str, torch.Tensor] = {}
@@ -145,13 +147,25 @@ class CompiledModel:
         from braze.runtime.generate import GENERATE_OPTIONS
 
         if getattr(self, "generator", None) is None:
-            if self.generation_missing:
+            if self.generation_missing and self.recompute is not None:
+                self.generator = self._recompute_generator()
+            elif self.generation_missing:
                 raise ConfigError(f"generate() is not available for this model: {self.generation_missing}")
-            raise ConfigError("generate() needs a causal LM compiled by braze.compile (no generation plans here)")
+            else:
+                raise ConfigError("generate() needs a causal LM compiled by braze.compile (no generation plans here)")
         unknown = sorted(set(options) - set(GENERATE_OPTIONS))
         if unknown:
             raise ConfigError(f"unknown generate option(s) {', '.join(unknown)}; valid: {', '.join(GENERATE_OPTIONS)}")
         return self.generator.generate(input_ids, **options)
+
+    def _recompute_generator(self) -> Any:
+        """A causal LM without KV-cache plans generates by re-running the forward plan (runtime/recompute.py)."""
+        from braze.runtime.recompute import RecomputeGenerator
+
+        r = self.recompute
+        return RecomputeGenerator(self.executor, lambda ids, pos: self._run_with_writes([ids, pos])[0],
+                                  r["max_seq"], r["max_batch"], self.device, self.generation_missing,
+                                  r.get("eos_token_id"), r.get("pad_token_id"))
 
     def generate_text(self, tokenizer: Any, prompts: Any, chat: bool = True, **options: Any) -> list[str]:
         """Prompt strings in, completions out; uses the tokenizer's chat template when it has one."""

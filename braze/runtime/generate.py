@@ -177,6 +177,16 @@ class Generator:
         _, extra = decode_state(self.compression, call, kv_start)
         return Prefilled(logits, call.caches, call.end, extra, call, _nbytes(full))
 
+    def decode_step(self, tokens: torch.Tensor, pos: torch.Tensor, slot: int, kv_start: torch.Tensor,
+                    state: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits [B, 1, V] after `tokens` [B] at positions `pos` [B, 1], written into cache slot `slot`."""
+        values = {"input_ids": tokens[:, None], "position_ids": pos,
+                  "cache_len": torch.tensor([slot], dtype=torch.int64, device=self.device),
+                  "kv_start": kv_start, **state}
+        inputs = self._ordered(self.decode, values)
+        (logits,) = self.graphs.run(inputs) if self.graphs else self.decode.run(inputs)
+        return logits
+
     def forward(self, executor: Any, ids: torch.Tensor, positions: torch.Tensor, cache_len: int,
                 kv_start: torch.Tensor, caches: dict[str, torch.Tensor], tree_mask: torch.Tensor | None = None,
                 extra: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -371,11 +381,7 @@ class Generator:
                 from braze.runtime.kv_compression import next_slot
 
                 slot = next_slot(self.compression, comp, slot, kv_start)
-            values = {"input_ids": next_tok[:, None], "position_ids": pos,
-                      "cache_len": torch.tensor([slot], dtype=torch.int64, device=self.device),
-                      "kv_start": kv_start, **caches, **extra_inputs}
-            inputs = self._ordered(self.decode, values)
-            (logits,) = self.graphs.run(inputs) if self.graphs else self.decode.run(inputs)
+            logits = self.decode_step(next_tok, pos, slot, kv_start, {**caches, **extra_inputs})
             next_tok = select_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator, pos[:, 0] + 1)
             if seen is not None:
                 seen.append(logits[:, -1].clone())

@@ -288,6 +288,7 @@ def _write_contents(compiled: Any, root: Path, tokenizer: Any, metadata: dict | 
         "tokenizer": TOKENIZER_DIR if tokenizer is not None else None,
         "generation": _generation_info(compiled, plans),
         "generation_missing": getattr(compiled, "generation_missing", None),
+        "recompute": json.loads(json.dumps(getattr(compiled, "recompute", None), default=str)),
         "state": {"buffers": sorted(state), "mutations": [list(m) for m in getattr(compiled, "mutations", [])]},
         "metadata": _jsonable(metadata) if metadata else {},
         **({"gpu_targets": gpu_targets} if gpu_targets else {}),
@@ -570,6 +571,7 @@ def load_package(path: str | os.PathLike, executor: str = "auto", sha256: str | 
                              in_spec=in_spec, causal_lm=bool(manifest.get("causal_lm")), graph_module=None,
                              config=config, model_config=model_config)
     compiled.generation_missing = manifest.get("generation_missing")
+    compiled.recompute = manifest.get("recompute")
     compiled.state, compiled.mutations = state_buffers, [tuple(m) for m in state.get("mutations", ())]
     gen = manifest.get("generation")
     if gen and hasattr(compiled, "attach_generation"):
