@@ -402,3 +402,23 @@ def test_clamp_with_infinite_bound(bounds):
 
     out = braze.compile(Clamped())(x)
     assert torch.allclose(out, Clamped()(x), atol=1e-6)
+
+
+def test_reductions_over_other_dims_fuse():
+    """sum / mean / amax / amin over several dims, all dims, or a non-last dim (and softmax over dim 1) become
+    last-dim reductions of a view (passes/normalize.py): fused, no eager step, exact up to summation order, at two
+    batch sizes (dim 0 is dynamic, and some of these reduce over it)."""
+
+    class Reductions(torch.nn.Module):
+        def forward(self, x):
+            return (x.sum(), x.mean((1, 2)), x.amax(0), x.sum(dim=1, keepdim=True), x.amin((0, 2), keepdim=True),
+                    torch.softmax(x, dim=1), x.sum((-2, -1), keepdim=True) * 2)
+
+    model = Reductions()
+    compiled = braze.compile(model)
+    for batch in (2, 5):
+        x = torch.randn(batch, 3, 7)
+        for got, want in zip(compiled(x), model(x)):
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert compiled.report.fallbacks == []

@@ -14,6 +14,7 @@ import torch.fx as fx
 from braze.ops.schema import op_args
 from braze.passes.context import PassContext
 from braze.passes.graph_utils import aten, dce, graph_rewrite, is_op, new_node, single_user, val
+from braze.passes.normalize import REDUCTIONS, reduce_over_last_dim
 
 braze = torch.ops.braze
 LINEARS = (braze.linear.default, braze.linear_glu.default)
@@ -369,5 +370,9 @@ def _decompose_softmax(node: fx.Node, ctx: PassContext):
 
 
 def decompose_unfused(gm: fx.GraphModule, ctx: PassContext) -> int:
-    return graph_rewrite(gm, {braze.rms_norm.default: _decompose_rms_norm, braze.rope.default: _decompose_rope,
-                              aten._softmax.default: _decompose_softmax}, ctx)
+    count = graph_rewrite(gm, {braze.rms_norm.default: _decompose_rms_norm, braze.rope.default: _decompose_rope,
+                               aten._softmax.default: _decompose_softmax}, ctx)
+    for node in list(gm.graph.nodes):  # a softmax over another dim than the last: its statistics as well
+        if node.op == "call_function" and node.target in REDUCTIONS and reduce_over_last_dim(gm, node, ctx):
+            gm.graph.erase_node(node)
+    return count

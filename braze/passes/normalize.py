@@ -3,7 +3,8 @@
 `view` becomes `reshape` (identical on contiguous inputs, and still valid eagerly once copies are gone),
 then clones, aliases and same-dtype casts are removed: the graph is functional, so they carry no meaning.
 Custom ops of other libraries with a braze equivalent (HF's MoE grouped matmul) become that braze op, and splits and
-constant consecutive index lists become slices; a constant table indexed by integer ids becomes an embedding.
+constant consecutive index lists become slices; a constant table indexed by integer ids becomes an embedding;
+reductions over other dims than the last become last-dim reductions of a view.
 """
 
 from __future__ import annotations
@@ -125,6 +126,43 @@ def _trivial_slice_or_cat(node: fx.Node) -> bool:
     return True
 
 
+REDUCTIONS = (aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default)
+
+
+def reduce_over_last_dim(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> bool:
+    """A sum / mean / amax / amin over several dims, over all of them, or over one that is not the last becomes one
+    last-dim reduction of a view (kept dims first, the reduced ones merged last): the fused family lowers last-dim
+    reductions, and views are free index remaps there (pooling means over H and W, x.sum() of a check, softmax
+    statistics over a channel dim ran eagerly before)."""
+    x = node.args[0]
+    xv = val(x)
+    if not isinstance(xv, torch.Tensor) or xv.dim() == 0 or any(s == 0 for s in xv.shape):
+        return False
+    rank = xv.dim()
+    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    reduced = sorted({d % rank for d in dims}) if dims else list(range(rank))
+    if reduced == [rank - 1]:
+        return False
+    kept = [d for d in range(rank) if d not in reduced]
+
+    def size(d: int) -> object:
+        s = xv.shape[d]
+        return s if isinstance(s, int) else new_node(gm, aten.sym_size.int, (x, d), None, ctx, node)
+
+    src = x
+    if kept + reduced != list(range(rank)):
+        src = new_node(gm, aten.permute.default, (src, kept + reduced), None, ctx, node)
+    src = new_node(gm, aten.reshape.default, (src, [size(d) for d in kept] + [-1]), None, ctx, node)
+    kwargs = {k: v for k, v in node.kwargs.items() if k == "dtype"}
+    out = new_node(gm, node.target, (src, [-1], False), kwargs, ctx, node)
+    if keepdim:
+        out = new_node(gm, aten.reshape.default, (out, [1 if d in reduced else size(d) for d in range(rank)]),
+                       None, ctx, node)
+    node.replace_all_uses_with(out)
+    return True
+
+
 def normalize(gm: fx.GraphModule, ctx: PassContext) -> int:
     count = 0
     for node in list(gm.graph.nodes):
@@ -136,6 +174,8 @@ def normalize(gm: fx.GraphModule, ctx: PassContext) -> int:
             count += _constant_index_to_slice(node, ctx) or _table_lookup_to_embedding(node, ctx)
         elif node.target in (aten.slice.Tensor, aten.cat.default):
             count += _trivial_slice_or_cat(node)
+        elif node.target in REDUCTIONS:
+            count += reduce_over_last_dim(gm, node, ctx)
         elif node.target in ASSERTS or (
             isinstance(node.target, torch._ops.OpOverload) and node.target.name().startswith("aten::sym_constrain")
         ):
