@@ -373,6 +373,10 @@ def test_compile_and_run_a_kv_compressed_package(tmp_path, ids_out, capsys):
                                        dict(do_sample=True, temperature=0.7, seed=3))):
         got = _run_ids(["run", str(out), "--prompt", prompt, "--max-new-tokens", "4", *options], capsys)
         assert got == _library((cm, made["tokenizer"]), prompt, n=4, **kwargs), options
+    # more tokens than the compressed cache holds after the kept prompt: clamped with a note, not refused
+    assert main(["run", str(out), "--prompt", prompt, "--max-new-tokens", "40"]) == 0
+    err = capsys.readouterr().err
+    assert "--max-new-tokens reduced to 20 (the compressed KV cache holds 24 tokens" in err, err
 
 
 def test_missing_model_path_exits_1_with_the_path(tmp_path, capsys):

@@ -192,6 +192,18 @@ def main(args: argparse.Namespace) -> int:
     if max_new < args.max_new_tokens:
         err(f"[braze] note: --max-new-tokens reduced to {max_new} (prompt {len(prompt)} tokens, the package's max "
             f"seq is {max_seq})")
+    compression = getattr(compiled.generator, "compression", None)
+    if compression is not None:  # the compressed cache holds the kept prompt and every new token
+        from braze.runtime.kv_compression import max_new_tokens_for
+
+        fits = max_new_tokens_for(compression, len(prompt), max_seq, max_new)
+        if fits == 0:
+            raise UsageError(f"the compressed KV cache (capacity {compression.capacity}) has no room to generate "
+                             f"after a {len(prompt)}-token prompt; recompile with a larger --kv-budget")
+        if fits < max_new:
+            err(f"[braze] note: --max-new-tokens reduced to {fits} (the compressed KV cache holds "
+                f"{compression.capacity} tokens, the kept prompt included)")
+            max_new = fits
     speculate = args.speculate
     if speculate is None:
         speculate = getattr(compiled.config, "speculate", None) == "suffix" and not recompute

@@ -161,6 +161,20 @@ class DynamoCompiled:
         return report
 
     @property
+    def stats(self) -> dict[str, int]:
+        """Launches and calls summed over every graph's plans."""
+        total: dict[str, int] = {}
+        for g in self.backend.graphs:
+            for k, v in g.stats.items():
+                total[k] = total.get(k, 0) + v
+        return total
+
+    def generate_text(self, tokenizer: Any, prompts: Any, chat: bool = True, **options: Any) -> list[str]:
+        from braze.runtime.compiled import CompiledModel
+
+        return CompiledModel.generate_text(self, tokenizer, prompts, chat, **options)  # type: ignore[arg-type]
+
+    @property
     def launches(self) -> int:
         return sum(g.plan.launches for g in self.backend.graphs)
 

@@ -90,6 +90,16 @@ def compressed_buffers(spec: CompressionSpec, batch: int, device: torch.device) 
     return {**zeros_for(spec.kv_inputs, batch, device), **starts, **zeros_for(spec.query_inputs, batch, device)}
 
 
+def max_new_tokens_for(spec: CompressionSpec, prompt_len: int, max_seq: int, wanted: int) -> int:
+    """The most new tokens, up to `wanted`, that leave the prompt its kv_window in the compressed cache (0: none);
+    what `braze run` clamps --max-new-tokens to, as plan_call would refuse more."""
+    budget = Budget(spec.budget)
+    for n in range(wanted, 0, -1):
+        if budget.keep(prompt_len, n, max_seq, spec.policy) >= min(spec.window, prompt_len):
+            return n
+    return 0
+
+
 def plan_call(spec: CompressionSpec, prompt_len: int, max_new_tokens: int, max_seq: int,
               buffers: dict[str, torch.Tensor], kernels: CompressionKernels | None = None) -> CompressedCall:
     """Counts for one generate call (host integers from shapes: no device read) over `buffers`
