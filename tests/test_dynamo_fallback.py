@@ -165,3 +165,32 @@ def test_mamba_compiles_and_generates_through_dynamo(mamba):
     assert compiled.backend.graphs, "no graph was compiled by braze"
     with pytest.raises(braze.ConfigError, match="speculation needs braze's own generation plans"):
         compiled.generate(ids, max_new_tokens=2, speculate=True)
+
+
+def test_causal_lm_that_writes_a_buffer_generates_by_recomputing():
+    """A causal LM whose forward writes its own state (a call counter here) keeps the write; the KV-cache plans do
+    not carry such state, so generation re-runs the forward plan, which does: one count per forward, as eager."""
+    from braze.models import tiny_causal_lm
+
+    base = tiny_causal_lm("llama", layers=1)
+
+    class CountingForCausalLM(type(base)):
+        def __init__(self, config):
+            super().__init__(config)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, *args, **kwargs):
+            self.calls.add_(1)
+            return super().forward(*args, **kwargs)
+
+    model = CountingForCausalLM(base.config).eval()
+    model.load_state_dict(base.state_dict(), strict=False)
+    compiled = braze.compile(model, max_seq=32, max_batch=2)
+    assert "writes b_model_calls in place" in compiled.generation_missing
+    ids = torch.randint(3, 200, (1, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = base.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+        torch.testing.assert_close(compiled(ids).logits, base(ids).logits, atol=1e-5, rtol=0)
+    assert model.calls.item() == 1
+    assert torch.equal(compiled.generate(ids, max_new_tokens=3, pad_token_id=0), want)
+    assert model.calls.item() == 4  # prefill and two decode steps

@@ -108,6 +108,9 @@ class GenerationPlans:
 
 
 def compile_generation(cap: Captured, config: CompileConfig, report: CompileReport) -> GenerationPlans:
+    if cap.mutations:  # the Generator feeds plans token ids, positions and caches, not the model's own state
+        raise KVCacheUnsupportedError(f"the forward writes {', '.join(n for _, n in cap.mutations)} in place, "
+                                      "which the KV-cache plans do not carry")
     gm = copy_graph_module(cap.gm)
     gen_cap = dataclasses.replace(cap, gm=gm)
     run_passes(gen_cap, config, report, phases=("cache",))
