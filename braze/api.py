@@ -88,7 +88,7 @@ def compile_causal_lm(model: torch.nn.Module, config: CompileConfig) -> Any:
             raise
         from braze.compiler.dynamo_fallback import dynamo_fallback
 
-        return dynamo_fallback(model, model.forward, config, e)
+        return dynamo_fallback(model, model.forward, config, e, compile_module)
 
 
 def _compile_causal_lm_cached(model: torch.nn.Module, config: CompileConfig) -> CompiledModel:
@@ -202,7 +202,7 @@ def compile_or_fall_back(module: torch.nn.Module, fn: Any, args: tuple, kwargs: 
             raise
         from braze.compiler.dynamo_fallback import dynamo_fallback
 
-        return dynamo_fallback(module, fn, config, e)
+        return dynamo_fallback(module, fn, config, e, compile_module)
 
 
 class LazyCompiled:
@@ -305,7 +305,7 @@ def dynamo_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **option
     from braze.compiler.config import CompileConfig
     from braze.compiler.dynamo_fallback import GraphCompiler
 
-    return GraphCompiler(CompileConfig.from_options(**options))(gm, example_inputs)
+    return GraphCompiler(CompileConfig.from_options(**options), compile_module)(gm, example_inputs)
 
 
 try:  # make torch.compile(backend="braze") work once braze is imported

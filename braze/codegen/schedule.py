@@ -14,6 +14,7 @@ from typing import Any
 
 import networkx as nx
 import sympy
+import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
@@ -40,7 +41,7 @@ class Group:
 
 
 def tensor_inputs(node: fx.Node) -> list[fx.Node]:
-    return [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), __import__("torch").Tensor)]
+    return [a for a in node.all_input_nodes if isinstance(a.meta.get("val"), torch.Tensor)]
 
 
 def classify(gm: fx.GraphModule, family_for_op: Callable[[Any], Any]
@@ -51,10 +52,10 @@ def classify(gm: fx.GraphModule, family_for_op: Callable[[Any], Any]
         if n.op != "call_function":
             continue
         val = n.meta.get("val")
-        if isinstance(val, __import__("torch").SymInt) and free_unbacked_symbols(val):
+        if isinstance(val, torch.SymInt) and free_unbacked_symbols(val):
             eager.add(n)  # a value read from a tensor (.tolist() of MoE expert counts): run, and bound from then on
             continue
-        if not isinstance(val, __import__("torch").Tensor) and not isinstance(val, (tuple, list)):
+        if not isinstance(val, torch.Tensor) and not isinstance(val, (tuple, list)):
             continue  # symbolic ints (sym_size) are evaluated from the dims
         if free_unbacked_symbols(val):  # a data-dependent size (MoE token routing): no plan can size it ahead
             eager.add(n)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -29,9 +30,13 @@ WHOLE_MODEL_OPTIONS = ("quant", "speculate", "kv_compression", "targets", "deter
 SPECULATION_OPTIONS = ("speculate", "max_spec_tokens", "spec_tree")
 
 
-def dynamo_fallback(model: torch.nn.Module, fn: Any, config: CompileConfig, error: CaptureError) -> DynamoCompiled:
-    """The model compiled through Dynamo, or `error` again when config.capture is "export" or an option needs a
-    whole-model plan."""
+CompileGraph = Callable[[torch.nn.Module, tuple, dict, CompileConfig], Any]  # braze.api.compile_module
+
+
+def dynamo_fallback(model: torch.nn.Module, fn: Any, config: CompileConfig, error: CaptureError,
+                    compile_graph: CompileGraph) -> DynamoCompiled:
+    """The model compiled through Dynamo (each graph by `compile_graph`), or `error` again when config.capture is
+    "export" or an option needs a whole-model plan."""
     if config.capture == "export":
         raise error
     wanted = [name for name in WHOLE_MODEL_OPTIONS if getattr(config, name)]
@@ -40,7 +45,7 @@ def dynamo_fallback(model: torch.nn.Module, fn: Any, config: CompileConfig, erro
     if wanted:
         raise CaptureError(f"{error} (the Dynamo fallback compiles graph by graph, without "
                            f"{', '.join(wanted)})") from error
-    return DynamoCompiled(model, fn, config, str(error))
+    return DynamoCompiled(model, fn, config, str(error), compile_graph)
 
 
 class GraphCompiler:
@@ -48,8 +53,9 @@ class GraphCompiler:
     Dynamo made dynamic takes its sizes as int arguments; each distinct set compiles once, static). A graph braze
     refuses runs as Dynamo traced it and is listed in `eager_graphs`."""
 
-    def __init__(self, config: CompileConfig):
+    def __init__(self, config: CompileConfig, compile_graph: CompileGraph):
         self.config = dataclasses.replace(config, dynamic_shapes="static")
+        self.compile_graph = compile_graph
         self.graphs: list[Any] = []  # the CompiledModel of every (graph, shape) compiled, in order
         self.eager_graphs: list[str] = []  # why each graph braze could not compile runs eagerly
 
@@ -67,14 +73,13 @@ class GraphCompiler:
         return run
 
     def _compile_one(self, gm: torch.fx.GraphModule, args: tuple) -> Any:
-        from braze.api import compile_module
         from braze.runtime.errors import BrazeError
 
         bound = _SizesBound(gm, args)
         # copies: torch.export marks the tensors it traces, and these are the ones Dynamo's guards check next
         tensors = tuple(a.clone() for a in args if isinstance(a, torch.Tensor))
         try:
-            compiled = compile_module(bound, tensors, {}, self.config)
+            compiled = self.compile_graph(bound, tensors, {}, self.config)
         except BrazeError as e:
             self.eager_graphs.append(str(e))
             return bound
@@ -85,7 +90,8 @@ class GraphCompiler:
 class DynamoCompiled:
     """A model compiled graph by graph through Dynamo. Call it like the model; `generate` for causal LMs."""
 
-    def __init__(self, model: torch.nn.Module, fn: Any, config: CompileConfig, reason: str):
+    def __init__(self, model: torch.nn.Module, fn: Any, config: CompileConfig, reason: str,
+                 compile_graph: CompileGraph):
         from braze.compiler.capture import is_causal_lm
 
         self.model = model
@@ -93,7 +99,7 @@ class DynamoCompiled:
         self.reason = reason
         self.causal_lm = is_causal_lm(model)
         self.generation_missing: str | None = None
-        self.backend = GraphCompiler(config)
+        self.backend = GraphCompiler(config, compile_graph)
         self._forward = torch.compile(fn, backend=self.backend, dynamic=False)
         warnings.warn(f"braze: {reason}; compiling through Dynamo instead (each graph a braze plan, the Python "
                       "between graphs runs eagerly; see .report)", stacklevel=4)
