@@ -163,9 +163,11 @@ class CompiledModel:
         from braze.runtime.recompute import RecomputeGenerator
 
         r = self.recompute
-        return RecomputeGenerator(self.executor, lambda ids, pos: self._run_with_writes([ids, pos])[0],
-                                  r["max_seq"], r["max_batch"], self.device, self.generation_missing,
-                                  r.get("eos_token_id"), r.get("pad_token_id"))
+        gen = RecomputeGenerator(self.executor, lambda ids, pos: self._run_with_writes([ids, pos])[0],
+                                 r["max_seq"], r["max_batch"], self.device, self.generation_missing,
+                                 r.get("eos_token_id"), r.get("pad_token_id"))
+        gen.keyed_sampling = bool(getattr(self.config, "deterministic", False))  # as attach_generation's callers
+        return gen
 
     def generate_text(self, tokenizer: Any, prompts: Any, chat: bool = True, **options: Any) -> list[str]:
         """Prompt strings in, completions out; uses the tokenizer's chat template when it has one."""
