@@ -159,6 +159,10 @@ def test_mamba_compiles_and_generates_through_dynamo(mamba):
         assert torch.equal(compiled.generate(ids, max_new_tokens=5, pad_token_id=0), hf)
         out = compiled.generate(ids, max_new_tokens=5, pad_token_id=0, output_logits=True)
         assert torch.equal(out.sequences, hf) and out.logits.shape == (1, 5, 128)
+        with torch.no_grad():
+            hf_logits = mamba.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0, output_logits=True,
+                                       return_dict_in_generate=True).logits
+        torch.testing.assert_close(out.logits, torch.stack(list(hf_logits), dim=1), atol=1e-5, rtol=0)
         sampled = compiled.generate(ids, max_new_tokens=5, do_sample=True, temperature=0.8, seed=7, pad_token_id=0)
         assert torch.equal(sampled, hf_sampled)
     assert "forward" not in mamba.__dict__  # generate put the model's own forward back
@@ -194,3 +198,17 @@ def test_causal_lm_that_writes_a_buffer_generates_by_recomputing():
     assert model.calls.item() == 1
     assert torch.equal(compiled.generate(ids, max_new_tokens=3, pad_token_id=0), want)
     assert model.calls.item() == 4  # prefill and two decode steps
+
+
+def test_a_non_contiguous_example_input_is_read_right():
+    """Plans index inputs as contiguous (the executor makes them so): a transposed example (Dynamo hands over
+    transposed KV caches) must not leave its strides in the kernels (Falcon-H1's decode read its cache wrongly)."""
+    class Mix(torch.nn.Module):
+        def forward(self, x, y):
+            return torch.cat([x, y], dim=-2) * 2
+
+    x = torch.randn(1, 7, 2, 16).transpose(1, 2)  # [1, 2, 7, 16] with the seq and head strides swapped
+    y = torch.randn(1, 2, 1, 16)
+    compiled = braze.compile(Mix())
+    torch.testing.assert_close(compiled(x, y), Mix()(x, y), atol=0, rtol=0)
+    torch.testing.assert_close(compiled(x.contiguous(), y), Mix()(x, y), atol=0, rtol=0)

@@ -790,6 +790,9 @@ def capture_causal_lm(model: torch.nn.Module, max_batch: int, max_seq: int) -> C
 
 def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any = None) -> Captured:
     """Capture any module from example arguments; by default dim 0 of every tensor input is dynamic."""
+    # plans index their inputs as contiguous (the executor makes them so), so the graph must not be traced with an
+    # example's strides (a transposed KV cache Dynamo hands over would be read with the wrong strides)
+    args, kwargs = pytree.tree_map(lambda a: a.contiguous() if isinstance(a, torch.Tensor) else a, (args, kwargs))
     if dynamic_shapes is not None:  # "static": every dim as in the example (what Dynamo hands a backend)
         with torch.no_grad():
             return _export(module, tuple(args), dict(kwargs), None if dynamic_shapes == "static" else dynamic_shapes,

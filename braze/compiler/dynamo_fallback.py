@@ -100,7 +100,9 @@ class DynamoCompiled:
         self.causal_lm = is_causal_lm(model)
         self.generation_missing: str | None = None
         self.backend = GraphCompiler(config, compile_graph)
-        self._forward = torch.compile(fn, backend=self.backend, dynamic=False)
+        # automatic dynamic shapes: a dim Dynamo sees change becomes an int argument, bound per call (GraphCompiler),
+        # so a growing sequence does not run into Dynamo's recompile limit (past it, frames run eagerly)
+        self._forward = torch.compile(fn, backend=self.backend)
         warnings.warn(f"braze: {reason}; compiling through Dynamo instead (each graph a braze plan, the Python "
                       "between graphs runs eagerly; see .report)", stacklevel=4)
 
