@@ -79,16 +79,7 @@ def _with_calibration(model: torch.nn.Module, config: CompileConfig) -> CompileC
 def compile_causal_lm(model: torch.nn.Module, config: CompileConfig) -> Any:
     """Forward, prefill and decode plans from one capture, or from the compile cache (braze/compiler/cache.py);
     the report's `cache` line says which. A model torch.export refuses compiles through Dynamo instead."""
-    from braze.compiler.capture import capture_failure
-
-    try:
-        return _compile_causal_lm_cached(model, config)
-    except CaptureError as e:
-        if not capture_failure(e):
-            raise
-        from braze.compiler.dynamo_fallback import dynamo_fallback
-
-        return dynamo_fallback(model, model.forward, config, e, compile_module)
+    return _or_dynamo(lambda: _compile_causal_lm_cached(model, config), model, model.forward, config)
 
 
 def _compile_causal_lm_cached(model: torch.nn.Module, config: CompileConfig) -> CompiledModel:
@@ -193,10 +184,15 @@ def compile_module(module: torch.nn.Module, args: tuple, kwargs: dict, config: C
 
 def compile_or_fall_back(module: torch.nn.Module, fn: Any, args: tuple, kwargs: dict, config: CompileConfig) -> Any:
     """compile_module, or the Dynamo fallback (over `fn`, the module or its forward) when torch.export refuses."""
+    return _or_dynamo(lambda: compile_module(module, args, kwargs, config), module, fn, config)
+
+
+def _or_dynamo(build: Any, module: torch.nn.Module, fn: Any, config: CompileConfig) -> Any:
+    """build(), or, when it fails because torch.export refused the model, the model compiled through Dynamo."""
     from braze.compiler.capture import capture_failure
 
     try:
-        return compile_module(module, args, kwargs, config)
+        return build()
     except CaptureError as e:
         if not capture_failure(e):
             raise
