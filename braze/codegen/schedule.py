@@ -1,7 +1,10 @@
 """Decide what gets a buffer and which fusable nodes share a kernel.
 
 Realized nodes (stored to memory): reductions, fusable nodes read by a non-fusable consumer (a template kernel,
-an eager fallback, the graph output). Everything else fusable is recomputed inline where it is read. Kernels
+an eager fallback, the graph output), and values read by several consumers that would each reload two or more
+full-size inputs to recompute them (Inductor's reuse rule: a residual stream between quantized linears, which have
+no residual epilogue, would otherwise be recomputed from every earlier layer's output by every later norm).
+Everything else fusable is recomputed inline where it is read. Kernels
 start one per realized node and are merged greedily along data edges when their iteration spaces agree and the
 merge creates no cycle in the region graph (networkx) — the same rule Inductor's scheduler applies.
 """
@@ -90,7 +93,37 @@ def realize(gm: fx.GraphModule, fusable: set[fx.Node]) -> tuple[set[fx.Node], se
         elif n.op == "call_function" and n not in fusable:
             for a in n.all_input_nodes:
                 need(a)
+    for n in gm.graph.nodes:  # graph order: a value realized here is one read for everything after it
+        if n in fusable and n not in realized and n.target not in VIEW_OPS and _worth_reusing(n, realized, fusable):
+            realized.add(n)
     return realized, runtime_views
+
+
+def _readers(node: fx.Node) -> list[fx.Node]:
+    """The nodes that read `node`'s elements, looking through views."""
+    out: list[fx.Node] = []
+    for u in node.users:
+        out.extend(_readers(u) if u.target in VIEW_OPS else [u])
+    return out
+
+
+def _worth_reusing(node: fx.Node, realized: set[fx.Node], fusable: set[fx.Node]) -> bool:
+    """Several readers, each of which would reload >= 2 full-size tensors to recompute `node` inline: one store and
+    one load per reader is cheaper. Broadcast operands (a norm weight, a scalar) cost nothing and do not count."""
+    if len(_readers(node)) < 2:
+        return False
+    row = shape_of(meta(node))[-1:] or (sympy.Integer(1),)
+    full = 0
+    for a in realized_reads(node, realized, fusable):
+        v = a.meta.get("val")
+        if not isinstance(v, torch.Tensor):
+            continue
+        numel = sympy.Integer(1)
+        for d in shape_of(v):
+            numel *= d
+        if not (numel == 1 or (numel.is_number and row[0].is_number and bool(numel <= row[0]))):
+            full += 1
+    return full >= 2
 
 
 def group_space(node: fx.Node) -> tuple[Index, bool]:
