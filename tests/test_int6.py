@@ -254,6 +254,47 @@ def test_kernel_bias_split_k_and_3d_input(act_bits: int | None) -> None:
     assert torch.equal(ref, F.linear(xf, wf, bias))
 
 
+FUSED_CASES = {  # W6A16 prologue / epilogue combinations the quantize_int6 pass produces, and split-K
+    "norm+residual": dict(norm=True, residual=True),
+    "norm+smooth+swiglu": dict(norm=True, smooth=True, activation="silu", glu=True),
+    "smooth+residual+bias": dict(smooth=True, residual=True, bias=True),
+    "gelu_tanh": dict(activation="gelu_tanh"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", list(FUSED_CASES))
+def test_fused_prologue_epilogue_matches_the_op_reference(case: str, dtype: torch.dtype) -> None:
+    """braze::int6_linear with RMSNorm / smoothing prologue and activation / GLU / residual epilogue through the
+    production launcher, on the interpreter's configuration and on sm_90's (which splits K for the linear
+    epilogues: the residual is added by split 0), vs the op's reference (the unfused ops in sequence).
+    Tolerance: fp32, reassociation and tf32x3's ~2**-22 per product over K = 576; fp16, the reference rounds each
+    intermediate to fp16 where the kernel rounds the normalized x and the output only: a few fp16 ulps."""
+    opts = FUSED_CASES[case]
+    gen = _gen(len(case))
+    m, n, k = 6, 200, 576
+    x = (torch.randn(m, k, generator=gen) * 3).to(dtype)
+    qw = quantize_int6(torch.randn(n, k, generator=gen) * 0.05)
+    half = n // 2 if opts.get("glu") else n
+    kw = dict(norm_weight=(1 + 0.1 * torch.randn(k, generator=gen)).to(dtype) if opts.get("norm") else None,
+              eps=1e-5, smooth=(0.5 + torch.rand(k, generator=gen)).to(dtype) if opts.get("smooth") else None,
+              activation=opts.get("activation", "none"), glu=opts.get("glu", False),
+              residual=torch.randn(m, half, generator=gen).to(dtype) if opts.get("residual") else None)
+    bias = torch.randn(n, generator=gen).to(dtype) if opts.get("bias") else None
+    want = torch.ops.braze.int6_linear(x, qw.packed, qw.scales, bias, k, GROUP, 16, kw["norm_weight"], kw["eps"],
+                                       kw["smooth"], kw["activation"], kw["glu"], kw["residual"])
+    fused_epilogue = kw["glu"] or kw["activation"] != "none"
+    assert (int6_config(m, half, qw.n_groups, TARGETS["sm_90"], split=not fused_epilogue).split_k > 1) \
+        == (not fused_epilogue)
+    tol = 1e-5 if dtype == torch.float32 else 4e-3
+    for device in (INTERPRETER, TARGETS["sm_90"]):
+        got = int6_linear_triton(x, qw, bias=bias, device=device, **kw)
+        assert got.shape == want.shape == (m, half) and got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), rtol=tol, atol=tol * want.abs().max().item())
+    plain = int6_linear_triton(x, qw, bias=bias)  # the prologue / epilogue change the result: they ran
+    assert plain.shape != want.shape or not torch.allclose(plain.float(), want.float(), atol=1e-2)
+
+
 @pytest.mark.parametrize("act_bits", [None, 8])
 def test_kernel_fp16_activations(act_bits: int | None) -> None:
     gen = _gen(12)

@@ -150,6 +150,11 @@ def test_int6_kernels_match_fake_quant_reference(llama, act, tol):
     assert len(tags) == 8 and all(", rtn" in n for n in notes if re.match(r"\S+: W6A", n))
     if act == "a16":
         assert set(tags) == {"W6A16"}
+        # the norms, the SwiGLU product and the residual adds run in the int6 kernels (prologue / epilogue): no
+        # other kernel between a layer's int6 matmuls and attention
+        kinds = [k for _, k, _ in cm.report.kernels]
+        first = kinds.index("int6_matmul")
+        assert set(kinds[first:-1]) == {"int6_matmul", "attention"} and kinds[-1] == "matmul"
     else:
         assert tags.count("W6A8") == 2 and tags.count("W6A6") == 6  # down_proj A8, the rest A6 (FlexQ)
     int6_steps = [k for _, k, _ in cm.report.kernels if k == "int6_matmul"]

@@ -59,6 +59,7 @@ import triton
 from braze.kernels.device import DeviceSpec, device_spec
 from braze.kernels.family import FLOAT_NAMES, KernelFamily, device_op, launch_kernel
 from braze.kernels.render import render_template
+from braze.ops.library import ACTIVATIONS
 from braze.quant.int6 import ACT_RANGES, Int6Weight
 
 if TYPE_CHECKING:
@@ -78,14 +79,31 @@ class Int6MatmulSpec:
     act_bits: int | None = None  # None: W6A16; 8 / 6: dynamic per-token-group activation quantization
     has_bias: bool = False
     out_dtype: str = "float16"
+    # W6A16 only: prologue (RMSNorm, smoothing scale; x is rounded to dot_dtype after it) and epilogue
+    norm: bool = False
+    smooth: bool = False
+    dot_dtype: str = "float16"
+    activation: str = "none"
+    glu: bool = False
+    has_residual: bool = False
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
             raise ValueError(f"kernel name must be a Python identifier, got {self.name!r}")
         if self.act_bits is not None and self.act_bits not in ACT_RANGES:
             raise ValueError(f"act_bits must be None, 8 or 6, got {self.act_bits}")
-        if self.out_dtype not in _TL_DTYPES:
-            raise ValueError(f"out_dtype must be one of {sorted(_TL_DTYPES)}, got {self.out_dtype!r}")
+        for dtype in (self.out_dtype, self.dot_dtype):
+            if dtype not in _TL_DTYPES:
+                raise ValueError(f"dtypes must be one of {sorted(_TL_DTYPES)}, got {dtype!r}")
+        if self.act_bits is not None and (self.norm or self.smooth or self.fused_epilogue or self.has_residual):
+            raise ValueError("the W6A8 / W6A6 kernel takes no prologue or epilogue (they fuse with the quantizer)")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {ACTIVATIONS}, got {self.activation!r}")
+
+    @property
+    def fused_epilogue(self) -> bool:
+        """An epilogue that does not commute with a sum over K splits."""
+        return self.glu or self.activation != "none"
 
 
 def _comment_block(text: str) -> str:
@@ -99,7 +117,9 @@ def render_int6_matmul(spec: Int6MatmulSpec, header: str = "") -> str:
     lines = [f"braze int6 matmul: {spec}"] + ([header] if header else [])
     return render_template("int6_matmul.py.j2", header=_comment_block("\n".join(lines)), name=spec.name,
                            act_bits=spec.act_bits, has_bias=spec.has_bias, out_tl_dtype=_TL_DTYPES[spec.out_dtype],
-                           qmin=qmin, qmax=qmax)
+                           qmin=qmin, qmax=qmax, norm=spec.norm, smooth=spec.smooth,
+                           dot_tl_dtype=_TL_DTYPES[spec.dot_dtype], activation=spec.activation, glu=spec.glu,
+                           has_residual=spec.has_residual)
 
 
 @dataclass(frozen=True)
@@ -112,14 +132,16 @@ class Int6Config:
 
 
 def int6_config(m: int, n: int, n_groups: int, device: DeviceSpec, deterministic: bool = False,
-                elem_size: int = 2) -> Int6Config:
+                elem_size: int = 2, split: bool = True, weight_tiles: int = 1) -> Int6Config:
     """Tiles and split-K: decode (small M) narrows the N tiles until they cover the device's SMs, and splits K only
     when even 16-wide tiles leave most SMs idle (the interpreter has none, so it never splits); stages as deep as
     shared memory allows, at most 3.
     The 128 x 128 prefill tile (8 warps) fits wgmma (sm_90) at 16-bit x; mma.sync (sm_80-89) spilled at 255
     registers (+1 KB, ptxas) and takes 64 x 128 (~150); fp32 x (elem_size 4: tf32x3, three dots per product)
     takes 128 x 64 on sm_90 and 32 x 128 before it (no spills; 128 x 128 spilled 0.1-2.4 KB).
-    deterministic: the batch-invariant configuration: BLOCK_M 16 and BLOCK_N 64 whatever M, split_k 1 (no atomics)."""
+    deterministic: the batch-invariant configuration: BLOCK_M 16 and BLOCK_N 64 whatever M, split_k 1 (no atomics).
+    split=False (an activation / GLU epilogue, which a sum over K splits would not commute with): split_k 1;
+    weight_tiles 2: the GLU kernel streams the gate and up tiles of each N block together."""
     bm = 16 if deterministic else min(128, max(16, triton.next_power_of_2(m)))
     bn = 64 if deterministic or m <= 64 else 128
     prefill = bm == 128 and bn == 128 and not device.interpret
@@ -127,6 +149,11 @@ def int6_config(m: int, n: int, n_groups: int, device: DeviceSpec, deterministic
         bm, bn = (128, 64) if device.capability >= 90 else (32, 128)
     elif prefill and device.capability < 90:
         bm = 64
+    warps = 8 if prefill or bm * bn > 64 * 64 else 4
+    if weight_tiles == 2 and not device.interpret and bm > 16:
+        # two weight tiles and two accumulators (gate, up): ptxas fits them without spills in 64 x 64 tiles of
+        # 8 warps on sm_90 and 32 x 64 of 4 warps before it (the single-weight tiles spilled 0.2-1 KB)
+        bm, bn, warps = (64, 64, 8) if device.capability >= 90 else (32, 64, 4)
     split_k = 1
     tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
     if device.sm_count and m <= 64 and not deterministic:
@@ -135,13 +162,12 @@ def int6_config(m: int, n: int, n_groups: int, device: DeviceSpec, deterministic
         while bn > 16 and tiles < device.sm_count:
             bn //= 2
             tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
-        if 2 * tiles < device.sm_count:
+        if split and 2 * tiles < device.sm_count:
             split_k = max(1, min(n_groups // 2, triton.cdiv(device.sm_count, tiles), 16))
     # one stage: an x tile (<= 4 B/elem) and 3 byte planes of the weights per 128-wide group
-    stage_bytes = bm * 128 * 4 + bn * 96
+    stage_bytes = bm * 128 * 4 + bn * 96 * weight_tiles
     stages = max(2, min(3, (device.smem_per_block - 8 * 1024) // stage_bytes))
-    return Int6Config(bm, bn, max(1, min(split_k, n_groups)), num_warps=8 if prefill or bm * bn > 64 * 64 else 4,
-                      num_stages=stages)
+    return Int6Config(bm, bn, max(1, min(split_k, n_groups)), num_warps=warps, num_stages=stages)
 
 
 def _rows(t: torch.Tensor, width: int) -> torch.Tensor:
@@ -167,7 +193,7 @@ class Int6MatmulFamily(KernelFamily):
     unless the step is braze::int6_linear_q, whose xq / xs were computed by the fused kernel that produced x."""
 
     name = "int6_matmul"
-    templates = ("int6_matmul.py.j2",)
+    templates = ("int6_matmul.py.j2", "activations.j2")
 
     @property
     def ops(self) -> tuple[Any, ...]:  # type: ignore[override]
@@ -196,28 +222,42 @@ class Int6MatmulFamily(KernelFamily):
 
         a = op_args(node)
         act_bits = int(a["act_bits"])
+        fused = {}
+        if node.target is torch.ops.braze.int6_linear.default:
+            dot = a["x"].meta["val"].dtype
+            for k in ("norm_weight", "smooth"):
+                if a[k] is not None:
+                    dot = torch.promote_types(dot, a[k].meta["val"].dtype)
+            fused = dict(norm=a["norm_weight"] is not None, smooth=a["smooth"] is not None,
+                         dot_dtype=FLOAT_NAMES[dot], activation=a["activation"], glu=bool(a["glu"]),
+                         has_residual=a["residual"] is not None)
         spec = Int6MatmulSpec(name=name, act_bits=None if act_bits == A16 else act_bits,
-                              has_bias=a["bias"] is not None, out_dtype=FLOAT_NAMES[node.meta["val"].dtype])
+                              has_bias=a["bias"] is not None, out_dtype=FLOAT_NAMES[node.meta["val"].dtype], **fused)
         inputs = ("xq", "xs") if node.target is torch.ops.braze.int6_linear_q.default else ("x",)
-        roles = {k: a[k] for k in (*inputs, "packed", "scales", "bias") if a[k] is not None}
+        roles = {k: a.get(k) for k in (*inputs, "packed", "scales", "bias", "norm_weight", "smooth", "residual")
+                 if a.get(k) is not None}
+        params = {"roles": list(roles), "in_features": int(a["in_features"]), "group_size": int(a["group_size"]),
+                  "act_bits": act_bits, "out_dtype": spec.out_dtype}
+        if fused:
+            params.update(eps=float(a["eps"]), dot_dtype=spec.dot_dtype, glu=spec.glu,
+                          split=not spec.fused_epilogue)
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[v.name for v in roles.values()],
-                    params={"roles": list(roles), "in_features": int(a["in_features"]),
-                            "group_size": int(a["group_size"]), "act_bits": act_bits,
-                            "out_dtype": spec.out_dtype})
+                    params=params)
         return render_int6_matmul(spec), step
 
     def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
                params: dict[str, Any], device: DeviceSpec) -> None:
         packed, w_scales, bias = tensors["packed"], tensors["scales"], tensors.get("bias")
         k, group, act_bits = int(params["in_features"]), int(params["group_size"]), int(params["act_bits"])
-        n, g = packed.shape[0], triton.cdiv(k, group)
+        glu = bool(params.get("glu"))
+        n, g = packed.shape[0] // (2 if glu else 1), triton.cdiv(k, group)
         prequantized = "xq" in tensors
         x2 = _rows(tensors["xq"] if prequantized else tensors["x"], g * group if prequantized else k)
         m = x2.shape[0]
         o = out.view(-1, n)
         if m == 0:
             return
-        cfg = int6_config(m, n, g, device, bool(params.get("deterministic")), elem_size=x2.element_size())
+        cfg = self._config(params, m, n, g, device, x2.element_size())
         acc = o
         if cfg.split_k > 1:  # split-K programs atomically add into a zeroed fp32 buffer
             acc = o if o.dtype == torch.float32 else torch.empty((m, n), dtype=torch.float32, device=o.device)
@@ -230,10 +270,17 @@ class Int6MatmulFamily(KernelFamily):
         if not device.interpret:
             meta.update(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         if act_bits == A16:
-            precision = "tf32x3" if x2.dtype == torch.float32 else "tf32"
-            launch_kernel(getattr(module, name), grid, x2, packed, w_scales, *bias_args, acc, m, n, k, g,
-                          x2.stride(0), packed.stride(0), w_scales.stride(0), acc.stride(0),
-                          DOT_PRECISION=precision, **meta)
+            dot_fp32 = params.get("dot_dtype", FLOAT_NAMES[x2.dtype]) == "float32"
+            prologue = tuple(tensors[r].contiguous() for r in ("norm_weight", "smooth") if r in tensors)
+            residual, res_args = tensors.get("residual"), ()
+            if residual is not None:
+                residual = _rows(residual.expand(out.shape), n)
+                res_args = (residual,)
+            launch_kernel(getattr(module, name), grid, x2, packed, w_scales, *bias_args, *prologue, *res_args, acc,
+                          m, n, k, g, x2.stride(0), packed.stride(0), w_scales.stride(0), acc.stride(0),
+                          *((residual.stride(0),) if residual is not None else ()),
+                          *((float(params["eps"]),) if "norm_weight" in tensors else ()),
+                          DOT_PRECISION="tf32x3" if dot_fp32 else "tf32", **meta)
         else:
             if prequantized:
                 xq, xs = x2, _rows(tensors["xs"], g)
@@ -245,6 +292,12 @@ class Int6MatmulFamily(KernelFamily):
             o.copy_(acc)
             device_op("cast")
 
+    @staticmethod
+    def _config(params: dict[str, Any], m: int, n: int, g: int, device: DeviceSpec, elem_size: int = 2
+                ) -> Int6Config:
+        return int6_config(m, n, g, device, bool(params.get("deterministic")), elem_size=elem_size,
+                           split=bool(params.get("split", True)), weight_tiles=2 if params.get("glu") else 1)
+
     def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
         m = 1
         for s in out_shape[:-1]:
@@ -253,7 +306,7 @@ class Int6MatmulFamily(KernelFamily):
             return 0
         n, g = int(out_shape[-1]), triton.cdiv(int(params["in_features"]), int(params["group_size"]))
         quantizer = int(int(params["act_bits"]) != A16 and "x" in params["roles"])
-        split = int6_config(m, n, g, device, bool(params.get("deterministic"))).split_k > 1
+        split = self._config(params, m, n, g, device).split_k > 1
         cast = split and params.get("out_dtype", "float32") != "float32"
         return 1 + quantizer + int(split) + int(cast)
 
@@ -264,11 +317,14 @@ INT6_MATMUL = Int6MatmulFamily()
 # ---- eager entry points over the same launcher (tests, benchmarks) ------------------------------------------
 def int6_linear_triton(x: torch.Tensor, qw: Int6Weight, act_bits: int | None = None,
                        bias: torch.Tensor | None = None, *, out_dtype: torch.dtype | None = None,
-                       device: DeviceSpec | None = None) -> torch.Tensor:
+                       device: DeviceSpec | None = None, norm_weight: torch.Tensor | None = None, eps: float = 1e-6,
+                       smooth: torch.Tensor | None = None, activation: str = "none", glu: bool = False,
+                       residual: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ dequant(qw)^T (+ bias) through the int6_matmul launcher; x [..., K] -> [..., N].
 
     act_bits None: W6A16; 8 or 6: activations quantized per token per group by the companion kernel. `device`
-    overrides the description the launch configuration is chosen for (tests use it to force split-K).
+    overrides the description the launch configuration is chosen for (tests use it to force split-K). W6A16 also
+    takes braze::int6_linear's prologue (norm_weight, eps, smooth) and epilogue (activation, glu, residual).
     """
     from braze.runtime.kernel_loader import load_kernel_module
 
@@ -280,12 +336,20 @@ def int6_linear_triton(x: torch.Tensor, qw: Int6Weight, act_bits: int | None = N
     if qw.group_size % (128 if act_bits else 64):
         raise ValueError(f"group_size {qw.group_size} unsupported by the kernels")
     out_dtype = out_dtype or x.dtype
+    fused = {"norm_weight": norm_weight, "smooth": smooth, "residual": residual}
+    dot = x.dtype
+    for t in (norm_weight, smooth):
+        dot = dot if t is None else torch.promote_types(dot, t.dtype)
     spec = Int6MatmulSpec(name=f"int6_mm_a{act_bits or 16}", act_bits=act_bits, has_bias=bias is not None,
-                          out_dtype=FLOAT_NAMES[out_dtype])
-    out = torch.empty((*x.shape[:-1], n), device=x.device, dtype=out_dtype)
-    tensors = {"x": x, "packed": qw.packed, "scales": qw.scales, **({"bias": bias} if bias is not None else {})}
+                          out_dtype=FLOAT_NAMES[out_dtype], norm=norm_weight is not None, smooth=smooth is not None,
+                          dot_dtype=FLOAT_NAMES[dot], activation=activation, glu=glu,
+                          has_residual=residual is not None)
+    out = torch.empty((*x.shape[:-1], n // (2 if glu else 1)), device=x.device, dtype=out_dtype)
+    tensors = {"x": x, "packed": qw.packed, "scales": qw.scales, **({"bias": bias} if bias is not None else {}),
+               **{r: t for r, t in fused.items() if t is not None}}
     params = {"roles": list(tensors), "in_features": k, "group_size": qw.group_size, "act_bits": act_bits or A16,
-              "out_dtype": spec.out_dtype}
+              "out_dtype": spec.out_dtype, "eps": eps, "dot_dtype": spec.dot_dtype, "glu": glu,
+              "split": not spec.fused_epilogue}
     INT6_MATMUL.launch(load_kernel_module(render_int6_matmul(spec)), spec.name, tensors, out, params,
                        device or device_spec(x.device))
     return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from braze.ops.library import apply_activation, rms_norm_reference
 from braze.quant.df11 import DF11Unit, decode_df11_reference
 from braze.quant.int6 import (
     Int6Weight,
@@ -150,16 +151,42 @@ def int6_linear(
     in_features: int = 0,
     group_size: int = 128,
     act_bits: int = A16,
+    norm_weight: Tensor | None = None,
+    eps: float = 0.0,
+    smooth: Tensor | None = None,
+    activation: str = "none",
+    glu: bool = False,
+    residual: Tensor | None = None,
 ) -> Tensor:
-    """F.linear(fq(x), q * scale, bias) computed in fp32, returned in x's dtype (act_bits 16: fq(x) = x)."""
+    """residual + epilogue(F.linear(fq(prologue(x)), q * scale, bias)), the linear itself in fp32 (act_bits 16:
+    fq(x) = x). prologue: RMSNorm (norm_weight, eps), then a per-channel smoothing scale; epilogue: the
+    activation, or with glu the packed rows are [gate; up] and the output is act(gate) * up. Each step rounds to
+    its dtype as the unfused ops would (braze/passes/int6.py builds this op from them); the kernel rounds once."""
+    if norm_weight is not None:
+        x = rms_norm_reference(x, norm_weight, eps)
+    if smooth is not None:
+        x = x * smooth
     qw = Int6Weight(packed=packed, scales=scales, shape=(packed.shape[0], in_features), group_size=group_size)
-    y = int6_linear_reference(x, qw, None if act_bits == A16 else act_bits, bias)
-    return y.to(x.dtype)
+    y = int6_linear_reference(x, qw, None if act_bits == A16 else act_bits, bias).to(x.dtype)
+    if glu:
+        half = y.shape[-1] // 2
+        y = apply_activation(y[..., :half], activation) * y[..., half:]
+    else:
+        y = apply_activation(y, activation)
+    return y if residual is None else residual + y
 
 
 @int6_linear.register_fake
-def _int6_linear_fake(x, packed, scales, bias=None, in_features=0, group_size=128, act_bits=A16):
-    return x.new_empty(*x.shape[:-1], packed.shape[0])
+def _int6_linear_fake(x, packed, scales, bias=None, in_features=0, group_size=128, act_bits=A16, norm_weight=None,
+                      eps=0.0, smooth=None, activation="none", glu=False, residual=None):
+    dtype = x.dtype if norm_weight is None else torch.promote_types(norm_weight.dtype, x.dtype)
+    if smooth is not None:
+        dtype = torch.promote_types(dtype, smooth.dtype)
+    out = x.new_empty(*x.shape[:-1], packed.shape[0] // (2 if glu else 1), dtype=dtype)
+    if residual is not None:
+        out = torch.empty_like(torch.broadcast_tensors(out, residual)[0],
+                               dtype=torch.promote_types(dtype, residual.dtype))
+    return out
 
 
 @torch.library.custom_op("braze::int6_act_scales", mutates_args=())

@@ -10,8 +10,10 @@ quantizing each part):
    gptq (braze/quant/gptq.py). Smoothing multiplies the linear's input by 1/s, so it is used only where that
    multiply fuses into the kernel producing the input (an RMSNorm, or the SwiGLU product); elsewhere (o_proj
    after attention) the linear rounds to nearest;
-4. the fused prologue / epilogue come back out of the linear: braze::rms_norm before, ATen activation / GLU
-   product / residual add after (picked up by the generated fused kernels).
+4. W6A16: the linear's fused prologue (RMSNorm, then the smoothing scale) and epilogue (activation, GLU product,
+   residual add) stay with it, in the int6 kernel. W6A8 / W6A6: they come back out as separate ops (braze::rms_norm
+   before, ATen activation / GLU product / residual add after), so the activation quantization can fuse into the
+   kernel that produces x.
 
 Linears outside decoder layers (lm_head, embeddings) stay in the compute dtype, as FlexQ keeps them.
 """
@@ -180,7 +182,9 @@ def quantize_int6(gm: fx.GraphModule, ctx: PassContext) -> int:
         if (samples is not None and x_rows is None) or (method == "gptq" and hessian is None):
             missing.append(names[0])
         x = a["x"]
-        can_smooth = a["norm_weight"] is not None or is_op(x, aten.mul.Tensor)
+        # 1/s fuses into the norm, the SwiGLU product, or the GLU epilogue of a W6A16 gate/up kernel
+        can_smooth = (a["norm_weight"] is not None or is_op(x, aten.mul.Tensor)
+                      or (is_op(x, braze.int6_linear.default) and bool(op_args(x)["glu"])))
         plan = _plan(config, method if (method != "gptq" or hessian is not None) else "rtn", w, x_rows, names, path,
                      can_smooth)
         plans.append(plan)
@@ -190,24 +194,19 @@ def quantize_int6(gm: fx.GraphModule, ctx: PassContext) -> int:
         packed = ctx.add_weight(gm, f"int6_{stem}_packed"[:80], qw.packed)
         scales = ctx.add_weight(gm, f"int6_{stem}_scales"[:80], qw.scales)
         bits[packed.name] = (w.numel(), qw.bits_per_weight)
-        h = x
-        if a["norm_weight"] is not None:
-            h = new_node(gm, braze.rms_norm.default, (x, a["norm_weight"], a["eps"]), {}, ctx, node)
+        inv = None
         if plan.smoothing is not None and not plan.smoothing.is_identity:
-            inv = ctx.add_weight(gm, f"int6_{stem}_inv_smooth"[:80], (1.0 / plan.smoothing.scale).to(val(h).dtype))
-            h = new_node(gm, aten.mul.Tensor, (h, inv), {}, ctx, node)
+            x_dtype = val(x).dtype if a["norm_weight"] is None else torch.promote_types(val(x).dtype,
+                                                                                       val(a["norm_weight"]).dtype)
+            inv = ctx.add_weight(gm, f"int6_{stem}_inv_smooth"[:80], (1.0 / plan.smoothing.scale).to(x_dtype))
         bias = None if glu else a["bias"]
-        y = new_node(gm, braze.int6_linear.default, (h, packed, scales, bias, int(w.shape[1]), GROUP, plan.act_bits),
-                     {}, ctx, node)
-        if glu:
-            inter = ctx.weights[names[0]].shape[0]
-            gate = new_node(gm, aten.slice.Tensor, (y, -1, 0, inter), {}, ctx, node)
-            up = new_node(gm, aten.slice.Tensor, (y, -1, inter, 2 * inter), {}, ctx, node)
-            out = new_node(gm, aten.mul.Tensor, (activate(gm, gate, a["activation"], ctx, node), up), {}, ctx, node)
-        else:
-            out = activate(gm, y, a["activation"], ctx, node)
-            if a["residual"] is not None:
-                out = new_node(gm, aten.add.Tensor, (a["residual"], out), {}, ctx, node)
+        if plan.act_bits == A16:  # the W6A16 kernel takes the norm, smoothing and epilogue: one launch
+            out = y = new_node(gm, braze.int6_linear.default, (x, packed, scales, bias, int(w.shape[1]), GROUP, A16,
+                                                           a["norm_weight"], a["eps"], inv, a["activation"], glu,
+                                                           None if glu else a["residual"]), {}, ctx, node)
+        else:  # W6A8 / W6A6: the norm and smoothing stay in the kernel that quantizes x (braze/passes/int6_act.py)
+            out, y = _unfused(gm, node, ctx, x, a, inv, (packed, scales, bias, int(w.shape[1]), GROUP, plan.act_bits),
+                           glu, names)
         if val(out).dtype != val(node).dtype:
             out = new_node(gm, aten._to_copy.default, (out,), {"dtype": val(node).dtype}, ctx, node)
         node.replace_all_uses_with(out)
@@ -220,6 +219,28 @@ def quantize_int6(gm: fx.GraphModule, ctx: PassContext) -> int:
         ctx.note(line)
     dce(gm)
     return count
+
+
+def _unfused(gm: fx.GraphModule, node: fx.Node, ctx: PassContext, x: fx.Node, a: dict, inv: fx.Node | None,
+             linear_args: tuple, glu: bool, names: list[str]) -> tuple[fx.Node, fx.Node]:
+    """The linear's prologue and epilogue as separate ops around a plain int6_linear: braze::rms_norm before,
+    ATen activation / GLU product / residual add after (picked up by the generated fused kernels).
+    Returns (the output, the int6_linear node)."""
+    h = x
+    if a["norm_weight"] is not None:
+        h = new_node(gm, braze.rms_norm.default, (x, a["norm_weight"], a["eps"]), {}, ctx, node)
+    if inv is not None:
+        h = new_node(gm, aten.mul.Tensor, (h, inv), {}, ctx, node)
+    y = new_node(gm, braze.int6_linear.default, (h, *linear_args), {}, ctx, node)
+    if glu:
+        inter = ctx.weights[names[0]].shape[0]
+        gate = new_node(gm, aten.slice.Tensor, (y, -1, 0, inter), {}, ctx, node)
+        up = new_node(gm, aten.slice.Tensor, (y, -1, inter, 2 * inter), {}, ctx, node)
+        return new_node(gm, aten.mul.Tensor, (activate(gm, gate, a["activation"], ctx, node), up), {}, ctx, node), y
+    out = activate(gm, y, a["activation"], ctx, node)
+    if a["residual"] is not None:
+        out = new_node(gm, aten.add.Tensor, (a["residual"], out), {}, ctx, node)
+    return out, y
 
 
 def _found(index: _StatsIndex | None, phs: list[fx.Node]) -> torch.Tensor | None:
