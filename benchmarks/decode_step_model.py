@@ -2,6 +2,7 @@
 SMs, registers and spills (ptxas), and a bytes-per-step model from the recorded launch arguments. CPU only.
 
     .venv/bin/python benchmarks/decode_step_model.py [--targets sm_90,sm_80] [--context 1024] [--out FILE]
+        [--quant int6 [--int6-act a16|a8]]
 
 The plan is compiled from the 1B config with 1 and 2 layers (seeded weights, bf16); its decode plan runs dry on
 the CPU with each target's launch configuration (braze/compiler/targets.py: every launch is recorded, none runs),
@@ -110,11 +111,11 @@ def record_step(cm, target: str, context: int) -> list[dict]:  # noqa: ANN001
     return launches
 
 
-def compile_shape(layers: int) -> object:
+def compile_shape(layers: int, options: dict) -> object:
     from quant_decode import LLAMA_1B, build
 
     model = build({**LLAMA_1B, "num_hidden_layers": layers}, torch.bfloat16, "cpu")
-    return braze.compile(model, max_seq=MAX_SEQ, max_batch=16)
+    return braze.compile(model, max_seq=MAX_SEQ, max_batch=16, **options)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,11 +123,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", default="sm_90,sm_80")
     p.add_argument("--context", type=int, default=1024)
     p.add_argument("--out", default=None)
+    p.add_argument("--quant", choices=["int6"], default=None, help="int6: rounded to nearest (no calibration)")
+    p.add_argument("--int6-act", choices=["a16", "a8"], default="a16")
     args = p.parse_args(argv)
     targets = args.targets.split(",")
-    models = {n: compile_shape(n) for n in (1, 2)}
-    lines = [f"# decode step model: Llama-3.2-1B shape ({LAYERS} layers), bf16, batch 1, context {args.context}, "
-             f"max_seq {MAX_SEQ}", ""]
+    options = dict(quant="int6", int6_method="rtn", int6_act=args.int6_act) if args.quant else {}
+    models = {n: compile_shape(n, options) for n in (1, 2)}
+    weights = f"int6 W6{args.int6_act.upper()} (rtn)" if args.quant else "bf16"
+    lines = [f"# decode step model: Llama-3.2-1B shape ({LAYERS} layers), {weights}, batch 1, context "
+             f"{args.context}, max_seq {MAX_SEQ}", ""]
     for target in targets:
         sms = TARGETS[target].sm_count
         build = build_targets(models[2], [target], plans=["decode"])

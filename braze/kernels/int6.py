@@ -149,6 +149,8 @@ def int6_config(m: int, n: int, n_groups: int, device: DeviceSpec, deterministic
         bm, bn = (128, 64) if device.capability >= 90 else (32, 128)
     elif prefill and device.capability < 90:
         bm = 64
+    if device.interpret and not deterministic:
+        bn = max(bn, min(256, triton.next_power_of_2(n)))  # the interpreter's cost is per program, not per element
     warps = 8 if prefill or bm * bn > 64 * 64 else 4
     if weight_tiles == 2 and not device.interpret and bm > 16:
         # two weight tiles and two accumulators (gate, up): ptxas fits them without spills in 64 x 64 tiles of
