@@ -82,8 +82,9 @@ def _time(fn: Any, inputs: tuple, iters: int, warmup: int, cuda: bool) -> tuple[
     return first, times[len(times) // 2]
 
 
-def _decode_step(generate: Any, new_tokens: int, iters: int, cuda: bool) -> float:
-    """Seconds per decode step: best t(N) minus best t(1) over `iters` rounds, over N - 1 steps (both warmed)."""
+def _decode_step(generate: Any, new_tokens: int, iters: int, cuda: bool) -> float | None:
+    """Seconds per decode step: best t(N) minus best t(1) over `iters` rounds, over N - 1 steps (both warmed).
+    None when the difference is not positive: N - 1 steps of a small model are lost in the timer's noise."""
 
     def once(n: int) -> float:
         return _seconds(lambda: generate(n), cuda)
@@ -91,7 +92,8 @@ def _decode_step(generate: Any, new_tokens: int, iters: int, cuda: bool) -> floa
     once(new_tokens)
     once(1)
     best = {n: min(once(n) for _ in range(iters)) for n in (new_tokens, 1)}
-    return max(best[new_tokens] - best[1], 1e-9) / (new_tokens - 1)
+    diff = best[new_tokens] - best[1]
+    return diff / (new_tokens - 1) if diff > 0 else None
 
 
 def _hf_generate(model: Any, ids: Any, compiled_forward: bool, cuda: bool) -> Any:
@@ -116,10 +118,10 @@ def _hf_generate(model: Any, ids: Any, compiled_forward: bool, cuda: bool) -> An
 
 
 def _decode_rows(args: argparse.Namespace, compiled: Any, loaded: Any, label: str, cuda: bool, notes: list[str]
-                 ) -> list[tuple[str, str, float]]:
-    """(engine, backend, seconds per step) for each engine that could decode."""
+                 ) -> list[tuple[str, str, float | None]]:
+    """(engine, backend, seconds per step or None: not measurable) for each engine that could decode."""
     ids = example_inputs(compiled, args.batch, args.seq)[0]
-    rows: list[tuple[str, str, float]] = []
+    rows: list[tuple[str, str, float | None]] = []
     if loaded is not None:
         engines = [("eager", "HF generate", False)]
         if not args.no_torch_compile:
@@ -239,6 +241,11 @@ def main(args: argparse.Namespace) -> int:
         print(header)
         print("-" * len(header))
         for name, backend, step in decode_rows:
+            if step is None:
+                print(f"{name:18s} {backend:20s} {'-':>10s} {'-':>10s} {'-':>9s}")
+                notes.append(f"{name}: t({args.decode}) - t(1) <= 0, the {args.decode - 1} steps are within the "
+                             f"timer's noise (best of {args.iters}): no step time; raise --decode or --iters")
+                continue
             ratio = f"{eager_step / step:8.2f}x" if eager_step else f"{'-':>9s}"
             print(f"{name:18s} {backend:20s} {step * 1e3:10.2f} {args.batch / step:10.1f} {ratio}")
         print(f"braze: {compiled.generator.decode.plan.launches} launches per decode step")
