@@ -15,7 +15,15 @@ from safetensors.torch import load_file, save_file
 import braze
 from braze.models import tiny_causal_lm
 from braze.runtime.errors import PackageError
-from braze.runtime.package import FORMAT_VERSION, _sha256, _weights_for_file, load_package, save_package
+from braze.runtime.package import (
+    FORMAT_VERSION,
+    WEIGHT_ALIGN,
+    _load_weights,
+    _sha256,
+    _weights_for_file,
+    load_package,
+    save_package,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -117,6 +125,19 @@ def test_shared_storages_are_aliased_or_cloned():
     assert set(tensors) == {"a", "row", "t"}
     assert all(t.is_contiguous() for t in tensors.values())
     assert torch.equal(tensors["row"], base[1]) and torch.equal(tensors["t"], base.t())
+
+
+def test_loaded_weights_are_aligned_for_the_kernels(tmp_path):
+    """safetensors packs tensors back to back: after a 6-byte tensor the next one sits 6 B into the data section
+    (and the section itself only 8-byte aligned), while Triton specializes pointers on 16-byte divisibility."""
+    odd = torch.tensor([1.0, 2.0, 3.0], dtype=torch.bfloat16)
+    weights = {"a_odd": odd, "b": torch.randn(5, 7), "c": torch.arange(9, dtype=torch.int16)}
+    save_file(weights, str(tmp_path / "w.safetensors"))
+    raw = load_file(str(tmp_path / "w.safetensors"))
+    assert any(t.data_ptr() % WEIGHT_ALIGN for t in raw.values()), "the file no longer produces a misaligned load"
+    loaded = _load_weights(tmp_path / "w.safetensors", torch.device("cpu"), {"tied": "b"})
+    assert all(t.data_ptr() % WEIGHT_ALIGN == 0 for t in loaded.values())
+    assert all(torch.equal(loaded[k], v) for k, v in weights.items()) and loaded["tied"] is loaded["b"]
 
 
 def test_save_refuses_a_non_package_directory_and_replaces_a_package(packages, tmp_path):

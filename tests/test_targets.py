@@ -4,6 +4,7 @@ a target, compiled by triton for that target, checked against its limits; packag
 Kept small (a tiny model's decode plan on two targets, a tiny MLP): `make gpucheck` runs every test model, variant
 and target. Cubins are verified, not executed (no GPU here)."""
 
+import itertools
 import json
 import warnings
 from pathlib import Path
@@ -19,6 +20,7 @@ from braze.compiler.targets import (
     TargetBuild,
     TargetCheckError,
     build_targets,
+    enumerate_specializations,
     mma_kind,
     parse_ptxas_log,
     parse_targets,
@@ -240,3 +242,27 @@ def test_cli_unknown_target_is_one_line(tmp_path, capsys):
     assert main(["compile", MLP, "-o", str(tmp_path / "o"), "--target", "sm_80,sm_75"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown GPU target 'sm_75'" in err[0]
+
+
+def test_a_cache_hit_launches_the_specializations_of_the_compile_that_stored_it(tmp_path, monkeypatch):
+    """make gpucheck's figures changed from run to run: a cache hit's weights came back from safetensors at
+    addresses off 16-byte alignment (other pointer specializations), and kernel headers listed their regions in
+    set order (another source hash). Both change the cross-compile key, so both are checked here."""
+    monkeypatch.setenv("BRAZE_CACHE", "1")
+    monkeypatch.setenv("BRAZE_CACHE_DIR", str(tmp_path))
+    model = tiny_causal_lm("llama", layers=2, dtype=torch.bfloat16)
+    cold = braze.compile(model, max_batch=2, max_seq=32)
+    warm = braze.compile(model, max_batch=2, max_seq=32)
+    assert warm.report.extra["cache"].startswith("hit"), warm.report.extra["cache"]
+
+    def keys(cm):
+        return sorted((s.module, s.key) for s in enumerate_specializations(cm, ["sm_90"], plans=["decode"]))
+
+    assert keys(cold) == keys(warm)
+    # a kernel's header lists the regions it covers in plan order
+    plan = cold.extra_plans["decode"]
+    for name, source in plan.kernels.items():
+        header = itertools.takewhile(lambda line: line.startswith("#   "), source.splitlines()[1:])
+        listed = [line[4:] for line in header if line[4] != " " and not line.startswith("#   ... and")]
+        used = [", ".join(s.nodes) for s in plan.steps if s.kernel == name][:8]
+        assert listed == used, name

@@ -206,7 +206,9 @@ class Lowering:
             steps.append((min(order[m] for m in g.members), step))
             self.record.fused_kernels.append((kname, [m.name for m in g.members]))
 
-        for n in self.template:
+        # graph order, not set order: a kernel's header (the regions it covers) and so its cross-compile cache key
+        # must not change from process to process (fx.Node hashes by id)
+        for n in sorted(self.template, key=order.__getitem__):
             family = family_for_op(n.target)
             lower = family.lower_deterministic if self.deterministic else family.lower
             body, step = lower(n, "KERNEL_NAME")
@@ -221,7 +223,7 @@ class Lowering:
             steps.append((order[n], step))
             self.record.template_kernels.append((kname, [n.name]))
 
-        for n in self.eager | self.runtime_views:
+        for n in sorted(self.eager | self.runtime_views, key=order.__getitem__):
             kind = "view" if n in self.runtime_views else "eager"
             in_place = self._reduces_in_place(n)
             params: dict[str, Any] = {"in_place": True} if in_place else {}

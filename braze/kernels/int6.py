@@ -105,6 +105,22 @@ class Int6MatmulSpec:
         """An epilogue that does not commute with a sum over K splits."""
         return self.glu or self.activation != "none"
 
+    def step_params(self, in_features: int, group_size: int, eps: float) -> dict[str, Any]:
+        """The launcher's params for a step of this kernel (a compiled plan's Step and int6_linear_triton alike)."""
+        params: dict[str, Any] = {"in_features": in_features, "group_size": group_size,
+                                  "act_bits": self.act_bits or A16, "out_dtype": self.out_dtype}
+        if self.act_bits is None:
+            params.update(eps=eps, dot_dtype=self.dot_dtype, glu=self.glu, split=not self.fused_epilogue)
+        return params
+
+
+def dot_dtype(x: torch.dtype, *prologue: torch.dtype | None) -> str:
+    """The dtype x is rounded to for the dots, after the prologue: x's promoted with the norm weight's and the
+    smoothing scale's (fp32 norm weights on a bf16 model give fp32 dots, as the unfused ops would compute)."""
+    for t in prologue:
+        x = x if t is None else torch.promote_types(x, t)
+    return FLOAT_NAMES[x]
+
 
 def _comment_block(text: str) -> str:
     lines = text.splitlines() or [""]
@@ -225,24 +241,18 @@ class Int6MatmulFamily(KernelFamily):
         a = op_args(node)
         act_bits = int(a["act_bits"])
         fused = {}
-        if node.target is torch.ops.braze.int6_linear.default:
-            dot = a["x"].meta["val"].dtype
-            for k in ("norm_weight", "smooth"):
-                if a[k] is not None:
-                    dot = torch.promote_types(dot, a[k].meta["val"].dtype)
+        if act_bits == A16:  # W6A16 (braze::int6_linear only): the prologue and epilogue ride in the kernel
             fused = dict(norm=a["norm_weight"] is not None, smooth=a["smooth"] is not None,
-                         dot_dtype=FLOAT_NAMES[dot], activation=a["activation"], glu=bool(a["glu"]),
-                         has_residual=a["residual"] is not None)
+                         dot_dtype=dot_dtype(*(a[k].meta["val"].dtype if a[k] is not None else None
+                                               for k in ("x", "norm_weight", "smooth"))),
+                         activation=a["activation"], glu=bool(a["glu"]), has_residual=a["residual"] is not None)
         spec = Int6MatmulSpec(name=name, act_bits=None if act_bits == A16 else act_bits,
                               has_bias=a["bias"] is not None, out_dtype=FLOAT_NAMES[node.meta["val"].dtype], **fused)
         inputs = ("xq", "xs") if node.target is torch.ops.braze.int6_linear_q.default else ("x",)
         roles = {k: a.get(k) for k in (*inputs, "packed", "scales", "bias", "norm_weight", "smooth", "residual")
                  if a.get(k) is not None}
-        params = {"roles": list(roles), "in_features": int(a["in_features"]), "group_size": int(a["group_size"]),
-                  "act_bits": act_bits, "out_dtype": spec.out_dtype}
-        if fused:
-            params.update(eps=float(a["eps"]), dot_dtype=spec.dot_dtype, glu=spec.glu,
-                          split=not spec.fused_epilogue)
+        params = {"roles": list(roles),
+                  **spec.step_params(int(a["in_features"]), int(a["group_size"]), float(a.get("eps") or 0.0))}
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[v.name for v in roles.values()],
                     params=params)
         return render_int6_matmul(spec), step
@@ -339,19 +349,14 @@ def int6_linear_triton(x: torch.Tensor, qw: Int6Weight, act_bits: int | None = N
         raise ValueError(f"group_size {qw.group_size} unsupported by the kernels")
     out_dtype = out_dtype or x.dtype
     fused = {"norm_weight": norm_weight, "smooth": smooth, "residual": residual}
-    dot = x.dtype
-    for t in (norm_weight, smooth):
-        dot = dot if t is None else torch.promote_types(dot, t.dtype)
     spec = Int6MatmulSpec(name=f"int6_mm_a{act_bits or 16}", act_bits=act_bits, has_bias=bias is not None,
                           out_dtype=FLOAT_NAMES[out_dtype], norm=norm_weight is not None, smooth=smooth is not None,
-                          dot_dtype=FLOAT_NAMES[dot], activation=activation, glu=glu,
-                          has_residual=residual is not None)
+                          dot_dtype=dot_dtype(x.dtype, *(t.dtype for t in (norm_weight, smooth) if t is not None)),
+                          activation=activation, glu=glu, has_residual=residual is not None)
     out = torch.empty((*x.shape[:-1], n // (2 if glu else 1)), device=x.device, dtype=out_dtype)
     tensors = {"x": x, "packed": qw.packed, "scales": qw.scales, **({"bias": bias} if bias is not None else {}),
                **{r: t for r, t in fused.items() if t is not None}}
-    params = {"roles": list(tensors), "in_features": k, "group_size": qw.group_size, "act_bits": act_bits or A16,
-              "out_dtype": spec.out_dtype, "eps": eps, "dot_dtype": spec.dot_dtype, "glu": glu,
-              "split": not spec.fused_epilogue}
+    params = {"roles": list(tensors), **spec.step_params(k, qw.group_size, eps)}
     INT6_MATMUL.launch(load_kernel_module(render_int6_matmul(spec)), spec.name, tensors, out, params,
                        device or device_spec(x.device))
     return out

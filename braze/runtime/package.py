@@ -46,6 +46,10 @@ FORMAT_VERSION = 3  # 2: plans launch through the kernel-family registry (launch
 OLDEST_FORMAT = 2  # older packages were launched by per-kind launchers that no longer exist: recompile them
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.safetensors"
+# safetensors packs tensors back to back after a header padded to 8 bytes, so a CPU load (mmap) puts a weight at
+# whatever offset the file gives it. Triton specializes a pointer on 16-byte divisibility: a cache hit's weights
+# 24 B off alignment launched (and cross-compiled) other kernels than the compile that stored them.
+WEIGHT_ALIGN = 16
 REPORT = "report.json"
 TOKENIZER_DIR = "tokenizer"
 TARGETS_DIR = "targets"
@@ -483,6 +487,9 @@ def _load_weights(file: Path, device: torch.device, aliases: dict[str, str]) -> 
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise PackageError(f"{file}: not a readable safetensors file (truncated or corrupt: {msg})") from None
+    for name, t in weights.items():
+        if t.data_ptr() % WEIGHT_ALIGN:
+            weights[name] = t.clone()  # a fresh allocation is aligned (see WEIGHT_ALIGN)
     for name, target in aliases.items():
         if target not in weights:
             raise PackageError(f"{file}: alias {name!r} -> {target!r} names a tensor that is not stored")
