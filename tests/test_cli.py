@@ -319,6 +319,24 @@ def test_check_uses_braze_testing_tolerances(package, capsys):
     assert "check failed" in err and "max abs error" in err
 
 
+def test_check_of_an_int6_package_says_the_difference_is_quantization(tmp_path, capsys):
+    """int6 is lossy and the eager model is not quantized: the default (rounding) tolerance fails, and the output
+    says why and what to use instead; a tolerance the user gives is honoured. inspect names the int6 options."""
+    pkg = tmp_path / "int6"
+    assert main(["compile", FACTORY, "-o", str(pkg), "--max-seq", "32", "--max-batch", "1", "--quant", "int6",
+                 "--int6-method", "rtn"]) == 0
+    capsys.readouterr()
+    assert main(["check", str(pkg), FACTORY, "--prompts", "1"]) == 1
+    captured = capsys.readouterr()
+    assert "note: int6 weights are lossy" in captured.out
+    err = _one_line_error(captured.err)
+    assert "check failed" in err and "braze eval measures the loss" in err
+    assert main(["check", str(pkg), FACTORY, "--prompts", "1", "--atol", "0.5", "--rtol", "0.5"]) == 0
+    assert "tolerance |a-b| <= 0.5 + 0.5*|b|, given" in capsys.readouterr().out
+    assert main(["inspect", str(pkg)]) == 0
+    assert "quant=int6, int6_act=a16, int6_method=rtn" in capsys.readouterr().out
+
+
 # ---- other argument errors ---------------------------------------------------------------------------------------
 def test_bad_arguments_exit_2_with_one_line_from_python_dash_m():
     proc = subprocess.run([sys.executable, "-m", "braze.cli", "compile", FACTORY, "-o", "x", "--max-seq", "lots"],

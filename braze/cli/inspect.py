@@ -159,8 +159,10 @@ def main(args: argparse.Namespace) -> int:
     if opts.get("kv_compression") is None:
         opts.pop("kv_budget", None)  # meaningful only with a compression policy
         opts.pop("kv_window", None)
-    shown = ", ".join(f"{k}={opts[k]}" for k in ("quant", "speculate", "deterministic", "kv_dtype", "kv_compression",
-                                                 "kv_budget", "kv_window", "tp", "max_batch", "max_seq")
+    quant_keys = {"int6": ("int6_act", "int6_method"), "df11": ("df11_strategy",)}.get(opts.get("quant"), ())
+    shown = ", ".join(f"{k}={opts[k]}" for k in ("quant", *quant_keys, "speculate", "deterministic", "kv_dtype",
+                                                 "kv_compression", "kv_budget", "kv_window", "tp", "max_batch",
+                                                 "max_seq")
                       if opts.get(k) is not None)
     print(f"compile options: {shown}")
     print(f"integrity: {info['integrity']}")
