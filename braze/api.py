@@ -11,8 +11,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from braze.runtime.call_signature import call_signature, signature_difference
 from braze.runtime.compiled import CompiledModel
-from braze.runtime.errors import CaptureError
+from braze.runtime.errors import CaptureError, ConfigError
 from braze.runtime.package import load_package  # also installs the writer behind CompiledModel.save
 from braze.runtime.sharded_package import is_sharded, load_sharded  # tp > 1: one package per rank
 
@@ -178,6 +179,7 @@ def compile_module(module: torch.nn.Module, args: tuple, kwargs: dict, config: C
 
     cap = capture_module(module, args, kwargs, config.dynamic_shapes)
     compiled = _build(cap, config, _device_of(module), type(module).__name__)
+    compiled.call_signature = call_signature(args, kwargs)
     _cross_compile(compiled, config)
     return compiled
 
@@ -201,25 +203,58 @@ def _or_dynamo(build: Any, module: torch.nn.Module, fn: Any, config: CompileConf
         return dynamo_fallback(module, fn, config, e, compile_module)
 
 
+# distinct call signatures (non-tensor argument values, arguments passed or not) one lazily compiled module compiles
+# plans for before it refuses, like torch.compile's recompile limit: a value that changes every call (a step
+# counter passed as an int) would otherwise compile on every call
+RECOMPILE_LIMIT = 8
+
+
+class _Variants:
+    """One compiled plan per call signature (runtime/call_signature.py), compiled on first use."""
+
+    def __init__(self) -> None:
+        self.plans: dict[Any, Any] = {}
+        self.latest: Any = None
+
+    def get(self, args: tuple, kwargs: dict, build: Any) -> Any:
+        signature = call_signature(args, kwargs)
+        compiled = self.plans.get(signature)
+        if compiled is None:
+            if len(self.plans) >= RECOMPILE_LIMIT:
+                first = next(iter(self.plans))
+                raise ConfigError(f"{signature_difference(first, signature)}; {RECOMPILE_LIMIT} plans were compiled "
+                                  "for different non-tensor arguments already: pass values that change from call to "
+                                  "call as tensors")
+            compiled = self.plans[signature] = build()
+        self.latest = compiled
+        return compiled
+
+
 class LazyCompiled:
-    """Compiles on the first call, from that call's arguments (like torch.compile), then reuses the plan."""
+    """Compiles on the first call, from that call's arguments (like torch.compile), then reuses the plan; a call
+    with other non-tensor arguments (runtime/call_signature.py) compiles its own plan."""
 
     def __init__(self, module: torch.nn.Module, config: CompileConfig):
         self.module = module
         self.config = config
-        self.compiled: CompiledModel | None = None
+        self.variants = _Variants()
+
+    @property
+    def compiled(self) -> Any:
+        """The plan of the latest call (None before the first)."""
+        return self.variants.latest
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.compiled is None:
-            self.compiled = compile_or_fall_back(self.module, self.module, args, kwargs, self.config)
-        return self.compiled(*args, **kwargs)
+        compiled = self.variants.get(
+            args, kwargs, lambda: compile_or_fall_back(self.module, self.module, args, kwargs, self.config))
+        return compiled(*args, **kwargs)
 
     @property
     def report(self) -> Any:
         return self.compiled.report if self.compiled else None
 
     def __getattr__(self, name: str) -> Any:
-        if name in ("module", "config", "compiled"):
+        if name in ("module", "config", "variants"):
             raise AttributeError(name)
         if self.compiled is None:
             raise AttributeError(f"{name!r}: the model compiles on its first call")
@@ -267,14 +302,17 @@ def _decorate(obj: Any, config: CompileConfig) -> Any:
             def __call__(self, *args: Any, **kwargs: Any) -> Any:
                 if getattr(self, "_braze_capturing", False):
                     return super().__call__(*args, **kwargs)
-                if "_braze_compiled" not in self.__dict__:
+                variants = self.__dict__.setdefault("_braze_variants", _Variants())
+
+                def build() -> Any:
                     self.__dict__["_braze_capturing"] = True
                     try:
-                        self.__dict__["_braze_compiled"] = compile_or_fall_back(self, self.forward, args, kwargs,
-                                                                                config)
+                        return compile_or_fall_back(self, self.forward, args, kwargs, config)
                     finally:
                         self.__dict__["_braze_capturing"] = False
-                return self.__dict__["_braze_compiled"](*args, **kwargs)
+
+                compiled = self.__dict__["_braze_compiled"] = variants.get(args, kwargs, build)
+                return compiled(*args, **kwargs)
 
         Compiled.__name__ = obj.__name__
         Compiled.__qualname__ = obj.__qualname__

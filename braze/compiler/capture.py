@@ -429,6 +429,27 @@ def _unmarked_after(args: tuple, kwargs: dict) -> Any:
                 delattr(t, name)
 
 
+def _inline_constant_inputs(gm: fx.GraphModule, user_inputs: list[str]) -> list[str]:
+    """torch.export keeps a float / int / bool / str argument as a graph input holding the value it specialized on;
+    the plan's inputs are tensors, so the value is written into the ops that read it and the input removed (the
+    call signature, runtime/call_signature.py, holds calls to that value). Returns the remaining user inputs."""
+    kept = []
+    for node in [n for n in gm.graph.nodes if n.op == "placeholder"]:
+        if node.name not in user_inputs:
+            continue
+        value = node.meta.get("val")
+        if isinstance(value, torch.Tensor) or not isinstance(value, (bool, int, float, str)):
+            kept.append(node.name)
+            continue
+        for user in list(node.users):
+            user.args = fx.node.map_arg(user.args, lambda a, node=node, value=value: value if a is node else a)
+            user.kwargs = fx.node.map_arg(user.kwargs, lambda a, node=node, value=value: value if a is node else a)
+        gm.graph.erase_node(node)
+    if len(kept) != len(user_inputs):
+        gm.recompile()
+    return kept
+
+
 def _export(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any, labels: dict) -> Captured:
     try:
         with _quiet_export(), _unmarked_after(args, kwargs):
@@ -462,6 +483,7 @@ def _export(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: 
             weights[name] = ep.constants[spec.target].detach()
         else:
             raise CaptureError(f"cannot find the value of graph input {name} ({spec.target})")
+    user_inputs = _inline_constant_inputs(gm, user_inputs)
     placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
     symbols: list[SymbolSpec] = []
     for sym, (lower, upper) in _symbol_ranges(ep).items():

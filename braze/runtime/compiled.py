@@ -53,6 +53,9 @@ class CompiledModel:
         # write lands: ("state", name) or ("input", user input name); see braze.compiler.capture.Captured
         self.state: dict[str, torch.Tensor] = {}
         self.mutations: list[tuple[str, str]] = []
+        # the (args, kwargs) structure and non-tensor values the plan was captured with (runtime/call_signature.py);
+        # None: not known (a package, a causal LM), not checked
+        self.call_signature: Any = None
         if executor == "reference":
             if graph_module is None:
                 raise RuntimeError("the reference executor needs the rewritten graph; packages hold plans only")
@@ -95,6 +98,16 @@ class CompiledModel:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.causal_lm:
             return self._call_causal_lm(*args, **kwargs)
+        if self.call_signature is not None:
+            from braze.runtime.call_signature import call_signature, signature_difference
+
+            called = call_signature(args, kwargs)
+            if called != self.call_signature:
+                from braze.runtime.errors import InputMismatchError
+
+                raise InputMismatchError(f"{signature_difference(self.call_signature, called)}: the plan computes "
+                                         "the call it was compiled for (braze.compile(module) compiles once per "
+                                         "such call)")
         flat, _ = pytree.tree_flatten((args, kwargs))
         tensors = [t for t in flat if isinstance(t, torch.Tensor)]
         with torch.no_grad():
