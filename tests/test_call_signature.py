@@ -83,3 +83,14 @@ def test_signature_names_arguments_by_position_and_keyword():
         "flag= was passed when the model was compiled and is missing here")
     nested = call_signature(({"a": [X, 1.5]},), {})
     assert nested == (("positional argument 0['a'][0]", "a tensor"), ("positional argument 0['a'][1]", "float 1.5"))
+
+
+def test_a_package_keeps_the_signature_it_was_compiled_for(tmp_path):
+    model = Scaled().eval()
+    compiled = braze.compile(model)
+    compiled(X, scale=3.0)
+    compiled.save(tmp_path / "pkg")
+    loaded = braze.load(tmp_path / "pkg")
+    torch.testing.assert_close(loaded(X, scale=3.0), model(X, scale=3.0), rtol=1e-5, atol=1e-5)
+    with pytest.raises(braze.InputMismatchError, match=r"scale= is float 2\.0 here and was float 3\.0"):
+        loaded(X, scale=2.0)

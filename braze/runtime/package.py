@@ -287,6 +287,8 @@ def _write_contents(compiled: Any, root: Path, tokenizer: Any, metadata: dict | 
         "primary_plan": PRIMARY_PLAN,
         "out_spec": _dump_spec(compiled.out_spec),
         "in_spec": _dump_spec(compiled.in_spec),
+        # the non-tensor arguments the plan was captured with (runtime/call_signature.py); null: not checked
+        "call_signature": [list(x) for x in sig] if (sig := getattr(compiled, "call_signature", None)) else None,
         "weights": {"file": WEIGHTS, "tensors": len(tensors), "aliases": aliases,
                     "bytes": sum(t.nbytes for t in tensors.values())},
         "tokenizer": TOKENIZER_DIR if tokenizer is not None else None,
@@ -578,6 +580,8 @@ def load_package(path: str | os.PathLike, executor: str = "auto", sha256: str | 
                              in_spec=in_spec, causal_lm=bool(manifest.get("causal_lm")), graph_module=None,
                              config=config, model_config=model_config)
     compiled.generation_missing = manifest.get("generation_missing")
+    if manifest.get("call_signature"):
+        compiled.call_signature = tuple(tuple(x) for x in manifest["call_signature"])
     compiled.recompute = manifest.get("recompute")
     compiled.state, compiled.mutations = state_buffers, [tuple(m) for m in state.get("mutations", ())]
     gen = manifest.get("generation")
