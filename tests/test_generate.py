@@ -143,6 +143,37 @@ def test_unknown_generate_option(small):
         small.generate(torch.ones(1, 3, dtype=torch.long), num_beams=4)
 
 
+def test_max_length_counts_the_prompt_like_hf(lm):
+    model, cm = lm
+    ids = torch.randint(3, 256, (2, 5), generator=torch.Generator().manual_seed(4))
+    mask = torch.tensor([[1] * 5, [0, 0, 1, 1, 1]])
+    out = cm.generate(ids, attention_mask=mask, max_length=12)
+    with torch.no_grad():
+        hf = model.generate(ids, attention_mask=mask, max_length=12, do_sample=False, eos_token_id=None,
+                            pad_token_id=0)
+    assert out.shape == (2, 12) and torch.equal(out, hf)
+    assert cm.generate(ids, attention_mask=mask, max_length=12, max_new_tokens=3).shape == (2, 8)  # HF: new wins
+    with pytest.raises(braze.ConfigError, match="max_length=5 leaves no room for new tokens after the 5-token"):
+        cm.generate(ids, max_length=5)
+
+
+def test_num_return_sequences_repeats_each_prompt_and_samples_the_copies():
+    model = tiny_causal_lm("llama", layers=1)
+    ids = torch.tensor([[5, 6, 7, 8, 9], [0, 0, 3, 4, 5]])
+    mask = torch.tensor([[1] * 5, [0, 0, 1, 1, 1]])
+    for deterministic in (False, True):
+        cm = braze.compile(model, max_seq=32, max_batch=8, deterministic=deterministic)
+        out = cm.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, num_return_sequences=3, seed=7)
+        assert out.shape == (6, 13)
+        assert torch.equal(out[:3, :5], ids[:1].expand(3, -1)) and torch.equal(out[3:, :5], ids[1:].expand(3, -1))
+        assert len({tuple(r) for r in out[:3, 5:].tolist()}) > 1, "the copies of a prompt were not sampled apart"
+        if deterministic:  # keyed sampling: copy 0 draws with the request's own seed
+            alone = cm.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=True, seed=7)
+            assert torch.equal(out[::3], alone)
+    with pytest.raises(braze.ConfigError, match="num_return_sequences=2 needs do_sample=True"):
+        cm.generate(ids, num_return_sequences=2)
+
+
 def test_right_padding_is_refused(small):
     mask = torch.tensor([[1, 1, 0]])
     with pytest.raises(braze.InputMismatchError, match="right padding"):

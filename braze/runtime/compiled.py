@@ -157,7 +157,7 @@ class CompiledModel:
     def generate(self, input_ids: torch.Tensor, **options: Any) -> torch.Tensor:
         """HF-style generate: prompt + new token ids [B, S + n] (see runtime/generate.py for the options)."""
         from braze.runtime.errors import ConfigError
-        from braze.runtime.generate import GENERATE_OPTIONS
+        from braze.runtime.generate import DERIVED_OPTIONS, GENERATE_OPTIONS, hf_length_and_copies
 
         if getattr(self, "generator", None) is None:
             if self.generation_missing and self.recompute is not None:
@@ -166,9 +166,12 @@ class CompiledModel:
                 raise ConfigError(f"generate() is not available for this model: {self.generation_missing}")
             else:
                 raise ConfigError("generate() needs a causal LM compiled by braze.compile (no generation plans here)")
-        unknown = sorted(set(options) - set(GENERATE_OPTIONS))
+        unknown = sorted(set(options) - set(GENERATE_OPTIONS) - set(DERIVED_OPTIONS))
         if unknown:
-            raise ConfigError(f"unknown generate option(s) {', '.join(unknown)}; valid: {', '.join(GENERATE_OPTIONS)}")
+            raise ConfigError(f"unknown generate option(s) {', '.join(unknown)}; valid: "
+                              f"{', '.join(GENERATE_OPTIONS + DERIVED_OPTIONS)}")
+        input_ids, options = hf_length_and_copies(input_ids, options, bool(getattr(self.generator, "keyed_sampling",
+                                                                                  False)))
         return self.generator.generate(input_ids, **options)
 
     def _recompute_generator(self) -> Any:

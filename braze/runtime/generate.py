@@ -25,6 +25,42 @@ GENERATE_OPTIONS = ("attention_mask", "max_new_tokens", "do_sample", "temperatur
                     "stop_strings", "tokenizer", "output_logits")
 
 
+# HF generate arguments that are spelled in terms of the others (hf_length_and_copies)
+DERIVED_OPTIONS = ("max_length", "num_return_sequences")
+
+
+def hf_length_and_copies(input_ids: Any, options: dict[str, Any], keyed: bool) -> tuple[Any, dict[str, Any]]:
+    """HF's max_length (prompt + new tokens; max_new_tokens wins when both are given, as in HF) and
+    num_return_sequences (each prompt repeated n times, consecutive rows, sampled independently: with keyed
+    sampling copy j of a prompt draws with its seed + j, so copy 0 is what the prompt alone would give)."""
+    options = dict(options)
+    max_length = options.pop("max_length", None)
+    copies = options.pop("num_return_sequences", 1)
+    prompt_len = input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) and input_ids.dim() else 0
+    if max_length is not None and "max_new_tokens" not in options:
+        if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length <= prompt_len:
+            raise ConfigError(f"max_length={max_length!r} leaves no room for new tokens after the {prompt_len}-token "
+                              "prompt (max_length counts the prompt, as in HF; or give max_new_tokens)")
+        options["max_new_tokens"] = max_length - prompt_len
+    if not isinstance(copies, int) or isinstance(copies, bool) or copies < 1:
+        raise ConfigError(f"num_return_sequences must be a positive integer, got {copies!r}")
+    if copies == 1:
+        return input_ids, options
+    if not options.get("do_sample"):
+        raise ConfigError(f"num_return_sequences={copies} needs do_sample=True: greedy decoding would return the same "
+                          "sequence each time (HF refuses it too)")
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() not in (1, 2):
+        return input_ids, options  # generate names the problem with input_ids
+    rows = input_ids.reshape(-1, input_ids.shape[-1])
+    if options.get("attention_mask") is not None:
+        options["attention_mask"] = options["attention_mask"].reshape(rows.shape).repeat_interleave(copies, 0)
+    if keyed:
+        seed = check_seed(options.get("seed"), rows.shape[0], keyed)
+        seeds = [seed] * rows.shape[0] if isinstance(seed, int) else seed
+        options["seed"] = [s + j for s in seeds for j in range(copies)]
+    return rows.repeat_interleave(copies, 0), options
+
+
 class GenerateOutput(tuple):
     """generate(..., output_logits=True): (sequences, logits), also as attributes. logits [B, n, V] holds, for each
     new token, the logits it was chosen from (prefill's last position for the first token, then the decode step's
