@@ -143,6 +143,30 @@ def test_unknown_generate_option(small):
         small.generate(torch.ones(1, 3, dtype=torch.long), num_beams=4)
 
 
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_padded_forward_matches_hf_at_real_positions(lm, padding):
+    """cm(ids, attention_mask=mask) refused any padding before; right padding now runs the forward plan (no real
+    token sees the pads after it), left padding the prefill plan over a scratch KV cache (kv_start masks them)."""
+    model, cm = lm
+    ids = torch.randint(3, 256, (3, 9), generator=torch.Generator().manual_seed(5))
+    lengths = [9, 7, 3]
+    mask = torch.zeros(3, 9, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        if padding == "left":
+            mask[row, 9 - n:] = 1
+        else:
+            mask[row, :n] = 1
+    got = cm(ids, attention_mask=mask).logits
+    with torch.no_grad():
+        ref = model(ids, attention_mask=mask).logits
+    real = mask.bool()
+    assert real.sum() == sum(lengths)
+    torch.testing.assert_close(got[real], ref[real], rtol=1e-4, atol=1e-4)
+    assert bool(torch.isfinite(got).all())
+    with pytest.raises(braze.InputMismatchError, match="neither all before nor all after"):
+        cm(ids, attention_mask=torch.tensor([[1] * 9, [1, 0] + [1] * 7, [1] * 9]))
+
+
 def test_max_length_counts_the_prompt_like_hf(lm):
     model, cm = lm
     ids = torch.randint(3, 256, (2, 5), generator=torch.Generator().manual_seed(4))

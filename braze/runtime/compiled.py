@@ -118,13 +118,41 @@ class CompiledModel:
 
     def _call_causal_lm(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                         position_ids: torch.Tensor | None = None, **unused: Any) -> CausalLMOutput:
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("the compiled forward takes unpadded batches; use generate() for padded prompts")
-        if position_ids is None:
+        if position_ids is None:  # as HF's forward: 0..S-1 whatever the mask (generate derives them from it)
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        if attention_mask is not None and not bool(attention_mask.all()):
+            return CausalLMOutput(self._padded_forward(input_ids, attention_mask, position_ids))
         with torch.no_grad():
             (logits,) = self._run_with_writes([input_ids, position_ids.contiguous()])
         return CausalLMOutput(logits)
+
+    def _padded_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                        position_ids: torch.Tensor) -> torch.Tensor:
+        """Logits of a padded batch at its real positions (padded positions hold finite values no one should
+        read). Right padding needs no mask: under causal attention no real token sees the pads after it, so the
+        forward plan serves it. Left padding runs the prefill plan into a scratch KV cache, whose kv_start masks
+        each row's pads as generate's prefill does."""
+        from braze.runtime.errors import InputMismatchError
+
+        mask = attention_mask.to(input_ids.device).long()
+        if mask.shape != input_ids.shape:
+            raise InputMismatchError(f"attention_mask has shape {tuple(mask.shape)}, input_ids "
+                                     f"{tuple(input_ids.shape)}")
+        if not bool((mask[:, 1:] > mask[:, :-1]).any()):  # every row: ones, then zeros
+            with torch.no_grad():
+                (logits,) = self._run_with_writes([input_ids, position_ids.contiguous()])
+            return logits
+        gen = getattr(self, "generator", None)
+        left = not bool((mask[:, 1:] < mask[:, :-1]).any())
+        if not left or gen is None or gen.compression is not None or getattr(self, "generation_missing", None):
+            why = ("a row's padding is neither all before nor all after its tokens" if not left else
+                   "this model has no prefill plan over a KV cache to mask left padding with")
+            raise InputMismatchError(f"the compiled forward takes unpadded, right-padded or left-padded batches: "
+                                     f"{why}")
+        kv_start = (mask == 0).sum(-1).to(torch.int32)
+        with torch.no_grad():
+            return gen.forward(gen.prefill, input_ids.to(self.device), position_ids.to(self.device), 0, kv_start,
+                               gen.new_caches(input_ids.shape[0]))
 
     # ---- generation -----------------------------------------------------------------------------------
     def attach_generation(self, prefill: Plan, decode: Plan, kv_inputs: list, max_seq: int, max_batch: int,
