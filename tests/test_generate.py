@@ -167,6 +167,31 @@ def test_padded_forward_matches_hf_at_real_positions(lm, padding):
         cm(ids, attention_mask=torch.tensor([[1] * 9, [1, 0] + [1] * 7, [1] * 9]))
 
 
+def test_repetition_penalty_and_min_new_tokens_match_hf(lm):
+    model, cm = lm
+    ids = torch.randint(3, 256, (2, 6), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1] * 6, [0, 0, 1, 1, 1, 1]])  # the padded row's pad-position tokens are not penalized
+    plain = cm.generate(ids, attention_mask=mask, max_new_tokens=20, eos_token_id=None)
+    ours = cm.generate(ids, attention_mask=mask, max_new_tokens=20, repetition_penalty=1.5, eos_token_id=None)
+    with torch.no_grad():
+        hf = model.generate(ids, attention_mask=mask, max_new_tokens=20, repetition_penalty=1.5, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)
+    assert torch.equal(ours, hf) and not torch.equal(ours, plain)
+    eos = [int(plain[0, 6]), int(plain[1, 6])]  # each row's first greedy token: without min_new_tokens it stops
+    assert cm.generate(ids, attention_mask=mask, max_new_tokens=8, eos_token_id=eos, pad_token_id=0).shape[1] == 7
+    ours = cm.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=4, eos_token_id=eos, pad_token_id=0)
+    with torch.no_grad():
+        hf = model.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=4, do_sample=False,
+                            eos_token_id=eos, pad_token_id=0)
+    assert torch.equal(ours, hf) and ours.shape[1] >= 6 + 4
+    with pytest.raises(braze.InputMismatchError, match="do not work with speculative decoding"):
+        cm.generate(ids, attention_mask=mask, max_new_tokens=4, repetition_penalty=1.2, speculate=True)
+    with pytest.raises(braze.ConfigError, match="repetition_penalty must be a finite number > 0"):
+        cm.generate(ids, max_new_tokens=2, repetition_penalty=0)
+    with pytest.raises(braze.ConfigError, match="min_new_tokens must be an integer >= 0"):
+        cm.generate(ids, max_new_tokens=2, min_new_tokens=-1)
+
+
 def test_max_length_counts_the_prompt_like_hf(lm):
     model, cm = lm
     ids = torch.randint(3, 256, (2, 5), generator=torch.Generator().manual_seed(4))

@@ -16,13 +16,13 @@ import torch
 from braze.runtime.errors import ConfigError, InputMismatchError, ShapeOutOfRangeError
 from braze.runtime.executor import PlanExecutor, zeros_for
 from braze.runtime.generation_stats import GenerationStats
-from braze.runtime.sampling import KeyedNoise, check_sampling, check_seed, select_next
+from braze.runtime.sampling import KeyedNoise, LogitsRules, check_sampling, check_seed, select_next
 
 DEFAULT = object()  # "use the model's generation_config value" (an explicit None means "none", as in HF)
 
 GENERATE_OPTIONS = ("attention_mask", "max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "seed",
                     "eos_token_id", "pad_token_id", "streamer", "speculate", "max_spec_tokens", "spec_tree",
-                    "stop_strings", "tokenizer", "output_logits")
+                    "stop_strings", "tokenizer", "output_logits", "repetition_penalty", "min_new_tokens")
 
 
 # HF generate arguments that are spelled in terms of the others (hf_length_and_copies)
@@ -307,7 +307,7 @@ class Generator:
                  seed: int | list[int] | None = None, eos_token_id: Any = DEFAULT, pad_token_id: Any = DEFAULT,
                  streamer: Any = None, speculate: bool | None = None, max_spec_tokens: int = 8,
                  spec_tree: bool = False, stop_strings: Any = None, tokenizer: Any = None,
-                 output_logits: bool = False) -> Any:
+                 output_logits: bool = False, repetition_penalty: float = 1.0, min_new_tokens: int = 0) -> Any:
         if (not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype.is_complex
                 or input_ids.dtype == torch.bool or input_ids.dim() not in (1, 2)):
             what = (f"a {input_ids.dim()}-dim {str(input_ids.dtype).removeprefix('torch.')} tensor"
@@ -352,6 +352,12 @@ class Generator:
                 raise InputMismatchError(f"speculative decoding needs a decode plan for any batch; this model's "
                                          f"takes exactly {static} rows (see the report's 'decode batch'), got {batch}")
             speculating = False  # the compile's default: decode plainly
+        rules = LogitsRules(ids, mask, repetition_penalty, min_new_tokens, eos_ids)
+        if speculating and rules.active:
+            if speculate:
+                raise InputMismatchError("repetition_penalty and min_new_tokens do not work with speculative decoding "
+                                         "yet (speculate=False)")
+            speculating = False  # the compile's default: decode plainly
         if speculating:
             if stops:
                 raise InputMismatchError("stop_strings do not work with speculative decoding yet (speculate=False)")
@@ -382,7 +388,8 @@ class Generator:
         self.stats = GenerationStats(kv_cache_bytes=_nbytes(caches))
         if comp is not None:
             self.stats.extra["kv_cache_bytes_uncompressed"] = pre.uncompressed_bytes
-        next_tok = select_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator, positions[:, -1] + 1)
+        next_tok = select_next(rules(logits[:, -1], 0), do_sample, temperature, top_k, top_p, generator,
+                               positions[:, -1] + 1)
         seen = [logits[:, -1].clone()] if output_logits else None  # (clones: plans and graphs reuse outputs)
         live: list[torch.Tensor] = []  # per new token: whether the row was still generating (with EOS / stops)
         self.stats.time_to_first_token_s = time.perf_counter() - start
@@ -399,6 +406,7 @@ class Generator:
                 if seen is not None:
                     live.append(unfinished.clone())
             out.append(next_tok[:, None])
+            rules.add(next_tok)
             if streamer is not None:
                 streamer.put(next_tok[:real].cpu())
             if len(eos_ids):
@@ -418,7 +426,8 @@ class Generator:
 
                 slot = next_slot(self.compression, comp, slot, kv_start)
             logits = self.decode_step(next_tok, pos, slot, kv_start, {**caches, **extra_inputs})
-            next_tok = select_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator, pos[:, 0] + 1)
+            next_tok = select_next(rules(logits[:, -1], step + 1), do_sample, temperature, top_k, top_p, generator,
+                                   pos[:, 0] + 1)
             if seen is not None:
                 seen.append(logits[:, -1].clone())
             self.stats.decode_steps += 1

@@ -45,6 +45,53 @@ def check_sampling(do_sample: bool, temperature: Any, top_k: Any, top_p: Any) ->
     return float(temperature), int(top_k), float(top_p)
 
 
+class LogitsRules:
+    """HF's RepetitionPenaltyLogitsProcessor and MinNewTokensLengthLogitsProcessor, applied on device to the fp32
+    logits before the temperature / top-k / top-p warpers (HF's order). The penalty covers every token of the rows
+    so far but the prompt's padding (as HF generate: a left-padded row penalizes what it would alone): a seen
+    token's logit is divided by the penalty
+    when positive, multiplied when negative. Until `min_new_tokens` tokens are out, the EOS tokens are at -inf."""
+
+    def __init__(self, ids: torch.Tensor, mask: torch.Tensor, repetition_penalty: Any, min_new_tokens: Any,
+                 eos_ids: torch.Tensor):
+        if isinstance(repetition_penalty, bool) or not isinstance(repetition_penalty, numbers.Real) \
+                or not math.isfinite(repetition_penalty) or repetition_penalty <= 0:
+            raise ConfigError(f"repetition_penalty must be a finite number > 0 (1.0: off), got {repetition_penalty!r}")
+        if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, numbers.Integral) or min_new_tokens < 0:
+            raise ConfigError(f"min_new_tokens must be an integer >= 0, got {min_new_tokens!r}")
+        self.penalty = float(repetition_penalty)
+        self.min_new_tokens = int(min_new_tokens)
+        self.eos_ids = eos_ids
+        self.ids, self.mask = ids, mask
+        self.seen: torch.Tensor | None = None  # [B, V] bool, made at the first logits (V is known then)
+
+    @property
+    def active(self) -> bool:
+        return self.penalty != 1.0 or self.min_new_tokens > 0
+
+    def __call__(self, logits: torch.Tensor, generated: int) -> torch.Tensor:
+        """The logits [B, V] of the next token after `generated` new tokens."""
+        if not self.active:
+            return logits
+        scores = logits.float()
+        if self.penalty != 1.0:
+            if self.seen is None:  # padding positions scatter into an extra column, dropped
+                vocab = scores.shape[-1]
+                seen = torch.zeros((scores.shape[0], vocab + 1), dtype=torch.bool, device=scores.device)
+                seen.scatter_(1, self.ids.long().masked_fill(self.mask == 0, vocab), True)
+                self.seen = seen[:, :vocab]
+            penalized = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
+            scores = torch.where(self.seen, penalized, scores)
+        if generated < self.min_new_tokens and len(self.eos_ids):
+            scores = scores.index_fill(-1, self.eos_ids, float("-inf"))
+        return scores
+
+    def add(self, tokens: torch.Tensor) -> None:
+        """Tokens [B] appended to the rows (pad for finished rows, as HF appends)."""
+        if self.seen is not None:
+            self.seen.scatter_(1, tokens.long()[:, None], True)
+
+
 def check_seed(seed: Any, batch: int, keyed: bool) -> int | list[int]:
     """generate's seed: None (0), an int, or (keyed sampling, deterministic=True) one int per prompt."""
     if seed is None:
