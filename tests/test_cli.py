@@ -173,6 +173,9 @@ SAMPLED = [  # (CLI options, generate kwargs): one of each kind of valid combina
                                                                     seed=4)),
     (["--temperature", "0.8", "--top-k", "10", "--top-p", "0.9", "--seed", "3"],
      dict(do_sample=True, temperature=0.8, top_k=10, top_p=0.9, seed=3)),
+    (["--repetition-penalty", "1.5"], dict(repetition_penalty=1.5)),
+    (["--top-p", "0.9", "--repetition-penalty", "1.2", "--seed", "2"],
+     dict(do_sample=True, top_p=0.9, seed=2, repetition_penalty=1.2)),
 ]
 
 
@@ -180,6 +183,15 @@ SAMPLED = [  # (CLI options, generate kwargs): one of each kind of valid combina
 def test_run_generates_what_the_library_generates(options, kwargs, package, loaded, ids_out, capsys):
     got = _run_ids(["run", str(package), "--prompt", "Hello", "--max-new-tokens", "3", *options], capsys)
     assert got == _library(loaded, "Hello", **kwargs)
+
+
+def test_run_repetition_penalty_is_refused_with_speculation(package, capsys):
+    assert main(["run", str(package), "--prompt", "Hi", "--repetition-penalty", "1.2", "--speculate"]) == 2
+    assert "--repetition-penalty does not work with speculative decoding" in _one_line_error(capsys.readouterr().err)
+    with pytest.raises(SystemExit) as info:  # argparse
+        main(["run", str(package), "--prompt", "Hi", "--repetition-penalty", "0"])
+    assert info.value.code == 2
+    assert "expected a finite number > 0" in _one_line_error(capsys.readouterr().err)
 
 
 def test_run_says_when_a_row_stops_at_end_of_sequence(package, loaded, ids_out, capsys):

@@ -24,6 +24,7 @@ from .common import (
     nonneg_float,
     nonneg_int,
     package_tokenizer,
+    positive_float,
     positive_int,
     probability,
     secondary_rank,
@@ -49,6 +50,10 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                    help="sample from the K likeliest tokens")
     p.add_argument("--top-p", type=probability, default=None, metavar="P",
                    help="sample from the smallest set of tokens with probability mass >= P, in (0, 1]")
+    p.add_argument("--repetition-penalty", type=positive_float, default=None, metavar="P",
+                   help="HF's repetition penalty: each token already in the prompt or the output has its logit "
+                   "divided by P when positive, multiplied when negative (1.0: off; greedy or sampled; decodes "
+                   "without speculation)")
     p.add_argument("--seed", type=nonneg_int, default=None, metavar="S",
                    help="seed of the sampling draw (default 0); needs a sampling option")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
@@ -83,6 +88,8 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise UsageError("--chat wraps prompt text in the chat template; use it with --prompt, not --prompt-ids")
     if args.prompt is not None and not args.prompt.strip():
         raise UsageError("--prompt is empty; generation needs at least one prompt token")
+    if args.repetition_penalty is not None and args.speculate:
+        raise UsageError("--repetition-penalty does not work with speculative decoding yet; drop --speculate")
 
 
 def _prompt_ids(args: argparse.Namespace, tokenizer: Any, vocab: int | None) -> list[int]:
@@ -205,8 +212,12 @@ def main(args: argparse.Namespace) -> int:
                 f"{compression.capacity} tokens, the kept prompt included)")
             max_new = fits
     speculate = args.speculate
+    penalty = {} if args.repetition_penalty is None else {"repetition_penalty": args.repetition_penalty}
     if speculate is None:
         speculate = getattr(compiled.config, "speculate", None) == "suffix" and not recompute
+        if speculate and penalty:
+            err("[braze] note: the package speculates by default; --repetition-penalty decodes without speculation")
+            speculate = False
     ids = torch.tensor([prompt], dtype=torch.long, device=compiled.device)
     eos = _eos_ids(tokenizer, compiled.model_config)
     # a tp package runs on every rank of its group; they all generate the same tokens, rank 0 prints them
@@ -214,7 +225,7 @@ def main(args: argparse.Namespace) -> int:
     streamer = Streamer(tokenizer, len(prompt)) if args.stream and speaks else None
     start = time.perf_counter()
     out = compiled.generate(ids, max_new_tokens=max_new, eos_token_id=eos or None, streamer=streamer,
-                            speculate=speculate, **sampling)
+                            speculate=speculate, **sampling, **penalty)
     seconds = time.perf_counter() - start
     new = out[0, len(prompt):].tolist()
     stopped = ""
@@ -230,6 +241,7 @@ def main(args: argparse.Namespace) -> int:
     how = ("greedy" if not sampling["do_sample"] else
            "sampled (" + ", ".join(f"{k}={sampling[k]}" for k in ("temperature", "top_k", "top_p", "seed")
                                    if sampling[k] is not None) + ")")
+    how += f", repetition_penalty={args.repetition_penalty}" if penalty else ""
     how += ", speculative (suffix)" if speculate else ""
     err(f"[braze] {len(new)} tokens{stopped} in {seconds:.2f} s ({rate:.2f} tokens/s), {how}; executor: "
         f"{executor_words(compiled.executor_name, compiled.device)}; package loaded in {load_s:.2f} s")
