@@ -333,13 +333,15 @@ def load(path: Any, executor: str = "auto", sha256: str | None = None) -> Compil
     return load_package(path, executor=executor, sha256=sha256)
 
 
-def dynamo_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], **options: Any) -> Any:
-    """`torch.compile(model, backend="braze")`: each graph Dynamo hands over runs as a braze plan per input shape
-    (braze/compiler/dynamo_fallback.py: GraphCompiler); a graph braze refuses runs as Dynamo traced it."""
+def dynamo_backend(gm: torch.fx.GraphModule, example_inputs: list[Any], options: dict[str, Any] | None = None,
+                   **more: Any) -> Any:
+    """`torch.compile(model, backend="braze", options={...})`: each graph Dynamo hands over runs as a braze plan
+    per input shape (braze/compiler/dynamo_fallback.py: GraphCompiler); a graph braze refuses runs as Dynamo
+    traced it. `options` are braze.compile's (torch.compile hands its `options` dict over as one argument)."""
     from braze.compiler.config import CompileConfig
     from braze.compiler.dynamo_fallback import GraphCompiler
 
-    return GraphCompiler(CompileConfig.from_options(**options), compile_module)(gm, example_inputs)
+    return GraphCompiler(CompileConfig.from_options(**{**(options or {}), **more}), compile_module)(gm, example_inputs)
 
 
 try:  # make torch.compile(backend="braze") work once braze is imported

@@ -60,6 +60,17 @@ class GraphCompiler:
         self.eager_graphs: list[str] = []  # why each graph braze could not compile runs eagerly
 
     def __call__(self, gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in example_inputs):
+            # braze plans compute without autograd (outputs would not carry gradients, and a backward through them
+            # fails far from here); Dynamo guards on grad mode, so under no_grad / inference_mode this graph is
+            # handed over again and compiled
+            why = ("a graph traced with gradients enabled and inputs that require them (parameters included) runs "
+                   "eagerly: braze plans are inference plans; call the model under torch.no_grad() or "
+                   "torch.inference_mode() to run it as braze kernels")
+            if why not in self.eager_graphs:
+                warnings.warn(f"braze: {why}", stacklevel=2)
+            self.eager_graphs.append(why)
+            return gm.forward
         plans: dict[tuple, Any] = {}
 
         def run(*args: Any) -> Any:
