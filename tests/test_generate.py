@@ -167,6 +167,25 @@ def test_padded_forward_matches_hf_at_real_positions(lm, padding):
         cm(ids, attention_mask=torch.tensor([[1] * 9, [1, 0] + [1] * 7, [1] * 9]))
 
 
+def test_forward_with_labels_gives_hf_loss_and_refuses_what_it_would_ignore(lm):
+    """labels= and HF's no-op arguments were silently ignored before (no .loss; output_hidden_states=True gave no
+    hidden states); now the loss is HF's and an argument that would change the output is a one-line error."""
+    model, cm = lm
+    ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(6))
+    labels = ids.clone()
+    labels[1, :3] = -100
+    with torch.no_grad():
+        ref = model(ids, labels=labels)
+    out = cm(ids, labels=labels, use_cache=False, return_dict=True)
+    torch.testing.assert_close(out.loss, ref.loss.float(), rtol=1e-5, atol=1e-5)
+    loss, logits = out[0], out[1]  # HF's tuple order
+    assert loss is out.loss and logits is out.logits
+    assert cm(ids, logits_to_keep=1).logits.shape == (2, 1, ref.logits.shape[-1])
+    for kwargs in ({"output_hidden_states": True}, {"inputs_embeds": torch.zeros(2, 9, 4)}):
+        with pytest.raises(braze.InputMismatchError, match=f"does not take {next(iter(kwargs))}="):
+            cm(ids, **kwargs)
+
+
 def test_repetition_penalty_and_min_new_tokens_match_hf(lm):
     model, cm = lm
     ids = torch.randint(3, 256, (2, 6), generator=torch.Generator().manual_seed(0))

@@ -20,12 +20,38 @@ from braze.runtime.plan import Plan
 
 @dataclass
 class CausalLMOutput:
-    """Mirrors the `.logits` field of HF's CausalLMOutputWithPast."""
+    """Mirrors the `.logits` and `.loss` (with labels) fields of HF's CausalLMOutputWithPast; indexing as HF's
+    tuple form: (loss, logits) with a loss, else (logits,)."""
 
     logits: torch.Tensor
+    loss: torch.Tensor | None = None
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return (self.logits,)[i]
+        return ((self.logits,) if self.loss is None else (self.loss, self.logits))[i]
+
+
+# HF forward arguments that leave the logits as they are at these values
+_INERT = {"use_cache": None, "return_dict": None, "past_key_values": (None,), "cache_position": (None,),
+          "output_hidden_states": (None, False), "output_attentions": (None, False), "logits_to_keep": None}
+
+
+def _check_forward_kwargs(kwargs: dict[str, Any]) -> None:
+    from braze.runtime.errors import InputMismatchError
+
+    for name, value in kwargs.items():
+        allowed = _INERT.get(name, ())
+        if name in _INERT and (allowed is None or any(value is a or value == a for a in allowed)):
+            continue
+        shown = f"a {tuple(value.shape)} tensor" if isinstance(value, torch.Tensor) else repr(value)[:40]
+        raise InputMismatchError(f"the compiled forward does not take {name}= ({shown}): it computes the logits of "
+                                 "input_ids (and the loss with labels=); generate() runs the KV cache")
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """HF's causal-LM loss: token t predicts label t + 1; labels of -100 are ignored; mean over the rest, fp32."""
+    shift = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+    target = labels[:, 1:].to(logits.device).reshape(-1)
+    return torch.nn.functional.cross_entropy(shift, target, ignore_index=-100)
 
 
 class CompiledModel:
@@ -117,14 +143,19 @@ class CompiledModel:
         return outs[0] if len(outs) == 1 else tuple(outs)
 
     def _call_causal_lm(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                        position_ids: torch.Tensor | None = None, **unused: Any) -> CausalLMOutput:
+                        position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                        **hf_kwargs: Any) -> CausalLMOutput:
+        _check_forward_kwargs(hf_kwargs)
         if position_ids is None:  # as HF's forward: 0..S-1 whatever the mask (generate derives them from it)
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         if attention_mask is not None and not bool(attention_mask.all()):
-            return CausalLMOutput(self._padded_forward(input_ids, attention_mask, position_ids))
-        with torch.no_grad():
-            (logits,) = self._run_with_writes([input_ids, position_ids.contiguous()])
-        return CausalLMOutput(logits)
+            logits = self._padded_forward(input_ids, attention_mask, position_ids)
+        else:
+            with torch.no_grad():
+                (logits,) = self._run_with_writes([input_ids, position_ids.contiguous()])
+        loss = None if labels is None else causal_lm_loss(logits, labels)
+        keep = hf_kwargs.get("logits_to_keep") or 0
+        return CausalLMOutput(logits[:, -keep:] if keep else logits, loss)
 
     def _padded_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                         position_ids: torch.Tensor) -> torch.Tensor:
