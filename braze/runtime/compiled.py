@@ -39,6 +39,9 @@ def _check_forward_kwargs(kwargs: dict[str, Any]) -> None:
     from braze.runtime.errors import InputMismatchError
 
     for name, value in kwargs.items():
+        if name == "logits_to_keep" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise InputMismatchError(f"logits_to_keep must be an int >= 0 (the last N positions; 0: all), got "
+                                     f"{type(value).__name__}")
         allowed = _INERT.get(name, ())
         if name in _INERT and (allowed is None or any(value is a or value == a for a in allowed)):
             continue
