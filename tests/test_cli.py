@@ -331,6 +331,16 @@ def test_check_uses_braze_testing_tolerances(package, capsys):
     assert "check failed" in err and "max abs error" in err
 
 
+def test_check_keeps_the_example_calls_other_arguments(tmp_path, capsys):
+    """The random cases replace the example call's tensors and keep its float: a plan is compiled for one call
+    signature, and a call without the float is refused (runtime/call_signature.py)."""
+    pkg = tmp_path / "scaled"
+    assert main(["compile", "tests.tiny_factory:scaled_mlp", "-o", str(pkg)]) == 0
+    assert main(["check", str(pkg), "tests.tiny_factory:scaled_mlp", "--prompts", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "random inputs #2" in out and "check passed: 3 inputs" in out
+
+
 def test_check_of_an_int6_package_says_the_difference_is_quantization(tmp_path, capsys):
     """int6 is lossy and the eager model is not quantized: the default (rounding) tolerance fails, and the output
     says why and what to use instead; a tolerance the user gives is honoured. inspect names the int6 options."""

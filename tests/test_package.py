@@ -297,3 +297,42 @@ def test_braze_load_is_the_package_loader(packages):
     assert torch.equal(compiled(ids).logits, expected["llama_2"])
     with pytest.raises(braze.PackageError, match="reference executor runs the rewritten FX graph"):
         braze.load(root / "llama", executor="reference")
+
+
+ENCODER_LOADER = textwrap.dedent("""
+    import sys
+    import braze
+    from safetensors.torch import load_file
+    root = sys.argv[1]
+    inp = load_file(root + "/inputs.safetensors")
+    assert "transformers.modeling_outputs" not in sys.modules  # what registers the output type with pytree
+    out = braze.load(root + "/bert")(inp["ids"], inp["mask"])
+    print(type(out).__name__, float((out.last_hidden_state - inp["expected"]).abs().max()))
+""")
+
+
+def test_an_hf_encoder_package_loads_in_a_fresh_process(tmp_path):
+    """An HF encoder returns a ModelOutput, a pytree type transformers registers when its module is imported: a
+    fresh process could not read the package's output structure (`braze check` / `bench` of a BERT package
+    failed with 'Deserializing ... in pytree is not registered'). The loader imports that module (transformers
+    modules only) and reads it again."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                intermediate_size=64)).eval()
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    compiled = braze.compile(bert)
+    compiled(ids, mask)
+    compiled.save(tmp_path / "bert")
+    with torch.no_grad():
+        expected = bert(ids, mask).last_hidden_state
+    save_file({"ids": ids, "mask": mask, "expected": expected.contiguous()}, str(tmp_path / "inputs.safetensors"))
+    env = dict(os.environ, TRITON_INTERPRET="1", HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", ENCODER_LOADER, str(tmp_path)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    name, err = proc.stdout.split()
+    assert name == "BaseModelOutputWithPoolingAndCrossAttentions" and float(err) < 1e-5

@@ -266,3 +266,22 @@ def test_a_cache_hit_launches_the_specializations_of_the_compile_that_stored_it(
         listed = [line[4:] for line in header if line[4] != " " and not line.startswith("#   ... and")]
         used = [", ".join(s.nodes) for s in plan.steps if s.kernel == name][:8]
         assert listed == used, name
+
+
+def test_an_encoder_cross_compiles():
+    """The dry run that records launches runs no kernel, so an eager step reading a kernel's output read whatever
+    memory held: BERT's cross-compile failed with an out-of-bounds int64 index. Kernel outputs are zeros there."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                intermediate_size=64)).eval()
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    compiled = braze.compile(bert, targets=["sm_86"])
+    out = compiled(ids, mask)
+    with torch.no_grad():
+        torch.testing.assert_close(out.last_hidden_state, bert(ids, mask).last_hidden_state, rtol=1e-4, atol=1e-4)
+    build = compiled.compiled.target_build
+    assert build.targets == ("sm_86",) and build.results and not build.errors

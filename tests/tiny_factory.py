@@ -40,6 +40,17 @@ def tiny_mlp():
     return {"model": TinyMLP(), "example_inputs": (torch.randn(3, 8),)}
 
 
+class ScaledMLP(TinyMLP):
+    def forward(self, x, scale: float = 1.0):
+        return self.net(x) * scale
+
+
+def scaled_mlp():
+    """An MLP whose example call passes a float (part of what the plan is compiled for)."""
+    torch.manual_seed(1)
+    return {"model": ScaledMLP(), "example_inputs": (torch.randn(3, 8), 2.5)}
+
+
 def not_a_module():
     return 42
 

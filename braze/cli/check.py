@@ -68,8 +68,24 @@ def _cases(compiled: Any, loaded: Any, n: int) -> list[tuple[str, tuple]]:
         if loaded.example_inputs is not None:
             cases.append(("example inputs", loaded.example_inputs))
         for i in range(len(cases), n):
-            cases.append((f"random inputs #{i}", example_inputs(compiled, 2 + i, 8, seed=i)))
+            cases.append((f"random inputs #{i}", _like(loaded.example_inputs,
+                                                       example_inputs(compiled, 2 + i, 8, seed=i))))
     return cases
+
+
+def _like(example: Any, tensors: tuple) -> tuple:
+    """The example call with its tensors replaced, in order, by `tensors`: its other arguments (a float, a flag)
+    are part of what the plan was compiled for (runtime/call_signature.py)."""
+    import torch
+    from torch.utils import _pytree as pytree
+
+    if example is None:
+        return tensors
+    leaves, spec = pytree.tree_flatten(tuple(example))
+    if sum(isinstance(leaf, torch.Tensor) for leaf in leaves) != len(tensors):
+        return tensors
+    fresh = iter(tensors)
+    return pytree.tree_unflatten([next(fresh) if isinstance(leaf, torch.Tensor) else leaf for leaf in leaves], spec)
 
 
 def _lossy(options: dict[str, Any]) -> str | None:

@@ -89,6 +89,10 @@ class PlanExecutor:
         _check_kernel_interfaces(plan)
         self.workspace: dict[str, torch.Tensor] = {}
         self._init_workspace()
+        # without kernels (the cross-compiler's dry run, GraphExecutor's checker) no kernel writes its outputs: they
+        # are zeros, not whatever memory held, so an eager step that reads one (an index, a gather) gets valid
+        # values (uninitialized int64 indices made BERT's dry run fail with an out-of-bounds index)
+        self.zero_buffers = not kernels
         if kernels:
             check_interpreter_ready()
 
@@ -190,11 +194,15 @@ class PlanExecutor:
         strides = [e(syms) for e in self.stride_exprs[name]] if name in self.stride_exprs else None
         if buf.slot is None:
             if strides:
-                return torch.empty_strided(shape, strides, dtype=dtype, device=self.device)
-            return torch.empty(shape, dtype=dtype, device=self.device)
+                t = torch.empty_strided(shape, strides, dtype=dtype, device=self.device)
+            else:
+                t = torch.empty(shape, dtype=dtype, device=self.device)
+            return t.zero_() if self.zero_buffers else t
         arena = slots[buf.slot]
         if arena is None:
             arena = torch.empty(self.slot_exprs[buf.slot](syms), dtype=torch.uint8, device=self.device)
+            if self.zero_buffers:
+                arena.zero_()
             slots[buf.slot] = arena
         numel = math.prod(shape)
         start = self.offset_exprs[name](syms) if name in self.offset_exprs else 0

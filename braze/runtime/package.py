@@ -26,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -119,12 +120,32 @@ def _dump_spec(spec: Any) -> str | None:
         return None
 
 
+# modules whose import registers the output types they define with pytree (HF's ModelOutput subclasses): the only
+# modules a package's output structure may make the loader import (a manifest names them; nothing else is imported)
+_OUTPUT_TYPE_MODULES = ("transformers.",)
+
+
 def _load_spec(text: str | None) -> Any:
+    """A saved pytree structure. An output type registered when its module is imported (an HF encoder's
+    BaseModelOutput...) is unknown to a fresh process: its module is imported, if it is one of
+    _OUTPUT_TYPE_MODULES, and the structure read again."""
     if text is None:
         return None
+    import importlib
+
     from torch.utils import _pytree as pytree
 
-    return pytree.treespec_loads(text)
+    imported: set[str] = set()
+    while True:
+        try:
+            return pytree.treespec_loads(text)
+        except Exception as e:
+            found = re.search(r"Deserializing (\S+) in pytree is not registered", str(e))
+            module = found.group(1).rsplit(".", 1)[0] if found else ""
+            if not module.startswith(_OUTPUT_TYPE_MODULES) or module in imported:
+                raise
+            imported.add(module)
+            importlib.import_module(module)
 
 
 def _all_plans(compiled: Any) -> dict[str, Plan]:
