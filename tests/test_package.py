@@ -316,14 +316,9 @@ def test_an_hf_encoder_package_loads_in_a_fresh_process(tmp_path):
     fresh process could not read the package's output structure (`braze check` / `bench` of a BERT package
     failed with 'Deserializing ... in pytree is not registered'). The loader imports that module (transformers
     modules only) and reads it again."""
-    from transformers import BertConfig, BertModel
+    from tests.tiny_factory import tiny_bert
 
-    torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                intermediate_size=64)).eval()
-    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones(2, 9, dtype=torch.long)
-    mask[1, 6:] = 0
+    bert, ids, mask = tiny_bert()
     compiled = braze.compile(bert)
     compiled(ids, mask)
     compiled.save(tmp_path / "bert")

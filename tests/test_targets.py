@@ -271,14 +271,9 @@ def test_a_cache_hit_launches_the_specializations_of_the_compile_that_stored_it(
 def test_an_encoder_cross_compiles():
     """The dry run that records launches runs no kernel, so an eager step reading a kernel's output read whatever
     memory held: BERT's cross-compile failed with an out-of-bounds int64 index. Kernel outputs are zeros there."""
-    from transformers import BertConfig, BertModel
+    from tests.tiny_factory import tiny_bert
 
-    torch.manual_seed(0)
-    bert = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
-                                intermediate_size=64)).eval()
-    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones(2, 9, dtype=torch.long)
-    mask[1, 6:] = 0
+    bert, ids, mask = tiny_bert()
     compiled = braze.compile(bert, targets=["sm_86"])
     out = compiled(ids, mask)
     with torch.no_grad():

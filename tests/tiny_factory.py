@@ -51,6 +51,19 @@ def scaled_mlp():
     return {"model": ScaledMLP(), "example_inputs": (torch.randn(3, 8), 2.5)}
 
 
+def tiny_bert():
+    """A one-layer BERT encoder and a padded batch for it: (model, input_ids, attention_mask)."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    bert = BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                intermediate_size=64)).eval()
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, 6:] = 0
+    return bert, ids, mask
+
+
 def not_a_module():
     return 42
 
