@@ -112,9 +112,9 @@ def main(args: argparse.Namespace) -> int:
     ours = braze_forward(compiled)
     cases = _cases(compiled, loaded, args.prompts)
     lossy = _lossy(compiled.manifest.get("compile_options", {}))
+    source = "given" if args.atol is not None or args.rtol is not None else "braze.testing's"
     print(f"check {args.package} against {args.model} ({str(dtype).removeprefix('torch.')}, executor "
-          f"{compiled.executor_name}; tolerance |a-b| <= {atol:g} + {rtol:g}*|b|, "
-          f"{'given' if args.atol is not None or args.rtol is not None else 'braze.testing' + chr(39) + 's'})")
+          f"{compiled.executor_name}; tolerance |a-b| <= {atol:g} + {rtol:g}*|b|, {source})")
     if lossy:
         print(f"  note: {lossy}")
     worst: tuple[float, str] | None = None

@@ -441,9 +441,11 @@ def _inline_constant_inputs(gm: fx.GraphModule, user_inputs: list[str]) -> list[
         if isinstance(value, torch.Tensor) or not isinstance(value, (bool, int, float, str)):
             kept.append(node.name)
             continue
+        def constant(a: fx.Node, node: fx.Node = node, value: Any = value) -> Any:
+            return value if a is node else a
+
         for user in list(node.users):
-            user.args = fx.node.map_arg(user.args, lambda a, node=node, value=value: value if a is node else a)
-            user.kwargs = fx.node.map_arg(user.kwargs, lambda a, node=node, value=value: value if a is node else a)
+            user.args, user.kwargs = fx.node.map_arg(user.args, constant), fx.node.map_arg(user.kwargs, constant)
         gm.graph.erase_node(node)
     if len(kept) != len(user_inputs):
         gm.recompile()

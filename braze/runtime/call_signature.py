@@ -30,12 +30,8 @@ def _describe(value: Any) -> str:
 
 def _name(path: tuple) -> str:
     """'x' / 'scale=' style names: path[0] picks args (0) or kwargs (1), the rest is pytree's key string."""
-    head, rest = path[0].idx, path[1:]
-    if head == 0:
-        first, rest = f"positional argument {rest[0].idx}", rest[1:]
-    else:
-        first, rest = f"{rest[0].key}=", rest[1:]
-    return first + pytree.keystr(rest)
+    first = f"positional argument {path[1].idx}" if path[0].idx == 0 else f"{path[1].key}="
+    return first + pytree.keystr(path[2:])
 
 
 def call_signature(args: tuple, kwargs: dict[str, Any]) -> Signature:

@@ -151,31 +151,30 @@ class CompiledModel:
         _check_forward_kwargs(hf_kwargs)
         if position_ids is None:  # as HF's forward: 0..S-1 whatever the mask (generate derives them from it)
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
-        if attention_mask is not None and not bool(attention_mask.all()):
-            logits = self._padded_forward(input_ids, attention_mask, position_ids)
-        else:
-            with torch.no_grad():
+        kv_start = None if attention_mask is None else self._left_padding(input_ids, attention_mask)
+        with torch.no_grad():
+            if kv_start is None:
                 (logits,) = self._run_with_writes([input_ids, position_ids.contiguous()])
+            else:  # the prefill plan into a scratch KV cache, whose kv_start masks each row's pads
+                gen = self.generator
+                logits = gen.forward(gen.prefill, input_ids.to(self.device), position_ids.to(self.device), 0,
+                                     kv_start, gen.new_caches(input_ids.shape[0]))
         loss = None if labels is None else causal_lm_loss(logits, labels)
         keep = hf_kwargs.get("logits_to_keep") or 0
         return CausalLMOutput(logits[:, -keep:] if keep else logits, loss)
 
-    def _padded_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                        position_ids: torch.Tensor) -> torch.Tensor:
-        """Logits of a padded batch at its real positions (padded positions hold finite values no one should
-        read). Right padding needs no mask: under causal attention no real token sees the pads after it, so the
-        forward plan serves it. Left padding runs the prefill plan into a scratch KV cache, whose kv_start masks
-        each row's pads as generate's prefill does."""
+    def _left_padding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
+        """Each row's count of leading pads (kv_start) when the batch is left-padded, else None: no padding, or
+        right padding, which needs no mask (under causal attention no real token sees the pads after it), so the
+        forward plan serves it. Logits at padded positions are finite values no one should read."""
         from braze.runtime.errors import InputMismatchError
 
         mask = attention_mask.to(input_ids.device).long()
         if mask.shape != input_ids.shape:
             raise InputMismatchError(f"attention_mask has shape {tuple(mask.shape)}, input_ids "
                                      f"{tuple(input_ids.shape)}")
-        if not bool((mask[:, 1:] > mask[:, :-1]).any()):  # every row: ones, then zeros
-            with torch.no_grad():
-                (logits,) = self._run_with_writes([input_ids, position_ids.contiguous()])
-            return logits
+        if not bool((mask[:, 1:] > mask[:, :-1]).any()):  # every row: ones, then zeros (or no padding)
+            return None
         gen = getattr(self, "generator", None)
         left = not bool((mask[:, 1:] < mask[:, :-1]).any())
         if not left or gen is None or gen.compression is not None or getattr(self, "generation_missing", None):
@@ -183,10 +182,7 @@ class CompiledModel:
                    "this model has no prefill plan over a KV cache to mask left padding with")
             raise InputMismatchError(f"the compiled forward takes unpadded, right-padded or left-padded batches: "
                                      f"{why}")
-        kv_start = (mask == 0).sum(-1).to(torch.int32)
-        with torch.no_grad():
-            return gen.forward(gen.prefill, input_ids.to(self.device), position_ids.to(self.device), 0, kv_start,
-                               gen.new_caches(input_ids.shape[0]))
+        return (mask == 0).sum(-1).to(torch.int32)
 
     # ---- generation -----------------------------------------------------------------------------------
     def attach_generation(self, prefill: Plan, decode: Plan, kv_inputs: list, max_seq: int, max_batch: int,

@@ -49,8 +49,8 @@ class LogitsRules:
     """HF's RepetitionPenaltyLogitsProcessor and MinNewTokensLengthLogitsProcessor, applied on device to the fp32
     logits before the temperature / top-k / top-p warpers (HF's order). The penalty covers every token of the rows
     so far but the prompt's padding (as HF generate: a left-padded row penalizes what it would alone): a seen
-    token's logit is divided by the penalty
-    when positive, multiplied when negative. Until `min_new_tokens` tokens are out, the EOS tokens are at -inf."""
+    token's logit is divided by the penalty when positive, multiplied when negative. Until `min_new_tokens` tokens
+    are out, the EOS tokens are at -inf."""
 
     def __init__(self, ids: torch.Tensor, mask: torch.Tensor, repetition_penalty: Any, min_new_tokens: Any,
                  eos_ids: torch.Tensor):
