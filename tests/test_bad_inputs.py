@@ -132,8 +132,13 @@ def test_non_contiguous_input_gives_the_contiguous_result(lm):
 
 def test_wrong_dtype_names_input(lm):
     _, cm = lm
-    with pytest.raises(braze.InputMismatchError, match="input 'input_ids' has dtype float32, expected int64"):
+    with pytest.raises(braze.InputMismatchError, match=r"input_ids must be an integer tensor of token ids \[batch, "
+                                                       "seq\\], got a 2-dim float32 tensor"):
         cm(torch.zeros(1, 4))
+    linear = braze.compile(torch.nn.Linear(4, 2))
+    linear(torch.zeros(1, 4))
+    with pytest.raises(braze.InputMismatchError, match="input 'input' has dtype int64, expected float32"):
+        linear(torch.zeros(1, 4, dtype=torch.long))
 
 
 def test_wrong_device_names_input(lm):

@@ -165,6 +165,10 @@ def test_mamba_compiles_and_generates_through_dynamo(mamba):
         torch.testing.assert_close(out.logits, torch.stack(list(hf_logits), dim=1), atol=1e-5, rtol=0)
         sampled = compiled.generate(ids, max_new_tokens=5, do_sample=True, temperature=0.8, seed=7, pad_token_id=0)
         assert torch.equal(sampled, hf_sampled)
+        # HF's length and config arguments reach HF's loop (max_length counts the prompt)
+        assert torch.equal(compiled.generate(ids, max_length=11, pad_token_id=0), hf)
+        config = transformers.GenerationConfig(max_new_tokens=5, pad_token_id=0)
+        assert torch.equal(compiled.generate(ids, generation_config=config), hf)
     assert "forward" not in mamba.__dict__  # generate put the model's own forward back
     assert compiled.backend.graphs, "no graph was compiled by braze"
     with pytest.raises(braze.ConfigError, match="speculation needs braze's own generation plans"):

@@ -143,6 +143,51 @@ def test_unknown_generate_option(small):
         small.generate(torch.ones(1, 3, dtype=torch.long), num_beams=4)
 
 
+def test_token_ids_outside_the_vocabulary_are_refused(small):
+    """An id past the embedding table made the gather kernel read outside it (a segfault under the interpreter,
+    a fault on a GPU) where HF raises; the forward, generate and speculation now name the id."""
+    good = torch.tensor([[3, 4, 5]])
+    for bad, id_ in ((torch.tensor([[3, 256, 5]]), 256), (torch.tensor([[3, -1, 5]]), -1)):
+        with pytest.raises(braze.InputMismatchError, match=rf"input 'input_ids' holds id {id_}, outside the "
+                                                           r"embedding table's rows \[0, 256\)"):
+            small(bad)
+        for speculate in (False, True):
+            with pytest.raises(braze.InputMismatchError, match=f"holds id {id_}"):
+                small.generate(bad, max_new_tokens=2, speculate=speculate)
+    assert small.generate(good, max_new_tokens=2).shape == (1, 5)
+
+
+def test_int32_ids_and_hf_generation_config_are_taken(small):
+    from transformers import GenerationConfig
+
+    ids = torch.tensor([[3, 4, 5, 6]])
+    ref = small.generate(ids, max_new_tokens=3)
+    assert torch.equal(small.generate(ids.int(), max_new_tokens=3), ref)
+    torch.testing.assert_close(small(ids.int()).logits, small(ids).logits, rtol=0, atol=0)
+    assert torch.equal(small.generate(ids, generation_config=GenerationConfig(max_new_tokens=3)), ref)
+    sampled = GenerationConfig(do_sample=True, top_k=5, max_new_tokens=3)
+    assert torch.equal(small.generate(ids, generation_config=sampled, seed=2),
+                       small.generate(ids, do_sample=True, top_k=5, max_new_tokens=3, seed=2))
+    # keyword arguments win over the config's fields, as in HF
+    assert small.generate(ids, generation_config=sampled, max_new_tokens=1).shape == (1, 5)
+    with pytest.raises(braze.ConfigError, match="generation_config sets num_beams, which braze's generate does not"):
+        small.generate(ids, generation_config=GenerationConfig(num_beams=2))
+
+
+def test_forward_input_ids_shape_and_inputs_embeds_errors(small):
+    with pytest.raises(braze.InputMismatchError, match=r"input_ids must be an integer tensor of token ids \[batch, "
+                                                       r"seq\], got a 1-dim int64 tensor"):
+        small(torch.tensor([3, 4]))
+    with pytest.raises(braze.InputMismatchError, match=r"needs input_ids .* \(got inputs_embeds="):
+        small(inputs_embeds=torch.zeros(1, 2, 64))
+
+
+def test_return_sequences_past_max_batch_names_the_copies(small):
+    with pytest.raises(braze.ShapeOutOfRangeError, match=r"2 prompt\(s\) x num_return_sequences=2 = 4 rows exceeds "
+                                                          "max_batch=2"):
+        small.generate(torch.ones(2, 3, dtype=torch.long), max_new_tokens=2, do_sample=True, num_return_sequences=2)
+
+
 @pytest.mark.parametrize("padding", ["left", "right"])
 def test_padded_forward_matches_hf_at_real_positions(lm, padding):
     """cm(ids, attention_mask=mask) refused any padding before; right padding now runs the forward plan (no real

@@ -140,6 +140,31 @@ def test_loaded_weights_are_aligned_for_the_kernels(tmp_path):
     assert all(torch.equal(loaded[k], v) for k, v in weights.items()) and loaded["tied"] is loaded["b"]
 
 
+class _Embed(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = torch.nn.Embedding(10, 4)
+
+    def forward(self, ids):
+        return self.table(ids) * 2
+
+
+def test_a_module_package_refuses_ids_outside_its_embedding(tmp_path):
+    """The plan records which inputs index an embedding (and its rows), so a loaded package checks them too."""
+    torch.manual_seed(0)
+    model = _Embed()
+    ids = torch.tensor([[1, 9, 0]])
+    cm = braze.compile(model)
+    torch.testing.assert_close(cm(ids), model(ids))
+    cm.save(tmp_path / "pkg")
+    loaded = load_package(tmp_path / "pkg")
+    torch.testing.assert_close(loaded(ids), model(ids))
+    for compiled in (cm, loaded):
+        with pytest.raises(braze.InputMismatchError, match=r"input 'ids' holds id 10, outside the embedding table's "
+                                                           r"rows \[0, 10\)"):
+            compiled(torch.tensor([[1, 10, 0]]))
+
+
 def test_save_refuses_a_non_package_directory_and_replaces_a_package(packages, tmp_path):
     root, _ = packages
     compiled = load_package(root / "mlp")

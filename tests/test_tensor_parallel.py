@@ -160,6 +160,13 @@ def package_checks(rank: int, compiled, root: Path) -> dict:
     out["package_spec"] = loaded.generate(IDS[:1], max_new_tokens=3, eos_token_id=None, pad_token_id=0,
                                           speculate=True, max_spec_tokens=2)
     out["package_spec_accepted"] = runner.stats.accepted_drafts
+    outside = IDS.clone()
+    outside[0, 1] = loaded.model_config.vocab_size  # the whole vocabulary's bound, not the rank's shard's
+    try:
+        loaded(outside)
+        out["outside_vocab"] = None
+    except braze.InputMismatchError as e:
+        out["outside_vocab"] = str(e)
     if rank == 0:
         shutil.copytree(root / "pkg", root / "swapped")
         for a, b in (("rank0", "tmp"), ("rank1", "rank0"), ("tmp", "rank1")):
@@ -343,6 +350,8 @@ def test_sharded_package_loads_and_runs_per_rank(world2):
         # speculation on a loaded shard: rank 0 drafts (the shard's compile options say tp=2), drafts accepted
         assert torch.equal(r["package_spec"], base["gen1"]) and r["package_spec_accepted"] > 0
         assert r["package_bytes"] < 0.51 * base["weight_bytes"]
+        vocab = int(r["outside_vocab"].split("holds id ")[1].split(",")[0])
+        assert r["outside_vocab"].endswith(f"outside the embedding table's rows [0, {vocab})")
         other = 1 - rank
         assert r["swapped"] == (f"rank {rank}: {r['swapped'].split(': ')[1].split(' is not')[0]} is not the shard "
                                 f"shards.json lists for rank {rank} (it is rank {other}'s shard)")

@@ -40,6 +40,24 @@ class LoweringRecord:
     no_reuse_bytes: int = 0
 
 
+def embedding_rows(placeholder: fx.Node) -> int | None:
+    """The rows of the embedding table `placeholder` indexes (the smallest if several; meta "embedding_rows" when a
+    pass split the table), or None. The generated gathers do not bound-check their ids (eager PyTorch raises; a
+    kernel would read outside the table), so the runtime checks such inputs at the API (check_index_inputs)."""
+    rows = [placeholder.meta["embedding_rows"]] if "embedding_rows" in placeholder.meta else []
+    for user in placeholder.users:
+        if user.target is torch.ops.aten.embedding.default and user.args[1] is placeholder:
+            table = user.args[0]
+        elif user.target is torch.ops.braze.df11_embedding.default and user.args[0] is placeholder:
+            table = user.args[7]  # row_blocks: one entry per table row
+        else:
+            continue
+        size = table.meta["val"].shape[0] if isinstance(table, fx.Node) else None
+        if isinstance(size, int):
+            rows.append(size)
+    return min(rows) if rows else None
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return DTYPE_NAMES[dtype]
 
@@ -250,8 +268,9 @@ class Lowering:
         for n in self.gm.graph.nodes:
             if n.op == "placeholder":
                 val = n.meta["val"]
+                user = n.name not in self.weights
                 inputs.append(InputSpec(n.name, [pexpr(s) for s in shape_of(val)], dtype_name(val.dtype),
-                                        "weight" if n.name in self.weights else "user"))
+                                        "user" if user else "weight", embedding_rows(n) if user else None))
         plan = Plan(name=self.name, inputs=inputs, symbols=self.symbol_specs, buffers=list(buffers.values()),
                     steps=ordered, outputs=outputs, kernels={})
         for kname, (body, uses, kind) in kernels.items():

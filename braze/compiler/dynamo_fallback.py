@@ -123,14 +123,16 @@ class DynamoCompiled:
 
     def generate(self, input_ids: torch.Tensor, **options: Any) -> Any:
         """HF generate over the compiled forward; the options are braze's (runtime/generate.py) but speculation."""
-        from braze.runtime.generate import GENERATE_OPTIONS, GenerateOutput
+        from braze.runtime.generate import DERIVED_OPTIONS, GENERATE_OPTIONS, GenerateOutput, hf_generation_config
         from braze.runtime.sampling import check_sampling
 
         if not self.causal_lm:
             raise ConfigError("generate() needs a causal LM compiled by braze.compile")
-        unknown = sorted(set(options) - set(GENERATE_OPTIONS))
+        valid = GENERATE_OPTIONS + DERIVED_OPTIONS
+        unknown = sorted(set(options) - set(valid))
         if unknown:
-            raise ConfigError(f"unknown generate option(s) {', '.join(unknown)}; valid: {', '.join(GENERATE_OPTIONS)}")
+            raise ConfigError(f"unknown generate option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+        options = hf_generation_config(options)
         spec = [k for k in SPECULATION_OPTIONS if options.get(k)]
         if spec:
             raise ConfigError(f"{', '.join(spec)}: speculation needs braze's own generation plans, which "
@@ -142,7 +144,9 @@ class DynamoCompiled:
                                                    options.pop("top_k", 0), options.pop("top_p", 1.0))
         seed = options.pop("seed", None)
         output_logits = bool(options.pop("output_logits", False))
-        hf: dict[str, Any] = dict(options, do_sample=do_sample, max_new_tokens=options.get("max_new_tokens", 20))
+        hf: dict[str, Any] = dict(options, do_sample=do_sample)
+        if "max_length" not in hf:
+            hf.setdefault("max_new_tokens", 20)
         if do_sample:
             hf.update(temperature=temperature, top_k=top_k or None, top_p=top_p)
         else:  # greedy whatever the model's generation_config samples with, as braze's own loop

@@ -237,6 +237,7 @@ def _vocab_parallel_embedding(gm: fx.GraphModule, ctx: PassContext, rank: int, w
         if rows % world:
             continue
         n = rows // world
+        ids.meta["embedding_rows"] = rows  # the whole table's: the runtime checks ids against it (lower.py)
         local = _slice(ctx, gm, w, 0, rank * n, n)
         after = node.next
 

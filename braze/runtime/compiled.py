@@ -50,6 +50,22 @@ def _check_forward_kwargs(kwargs: dict[str, Any]) -> None:
                                  "input_ids (and the loss with labels=); generate() runs the KV cache")
 
 
+def _token_ids(input_ids: Any, hf_kwargs: dict[str, Any]) -> torch.Tensor:
+    """The causal-LM forward's input_ids as the plan takes them: [batch, seq] int64 (int32 ids widened, as HF's
+    embedding takes both); anything else a one-line error."""
+    from braze.runtime.errors import InputMismatchError
+
+    if input_ids is None:
+        given = " (got inputs_embeds=: the plan starts from token ids)" if "inputs_embeds" in hf_kwargs else ""
+        raise InputMismatchError(f"the compiled forward needs input_ids [batch, seq]{given}")
+    if (not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype.is_complex
+            or input_ids.dtype == torch.bool or input_ids.dim() != 2):
+        what = (f"a {input_ids.dim()}-dim {str(input_ids.dtype).removeprefix('torch.')} tensor"
+                if isinstance(input_ids, torch.Tensor) else f"a {type(input_ids).__name__}")
+        raise InputMismatchError(f"input_ids must be an integer tensor of token ids [batch, seq], got {what}")
+    return input_ids.long()
+
+
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """HF's causal-LM loss: token t predicts label t + 1; labels of -100 are ignored; mean over the rest, fp32."""
     shift = logits[:, :-1].float().reshape(-1, logits.shape[-1])
@@ -101,6 +117,7 @@ class CompiledModel:
 
     # ---- running --------------------------------------------------------------------------------------
     def run_flat(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        self.executor.check_index_inputs(inputs)
         if self._cuda_graphs is not None:
             return self._cuda_graphs.run(inputs)
         return self.executor.run(inputs)
@@ -145,9 +162,10 @@ class CompiledModel:
             return pytree.tree_unflatten(outs, self.out_spec)
         return outs[0] if len(outs) == 1 else tuple(outs)
 
-    def _call_causal_lm(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+    def _call_causal_lm(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                         position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                         **hf_kwargs: Any) -> CausalLMOutput:
+        input_ids = _token_ids(input_ids, hf_kwargs)
         _check_forward_kwargs(hf_kwargs)
         if position_ids is None:  # as HF's forward: 0..S-1 whatever the mask (generate derives them from it)
             position_ids = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
@@ -228,8 +246,9 @@ class CompiledModel:
         if unknown:
             raise ConfigError(f"unknown generate option(s) {', '.join(unknown)}; valid: "
                               f"{', '.join(GENERATE_OPTIONS + DERIVED_OPTIONS)}")
-        input_ids, options = hf_length_and_copies(input_ids, options, bool(getattr(self.generator, "keyed_sampling",
-                                                                                  False)))
+        input_ids, options = hf_length_and_copies(input_ids, options,
+                                                  bool(getattr(self.generator, "keyed_sampling", False)),
+                                                  getattr(self.generator, "max_batch", None))
         return self.generator.generate(input_ids, **options)
 
     def _recompute_generator(self) -> Any:

@@ -186,6 +186,21 @@ class PlanExecutor:
                     f"input '{spec.name}' is on {t.device.type}, the compiled model runs on {self.device.type}")
         return syms
 
+    def check_index_inputs(self, inputs: list[torch.Tensor | None]) -> None:
+        """Ids that index an embedding table are rows of it. The gather kernels do not bound-check (a GPU would
+        fault, the interpreter read garbage or crash) where eager PyTorch raises, so the API checks: one small
+        reduction and, on a GPU, one sync per call. Plan-internal runs (decode steps) do not: their ids are the
+        model's own tokens."""
+        for spec, t in zip(self.user_inputs, inputs):
+            if (spec.index_bound is None or not isinstance(t, torch.Tensor) or t.numel() == 0
+                    or t.dtype.is_floating_point or t.device.type != self.device.type):
+                continue  # nothing to check, or bind names what is wrong with the input
+            low, high = (int(v) for v in torch.stack([t.min(), t.max()]).tolist())
+            bad = low if low < 0 else high
+            if low < 0 or high >= spec.index_bound:
+                raise InputMismatchError(f"input '{spec.name}' holds id {bad}, outside the embedding table's rows "
+                                         f"[0, {spec.index_bound})")
+
     # ---- execution ---------------------------------------------------------------------------------
     def _alloc(self, name: str, syms: dict[str, int], slots: list[torch.Tensor | None]) -> torch.Tensor:
         buf = self.buffers[name]
@@ -300,6 +315,9 @@ class GraphExecutor:
         self.checker = PlanExecutor(plan, weights, torch.device("cpu"), kernels=False)
         self.user_inputs = self.checker.user_inputs
         self.stats = {"calls": 0, "launches": 0, "eager_ops": 0}
+
+    def check_index_inputs(self, inputs: list[torch.Tensor]) -> None:
+        self.checker.check_index_inputs(inputs)
 
     def bind(self, inputs: list[torch.Tensor]) -> dict[str, int]:
         self.checker.device = inputs[0].device if inputs else self.checker.device

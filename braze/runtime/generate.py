@@ -25,15 +25,39 @@ GENERATE_OPTIONS = ("attention_mask", "max_new_tokens", "do_sample", "temperatur
                     "stop_strings", "tokenizer", "output_logits", "repetition_penalty", "min_new_tokens")
 
 
-# HF generate arguments that are spelled in terms of the others (hf_length_and_copies)
-DERIVED_OPTIONS = ("max_length", "num_return_sequences")
+# HF generate arguments that are spelled in terms of the others (hf_length_and_copies, hf_generation_config)
+DERIVED_OPTIONS = ("max_length", "num_return_sequences", "generation_config")
+
+# GenerationConfig fields that do not change what generate computes
+_INERT_GENERATION_FIELDS = {"transformers_version", "_from_model_config", "bos_token_id", "use_cache",
+                            "return_dict_in_generate", "output_scores", "output_attentions", "output_hidden_states"}
 
 
-def hf_length_and_copies(input_ids: Any, options: dict[str, Any], keyed: bool) -> tuple[Any, dict[str, Any]]:
+def hf_generation_config(options: dict[str, Any]) -> dict[str, Any]:
+    """HF's generation_config=: the fields it sets (to_diff_dict: those that differ from GenerationConfig's
+    defaults) become options, keyword arguments winning as in HF; a field braze's generate does not take (beam
+    search, other logits processors) is a one-line error instead of being dropped."""
+    options = dict(options)
+    config = options.pop("generation_config", None)
+    if config is None:
+        return options
+    if not hasattr(config, "to_diff_dict"):
+        raise ConfigError(f"generation_config must be a transformers GenerationConfig, got {type(config).__name__}")
+    fields = {k: v for k, v in config.to_diff_dict().items() if k not in _INERT_GENERATION_FIELDS}
+    unknown = sorted(set(fields) - set(GENERATE_OPTIONS) - set(DERIVED_OPTIONS))
+    if unknown:
+        takes = [k for k in GENERATE_OPTIONS + DERIVED_OPTIONS if k != "generation_config"]
+        raise ConfigError(f"generation_config sets {', '.join(unknown)}, which braze's generate does not take; "
+                          f"it takes {', '.join(takes)}")
+    return {**fields, **options}
+
+
+def hf_length_and_copies(input_ids: Any, options: dict[str, Any], keyed: bool,
+                         max_batch: int | None = None) -> tuple[Any, dict[str, Any]]:
     """HF's max_length (prompt + new tokens; max_new_tokens wins when both are given, as in HF) and
     num_return_sequences (each prompt repeated n times, consecutive rows, sampled independently: with keyed
     sampling copy j of a prompt draws with its seed + j, so copy 0 is what the prompt alone would give)."""
-    options = dict(options)
+    options = hf_generation_config(options)
     max_length = options.pop("max_length", None)
     copies = options.pop("num_return_sequences", 1)
     prompt_len = input_ids.shape[-1] if isinstance(input_ids, torch.Tensor) and input_ids.dim() else 0
@@ -52,6 +76,10 @@ def hf_length_and_copies(input_ids: Any, options: dict[str, Any], keyed: bool) -
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() not in (1, 2):
         return input_ids, options  # generate names the problem with input_ids
     rows = input_ids.reshape(-1, input_ids.shape[-1])
+    if max_batch is not None and rows.shape[0] * copies > max_batch:
+        n = rows.shape[0] * copies
+        raise ShapeOutOfRangeError(f"{rows.shape[0]} prompt(s) x num_return_sequences={copies} = {n} rows exceeds "
+                                   f"max_batch={max_batch}; compile with braze.compile(model, max_batch={n}) or more")
     if options.get("attention_mask") is not None:
         options["attention_mask"] = options["attention_mask"].reshape(rows.shape).repeat_interleave(copies, 0)
     if keyed:
@@ -322,7 +350,8 @@ class Generator:
             raise InputMismatchError("stop_strings needs tokenizer= to read the generated text (as in HF generate)")
         stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
         temperature, top_k, top_p = check_sampling(do_sample, temperature, top_k, top_p)
-        ids = input_ids.to(self.device)
+        ids = input_ids.to(self.device, torch.long)  # int32 ids too, as HF's embedding takes them
+        self.prefill.check_index_inputs([ids if i.name == "input_ids" else None for i in self.prefill.user_inputs])
         if attention_mask is None:
             attention_mask = torch.ones_like(ids)
         mask = attention_mask.to(self.device).long()

@@ -18,6 +18,7 @@ class InputSpec:
     shape: list[str]  # expressions; a bare symbol binds a dynamic dim
     dtype: str
     kind: str  # "user" | "weight"
+    index_bound: int | None = None  # ids that index an embedding table: valid values are [0, index_bound)
 
 
 @dataclass
