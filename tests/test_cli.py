@@ -185,9 +185,12 @@ def test_run_generates_what_the_library_generates(options, kwargs, package, load
     assert got == _library(loaded, "Hello", **kwargs)
 
 
-def test_run_repetition_penalty_is_refused_with_speculation(package, capsys):
-    assert main(["run", str(package), "--prompt", "Hi", "--repetition-penalty", "1.2", "--speculate"]) == 2
-    assert "--repetition-penalty does not work with speculative decoding" in _one_line_error(capsys.readouterr().err)
+def test_run_repetition_penalty_with_speculation_is_plain_decoding(package, loaded, ids_out, capsys):
+    """Speculation applies the penalty at every verify node (lossless); it was refused before."""
+    prompt = "abcabcabcabcabcabc"
+    got = _run_ids(["run", str(package), "--prompt", prompt, "--max-new-tokens", "8", "--repetition-penalty", "1.2",
+                    "--speculate"], capsys)
+    assert got == _library(loaded, prompt, n=8, repetition_penalty=1.2, speculate=False)
     with pytest.raises(SystemExit) as info:  # argparse
         main(["run", str(package), "--prompt", "Hi", "--repetition-penalty", "0"])
     assert info.value.code == 2

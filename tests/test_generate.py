@@ -248,8 +248,9 @@ def test_repetition_penalty_and_min_new_tokens_match_hf(lm):
         hf = model.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=4, do_sample=False,
                             eos_token_id=eos, pad_token_id=0)
     assert torch.equal(ours, hf) and ours.shape[1] >= 6 + 4
-    with pytest.raises(braze.InputMismatchError, match="do not work with speculative decoding"):
-        cm.generate(ids, attention_mask=mask, max_new_tokens=4, repetition_penalty=1.2, speculate=True)
+    spec = cm.generate(ids, attention_mask=mask, max_new_tokens=8, min_new_tokens=4, eos_token_id=eos, pad_token_id=0,
+                       speculate=True)  # (test_speculation: at every verify node)
+    assert torch.equal(spec, ours)
     with pytest.raises(braze.ConfigError, match="repetition_penalty must be a finite number > 0"):
         cm.generate(ids, max_new_tokens=2, repetition_penalty=0)
     with pytest.raises(braze.ConfigError, match="min_new_tokens must be an integer >= 0"):

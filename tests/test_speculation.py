@@ -345,3 +345,54 @@ def test_generation_stats_report_speculation_host_overhead(llama_models):
     assert spec["tokens"] == 6 and spec["rows"] == 1 and spec["ms_per_step"]["policy"] > 0
     cm.generate(ids[:1], attention_mask=mask[:1], max_new_tokens=4, speculate=True)
     assert cm.generation_stats.extra["speculation"]["tokens"] == 4 and cm.generator.spec.stats.tokens == 10
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_repetition_penalty_and_min_new_tokens_at_every_verify_node(deterministic):
+    """HF's repetition penalty and min_new_tokens under speculation (refused before): each verify node's logits are
+    ruled as plain decoding would rule that position (the node's draft path counts as generated), so greedy and,
+    with keyed sampling (deterministic=True), seeded sampling give plain decoding's tokens. Drafts come from an
+    oracle: trees with a wrong sibling before each right token, and paths through the one-row fallback packages
+    use (no verify plan)."""
+    from braze.runtime.speculate import SpeculativeRunner
+    from tests.test_deterministic import _OracleTreeDrafter
+
+    cm = braze.compile(tiny_causal_lm("llama", layers=1), max_seq=48, max_batch=2, deterministic=deterministic)
+    ids = torch.tensor([[5, 6, 7, 8, 5, 6, 7, 8, 5, 6], [0, 0, 0, 0, 9, 10, 11, 9, 10, 11]])
+    mask = (ids != 0).long()
+    kw = dict(attention_mask=mask, max_new_tokens=12, pad_token_id=0)
+    unruled = cm.generate(ids, **kw, eos_token_id=None)
+    eos = sorted({int(unruled[0, 10]), int(unruled[1, 10])})  # each row's first token: unruled, it stops at once
+    # and an EOS row 0 reaches at new token k >= 4 (first there): min_new_tokens=3 lets only a node that counts
+    # its draft depth take it (path drafts of 4: the token at k = 4 is chosen at depth 3)
+    first = unruled[0, 10:].tolist()
+    k = next(k for k in range(4, 12) if first[k] not in first[:k])
+    cases = [dict(repetition_penalty=1.5, eos_token_id=None), dict(min_new_tokens=5, eos_token_id=eos),
+             dict(repetition_penalty=1.3, min_new_tokens=3, eos_token_id=eos),
+             dict(min_new_tokens=3, eos_token_id=[first[k]])]
+    if deterministic:
+        cases.append(dict(repetition_penalty=1.5, eos_token_id=None, do_sample=True, seed=3, top_k=20))
+    for rules in cases:
+        plain = cm.generate(ids, **kw, **rules)
+        if rules["eos_token_id"] == [first[k]]:
+            assert plain[0, 10:11 + k].tolist() == first[:k + 1] and bool((plain[0, 11 + k:] == 0).all())
+        else:  # the rules change the tokens of this case
+            unruled_here = cm.generate(ids, **kw, **{k: v for k, v in rules.items()
+                                                     if k not in ("repetition_penalty", "min_new_tokens")})
+            assert not torch.equal(plain, unruled_here), rules
+        cont = {tuple(ids[b][mask[b].bool()].tolist()): plain[b, 10:].tolist() for b in range(2)}
+        for tree in (True, False):
+            cm.generator.spec = SpeculativeRunner(cm.generator, adaptive=False)
+            cm.generator.spec.drafter = _OracleTreeDrafter(cont, 256, branching=tree)
+            out = cm.generate(ids, **kw, **rules, speculate=True, max_spec_tokens=4, spec_tree=tree)
+            assert torch.equal(out, plain), (rules, tree)
+            assert cm.generator.spec.stats.accepted_drafts > 0, (rules, tree)
+        verify, cm.generator.verify = cm.generator.verify, None  # the package path: one row at a time
+        try:
+            cm.generator.spec = SpeculativeRunner(cm.generator, adaptive=False)
+            cm.generator.spec.drafter = _OracleTreeDrafter(cont, 256, branching=False)
+            out = cm.generate(ids, **kw, **rules, speculate=True, max_spec_tokens=4)
+        finally:
+            cm.generator.verify = verify
+        assert torch.equal(out[:, 10:], plain[:, 10:]), rules
+        assert cm.generator.spec.stats.accepted_drafts > 0, rules

@@ -52,8 +52,7 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                    help="sample from the smallest set of tokens with probability mass >= P, in (0, 1]")
     p.add_argument("--repetition-penalty", type=positive_float, default=None, metavar="P",
                    help="HF's repetition penalty: each token already in the prompt or the output has its logit "
-                   "divided by P when positive, multiplied when negative (1.0: off; greedy or sampled; decodes "
-                   "without speculation)")
+                   "divided by P when positive, multiplied when negative (1.0: off; greedy, sampled or speculative)")
     p.add_argument("--seed", type=nonneg_int, default=None, metavar="S",
                    help="seed of the sampling draw (default 0); needs a sampling option")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
@@ -88,8 +87,6 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise UsageError("--chat wraps prompt text in the chat template; use it with --prompt, not --prompt-ids")
     if args.prompt is not None and not args.prompt.strip():
         raise UsageError("--prompt is empty; generation needs at least one prompt token")
-    if args.repetition_penalty is not None and args.speculate:
-        raise UsageError("--repetition-penalty does not work with speculative decoding yet; drop --speculate")
 
 
 def _prompt_ids(args: argparse.Namespace, tokenizer: Any, vocab: int | None) -> list[int]:
@@ -215,9 +212,6 @@ def main(args: argparse.Namespace) -> int:
     penalty = {} if args.repetition_penalty is None else {"repetition_penalty": args.repetition_penalty}
     if speculate is None:
         speculate = getattr(compiled.config, "speculate", None) == "suffix" and not recompute
-        if speculate and penalty:
-            err("[braze] note: the package speculates by default; --repetition-penalty decodes without speculation")
-            speculate = False
     ids = torch.tensor([prompt], dtype=torch.long, device=compiled.device)
     eos = _eos_ids(tokenizer, compiled.model_config)
     # a tp package runs on every rank of its group; they all generate the same tokens, rank 0 prints them

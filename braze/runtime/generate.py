@@ -265,9 +265,11 @@ class Generator:
     def speculative(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                     do_sample: bool, temperature: float, top_k: int, top_p: float, generator: Any,
                     eos_ids: torch.Tensor, pad: int, max_spec_tokens: int, tree: bool = False,
-                    output_logits: bool = False, streamer: Any = None) -> Any:
+                    output_logits: bool = False, streamer: Any = None, rule_options: dict[str, Any] | None = None
+                    ) -> Any:
         """Speculative decoding, one batched verify forward per step (rows without the verify plan, as in packages,
-        run one at a time); HF output layout. A streamer (batch 1) gets each step's accepted tokens at once."""
+        run one at a time); HF output layout. A streamer (batch 1) gets each step's accepted tokens at once.
+        `rule_options`: repetition_penalty / min_new_tokens, applied at every verify node (LogitsRules)."""
         from braze.runtime.speculate import SpeculativeRunner
 
         if getattr(self, "spec", None) is None:
@@ -279,6 +281,7 @@ class Generator:
         self.spec.record_logits = output_logits
         self.spec.recorded = []
         self.spec.streamer = streamer
+        self.spec.rule_options = dict(rule_options or {})
         if streamer is not None:
             streamer.put(input_ids[0].cpu())
         mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).to(self.device)
@@ -382,11 +385,6 @@ class Generator:
                                          f"takes exactly {static} rows (see the report's 'decode batch'), got {batch}")
             speculating = False  # the compile's default: decode plainly
         rules = LogitsRules(ids, mask, repetition_penalty, min_new_tokens, eos_ids)
-        if speculating and rules.active:
-            if speculate:
-                raise InputMismatchError("repetition_penalty and min_new_tokens do not work with speculative decoding "
-                                         "yet (speculate=False)")
-            speculating = False  # the compile's default: decode plainly
         if speculating:
             if stops:
                 raise InputMismatchError("stop_strings do not work with speculative decoding yet (speculate=False)")
@@ -395,8 +393,10 @@ class Generator:
             if streamer is not None and batch > 1:
                 raise InputMismatchError(f"a streamer with speculative decoding takes one prompt, got a batch of "
                                          f"{batch} (rows accept different numbers of tokens per step)")
+            rule_options = ({"repetition_penalty": repetition_penalty, "min_new_tokens": min_new_tokens}
+                            if rules.active else {})
             return self.speculative(ids, mask, max_new_tokens, do_sample, temperature, top_k, top_p, generator,
-                                    eos_ids, pad, max_spec_tokens, spec_tree, output_logits, streamer)
+                                    eos_ids, pad, max_spec_tokens, spec_tree, output_logits, streamer, rule_options)
         real = batch
         if self.bucket_batches or static:
             bucket = static or min(self.max_batch, 1 << (batch - 1).bit_length())

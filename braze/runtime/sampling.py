@@ -69,8 +69,11 @@ class LogitsRules:
     def active(self) -> bool:
         return self.penalty != 1.0 or self.min_new_tokens > 0
 
-    def __call__(self, logits: torch.Tensor, generated: int) -> torch.Tensor:
-        """The logits [B, V] of the next token after `generated` new tokens."""
+    def __call__(self, logits: torch.Tensor, generated: int | torch.Tensor,
+                 marks: Sequence[tuple[int, int, int]] = ()) -> torch.Tensor:
+        """The logits [B, V] of the next token after `generated` new tokens. Speculative verify scores every node
+        of a draft at once: logits [B, S, V], `generated` [B, S] (the row's tokens plus the node's depth) and
+        `marks` (row, node, token): the draft tokens on the node's path, seen there as if already emitted."""
         if not self.active:
             return logits
         scores = logits.float()
@@ -80,16 +83,33 @@ class LogitsRules:
                 seen = torch.zeros((scores.shape[0], vocab + 1), dtype=torch.bool, device=scores.device)
                 seen.scatter_(1, self.ids.long().masked_fill(self.mask == 0, vocab), True)
                 self.seen = seen[:, :vocab]
+            seen = self.seen
+            if scores.dim() == 3:
+                seen = seen[:, None].expand(scores.shape).clone()
+                if marks:
+                    rows, nodes, tokens = (torch.tensor(x, device=scores.device) for x in zip(*marks))
+                    seen[rows, nodes, tokens] = True
             penalized = torch.where(scores < 0, scores * self.penalty, scores / self.penalty)
-            scores = torch.where(self.seen, penalized, scores)
-        if generated < self.min_new_tokens and len(self.eos_ids):
-            scores = scores.index_fill(-1, self.eos_ids, float("-inf"))
+            scores = torch.where(seen, penalized, scores)
+        if self.min_new_tokens and len(self.eos_ids):
+            if isinstance(generated, int):
+                if generated < self.min_new_tokens:
+                    scores = scores.index_fill(-1, self.eos_ids, float("-inf"))
+            else:  # per row (and node): only those still short of min_new_tokens
+                short = (generated.to(scores.device) < self.min_new_tokens)[..., None]
+                eos = scores.index_select(-1, self.eos_ids)
+                scores = scores.index_copy(-1, self.eos_ids, eos.masked_fill(short, float("-inf")))
         return scores
 
     def add(self, tokens: torch.Tensor) -> None:
         """Tokens [B] appended to the rows (pad for finished rows, as HF appends)."""
         if self.seen is not None:
             self.seen.scatter_(1, tokens.long()[:, None], True)
+
+    def add_to_row(self, row: int, tokens: Sequence[int]) -> None:
+        """Tokens appended to one row (speculation emits a row's accepted tokens together)."""
+        if self.seen is not None and tokens:
+            self.seen[row, torch.tensor(list(tokens), device=self.seen.device)] = True
 
 
 def check_seed(seed: Any, batch: int, keyed: bool) -> int | list[int]:

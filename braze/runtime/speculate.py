@@ -28,7 +28,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from braze.runtime.sampling import KeyedNoise
+from braze.runtime.sampling import KeyedNoise, LogitsRules
 from braze.runtime.spec_policy import PolicyDrafter, default_costs
 from braze.runtime.speculative import (
     compact_accepted,
@@ -220,6 +220,9 @@ class SpeculativeRunner:
         self.record_logits = False
         self.recorded: list[torch.Tensor] = []
         self.streamer: Any = None  # generate(streamer=...) at batch 1: put() gets row 0's tokens as they are emitted
+        # generate's repetition_penalty / min_new_tokens (HF's logits processors); one LogitsRules per request batch
+        self.rule_options: dict[str, Any] = {}
+        self._rules: LogitsRules | None = None
         self._next_request = 0
         graphs = getattr(generator, "graphs", None) is not None
         # padding to fixed shapes only pays where shapes are captured (CUDA graphs); tests turn it on to check it
@@ -291,6 +294,8 @@ class SpeculativeRunner:
             row.logits.extend(sources[: len(new)])
         row.cached += 1 + len(accepted)
         row.out.extend(new)
+        if self._rules is not None:
+            self._rules.add_to_row(row.row, new)
         self._stream(row.row, new)
         row.pending = new[-1]
         row.done = len(row.out) >= row.budget or row.pending in eos
@@ -302,6 +307,31 @@ class SpeculativeRunner:
     def _stream(self, row: int, tokens: list[int]) -> None:
         if self.streamer is not None and row == 0 and tokens:
             self.streamer.put(torch.tensor(tokens))
+
+    # ---------------------------------------------------------------------------------------- logits rules
+
+    def _start_rules(self, ids: torch.Tensor, mask: torch.Tensor, eos_ids: torch.Tensor) -> None:
+        self._rules = LogitsRules(ids, mask, eos_ids=eos_ids, **self.rule_options) if self.rule_options else None
+
+    def _ruled(self, logits: torch.Tensor, rows: Sequence[RowState], drafts: Sequence[Draft | None] | None = None
+               ) -> torch.Tensor:
+        """The logits acceptance and sampling read: HF's repetition penalty and min_new_tokens applied as plain
+        decoding would at each position. Logits [B, V] (a plain step) or [B, 1 + K, V] (verify nodes: a node sees
+        the tokens on its draft path as generated), so the verify stays lossless against plain decoding."""
+        if self._rules is None or not self._rules.active:
+            return logits
+        if logits.dim() == 2:
+            return self._rules(logits, torch.tensor([len(r.out) for r in rows]))
+        generated = torch.tensor([[len(r.out)] * logits.shape[1] for r in rows])
+        marks = []
+        for b, (r, d) in enumerate(zip(rows, drafts or [None] * len(rows))):
+            for i in range(len(d) if d is not None and not r.done else 0):
+                j = i
+                while j >= 0:  # node i + 1 and its ancestors back to the pending token
+                    marks.append((b, i + 1, d.tokens[j]))
+                    generated[b, i + 1] += 1
+                    j = d.parents[j]
+        return self._rules(logits, generated, marks)
 
     # ---------------------------------------------------------------------------------------------- stepping
 
@@ -321,8 +351,8 @@ class SpeculativeRunner:
         t1 = time.perf_counter()
         (logits,) = self.decode_graphs.run(inputs) if self.decode_graphs else g.decode.run(inputs)
         t2 = time.perf_counter()
-        nxt = select_next(logits[:, -1], sample["do_sample"], sample["temperature"], sample["top_k"],
-                          sample["top_p"], sample["generator"], pos[:, 0] + 1)
+        nxt = select_next(self._ruled(logits[:, -1], rows), sample["do_sample"], sample["temperature"],
+                          sample["top_k"], sample["top_p"], sample["generator"], pos[:, 0] + 1)
         t3 = time.perf_counter()
         nxt = nxt.tolist()
         t4 = time.perf_counter()
@@ -349,9 +379,9 @@ class SpeculativeRunner:
 
     def _accept(self, batch: VerifyBatch, logits: torch.Tensor, rows: list[RowState], drafts: list[Draft | None],
                 caches: dict[str, torch.Tensor], sample: dict[str, Any]) -> list[tuple[list[int], int]]:
-        """(accepted node indices, bonus) per row. Greedy, and sampling of path drafts: on device for the whole
-        batch, then one host read; sampling of trees: row by row (recursive rejection over siblings, one host read
-        per row)."""
+        """(accepted node indices, bonus) per row, from the verify nodes' (ruled) logits. Greedy, and sampling of
+        path drafts: on device for the whole batch, then one host read; sampling of trees: row by row (recursive
+        rejection over siblings, one host read per row)."""
         bsz, k = batch.drafts.shape
         st = self.stats
         trees = any(d is not None and not d.is_path for d in drafts)
@@ -405,7 +435,7 @@ class SpeculativeRunner:
         t2 = time.perf_counter()
         st.build_seconds += t1 - t0
         st.forward_seconds += t2 - t1
-        results = self._accept(batch, logits, rows, drafts, caches, sample)
+        results = self._accept(batch, self._ruled(logits, rows, drafts), rows, drafts, caches, sample)
         if rings:
             self._keep_accepted_queries(rings, rows, results)
         t3 = time.perf_counter()
@@ -507,8 +537,12 @@ class SpeculativeRunner:
         self.kv_cache_bytes = sum(c.numel() * c.element_size() for c in caches.values())
         sample = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p,
                   "generator": generator}
-        first = select_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator,
-                            positions[:, -1] + 1).tolist()
+        self._start_rules(ids, mask, eos_ids)
+        ruled = logits[:, -1] if self._rules is None else self._rules(logits[:, -1], 0)
+        first_ids = select_next(ruled, do_sample, temperature, top_k, top_p, generator, positions[:, -1] + 1)
+        if self._rules is not None:
+            self._rules.add(first_ids)
+        first = first_ids.tolist()
         t0 = time.perf_counter()
         st.prefill_seconds += t0 - start
         eos = set(eos_ids.tolist())
@@ -585,8 +619,13 @@ class SpeculativeRunner:
         self.kv_cache_bytes = sum(c.numel() * c.element_size() for c in caches.values())
         start = time.perf_counter()
         logits = g.forward(g.prefill, ids, torch.arange(ids.shape[1], device=g.device)[None], 0, kv_start, caches)
-        first = int(select_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator,
-                                torch.tensor([ids.shape[1]], device=g.device))[0])
+        self._start_rules(ids, torch.ones_like(ids), eos_ids)
+        ruled = logits[:, -1] if self._rules is None else self._rules(logits[:, -1], 0)
+        first_ids = select_next(ruled, do_sample, temperature, top_k, top_p, generator,
+                                torch.tensor([ids.shape[1]], device=g.device))
+        if self._rules is not None:
+            self._rules.add(first_ids)
+        first = int(first_ids[0])
         t0 = time.perf_counter()
         st.prefill_seconds += t0 - start
         row = RowState(0, self._next_request, max_new_tokens, first, ids.shape[1], 0, [first],
@@ -612,13 +651,14 @@ class SpeculativeRunner:
                 logits = g.forward(plan, torch.tensor([toks], device=g.device), pos, row.cached, kv_start, caches)[0]
                 t3 = time.perf_counter()
                 parents = draft.parents if draft is not None else []
+                ruled = self._ruled(logits[None], [row], [draft])[0]
                 if isinstance(generator, KeyedNoise) and do_sample:  # path drafts: node i at position + i + 1
-                    scores = generator.scores(logits, pos[0] + 1, temperature, top_k, top_p)
+                    scores = generator.scores(ruled, pos[0] + 1, temperature, top_k, top_p)
                     path, bonus = greedy_accept(toks[1:], parents, scores)
                 elif do_sample:  # (acceptance reads the device: its wait counts here, not as sync)
-                    path, bonus = sample_accept(toks[1:], parents, logits, generator, temperature, top_k, top_p)
+                    path, bonus = sample_accept(toks[1:], parents, ruled, generator, temperature, top_k, top_p)
                 else:
-                    path, bonus = greedy_accept(toks[1:], parents, logits)
+                    path, bonus = greedy_accept(toks[1:], parents, ruled)
                 t4 = time.perf_counter()
                 appended = st.append_seconds
                 accepted = self._emit(row, [toks[1 + i] for i in path], bonus, eos,
