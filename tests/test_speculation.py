@@ -347,13 +347,27 @@ def test_generation_stats_report_speculation_host_overhead(llama_models):
     assert cm.generation_stats.extra["speculation"]["tokens"] == 4 and cm.generator.spec.stats.tokens == 10
 
 
+def _word_tokenizer():
+    """Token i reads 't<i>' (whitespace-separated words): stop strings over known token texts."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.WordLevel({f"t{i}": i for i in range(256)}, unk_token="t0"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=raw)
+
+
+_WORDS = _word_tokenizer()
+
+
 @pytest.mark.parametrize("deterministic", [False, True])
-def test_repetition_penalty_and_min_new_tokens_at_every_verify_node(deterministic):
-    """HF's repetition penalty and min_new_tokens under speculation (refused before): each verify node's logits are
-    ruled as plain decoding would rule that position (the node's draft path counts as generated), so greedy and,
-    with keyed sampling (deterministic=True), seeded sampling give plain decoding's tokens. Drafts come from an
-    oracle: trees with a wrong sibling before each right token, and paths through the one-row fallback packages
-    use (no verify plan)."""
+def test_logits_rules_and_stop_strings_at_every_verify_node(deterministic):
+    """HF's repetition penalty, min_new_tokens and stop_strings under speculation (refused before): each verify
+    node's logits are ruled as plain decoding would rule that position (the node's draft path counts as
+    generated), and a row ends after the accepted token whose text completes a stop string, so greedy and, with
+    keyed sampling (deterministic=True), seeded sampling give plain decoding's tokens. Drafts come from an oracle:
+    trees with a wrong sibling before each right token, and paths through the one-row fallback packages use (no
+    verify plan)."""
     from braze.runtime.speculate import SpeculativeRunner
     from tests.test_deterministic import _OracleTreeDrafter
 
@@ -369,13 +383,16 @@ def test_repetition_penalty_and_min_new_tokens_at_every_verify_node(deterministi
     k = next(k for k in range(4, 12) if first[k] not in first[:k])
     cases = [dict(repetition_penalty=1.5, eos_token_id=None), dict(min_new_tokens=5, eos_token_id=eos),
              dict(repetition_penalty=1.3, min_new_tokens=3, eos_token_id=eos),
-             dict(min_new_tokens=3, eos_token_id=[first[k]])]
+             dict(min_new_tokens=3, eos_token_id=[first[k]]),
+             dict(eos_token_id=None, stop_strings=[_WORDS.decode(first[5:7])], tokenizer=_WORDS)]
     if deterministic:
         cases.append(dict(repetition_penalty=1.5, eos_token_id=None, do_sample=True, seed=3, top_k=20))
     for rules in cases:
         plain = cm.generate(ids, **kw, **rules)
         if rules["eos_token_id"] == [first[k]]:
             assert plain[0, 10:11 + k].tolist() == first[:k + 1] and bool((plain[0, 11 + k:] == 0).all())
+        elif "stop_strings" in rules:  # row 0 stops by its 7th token, row 1 runs on
+            assert bool((plain[0, 17:] == 0).all()) and plain.shape[1] == 22, plain
         else:  # the rules change the tokens of this case
             unruled_here = cm.generate(ids, **kw, **{k: v for k, v in rules.items()
                                                      if k not in ("repetition_penalty", "min_new_tokens")})

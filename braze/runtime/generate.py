@@ -265,11 +265,12 @@ class Generator:
     def speculative(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, max_new_tokens: int,
                     do_sample: bool, temperature: float, top_k: int, top_p: float, generator: Any,
                     eos_ids: torch.Tensor, pad: int, max_spec_tokens: int, tree: bool = False,
-                    output_logits: bool = False, streamer: Any = None, rule_options: dict[str, Any] | None = None
-                    ) -> Any:
+                    output_logits: bool = False, streamer: Any = None, rule_options: dict[str, Any] | None = None,
+                    stops: tuple[Any, list[str]] | None = None) -> Any:
         """Speculative decoding, one batched verify forward per step (rows without the verify plan, as in packages,
         run one at a time); HF output layout. A streamer (batch 1) gets each step's accepted tokens at once.
-        `rule_options`: repetition_penalty / min_new_tokens, applied at every verify node (LogitsRules)."""
+        `rule_options`: repetition_penalty / min_new_tokens, applied at every verify node (LogitsRules); `stops`:
+        (tokenizer, stop_strings), a row ends after the token that completes one."""
         from braze.runtime.speculate import SpeculativeRunner
 
         if getattr(self, "spec", None) is None:
@@ -282,6 +283,7 @@ class Generator:
         self.spec.recorded = []
         self.spec.streamer = streamer
         self.spec.rule_options = dict(rule_options or {})
+        self.spec.stops = stops
         if streamer is not None:
             streamer.put(input_ids[0].cpu())
         mask = (torch.ones_like(input_ids) if attention_mask is None else attention_mask).to(self.device)
@@ -300,7 +302,7 @@ class Generator:
             streamer.end()
         self.stats = self.spec.generation_stats(before)  # per-step host overhead under extra["speculation"]
         width = max(len(r) for r in rows)
-        if len(eos_ids) == 0:
+        if len(eos_ids) == 0 and stops is None:  # (rows that stop end the batch where plain decoding ends it)
             width = max_new_tokens
         tail = torch.full((len(rows), width), pad, dtype=input_ids.dtype, device=self.device)
         for b, r in enumerate(rows):
@@ -386,8 +388,6 @@ class Generator:
             speculating = False  # the compile's default: decode plainly
         rules = LogitsRules(ids, mask, repetition_penalty, min_new_tokens, eos_ids)
         if speculating:
-            if stops:
-                raise InputMismatchError("stop_strings do not work with speculative decoding yet (speculate=False)")
             if self.compression is not None:
                 self._check_compressed_speculation()
             if streamer is not None and batch > 1:
@@ -396,7 +396,8 @@ class Generator:
             rule_options = ({"repetition_penalty": repetition_penalty, "min_new_tokens": min_new_tokens}
                             if rules.active else {})
             return self.speculative(ids, mask, max_new_tokens, do_sample, temperature, top_k, top_p, generator,
-                                    eos_ids, pad, max_spec_tokens, spec_tree, output_logits, streamer, rule_options)
+                                    eos_ids, pad, max_spec_tokens, spec_tree, output_logits, streamer, rule_options,
+                                    (tokenizer, stops) if stops else None)
         real = batch
         if self.bucket_batches or static:
             bucket = static or min(self.max_batch, 1 << (batch - 1).bit_length())

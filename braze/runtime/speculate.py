@@ -222,6 +222,7 @@ class SpeculativeRunner:
         self.streamer: Any = None  # generate(streamer=...) at batch 1: put() gets row 0's tokens as they are emitted
         # generate's repetition_penalty / min_new_tokens (HF's logits processors); one LogitsRules per request batch
         self.rule_options: dict[str, Any] = {}
+        self.stops: tuple[Any, list[str]] | None = None  # generate's (tokenizer, stop_strings)
         self._rules: LogitsRules | None = None
         self._next_request = 0
         graphs = getattr(generator, "graphs", None) is not None
@@ -290,6 +291,11 @@ class SpeculativeRunner:
             accepted = accepted[: next(i for i, t in enumerate(accepted) if t in eos) + 1]
             bonus = None
         new = (accepted + ([bonus] if bonus is not None else []))[: row.budget - len(row.out)]
+        stopped = False
+        if self.stops is not None:  # cut after the token whose text completes a stop string, as plain decoding
+            cut = next((i + 1 for i in range(len(new)) if self._stopped(row.out + new[: i + 1])), None)
+            stopped = cut is not None
+            new = new[:cut]
         if row.logits is not None and sources is not None:
             row.logits.extend(sources[: len(new)])
         row.cached += 1 + len(accepted)
@@ -298,11 +304,19 @@ class SpeculativeRunner:
             self._rules.add_to_row(row.row, new)
         self._stream(row.row, new)
         row.pending = new[-1]
-        row.done = len(row.out) >= row.budget or row.pending in eos
+        row.done = len(row.out) >= row.budget or row.pending in eos or stopped
         t0 = time.perf_counter()
         self.drafter.observe(row.req, new if not row.done else new[:-1])  # the last token only if it continues
         self.stats.append_seconds += time.perf_counter() - t0
         return accepted
+
+    def _stopped(self, tokens: list[int]) -> bool:
+        """Whether a row's new tokens hold a stop string (generate's stop_strings; plain decoding's test)."""
+        if self.stops is None:
+            return False
+        tokenizer, strings = self.stops
+        text = tokenizer.decode(tokens)
+        return any(st in text for st in strings)
 
     def _stream(self, row: int, tokens: list[int]) -> None:
         if self.streamer is not None and row == 0 and tokens:
@@ -550,7 +564,7 @@ class SpeculativeRunner:
         for b in range(bsz):  # a row's cache slot base + i holds its token at position real_lens[b] + i
             row = RowState(b, self._next_request, max_new_tokens, int(first[b]), base, base - real_lens[b],
                            [int(first[b])], logits=[logits[b, -1].clone()] if self.record_logits else None)
-            row.done = b >= real or row.pending in eos or max_new_tokens <= 1
+            row.done = b >= real or row.pending in eos or max_new_tokens <= 1 or self._stopped(row.out)
             self._next_request += 1
             if b < real:
                 self._stream(b, row.out)
@@ -636,7 +650,7 @@ class SpeculativeRunner:
         self.drafter.observe(row.req, [row.pending])
         st.ingest_seconds += time.perf_counter() - t0
         eos = set(eos_ids.tolist())
-        row.done = row.pending in eos or max_new_tokens <= 1
+        row.done = row.pending in eos or max_new_tokens <= 1 or self._stopped(row.out)
         tree, self.tree = self.tree, False
         policy = self._policy_clock()
         try:
