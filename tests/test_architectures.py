@@ -228,6 +228,28 @@ def test_general_cached_attention_matches_full_attention(softcap, window):
     assert torch.allclose(_cached(q, k, v, 6, attn_bias=bias), want, atol=1e-5)
 
 
+def test_attention_sinks_match_hf_eager_and_the_cache():
+    """gpt-oss's sinks: HF's eager_attention_forward (softmax over [scores + mask, sink] minus their max, sink
+    dropped) equals the general reference, whole and through the cache token by token, sliding window too."""
+    from braze.ops.library import general_attention_reference
+
+    q, k, v = _qkv()
+    sinks = torch.tensor([0.5, -1.0, 2.0, 0.0])
+    for window in (0, 4):
+        kk, vv = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
+        scores = q @ kk.transpose(2, 3) * 0.3
+        i, j = torch.arange(10)[:, None], torch.arange(10)[None, :]
+        hidden = (j > i) | ((i - j >= window) if window else torch.zeros(10, 10, dtype=torch.bool))
+        scores = scores.masked_fill(hidden, torch.finfo(torch.float32).min)
+        logits = torch.cat([scores, sinks.reshape(1, -1, 1, 1).expand(2, -1, 10, -1)], dim=-1)
+        probs = torch.softmax(logits - logits.max(dim=-1, keepdim=True).values, dim=-1)[..., :-1]
+        hf = probs @ vv
+        want = general_attention_reference(q, k, v, 0.3, True, window=window, sinks=sinks)
+        torch.testing.assert_close(want, hf, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(want, general_attention_reference(q, k, v, 0.3, True, window=window), atol=1e-3)
+        torch.testing.assert_close(_cached(q, k, v, 6, window=window, sinks=sinks), hf, rtol=1e-5, atol=1e-6)
+
+
 def test_general_cached_attention_left_padding_and_tree():
     from braze.ops.library import general_cached_attention_reference
 

@@ -186,10 +186,10 @@ def test_static_dim_mismatch_names_dim():
     (torch.ones(1, 4, dtype=torch.long), {"num_beams": 4}, braze.ConfigError, "unknown generate option.*num_beams"),
     (torch.ones(2, 4, dtype=torch.long), {"speculate": True, "streamer": object()}, braze.InputMismatchError,
      "a streamer with speculative decoding takes one prompt, got a batch of 2"),
-    (torch.ones(1, 4, dtype=torch.long), {"speculate": True, "stop_strings": "x", "tokenizer": object()},
-     braze.InputMismatchError, "stop_strings do not work with speculative decoding"),
     (torch.ones(1, 4, dtype=torch.long), {"stop_strings": "x"}, braze.InputMismatchError,
      "stop_strings needs tokenizer="),
+    (torch.ones(1, 4, dtype=torch.long), {"speculate": True, "stop_strings": "x", "tokenizer": object()},
+     braze.InputMismatchError, "stop_strings needs a tokenizer with decode / batch_decode .*, got object"),
 ], ids=lambda v: None)
 def test_generate_refuses(lm, ids, kwargs, error, pattern):
     _, cm = lm

@@ -440,17 +440,7 @@ def test_a_graph_that_pins_the_decode_batch_pads_up_to_max_batch():
         cm.generate(ids[:1], max_new_tokens=3, speculate=True)
 
 
-@pytest.mark.parametrize("arch, missing", [
-    # MoE routing through .tolist() of expert counts: data-dependent sizes run eagerly in the forward plan, bound
-    # from the eager results (it failed in normalize, then in memory planning)
-    ("jetmoe", "data-dependent sizes"),
-    # a one-sided clamp (clamp(x, None, limit)) in the fused code (it failed: "literal None"); attention with sinks
-    # is not recognised, so no KV-cache generation
-    ("gpt_oss", "did not recognize as attention"),
-])
-def test_held_out_architectures_compile_and_say_what_runs_eagerly(arch, missing):
-    """A compile never fails on a model eager PyTorch runs: the forward plan is exact, the report says why there is
-    no KV-cache generation, and generate() gives HF's tokens by recomputing."""
+def _tiny_held_out(arch):
     import transformers
 
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -460,7 +450,37 @@ def test_held_out_architectures_compile_and_say_what_runs_eagerly(arch, missing)
         setattr(cfg, k, v)
     cfg._attn_implementation = "eager"
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_gpt_oss_attention_sinks_generate_over_the_kv_cache():
+    """gpt-oss's attention sinks (one more softmax logit per head: softmax(cat([scores, sinks]) - max)[..., :-1])
+    are recognised as attention, so its sliding-window and full layers run the general cached attention and the
+    model generates over the KV cache (it re-ran the whole forward every step before). Its one-sided clamp
+    (clamp(x, None, limit)) fuses too (it failed: "literal None")."""
+    model = _tiny_held_out("gpt_oss")
+    cm = braze.compile(model, max_seq=32, max_batch=2)
+    assert cm.generation_missing is None and "attention sinks" in str(cm.report)
+    ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+    torch.testing.assert_close(cm(ids).logits, want, rtol=0, atol=1e-5)  # fp32, reassociation only
+    mask = torch.tensor([[1] * 7, [0, 0] + [1] * 5])
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(cm.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0), want)
+    assert torch.equal(cm.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0, speculate=True), want)
+
+
+@pytest.mark.parametrize("arch, missing", [
+    # MoE routing through .tolist() of expert counts: data-dependent sizes run eagerly in the forward plan, bound
+    # from the eager results (it failed in normalize, then in memory planning)
+    ("jetmoe", "data-dependent sizes"),
+])
+def test_held_out_architectures_compile_and_say_what_runs_eagerly(arch, missing):
+    """A compile never fails on a model eager PyTorch runs: the forward plan is exact, the report says why there is
+    no KV-cache generation, and generate() gives HF's tokens by recomputing."""
+    model = _tiny_held_out(arch)
     ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(1))
     cm = braze.compile(model, max_seq=32, max_batch=2)
     with torch.no_grad():

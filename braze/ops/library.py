@@ -311,16 +311,22 @@ def _expand_kv(keys: Tensor, values: Tensor, heads: int) -> tuple[Tensor, Tensor
 
 
 def _general_softmax(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor, scale: float, softcap: float,
-                     bias: Tensor | None) -> Tensor:
+                     bias: Tensor | None, sinks: Tensor | None = None) -> Tensor:
     """HF eager attention order: scores * scale, softcap (tanh(s / c) * c), + bias, masked fp32 softmax, @ v.
-    `visible` and `bias` broadcast against [B, H, Sq, Skv]; a query that sees nothing outputs 0."""
+    `visible` and `bias` broadcast against [B, H, Sq, Skv]; a query that sees nothing outputs 0. `sinks` [H]
+    (gpt-oss): one more logit per head in the softmax, attached to no value (it only takes probability mass)."""
     keys, values = _expand_kv(keys, values, q.shape[1])
     scores = (q.float() @ keys.float().transpose(-1, -2)) * scale
     if softcap:
         scores = torch.tanh(scores / softcap) * softcap
     if bias is not None:
         scores = scores + bias.float()
-    probs = torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1).nan_to_num(0.0)
+    scores = scores.masked_fill(~visible, -math.inf)
+    if sinks is not None:
+        sink = sinks.float().reshape(1, -1, 1, 1).expand(*scores.shape[:-1], 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
     return (probs @ values.float()).to(q.dtype)
 
 
@@ -335,9 +341,9 @@ def _split_mask(attn_mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]
 
 def general_attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, softcap: float = 0.0,
                                 window: int = 0, cos: Tensor | None = None, sin: Tensor | None = None,
-                                attn_mask: Tensor | None = None) -> Tensor:
+                                attn_mask: Tensor | None = None, sinks: Tensor | None = None) -> Tensor:
     """Attention with optional RoPE, causal (bottom-right aligned) with an optional sliding window (query at
-    position p sees keys p - window < j <= p), logit softcapping and an SDPA-style mask."""
+    position p sees keys p - window < j <= p), logit softcapping, an SDPA-style mask and attention sinks."""
     if cos is not None:
         q = rope_reference(q, cos[:, -q.shape[2]:], sin[:, -q.shape[2]:])
         k = rope_reference(k, cos, sin)
@@ -352,7 +358,8 @@ def general_attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float, c
     mask_visible, bias = _split_mask(attn_mask)
     if mask_visible is not None:
         visible = visible & mask_visible
-    return _general_softmax(q, k, v, visible, scale, softcap, None if bias is None else bias.masked_fill(~visible, 0))
+    return _general_softmax(q, k, v, visible, scale, softcap, None if bias is None else bias.masked_fill(~visible, 0),
+                            sinks)
 
 
 @torch.library.custom_op("braze::general_attention", mutates_args=())
@@ -367,20 +374,22 @@ def general_attention(
     cos: Tensor | None = None,
     sin: Tensor | None = None,
     attn_mask: Tensor | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
-    """braze::attention plus softcapping and sliding windows; output laid out [B, Sq, Hq, D] like attention."""
-    out = general_attention_reference(q, k, v, scale, causal, softcap, window, cos, sin, attn_mask)
+    """braze::attention plus softcapping, sliding windows and sinks; output laid out [B, Sq, Hq, D] like attention."""
+    out = general_attention_reference(q, k, v, scale, causal, softcap, window, cos, sin, attn_mask, sinks)
     return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 @general_attention.register_fake
-def _general_attention_fake(q, k, v, scale, causal, softcap=0.0, window=0, cos=None, sin=None, attn_mask=None):
+def _general_attention_fake(q, k, v, scale, causal, softcap=0.0, window=0, cos=None, sin=None, attn_mask=None,
+                            sinks=None):
     b, h, s, _ = q.shape
     return q.new_empty(b, s, h, v.shape[-1]).transpose(1, 2)
 
 
 def _general_cached_rows(q, k, v, k_cache, v_cache, start, kv_start, scale, softcap, window, cos, sin, attn_bias,
-                         tree):
+                         tree, sinks=None):
     """Rows sharing one write offset `start`: (RoPE,) write k/v at [start, start + S), attend over the cache."""
     s = q.shape[2]
     if cos is not None:
@@ -409,19 +418,19 @@ def _general_cached_rows(q, k, v, k_cache, v_cache, start, kv_start, scale, soft
         bias = attn_bias[:, qpos.clamp(max=n - 1)[:, None], kpos.clamp(max=n - 1)[None, :]][None]
         visible = visible & (bias > -math.inf)
         bias = bias.masked_fill(~visible, 0)
-    return _general_softmax(q, keys, values, visible, scale, softcap, bias)
+    return _general_softmax(q, keys, values, visible, scale, softcap, bias, sinks)
 
 
 def general_cached_attention_reference(q, k, v, k_cache, v_cache, cache_len, kv_start, scale, softcap=0.0, window=0,
-                                       cos=None, sin=None, attn_bias=None, tree_mask=None):
+                                       cos=None, sin=None, attn_bias=None, tree_mask=None, sinks=None):
     """Attention over the static KV cache for whatever cached_attention does not cover: q and k arrive
     position-encoded (or cos/sin RoPE them), causal with an optional sliding window, softcap, a static additive
     bias [Hb, N, N] by (query, key) position, and optionally a draft-tree mask [B, S, S] (verify). Row b's keys
-    below kv_start[b] are left padding. cache_len is [1] or, in verify, [B]."""
+    below kv_start[b] are left padding. cache_len is [1] or, in verify, [B]. `sinks` [H]: attention sinks."""
     lens = cache_len.reshape(-1)
     if lens.numel() == 1 and tree_mask is None:
         return _general_cached_rows(q, k, v, k_cache, v_cache, int(lens[0]), kv_start, scale, softcap, window, cos,
-                                    sin, attn_bias, None)
+                                    sin, attn_bias, None, sinks)
     bsz = q.shape[0]
     lens = lens.expand(bsz)
     outs = []
@@ -431,7 +440,7 @@ def general_cached_attention_reference(q, k, v, k_cache, v_cache, cache_len, kv_
         outs.append(_general_cached_rows(q[r], k[r], v[r], k_cache[r], v_cache[r], int(lens[b]),
                                          kv_start.reshape(-1)[r], scale, softcap, window,
                                          None if cos is None else cos[r], None if sin is None else sin[r],
-                                         attn_bias, tree))
+                                         attn_bias, tree, sinks))
     return torch.cat(outs)
 
 
@@ -451,16 +460,17 @@ def general_cached_attention(
     sin: Tensor | None = None,
     attn_bias: Tensor | None = None,
     tree_mask: Tensor | None = None,
+    sinks: Tensor | None = None,
 ) -> Tensor:
     """The general cached attention (see general_cached_attention_reference); output laid out [B, S, Hq, D]."""
     out = general_cached_attention_reference(q, k, v, k_cache, v_cache, cache_len, kv_start, scale, softcap, window,
-                                             cos, sin, attn_bias, tree_mask)
+                                             cos, sin, attn_bias, tree_mask, sinks)
     return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 @general_cached_attention.register_fake
 def _general_cached_attention_fake(q, k, v, k_cache, v_cache, cache_len, kv_start, scale, softcap=0.0, window=0,
-                                   cos=None, sin=None, attn_bias=None, tree_mask=None):
+                                   cos=None, sin=None, attn_bias=None, tree_mask=None, sinks=None):
     b, h, s, _ = q.shape
     return q.new_empty(b, s, h, v.shape[-1]).transpose(1, 2)
 

@@ -5,12 +5,14 @@ For causal LMs the mask that HF builds from position ids is evaluated at compile
 when it is plain causal, replaced by the causal flag (the TRT-LLM AutoDeploy approach): the compiled forward
 assumes standard positions, and padding is handled by the runtime. A sliding-window mask becomes the window
 argument of braze::general_attention, as does logit softcapping (Gemma 2): no flash kernel has those, so that op
-runs its reference eagerly and the report lists it. Any other mask is kept as the graph computes it.
+runs its reference eagerly and the report lists it, and so do attention sinks (gpt-oss: one more softmax logit
+per head). Any other mask is kept as the graph computes it.
 """
 
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 import torch.fx as fx
@@ -48,9 +50,9 @@ def _sdpa(node: fx.Node, ctx: PassContext):
     return _make_attention(node, q, k, v, mask, bool(causal), float(scale), ctx)
 
 
-def _make_attention(anchor, q, k, v, mask, causal, scale, ctx, softcap=0.0):
+def _make_attention(anchor, q, k, v, mask, causal, scale, ctx, softcap=0.0, sinks=None):
     k, v = strip_repeat_kv(k), strip_repeat_kv(v)
-    if val(q).shape[1] % val(k).shape[1]:
+    if val(q).shape[1] % val(k).shape[1] or (sinks is not None and val(sinks).shape[0] != val(q).shape[1]):
         return None
     gm = anchor.graph.owning_module
     window = 0
@@ -64,11 +66,14 @@ def _make_attention(anchor, q, k, v, mask, causal, scale, ctx, softcap=0.0):
             mask, causal, window = None, True, info.window
         else:
             ctx.note(f"{anchor.name}: HF mask kept ({info.describe()})")
-    if softcap or window:  # no flash kernel has these: the general op (runs its reference eagerly)
+    if softcap or window or sinks is not None:  # no flash kernel has these: the general op (runs its reference eagerly)
         kwargs = {"softcap": float(softcap), "window": int(window)}
         if mask is not None:
             kwargs["attn_mask"] = mask
-        what = ", ".join(x for x in (softcap and f"softcap {softcap:g}", window and f"sliding window {window}") if x)
+        if sinks is not None:
+            kwargs["sinks"] = sinks
+        what = ", ".join(x for x in (softcap and f"softcap {softcap:g}", window and f"sliding window {window}",
+                                     sinks is not None and "attention sinks") if x)
         ctx.note(f"{anchor.name}: general attention ({what}) runs eagerly")
         return new_node(gm, braze.general_attention.default, (q, k, v, scale, causal), kwargs, ctx, anchor)
     kwargs = {"attn_mask": mask} if mask is not None else {}
@@ -119,16 +124,49 @@ def _masked_fill_as_bias(anchor: fx.Node, fill: fx.Node, bias, ctx: PassContext)
     return m if bias is None else new_node(gm, aten.add.Tensor, (bias, m), {}, ctx, anchor)
 
 
+def _with_sinks(probs: fx.Node):
+    """gpt-oss: softmax(cat([scores, sinks], -1) [- its max])[..., :-1] -> (scores, the sinks weight [H]), where
+    sinks reaches the cat as expand(reshape(w, [1, H, 1, 1])); anything else -> None. (Subtracting the max first
+    changes nothing: softmax subtracts it anyway.)"""
+    if not (is_op(probs, aten.slice.Tensor) and probs.args[1:4] in ((-1, 0, -1), (3, 0, -1))
+            and (len(probs.args) < 5 or probs.args[4] == 1)):
+        return None
+    soft = probs.args[0]
+    if not is_op(soft, aten._softmax.default, aten.softmax.int) or soft.args[1] not in (-1, 3):
+        return None
+    logits = soft.args[0]
+    if is_op(logits, aten.sub.Tensor):
+        cat, high = logits.args
+        top = high.args[0] if high.target is operator.getitem else high
+        if not (is_op(top, aten.max.dim, aten.amax.default) and top.args[0] is cat):
+            return None
+        logits = cat
+    if not is_op(logits, aten.cat.default) or logits.args[1] not in (-1, 3) or len(logits.args[0]) != 2:
+        return None
+    scores, sinks = logits.args[0]
+    while is_op(sinks, aten.expand.default, aten.reshape.default, aten.view.default):
+        sinks = sinks.args[0]
+    if not (isinstance(sinks, fx.Node) and sinks.op == "placeholder" and val(sinks).dim() == 1):
+        return None
+    return scores, sinks
+
+
 def _eager_attention(out_mm: fx.Node, ctx: PassContext):
-    """matmul(softmax([softcap](matmul(q, k^T) * scale) [+ mask]).to(dtype), v)."""
+    """matmul(softmax([softcap](matmul(q, k^T) * scale) [+ mask]).to(dtype), v), and with sinks (_with_sinks)."""
     if not is_op(out_mm, aten.matmul.default):
         return None
     probs, v = out_mm.args
     if is_op(probs, aten._to_copy.default, aten.to.dtype):
         probs = probs.args[0]
-    if not is_op(probs, aten._softmax.default, aten.softmax.int) or probs.args[1] not in (-1, 3):
+    if is_op(probs, aten.clone.default):
+        probs = probs.args[0]
+    sinks = None
+    if (found := _with_sinks(probs)) is not None:
+        scores, sinks = found
+    elif not is_op(probs, aten._softmax.default, aten.softmax.int) or probs.args[1] not in (-1, 3):
         return None
-    scores = probs.args[0]
+    else:
+        scores = probs.args[0]
     if is_op(scores, aten._to_copy.default, aten.to.dtype):  # softmax(..., dtype=float32)
         scores = scores.args[0]
     fill = None
@@ -153,7 +191,7 @@ def _eager_attention(out_mm: fx.Node, ctx: PassContext):
     k = _transposed_keys(kt)
     if k is None or val(q).dim() != 4:
         return None
-    return _make_attention(out_mm, q, k, v, mask, False, float(scale), ctx, softcap)
+    return _make_attention(out_mm, q, k, v, mask, False, float(scale), ctx, softcap, sinks)
 
 
 def _unmerge_heads(t3):

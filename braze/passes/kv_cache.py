@@ -36,6 +36,8 @@ def _general_reasons(a: dict, general: bool, info: MaskInfo | None) -> list[str]
         reasons.append(f"softcap {a['softcap']:g}")
     if general and a.get("window"):
         reasons.append(f"sliding window {a['window']}")
+    if general and a.get("sinks") is not None:
+        reasons.append("attention sinks")
     if info is not None:
         reasons.append(f"mask: {info.describe()}")
     elif not a.get("causal"):
@@ -159,7 +161,8 @@ def _general(gm: fx.GraphModule, node: fx.Node, a: dict, general: bool, state: t
     reasons = _general_reasons(a, general, info)
     ctx.note(f"{node.name}: general cached attention, runs eagerly ({'; '.join(reasons)})")
     cache = state
-    kwargs = {"softcap": softcap, "window": window, "cos": a.get("cos"), "sin": a.get("sin"), "attn_bias": bias}
+    kwargs = {"softcap": softcap, "window": window, "cos": a.get("cos"), "sin": a.get("sin"), "attn_bias": bias,
+              "sinks": a.get("sinks") if general else None}
     rep = new_node(gm, braze.general_cached_attention.default,
                    (a["q"], a["k"], a["v"], *cache, float(a["scale"])), kwargs, ctx, node)
     rep.meta["braze_eager_reason"] = "; ".join(reasons)
@@ -187,7 +190,7 @@ def insert_tree_verify(gm: fx.GraphModule, ctx: PassContext) -> int:
     for node in nodes:
         a = op_args(node)
         if node.target is braze.general_cached_attention.default:
-            kwargs = {k: a[k] for k in ("softcap", "window", "cos", "sin", "attn_bias")}
+            kwargs = {k: a.get(k) for k in ("softcap", "window", "cos", "sin", "attn_bias", "sinks")}
             args = tuple(a[n] for n in ("q", "k", "v", "k_cache", "v_cache", "cache_len", "kv_start", "scale"))
             rep = new_node(gm, node.target, args, {**kwargs, "tree_mask": mask}, ctx, node)
         else:

@@ -354,6 +354,9 @@ class Generator:
         if stop_strings is not None and tokenizer is None:
             raise InputMismatchError("stop_strings needs tokenizer= to read the generated text (as in HF generate)")
         stops = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings or [])
+        if stops and not (hasattr(tokenizer, "decode") and hasattr(tokenizer, "batch_decode")):
+            raise InputMismatchError(f"stop_strings needs a tokenizer with decode / batch_decode (an HF tokenizer), "
+                                     f"got {type(tokenizer).__name__}")
         temperature, top_k, top_p = check_sampling(do_sample, temperature, top_k, top_p)
         ids = input_ids.to(self.device, torch.long)  # int32 ids too, as HF's embedding takes them
         self.prefill.check_index_inputs([ids if i.name == "input_ids" else None for i in self.prefill.user_inputs])
