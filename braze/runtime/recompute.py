@@ -1,10 +1,10 @@
 """generate() for a causal LM that has a forward plan but no KV-cache plans.
 
-A compile keeps only the forward plan when braze cannot put the model's attention over a KV cache (an attention
-it does not recognise: XGLM's clamp before its softmax, masks computed from activations; the report's
-`generation` line names it). Generation still works: every step runs the forward plan over the whole sequence so far and takes the last
-position's logits. That is exact (the forward plan is golden-checked) and quadratic in the sequence length, so it
-is the slow path, and the report says which path a model got. The forward plan takes no attention mask, so rows
+A compile keeps only the forward plan when braze cannot put the model's attention over a KV cache (an attention it
+does not recognise: XGLM's clamp before its softmax, masks computed from activations; the report's `generation` line
+names it). Generation still works: every step runs the forward plan over the whole sequence so far and takes the
+last position's logits. That is exact (the forward plan is golden-checked) and quadratic in the sequence length, so
+it is the slow path, and the report says which path a model got. The forward plan takes no attention mask, so rows
 with left padding run one at a time on their own tokens. Sampling, EOS, stop strings, streamers and
 output_logits are the Generator's; speculation and CUDA-graph replay need the KV-cache plans.
 """
