@@ -453,14 +453,17 @@ def _tiny_held_out(arch):
     return transformers.AutoModelForCausalLM.from_config(cfg).eval()
 
 
-def test_gpt_oss_attention_sinks_generate_over_the_kv_cache():
-    """gpt-oss's attention sinks (one more softmax logit per head: softmax(cat([scores, sinks]) - max)[..., :-1])
-    are recognised as attention, so its sliding-window and full layers run the general cached attention and the
-    model generates over the KV cache (it re-ran the whole forward every step before). Its one-sided clamp
-    (clamp(x, None, limit)) fuses too (it failed: "literal None")."""
-    model = _tiny_held_out("gpt_oss")
+@pytest.mark.parametrize("arch, note", [("gpt_oss", "attention sinks"), ("xglm", "KV cache 4 tensors")])
+def test_held_out_attention_forms_generate_over_the_kv_cache(arch, note):
+    """Attention forms braze did not recognise, so these models re-ran the whole forward every step; they now
+    generate over the KV cache. gpt-oss: attention sinks (one more softmax logit per head:
+    softmax(cat([scores, sinks]) - max)[..., :-1]) in sliding-window and full layers, run by the general cached
+    attention; its one-sided clamp (clamp(x, None, limit)) fuses too (it failed: "literal None"). XGLM: a softmax
+    over the heads-merged [B*H, S, S] view of max(scores + mask, finfo.min), q scaled before the bmm: the
+    cached-attention kernel."""
+    model = _tiny_held_out(arch)
     cm = braze.compile(model, max_seq=32, max_batch=2)
-    assert cm.generation_missing is None and "attention sinks" in str(cm.report)
+    assert cm.generation_missing is None and note in str(cm.report)
     ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = model(ids).logits

@@ -208,7 +208,8 @@ def _strip_cast(n):
 
 def _bmm_attention(out: fx.Node, ctx: PassContext):
     """Bloom: bmm(softmax(reshape(bias + bmm(q, k^T) * scale, [B, H, S, S]) + mask), v) with heads merged into
-    the batch ([B*H, S, D] views of the 4-D q / k / v); the bias (ALiBi) joins the mask. In 16 bits the baddbmm
+    the batch ([B*H, S, D] views of the 4-D q / k / v); the bias (ALiBi) joins the mask. XGLM: the softmax runs
+    over the [B*H, S, S] view of max(scores + mask, finfo.min), q arrives scaled. In 16 bits the baddbmm
     is captured in fp32 (casts around q, k^T, the bias and the sum): the attention op computes in fp32 anyway."""
     p3, v3 = out.args
     v = _unmerge_heads(v3)
@@ -216,9 +217,18 @@ def _bmm_attention(out: fx.Node, ctx: PassContext):
         return None
     (user,) = out.users
     probs = _strip_cast(p3.args[0])
-    if not is_op(probs, aten._softmax.default) or probs.args[1] not in (-1, 3) or val(probs).dim() != 4:
+    while is_op(probs, aten.reshape.default):  # XGLM: the softmax over [B*H, S, S], viewed back and forth
+        probs = _strip_cast(probs.args[0])
+    rank = val(probs).dim() if is_op(probs, aten._softmax.default) else 0
+    if rank not in (3, 4) or probs.args[1] not in (-1, rank - 1):
         return None
     scores4, mask = _strip_cast(probs.args[0]), None
+    if rank == 3:  # its scores: the [B, H, S, S] sum of scores and mask, viewed with heads merged
+        if not is_op(scores4, aten.reshape.default) or val(scores4.args[0]).dim() != 4:
+            return None
+        scores4 = _strip_cast(scores4.args[0])
+    if is_op(scores4, aten.maximum.default) and _very_negative(scores4.args[1]):
+        scores4 = scores4.args[0]  # XGLM clamps the masked scores at finfo.min: the same softmax
     if is_op(scores4, aten.add.Tensor) and is_op(scores4.args[0], aten.reshape.default):
         scores4, mask = scores4.args[0], scores4.args[1]
     if not is_op(scores4, aten.reshape.default):
