@@ -123,15 +123,12 @@ class DynamoCompiled:
 
     def generate(self, input_ids: torch.Tensor, **options: Any) -> Any:
         """HF generate over the compiled forward; the options are braze's (runtime/generate.py) but speculation."""
-        from braze.runtime.generate import DERIVED_OPTIONS, GENERATE_OPTIONS, GenerateOutput, hf_generation_config
+        from braze.runtime.generate import GenerateOutput, check_generate_options, hf_generation_config
         from braze.runtime.sampling import check_sampling
 
         if not self.causal_lm:
             raise ConfigError("generate() needs a causal LM compiled by braze.compile")
-        valid = GENERATE_OPTIONS + DERIVED_OPTIONS
-        unknown = sorted(set(options) - set(valid))
-        if unknown:
-            raise ConfigError(f"unknown generate option(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+        check_generate_options(options)
         options = hf_generation_config(options)
         spec = [k for k in SPECULATION_OPTIONS if options.get(k)]
         if spec:

@@ -54,15 +54,12 @@ def _token_ids(input_ids: Any, hf_kwargs: dict[str, Any]) -> torch.Tensor:
     """The causal-LM forward's input_ids as the plan takes them: [batch, seq] int64 (int32 ids widened, as HF's
     embedding takes both); anything else a one-line error."""
     from braze.runtime.errors import InputMismatchError
+    from braze.runtime.generate import check_token_ids
 
     if input_ids is None:
         given = " (got inputs_embeds=: the plan starts from token ids)" if "inputs_embeds" in hf_kwargs else ""
         raise InputMismatchError(f"the compiled forward needs input_ids [batch, seq]{given}")
-    if (not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype.is_complex
-            or input_ids.dtype == torch.bool or input_ids.dim() != 2):
-        what = (f"a {input_ids.dim()}-dim {str(input_ids.dtype).removeprefix('torch.')} tensor"
-                if isinstance(input_ids, torch.Tensor) else f"a {type(input_ids).__name__}")
-        raise InputMismatchError(f"input_ids must be an integer tensor of token ids [batch, seq], got {what}")
+    check_token_ids(input_ids, (2,), "[batch, seq]")
     return input_ids.long()
 
 
@@ -233,7 +230,7 @@ class CompiledModel:
     def generate(self, input_ids: torch.Tensor, **options: Any) -> torch.Tensor:
         """HF-style generate: prompt + new token ids [B, S + n] (see runtime/generate.py for the options)."""
         from braze.runtime.errors import ConfigError
-        from braze.runtime.generate import DERIVED_OPTIONS, GENERATE_OPTIONS, hf_length_and_copies
+        from braze.runtime.generate import check_generate_options, hf_length_and_copies
 
         if getattr(self, "generator", None) is None:
             if self.generation_missing and self.recompute is not None:
@@ -242,10 +239,7 @@ class CompiledModel:
                 raise ConfigError(f"generate() is not available for this model: {self.generation_missing}")
             else:
                 raise ConfigError("generate() needs a causal LM compiled by braze.compile (no generation plans here)")
-        unknown = sorted(set(options) - set(GENERATE_OPTIONS) - set(DERIVED_OPTIONS))
-        if unknown:
-            raise ConfigError(f"unknown generate option(s) {', '.join(unknown)}; valid: "
-                              f"{', '.join(GENERATE_OPTIONS + DERIVED_OPTIONS)}")
+        check_generate_options(options)
         input_ids, options = hf_length_and_copies(input_ids, options,
                                                   bool(getattr(self.generator, "keyed_sampling", False)),
                                                   getattr(self.generator, "max_batch", None))

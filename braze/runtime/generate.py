@@ -28,6 +28,23 @@ GENERATE_OPTIONS = ("attention_mask", "max_new_tokens", "do_sample", "temperatur
 # HF generate arguments that are spelled in terms of the others (hf_length_and_copies, hf_generation_config)
 DERIVED_OPTIONS = ("max_length", "num_return_sequences", "generation_config")
 
+def check_generate_options(options: dict[str, Any]) -> None:
+    """An option generate does not take is a one-line error naming the valid ones (HF would ignore or warn)."""
+    unknown = sorted(set(options) - set(GENERATE_OPTIONS) - set(DERIVED_OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown generate option(s) {', '.join(unknown)}; valid: "
+                          f"{', '.join(GENERATE_OPTIONS + DERIVED_OPTIONS)}")
+
+
+def check_token_ids(input_ids: Any, dims: tuple[int, ...], shape: str) -> None:
+    """Token ids are an integer tensor with one of `dims` dimensions; anything else a one-line error."""
+    if (not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype.is_complex
+            or input_ids.dtype == torch.bool or input_ids.dim() not in dims):
+        what = (f"a {input_ids.dim()}-dim {str(input_ids.dtype).removeprefix('torch.')} tensor"
+                if isinstance(input_ids, torch.Tensor) else f"a {type(input_ids).__name__}")
+        raise InputMismatchError(f"input_ids must be an integer tensor of token ids {shape}, got {what}")
+
+
 # GenerationConfig fields that do not change what generate computes
 _INERT_GENERATION_FIELDS = {"transformers_version", "_from_model_config", "bos_token_id", "use_cache",
                             "return_dict_in_generate", "output_scores", "output_attentions", "output_hidden_states"}
@@ -341,12 +358,7 @@ class Generator:
                  streamer: Any = None, speculate: bool | None = None, max_spec_tokens: int = 8,
                  spec_tree: bool = False, stop_strings: Any = None, tokenizer: Any = None,
                  output_logits: bool = False, repetition_penalty: float = 1.0, min_new_tokens: int = 0) -> Any:
-        if (not isinstance(input_ids, torch.Tensor) or input_ids.dtype.is_floating_point or input_ids.dtype.is_complex
-                or input_ids.dtype == torch.bool or input_ids.dim() not in (1, 2)):
-            what = (f"a {input_ids.dim()}-dim {str(input_ids.dtype).removeprefix('torch.')} tensor"
-                    if isinstance(input_ids, torch.Tensor) else f"a {type(input_ids).__name__}")
-            raise InputMismatchError(f"input_ids must be an integer tensor of token ids [batch, seq] (or [seq]), got "
-                                     f"{what}")
+        check_token_ids(input_ids, (1, 2), "[batch, seq] (or [seq])")
         if input_ids.dim() == 1:
             input_ids = input_ids[None]
         batch, prompt_len = input_ids.shape

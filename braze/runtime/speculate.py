@@ -347,6 +347,18 @@ class SpeculativeRunner:
                     j = d.parents[j]
         return self._rules(logits, generated, marks)
 
+    def _first_tokens(self, last: torch.Tensor, sample: dict[str, Any], positions: torch.Tensor) -> torch.Tensor:
+        """The token each row picks from its prefill logits [B, V] (positions: the token's position, for keyed
+        sampling); the logits rules then count it as generated."""
+        from braze.runtime.sampling import select_next
+
+        ruled = last if self._rules is None else self._rules(last, 0)
+        first = select_next(ruled, sample["do_sample"], sample["temperature"], sample["top_k"], sample["top_p"],
+                            sample["generator"], positions)
+        if self._rules is not None:
+            self._rules.add(first)
+        return first
+
     # ---------------------------------------------------------------------------------------------- stepping
 
     def _decode_step(self, rows: list[RowState], cached: int, kv_start: torch.Tensor,
@@ -531,7 +543,6 @@ class SpeculativeRunner:
                        temperature: float, top_k: int, top_p: float, generator: torch.Generator | None,
                        eos_ids: torch.Tensor) -> list[list[int]]:
         """New tokens per row of a left-padded batch ids/mask [B, S] (mask 0 = padding)."""
-        from braze.runtime.sampling import select_next
 
         g = self.gen
         real = ids.shape[0]
@@ -552,11 +563,7 @@ class SpeculativeRunner:
         sample = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p,
                   "generator": generator}
         self._start_rules(ids, mask, eos_ids)
-        ruled = logits[:, -1] if self._rules is None else self._rules(logits[:, -1], 0)
-        first_ids = select_next(ruled, do_sample, temperature, top_k, top_p, generator, positions[:, -1] + 1)
-        if self._rules is not None:
-            self._rules.add(first_ids)
-        first = first_ids.tolist()
+        first = self._first_tokens(logits[:, -1], sample, positions[:, -1] + 1).tolist()
         t0 = time.perf_counter()
         st.prefill_seconds += t0 - start
         eos = set(eos_ids.tolist())
@@ -624,7 +631,6 @@ class SpeculativeRunner:
                      top_p: float, generator: torch.Generator | None, eos_ids: torch.Tensor) -> list[int]:
         """New tokens for one unpadded prompt [1, S] without a verify plan (packages): path drafts verify through
         the prefill plan, whose cache offset is one for the batch."""
-        from braze.runtime.sampling import select_next
         from braze.runtime.speculative import greedy_accept
 
         g = self.gen
@@ -634,12 +640,9 @@ class SpeculativeRunner:
         start = time.perf_counter()
         logits = g.forward(g.prefill, ids, torch.arange(ids.shape[1], device=g.device)[None], 0, kv_start, caches)
         self._start_rules(ids, torch.ones_like(ids), eos_ids)
-        ruled = logits[:, -1] if self._rules is None else self._rules(logits[:, -1], 0)
-        first_ids = select_next(ruled, do_sample, temperature, top_k, top_p, generator,
-                                torch.tensor([ids.shape[1]], device=g.device))
-        if self._rules is not None:
-            self._rules.add(first_ids)
-        first = int(first_ids[0])
+        sample = {"do_sample": do_sample, "temperature": temperature, "top_k": top_k, "top_p": top_p,
+                  "generator": generator}
+        first = int(self._first_tokens(logits[:, -1], sample, torch.tensor([ids.shape[1]], device=g.device))[0])
         t0 = time.perf_counter()
         st.prefill_seconds += t0 - start
         row = RowState(0, self._next_request, max_new_tokens, first, ids.shape[1], 0, [first],
