@@ -1,7 +1,9 @@
 """`make gpucheck`: cross-compile the test models' plans for every GPU target and check they fit.
 
-Models: tiny Llama, tiny Qwen2 (braze.models.tiny_causal_lm, 1 layer) and the Llama-3.2-1B shape with one layer
-(transformers LlamaConfig, seeded random weights; vocab 128256, hidden 2048, MLP 8192, 32 heads / 8 KV heads).
+Models: tiny Llama, tiny Qwen2 (braze.models.tiny_causal_lm, 1 layer), the Llama-3.2-1B shape with one layer
+(transformers LlamaConfig, seeded random weights; vocab 128256, hidden 2048, MLP 8192, 32 heads / 8 KV heads) and
+Gemma-2-2B's attention shape with one layer (softcap 50, sliding window 4096, head dim 256, 8 heads / 4 KV heads,
+hidden 2304, MLP 9216; vocab cut to 32000: bf16 and bf16-det only).
 Variants: bf16 base, bf16 df11, bf16 int6, fp32 base, fp32 int6 (fp32 not on tiny Qwen2), bf16 deterministic
 (LayerCast matmuls, batch-invariant tiles, fp32 KV cache). Every plan (forward,
 prefill, decode, verify) at the corners of its compiled range (batch 1..8, seq 1..512) is enumerated per target
@@ -29,9 +31,11 @@ import braze  # noqa: E402
 from braze.compiler.targets import TargetBuild, build_targets  # noqa: E402
 from braze.kernels import TARGETS  # noqa: E402
 
-MODELS = ("tiny-llama", "tiny-qwen2", "llama-3.2-1b-1layer")
-# fp32 runs on tiny Llama and the 1B shape only: tiny Qwen2 adds the QKV bias, which the bf16 variants cover
-SKIP = {("tiny-qwen2", "fp32"), ("tiny-qwen2", "fp32-int6")}
+MODELS = ("tiny-llama", "tiny-qwen2", "llama-3.2-1b-1layer", "gemma2-2b-1layer")
+# fp32 runs on tiny Llama and the 1B shape only: tiny Qwen2 adds the QKV bias, which the bf16 variants cover;
+# Gemma 2 adds the attention kernels' softcap / window forms (quantization does not touch them)
+SKIP = {("tiny-qwen2", "fp32"), ("tiny-qwen2", "fp32-int6"),
+        *(("gemma2-2b-1layer", v) for v in ("bf16-df11", "bf16-int6", "bf16-int6-a8", "fp32", "fp32-int6"))}
 VARIANTS = {  # name -> (dtype, compile options)
     "bf16": (torch.bfloat16, {}),
     "bf16-df11": (torch.bfloat16, {"quant": "df11"}),
@@ -64,6 +68,24 @@ def llama_3_2_1b(layers: int = 1, dtype: torch.dtype = torch.float32) -> torch.n
     return model.eval()
 
 
+def gemma2_2b(layers: int = 1, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Gemma-2-2B's shape (config of google/gemma-2-2b, vocab cut to 32000) with `layers` layers, seeded weights;
+    layer 0 is a sliding-window layer."""
+    import transformers
+
+    cfg = transformers.Gemma2Config(
+        vocab_size=32000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=layers,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096,
+        max_position_embeddings=8192, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = transformers.Gemma2ForCausalLM(cfg).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02) if p.dim() > 1 else p.uniform_(-0.1, 0.1)
+    return model.eval()
+
+
 def build_model(name: str, dtype: torch.dtype) -> torch.nn.Module:
     from braze.models import tiny_causal_lm
 
@@ -73,6 +95,8 @@ def build_model(name: str, dtype: torch.dtype) -> torch.nn.Module:
         return tiny_causal_lm("qwen2", layers=1, dtype=dtype)
     if name == "llama-3.2-1b-1layer":
         return llama_3_2_1b(1, dtype)
+    if name == "gemma2-2b-1layer":
+        return gemma2_2b(1, dtype)
     raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
 

@@ -537,3 +537,29 @@ def test_fp32_kv_cache_on_fp16_model_matches_reference():
     assert fp32.logits.dtype == torch.float16
     torch.testing.assert_close(fp32.logits.float(), ref.logits.float(), rtol=0, atol=2e-3)
     assert _bitwise_diff(fp32.logits, fp16.logits) > 0
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "mistral_swa"])
+def test_softcap_and_sliding_window_layers_keep_the_guarantee(arch):
+    """deterministic=True with Gemma 2's softcapped sliding-window attention / Mistral's window (the general cached
+    attention's kernels: prefill per row, split-KV decode, its tree form for the verify): past the window, a
+    request's logits are bitwise the same alone and in a batch beside a left-padded companion, and speculative tree
+    decoding emits plain decoding's tokens from bitwise plain decoding's logits, with drafts accepted."""
+    from braze.runtime.speculate import SpeculativeRunner
+
+    cm = braze.compile(tiny_causal_lm(arch, layers=2, vocab=128), max_seq=40, max_batch=3, deterministic=True)
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(3))
+    kw = dict(max_new_tokens=10, eos_token_id=None, pad_token_id=0, output_logits=True)
+    alone = cm.generate(ids, **kw)
+    others = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(5))
+    others[0, :4] = 0
+    batch = torch.cat([others[:1], ids, others[1:]])
+    out = cm.generate(batch, attention_mask=(batch != 0).long(), **kw)
+    assert _same_bits(out.logits[1:2], alone.logits)
+    cm.generator.spec = SpeculativeRunner(cm.generator)
+    accepted = 0
+    for _ in range(2):  # the second call drafts the first's continuation
+        spec = cm.generate(ids, **kw, speculate=True, spec_tree=True)
+        assert torch.equal(spec.sequences, alone.sequences) and _same_bits(spec.logits, alone.logits)
+        accepted += _spec_counters(cm)["accepted_drafts"]
+    assert accepted > 0

@@ -493,3 +493,35 @@ def test_held_out_architectures_compile_and_say_what_runs_eagerly(arch, missing)
     with torch.no_grad():  # generation re-runs the forward plan each step (runtime/recompute.py)
         want = model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert torch.equal(cm.generate(ids, max_new_tokens=3, pad_token_id=0), want)
+
+
+@pytest.mark.parametrize("arch, features", [("gemma2", ["softcap 50", "sliding window 8"]),
+                                            ("mistral_swa", ["sliding window 8"])])
+def test_softcap_and_sliding_window_generate_through_kernels(arch, features):
+    """Gemma 2's softcapped, sliding-window attention and Mistral's sliding window run the attention kernels with
+    those features in every plan (they ran the reference eagerly): forward, prefill, decode and the tree verify
+    have no eager step. Past the window (prompt 12 + 10 new tokens, window 8), greedy tokens of a left-padded
+    batch equal HF's, plain and speculative with draft trees; fp32 logits within 1e-5 (reassociation only)."""
+    model = tiny_causal_lm(arch, layers=2, vocab=128)
+    cm = braze.compile(model, max_seq=40, max_batch=2)
+    notes = str(cm.report)
+    assert all(f in notes for f in features), notes
+    for name, plan in {"forward": cm.plan, **cm.extra_plans}.items():
+        assert not [s.target for s in plan.steps if s.kind == "eager" and s.target != "_operator.getitem"], name
+    assert any(s.launcher == "general_cached_attention" for s in cm.extra_plans["verify"].steps)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(cm(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    ids[mask == 0] = 0
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, eos_token_id=None,
+                              pad_token_id=0)
+    kw = dict(attention_mask=mask, max_new_tokens=10, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(cm.generate(ids, **kw), want)
+    accepted = 0
+    for _ in range(2):  # the second call drafts the first's continuation: drafts verified and accepted
+        assert torch.equal(cm.generate(ids, **kw, speculate=True, spec_tree=True), want)
+        accepted += cm.generator.stats.extra["speculation"]["accepted_drafts"]
+    assert accepted > 0

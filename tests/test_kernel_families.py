@@ -126,6 +126,51 @@ def test_tree_cached_attention_family():
     torch.testing.assert_close(out, fn(*ref_args), **TOL)
 
 
+def test_attention_family_general_features():
+    """braze::general_attention (softcap, sliding window, sinks; RoPE fused) through the flash kernel."""
+    g = _gen(11)
+    q, k, v = (torch.randn(2, h, 70, 32, generator=g) for h in (4, 2, 2))
+    cos, sin = _rope(2, 70, 32)
+    sinks = torch.randn(4, generator=g)
+    fn = lambda q, k, v, c, s, sk: ops.general_attention(q, k, v, 32**-0.5, True, 20.0, 24, c, s, None, sk)  # noqa: E731
+    out, _ = launch_like_a_plan(fn, q, k, v, cos, sin, sinks)
+    torch.testing.assert_close(out, fn(q, k, v, cos, sin, sinks), **TOL)
+
+
+@pytest.mark.parametrize("form", ["prefill", "decode", "tree"])
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+@pytest.mark.parametrize("device", ["interpreter", "sm_90"])
+def test_general_cached_attention_family(form, deterministic, device):
+    """braze::general_cached_attention with softcap, a sliding window (24, shorter than the 40 cached tokens) and
+    sinks: prefill (flash over the cache, per row under deterministic), decode (the split-KV kernel rotating and
+    writing the new token; sm_90's configuration splits the cache, so the combine runs) and a draft tree (the tree
+    form of split-KV decode), against the op's reference; the caches are written alike."""
+    s_new, past = {"prefill": (9, 0), "decode": (1, 40), "tree": (5, 40)}[form]
+    q, k, v, cos, sin, kc, vc, cache_len, kv_start = _cache_inputs(2, s_new, past, s_max=256, seed=12)
+    sinks = torch.randn(4, generator=_gen(13))
+    args = [q, k, v, kc, vc, cache_len, kv_start, cos, sin, sinks]
+    if form == "tree":
+        tree = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [1, 0, 1, 0, 1]],
+                            dtype=torch.bool)[None].expand(2, 5, 5).contiguous()
+        args[5] = torch.tensor([40, 33], dtype=torch.int64)
+        args.append(tree)
+        fn = lambda q, k, v, kc, vc, cl, ks, c, s, sk, t: ops.general_cached_attention(  # noqa: E731
+            q, k, v, kc, vc, cl, ks, 32**-0.5, 20.0, 24, c, s, None, t, sk)
+    else:
+        fn = lambda q, k, v, kc, vc, cl, ks, c, s, sk: ops.general_cached_attention(  # noqa: E731
+            q, k, v, kc, vc, cl, ks, 32**-0.5, 20.0, 24, c, s, None, None, sk)
+    ref_args = [a.clone() for a in args]
+    out, _ = launch_like_a_plan(fn, *args, device=INTERPRETER if device == "interpreter" else TARGETS[device],
+                                deterministic=deterministic)
+    ref = fn(*ref_args)
+    rows = [0, 1] if form != "prefill" else [0]  # prefill row 1's first 3 queries are left padding (unused)
+    torch.testing.assert_close(out[rows], ref[rows], **TOL)
+    if form == "prefill":
+        torch.testing.assert_close(out[1, :, 3:], ref[1, :, 3:], **TOL)
+    torch.testing.assert_close(args[3], ref_args[3], **TOL)
+    torch.testing.assert_close(args[4], ref_args[4], **TOL)
+
+
 @pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
 @pytest.mark.parametrize("device", ["interpreter", "sm_90"])
 @pytest.mark.parametrize("starts", ["row", "head"])

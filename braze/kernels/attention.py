@@ -60,6 +60,11 @@ Split-KV decode, `render_decode_attention(DecodeAttentionSpec)`; kernels `<name>
   its ancestors under tree[b, i], the node itself added after the loop), into mid rows b * S + i. The combine adds
   ``S, stride_os`` (out [B, Hq, S, D]) and its grid is (B * S * Hq,). A padding node (tree[b, i, 0] == 0) outputs 0.
 
+Logit features (both kernels; flags softcap / window / sinks, each adding one argument before sm_scale, in this
+order): ``softcap`` (float: scores become softcap * tanh(scores / softcap), Gemma 2), ``WINDOW`` (int: the query at
+position p sees keys p - WINDOW < j only, sliding-window layers), ``sinks_ptr`` ([Hq]: one more logit per head in
+the softmax, attached to no value, gpt-oss). `AttentionExtras` carries their values to the launchers.
+
 Cached attention (braze::cached_attention, templates kv_cache.py.j2 + one of the two above): prefill runs
 `<name>_rope_write` (rotates q and k, HF rotate_half, fp32 math; writes k/v into the caches at cache_len), then
 flash attention over the cache; decode runs the rope_write form of split-KV decode alone (one launch, plus the
@@ -115,9 +120,14 @@ class AttentionSpec:
     out_dtype: str = "float16"
     tree_mask: bool = False
     device_len: bool = False
+    softcap: bool = False
+    window: bool = False
+    sinks: bool = False
 
     def __post_init__(self) -> None:
         _check_common(self.name, self.input_precision, self.out_dtype)
+        if self.window and (self.tree_mask or not self.causal):
+            raise ValueError("window counts positions from the causal alignment; tree_mask's are not slots")
         if self.tree_mask and not self.causal:
             raise ValueError("tree_mask uses the causal query alignment: it needs causal=True")
         if self.device_len and (self.tree_mask or not self.causal):
@@ -138,9 +148,14 @@ class DecodeAttentionSpec:
     tree: bool = False  # the draft nodes of a verify step, each as decode at its position (needs from_cache_len)
     o_proj: bool = False  # attention block: merge, o_proj and residual inside `_partial` (rope_write or tree)
     ring: bool = False  # R-KV: the rotated query also into the query ring (needs rope_write)
+    softcap: bool = False
+    window: bool = False
+    sinks: bool = False
 
     def __post_init__(self) -> None:
         _check_common(self.name, self.input_precision, self.out_dtype)
+        if (self.softcap or self.window or self.sinks) and self.o_proj:
+            raise ValueError("softcap, window and sinks are not part of the attention block (o_proj)")
         if (self.rope_write or self.tree) and not self.from_cache_len:
             raise ValueError("rope_write and tree need from_cache_len (the new token sits at the cache length)")
         if self.rope_write and self.tree:
@@ -156,7 +171,8 @@ def render_attention(spec: AttentionSpec, header: str = "") -> str:
     return render_template(
         "attention.py.j2", header=check_header(header), name=spec.name, causal=spec.causal, rope=spec.rope,
         has_kv_start=spec.has_kv_start, tree_mask=spec.tree_mask, device_len=spec.device_len,
-        input_precision=spec.input_precision, out_dtype=spec.out_dtype)
+        input_precision=spec.input_precision, out_dtype=spec.out_dtype, softcap=spec.softcap, window=spec.window,
+        sinks=spec.sinks)
 
 
 def render_decode_attention(spec: DecodeAttentionSpec, header: str = "") -> str:
@@ -165,7 +181,7 @@ def render_decode_attention(spec: DecodeAttentionSpec, header: str = "") -> str:
         "decode_attention.py.j2", header=check_header(header), name=spec.name, has_kv_start=spec.has_kv_start,
         from_cache_len=spec.from_cache_len, input_precision=spec.input_precision, out_dtype=spec.out_dtype,
         head_start=spec.head_start, rope_write=spec.rope_write, tree=spec.tree, o_proj=spec.o_proj,
-        ring=spec.ring)
+        ring=spec.ring, softcap=spec.softcap, window=spec.window, sinks=spec.sinks)
 
 
 def render_cache_write(name: str) -> str:
@@ -219,15 +235,20 @@ def attention_blocks(sq: int, skv: int, head_dim: int, device: DeviceSpec, deter
             return AttentionBlocks(16, 16, block_d)
         if elem_size >= 4:
             return AttentionBlocks(32, 32 if block_d <= 64 else 16, block_d, num_warps=8, num_stages=2)
+        if block_d >= 256:
+            return AttentionBlocks(32, 16, block_d, num_warps=4, num_stages=2)
         return AttentionBlocks(64, 64 if block_d <= 64 else 32, block_d, num_warps=4, num_stages=2)
     if device.interpret:
         return AttentionBlocks(pow2_clamp(sq, 16, 64), pow2_clamp(skv, 16, 64), block_d)
     block_m, block_n, warps = pow2_clamp(sq, 16, 64), 64 if block_d <= 64 else 32, 4
+    if block_d >= 256:  # head dim 256 (Gemma): 64 x 256 accumulators spilled, and K / V tiles 32 keys wide with
+        # the RoPE'd key tiles took 106-131 KB of shared memory (> 101,376 B on sm_86/89): 32 x 16 tiles
+        block_m, block_n = min(block_m, 32), 16
     if elem_size >= 4:
-        block_m, block_n = min(block_m, 32), block_n // 2
+        block_m, block_n = min(block_m, 32), max(16, block_n // 2)  # (tl.dot: every dim >= 16)
         warps = 8 if block_m >= 32 else 4
     elif tree:
-        block_n //= 2
+        block_n = max(16, block_n // 2)
         warps = 8 if block_m >= 64 else 4
     return AttentionBlocks(block_m, block_n, block_d, num_warps=warps, num_stages=2)
 
@@ -266,6 +287,29 @@ class OutputProjection:
 
 
 # ---- launches ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AttentionExtras:
+    """Values of the logit features a kernel was rendered with (softcap > 0, window > 0, sinks [Hq])."""
+
+    softcap: float = 0.0
+    window: int = 0
+    sinks: torch.Tensor | None = None
+
+    def args(self) -> list[Any]:
+        """The kernel arguments before sm_scale, in the template's order."""
+        out: list[Any] = []
+        if self.softcap:
+            out.append(float(self.softcap))
+        if self.window:
+            out.append(int(self.window))
+        if self.sinks is not None:
+            out.append(self.sinks.contiguous())
+        return out
+
+
+NO_EXTRAS = AttentionExtras()
+
+
 def rope_pair(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin with one set of strides (the kernels take the strides once, for both)."""
     if cos.stride() != sin.stride():
@@ -282,7 +326,7 @@ def flash_attention(kernel: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                     scale: float, device: DeviceSpec, *, cos: torch.Tensor | None = None,
                     sin: torch.Tensor | None = None, kv_start: torch.Tensor | None = None,
                     tree_mask: torch.Tensor | None = None, past: torch.Tensor | None = None,
-                    deterministic: bool = False) -> None:
+                    deterministic: bool = False, extras: AttentionExtras = NO_EXTRAS) -> None:
     """One flash launch; the optional arguments must match the flags the kernel was rendered with."""
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
@@ -304,7 +348,7 @@ def flash_attention(kernel: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         args += list(t.stride())
     if cos is not None:
         args += list(cos.stride())
-    args.append(float(scale))
+    args += [*extras.args(), float(scale)]
     blocks = attention_blocks(Sq, Skv, D, device, deterministic, elem_size=q.element_size(),
                               tree=tree_mask is not None)
     launch_kernel(kernel, (triton.cdiv(Sq, blocks.block_m), B * Hq), *args, **blocks.meta(device))
@@ -312,7 +356,7 @@ def flash_attention(kernel: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
 
 def flash_per_row(kernel: Any, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor,
                   scale: float, device: DeviceSpec, kv_start: torch.Tensor, cache_len: torch.Tensor,
-                  device_len: bool) -> None:
+                  device_len: bool, extras: AttentionExtras = NO_EXTRAS) -> None:
     """Deterministic prefill / path verify over the cache: one flash launch per batch row, over the row's keys from
     its kv_start on (and its queries from its first real token on), so query and key tiles start at the request's
     first token whatever its left padding: the request alone and left-padded in any batch runs the same tiles.
@@ -333,13 +377,13 @@ def flash_per_row(kernel: Any, q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
         total = c + S
         flash_attention(kernel, q[b:b + 1, :, cut:], k_cache[b:b + 1, :, ks:total], v_cache[b:b + 1, :, ks:total],
                         out[b:b + 1, :, cut:], scale, device, kv_start=meta[b, :1],
-                        past=meta[b, 1:] if device_len else None, deterministic=True)
+                        past=meta[b, 1:] if device_len else None, deterministic=True, extras=extras)
 
 
 def tree_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                 out: torch.Tensor | None, cache_len: torch.Tensor, kv_start: torch.Tensor, tree_mask: torch.Tensor,
                 scale: float, device: DeviceSpec, *, head_start: bool = False, splits: int | None = None,
-                block: OutputProjection | None = None) -> int:
+                block: OutputProjection | None = None, extras: AttentionExtras = NO_EXTRAS) -> int:
     """Deterministic tree verify: every draft node of q [B, Hq, S, D] (rotated, its key and value written at
     cache_len + node) through the decode plan's split-KV kernel in its tree form: the same template, tiles and split
     count (decode_splits of the cache), over exactly the keys plain decoding reads at that node's position: the
@@ -361,7 +405,7 @@ def tree_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tensor, 
     starts = [kv_start, kv_start.stride(0), kv_start.stride(1)] if head_start else [kv_start]
     args = [q, k_cache, v_cache, mid_o, mid_lse, cache_len, _row_stride(cache_len), tree, S, *tree.stride(),
             q.stride(2), *starts, Hkv, group, D, splits, q.stride(0), q.stride(1), q.stride(3), *k_cache.stride(),
-            *v_cache.stride(), float(scale)]
+            *v_cache.stride(), *extras.args(), float(scale)]
     opts = {} if device.interpret else {"num_warps": blocks.num_warps, "num_stages": blocks.num_stages}
     opts.update(BLOCK_G=blocks.block_g, BLOCK_N=blocks.block_n, BLOCK_D=blocks.block_d,
                 BLOCK_S=triton.next_power_of_2(S))
@@ -401,7 +445,8 @@ def split_kv_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tens
                     out: torch.Tensor | None, seq_lens: torch.Tensor, kv_start: torch.Tensor | None, scale: float,
                     device: DeviceSpec, splits: int | None = None, *, from_cache_len: bool = False,
                     head_start: bool = False, rope: tuple[torch.Tensor, ...] | None = None,
-                    block: OutputProjection | None = None, ring: torch.Tensor | None = None) -> int:
+                    block: OutputProjection | None = None, ring: torch.Tensor | None = None,
+                    extras: AttentionExtras = NO_EXTRAS) -> int:
     """Decode attention of one query per row: q/out [B, Hq, D], caches [B, Hkv, S_max, D]. One split writes its
     normalised partial output straight into `out` (no combine launch). Returns the launches.
     from_cache_len (kernel rendered with it): `seq_lens` is the cache length before the new token, [1] for the
@@ -435,7 +480,7 @@ def split_kv_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tens
     if head_start:
         starts += [kv_start.stride(0), kv_start.stride(1)]
     args = [q, k_cache, v_cache, mid_o, mid_lse, seq_lens, *fused, *lens[1:], *starts,
-            Hkv, group, D, splits, *q.stride(), *k_cache.stride(), *v_cache.stride(), float(scale)]
+            Hkv, group, D, splits, *q.stride(), *k_cache.stride(), *v_cache.stride(), *extras.args(), float(scale)]
     opts = {} if device.interpret else {"num_warps": blocks.num_warps, "num_stages": blocks.num_stages}
     opts.update(BLOCK_G=blocks.block_g, BLOCK_N=blocks.block_n, BLOCK_D=blocks.block_d)
     if block is not None:
@@ -467,38 +512,67 @@ def _attention_mask_reason(node: fx.Node) -> str | None:
     return None
 
 
+def _extras_reason(a: dict[str, Any], causal: bool = True) -> str | None:
+    """Why the kernels cannot take a general attention's logit features and positions (None: they can)."""
+    cos, q = a.get("cos"), a["q"].meta["val"]
+    if cos is not None and cos.meta["val"].shape[-1] != q.shape[-1]:
+        return f"partial RoPE ({cos.meta['val'].shape[-1]} of {q.shape[-1]} dims) runs eagerly"
+    if a.get("window") and not causal:
+        return "a sliding window without the causal alignment runs eagerly"
+    sinks = a.get("sinks")
+    if sinks is not None and tuple(sinks.meta["val"].shape) != (q.shape[1],):
+        return f"attention sinks of shape {list(sinks.meta['val'].shape)} (one per query head expected) run eagerly"
+    return None
+
+
+def _extras_params(a: dict[str, Any]) -> dict[str, Any]:
+    """The Step params of a general attention's softcap and window (sinks travel as an input role)."""
+    return {"softcap": float(a.get("softcap") or 0.0), "window": int(a.get("window") or 0)}
+
+
+def _extras(tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> AttentionExtras:
+    return AttentionExtras(params.get("softcap", 0.0), params.get("window", 0), tensors.get("sinks"))
+
+
 class AttentionFamily(KernelFamily):
-    """braze::attention: flash attention forward, RoPE optionally fused into the q/k loads."""
+    """braze::attention: flash attention forward, RoPE optionally fused into the q/k loads; braze::general_attention
+    (softcap, sliding window, sinks; no explicit mask) through the same kernel with those flags."""
 
     name = "attention"
-    templates = ("attention.py.j2",)
+    templates = ("attention.py.j2", "softcap.j2")
 
     @property
     def ops(self) -> tuple[Any, ...]:  # type: ignore[override]
         import braze.ops  # noqa: F401
 
-        return (torch.ops.braze.attention.default,)
+        return (torch.ops.braze.attention.default, torch.ops.braze.general_attention.default)
 
     def supports(self, node: fx.Node) -> str | None:
-        return _attention_mask_reason(node)
+        from braze.ops.schema import op_args
+
+        a = op_args(node)
+        return _attention_mask_reason(node) or _extras_reason(a, bool(a["causal"]))
 
     def lower(self, node: fx.Node, name: str) -> tuple[str, Step]:
         from braze.ops.schema import op_args
         from braze.runtime.plan import Step
 
         a = op_args(node)
+        extras = _extras_params(a)
         spec = AttentionSpec(name=name, causal=bool(a["causal"]), rope=a["cos"] is not None,
                              input_precision=_precision(a["q"].meta["val"].dtype),
-                             out_dtype=FLOAT_NAMES[node.meta["val"].dtype])
-        roles = {k: a[k] for k in ("q", "k", "v", "cos", "sin") if a[k] is not None}
+                             out_dtype=FLOAT_NAMES[node.meta["val"].dtype], softcap=extras["softcap"] > 0,
+                             window=extras["window"] > 0, sinks=a.get("sinks") is not None)
+        roles = {k: a.get(k) for k in ("q", "k", "v", "cos", "sin", "sinks") if a.get(k) is not None}
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[v.name for v in roles.values()],
-                    params={"roles": list(roles), "scale": float(a["scale"]), "causal": bool(a["causal"])})
+                    params={"roles": list(roles), "scale": float(a["scale"]), "causal": bool(a["causal"]),
+                            **{k: v for k, v in extras.items() if v}})
         return render_attention(spec), step
 
     def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
                params: dict[str, Any], device: DeviceSpec) -> None:
         flash_attention(getattr(module, name), tensors["q"], tensors["k"], tensors["v"], out, params["scale"],
-                        device, cos=tensors.get("cos"), sin=tensors.get("sin"))
+                        device, cos=tensors.get("cos"), sin=tensors.get("sin"), extras=_extras(tensors, params))
 
 
 class CachedAttentionFamily(KernelFamily):
@@ -648,6 +722,92 @@ class TreeCachedAttentionFamily(KernelFamily):
         return 3 if params.get("deterministic") else 2  # rope_write, then tree_decode's two kernels / flash
 
 
+class GeneralCachedAttentionFamily(KernelFamily):
+    """braze::general_cached_attention whose features the kernels take (RoPE over the whole head; softcap, sliding
+    window, sinks; no static bias): prefill = RoPE + cache write, then flash over the cache; decode = split-KV decode
+    rotating and writing the new token itself; verify (a draft tree) = the tree form of split-KV decode, which counts
+    window positions along the node's ancestors. Each with the logit-feature flags; what is left runs eagerly."""
+
+    name = "general_cached_attention"
+    templates = ("kv_cache.py.j2", "attention.py.j2", "decode_attention.py.j2", "softcap.j2")
+
+    @property
+    def ops(self) -> tuple[Any, ...]:  # type: ignore[override]
+        import braze.ops  # noqa: F401
+
+        return (torch.ops.braze.general_cached_attention.default,)
+
+    def supports(self, node: fx.Node) -> str | None:
+        from braze.ops.schema import op_args
+
+        a = op_args(node)
+        if a.get("attn_bias") is not None:
+            return "a static attention bias (ALiBi, a dense mask) runs eagerly"
+        if a.get("cos") is None:
+            return "attention without RoPE to fuse runs eagerly"
+        if a["kv_start"].meta["val"].dim() != 1:
+            return "per-head cache starts (kv_compression) run eagerly"
+        return _attention_mask_reason(node) or _extras_reason(a)
+
+    def lower(self, node: fx.Node, name: str) -> tuple[str, Step]:
+        from braze.ops.schema import op_args
+        from braze.runtime.plan import Step
+
+        a = op_args(node)
+        q = a["q"].meta["val"]
+        k_cache = a["k_cache"].meta["val"]
+        extras = _extras_params(a)
+        flags = {"softcap": extras["softcap"] > 0, "window": extras["window"] > 0, "sinks": a.get("sinks") is not None}
+        precision, out_dtype = _precision(k_cache.dtype), FLOAT_NAMES[node.meta["val"].dtype]
+        tree = a.get("tree_mask") is not None
+        decode = not tree and isinstance(q.shape[2], int) and q.shape[2] == 1
+        if decode or tree:
+            attn = render_decode_attention(DecodeAttentionSpec(name, True, precision, out_dtype, from_cache_len=True,
+                                                               rope_write=decode, tree=tree, **flags))
+        else:
+            attn = render_attention(AttentionSpec(name, causal=True, rope=False, has_kv_start=True, device_len=True,
+                                                  input_precision=precision, out_dtype=out_dtype, **flags))
+        roles = ["q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start"]
+        roles += [r for r in ("sinks", "tree_mask") if a.get(r) is not None]
+        step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
+                    params={"roles": roles, "scale": float(a["scale"]), "decode": decode, "tree": tree,
+                            "heads_kv": int(k_cache.shape[1]), "s_max": int(k_cache.shape[2]),
+                            **{k: v for k, v in extras.items() if v}})
+        return attn if decode else attn + "\n\n" + render_cache_write(name), step
+
+    def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
+               params: dict[str, Any], device: DeviceSpec) -> None:
+        t = tensors
+        kc, vc, cache_len, kv_start = t["k_cache"], t["v_cache"], t["cache_len"], t["kv_start"]
+        extras = _extras(t, params)
+        if params["decode"]:
+            split_kv_decode(module, name, t["q"][:, :, 0, :], kc, vc, out[:, :, 0, :], cache_len, kv_start,
+                            params["scale"], device, from_cache_len=True, extras=extras,
+                            rope=(t["k"][:, :, 0, :], t["v"][:, :, 0, :], t["cos"][:, 0, :], t["sin"][:, 0, :]))
+            return
+        qo = rope_write(module, name, t, device)
+        if params["tree"]:
+            tree_decode(module, name, qo, kc, vc, out, cache_len, kv_start, t["tree_mask"], params["scale"], device,
+                        extras=extras)
+        elif params.get("deterministic"):
+            flash_per_row(getattr(module, name), qo, kc, vc, out, params["scale"], device, kv_start, cache_len, True,
+                          extras=extras)
+        else:
+            flash_attention(getattr(module, name), qo, kc, vc, out, params["scale"], device, kv_start=kv_start,
+                            past=cache_len, extras=extras)
+
+    def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
+        splits = decode_splits(params["heads_kv"], params["s_max"], device)
+        if params["decode"]:
+            return 1 if splits == 1 else 2
+        if params["tree"]:
+            return 3  # rope_write, the tree form's partial and combine
+        if params.get("deterministic"):
+            return 3 + int(out_shape[0])  # rope_write, memset, copy, one flash per row (flash_per_row)
+        return 2
+
+
 ATTENTION = AttentionFamily()
 CACHED_ATTENTION = CachedAttentionFamily()
 TREE_CACHED_ATTENTION = TreeCachedAttentionFamily()
+GENERAL_CACHED_ATTENTION = GeneralCachedAttentionFamily()

@@ -316,11 +316,15 @@ def _partial_rope_attention(node: fx.Node, ctx: PassContext, made: dict):
     return _full_width_rope(node, q, k, ctx, made)
 
 
+# the ops whose kernels apply RoPE as they load q and k (general: softcap / window / sinks, kernels/attention.py)
+ROPE_ATTENTIONS = (braze.attention.default, braze.general_attention.default)
+
+
 def fuse_rope_into_attention(gm: fx.GraphModule, ctx: PassContext) -> int:
-    n = graph_rewrite(gm, {braze.attention.default: _rope_attention}, ctx)
+    n = graph_rewrite(gm, dict.fromkeys(ROPE_ATTENTIONS, _rope_attention), ctx)
     made: dict = {}
-    return n + graph_rewrite(gm, {braze.attention.default: lambda node, c: _partial_rope_attention(node, c, made)},
-                             ctx)
+    partial = dict.fromkeys(ROPE_ATTENTIONS, lambda node, c: _partial_rope_attention(node, c, made))
+    return n + graph_rewrite(gm, partial, ctx)
 
 
 # ---- leftovers: braze ops without a template go back to ATen, where the fused family picks them up ----------

@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 
 from braze.passes.context import PassContext
-from braze.passes.fusion import _permute_into_weights, _replace, rope_free_attention_args
+from braze.passes.fusion import ROPE_ATTENTIONS, _permute_into_weights, _replace, rope_free_attention_args
 from braze.passes.graph_utils import aten, graph_rewrite, is_op, new_node, val
 
 braze = torch.ops.braze
@@ -221,4 +221,4 @@ def _fuse(node: fx.Node, ctx: PassContext, made: dict):
 
 def fuse_interleaved_rope(gm: fx.GraphModule, ctx: PassContext) -> int:
     made: dict = {}
-    return graph_rewrite(gm, {braze.attention.default: lambda node, c: _fuse(node, c, made)}, ctx)
+    return graph_rewrite(gm, dict.fromkeys(ROPE_ATTENTIONS, lambda node, c: _fuse(node, c, made)), ctx)

@@ -6,10 +6,12 @@ and one K and one V cache per layer [B, Hkv, max_seq, D] — and rewrites each R
 into braze::cached_attention, which writes K/V and attends over the cache. The same graph serves prefill
 (S tokens) and, re-specialized to S = 1, decode.
 
-Every other attention (RoPE not fused: partial or no rotary, learned positions; softcap; sliding window; a static
-mask such as ALiBi, kept as a [H, N, N] bias weight by position) becomes braze::general_cached_attention, whose
-reference writes the same cache and attends with the window / softcap / bias: it runs eagerly, and the pass notes
-say which layer and why. Generation never refuses an attention whose mask depends only on positions.
+Every other attention (RoPE not fused: partial or no rotary, learned positions; softcap; sliding window; sinks; a
+static mask such as ALiBi, kept as a [H, N, N] bias weight by position) becomes braze::general_cached_attention,
+whose reference writes the same cache and attends with the window / softcap / sinks / bias. Its kernel family
+(kernels/attention.py) runs softcap, windows and sinks over RoPE'd heads; a bias or un-fused positions run the
+reference eagerly, and the report says which layer and why. Generation never refuses an attention whose mask
+depends only on positions.
 """
 
 from __future__ import annotations
@@ -159,7 +161,7 @@ def _general(gm: fx.GraphModule, node: fx.Node, a: dict, general: bool, state: t
             biases[None] = ctx.add_weight(gm, "attn_bias_full", torch.zeros(1, n, n))
         bias = biases[None]
     reasons = _general_reasons(a, general, info)
-    ctx.note(f"{node.name}: general cached attention, runs eagerly ({'; '.join(reasons)})")
+    ctx.note(f"{node.name}: general cached attention ({'; '.join(reasons)})")
     cache = state
     kwargs = {"softcap": softcap, "window": window, "cos": a.get("cos"), "sin": a.get("sin"), "attn_bias": bias,
               "sinks": a.get("sinks") if general else None}
