@@ -6,6 +6,7 @@ import contextlib
 import functools
 import gc
 import os
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -80,7 +81,10 @@ def _with_calibration(model: torch.nn.Module, config: CompileConfig) -> CompileC
 def compile_causal_lm(model: torch.nn.Module, config: CompileConfig) -> Any:
     """Forward, prefill and decode plans from one capture, or from the compile cache (braze/compiler/cache.py);
     the report's `cache` line says which. A model torch.export refuses compiles through Dynamo instead."""
-    return _or_dynamo(lambda: _compile_causal_lm_cached(model, config), model, model.forward, config)
+    compiled = _or_dynamo(lambda: _compile_causal_lm_cached(model, config), model, model.forward, config)
+    if isinstance(compiled, CompiledModel):  # its forward warns when called on a model in training mode
+        compiled.source_module = weakref.ref(model)
+    return compiled  # a DynamoCompiled follows the training mode itself (Dynamo guards on it)
 
 
 def _compile_causal_lm_cached(model: torch.nn.Module, config: CompileConfig) -> CompiledModel:
@@ -204,35 +208,60 @@ def _or_dynamo(build: Any, module: torch.nn.Module, fn: Any, config: CompileConf
 
 
 # distinct call signatures (non-tensor argument values, arguments passed or not) one lazily compiled module compiles
-# plans for before it refuses, like torch.compile's recompile limit: a value that changes every call (a step
-# counter passed as an int) would otherwise compile on every call
+# plans for, per training mode, before it refuses, like torch.compile's recompile limit: a value that changes every
+# call (a step counter passed as an int) would otherwise compile on every call
 RECOMPILE_LIMIT = 8
 
 
+def training_modes(module: torch.nn.Module) -> tuple[bool, ...]:
+    """The `training` flag of the module and each submodule (module.modules() order): the forward a plan computes
+    depends on them (dropout, batch-norm statistics, `if self.training` code), and torch.export bakes them in."""
+    return tuple(m.training for m in module.modules())
+
+
+def _mode_name(modes: tuple[bool, ...]) -> str:
+    if all(modes):
+        return "train"
+    if not any(modes):
+        return "eval"
+    return f"mixed ({sum(modes)} of {len(modes)} modules training)"
+
+
 class _Variants:
-    """One compiled plan per call signature (runtime/call_signature.py), compiled on first use."""
+    """One compiled plan per training mode and call signature (runtime/call_signature.py), compiled on first use:
+    `.train()` / `.eval()` on the module after a call compiles (or reuses) the plan for the new mode, as
+    torch.compile's guard on `training` recompiles."""
 
     def __init__(self) -> None:
-        self.plans: dict[Any, Any] = {}
+        self.plans: dict[Any, Any] = {}  # (training_modes(module), call signature) -> compiled
         self.latest: Any = None
 
-    def get(self, args: tuple, kwargs: dict, build: Any) -> Any:
+    def get(self, module: torch.nn.Module, args: tuple, kwargs: dict, build: Any) -> Any:
+        modes = training_modes(module)
         signature = call_signature(args, kwargs)
-        compiled = self.plans.get(signature)
+        key = (modes, signature)
+        compiled = self.plans.get(key)
         if compiled is None:
-            if len(self.plans) >= RECOMPILE_LIMIT:
-                first = next(iter(self.plans))
-                raise ConfigError(f"{signature_difference(first, signature)}; {RECOMPILE_LIMIT} plans were compiled "
-                                  "for different non-tensor arguments already: pass values that change from call to "
-                                  "call as tensors")
-            compiled = self.plans[signature] = build()
+            same_mode = [sig for m, sig in self.plans if m == modes]
+            if len(same_mode) >= RECOMPILE_LIMIT:
+                mode = "" if len(self.plans) == len(same_mode) else f" in {_mode_name(modes)} mode"
+                raise ConfigError(f"{signature_difference(same_mode[0], signature)}; {RECOMPILE_LIMIT} plans were "
+                                  f"compiled for different non-tensor arguments{mode} already: pass values that "
+                                  "change from call to call as tensors")
+            compiled = self.plans[key] = build()
+            if len({m for m, _ in self.plans}) > 1:  # the reports say which mode each plan computes
+                for (m, _), plan in self.plans.items():
+                    extra = getattr(getattr(plan, "report", None), "extra", None)
+                    if isinstance(extra, dict):  # a DynamoCompiled's report is built per read: no line
+                        extra["mode"] = f"{_mode_name(m)} (a plan per training mode the module is called in)"
         self.latest = compiled
         return compiled
 
 
 class LazyCompiled:
     """Compiles on the first call, from that call's arguments (like torch.compile), then reuses the plan; a call
-    with other non-tensor arguments (runtime/call_signature.py) compiles its own plan."""
+    with other non-tensor arguments (runtime/call_signature.py), or after `.train()` / `.eval()` changed the
+    module's training mode, compiles its own plan."""
 
     def __init__(self, module: torch.nn.Module, config: CompileConfig):
         self.module = module
@@ -246,7 +275,8 @@ class LazyCompiled:
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         compiled = self.variants.get(
-            args, kwargs, lambda: compile_or_fall_back(self.module, self.module, args, kwargs, self.config))
+            self.module, args, kwargs,
+            lambda: compile_or_fall_back(self.module, self.module, args, kwargs, self.config))
         return compiled(*args, **kwargs)
 
     @property
@@ -311,7 +341,7 @@ def _decorate(obj: Any, config: CompileConfig) -> Any:
                     finally:
                         self.__dict__["_braze_capturing"] = False
 
-                compiled = self.__dict__["_braze_compiled"] = variants.get(args, kwargs, build)
+                compiled = self.__dict__["_braze_compiled"] = variants.get(self, args, kwargs, build)
                 return compiled(*args, **kwargs)
 
         Compiled.__name__ = obj.__name__

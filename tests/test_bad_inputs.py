@@ -166,7 +166,17 @@ def test_static_dim_mismatch_names_dim():
     (torch.ones(1, 4), {}, braze.InputMismatchError, "input_ids must be an integer tensor .* got a 2-dim float32"),
     ([[1, 2, 3]], {}, braze.InputMismatchError, "input_ids must be an integer tensor .* got a list"),
     (torch.ones(1, 4, dtype=torch.long), {"attention_mask": torch.tensor([[1, 1, 0, 0]])}, braze.InputMismatchError,
-     "right padding"),
+     "row 0 has right padding"),
+    (torch.ones(2, 4, dtype=torch.long), {"attention_mask": torch.tensor([[1] * 4, [1, 0, 1, 1]])},
+     braze.InputMismatchError, "row 1 has a gap"),
+    (torch.ones(2, 6, dtype=torch.long), {"attention_mask": torch.ones(2, 5, dtype=torch.long)},
+     braze.InputMismatchError, r"attention_mask must be a tensor shaped like input_ids \[2, 6\], got shape \[2, 5\]"),
+    (torch.ones(1, 4, dtype=torch.long), {"attention_mask": [[1, 1, 1, 1]]}, braze.InputMismatchError,
+     "attention_mask must be a tensor shaped like input_ids .*, got a list"),
+    (torch.ones(1, 4, dtype=torch.long), {"do_sample": True, "seed": 2**70}, braze.ConfigError,
+     "does not fit in 64 bits"),
+    (torch.ones(1, 4, dtype=torch.long), {"spec_tree": True, "speculate": False}, braze.ConfigError,
+     "spec_tree=True drafts trees for speculative decoding: give speculate=True"),
     (torch.ones(1, 4, dtype=torch.long), {"max_new_tokens": 0}, braze.ConfigError,
      "max_new_tokens must be a positive integer, got 0"),
     (torch.ones(1, 4, dtype=torch.long), {"do_sample": True, "top_p": 1.5}, braze.ConfigError,
@@ -197,6 +207,32 @@ def test_generate_refuses(lm, ids, kwargs, error, pattern):
     with pytest.raises(error, match=pattern) as info:
         cm.generate(ids, **kwargs)
     one_line(info.value)
+
+
+def test_sampling_without_a_seed_follows_torch_manual_seed(lm):
+    """As in HF: a call without seed= draws from torch's global RNG, so torch.manual_seed reproduces it and calls
+    without a seed differ (they all sampled with seed 0)."""
+    _, cm = lm
+    ids = torch.tensor([[3, 4, 5]])
+    kw = dict(max_new_tokens=8, do_sample=True, temperature=5.0, eos_token_id=None)
+    torch.manual_seed(7)
+    first = [cm.generate(ids, **kw) for _ in range(3)]
+    torch.manual_seed(7)
+    assert torch.equal(cm.generate(ids, **kw), first[0])
+    assert not (torch.equal(first[0], first[1]) and torch.equal(first[1], first[2]))
+
+
+def test_forward_output_reads_like_hf_model_output(lm):
+    """cm(ids)["logits"], .to_tuple(), keys() and [0], as HF's ModelOutput; with labels the loss comes first."""
+    _, cm = lm
+    ids = torch.tensor([[3, 4, 5, 6]])
+    out = cm(ids)
+    assert out["logits"] is out.logits and out[0] is out.logits and out.keys() == ["logits"]
+    assert len(out.to_tuple()) == 1
+    with pytest.raises(KeyError, match="'loss': this output has logits"):
+        out["loss"]
+    out = cm(ids, labels=ids)
+    assert out.keys() == ["loss", "logits"] and out["loss"] is out[0] and out.to_tuple()[1] is out.logits
 
 
 def test_sampling_without_top_p_or_top_k_works(lm):
@@ -508,3 +544,15 @@ def test_keyboard_interrupt_during_save_leaves_nothing_half_written(lm, tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]
     assert sorted(p.name for p in (tmp_path / "old").rglob("*")) == before
     assert braze.load(tmp_path / "old") is not None
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--kv-budgets", "0.5"], "--kv-budgets set(s) the KV-compression table: give --kv-compression"),
+    (["--kv-context", "64"], "--kv-context set(s) the KV-compression table"),
+    (["--kv-compression", "snapkv", "--kv-context", "4"], "--kv-context 4: every policy keeps the 16 most recent"),
+    (["--kv-compression", "snapkv", "--kv-budgets", "1.5"], "--kv-budgets 1.5: a budget is the share"),
+    (["--kv-compression", "snapkv", "--kv-budgets", "0"], "--kv-budgets 0: a budget is the share"),
+], ids=lambda v: None)
+def test_cli_eval_kv_options_refused_before_loading(args, needle, capsys):
+    code, line = cli(["eval", "no-such-model", *args], capsys)
+    assert code == 2 and needle in line, line

@@ -94,3 +94,109 @@ def test_a_package_keeps_the_signature_it_was_compiled_for(tmp_path):
     torch.testing.assert_close(loaded(X, scale=3.0), model(X, scale=3.0), rtol=1e-5, atol=1e-5)
     with pytest.raises(braze.InputMismatchError, match=r"scale= is float 2\.0 here and was float 3\.0"):
         loaded(X, scale=2.0)
+
+
+# ---- training mode: `.train()` / `.eval()` after a call compiles (or reuses) the plan for the new mode ----------
+# Before, the first call's plan was reused whatever the mode: a BatchNorm compiled in train mode kept normalising with
+# batch statistics after .eval(), and one compiled in eval mode ignored .train() (no running-stat updates, Dropout
+# zeroing nothing), where torch.compile guards on `training` and recompiles.
+
+
+def _batches():
+    gen = torch.Generator().manual_seed(3)
+    return [torch.randn(16, 8, generator=gen) * (i + 2) + i for i in range(4)]
+
+
+def _assert_same_batchnorm(compiled_bn, eager_bn):
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(compiled_bn, name), getattr(eager_bn, name), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("modes", [("train", "eval", "train", "eval"), ("eval", "train", "eval", "train")])
+def test_batch_norm_follows_train_and_eval_after_compiling(modes):
+    torch.manual_seed(0)
+    bn, ref = torch.nn.BatchNorm1d(8), torch.nn.BatchNorm1d(8)
+    ref.load_state_dict(bn.state_dict())
+    compiled = braze.compile(bn)
+    for mode, x in zip(modes, _batches()):
+        bn.train(mode == "train")
+        ref.train(mode == "train")
+        torch.testing.assert_close(compiled(x), ref(x), rtol=1e-5, atol=1e-5)
+        _assert_same_batchnorm(bn, ref)  # train: the running statistics updated; eval: read, as updated so far
+    assert len(compiled.variants.plans) == 2  # one per mode, reused when the mode comes back
+    assert compiled.report.extra["mode"].startswith(modes[-1])
+
+
+def test_dropout_follows_train_after_compiling_in_eval():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.Dropout(0.5)).eval()
+    compiled = braze.compile(model)
+    x = torch.randn(16, 8)
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    model.train()
+    y, kept = compiled(x), model[0](x)
+    zeroed = y == 0
+    assert 0 < zeroed.float().mean().item() < 1  # dropout in train mode zeroes some elements (~ half) ...
+    torch.testing.assert_close(y[~zeroed], kept[~zeroed] * 2, rtol=1e-5, atol=1e-5)  # ... and scales the rest
+    model.eval()
+    model[1].train()  # a submodule's mode alone counts too
+    assert (compiled(x) == 0).any()
+    model[1].eval()
+    torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    assert len(compiled.variants.plans) == 3
+
+
+def test_a_decorated_class_follows_the_training_mode():
+    @braze.compile
+    class Normed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bn = torch.nn.BatchNorm1d(8)
+
+        def forward(self, x):
+            return self.bn(x) * 2
+
+    torch.manual_seed(0)
+    model, ref = Normed(), torch.nn.BatchNorm1d(8)
+    for mode, x in zip(("train", "eval"), _batches()):
+        model.train(mode == "train")
+        ref.train(mode == "train")
+        torch.testing.assert_close(model(x), ref(x) * 2, rtol=1e-5, atol=1e-5)
+        _assert_same_batchnorm(model.bn, ref)
+
+
+def test_the_recompile_limit_counts_plans_per_training_mode():
+    model = Scaled().eval()
+    compiled = braze.compile(model)
+    for i in range(RECOMPILE_LIMIT):
+        compiled(X, scale=float(i))
+    model.train()  # a new mode is not a value that changes every call
+    torch.testing.assert_close(compiled(X, scale=0.0), model(X, scale=0.0), rtol=1e-5, atol=1e-5)
+    model.eval()
+    with pytest.raises(braze.ConfigError, match=r"scale= is float 99\.0 here and was float 0\.0 when the model was "
+                                                r"compiled; 8 plans were compiled for different non-tensor arguments "
+                                                r"in eval mode already"):
+        compiled(X, scale=99.0)
+
+
+def test_a_compiled_causal_lm_warns_when_called_in_training_mode():
+    """A causal LM compiles at once, in eval mode, into inference plans: after model.train() its forward still
+    computes eval mode's, and says so once per switch."""
+    import warnings
+
+    from braze.models import tiny_causal_lm
+
+    model = tiny_causal_lm("llama", layers=1).eval()
+    compiled = braze.compile(model)
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        expected = compiled(ids).logits
+    model.train()
+    with pytest.warns(UserWarning, match="is in training mode, but braze plans are inference plans"):
+        torch.testing.assert_close(compiled(ids).logits, expected)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        compiled(ids)  # once per switch to training mode
+        model.eval()
+        compiled(ids)

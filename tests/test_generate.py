@@ -453,14 +453,16 @@ def _tiny_held_out(arch):
     return transformers.AutoModelForCausalLM.from_config(cfg).eval()
 
 
-@pytest.mark.parametrize("arch, note", [("gpt_oss", "attention sinks"), ("xglm", "KV cache 4 tensors")])
+@pytest.mark.parametrize("arch, note", [("gpt_oss", "attention sinks"), ("xglm", "KV cache 4 tensors"),
+                                        ("openai-gpt", "KV cache 4 tensors")])
 def test_held_out_attention_forms_generate_over_the_kv_cache(arch, note):
     """Attention forms braze did not recognise, so these models re-ran the whole forward every step; they now
     generate over the KV cache. gpt-oss: attention sinks (one more softmax logit per head:
     softmax(cat([scores, sinks]) - max)[..., :-1]) in sliding-window and full layers, run by the general cached
     attention; its one-sided clamp (clamp(x, None, limit)) fuses too (it failed: "literal None"). XGLM: a softmax
     over the heads-merged [B*H, S, S] view of max(scores + mask, finfo.min), q scaled before the bmm: the
-    cached-attention kernel."""
+    cached-attention kernel. GPT-1: its causal buffer b as w * b - 1e4 * (1 - b) (-1e4 acts as -inf: exp
+    underflows to 0) and k^T as permute(0, 2, 3, 1) of [B, S, H, D] keys: the cached-attention kernel."""
     model = _tiny_held_out(arch)
     cm = braze.compile(model, max_seq=32, max_batch=2)
     assert cm.generation_missing is None and note in str(cm.report)

@@ -11,6 +11,8 @@ from braze.kvcompress.policy import POLICIES
 from .common import UsageError, device_for, nonneg_int, positive_int
 from .models import MODEL_HELP
 
+KV_WINDOW = 16  # recent tokens every policy keeps in the KV table (kv_compression_table's kv_window)
+
 
 def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("eval", parents=parents, help="perplexity of FP vs df11 vs int6 variants",
@@ -35,11 +37,26 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                    choices=POLICIES,
                    help="instead of the quant table: the full KV cache vs these compression policies (perplexity of "
                    "a continuation after the compressed context, next-token agreement, greedy divergence, needles)")
-    p.add_argument("--kv-budgets", nargs="+", type=float, default=[0.5, 0.25, 0.125], metavar="F",
-                   help="with --kv-compression: shares of the context kept (default 0.5 0.25 0.125)")
-    p.add_argument("--kv-context", type=positive_int, default=448, metavar="N",
-                   help="with --kv-compression: context tokens (default 448; 64 continuation tokens follow)")
+    p.add_argument("--kv-budgets", nargs="+", type=float, default=None, metavar="F",
+                   help="with --kv-compression: shares of the context kept, each in (0, 1) (default 0.5 0.25 0.125)")
+    p.add_argument("--kv-context", type=positive_int, default=None, metavar="N",
+                   help=f"with --kv-compression: context tokens, at least {2 * KV_WINDOW} (default 448; 64 "
+                   "continuation tokens follow)")
     p.set_defaults(func=main)
+
+
+def check_kv_options(args: argparse.Namespace) -> None:
+    """The KV-table options belong to --kv-compression and must leave the policies something to choose."""
+    given = [flag for flag, value in (("--kv-budgets", args.kv_budgets), ("--kv-context", args.kv_context))
+             if value is not None]
+    if given and not args.kv_compression:
+        raise UsageError(f"{' and '.join(given)} set(s) the KV-compression table: give --kv-compression POLICY ...")
+    bad = [b for b in args.kv_budgets or () if not 0.0 < b < 1.0]
+    if bad:
+        raise UsageError(f"--kv-budgets {bad[0]:g}: a budget is the share of the context kept, in (0, 1)")
+    if args.kv_context is not None and args.kv_context < 2 * KV_WINDOW:
+        raise UsageError(f"--kv-context {args.kv_context}: every policy keeps the {KV_WINDOW} most recent tokens; "
+                         f"give at least {2 * KV_WINDOW} so a budget has older tokens to choose from")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -47,6 +64,7 @@ def main(args: argparse.Namespace) -> int:
 
     from .models import resolve_model
 
+    check_kv_options(args)
     if args.executor == "cuda":
         device_for("cuda")
     text = None
@@ -65,9 +83,11 @@ def main(args: argparse.Namespace) -> int:
     if args.kv_compression:
         from braze.kvcompress.quality import format_kv_table, kv_compression_table
 
+        context = 448 if args.kv_context is None else args.kv_context
         rows = kv_compression_table(loaded.model, loaded.tokenizer, tuple(args.kv_compression),
-                                    tuple(args.kv_budgets), context=args.kv_context, executor=args.executor)
-        print(format_kv_table(rows, args.kv_context, 64))
+                                    tuple(args.kv_budgets or (0.5, 0.25, 0.125)), context=context,
+                                    executor=args.executor, kv_window=KV_WINDOW)
+        print(format_kv_table(rows, context, 64))
         return 0
     variants = ["eager", "braze"] + (["eager-bf16"] if "df11" in args.quant else []) + list(dict.fromkeys(args.quant))
     rows = quant_perplexity_table(loaded.model, loaded.tokenizer, text=text, window=args.window,

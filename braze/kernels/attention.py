@@ -236,20 +236,21 @@ def attention_blocks(sq: int, skv: int, head_dim: int, device: DeviceSpec, deter
         if elem_size >= 4:
             return AttentionBlocks(32, 32 if block_d <= 64 else 16, block_d, num_warps=8, num_stages=2)
         if block_d >= 256:
-            return AttentionBlocks(32, 16, block_d, num_warps=4, num_stages=2)
+            return AttentionBlocks(32, 16, block_d, num_warps=8, num_stages=2)
         return AttentionBlocks(64, 64 if block_d <= 64 else 32, block_d, num_warps=4, num_stages=2)
     if device.interpret:
         return AttentionBlocks(pow2_clamp(sq, 16, 64), pow2_clamp(skv, 16, 64), block_d)
     block_m, block_n, warps = pow2_clamp(sq, 16, 64), 64 if block_d <= 64 else 32, 4
     if block_d >= 256:  # head dim 256 (Gemma): 64 x 256 accumulators spilled, and K / V tiles 32 keys wide with
-        # the RoPE'd key tiles took 106-131 KB of shared memory (> 101,376 B on sm_86/89): 32 x 16 tiles
-        block_m, block_n = min(block_m, 32), 16
+        # the RoPE'd key tiles took 106-131 KB of shared memory (> 101,376 B on sm_86/89): 32 x 16 tiles, 8 warps
+        # (4 warps still spilled 4 B at 255 registers on sm_90)
+        block_m, block_n, warps = min(block_m, 32), 16, 8
     if elem_size >= 4:
         block_m, block_n = min(block_m, 32), max(16, block_n // 2)  # (tl.dot: every dim >= 16)
         warps = 8 if block_m >= 32 else 4
     elif tree:
         block_n = max(16, block_n // 2)
-        warps = 8 if block_m >= 64 else 4
+        warps = max(warps, 8 if block_m >= 64 else 4)
     return AttentionBlocks(block_m, block_n, block_d, num_warps=warps, num_stages=2)
 
 

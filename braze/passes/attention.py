@@ -96,12 +96,39 @@ def _softcap_of(scores):
     return scores, 0.0
 
 
-def _transposed_keys(kt):
-    """k^T as transpose(k, 2, 3) / transpose(-2, -1) / permute(0, 1, 3, 2)."""
+def _transposed_keys(kt, anchor: fx.Node, ctx: PassContext):
+    """k^T as transpose(k, 2, 3) / transpose(-2, -1) / permute(0, 1, 3, 2), or permute(x, 0, 2, 3, 1) of x
+    [B, S, H, D] (GPT-1's split_heads(k=True)): k = permute(x, 0, 2, 1, 3)."""
     if is_op(kt, aten.transpose.int) and {kt.args[1] % 4, kt.args[2] % 4} == {2, 3}:
         return kt.args[0]
     if is_op(kt, aten.permute.default) and list(kt.args[1]) == [0, 1, 3, 2]:
         return kt.args[0]
+    if is_op(kt, aten.permute.default) and list(kt.args[1]) == [0, 2, 3, 1]:
+        return new_node(anchor.graph.owning_module, aten.permute.default, (kt.args[0], [0, 2, 1, 3]), {}, ctx,
+                        anchor)
+    return None
+
+
+def _gated_scores(scores, anchor: fx.Node, ctx: PassContext):
+    """GPT-1: w * b + c * (1 - b), b a 0/1 mask, c <= -1e4 -> (w, b == 0), the positions masked_fill would fill:
+    exp(c - max) is exactly 0 in fp32 once c - max < -104, so c acts as -inf for any row with a visible key."""
+    if not is_op(scores, aten.add.Tensor) or not all(isinstance(a, fx.Node) for a in scores.args):
+        return None
+    for gated, fill in (scores.args, scores.args[::-1]):
+        if not (is_op(gated, aten.mul.Tensor) and is_op(fill, aten.mul.Tensor)):
+            continue
+        one_minus, c = fill.args
+        if not (isinstance(c, (int, float)) and c <= -1e4):
+            continue
+        if is_op(one_minus, aten.rsub.Scalar) and one_minus.args[1] == 1:
+            b = one_minus.args[0]
+        elif is_op(one_minus, aten.sub.Tensor) and one_minus.args[0] == 1:
+            b = one_minus.args[1]
+        else:
+            continue
+        if b in gated.args:
+            w = gated.args[0] if gated.args[1] is b else gated.args[1]
+            return w, new_node(anchor.graph.owning_module, aten.eq.Scalar, (b, 0), {}, ctx, anchor)
     return None
 
 
@@ -174,6 +201,8 @@ def _eager_attention(out_mm: fx.Node, ctx: PassContext):
         scores, fill = scores.args[0], scores.args[1]  # MPT: masked_fill(scores + bias, mask, finfo.min)
     elif is_op(scores, aten.where.self) and _very_negative(scores.args[1]):  # the same, decomposed
         scores, fill = scores.args[2], scores.args[0]
+    elif (gated := _gated_scores(scores, out_mm, ctx)) is not None:
+        scores, fill = gated
     mask = None
     if is_op(scores, aten.add.Tensor) and is_op(scores.args[0], aten.mul.Tensor, aten.div.Tensor, aten.matmul.default):
         scores, mask = scores.args[0], scores.args[1]
@@ -188,8 +217,10 @@ def _eager_attention(out_mm: fx.Node, ctx: PassContext):
     if not is_op(scores, aten.matmul.default):
         return None
     q, kt = scores.args
-    k = _transposed_keys(kt)
-    if k is None or val(q).dim() != 4:
+    if val(q).dim() != 4:
+        return None
+    k = _transposed_keys(kt, out_mm, ctx)
+    if k is None:
         return None
     return _make_attention(out_mm, q, k, v, mask, False, float(scale), ctx, softcap, sinks)
 

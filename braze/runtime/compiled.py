@@ -20,14 +20,25 @@ from braze.runtime.plan import Plan
 
 @dataclass
 class CausalLMOutput:
-    """Mirrors the `.logits` and `.loss` (with labels) fields of HF's CausalLMOutputWithPast; indexing as HF's
-    tuple form: (loss, logits) with a loss, else (logits,)."""
+    """Mirrors the `.logits` and `.loss` (with labels) fields of HF's CausalLMOutputWithPast and its ModelOutput
+    access: by position as HF's tuple form ((loss, logits) with a loss, else (logits,)), by key ("logits",
+    "loss"), keys() and to_tuple()."""
 
     logits: torch.Tensor
     loss: torch.Tensor | None = None
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return ((self.logits,) if self.loss is None else (self.loss, self.logits))[i]
+    def keys(self) -> list[str]:
+        return ["logits"] if self.loss is None else ["loss", "logits"]
+
+    def to_tuple(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, k) for k in self.keys())
+
+    def __getitem__(self, i: int | str | slice) -> Any:
+        if isinstance(i, str):
+            if i not in self.keys():
+                raise KeyError(f"{i!r}: this output has {', '.join(self.keys())}")
+            return getattr(self, i)
+        return self.to_tuple()[i]
 
 
 # HF forward arguments that leave the logits as they are at these values
@@ -98,6 +109,10 @@ class CompiledModel:
         # the (args, kwargs) structure and non-tensor values the plan was captured with (runtime/call_signature.py);
         # None: not known (a package, a causal LM), not checked
         self.call_signature: Any = None
+        # a causal LM braze.compile compiled in this process: a weakref to the module (its `training` flag is
+        # checked per forward call: the plans are eval-mode inference plans); None: a package, a generic module
+        self.source_module: Any = None
+        self._warned_training = False
         if executor == "reference":
             if graph_module is None:
                 raise RuntimeError("the reference executor needs the rewritten graph; packages hold plans only")
@@ -162,6 +177,7 @@ class CompiledModel:
     def _call_causal_lm(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                         position_ids: torch.Tensor | None = None, labels: torch.Tensor | None = None,
                         **hf_kwargs: Any) -> CausalLMOutput:
+        self._check_mode()
         input_ids = _token_ids(input_ids, hf_kwargs)
         _check_forward_kwargs(hf_kwargs)
         if position_ids is None:  # as HF's forward: 0..S-1 whatever the mask (generate derives them from it)
@@ -177,6 +193,20 @@ class CompiledModel:
         loss = None if labels is None else causal_lm_loss(logits, labels)
         keep = hf_kwargs.get("logits_to_keep") or 0
         return CausalLMOutput(logits[:, -keep:] if keep else logits, loss)
+
+    def _check_mode(self) -> None:
+        """A causal LM's plans are captured in eval mode (braze.compiler.capture.capture_causal_lm) and compute
+        without autograd: called after `model.train()`, they still compute eval mode's forward. Warned once each
+        time the source model is found training (not an error: a model built from a config starts in train mode)."""
+        model = self.source_module() if self.source_module is not None else None
+        training = model is not None and any(m.training for m in model.modules())
+        if training and not self._warned_training:
+            import warnings
+
+            warnings.warn(f"braze: {type(model).__name__} is in training mode, but braze plans are inference plans, "
+                          "captured in eval mode: the compiled forward computes model.eval()'s (no dropout) without "
+                          "gradients; call model.eval(), or run the model itself to train", stacklevel=4)
+        self._warned_training = training
 
     def _left_padding(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor | None:
         """Each row's count of leading pads (kv_start) when the batch is left-padded, else None: no padding, or

@@ -374,10 +374,17 @@ class Generator:
         self.prefill.check_index_inputs([ids if i.name == "input_ids" else None for i in self.prefill.user_inputs])
         if attention_mask is None:
             attention_mask = torch.ones_like(ids)
-        mask = attention_mask.to(self.device).long()
+        if not isinstance(attention_mask, torch.Tensor) or attention_mask.reshape(ids.shape[0], -1).shape != ids.shape:
+            what = (f"shape {list(attention_mask.shape)}" if isinstance(attention_mask, torch.Tensor)
+                    else f"a {type(attention_mask).__name__}")
+            raise InputMismatchError(f"attention_mask must be a tensor shaped like input_ids {list(ids.shape)}, got "
+                                     f"{what}")
+        mask = attention_mask.to(self.device).reshape(ids.shape).long()
         if bool((mask[:, 1:] < mask[:, :-1]).any()):
-            raise InputMismatchError("attention_mask has right padding; generate takes left-padded batches "
-                                     "(tokenizer.padding_side = 'left')")
+            row = int((mask[:, 1:] < mask[:, :-1]).any(-1).nonzero()[0])
+            kind = "right padding" if bool((mask[row].cummin(-1).values == mask[row]).all()) else "a gap"
+            raise InputMismatchError(f"attention_mask row {row} has {kind} (a 0 after a 1); generate takes "
+                                     "left-padded batches (tokenizer.padding_side = 'left')")
         kv_start = (mask == 0).sum(-1).to(torch.int32)
         if bool((kv_start >= prompt_len).any()):
             raise InputMismatchError("a prompt in the batch is all padding (empty prompt)")
@@ -396,6 +403,9 @@ class Generator:
             generator.manual_seed(seed)
         static = self.static_decode_batch
         speculating = self.speculate_default if speculate is None else speculate
+        if spec_tree and not speculating:
+            raise ConfigError("spec_tree=True drafts trees for speculative decoding: give speculate=True too (or "
+                              "compile with speculate='suffix')")
         if speculating and static and static != batch:
             if speculate:
                 raise InputMismatchError(f"speculative decoding needs a decode plan for any batch; this model's "

@@ -113,15 +113,18 @@ class LogitsRules:
 
 
 def check_seed(seed: Any, batch: int, keyed: bool) -> int | list[int]:
-    """generate's seed: None (0), an int, or (keyed sampling, deterministic=True) one int per prompt."""
+    """generate's seed: an int, (keyed sampling, deterministic=True) one int per prompt, or None: one drawn from
+    torch's global RNG, so torch.manual_seed reproduces a call as in HF (and calls without a seed differ)."""
     if seed is None:
-        return 0
+        return int(torch.randint(0, 2**63 - 1, (1,)).item())
     if isinstance(seed, numbers.Integral) and not isinstance(seed, bool):
+        if not -(2**63) <= int(seed) < 2**64:
+            raise ConfigError(f"seed={int(seed)} does not fit in 64 bits")
         return int(seed)
     if isinstance(seed, torch.Tensor) and seed.dim() == 1 and not seed.dtype.is_floating_point:
         seed = seed.tolist()
     if isinstance(seed, (list, tuple)) and seed and all(isinstance(s, numbers.Integral) and not isinstance(s, bool)
-                                                        for s in seed):
+                                                        and -(2**63) <= int(s) < 2**64 for s in seed):
         if not keyed:
             raise ConfigError("a seed per prompt needs keyed sampling (braze.compile(..., deterministic=True)); "
                               "give one int seed")
