@@ -219,6 +219,18 @@ def training_modes(module: torch.nn.Module) -> tuple[bool, ...]:
     return tuple(m.training for m in module.modules())
 
 
+def tensor_kinds(args: tuple, kwargs: dict) -> tuple[tuple[int, torch.dtype], ...]:
+    """(rank, dtype) of each tensor argument: export fixes both (sizes stay dynamic), so a call with a tensor of
+    another rank or dtype compiles its own plan, as torch.compile recompiles."""
+    import torch.utils._pytree as pytree
+
+    return tuple((t.dim(), t.dtype) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+
+
+def _kinds_text(kinds: tuple[tuple[int, torch.dtype], ...]) -> str:
+    return "(" + ", ".join(f"{rank}-dim {str(dtype).removeprefix('torch.')}" for rank, dtype in kinds) + ")"
+
+
 def _mode_name(modes: tuple[bool, ...]) -> str:
     if all(modes):
         return "train"
@@ -228,29 +240,34 @@ def _mode_name(modes: tuple[bool, ...]) -> str:
 
 
 class _Variants:
-    """One compiled plan per training mode and call signature (runtime/call_signature.py), compiled on first use:
+    """One compiled plan per training mode, tensor ranks / dtypes and call signature (runtime/call_signature.py),
+    compiled on first use:
     `.train()` / `.eval()` on the module after a call compiles (or reuses) the plan for the new mode, as
     torch.compile's guard on `training` recompiles."""
 
     def __init__(self) -> None:
-        self.plans: dict[Any, Any] = {}  # (training_modes(module), call signature) -> compiled
+        self.plans: dict[Any, Any] = {}  # (training_modes(module), tensor_kinds, call signature) -> compiled
         self.latest: Any = None
 
     def get(self, module: torch.nn.Module, args: tuple, kwargs: dict, build: Any) -> Any:
         modes = training_modes(module)
         signature = call_signature(args, kwargs)
-        key = (modes, signature)
+        key = (modes, tensor_kinds(args, kwargs), signature)
         compiled = self.plans.get(key)
         if compiled is None:
-            same_mode = [sig for m, sig in self.plans if m == modes]
+            same_mode = [(kinds, sig) for m, kinds, sig in self.plans if m == modes]
             if len(same_mode) >= RECOMPILE_LIMIT:
                 mode = "" if len(self.plans) == len(same_mode) else f" in {_mode_name(modes)} mode"
-                raise ConfigError(f"{signature_difference(same_mode[0], signature)}; {RECOMPILE_LIMIT} plans were "
-                                  f"compiled for different non-tensor arguments{mode} already: pass values that "
-                                  "change from call to call as tensors")
+                kinds, first = same_mode[0]
+                what = (signature_difference(first, signature) if first != signature else
+                        f"tensor ranks / dtypes {_kinds_text(key[1])} differ from the first plan's "
+                        f"{_kinds_text(kinds)}")
+                raise ConfigError(f"{what}; {RECOMPILE_LIMIT} plans were compiled for different non-tensor arguments "
+                                  f"or tensor ranks{mode} already: pass values that change from call to call as "
+                                  "tensors")
             compiled = self.plans[key] = build()
-            if len({m for m, _ in self.plans}) > 1:  # the reports say which mode each plan computes
-                for (m, _), plan in self.plans.items():
+            if len({m for m, _, _ in self.plans}) > 1:  # the reports say which mode each plan computes
+                for (m, _, _), plan in self.plans.items():
                     extra = getattr(getattr(plan, "report", None), "extra", None)
                     if isinstance(extra, dict):  # a DynamoCompiled's report is built per read: no line
                         extra["mode"] = f"{_mode_name(m)} (a plan per training mode the module is called in)"
