@@ -101,12 +101,13 @@ def test_policy_kernels_at_edges(module, policy, prompt, keep):
 def test_selection_is_a_stable_top_k_with_ties_signed_zeros_and_infinities(module):
     """The radix select against a stable descending sort on crafted scores: runs of equal values (ties keep the
     earlier token), -0.0 vs +0.0 (equal), +-inf, and the window's tokens forced in (per head and Ada-KV's joint
-    selection, whose tie order runs across heads)."""
-    p, b = 64, 2
+    selection, whose tie order runs across heads); row 2 has fewer real tokens than Ada-KV's safeguard (its padding
+    is never safe)."""
+    p, b = 64, 3
     g = torch.Generator().manual_seed(3)
     base = torch.randint(-3, 4, (b, HKV, p), generator=g).float()  # few distinct values: many ties
     base[0, 0, :8] = torch.tensor([0.0, -0.0, float("inf"), -0.0, float("-inf"), 0.0, 2.0, 2.0])
-    kv_start = torch.tensor([0, 9], dtype=torch.int32)
+    kv_start = torch.tensor([0, 9, 61], dtype=torch.int32)
     valid = torch.arange(p)[None] >= kv_start[:, None].long()
     keep, end = torch.tensor([21]), torch.tensor([30])
     for policy, joint in (("keydiff", False), ("adakv", True)):
@@ -121,6 +122,7 @@ def test_selection_is_a_stable_top_k_with_ties_signed_zeros_and_infinities(modul
             kernel[(b * HKV,)](*args, MODE=0, BLOCK=16)
         want = _reference_select(policy, base, valid, keep, end)
         assert torch.equal(mask.view(b, HKV, p).bool(), want), policy
+        assert not (want & ~valid[:, None]).any() and bool(want[2, :, 61:].all()), policy  # padding never kept
 
 
 def _reference_select(policy, scores, valid, keep, end):
@@ -135,8 +137,7 @@ def _reference_select(policy, scores, valid, keep, end):
         recent = (torch.arange(scores.shape[-1]) >= scores.shape[-1] - 4)[None, None]
         s = scores.masked_fill(recent, float("inf")).masked_fill(~valid[:, None], float("-inf"))
         kept = torch.minimum(valid.sum(-1), keep.reshape(()))
-        safe = torch.clamp((keep.reshape(()) * pol.ADAKV_SAFEGUARD).long(), min=4)
-        return pol.joint_keep_mask(s, kept * scores.shape[1], end.reshape(()), safe)
+        return pol.joint_keep_mask(s, kept * scores.shape[1], end.reshape(()), pol.adakv_safe(keep, valid, 4))
     finally:
         pol.keydiff_scores = saved
 

@@ -527,6 +527,36 @@ def test_deterministic_adakv_speculation_is_bitwise_plain_decoding(lm):
     assert runner.stats.tree_steps > 0 and runner.stats.accepted_drafts >= runner.stats.verify_steps > 0
 
 
+@pytest.mark.parametrize("policy", POLICIES)
+def test_deterministic_compression_is_batch_invariant(lm, policy):
+    """deterministic=True over a compressed cache: a request's logits (bitwise) and tokens are the same alone and
+    left-padded in a batch with a longer companion, for prompts shorter than the budget (15 tokens) and than the
+    window's safeguard (3). rkv (budget 16, 8 decode slots): the 20-token companion pads both to past the budget,
+    yet each row is re-compressed at the steps where it is alone (twice in 24 tokens); adakv: the short row's
+    padding is never in its heads' safeguard."""
+    model = lm[0]
+    rkv = policy == "rkv"
+    cm = braze.compile(model, max_seq=48, max_batch=3, kv_compression=policy, kv_budget=16 if rkv else 0.5,
+                       kv_window=4, deterministic=True)
+    g = torch.Generator().manual_seed(7)
+    prompts = [torch.randint(3, 200, (n,), generator=g) for n in (15, 3, 20)]
+    ids = torch.zeros(3, 20, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, 20 - p.numel():], mask[b, 20 - p.numel():] = p, 1
+    kw = dict(max_new_tokens=24 if rkv else 8, output_logits=True, eos_token_id=None, pad_token_id=0)
+    batch = cm.generate(ids, attention_mask=mask, **kw)
+    if rkv:
+        assert cm.generator.stats.extra["kv_recompressions"] == 2
+    for b, p in enumerate(prompts[:2]):
+        alone = cm.generate(p[None], **kw)
+        if rkv:
+            assert cm.generator.stats.extra["kv_recompressions"] == 2
+        assert torch.equal(batch.sequences[b, 20:], alone.sequences[0, p.numel():]), (policy, p.numel())
+        same = batch.logits[b].view(torch.int32) == alone.logits[0].view(torch.int32)
+        assert bool(same.all()), (policy, p.numel(), "first different step", int((~same.all(-1)).nonzero()[0]))
+
+
 @pytest.mark.parametrize("options, match", [
     ({"kv_compression": "h2o"}, "kv_compression='h2o' is not valid"),
     ({"kv_compression": "rkv", "kv_budget": 8, "kv_window": 8}, "not more than kv_window"),

@@ -79,9 +79,15 @@ def select_keep(policy: str, keys: Tensor, valid: Tensor, keep: Tensor, end: Ten
     kept = torch.minimum(valid.sum(-1), keep.reshape(()))  # [B]
     if policy != "adakv":
         return keep_mask(scores, kept[:, None].expand(b, h))
-    # kvpress: the top int(alpha * mean budget) of each head are safe, and the window (scored above all) too
+    return joint_keep_mask(scores, kept * h, end.reshape(()), adakv_safe(keep, valid, window))
+
+
+def adakv_safe(keep: Tensor, valid: Tensor, window: int) -> Tensor:
+    """Ada-KV's safeguard [B, 1, 1]: the top int(alpha * mean budget) of each head are safe (kvpress), and the window
+    (scored above all) too, but never more than the row's real tokens: left padding is never safe, so a row shorter
+    than the safeguard keeps what it keeps alone, however much padding its batch gives it."""
     safe = torch.clamp((keep.reshape(()) * ADAKV_SAFEGUARD).long(), min=window)
-    return joint_keep_mask(scores, kept * h, end.reshape(()), safe)
+    return torch.minimum(safe, valid.sum(-1)).reshape(-1, 1, 1)
 
 
 def check_options(policy: Any, budget: Any, window: Any, max_seq: Any) -> None:

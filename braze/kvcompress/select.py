@@ -25,7 +25,7 @@ def keep_mask(scores: Tensor, kept: Tensor) -> Tensor:
 def joint_keep_mask(scores: Tensor, total: Tensor, cap: Tensor, safe: Tensor) -> Tensor:
     """Ada-KV allocation: the top-`total[b]` tokens over all heads of row b jointly, so heads whose attention is
     concentrated give budget to heads whose attention is spread; each head keeps at least its top-`safe` (the
-    safeguard) and at most `cap` tokens (its slots in the static cache)."""
+    safeguard: `safe`, a count or one per row [B, 1, 1]) and at most `cap` tokens (its slots in the static cache)."""
     b, h, p = scores.shape
     rank_h = ranks(scores)
     s = scores.masked_fill(rank_h < safe, float("inf")).masked_fill(rank_h >= cap, float("-inf"))

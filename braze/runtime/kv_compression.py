@@ -5,7 +5,10 @@ its extra inputs, and gives decode its caches, per-row start (or per-layer, per-
 slot where generated tokens go. R-KV (policy "rkv") also compresses during decoding: the plans record each layer's
 last `window` queries in a ring (kvq_<i>), and when decode has filled the cache, `next_slot` compacts every layer
 back to the budget on device before the step, between two decode replays, with no host sync: with the prefill
-plan's kv_compress kernels (kernels/kv_compress.py) when it runs kernels, else the torch reference.
+plan's kv_compress kernels (kernels/kv_compress.py) when it runs kernels, else the torch reference. Prefill leaves
+every row's prompt ending at the budget slot (`plan_call`), so the batch re-compresses every interval of decode
+steps from the first, whatever its prompts' lengths: a row's schedule, like its kept set (scored over its own
+tokens and queries), does not depend on the rest of the batch or its padding.
 """
 
 from __future__ import annotations
@@ -76,7 +79,7 @@ def compression_kernels(executor: Any) -> CompressionKernels | None:
 @dataclass
 class CompressedCall:
     keep: int  # mean prompt tokens kept per row and head
-    end: int  # decode writes from this slot on
+    end: int  # decode writes from this slot on (rkv: the budget, for every prompt length)
     caches: dict  # kv_cache_<i>_k/v at capacity
     starts: dict  # kvc_start_<i> [B, Hkv] int32
     queries: dict = field(default_factory=dict)  # kvq_<i> [B, Hq, window, D]: rkv's rings of recent queries
@@ -111,6 +114,12 @@ def plan_call(spec: CompressionSpec, prompt_len: int, max_new_tokens: int, max_s
             f"{spec.capacity}) for the prompt, fewer than kv_window={spec.window}; raise kv_budget or generate fewer "
             "tokens")
     end = min(prompt_len, spec.capacity - max_new_tokens) if spec.per_head else keep
+    if spec.policy in DURING_DECODE and keep <= spec.budget_slots < spec.capacity:
+        # rkv: every row's kept prompt ends at the budget, however long the (padded) prompt is, so decode fills the
+        # interval and re-compresses every `capacity - budget` steps from the first: a schedule of the step alone,
+        # the same for a row alone or left-padded in any batch (ending at `keep`, a prompt padded to the budget
+        # would fill its row's interval earlier than the row's own length does alone, and be compacted sooner)
+        end = spec.budget_slots
     caches = {name: t for name, t in buffers.items() if name.startswith("kv_cache_")}
     starts = {name: t for name, t in buffers.items() if name.startswith("kvc_start_")}
     queries = {name: t for name, t in buffers.items() if name.startswith("kvq_")}
