@@ -139,6 +139,9 @@ def mma_config(M: int, N: int, K: int, device: DeviceSpec, *, elem_size: int = 2
     narrowest = 16 if M == 1 else 32
     while block_n > narrowest and triton.cdiv(M, block_m) * triton.cdiv(N, block_n) < device.sm_count:
         block_n //= 2
+    if dual and block_m == 16:  # two 16-row accumulators 64 wide plus a GeGLU (gelu-tanh) epilogue spilled 20 B at
+        block_n = min(block_n, 32)  # 96 registers on sm_90 (Gemma-2-2B gate/up, make gpucheck); 32: none, and what
+        # the 1B shape's gate/up already took to fill 132 SMs (2554 GB/s on an H200, benchmarks/matmul_tiles.py)
     n_weights = 2 if dual else 1
     budget = device.smem_per_block - 8 * 1024  # headroom for the epilogue's layout conversion
     stage_bytes = lambda bk: (block_m * bk + n_weights * bk * block_n) * elem_size  # noqa: E731
