@@ -219,16 +219,17 @@ def training_modes(module: torch.nn.Module) -> tuple[bool, ...]:
     return tuple(m.training for m in module.modules())
 
 
-def tensor_kinds(args: tuple, kwargs: dict) -> tuple[tuple[int, torch.dtype], ...]:
-    """(rank, dtype) of each tensor argument: export fixes both (sizes stay dynamic), so a call with a tensor of
-    another rank or dtype compiles its own plan, as torch.compile recompiles."""
+def tensor_kinds(args: tuple, kwargs: dict) -> tuple[int, ...]:
+    """The rank of each tensor argument: export fixes it (sizes stay dynamic), so a call with a tensor of another
+    rank compiles its own plan, as torch.compile recompiles. (A dtype the plan was not compiled for stays a one-line
+    error naming the input: a float model called with int64 would fail deep inside a kernel or op.)"""
     import torch.utils._pytree as pytree
 
-    return tuple((t.dim(), t.dtype) for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+    return tuple(t.dim() for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
 
 
-def _kinds_text(kinds: tuple[tuple[int, torch.dtype], ...]) -> str:
-    return "(" + ", ".join(f"{rank}-dim {str(dtype).removeprefix('torch.')}" for rank, dtype in kinds) + ")"
+def _kinds_text(kinds: tuple[int, ...]) -> str:
+    return "(" + ", ".join(f"{rank}-dim" for rank in kinds) + ")"
 
 
 def _mode_name(modes: tuple[bool, ...]) -> str:
@@ -240,7 +241,7 @@ def _mode_name(modes: tuple[bool, ...]) -> str:
 
 
 class _Variants:
-    """One compiled plan per training mode, tensor ranks / dtypes and call signature (runtime/call_signature.py),
+    """One compiled plan per training mode, tensor ranks and call signature (runtime/call_signature.py),
     compiled on first use:
     `.train()` / `.eval()` on the module after a call compiles (or reuses) the plan for the new mode, as
     torch.compile's guard on `training` recompiles."""
@@ -260,7 +261,7 @@ class _Variants:
                 mode = "" if len(self.plans) == len(same_mode) else f" in {_mode_name(modes)} mode"
                 kinds, first = same_mode[0]
                 what = (signature_difference(first, signature) if first != signature else
-                        f"tensor ranks / dtypes {_kinds_text(key[1])} differ from the first plan's "
+                        f"tensor ranks {_kinds_text(key[1])} differ from the first plan's "
                         f"{_kinds_text(kinds)}")
                 raise ConfigError(f"{what}; {RECOMPILE_LIMIT} plans were compiled for different non-tensor arguments "
                                   f"or tensor ranks{mode} already: pass values that change from call to call as "

@@ -202,23 +202,22 @@ def test_a_compiled_causal_lm_warns_when_called_in_training_mode():
         compiled(ids)
 
 
-def test_a_tensor_of_another_rank_or_dtype_compiles_its_own_plan():
-    """torch.export fixes each tensor's rank and dtype (sizes stay dynamic): a call with a 3-D input after a 2-D
-    one, or float64 after float32, compiles a plan for it (it raised "has 3 dims, expected 2"), as torch.compile
-    recompiles; the recompile limit counts these plans too."""
+def test_a_tensor_of_another_rank_compiles_its_own_plan():
+    """torch.export fixes each tensor's rank (sizes stay dynamic): a call with a 3-D input after a 2-D one compiles
+    a plan for it (it raised "has 3 dims, expected 2"), as torch.compile recompiles; the recompile limit counts
+    these plans too. Another dtype stays a one-line error naming the input (test_bad_inputs.py)."""
     class Rowwise(torch.nn.Module):
         def forward(self, x):
             return torch.softmax(x * 2.0, dim=-1) + x.sum(-1, keepdim=True)
 
     model = Rowwise().eval()
     compiled = braze.compile(model)
-    for x in (torch.randn(3, 8), torch.randn(2, 3, 8), torch.randn(3, 8, dtype=torch.float64), torch.randn(5, 8)):
+    for x in (torch.randn(3, 8), torch.randn(2, 3, 8), torch.randn(4), torch.randn(5, 8)):
         got = compiled(x)
         assert got.dtype == x.dtype and got.shape == x.shape
         torch.testing.assert_close(got, model(x), rtol=1e-5, atol=1e-5)
     assert len(compiled.variants.plans) == 3
     for rank in range(4, 4 + RECOMPILE_LIMIT - 3):
         compiled(torch.randn(*[2] * rank))
-    with pytest.raises(braze.ConfigError, match=r"tensor ranks / dtypes \(9-dim float32\) differ from the first "
-                                                r"plan's \(2-dim float32\)"):
+    with pytest.raises(braze.ConfigError, match=r"tensor ranks \(9-dim\) differ from the first plan's \(2-dim\)"):
         compiled(torch.randn(*[2] * 9))
