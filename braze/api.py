@@ -318,6 +318,25 @@ class _FunctionModule(torch.nn.Module):
         return self.fn(*args, **kwargs)
 
 
+def _function_module(fn: Any) -> _FunctionModule:
+    """A module calling `fn`, whose forward has fn's signature: torch.export binds a call's arguments by it (with
+    (*args, **kwargs) it could not take a keyword-only argument and fell back to Dynamo)."""
+    import inspect
+
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin without a signature: the generic forward
+        return _FunctionModule(fn)
+    if any(p.name == "self" for p in sig.parameters.values()):
+        return _FunctionModule(fn)
+    forward = _FunctionModule.forward
+    bound = functools.wraps(forward)(lambda self, *args, **kwargs: forward(self, *args, **kwargs))
+    bound.__signature__ = sig.replace(parameters=[
+        inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY), *sig.parameters.values()])
+    cls = type("_FunctionModule", (_FunctionModule,), {"forward": bound, "__qualname__": "_FunctionModule"})
+    return cls(fn)
+
+
 def compile(model: Any = None, **options: Any) -> Any:
     """Compile `model` (an nn.Module or a function); without a model, return a decorator.
 
@@ -340,7 +359,7 @@ def _compile_object(model: Any, config: CompileConfig) -> Any:
             return compile_causal_lm(model, config)
         return LazyCompiled(model, config)
     if callable(model):
-        return functools.wraps(model)(LazyCompiled(_FunctionModule(model), config))
+        return functools.wraps(model)(LazyCompiled(_function_module(model), config))
     raise TypeError(f"braze.compile takes an nn.Module or a function, got {type(model).__name__}")
 
 

@@ -221,3 +221,22 @@ def test_a_tensor_of_another_rank_compiles_its_own_plan():
         compiled(torch.randn(*[2] * rank))
     with pytest.raises(braze.ConfigError, match=r"tensor ranks \(9-dim\) differ from the first plan's \(2-dim\)"):
         compiled(torch.randn(*[2] * 9))
+
+
+def test_a_function_with_keyword_only_and_positional_only_arguments_exports():
+    """A decorated function's keyword-only argument (k) and positional-only one (x) are captured by torch.export
+    like a module's (the wrapper's forward takes the function's signature; with (*args, **kwargs) export failed
+    "Must provide a tree_name" and the call fell back to Dynamo with that message); each k value is its own plan."""
+    import warnings
+
+    @braze.compile
+    def f(x, /, y=None, *, k=2):
+        return x * k + (0 if y is None else y)
+
+    a, b = torch.randn(3), torch.randn(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no Dynamo-fallback warning
+        torch.testing.assert_close(f(a, k=3), a * 3)
+        torch.testing.assert_close(f(a, b), a * 2 + b)
+        torch.testing.assert_close(f(a, y=b, k=5), a * 5 + b)
+    assert len(f.variants.plans) == 3
