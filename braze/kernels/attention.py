@@ -531,6 +531,11 @@ def _extras_params(a: dict[str, Any]) -> dict[str, Any]:
     return {"softcap": float(a.get("softcap") or 0.0), "window": int(a.get("window") or 0)}
 
 
+def _extras_flags(a: dict[str, Any], extras: dict[str, Any]) -> dict[str, bool]:
+    """The template flags (AttentionSpec / DecodeAttentionSpec) of those features."""
+    return {"softcap": extras["softcap"] > 0, "window": extras["window"] > 0, "sinks": a.get("sinks") is not None}
+
+
 def _extras(tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> AttentionExtras:
     return AttentionExtras(params.get("softcap", 0.0), params.get("window", 0), tensors.get("sinks"))
 
@@ -562,8 +567,7 @@ class AttentionFamily(KernelFamily):
         extras = _extras_params(a)
         spec = AttentionSpec(name=name, causal=bool(a["causal"]), rope=a["cos"] is not None,
                              input_precision=_precision(a["q"].meta["val"].dtype),
-                             out_dtype=FLOAT_NAMES[node.meta["val"].dtype], softcap=extras["softcap"] > 0,
-                             window=extras["window"] > 0, sinks=a.get("sinks") is not None)
+                             out_dtype=FLOAT_NAMES[node.meta["val"].dtype], **_extras_flags(a, extras))
         roles = {k: a.get(k) for k in ("q", "k", "v", "cos", "sin", "sinks") if a.get(k) is not None}
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[v.name for v in roles.values()],
                     params={"roles": list(roles), "scale": float(a["scale"]), "causal": bool(a["causal"]),
@@ -758,7 +762,7 @@ class GeneralCachedAttentionFamily(KernelFamily):
         q = a["q"].meta["val"]
         k_cache = a["k_cache"].meta["val"]
         extras = _extras_params(a)
-        flags = {"softcap": extras["softcap"] > 0, "window": extras["window"] > 0, "sinks": a.get("sinks") is not None}
+        flags = _extras_flags(a, extras)
         precision, out_dtype = _precision(k_cache.dtype), FLOAT_NAMES[node.meta["val"].dtype]
         tree = a.get("tree_mask") is not None
         decode = not tree and isinstance(q.shape[2], int) and q.shape[2] == 1
@@ -798,9 +802,8 @@ class GeneralCachedAttentionFamily(KernelFamily):
                             past=cache_len, extras=extras)
 
     def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
-        splits = decode_splits(params["heads_kv"], params["s_max"], device)
         if params["decode"]:
-            return 1 if splits == 1 else 2
+            return 1 if decode_splits(params["heads_kv"], params["s_max"], device) == 1 else 2
         if params["tree"]:
             return 3  # rope_write, the tree form's partial and combine
         if params.get("deterministic"):
