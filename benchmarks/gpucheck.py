@@ -3,7 +3,8 @@
 Models: tiny Llama, tiny Qwen2 (braze.models.tiny_causal_lm, 1 layer), the Llama-3.2-1B shape with one layer
 (transformers LlamaConfig, seeded random weights; vocab 128256, hidden 2048, MLP 8192, 32 heads / 8 KV heads) and
 Gemma-2-2B's attention shape with one layer (softcap 50, sliding window 4096, head dim 256, 8 heads / 4 KV heads,
-hidden 2304, MLP 9216; vocab cut to 32000: bf16 and bf16-det only).
+hidden 2304, MLP 9216; vocab cut to 32000: bf16 and bf16-det only) and Qwen3-30B-A3B's shape with one layer
+(128 experts of 768 columns, top 8, hidden 2048; vocab cut to 32000: bf16 and bf16-det only).
 Variants: bf16 base, bf16 df11, bf16 int6, fp32 base, fp32 int6 (fp32 not on tiny Qwen2), bf16 deterministic
 (LayerCast matmuls, batch-invariant tiles, fp32 KV cache). Every plan (forward,
 prefill, decode, verify) at the corners of its compiled range (batch 1..8, seq 1..512) is enumerated per target
@@ -31,11 +32,13 @@ import braze  # noqa: E402
 from braze.compiler.targets import TargetBuild, build_targets  # noqa: E402
 from braze.kernels import TARGETS  # noqa: E402
 
-MODELS = ("tiny-llama", "tiny-qwen2", "llama-3.2-1b-1layer", "gemma2-2b-1layer")
+MODELS = ("tiny-llama", "tiny-qwen2", "llama-3.2-1b-1layer", "gemma2-2b-1layer", "qwen3-moe-1layer")
 # fp32 runs on tiny Llama and the 1B shape only: tiny Qwen2 adds the QKV bias, which the bf16 variants cover;
-# Gemma 2 adds the attention kernels' softcap / window forms (quantization does not touch them)
+# Gemma 2 adds the attention kernels' softcap / window forms and Qwen3-MoE the grouped expert matmuls
+# (quantization touches neither)
 SKIP = {("tiny-qwen2", "fp32"), ("tiny-qwen2", "fp32-int6"),
-        *(("gemma2-2b-1layer", v) for v in ("bf16-df11", "bf16-int6", "bf16-int6-a8", "fp32", "fp32-int6"))}
+        *((m, v) for m in ("gemma2-2b-1layer", "qwen3-moe-1layer")
+          for v in ("bf16-df11", "bf16-int6", "bf16-int6-a8", "fp32", "fp32-int6"))}
 VARIANTS = {  # name -> (dtype, compile options)
     "bf16": (torch.bfloat16, {}),
     "bf16-df11": (torch.bfloat16, {"quant": "df11"}),
@@ -86,6 +89,24 @@ def gemma2_2b(layers: int = 1, dtype: torch.dtype = torch.float32) -> torch.nn.M
     return model.eval()
 
 
+def qwen3_moe(layers: int = 1, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Qwen3-30B-A3B's shape (config of Qwen/Qwen3-30B-A3B: 128 experts of 768, top 8; vocab cut to 32000) with
+    `layers` layers and seeded random weights."""
+    import transformers
+
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=32000, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128,
+        num_experts_per_tok=8, norm_topk_prob=True, num_hidden_layers=layers, num_attention_heads=32,
+        num_key_value_heads=4, head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.Qwen3MoeForCausalLM(cfg).to(dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02) if p.dim() > 1 else p.uniform_(0.9, 1.1)
+    return model.eval()
+
+
 def build_model(name: str, dtype: torch.dtype) -> torch.nn.Module:
     from braze.models import tiny_causal_lm
 
@@ -97,6 +118,8 @@ def build_model(name: str, dtype: torch.dtype) -> torch.nn.Module:
         return llama_3_2_1b(1, dtype)
     if name == "gemma2-2b-1layer":
         return gemma2_2b(1, dtype)
+    if name == "qwen3-moe-1layer":
+        return qwen3_moe(1, dtype)
     raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
 
@@ -184,16 +207,19 @@ GEMV_FAMILIES = ("matmul", "int6_matmul", "df11_gemv", "mlp_block", "attention_b
 
 
 def decode_grids(builds: list[tuple[str, TargetBuild]]) -> list[str]:
-    """Programs per decode launch of the linear families at batch 1 on the 1B shape, against each target's SMs:
-    a bandwidth-bound GEMV with fewer programs than SMs leaves bandwidth unused."""
-    out = ["## decode linears of the Llama-3.2-1B shape at batch 1: programs per launch vs SMs", ""]
+    """Programs per decode launch of the linear families at batch 1 on the 1B shape (and of the expert matmuls on
+    the Qwen3-MoE shape), against each target's SMs: a bandwidth-bound GEMV with fewer programs than SMs leaves
+    bandwidth unused."""
+    out = ["## decode linears of the Llama-3.2-1B shape (and the Qwen3-MoE experts) at batch 1: programs per launch "
+           "vs SMs", ""]
     rows = []
     for label, build in builds:
-        if not label.startswith("llama-3.2-1b"):
+        moe = label.startswith("qwen3-moe")
+        if not (label.startswith("llama-3.2-1b") or moe):
             continue
         for r in build.results:
             s = r.spec
-            if s.family not in GEMV_FAMILIES:
+            if s.family not in (("grouped_matmul",) if moe else GEMV_FAMILIES):
                 continue
             for use, programs in s.programs.items():
                 if use.startswith("decode ") and all(part.endswith("=1") for part in use.split()[1:2]):

@@ -563,3 +563,13 @@ def test_softcap_and_sliding_window_layers_keep_the_guarantee(arch):
         assert torch.equal(spec.sequences, alone.sequences) and _same_bits(spec.logits, alone.logits)
         accepted += _spec_counters(cm)["accepted_drafts"]
     assert accepted > 0
+
+
+def test_moe_layers_keep_the_guarantee():
+    """deterministic=True with mixture-of-experts layers (tiny Mixtral, top-2 of 4 experts): the routing sorts a
+    request's rows among its companions' (eager torch ops, exact), and the grouped expert matmul reduces each row
+    alone (per-row reductions, fixed tiles), so a request's logits are bitwise the same at batch 1, 3 and 5."""
+    cm = braze.compile(tiny_causal_lm("mixtral", layers=1), max_seq=24, max_batch=MAX_BATCH, deterministic=True)
+    assert any(s.launcher == "grouped_matmul" and s.params.get("deterministic")
+               for s in cm.extra_plans["decode"].steps)
+    _assert_batch_invariant(cm)

@@ -392,6 +392,42 @@ def test_int6_matmul_family(act_bits):
     torch.testing.assert_close(out, fn(x, qw.packed, qw.scales, b), **TOL)
 
 
+def _experts(counts, sentinels, k=96, n=80, dtype=torch.float32, seed=11):
+    """Rows sorted by expert (counts[e] rows each, then `sentinels` rows past the last expert's end), experts as
+    HF passes them: an [E, N, K] parameter seen transposed, [E, K, N]."""
+    g = _gen(seed)
+    x = torch.randn(sum(counts) + sentinels, k, generator=g).to(dtype)
+    w = (torch.randn(len(counts), n, k, generator=g) / math.sqrt(k)).to(dtype).transpose(1, 2)
+    offs = torch.cumsum(torch.tensor(counts), 0, dtype=torch.int32)
+    return x, w, offs
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+@pytest.mark.parametrize("device", ["interpreter", "sm_90"])
+def test_grouped_matmul_family(device, deterministic):
+    """Empty experts, a tile spanning several experts, sentinel rows (zeros, as the reference writes them) and
+    transposed expert weights; fp32 within TOL, fp16 within 2 fp16 ulps at the outputs' scale (one rounding of an
+    fp32 sum of fp16 products, eager's own fp16 matmul rounds the same way)."""
+    spec = INTERPRETER if device == "interpreter" else TARGETS[device]
+    for dtype, tol in ((torch.float32, TOL), (torch.float16, {"atol": 4e-3, "rtol": 2e-3})):
+        x, w, offs = _experts([3, 0, 4, 0, 2, 9], sentinels=2, dtype=dtype)
+        out, _ = launch_like_a_plan(ops.grouped_mm, x, w, offs, device=spec, deterministic=deterministic)
+        ref = ops.grouped_mm(x.float(), w.float(), offs)
+        torch.testing.assert_close(out.float(), ref, **tol)
+        assert not out[-2:].any()
+
+
+def test_grouped_matmul_family_rows_do_not_see_their_tile():
+    """Deterministic compiles: a row's output is bitwise the same alone and in a tile of other experts' rows (what
+    makes MoE layers batch-invariant: the sort puts a request's rows next to any companions')."""
+    x, w, offs = _experts([2, 3, 1, 4], sentinels=0)
+    batch, _ = launch_like_a_plan(ops.grouped_mm, x, w, offs, deterministic=True)
+    for row, expert in ((0, 0), (4, 1), (5, 2), (9, 3)):
+        alone_offs = torch.tensor([0] * expert + [1] * (4 - expert), dtype=torch.int32)
+        alone, _ = launch_like_a_plan(ops.grouped_mm, x[row:row + 1].clone(), w, alone_offs, deterministic=True)
+        assert torch.equal(alone[0].view(torch.int32), batch[row].view(torch.int32))
+
+
 def test_fused_family_through_a_compiled_plan():
     """The generated pointwise/reduction family has no fixed op: a compiled function's plan launches it."""
     def f(x, y):

@@ -222,7 +222,7 @@ def block_d_for(head_dim: int) -> int:
 
 
 def attention_blocks(sq: int, skv: int, head_dim: int, device: DeviceSpec, deterministic: bool = False, *,
-                     elem_size: int = 2, tree: bool = False) -> AttentionBlocks:
+                     elem_size: int = 2, tree: bool = False, rope: bool = False) -> AttentionBlocks:
     """Flash tiles: the interpreter takes the biggest tiles (it pays per program); a GPU keeps the q tile, the
     accumulator and a K/V tile in registers (64 x 64 at D <= 64, a narrower key tile above), 2 stages. fp32 inputs
     (elem_size 4: FMA dots, no tensor cores) take 32 x 32 tiles and 8 warps, tree-mask mode (the gathered mask
@@ -245,6 +245,10 @@ def attention_blocks(sq: int, skv: int, head_dim: int, device: DeviceSpec, deter
         # the RoPE'd key tiles took 106-131 KB of shared memory (> 101,376 B on sm_86/89): 32 x 16 tiles, 8 warps
         # (4 warps still spilled 4 B at 255 registers on sm_90)
         block_m, block_n, warps = min(block_m, 32), 16, 8
+    elif block_d >= 128 and block_m >= 64 and rope:  # head dim 128 (Qwen3, Llama-3-8B) with the rotation in the
+        # kernel: 64 x 128 tiles with 4 warps spilled 12-20 B at 255 registers on sm_80/86/89 (make gpucheck,
+        # Qwen3-MoE shape); 8 warps: none. Without it (prefill over the cache) 8 warps spilled 4 B, 4 warps none.
+        warps = 8
     if elem_size >= 4:
         block_m, block_n = min(block_m, 32), max(16, block_n // 2)  # (tl.dot: every dim >= 16)
         warps = 8 if block_m >= 32 else 4
@@ -254,12 +258,17 @@ def attention_blocks(sq: int, skv: int, head_dim: int, device: DeviceSpec, deter
     return AttentionBlocks(block_m, block_n, block_d, num_warps=warps, num_stages=2)
 
 
-def decode_blocks(group: int, head_dim: int) -> DecodeBlocks:
-    """Tile sizes for the decode partial kernel: all GROUP query heads in one (padded) tile."""
+def decode_blocks(group: int, head_dim: int, elem_size: int = 2) -> DecodeBlocks:
+    """Tile sizes for the decode partial kernel: all GROUP query heads in one (padded) tile. elem_size: the KV
+    cache's. fp32 caches (deterministic compiles) at head dim 128 take 32-key tiles: 64 x 128 fp32 K / V tiles
+    spilled 0.7-18 KB in the decode-layer attention block (make gpucheck, Qwen3-MoE shape, bf16-det). The tiles
+    depend on the cache alone, so decode and the tree verify still reduce in one order."""
     if group < 1:
         raise ValueError(f"group must be positive, got {group}")
     block_d = block_d_for(head_dim)
-    return DecodeBlocks(max(16, triton.next_power_of_2(group)), 64 if block_d <= 128 else 32, block_d)
+    wide = block_d > (64 if elem_size >= 4 else 128)
+    return DecodeBlocks(max(16, triton.next_power_of_2(group)), 32 if wide else 64, block_d,
+                        num_warps=8 if wide and elem_size >= 4 else 4)
 
 
 def decode_splits(heads_kv: int, s_max: int, device: DeviceSpec) -> int:
@@ -351,7 +360,7 @@ def flash_attention(kernel: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         args += list(cos.stride())
     args += [*extras.args(), float(scale)]
     blocks = attention_blocks(Sq, Skv, D, device, deterministic, elem_size=q.element_size(),
-                              tree=tree_mask is not None)
+                              tree=tree_mask is not None, rope=cos is not None)
     launch_kernel(kernel, (triton.cdiv(Sq, blocks.block_m), B * Hq), *args, **blocks.meta(device))
 
 
@@ -398,7 +407,7 @@ def tree_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tensor, 
     Hkv, s_max = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
     splits = splits or decode_splits(Hkv, s_max, device)
-    blocks = decode_blocks(group, D)
+    blocks = decode_blocks(group, D, k_cache.element_size())
     mid_o = torch.empty((B * S, Hq, splits, D), dtype=torch.float32, device=q.device)
     mid_lse = torch.empty((B * S, Hq, splits), dtype=torch.float32, device=q.device)
     tree = tree_mask.view(torch.uint8) if tree_mask.dtype == torch.bool else tree_mask
@@ -464,7 +473,7 @@ def split_kv_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tens
     Hkv, s_max = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
     splits = splits or decode_splits(Hkv, s_max, device)
-    blocks = decode_blocks(group, D)
+    blocks = decode_blocks(group, D, k_cache.element_size())
     direct = block is None and splits == 1 and out.is_contiguous()
     mid_o = out if direct else torch.empty((B, Hq, splits, D), dtype=torch.float32, device=q.device)
     mid_lse = torch.empty((B, Hq, splits), dtype=torch.float32, device=q.device)

@@ -24,6 +24,16 @@ ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default}
 FOREIGN_OPS = {"transformers::grouped_mm_fallback": torch.ops.braze.grouped_mm.default}  # HF MoE experts
 
 
+def _is_expert_grouped_mm(node: fx.Node) -> bool:
+    """aten._grouped_mm in the form HF's MoE experts call it (torch's grouped_mm: rows [T, K] sorted by expert,
+    experts [E, K, N], cumulative ends `offs`, no bias, the rows' dtype out) is braze::grouped_mm."""
+    args = dict(zip(("self", "mat2", "offs", "bias", "out_dtype"), node.args)) | dict(node.kwargs)
+    x, w, offs = val(args["self"]), val(args["mat2"]), args.get("offs")
+    return (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and x.dim() == 2 and w.dim() == 3
+            and isinstance(offs, fx.Node) and args.get("bias") is None
+            and args.get("out_dtype") in (None, x.dtype) and x.dtype == w.dtype)
+
+
 def _split_to_slices(node: fx.Node) -> bool:
     """split / split_with_sizes whose pieces are read by getitem -> one slice per piece (free index remaps for the
     fused kernels, where the split itself had no lowering): fused QKV and gate/up projections, chunk(2)."""
@@ -182,9 +192,12 @@ def normalize(gm: fx.GraphModule, ctx: PassContext) -> int:
             gm.graph.erase_node(node)
             count += 1
         elif isinstance(node.target, torch._ops.OpOverload) and node.target.name() in FOREIGN_OPS:
-            ctx.note(f"{node.name}: {node.target.name()} -> {FOREIGN_OPS[node.target.name()]}: MoE experts (routing "
-                     "and the grouped expert matmuls) run eagerly")
+            ctx.note(f"{node.name}: {node.target.name()} -> {FOREIGN_OPS[node.target.name()]} (MoE experts)")
             node.target = FOREIGN_OPS[node.target.name()]
+            count += 1
+        elif node.target is aten._grouped_mm.default and _is_expert_grouped_mm(node):
+            ctx.note(f"{node.name}: aten._grouped_mm -> braze::grouped_mm (MoE experts)")
+            node.target, node.args, node.kwargs = torch.ops.braze.grouped_mm.default, tuple(node.args[:3]), {}
             count += 1
         elif node.target in (aten.view.default, aten._unsafe_view.default):
             node.target = aten.reshape.default
