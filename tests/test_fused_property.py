@@ -404,6 +404,22 @@ def test_clamp_with_infinite_bound(bounds):
     assert torch.allclose(out, Clamped()(x), atol=1e-6)
 
 
+@pytest.mark.parametrize("mode", ["floor", "trunc"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float32])
+def test_div_with_rounding_mode_fuses(mode, dtype):
+    """torch.div(..., rounding_mode=) in a fused kernel (MoE routing's perm // top_k): negative dividends and
+    divisors, where floor and trunc differ (Triton's integer // truncates, as C does); no eager step."""
+    class Div(torch.nn.Module):
+        def forward(self, a, b):
+            return torch.div(a * 1, b, rounding_mode=mode) + torch.div(a, -3, rounding_mode=mode)
+
+    a = torch.arange(-7, 8, dtype=dtype).reshape(3, 5)
+    b = torch.tensor([[2, -2, 3, -3, 5]], dtype=dtype).expand(3, 5).contiguous()
+    cm = braze.compile(Div())
+    assert torch.equal(cm(a, b), Div()(a, b))
+    assert not [s for s in cm.plan.steps if s.kind == "eager"]
+
+
 def test_reductions_over_other_dims_fuse():
     """sum / mean / amax / amin over several dims, all dims, or a non-last dim (and softmax over dim 1) become
     last-dim reductions of a view (passes/normalize.py): fused, no eager step, exact up to summation order, at two

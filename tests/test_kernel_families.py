@@ -428,6 +428,23 @@ def test_grouped_matmul_family_rows_do_not_see_their_tile():
         assert torch.equal(alone[0].view(torch.int32), batch[row].view(torch.int32))
 
 
+@pytest.mark.parametrize("pairs", [1, 13, 150])
+def test_moe_routing_family(pairs):
+    """The stable sort permutation and its inverse, and the cumulative expert counts, over expert ids with
+    repeats, experts nobody chose and (offsets) an expert-parallel sentinel id past the last expert, at 1 pair,
+    one tile and three tiles of pairs: exactly the references' integers."""
+    ids = torch.randint(0, 6, (pairs,), generator=_gen(12))
+    ids[ids == 2] = 4  # an expert nobody chose
+    sorted_pairs, _ = launch_like_a_plan(ops.moe_sort, ids)
+    assert torch.equal(sorted_pairs, ops.moe_sort(ids))
+    perm, inverse = sorted_pairs
+    assert torch.equal(ids[perm], torch.sort(ids).values) and torch.equal(perm[inverse], torch.arange(pairs))
+    ids[-1] = 7  # a sentinel: counts for no expert of 7
+    offs, _ = launch_like_a_plan(lambda x: ops.moe_offsets(x, 7), ids)
+    assert torch.equal(offs, ops.moe_offsets(ids, 7))
+    assert offs[-1].item() == pairs - 1 and offs.dtype == torch.int32
+
+
 def test_fused_family_through_a_compiled_plan():
     """The generated pointwise/reduction family has no fixed op: a compiled function's plan launches it."""
     def f(x, y):

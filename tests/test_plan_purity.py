@@ -239,8 +239,9 @@ def test_deterministic_decode_and_verify_plans_are_pure(purity):
 
 def test_moe_plans_have_no_host_syncs(purity):
     """Mixture-of-experts plans (tiny Mixtral): the expert matmuls run the grouped_matmul kernel, which reads the
-    experts' row offsets on device (torch's reference read them on the host, a sync per expert matmul), so every
-    plan is capturable; what runs outside the kernels is the routing, the eager steps the report lists."""
+    experts' row offsets on device (torch's reference read them on the host, a sync per expert matmul), and the
+    sort by expert the moe_routing kernels, so every plan is capturable; what runs outside the kernels is the
+    router's top-k, the eager step the report lists."""
     cm = braze.compile(tiny_causal_lm("mixtral", layers=1), max_seq=64, max_batch=2)
     _exercise(cm)
     routing = {str(s.target) for s in cm.extra_plans["decode"].steps if s.kind == "eager"}

@@ -316,10 +316,11 @@ class KernelBuilder:
         if t is P.aten.embedding.default:
             weight, ids = node.args[0], node.args[1]
             ids_var = self.value(ids, idx[:-1])
+            row = (sympy.Symbol(ids_var, integer=True), idx[-1])
             wbuf = self.load_buffer(weight)
-            if wbuf is None:
-                raise IllegalFusion("embedding table must be a realized buffer")
-            return self._load(wbuf, (sympy.Symbol(ids_var, integer=True), idx[-1]))
+            if wbuf is None:  # a table computed in this kernel or viewed from a buffer: its elements at those rows
+                return self.value(weight, row)
+            return self._load(wbuf, row)
         if t in P.ELEMENTWISE:
             return self._elementwise(node, idx)
         raise Unsupported(f"no fused lowering for {t}")
@@ -442,7 +443,9 @@ class KernelBuilder:
                 operands.append(None)
             else:
                 operands.append(_literal(a))
-        kwargs = {k: v for k, v in node.kwargs.items() if k in ("alpha", "approximate")}
+        kwargs = {k: v for k, v in node.kwargs.items() if k in ("alpha", "approximate", "rounding_mode")}
+        if t in (P.aten.div.Tensor_mode, P.aten.div.Scalar_mode):
+            kwargs["integer"] = not math_float
         if t is P.aten.pow.Tensor_Scalar:
             code = P._pow(operands[0], node.args[1])
         elif t is P.aten.clamp.default:

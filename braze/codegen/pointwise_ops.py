@@ -28,6 +28,21 @@ def _gelu(x: Expr, approximate: str = "none") -> Expr:
     return f"(0.5 * {x} * (1.0 + tl.erf({x} * {1.0 / math.sqrt(2.0)!r})))"
 
 
+def _div_mode(a: Expr, b: Expr, rounding_mode: str | None = None, integer: bool = False) -> Expr | None:
+    """torch.div with rounding_mode (MoE routing's `perm // top_k`). Integers: Triton's // truncates toward zero
+    and % takes the dividend's sign (C semantics, as the interpreter reproduces), so floor division steps the
+    truncated quotient down when the remainder is nonzero and its sign differs from the divisor's."""
+    if rounding_mode is None:
+        return None if integer else f"({a} / {b})"
+    if not integer:
+        q = f"({a} / {b})"
+        return f"tl.floor({q})" if rounding_mode == "floor" else f"tl.where({q} < 0, -tl.floor(-{q}), tl.floor({q}))"
+    if rounding_mode == "trunc":
+        return f"({a} // {b})"
+    r = f"({a} % {b})"
+    return f"(({a} // {b}) - ((({r}) != 0) & ((({r}) < 0) != (({b}) < 0))).to(({a} // {b}).dtype))"
+
+
 def _pow(x: Expr, exponent: float) -> Expr | None:
     if float(exponent).is_integer() and 1 <= exponent <= 4:
         return "(" + " * ".join([f"({x})"] * int(exponent)) + ")"
@@ -54,6 +69,8 @@ ELEMENTWISE: dict[object, Callable[..., Expr | None]] = {
     aten.mul.Scalar: lambda a, b: f"({a} * {b})",
     aten.div.Tensor: lambda a, b: f"({a} / {b})",
     aten.div.Scalar: lambda a, b: f"({a} / {b})",
+    aten.div.Tensor_mode: _div_mode,
+    aten.div.Scalar_mode: _div_mode,
     aten.neg.default: lambda a: f"(-{a})",
     aten.exp.default: lambda a: f"tl.exp({a})",
     aten.exp2.default: lambda a: f"tl.exp2({a})",

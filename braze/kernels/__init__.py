@@ -20,11 +20,12 @@ from braze.kernels.grouped_matmul import GROUPED_MATMUL
 from braze.kernels.int6 import INT6_MATMUL
 from braze.kernels.kv_compress import KV_COMPRESS
 from braze.kernels.matmul import MATMUL
+from braze.kernels.moe_routing import MOE_ROUTING
 
 FAMILIES: dict[str, KernelFamily] = {
     f.name: f for f in (FUSED, MATMUL, ATTENTION, CACHED_ATTENTION, TREE_CACHED_ATTENTION, GENERAL_CACHED_ATTENTION,
                         DF11_DECODE, DF11_EMBEDDING, DF11_GEMV, INT6_MATMUL, ATTENTION_BLOCK, MLP_BLOCK, KV_COMPRESS,
-                        GROUPED_MATMUL)
+                        GROUPED_MATMUL, MOE_ROUTING)
 }
 
 if TYPE_CHECKING:

@@ -493,6 +493,35 @@ def _grouped_mm_fake(x: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
     return x.new_empty(x.shape[0], weight.shape[2])
 
 
+@torch.library.custom_op("braze::moe_sort", mutates_args=())
+def moe_sort(expert_ids: Tensor) -> Tensor:
+    """MoE routing: [2, S] int64, row 0 the permutation that sorts the (token, slot) pairs' expert ids (stable),
+    row 1 its inverse (HF's `perm` and `inv_perm`)."""
+    perm = torch.sort(expert_ids, stable=True).indices
+    inverse = torch.empty_like(perm)
+    inverse[perm] = torch.arange(perm.numel(), device=perm.device)
+    return torch.stack([perm, inverse])
+
+
+@moe_sort.register_fake
+def _moe_sort_fake(expert_ids: Tensor) -> Tensor:
+    return expert_ids.new_empty((2, expert_ids.shape[0]), dtype=torch.int64)
+
+
+@torch.library.custom_op("braze::moe_offsets", mutates_args=())
+def moe_offsets(expert_ids: Tensor, num_experts: int) -> Tensor:
+    """MoE routing: [E] int32, offs[e] = #{pairs routed to experts <= e}: the cumulative row ends of the sorted
+    pairs (HF's cumsum(histc(...)); ids outside [0, E), expert-parallel sentinels, count for no expert)."""
+    ids = expert_ids[(expert_ids >= 0) & (expert_ids < num_experts)]
+    counts = torch.bincount(ids, minlength=num_experts)
+    return torch.cumsum(counts, 0).to(torch.int32)
+
+
+@moe_offsets.register_fake
+def _moe_offsets_fake(expert_ids: Tensor, num_experts: int) -> Tensor:
+    return expert_ids.new_empty((num_experts,), dtype=torch.int32)
+
+
 BRAZE_OPS = {
     "rms_norm": torch.ops.braze.rms_norm.default,
     "linear": torch.ops.braze.linear.default,
@@ -504,4 +533,6 @@ BRAZE_OPS = {
     "general_attention": torch.ops.braze.general_attention.default,
     "general_cached_attention": torch.ops.braze.general_cached_attention.default,
     "grouped_mm": torch.ops.braze.grouped_mm.default,
+    "moe_sort": torch.ops.braze.moe_sort.default,
+    "moe_offsets": torch.ops.braze.moe_offsets.default,
 }

@@ -10,13 +10,14 @@ reductions over other dims than the last become last-dim reductions of a view.
 from __future__ import annotations
 
 import operator
+from typing import Any
 
 import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from braze.passes.context import PassContext
-from braze.passes.graph_utils import aten, dce, new_node, val
+from braze.passes.graph_utils import _erase_dead_from, aten, dce, new_node, val
 
 ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default}
 # custom ops of other libraries that a model's export holds -> the braze op with the same semantics (a plan may
@@ -108,6 +109,142 @@ def _table_lookup_to_embedding(node: fx.Node, ctx: PassContext) -> bool:
     return True
 
 
+_SAME_VALUES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default, aten.clone.default,
+                aten.alias.default, aten.flatten.using_ints, aten.contiguous.default)
+
+
+def _index_bound(node: Any) -> Any:
+    """An exclusive upper bound (int or SymInt) of an integer tensor's values when they provably lie in [0, bound),
+    else None: sort / topk indices along a dim of size n (n), sorted values (their input's bound), views, and a
+    floor / trunc division by a positive int (MoE routing: `perm // top_k` indexes the tokens)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    t, args = node.target, node.args
+    if t is operator.getitem and isinstance(args[0], fx.Node) and args[0].op == "call_function":
+        src, which = args[0], args[1]
+        if src.target is aten.sort.default:
+            dim = src.args[1] if len(src.args) > 1 else src.kwargs.get("dim", -1)
+            return val(src.args[0]).shape[dim] if which == 1 else _index_bound(src.args[0])
+        if src.target is aten.topk.default and which == 1:
+            dim = src.args[2] if len(src.args) > 2 else src.kwargs.get("dim", -1)
+            return val(src.args[0]).shape[dim]
+        return None
+    if t is aten.select.int and isinstance(args[0], fx.Node) and args[0].target is torch.ops.braze.moe_sort.default:
+        return val(args[0].args[0]).shape[0]  # a permutation of the pairs, or its inverse
+    if t in _SAME_VALUES:
+        return _index_bound(args[0])
+    if t in (aten.div.Tensor_mode, aten.div.Scalar_mode) and node.kwargs.get("rounding_mode") in ("floor", "trunc"):
+        divisor = args[1]
+        bound = _index_bound(args[0])
+        if bound is not None and isinstance(divisor, int) and not isinstance(divisor, bool) and divisor > 0:
+            return (bound + divisor - 1) // divisor
+    return None
+
+
+def _users(node: fx.Node, *targets: Any) -> list[fx.Node]:
+    return [u for u in node.users if u.target in targets]
+
+
+def _expert_offsets(values: fx.Node) -> list[tuple[fx.Node, int]]:
+    """(cumsum node, E) for each `cumsum(histc(values[.to(...)], bins=E, min=0, max=E-1), 0)` over sorted ids."""
+    found = []
+    for cast in [values, *_users(values, aten._to_copy.default)]:
+        for histc in _users(cast, aten.histc.default):
+            bins, lo, hi = (list(histc.args[1:4]) + [100, 0, 0])[:3]
+            bins, lo, hi = histc.kwargs.get("bins", bins), histc.kwargs.get("min", lo), histc.kwargs.get("max", hi)
+            if not (isinstance(bins, int) and lo == 0 and hi == bins - 1):
+                continue
+            for cumsum in _users(histc, aten.cumsum.default):
+                if cumsum.args[1] in (0, -1) and cumsum.kwargs.get("dtype") in (torch.int32, torch.int64):
+                    found.append((cumsum, bins))
+    return found
+
+
+def _is_inverse_of(index_put: fx.Node, perm: fx.Node) -> bool:
+    """index_put(empty([S]), [perm], arange(S)): HF's `inv_perm[perm] = arange(S)`."""
+    target, indices, values = index_put.args[:3]
+    accumulate = index_put.args[3] if len(index_put.args) > 3 else index_put.kwargs.get("accumulate", False)
+    if accumulate or list(indices) != [perm] or not isinstance(target, fx.Node) or not isinstance(values, fx.Node):
+        return False
+    if target.target not in (aten.empty_permuted.default, aten.empty.memory_format) or len(target.users) != 1:
+        return False
+    if values.target is aten.arange.start_step:
+        start, step = values.args[0], (values.args[2] if len(values.args) > 2 else values.kwargs.get("step", 1))
+        return start == 0 and step == 1
+    return values.target in (aten.arange.default, aten.arange.start) and (
+        values.target is aten.arange.default or values.args[0] == 0)
+
+
+def _moe_routing(node: fx.Node, ctx: PassContext) -> bool:
+    """HF's grouped-experts routing (integrations/moe.py) -> braze::moe_sort + braze::moe_offsets (kernels:
+    kernels/moe_routing.py): `sort(expert_ids)` becomes a stable sort permutation, the inverse permutation built
+    with index_put a row of the same op, and `cumsum(histc(sorted ids))` the offsets op; the sorted values, where
+    something else reads them, a gather of the ids by the permutation."""
+    ids = node.args[0]
+    iv = val(ids)
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
+    descending = node.args[2] if len(node.args) > 2 else node.kwargs.get("descending", False)
+    if not isinstance(iv, torch.Tensor) or iv.dim() != 1 or iv.dtype not in (torch.int32, torch.int64) or \
+            dim not in (0, -1) or descending or any(u.target is not operator.getitem for u in node.users):
+        return False
+    getters = {u.args[1]: u for u in node.users}
+    values, perm = getters.get(0), getters.get(1)
+    offsets = _expert_offsets(values) if values is not None else []
+    inverses = [u for u in _users(perm, aten.index_put.default) if _is_inverse_of(u, perm)] if perm else []
+    if not offsets and not inverses:
+        return False
+    gm = node.graph.owning_module
+    order = torch.ops.braze.moe_sort.default
+    sorted_pairs = new_node(gm, order, (ids,), {}, ctx, node)
+    new_perm = new_node(gm, aten.select.int, (sorted_pairs, 0, 0), {}, ctx, node)
+    for cumsum, experts in offsets:
+        offs = new_node(gm, torch.ops.braze.moe_offsets.default, (ids, experts), {}, ctx, cumsum)
+        if val(cumsum).dtype != torch.int32:
+            offs = new_node(gm, aten._to_copy.default, (offs,), {"dtype": val(cumsum).dtype}, ctx, cumsum)
+        cumsum.replace_all_uses_with(offs)
+    for index_put in inverses:
+        index_put.replace_all_uses_with(new_node(gm, aten.select.int, (sorted_pairs, 0, 1), {}, ctx, index_put))
+    if perm is not None:
+        perm.replace_all_uses_with(new_perm)
+    for old, _ in offsets:  # the histc / cumsum chains and the index_puts with their empty / arange
+        _erase_dead_from(old)
+    for old in inverses:
+        _erase_dead_from(old)
+    if values is not None and values.users:  # e.g. a per-row expert bias gathered by the sorted ids
+        table = new_node(gm, aten.reshape.default, (ids, [-1, 1]), {}, ctx, values)
+        gathered = new_node(gm, aten.embedding.default, (table, new_perm), {}, ctx, values)
+        values.replace_all_uses_with(new_node(gm, aten.reshape.default, (gathered, [-1]), {}, ctx, values))
+    for old in (values, perm):
+        if old is not None:
+            _erase_dead_from(old)  # then the sort, once neither of its outputs is read
+    ctx.note(f"{node.name}: MoE routing -> braze::moe_sort{' + braze::moe_offsets' if offsets else ''}")
+    return True
+
+
+def _bounded_gather_to_embedding(node: fx.Node, ctx: PassContext) -> bool:
+    """x[idx] over dim 0 of a 1-D or 2-D tensor, idx provably within x's rows (_index_bound) -> embedding(x, idx),
+    a gather the fused kernels lower (the generated gathers do not bound-check, hence the proof). MoE routing's
+    `hidden[perm // top_k]` and `weights[perm]` then fuse instead of running eagerly."""
+    x, indices = node.args[0], node.args[1]
+    if len(indices) != 1 or not isinstance(indices[0], fx.Node) or not isinstance(x, fx.Node):
+        return False
+    xv, iv = val(x), val(indices[0])
+    if not isinstance(xv, torch.Tensor) or not isinstance(iv, torch.Tensor) or \
+            iv.dtype not in (torch.int64, torch.int32) or xv.dim() not in (1, 2) or (xv.dim() == 1 and iv.dim() != 1):
+        return False
+    bound = _index_bound(indices[0])
+    if bound is None or not statically_known_true(bound <= xv.shape[0]):
+        return False
+    gm = node.graph.owning_module
+    table = x if xv.dim() == 2 else new_node(gm, aten.reshape.default, (x, [-1, 1]), {}, ctx, node)
+    out = new_node(gm, aten.embedding.default, (table, indices[0]), {}, ctx, node)
+    if xv.dim() == 1:
+        out = new_node(gm, aten.reshape.default, (out, [-1]), {}, ctx, node)
+    node.replace_all_uses_with(out)
+    node.graph.erase_node(node)
+    return True
+
+
 def _trivial_slice_or_cat(node: fx.Node) -> bool:
     """x[..., 0:len] -> x; cat([..., empty, ...]) drops the empty pieces (Phi-3's partial-rotary code at factor 1.0
     slices the whole head and concatenates an empty pass-through part)."""
@@ -176,12 +313,15 @@ def reduce_over_last_dim(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) ->
 def normalize(gm: fx.GraphModule, ctx: PassContext) -> int:
     count = 0
     for node in list(gm.graph.nodes):
-        if node.op != "call_function":
+        if node.op != "call_function" or getattr(node, "_erased", False):
             continue
-        if node.target in (aten.split.Tensor, aten.split_with_sizes.default):
+        if node.target is aten.sort.default:
+            count += _moe_routing(node, ctx)
+        elif node.target in (aten.split.Tensor, aten.split_with_sizes.default):
             count += _split_to_slices(node)
         elif node.target is aten.index.Tensor:
-            count += _constant_index_to_slice(node, ctx) or _table_lookup_to_embedding(node, ctx)
+            count += (_constant_index_to_slice(node, ctx) or _table_lookup_to_embedding(node, ctx)
+                      or _bounded_gather_to_embedding(node, ctx))
         elif node.target in (aten.slice.Tensor, aten.cat.default):
             count += _trivial_slice_or_cat(node)
         elif node.target in REDUCTIONS:
