@@ -150,7 +150,8 @@ def _expert_offsets(values: fx.Node) -> list[tuple[fx.Node, int]]:
     found = []
     for cast in [values, *_users(values, aten._to_copy.default)]:
         for histc in _users(cast, aten.histc.default):
-            bins, lo, hi = (list(histc.args[1:4]) + [100, 0, 0])[:3]
+            given = list(histc.args[1:4])
+            bins, lo, hi = given + [100, 0, 0][len(given):]  # torch.histc's defaults for what is not given
             bins, lo, hi = histc.kwargs.get("bins", bins), histc.kwargs.get("min", lo), histc.kwargs.get("max", hi)
             if not (isinstance(bins, int) and lo == 0 and hi == bins - 1):
                 continue
