@@ -58,3 +58,24 @@ def test_routing_rewrite_keeps_the_graph_runnable():
     ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (cm(ids).logits - model(ids).logits).abs().max().item() < TOL
+
+
+@pytest.mark.parametrize("quant", ["df11", "int6"])
+def test_quantization_reports_the_experts_and_keeps_the_router(quant):
+    """quant= on an MoE model: the report says the expert weights (here 40% of the weights, the vocabulary being
+    large for the tiny layer) stay as stored, int6 keeps the router in the compute dtype (it feeds the top-k: a
+    rounded logit can change a token's experts), and df11 (lossless) still generates HF's greedy tokens."""
+    model = _moe(4, 2).to(torch.bfloat16)
+    cm = braze.compile(model, max_seq=32, max_batch=2, quant=quant, **({"int6_method": "rtn"} if quant == "int6"
+                                                                         else {}))
+    notes = [n for p in cm.report.passes if p.name == f"quantize_{quant}" for n in p.notes]
+    experts = next(n for n in notes if n.startswith("MoE experts kept as stored (bfloat16): 2 tensors"))
+    assert int(experts.split("weights, ")[1].split("%")[0]) >= 25
+    if quant == "int6":
+        assert any(n.startswith("MoE routers kept") and "mlp_gate_weight" in n for n in notes), notes
+        assert not any("mlp_gate_weight" in n and "W6A" in n for n in notes), notes
+    ids = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        hf = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    if quant == "df11":  # lossless: the same tokens
+        assert torch.equal(cm.generate(ids, max_new_tokens=4, eos_token_id=None, pad_token_id=0), hf)

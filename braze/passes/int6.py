@@ -32,7 +32,15 @@ from braze.ops.quant_ops import A16
 from braze.ops.schema import op_args
 from braze.passes.context import PassContext
 from braze.passes.graph_utils import activate, aten, dce, is_op, new_node, val
-from braze.passes.quantize import LINEARS, WEIGHT_ARGS, _module_path, _weight_placeholder, layer_index
+from braze.passes.quantize import (
+    LINEARS,
+    WEIGHT_ARGS,
+    _module_path,
+    _weight_placeholder,
+    expert_weights_kept,
+    layer_index,
+    routes_experts,
+)
 from braze.quant.calibration import Calibration
 from braze.quant.int6 import Int6Weight
 from braze.quant.int6 import quantize_int6 as quantize_int6_weight
@@ -158,7 +166,7 @@ def quantize_int6(gm: fx.GraphModule, ctx: PassContext) -> int:
     method = _method(config, stats)
     hessians = _StatsIndex(stats.hessians) if stats is not None else None
     samples = _StatsIndex(stats.samples) if stats is not None and stats.samples else None
-    count, kept, bits, notes, plans = 0, [], {}, [], []
+    count, kept, bits, notes, plans, routers = 0, [], {}, [], [], []
     missing: list[str] = []
     for node in linears:
         a = op_args(node)
@@ -170,6 +178,9 @@ def quantize_int6(gm: fx.GraphModule, ctx: PassContext) -> int:
         names = [ph.name for ph in phs]
         if layered and layer_index(*names, path) is None:
             kept.append(names[0])  # lm_head & co. stay in the compute dtype, as FlexQ keeps them
+            continue
+        if routes_experts(node):
+            routers.append(names[0])  # a rounded router logit can send a token to other experts
             continue
         k_in = int(ctx.weights[names[0]].shape[1])
         groups = -(-k_in // GROUP)
@@ -215,6 +226,12 @@ def quantize_int6(gm: fx.GraphModule, ctx: PassContext) -> int:
         notes.append(f"{y.name}: {_describe(plan)}, {'+'.join(names)}, N={w.shape[0]} K={w.shape[1]}, "
                      f"{qw.bits_per_weight:.3f} bits/weight")
     _summarize(ctx, bits, plans, stats, missing, kept)
+    if routers:
+        ctx.note(f"MoE routers kept in the compute dtype (a rounded router logit can change a token's experts): "
+                 f"{', '.join(routers)}")
+    experts = expert_weights_kept(gm, ctx)
+    if experts:
+        ctx.note(experts)
     for line in notes:
         ctx.note(line)
     dce(gm)

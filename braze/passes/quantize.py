@@ -81,6 +81,43 @@ def _df11_candidates(gm: fx.GraphModule, ctx: PassContext) -> dict[fx.Node, list
     return found
 
 
+_WEIGHT_VIEWS = (aten.permute.default, aten.transpose.int, aten.t.default, aten.view.default, aten.reshape.default,
+                 aten.alias.default)
+
+
+def expert_weights_kept(gm: fx.GraphModule, ctx: PassContext) -> str | None:
+    """The report line for MoE expert weights (read by braze::grouped_mm), which quantization leaves as stored: the
+    grouped expert kernel reads them as they are, and a user expects to hear that the bulk of an MoE model's
+    weights was not compressed."""
+    names: set[str] = set()
+    for node in gm.graph.nodes:
+        if is_op(node, braze.grouped_mm.default):
+            w = node.args[1]
+            while is_op(w, *_WEIGHT_VIEWS):
+                w = w.args[0]
+            if isinstance(w, fx.Node) and w.op == "placeholder" and w.name in ctx.weights:
+                names.add(w.name)
+    if not names:
+        return None
+    kept = sum(ctx.weights[n].numel() for n in names)
+    total = sum(t.numel() for t in ctx.weights.values() if t.is_floating_point())
+    dtypes = ", ".join(sorted({str(ctx.weights[n].dtype).removeprefix("torch.") for n in names}))
+    return (f"MoE experts kept as stored ({dtypes}): {len(names)} tensors, {kept} weights, "
+            f"{100 * kept / max(total, 1):.0f}% of the model's (the grouped expert kernel reads them uncompressed)")
+
+
+def routes_experts(node: fx.Node, hops: int = 8) -> bool:
+    """Whether a linear is an MoE router: its output reaches a top-k within a few pointwise / reduction steps."""
+    seen: set[fx.Node] = set()
+    frontier = set(node.users)
+    for _ in range(hops):
+        if any(is_op(u, aten.topk.default) for u in frontier):
+            return True
+        seen |= frontier
+        frontier = {v for u in frontier if u.op == "call_function" and u.target not in LINEARS for v in u.users} - seen
+    return False
+
+
 def quantize_df11(gm: fx.GraphModule, ctx: PassContext) -> int:
     candidates = _df11_candidates(gm, ctx)
     not_bf16 = sorted({str(ctx.weights[ph.name].dtype) for ph in candidates} - {str(torch.bfloat16)})
@@ -177,6 +214,9 @@ def quantize_df11(gm: fx.GraphModule, ctx: PassContext) -> int:
             f"total: {len(units)} units, {total_weights} weights, {8 * total_bytes / total_weights:.2f} "
             f"bits/weight, {2 * total_weights - total_bytes} bytes saved vs BF16"
         )
+    experts = expert_weights_kept(gm, ctx)
+    if experts:
+        ctx.note(experts)
     dce(gm)  # a table read only by embeddings no longer needs its whole-unit decode
     strategies = _df11_unit_strategies(gm, ctx)
     for line in unit_notes:
