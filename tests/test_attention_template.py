@@ -396,6 +396,12 @@ def test_block_choosers():
             assert blocks.block_d >= dim and blocks.block_d & (blocks.block_d - 1) == 0
             assert min(blocks.block_m, blocks.block_n, blocks.block_d) >= 16
     assert decode_blocks(1, 80).block_g == 16 and decode_blocks(32, 128).block_g == 32
+    # fp32 caches at head dim 128: 32-key tiles, 8 warps (64-key ones spilled up to 18 KB, make gpucheck)
+    assert (decode_blocks(8, 128, 4).block_n, decode_blocks(8, 128, 4).num_warps) == (32, 8)
+    assert (decode_blocks(8, 128, 2).block_n, decode_blocks(8, 64, 4).block_n) == (64, 64)
+    # head dim 128 with the rotation in the flash kernel: 8 warps on a GPU (4 spilled on sm_80/86/89)
+    assert attention_blocks(100, 100, 128, TARGETS["sm_86"], rope=True).num_warps == 8
+    assert attention_blocks(100, 100, 128, TARGETS["sm_86"]).num_warps == 4
     h100 = TARGETS["sm_90"]
     assert decode_splits(8, 4096, h100) == 16  # few programs, long cache: split hard
     assert decode_splits(1, 100, h100) == 1  # too short to be worth splitting

@@ -195,8 +195,7 @@ def _moe_routing(node: fx.Node, ctx: PassContext) -> bool:
     if not offsets and not inverses:
         return False
     gm = node.graph.owning_module
-    order = torch.ops.braze.moe_sort.default
-    sorted_pairs = new_node(gm, order, (ids,), {}, ctx, node)
+    sorted_pairs = new_node(gm, torch.ops.braze.moe_sort.default, (ids,), {}, ctx, node)
     new_perm = new_node(gm, aten.select.int, (sorted_pairs, 0, 0), {}, ctx, node)
     for cumsum, experts in offsets:
         offs = new_node(gm, torch.ops.braze.moe_offsets.default, (ids, experts), {}, ctx, cumsum)
@@ -218,6 +217,7 @@ def _moe_routing(node: fx.Node, ctx: PassContext) -> bool:
     for old in (values, perm):
         if old is not None:
             _erase_dead_from(old)  # then the sort, once neither of its outputs is read
+    _erase_dead_from(new_perm)  # (when nothing reads the permutation itself, only the offsets were wanted)
     ctx.note(f"{node.name}: MoE routing -> braze::moe_sort{' + braze::moe_offsets' if offsets else ''}")
     return True
 
