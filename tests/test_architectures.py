@@ -28,12 +28,9 @@ MAX_SEQ = 32
 
 GENERAL_CACHED = "braze.general_cached_attention.default"
 # (its sum over a non-last dim is fused: a last-dim reduction of a view, passes/normalize.py)
-# (MoE: the expert matmuls run the grouped_matmul kernel, the sort by expert, its inverse and the expert counts
-# the moe_routing kernels; `perm // top_k` and the gathers by the permutations fuse; the router's top-k is left)
-MOE = ["aten.topk.default"]
 
 # architecture -> (eager steps of the forward plan, eager steps of the decode plan), sorted op names. What braze
-# cannot lower runs eagerly: attention with a static bias (ALiBi) over the cache, and the MoE router's top-k.
+# cannot lower runs eagerly: attention with a static bias (ALiBi) over the cache.
 EXPECTED_EAGER = {
     "llama": ([], []),
     "mistral": ([], []),
@@ -55,7 +52,9 @@ EXPECTED_EAGER = {
     "mpt": (["aten.pow.Scalar", "braze.attention.default"], [GENERAL_CACHED]),
     # ALiBi with heads merged into the batch (baddbmm / bmm attention)
     "bloom": (["aten.pow.Tensor_Tensor", "aten.repeat.default", "braze.attention.default"], [GENERAL_CACHED]),
-    "mixtral": (MOE, MOE),  # top-2 of 4 experts: the router's top-k runs eagerly
+    # top-2 of 4 experts: the router's top-k, the sort by expert, its inverse and the expert counts run the topk and
+    # moe_routing kernels, the expert matmuls the grouped_matmul kernel; `perm // top_k` and the gathers fuse
+    "mixtral": ([], []),
     # interleaved rotary (rotate_every_two) over 8 of 16 dims in the [B, S, H, D] layout, parallel attention + MLP;
     # the sin/cos table indexed by position_ids is an embedding lookup (no aten.index step)
     "gptj": ([], []),

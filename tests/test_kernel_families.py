@@ -445,6 +445,25 @@ def test_moe_routing_family(pairs):
     assert offs[-1].item() == pairs - 1 and offs.dtype == torch.int32
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_family(dtype):
+    """Top-k of each row against torch.topk: the same values, each index pointing at its value (fp32's distinct
+    values: torch's indices), 3-D input, k = 1 and k = the whole row; ties take the lowest index first; -inf
+    entries are ranked, not skipped."""
+    x = torch.randn(2, 5, 37, generator=_gen(13)).to(dtype)
+    for k in (1, 4, 37):
+        packed, _ = launch_like_a_plan(lambda t: ops.topk_packed(t, k), x)  # noqa: B023
+        values, indices = torch.topk(x.float(), k)
+        assert torch.equal(packed[0], values), k
+        if dtype == torch.float32:  # distinct values: the same indices (bf16 rounding makes ties, checked below)
+            assert torch.equal(packed[1], indices.float()), k
+        assert torch.equal(x.float().gather(-1, packed[1].long()), values), k
+    ties = torch.tensor([[1.0, 3.0, 3.0, float("-inf"), 3.0, float("-inf")]])
+    packed, _ = launch_like_a_plan(lambda t: ops.topk_packed(t, 5), ties)
+    assert packed[1].tolist() == [[1.0, 2.0, 4.0, 0.0, 3.0]]
+    assert packed[0].tolist() == [[3.0, 3.0, 3.0, 1.0, float("-inf")]]
+
+
 def test_fused_family_through_a_compiled_plan():
     """The generated pointwise/reduction family has no fixed op: a compiled function's plan launches it."""
     def f(x, y):

@@ -28,8 +28,8 @@ def _moe(experts: int, top_k: int):
 @pytest.mark.parametrize("experts, top_k", [(1, 1), (6, 3)], ids=["one-expert", "six-experts"])
 def test_routing_runs_in_kernels(experts, top_k):
     """One expert (HF calls histc(x, 1): torch's default range, which the rewrite must read as [0, 0]) and six
-    experts with top-3: forward logits within TOL of eager on a left-padded batch, greedy tokens equal to HF's,
-    and every plan's only eager step is the router's top-k."""
+    experts with top-3: forward logits within TOL of eager, greedy tokens of a left-padded batch equal to HF's,
+    and every plan runs the router's top-k, the routing and the experts in kernels, with no eager step."""
     model = _moe(experts, top_k)
     cm = braze.compile(model, max_seq=32, max_batch=2)
     ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(1))
@@ -38,8 +38,10 @@ def test_routing_runs_in_kernels(experts, top_k):
     assert (cm(ids).logits - want).abs().max().item() < TOL
     for plan in (cm.plan, *cm.extra_plans.values()):
         eager = {s.target for s in plan.steps if s.kind == "eager" and s.target != "_operator.getitem"}
-        assert eager == {"aten.topk.default"}, (plan.name, eager)
-        assert sum(s.launcher == "moe_routing" for s in plan.steps) == 2, plan.name
+        assert not eager, (plan.name, eager)
+        launchers = [s.launcher for s in plan.steps]
+        assert (launchers.count("topk"), launchers.count("moe_routing"), launchers.count("grouped_matmul")) == (
+            1, 2, 2), plan.name
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
     with torch.no_grad():

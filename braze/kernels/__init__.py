@@ -21,11 +21,12 @@ from braze.kernels.int6 import INT6_MATMUL
 from braze.kernels.kv_compress import KV_COMPRESS
 from braze.kernels.matmul import MATMUL
 from braze.kernels.moe_routing import MOE_ROUTING
+from braze.kernels.topk import TOPK
 
 FAMILIES: dict[str, KernelFamily] = {
     f.name: f for f in (FUSED, MATMUL, ATTENTION, CACHED_ATTENTION, TREE_CACHED_ATTENTION, GENERAL_CACHED_ATTENTION,
                         DF11_DECODE, DF11_EMBEDDING, DF11_GEMV, INT6_MATMUL, ATTENTION_BLOCK, MLP_BLOCK, KV_COMPRESS,
-                        GROUPED_MATMUL, MOE_ROUTING)
+                        GROUPED_MATMUL, MOE_ROUTING, TOPK)
 }
 
 if TYPE_CHECKING:

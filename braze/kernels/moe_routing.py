@@ -44,7 +44,7 @@ class MoeRoutingFamily(KernelFamily):
 
     def supports(self, node: fx.Node) -> str | None:
         ids = node.args[0].meta["val"]
-        if ids.dim() != 1 or ids.dtype not in (torch.int32, torch.int64):
+        if ids.dim() != 1 or ids.dtype not in (torch.int32, torch.int64, torch.float32):
             return f"MoE routing over {ids.dim()}-D {ids.dtype} expert ids has no kernel"
         return None
 

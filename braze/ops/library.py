@@ -496,7 +496,8 @@ def _grouped_mm_fake(x: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
 @torch.library.custom_op("braze::moe_sort", mutates_args=())
 def moe_sort(expert_ids: Tensor) -> Tensor:
     """MoE routing: [2, S] int64, row 0 the permutation that sorts the (token, slot) pairs' expert ids (stable),
-    row 1 its inverse (HF's `perm` and `inv_perm`)."""
+    row 1 its inverse (HF's `perm` and `inv_perm`). The ids: an integer tensor, or the fp32 top-k indices of
+    braze::topk_packed (exact integers)."""
     perm = torch.sort(expert_ids, stable=True).indices
     inverse = torch.empty_like(perm)
     inverse[perm] = torch.arange(perm.numel(), device=perm.device)
@@ -512,7 +513,7 @@ def _moe_sort_fake(expert_ids: Tensor) -> Tensor:
 def moe_offsets(expert_ids: Tensor, num_experts: int) -> Tensor:
     """MoE routing: [E] int32, offs[e] = #{pairs routed to experts <= e}: the cumulative row ends of the sorted
     pairs (HF's cumsum(histc(...)); ids outside [0, E), expert-parallel sentinels, count for no expert)."""
-    ids = expert_ids[(expert_ids >= 0) & (expert_ids < num_experts)]
+    ids = expert_ids[(expert_ids >= 0) & (expert_ids < num_experts)].long()  # (fp32 top-k ids are exact)
     counts = torch.bincount(ids, minlength=num_experts)
     return torch.cumsum(counts, 0).to(torch.int32)
 
@@ -520,6 +521,20 @@ def moe_offsets(expert_ids: Tensor, num_experts: int) -> Tensor:
 @moe_offsets.register_fake
 def _moe_offsets_fake(expert_ids: Tensor, num_experts: int) -> Tensor:
     return expert_ids.new_empty((num_experts,), dtype=torch.int32)
+
+
+@torch.library.custom_op("braze::topk_packed", mutates_args=())
+def topk_packed(x: Tensor, k: int) -> Tensor:
+    """torch.topk(x, k) over the last dim (largest, sorted) as one fp32 tensor [2, ..., k]: the values, then the
+    indices (exact in fp32 for dims below 2**24), each half contiguous. One output, so a kernel family can lower
+    it (an MoE router's top-k; passes/normalize.py rewrites topk into it and reads the halves back with casts)."""
+    values, indices = torch.topk(x.float(), k)
+    return torch.stack([values, indices.float()])
+
+
+@topk_packed.register_fake
+def _topk_packed_fake(x: Tensor, k: int) -> Tensor:
+    return x.new_empty((2, *x.shape[:-1], k), dtype=torch.float32)
 
 
 BRAZE_OPS = {
@@ -535,4 +550,5 @@ BRAZE_OPS = {
     "grouped_mm": torch.ops.braze.grouped_mm.default,
     "moe_sort": torch.ops.braze.moe_sort.default,
     "moe_offsets": torch.ops.braze.moe_offsets.default,
+    "topk_packed": torch.ops.braze.topk_packed.default,
 }

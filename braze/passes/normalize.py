@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from braze.passes.context import PassContext
-from braze.passes.graph_utils import _erase_dead_from, aten, dce, new_node, val
+from braze.passes.graph_utils import _erase_dead_from, aten, dce, is_op, new_node, val
 
 ASSERTS = {aten._assert_tensor_metadata.default, aten._assert_scalar.default}
 # custom ops of other libraries that a model's export holds -> the braze op with the same semantics (a plan may
@@ -131,6 +131,9 @@ def _index_bound(node: Any) -> Any:
         return None
     if t is aten.select.int and isinstance(args[0], fx.Node) and args[0].target is torch.ops.braze.moe_sort.default:
         return val(args[0].args[0]).shape[0]  # a permutation of the pairs, or its inverse
+    if t is aten._to_copy.default and is_op(args[0], aten.select.int) and \
+            is_op(args[0].args[0], torch.ops.braze.topk_packed.default) and tuple(args[0].args[1:]) == (0, 1):
+        return val(args[0].args[0].args[0]).shape[-1]  # top-k indices, read back from the packed op
     if t in _SAME_VALUES:
         return _index_bound(args[0])
     if t in (aten.div.Tensor_mode, aten.div.Scalar_mode) and node.kwargs.get("rounding_mode") in ("floor", "trunc"):
@@ -139,6 +142,34 @@ def _index_bound(node: Any) -> Any:
         if bound is not None and isinstance(divisor, int) and not isinstance(divisor, bool) and divisor > 0:
             return (bound + divisor - 1) // divisor
     return None
+
+
+def _topk_to_packed(node: fx.Node, ctx: PassContext) -> bool:
+    """topk(x, k) over the last dim (largest, sorted) of a float tensor -> braze::topk_packed, its values and
+    indices read back through casts (kernels/topk.py takes it; an MoE router's top-k was an eager step)."""
+    from braze.kernels.topk import MAX_TOPK, MAX_TOPK_DIM
+
+    x, k = node.args[0], node.args[1]
+    xv = val(x)
+    rest = dict(zip(("dim", "largest", "sorted"), node.args[2:])) | dict(node.kwargs)
+    if not isinstance(xv, torch.Tensor) or not xv.is_floating_point() or xv.dim() == 0 or \
+            rest.get("dim", -1) not in (-1, xv.dim() - 1) or not rest.get("largest", True) or \
+            not rest.get("sorted", True) or any(u.target is not operator.getitem for u in node.users):
+        return False
+    width = xv.shape[-1]
+    if not (isinstance(width, int) and width <= MAX_TOPK_DIM and isinstance(k, int) and 1 <= k <= min(MAX_TOPK, width)):
+        return False
+    gm = node.graph.owning_module
+    packed = new_node(gm, torch.ops.braze.topk_packed.default, (x, k), {}, ctx, node)
+    for user in list(node.users):
+        which = user.args[1]
+        half = new_node(gm, aten.select.int, (packed, 0, which), {}, ctx, user)
+        dtype = val(user).dtype
+        user.replace_all_uses_with(half if dtype == torch.float32 else
+                                   new_node(gm, aten._to_copy.default, (half,), {"dtype": dtype}, ctx, user))
+        gm.graph.erase_node(user)
+    gm.graph.erase_node(node)
+    return True
 
 
 def _users(node: fx.Node, *targets: Any) -> list[fx.Node]:
@@ -176,6 +207,17 @@ def _is_inverse_of(index_put: fx.Node, perm: fx.Node) -> bool:
         values.target is aten.arange.default or values.args[0] == 0)
 
 
+def _packed_topk_indices(ids: fx.Node, ctx: PassContext, before: fx.Node) -> fx.Node | None:
+    """ids = reshape(int cast of the top-k indices' fp32 half of braze::topk_packed, [-1]): that half flattened,
+    which the routing kernels read as it is (exact integers), so the cast is not materialized for them."""
+    cast = ids.args[0] if is_op(ids, aten.reshape.default, aten.view.default) else None
+    half = cast.args[0] if is_op(cast, aten._to_copy.default) else None
+    if not (is_op(half, aten.select.int) and is_op(half.args[0], torch.ops.braze.topk_packed.default)
+            and tuple(half.args[1:]) == (0, 1)):
+        return None
+    return new_node(ids.graph.owning_module, aten.reshape.default, (half, [-1]), {}, ctx, before)
+
+
 def _moe_routing(node: fx.Node, ctx: PassContext) -> bool:
     """HF's grouped-experts routing (integrations/moe.py) -> braze::moe_sort + braze::moe_offsets (kernels:
     kernels/moe_routing.py): `sort(expert_ids)` becomes a stable sort permutation, the inverse permutation built
@@ -195,10 +237,11 @@ def _moe_routing(node: fx.Node, ctx: PassContext) -> bool:
     if not offsets and not inverses:
         return False
     gm = node.graph.owning_module
-    sorted_pairs = new_node(gm, torch.ops.braze.moe_sort.default, (ids,), {}, ctx, node)
+    ids_in = _packed_topk_indices(ids, ctx, node) or ids
+    sorted_pairs = new_node(gm, torch.ops.braze.moe_sort.default, (ids_in,), {}, ctx, node)
     new_perm = new_node(gm, aten.select.int, (sorted_pairs, 0, 0), {}, ctx, node)
     for cumsum, experts in offsets:
-        offs = new_node(gm, torch.ops.braze.moe_offsets.default, (ids, experts), {}, ctx, cumsum)
+        offs = new_node(gm, torch.ops.braze.moe_offsets.default, (ids_in, experts), {}, ctx, cumsum)
         if val(cumsum).dtype != torch.int32:
             offs = new_node(gm, aten._to_copy.default, (offs,), {"dtype": val(cumsum).dtype}, ctx, cumsum)
         cumsum.replace_all_uses_with(offs)
@@ -318,6 +361,8 @@ def normalize(gm: fx.GraphModule, ctx: PassContext) -> int:
             continue
         if node.target is aten.sort.default:
             count += _moe_routing(node, ctx)
+        elif node.target is aten.topk.default:
+            count += _topk_to_packed(node, ctx)
         elif node.target in (aten.split.Tensor, aten.split_with_sizes.default):
             count += _split_to_slices(node)
         elif node.target is aten.index.Tensor:

@@ -111,7 +111,7 @@ def routes_experts(node: fx.Node, hops: int = 8) -> bool:
     seen: set[fx.Node] = set()
     frontier = set(node.users)
     for _ in range(hops):
-        if any(is_op(u, aten.topk.default) for u in frontier):
+        if any(is_op(u, aten.topk.default, braze.topk_packed.default) for u in frontier):
             return True
         seen |= frontier
         frontier = {v for u in frontier if u.op == "call_function" and u.target not in LINEARS for v in u.users} - seen
