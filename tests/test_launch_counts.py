@@ -56,7 +56,7 @@ def _check(calls, plans):
         assert launch_count(plan, TARGETS["sm_90"], sizes) >= counted
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral"])  # mixtral: the MoE families (experts, routing, top-k)
 def test_every_plan_launches_what_it_predicts(observed, arch):
     cm = braze.compile(tiny_causal_lm(arch, layers=2), max_seq=64, max_batch=2)
     ids = _repetitive_prompt()
