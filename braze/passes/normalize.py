@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import statically_known_true
 
+from braze.ops.schema import op_args
 from braze.passes.context import PassContext
 from braze.passes.graph_utils import _erase_dead_from, aten, dce, is_op, new_node, val
 
@@ -28,32 +29,32 @@ FOREIGN_OPS = {"transformers::grouped_mm_fallback": torch.ops.braze.grouped_mm.d
 def _is_expert_grouped_mm(node: fx.Node) -> bool:
     """aten._grouped_mm in the form HF's MoE experts call it (torch's grouped_mm: rows [T, K] sorted by expert,
     experts [E, K, N], cumulative ends `offs`, no bias, the rows' dtype out) is braze::grouped_mm."""
-    args = dict(zip(("self", "mat2", "offs", "bias", "out_dtype"), node.args)) | dict(node.kwargs)
-    x, w, offs = val(args["self"]), val(args["mat2"]), args.get("offs")
+    args = op_args(node)
+    x, w = val(args["self"]), val(args["mat2"])
     return (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and x.dim() == 2 and w.dim() == 3
-            and isinstance(offs, fx.Node) and args.get("bias") is None
-            and args.get("out_dtype") in (None, x.dtype) and x.dtype == w.dtype)
+            and isinstance(args["offs"], fx.Node) and args["bias"] is None
+            and args["out_dtype"] in (None, x.dtype) and x.dtype == w.dtype)
 
 
 def _split_to_slices(node: fx.Node) -> bool:
     """split / split_with_sizes whose pieces are read by getitem -> one slice per piece (free index remaps for the
     fused kernels, where the split itself had no lowering): fused QKV and gate/up projections, chunk(2)."""
-    x = node.args[0]
+    args = op_args(node)
+    x = args["self"]
     xv = val(x)
     if not isinstance(xv, torch.Tensor):
         return False
-    dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-    dim = dim % xv.dim()
+    dim = args["dim"] % xv.dim()
     length = xv.shape[dim]
     if not isinstance(length, int):
         return False
     if node.target is aten.split.Tensor:
-        size = node.args[1]
+        size = args["split_size"]
         if not isinstance(size, int) or size <= 0:
             return False
         sizes = [min(size, length - s) for s in range(0, length, size)]
     else:
-        sizes = list(node.args[1])
+        sizes = list(args["split_sizes"])
     if not all(isinstance(s, int) for s in sizes) or not all(u.target is operator.getitem for u in node.users):
         return False
     starts = [sum(sizes[:i]) for i in range(len(sizes))]
@@ -123,11 +124,11 @@ def _index_bound(node: Any) -> Any:
     if t is operator.getitem and isinstance(args[0], fx.Node) and args[0].op == "call_function":
         src, which = args[0], args[1]
         if src.target is aten.sort.default:
-            dim = src.args[1] if len(src.args) > 1 else src.kwargs.get("dim", -1)
-            return val(src.args[0]).shape[dim] if which == 1 else _index_bound(src.args[0])
+            sort = op_args(src)
+            return val(sort["self"]).shape[sort["dim"]] if which == 1 else _index_bound(sort["self"])
         if src.target is aten.topk.default and which == 1:
-            dim = src.args[2] if len(src.args) > 2 else src.kwargs.get("dim", -1)
-            return val(src.args[0]).shape[dim]
+            topk = op_args(src)
+            return val(topk["self"]).shape[topk["dim"]]
         return None
     if t is aten.select.int and isinstance(args[0], fx.Node) and args[0].target is torch.ops.braze.moe_sort.default:
         return val(args[0].args[0]).shape[0]  # a permutation of the pairs, or its inverse
@@ -136,7 +137,7 @@ def _index_bound(node: Any) -> Any:
         return val(args[0].args[0].args[0]).shape[-1]  # top-k indices, read back from the packed op
     if t in _SAME_VALUES:
         return _index_bound(args[0])
-    if t in (aten.div.Tensor_mode, aten.div.Scalar_mode) and node.kwargs.get("rounding_mode") in ("floor", "trunc"):
+    if t in (aten.div.Tensor_mode, aten.div.Scalar_mode) and op_args(node)["rounding_mode"] in ("floor", "trunc"):
         divisor = args[1]
         bound = _index_bound(args[0])
         if bound is not None and isinstance(divisor, int) and not isinstance(divisor, bool) and divisor > 0:
@@ -149,12 +150,12 @@ def _topk_to_packed(node: fx.Node, ctx: PassContext) -> bool:
     indices read back through casts (kernels/topk.py takes it; an MoE router's top-k was an eager step)."""
     from braze.kernels.topk import MAX_TOPK, MAX_TOPK_DIM
 
-    x, k = node.args[0], node.args[1]
+    args = op_args(node)
+    x, k = args["self"], args["k"]
     xv = val(x)
-    rest = dict(zip(("dim", "largest", "sorted"), node.args[2:])) | dict(node.kwargs)
     if not isinstance(xv, torch.Tensor) or not xv.is_floating_point() or xv.dim() == 0 or \
-            rest.get("dim", -1) not in (-1, xv.dim() - 1) or not rest.get("largest", True) or \
-            not rest.get("sorted", True) or any(u.target is not operator.getitem for u in node.users):
+            args["dim"] not in (-1, xv.dim() - 1) or not args["largest"] or not args["sorted"] or \
+            any(u.target is not operator.getitem for u in node.users):
         return False
     width = xv.shape[-1]
     if not (isinstance(width, int) and width <= MAX_TOPK_DIM and isinstance(k, int) and 1 <= k <= min(MAX_TOPK, width)):
@@ -181,30 +182,29 @@ def _expert_offsets(values: fx.Node) -> list[tuple[fx.Node, int]]:
     found = []
     for cast in [values, *_users(values, aten._to_copy.default)]:
         for histc in _users(cast, aten.histc.default):
-            given = list(histc.args[1:4])
-            bins, lo, hi = given + [100, 0, 0][len(given):]  # torch.histc's defaults for what is not given
-            bins, lo, hi = histc.kwargs.get("bins", bins), histc.kwargs.get("min", lo), histc.kwargs.get("max", hi)
+            args = op_args(histc)
+            bins, lo, hi = args["bins"], args["min"], args["max"]
             if not (isinstance(bins, int) and lo == 0 and hi == bins - 1):
                 continue
             for cumsum in _users(histc, aten.cumsum.default):
-                if cumsum.args[1] in (0, -1) and cumsum.kwargs.get("dtype") in (torch.int32, torch.int64):
+                if op_args(cumsum)["dim"] in (0, -1) and op_args(cumsum)["dtype"] in (torch.int32, torch.int64):
                     found.append((cumsum, bins))
     return found
 
 
 def _is_inverse_of(index_put: fx.Node, perm: fx.Node) -> bool:
     """index_put(empty([S]), [perm], arange(S)): HF's `inv_perm[perm] = arange(S)`."""
-    target, indices, values = index_put.args[:3]
-    accumulate = index_put.args[3] if len(index_put.args) > 3 else index_put.kwargs.get("accumulate", False)
-    if accumulate or list(indices) != [perm] or not isinstance(target, fx.Node) or not isinstance(values, fx.Node):
+    args = op_args(index_put)
+    target, indices, values = args["self"], args["indices"], args["values"]
+    if args["accumulate"] or list(indices) != [perm] or not isinstance(target, fx.Node) or \
+            not isinstance(values, fx.Node):
         return False
     if target.target not in (aten.empty_permuted.default, aten.empty.memory_format) or len(target.users) != 1:
         return False
-    if values.target is aten.arange.start_step:
-        start, step = values.args[0], (values.args[2] if len(values.args) > 2 else values.kwargs.get("step", 1))
-        return start == 0 and step == 1
-    return values.target in (aten.arange.default, aten.arange.start) and (
-        values.target is aten.arange.default or values.args[0] == 0)
+    if values.target not in (aten.arange.default, aten.arange.start, aten.arange.start_step):
+        return False
+    arange = op_args(values)
+    return arange.get("start", 0) == 0 and arange.get("step", 1) == 1
 
 
 def _packed_topk_indices(ids: fx.Node, ctx: PassContext, before: fx.Node) -> fx.Node | None:
@@ -223,12 +223,12 @@ def _moe_routing(node: fx.Node, ctx: PassContext) -> bool:
     kernels/moe_routing.py): `sort(expert_ids)` becomes a stable sort permutation, the inverse permutation built
     with index_put a row of the same op, and `cumsum(histc(sorted ids))` the offsets op; the sorted values, where
     something else reads them, a gather of the ids by the permutation."""
-    ids = node.args[0]
+    args = op_args(node)
+    ids = args["self"]
     iv = val(ids)
-    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", -1)
-    descending = node.args[2] if len(node.args) > 2 else node.kwargs.get("descending", False)
     if not isinstance(iv, torch.Tensor) or iv.dim() != 1 or iv.dtype not in (torch.int32, torch.int64) or \
-            dim not in (0, -1) or descending or any(u.target is not operator.getitem for u in node.users):
+            args["dim"] not in (0, -1) or args["descending"] or \
+            any(u.target is not operator.getitem for u in node.users):
         return False
     getters = {u.args[1]: u for u in node.users}
     values, perm = getters.get(0), getters.get(1)
@@ -292,12 +292,10 @@ def _bounded_gather_to_embedding(node: fx.Node, ctx: PassContext) -> bool:
 def _trivial_slice_or_cat(node: fx.Node) -> bool:
     """x[..., 0:len] -> x; cat([..., empty, ...]) drops the empty pieces (Phi-3's partial-rotary code at factor 1.0
     slices the whole head and concatenates an empty pass-through part)."""
+    args = op_args(node)
     if node.target is aten.slice.Tensor:
-        x = node.args[0]
+        x, dim, start, end, step = args["self"], args["dim"], args["start"], args["end"], args["step"]
         xv = val(x)
-        dim, start = node.args[1] if len(node.args) > 1 else 0, node.args[2] if len(node.args) > 2 else None
-        end = node.args[3] if len(node.args) > 3 else None
-        step = node.args[4] if len(node.args) > 4 else 1
         if not isinstance(xv, torch.Tensor) or step != 1 or start not in (None, 0):
             return False
         length = xv.shape[dim % xv.dim()]
@@ -305,7 +303,7 @@ def _trivial_slice_or_cat(node: fx.Node) -> bool:
             node.replace_all_uses_with(x)
             return True
         return False
-    pieces, dim = node.args[0], node.args[1] if len(node.args) > 1 else 0
+    pieces, dim = args["tensors"], args["dim"]
     kept = [p for p in pieces if not (isinstance(val(p), torch.Tensor) and val(p).dim() > 0
                                       and statically_known_true(val(p).shape[dim % val(p).dim()] == 0))]
     if len(kept) == len(pieces) or not kept:
@@ -313,7 +311,7 @@ def _trivial_slice_or_cat(node: fx.Node) -> bool:
     if len(kept) == 1:
         node.replace_all_uses_with(kept[0])
     else:
-        node.args = (kept, *node.args[1:])
+        node.args, node.kwargs = (kept, dim), {}
     return True
 
 
@@ -325,13 +323,13 @@ def reduce_over_last_dim(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) ->
     last-dim reduction of a view (kept dims first, the reduced ones merged last): the fused family lowers last-dim
     reductions, and views are free index remaps there (pooling means over H and W, x.sum() of a check, softmax
     statistics over a channel dim ran eagerly before)."""
-    x = node.args[0]
+    args = op_args(node)
+    x = args["self"]
     xv = val(x)
     if not isinstance(xv, torch.Tensor) or xv.dim() == 0 or any(s == 0 for s in xv.shape):
         return False
     rank = xv.dim()
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    dims, keepdim = args["dim"], args["keepdim"]
     reduced = sorted({d % rank for d in dims}) if dims else list(range(rank))
     if reduced == [rank - 1]:
         return False
@@ -383,7 +381,9 @@ def normalize(gm: fx.GraphModule, ctx: PassContext) -> int:
             count += 1
         elif node.target is aten._grouped_mm.default and _is_expert_grouped_mm(node):
             ctx.note(f"{node.name}: aten._grouped_mm -> braze::grouped_mm (MoE experts)")
-            node.target, node.args, node.kwargs = torch.ops.braze.grouped_mm.default, tuple(node.args[:3]), {}
+            args = op_args(node)
+            node.target, node.args, node.kwargs = (torch.ops.braze.grouped_mm.default,
+                                                   (args["self"], args["mat2"], args["offs"]), {})
             count += 1
         elif node.target in (aten.view.default, aten._unsafe_view.default):
             node.target = aten.reshape.default
