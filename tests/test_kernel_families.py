@@ -417,6 +417,31 @@ def test_grouped_matmul_family(device, deterministic):
         assert not out[-2:].any()
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+@pytest.mark.parametrize("device", ["interpreter", "sm_90"])
+def test_grouped_matmul_family_gathers_rows_and_applies_swiglu(device, deterministic):
+    """The fused experts' form (passes/moe.py): operand rows read in place as x[rows // row_div] (each (token,
+    slot) pair's token, in expert order) and silu(gate) * up stored from the fp32 accumulators of the [gate | up]
+    columns; against the op's reference, fp32 within TOL, fp16 within 2 fp16 ulps of the output scale."""
+    spec = INTERPRETER if device == "interpreter" else TARGETS[device]
+    counts, top_k, tokens = [3, 0, 4, 0, 2, 9], 2, 9
+    for dtype, tol in ((torch.float32, TOL), (torch.float16, {"atol": 4e-3, "rtol": 2e-3})):
+        x, w, offs = _experts(counts, sentinels=0, n=2 * 40, dtype=dtype)
+        hidden = x[:tokens].clone()
+        perm = torch.randperm(sum(counts), generator=_gen(13))
+        for fn, args in ((lambda h, w, o, p: ops.grouped_mm(h, w, o, p, top_k), (hidden, w, offs, perm)),
+                         (lambda x, w, o: ops.grouped_mm(x, w, o, glu="swiglu"), (x, w, offs)),
+                         (lambda h, w, o, p: ops.grouped_mm(h, w, o, p, top_k, "swiglu"), (hidden, w, offs, perm))):
+            out, _ = launch_like_a_plan(fn, *args, device=spec, deterministic=deterministic)
+            ref = fn(*(a.float() if a.is_floating_point() else a for a in args))
+            torch.testing.assert_close(out.float(), ref, **tol)
+    gathered = ops.grouped_mm(hidden.float(), w.float(), offs, perm, top_k)
+    assert torch.equal(gathered, ops.grouped_mm(hidden.float()[perm // top_k], w.float(), offs))
+    gate, up = ops.grouped_mm(x.float(), w.float(), offs).chunk(2, dim=-1)
+    torch.testing.assert_close(ops.grouped_mm(x.float(), w.float(), offs, glu="swiglu"),
+                               torch.nn.functional.silu(gate) * up, rtol=0, atol=0)
+
+
 def test_grouped_matmul_family_rows_do_not_see_their_tile():
     """Deterministic compiles: a row's output is bitwise the same alone and in a tile of other experts' rows (what
     makes MoE layers batch-invariant: the sort puts a request's rows next to any companions')."""

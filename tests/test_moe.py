@@ -42,6 +42,8 @@ def test_routing_runs_in_kernels(experts, top_k):
         launchers = [s.launcher for s in plan.steps]
         assert (launchers.count("topk"), launchers.count("moe_routing"), launchers.count("grouped_matmul")) == (
             1, 2, 2), plan.name
+        gate_up = next(s for s in plan.steps if s.launcher == "grouped_matmul")  # passes/moe.py: gather + SwiGLU in
+        assert gate_up.params.get("glu") == "swiglu" and "rows" in gate_up.params["roles"], gate_up.params
     mask = torch.ones_like(ids)
     mask[0, :3] = 0
     with torch.no_grad():
@@ -52,11 +54,14 @@ def test_routing_runs_in_kernels(experts, top_k):
 
 def test_routing_rewrite_keeps_the_graph_runnable():
     """The rewritten graph (before lowering) still runs eagerly through the braze ops' references: the report
-    notes the rewrite, and the reference executor's logits equal eager's."""
+    notes the routing rewrite and the experts' fusion (gather and SwiGLU in the grouped matmul), and the reference
+    executor's logits equal eager's."""
     model = _moe(4, 2)
     cm = braze.compile(model, max_seq=32, max_batch=2, executor="reference")
     notes = " ".join(n for p in cm.report.passes for n in p.notes)
     assert "MoE routing -> braze::moe_sort + braze::moe_offsets" in notes
+    assert "the experts' row gather read in place by the grouped matmul" in notes
+    assert "SwiGLU in the grouped matmul's epilogue" in notes
     ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (cm(ids).logits - model(ids).logits).abs().max().item() < TOL

@@ -240,13 +240,16 @@ class KernelBuilder:
         return tuple(out)
 
     def canonical_index(self, node: fx.Node) -> Index:
+        """The index of `node`'s element at the kernel's current position: the space itself, or (reductions) the
+        rows, up to size-1 dims (a [1, S, D] residual add after a sum over [S, D, k] shares its kernel)."""
         shape = shape_of(meta(node))
         if _same(shape, self.space):
             return self.canonical
-        if self.reduction and _same(shape, self.space[:-1] + (sympy.Integer(1),)):
-            return self.leading + (sympy.Integer(0),)
-        if self.reduction and _same(shape, self.space[:-1]):
-            return self.leading
+        targets = [(self.space, self.canonical)] + ([(self.space[:-1], self.leading)] if self.reduction else [])
+        for target, index in targets:
+            if same_up_to_unit_dims(shape, target):
+                spread = iter(i for d, i in zip(target, index) if d != 1)
+                return tuple(sympy.Integer(0) if d == 1 else next(spread) for d in shape)
         raise IllegalFusion(f"{node.name} has shape {shape}, not compatible with space {self.space}")
 
     def _expr(self, e: sympy.Expr) -> str:
@@ -643,6 +646,11 @@ class KernelBuilder:
 
 def _same(a: Index, b: Index) -> bool:
     return len(a) == len(b) and all(sympy.simplify(x - y) == 0 for x, y in zip(a, b))
+
+
+def same_up_to_unit_dims(a: Index, b: Index) -> bool:
+    """The same sizes in the same order once size-1 dims are dropped: one flat iteration covers both."""
+    return _same(tuple(d for d in a if d != 1), tuple(d for d in b if d != 1))
 
 
 def _broadcast_index(idx: Index, out_shape: Index, in_shape: Index) -> Index:

@@ -29,9 +29,24 @@ from braze.codegen.fused import (
     is_fusable,
     is_reduction,
     meta,
+    same_up_to_unit_dims,
 )
 from braze.codegen.pointwise_ops import VIEW_OPS
 from braze.codegen.symbolic import shape_of
+
+aten = torch.ops.aten
+# ops that read a tensor's metadata, never its elements: the plan evaluates them from the dims (lower.encode_arg),
+# so they neither realize their input nor order kernels (reduce_over_last_dim's sym_size of a view kept an MoE
+# layer's weighted unsort apart from its sum over the top-k)
+SHAPE_ONLY = {aten.sym_size.int, aten.sym_numel.default, aten.sym_stride.int, aten.sym_storage_offset.default}
+
+
+def reads_elements(node: fx.Node) -> bool:
+    """False for a shape query the plan evaluates from the dims (one of an unbacked size runs eagerly, on the
+    tensor itself)."""
+    if node.op != "call_function":
+        return False
+    return node.target not in SHAPE_ONLY or bool(free_unbacked_symbols(node.meta.get("val")))
 
 
 @dataclass
@@ -90,7 +105,7 @@ def realize(gm: fx.GraphModule, fusable: set[fx.Node]) -> tuple[set[fx.Node], se
         if n.op == "output":
             for a in n.all_input_nodes:
                 need(a)
-        elif n.op == "call_function" and n not in fusable:
+        elif reads_elements(n) and n not in fusable:
             for a in n.all_input_nodes:
                 need(a)
     for n in gm.graph.nodes:  # graph order: a value realized here is one read for everything after it
@@ -103,7 +118,10 @@ def _readers(node: fx.Node) -> list[fx.Node]:
     """The nodes that read `node`'s elements, looking through views."""
     out: list[fx.Node] = []
     for u in node.users:
-        out.extend(_readers(u) if u.target in VIEW_OPS else [u])
+        if u.target in VIEW_OPS:
+            out.extend(_readers(u))
+        elif u.op != "call_function" or reads_elements(u):
+            out.append(u)
     return out
 
 
@@ -153,11 +171,11 @@ def merged_space(a: Group, b: Group) -> tuple[Index, bool] | None:
     """The iteration space of a kernel holding both groups, or None if they cannot share one."""
     if _same(a.space, b.space):
         return a.space, a.reduction or b.reduction
+    if not (a.reduction or b.reduction) and same_up_to_unit_dims(a.space, b.space):
+        return a.space, False
     for red, other in ((a, b), (b, a)):
-        if red.reduction and not other.reduction:
-            rows = red.space[:-1]
-            if _same(other.space, rows + (sympy.Integer(1),)) or _same(other.space, rows):
-                return red.space, True
+        if red.reduction and not other.reduction and same_up_to_unit_dims(other.space, red.space[:-1]):
+            return red.space, True
     return None
 
 
@@ -185,7 +203,7 @@ def build_groups(
                 graph.add_edge(group_of[r].gid, group_of[n].gid)
     # non-fusable nodes also order groups (template between two kernels)
     for n in gm.graph.nodes:
-        if n.op == "call_function" and n not in fusable:
+        if reads_elements(n) and n not in fusable:
             graph.add_node(("op", n.name))
             for r in realized_reads(n, realized, fusable) | set(n.all_input_nodes):
                 src = _producer_key(r, group_of, fusable, realized)
@@ -228,7 +246,7 @@ def build_groups(
 def _producer_key(r, group_of, fusable, realized):
     if r in group_of:
         return group_of[r].gid
-    if r.op == "call_function" and r not in fusable:
+    if reads_elements(r) and r not in fusable:
         return ("op", r.name)
     return None
 
@@ -236,7 +254,7 @@ def _producer_key(r, group_of, fusable, realized):
 def _consumers_of(u, group_of, fusable, realized):
     if u in group_of:
         return [group_of[u].gid]
-    if u.op == "call_function" and u not in fusable:
+    if reads_elements(u) and u not in fusable:
         return [("op", u.name)]
     if u in fusable:  # inlined node: its realized consumers depend on us
         out = []

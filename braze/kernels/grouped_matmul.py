@@ -18,6 +18,7 @@ from braze.kernels.device import DeviceSpec
 from braze.kernels.family import FLOAT_NAMES, KernelFamily, launch_kernel
 from braze.kernels.matmul import MatmulConfig, _deterministic_config, mma_config, pow2_clamp
 from braze.kernels.render import render_template
+from braze.ops.schema import op_args
 
 if TYPE_CHECKING:
     import torch.fx as fx
@@ -33,16 +34,17 @@ def render_grouped_mm(name: str, *, input_precision: str = "ieee", layercast: bo
 
 
 def grouped_mm_config(T: int, N: int, K: int, device: DeviceSpec, *, elem_size: int = 2,
-                      deterministic: bool = False) -> MatmulConfig:
-    """The matmul family's tiles for T rows (matmul_config), BLOCK_M at most GROUP_BLOCK_M.
+                      deterministic: bool = False, dual: bool = False) -> MatmulConfig:
+    """The matmul family's tiles for T rows (matmul_config), BLOCK_M at most GROUP_BLOCK_M; dual: two weight
+    tiles per K step (the SwiGLU epilogue's gate and up), as the matmul family's gate/up kernel.
 
     deterministic: matmul's batch-invariant tiles (fixed BLOCK_M/BLOCK_K, no split-K; per-row reductions under the
     interpreter). A row's result is its own expert's dot products, whatever the other rows of its tile."""
     if deterministic:
-        return _deterministic_config(N, K, device, dual=False)
+        return _deterministic_config(N, K, device, dual=dual)
     if device.interpret:
         return MatmulConfig(pow2_clamp(T, 16, GROUP_BLOCK_M), pow2_clamp(N, 16, 512), pow2_clamp(K, 16, 128))
-    return mma_config(min(T, GROUP_BLOCK_M), N, K, device, elem_size=elem_size)
+    return mma_config(min(T, GROUP_BLOCK_M), N, K, device, elem_size=elem_size, dual=dual)
 
 
 def expert_programs(T: int, E: int, block_m: int, tiles: int, device: DeviceSpec) -> int:
@@ -57,7 +59,7 @@ def expert_programs(T: int, E: int, block_m: int, tiles: int, device: DeviceSpec
 class GroupedMatmulFamily(KernelFamily):
     name = "grouped_matmul"
     templates = ("grouped_mm.py.j2",)
-    ROLES = ("x", "weight", "offs")
+    ROLES = ("x", "weight", "offs", "rows")
 
     @property
     def ops(self) -> tuple[Any, ...]:  # type: ignore[override]
@@ -66,7 +68,12 @@ class GroupedMatmulFamily(KernelFamily):
         return (torch.ops.braze.grouped_mm.default,)
 
     def supports(self, node: fx.Node) -> str | None:
-        x, w, offs = (node.args[i].meta["val"] for i in range(3))
+        a = op_args(node)
+        x, w, offs = (a[role].meta["val"] for role in ("x", "weight", "offs"))
+        if a["glu"] not in ("none", "swiglu"):
+            return f"grouped matmul with a {a['glu']} epilogue has no kernel"
+        if a["rows"] is not None and a["rows"].meta["val"].dtype not in (torch.int32, torch.int64):
+            return f"grouped matmul gathering rows by {a['rows'].meta['val'].dtype} indices has no kernel"
         if x.dtype not in FLOAT_NAMES or w.dtype not in FLOAT_NAMES:
             return f"grouped matmul of {x.dtype} rows by {w.dtype} experts has no kernel"
         if offs.dtype not in (torch.int32, torch.int64):
@@ -80,12 +87,20 @@ class GroupedMatmulFamily(KernelFamily):
     def lower(self, node: fx.Node, name: str, deterministic: bool = False) -> tuple[str, Step]:
         from braze.runtime.plan import Step
 
-        x, w = node.args[0].meta["val"], node.args[1].meta["val"]
+        a = op_args(node)
+        x, w = a["x"].meta["val"], a["weight"].meta["val"]
         layercast = deterministic and w.dtype != torch.float32
         precision = "ieee" if layercast or x.dtype == torch.float32 else "tf32"
-        step = Step(kind="template", launcher=self.name, outputs=[node.name],
-                    inputs=[a.name for a in node.args[:3]],
-                    params={"roles": list(self.ROLES), **({"deterministic": True} if deterministic else {})})
+        roles = [r for r in self.ROLES if a[r] is not None]
+        params: dict[str, Any] = {"roles": roles}
+        if a["rows"] is not None and a["row_div"] != 1:
+            params["row_div"] = a["row_div"]
+        if a["glu"] != "none":
+            params["glu"] = a["glu"]
+        if deterministic:
+            params["deterministic"] = True
+        step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
+                    params=params)
         return render_grouped_mm(name, input_precision=precision, layercast=layercast), step
 
     def lower_deterministic(self, node: fx.Node, name: str) -> tuple[str, Step]:
@@ -94,16 +109,19 @@ class GroupedMatmulFamily(KernelFamily):
 
     def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
                params: dict[str, Any], device: DeviceSpec) -> None:
-        x, w, offs = tensors["x"], tensors["weight"], tensors["offs"]
-        (T, K), (E, _, N) = x.shape, w.shape
+        x, w, offs, rows = tensors["x"], tensors["weight"], tensors["offs"], tensors.get("rows")
+        (T, N), K, E = out.shape, x.shape[1], w.shape[0]
+        swiglu = params.get("glu") == "swiglu"
         if T == 0:
             return
         cfg = grouped_mm_config(T, N, K, device, elem_size=max(x.element_size(), w.element_size()),
-                                deterministic=bool(params.get("deterministic")))
+                                deterministic=bool(params.get("deterministic")), dual=swiglu)
         grid = (triton.cdiv(T, cfg.block_m), triton.cdiv(N, cfg.block_n))
         grid += (expert_programs(T, E, cfg.block_m, grid[0] * grid[1], device),)
-        launch_kernel(getattr(module, name), grid, x, w, offs, out, T, N, K, E, *x.stride(), *w.stride(),
-                      *out.stride(), BLOCK_E=triton.next_power_of_2(E), **cfg.meta(device))
+        launch_kernel(getattr(module, name), grid, x, w, offs, offs if rows is None else rows, out, T, N, K, E,
+                      *x.stride(), *w.stride(), *out.stride(), BLOCK_E=triton.next_power_of_2(E),
+                      HAS_ROWS=rows is not None, ROW_DIV=int(params.get("row_div", 1)), SWIGLU=swiglu,
+                      **cfg.meta(device))
 
     def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
         return 1

@@ -477,20 +477,35 @@ def _general_cached_attention_fake(q, k, v, k_cache, v_cache, cache_len, kv_star
 
 # ---- mixture of experts ------------------------------------------------------------------------------------------
 @torch.library.custom_op("braze::grouped_mm", mutates_args=())
-def grouped_mm(x: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
-    """Rows of x sorted by expert: rows [offs[e-1], offs[e]) times weight[e] ([E, K, N]); HF's MoE grouped matmul."""
-    out = x.new_zeros(x.shape[0], weight.shape[2])
+def grouped_mm(x: Tensor, weight: Tensor, offs: Tensor, rows: Tensor | None = None, row_div: int = 1,
+               glu: str = "none") -> Tensor:
+    """Rows of x sorted by expert: rows [offs[e-1], offs[e]) times weight[e] ([E, K, N]); HF's MoE grouped matmul.
+
+    rows: the operand's row r is x[rows[r] // row_div] (MoE routing's gather of each (token, slot) pair's hidden
+    state, read by the kernel instead of a gathered copy). glu="swiglu": weight holds [gate | up] columns (N = 2H)
+    and the output is silu(gate) * up, [.., H], from fp32 products rounded once (HF's experts' activation)."""
+    if glu not in ("none", "swiglu"):
+        raise ValueError(f"braze::grouped_mm: unknown glu {glu!r} (expected 'none' or 'swiglu')")
+    if rows is not None:
+        x = x[torch.div(rows, row_div, rounding_mode="floor")]
+    compute = x.dtype if glu == "none" else torch.float32
+    out = x.new_zeros(x.shape[0], weight.shape[2], dtype=compute)
     start = 0
     for e, end in enumerate(offs.tolist()):
         if end > start:
-            out[start:end] = x[start:end] @ weight[e].to(x.dtype)
+            out[start:end] = x[start:end].to(compute) @ weight[e].to(compute)
         start = end
+    if glu == "swiglu":
+        gate, up = out.chunk(2, dim=-1)
+        out = (torch.nn.functional.silu(gate) * up).to(x.dtype)
     return out
 
 
 @grouped_mm.register_fake
-def _grouped_mm_fake(x: Tensor, weight: Tensor, offs: Tensor) -> Tensor:
-    return x.new_empty(x.shape[0], weight.shape[2])
+def _grouped_mm_fake(x: Tensor, weight: Tensor, offs: Tensor, rows: Tensor | None = None, row_div: int = 1,
+                     glu: str = "none") -> Tensor:
+    n_rows = x.shape[0] if rows is None else rows.shape[0]
+    return x.new_empty(n_rows, weight.shape[2] // 2 if glu != "none" else weight.shape[2])
 
 
 @torch.library.custom_op("braze::moe_sort", mutates_args=())

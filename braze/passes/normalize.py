@@ -114,7 +114,7 @@ _SAME_VALUES = (aten.reshape.default, aten.view.default, aten._unsafe_view.defau
                 aten.alias.default, aten.flatten.using_ints, aten.contiguous.default)
 
 
-def _index_bound(node: Any) -> Any:
+def index_bound(node: Any) -> Any:
     """An exclusive upper bound (int or SymInt) of an integer tensor's values when they provably lie in [0, bound),
     else None: sort / topk indices along a dim of size n (n), sorted values (their input's bound), views, and a
     floor / trunc division by a positive int (MoE routing: `perm // top_k` indexes the tokens)."""
@@ -125,7 +125,7 @@ def _index_bound(node: Any) -> Any:
         src, which = args[0], args[1]
         if src.target is aten.sort.default:
             sort = op_args(src)
-            return val(sort["self"]).shape[sort["dim"]] if which == 1 else _index_bound(sort["self"])
+            return val(sort["self"]).shape[sort["dim"]] if which == 1 else index_bound(sort["self"])
         if src.target is aten.topk.default and which == 1:
             topk = op_args(src)
             return val(topk["self"]).shape[topk["dim"]]
@@ -136,10 +136,10 @@ def _index_bound(node: Any) -> Any:
             is_op(args[0].args[0], torch.ops.braze.topk_packed.default) and tuple(args[0].args[1:]) == (0, 1):
         return val(args[0].args[0].args[0]).shape[-1]  # top-k indices, read back from the packed op
     if t in _SAME_VALUES:
-        return _index_bound(args[0])
+        return index_bound(args[0])
     if t in (aten.div.Tensor_mode, aten.div.Scalar_mode) and op_args(node)["rounding_mode"] in ("floor", "trunc"):
         divisor = args[1]
-        bound = _index_bound(args[0])
+        bound = index_bound(args[0])
         if bound is not None and isinstance(divisor, int) and not isinstance(divisor, bool) and divisor > 0:
             return (bound + divisor - 1) // divisor
     return None
@@ -266,7 +266,7 @@ def _moe_routing(node: fx.Node, ctx: PassContext) -> bool:
 
 
 def _bounded_gather_to_embedding(node: fx.Node, ctx: PassContext) -> bool:
-    """x[idx] over dim 0 of a 1-D or 2-D tensor, idx provably within x's rows (_index_bound) -> embedding(x, idx),
+    """x[idx] over dim 0 of a 1-D or 2-D tensor, idx provably within x's rows (index_bound) -> embedding(x, idx),
     a gather the fused kernels lower (the generated gathers do not bound-check, hence the proof). MoE routing's
     `hidden[perm // top_k]` and `weights[perm]` then fuse instead of running eagerly."""
     x, indices = node.args[0], node.args[1]
@@ -276,7 +276,7 @@ def _bounded_gather_to_embedding(node: fx.Node, ctx: PassContext) -> bool:
     if not isinstance(xv, torch.Tensor) or not isinstance(iv, torch.Tensor) or \
             iv.dtype not in (torch.int64, torch.int32) or xv.dim() not in (1, 2) or (xv.dim() == 1 and iv.dim() != 1):
         return False
-    bound = _index_bound(indices[0])
+    bound = index_bound(indices[0])
     if bound is None or not statically_known_true(bound <= xv.shape[0]):
         return False
     gm = node.graph.owning_module

@@ -29,6 +29,7 @@ from braze.passes.int6 import quantize_int6
 from braze.passes.int6_act import split_int6_act_quant
 from braze.passes.interleaved_rope import fuse_interleaved_rope
 from braze.passes.kv_cache import insert_kv_cache, insert_tree_verify
+from braze.passes.moe import fuse_moe_experts
 from braze.passes.normalize import normalize
 from braze.passes.patterns import (
     recognize_gelu_tanh,
@@ -65,6 +66,8 @@ PASSES: list[PassSpec] = [
     PassSpec("fuse_norm_prologue", "fusion", fuse_norm_prologue),
     PassSpec("fuse_linear_epilogue", "fusion", fuse_linear_epilogue),
     PassSpec("fuse_rope_into_attention", "fusion", fuse_rope_into_attention),
+    # MoE experts: routing's row gather and the SwiGLU inside the grouped matmul (braze/passes/moe.py)
+    PassSpec("fuse_moe_experts", "fusion", fuse_moe_experts),
     # GPT-J / Cohere rotate_every_two: the same kernels over permuted head dims (braze/passes/interleaved_rope.py)
     PassSpec("fuse_interleaved_rope", "fusion", fuse_interleaved_rope),
     # quantization runs after the linear fusions (not before them): see braze/passes/quantize.py
