@@ -489,6 +489,31 @@ def test_topk_family(dtype):
     assert packed[0].tolist() == [[3.0, 3.0, 3.0, 1.0, float("-inf")]]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_topk_family_folds_the_router(dtype):
+    """softmax -> top-k -> renormalize (an MoE router, HF's norm_topk_prob) in the top-k launch, against torch's
+    composition (the op's reference): the experts are a top-k of torch's probabilities (without softmax, torch's
+    very indices; with it, two close logits may swap at equal-within-an-ulp probabilities) and the weights within
+    4 fp32 ulps (the kernel's exp, two sums in another order and two divisions against torch's), for k = 1
+    (weight exactly 1 when renormalized), 2 and 8 of 60 experts."""
+    x = torch.randn(3, 4, 60, generator=_gen(14)).to(dtype)
+    ulps = {"rtol": 4.8e-7, "atol": 0}
+    for k in (1, 2, 8):
+        for softmax, renorm in ((True, False), (True, True), (False, True)):
+            packed, _ = launch_like_a_plan(lambda t: ops.topk_packed(t, k, softmax, renorm), x)  # noqa: B023
+            probs = torch.softmax(x.float(), dim=-1) if softmax else x.float()
+            values, indices = torch.topk(probs, k)
+            torch.testing.assert_close(probs.gather(-1, packed[1].long()), values, **ulps)
+            if not softmax and dtype == torch.float32:  # (bf16 ties: either order is a top-k, checked above)
+                assert torch.equal(packed[1], indices.float()), (k, renorm)
+            if renorm:
+                values = values / values.sum(dim=-1, keepdim=True)
+            torch.testing.assert_close(packed[0], values, **ulps)
+            torch.testing.assert_close(packed[0], ops.topk_packed(x, k, softmax, renorm)[0], **ulps)
+            if k == 1 and renorm:
+                assert torch.equal(packed[0], torch.ones_like(packed[0]))
+
+
 def test_fused_family_through_a_compiled_plan():
     """The generated pointwise/reduction family has no fixed op: a compiled function's plan launches it."""
     def f(x, y):

@@ -15,11 +15,11 @@ import braze
 TOL = 1e-4
 
 
-def _moe(experts: int, top_k: int):
+def _moe(experts: int, top_k: int, norm_topk_prob: bool = True):
     cfg = transformers.Qwen3MoeConfig(
         vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_experts=experts,
         num_experts_per_tok=top_k, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-        max_position_embeddings=128, norm_topk_prob=True)
+        max_position_embeddings=128, norm_topk_prob=norm_topk_prob)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
     return transformers.Qwen3MoeForCausalLM(cfg).eval()
@@ -42,6 +42,8 @@ def test_routing_runs_in_kernels(experts, top_k):
         launchers = [s.launcher for s in plan.steps]
         assert (launchers.count("topk"), launchers.count("moe_routing"), launchers.count("grouped_matmul")) == (
             1, 2, 2), plan.name
+        topk = next(s for s in plan.steps if s.launcher == "topk")  # the router's softmax and norm in the top-k
+        assert topk.params.get("softmax") and topk.params.get("renorm"), topk.params
         gate_up = next(s for s in plan.steps if s.launcher == "grouped_matmul")  # passes/moe.py: gather + SwiGLU in
         assert gate_up.params.get("glu") == "swiglu" and "rows" in gate_up.params["roles"], gate_up.params
     mask = torch.ones_like(ids)
@@ -55,13 +57,14 @@ def test_routing_runs_in_kernels(experts, top_k):
 def test_routing_rewrite_keeps_the_graph_runnable():
     """The rewritten graph (before lowering) still runs eagerly through the braze ops' references: the report
     notes the routing rewrite and the experts' fusion (gather and SwiGLU in the grouped matmul), and the reference
-    executor's logits equal eager's."""
-    model = _moe(4, 2)
+    executor's logits equal eager's. Without norm_topk_prob only the router's softmax joins the top-k."""
+    model = _moe(4, 2, norm_topk_prob=False)
     cm = braze.compile(model, max_seq=32, max_batch=2, executor="reference")
     notes = " ".join(n for p in cm.report.passes for n in p.notes)
     assert "MoE routing -> braze::moe_sort + braze::moe_offsets" in notes
     assert "the experts' row gather read in place by the grouped matmul" in notes
     assert "SwiGLU in the grouped matmul's epilogue" in notes
+    assert "MoE router's softmax in the top-k kernel" in notes and "renormalization" not in notes
     ids = torch.randint(3, 128, (2, 6), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert (cm(ids).logits - model(ids).logits).abs().max().item() < TOL

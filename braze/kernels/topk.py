@@ -17,6 +17,7 @@ import triton
 from braze.kernels.device import DeviceSpec
 from braze.kernels.family import FLOAT_NAMES, KernelFamily, launch_kernel
 from braze.kernels.render import render_template
+from braze.ops.schema import op_args
 
 if TYPE_CHECKING:
     import torch.fx as fx
@@ -38,7 +39,8 @@ class TopkFamily(KernelFamily):
         return (torch.ops.braze.topk_packed.default,)
 
     def supports(self, node: fx.Node) -> str | None:
-        x, k = node.args[0].meta["val"], node.args[1]
+        a = op_args(node)
+        x, k = a["x"].meta["val"], a["k"]
         if x.dtype not in FLOAT_NAMES or not isinstance(x.shape[-1], int) or x.shape[-1] > MAX_TOPK_DIM:
             return f"top-k over a {x.dtype} dim of {x.shape[-1]} has no kernel (at most {MAX_TOPK_DIM}, static)"
         if not 1 <= k <= min(MAX_TOPK, x.shape[-1]):
@@ -48,8 +50,10 @@ class TopkFamily(KernelFamily):
     def lower(self, node: fx.Node, name: str) -> tuple[str, Step]:
         from braze.runtime.plan import Step
 
-        step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[node.args[0].name],
-                    params={"roles": ["x"], "k": int(node.args[1])})
+        a = op_args(node)
+        router = {flag: True for flag in ("softmax", "renorm") if a[flag]}
+        step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a["x"].name],
+                    params={"roles": ["x"], "k": int(a["k"]), **router})
         return render_template("topk.py.j2", name=name), step
 
     def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
@@ -62,7 +66,9 @@ class TopkFamily(KernelFamily):
             return
         opts = {} if device.interpret else {"num_warps": 1 if E <= 256 else 4}
         launch_kernel(getattr(module, name), (rows.shape[0],), rows, flat, E, rows.stride(0), rows.stride(1),
-                      flat.stride(1), flat.stride(0), K=int(params["k"]), BLOCK_E=triton.next_power_of_2(E), **opts)
+                      flat.stride(1), flat.stride(0), K=int(params["k"]), BLOCK_E=triton.next_power_of_2(E),
+                      BLOCK_K=triton.next_power_of_2(int(params["k"])), SOFTMAX=bool(params.get("softmax")),
+                      RENORM=bool(params.get("renorm")), **opts)
 
     def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
         return 1 if all(out_shape[1:-1]) else 0

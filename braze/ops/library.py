@@ -539,16 +539,22 @@ def _moe_offsets_fake(expert_ids: Tensor, num_experts: int) -> Tensor:
 
 
 @torch.library.custom_op("braze::topk_packed", mutates_args=())
-def topk_packed(x: Tensor, k: int) -> Tensor:
+def topk_packed(x: Tensor, k: int, softmax: bool = False, renorm: bool = False) -> Tensor:
     """torch.topk(x, k) over the last dim (largest, sorted) as one fp32 tensor [2, ..., k]: the values, then the
     indices (exact in fp32 for dims below 2**24), each half contiguous. One output, so a kernel family can lower
-    it (an MoE router's top-k; passes/normalize.py rewrites topk into it and reads the halves back with casts)."""
-    values, indices = torch.topk(x.float(), k)
+    it (an MoE router's top-k; passes/normalize.py rewrites topk into it and reads the halves back with casts).
+
+    The router around it, folded in: softmax (the top-k of softmax(x) in fp32) and renorm (the k values divided
+    by their sum, HF's norm_topk_prob)."""
+    y = torch.softmax(x.float(), dim=-1) if softmax else x.float()
+    values, indices = torch.topk(y, k)
+    if renorm:
+        values = values / values.sum(dim=-1, keepdim=True)
     return torch.stack([values, indices.float()])
 
 
 @topk_packed.register_fake
-def _topk_packed_fake(x: Tensor, k: int) -> Tensor:
+def _topk_packed_fake(x: Tensor, k: int, softmax: bool = False, renorm: bool = False) -> Tensor:
     return x.new_empty((2, *x.shape[:-1], k), dtype=torch.float32)
 
 

@@ -145,9 +145,41 @@ def index_bound(node: Any) -> Any:
     return None
 
 
+def _router_softmax(x: fx.Node) -> fx.Node | None:
+    """The logits when `x` is an fp32 softmax over the last dim read only by the top-k (an MoE router's
+    `softmax(logits, dim=-1, dtype=float)`): the top-k kernel computes it over the row it holds anyway."""
+    if not is_op(x, aten._softmax.default, aten.softmax.int) or len(x.users) != 1 or val(x).dtype != torch.float32:
+        return None
+    args = op_args(x)
+    logits = args["self"]
+    lv = val(logits)
+    if not isinstance(lv, torch.Tensor) or not lv.is_floating_point() or args["dim"] not in (-1, lv.dim() - 1):
+        return None
+    if is_op(logits, aten._to_copy.default) and len(logits.users) == 1 and set(logits.kwargs) <= {"dtype"} and \
+            isinstance(val(logits.args[0]), torch.Tensor) and val(logits.args[0]).is_floating_point():
+        logits = logits.args[0]  # the upcast: the kernel computes in fp32 whatever it loads
+    return logits
+
+
+def _renormalized(values: fx.Node) -> fx.Node | None:
+    """The `values / values.sum(-1, keepdim=True)` node when that is all that reads the top-k values (HF's
+    norm_topk_prob): the top-k kernel divides them by their sum itself."""
+    users = list(values.users)
+    total = next((u for u in users if is_op(u, aten.sum.dim_IntList)), None)
+    div = next((u for u in users if is_op(u, aten.div.Tensor)), None)
+    if len(users) != 2 or total is None or div is None or list(total.users) != [div] or \
+            tuple(div.args[:2]) != (values, total) or div.kwargs:
+        return None
+    args = op_args(total)
+    if list(args["dim"] or []) not in ([-1], [val(values).dim() - 1]) or not args["keepdim"] or args["dtype"]:
+        return None
+    return div
+
+
 def _topk_to_packed(node: fx.Node, ctx: PassContext) -> bool:
     """topk(x, k) over the last dim (largest, sorted) of a float tensor -> braze::topk_packed, its values and
-    indices read back through casts (kernels/topk.py takes it; an MoE router's top-k was an eager step)."""
+    indices read back through casts (kernels/topk.py takes it; an MoE router's top-k was an eager step). The
+    router's softmax before it and renormalization after it go into the same op (one launch for the router)."""
     from braze.kernels.topk import MAX_TOPK, MAX_TOPK_DIM
 
     args = op_args(node)
@@ -161,15 +193,29 @@ def _topk_to_packed(node: fx.Node, ctx: PassContext) -> bool:
     if not (isinstance(width, int) and width <= MAX_TOPK_DIM and isinstance(k, int) and 1 <= k <= min(MAX_TOPK, width)):
         return False
     gm = node.graph.owning_module
-    packed = new_node(gm, torch.ops.braze.topk_packed.default, (x, k), {}, ctx, node)
+    logits = _router_softmax(x)
+    packed = new_node(gm, torch.ops.braze.topk_packed.default, (logits or x, k, logits is not None), {}, ctx, node)
+    renorm = None
     for user in list(node.users):
         which = user.args[1]
         half = new_node(gm, aten.select.int, (packed, 0, which), {}, ctx, user)
         dtype = val(user).dtype
+        if which == 0 and dtype == torch.float32:
+            renorm = _renormalized(user)
         user.replace_all_uses_with(half if dtype == torch.float32 else
                                    new_node(gm, aten._to_copy.default, (half,), {"dtype": dtype}, ctx, user))
         gm.graph.erase_node(user)
     gm.graph.erase_node(node)
+    if logits is not None:
+        _erase_dead_from(x)
+    if renorm is not None:
+        packed.args = (*packed.args, True)
+        values = renorm.args[0]
+        renorm.replace_all_uses_with(values)
+        _erase_dead_from(renorm)
+    folded = [name for name, on in (("softmax", logits is not None), ("renormalization", renorm is not None)) if on]
+    if folded:
+        ctx.note(f"{node.name}: MoE router's {' and '.join(folded)} in the top-k kernel")
     return True
 
 
