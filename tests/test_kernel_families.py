@@ -216,6 +216,34 @@ def test_attention_block_family(device, starts, deterministic):
         assert torch.equal(alone[0], out[1])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("device", ["interpreter", "sm_90"])
+def test_attention_block_family_normalizes_q_and_k(device, dtype):
+    """Qwen3's q_norm / k_norm inside the block (q and the new key RMS-normed per head, then rotated): equal to
+    normalizing with braze::rms_norm's reference first and running the plain block, and to the block's reference;
+    the new key in the cache is the normed, rotated one. fp32 within TOL; fp16 within 2 fp16 ulps at the outputs'
+    scale (the norms round where the reference's do, the sums run in another order)."""
+    q, k, v, cos, sin, kc, vc, _, _ = _cache_inputs(2, 1, 30, s_max=64, seed=15)
+    q, k = 3 * q, 0.5 * k  # norms that matter
+    g = _gen(16)
+    w_o, residual = torch.randn(40, 4 * 32, generator=g) / math.sqrt(128), torch.randn(2, 1, 40, generator=g)
+    w_q, w_k = 1 + 0.2 * torch.randn(32, generator=g), 1 + 0.2 * torch.randn(32, generator=g)
+    cache_len, kv_start = torch.tensor([30], dtype=torch.int64), torch.tensor([0, 4], dtype=torch.int32)
+    args = [a.to(dtype) if a.is_floating_point() else a
+            for a in (q, k, v, cos, sin, kc, vc, cache_len, kv_start, w_o, residual, w_q, w_k)]
+    fn = lambda *a: ops.attention_block(*a[:9], 32**-0.5, a[9], a[10], a[11], a[12], 1e-6)  # noqa: E731
+    ref_args = [a.clone() for a in args]
+    split_args = [a.clone() for a in args]
+    out, _ = launch_like_a_plan(fn, *args, device=INTERPRETER if device == "interpreter" else TARGETS[device])
+    tol = TOL if dtype == torch.float32 else {"atol": 8e-3, "rtol": 2e-3}
+    torch.testing.assert_close(out.float(), fn(*ref_args).float(), **tol)
+    torch.testing.assert_close(args[5].float(), ref_args[5].float(), **tol)  # the normed, rotated key at slot 30
+    split_args[0] = ops.rms_norm(split_args[0], split_args[11], 1e-6)
+    split_args[1] = ops.rms_norm(split_args[1], split_args[12], 1e-6)
+    torch.testing.assert_close(out.float(), ops.attention_block(*split_args[:9], 32**-0.5, split_args[9],
+                                                                split_args[10]).float(), **tol)
+
+
 @pytest.mark.parametrize("device", ["interpreter", "sm_90"])
 def test_attention_block_family_projects_row_tiles(device):
     """18 decode rows: the projecting programs take the rows in two 16-row tiles (the second one 2 rows deep), and

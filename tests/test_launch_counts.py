@@ -56,7 +56,8 @@ def _check(calls, plans):
         assert launch_count(plan, TARGETS["sm_90"], sizes) >= counted
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mixtral"])  # mixtral: the MoE families (experts, routing, top-k)
+# qwen3: q / k norms in the decode attention block; mixtral: the MoE families (experts, routing, top-k)
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mixtral"])
 def test_every_plan_launches_what_it_predicts(observed, arch):
     cm = braze.compile(tiny_causal_lm(arch, layers=2), max_seq=64, max_batch=2)
     ids = _repetitive_prompt()

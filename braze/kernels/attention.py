@@ -148,6 +148,7 @@ class DecodeAttentionSpec:
     tree: bool = False  # the draft nodes of a verify step, each as decode at its position (needs from_cache_len)
     o_proj: bool = False  # attention block: merge, o_proj and residual inside `_partial` (rope_write or tree)
     ring: bool = False  # R-KV: the rotated query also into the query ring (needs rope_write)
+    qk_norm: bool = False  # q and the new key RMS-normed per head before the rotation (Qwen3; needs rope_write)
     softcap: bool = False
     window: bool = False
     sinks: bool = False
@@ -164,6 +165,8 @@ class DecodeAttentionSpec:
             raise ValueError("o_proj is the decode / verify plans' attention block: it needs rope_write or tree")
         if self.ring and not self.rope_write:
             raise ValueError("ring stores the query the kernel rotates: it needs rope_write")
+        if self.qk_norm and not self.rope_write:
+            raise ValueError("qk_norm normalizes the q and k the kernel rotates: it needs rope_write")
 
 
 def render_attention(spec: AttentionSpec, header: str = "") -> str:
@@ -181,7 +184,7 @@ def render_decode_attention(spec: DecodeAttentionSpec, header: str = "") -> str:
         "decode_attention.py.j2", header=check_header(header), name=spec.name, has_kv_start=spec.has_kv_start,
         from_cache_len=spec.from_cache_len, input_precision=spec.input_precision, out_dtype=spec.out_dtype,
         head_start=spec.head_start, rope_write=spec.rope_write, tree=spec.tree, o_proj=spec.o_proj,
-        ring=spec.ring, softcap=spec.softcap, window=spec.window, sinks=spec.sinks)
+        ring=spec.ring, qk_norm=spec.qk_norm, softcap=spec.softcap, window=spec.window, sinks=spec.sinks)
 
 
 def render_cache_write(name: str) -> str:
@@ -456,6 +459,7 @@ def split_kv_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tens
                     device: DeviceSpec, splits: int | None = None, *, from_cache_len: bool = False,
                     head_start: bool = False, rope: tuple[torch.Tensor, ...] | None = None,
                     block: OutputProjection | None = None, ring: torch.Tensor | None = None,
+                    qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
                     extras: AttentionExtras = NO_EXTRAS) -> int:
     """Decode attention of one query per row: q/out [B, Hq, D], caches [B, Hkv, S_max, D]. One split writes its
     normalised partial output straight into `out` (no combine launch). Returns the launches.
@@ -468,7 +472,9 @@ def split_kv_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tens
     block (kernel rendered with o_proj, needs rope): `out` is not written; the kernel merges the splits itself and
     writes block.out = block.residual + o_proj(attention) (kernels/decode_layer.py), one launch in all.
     ring [B, Hq, W, D] (kernel rendered with ring, needs rope): R-KV's query ring; the rotated q goes to slot
-    cache_len % W."""
+    cache_len % W.
+    qk_norm = (q_norm_weight [D], k_norm_weight [D], eps) (kernel rendered with qk_norm, needs rope): q and k_new
+    are RMS-normed per head before the rotation."""
     B, Hq, D = q.shape
     Hkv, s_max = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
@@ -483,6 +489,8 @@ def split_kv_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tens
         cos, sin = rope_pair(cos, sin)
         cos_b = 0 if cos.shape[0] == 1 else cos.stride(0)
         fused = [k_new, v_new, cos, sin, *k_new.stride(), *v_new.stride(), cos_b, cos.stride(-1)]
+    if qk_norm is not None:
+        fused += [qk_norm[0], qk_norm[1], float(qk_norm[2])]
     if ring is not None:
         fused += [ring, ring.shape[2], *ring.stride()]
     lens = [seq_lens, _row_stride(seq_lens)] if from_cache_len else [seq_lens]

@@ -84,14 +84,17 @@ class AttentionBlockFamily(KernelFamily):
         k_cache = a["k_cache"].meta["val"]
         head_start = a["kv_start"].meta["val"].dim() == 2
         attn_dtype = FLOAT_NAMES[a["q"].meta["val"].dtype]  # the attention output's dtype before o_proj
+        qk_norm = a.get("q_norm_weight") is not None
         source = render_decode_attention(DecodeAttentionSpec(
             name, True, _precision(k_cache.dtype), attn_dtype, from_cache_len=True, head_start=head_start,
-            rope_write=not tree, tree=tree, o_proj=True, ring=ring))
+            rope_write=not tree, tree=tree, o_proj=True, ring=ring, qk_norm=qk_norm))
         roles = ["q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start",
-                 *(["tree_mask"] if tree else []), "o_weight", "residual", *(["q_ring"] if ring else [])]
+                 *(["tree_mask"] if tree else []), "o_weight", "residual", *(["q_ring"] if ring else []),
+                 *(["q_norm_weight", "k_norm_weight"] if qk_norm else [])]
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
                     params={"roles": roles, "scale": float(a["scale"]), "heads_kv": int(k_cache.shape[1]),
                             "s_max": int(k_cache.shape[2]), "attn_width": int(a["o_weight"].meta["val"].shape[1]),
+                            **({"qk_norm_eps": float(a["qk_norm_eps"])} if qk_norm else {}),
                             **({"head_start": True} if head_start else {}),
                             **({"tree": True} if tree else {}),
                             **({"deterministic": True} if deterministic else {})})
@@ -129,7 +132,9 @@ class AttentionBlockFamily(KernelFamily):
         split_kv_decode(module, name, t["q"][:, :, 0, :], t["k_cache"], t["v_cache"], None, t["cache_len"],
                         t["kv_start"], params["scale"], device, from_cache_len=True, head_start=head_start,
                         rope=(t["k"][:, :, 0, :], t["v"][:, :, 0, :], t["cos"][:, 0, :], t["sin"][:, 0, :]),
-                        block=proj, ring=t.get("q_ring"))
+                        block=proj, ring=t.get("q_ring"),
+                        qk_norm=(t["q_norm_weight"], t["k_norm_weight"], params["qk_norm_eps"])
+                        if "q_norm_weight" in t else None)
 
     def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
         # the split merge happens in the kernel's last program: no combine launch; tree: the rope_write first

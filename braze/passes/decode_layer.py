@@ -1,10 +1,11 @@
 """fold_decode_layers: a decode layer in three launches.
 
     rms_norm + QKV linear                     -> unchanged: the matmul family's norm prologue (launch 1)
-    cached_attention [-> kv_record_query] -> head flatten -> o_proj linear (+ residual)
-                                              -> braze::attention_block (launch 2: RoPE, cache write, split-KV
-                                                 attention, the split merge, o_proj, residual; R-KV:
-                                                 braze::attention_block_recording also writes the query ring)
+    [per-head q / k RMSNorm ->] cached_attention [-> kv_record_query] -> head flatten -> o_proj linear (+ residual)
+                                              -> braze::attention_block (launch 2: Qwen3's q_norm / k_norm, RoPE,
+                                                 cache write, split-KV attention, the split merge, o_proj,
+                                                 residual; R-KV: braze::attention_block_recording also writes the
+                                                 query ring)
     linear_glu (norm, gate/up, SwiGLU) -> down linear (+ residual)
                                               -> braze::mlp_block (launch 3)
 
@@ -27,6 +28,7 @@ import torch.fx as fx
 
 from braze.ops.schema import op_args
 from braze.passes.context import PassContext
+from braze.passes.fusion import decomposed_rms_norm
 from braze.passes.graph_utils import _erase_dead_from, is_op, new_node, single_user, val
 
 aten = torch.ops.aten
@@ -63,6 +65,24 @@ def _heads_flattened_in_order(attn: fx.Node, chain: list[fx.Node]) -> bool:
         else:  # every other allowed op keeps the logical element order: reshape to its output shape
             t = t.reshape(_concrete(val(n).shape))
     return t.reshape(-1).equal(want)
+
+
+def _head_norm(x: fx.Node) -> tuple[fx.Node, list, fx.Node, float] | None:
+    """(the norm's input, the permutes after it, weight [D], eps) when the attention input `x` is an RMSNorm over
+    each head (Qwen3's q_norm / k_norm, decomposed) seen through permutes that keep the head dim last, and nothing
+    else reads the normed value: the attention block can normalize the norm's input itself."""
+    perms, cur = [], x
+    while is_op(cur, aten.permute.default) and list(cur.args[1])[-1] in (-1, val(cur).dim() - 1):
+        perms.append(cur.args[1])
+        cur = cur.args[0]
+    norm = decomposed_rms_norm(cur)
+    if norm is None or not single_user(cur):
+        return None
+    src, w, eps = norm
+    if val(w).dim() != 1 or val(w).shape[0] != val(x).shape[-1] or not (val(src).dtype == val(cur).dtype ==
+                                                                          val(w).dtype):
+        return None
+    return src, perms[::-1], w, eps
 
 
 def _fold_attention(attn: fx.Node, order: dict[fx.Node, int], ctx: PassContext) -> str | None:
@@ -107,12 +127,33 @@ def _fold_attention(attn: fx.Node, order: dict[fx.Node, int], ctx: PassContext) 
     names = ("q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start",
              *(("tree_mask",) if tree else ()), "scale")
     target = braze.tree_attention_block.default if tree else braze.attention_block.default
-    args = (*(a[n] for n in names), w, res)
+    # Qwen3's q_norm / k_norm into the decode block (not under deterministic=True: the verify's rope_write kernel
+    # reads the normed q / k, and accepted nodes must match decode bitwise)
+    qk = None if tree or ring is not None or ctx.config.deterministic else _qk_norm(a, ctx, lin)
+    if qk is not None:
+        a = {**a, "q": qk[0], "k": qk[1]}
+    args = (*(a[n] for n in names), w, res, *(qk[2:] if qk else ()))
     if ring is not None:
         target, args = braze.attention_block_recording.default, (*args, ring)
     block = new_node(attn.graph.owning_module, target, args, {}, ctx, before=lin)
     _replace(lin, block)
     return None
+
+
+def _qk_norm(a: dict, ctx: PassContext, before: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node, float] | None:
+    """(q', k', q_norm_weight, k_norm_weight, eps) for braze::attention_block when q and k are both per-head
+    RMSNorms with one eps (their two fused kernels then fold into the block): q' / k' the norms' inputs seen
+    through the same permutes, else None."""
+    q_norm, k_norm = _head_norm(a["q"]), _head_norm(a["k"])
+    if not (q_norm and k_norm and q_norm[3] == k_norm[3]) or not (single_user(a["q"]) and single_user(a["k"])):
+        return None
+    gm = before.graph.owning_module
+    inputs = []
+    for src, perms, _, _ in (q_norm, k_norm):
+        for dims in perms:
+            src = new_node(gm, aten.permute.default, (src, dims), {}, ctx, before)
+        inputs.append(src)
+    return inputs[0], inputs[1], q_norm[2], k_norm[2], q_norm[3]
 
 
 def _fold_mlp(glu: fx.Node, ctx: PassContext) -> str | None:
@@ -173,6 +214,10 @@ def fold_decode_layers(gm: fx.GraphModule, ctx: PassContext) -> int:
         else:
             skipped.setdefault(kind, f"{node.name}: {why}")
     ctx.note(f"{plan} plan: {folded['attention']} attention blocks, {folded['mlp']} MLP blocks (one launch each)")
+    normed = sum(is_op(n, braze.attention_block.default) and op_args(n)["q_norm_weight"] is not None
+                 for n in gm.graph.nodes)
+    if normed:
+        ctx.note(f"{plan} plan: {normed} attention blocks normalize q / k per head (q_norm / k_norm folded in)")
     for kind, why in skipped.items():
         ctx.note(f"{kind} kept unfused, first case: {why}")
     return folded["attention"] + folded["mlp"]

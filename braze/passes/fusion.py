@@ -340,7 +340,21 @@ def _decompose_rms_norm(node: fx.Node, ctx: PassContext):
     y = new_node(gm, aten.mul.Tensor, (h, r), {}, ctx, node)
     if val(x).dtype != torch.float32:
         y = new_node(gm, aten._to_copy.default, (y,), {"dtype": val(x).dtype}, ctx, node)
-    return new_node(gm, aten.mul.Tensor, (w, y), {}, ctx, node)
+    out = new_node(gm, aten.mul.Tensor, (w, y), {}, ctx, node)
+    out.meta["braze_rms_norm_eps"] = eps  # decode_layer.py folds a per-head q / k norm into the attention block
+    return out
+
+
+def decomposed_rms_norm(node: fx.Node) -> tuple[fx.Node, fx.Node, float] | None:
+    """(x, weight, eps) of the output node of a braze::rms_norm that _decompose_rms_norm wrote, else None."""
+    eps = node.meta.get("braze_rms_norm_eps") if is_op(node, aten.mul.Tensor) else None
+    if eps is None:
+        return None
+    w, y = node.args
+    y = y.args[0] if is_op(y, aten._to_copy.default) else y
+    h = y.args[0] if is_op(y, aten.mul.Tensor) else None
+    x = h.args[0] if is_op(h, aten._to_copy.default) else h
+    return (x, w, float(eps)) if isinstance(x, fx.Node) else None
 
 
 def _decompose_rope(node: fx.Node, ctx: PassContext):
