@@ -420,6 +420,38 @@ def test_div_with_rounding_mode_fuses(mode, dtype):
     assert not [s for s in cm.plan.steps if s.kind == "eager"]
 
 
+def test_gather_and_scatter_by_proven_indices_fuse():
+    """torch.gather by top-k indices (proven in range) is an indirect load in a fused kernel, along the last dim
+    and along dim 1 of a 3-D tensor, and a scatter of a constant into a constant fill by an unsorted top-k's
+    indices (their order is the implementation's; the set is not) is a comparison mask: exact, no eager step.
+    A gather by indices nothing bounds (a model input) stays eager: the fused load would not bound-check them,
+    where torch raises."""
+    class Routed(torch.nn.Module):
+        def forward(self, x, y):
+            top = torch.topk(x, 3, dim=-1).indices  # [B, 5, 3], values in [0, 8)
+            picked = torch.gather(y, -1, top) * 2
+            across = torch.gather(x.transpose(1, 2), 1, top.transpose(1, 2)[:, :2])  # dim 1 of [B, 8, 5]
+            unsorted = torch.topk(x, 3, dim=-1, sorted=False).indices  # any order: a set of indices
+            mask = torch.full_like(x, -1.0).scatter(-1, unsorted, 4.0)
+            return picked, across, mask, unsorted
+
+    class Unbounded(torch.nn.Module):
+        def forward(self, y, idx):
+            return torch.gather(y, 1, idx) + 1
+
+    x, y = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0)), torch.randn(2, 5, 8)
+    cm = braze.compile(Routed())
+    got, want = cm(x, y), Routed()(x, y)
+    for g, w in zip(got[:3], want[:3]):
+        assert torch.equal(g, w)
+    assert torch.equal(got[3].sort(dim=-1).values, want[3].sort(dim=-1).values)
+    assert not [s for s in cm.plan.steps if s.kind == "eager"]
+    idx = torch.tensor([[0, 2], [1, 1]])
+    cm = braze.compile(Unbounded())
+    assert torch.equal(cm(torch.ones(2, 3), idx), Unbounded()(torch.ones(2, 3), idx))
+    assert [s.target for s in cm.plan.steps if s.kind == "eager"] == ["aten.gather.default"]
+
+
 def test_reductions_over_other_dims_fuse():
     """sum / mean / amax / amin over several dims, all dims, or a non-last dim (and softmax over dim 1) become
     last-dim reductions of a view (passes/normalize.py): fused, no eager step, exact up to summation order, at two

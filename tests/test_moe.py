@@ -89,3 +89,38 @@ def test_quantization_reports_the_experts_and_keeps_the_router(quant):
         hf = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     if quant == "df11":  # lossless: the same tokens
         assert torch.equal(cm.generate(ids, max_new_tokens=4, eos_token_id=None, pad_token_id=0), hf)
+
+
+def test_group_limited_routing_runs_in_kernels():
+    """DeepSeek-V3-style routing (GLM-4.5's Glm4Moe: sigmoid scores plus a correction bias, the top-2 sum of each
+    of 4 expert groups, the best 2 groups kept through a scatter mask, an unsorted top-4 over the kept experts,
+    the weights gathered from the scores): the unsorted top-k's, the gather (indices proven in range) and the
+    scatter of a constant (a comparison mask) run in kernels, with no eager step; logits within TOL of eager and a
+    left-padded batch's greedy tokens equal to HF's. The bias is randomized so the kept groups differ by token."""
+    cfg = transformers.Glm4MoeConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, n_routed_experts=16,
+        num_experts_per_tok=4, n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=1,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=128, norm_topk_prob=True, routed_scaling_factor=1.5)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.Glm4MoeForCausalLM(cfg).eval()
+    with torch.no_grad():
+        model.model.layers[1].mlp.gate.e_score_correction_bias.normal_(0, 0.05)
+    cm = braze.compile(model, max_seq=32, max_batch=2)
+    notes = " ".join(n for p in cm.report.passes for n in p.notes)
+    assert "scatter of a constant -> a comparison mask (fused)" in notes
+    for plan in (cm.plan, *cm.extra_plans.values()):
+        eager = {s.target for s in plan.steps if s.kind == "eager" and s.target != "_operator.getitem"}
+        assert not eager, (plan.name, eager)
+        assert [s.launcher for s in plan.steps].count("topk") == 3, plan.name  # the groups', the groups, experts
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = model(ids).logits
+    assert (cm(ids).logits - want).abs().max().item() < TOL
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    with torch.no_grad():
+        hf = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(cm.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None, pad_token_id=0),
+                       hf)

@@ -119,6 +119,8 @@ def is_fusable(node: fx.Node) -> bool:
         return True
     if t is P.aten.embedding.default:
         return meta(node.args[0]).dim() == 2
+    if t is P.aten.gather.default:  # indices proven in range (passes/normalize.py marks it): no bound check here
+        return bool(node.meta.get("braze_in_bounds")) and not node.kwargs.get("sparse_grad", False)
     return False
 
 
@@ -319,14 +321,22 @@ class KernelBuilder:
         if t is P.aten.embedding.default:
             weight, ids = node.args[0], node.args[1]
             ids_var = self.value(ids, idx[:-1])
-            row = (sympy.Symbol(ids_var, integer=True), idx[-1])
-            wbuf = self.load_buffer(weight)
-            if wbuf is None:  # a table computed in this kernel or viewed from a buffer: its elements at those rows
-                return self.value(weight, row)
-            return self._load(wbuf, row)
+            return self._indirect(weight, (sympy.Symbol(ids_var, integer=True), idx[-1]))
+        if t is P.aten.gather.default:  # out[..., j, ...] = x[..., index[..., j, ...], ...] along `dim`
+            x, dim, index = node.args[:3]
+            dim %= len(idx)
+            ids_var = self.value(index, idx)
+            return self._indirect(x, (*idx[:dim], sympy.Symbol(ids_var, integer=True), *idx[dim + 1:]))
         if t in P.ELEMENTWISE:
             return self._elementwise(node, idx)
         raise Unsupported(f"no fused lowering for {t}")
+
+    def _indirect(self, src: fx.Node, at: Index) -> str:
+        """src's element at an index holding loaded values (embedding rows, gather positions)."""
+        buf = self.load_buffer(src)
+        if buf is None:  # computed in this kernel or viewed from a buffer: its elements there
+            return self.value(src, at)
+        return self._load(buf, at)
 
     def _view_index(self, node: fx.Node, idx: Index) -> Index:
         t = node.target

@@ -110,8 +110,11 @@ def _table_lookup_to_embedding(node: fx.Node, ctx: PassContext) -> bool:
     return True
 
 
+# ops whose output holds only values of their first input (views, copies, sub-tensors): a bound carries over
 _SAME_VALUES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default, aten.clone.default,
-                aten.alias.default, aten.flatten.using_ints, aten.contiguous.default)
+                aten.alias.default, aten.flatten.using_ints, aten.contiguous.default, aten.permute.default,
+                aten.transpose.int, aten.slice.Tensor, aten.select.int, aten.unsqueeze.default, aten.squeeze.dim,
+                aten.squeeze.dims, aten.expand.default)
 
 
 def index_bound(node: Any) -> Any:
@@ -185,8 +188,10 @@ def _topk_to_packed(node: fx.Node, ctx: PassContext) -> bool:
     args = op_args(node)
     x, k = args["self"], args["k"]
     xv = val(x)
+    # sorted=False leaves the order to the implementation: the kernel's (descending) is one (DeepSeek-V3 / GLM-4.5
+    # routers ask for it)
     if not isinstance(xv, torch.Tensor) or not xv.is_floating_point() or xv.dim() == 0 or \
-            args["dim"] not in (-1, xv.dim() - 1) or not args["largest"] or not args["sorted"] or \
+            args["dim"] not in (-1, xv.dim() - 1) or not args["largest"] or \
             any(u.target is not operator.getitem for u in node.users):
         return False
     width = xv.shape[-1]
@@ -335,6 +340,58 @@ def _bounded_gather_to_embedding(node: fx.Node, ctx: PassContext) -> bool:
     return True
 
 
+def _in_bounds(index: fx.Node, size: Any) -> bool:
+    bound = index_bound(index)
+    return bound is not None and statically_known_true(bound <= size)
+
+
+def _mark_bounded_gather(node: fx.Node) -> bool:
+    """torch.gather(x, dim, index) with index provably in [0, x.shape[dim]) (a router's top-k indices): marked for
+    the fused kernels' indirect load (codegen/fused.py), which does not bound-check."""
+    args = op_args(node)
+    xv = val(args["self"])
+    if not isinstance(xv, torch.Tensor) or not isinstance(args["index"], fx.Node) or \
+            not _in_bounds(args["index"], xv.shape[args["dim"] % xv.dim()]):
+        return False
+    node.meta["braze_in_bounds"] = True
+    return True
+
+
+_CONSTANT_FILLS = (aten.full_like.default, aten.zeros_like.default, aten.full.default, aten.zeros.default)
+
+
+def _scatter_constant_to_mask(node: fx.Node, ctx: PassContext) -> bool:
+    """full(c).scatter(-1, index, v) over a last dim of G with index provably in [0, G) -> c + (v - c) *
+    amax_j(index[..., j] == g): a comparison and a reduction the fused kernels lower (DeepSeek-V3 / GLM-4.5 routers
+    build their group mask this way; scatter has no lowering)."""
+    args = op_args(node)
+    base, index, value = args["self"], args["index"], args["value"]
+    bv, iv = val(base), val(index)
+    if not (is_op(base, *_CONSTANT_FILLS) and isinstance(bv, torch.Tensor) and isinstance(iv, torch.Tensor)
+            and bv.dim() == iv.dim() >= 1 and args["dim"] % bv.dim() == bv.dim() - 1
+            and isinstance(value, (int, float)) and not isinstance(value, bool)
+            and tuple(iv.shape[:-1]) == tuple(bv.shape[:-1]) and _in_bounds(index, bv.shape[-1])):
+        return False
+    fill = op_args(base).get("fill_value", 0)
+    if not isinstance(fill, (int, float)) or isinstance(fill, bool):
+        return False
+    gm, width = node.graph.owning_module, bv.shape[-1]
+    slots = new_node(gm, aten.arange.default, (width,), {"dtype": iv.dtype, "device": iv.device}, ctx, node)
+    slots = new_node(gm, aten.unsqueeze.default, (slots, -1), {}, ctx, node)  # [G, 1]
+    picks = new_node(gm, aten.unsqueeze.default, (index, -2), {}, ctx, node)  # [..., 1, k]
+    hit = new_node(gm, aten.eq.Tensor, (picks, slots), {}, ctx, node)  # [..., G, k]
+    hit = new_node(gm, aten._to_copy.default, (hit,), {"dtype": torch.float32}, ctx, node)
+    mask = new_node(gm, aten.amax.default, (hit, [-1]), {}, ctx, node)  # [..., G]: 1 where some j picked g
+    out = new_node(gm, aten.mul.Tensor, (mask, float(value) - float(fill)), {}, ctx, node)
+    out = new_node(gm, aten.add.Tensor, (out, float(fill)), {}, ctx, node)
+    if bv.dtype != torch.float32:
+        out = new_node(gm, aten._to_copy.default, (out,), {"dtype": bv.dtype}, ctx, node)
+    node.replace_all_uses_with(out)
+    _erase_dead_from(node)
+    ctx.note(f"{node.name}: scatter of a constant -> a comparison mask (fused)")
+    return True
+
+
 def _trivial_slice_or_cat(node: fx.Node) -> bool:
     """x[..., 0:len] -> x; cat([..., empty, ...]) drops the empty pieces (Phi-3's partial-rotary code at factor 1.0
     slices the whole head and concatenates an empty pass-through part)."""
@@ -412,6 +469,10 @@ def normalize(gm: fx.GraphModule, ctx: PassContext) -> int:
         elif node.target is aten.index.Tensor:
             count += (_constant_index_to_slice(node, ctx) or _table_lookup_to_embedding(node, ctx)
                       or _bounded_gather_to_embedding(node, ctx))
+        elif node.target is aten.gather.default:
+            _mark_bounded_gather(node)
+        elif node.target is aten.scatter.value:
+            count += _scatter_constant_to_mask(node, ctx)
         elif node.target in (aten.slice.Tensor, aten.cat.default):
             count += _trivial_slice_or_cat(node)
         elif node.target in REDUCTIONS:
