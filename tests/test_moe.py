@@ -25,6 +25,16 @@ def _moe(experts: int, top_k: int, norm_topk_prob: bool = True):
     return transformers.Qwen3MoeForCausalLM(cfg).eval()
 
 
+def _assert_greedy_like_hf(model, cm, ids, row: int, pad: int):
+    """5 greedy tokens of a batch whose `row` is left-padded by `pad` tokens: braze's equal HF's."""
+    mask = torch.ones_like(ids)
+    mask[row, :pad] = 0
+    with torch.no_grad():
+        hf = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(cm.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None, pad_token_id=0),
+                       hf)
+
+
 @pytest.mark.parametrize("experts, top_k", [(1, 1), (6, 3)], ids=["one-expert", "six-experts"])
 def test_routing_runs_in_kernels(experts, top_k):
     """One expert (HF calls histc(x, 1): torch's default range, which the rewrite must read as [0, 0]) and six
@@ -46,12 +56,7 @@ def test_routing_runs_in_kernels(experts, top_k):
         assert topk.params.get("softmax") and topk.params.get("renorm"), topk.params
         gate_up = next(s for s in plan.steps if s.launcher == "grouped_matmul")  # passes/moe.py: gather + SwiGLU in
         assert gate_up.params.get("glu") == "swiglu" and "rows" in gate_up.params["roles"], gate_up.params
-    mask = torch.ones_like(ids)
-    mask[0, :3] = 0
-    with torch.no_grad():
-        hf = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    assert torch.equal(cm.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None, pad_token_id=0),
-                       hf)
+    _assert_greedy_like_hf(model, cm, ids, row=0, pad=3)
 
 
 def test_routing_rewrite_keeps_the_graph_runnable():
@@ -118,9 +123,4 @@ def test_group_limited_routing_runs_in_kernels():
     with torch.no_grad():
         want = model(ids).logits
     assert (cm(ids).logits - want).abs().max().item() < TOL
-    mask = torch.ones_like(ids)
-    mask[1, :2] = 0
-    with torch.no_grad():
-        hf = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    assert torch.equal(cm.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=None, pad_token_id=0),
-                       hf)
+    _assert_greedy_like_hf(model, cm, ids, row=1, pad=2)
