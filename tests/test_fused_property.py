@@ -423,7 +423,9 @@ def test_div_with_rounding_mode_fuses(mode, dtype):
 def test_gather_and_scatter_by_proven_indices_fuse():
     """torch.gather by top-k indices (proven in range) is an indirect load in a fused kernel, along the last dim
     and along dim 1 of a 3-D tensor, and a scatter of a constant into a constant fill by an unsorted top-k's
-    indices (their order is the implementation's; the set is not) is a comparison mask: exact, no eager step.
+    indices (their order is the implementation's; the set is not) is a comparison mask; max over the last dim
+    with its indices is a top-1, clamp by tensors elementwise, a scatter into a computed tensor a select: exact,
+    no eager step.
     A gather by indices nothing bounds (a model input) stays eager: the fused load would not bound-check them,
     where torch raises."""
     class Routed(torch.nn.Module):
@@ -433,7 +435,10 @@ def test_gather_and_scatter_by_proven_indices_fuse():
             across = torch.gather(x.transpose(1, 2), 1, top.transpose(1, 2)[:, :2])  # dim 1 of [B, 8, 5]
             unsorted = torch.topk(x, 3, dim=-1, sorted=False).indices  # any order: a set of indices
             mask = torch.full_like(x, -1.0).scatter(-1, unsorted, 4.0)
-            return picked, across, mask, unsorted
+            best, where = x.max(dim=-1)  # values and the first maximal index (a top-1)
+            clamped = torch.clamp(y, min=best[..., None] * 0.5, max=best[..., None])
+            masked = y.scatter(-1, where[..., None], float("-inf"))  # into a computed tensor: a select
+            return picked, across, mask, best, where, clamped, masked, unsorted
 
     class Unbounded(torch.nn.Module):
         def forward(self, y, idx):
@@ -442,9 +447,9 @@ def test_gather_and_scatter_by_proven_indices_fuse():
     x, y = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(0)), torch.randn(2, 5, 8)
     cm = braze.compile(Routed())
     got, want = cm(x, y), Routed()(x, y)
-    for g, w in zip(got[:3], want[:3]):
+    for g, w in zip(got[:-1], want[:-1]):
         assert torch.equal(g, w)
-    assert torch.equal(got[3].sort(dim=-1).values, want[3].sort(dim=-1).values)
+    assert torch.equal(got[-1].sort(dim=-1).values, want[-1].sort(dim=-1).values)
     assert not [s for s in cm.plan.steps if s.kind == "eager"]
     idx = torch.tensor([[0, 2], [1, 1]])
     cm = braze.compile(Unbounded())

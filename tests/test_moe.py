@@ -124,3 +124,26 @@ def test_group_limited_routing_runs_in_kernels():
         want = model(ids).logits
     assert (cm(ids).logits - want).abs().max().item() < TOL
     _assert_greedy_like_hf(model, cm, ids, row=1, pad=2)
+
+
+def test_sparsemixer_routing_runs_in_kernels():
+    """PhiMoE's sparsemixer (a top-1, a mask from the row maximum clamped by tensors, a softmax, the pick's weight
+    gathered, the pick scattered out, then again): max with indices as a top-1 kernel, clamp by tensors,
+    gathers and the scatter into the scores fused; the one eager step left per plan is the rotary table's
+    pow(base, tensor). Logits within TOL of eager and a left-padded batch's greedy tokens equal to HF's."""
+    cfg = transformers.PhimoeConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, num_local_experts=4, num_experts_per_tok=2,
+        sliding_window=None)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = transformers.PhimoeForCausalLM(cfg).eval()
+    cm = braze.compile(model, max_seq=32, max_batch=2)
+    for plan in (cm.plan, *cm.extra_plans.values()):
+        eager = {s.target for s in plan.steps if s.kind == "eager" and s.target != "_operator.getitem"}
+        assert eager <= {"aten.pow.Scalar"}, (plan.name, eager)
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = model(ids).logits
+    assert (cm(ids).logits - want).abs().max().item() < TOL
+    _assert_greedy_like_hf(model, cm, ids, row=0, pad=2)

@@ -360,20 +360,21 @@ def _mark_bounded_gather(node: fx.Node) -> bool:
 _CONSTANT_FILLS = (aten.full_like.default, aten.zeros_like.default, aten.full.default, aten.zeros.default)
 
 
-def _scatter_constant_to_mask(node: fx.Node, ctx: PassContext) -> bool:
-    """full(c).scatter(-1, index, v) over a last dim of G with index provably in [0, G) -> c + (v - c) *
-    amax_j(index[..., j] == g): a comparison and a reduction the fused kernels lower (DeepSeek-V3 / GLM-4.5 routers
-    build their group mask this way; scatter has no lowering)."""
+def _scatter_value_to_mask(node: fx.Node, ctx: PassContext) -> bool:
+    """x.scatter(-1, index, v) over a last dim of G with index provably in [0, G) -> where(amax_j(index[..., j]
+    == g), v, x): a comparison, a reduction and a select the fused kernels lower (scatter has no lowering); into a
+    constant fill c, c + (v - c) * that mask. DeepSeek-V3 / GLM-4.5 routers build their group mask this way,
+    PhiMoE's sparsemixer masks out its first pick."""
     args = op_args(node)
     base, index, value = args["self"], args["index"], args["value"]
     bv, iv = val(base), val(index)
-    if not (is_op(base, *_CONSTANT_FILLS) and isinstance(bv, torch.Tensor) and isinstance(iv, torch.Tensor)
+    if not (isinstance(bv, torch.Tensor) and isinstance(iv, torch.Tensor)
             and bv.dim() == iv.dim() >= 1 and args["dim"] % bv.dim() == bv.dim() - 1
             and isinstance(value, (int, float)) and not isinstance(value, bool)
             and tuple(iv.shape[:-1]) == tuple(bv.shape[:-1]) and _in_bounds(index, bv.shape[-1])):
         return False
-    fill = op_args(base).get("fill_value", 0)
-    if not isinstance(fill, (int, float)) or isinstance(fill, bool):
+    fill = op_args(base).get("fill_value", 0) if is_op(base, *_CONSTANT_FILLS) else None
+    if isinstance(fill, bool) or not isinstance(fill, (int, float, type(None))):
         return False
     gm, width = node.graph.owning_module, bv.shape[-1]
     slots = new_node(gm, aten.arange.default, (width,), {"dtype": iv.dtype, "device": iv.device}, ctx, node)
@@ -382,13 +383,65 @@ def _scatter_constant_to_mask(node: fx.Node, ctx: PassContext) -> bool:
     hit = new_node(gm, aten.eq.Tensor, (picks, slots), {}, ctx, node)  # [..., G, k]
     hit = new_node(gm, aten._to_copy.default, (hit,), {"dtype": torch.float32}, ctx, node)
     mask = new_node(gm, aten.amax.default, (hit, [-1]), {}, ctx, node)  # [..., G]: 1 where some j picked g
-    out = new_node(gm, aten.mul.Tensor, (mask, float(value) - float(fill)), {}, ctx, node)
-    out = new_node(gm, aten.add.Tensor, (out, float(fill)), {}, ctx, node)
-    if bv.dtype != torch.float32:
-        out = new_node(gm, aten._to_copy.default, (out,), {"dtype": bv.dtype}, ctx, node)
+    if fill is None:
+        picked = new_node(gm, aten.gt.Scalar, (mask, 0.5), {}, ctx, node)
+        out = new_node(gm, aten.masked_fill.Scalar, (base, picked, value), {}, ctx, node)
+    else:
+        out = new_node(gm, aten.mul.Tensor, (mask, float(value) - float(fill)), {}, ctx, node)
+        out = new_node(gm, aten.add.Tensor, (out, float(fill)), {}, ctx, node)
+        if bv.dtype != torch.float32:
+            out = new_node(gm, aten._to_copy.default, (out,), {"dtype": bv.dtype}, ctx, node)
     node.replace_all_uses_with(out)
     _erase_dead_from(node)
     ctx.note(f"{node.name}: scatter of a constant -> a comparison mask (fused)")
+    return True
+
+
+def _clamp_by_tensors(node: fx.Node, ctx: PassContext) -> bool:
+    """clamp(x, min=t, max=u) with tensor bounds -> minimum(maximum(x, t), u): elementwise ops the fused kernels
+    lower (PhiMoE's sparsemixer clamps by the row maximum)."""
+    args = op_args(node)
+    out, gm = args["self"], node.graph.owning_module
+    for bound, op in ((args["min"], aten.maximum.default), (args["max"], aten.minimum.default)):
+        if bound is not None:
+            out = new_node(gm, op, (out, bound), {}, ctx, node)
+    if val(out).dtype != val(node).dtype or tuple(val(out).shape) != tuple(val(node).shape):
+        _erase_dead_from(out)
+        return False
+    node.replace_all_uses_with(out)
+    _erase_dead_from(node)
+    return True
+
+
+def _max_dim_to_topk(node: fx.Node, ctx: PassContext) -> bool:
+    """max(x, dim=-1) whose indices are read -> braze::topk_packed(x, 1) (its kernel; the first maximal index, as
+    torch returns), values and indices read back as topk's are; only the values read: amax, a fused reduction."""
+    from braze.kernels.topk import MAX_TOPK_DIM
+
+    args = op_args(node)
+    x, keepdim = args["self"], args["keepdim"]
+    xv = val(x)
+    if not (isinstance(xv, torch.Tensor) and xv.is_floating_point() and xv.dim() >= 1
+            and args["dim"] in (-1, xv.dim() - 1) and isinstance(xv.shape[-1], int)
+            and xv.shape[-1] <= MAX_TOPK_DIM and all(u.target is operator.getitem for u in node.users)):
+        return False
+    gm = node.graph.owning_module
+    packed = new_node(gm, torch.ops.braze.topk_packed.default, (x, 1), {}, ctx, node)
+    for user in list(node.users):
+        which = user.args[1]
+        if which == 0 and not any(u.target is operator.getitem for u in node.users if u.args[1] == 1):
+            out = new_node(gm, aten.amax.default, (x, [-1], keepdim), {}, ctx, user)
+        else:
+            out = new_node(gm, aten.select.int, (packed, 0, which), {}, ctx, user)
+            dtype = val(user).dtype
+            if dtype != torch.float32:
+                out = new_node(gm, aten._to_copy.default, (out,), {"dtype": dtype}, ctx, user)
+            if not keepdim:
+                out = new_node(gm, aten.squeeze.dim, (out, -1), {}, ctx, user)
+        user.replace_all_uses_with(out)
+        gm.graph.erase_node(user)
+    gm.graph.erase_node(node)
+    _erase_dead_from(packed)
     return True
 
 
@@ -472,7 +525,11 @@ def normalize(gm: fx.GraphModule, ctx: PassContext) -> int:
         elif node.target is aten.gather.default:
             _mark_bounded_gather(node)
         elif node.target is aten.scatter.value:
-            count += _scatter_constant_to_mask(node, ctx)
+            count += _scatter_value_to_mask(node, ctx)
+        elif node.target is aten.clamp.Tensor:
+            count += _clamp_by_tensors(node, ctx)
+        elif node.target is aten.max.dim:
+            count += _max_dim_to_topk(node, ctx)
         elif node.target in (aten.slice.Tensor, aten.cat.default):
             count += _trivial_slice_or_cat(node)
         elif node.target in REDUCTIONS:
