@@ -4,7 +4,9 @@
 then clones, aliases and same-dtype casts are removed: the graph is functional, so they carry no meaning.
 Custom ops of other libraries with a braze equivalent (HF's MoE grouped matmul) become that braze op, and splits and
 constant consecutive index lists become slices; a constant table indexed by integer ids becomes an embedding;
-reductions over other dims than the last become last-dim reductions of a view.
+reductions over other dims than the last become last-dim reductions of a view. MoE routers' ops without a lowering
+become ones with one: top-k (and max with indices) -> braze::topk_packed, gathers by indices proven in range ->
+fused indirect loads, scatters of a value by such indices -> comparison masks, clamps by tensors -> min / max.
 """
 
 from __future__ import annotations
