@@ -26,11 +26,12 @@ def _fold_notes(cm):
     return next(p.notes for p in cm.report.passes if p.name == "fold_decode_layers")
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral_swa"])
 def test_three_launches_per_decode_layer_on_every_target(arch):
     """Launches per layer = the difference between a 2-layer and a 1-layer compile, as each target counts them
     (the GPU descriptions used to add the split-KV combine: now merged inside the attention block). Qwen3's
-    per-head q_norm / k_norm (two fused kernels, 5 launches a layer) run inside the attention block."""
+    per-head q_norm / k_norm (two fused kernels, 5 launches a layer) run inside the attention block, and so does
+    Mistral's sliding window (the general cached attention kernel and o_proj apart: 4)."""
     per_layer = {}
     for layers in (1, 2):
         cm = braze.compile(tiny_causal_lm(arch, layers=layers), max_seq=600, max_batch=4)

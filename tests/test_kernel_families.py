@@ -245,6 +245,31 @@ def test_attention_block_family_normalizes_q_and_k(device, dtype):
 
 
 @pytest.mark.parametrize("device", ["interpreter", "sm_90"])
+def test_attention_block_family_slides_its_window(device):
+    """A sliding window inside the block (Mistral, Phi-3): the new token at position 40 sees positions 33..40
+    only (window 8, row 1's left padding ends at 4, inside what the window drops), equal to the general cached
+    attention's reference followed by o_proj and the residual, and to the block's reference; sm_90's
+    configuration splits the cache, so splits wholly outside the window are empty and merge as such."""
+    q, k, v, cos, sin, kc, vc, _, _ = _cache_inputs(2, 1, 40, s_max=256, seed=17)
+    g = _gen(18)
+    w_o, residual = torch.randn(40, 4 * 32, generator=g) / math.sqrt(128), torch.randn(2, 1, 40, generator=g)
+    cache_len, kv_start = torch.tensor([40], dtype=torch.int64), torch.tensor([0, 4], dtype=torch.int32)
+    args = (q, k, v, cos, sin, kc, vc, cache_len, kv_start)
+    fn = lambda *a: ops.attention_block(*a[:9], 32**-0.5, a[9], a[10], None, None, 0.0, 8)  # noqa: E731
+    ref_args = [a.clone() for a in (*args, w_o, residual)]
+    out, _ = launch_like_a_plan(fn, *args, w_o, residual,
+                                device=INTERPRETER if device == "interpreter" else TARGETS[device])
+    torch.testing.assert_close(out, fn(*ref_args), **TOL)
+    torch.testing.assert_close(kc, ref_args[5], **TOL)
+    parts = [a.clone() for a in ref_args]
+    attn = ops.general_cached_attention(parts[0], parts[1], parts[2], parts[5], parts[6], cache_len, kv_start,
+                                        32**-0.5, 0.0, 8, parts[3], parts[4])
+    torch.testing.assert_close(out, residual + attn.transpose(1, 2).reshape(2, 1, 128) @ w_o.T, **TOL)
+    unwindowed = ops.attention_block(*[a.clone() for a in ref_args[:9]], 32**-0.5, w_o, residual)
+    assert (out - unwindowed).abs().max() > 1e-2  # the window changed what the token sees
+
+
+@pytest.mark.parametrize("device", ["interpreter", "sm_90"])
 def test_attention_block_family_projects_row_tiles(device):
     """18 decode rows: the projecting programs take the rows in two 16-row tiles (the second one 2 rows deep), and
     every row's result matches attention followed by o_proj."""

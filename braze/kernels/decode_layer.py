@@ -27,6 +27,7 @@ import torch
 import triton
 
 from braze.kernels.attention import (
+    AttentionExtras,
     DecodeAttentionSpec,
     OutputProjection,
     _attention_mask_reason,
@@ -87,7 +88,7 @@ class AttentionBlockFamily(KernelFamily):
         qk_norm = a.get("q_norm_weight") is not None
         source = render_decode_attention(DecodeAttentionSpec(
             name, True, _precision(k_cache.dtype), attn_dtype, from_cache_len=True, head_start=head_start,
-            rope_write=not tree, tree=tree, o_proj=True, ring=ring, qk_norm=qk_norm))
+            rope_write=not tree, tree=tree, o_proj=True, ring=ring, qk_norm=qk_norm, window=bool(a.get("window"))))
         roles = ["q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start",
                  *(["tree_mask"] if tree else []), "o_weight", "residual", *(["q_ring"] if ring else []),
                  *(["q_norm_weight", "k_norm_weight"] if qk_norm else [])]
@@ -95,6 +96,7 @@ class AttentionBlockFamily(KernelFamily):
                     params={"roles": roles, "scale": float(a["scale"]), "heads_kv": int(k_cache.shape[1]),
                             "s_max": int(k_cache.shape[2]), "attn_width": int(a["o_weight"].meta["val"].shape[1]),
                             **({"qk_norm_eps": float(a["qk_norm_eps"])} if qk_norm else {}),
+                            **({"window": int(a["window"])} if a.get("window") else {}),
                             **({"head_start": True} if head_start else {}),
                             **({"tree": True} if tree else {}),
                             **({"deterministic": True} if deterministic else {})})
@@ -134,7 +136,7 @@ class AttentionBlockFamily(KernelFamily):
                         rope=(t["k"][:, :, 0, :], t["v"][:, :, 0, :], t["cos"][:, 0, :], t["sin"][:, 0, :]),
                         block=proj, ring=t.get("q_ring"),
                         qk_norm=(t["q_norm_weight"], t["k_norm_weight"], params["qk_norm_eps"])
-                        if "q_norm_weight" in t else None)
+                        if "q_norm_weight" in t else None, extras=AttentionExtras(window=int(params.get("window", 0))))
 
     def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
         # the split merge happens in the kernel's last program: no combine launch; tree: the rope_write first

@@ -12,6 +12,7 @@ from torch import Tensor
 from braze.ops.kv_compress import record_query_reference
 from braze.ops.library import (
     cached_attention_reference,
+    general_cached_attention_reference,
     linear,
     linear_glu,
     rms_norm_reference,
@@ -41,21 +42,27 @@ def attention_block(
     q_norm_weight: Tensor | None = None,
     k_norm_weight: Tensor | None = None,
     qk_norm_eps: float = 0.0,
+    window: int = 0,
 ) -> Tensor:
     """residual + o_proj(cached attention of one new token per row): RoPE, the cache write, attention over the
     cache, the heads flattened in order ([B, 1, Hq * D]) and the output projection with its residual add.
-    q_norm_weight / k_norm_weight: q and k are RMS-normed over each head first (Qwen3's q_norm / k_norm)."""
+    q_norm_weight / k_norm_weight: q and k are RMS-normed over each head first (Qwen3's q_norm / k_norm).
+    window > 0: a sliding window (the token sees the last `window` positions: Mistral, Phi-3)."""
     if q_norm_weight is not None:
         q = rms_norm_reference(q, q_norm_weight, qk_norm_eps)
     if k_norm_weight is not None:
         k = rms_norm_reference(k, k_norm_weight, qk_norm_eps)
-    attn = cached_attention_reference(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, scale)
+    if window:
+        attn = general_cached_attention_reference(q, k, v, k_cache, v_cache, cache_len, kv_start, scale,
+                                                  window=window, cos=cos, sin=sin)
+    else:
+        attn = cached_attention_reference(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, scale)
     return _project_heads(attn, o_weight, residual)
 
 
 @attention_block.register_fake
 def _attention_block_fake(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, scale, o_weight, residual,
-                          q_norm_weight=None, k_norm_weight=None, qk_norm_eps=0.0):
+                          q_norm_weight=None, k_norm_weight=None, qk_norm_eps=0.0, window=0):
     return torch.empty_like(residual, dtype=torch.promote_types(q.dtype, residual.dtype))
 
 

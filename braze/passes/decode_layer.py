@@ -90,6 +90,12 @@ def _fold_attention(attn: fx.Node, order: dict[fx.Node, int], ctx: PassContext) 
     braze::tree_attention_block); returns why not, or None."""
     a = op_args(attn)
     tree = is_op(attn, braze.tree_cached_attention.default)
+    window = 0
+    if is_op(attn, braze.general_cached_attention.default):
+        why = _plain_window_attention(a, ctx)
+        if why is not None:
+            return why
+        window = int(a["window"] or 0)
     if not tree and val(a["q"]).shape[2] != 1:
         return "not a one-token decode"
     chain, cur, ring = [], attn, None
@@ -132,11 +138,25 @@ def _fold_attention(attn: fx.Node, order: dict[fx.Node, int], ctx: PassContext) 
     qk = None if tree or ring is not None or ctx.config.deterministic else _qk_norm(a, ctx, lin)
     if qk is not None:
         a = {**a, "q": qk[0], "k": qk[1]}
-    args = (*(a[n] for n in names), w, res, *(qk[2:] if qk else ()))
+    args = (*(a[n] for n in names), w, res, *(qk[2:] if qk else ((None, None, 0.0) if window else ())),
+            *((window,) if window else ()))
     if ring is not None:
         target, args = braze.attention_block_recording.default, (*args, ring)
     block = new_node(attn.graph.owning_module, target, args, {}, ctx, before=lin)
     _replace(lin, block)
+    return None
+
+
+def _plain_window_attention(a: dict, ctx: PassContext) -> str | None:
+    """Why a braze::general_cached_attention cannot be the attention block's, or None: the block takes a sliding
+    window (Mistral, Phi-3) over RoPE'd q / k, not a softcap, sinks, a static bias or a draft tree, and not under
+    deterministic=True (the verify's general tree kernel and o_proj matmul then decide accepted tokens)."""
+    if a["softcap"] or a["sinks"] is not None or a["attn_bias"] is not None or a["tree_mask"] is not None:
+        return "the attention has a softcap, sinks, a static bias or a draft tree"
+    if a["cos"] is None or a["sin"] is None or not isinstance(a["window"] or 0, int):
+        return "the attention's q / k arrive rotated (no RoPE in the kernel) or its window is not a constant"
+    if ctx.config.deterministic:
+        return "a sliding-window attention under deterministic=True (the verify plan keeps its own kernels)"
     return None
 
 
@@ -194,7 +214,9 @@ def _replace(old: fx.Node, new: fx.Node) -> None:
 def fold_decode_layers(gm: fx.GraphModule, ctx: PassContext) -> int:
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
     # named before folding: under deterministic=True the tree attention it is told by folds away
-    plan = "verify" if any(is_op(n, braze.tree_cached_attention.default) for n in order) else "decode"
+    plan = "verify" if any(is_op(n, braze.tree_cached_attention.default) or (
+        is_op(n, braze.general_cached_attention.default) and op_args(n)["tree_mask"] is not None) for n in order) \
+        else "decode"
     folded = {"attention": 0, "mlp": 0}
     skipped: dict[str, str] = {}
     for node in list(gm.graph.nodes):
@@ -203,7 +225,7 @@ def fold_decode_layers(gm: fx.GraphModule, ctx: PassContext) -> int:
         # the verify's tree attention folds under deterministic=True only: its tree decode kernel is then the same
         # as decode's, so the blocks keep accepted nodes bitwise equal to decode (default mode: flash tree mode)
         tree = ctx.config.deterministic and is_op(node, braze.tree_cached_attention.default)
-        if is_op(node, braze.cached_attention.default) or tree:
+        if is_op(node, braze.cached_attention.default, braze.general_cached_attention.default) or tree:
             kind, why = "attention", _fold_attention(node, order, ctx)
         elif is_op(node, braze.linear_glu.default):
             kind, why = "mlp", _fold_mlp(node, ctx)
