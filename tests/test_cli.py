@@ -19,6 +19,7 @@ import braze
 import braze.cli.run as cli_run
 from braze.cli import main
 from braze.cli.common import UsageError
+from braze.models import tiny_causal_lm
 
 ROOT = Path(__file__).resolve().parent.parent
 BRAZE = Path(sys.executable).parent / "braze"
@@ -471,6 +472,23 @@ def test_compile_an_hf_model_directory(tmp_path, capsys):
     assert manifest["metadata"]["source_kind"] == "hf-dir" and manifest["tokenizer"] == "tokenizer"
     capsys.readouterr()
     assert main(["check", str(tmp_path / "pkg"), str(tmp_path / "model"), "--prompts", "1"]) == 0
+
+
+def test_an_hf_directory_without_a_tokenizer_runs_on_token_ids(tmp_path, capsys):
+    """A saved model with no tokenizer files (a Qwen3 config: transformers would build an empty 1-token tokenizer
+    from its class, which decoded every generated id to ""): the package has no tokenizer, `run --prompt-ids`
+    prints the ids it generated, and `run --prompt` says to pass ids."""
+    model = tiny_causal_lm("qwen3", layers=1)
+    model.save_pretrained(tmp_path / "model")
+    assert main(["compile", str(tmp_path / "model"), "-o", str(tmp_path / "pkg"), "--max-seq", "16",
+                 "--max-batch", "1"]) == 0
+    assert not (tmp_path / "pkg" / "tokenizer").exists()
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "pkg"), "--prompt-ids", "5 6 7", "--max-new-tokens", "3"]) == 0
+    ids = capsys.readouterr().out.split()
+    assert len(ids) == 3 and all(0 <= int(i) < model.config.vocab_size for i in ids)
+    assert main(["run", str(tmp_path / "pkg"), "--prompt", "hi"]) == 2
+    assert "--prompt-ids" in _one_line_error(capsys.readouterr().err)
 
 
 def test_eval_prints_a_perplexity_table(capsys):

@@ -137,7 +137,15 @@ def _gguf(path: Path, dtype: Any) -> LoadedModel:
     return LoadedModel(model, _tokenizer(str(path.parent), gguf_file=path.name), None, str(path.resolve()), "gguf")
 
 
+# what an HF directory holds when it ships a tokenizer (without one, AutoTokenizer may still build an empty one from
+# the config's tokenizer class: a Qwen directory gave a 1-token tokenizer that decoded every id to "")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                   "tokenizer_config.json")
+
+
 def _tokenizer(where: str, **kwargs: Any) -> Any:
+    if "gguf_file" not in kwargs and not any((Path(where) / f).is_file() for f in TOKENIZER_FILES):
+        return None
     try:
         from transformers import AutoTokenizer
 
