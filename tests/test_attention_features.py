@@ -190,3 +190,6 @@ def test_spec_rejects_window_with_tree_mask_or_o_proj():
         AttentionSpec("a", tree_mask=True, window=True)
     with pytest.raises(ValueError, match="o_proj"):
         DecodeAttentionSpec("a", from_cache_len=True, rope_write=True, o_proj=True, sinks=True)
+    with pytest.raises(ValueError, match="o_proj"):
+        DecodeAttentionSpec("a", from_cache_len=True, tree=True, o_proj=True, window=True)
+    DecodeAttentionSpec("a", from_cache_len=True, rope_write=True, o_proj=True, window=True)  # decode: the block's

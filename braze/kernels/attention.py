@@ -156,7 +156,7 @@ class DecodeAttentionSpec:
     def __post_init__(self) -> None:
         _check_common(self.name, self.input_precision, self.out_dtype)
         if (self.softcap or self.sinks or (self.window and self.tree)) and self.o_proj:
-            raise ValueError("softcap and sinks (and a window over a tree) are not part of the attention block")
+            raise ValueError("softcap, sinks and a window over a tree are not part of the attention block (o_proj)")
         if (self.rope_write or self.tree) and not self.from_cache_len:
             raise ValueError("rope_write and tree need from_cache_len (the new token sits at the cache length)")
         if self.rope_write and self.tree:
