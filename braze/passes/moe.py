@@ -14,7 +14,7 @@ import torch.fx as fx
 from braze.ops.schema import op_args
 from braze.passes.context import PassContext
 from braze.passes.graph_utils import _erase_dead_from, aten, is_op, new_node, val
-from braze.passes.normalize import index_bound
+from braze.passes.normalize import floor_div_by_int, index_bound
 
 GROUPED_MM = torch.ops.braze.grouped_mm.default
 
@@ -22,14 +22,8 @@ GROUPED_MM = torch.ops.braze.grouped_mm.default
 def _row_source(index: fx.Node) -> tuple[fx.Node, int] | None:
     """(rows, row_div) when `index` is rows // row_div of provably non-negative rows (the floor division the
     kernel does as an integer division), or the non-negative rows themselves."""
-    if is_op(index, aten.div.Tensor_mode, aten.div.Scalar_mode):
-        args = op_args(index)
-        divisor = args["other"]
-        if args["rounding_mode"] in ("floor", "trunc") and isinstance(divisor, int) and \
-                not isinstance(divisor, bool) and divisor > 0 and index_bound(args["self"]) is not None:
-            return args["self"], divisor
-        return None
-    return (index, 1) if index_bound(index) is not None else None
+    rows, row_div = floor_div_by_int(index) or (index, 1)
+    return (rows, row_div) if index_bound(rows) is not None else None
 
 
 def _fold_gather(node: fx.Node, ctx: PassContext) -> fx.Node | None:

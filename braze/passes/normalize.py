@@ -142,12 +142,24 @@ def index_bound(node: Any) -> Any:
         return val(args[0].args[0].args[0]).shape[-1]  # top-k indices, read back from the packed op
     if t in _SAME_VALUES:
         return index_bound(args[0])
-    if t in (aten.div.Tensor_mode, aten.div.Scalar_mode) and op_args(node)["rounding_mode"] in ("floor", "trunc"):
-        divisor = args[1]
-        bound = index_bound(args[0])
-        if bound is not None and isinstance(divisor, int) and not isinstance(divisor, bool) and divisor > 0:
-            return (bound + divisor - 1) // divisor
+    quotient = floor_div_by_int(node)
+    if quotient is not None:
+        bound = index_bound(quotient[0])
+        return None if bound is None else (bound + quotient[1] - 1) // quotient[1]
     return None
+
+
+def floor_div_by_int(node: Any) -> tuple[fx.Node, int] | None:
+    """(x, d) when `node` is x // d (torch.div, floor or trunc rounding) by a positive int d: the same integer
+    division for the non-negative indices index_bound covers."""
+    if not is_op(node, aten.div.Tensor_mode, aten.div.Scalar_mode):
+        return None
+    args = op_args(node)
+    divisor = args["other"]
+    if args["rounding_mode"] not in ("floor", "trunc") or not isinstance(divisor, int) or \
+            isinstance(divisor, bool) or divisor <= 0:
+        return None
+    return args["self"], divisor
 
 
 def _router_softmax(x: fx.Node) -> fx.Node | None:
@@ -240,7 +252,8 @@ def _expert_offsets(values: fx.Node) -> list[tuple[fx.Node, int]]:
             if not (isinstance(bins, int) and lo == 0 and hi == bins - 1):
                 continue
             for cumsum in _users(histc, aten.cumsum.default):
-                if op_args(cumsum)["dim"] in (0, -1) and op_args(cumsum)["dtype"] in (torch.int32, torch.int64):
+                cumsum_args = op_args(cumsum)
+                if cumsum_args["dim"] in (0, -1) and cumsum_args["dtype"] in (torch.int32, torch.int64):
                     found.append((cumsum, bins))
     return found
 
@@ -318,6 +331,12 @@ def _moe_routing(node: fx.Node, ctx: PassContext) -> bool:
     return True
 
 
+def _in_bounds(index: fx.Node, size: Any) -> bool:
+    """Whether index's values provably lie in [0, size) (index_bound)."""
+    bound = index_bound(index)
+    return bound is not None and statically_known_true(bound <= size)
+
+
 def _bounded_gather_to_embedding(node: fx.Node, ctx: PassContext) -> bool:
     """x[idx] over dim 0 of a 1-D or 2-D tensor, idx provably within x's rows (index_bound) -> embedding(x, idx),
     a gather the fused kernels lower (the generated gathers do not bound-check, hence the proof). MoE routing's
@@ -329,8 +348,7 @@ def _bounded_gather_to_embedding(node: fx.Node, ctx: PassContext) -> bool:
     if not isinstance(xv, torch.Tensor) or not isinstance(iv, torch.Tensor) or \
             iv.dtype not in (torch.int64, torch.int32) or xv.dim() not in (1, 2) or (xv.dim() == 1 and iv.dim() != 1):
         return False
-    bound = index_bound(indices[0])
-    if bound is None or not statically_known_true(bound <= xv.shape[0]):
+    if not _in_bounds(indices[0], xv.shape[0]):
         return False
     gm = node.graph.owning_module
     table = x if xv.dim() == 2 else new_node(gm, aten.reshape.default, (x, [-1, 1]), {}, ctx, node)
@@ -340,11 +358,6 @@ def _bounded_gather_to_embedding(node: fx.Node, ctx: PassContext) -> bool:
     node.replace_all_uses_with(out)
     node.graph.erase_node(node)
     return True
-
-
-def _in_bounds(index: fx.Node, size: Any) -> bool:
-    bound = index_bound(index)
-    return bound is not None and statically_known_true(bound <= size)
 
 
 def _mark_bounded_gather(node: fx.Node) -> bool:
@@ -428,10 +441,11 @@ def _max_dim_to_topk(node: fx.Node, ctx: PassContext) -> bool:
             and xv.shape[-1] <= MAX_TOPK_DIM and all(u.target is operator.getitem for u in node.users)):
         return False
     gm = node.graph.owning_module
-    packed = new_node(gm, torch.ops.braze.topk_packed.default, (x, 1), {}, ctx, node)
+    wants_indices = any(u.args[1] == 1 for u in node.users)
+    packed = new_node(gm, torch.ops.braze.topk_packed.default, (x, 1), {}, ctx, node) if wants_indices else None
     for user in list(node.users):
         which = user.args[1]
-        if which == 0 and not any(u.target is operator.getitem for u in node.users if u.args[1] == 1):
+        if packed is None:
             out = new_node(gm, aten.amax.default, (x, [-1], keepdim), {}, ctx, user)
         else:
             out = new_node(gm, aten.select.int, (packed, 0, which), {}, ctx, user)
@@ -443,7 +457,6 @@ def _max_dim_to_topk(node: fx.Node, ctx: PassContext) -> bool:
         user.replace_all_uses_with(out)
         gm.graph.erase_node(user)
     gm.graph.erase_node(node)
-    _erase_dead_from(packed)
     return True
 
 
