@@ -96,6 +96,28 @@ def test_quantization_reports_the_experts_and_keeps_the_router(quant):
         assert torch.equal(cm.generate(ids, max_new_tokens=4, eos_token_id=None, pad_token_id=0), hf)
 
 
+def test_swiglu_fold_reads_open_ended_slices():
+    """The experts' SwiGLU fold matches `y[:, H:]` whether the slice's end is written out or left open (None: it
+    raised a TypeError in the matcher before)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from braze.passes.moe import _swiglu_user
+
+    x, w, offs = torch.randn(5, 8), torch.randn(2, 8, 6), torch.tensor([2, 5], dtype=torch.int32)
+
+    def experts(x, w, offs):
+        y = torch.ops.braze.grouped_mm(x, w, offs)
+        return torch.nn.functional.silu(y[:, :3]) * y[:, 3:]
+
+    gm = make_fx(experts, tracing_mode="fake")(x, w, offs)
+    mm = next(n for n in gm.graph.nodes if n.target is torch.ops.braze.grouped_mm.default)
+    mul = _swiglu_user(mm)
+    assert mul is not None and mul.target is torch.ops.aten.mul.Tensor
+    up = next(s for s in mm.users if s.args[2] == 3)
+    up.args = (*up.args[:3], None)
+    assert _swiglu_user(mm) is mul
+
+
 def test_group_limited_routing_runs_in_kernels():
     """DeepSeek-V3-style routing (GLM-4.5's Glm4Moe: sigmoid scores plus a correction bias, the top-2 sum of each
     of 4 expert groups, the best 2 groups kept through a scatter mask, an unsorted top-4 over the kept experts,

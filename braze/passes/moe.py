@@ -60,7 +60,8 @@ def _swiglu_user(node: fx.Node) -> fx.Node | None:
         args = op_args(s)
         if args["dim"] not in (1, -1) or args["step"] != 1:
             return None
-        halves[(args["start"] or 0, min(args["end"], width))] = s
+        end = width if args["end"] is None else min(args["end"], width)  # an open end slices to the last column
+        halves[(args["start"] or 0, end)] = s
     gate, up = halves.get((0, width // 2)), halves.get((width // 2, width))
     if gate is None or up is None:
         return None
