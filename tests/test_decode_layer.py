@@ -26,12 +26,14 @@ def _fold_notes(cm):
     return next(p.notes for p in cm.report.passes if p.name == "fold_decode_layers")
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral_swa"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral_swa", "gemma2", "gemma3_text"])
 def test_three_launches_per_decode_layer_on_every_target(arch):
     """Launches per layer = the difference between a 2-layer and a 1-layer compile, as each target counts them
     (the GPU descriptions used to add the split-KV combine: now merged inside the attention block). Qwen3's
     per-head q_norm / k_norm (two fused kernels, 5 launches a layer) run inside the attention block, and so does
-    Mistral's sliding window (the general cached attention kernel and o_proj apart: 4)."""
+    Mistral's sliding window (the general cached attention kernel and o_proj apart: 4). Gemma 2 / 3: the softcap
+    and window, Gemma 3's q / k norms and both post-norms (o_proj, the post-attention norm + residual, down and the
+    post-feedforward norm + residual apart: 7 and 9) inside the blocks too."""
     per_layer = {}
     for layers in (1, 2):
         cm = braze.compile(tiny_causal_lm(arch, layers=layers), max_seq=600, max_batch=4)
@@ -45,7 +47,9 @@ def test_three_launches_per_decode_layer_on_every_target(arch):
     assert "cached_attention" not in _launchers(decode)
     assert _fold_notes(cm)[0] == "decode plan: 2 attention blocks, 2 MLP blocks (one launch each)"
     normed = "decode plan: 2 attention blocks normalize q / k per head (q_norm / k_norm folded in)"
-    assert (normed in _fold_notes(cm)) == (arch == "qwen3")
+    assert (normed in _fold_notes(cm)) == (arch in ("qwen3", "gemma3_text"))
+    post = "decode plan: 2 attention blocks, 2 MLP blocks normalize their output before the residual add (post-norms)"
+    assert (post in _fold_notes(cm)) == arch.startswith("gemma")
 
 
 def test_rkv_decode_records_its_queries_inside_the_attention_block():
@@ -157,7 +161,7 @@ def _decode_logits(cm, ids, n):
     return out, torch.stack(seen[1:], 1)  # the decode steps' logits [B, n - 1, V]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gemma3_text"])
 @pytest.mark.parametrize("dtype, atol", [(torch.float16, 2e-2), (torch.bfloat16, 1.25e-1)], ids=["fp16", "bf16"])
 def test_16bit_decode_matches_hf(dtype, atol, arch):
     """The 16-bit path: decode logits of the folded plan against HF in the same dtype on the same tokens (bf16
@@ -165,10 +169,13 @@ def test_16bit_decode_matches_hf(dtype, atol, arch):
     output, the MLP intermediate and the residual stream to 16 bits at the same places and sum in fp32; they differ
     in summation order only, so the logits (|x| <= ~4) agree to a few ulps of the dtype at 4: fp16 2e-2, bf16
     (8x coarser) 1.25e-1, while a wrong head order or a lost split is O(1). Qwen3: the q / k norms inside the
-    block round where HF's do (the normed value, then times the weight, in the model's dtype)."""
+    block round where HF's do (the normed value, then times the weight, in the model's dtype). Gemma 2 / 3: their
+    norms scale by (1 + w) in fp32 and round once (braze::rms_norm with an fp32 weight), the post-norms and
+    Gemma 3's q / k norms inside the blocks round the same way; Gemma 2 softcaps inside the attention block."""
     model = tiny_causal_lm(arch, layers=2, dtype=dtype)
     cm = braze.compile(model, max_seq=64, max_batch=2)
-    assert "attention_block" in _launchers(cm.generator.decode.plan)
+    assert _launchers(cm.generator.decode.plan).count("attention_block") == 2
+    assert _launchers(cm.generator.decode.plan).count("mlp_block") == 2
     ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(4))
     out, logits = _decode_logits(cm, ids, 8)
     with torch.no_grad():

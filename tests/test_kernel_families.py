@@ -269,6 +269,45 @@ def test_attention_block_family_slides_its_window(device):
     assert (out - unwindowed).abs().max() > 1e-2  # the window changed what the token sees
 
 
+@pytest.mark.parametrize("rows", [2, 18])
+@pytest.mark.parametrize("device", ["interpreter", "sm_90"])
+def test_attention_block_family_gemma2_softcap_window_post_norm(device, rows):
+    """Gemma 2's attention half in the block: softcapped logits (cap 5, so the cap bites on logits ~3-8), a
+    sliding window of 8 and the post-attention RMSNorm before the residual add (the last projecting program
+    normalizes every row once all of o_proj's tiles are stored). Equal to the general cached attention's
+    reference -> o_proj -> braze::rms_norm -> + residual, and to the block's reference; 18 rows take two 16-row
+    tiles on sm_90. Without the post-norm or the softcap the result moves by O(1): each is applied."""
+    q, k, v, cos, sin, kc, vc, _, _ = _cache_inputs(rows, 1, 40, s_max=256, seed=19)
+    q = 4 * q
+    g = _gen(20)
+    w_o, residual = torch.randn(40, 4 * 32, generator=g) / math.sqrt(128), torch.randn(rows, 1, 40, generator=g)
+    w_post = 1 + 0.3 * torch.randn(40, generator=g)
+    cache_len = torch.tensor([40], dtype=torch.int64)
+    kv_start = (torch.arange(rows, dtype=torch.int32) * 3) % 30
+    args = (q, k, v, cos, sin, kc, vc, cache_len, kv_start)
+
+    def fn(*a):
+        return ops.attention_block(*a[:9], 32**-0.5, a[9], a[10], window=8, softcap=5.0, post_norm_weight=a[11],
+                                   post_norm_eps=1e-6)
+
+    pristine = [a.clone() for a in (*args, w_o, residual, w_post)]
+    ref_args = [a.clone() for a in pristine]
+    out, _ = launch_like_a_plan(fn, *args, w_o, residual, w_post,
+                                device=INTERPRETER if device == "interpreter" else TARGETS[device])
+    torch.testing.assert_close(out, fn(*ref_args), **TOL)
+    torch.testing.assert_close(kc, ref_args[5], **TOL)
+    parts = [a.clone() for a in pristine]
+    attn = ops.general_cached_attention(parts[0], parts[1], parts[2], parts[5], parts[6], cache_len, kv_start,
+                                        32**-0.5, 5.0, 8, parts[3], parts[4])
+    o = attn.transpose(1, 2).reshape(rows, 1, 128) @ w_o.T
+    torch.testing.assert_close(out, residual + ops.rms_norm(o, w_post, 1e-6), **TOL)
+    assert (out - (residual + o)).abs().max() > 0.5  # the post-norm is applied
+    plain = [a.clone() for a in pristine]
+    uncapped = ops.attention_block(*plain[:9], 32**-0.5, plain[9], plain[10], window=8, post_norm_weight=plain[11],
+                                   post_norm_eps=1e-6)
+    assert (out - uncapped).abs().max() > 1e-1  # the softcap is applied
+
+
 @pytest.mark.parametrize("device", ["interpreter", "sm_90"])
 def test_attention_block_family_projects_row_tiles(device):
     """18 decode rows: the projecting programs take the rows in two 16-row tiles (the second one 2 rows deep), and
@@ -359,6 +398,35 @@ def test_mlp_block_family(device, activation, rows):
     torch.testing.assert_close(out, fn(x, nw, wg, wu, wd, residual), **TOL)
     h = ops.linear_glu(x, wg, wu, nw, 1e-5, activation)
     torch.testing.assert_close(out, residual + h @ wd.T, **TOL)
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+@pytest.mark.parametrize("rows, width", [(1, 72), (3, 72), (2, 1100)])
+@pytest.mark.parametrize("device", ["interpreter", "sm_80"])
+def test_mlp_block_family_post_norm(device, rows, width, deterministic):
+    """Gemma 2/3's MLP half: GeGLU, then the post-feedforward RMSNorm of down's output before the residual add,
+    in the same launch (its last projecting program normalizes the rows; N = 72 in one masked 128-wide chunk,
+    N = 1100 in 1024-wide chunks under the interpreter, 512-wide on a GPU: the last one masked). Equal to linear_glu -> down -> braze::rms_norm ->
+    + residual; deterministic: a row alone is bitwise the row in the batch."""
+    g = _gen(21)
+    x = torch.randn(rows, 1, 72, generator=g)
+    nw, pw = 1 + 0.1 * torch.randn(72, generator=g), 1 + 0.1 * torch.randn(width, generator=g)
+    wg, wu = (torch.randn(200, 72, generator=g) / math.sqrt(72) for _ in range(2))
+    wd = torch.randn(width, 200, generator=g) / math.sqrt(200)
+    residual = torch.randn(rows, 1, width, generator=g)
+    fn = lambda *a: ops.mlp_block(*a[:6], 1e-5, "gelu_tanh", a[6], 1e-6)  # noqa: E731
+    target = INTERPRETER if device == "interpreter" else TARGETS[device]
+    with recording_launches() as seen:
+        out, _ = launch_like_a_plan(fn, x, nw, wg, wu, wd, residual, pw, device=target, deterministic=deterministic)
+    assert seen[0].meta["POST_NORM"] and len(seen) == 1
+    assert seen[0].meta["BLOCK_PN"] == (128 if width == 72 else 1024 if device == "interpreter" else 512)
+    h = ops.linear_glu(x, wg, wu, nw, 1e-5, "gelu_tanh") @ wd.T
+    torch.testing.assert_close(out, residual + ops.rms_norm(h, pw, 1e-6), **TOL)
+    assert (out - (residual + h)).abs().max() > 0.5
+    if deterministic and rows > 1:
+        alone, _ = launch_like_a_plan(fn, x[1:2], nw, wg, wu, wd, residual[1:2], pw, device=target,
+                                      deterministic=True)
+        assert torch.equal(alone[0], out[1])
 
 
 @pytest.mark.parametrize("device", ["interpreter", "sm_80"])

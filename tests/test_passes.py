@@ -111,3 +111,62 @@ def test_squared_relu_fuses_into_the_matmul_epilogue():
     acts = [op_args(n)["activation"] for n in cm.compiled.graph_module.graph.nodes
             if n.target is torch.ops.braze.linear.default]
     assert acts == ["relu2", "none"], acts
+
+
+class GemmaNorm(torch.nn.Module):
+    """HF Gemma's RMSNorm then a linear: the scale (1 + w) in fp32, one rounding to the input's dtype."""
+
+    def __init__(self, dim=64):
+        super().__init__()
+        self.weight = torch.nn.Parameter(0.3 * torch.randn(dim))
+        self.lin = torch.nn.Linear(dim, 48, bias=False)
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.lin((h * (1.0 + self.weight.float())).type_as(x))
+
+
+class MixedLlamaNorm(torch.nn.Module):
+    """Llama's form with an fp32 weight on fp16 input: HF returns fp32 (the scale promotes), not braze::rms_norm's
+    Gemma form, so the recognizer must leave it alone."""
+
+    def __init__(self, dim=64):
+        super().__init__()
+        self.weight = torch.nn.Parameter(1 + 0.3 * torch.randn(dim))
+
+    def forward(self, x):
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.weight * h.to(x.dtype)
+
+
+def test_gemma_form_rms_norm_in_16_bit_becomes_the_matmul_prologue():
+    """fp16 Gemma norm: recognized as braze::rms_norm with the folded fp32 weight (1 + w), which scales in fp32
+    and rounds once; it folds into the linear's prologue (one matmul kernel, the weight's fold at compile time),
+    and its reference is bitwise HF's module. Within 1 fp16 ulp at |y| ~ 4 of eager (the matmul sums in another
+    order); Llama's form with an fp32 weight (an fp32 result) stays unrecognized and still matches eager."""
+    torch.manual_seed(0)
+    m = GemmaNorm().half().eval()
+    x = torch.randn(3, 64).half()
+    cm = braze.compile(m)
+    with torch.no_grad():
+        want = m(x)
+        got = cm(x)
+        assert got.dtype == torch.float16
+        assert cm.compiled.report.pass_count("recognize_rms_norm") == 1
+        assert [k[1] for k in cm.compiled.report.kernels] == ["matmul"]
+        torch.testing.assert_close(got.float(), want.float(), atol=4e-3, rtol=2e-3)
+        h = x.float()
+        ref = torch.ops.braze.rms_norm(x, (1.0 + m.weight.float()), 1e-6)
+        assert ref.dtype == torch.float16
+        assert torch.equal(ref, (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+                                 * (1.0 + m.weight.float())).half())
+    mixed = MixedLlamaNorm().half().eval()
+    mixed.weight.data = mixed.weight.data.float()
+    cm = braze.compile(mixed)
+    with torch.no_grad():
+        got, want = cm(x), mixed(x)
+    assert cm.compiled.report.pass_count("recognize_rms_norm") == 0
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)

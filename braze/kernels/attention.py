@@ -155,8 +155,8 @@ class DecodeAttentionSpec:
 
     def __post_init__(self) -> None:
         _check_common(self.name, self.input_precision, self.out_dtype)
-        if (self.softcap or self.sinks or (self.window and self.tree)) and self.o_proj:
-            raise ValueError("softcap, sinks and a window over a tree are not part of the attention block (o_proj)")
+        if (self.sinks or ((self.window or self.softcap) and self.tree)) and self.o_proj:
+            raise ValueError("sinks, and a window or softcap over a tree, are not part of the attention block (o_proj)")
         if (self.rope_write or self.tree) and not self.from_cache_len:
             raise ValueError("rope_write and tree need from_cache_len (the new token sits at the cache length)")
         if self.rope_write and self.tree:
@@ -258,6 +258,10 @@ def attention_blocks(sq: int, skv: int, head_dim: int, device: DeviceSpec, deter
     elif tree:
         block_n = max(16, block_n // 2)
         warps = max(warps, 8 if block_m >= 64 else 4)
+    if block_m == 16 and elem_size < 4:  # a 16-row query tile (a short prefill over the cache): 8 warps. With 4,
+        # ptxas spilled 4-12 B at 80-96 registers (sm_80 sliding-window form, sm_86/89 at 3 stages, sm_90 at 1
+        # stage); 8 warps x 2 stages spilled on no target (tiny Llama / Qwen2 / Mistral, the 1B and Gemma 2 shapes)
+        warps = 8
     return AttentionBlocks(block_m, block_n, block_d, num_warps=warps, num_stages=2)
 
 

@@ -41,7 +41,7 @@ from braze.kernels.attention import (
 from braze.kernels.device import DeviceSpec
 from braze.kernels.family import FLOAT_NAMES, KernelFamily, workspace_tensors
 from braze.kernels.matmul import check_header, pow2_clamp
-from braze.kernels.projection import Projection
+from braze.kernels.projection import PostNorm, Projection
 from braze.kernels.render import render_template
 
 if TYPE_CHECKING:
@@ -88,15 +88,19 @@ class AttentionBlockFamily(KernelFamily):
         qk_norm = a.get("q_norm_weight") is not None
         source = render_decode_attention(DecodeAttentionSpec(
             name, True, _precision(k_cache.dtype), attn_dtype, from_cache_len=True, head_start=head_start,
-            rope_write=not tree, tree=tree, o_proj=True, ring=ring, qk_norm=qk_norm, window=bool(a.get("window"))))
+            rope_write=not tree, tree=tree, o_proj=True, ring=ring, qk_norm=qk_norm, window=bool(a.get("window")),
+            softcap=bool(a.get("softcap"))))
+        post_norm = a.get("post_norm_weight") is not None
         roles = ["q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start",
                  *(["tree_mask"] if tree else []), "o_weight", "residual", *(["q_ring"] if ring else []),
-                 *(["q_norm_weight", "k_norm_weight"] if qk_norm else [])]
+                 *(["q_norm_weight", "k_norm_weight"] if qk_norm else []), *(["post_norm_weight"] if post_norm else [])]
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
                     params={"roles": roles, "scale": float(a["scale"]), "heads_kv": int(k_cache.shape[1]),
                             "s_max": int(k_cache.shape[2]), "attn_width": int(a["o_weight"].meta["val"].shape[1]),
                             **({"qk_norm_eps": float(a["qk_norm_eps"])} if qk_norm else {}),
                             **({"window": int(a["window"])} if a.get("window") else {}),
+                            **({"softcap": float(a["softcap"])} if a.get("softcap") else {}),
+                            **({"post_norm_eps": float(a["post_norm_eps"])} if post_norm else {}),
                             **({"head_start": True} if head_start else {}),
                             **({"tree": True} if tree else {}),
                             **({"deterministic": True} if deterministic else {})})
@@ -108,9 +112,10 @@ class AttentionBlockFamily(KernelFamily):
 
     def workspace(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> dict[str, int]:
         rows, heads_kv = _rows(out_shape), int(params["heads_kv"])
-        # the merged attention [rows, Hq * D], written before it is read; tickets per (row, kv head), then the
-        # launch's three (start, merged, projected)
-        return {"scratch_float32": rows * int(params["attn_width"]), "int32": rows * heads_kv + 3}
+        # the merged attention [rows, Hq * D] (and with a post-norm, o_proj's output [rows, N] after it), written
+        # before it is read; tickets per (row, kv head), then the launch's three (start, merged, projected)
+        post = rows * int(out_shape[-1]) if "post_norm_eps" in params else 0
+        return {"scratch_float32": rows * int(params["attn_width"]) + post, "int32": rows * heads_kv + 3}
 
     def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
                params: dict[str, Any], device: DeviceSpec) -> None:
@@ -122,8 +127,10 @@ class AttentionBlockFamily(KernelFamily):
         n_out = out2.shape[1]
         ws = workspace_tensors(tensors)
         counters = ws["int32"]
-        proj = OutputProjection(Projection(t["o_weight"], t["residual"].reshape(rows, n_out), out2,
-                                           ws["scratch_float32"], counters[:3], bool(params.get("deterministic"))),
+        scratch = ws["scratch_float32"]
+        post = _post_norm(t, params, scratch[rows * int(params["attn_width"]):])
+        proj = OutputProjection(Projection(t["o_weight"], t["residual"].reshape(rows, n_out), out2, scratch,
+                                           counters[:3], bool(params.get("deterministic")), post),
                                 counters[3:3 + rows * Hkv])
         head_start = bool(params.get("head_start"))
         if tree:
@@ -136,7 +143,9 @@ class AttentionBlockFamily(KernelFamily):
                         rope=(t["k"][:, :, 0, :], t["v"][:, :, 0, :], t["cos"][:, 0, :], t["sin"][:, 0, :]),
                         block=proj, ring=t.get("q_ring"),
                         qk_norm=(t["q_norm_weight"], t["k_norm_weight"], params["qk_norm_eps"])
-                        if "q_norm_weight" in t else None, extras=AttentionExtras(window=int(params.get("window", 0))))
+                        if "q_norm_weight" in t else None,
+                        extras=AttentionExtras(softcap=float(params.get("softcap", 0.0)),
+                                               window=int(params.get("window", 0))))
 
     def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
         # the split merge happens in the kernel's last program: no combine launch; tree: the rope_write first
@@ -185,7 +194,7 @@ class MlpBlockConfig:
 
 
 def mlp_block_config(M: int, K: int, inter: int, device: DeviceSpec, *, elem_size: int = 2,
-                     deterministic: bool = False) -> MlpBlockConfig:
+                     deterministic: bool = False, post_norm: bool = False) -> MlpBlockConfig:
     """The interpreter takes big tiles (it pays per program). A GPU: 16-row MMA tiles, intermediate columns
     narrowed until the up programs cover every SM (each streams its slice of the gate and up weights: a b=1
     decode is bandwidth bound), a [BLOCK_K, BLOCK_I] pair of gate/up tiles per step.
@@ -202,7 +211,9 @@ def mlp_block_config(M: int, K: int, inter: int, device: DeviceSpec, *, elem_siz
         block_i //= 2
     if deterministic:
         return MlpBlockConfig(16, block_i, 32, num_warps=8)
-    return MlpBlockConfig(16, block_i, 32 if elem_size > 2 else 64)
+    # a post-norm (Gemma 2/3): 8 warps. At 4, ptxas chose 80 registers and spilled 16 B on sm_80 (Gemma 2 shape,
+    # 16-row tiles; 92 registers and no spill without the post-norm); 8 warps: 64, none
+    return MlpBlockConfig(16, block_i, 32 if elem_size > 2 else 64, num_warps=8 if post_norm else 4)
 
 
 class MlpBlockFamily(KernelFamily):
@@ -239,9 +250,12 @@ class MlpBlockFamily(KernelFamily):
         layercast = deterministic and w.dtype != torch.float32
         spec = MlpBlockSpec(name, GLU_KINDS[a["activation"]], "ieee" if layercast else _precision(w.dtype),
                             FLOAT_NAMES[out.dtype], layercast=layercast)
-        roles = ["x", "norm_weight", "gate_weight", "up_weight", "down_weight", "residual"]
+        post_norm = a.get("post_norm_weight") is not None
+        roles = ["x", "norm_weight", "gate_weight", "up_weight", "down_weight", "residual",
+                 *(["post_norm_weight"] if post_norm else [])]
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
                     params={"roles": roles, "eps": float(a["eps"]), "inter": int(w.shape[0]),
+                            **({"post_norm_eps": float(a["post_norm_eps"])} if post_norm else {}),
                             **({"deterministic": True} if deterministic else {})})
         return render_mlp_block(spec), step
 
@@ -250,8 +264,11 @@ class MlpBlockFamily(KernelFamily):
         return self.lower(node, name, deterministic=True)
 
     def workspace(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> dict[str, int]:
-        # the intermediate h [M, I], written before it is read; the launch's three tickets
-        return {"scratch_float32": _rows(out_shape) * int(params["inter"]), "int32": 3}
+        # the intermediate h [M, I] (and with a post-norm, down's output [M, N] after it), written before it is
+        # read; the launch's three tickets
+        rows = _rows(out_shape)
+        post = rows * int(out_shape[-1]) if "post_norm_eps" in params else 0
+        return {"scratch_float32": rows * int(params["inter"]) + post, "int32": 3}
 
     def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
                params: dict[str, Any], device: DeviceSpec) -> None:
@@ -265,15 +282,24 @@ class MlpBlockFamily(KernelFamily):
         ws = workspace_tensors(tensors)
         deterministic = bool(params.get("deterministic"))
         cfg = mlp_block_config(M, K, inter, device, elem_size=max(x.element_size(), wg.element_size()),
-                               deterministic=deterministic)
+                               deterministic=deterministic, post_norm="post_norm_weight" in t)
         args = [x, t["norm_weight"], wg, wu, M, K, inter, *x.stride(), *wg.stride(), *wu.stride(),
                 float(params["eps"])]
-        down = Projection(wd, res, o, ws["scratch_float32"], ws["int32"][:3], deterministic)
+        scratch = ws["scratch_float32"]
+        down = Projection(wd, res, o, scratch, ws["int32"][:3], deterministic,
+                          _post_norm(t, params, scratch[M * inter:]))
         up = triton.cdiv(inter, cfg.block_i) * triton.cdiv(M, cfg.block_m)
         down.launch(getattr(module, name), up, args, device, **cfg.meta(device))
 
     def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
         return 1
+
+
+def _post_norm(tensors: dict[str, torch.Tensor], params: dict[str, Any], y: torch.Tensor) -> PostNorm | None:
+    """The block's post-norm (weight, eps, the fp32 staging after the first role's scratch), if it has one."""
+    if "post_norm_weight" not in tensors:
+        return None
+    return PostNorm(tensors["post_norm_weight"], float(params["post_norm_eps"]), y)
 
 
 ATTENTION_BLOCK = AttentionBlockFamily()

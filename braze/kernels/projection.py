@@ -24,9 +24,20 @@ from braze.kernels.matmul import gemv_config, pow2_clamp
 
 
 @dataclass(frozen=True)
+class PostNorm:
+    """An RMSNorm between a block's projection and its residual add: y, the fp32 staging [R * N]."""
+
+    weight: torch.Tensor
+    eps: float
+    y: torch.Tensor
+
+
+@dataclass(frozen=True)
 class Projection:
     """out [R, N] = residual + scratch [R, K] @ weight [N, K]^T. `scratch`: fp32, at least R * K elements, any
-    contents (the first role writes it); `sync`: int32 [3], zeros before and after the launch."""
+    contents (the first role writes it); `sync`: int32 [3], zeros before and after the launch.
+    post_norm (Gemma 2/3's post-attention / post-feedforward RMSNorm): out = residual + rms_norm(scratch @
+    weight^T, post_norm.weight, post_norm.eps), the product staged in post_norm.y (fp32, R * N elements)."""
 
     weight: torch.Tensor
     residual: torch.Tensor
@@ -34,12 +45,15 @@ class Projection:
     scratch: torch.Tensor
     sync: torch.Tensor
     deterministic: bool = False
+    post_norm: PostNorm | None = None
 
     def args(self) -> list[Any]:
-        """scratch, weight, residual, out, sync, R, N, K and the strides, in the templates' order."""
-        w, r, o = self.weight, self.residual, self.out
+        """scratch, weight, residual, out, sync, R, N, K, the strides and the post-norm's y, weight and eps, in
+        the templates' order (without a post-norm: placeholders the kernel never reads)."""
+        w, r, o, p = self.weight, self.residual, self.out, self.post_norm
+        post = [p.y, p.weight, float(p.eps)] if p is not None else [self.scratch, w, 0.0]
         return [self.scratch, w, r, o, self.sync, o.shape[0], w.shape[0], w.shape[1], *w.stride(), *r.stride(),
-                *o.stride()]
+                *o.stride(), *post]
 
     def config(self, device: DeviceSpec, num_warps: int = 4) -> dict[str, int | bool]:
         """One row (b=1 decode) and deterministic compiles take the GEMV form (ROW_DOT, matmul's gemv_config:
@@ -48,15 +62,19 @@ class Projection:
         Several rows otherwise: 16-row tl.dot tiles (benchmarks/matmul_tiles.py: from 2 rows on they beat the
         per-row reduction)."""
         rows, (n, k) = self.out.shape[0], self.weight.shape
+        # the post-norm's row chunk: 512 columns on a GPU (4 fp32 per thread at 4 warps; at 1024 the MLP block
+        # spilled 4-8 B at 80 registers on sm_80, Gemma 2 shape), 1024 under the interpreter (it pays per trip)
+        post = {"POST_NORM": self.post_norm is not None,
+                "BLOCK_PN": pow2_clamp(n, 16, 1024 if device.interpret else 512)}
         if device.interpret:  # large tiles: the interpreter's cost is per program and per loop trip
             row_dot = self.deterministic
             return {"BLOCK_O": pow2_clamp(n, 16, 512), "BLOCK_R": 1 if row_dot else 16,
-                    "BLOCK_KO": pow2_clamp(k, 16, 512), "ROW_DOT": row_dot}
+                    "BLOCK_KO": pow2_clamp(k, 16, 512), "ROW_DOT": row_dot, **post}
         if self.deterministic or rows == 1:
             c = gemv_config(1, n, k, device, elem_size=self.weight.element_size(), num_warps=num_warps)
-            return {"BLOCK_O": c.block_n, "BLOCK_R": 1, "BLOCK_KO": c.block_k, "ROW_DOT": True}
+            return {"BLOCK_O": c.block_n, "BLOCK_R": 1, "BLOCK_KO": c.block_k, "ROW_DOT": True, **post}
         block_o = 32 if triton.cdiv(n, 32) >= device.sm_count else 16
-        return {"BLOCK_O": block_o, "BLOCK_R": 16, "BLOCK_KO": pow2_clamp(k, 16, 64), "ROW_DOT": False}
+        return {"BLOCK_O": block_o, "BLOCK_R": 16, "BLOCK_KO": pow2_clamp(k, 16, 64), "ROW_DOT": False, **post}
 
     def launch(self, kernel: Any, first: int, args: list[Any], device: DeviceSpec, **meta: Any) -> None:
         """One launch of a block kernel: `first` programs of its first role, then cdiv(N, BLOCK_O) projecting

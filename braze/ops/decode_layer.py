@@ -20,9 +20,21 @@ from braze.ops.library import (
 )
 
 
-def _project_heads(attn: Tensor, o_weight: Tensor, residual: Tensor) -> Tensor:
-    """residual + o_proj(attention [B, Hq, S, D] with its heads flattened in order to [B, S, Hq * D])."""
-    return linear(attn.transpose(1, 2).reshape(*residual.shape[:-1], -1), o_weight, residual=residual)
+def _project_heads(attn: Tensor, o_weight: Tensor, residual: Tensor, post_norm_weight: Tensor | None = None,
+                   post_norm_eps: float = 0.0) -> Tensor:
+    """residual + o_proj(attention [B, Hq, S, D] with its heads flattened in order to [B, S, Hq * D]); with a
+    post-norm, residual + rms_norm(o_proj(...))."""
+    return _project(attn.transpose(1, 2).reshape(*residual.shape[:-1], -1), o_weight, residual, post_norm_weight,
+                    post_norm_eps)
+
+
+def _project(x: Tensor, weight: Tensor, residual: Tensor, post_norm_weight: Tensor | None,
+             post_norm_eps: float) -> Tensor:
+    """residual + x @ weight^T, or residual + rms_norm(x @ weight^T) (Gemma 2/3's post-attention and
+    post-feedforward norms, OLMo 2's post-norms)."""
+    if post_norm_weight is None:
+        return linear(x, weight, residual=residual)
+    return residual + rms_norm_reference(linear(x, weight), post_norm_weight, post_norm_eps)
 
 
 @torch.library.custom_op("braze::attention_block", mutates_args=("k_cache", "v_cache"))
@@ -43,26 +55,31 @@ def attention_block(
     k_norm_weight: Tensor | None = None,
     qk_norm_eps: float = 0.0,
     window: int = 0,
+    softcap: float = 0.0,
+    post_norm_weight: Tensor | None = None,
+    post_norm_eps: float = 0.0,
 ) -> Tensor:
     """residual + o_proj(cached attention of one new token per row): RoPE, the cache write, attention over the
     cache, the heads flattened in order ([B, 1, Hq * D]) and the output projection with its residual add.
     q_norm_weight / k_norm_weight: q and k are RMS-normed over each head first (Qwen3's q_norm / k_norm).
-    window > 0: a sliding window (the token sees the last `window` positions: Mistral, Phi-3)."""
+    window > 0: a sliding window (the token sees the last `window` positions: Mistral, Phi-3, Gemma 2/3);
+    softcap > 0: logits softcapped (Gemma 2); post_norm_weight: residual + rms_norm(o_proj(...)) (Gemma 2/3)."""
     if q_norm_weight is not None:
         q = rms_norm_reference(q, q_norm_weight, qk_norm_eps)
     if k_norm_weight is not None:
         k = rms_norm_reference(k, k_norm_weight, qk_norm_eps)
-    if window:
+    if window or softcap:
         attn = general_cached_attention_reference(q, k, v, k_cache, v_cache, cache_len, kv_start, scale,
-                                                  window=window, cos=cos, sin=sin)
+                                                  softcap=softcap, window=window, cos=cos, sin=sin)
     else:
         attn = cached_attention_reference(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, scale)
-    return _project_heads(attn, o_weight, residual)
+    return _project_heads(attn, o_weight, residual, post_norm_weight, post_norm_eps)
 
 
 @attention_block.register_fake
 def _attention_block_fake(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, scale, o_weight, residual,
-                          q_norm_weight=None, k_norm_weight=None, qk_norm_eps=0.0, window=0):
+                          q_norm_weight=None, k_norm_weight=None, qk_norm_eps=0.0, window=0, softcap=0.0,
+                          post_norm_weight=None, post_norm_eps=0.0):
     return torch.empty_like(residual, dtype=torch.promote_types(q.dtype, residual.dtype))
 
 
@@ -132,14 +149,18 @@ def mlp_block(
     residual: Tensor,
     eps: float,
     activation: str = "silu",
+    post_norm_weight: Tensor | None = None,
+    post_norm_eps: float = 0.0,
 ) -> Tensor:
-    """residual + down(act(gate(rmsnorm(x))) * up(rmsnorm(x))): a gated MLP with its norm and residual add."""
+    """residual + down(act(gate(rmsnorm(x))) * up(rmsnorm(x))): a gated MLP with its norm and residual add;
+    post_norm_weight: residual + rms_norm(down(...)) (Gemma 2/3's post-feedforward norm)."""
     h = linear_glu(x, gate_weight, up_weight, norm_weight, eps, activation)
-    return linear(h, down_weight, residual=residual)
+    return _project(h, down_weight, residual, post_norm_weight, post_norm_eps)
 
 
 @mlp_block.register_fake
-def _mlp_block_fake(x, norm_weight, gate_weight, up_weight, down_weight, residual, eps, activation="silu"):
+def _mlp_block_fake(x, norm_weight, gate_weight, up_weight, down_weight, residual, eps, activation="silu",
+                    post_norm_weight=None, post_norm_eps=0.0):
     return torch.empty_like(residual)
 
 

@@ -33,10 +33,28 @@ def apply_activation(y: Tensor, activation: str) -> Tensor:
     raise ValueError(f"unknown activation {activation!r}; valid: {', '.join(ACTIVATIONS)}")
 
 
+def scales_in_fp32(x_dtype: torch.dtype, weight_dtype: torch.dtype) -> bool:
+    """Whether an RMSNorm of x_dtype with a weight of weight_dtype scales in fp32 and rounds once (Gemma's
+    `(x * rstd * (1 + w.float())).type_as(x)`: an fp32 weight on a 16-bit input) rather than rounding the normed
+    value to x's dtype before the scale (Llama's `w * (x * rstd).to(dtype)`)."""
+    return weight_dtype == torch.float32 and x_dtype != torch.float32
+
+
+def rms_norm_dtype(x_dtype: torch.dtype, weight_dtype: torch.dtype | None) -> torch.dtype:
+    """The dtype an RMSNorm (or a linear with its norm prologue) returns: x's, or the promotion of x's and the
+    weight's in Llama's form (its scale multiplies in the weight's dtype)."""
+    if weight_dtype is None or scales_in_fp32(x_dtype, weight_dtype):
+        return x_dtype
+    return torch.promote_types(weight_dtype, x_dtype)
+
+
 def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """HF Llama RMSNorm: fp32 statistics, cast back to the input dtype, then scale by the weight."""
+    """HF Llama RMSNorm: fp32 statistics, cast back to the input dtype, then scale by the weight. An fp32 weight
+    on a 16-bit x is Gemma's form (scales_in_fp32): the scale in fp32, one rounding to x's dtype."""
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if scales_in_fp32(x.dtype, weight.dtype):
+        return (h * weight).to(x.dtype)
     return weight * h.to(x.dtype)
 
 
@@ -47,7 +65,7 @@ def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 @rms_norm.register_fake
 def _rms_norm_fake(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    return torch.empty_like(x, dtype=torch.promote_types(weight.dtype, x.dtype))
+    return torch.empty_like(x, dtype=rms_norm_dtype(x.dtype, weight.dtype))
 
 
 @torch.library.custom_op("braze::linear", mutates_args=())
@@ -71,7 +89,7 @@ def linear(
 
 @linear.register_fake
 def _linear_fake(x, weight, bias=None, norm_weight=None, eps=0.0, activation="none", residual=None):
-    dtype = x.dtype if norm_weight is None else torch.promote_types(norm_weight.dtype, x.dtype)
+    dtype = rms_norm_dtype(x.dtype, None if norm_weight is None else norm_weight.dtype)
     out = x.new_empty(*x.shape[:-1], weight.shape[0], dtype=dtype)
     if residual is not None:
         out = torch.empty_like(
@@ -97,7 +115,7 @@ def linear_glu(
 
 @linear_glu.register_fake
 def _linear_glu_fake(x, gate_weight, up_weight, norm_weight=None, eps=0.0, activation="silu"):
-    dtype = x.dtype if norm_weight is None else torch.promote_types(norm_weight.dtype, x.dtype)
+    dtype = rms_norm_dtype(x.dtype, None if norm_weight is None else norm_weight.dtype)
     return x.new_empty(*x.shape[:-1], gate_weight.shape[0], dtype=dtype)
 
 

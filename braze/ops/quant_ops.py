@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from braze.ops.library import apply_activation, rms_norm_reference
+from braze.ops.library import apply_activation, rms_norm_dtype, rms_norm_reference
 from braze.quant.df11 import DF11Unit, decode_df11_reference
 from braze.quant.int6 import (
     Int6Weight,
@@ -179,7 +179,7 @@ def int6_linear(
 @int6_linear.register_fake
 def _int6_linear_fake(x, packed, scales, bias=None, in_features=0, group_size=128, act_bits=A16, norm_weight=None,
                       eps=0.0, smooth=None, activation="none", glu=False, residual=None):
-    dtype = x.dtype if norm_weight is None else torch.promote_types(norm_weight.dtype, x.dtype)
+    dtype = rms_norm_dtype(x.dtype, None if norm_weight is None else norm_weight.dtype)
     if smooth is not None:
         dtype = torch.promote_types(dtype, smooth.dtype)
     out = x.new_empty(*x.shape[:-1], packed.shape[0] // (2 if glu else 1), dtype=dtype)

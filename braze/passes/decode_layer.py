@@ -9,6 +9,10 @@
     linear_glu (norm, gate/up, SwiGLU) -> down linear (+ residual)
                                               -> braze::mlp_block (launch 3)
 
+Gemma 2 / 3 norm o_proj's and down's outputs before the residual add (residual + rms_norm(linear(...))): the
+blocks take that post-norm too (their last projecting program normalizes the rows), and the attention block
+Gemma 2's logit softcap and both's sliding window.
+
 How the blocks reduce across programs: kernels/decode_layer.py. Under deterministic=True both blocks take
 batch-invariant tiles (and LayerCast gate/up), and the verify's tree attention folds too, so speculation still
 accepts bitwise decode's tokens; a deterministic decode layer is 3 launches as well.
@@ -79,8 +83,8 @@ def _head_norm(x: fx.Node) -> tuple[fx.Node, list, fx.Node, float] | None:
     if norm is None or not single_user(cur):
         return None
     src, w, eps = norm
-    if val(w).dim() != 1 or val(w).shape[0] != val(x).shape[-1] or not (val(src).dtype == val(cur).dtype ==
-                                                                          val(w).dtype):
+    if val(w).dim() != 1 or val(w).shape[0] != val(x).shape[-1] or val(src).dtype != val(cur).dtype \
+            or val(w).dtype not in (val(src).dtype, torch.float32):  # (fp32: Gemma 3's scale, one rounding)
         return None
     return src, perms[::-1], w, eps
 
@@ -90,12 +94,12 @@ def _fold_attention(attn: fx.Node, order: dict[fx.Node, int], ctx: PassContext) 
     braze::tree_attention_block); returns why not, or None."""
     a = op_args(attn)
     tree = is_op(attn, braze.tree_cached_attention.default)
-    window = 0
+    window, softcap = 0, 0.0
     if is_op(attn, braze.general_cached_attention.default):
         why = _plain_window_attention(a, ctx)
         if why is not None:
             return why
-        window = int(a["window"] or 0)
+        window, softcap = int(a["window"] or 0), float(a["softcap"] or 0.0)
     if not tree and val(a["q"]).shape[2] != 1:
         return "not a one-token decode"
     chain, cur, ring = [], attn, None
@@ -113,20 +117,22 @@ def _fold_attention(attn: fx.Node, order: dict[fx.Node, int], ctx: PassContext) 
     if not is_op(lin, braze.linear.default):
         return f"the attention output feeds {_what(lin)}, not one plain linear"
     la = op_args(lin)
-    w, res = la["weight"], la["residual"]
+    w, res, post, end = la["weight"], la["residual"], None, lin
+    if res is None and la["x"] is cur and (post := _post_norm_add(lin)) is not None:
+        res, end = post[2], post[3]  # Gemma 2/3: residual + post_attention_layernorm(o_proj(...))
     if la["x"] is not cur or res is None:
         return "o_proj has no residual add in its epilogue (e.g. a tensor-parallel all-reduce sits between)"
     if la["bias"] is not None or la["norm_weight"] is not None or la["activation"] != "none":
         return "o_proj has a bias, a norm or an activation"
     if val(w).dim() != 2:
         return "o_proj's weight is not a matrix"
-    out, q = val(lin), val(a["q"])
+    out, q = val(end), val(a["q"])
     if not (out.dtype == q.dtype == val(w).dtype == val(res).dtype) or tuple(val(res).shape) != tuple(out.shape):
         return "o_proj's weight, residual and attention dtypes differ"
     if not _heads_flattened_in_order(attn, chain):
         return "the heads reach o_proj in another order"
     # nothing between the attention and o_proj may read the caches the attention writes (or the query ring)
-    span = range(order[attn] + 1, order[lin])
+    span = range(order[attn] + 1, order[end])
     for buf in (a["k_cache"], a["v_cache"], *((ring,) if ring is not None else ())):
         if any(u is not attn and u is not record and order.get(u, -1) in span for u in buf.users):
             return "a cache is read between the attention and o_proj"
@@ -138,21 +144,66 @@ def _fold_attention(attn: fx.Node, order: dict[fx.Node, int], ctx: PassContext) 
     qk = None if tree or ring is not None or ctx.config.deterministic else _qk_norm(a, ctx, lin)
     if qk is not None:
         a = {**a, "q": qk[0], "k": qk[1]}
-    args = (*(a[n] for n in names), w, res, *(qk[2:] if qk else ((None, None, 0.0) if window else ())),
-            *((window,) if window else ()))
+    args = (*(a[n] for n in names), w, res)
+    kwargs = {**(dict(zip(("q_norm_weight", "k_norm_weight", "qk_norm_eps"), qk[2:])) if qk else {}),
+              **({"window": window} if window else {}), **({"softcap": softcap} if softcap else {}),
+              **({"post_norm_weight": post[0], "post_norm_eps": post[1]} if post else {})}
     if ring is not None:
+        if kwargs:
+            return "R-KV's query recording with q / k norms, a window, a softcap or a post-norm"
         target, args = braze.attention_block_recording.default, (*args, ring)
-    block = new_node(attn.graph.owning_module, target, args, {}, ctx, before=lin)
-    _replace(lin, block)
+    block = new_node(attn.graph.owning_module, target, args, kwargs, ctx, before=end)
+    _replace(end, block)
     return None
+
+
+def _post_norm_add(lin: fx.Node) -> tuple[fx.Node, float, fx.Node, fx.Node] | None:
+    """(norm weight, eps, residual, the add) when `lin`'s output feeds only `residual + rms_norm(lin)` (Gemma
+    2/3's post-attention / post-feedforward norms, decomposed by decompose_unfused), else None."""
+    seen, frontier, norm = {lin}, [lin], None
+    while frontier:  # lin's users up to the norm's output (the decomposition is ~7 nodes)
+        for u in frontier.pop().users:
+            if u in seen:
+                continue
+            seen.add(u)
+            if len(seen) > 12:
+                return None
+            got = decomposed_rms_norm(u)
+            if got is not None and got[0] is lin:
+                norm = u
+            else:
+                frontier.append(u)
+    if norm is None:
+        return None
+    inside, stack = {norm}, [norm]  # every node reached must lie on the way to the norm's output
+    while stack:
+        for n in stack.pop().all_input_nodes:
+            if n in seen and n not in inside:
+                inside.add(n)
+                stack.append(n)
+    _, weight, eps = decomposed_rms_norm(norm)
+    add = next(iter(norm.users)) if single_user(norm) else None
+    if seen - inside - {lin} or not is_op(add, aten.add.Tensor) or len(add.args) != 2 or add.kwargs:
+        return None
+    residual = add.args[1] if add.args[0] is norm else add.args[0]
+    out = val(lin)
+    if not isinstance(residual, fx.Node) or residual is norm or val(weight).dim() != 1 \
+            or val(weight).shape[0] != out.shape[-1] or val(weight).dtype not in (out.dtype, torch.float32) \
+            or tuple(val(residual).shape) != tuple(out.shape) \
+            or not (val(residual).dtype == val(add).dtype == out.dtype):
+        return None
+    return weight, eps, residual, add
 
 
 def _plain_window_attention(a: dict, ctx: PassContext) -> str | None:
     """Why a braze::general_cached_attention cannot be the attention block's, or None: the block takes a sliding
-    window (Mistral, Phi-3) over RoPE'd q / k, not a softcap, sinks, a static bias or a draft tree, and not under
-    deterministic=True (the verify's general tree kernel and o_proj matmul then decide accepted tokens)."""
-    if a["softcap"] or a["sinks"] is not None or a["attn_bias"] is not None or a["tree_mask"] is not None:
-        return "the attention has a softcap, sinks, a static bias or a draft tree"
+    window (Mistral, Phi-3, Gemma 2/3) and a logit softcap (Gemma 2) over RoPE'd q / k, not sinks, a static bias or
+    a draft tree, and not under deterministic=True (the verify's general tree kernel and o_proj matmul then decide
+    accepted tokens)."""
+    if a["sinks"] is not None or a["attn_bias"] is not None or a["tree_mask"] is not None:
+        return "the attention has sinks, a static bias or a draft tree"
+    if not isinstance(a["softcap"] or 0.0, (int, float)):
+        return "the attention's softcap is not a constant"
     if a["cos"] is None or a["sin"] is None or not isinstance(a["window"] or 0, int):
         return "the attention's q / k arrive rotated (no RoPE in the kernel) or its window is not a constant"
     if ctx.config.deterministic:
@@ -183,7 +234,10 @@ def _fold_mlp(glu: fx.Node, ctx: PassContext) -> str | None:
     if not is_op(down, braze.linear.default):
         return f"the gated MLP feeds {_what(down)}, not one plain linear"
     d = op_args(down)
-    if d["x"] is not glu or d["residual"] is None or d["bias"] is not None or d["norm_weight"] is not None \
+    residual, post, end = d["residual"], None, down
+    if residual is None and (post := _post_norm_add(down)) is not None:
+        residual, end = post[2], post[3]  # Gemma 2/3: residual + post_feedforward_layernorm(down(...))
+    if d["x"] is not glu or residual is None or d["bias"] is not None or d["norm_weight"] is not None \
             or d["activation"] != "none":
         return "the down projection is not a plain linear with a residual add"
     if g["norm_weight"] is None:
@@ -191,13 +245,16 @@ def _fold_mlp(glu: fx.Node, ctx: PassContext) -> str | None:
     weights = (g["gate_weight"], g["up_weight"], d["weight"])
     if any(val(w).dim() != 2 for w in weights):  # a weight may be a tensor decoded in the plan (df11 scratch)
         return "an MLP weight is not a matrix"
-    dtypes = {val(n).dtype for n in (g["x"], g["norm_weight"], d["residual"], down, *weights)}
-    if len(dtypes) != 1 or tuple(val(d["residual"]).shape) != tuple(val(down).shape):
+    dtypes = {val(n).dtype for n in (g["x"], residual, down, *weights)}
+    norm_dtype = val(g["norm_weight"]).dtype  # the model's, or fp32 (Gemma's scale: the kernel's prologue form)
+    if len(dtypes) != 1 or norm_dtype not in (*dtypes, torch.float32) \
+            or tuple(val(residual).shape) != tuple(val(down).shape):
         return "the MLP's input, weights and residual dtypes differ"
+    kwargs = {"post_norm_weight": post[0], "post_norm_eps": post[1]} if post else {}
     block = new_node(glu.graph.owning_module, braze.mlp_block.default,
-                     (g["x"], g["norm_weight"], *weights, d["residual"], float(g["eps"]), g["activation"]), {}, ctx,
-                     before=down)
-    _replace(down, block)
+                     (g["x"], g["norm_weight"], *weights, residual, float(g["eps"]), g["activation"]), kwargs, ctx,
+                     before=end)
+    _replace(end, block)
     return None
 
 
@@ -240,6 +297,11 @@ def fold_decode_layers(gm: fx.GraphModule, ctx: PassContext) -> int:
                  for n in gm.graph.nodes)
     if normed:
         ctx.note(f"{plan} plan: {normed} attention blocks normalize q / k per head (q_norm / k_norm folded in)")
+    post = {k: sum(is_op(n, op) and op_args(n)["post_norm_weight"] is not None for n in gm.graph.nodes)
+            for k, op in (("attention", braze.attention_block.default), ("MLP", braze.mlp_block.default))}
+    if any(post.values()):
+        ctx.note(f"{plan} plan: {post['attention']} attention blocks, {post['MLP']} MLP blocks normalize their output "
+                 "before the residual add (post-norms)")
     for kind, why in skipped.items():
         ctx.note(f"{kind} kept unfused, first case: {why}")
     return folded["attention"] + folded["mlp"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from braze.ops.library import scales_in_fp32
 from braze.ops.schema import op_args
 from braze.passes.context import PassContext
 from braze.passes.graph_utils import aten, dce, graph_rewrite, is_op, new_node, single_user, val
@@ -338,18 +339,24 @@ def _decompose_rms_norm(node: fx.Node, ctx: PassContext):
     var = new_node(gm, aten.add.Tensor, (mean, eps), {}, ctx, node)
     r = new_node(gm, aten.rsqrt.default, (var,), {}, ctx, node)
     y = new_node(gm, aten.mul.Tensor, (h, r), {}, ctx, node)
-    if val(x).dtype != torch.float32:
-        y = new_node(gm, aten._to_copy.default, (y,), {"dtype": val(x).dtype}, ctx, node)
-    out = new_node(gm, aten.mul.Tensor, (w, y), {}, ctx, node)
+    if scales_in_fp32(val(x).dtype, val(w).dtype):  # Gemma's form: the fp32 scale, then one rounding
+        out = new_node(gm, aten._to_copy.default, (new_node(gm, aten.mul.Tensor, (w, y), {}, ctx, node),),
+                       {"dtype": val(x).dtype}, ctx, node)
+    else:
+        if val(x).dtype != torch.float32:
+            y = new_node(gm, aten._to_copy.default, (y,), {"dtype": val(x).dtype}, ctx, node)
+        out = new_node(gm, aten.mul.Tensor, (w, y), {}, ctx, node)
     out.meta["braze_rms_norm_eps"] = eps  # decode_layer.py folds a per-head q / k norm into the attention block
     return out
 
 
 def decomposed_rms_norm(node: fx.Node) -> tuple[fx.Node, fx.Node, float] | None:
     """(x, weight, eps) of the output node of a braze::rms_norm that _decompose_rms_norm wrote, else None."""
-    eps = node.meta.get("braze_rms_norm_eps") if is_op(node, aten.mul.Tensor) else None
+    eps = node.meta.get("braze_rms_norm_eps") if is_op(node, aten.mul.Tensor, aten._to_copy.default) else None
     if eps is None:
         return None
+    if is_op(node, aten._to_copy.default):  # Gemma's form: cast(w * (h * rstd))
+        node = node.args[0]
     w, y = node.args
     y = y.args[0] if is_op(y, aten._to_copy.default) else y
     h = y.args[0] if is_op(y, aten.mul.Tensor) else None

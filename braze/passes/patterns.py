@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from braze.ops.library import scales_in_fp32
 from braze.passes.context import PassContext
 from braze.passes.graph_utils import aten, dce, graph_rewrite, is_op, new_node, single_user, val
 
@@ -121,8 +122,15 @@ def _rms_from_rsqrt(rsqrt: fx.Node, ctx: PassContext):
         src = h.args[0]
     if cast is not None and val(cast).dtype != val(src).dtype:
         return None
+    if cast is not None and scales_in_fp32(val(src).dtype, val(weight).dtype):
+        return None  # Llama's form with an fp32 weight on 16-bit input (an fp32 result): not braze::rms_norm's
     if cast is None and val(src).dtype != torch.float32:
-        return None
+        # Gemma's form on 16-bit input: (x.float() * rstd * w_fp32).type_as(x), the scale before the one rounding
+        last = next(iter(out.users)) if len(out.users) == 1 else None
+        if not (is_op(last, aten._to_copy.default, aten.to.dtype) and val(last).dtype == val(src).dtype
+                and val(out).dtype == val(weight).dtype == torch.float32):
+            return None
+        out = last
     if hidden.shape[-1] != val(weight).shape[0]:
         return None
     rep = new_node(out.graph.owning_module, braze.rms_norm.default, (src, weight, float(add.args[1])), {}, ctx, out)
