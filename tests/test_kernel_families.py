@@ -406,8 +406,9 @@ def test_mlp_block_family(device, activation, rows):
 def test_mlp_block_family_post_norm(device, rows, width, deterministic):
     """Gemma 2/3's MLP half: GeGLU, then the post-feedforward RMSNorm of down's output before the residual add,
     in the same launch (its last projecting program normalizes the rows; N = 72 in one masked 128-wide chunk,
-    N = 1100 in 1024-wide chunks under the interpreter, 512-wide on a GPU: the last one masked). Equal to linear_glu -> down -> braze::rms_norm ->
-    + residual; deterministic: a row alone is bitwise the row in the batch."""
+    N = 1100 in 1024-wide chunks under the interpreter, 512-wide on a GPU: the last one masked). Equal to
+    linear_glu -> down -> braze::rms_norm -> + residual; deterministic: a row alone is bitwise the row in the
+    batch."""
     g = _gen(21)
     x = torch.randn(rows, 1, 72, generator=g)
     nw, pw = 1 + 0.1 * torch.randn(72, generator=g), 1 + 0.1 * torch.randn(width, generator=g)
