@@ -32,13 +32,14 @@ import braze  # noqa: E402
 from braze.compiler.targets import TargetBuild, build_targets  # noqa: E402
 from braze.kernels import TARGETS  # noqa: E402
 
-MODELS = ("tiny-llama", "tiny-qwen2", "tiny-mistral-swa", "llama-3.2-1b-1layer", "gemma2-2b-1layer",
+MODELS = ("tiny-llama", "tiny-qwen2", "tiny-mistral-swa", "tiny-olmo2", "llama-3.2-1b-1layer", "gemma2-2b-1layer",
           "qwen3-moe-1layer")
 # fp32 runs on tiny Llama and the 1B shape only: tiny Qwen2 adds the QKV bias, which the bf16 variants cover;
 # Gemma 2 adds the attention kernels' softcap / window forms and Qwen3-MoE the grouped expert matmuls
-# (quantization touches neither); tiny Mistral with a sliding window, the decode attention block's window form
+# (quantization touches neither); tiny Mistral with a sliding window, the decode attention block's window form;
+# tiny OLMo 2, the MLP block without a pre-norm
 SKIP = {("tiny-qwen2", "fp32"), ("tiny-qwen2", "fp32-int6"),
-        *((m, v) for m in ("gemma2-2b-1layer", "qwen3-moe-1layer", "tiny-mistral-swa")
+        *((m, v) for m in ("gemma2-2b-1layer", "qwen3-moe-1layer", "tiny-mistral-swa", "tiny-olmo2")
           for v in ("bf16-df11", "bf16-int6", "bf16-int6-a8", "fp32", "fp32-int6"))}
 VARIANTS = {  # name -> (dtype, compile options)
     "bf16": (torch.bfloat16, {}),
@@ -117,6 +118,8 @@ def build_model(name: str, dtype: torch.dtype) -> torch.nn.Module:
         return tiny_causal_lm("qwen2", layers=1, dtype=dtype)
     if name == "tiny-mistral-swa":
         return tiny_causal_lm("mistral_swa", layers=1, dtype=dtype)
+    if name == "tiny-olmo2":
+        return tiny_causal_lm("olmo2", layers=1, dtype=dtype)
     if name == "llama-3.2-1b-1layer":
         return llama_3_2_1b(1, dtype)
     if name == "gemma2-2b-1layer":

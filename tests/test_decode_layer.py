@@ -52,6 +52,34 @@ def test_three_launches_per_decode_layer_on_every_target(arch):
     assert (post in _fold_notes(cm)) == arch.startswith("gemma")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_olmo2_folds_its_post_normed_halves(dtype):
+    """OLMo 2 has no norms before attention or the MLP, only after (residual + norm(o_proj / down)), and q / k
+    norms over whole projections: both halves fold with their post-norms (the MLP block reading x without a
+    norm), 9 -> 5 launches a layer (the whole-projection q / k norms stay two fused kernels). In bf16 too: its
+    norms (a bf16 weight times the fp32 normed value) and its RoPE (an fp32 table, rounded to bf16 after) are
+    recognized, so the rotation runs inside the attention block (bf16 was 11 a layer). Numerics against HF:
+    test_16bit_decode_matches_hf[olmo2] and test_olmo2_decodes_hfs_tokens."""
+    launches = []
+    for layers in (1, 2):
+        cm = braze.compile(tiny_causal_lm("olmo2", layers=layers, dtype=dtype), max_seq=64, max_batch=2)
+        launches.append(launch_count(cm.generator.decode.plan, INTERPRETER, {
+            s.name: 2 for s in cm.generator.decode.plan.symbols}))
+    assert launches[1] - launches[0] == 5
+    assert _launchers(cm.generator.decode.plan).count("mlp_block") == 2
+    assert "decode plan: 2 attention blocks, 2 MLP blocks normalize their output before the residual add " \
+           "(post-norms)" in _fold_notes(cm)
+
+
+def test_olmo2_decodes_hfs_tokens():
+    """Greedy decoding through OLMo 2's folded blocks (fp32) gives HF's tokens."""
+    model = tiny_causal_lm("olmo2", layers=2)
+    cm = braze.compile(model, max_seq=64, max_batch=2)
+    ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(5))
+    want = model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
+    assert torch.equal(cm.generate(ids, max_new_tokens=6), want)
+
+
 def test_rkv_decode_records_its_queries_inside_the_attention_block():
     """kv_compression="rkv": the decode plan's query recording folds into the attention block
     (braze::attention_block_recording), so a compressed R-KV decode layer is 3 launches too, on every target."""
@@ -161,7 +189,7 @@ def _decode_logits(cm, ids, n):
     return out, torch.stack(seen[1:], 1)  # the decode steps' logits [B, n - 1, V]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gemma3_text"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gemma3_text", "olmo2"])
 @pytest.mark.parametrize("dtype, atol", [(torch.float16, 2e-2), (torch.bfloat16, 1.25e-1)], ids=["fp16", "bf16"])
 def test_16bit_decode_matches_hf(dtype, atol, arch):
     """The 16-bit path: decode logits of the folded plan against HF in the same dtype on the same tokens (bf16

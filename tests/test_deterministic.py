@@ -539,10 +539,11 @@ def test_fp32_kv_cache_on_fp16_model_matches_reference():
     assert _bitwise_diff(fp32.logits, fp16.logits) > 0
 
 
-@pytest.mark.parametrize("arch", ["gemma2", "mistral_swa"])
+@pytest.mark.parametrize("arch", ["gemma2", "mistral_swa", "gemma3_text", "olmo2"])
 def test_softcap_and_sliding_window_layers_keep_the_guarantee(arch):
     """deterministic=True with Gemma 2's softcapped sliding-window attention / Mistral's window (the general cached
-    attention's kernels: prefill per row, split-KV decode, its tree form for the verify): past the window, a
+    attention's kernels: prefill per row, split-KV decode, its tree form for the verify), and with post-norms
+    (Gemma 2/3's MLP blocks, OLMo 2's attention and MLP blocks in decode and in the verify alike): past the window, a
     request's logits are bitwise the same alone and in a batch beside a left-padded companion, and speculative tree
     decoding emits plain decoding's tokens from bitwise plain decoding's logits, with drafts accepted."""
     from braze.runtime.speculate import SpeculativeRunner

@@ -431,6 +431,26 @@ def test_mlp_block_family_post_norm(device, rows, width, deterministic):
 
 
 @pytest.mark.parametrize("device", ["interpreter", "sm_80"])
+def test_mlp_block_family_without_a_pre_norm(device):
+    """OLMo 2's MLP half: no norm before gate/up (norm_weight None: the kernel reads x as it is), the
+    post-feedforward norm after down, in one launch; equal to linear_glu(x) -> down -> braze::rms_norm -> + residual,
+    and far from the same block with a pre-norm of ones (x's rows are not unit-RMS: scaled by 3)."""
+    g = _gen(22)
+    x = 3 * torch.randn(3, 1, 72, generator=g)
+    pw = 1 + 0.1 * torch.randn(72, generator=g)
+    wg, wu = (torch.randn(200, 72, generator=g) / math.sqrt(72) for _ in range(2))
+    wd = torch.randn(72, 200, generator=g) / math.sqrt(200)
+    residual = torch.randn(3, 1, 72, generator=g)
+    fn = lambda *a: ops.mlp_block(a[0], None, *a[1:5], 1e-5, "silu", a[5], 1e-6)  # noqa: E731
+    target = INTERPRETER if device == "interpreter" else TARGETS[device]
+    out, _ = launch_like_a_plan(fn, x, wg, wu, wd, residual, pw, device=target)
+    h = ops.linear_glu(x, wg, wu, None, 0.0, "silu") @ wd.T
+    torch.testing.assert_close(out, residual + ops.rms_norm(h, pw, 1e-6), **TOL)
+    prenormed = ops.mlp_block(x, torch.ones(72), wg, wu, wd, residual, 1e-5, "silu", pw, 1e-6)
+    assert (out - prenormed).abs().max() > 1e-1
+
+
+@pytest.mark.parametrize("device", ["interpreter", "sm_80"])
 def test_mlp_block_family_deterministic(device):
     """deterministic=True: LayerCast gate/up (fp16 weights upcast, fp32 math) and tiles that do not depend on the
     rows, so row 1 alone is bitwise row 1 of a batch of 5 (and of 1 + 2), and a rerun is bitwise the same; the

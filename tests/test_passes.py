@@ -113,6 +113,12 @@ def test_squared_relu_fuses_into_the_matmul_epilogue():
     assert acts == ["relu2", "none"], acts
 
 
+def _normed_fp32(x):
+    """The fp32 statistics every HF RMSNorm shares: x.float() * rsqrt(mean(x^2) + eps)."""
+    h = x.float()
+    return h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+
+
 class GemmaNorm(torch.nn.Module):
     """HF Gemma's RMSNorm then a linear: the scale (1 + w) in fp32, one rounding to the input's dtype."""
 
@@ -122,8 +128,7 @@ class GemmaNorm(torch.nn.Module):
         self.lin = torch.nn.Linear(dim, 48, bias=False)
 
     def forward(self, x):
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        h = _normed_fp32(x)
         return self.lin((h * (1.0 + self.weight.float())).type_as(x))
 
 
@@ -136,8 +141,7 @@ class MixedLlamaNorm(torch.nn.Module):
         self.weight = torch.nn.Parameter(1 + 0.3 * torch.randn(dim))
 
     def forward(self, x):
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        h = _normed_fp32(x)
         return self.weight * h.to(x.dtype)
 
 
@@ -157,11 +161,9 @@ def test_gemma_form_rms_norm_in_16_bit_becomes_the_matmul_prologue():
         assert cm.compiled.report.pass_count("recognize_rms_norm") == 1
         assert [k[1] for k in cm.compiled.report.kernels] == ["matmul"]
         torch.testing.assert_close(got.float(), want.float(), atol=4e-3, rtol=2e-3)
-        h = x.float()
         ref = torch.ops.braze.rms_norm(x, (1.0 + m.weight.float()), 1e-6)
         assert ref.dtype == torch.float16
-        assert torch.equal(ref, (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
-                                 * (1.0 + m.weight.float())).half())
+        assert torch.equal(ref, (_normed_fp32(x) * (1.0 + m.weight.float())).half())
     mixed = MixedLlamaNorm().half().eval()
     mixed.weight.data = mixed.weight.data.float()
     cm = braze.compile(mixed)
@@ -170,3 +172,31 @@ def test_gemma_form_rms_norm_in_16_bit_becomes_the_matmul_prologue():
     assert cm.compiled.report.pass_count("recognize_rms_norm") == 0
     assert got.dtype == want.dtype == torch.float32
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+
+
+class OlmoNorm(torch.nn.Module):
+    """HF OLMo 2's RMSNorm: a 16-bit weight times the fp32 normed value (promoted: the scale in fp32), then one
+    rounding: Gemma's form with the weight upcast exactly."""
+
+    def __init__(self, dim=64):
+        super().__init__()
+        self.weight = torch.nn.Parameter(1 + 0.3 * torch.randn(dim))
+
+    def forward(self, x):
+        h = _normed_fp32(x)
+        return (self.weight * h).to(x.dtype)
+
+
+def test_olmo_form_rms_norm_in_16_bit_is_recognized():
+    """fp16 OLMo 2 norm: recognized as braze::rms_norm over an fp32 copy of the weight (made at compile time), and
+    bitwise equal to eager (one fused reduction kernel computes it as the reference does: fp32 statistics, the
+    scale in fp32, one rounding; the statistics' summation order may differ, so allow 1 fp16 ulp)."""
+    torch.manual_seed(0)
+    m = OlmoNorm().half().eval()
+    x = torch.randn(3, 64).half()
+    cm = braze.compile(m)
+    with torch.no_grad():
+        got, want = cm(x), m(x)
+    assert cm.compiled.report.pass_count("recognize_rms_norm") == 1
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=1e-3)

@@ -159,6 +159,7 @@ class MlpBlockSpec:
     input_precision: str = "ieee"
     out_dtype: str = "float32"
     layercast: bool = False  # deterministic compiles: 16-bit weights upcast, fp32 math
+    norm: bool = True  # an RMSNorm of x before gate/up (OLMo 2 has none: it norms after the MLP)
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
@@ -171,7 +172,8 @@ class MlpBlockSpec:
 
 def render_mlp_block(spec: MlpBlockSpec, header: str = "") -> str:
     return render_template("mlp_block.py.j2", header=check_header(header), name=spec.name, glu=spec.glu,
-                           input_precision=spec.input_precision, out_dtype=spec.out_dtype, layercast=spec.layercast)
+                           input_precision=spec.input_precision, out_dtype=spec.out_dtype, layercast=spec.layercast,
+                           norm=spec.norm)
 
 
 @dataclass(frozen=True)
@@ -248,10 +250,11 @@ class MlpBlockFamily(KernelFamily):
         out = node.meta["val"]
         w = a["gate_weight"].meta["val"]
         layercast = deterministic and w.dtype != torch.float32
+        norm = a["norm_weight"] is not None
         spec = MlpBlockSpec(name, GLU_KINDS[a["activation"]], "ieee" if layercast else _precision(w.dtype),
-                            FLOAT_NAMES[out.dtype], layercast=layercast)
+                            FLOAT_NAMES[out.dtype], layercast=layercast, norm=norm)
         post_norm = a.get("post_norm_weight") is not None
-        roles = ["x", "norm_weight", "gate_weight", "up_weight", "down_weight", "residual",
+        roles = ["x", *(["norm_weight"] if norm else []), "gate_weight", "up_weight", "down_weight", "residual",
                  *(["post_norm_weight"] if post_norm else [])]
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
                     params={"roles": roles, "eps": float(a["eps"]), "inter": int(w.shape[0]),
@@ -283,8 +286,8 @@ class MlpBlockFamily(KernelFamily):
         deterministic = bool(params.get("deterministic"))
         cfg = mlp_block_config(M, K, inter, device, elem_size=max(x.element_size(), wg.element_size()),
                                deterministic=deterministic, post_norm="post_norm_weight" in t)
-        args = [x, t["norm_weight"], wg, wu, M, K, inter, *x.stride(), *wg.stride(), *wu.stride(),
-                float(params["eps"])]
+        args = [x, t.get("norm_weight", x), wg, wu, M, K, inter, *x.stride(), *wg.stride(), *wu.stride(),
+                float(params["eps"])]  # (no norm: x stands in for the weight the kernel never reads)
         scratch = ws["scratch_float32"]
         down = Projection(wd, res, o, scratch, ws["int32"][:3], deterministic,
                           _post_norm(t, params, scratch[M * inter:]))

@@ -26,7 +26,9 @@ def fused_blocks(xnumel: int, rnumel: int, reduction: bool, device: DeviceSpec, 
         if deterministic:
             return max(1, min(budget // rblock, cap)), rblock
         return max(1, min(budget // rblock, triton.next_power_of_2(max(1, xnumel)), cap)), rblock
-    xblock = min(triton.next_power_of_2(max(1, xnumel)), 16384 if device.interpret else 1024)
+    # pointwise: up to 512 elements a program on a GPU (4 per thread at triton's 4 warps); at 1024, OLMo 2's
+    # rotary table (tl.cos, 8 slow-path range reductions a thread) spilled 4 B at 64 registers on sm_80
+    xblock = min(triton.next_power_of_2(max(1, xnumel)), 16384 if device.interpret else 512)
     return max(xblock, 16), 1
 
 

@@ -126,23 +126,25 @@ def tree_attention_block(
     scale: float,
     o_weight: Tensor,
     residual: Tensor,
+    post_norm_weight: Tensor | None = None,
+    post_norm_eps: float = 0.0,
 ) -> Tensor:
     """attention_block for the speculative verify (deterministic mode): tree attention over the cache for every
-    draft node, then the heads flattened in order and o_proj with its residual add."""
+    draft node, then the heads flattened in order and o_proj with its residual add (and post-norm, as decode's)."""
     attn = tree_cached_attention_reference(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, tree_mask, scale)
-    return _project_heads(attn, o_weight, residual)
+    return _project_heads(attn, o_weight, residual, post_norm_weight, post_norm_eps)
 
 
 @tree_attention_block.register_fake
 def _tree_attention_block_fake(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, tree_mask, scale, o_weight,
-                               residual):
+                               residual, post_norm_weight=None, post_norm_eps=0.0):
     return torch.empty_like(residual, dtype=torch.promote_types(q.dtype, residual.dtype))
 
 
 @torch.library.custom_op("braze::mlp_block", mutates_args=())
 def mlp_block(
     x: Tensor,
-    norm_weight: Tensor,
+    norm_weight: Tensor | None,
     gate_weight: Tensor,
     up_weight: Tensor,
     down_weight: Tensor,
@@ -153,7 +155,8 @@ def mlp_block(
     post_norm_eps: float = 0.0,
 ) -> Tensor:
     """residual + down(act(gate(rmsnorm(x))) * up(rmsnorm(x))): a gated MLP with its norm and residual add;
-    post_norm_weight: residual + rms_norm(down(...)) (Gemma 2/3's post-feedforward norm)."""
+    norm_weight None: no norm before gate/up (OLMo 2); post_norm_weight: residual + rms_norm(down(...)) (Gemma 2/3's
+    and OLMo 2's post-feedforward norm)."""
     h = linear_glu(x, gate_weight, up_weight, norm_weight, eps, activation)
     return _project(h, down_weight, residual, post_norm_weight, post_norm_eps)
 

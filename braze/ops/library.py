@@ -125,10 +125,10 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, H, S, D]; cos/sin [B, S, D] (HF rotate_half convention)."""
-    cos = cos.unsqueeze(1)
-    sin = sin.unsqueeze(1)
-    return x * cos + rotate_half(x) * sin
+    """x [B, H, S, D]; cos/sin [B, S, D] (HF rotate_half convention). fp32 cos / sin on a 16-bit x (OLMo 2's
+    rotary table stays fp32): the rotation in fp32, one rounding to x's dtype, as HF's `.to(q_type)` after it."""
+    out = x * cos.unsqueeze(1) + rotate_half(x) * sin.unsqueeze(1)
+    return out.to(x.dtype) if scales_in_fp32(x.dtype, cos.dtype) else out
 
 
 def interleaved_rope_reference(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -145,7 +145,8 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 @rope.register_fake
 def _rope_fake(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    return torch.empty_like(x, dtype=torch.promote_types(x.dtype, cos.dtype), memory_format=torch.contiguous_format)
+    dtype = x.dtype if scales_in_fp32(x.dtype, cos.dtype) else torch.promote_types(x.dtype, cos.dtype)
+    return torch.empty_like(x, dtype=dtype, memory_format=torch.contiguous_format)
 
 
 def attention_reference(

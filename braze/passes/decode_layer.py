@@ -240,13 +240,14 @@ def _fold_mlp(glu: fx.Node, ctx: PassContext) -> str | None:
     if d["x"] is not glu or residual is None or d["bias"] is not None or d["norm_weight"] is not None \
             or d["activation"] != "none":
         return "the down projection is not a plain linear with a residual add"
-    if g["norm_weight"] is None:
-        return "the gated MLP has no RMSNorm prologue"
+    if g["norm_weight"] is None and post is None:
+        return "the gated MLP has no RMSNorm prologue and no post-norm"
     weights = (g["gate_weight"], g["up_weight"], d["weight"])
     if any(val(w).dim() != 2 for w in weights):  # a weight may be a tensor decoded in the plan (df11 scratch)
         return "an MLP weight is not a matrix"
     dtypes = {val(n).dtype for n in (g["x"], residual, down, *weights)}
-    norm_dtype = val(g["norm_weight"]).dtype  # the model's, or fp32 (Gemma's scale: the kernel's prologue form)
+    # the norm's weight: the model's dtype, or fp32 (Gemma's scale: the kernel's prologue form); OLMo 2: none
+    norm_dtype = val(g["norm_weight"]).dtype if g["norm_weight"] is not None else torch.float32
     if len(dtypes) != 1 or norm_dtype not in (*dtypes, torch.float32) \
             or tuple(val(residual).shape) != tuple(val(down).shape):
         return "the MLP's input, weights and residual dtypes differ"
@@ -297,8 +298,9 @@ def fold_decode_layers(gm: fx.GraphModule, ctx: PassContext) -> int:
                  for n in gm.graph.nodes)
     if normed:
         ctx.note(f"{plan} plan: {normed} attention blocks normalize q / k per head (q_norm / k_norm folded in)")
-    post = {k: sum(is_op(n, op) and op_args(n)["post_norm_weight"] is not None for n in gm.graph.nodes)
-            for k, op in (("attention", braze.attention_block.default), ("MLP", braze.mlp_block.default))}
+    post = {k: sum(is_op(n, *ops) and op_args(n)["post_norm_weight"] is not None for n in gm.graph.nodes)
+            for k, ops in (("attention", (braze.attention_block.default, braze.tree_attention_block.default)),
+                          ("MLP", (braze.mlp_block.default,)))}
     if any(post.values()):
         ctx.note(f"{plan} plan: {post['attention']} attention blocks, {post['MLP']} MLP blocks normalize their output "
                  "before the residual add (post-norms)")

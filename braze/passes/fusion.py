@@ -376,7 +376,10 @@ def _decompose_rope(node: fx.Node, ctx: PassContext):
     rot = new_node(gm, aten.cat.default, ([neg, lo], -1), {}, ctx, node)
     a = new_node(gm, aten.mul.Tensor, (x, c), {}, ctx, node)
     b = new_node(gm, aten.mul.Tensor, (rot, s), {}, ctx, node)
-    return new_node(gm, aten.add.Tensor, (a, b), {}, ctx, node)
+    out = new_node(gm, aten.add.Tensor, (a, b), {}, ctx, node)
+    if val(out).dtype != val(node).dtype:  # an fp32 table on 16-bit x: one rounding (rope_reference)
+        out = new_node(gm, aten._to_copy.default, (out,), {"dtype": val(node).dtype}, ctx, node)
+    return out
 
 
 def _decompose_softmax(node: fx.Node, ctx: PassContext):

@@ -125,17 +125,28 @@ def _rms_from_rsqrt(rsqrt: fx.Node, ctx: PassContext):
     if cast is not None and scales_in_fp32(val(src).dtype, val(weight).dtype):
         return None  # Llama's form with an fp32 weight on 16-bit input (an fp32 result): not braze::rms_norm's
     if cast is None and val(src).dtype != torch.float32:
-        # Gemma's form on 16-bit input: (x.float() * rstd * w_fp32).type_as(x), the scale before the one rounding
+        # Gemma's form on 16-bit input: (x.float() * rstd * w_fp32).type_as(x), the scale before the one rounding;
+        # OLMo 2's (w * x.float() * rstd).to(dtype) with a 16-bit w is the same with w upcast (exactly)
         last = next(iter(out.users)) if len(out.users) == 1 else None
         if not (is_op(last, aten._to_copy.default, aten.to.dtype) and val(last).dtype == val(src).dtype
-                and val(out).dtype == val(weight).dtype == torch.float32):
+                and val(out).dtype == torch.float32):
             return None
+        if val(weight).dtype != torch.float32:
+            weight = _fp32_weight(weight, ctx, out)
         out = last
     if hidden.shape[-1] != val(weight).shape[0]:
         return None
     rep = new_node(out.graph.owning_module, braze.rms_norm.default, (src, weight, float(add.args[1])), {}, ctx, out)
     out.replace_all_uses_with(rep)
     return rep
+
+
+def _fp32_weight(weight: fx.Node, ctx: PassContext, before: fx.Node) -> fx.Node:
+    """An fp32 copy of a norm weight: a new weight when it is one (folded now), else a cast in the graph."""
+    gm = before.graph.owning_module
+    if weight.op == "placeholder" and weight.name in ctx.weights:
+        return ctx.add_weight(gm, f"{weight.name}_fp32"[:60], ctx.weights[weight.name].float())
+    return new_node(gm, aten._to_copy.default, (weight,), {"dtype": torch.float32}, ctx, before)
 
 
 def recognize_rms_norm(gm: fx.GraphModule, ctx: PassContext) -> int:
@@ -188,6 +199,14 @@ def _rope(add: fx.Node, ctx: PassContext):
                 cos, sin = _unsqueezed_3d(cos_u), _unsqueezed_3d(sin_u)
                 if cos is None or sin is None:
                     continue
+                if scales_in_fp32(val(x_cand).dtype, val(cos).dtype):  # OLMo 2: an fp32 table on 16-bit q / k
+                    last = next(iter(add.users)) if len(add.users) == 1 else None
+                    if not (is_op(last, aten._to_copy.default, aten.to.dtype)
+                            and val(last).dtype == val(x_cand).dtype and val(sin).dtype == torch.float32):
+                        return None  # kept in fp32 after: not braze::rope's form (it rounds to x's dtype)
+                    rep = new_node(add.graph.owning_module, braze.rope.default, (x_cand, cos, sin), {}, ctx, last)
+                    last.replace_all_uses_with(rep)
+                    return rep
                 return new_node(add.graph.owning_module, braze.rope.default, (x_cand, cos, sin), {}, ctx, add)
     return None
 
