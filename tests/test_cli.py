@@ -491,6 +491,17 @@ def test_an_hf_directory_without_a_tokenizer_runs_on_token_ids(tmp_path, capsys)
     assert "--prompt-ids" in _one_line_error(capsys.readouterr().err)
 
 
+def test_an_hf_directory_without_sdpa_compiles_with_eager_attention(tmp_path, capsys):
+    """A saved Gemma 2 (transformers has no SDPA path for it and refused the load, which the CLI reported as an
+    unsupported architecture): it loads with the eager attention, compiles, and `check` passes against it."""
+    tiny_causal_lm("gemma2", layers=1).save_pretrained(tmp_path / "model")
+    assert main(["compile", str(tmp_path / "model"), "-o", str(tmp_path / "pkg"), "--max-seq", "16",
+                 "--max-batch", "1"]) == 0
+    capsys.readouterr()
+    assert main(["check", str(tmp_path / "pkg"), str(tmp_path / "model")]) == 0
+    assert "check passed" in capsys.readouterr().out
+
+
 def test_eval_prints_a_perplexity_table(capsys):
     assert main(["eval", FACTORY, "--quant", "int6", "--window", "32", "--max-tokens", "64",
                  "--agreement-tokens", "8"]) == 0

@@ -122,7 +122,14 @@ def _hf_dir(path: Path, dtype: Any) -> LoadedModel:
 
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="sdpa", **_dtype_kwargs(dtype))
-    except (ValueError, KeyError) as e:
+    except ValueError:  # an architecture without an SDPA path (Gemma 2): the eager attention, which braze
+        # recognizes as well
+        try:
+            model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation="eager",
+                                                         **_dtype_kwargs(dtype))
+        except (ValueError, KeyError) as e:
+            raise _unsupported(path, config, e) from None
+    except KeyError as e:
         raise _unsupported(path, config, e) from None
     return LoadedModel(model, _tokenizer(str(path)), None, str(path.resolve()), "hf-dir")
 
