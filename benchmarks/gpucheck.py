@@ -5,6 +5,7 @@ Models: tiny Llama, tiny Qwen2 (braze.models.tiny_causal_lm, 1 layer), the Llama
 Gemma-2-2B's attention shape with one layer (softcap 50, sliding window 4096, head dim 256, 8 heads / 4 KV heads,
 hidden 2304, MLP 9216; vocab cut to 32000: bf16 and bf16-det only) and Qwen3-30B-A3B's shape with one layer
 (128 experts of 768 columns, top 8, hidden 2048; vocab cut to 32000: bf16 and bf16-det only).
+GPT-2 small's shape with one layer (LayerNorm, biases, plain MLP; bf16 and bf16-det), tiny GPT-2 and StableLM.
 Variants: bf16 base, bf16 df11, bf16 int6, fp32 base, fp32 int6 (fp32 not on tiny Qwen2), bf16 deterministic
 (LayerCast matmuls, batch-invariant tiles, fp32 KV cache). Every plan (forward,
 prefill, decode, verify) at the corners of its compiled range (batch 1..8, seq 1..512) is enumerated per target
@@ -32,14 +33,17 @@ import braze  # noqa: E402
 from braze.compiler.targets import TargetBuild, build_targets  # noqa: E402
 from braze.kernels import TARGETS  # noqa: E402
 
-MODELS = ("tiny-llama", "tiny-qwen2", "tiny-mistral-swa", "tiny-olmo2", "llama-3.2-1b-1layer", "gemma2-2b-1layer",
-          "qwen3-moe-1layer")
+MODELS = ("tiny-llama", "tiny-qwen2", "tiny-mistral-swa", "tiny-olmo2", "tiny-gpt2", "tiny-stablelm",
+          "llama-3.2-1b-1layer", "gemma2-2b-1layer", "qwen3-moe-1layer", "gpt2-1layer")
 # fp32 runs on tiny Llama and the 1B shape only: tiny Qwen2 adds the QKV bias, which the bf16 variants cover;
 # Gemma 2 adds the attention kernels' softcap / window forms and Qwen3-MoE the grouped expert matmuls
 # (quantization touches neither); tiny Mistral with a sliding window, the decode attention block's window form;
-# tiny OLMo 2, the MLP block without a pre-norm
+# tiny OLMo 2, the MLP block without a pre-norm; tiny GPT-2 (every variant: int6 and df11 split its LayerNorm
+# prologues out), the LayerNorm matmul prologue, the plain-MLP block with biases, o_proj's bias in the attention
+# block; tiny StableLM, the LayerNorm before a SwiGLU block; GPT-2 small's shape (hidden 768, MLP 3072, 12 heads)
 SKIP = {("tiny-qwen2", "fp32"), ("tiny-qwen2", "fp32-int6"),
-        *((m, v) for m in ("gemma2-2b-1layer", "qwen3-moe-1layer", "tiny-mistral-swa", "tiny-olmo2")
+        *((m, v) for m in ("gemma2-2b-1layer", "qwen3-moe-1layer", "tiny-mistral-swa", "tiny-olmo2", "tiny-stablelm",
+                           "gpt2-1layer")
           for v in ("bf16-df11", "bf16-int6", "bf16-int6-a8", "fp32", "fp32-int6"))}
 VARIANTS = {  # name -> (dtype, compile options)
     "bf16": (torch.bfloat16, {}),
@@ -65,12 +69,7 @@ def llama_3_2_1b(layers: int = 1, dtype: torch.dtype = torch.float32) -> torch.n
         rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
                       "original_max_position_embeddings": 8192, "rope_type": "llama3"})
     cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).to(dtype)
-    with torch.no_grad():  # HF's init leaves some weights at exactly 0 / 1; seeded small random values everywhere
-        for p in model.parameters():
-            p.normal_(0.0, 0.02) if p.dim() > 1 else p.uniform_(0.9, 1.1)
-    return model.eval()
+    return _seeded(transformers.LlamaForCausalLM, cfg, dtype, vector=(0.9, 1.1))
 
 
 def gemma2_2b(layers: int = 1, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -83,11 +82,27 @@ def gemma2_2b(layers: int = 1, dtype: torch.dtype = torch.float32) -> torch.nn.M
         num_attention_heads=8, num_key_value_heads=4, head_dim=256, query_pre_attn_scalar=256,
         attn_logit_softcapping=50.0, final_logit_softcapping=30.0, sliding_window=4096,
         max_position_embeddings=8192, attn_implementation="eager")
+    return _seeded(transformers.Gemma2ForCausalLM, cfg, dtype, vector=(-0.1, 0.1))
+
+
+def gpt2_small(layers: int = 1, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """GPT-2 small's shape (config of openai-community/gpt2: hidden 768, 12 heads, MLP 3072, vocab 50257) with
+    `layers` layers and seeded random weights: LayerNorm prologues, biased projections, the plain gelu MLP."""
+    import transformers
+
+    cfg = transformers.GPT2Config(n_layer=layers, n_positions=1024, n_embd=768, n_head=12)
+    cfg._attn_implementation = "sdpa"
+    return _seeded(transformers.GPT2LMHeadModel, cfg, dtype, vector=(0.9, 1.1))
+
+
+def _seeded(model_class, cfg, dtype: torch.dtype, vector: tuple[float, float]) -> torch.nn.Module:
+    """The model with seeded small random weights (HF's init leaves some at exactly 0 / 1): matrices N(0, 0.02),
+    vectors (norm weights, biases) uniform in `vector`."""
     torch.manual_seed(0)
-    model = transformers.Gemma2ForCausalLM(cfg).to(dtype)
+    model = model_class(cfg).to(dtype)
     with torch.no_grad():
         for p in model.parameters():
-            p.normal_(0.0, 0.02) if p.dim() > 1 else p.uniform_(-0.1, 0.1)
+            p.normal_(0.0, 0.02) if p.dim() > 1 else p.uniform_(*vector)
     return model.eval()
 
 
@@ -101,12 +116,7 @@ def qwen3_moe(layers: int = 1, dtype: torch.dtype = torch.float32) -> torch.nn.M
         num_experts_per_tok=8, norm_topk_prob=True, num_hidden_layers=layers, num_attention_heads=32,
         num_key_value_heads=4, head_dim=128, max_position_embeddings=40960, rope_theta=1000000.0, rms_norm_eps=1e-6)
     cfg._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = transformers.Qwen3MoeForCausalLM(cfg).to(dtype)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.normal_(0.0, 0.02) if p.dim() > 1 else p.uniform_(0.9, 1.1)
-    return model.eval()
+    return _seeded(transformers.Qwen3MoeForCausalLM, cfg, dtype, vector=(0.9, 1.1))
 
 
 def build_model(name: str, dtype: torch.dtype) -> torch.nn.Module:
@@ -120,6 +130,12 @@ def build_model(name: str, dtype: torch.dtype) -> torch.nn.Module:
         return tiny_causal_lm("mistral_swa", layers=1, dtype=dtype)
     if name == "tiny-olmo2":
         return tiny_causal_lm("olmo2", layers=1, dtype=dtype)
+    if name == "tiny-gpt2":
+        return tiny_causal_lm("gpt2", layers=1, dtype=dtype)
+    if name == "tiny-stablelm":
+        return tiny_causal_lm("stablelm", layers=1, dtype=dtype)
+    if name == "gpt2-1layer":
+        return gpt2_small(1, dtype)
     if name == "llama-3.2-1b-1layer":
         return llama_3_2_1b(1, dtype)
     if name == "gemma2-2b-1layer":

@@ -52,6 +52,31 @@ def test_three_launches_per_decode_layer_on_every_target(arch):
     assert (post in _fold_notes(cm)) == arch.startswith("gemma")
 
 
+# LayerNorm families: decode launches a layer (attention block with o_proj's bias, MLP block with the LayerNorm;
+# GPT-2 / OPT's plain MLP with its biases); Phi / GPT-NeoX / Falcon (parallel attention + MLP) fold less
+LAYER_NORM_LAUNCHES = {"gpt2": 3, "stablelm": 3, "nemotron": 3, "cohere": 3, "opt": 4, "phi": 5, "gpt_neox": 5}
+
+
+@pytest.mark.parametrize("arch", list(LAYER_NORM_LAUNCHES))
+def test_layer_norm_families_fold_their_decode_layers(arch):
+    """The LayerNorm is the QKV matmul's prologue and the MLP block's (centred rows, weight, shift), o_proj's bias
+    is added by the attention block's projecting programs, GPT-2 / OPT's plain MLP (up + bias, gelu / relu, down +
+    bias) is one MLP block: GPT-2 decode 7 -> 3 launches a layer, OPT 8 -> 4 (its q scaling stays a fused kernel),
+    StableLM 6 -> 3, Nemotron 6 -> 3, Cohere 5 -> 3. Greedy decoding through the folded plan gives HF's tokens."""
+    launches = []
+    for layers in (1, 2):
+        model = tiny_causal_lm(arch, layers=layers)
+        cm = braze.compile(model, max_seq=64, max_batch=2)
+        decode = cm.generator.decode.plan
+        launches.append(launch_count(decode, INTERPRETER, {s.name: 2 for s in decode.symbols}))
+    assert launches[1] - launches[0] == LAYER_NORM_LAUNCHES[arch]
+    if LAYER_NORM_LAUNCHES[arch] == 3:
+        assert _launchers(decode).count("attention_block") == 2 and _launchers(decode).count("mlp_block") == 2
+    ids = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(5))
+    want = model.generate(ids, max_new_tokens=6, do_sample=False, attention_mask=torch.ones_like(ids))
+    assert torch.equal(cm.generate(ids, max_new_tokens=6), want)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_olmo2_folds_its_post_normed_halves(dtype):
     """OLMo 2 has no norms before attention or the MLP, only after (residual + norm(o_proj / down)), and q / k
@@ -189,7 +214,7 @@ def _decode_logits(cm, ids, n):
     return out, torch.stack(seen[1:], 1)  # the decode steps' logits [B, n - 1, V]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gemma3_text", "olmo2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gemma3_text", "olmo2", "gpt2", "stablelm"])
 @pytest.mark.parametrize("dtype, atol", [(torch.float16, 2e-2), (torch.bfloat16, 1.25e-1)], ids=["fp16", "bf16"])
 def test_16bit_decode_matches_hf(dtype, atol, arch):
     """The 16-bit path: decode logits of the folded plan against HF in the same dtype on the same tokens (bf16
@@ -199,7 +224,8 @@ def test_16bit_decode_matches_hf(dtype, atol, arch):
     (8x coarser) 1.25e-1, while a wrong head order or a lost split is O(1). Qwen3: the q / k norms inside the
     block round where HF's do (the normed value, then times the weight, in the model's dtype). Gemma 2 / 3: their
     norms scale by (1 + w) in fp32 and round once (braze::rms_norm with an fp32 weight), the post-norms and
-    Gemma 3's q / k norms inside the blocks round the same way; Gemma 2 softcaps inside the attention block."""
+    Gemma 3's q / k norms inside the blocks round the same way; Gemma 2 softcaps inside the attention block. GPT-2 /
+    StableLM: the LayerNorm computes in fp32 and rounds once, as nn.LayerNorm does on 16-bit input."""
     model = tiny_causal_lm(arch, layers=2, dtype=dtype)
     cm = braze.compile(model, max_seq=64, max_batch=2)
     assert _launchers(cm.generator.decode.plan).count("attention_block") == 2

@@ -546,6 +546,18 @@ def test_softcap_and_sliding_window_layers_keep_the_guarantee(arch):
     (Gemma 2/3's MLP blocks, OLMo 2's attention and MLP blocks in decode and in the verify alike): past the window, a
     request's logits are bitwise the same alone and in a batch beside a left-padded companion, and speculative tree
     decoding emits plain decoding's tokens from bitwise plain decoding's logits, with drafts accepted."""
+    _assert_alone_batched_and_speculative_agree(arch)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "stablelm"])
+def test_layer_norm_blocks_keep_the_guarantee(arch):
+    """deterministic=True with LayerNorm decode blocks (GPT-2: LayerNorm, biased o_proj, plain gelu MLP with biases;
+    StableLM: LayerNorm before a SwiGLU): the LayerNorm's statistics are one program's fixed-order pass per row, so
+    a request alone and in a padded batch has bitwise the same logits, and tree speculation plain decoding's."""
+    _assert_alone_batched_and_speculative_agree(arch)
+
+
+def _assert_alone_batched_and_speculative_agree(arch):
     from braze.runtime.speculate import SpeculativeRunner
 
     cm = braze.compile(tiny_causal_lm(arch, layers=2, vocab=128), max_seq=40, max_batch=3, deterministic=True)

@@ -18,6 +18,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import braze
 import braze.ops  # noqa: F401  (registers braze::*)
 from braze.kernels import FAMILIES, INTERPRETER, TARGETS, family_for_op, recording_launches
+from braze.kernels.decode_layer import MlpBlockSpec
 from braze.quant.df11 import encode_df11
 from braze.quant.int6 import quantize_int6
 from braze.runtime.kernel_loader import load_kernel_module
@@ -428,6 +429,95 @@ def test_mlp_block_family_post_norm(device, rows, width, deterministic):
         alone, _ = launch_like_a_plan(fn, x[1:2], nw, wg, wu, wd, residual[1:2], pw, device=target,
                                       deterministic=True)
         assert torch.equal(alone[0], out[1])
+
+
+@pytest.mark.parametrize("deterministic", [False, True], ids=["default", "deterministic"])
+@pytest.mark.parametrize("activation", ["gelu_tanh", "relu"])
+@pytest.mark.parametrize("device", ["interpreter", "sm_80"])
+@pytest.mark.parametrize("rows", [1, 3])
+def test_mlp_block_family_plain_mlp_with_layer_norm(rows, device, activation, deterministic):
+    """GPT-2 / OPT's MLP half in one launch: LayerNorm (weight and shift) of x, up + its bias, the activation,
+    down + its bias, the residual (gate_weight None). x's rows have a large mean (+5), so a missing centring is
+    O(1); equal to the matmul family's op, linear(layer_norm prologue, bias, activation) -> linear(bias,
+    residual). Deterministic: a row alone is bitwise the row of the batch."""
+    g = _gen(23)
+    x = torch.randn(rows, 1, 72, generator=g) + 5.0
+    nw, nb = 1 + 0.1 * torch.randn(72, generator=g), 0.3 * torch.randn(72, generator=g)
+    wu = torch.randn(200, 72, generator=g) / math.sqrt(72)
+    ub, db = 0.2 * torch.randn(200, generator=g), 0.2 * torch.randn(72, generator=g)
+    wd = torch.randn(72, 200, generator=g) / math.sqrt(200)
+    residual = torch.randn(rows, 1, 72, generator=g)
+    fn = lambda x, nw, nb, wu, ub, wd, db, r: ops.mlp_block(  # noqa: E731
+        x, nw, None, wu, wd, r, 1e-5, activation, layer_norm=True, norm_bias=nb, up_bias=ub, down_bias=db)
+    target = INTERPRETER if device == "interpreter" else TARGETS[device]
+    inputs = (x, nw, nb, wu, ub, wd, db, residual)
+    with recording_launches() as seen:
+        out, _ = launch_like_a_plan(fn, *inputs, device=target, deterministic=deterministic)
+    assert len(seen) == 1 and seen[0].meta["HAS_BIAS"]
+    h = ops.linear(x, wu, ub, nw, 1e-5, activation, layer_norm=True, norm_bias=nb)
+    torch.testing.assert_close(out, ops.linear(h, wd, db, residual=residual), **TOL)
+    ln = torch.nn.functional.layer_norm(x, (72,), nw, nb, 1e-5)
+    act = {"gelu_tanh": lambda t: torch.nn.functional.gelu(t, approximate="tanh"), "relu": torch.relu}[activation]
+    torch.testing.assert_close(out, residual + act(ln @ wu.T + ub) @ wd.T + db, **TOL)
+    rms = ops.linear(ops.linear(x, wu, ub, nw, 1e-5, activation), wd, db, residual=residual)
+    assert (out - rms).abs().max() > 0.5
+    if deterministic and rows > 1:
+        alone, _ = launch_like_a_plan(fn, x[1:2], *inputs[1:7], residual[1:2], device=target, deterministic=True)
+        assert torch.equal(alone[0], out[1])
+
+
+@pytest.mark.parametrize("device", ["interpreter", "sm_80"])
+def test_mlp_block_family_gated_with_layer_norm(device):
+    """StableLM's MLP half: a LayerNorm (weight and shift) before a SwiGLU, in one launch; equal to
+    linear_glu(layer_norm prologue) -> down + residual."""
+    g = _gen(24)
+    x = torch.randn(3, 1, 72, generator=g) - 4.0
+    nw, nb = 1 + 0.1 * torch.randn(72, generator=g), 0.3 * torch.randn(72, generator=g)
+    wg, wu = (torch.randn(200, 72, generator=g) / math.sqrt(72) for _ in range(2))
+    wd = torch.randn(72, 200, generator=g) / math.sqrt(200)
+    residual = torch.randn(3, 1, 72, generator=g)
+    fn = lambda x, nw, nb, wg, wu, wd, r: ops.mlp_block(  # noqa: E731
+        x, nw, wg, wu, wd, r, 1e-5, "silu", layer_norm=True, norm_bias=nb)
+    target = INTERPRETER if device == "interpreter" else TARGETS[device]
+    out, _ = launch_like_a_plan(fn, x, nw, nb, wg, wu, wd, residual, device=target)
+    h = ops.linear_glu(x, wg, wu, nw, 1e-5, "silu", layer_norm=True, norm_bias=nb)
+    torch.testing.assert_close(out, residual + h @ wd.T, **TOL)
+    ln = torch.nn.functional.layer_norm(x, (72,), nw, nb, 1e-5)
+    torch.testing.assert_close(out, residual + (torch.nn.functional.silu(ln @ wg.T) * (ln @ wu.T)) @ wd.T, **TOL)
+
+
+def test_mlp_block_spec_rejects_mixed_forms():
+    with pytest.raises(ValueError, match="plain MLP"):
+        MlpBlockSpec("k", glu="swiglu", activation="gelu")
+    with pytest.raises(ValueError, match="plain MLP"):
+        MlpBlockSpec("k", glu=None)
+    with pytest.raises(ValueError, match="needs norm='layer'"):
+        MlpBlockSpec("k", norm="rms", has_norm_bias=True)
+    with pytest.raises(ValueError, match="up bias|has_up_bias"):
+        MlpBlockSpec("k", has_up_bias=True)
+
+
+@pytest.mark.parametrize("device", ["interpreter", "sm_90"])
+def test_attention_block_family_o_proj_bias(device):
+    """GPT-2 / OPT / Phi's o_proj has a bias: the block's projecting programs add it once per output element,
+    before the residual; equal to attention -> o_proj(bias) + residual and 0.5 away from it without the bias."""
+    q, k, v, cos, sin, kc, vc, _, _ = _cache_inputs(3, 1, 150, s_max=512, seed=7)
+    cache_len = torch.tensor([150], dtype=torch.int64)
+    kv_start = torch.tensor([0, 7, 140], dtype=torch.int32)
+    g = _gen(25)
+    w_o = torch.randn(72, 4 * 32, generator=g) / math.sqrt(128)
+    b_o = torch.randn(72, generator=g)
+    residual = torch.randn(3, 1, 72, generator=g)
+    args = (q, k, v, cos, sin, kc, vc, cache_len, kv_start)
+    fn = lambda *a: ops.attention_block(*a[:9], 32**-0.5, a[9], a[10], o_bias=a[11])  # noqa: E731
+    target = INTERPRETER if device == "interpreter" else TARGETS[device]
+    attn = ops.cached_attention(*[a.clone() for a in args], 32**-0.5)
+    with recording_launches() as seen:
+        out, _ = launch_like_a_plan(fn, *args, w_o, residual, b_o, device=target)
+    assert seen[0].meta["HAS_BIAS"]
+    want = residual + attn.transpose(1, 2).reshape(3, 1, 128) @ w_o.T + b_o
+    torch.testing.assert_close(out, want, **TOL)
+    assert (out - (want - b_o)).abs().max() > 0.5
 
 
 @pytest.mark.parametrize("device", ["interpreter", "sm_80"])

@@ -168,6 +168,40 @@ def test_rmsnorm_prologue(M: int, K: int, dt: str, blocks: tuple[int, int, int] 
     _check(out, F.linear(_hf_rmsnorm(a, norm_w, eps), w.float()), dtype)
 
 
+@pytest.mark.parametrize(
+    ("M", "K", "dt", "blocks", "shifted"),
+    [
+        (5, 576, "float32", None, True),
+        (33, 128, "float16", None, True),
+        (33, 40, "float32", SMALL_BLOCKS, False),
+        (1, 72, "float16", SMALL_BLOCKS, True),
+    ],
+)
+def test_layernorm_prologue(M: int, K: int, dt: str, blocks: DeviceSpec | None, shifted: bool) -> None:
+    """GPT-2 / OPT / Falcon's LayerNorm as the prologue (weight, with and without a bias), on rows with a large
+    mean (the two-pass variance must not cancel) and ragged K tiles, vs torch's layer_norm in fp32 rounded once."""
+    dtype = getattr(torch, dt)
+    N, eps = 96, 1e-5
+    a, w = _operands(M, N, K, dtype)
+    a = (a * _rand(M, 1, dtype=dtype, scale=3.0, seed=5).abs() + 20.0).to(dtype)  # mean >> std
+    norm_w = (1.0 + _rand(K, dtype=torch.float32, scale=0.1, seed=6)).to(dtype)
+    norm_b = _rand(K, dtype=torch.float32, scale=0.5, seed=8).to(dtype) if shifted else None
+    spec = _spec(dtype, layernorm_prologue=True, has_norm_bias=shifted, has_bias=True)
+    bias = _rand(N, dtype=dtype, seed=3)
+    out = run_matmul(spec, a, w, norm_weight=norm_w, norm_bias=norm_b, bias=bias, eps=eps, blocks=blocks)
+    x = F.layer_norm(a.float(), (K,), norm_w.float(), None if norm_b is None else norm_b.float(), eps).to(dtype)
+    _check(out, F.linear(x.float(), w.float(), bias.float()), dtype)
+    centred_wrong = F.linear(F.rms_norm(a.float(), (K,), norm_w.float(), eps), w.float(), bias.float())
+    assert (out.float() - centred_wrong).abs().max() > 0.1  # the prologue centres: not an RMSNorm
+
+
+def test_layernorm_spec_rejects_two_prologues() -> None:
+    with pytest.raises(ValueError, match="one norm prologue"):
+        MatmulSpec("k", rmsnorm_prologue=True, layernorm_prologue=True)
+    with pytest.raises(ValueError, match="needs layernorm_prologue"):
+        MatmulSpec("k", has_norm_bias=True)
+
+
 @pytest.mark.parametrize("kind", ["swiglu", "geglu"])
 @pytest.mark.parametrize("dt", ["float32", "float16"])
 def test_dual(kind: str, dt: str) -> None:

@@ -1,6 +1,7 @@
 """Unit checks of individual rewrites and of the scheduler's rules (match counts, ops before/after, numerics)."""
 
 import networkx as nx
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -200,3 +201,65 @@ def test_olmo_form_rms_norm_in_16_bit_is_recognized():
     assert cm.compiled.report.pass_count("recognize_rms_norm") == 1
     assert got.dtype == torch.float16
     torch.testing.assert_close(got.float(), want.float(), atol=2e-3, rtol=1e-3)
+
+
+class CohereNorm(torch.nn.Module):
+    """HF Cohere's hand-written LayerNorm (no bias): mean, the centred variance by pow(2).mean, fp32 throughout."""
+
+    def __init__(self, dim=64):
+        super().__init__()
+        self.weight = torch.nn.Parameter(1 + 0.3 * torch.randn(dim))
+
+    def forward(self, x):
+        h = x.to(torch.float32)
+        mean = h.mean(-1, keepdim=True)
+        var = (h - mean).pow(2).mean(-1, keepdim=True)
+        h = (h - mean) * torch.rsqrt(var + 1e-5)
+        return (self.weight.to(torch.float32) * h).to(x.dtype)
+
+
+class LayerNormLinears(torch.nn.Module):
+    """A LayerNorm read by two linears (Falcon / Phi's shared norm) and, in `leaky`, by an add as well."""
+
+    def __init__(self, norm: torch.nn.Module, leaky: bool = False, dim=64):
+        super().__init__()
+        self.norm, self.leaky = norm, leaky
+        self.a = torch.nn.Linear(dim, 48)
+        self.b = torch.nn.Linear(dim, 32)
+
+    def forward(self, x):
+        h = self.norm(x)
+        out = (self.a(h), self.b(h))
+        return (*out, h + 1) if self.leaky else out
+
+
+@pytest.mark.parametrize("norm", ["nn", "cohere"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_layer_norm_becomes_the_prologue_of_every_linear_reading_it(norm, dtype):
+    """nn.LayerNorm (weight and bias, as torch decomposes it) and Cohere's hand-written form (no bias) -> one
+    braze::layer_norm -> the LayerNorm prologue of both linears (merged: one matmul kernel, no norm kernel). fp32:
+    1e-5 (summation order); fp16: 1 ulp at |y| ~ 2 (the kernel rounds the normed row once, as eager does, but sums
+    in another order). A LayerNorm something else reads too stays decomposed (its own fused kernel), still equal."""
+    torch.manual_seed(0)
+    make = (lambda: torch.nn.LayerNorm(64)) if norm == "nn" else CohereNorm
+    m = LayerNormLinears(make()).to(dtype).eval()
+    if norm == "nn":
+        torch.nn.init.normal_(m.norm.weight, 1.0, 0.3)
+        torch.nn.init.normal_(m.norm.bias, 0.0, 0.5)
+    x = (torch.randn(3, 5, 64) + 4.0).to(dtype)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=4e-3, rtol=2e-3)
+    cm = braze.compile(m)
+    with torch.no_grad():
+        got, want = cm(x), m(x)
+    assert cm.compiled.report.pass_count("recognize_layer_norm") == 1
+    assert [k[1] for k in cm.compiled.report.kernels] == ["matmul"]
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == dtype
+        torch.testing.assert_close(g.float(), w.float(), **tol)
+    leaky = LayerNormLinears(make(), leaky=True).to(dtype).eval()
+    cm = braze.compile(leaky)
+    with torch.no_grad():
+        got, want = cm(x), leaky(x)
+    assert cm.compiled.report.pass_count("recognize_layer_norm") == 0
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.float(), w.float(), **tol)

@@ -4,9 +4,10 @@
 (decode_attention.py.j2): RoPE, the cache write, attention, the split merge, o_proj and the residual add in one
 launch (braze::attention_block_recording: also R-KV's query recording; braze::tree_attention_block: the same
 for the deterministic verify's draft nodes, after its rope_write).
-`mlp_block` (braze::mlp_block, mlp_block.py.j2): norm, gate/up, SwiGLU / GeGLU, down and the residual add in one
-launch. ClusterFusion's cluster-wide reduction has no Triton equivalent (no distributed shared memory); both blocks
-instead run two roles in one grid, handed out by start ticket (kernels/projection.py): the first role (attention,
+`mlp_block` (braze::mlp_block, mlp_block.py.j2): norm (RMSNorm or LayerNorm), gate/up and SwiGLU / GeGLU (or up,
+its bias and an activation: GPT-2's plain MLP), down (and its bias) and the residual add in one launch.
+ClusterFusion's cluster-wide reduction has no Triton equivalent (no distributed shared memory); both blocks instead
+run two roles in one grid, handed out by start ticket (kernels/projection.py): the first role (attention,
 of which the last split of each (row, kv head) merges and stores the result; norm + gate/up + GLU) fills an fp32
 scratch, and projecting programs wait for all of it and compute o_proj / down + residual as a GEMV over all SMs.
 No float atomics, so deterministic compiles use both blocks too, with tiles that do not depend on the batch
@@ -93,7 +94,8 @@ class AttentionBlockFamily(KernelFamily):
         post_norm = a.get("post_norm_weight") is not None
         roles = ["q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start",
                  *(["tree_mask"] if tree else []), "o_weight", "residual", *(["q_ring"] if ring else []),
-                 *(["q_norm_weight", "k_norm_weight"] if qk_norm else []), *(["post_norm_weight"] if post_norm else [])]
+                 *(["q_norm_weight", "k_norm_weight"] if qk_norm else []), *(["post_norm_weight"] if post_norm else []),
+                 *(["o_bias"] if a.get("o_bias") is not None else [])]
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
                     params={"roles": roles, "scale": float(a["scale"]), "heads_kv": int(k_cache.shape[1]),
                             "s_max": int(k_cache.shape[2]), "attn_width": int(a["o_weight"].meta["val"].shape[1]),
@@ -130,7 +132,7 @@ class AttentionBlockFamily(KernelFamily):
         scratch = ws["scratch_float32"]
         post = _post_norm(t, params, scratch[rows * int(params["attn_width"]):])
         proj = OutputProjection(Projection(t["o_weight"], t["residual"].reshape(rows, n_out), out2, scratch,
-                                           counters[:3], bool(params.get("deterministic")), post),
+                                           counters[:3], bool(params.get("deterministic")), post, t.get("o_bias")),
                                 counters[3:3 + rows * Hkv])
         head_start = bool(params.get("head_start"))
         if tree:
@@ -152,20 +154,36 @@ class AttentionBlockFamily(KernelFamily):
         return 2 if params.get("tree") else 1
 
 
+NORMS = (None, "rms", "layer")
+DENSE_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "relu2", "silu")
+
+
 @dataclass(frozen=True)
 class MlpBlockSpec:
     name: str
-    glu: str = "swiglu"
+    glu: str | None = "swiglu"  # None: a plain MLP, activation(up(x) + up_bias) (GPT-2, OPT, Falcon)
     input_precision: str = "ieee"
     out_dtype: str = "float32"
     layercast: bool = False  # deterministic compiles: 16-bit weights upcast, fp32 math
-    norm: bool = True  # an RMSNorm of x before gate/up (OLMo 2 has none: it norms after the MLP)
+    norm: str | None = "rms"  # the norm of x before gate/up: RMSNorm, LayerNorm, or none (OLMo 2 norms after)
+    has_norm_bias: bool = False  # the LayerNorm's shift
+    activation: str | None = None  # the plain MLP's activation
+    has_up_bias: bool = False  # the plain MLP's up bias (the down bias is the projection's: projection.py)
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
             raise ValueError(f"kernel name {self.name!r} is not a Python identifier")
-        if self.glu not in GLU_KINDS.values():
-            raise ValueError(f"glu must be one of {tuple(GLU_KINDS.values())}, got {self.glu!r}")
+        if self.glu is not None and self.glu not in GLU_KINDS.values():
+            raise ValueError(f"glu must be None or one of {tuple(GLU_KINDS.values())}, got {self.glu!r}")
+        if (self.glu is None) != (self.activation in DENSE_ACTIVATIONS):
+            raise ValueError(f"a plain MLP (glu=None) takes one of {DENSE_ACTIVATIONS}, a gated one none; got "
+                             f"glu={self.glu!r}, activation={self.activation!r}")
+        if self.has_up_bias and self.glu is not None:
+            raise ValueError("has_up_bias is the plain MLP's (the gated MLP's gate and up have no bias)")
+        if self.norm not in NORMS:
+            raise ValueError(f"norm must be one of {NORMS}, got {self.norm!r}")
+        if self.has_norm_bias and self.norm != "layer":
+            raise ValueError("has_norm_bias is a LayerNorm's shift: it needs norm='layer'")
         if self.layercast and self.input_precision != "ieee":
             raise ValueError("layercast computes in fp32: it needs input_precision='ieee'")
 
@@ -173,7 +191,8 @@ class MlpBlockSpec:
 def render_mlp_block(spec: MlpBlockSpec, header: str = "") -> str:
     return render_template("mlp_block.py.j2", header=check_header(header), name=spec.name, glu=spec.glu,
                            input_precision=spec.input_precision, out_dtype=spec.out_dtype, layercast=spec.layercast,
-                           norm=spec.norm)
+                           norm=spec.norm, has_norm_bias=spec.has_norm_bias, activation=spec.activation,
+                           has_up_bias=spec.has_up_bias)
 
 
 @dataclass(frozen=True)
@@ -238,8 +257,10 @@ class MlpBlockFamily(KernelFamily):
         a = op_args(node)
         if node.meta["val"].dtype not in FLOAT_NAMES:
             return f"{node.target} output dtype {node.meta['val'].dtype} has no kernel"
-        if a["activation"] not in GLU_KINDS:
+        if a["gate_weight"] is not None and a["activation"] not in GLU_KINDS:
             return f"gated MLP with activation {a['activation']!r} has no kernel"
+        if a["gate_weight"] is None and a["activation"] not in DENSE_ACTIVATIONS:
+            return f"MLP with activation {a['activation']!r} has no kernel"
         return None
 
     def lower(self, node: fx.Node, name: str, deterministic: bool = False) -> tuple[str, Step]:
@@ -248,14 +269,18 @@ class MlpBlockFamily(KernelFamily):
 
         a = op_args(node)
         out = node.meta["val"]
-        w = a["gate_weight"].meta["val"]
+        w = a["up_weight"].meta["val"]
+        gated = a["gate_weight"] is not None
         layercast = deterministic and w.dtype != torch.float32
-        norm = a["norm_weight"] is not None
-        spec = MlpBlockSpec(name, GLU_KINDS[a["activation"]], "ieee" if layercast else _precision(w.dtype),
-                            FLOAT_NAMES[out.dtype], layercast=layercast, norm=norm)
-        post_norm = a.get("post_norm_weight") is not None
-        roles = ["x", *(["norm_weight"] if norm else []), "gate_weight", "up_weight", "down_weight", "residual",
-                 *(["post_norm_weight"] if post_norm else [])]
+        norm = None if a["norm_weight"] is None else "layer" if a["layer_norm"] else "rms"
+        optional = [r for r in ("norm_bias", "up_bias", "down_bias", "post_norm_weight") if a.get(r) is not None]
+        spec = MlpBlockSpec(name, GLU_KINDS[a["activation"]] if gated else None,
+                            "ieee" if layercast else _precision(w.dtype), FLOAT_NAMES[out.dtype],
+                            layercast=layercast, norm=norm, has_norm_bias="norm_bias" in optional,
+                            activation=None if gated else a["activation"], has_up_bias="up_bias" in optional)
+        post_norm = "post_norm_weight" in optional
+        roles = ["x", *(["norm_weight"] if norm else []), *(["gate_weight"] if gated else []), "up_weight",
+                 "down_weight", "residual", *optional]
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
                     params={"roles": roles, "eps": float(a["eps"]), "inter": int(w.shape[0]),
                             **({"post_norm_eps": float(a["post_norm_eps"])} if post_norm else {}),
@@ -277,20 +302,22 @@ class MlpBlockFamily(KernelFamily):
                params: dict[str, Any], device: DeviceSpec) -> None:
         t = tensors
         x = t["x"].reshape(-1, t["x"].shape[-1])
-        wg, wu, wd = t["gate_weight"], t["up_weight"], t["down_weight"]
+        wu, wd = t["up_weight"], t["down_weight"]
+        wg = t.get("gate_weight", wu)  # (a plain MLP: the up weight stands in for the gate the kernel never reads)
         M, K = x.shape
-        inter, N = wg.shape[0], wd.shape[0]
+        inter, N = wu.shape[0], wd.shape[0]
         o = out.view(M, N)
         res = t["residual"].reshape(M, N)
         ws = workspace_tensors(tensors)
         deterministic = bool(params.get("deterministic"))
-        cfg = mlp_block_config(M, K, inter, device, elem_size=max(x.element_size(), wg.element_size()),
+        cfg = mlp_block_config(M, K, inter, device, elem_size=max(x.element_size(), wu.element_size()),
                                deterministic=deterministic, post_norm="post_norm_weight" in t)
-        args = [x, t.get("norm_weight", x), wg, wu, M, K, inter, *x.stride(), *wg.stride(), *wu.stride(),
-                float(params["eps"])]  # (no norm: x stands in for the weight the kernel never reads)
+        args = [x, t.get("norm_weight", x), t.get("norm_bias", x), wg, wu, t.get("up_bias", x), M, K, inter,
+                *x.stride(), *wg.stride(), *wu.stride(),
+                float(params["eps"])]  # (x stands in for the norm weight and biases a kernel never reads)
         scratch = ws["scratch_float32"]
         down = Projection(wd, res, o, scratch, ws["int32"][:3], deterministic,
-                          _post_norm(t, params, scratch[M * inter:]))
+                          _post_norm(t, params, scratch[M * inter:]), t.get("down_bias"))
         up = triton.cdiv(inter, cfg.block_i) * triton.cdiv(M, cfg.block_m)
         down.launch(getattr(module, name), up, args, device, **cfg.meta(device))
 

@@ -36,6 +36,9 @@ class MatmulSpec:
 
     name: str
     rmsnorm_prologue: bool = False
+    # LayerNorm prologue instead (GPT-2, OPT, Falcon, Phi, GPT-NeoX, ...): centred rows, then the optional bias
+    layernorm_prologue: bool = False
+    has_norm_bias: bool = False
     dual: str | None = None
     has_bias: bool = False
     activation: str | None = None
@@ -60,6 +63,10 @@ class MatmulSpec:
             raise ValueError(f"input_precision must be one of {INPUT_PRECISIONS}, got {self.input_precision!r}")
         if self.out_dtype not in OUT_DTYPES:
             raise ValueError(f"out_dtype must be one of {tuple(OUT_DTYPES)}, got {self.out_dtype!r}")
+        if self.layernorm_prologue and self.rmsnorm_prologue:
+            raise ValueError("a matmul takes one norm prologue: rmsnorm_prologue or layernorm_prologue")
+        if self.has_norm_bias and not self.layernorm_prologue:
+            raise ValueError("has_norm_bias is the LayerNorm prologue's shift: it needs layernorm_prologue")
         if self.layercast and self.input_precision != "ieee":
             raise ValueError("layercast computes in fp32: it needs input_precision='ieee'")
 
@@ -77,6 +84,7 @@ def render_matmul(spec: MatmulSpec, header: str = "") -> str:
     """Return the Triton source of the kernel described by `spec`; `header` lines must start with '#'."""
     return render_template(
         "matmul.py.j2", header=check_header(header), name=spec.name, rmsnorm_prologue=spec.rmsnorm_prologue,
+        layernorm_prologue=spec.layernorm_prologue, has_norm_bias=spec.has_norm_bias,
         dual=spec.dual, has_bias=spec.has_bias, activation=spec.activation, has_residual=spec.has_residual,
         input_precision=spec.input_precision, out_dtype=spec.out_dtype, layercast=spec.layercast,
         batch_invariant=spec.batch_invariant)
@@ -217,12 +225,13 @@ def _precision(dtype: torch.dtype) -> str:
 
 def matmul_args(a: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *, w2: torch.Tensor | None = None,
                 bias: torch.Tensor | None = None, norm_weight: torch.Tensor | None = None,
-                residual: torch.Tensor | None = None, eps: float = 0.0) -> list[Any]:
+                residual: torch.Tensor | None = None, eps: float = 0.0,
+                norm_bias: torch.Tensor | None = None) -> list[Any]:
     """Kernel arguments in the template's signature order. a [M, K], w/w2 [N, K], residual/out [M, N]."""
     M, K = a.shape
     N = w.shape[0]
     args: list[Any] = [a, w]
-    args += [t for t in (w2, bias, norm_weight, residual) if t is not None]
+    args += [t for t in (w2, bias, norm_weight, norm_bias, residual) if t is not None]
     args += [out, M, N, K, a.stride(0), a.stride(1), w.stride(0), w.stride(1)]
     if w2 is not None:
         args += [w2.stride(0), w2.stride(1)]
@@ -269,8 +278,11 @@ class MatmulFamily(KernelFamily):
         glu = node.target is torch.ops.braze.linear_glu.default
         w_dtype = (a["gate_weight"] if glu else a["weight"]).meta["val"].dtype
         layercast = deterministic and w_dtype != torch.float32
+        normed, layer_norm = a["norm_weight"] is not None, bool(a["layer_norm"])
         spec = MatmulSpec(
-            name=name, rmsnorm_prologue=a["norm_weight"] is not None, dual=_GLU[a["activation"]] if glu else None,
+            name=name, rmsnorm_prologue=normed and not layer_norm, layernorm_prologue=normed and layer_norm,
+            has_norm_bias=normed and layer_norm and a["norm_bias"] is not None,
+            dual=_GLU[a["activation"]] if glu else None,
             has_bias=(not glu) and a["bias"] is not None,
             activation=None if glu or a["activation"] == "none" else a["activation"],
             has_residual=(not glu) and a["residual"] is not None,
@@ -278,6 +290,7 @@ class MatmulFamily(KernelFamily):
             out_dtype=FLOAT_NAMES[node.meta["val"].dtype], layercast=layercast, batch_invariant=deterministic)
         roles = {"x": a["x"], "w": a["gate_weight"] if glu else a["weight"], "w2": a["up_weight"] if glu else None,
                  "bias": None if glu else a["bias"], "norm_weight": a["norm_weight"],
+                 "norm_bias": a["norm_bias"] if normed and layer_norm else None,
                  "residual": None if glu else a["residual"]}
         present = {k: v for k, v in roles.items() if v is not None}
         step = Step(kind="template", launcher=self.name, outputs=[node.name],
@@ -301,7 +314,7 @@ class MatmulFamily(KernelFamily):
         if res is not None:
             res = res.reshape(-1, N)
         args = matmul_args(a, w, o, w2=w2, bias=tensors.get("bias"), norm_weight=tensors.get("norm_weight"),
-                           residual=res, eps=params.get("eps", 0.0))
+                           residual=res, eps=params.get("eps", 0.0), norm_bias=tensors.get("norm_bias"))
         M = a.shape[0]
         deterministic = bool(params.get("deterministic"))
         cfg = matmul_config(M, N, K, device, elem_size=max(a.element_size(), w.element_size()), dual=w2 is not None,

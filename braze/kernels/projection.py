@@ -34,8 +34,8 @@ class PostNorm:
 
 @dataclass(frozen=True)
 class Projection:
-    """out [R, N] = residual + scratch [R, K] @ weight [N, K]^T. `scratch`: fp32, at least R * K elements, any
-    contents (the first role writes it); `sync`: int32 [3], zeros before and after the launch.
+    """out [R, N] = residual + scratch [R, K] @ weight [N, K]^T (+ bias [N]). `scratch`: fp32, at least R * K
+    elements, any contents (the first role writes it); `sync`: int32 [3], zeros before and after the launch.
     post_norm (Gemma 2/3's post-attention / post-feedforward RMSNorm): out = residual + rms_norm(scratch @
     weight^T, post_norm.weight, post_norm.eps), the product staged in post_norm.y (fp32, R * N elements)."""
 
@@ -46,14 +46,15 @@ class Projection:
     sync: torch.Tensor
     deterministic: bool = False
     post_norm: PostNorm | None = None
+    bias: torch.Tensor | None = None
 
     def args(self) -> list[Any]:
-        """scratch, weight, residual, out, sync, R, N, K, the strides and the post-norm's y, weight and eps, in
-        the templates' order (without a post-norm: placeholders the kernel never reads)."""
+        """scratch, weight, residual, out, sync, R, N, K, the strides, the post-norm's y, weight and eps and the
+        bias, in the templates' order (without a post-norm or a bias: placeholders the kernel never reads)."""
         w, r, o, p = self.weight, self.residual, self.out, self.post_norm
         post = [p.y, p.weight, float(p.eps)] if p is not None else [self.scratch, w, 0.0]
         return [self.scratch, w, r, o, self.sync, o.shape[0], w.shape[0], w.shape[1], *w.stride(), *r.stride(),
-                *o.stride(), *post]
+                *o.stride(), *post, w if self.bias is None else self.bias]
 
     def config(self, device: DeviceSpec, num_warps: int = 4) -> dict[str, int | bool]:
         """One row (b=1 decode) and deterministic compiles take the GEMV form (ROW_DOT, matmul's gemv_config:
@@ -65,7 +66,7 @@ class Projection:
         # the post-norm's row chunk: 512 columns on a GPU (4 fp32 per thread at 4 warps; at 1024 the MLP block
         # spilled 4-8 B at 80 registers on sm_80, Gemma 2 shape), 1024 under the interpreter (it pays per trip)
         post = {"POST_NORM": self.post_norm is not None,
-                "BLOCK_PN": pow2_clamp(n, 16, 1024 if device.interpret else 512)}
+                "BLOCK_PN": pow2_clamp(n, 16, 1024 if device.interpret else 512), "HAS_BIAS": self.bias is not None}
         if device.interpret:  # large tiles: the interpreter's cost is per program and per loop trip
             row_dot = self.deterministic
             return {"BLOCK_O": pow2_clamp(n, 16, 512), "BLOCK_R": 1 if row_dot else 16,

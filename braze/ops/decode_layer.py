@@ -21,20 +21,20 @@ from braze.ops.library import (
 
 
 def _project_heads(attn: Tensor, o_weight: Tensor, residual: Tensor, post_norm_weight: Tensor | None = None,
-                   post_norm_eps: float = 0.0) -> Tensor:
+                   post_norm_eps: float = 0.0, bias: Tensor | None = None) -> Tensor:
     """residual + o_proj(attention [B, Hq, S, D] with its heads flattened in order to [B, S, Hq * D]); with a
     post-norm, residual + rms_norm(o_proj(...))."""
     return _project(attn.transpose(1, 2).reshape(*residual.shape[:-1], -1), o_weight, residual, post_norm_weight,
-                    post_norm_eps)
+                    post_norm_eps, bias)
 
 
 def _project(x: Tensor, weight: Tensor, residual: Tensor, post_norm_weight: Tensor | None,
-             post_norm_eps: float) -> Tensor:
-    """residual + x @ weight^T, or residual + rms_norm(x @ weight^T) (Gemma 2/3's post-attention and
+             post_norm_eps: float, bias: Tensor | None = None) -> Tensor:
+    """residual + x @ weight^T (+ bias), or residual + rms_norm(x @ weight^T) (Gemma 2/3's post-attention and
     post-feedforward norms, OLMo 2's post-norms)."""
     if post_norm_weight is None:
-        return linear(x, weight, residual=residual)
-    return residual + rms_norm_reference(linear(x, weight), post_norm_weight, post_norm_eps)
+        return linear(x, weight, bias, residual=residual)
+    return residual + rms_norm_reference(linear(x, weight, bias), post_norm_weight, post_norm_eps)
 
 
 @torch.library.custom_op("braze::attention_block", mutates_args=("k_cache", "v_cache"))
@@ -58,12 +58,14 @@ def attention_block(
     softcap: float = 0.0,
     post_norm_weight: Tensor | None = None,
     post_norm_eps: float = 0.0,
+    o_bias: Tensor | None = None,
 ) -> Tensor:
     """residual + o_proj(cached attention of one new token per row): RoPE, the cache write, attention over the
     cache, the heads flattened in order ([B, 1, Hq * D]) and the output projection with its residual add.
     q_norm_weight / k_norm_weight: q and k are RMS-normed over each head first (Qwen3's q_norm / k_norm).
     window > 0: a sliding window (the token sees the last `window` positions: Mistral, Phi-3, Gemma 2/3);
-    softcap > 0: logits softcapped (Gemma 2); post_norm_weight: residual + rms_norm(o_proj(...)) (Gemma 2/3)."""
+    softcap > 0: logits softcapped (Gemma 2); post_norm_weight: residual + rms_norm(o_proj(...)) (Gemma 2/3);
+    o_bias: o_proj's bias (GPT-2, OPT, Phi, GPT-NeoX)."""
     if q_norm_weight is not None:
         q = rms_norm_reference(q, q_norm_weight, qk_norm_eps)
     if k_norm_weight is not None:
@@ -73,13 +75,13 @@ def attention_block(
                                                   softcap=softcap, window=window, cos=cos, sin=sin)
     else:
         attn = cached_attention_reference(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, scale)
-    return _project_heads(attn, o_weight, residual, post_norm_weight, post_norm_eps)
+    return _project_heads(attn, o_weight, residual, post_norm_weight, post_norm_eps, o_bias)
 
 
 @attention_block.register_fake
 def _attention_block_fake(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, scale, o_weight, residual,
                           q_norm_weight=None, k_norm_weight=None, qk_norm_eps=0.0, window=0, softcap=0.0,
-                          post_norm_weight=None, post_norm_eps=0.0):
+                          post_norm_weight=None, post_norm_eps=0.0, o_bias=None):
     return torch.empty_like(residual, dtype=torch.promote_types(q.dtype, residual.dtype))
 
 
@@ -128,16 +130,17 @@ def tree_attention_block(
     residual: Tensor,
     post_norm_weight: Tensor | None = None,
     post_norm_eps: float = 0.0,
+    o_bias: Tensor | None = None,
 ) -> Tensor:
     """attention_block for the speculative verify (deterministic mode): tree attention over the cache for every
     draft node, then the heads flattened in order and o_proj with its residual add (and post-norm, as decode's)."""
     attn = tree_cached_attention_reference(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, tree_mask, scale)
-    return _project_heads(attn, o_weight, residual, post_norm_weight, post_norm_eps)
+    return _project_heads(attn, o_weight, residual, post_norm_weight, post_norm_eps, o_bias)
 
 
 @tree_attention_block.register_fake
 def _tree_attention_block_fake(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, tree_mask, scale, o_weight,
-                               residual, post_norm_weight=None, post_norm_eps=0.0):
+                               residual, post_norm_weight=None, post_norm_eps=0.0, o_bias=None):
     return torch.empty_like(residual, dtype=torch.promote_types(q.dtype, residual.dtype))
 
 
@@ -145,7 +148,7 @@ def _tree_attention_block_fake(q, k, v, cos, sin, k_cache, v_cache, cache_len, k
 def mlp_block(
     x: Tensor,
     norm_weight: Tensor | None,
-    gate_weight: Tensor,
+    gate_weight: Tensor | None,
     up_weight: Tensor,
     down_weight: Tensor,
     residual: Tensor,
@@ -153,17 +156,27 @@ def mlp_block(
     activation: str = "silu",
     post_norm_weight: Tensor | None = None,
     post_norm_eps: float = 0.0,
+    layer_norm: bool = False,
+    norm_bias: Tensor | None = None,
+    up_bias: Tensor | None = None,
+    down_bias: Tensor | None = None,
 ) -> Tensor:
     """residual + down(act(gate(rmsnorm(x))) * up(rmsnorm(x))): a gated MLP with its norm and residual add;
     norm_weight None: no norm before gate/up (OLMo 2); post_norm_weight: residual + rms_norm(down(...)) (Gemma 2/3's
-    and OLMo 2's post-feedforward norm)."""
-    h = linear_glu(x, gate_weight, up_weight, norm_weight, eps, activation)
-    return _project(h, down_weight, residual, post_norm_weight, post_norm_eps)
+    and OLMo 2's post-feedforward norm). gate_weight None: a plain MLP, residual + down(act(up(norm(x)) + up_bias))
+    + down_bias (GPT-2, OPT); layer_norm: the norm is a LayerNorm (with norm_bias), as the linear's prologue."""
+    if gate_weight is None:
+        h = linear(x, up_weight, up_bias, norm_weight, eps, activation, layer_norm=layer_norm, norm_bias=norm_bias)
+    else:
+        h = linear_glu(x, gate_weight, up_weight, norm_weight, eps, activation, layer_norm=layer_norm,
+                       norm_bias=norm_bias)
+    return _project(h, down_weight, residual, post_norm_weight, post_norm_eps, down_bias)
 
 
 @mlp_block.register_fake
 def _mlp_block_fake(x, norm_weight, gate_weight, up_weight, down_weight, residual, eps, activation="silu",
-                    post_norm_weight=None, post_norm_eps=0.0):
+                    post_norm_weight=None, post_norm_eps=0.0, layer_norm=False, norm_bias=None, up_bias=None,
+                    down_bias=None):
     return torch.empty_like(residual)
 
 

@@ -48,6 +48,27 @@ def rms_norm_dtype(x_dtype: torch.dtype, weight_dtype: torch.dtype | None) -> to
     return torch.promote_types(weight_dtype, x_dtype)
 
 
+def layer_norm_reference(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float) -> Tensor:
+    """HF LayerNorm in any dtype: statistics, centring, scale and shift in fp32, one rounding to x's dtype (what
+    nn.LayerNorm does on 16-bit input, and what HF's hand-written ones (Cohere's) spell out)."""
+    h = x.to(torch.float32)
+    h = (h - h.mean(-1, keepdim=True)) * torch.rsqrt(h.var(-1, correction=0, keepdim=True) + eps)
+    h = h * weight.to(torch.float32)
+    if bias is not None:
+        h = h + bias.to(torch.float32)
+    return h.to(x.dtype)
+
+
+def norm_reference(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float, layer_norm: bool) -> Tensor:
+    """The norm a matmul prologue applies: LayerNorm (layer_norm) or RMSNorm."""
+    return layer_norm_reference(x, weight, bias, eps) if layer_norm else rms_norm_reference(x, weight, eps)
+
+
+def norm_dtype(x_dtype: torch.dtype, weight_dtype: torch.dtype | None, layer_norm: bool) -> torch.dtype:
+    """What a norm prologue returns: a LayerNorm rounds to x's dtype; an RMSNorm as rms_norm_dtype says."""
+    return x_dtype if layer_norm else rms_norm_dtype(x_dtype, weight_dtype)
+
+
 def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     """HF Llama RMSNorm: fp32 statistics, cast back to the input dtype, then scale by the weight. An fp32 weight
     on a 16-bit x is Gemma's form (scales_in_fp32): the scale in fp32, one rounding to x's dtype."""
@@ -68,6 +89,16 @@ def _rms_norm_fake(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return torch.empty_like(x, dtype=rms_norm_dtype(x.dtype, weight.dtype))
 
 
+@torch.library.custom_op("braze::layer_norm", mutates_args=())
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float) -> Tensor:
+    return layer_norm_reference(x, weight, bias, eps)
+
+
+@layer_norm.register_fake
+def _layer_norm_fake(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float) -> Tensor:
+    return torch.empty_like(x)
+
+
 @torch.library.custom_op("braze::linear", mutates_args=())
 def linear(
     x: Tensor,
@@ -77,10 +108,13 @@ def linear(
     eps: float = 0.0,
     activation: str = "none",
     residual: Tensor | None = None,
+    layer_norm: bool = False,
+    norm_bias: Tensor | None = None,
 ) -> Tensor:
-    """y = residual + act(F.linear(rmsnorm?(x), weight, bias)): one matmul with its prologue and epilogue."""
+    """y = residual + act(F.linear(norm?(x), weight, bias)): one matmul with its prologue and epilogue. The norm
+    (norm_weight set) is an RMSNorm, or a LayerNorm with norm_bias when layer_norm."""
     if norm_weight is not None:
-        x = rms_norm_reference(x, norm_weight, eps)
+        x = norm_reference(x, norm_weight, norm_bias, eps, layer_norm)
     y = apply_activation(F.linear(x, weight, bias), activation)
     if residual is not None:
         y = residual + y
@@ -88,8 +122,9 @@ def linear(
 
 
 @linear.register_fake
-def _linear_fake(x, weight, bias=None, norm_weight=None, eps=0.0, activation="none", residual=None):
-    dtype = rms_norm_dtype(x.dtype, None if norm_weight is None else norm_weight.dtype)
+def _linear_fake(x, weight, bias=None, norm_weight=None, eps=0.0, activation="none", residual=None,
+                 layer_norm=False, norm_bias=None):
+    dtype = norm_dtype(x.dtype, None if norm_weight is None else norm_weight.dtype, layer_norm)
     out = x.new_empty(*x.shape[:-1], weight.shape[0], dtype=dtype)
     if residual is not None:
         out = torch.empty_like(
@@ -106,16 +141,19 @@ def linear_glu(
     norm_weight: Tensor | None = None,
     eps: float = 0.0,
     activation: str = "silu",
+    layer_norm: bool = False,
+    norm_bias: Tensor | None = None,
 ) -> Tensor:
     """act(x @ Wg^T) * (x @ Wu^T): gate and up projections merged into one matmul (SwiGLU / GeGLU)."""
     if norm_weight is not None:
-        x = rms_norm_reference(x, norm_weight, eps)
+        x = norm_reference(x, norm_weight, norm_bias, eps, layer_norm)
     return apply_activation(F.linear(x, gate_weight), activation) * F.linear(x, up_weight)
 
 
 @linear_glu.register_fake
-def _linear_glu_fake(x, gate_weight, up_weight, norm_weight=None, eps=0.0, activation="silu"):
-    dtype = rms_norm_dtype(x.dtype, None if norm_weight is None else norm_weight.dtype)
+def _linear_glu_fake(x, gate_weight, up_weight, norm_weight=None, eps=0.0, activation="silu", layer_norm=False,
+                     norm_bias=None):
+    dtype = norm_dtype(x.dtype, None if norm_weight is None else norm_weight.dtype, layer_norm)
     return x.new_empty(*x.shape[:-1], gate_weight.shape[0], dtype=dtype)
 
 

@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from braze.kernels.decode_layer import DENSE_ACTIVATIONS
 from braze.ops.schema import op_args
 from braze.passes.context import PassContext
 from braze.passes.fusion import decomposed_rms_norm
@@ -122,13 +123,14 @@ def _fold_attention(attn: fx.Node, order: dict[fx.Node, int], ctx: PassContext) 
         res, end = post[2], post[3]  # Gemma 2/3: residual + post_attention_layernorm(o_proj(...))
     if la["x"] is not cur or res is None:
         return "o_proj has no residual add in its epilogue (e.g. a tensor-parallel all-reduce sits between)"
-    if la["bias"] is not None or la["norm_weight"] is not None or la["activation"] != "none":
-        return "o_proj has a bias, a norm or an activation"
+    if la["norm_weight"] is not None or la["activation"] != "none":
+        return "o_proj has a norm or an activation"
     if val(w).dim() != 2:
         return "o_proj's weight is not a matrix"
-    out, q = val(end), val(a["q"])
-    if not (out.dtype == q.dtype == val(w).dtype == val(res).dtype) or tuple(val(res).shape) != tuple(out.shape):
-        return "o_proj's weight, residual and attention dtypes differ"
+    out, q, bias = val(end), val(a["q"]), la["bias"]
+    if not (out.dtype == q.dtype == val(w).dtype == val(res).dtype) or tuple(val(res).shape) != tuple(out.shape) \
+            or (bias is not None and (val(bias).dtype not in (out.dtype, torch.float32) or val(bias).dim() != 1)):
+        return "o_proj's weight, bias, residual and attention dtypes differ"
     if not _heads_flattened_in_order(attn, chain):
         return "the heads reach o_proj in another order"
     # nothing between the attention and o_proj may read the caches the attention writes (or the query ring)
@@ -147,10 +149,11 @@ def _fold_attention(attn: fx.Node, order: dict[fx.Node, int], ctx: PassContext) 
     args = (*(a[n] for n in names), w, res)
     kwargs = {**(dict(zip(("q_norm_weight", "k_norm_weight", "qk_norm_eps"), qk[2:])) if qk else {}),
               **({"window": window} if window else {}), **({"softcap": softcap} if softcap else {}),
-              **({"post_norm_weight": post[0], "post_norm_eps": post[1]} if post else {})}
+              **({"post_norm_weight": post[0], "post_norm_eps": post[1]} if post else {}),
+              **({"o_bias": bias} if bias is not None else {})}
     if ring is not None:
         if kwargs:
-            return "R-KV's query recording with q / k norms, a window, a softcap or a post-norm"
+            return "R-KV's query recording with q / k norms, a window, a softcap, a post-norm or an o_proj bias"
         target, args = braze.attention_block_recording.default, (*args, ring)
     block = new_node(attn.graph.owning_module, target, args, kwargs, ctx, before=end)
     _replace(end, block)
@@ -227,34 +230,47 @@ def _qk_norm(a: dict, ctx: PassContext, before: fx.Node) -> tuple[fx.Node, fx.No
     return inputs[0], inputs[1], q_norm[2], k_norm[2], q_norm[3]
 
 
-def _fold_mlp(glu: fx.Node, ctx: PassContext) -> str | None:
-    """Replace linear_glu(norm) -> down linear(+residual) by braze::mlp_block; returns why not, or None."""
-    g = op_args(glu)
-    down = next(iter(glu.users)) if single_user(glu) else None
+def _fold_mlp(up: fx.Node, ctx: PassContext) -> str | None:
+    """Replace linear_glu(norm) -> down linear(+residual) by braze::mlp_block, or a plain MLP's linear(norm,
+    bias, activation) -> down linear(+bias, +residual) (GPT-2, OPT); returns why not, or None."""
+    g = op_args(up)
+    gated = up.target is braze.linear_glu.default
+    kind = "gated MLP" if gated else "MLP"
+    down = next(iter(up.users)) if single_user(up) else None
     if not is_op(down, braze.linear.default):
-        return f"the gated MLP feeds {_what(down)}, not one plain linear"
+        return f"the {kind} feeds {_what(down)}, not one plain linear"
     d = op_args(down)
     residual, post, end = d["residual"], None, down
     if residual is None and (post := _post_norm_add(down)) is not None:
         residual, end = post[2], post[3]  # Gemma 2/3: residual + post_feedforward_layernorm(down(...))
-    if d["x"] is not glu or residual is None or d["bias"] is not None or d["norm_weight"] is not None \
-            or d["activation"] != "none":
+    if d["x"] is not up or residual is None or d["norm_weight"] is not None or d["activation"] != "none":
         return "the down projection is not a plain linear with a residual add"
     if g["norm_weight"] is None and post is None:
-        return "the gated MLP has no RMSNorm prologue and no post-norm"
-    weights = (g["gate_weight"], g["up_weight"], d["weight"])
+        return f"the {kind} has no norm prologue and no post-norm"
+    if not gated and g["residual"] is not None:
+        return "the MLP's up projection adds a residual"
+    weights = ((g["gate_weight"],) if gated else ()) + (g["up_weight" if gated else "weight"], d["weight"])
     if any(val(w).dim() != 2 for w in weights):  # a weight may be a tensor decoded in the plan (df11 scratch)
         return "an MLP weight is not a matrix"
+    biases = tuple(b for b in ((None if gated else g["bias"]), d["bias"], g["norm_bias"]) if b is not None)
     dtypes = {val(n).dtype for n in (g["x"], residual, down, *weights)}
     # the norm's weight: the model's dtype, or fp32 (Gemma's scale: the kernel's prologue form); OLMo 2: none
     norm_dtype = val(g["norm_weight"]).dtype if g["norm_weight"] is not None else torch.float32
     if len(dtypes) != 1 or norm_dtype not in (*dtypes, torch.float32) \
+            or any(val(b).dtype not in (*dtypes, torch.float32) or val(b).dim() != 1 for b in biases) \
             or tuple(val(residual).shape) != tuple(val(down).shape):
         return "the MLP's input, weights and residual dtypes differ"
     kwargs = {"post_norm_weight": post[0], "post_norm_eps": post[1]} if post else {}
-    block = new_node(glu.graph.owning_module, braze.mlp_block.default,
-                     (g["x"], g["norm_weight"], *weights, residual, float(g["eps"]), g["activation"]), kwargs, ctx,
-                     before=end)
+    if g["layer_norm"]:
+        kwargs.update(layer_norm=True, norm_bias=g["norm_bias"])
+    if not gated and g["bias"] is not None:
+        kwargs["up_bias"] = g["bias"]
+    if d["bias"] is not None:
+        kwargs["down_bias"] = d["bias"]
+    gate = g["gate_weight"] if gated else None
+    block = new_node(up.graph.owning_module, braze.mlp_block.default,
+                     (g["x"], g["norm_weight"], gate, *weights[-2:], residual, float(g["eps"]), g["activation"]),
+                     kwargs, ctx, before=end)
     _replace(end, block)
     return None
 
@@ -285,7 +301,8 @@ def fold_decode_layers(gm: fx.GraphModule, ctx: PassContext) -> int:
         tree = ctx.config.deterministic and is_op(node, braze.tree_cached_attention.default)
         if is_op(node, braze.cached_attention.default, braze.general_cached_attention.default) or tree:
             kind, why = "attention", _fold_attention(node, order, ctx)
-        elif is_op(node, braze.linear_glu.default):
+        elif is_op(node, braze.linear_glu.default) or (
+                is_op(node, braze.linear.default) and op_args(node)["activation"] in DENSE_ACTIVATIONS):
             kind, why = "mlp", _fold_mlp(node, ctx)
         else:
             continue

@@ -1,7 +1,7 @@
 """Template-level fusions: rewrite braze ops into richer braze ops whose kernels do more per launch.
 
 - merge_sibling_linears: linears reading the same input (Q/K/V) become one matmul over concatenated weights.
-- fuse_norm_prologue: RMSNorm feeding a linear moves into the matmul's prologue.
+- fuse_norm_prologue: RMSNorm or LayerNorm feeding a linear moves into the matmul's prologue.
 - fuse_linear_epilogue: activation (squared ReLU included) and residual add after a linear move into its epilogue.
 - fuse_rope_into_attention: RoPE on q and k is applied by the attention kernel as it loads them.
 """
@@ -77,10 +77,29 @@ def merge_sibling_linears(gm: fx.GraphModule, ctx: PassContext) -> int:
 def _norm_prologue(node: fx.Node, ctx: PassContext):
     a = op_args(node)
     x = a["x"]
-    if a["norm_weight"] is not None or not is_op(x, braze.rms_norm.default):
+    if a["norm_weight"] is not None:
         return None
-    src, w, eps = x.args[0], x.args[1], x.args[2]
-    return _replace(node, ctx, x=src, norm_weight=w, eps=eps)
+    if is_op(x, braze.rms_norm.default):
+        src, w, eps = x.args[0], x.args[1], x.args[2]
+        return _replace(node, ctx, x=src, norm_weight=w, eps=eps)
+    if is_op(x, braze.layer_norm.default):
+        src, w, b, eps = x.args
+        return _replace(node, ctx, x=src, norm_weight=w, eps=eps, layer_norm=True, norm_bias=b)
+    return None
+
+
+def split_norm_prologue(gm: fx.GraphModule, lin: fx.Node, ctx: PassContext) -> fx.Node:
+    """A linear whose prologue is a LayerNorm -> braze::layer_norm -> the linear without it: for kernels that only
+    take an RMSNorm prologue (int6, DFloat11); decompose_unfused lowers the norm to a fused reduction kernel."""
+    a = op_args(lin)
+    if not a.get("layer_norm"):
+        return lin
+    normed = new_node(gm, braze.layer_norm.default, (a["x"], a["norm_weight"], a["norm_bias"], a["eps"]), {}, ctx,
+                      lin)
+    new = _replace(lin, ctx, x=normed, norm_weight=None, eps=0.0, layer_norm=False, norm_bias=None)
+    lin.replace_all_uses_with(new)
+    gm.graph.erase_node(lin)
+    return new
 
 
 def fuse_norm_prologue(gm: fx.GraphModule, ctx: PassContext) -> int:
@@ -350,6 +369,23 @@ def _decompose_rms_norm(node: fx.Node, ctx: PassContext):
     return out
 
 
+def _decompose_layer_norm(node: fx.Node, ctx: PassContext):
+    """braze::layer_norm back to ATen as torch decomposes nn.LayerNorm: fp32 mean, centred variance, one rounding."""
+    gm = node.graph.owning_module
+    x, w, b, eps = node.args
+
+    def op(target, *args, **kwargs):
+        return new_node(gm, target, args, kwargs, ctx, node)
+
+    h = x if val(x).dtype == torch.float32 else op(aten._to_copy.default, x, dtype=torch.float32)
+    centred = op(aten.sub.Tensor, h, op(aten.mean.dim, h, [-1], True))
+    var = op(aten.mean.dim, op(aten.mul.Tensor, centred, centred), [-1], True)
+    out = op(aten.mul.Tensor, op(aten.mul.Tensor, centred, op(aten.rsqrt.default, op(aten.add.Tensor, var, eps))), w)
+    if b is not None:
+        out = op(aten.add.Tensor, out, b)
+    return out if val(out).dtype == val(node).dtype else op(aten._to_copy.default, out, dtype=val(node).dtype)
+
+
 def decomposed_rms_norm(node: fx.Node) -> tuple[fx.Node, fx.Node, float] | None:
     """(x, weight, eps) of the output node of a braze::rms_norm that _decompose_rms_norm wrote, else None."""
     eps = node.meta.get("braze_rms_norm_eps") if is_op(node, aten.mul.Tensor, aten._to_copy.default) else None
@@ -398,7 +434,8 @@ def _decompose_softmax(node: fx.Node, ctx: PassContext):
 
 
 def decompose_unfused(gm: fx.GraphModule, ctx: PassContext) -> int:
-    count = graph_rewrite(gm, {braze.rms_norm.default: _decompose_rms_norm, braze.rope.default: _decompose_rope,
+    count = graph_rewrite(gm, {braze.rms_norm.default: _decompose_rms_norm,
+                               braze.layer_norm.default: _decompose_layer_norm, braze.rope.default: _decompose_rope,
                                aten._softmax.default: _decompose_softmax}, ctx)
     for node in list(gm.graph.nodes):  # a softmax over another dim than the last: its statistics as well
         if node.op == "call_function" and node.target in REDUCTIONS and reduce_over_last_dim(gm, node, ctx):

@@ -31,6 +31,7 @@ import torch.fx as fx
 from braze.ops.quant_ops import A16
 from braze.ops.schema import op_args
 from braze.passes.context import PassContext
+from braze.passes.fusion import split_norm_prologue
 from braze.passes.graph_utils import activate, aten, dce, is_op, new_node, val
 from braze.passes.quantize import (
     LINEARS,
@@ -192,6 +193,8 @@ def quantize_int6(gm: fx.GraphModule, ctx: PassContext) -> int:
         hessian = _found(hessians, phs) if method == "gptq" else None
         if (samples is not None and x_rows is None) or (method == "gptq" and hessian is None):
             missing.append(names[0])
+        node = split_norm_prologue(gm, node, ctx)  # a LayerNorm prologue: its own kernel (int6 takes RMSNorm)
+        a = op_args(node)
         x = a["x"]
         # 1/s fuses into the norm, the SwiGLU product, or the GLU epilogue of a W6A16 gate/up kernel
         can_smooth = (a["norm_weight"] is not None or is_op(x, aten.mul.Tensor)

@@ -1,4 +1,4 @@
-"""Pattern recognition: linear, RMSNorm, RoPE, SwiGLU/GeGLU become braze::* ops.
+"""Pattern recognition: linear, RMSNorm, LayerNorm, RoPE, SwiGLU/GeGLU become braze::* ops.
 
 Each rule starts at an anchor op and walks its inputs; on a match it returns the replacement node. The rules are
 tables of (anchor op -> function), applied by one graph_rewrite, in the tinygrad PatternMatcher style.
@@ -149,14 +149,100 @@ def _fp32_weight(weight: fx.Node, ctx: PassContext, before: fx.Node) -> fx.Node:
     return new_node(gm, aten._to_copy.default, (weight,), {"dtype": torch.float32}, ctx, before)
 
 
-def recognize_rms_norm(gm: fx.GraphModule, ctx: PassContext) -> int:
+# ---- LayerNorm ----------------------------------------------------------------------------------------------
+_LINEARS = (braze.linear.default, braze.linear_glu.default)
+
+
+def _last_dim_mean(node: fx.Node, of: fx.Node | None = None) -> fx.Node | None:
+    """The input of a keepdim mean over the last dim (mean.dim, or sum.dim_IntList / K), if `of` is None or it."""
+    if is_op(node, aten.div.Tensor) and is_op(node.args[0], aten.sum.dim_IntList):
+        src, k = node.args[0].args[0], node.args[1]
+        if not isinstance(k, (int, float)) or k != val(src).shape[-1]:
+            return None
+        node = node.args[0]
+    elif not is_op(node, aten.mean.dim):
+        return None
+    src = node.args[0]
+    if list(node.args[1]) not in ([-1], [val(src).dim() - 1]) or not (len(node.args) > 2 and node.args[2]):
+        return None
+    return src if of is None or src is of else None
+
+
+def _centred(node: fx.Node, h: fx.Node, mean: fx.Node) -> bool:
+    return is_op(node, aten.sub.Tensor) and node.args[0] is h and node.args[1] is mean
+
+
+def _layer_norm_from_rsqrt(rsqrt: fx.Node, ctx: PassContext):
+    """(h - mean) * rsqrt(mean((h - mean)^2) + eps) * w (+ b) [-> cast back], h = x or x.float(): HF LayerNorm,
+    as torch decomposes nn.LayerNorm and as Cohere writes its own. Rewritten only where linears read it all: a
+    matmul prologue is where a LayerNorm op pays (elsewhere, per-head q / k LayerNorms among them, the decomposed
+    form stays for the fused elementwise kernels and the rotary passes that read it)."""
+    add = rsqrt.args[0]
+    if not is_op(add, aten.add.Tensor, aten.add.Scalar) or not isinstance(add.args[1], float):
+        return None
+    sq = _last_dim_mean(add.args[0])
+    if is_op(sq, aten.pow.Tensor_Scalar) and sq.args[1] == 2:
+        d = sq.args[0]
+    elif is_op(sq, aten.mul.Tensor) and sq.args[0] is sq.args[1]:
+        d = sq.args[0]
+    else:
+        return None
+    if not is_op(d, aten.sub.Tensor):
+        return None
+    h, mean = d.args
+    if not isinstance(h, fx.Node) or _last_dim_mean(mean, of=h) is None or len(rsqrt.users) != 1:
+        return None
+    norm = next(iter(rsqrt.users))
+    if not is_op(norm, aten.mul.Tensor) or not single_user(norm):
+        return None
+    centred = _other(norm, rsqrt)
+    if not (centred is d or (isinstance(centred, fx.Node) and _centred(centred, h, mean))):
+        return None
+    scale = next(iter(norm.users))
+    weight = _other(scale, norm) if is_op(scale, aten.mul.Tensor) else None
+    if not isinstance(weight, fx.Node) or not isinstance(val(weight), torch.Tensor) or val(weight).dim() != 1 \
+            or val(weight).shape[0] != val(h).shape[-1]:
+        return None
+    out, bias = scale, None
+    nxt = next(iter(scale.users)) if single_user(scale) else None
+    if is_op(nxt, aten.add.Tensor):
+        b = _other(nxt, scale)
+        if isinstance(b, fx.Node) and isinstance(val(b), torch.Tensor) \
+                and tuple(val(b).shape) == tuple(val(weight).shape):
+            out, bias = nxt, b
+    src = h.args[0] if is_op(h, aten._to_copy.default, aten.to.dtype) and val(h).dtype == torch.float32 else h
+    if val(src).dtype != torch.float32:
+        last = next(iter(out.users)) if single_user(out) else None
+        if not (is_op(last, aten._to_copy.default, aten.to.dtype) and val(last).dtype == val(src).dtype
+                and val(out).dtype == torch.float32):
+            return None
+        out = last
+    if val(out).dtype != val(src).dtype or not out.users \
+            or not all(is_op(u, *_LINEARS) and u.args[0] is out for u in out.users):
+        return None
+    rep = new_node(out.graph.owning_module, braze.layer_norm.default, (src, weight, bias, float(add.args[1])), {},
+                   ctx, out)
+    out.replace_all_uses_with(rep)
+    return rep
+
+
+def _norms_from_rsqrt(gm: fx.GraphModule, ctx: PassContext, rule) -> int:
+    """Apply a norm rule at every rsqrt (graph_rewrite does not fit: the anchor is not the node replaced)."""
     count = 0
     for node in list(gm.graph.nodes):
         if not getattr(node, "_erased", False) and is_op(node, aten.rsqrt.default):
-            if _rms_from_rsqrt(node, ctx) is not None:
+            if rule(node, ctx) is not None:
                 count += 1
     dce(gm)
     return count
+
+
+def recognize_layer_norm(gm: fx.GraphModule, ctx: PassContext) -> int:
+    return _norms_from_rsqrt(gm, ctx, _layer_norm_from_rsqrt)
+
+
+def recognize_rms_norm(gm: fx.GraphModule, ctx: PassContext) -> int:
+    return _norms_from_rsqrt(gm, ctx, _rms_from_rsqrt)
 
 
 # ---- RoPE --------------------------------------------------------------------------------------------------

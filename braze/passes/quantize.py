@@ -331,11 +331,13 @@ def _df11_unit_strategies(gm: fx.GraphModule, ctx: PassContext) -> dict[str, str
 
 def _df11_replace_linear(gm: fx.GraphModule, ctx: PassContext, lin: fx.Node,
                          where: dict[fx.Node, tuple[fx.Node, int]]) -> None:
-    """braze::linear / linear_glu reading DF11 weights -> rms_norm? -> braze::df11_linear(s) -> ATen epilogue."""
+    """braze::linear / linear_glu reading DF11 weights -> its norm? -> braze::df11_linear(s) -> ATen epilogue."""
     a = op_args(lin)
     x = a["x"]
     if a["norm_weight"] is not None:
-        x = new_node(gm, braze.rms_norm.default, (x, a["norm_weight"], a["eps"]), {}, ctx, lin)
+        norm = (braze.layer_norm.default, (x, a["norm_weight"], a["norm_bias"], a["eps"])) if a["layer_norm"] \
+            else (braze.rms_norm.default, (x, a["norm_weight"], a["eps"]))
+        x = new_node(gm, *norm, {}, ctx, lin)
 
     def gemv(w: fx.Node, bias: Any) -> fx.Node:
         d, start = where[w]

@@ -34,6 +34,7 @@ from braze.passes.normalize import normalize
 from braze.passes.patterns import (
     recognize_gelu_tanh,
     recognize_glu,
+    recognize_layer_norm,
     recognize_linear,
     recognize_rms_norm,
     recognize_rope,
@@ -55,6 +56,7 @@ PASSES: list[PassSpec] = [
     PassSpec("fold_constants", "normalize", fold_constants),
     PassSpec("recognize_linear", "patterns", recognize_linear),
     PassSpec("recognize_rms_norm", "patterns", recognize_rms_norm),
+    PassSpec("recognize_layer_norm", "patterns", recognize_layer_norm),
     PassSpec("recognize_rope", "patterns", recognize_rope),
     PassSpec("recognize_gelu_tanh", "patterns", recognize_gelu_tanh),
     PassSpec("recognize_glu", "patterns", recognize_glu),
