@@ -53,8 +53,10 @@ def test_three_launches_per_decode_layer_on_every_target(arch):
 
 
 # LayerNorm families: decode launches a layer (attention block with o_proj's bias, MLP block with the LayerNorm;
-# GPT-2 / OPT's plain MLP with its biases); Phi / GPT-NeoX / Falcon (parallel attention + MLP) fold less
-LAYER_NORM_LAUNCHES = {"gpt2": 3, "stablelm": 3, "nemotron": 3, "cohere": 3, "opt": 4, "phi": 5, "gpt_neox": 5}
+# GPT-2 / OPT's plain MLP with its biases); Phi / GPT-NeoX / Falcon / GPT-J (parallel attention + MLP) too, their
+# (attention + MLP) + x summed as MLP + (attention + x)
+LAYER_NORM_LAUNCHES = {"gpt2": 3, "stablelm": 3, "nemotron": 3, "cohere": 3, "opt": 4, "phi": 3, "gpt_neox": 3,
+                       "falcon": 3, "gptj": 3}
 
 
 @pytest.mark.parametrize("arch", list(LAYER_NORM_LAUNCHES))
@@ -62,7 +64,9 @@ def test_layer_norm_families_fold_their_decode_layers(arch):
     """The LayerNorm is the QKV matmul's prologue and the MLP block's (centred rows, weight, shift), o_proj's bias
     is added by the attention block's projecting programs, GPT-2 / OPT's plain MLP (up + bias, gelu / relu, down +
     bias) is one MLP block: GPT-2 decode 7 -> 3 launches a layer, OPT 8 -> 4 (its q scaling stays a fused kernel),
-    StableLM 6 -> 3, Nemotron 6 -> 3, Cohere 5 -> 3. Greedy decoding through the folded plan gives HF's tokens."""
+    StableLM 6 -> 3, Nemotron 6 -> 3, Cohere 5 -> 3. The parallel layers (Phi, GPT-NeoX, Falcon, GPT-J: 5-6) chain
+    their halves once the residual sum is reassociated (passes/fusion.py: _parallel_residual) and their fc1 stays
+    apart from QKV: 3. Greedy decoding through the folded plan gives HF's tokens."""
     launches = []
     for layers in (1, 2):
         model = tiny_causal_lm(arch, layers=layers)

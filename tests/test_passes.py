@@ -263,3 +263,56 @@ def test_layer_norm_becomes_the_prologue_of_every_linear_reading_it(norm, dtype)
     assert cm.compiled.report.pass_count("recognize_layer_norm") == 0
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.float(), w.float(), **tol)
+
+
+class ParallelLayer(torch.nn.Module):
+    """Phi / GPT-NeoX's parallel layer: x + attn_out(ln(x)) + fc2(gelu(fc1(ln(x)))), summed (attn + mlp) + x, with
+    q / k / v linears beside fc1 on the same normed input."""
+
+    def __init__(self, dim=64):
+        super().__init__()
+        self.ln = torch.nn.LayerNorm(dim)
+        self.q, self.k, self.v = (torch.nn.Linear(dim, dim) for _ in range(3))
+        self.dense = torch.nn.Linear(dim, dim)
+        self.fc1, self.fc2 = torch.nn.Linear(dim, 4 * dim), torch.nn.Linear(4 * dim, dim)
+
+    def forward(self, x, heads=None):
+        h = self.ln(x)
+        b, s, dim = x.shape
+        q, k, v = (t if heads is None else t.view(b, s, heads, -1).transpose(1, 2) for t in (self.q(h), self.k(h),
+                                                                                         self.v(h)))
+        attn = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        attn = attn if heads is None else attn.transpose(1, 2).reshape(b, s, dim)
+        mlp = self.fc2(torch.nn.functional.gelu(self.fc1(h), approximate="tanh"))
+        return self.dense(attn) + mlp + x
+
+
+def test_parallel_residual_sums_in_linear_epilogues():
+    """(attention + MLP) + x is summed as MLP + (attention + x): o_proj adds x in its epilogue, fc2 adds o_proj's
+    result in its own, so no add kernel is left; fc1 (gelu in its epilogue) is not merged with q / k / v (merged:
+    one matmul). Equal to eager within fp32 summation order (the reassociation rounds once a linear, as the
+    eager sum rounds once an add)."""
+    torch.manual_seed(0)
+    m = ParallelLayer().eval()
+    x = torch.randn(2, 5, 64)
+    cm = braze.compile(m)
+    with torch.no_grad():
+        got, want = cm(x, heads=4), m(x, heads=4)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    notes = next(p.notes for p in cm.compiled.report.passes if p.name == "fuse_linear_epilogue")
+    assert any("parallel residual" in n for n in notes)
+    kinds = [k[1] for k in cm.compiled.report.kernels]
+    assert kinds.count("matmul") == 4 and "fused" not in kinds  # q|k|v, fc1 + gelu, dense + x, fc2 + dense
+    assert "attention" in kinds
+
+
+def test_three_dimensional_sdpa_stays_torchs():
+    """scaled_dot_product_attention on [B, S, D] (no head dim: torch takes it) is not an attention kernel's input:
+    it stays torch's op inside the plan, and the compile matches eager."""
+    torch.manual_seed(0)
+    m = ParallelLayer().eval()
+    x = torch.randn(2, 5, 64)
+    cm = braze.compile(m)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), m(x), atol=1e-5, rtol=1e-5)
+    assert "attention" not in [k[1] for k in cm.compiled.report.kernels]

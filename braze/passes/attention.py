@@ -43,7 +43,7 @@ def _sdpa(node: fx.Node, ctx: PassContext):
     dropout = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
     causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
     scale = node.kwargs.get("scale") or (node.args[6] if len(node.args) > 6 else None)
-    if dropout:
+    if dropout or any(val(t).dim() != 4 for t in (q, k, v)):  # [B, H, S, D] only: a 3-D call stays torch's
         return None
     d = val(q).shape[-1]
     scale = scale if scale is not None else 1.0 / math.sqrt(d)

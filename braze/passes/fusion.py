@@ -2,7 +2,8 @@
 
 - merge_sibling_linears: linears reading the same input (Q/K/V) become one matmul over concatenated weights.
 - fuse_norm_prologue: RMSNorm or LayerNorm feeding a linear moves into the matmul's prologue.
-- fuse_linear_epilogue: activation (squared ReLU included) and residual add after a linear move into its epilogue.
+- fuse_linear_epilogue: activation (squared ReLU included) and residual add after a linear move into its epilogue;
+  a parallel layer's (attention + MLP) + x is summed as MLP + (attention + x), so both adds are epilogues.
 - fuse_rope_into_attention: RoPE on q and k is applied by the attention kernel as it loads them.
 """
 
@@ -155,11 +156,46 @@ def _residual(node: fx.Node, ctx: PassContext):
     return None
 
 
+def _parallel_residual(node: fx.Node, ctx: PassContext, order: dict[fx.Node, int]):
+    """(outer(...) + inner(...)) + x, the first add already outer's residual epilogue, -> outer(...) + (inner(...) +
+    x): both adds in epilogues. A parallel attention + MLP layer (GPT-NeoX, Phi, Falcon, GPT-J: x + attn(ln(x)) +
+    mlp(ln(x)), summed the other way round) then chains its halves as a sequential layer does, and each half folds
+    into its decode block. Exact in real arithmetic; in floating point each order rounds as often (fp32 epilogues, one
+    rounding a linear), so the sum is within a rounding of eager's."""
+    if node.kwargs.get("alpha", 1) != 1:
+        return None
+    for outer, x in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
+        if not is_op(outer, braze.linear.default) or not single_user(outer) or not isinstance(x, fx.Node):
+            continue
+        inner = op_args(outer)["residual"]
+        if not is_op(inner, braze.linear.default) or not single_user(inner) or op_args(inner)["residual"] is not None:
+            continue
+        xv, ov = val(x), val(node)
+        if not isinstance(xv, torch.Tensor) or tuple(xv.shape) != tuple(ov.shape) \
+                or not xv.dtype == ov.dtype == val(inner).dtype == val(outer).dtype:
+            continue
+        if x not in order or inner not in order:  # nodes an earlier rewrite made: number the graph again
+            order.clear()
+            order.update((n, i) for i, n in enumerate(node.graph.nodes))
+        if order[x] >= order[inner]:  # x must exist where inner is computed
+            continue
+        new_inner = _replace(inner, ctx, residual=x)
+        inner.replace_all_uses_with(new_inner)
+        inner.graph.erase_node(inner)
+        if not ctx.notes.get(ctx.current_pass):
+            ctx.note(f"{node.name}: parallel residual (attention + MLP) + x summed as MLP + (attention + x), both "
+                     "adds in linear epilogues")
+        return _replace(outer, ctx, before=node, residual=new_inner)
+    return None
+
+
 def fuse_linear_epilogue(gm: fx.GraphModule, ctx: PassContext) -> int:
     n = graph_rewrite(gm, {aten.silu.default: _activation, aten.relu.default: _activation,
                            aten.gelu.default: _activation}, ctx)
     n += graph_rewrite(gm, {aten.pow.Tensor_Scalar: _squared_relu, aten.mul.Tensor: _squared_relu}, ctx)
-    return n + graph_rewrite(gm, {aten.add.Tensor: _residual}, ctx)
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    return n + graph_rewrite(
+        gm, {aten.add.Tensor: lambda node, c: _residual(node, c) or _parallel_residual(node, c, order)}, ctx)
 
 
 def _rope_attention(node: fx.Node, ctx: PassContext):

@@ -64,9 +64,11 @@ PASSES: list[PassSpec] = [
     # tp > 1: this rank's shard of the weights, all-reduces after row-parallel linears (braze/passes/tensor_parallel.py)
     PassSpec("shard_tensor_parallel", "parallel", shard_tensor_parallel,
              enabled=lambda config: getattr(config, "tp", 1) > 1),
+    # epilogues before merging: a linear with an activation (Phi / Falcon's fc1) stays apart from its QKV siblings,
+    # so each keeps its own epilogue and the MLP folds into the decode MLP block
+    PassSpec("fuse_linear_epilogue", "fusion", fuse_linear_epilogue),
     PassSpec("merge_sibling_linears", "fusion", merge_sibling_linears),
     PassSpec("fuse_norm_prologue", "fusion", fuse_norm_prologue),
-    PassSpec("fuse_linear_epilogue", "fusion", fuse_linear_epilogue),
     PassSpec("fuse_rope_into_attention", "fusion", fuse_rope_into_attention),
     # MoE experts: routing's row gather and the SwiGLU inside the grouped matmul (braze/passes/moe.py)
     PassSpec("fuse_moe_experts", "fusion", fuse_moe_experts),
