@@ -502,6 +502,20 @@ def test_an_hf_directory_without_sdpa_compiles_with_eager_attention(tmp_path, ca
     assert "check passed" in capsys.readouterr().out
 
 
+def test_an_hf_gpt2_directory_compiles_and_runs(tmp_path, capsys):
+    """A saved GPT-2 (GPT2LMHeadModel: not *ForCausalLM, which the CLI alone required, so it refused the directory
+    as "not a HF causal LM" while braze.compile took the model) compiles, runs sampled decoding and passes check."""
+    tiny_causal_lm("gpt2", layers=1).save_pretrained(tmp_path / "model")
+    assert main(["compile", str(tmp_path / "model"), "-o", str(tmp_path / "pkg"), "--max-seq", "16",
+                 "--max-batch", "1"]) == 0
+    capsys.readouterr()
+    assert main(["run", str(tmp_path / "pkg"), "--prompt-ids", "5 6 7", "--max-new-tokens", "3", "--temperature",
+                 "0.7", "--seed", "1"]) == 0
+    assert len(capsys.readouterr().out.split()) == 3
+    assert main(["check", str(tmp_path / "pkg"), str(tmp_path / "model")]) == 0
+    assert "check passed" in capsys.readouterr().out
+
+
 def test_eval_prints_a_perplexity_table(capsys):
     assert main(["eval", FACTORY, "--quant", "int6", "--window", "32", "--max-tokens", "64",
                  "--agreement-tokens", "8"]) == 0

@@ -316,3 +316,38 @@ def test_three_dimensional_sdpa_stays_torchs():
     with torch.no_grad():
         torch.testing.assert_close(cm(x), m(x), atol=1e-5, rtol=1e-5)
     assert "attention" not in [k[1] for k in cm.compiled.report.kernels]
+
+
+class ScaledQuery(torch.nn.Module):
+    """OPT's attention input: q_proj(x) * head_dim ** -0.5 (a power of two for head dims 4, 16, 64, 256), or any
+    other scale."""
+
+    def __init__(self, scale: float, dim=64):
+        super().__init__()
+        self.q = torch.nn.Linear(dim, dim)
+        self.scale = scale
+
+    def forward(self, x):
+        return self.q(x) * self.scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_power_of_two_scale_folds_into_the_linear_exactly(dtype):
+    """A power-of-two scale after a linear folds into its weight and bias (exact in every float format): one matmul
+    kernel, bitwise the linear of the scaled weights; 0.3 (not a power of two) stays a multiply after it."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 64).to(dtype)
+    m = ScaledQuery(0.125).to(dtype).eval()
+    cm = braze.compile(m)
+    with torch.no_grad():
+        got = cm(x)
+        want = torch.ops.braze.linear(x, m.q.weight * 0.125, m.q.bias * 0.125)
+    assert [k[1] for k in cm.compiled.report.kernels] == ["matmul"]
+    assert torch.equal(torch.ops.braze.linear(x, m.q.weight, m.q.bias) * 0.125, want)  # the fold is exact
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(got, want, **tol)
+    other = ScaledQuery(0.3).to(dtype).eval()
+    cm = braze.compile(other)
+    with torch.no_grad():
+        torch.testing.assert_close(cm(x), other(x), **tol)
+    assert [k[1] for k in cm.compiled.report.kernels] == ["matmul", "fused"]

@@ -40,9 +40,11 @@ class LoadedModel:
 
     @property
     def causal_lm(self) -> bool:
-        cfg = getattr(self.model, "config", None)
-        return cfg is not None and type(self.model).__name__.endswith("ForCausalLM") and hasattr(self.model,
-                                                                                                  "generate")
+        """braze.compile's own test (GPT-2 / GPT-J's *LMHeadModel included: this one missed them, so the CLI
+        refused a saved GPT-2 as "not a HF causal LM")."""
+        from braze.compiler.capture import is_causal_lm
+
+        return is_causal_lm(self.model)
 
 
 def is_package(path: str | os.PathLike) -> bool:

@@ -2,12 +2,15 @@
 
 - merge_sibling_linears: linears reading the same input (Q/K/V) become one matmul over concatenated weights.
 - fuse_norm_prologue: RMSNorm or LayerNorm feeding a linear moves into the matmul's prologue.
-- fuse_linear_epilogue: activation (squared ReLU included) and residual add after a linear move into its epilogue;
+- fuse_linear_epilogue: activation (squared ReLU included) and residual add after a linear move into its epilogue
+  (a scale by a power of two into its weights);
   a parallel layer's (attention + MLP) + x is summed as MLP + (attention + x), so both adds are epilogues.
 - fuse_rope_into_attention: RoPE on q and k is applied by the attention kernel as it loads them.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.fx as fx
@@ -139,6 +142,36 @@ def _squared_relu(node: fx.Node, ctx: PassContext):
     return _replace(lin, ctx, activation="relu2")
 
 
+def _power_of_two_scale(node: fx.Node, ctx: PassContext):
+    """linear(x, W, b) * c with c a power of two (OPT's query scaling, 1 / sqrt(head_dim) for head dims 64 and 256)
+    -> linear(x, W * c, b * c): scaling by a power of two is exact in every float format, so the folded weights
+    give the same bits and the multiply leaves the plan."""
+    lin, c = node.args[0], node.args[1]
+    if not isinstance(c, float) or c == 0.0 or math.frexp(c)[0] != 0.5 or not is_op(lin, braze.linear.default) \
+            or not single_user(lin):
+        return None
+    a = op_args(lin)
+    if a["activation"] != "none" or a["residual"] is not None or a["norm_weight"] is not None:
+        return None
+    gm = node.graph.owning_module
+    scaled = {}
+    for key in ("weight", "bias"):
+        t = a[key]
+        if t is None:
+            continue
+        if t.op != "placeholder" or t.name not in ctx.weights:
+            return None
+        w = ctx.weights[t.name]
+        if not torch.isfinite(w * c).all() or ((w != 0) & (w * c == 0)).any():
+            return None  # out of range for its dtype: not exact
+        scaled[key] = (t.name, w * c)
+    if "weight" not in scaled or val(node).dtype != val(lin).dtype:
+        return None
+    changes = {key: ctx.add_weight(gm, f"{name}_x{c:g}".replace(".", "_").replace("-", "m")[:60], value)
+               for key, (name, value) in scaled.items()}
+    return _replace(lin, ctx, before=node, **changes)
+
+
 def _residual(node: fx.Node, ctx: PassContext):
     if node.kwargs.get("alpha", 1) != 1:
         return None
@@ -192,7 +225,9 @@ def _parallel_residual(node: fx.Node, ctx: PassContext, order: dict[fx.Node, int
 def fuse_linear_epilogue(gm: fx.GraphModule, ctx: PassContext) -> int:
     n = graph_rewrite(gm, {aten.silu.default: _activation, aten.relu.default: _activation,
                            aten.gelu.default: _activation}, ctx)
-    n += graph_rewrite(gm, {aten.pow.Tensor_Scalar: _squared_relu, aten.mul.Tensor: _squared_relu}, ctx)
+    n += graph_rewrite(gm, {aten.pow.Tensor_Scalar: _squared_relu,
+                            aten.mul.Tensor: lambda node, c: _squared_relu(node, c) or _power_of_two_scale(node, c)},
+                       ctx)
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
     return n + graph_rewrite(
         gm, {aten.add.Tensor: lambda node, c: _residual(node, c) or _parallel_residual(node, c, order)}, ctx)
