@@ -44,6 +44,7 @@ from braze.kernels.family import FLOAT_NAMES, KernelFamily, workspace_tensors
 from braze.kernels.matmul import check_header, pow2_clamp
 from braze.kernels.projection import PostNorm, Projection
 from braze.kernels.render import render_template
+from braze.ops.library import ACTIVATIONS
 
 if TYPE_CHECKING:
     import torch.fx as fx
@@ -155,7 +156,7 @@ class AttentionBlockFamily(KernelFamily):
 
 
 NORMS = (None, "rms", "layer")
-DENSE_ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "relu2", "silu")
+DENSE_ACTIVATIONS = tuple(a for a in ACTIVATIONS if a != "none")  # a plain (ungated) MLP's activation
 
 
 @dataclass(frozen=True)

@@ -92,15 +92,25 @@ def _norm_prologue(node: fx.Node, ctx: PassContext):
     return None
 
 
+def prologue_norm(gm: fx.GraphModule, lin: fx.Node, ctx: PassContext) -> fx.Node:
+    """The norm a fused linear applies to its input, as its own op (braze::rms_norm or braze::layer_norm) inserted
+    before the linear; the bare input when it has none. One place for every lowering that cannot fuse it."""
+    a = op_args(lin)
+    if a["norm_weight"] is None:
+        return a["x"]
+    if a.get("layer_norm"):
+        return new_node(gm, braze.layer_norm.default, (a["x"], a["norm_weight"], a["norm_bias"], a["eps"]), {}, ctx,
+                        lin)
+    return new_node(gm, braze.rms_norm.default, (a["x"], a["norm_weight"], a["eps"]), {}, ctx, lin)
+
+
 def split_norm_prologue(gm: fx.GraphModule, lin: fx.Node, ctx: PassContext) -> fx.Node:
     """A linear whose prologue is a LayerNorm -> braze::layer_norm -> the linear without it: for kernels that only
     take an RMSNorm prologue (int6, DFloat11); decompose_unfused lowers the norm to a fused reduction kernel."""
     a = op_args(lin)
     if not a.get("layer_norm"):
         return lin
-    normed = new_node(gm, braze.layer_norm.default, (a["x"], a["norm_weight"], a["norm_bias"], a["eps"]), {}, ctx,
-                      lin)
-    new = _replace(lin, ctx, x=normed, norm_weight=None, eps=0.0, layer_norm=False, norm_bias=None)
+    new = _replace(lin, ctx, x=prologue_norm(gm, lin, ctx), norm_weight=None, eps=0.0, layer_norm=False, norm_bias=None)
     lin.replace_all_uses_with(new)
     gm.graph.erase_node(lin)
     return new
@@ -162,9 +172,10 @@ def _power_of_two_scale(node: fx.Node, ctx: PassContext):
         if t.op != "placeholder" or t.name not in ctx.weights:
             return None
         w = ctx.weights[t.name]
-        if not torch.isfinite(w * c).all() or ((w != 0) & (w * c == 0)).any():
+        folded = w * c
+        if not torch.isfinite(folded).all() or ((w != 0) & (folded == 0)).any():
             return None  # out of range for its dtype: not exact
-        scaled[key] = (t.name, w * c)
+        scaled[key] = (t.name, folded)
     if "weight" not in scaled or val(node).dtype != val(lin).dtype:
         return None
     changes = {key: ctx.add_weight(gm, f"{name}_x{c:g}".replace(".", "_").replace("-", "m")[:60], value)

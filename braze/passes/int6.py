@@ -31,7 +31,7 @@ import torch.fx as fx
 from braze.ops.quant_ops import A16
 from braze.ops.schema import op_args
 from braze.passes.context import PassContext
-from braze.passes.fusion import split_norm_prologue
+from braze.passes.fusion import prologue_norm, split_norm_prologue
 from braze.passes.graph_utils import activate, aten, dce, is_op, new_node, val
 from braze.passes.quantize import (
     LINEARS,
@@ -219,7 +219,7 @@ def quantize_int6(gm: fx.GraphModule, ctx: PassContext) -> int:
                                                            a["norm_weight"], a["eps"], inv, a["activation"], glu,
                                                            None if glu else a["residual"]), {}, ctx, node)
         else:  # W6A8 / W6A6: the norm and smoothing stay in the kernel that quantizes x (braze/passes/int6_act.py)
-            out, y = _unfused(gm, node, ctx, x, a, inv, (packed, scales, bias, int(w.shape[1]), GROUP, plan.act_bits),
+            out, y = _unfused(gm, node, ctx, a, inv, (packed, scales, bias, int(w.shape[1]), GROUP, plan.act_bits),
                            glu, names)
         if val(out).dtype != val(node).dtype:
             out = new_node(gm, aten._to_copy.default, (out,), {"dtype": val(node).dtype}, ctx, node)
@@ -241,14 +241,12 @@ def quantize_int6(gm: fx.GraphModule, ctx: PassContext) -> int:
     return count
 
 
-def _unfused(gm: fx.GraphModule, node: fx.Node, ctx: PassContext, x: fx.Node, a: dict, inv: fx.Node | None,
+def _unfused(gm: fx.GraphModule, node: fx.Node, ctx: PassContext, a: dict, inv: fx.Node | None,
              linear_args: tuple, glu: bool, names: list[str]) -> tuple[fx.Node, fx.Node]:
     """The linear's prologue and epilogue as separate ops around a plain int6_linear: braze::rms_norm before,
     ATen activation / GLU product / residual add after (picked up by the generated fused kernels).
     Returns (the output, the int6_linear node)."""
-    h = x
-    if a["norm_weight"] is not None:
-        h = new_node(gm, braze.rms_norm.default, (x, a["norm_weight"], a["eps"]), {}, ctx, node)
+    h = prologue_norm(gm, node, ctx)
     if inv is not None:
         h = new_node(gm, aten.mul.Tensor, (h, inv), {}, ctx, node)
     y = new_node(gm, braze.int6_linear.default, (h, *linear_args), {}, ctx, node)

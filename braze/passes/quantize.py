@@ -27,6 +27,7 @@ import braze.ops  # noqa: F401  (registers braze::*)
 from braze.kernels.df11 import df11_block_range, df11_row_blocks
 from braze.ops.schema import op_args
 from braze.passes.context import PassContext
+from braze.passes.fusion import prologue_norm
 from braze.passes.graph_utils import ACTIVATION_NODES, activate, aten, dce, is_op, new_node, val
 from braze.quant.df11 import POINTER_BASE, encode_df11
 from braze.runtime.errors import ConfigError
@@ -333,11 +334,7 @@ def _df11_replace_linear(gm: fx.GraphModule, ctx: PassContext, lin: fx.Node,
                          where: dict[fx.Node, tuple[fx.Node, int]]) -> None:
     """braze::linear / linear_glu reading DF11 weights -> its norm? -> braze::df11_linear(s) -> ATen epilogue."""
     a = op_args(lin)
-    x = a["x"]
-    if a["norm_weight"] is not None:
-        norm = (braze.layer_norm.default, (x, a["norm_weight"], a["norm_bias"], a["eps"])) if a["layer_norm"] \
-            else (braze.rms_norm.default, (x, a["norm_weight"], a["eps"]))
-        x = new_node(gm, *norm, {}, ctx, lin)
+    x = prologue_norm(gm, lin, ctx)
 
     def gemv(w: fx.Node, bias: Any) -> fx.Node:
         d, start = where[w]
