@@ -33,17 +33,19 @@ import braze  # noqa: E402
 from braze.compiler.targets import TargetBuild, build_targets  # noqa: E402
 from braze.kernels import TARGETS  # noqa: E402
 
-MODELS = ("tiny-llama", "tiny-qwen2", "tiny-mistral-swa", "tiny-olmo2", "tiny-gpt2", "tiny-stablelm",
-          "llama-3.2-1b-1layer", "gemma2-2b-1layer", "qwen3-moe-1layer", "gpt2-1layer")
+MODELS = ("tiny-llama", "tiny-qwen2", "tiny-mistral-swa", "tiny-olmo2", "tiny-gpt2", "tiny-stablelm", "tiny-bloom",
+          "tiny-mpt", "llama-3.2-1b-1layer", "gemma2-2b-1layer", "qwen3-moe-1layer", "gpt2-1layer")
 # fp32 runs on tiny Llama and the 1B shape only: tiny Qwen2 adds the QKV bias, which the bf16 variants cover;
 # Gemma 2 adds the attention kernels' softcap / window forms and Qwen3-MoE the grouped expert matmuls
 # (quantization touches neither); tiny Mistral with a sliding window, the decode attention block's window form;
 # tiny OLMo 2, the MLP block without a pre-norm; tiny GPT-2 (every variant: int6 and df11 split its LayerNorm
 # prologues out), the LayerNorm matmul prologue, the plain-MLP block with biases, o_proj's bias in the attention
-# block; tiny StableLM, the LayerNorm before a SwiGLU block; GPT-2 small's shape (hidden 768, MLP 3072, 12 heads)
+# block; tiny StableLM, the LayerNorm before a SwiGLU block; tiny Bloom / MPT, the attention kernels' ALiBi form
+# (flash, split-KV decode, the decode attention block, the tree form under bf16-det); GPT-2 small's shape (hidden
+# 768, MLP 3072, 12 heads)
 SKIP = {("tiny-qwen2", "fp32"), ("tiny-qwen2", "fp32-int6"),
         *((m, v) for m in ("gemma2-2b-1layer", "qwen3-moe-1layer", "tiny-mistral-swa", "tiny-olmo2", "tiny-stablelm",
-                           "gpt2-1layer")
+                           "gpt2-1layer", "tiny-bloom", "tiny-mpt")
           for v in ("bf16-df11", "bf16-int6", "bf16-int6-a8", "fp32", "fp32-int6"))}
 VARIANTS = {  # name -> (dtype, compile options)
     "bf16": (torch.bfloat16, {}),
@@ -134,6 +136,10 @@ def build_model(name: str, dtype: torch.dtype) -> torch.nn.Module:
         return tiny_causal_lm("gpt2", layers=1, dtype=dtype)
     if name == "tiny-stablelm":
         return tiny_causal_lm("stablelm", layers=1, dtype=dtype)
+    if name == "tiny-bloom":
+        return tiny_causal_lm("bloom", layers=1, dtype=dtype)
+    if name == "tiny-mpt":  # MPT builds its ALiBi for config.max_seq_len positions (and refuses that many): widen
+        return tiny_causal_lm("mpt", layers=1, dtype=dtype, max_seq_len=2 * MAX_SEQ)
     if name == "gpt2-1layer":
         return gpt2_small(1, dtype)
     if name == "llama-3.2-1b-1layer":

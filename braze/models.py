@@ -151,14 +151,19 @@ EAGER_ONLY = ("gemma2", "mpt", "bloom")  # HF refuses SDPA for these (softcapped
 
 
 def tiny_causal_lm(arch: str = "llama", seed: int = 0, layers: int = 2, dtype: torch.dtype = torch.float32,
-                   attn: str = "sdpa", vocab: int = 256) -> Any:
-    """A small seeded HF causal LM (one of ARCHITECTURES) for fast checks."""
+                   attn: str = "sdpa", vocab: int = 256, **config: Any) -> Any:
+    """A small seeded HF causal LM (one of ARCHITECTURES) for fast checks; `config` overrides fields of its HF
+    config (e.g. MPT's max_seq_len)."""
     import transformers
 
     configs = _arch_configs(vocab, layers)
     if arch not in configs:
         raise ValueError(f"unknown arch {arch!r}; valid: {', '.join(configs)}")
     cfg = configs[arch]()
+    for key, value in config.items():
+        if not hasattr(cfg, key):
+            raise ValueError(f"{arch} config has no field {key!r}")
+        setattr(cfg, key, value)
     cfg._attn_implementation = "eager" if arch in EAGER_ONLY else attn
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(cfg, torch_dtype=dtype)

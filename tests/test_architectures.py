@@ -30,7 +30,7 @@ GENERAL_CACHED = "braze.general_cached_attention.default"
 # (its sum over a non-last dim is fused: a last-dim reduction of a view, passes/normalize.py)
 
 # architecture -> (eager steps of the forward plan, eager steps of the decode plan), sorted op names. What braze
-# cannot lower runs eagerly: attention with a static bias (ALiBi) over the cache.
+# cannot lower runs eagerly (none of these at present; a dense static bias over the cache would).
 EXPECTED_EAGER = {
     "llama": ([], []),
     "mistral": ([], []),
@@ -48,10 +48,11 @@ EXPECTED_EAGER = {
     "gpt2": ([], []),  # learned positions, Conv1D, gelu_new
     "opt": ([], []),  # learned positions (offset 2), ReLU MLP
     "falcon": ([], []),  # MQA, parallel attention + MLP, x @ W.T linears
-    # ALiBi (a static per-head bias by position) in eager attention with masked_fill: the forward keeps the mask
-    "mpt": (["aten.pow.Scalar", "braze.attention.default"], [GENERAL_CACHED]),
-    # ALiBi with heads merged into the batch (baddbmm / bmm attention)
-    "bloom": (["aten.pow.Tensor_Tensor", "aten.repeat.default", "braze.attention.default"], [GENERAL_CACHED]),
+    # ALiBi (a static per-head bias by position) in eager attention with masked_fill: the evaluated mask is fitted
+    # to slopes (passes/masks.py) that the attention kernels add; no RoPE, so RoPE at angle 0 over the cache
+    "mpt": ([], []),
+    # ALiBi with heads merged into the batch (baddbmm / bmm attention); its gelu written out (tanh form)
+    "bloom": ([], []),
     # top-2 of 4 experts: the router's top-k, the sort by expert, its inverse and the expert counts run the topk and
     # moe_routing kernels, the expert matmuls the grouped_matmul kernel; `perm // top_k` and the gathers fuse
     "mixtral": ([], []),
@@ -76,8 +77,7 @@ ROPE_NOTES = {
 }
 # reasons a general attention carries in the report (kv-cache pass notes)
 GENERAL_REASONS = {"mistral_swa": ["sliding window 8"], "gemma2": ["softcap 50", "sliding window 8"],
-                   "gemma3_text": ["sliding window 8"], "mpt": ["static mask/bias [4, 32, 32]"],
-                   "bloom": ["static mask/bias [4, 32, 32]"]}
+                   "gemma3_text": ["sliding window 8"], "mpt": ["ALiBi"], "bloom": ["ALiBi"]}
 XFAIL: dict[str, str] = {}  # architecture -> precise reason (none at present)
 
 ARCHS = [pytest.param(a, marks=pytest.mark.xfail(strict=True, reason=XFAIL[a])) if a in XFAIL else a

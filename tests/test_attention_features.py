@@ -1,8 +1,9 @@
-"""Logit softcapping (Gemma 2), sliding windows (Mistral, Gemma 2/3, gpt-oss) and attention sinks (gpt-oss) in the
-attention kernels, through the launchers the attention and general cached-attention families call: flash
-(forward plans; prefill over the cache, also per row under deterministic=True), split-KV decode that rotates and
-writes the new token, and the tree form of split-KV decode (verify). Each against the braze ops' torch references
-(braze/ops/library.py), fp32 under the interpreter: the kernels sum in another order, so within 1e-5."""
+"""Logit softcapping (Gemma 2), sliding windows (Mistral, Gemma 2/3, gpt-oss), attention sinks (gpt-oss) and ALiBi
+(Bloom, MPT) in the attention kernels, through the launchers the attention and general cached-attention families
+call: flash (forward plans; prefill over the cache, also per row under deterministic=True), split-KV decode that
+rotates and writes the new token, and the tree form of split-KV decode (verify). Each against the braze ops'
+torch references (braze/ops/library.py), fp32 under the interpreter: the kernels sum in another order, so within
+1e-5."""
 
 from __future__ import annotations
 
@@ -24,18 +25,25 @@ from braze.ops.library import general_attention_reference, general_cached_attent
 from braze.runtime.kernel_loader import load_kernel_module
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
-FEATURES = [  # (softcap, window, sinks)
-    (5.0, 0, False), (0.0, 20, False), (0.0, 0, True), (3.0, 70, True), (0.0, 7, True),
+FEATURES = [  # (softcap, window, sinks, alibi)
+    (5.0, 0, False, False), (0.0, 20, False, False), (0.0, 0, True, False), (3.0, 70, True, False),
+    (0.0, 7, True, False), (0.0, 0, False, True), (2.0, 20, True, True),
 ]
 
 
-def _extras(softcap: float, window: int, sinks: bool, heads: int) -> AttentionExtras:
+def _extras(softcap: float, window: int, sinks: bool, heads: int, alibi: bool = False) -> AttentionExtras:
+    """Sinks N(0, 2); ALiBi slopes 2^-(h + 1), Bloom's for 8 heads with the smallest made negative (a slope's
+    sign must not matter to the kernel)."""
     g = torch.Generator().manual_seed(3)
-    return AttentionExtras(softcap, window, torch.randn(heads, generator=g) * 2 if sinks else None)
+    slopes = torch.tensor([2.0 ** -(h + 1) for h in range(heads)]) if alibi else None
+    if slopes is not None:
+        slopes[-1] = -slopes[-1]
+    return AttentionExtras(softcap, window, torch.randn(heads, generator=g) * 2 if sinks else None, slopes)
 
 
 def _flags(extras: AttentionExtras) -> dict[str, bool]:
-    return {"softcap": extras.softcap > 0, "window": extras.window > 0, "sinks": extras.sinks is not None}
+    return {"softcap": extras.softcap > 0, "window": extras.window > 0, "sinks": extras.sinks is not None,
+            "alibi": extras.alibi is not None}
 
 
 def _rope(batch: int, n: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,20 +53,20 @@ def _rope(batch: int, n: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     return ang.cos().contiguous(), ang.sin().contiguous()
 
 
-@pytest.mark.parametrize("softcap, window, sinks", FEATURES)
+@pytest.mark.parametrize("softcap, window, sinks, alibi", FEATURES)
 @pytest.mark.parametrize("sq, skv", [(100, 100), (9, 100)])
-def test_flash_forward_with_logit_features(softcap, window, sinks, sq, skv):
+def test_flash_forward_with_logit_features(softcap, window, sinks, alibi, sq, skv):
     """Several 64-wide query and key tiles (the interpreter's tiles), so the window's lower edge crosses tiles;
     GQA 4:2; Sq < Skv is prefill continuing a cache (the query rows sit at the end)."""
     g = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, sq, 16, generator=g)
     k, v = torch.randn(2, 2, skv, 16, generator=g), torch.randn(2, 2, skv, 16, generator=g)
-    extras = _extras(softcap, window, sinks, 4)
+    extras = _extras(softcap, window, sinks, 4, alibi)
     kernel = load_kernel_module(render_attention(AttentionSpec("attn", causal=True, out_dtype="float32",
                                                                **_flags(extras)))).attn
     out = torch.full_like(q, float("nan"))
     flash_attention(kernel, q, k, v, out, 0.3, INTERPRETER, extras=extras)
-    want = general_attention_reference(q, k, v, 0.3, True, softcap, window, sinks=extras.sinks)
+    want = general_attention_reference(q, k, v, 0.3, True, softcap, window, sinks=extras.sinks, alibi=extras.alibi)
     torch.testing.assert_close(out, want, **TOL)
 
 
@@ -85,14 +93,17 @@ def _general_step(extras: AttentionExtras, *, decode: bool = False, tree: bool =
 def _launch(module, name, params, tensors, extras, out_shape):
     if extras.sinks is not None:
         tensors = {**tensors, "sinks": extras.sinks}
+    if extras.alibi is not None:
+        tensors = {**tensors, "alibi": extras.alibi}
     out = torch.full(out_shape, float("nan"))
     GENERAL_CACHED_ATTENTION.launch(module, name, tensors, out, params, INTERPRETER)
     return out
 
 
-@pytest.mark.parametrize("softcap, window, sinks", FEATURES)
+@pytest.mark.parametrize("softcap, window, sinks, alibi", FEATURES)
 @pytest.mark.parametrize("deterministic, splits", [(False, 3), (True, 1)])
-def test_cached_prefill_then_decode_with_logit_features(softcap, window, sinks, deterministic, splits, monkeypatch):
+def test_cached_prefill_then_decode_with_logit_features(softcap, window, sinks, alibi, deterministic, splits,
+                                                        monkeypatch):
     """Prefill of a left-padded batch (row 1 starts at slot 5) through RoPE + cache write + flash over the cache
     (per row under deterministic=True), then decode steps (one kernel: rotate, write, attend; 3 KV splits and their
     combine, as on a GPU, or 1), each equal to the general cached reference run on a copy of the cache; the caches
@@ -100,7 +111,7 @@ def test_cached_prefill_then_decode_with_logit_features(softcap, window, sinks, 
     monkeypatch.setattr(attention, "decode_splits", lambda *a: splits)
     g = torch.Generator().manual_seed(1)
     b, hq, hkv, d, s_max, prompt = 2, 4, 2, 16, 128, 90
-    extras = _extras(softcap, window, sinks, hq)
+    extras = _extras(softcap, window, sinks, hq, alibi)
     kc, vc = torch.zeros(b, hkv, s_max, d), torch.zeros(b, hkv, s_max, d)
     ref_kc, ref_vc = kc.clone(), vc.clone()
     kv_start = torch.tensor([0, 5], dtype=torch.int32)
@@ -114,7 +125,7 @@ def test_cached_prefill_then_decode_with_logit_features(softcap, window, sinks, 
         cos, sin = cos_all[:, start:start + n], sin_all[:, start:start + n]
         cache_len = torch.tensor([start])
         want = general_cached_attention_reference(q, k, v, ref_kc, ref_vc, cache_len, kv_start, 0.3, softcap, window,
-                                                  cos, sin, sinks=extras.sinks)
+                                                  cos, sin, sinks=extras.sinks, alibi=extras.alibi)
         tensors = {"q": q, "k": k, "v": v, "cos": cos, "sin": sin, "k_cache": kc, "v_cache": vc,
                    "cache_len": cache_len, "kv_start": kv_start}
         if n == 1:
@@ -129,16 +140,16 @@ def test_cached_prefill_then_decode_with_logit_features(softcap, window, sinks, 
     torch.testing.assert_close(vc, ref_vc, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("softcap, window, sinks", FEATURES)
+@pytest.mark.parametrize("softcap, window, sinks, alibi", FEATURES)
 @pytest.mark.parametrize("splits", [1, 3])
-def test_tree_verify_with_logit_features(softcap, window, sinks, splits, monkeypatch):
+def test_tree_verify_with_logit_features(softcap, window, sinks, alibi, splits, monkeypatch):
     """A draft tree of 5 nodes after 80 / 61 cached tokens (rows of different lengths): each node attends to the
-    cache and its ancestors, the window counted along its path (position = cache length + depth), as the general
-    cached reference does with its tree mask; 1 or 3 KV splits."""
+    cache and its ancestors, the window and the ALiBi distances counted along its path (position = cache length +
+    depth), as the general cached reference does with its tree mask; 1 or 3 KV splits."""
     monkeypatch.setattr(attention, "decode_splits", lambda *a: splits)
     g = torch.Generator().manual_seed(2)
     b, hq, hkv, d, s_max, nodes = 2, 4, 2, 16, 128, 5
-    extras = _extras(softcap, window, sinks, hq)
+    extras = _extras(softcap, window, sinks, hq, alibi)
     kc, vc = torch.randn(b, hkv, s_max, d, generator=g), torch.randn(b, hkv, s_max, d, generator=g)
     ref_kc, ref_vc = kc.clone(), vc.clone()
     parents = [-1, 0, 0, 1, 2]  # node 0 is the pending token
@@ -159,7 +170,7 @@ def test_tree_verify_with_logit_features(softcap, window, sinks, splits, monkeyp
     k, v = torch.randn(b, hkv, nodes, d, generator=g), torch.randn(b, hkv, nodes, d, generator=g)
     want = general_cached_attention_reference(q, k, v, ref_kc, ref_vc, cache_len, kv_start, 0.3, softcap, window,
                                               cos, sin, tree_mask=tree[None].expand(b, nodes, nodes),
-                                              sinks=extras.sinks)
+                                              sinks=extras.sinks, alibi=extras.alibi)
     module, name, params = _general_step(extras, tree=True, s_max=s_max)
     tensors = {"q": q, "k": k, "v": v, "cos": cos, "sin": sin, "k_cache": kc, "v_cache": vc, "cache_len": cache_len,
                "kv_start": kv_start, "tree_mask": tree[None]}
@@ -175,7 +186,7 @@ def test_sinks_and_softcap_change_the_output():
         1, 2, 30, 16, generator=g)
     outs = []
     for extras in (AttentionExtras(), AttentionExtras(1.0, 0, None), AttentionExtras(0.0, 4, None),
-                   AttentionExtras(0.0, 0, torch.full((4,), 3.0))):
+                   AttentionExtras(0.0, 0, torch.full((4,), 3.0)), AttentionExtras(alibi=torch.full((4,), 0.25))):
         kernel = load_kernel_module(render_attention(AttentionSpec("attn", causal=True, out_dtype="float32",
                                                                    **_flags(extras)))).attn
         out = torch.empty_like(q)
@@ -188,8 +199,13 @@ def test_sinks_and_softcap_change_the_output():
 def test_spec_rejects_window_with_tree_mask_or_o_proj():
     with pytest.raises(ValueError, match="window"):
         AttentionSpec("a", tree_mask=True, window=True)
+    with pytest.raises(ValueError, match="alibi"):
+        AttentionSpec("a", tree_mask=True, alibi=True)
+    with pytest.raises(ValueError, match="o_proj"):
+        DecodeAttentionSpec("a", from_cache_len=True, tree=True, o_proj=True, alibi=True)
     with pytest.raises(ValueError, match="o_proj"):
         DecodeAttentionSpec("a", from_cache_len=True, rope_write=True, o_proj=True, sinks=True)
     with pytest.raises(ValueError, match="o_proj"):
         DecodeAttentionSpec("a", from_cache_len=True, tree=True, o_proj=True, window=True)
     DecodeAttentionSpec("a", from_cache_len=True, rope_write=True, o_proj=True, window=True)  # decode: the block's
+    DecodeAttentionSpec("a", from_cache_len=True, rope_write=True, o_proj=True, alibi=True)

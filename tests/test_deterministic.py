@@ -557,6 +557,21 @@ def test_layer_norm_blocks_keep_the_guarantee(arch):
     _assert_alone_batched_and_speculative_agree(arch)
 
 
+def test_qwen3_q_k_norms_keep_the_guarantee():
+    """deterministic=True with Qwen3's per-head q / k norms: in the prefill plan's cache write (passes/prefill.py),
+    separate kernels in decode and the verify: a request alone and in a padded batch has bitwise the same logits,
+    and tree speculation plain decoding's."""
+    _assert_alone_batched_and_speculative_agree("qwen3")
+
+
+@pytest.mark.parametrize("arch", ["bloom", "mpt"])
+def test_alibi_layers_keep_the_guarantee(arch):
+    """deterministic=True with ALiBi attention (Bloom, MPT: slopes fitted from the evaluated mask, added in the
+    general cached attention's kernels by position, tree nodes at cache length + depth): a request's logits are
+    bitwise the same alone and beside a left-padded companion, and tree speculation gives plain decoding's."""
+    _assert_alone_batched_and_speculative_agree(arch)
+
+
 def _assert_alone_batched_and_speculative_agree(arch):
     from braze.runtime.speculate import SpeculativeRunner
 

@@ -498,12 +498,14 @@ def test_held_out_architectures_compile_and_say_what_runs_eagerly(arch, missing)
 
 
 @pytest.mark.parametrize("arch, features", [("gemma2", ["softcap 50", "sliding window 8"]),
-                                            ("mistral_swa", ["sliding window 8"])])
+                                            ("mistral_swa", ["sliding window 8"]), ("bloom", ["ALiBi"]),
+                                            ("mpt", ["ALiBi"])])
 def test_softcap_and_sliding_window_generate_through_kernels(arch, features):
-    """Gemma 2's softcapped, sliding-window attention and Mistral's sliding window run the attention kernels with
-    those features in every plan (they ran the reference eagerly): forward, prefill, decode and the tree verify
-    have no eager step. Past the window (prompt 12 + 10 new tokens, window 8), greedy tokens of a left-padded
-    batch equal HF's, plain and speculative with draft trees; fp32 logits within 1e-5 (reassociation only)."""
+    """Gemma 2's softcapped, sliding-window attention, Mistral's sliding window and Bloom / MPT's ALiBi run the
+    attention kernels with those features in every plan (they ran the reference eagerly): forward, prefill, decode
+    and the tree verify have no eager step. Past the window (prompt 12 + 10 new tokens, window 8), greedy tokens of a
+    left-padded batch equal HF's, plain and speculative with draft trees; fp32 logits within 1e-5 (reassociation
+    only)."""
     model = tiny_causal_lm(arch, layers=2, vocab=128)
     cm = braze.compile(model, max_seq=40, max_batch=2)
     notes = str(cm.report)

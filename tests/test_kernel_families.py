@@ -115,6 +115,31 @@ def test_cached_attention_family(s_new, past):
     torch.testing.assert_close(args[6], ref_args[6], **TOL)
 
 
+@pytest.mark.parametrize("dtype, w_dtype", [(torch.float32, torch.float32), (torch.float16, torch.float16),
+                                            (torch.float16, torch.float32)])
+def test_cached_attention_family_normalizes_q_and_k_in_the_cache_write(dtype, w_dtype):
+    """Prefill with Qwen3's q_norm / k_norm inside the cache-write kernel (passes/prefill.py): equal to the op's
+    reference (braze::rms_norm's rounding, then RoPE, then attention over the cache) in fp32, in fp16 with fp16 norm
+    weights, and in fp16 with fp32 weights (Gemma 3's scale, one rounding); the cache holds the normed, rotated
+    keys. fp32 within TOL; fp16 within 2 fp16 ulps at the outputs' scale. Without the norms the output moves by
+    O(1): they are applied."""
+    q, k, v, cos, sin, kc, vc, cache_len, kv_start = _cache_inputs(2, 9, 0, seed=23)
+    q, k = 3 * q, 0.5 * k  # norms that matter
+    g = _gen(24)
+    w_q, w_k = 1 + 0.2 * torch.randn(32, generator=g), 1 + 0.2 * torch.randn(32, generator=g)
+    args = [a.to(dtype) if a.is_floating_point() else a for a in (q, k, v, cos, sin, kc, vc, cache_len, kv_start)]
+    args += [w_q.to(w_dtype), w_k.to(w_dtype)]
+    fn = lambda *a: ops.cached_attention(*a[:9], 32**-0.5, a[9], a[10], 1e-6)  # noqa: E731
+    ref_args = [a.clone() for a in args]
+    plain_args = [a.clone() for a in args]
+    out, _ = launch_like_a_plan(fn, *args)
+    tol = TOL if dtype == torch.float32 else {"atol": 8e-3, "rtol": 2e-3}
+    torch.testing.assert_close(out.float(), fn(*ref_args).float(), **tol)
+    torch.testing.assert_close(args[5].float(), ref_args[5].float(), **tol)  # normed, rotated keys at 0..8
+    plain = ops.cached_attention(*plain_args[:9], 32**-0.5)
+    assert (out.float() - plain.float()).abs().max() > 0.1
+
+
 def test_tree_cached_attention_family():
     args = _cache_inputs(2, 5, 30, seed=3)
     tree = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [1, 0, 1, 0, 1]],
@@ -268,6 +293,38 @@ def test_attention_block_family_slides_its_window(device):
     torch.testing.assert_close(out, residual + attn.transpose(1, 2).reshape(2, 1, 128) @ w_o.T, **TOL)
     unwindowed = ops.attention_block(*[a.clone() for a in ref_args[:9]], 32**-0.5, w_o, residual)
     assert (out - unwindowed).abs().max() > 1e-2  # the window changed what the token sees
+
+
+@pytest.mark.parametrize("device", ["interpreter", "sm_90"])
+def test_attention_block_family_adds_alibi(device):
+    """Bloom / MPT's ALiBi inside the block, over RoPE at angle 0 (cos 1, sin 0: the graph has no rotary): each
+    head's logits get slope_h * (key position - 40), rows left-padded differently. Equal to the general cached
+    attention's reference -> o_proj + residual and to the block's reference; sm_90's configuration splits the
+    cache. Without the slopes the result moves by O(1e-1): they are applied."""
+    q, k, v, _, _, kc, vc, _, _ = _cache_inputs(2, 1, 40, s_max=256, seed=21)
+    cos, sin = torch.ones(2, 1, 32), torch.zeros(2, 1, 32)
+    g = _gen(22)
+    w_o, residual = torch.randn(40, 4 * 32, generator=g) / math.sqrt(128), torch.randn(2, 1, 40, generator=g)
+    slopes = torch.tensor([0.5, 0.25, 0.125, -0.0625])
+    cache_len, kv_start = torch.tensor([40], dtype=torch.int64), torch.tensor([0, 7], dtype=torch.int32)
+    args = (q, k, v, cos, sin, kc, vc, cache_len, kv_start)
+
+    def fn(*a):
+        return ops.attention_block(*a[:9], 32**-0.5, a[9], a[10], alibi=a[11])
+
+    pristine = [a.clone() for a in (*args, w_o, residual, slopes)]
+    ref_args = [a.clone() for a in pristine]
+    out, _ = launch_like_a_plan(fn, *args, w_o, residual, slopes,
+                                device=INTERPRETER if device == "interpreter" else TARGETS[device])
+    torch.testing.assert_close(out, fn(*ref_args), **TOL)
+    torch.testing.assert_close(kc, ref_args[5], **TOL)
+    parts = [a.clone() for a in pristine]
+    attn = ops.general_cached_attention(parts[0], parts[1], parts[2], parts[5], parts[6], cache_len, kv_start,
+                                        32**-0.5, cos=parts[3], sin=parts[4], alibi=slopes)
+    torch.testing.assert_close(out, residual + attn.transpose(1, 2).reshape(2, 1, 128) @ w_o.T, **TOL)
+    plain = [a.clone() for a in pristine]
+    without = ops.attention_block(*plain[:9], 32**-0.5, plain[9], plain[10])
+    assert (out - without).abs().max() > 1e-1
 
 
 @pytest.mark.parametrize("rows", [2, 18])

@@ -351,3 +351,26 @@ def test_power_of_two_scale_folds_into_the_linear_exactly(dtype):
     with torch.no_grad():
         torch.testing.assert_close(cm(x), other(x), **tol)
     assert [k[1] for k in cm.compiled.report.kernels] == ["matmul", "fused"]
+
+
+class BloomMLP(torch.nn.Module):
+    """Bloom's MLP: its gelu written out as x * 0.5 * (1 + tanh(0.79788456 * x * (1 + 0.044715 * x * x)))."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Linear(32, 64)
+        self.down = torch.nn.Linear(64, 32)
+
+    def forward(self, x):
+        from transformers.models.bloom.modeling_bloom import bloom_gelu_forward
+
+        return self.down(bloom_gelu_forward(self.up(x)))
+
+
+def test_bloom_gelu_becomes_the_matmul_epilogue():
+    """Bloom's arrangement of the tanh GELU is recognized as gelu(approximate="tanh") (its constant rounds to
+    sqrt(2 / pi)'s fp32 value) and moves into the up projection's epilogue: two matmuls, within 1e-5 of eager."""
+    cm = _two_matmul_mlp(BloomMLP)
+    assert cm.compiled.report.pass_count("recognize_gelu_tanh") == 1
+    ops = {n.target for n in cm.compiled.graph_module.graph.nodes if n.op == "call_function"}
+    assert torch.ops.aten.tanh.default not in ops

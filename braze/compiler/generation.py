@@ -1,8 +1,9 @@
 """Generation plans from the one capture: prefill (B x S tokens) and decode (B x 1) over a static KV cache.
 
 The rewritten forward graph is copied, the "cache" phase (insert_kv_cache) turns its attention into cached
-attention, and that graph is lowered twice: as is (prefill, dynamic S) and re-specialized to S = 1 by propagating
-fake tensors of the decode shapes through it (decode). Both plans share the weights.
+attention, and that graph is lowered twice: as is (prefill, dynamic S; after the "prefill" phase, which rewrites
+it alone) and re-specialized to S = 1 by propagating fake tensors of the decode shapes through it (decode, then the
+"decode" phase). The verify graph is a third copy ("verify" phase). All plans share the weights.
 """
 
 from __future__ import annotations
@@ -119,8 +120,9 @@ def compile_generation(cap: Captured, config: CompileConfig, report: CompileRepo
     if config.kv_compression:
         prefill_gm = copy_graph_module(gm)
         compression = _compress(prefill_gm, config, report)
+    decode_gm, verify_gm = copy_graph_module(gm), copy_graph_module(gm)  # before the prefill-only rewrites
+    run_passes(dataclasses.replace(cap, gm=prefill_gm), config, report, phases=("prefill",))
     prefill, _ = lower_graph(prefill_gm, "prefill", cap.symbols, weights, config.deterministic)
-    decode_gm = copy_graph_module(gm)
     if compression is not None:
         compress_decode_graph(decode_gm, compression.policy, compression.capacity, compression.window)
     symbols = _respecialize_decode(decode_gm, cap.weights, config.max_batch)
@@ -134,7 +136,6 @@ def compile_generation(cap: Captured, config: CompileConfig, report: CompileRepo
     decode, decode_record = lower_graph(decode_gm, "decode", symbols, weights, config.deterministic)
     if decode_record.fallbacks:  # what generation runs eagerly, with the passes' reasons (general attention, ...)
         report.extra["decode eager steps"] = _fallback_summary(decode_gm, decode_record.fallbacks)
-    verify_gm = copy_graph_module(gm)
     run_passes(dataclasses.replace(cap, gm=verify_gm), config, report, phases=("verify",))
     if compression is not None:  # verify over the compacted cache
         compress_verify_graph(verify_gm, compression.policy, compression.capacity, compression.window)

@@ -30,14 +30,15 @@ def _dump_dir() -> Path | None:
     return path
 
 
-GENERATION_PHASES = ("cache", "verify", "decode")
+GENERATION_PHASES = ("cache", "verify", "decode", "prefill")
 
 
 def run_passes(cap: Captured, config: CompileConfig, report: CompileReport,
                after_pass: AfterPass | None = None, phases: tuple[str, ...] | None = None) -> PassContext:
     """Rewrite cap.gm in place with every enabled pass; `after_pass` sees the graph after each one.
 
-    `phases` selects which phases run; by default all but "cache", "verify" and "decode" (generation graphs only).
+    `phases` selects which phases run; by default all but "cache", "verify", "decode" and "prefill" (generation
+    graphs only).
     """
     ctx = PassContext(config=config, weights=cap.weights, fake_mode=cap.fake_mode, causal_lm=cap.causal_lm)
     dump = _dump_dir()

@@ -60,10 +60,12 @@ Split-KV decode, `render_decode_attention(DecodeAttentionSpec)`; kernels `<name>
   its ancestors under tree[b, i], the node itself added after the loop), into mid rows b * S + i. The combine adds
   ``S, stride_os`` (out [B, Hq, S, D]) and its grid is (B * S * Hq,). A padding node (tree[b, i, 0] == 0) outputs 0.
 
-Logit features (both kernels; flags softcap / window / sinks, each adding one argument before sm_scale, in this
-order): ``softcap`` (float: scores become softcap * tanh(scores / softcap), Gemma 2), ``WINDOW`` (int: the query at
-position p sees keys p - WINDOW < j only, sliding-window layers), ``sinks_ptr`` ([Hq]: one more logit per head in
-the softmax, attached to no value, gpt-oss). `AttentionExtras` carries their values to the launchers.
+Logit features (both kernels; flags softcap / window / sinks / alibi, each adding one argument before sm_scale, in
+this order): ``softcap`` (float: scores become softcap * tanh(scores / softcap), Gemma 2), ``WINDOW`` (int: the
+query at position p sees keys p - WINDOW < j only, sliding-window layers), ``sinks_ptr`` ([Hq]: one more logit per
+head in the softmax, attached to no value, gpt-oss), ``alibi_ptr`` ([Hq] fp32 slopes: slope_h * (j - p) added to
+the logit of key j for the query at position p, after the softcap; Bloom, MPT). `AttentionExtras` carries their
+values to the launchers.
 
 Cached attention (braze::cached_attention, templates kv_cache.py.j2 + one of the two above): prefill runs
 `<name>_rope_write` (rotates q and k, HF rotate_half, fp32 math; writes k/v into the caches at cache_len), then
@@ -123,11 +125,12 @@ class AttentionSpec:
     softcap: bool = False
     window: bool = False
     sinks: bool = False
+    alibi: bool = False
 
     def __post_init__(self) -> None:
         _check_common(self.name, self.input_precision, self.out_dtype)
-        if self.window and (self.tree_mask or not self.causal):
-            raise ValueError("window counts positions from the causal alignment; tree_mask's are not slots")
+        if (self.window or self.alibi) and (self.tree_mask or not self.causal):
+            raise ValueError("window and alibi count positions from the causal alignment; tree_mask's are not slots")
         if self.tree_mask and not self.causal:
             raise ValueError("tree_mask uses the causal query alignment: it needs causal=True")
         if self.device_len and (self.tree_mask or not self.causal):
@@ -152,11 +155,13 @@ class DecodeAttentionSpec:
     softcap: bool = False
     window: bool = False
     sinks: bool = False
+    alibi: bool = False
 
     def __post_init__(self) -> None:
         _check_common(self.name, self.input_precision, self.out_dtype)
-        if (self.sinks or ((self.window or self.softcap) and self.tree)) and self.o_proj:
-            raise ValueError("sinks, and a window or softcap over a tree, are not part of the attention block (o_proj)")
+        if (self.sinks or ((self.window or self.softcap or self.alibi) and self.tree)) and self.o_proj:
+            raise ValueError("sinks, and a window, softcap or ALiBi over a tree, are not part of the attention block "
+                             "(o_proj)")
         if (self.rope_write or self.tree) and not self.from_cache_len:
             raise ValueError("rope_write and tree need from_cache_len (the new token sits at the cache length)")
         if self.rope_write and self.tree:
@@ -175,7 +180,7 @@ def render_attention(spec: AttentionSpec, header: str = "") -> str:
         "attention.py.j2", header=check_header(header), name=spec.name, causal=spec.causal, rope=spec.rope,
         has_kv_start=spec.has_kv_start, tree_mask=spec.tree_mask, device_len=spec.device_len,
         input_precision=spec.input_precision, out_dtype=spec.out_dtype, softcap=spec.softcap, window=spec.window,
-        sinks=spec.sinks)
+        sinks=spec.sinks, alibi=spec.alibi)
 
 
 def render_decode_attention(spec: DecodeAttentionSpec, header: str = "") -> str:
@@ -184,12 +189,14 @@ def render_decode_attention(spec: DecodeAttentionSpec, header: str = "") -> str:
         "decode_attention.py.j2", header=check_header(header), name=spec.name, has_kv_start=spec.has_kv_start,
         from_cache_len=spec.from_cache_len, input_precision=spec.input_precision, out_dtype=spec.out_dtype,
         head_start=spec.head_start, rope_write=spec.rope_write, tree=spec.tree, o_proj=spec.o_proj,
-        ring=spec.ring, qk_norm=spec.qk_norm, softcap=spec.softcap, window=spec.window, sinks=spec.sinks)
+        ring=spec.ring, qk_norm=spec.qk_norm, softcap=spec.softcap, window=spec.window, sinks=spec.sinks,
+        alibi=spec.alibi)
 
 
-def render_cache_write(name: str) -> str:
-    """Python source of `<name>_rope_write` (RoPE on q/k, k/v written into the caches)."""
-    return render_template("kv_cache.py.j2", header="", name=name)
+def render_cache_write(name: str, qk_norm: bool = False) -> str:
+    """Python source of `<name>_rope_write` (RoPE on q/k, k/v written into the caches); qk_norm: q and k are
+    RMS-normed over each head first (three more arguments: q_norm_ptr, k_norm_ptr, qk_norm_eps)."""
+    return render_template("kv_cache.py.j2", header="", name=name, qk_norm=qk_norm)
 
 
 # ---- launch configurations --------------------------------------------------------------------------------------
@@ -306,11 +313,13 @@ class OutputProjection:
 # ---- launches ---------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AttentionExtras:
-    """Values of the logit features a kernel was rendered with (softcap > 0, window > 0, sinks [Hq])."""
+    """Values of the logit features a kernel was rendered with (softcap > 0, window > 0, sinks [Hq], ALiBi slopes
+    [Hq])."""
 
     softcap: float = 0.0
     window: int = 0
     sinks: torch.Tensor | None = None
+    alibi: torch.Tensor | None = None
 
     def args(self) -> list[Any]:
         """The kernel arguments before sm_scale, in the template's order."""
@@ -321,6 +330,8 @@ class AttentionExtras:
             out.append(int(self.window))
         if self.sinks is not None:
             out.append(self.sinks.contiguous())
+        if self.alibi is not None:
+            out.append(self.alibi.contiguous())
         return out
 
 
@@ -437,9 +448,11 @@ def tree_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tensor, 
     return 2
 
 
-def rope_write(module: Any, name: str, tensors: dict[str, torch.Tensor], device: DeviceSpec) -> torch.Tensor:
+def rope_write(module: Any, name: str, tensors: dict[str, torch.Tensor], device: DeviceSpec,
+               qk_norm_eps: float | None = None) -> torch.Tensor:
     """One launch of `<name>_rope_write`: returns roped q [B, Hq, S, D]; roped k and v go into the caches at
-    cache_len + s (k rotated by cos/sin row s, i.e. at the position its position_ids gave it)."""
+    cache_len + s (k rotated by cos/sin row s, i.e. at the position its position_ids gave it). qk_norm_eps (kernel
+    rendered with qk_norm): q and k are RMS-normed per head by tensors' q_norm_weight / k_norm_weight first."""
     q, k, v = tensors["q"], tensors["k"], tensors["v"]
     cos, sin = tensors["cos"], tensors["sin"]
     cos, sin = rope_pair(cos, sin)
@@ -453,6 +466,8 @@ def rope_write(module: Any, name: str, tensors: dict[str, torch.Tensor], device:
     args: list[Any] = [q, k, v, cos, sin, qo, kc, vc, cache_len, _row_stride(cache_len), S, Hq, Hkv, D]
     for t in (q, k, v, cos, qo, kc, vc):
         args += list(t.stride())
+    if qk_norm_eps is not None:
+        args += [tensors["q_norm_weight"], tensors["k_norm_weight"], float(qk_norm_eps)]
     launch_kernel(getattr(module, f"{name}_rope_write"), (B * triton.cdiv(rows, block_r), 2), *args,
                   BLOCK_R=block_r, BLOCK_D=triton.next_power_of_2(D))
     return qo
@@ -541,29 +556,34 @@ def _extras_reason(a: dict[str, Any], causal: bool = True) -> str | None:
         return f"partial RoPE ({cos.meta['val'].shape[-1]} of {q.shape[-1]} dims) runs eagerly"
     if a.get("window") and not causal:
         return "a sliding window without the causal alignment runs eagerly"
-    sinks = a.get("sinks")
-    if sinks is not None and tuple(sinks.meta["val"].shape) != (q.shape[1],):
-        return f"attention sinks of shape {list(sinks.meta['val'].shape)} (one per query head expected) run eagerly"
+    for role, what in (("sinks", "attention sinks"), ("alibi", "ALiBi slopes")):
+        t = a.get(role)
+        if t is not None and tuple(t.meta["val"].shape) != (q.shape[1],):
+            return f"{what} of shape {list(t.meta['val'].shape)} (one per query head expected) run eagerly"
+    if a.get("alibi") is not None and not causal:
+        return "ALiBi without the causal alignment runs eagerly"
     return None
 
 
 def _extras_params(a: dict[str, Any]) -> dict[str, Any]:
-    """The Step params of a general attention's softcap and window (sinks travel as an input role)."""
+    """The Step params of a general attention's softcap and window (sinks and ALiBi slopes travel as input roles)."""
     return {"softcap": float(a.get("softcap") or 0.0), "window": int(a.get("window") or 0)}
 
 
 def _extras_flags(a: dict[str, Any], extras: dict[str, Any]) -> dict[str, bool]:
     """The template flags (AttentionSpec / DecodeAttentionSpec) of those features."""
-    return {"softcap": extras["softcap"] > 0, "window": extras["window"] > 0, "sinks": a.get("sinks") is not None}
+    return {"softcap": extras["softcap"] > 0, "window": extras["window"] > 0, "sinks": a.get("sinks") is not None,
+            "alibi": a.get("alibi") is not None}
 
 
 def _extras(tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> AttentionExtras:
-    return AttentionExtras(params.get("softcap", 0.0), params.get("window", 0), tensors.get("sinks"))
+    return AttentionExtras(params.get("softcap", 0.0), params.get("window", 0), tensors.get("sinks"),
+                           tensors.get("alibi"))
 
 
 class AttentionFamily(KernelFamily):
     """braze::attention: flash attention forward, RoPE optionally fused into the q/k loads; braze::general_attention
-    (softcap, sliding window, sinks; no explicit mask) through the same kernel with those flags."""
+    (softcap, sliding window, sinks, ALiBi; no explicit mask) through the same kernel with those flags."""
 
     name = "attention"
     templates = ("attention.py.j2", "softcap.j2")
@@ -589,7 +609,7 @@ class AttentionFamily(KernelFamily):
         spec = AttentionSpec(name=name, causal=bool(a["causal"]), rope=a["cos"] is not None,
                              input_precision=_precision(a["q"].meta["val"].dtype),
                              out_dtype=FLOAT_NAMES[node.meta["val"].dtype], **_extras_flags(a, extras))
-        roles = {k: a.get(k) for k in ("q", "k", "v", "cos", "sin", "sinks") if a.get(k) is not None}
+        roles = {k: a.get(k) for k in ("q", "k", "v", "cos", "sin", "sinks", "alibi") if a.get(k) is not None}
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[v.name for v in roles.values()],
                     params={"roles": list(roles), "scale": float(a["scale"]), "causal": bool(a["causal"]),
                             **{k: v for k, v in extras.items() if v}})
@@ -615,6 +635,12 @@ class CachedAttentionFamily(KernelFamily):
         return (torch.ops.braze.cached_attention.default,)
 
     def supports(self, node: fx.Node) -> str | None:
+        from braze.ops.schema import op_args
+
+        a = op_args(node)
+        q = a["q"].meta["val"]
+        if a.get("q_norm_weight") is not None and isinstance(q.shape[2], int) and q.shape[2] == 1:
+            return "q / k norms inside a one-token cached attention (the decode attention block takes them)"
         return _attention_mask_reason(node)
 
     def lower(self, node: fx.Node, name: str) -> tuple[str, Step]:
@@ -624,6 +650,7 @@ class CachedAttentionFamily(KernelFamily):
         a = op_args(node)
         q = a["q"].meta["val"]
         decode = isinstance(q.shape[2], int) and q.shape[2] == 1
+        qk_norm = a.get("q_norm_weight") is not None
         # the kernels read q (roped into the cache dtype), k and v in the cache's dtype (kv_dtype)
         precision, out_dtype = _precision(a["k_cache"].meta["val"].dtype), FLOAT_NAMES[node.meta["val"].dtype]
         # The cache length is read on device by the kernels (len_on_device): no host read, no torch op per call.
@@ -634,14 +661,16 @@ class CachedAttentionFamily(KernelFamily):
         else:
             attn = render_attention(AttentionSpec(name, causal=True, rope=False, has_kv_start=True, device_len=True,
                                                   input_precision=precision, out_dtype=out_dtype))
-        roles = ["q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start"]
+        roles = ["q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start",
+                 *(["q_norm_weight", "k_norm_weight"] if qk_norm else [])]
         k_cache = a["k_cache"].meta["val"]
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
                     params={"roles": roles, "scale": float(a["scale"]), "decode": decode,
                             "heads_kv": int(k_cache.shape[1]), "s_max": int(k_cache.shape[2]), "len_on_device": True,
                             **({"head_start": True} if head_start else {}),
-                            **({"fused_rope": True} if decode else {})})
-        return attn if decode else attn + "\n\n" + render_cache_write(name), step
+                            **({"fused_rope": True} if decode else {}),
+                            **({"qk_norm_eps": float(a["qk_norm_eps"])} if qk_norm else {})})
+        return attn if decode else attn + "\n\n" + render_cache_write(name, qk_norm), step
 
     def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
                params: dict[str, Any], device: DeviceSpec) -> None:
@@ -652,7 +681,7 @@ class CachedAttentionFamily(KernelFamily):
                             params["scale"], device, from_cache_len=True, head_start=bool(params.get("head_start")),
                             rope=(t["k"][:, :, 0, :], t["v"][:, :, 0, :], t["cos"][:, 0, :], t["sin"][:, 0, :]))
             return
-        qo = rope_write(module, name, tensors, device)
+        qo = rope_write(module, name, tensors, device, params.get("qk_norm_eps"))
         if params.get("deterministic") and not params["decode"]:
             flash_per_row(getattr(module, name), qo, kc, vc, out, params["scale"], device, kv_start, cache_len,
                           bool(params.get("len_on_device")))
@@ -750,9 +779,10 @@ class TreeCachedAttentionFamily(KernelFamily):
 
 class GeneralCachedAttentionFamily(KernelFamily):
     """braze::general_cached_attention whose features the kernels take (RoPE over the whole head; softcap, sliding
-    window, sinks; no static bias): prefill = RoPE + cache write, then flash over the cache; decode = split-KV decode
-    rotating and writing the new token itself; verify (a draft tree) = the tree form of split-KV decode, which counts
-    window positions along the node's ancestors. Each with the logit-feature flags; what is left runs eagerly."""
+    window, sinks, ALiBi; no static bias): prefill = RoPE + cache write, then flash over the cache; decode =
+    split-KV decode rotating and writing the new token itself; verify (a draft tree) = the tree form of split-KV
+    decode, which counts window and ALiBi positions along the node's ancestors. Each with the logit-feature flags;
+    what is left runs eagerly."""
 
     name = "general_cached_attention"
     templates = ("kv_cache.py.j2", "attention.py.j2", "decode_attention.py.j2", "softcap.j2")
@@ -773,6 +803,9 @@ class GeneralCachedAttentionFamily(KernelFamily):
             return "attention without RoPE to fuse runs eagerly"
         if a["kv_start"].meta["val"].dim() != 1:
             return "per-head cache starts (kv_compression) run eagerly"
+        q = a["q"].meta["val"]
+        if a.get("q_norm_weight") is not None and (a.get("tree_mask") is not None or q.shape[2] == 1):
+            return "q / k norms inside a decode or verify general attention (the prefill's cache write takes them)"
         return _attention_mask_reason(node) or _extras_reason(a)
 
     def lower(self, node: fx.Node, name: str) -> tuple[str, Step]:
@@ -794,12 +827,14 @@ class GeneralCachedAttentionFamily(KernelFamily):
             attn = render_attention(AttentionSpec(name, causal=True, rope=False, has_kv_start=True, device_len=True,
                                                   input_precision=precision, out_dtype=out_dtype, **flags))
         roles = ["q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start"]
-        roles += [r for r in ("sinks", "tree_mask") if a.get(r) is not None]
+        roles += [r for r in ("sinks", "alibi", "tree_mask", "q_norm_weight", "k_norm_weight") if a.get(r) is not None]
+        qk_norm = a.get("q_norm_weight") is not None
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
                     params={"roles": roles, "scale": float(a["scale"]), "decode": decode, "tree": tree,
                             "heads_kv": int(k_cache.shape[1]), "s_max": int(k_cache.shape[2]),
-                            **{k: v for k, v in extras.items() if v}})
-        return attn if decode else attn + "\n\n" + render_cache_write(name), step
+                            **{k: v for k, v in extras.items() if v},
+                            **({"qk_norm_eps": float(a["qk_norm_eps"])} if qk_norm else {})})
+        return attn if decode else attn + "\n\n" + render_cache_write(name, qk_norm), step
 
     def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
                params: dict[str, Any], device: DeviceSpec) -> None:
@@ -811,7 +846,7 @@ class GeneralCachedAttentionFamily(KernelFamily):
                             params["scale"], device, from_cache_len=True, extras=extras,
                             rope=(t["k"][:, :, 0, :], t["v"][:, :, 0, :], t["cos"][:, 0, :], t["sin"][:, 0, :]))
             return
-        qo = rope_write(module, name, t, device)
+        qo = rope_write(module, name, t, device, params.get("qk_norm_eps"))
         if params["tree"]:
             tree_decode(module, name, qo, kc, vc, out, cache_len, kv_start, t["tree_mask"], params["scale"], device,
                         extras=extras)

@@ -91,12 +91,13 @@ class AttentionBlockFamily(KernelFamily):
         source = render_decode_attention(DecodeAttentionSpec(
             name, True, _precision(k_cache.dtype), attn_dtype, from_cache_len=True, head_start=head_start,
             rope_write=not tree, tree=tree, o_proj=True, ring=ring, qk_norm=qk_norm, window=bool(a.get("window")),
-            softcap=bool(a.get("softcap"))))
+            softcap=bool(a.get("softcap")), alibi=a.get("alibi") is not None))
         post_norm = a.get("post_norm_weight") is not None
         roles = ["q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start",
                  *(["tree_mask"] if tree else []), "o_weight", "residual", *(["q_ring"] if ring else []),
                  *(["q_norm_weight", "k_norm_weight"] if qk_norm else []), *(["post_norm_weight"] if post_norm else []),
-                 *(["o_bias"] if a.get("o_bias") is not None else [])]
+                 *(["o_bias"] if a.get("o_bias") is not None else []),
+                 *(["alibi"] if a.get("alibi") is not None else [])]
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
                     params={"roles": roles, "scale": float(a["scale"]), "heads_kv": int(k_cache.shape[1]),
                             "s_max": int(k_cache.shape[2]), "attn_width": int(a["o_weight"].meta["val"].shape[1]),
@@ -148,7 +149,7 @@ class AttentionBlockFamily(KernelFamily):
                         qk_norm=(t["q_norm_weight"], t["k_norm_weight"], params["qk_norm_eps"])
                         if "q_norm_weight" in t else None,
                         extras=AttentionExtras(softcap=float(params.get("softcap", 0.0)),
-                                               window=int(params.get("window", 0))))
+                                               window=int(params.get("window", 0)), alibi=t.get("alibi")))
 
     def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
         # the split merge happens in the kernel's last program: no combine launch; tree: the rope_write first

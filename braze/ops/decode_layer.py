@@ -59,20 +59,21 @@ def attention_block(
     post_norm_weight: Tensor | None = None,
     post_norm_eps: float = 0.0,
     o_bias: Tensor | None = None,
+    alibi: Tensor | None = None,
 ) -> Tensor:
     """residual + o_proj(cached attention of one new token per row): RoPE, the cache write, attention over the
     cache, the heads flattened in order ([B, 1, Hq * D]) and the output projection with its residual add.
     q_norm_weight / k_norm_weight: q and k are RMS-normed over each head first (Qwen3's q_norm / k_norm).
     window > 0: a sliding window (the token sees the last `window` positions: Mistral, Phi-3, Gemma 2/3);
     softcap > 0: logits softcapped (Gemma 2); post_norm_weight: residual + rms_norm(o_proj(...)) (Gemma 2/3);
-    o_bias: o_proj's bias (GPT-2, OPT, Phi, GPT-NeoX)."""
+    o_bias: o_proj's bias (GPT-2, OPT, Phi, GPT-NeoX); alibi [Hq]: ALiBi slopes (Bloom, MPT)."""
     if q_norm_weight is not None:
         q = rms_norm_reference(q, q_norm_weight, qk_norm_eps)
     if k_norm_weight is not None:
         k = rms_norm_reference(k, k_norm_weight, qk_norm_eps)
-    if window or softcap:
+    if window or softcap or alibi is not None:
         attn = general_cached_attention_reference(q, k, v, k_cache, v_cache, cache_len, kv_start, scale,
-                                                  softcap=softcap, window=window, cos=cos, sin=sin)
+                                                  softcap=softcap, window=window, cos=cos, sin=sin, alibi=alibi)
     else:
         attn = cached_attention_reference(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, scale)
     return _project_heads(attn, o_weight, residual, post_norm_weight, post_norm_eps, o_bias)
@@ -81,7 +82,7 @@ def attention_block(
 @attention_block.register_fake
 def _attention_block_fake(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, scale, o_weight, residual,
                           q_norm_weight=None, k_norm_weight=None, qk_norm_eps=0.0, window=0, softcap=0.0,
-                          post_norm_weight=None, post_norm_eps=0.0, o_bias=None):
+                          post_norm_weight=None, post_norm_eps=0.0, o_bias=None, alibi=None):
     return torch.empty_like(residual, dtype=torch.promote_types(q.dtype, residual.dtype))
 
 

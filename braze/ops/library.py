@@ -298,14 +298,24 @@ def cached_attention(
     cache_len: Tensor,
     kv_start: Tensor,
     scale: float,
+    q_norm_weight: Tensor | None = None,
+    k_norm_weight: Tensor | None = None,
+    qk_norm_eps: float = 0.0,
 ) -> Tensor:
-    """Attention over a static KV cache owned by the runtime; output laid out [B, S, Hq, D] like attention."""
+    """Attention over a static KV cache owned by the runtime; output laid out [B, S, Hq, D] like attention.
+    q_norm_weight / k_norm_weight: q and k RMS-normed over each head first (Qwen3's q_norm / k_norm, folded into
+    the prefill plan's cache write, passes/prefill.py)."""
+    if q_norm_weight is not None:
+        q = rms_norm_reference(q, q_norm_weight, qk_norm_eps)
+    if k_norm_weight is not None:
+        k = rms_norm_reference(k, k_norm_weight, qk_norm_eps)
     out = cached_attention_reference(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, scale)
     return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 @cached_attention.register_fake
-def _cached_attention_fake(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, scale):
+def _cached_attention_fake(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, scale, q_norm_weight=None,
+                           k_norm_weight=None, qk_norm_eps=0.0):
     b, h, s, _ = q.shape
     return q.new_empty(b, s, h, v.shape[-1]).transpose(1, 2)
 
@@ -387,6 +397,14 @@ def _general_softmax(q: Tensor, keys: Tensor, values: Tensor, visible: Tensor, s
     return (probs @ values.float()).to(q.dtype)
 
 
+def alibi_bias(slopes: Tensor, qpos: Tensor, kpos: Tensor) -> Tensor:
+    """ALiBi's logit bias [1, H, Sq, Skv]: slope_h * (key position - query position), in fp32. HF adds slope_h *
+    (key position) (Bloom) or slope_h * (key position - last position) (MPT); the softmax drops the difference, a
+    constant per query row."""
+    dist = (kpos[None, :] - qpos[:, None]).float()
+    return slopes.float().reshape(1, -1, 1, 1) * dist[None, None]
+
+
 def _split_mask(attn_mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]:
     """(visible, additive bias) of an SDPA-style mask (bool: where to attend; float: added to the scores)."""
     if attn_mask is None:
@@ -398,9 +416,11 @@ def _split_mask(attn_mask: Tensor | None) -> tuple[Tensor | None, Tensor | None]
 
 def general_attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float, causal: bool, softcap: float = 0.0,
                                 window: int = 0, cos: Tensor | None = None, sin: Tensor | None = None,
-                                attn_mask: Tensor | None = None, sinks: Tensor | None = None) -> Tensor:
+                                attn_mask: Tensor | None = None, sinks: Tensor | None = None,
+                                alibi: Tensor | None = None) -> Tensor:
     """Attention with optional RoPE, causal (bottom-right aligned) with an optional sliding window (query at
-    position p sees keys p - window < j <= p), logit softcapping, an SDPA-style mask and attention sinks."""
+    position p sees keys p - window < j <= p), logit softcapping, an SDPA-style mask, attention sinks and ALiBi
+    (`alibi` [Hq]: slope_h * (j - p) added to the logits, Bloom / MPT)."""
     if cos is not None:
         q = rope_reference(q, cos[:, -q.shape[2]:], sin[:, -q.shape[2]:])
         k = rope_reference(k, cos, sin)
@@ -415,6 +435,9 @@ def general_attention_reference(q: Tensor, k: Tensor, v: Tensor, scale: float, c
     mask_visible, bias = _split_mask(attn_mask)
     if mask_visible is not None:
         visible = visible & mask_visible
+    if alibi is not None:
+        linear = alibi_bias(alibi, qpos[:, 0], kpos[0])
+        bias = linear if bias is None else bias.float() + linear
     return _general_softmax(q, k, v, visible, scale, softcap, None if bias is None else bias.masked_fill(~visible, 0),
                             sinks)
 
@@ -432,21 +455,23 @@ def general_attention(
     sin: Tensor | None = None,
     attn_mask: Tensor | None = None,
     sinks: Tensor | None = None,
+    alibi: Tensor | None = None,
 ) -> Tensor:
-    """braze::attention plus softcapping, sliding windows and sinks; output laid out [B, Sq, Hq, D] like attention."""
-    out = general_attention_reference(q, k, v, scale, causal, softcap, window, cos, sin, attn_mask, sinks)
+    """braze::attention plus softcapping, sliding windows, sinks and ALiBi; output laid out [B, Sq, Hq, D] like
+    attention."""
+    out = general_attention_reference(q, k, v, scale, causal, softcap, window, cos, sin, attn_mask, sinks, alibi)
     return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 @general_attention.register_fake
 def _general_attention_fake(q, k, v, scale, causal, softcap=0.0, window=0, cos=None, sin=None, attn_mask=None,
-                            sinks=None):
+                            sinks=None, alibi=None):
     b, h, s, _ = q.shape
     return q.new_empty(b, s, h, v.shape[-1]).transpose(1, 2)
 
 
 def _general_cached_rows(q, k, v, k_cache, v_cache, start, kv_start, scale, softcap, window, cos, sin, attn_bias,
-                         tree, sinks=None):
+                         tree, sinks=None, alibi=None):
     """Rows sharing one write offset `start`: (RoPE,) write k/v at [start, start + S), attend over the cache."""
     s = q.shape[2]
     if cos is not None:
@@ -475,19 +500,23 @@ def _general_cached_rows(q, k, v, k_cache, v_cache, start, kv_start, scale, soft
         bias = attn_bias[:, qpos.clamp(max=n - 1)[:, None], kpos.clamp(max=n - 1)[None, :]][None]
         visible = visible & (bias > -math.inf)
         bias = bias.masked_fill(~visible, 0)
+    if alibi is not None:  # by position, as the bias above (draft-tree tokens at start + depth)
+        linear = alibi_bias(alibi, qpos, kpos)
+        bias = linear.masked_fill(~visible, 0) if bias is None else bias.float() + linear.masked_fill(~visible, 0)
     return _general_softmax(q, keys, values, visible, scale, softcap, bias, sinks)
 
 
 def general_cached_attention_reference(q, k, v, k_cache, v_cache, cache_len, kv_start, scale, softcap=0.0, window=0,
-                                       cos=None, sin=None, attn_bias=None, tree_mask=None, sinks=None):
+                                       cos=None, sin=None, attn_bias=None, tree_mask=None, sinks=None, alibi=None):
     """Attention over the static KV cache for whatever cached_attention does not cover: q and k arrive
     position-encoded (or cos/sin RoPE them), causal with an optional sliding window, softcap, a static additive
     bias [Hb, N, N] by (query, key) position, and optionally a draft-tree mask [B, S, S] (verify). Row b's keys
-    below kv_start[b] are left padding. cache_len is [1] or, in verify, [B]. `sinks` [H]: attention sinks."""
+    below kv_start[b] are left padding. cache_len is [1] or, in verify, [B]. `sinks` [H]: attention sinks.
+    `alibi` [H]: ALiBi slopes (slope_h * (key position - query position) added to the logits)."""
     lens = cache_len.reshape(-1)
     if lens.numel() == 1 and tree_mask is None:
         return _general_cached_rows(q, k, v, k_cache, v_cache, int(lens[0]), kv_start, scale, softcap, window, cos,
-                                    sin, attn_bias, None, sinks)
+                                    sin, attn_bias, None, sinks, alibi)
     bsz = q.shape[0]
     lens = lens.expand(bsz)
     outs = []
@@ -497,7 +526,7 @@ def general_cached_attention_reference(q, k, v, k_cache, v_cache, cache_len, kv_
         outs.append(_general_cached_rows(q[r], k[r], v[r], k_cache[r], v_cache[r], int(lens[b]),
                                          kv_start.reshape(-1)[r], scale, softcap, window,
                                          None if cos is None else cos[r], None if sin is None else sin[r],
-                                         attn_bias, tree, sinks))
+                                         attn_bias, tree, sinks, alibi))
     return torch.cat(outs)
 
 
@@ -518,16 +547,27 @@ def general_cached_attention(
     attn_bias: Tensor | None = None,
     tree_mask: Tensor | None = None,
     sinks: Tensor | None = None,
+    alibi: Tensor | None = None,
+    q_norm_weight: Tensor | None = None,
+    k_norm_weight: Tensor | None = None,
+    qk_norm_eps: float = 0.0,
 ) -> Tensor:
-    """The general cached attention (see general_cached_attention_reference); output laid out [B, S, Hq, D]."""
+    """The general cached attention (see general_cached_attention_reference); output laid out [B, S, Hq, D].
+    q_norm_weight / k_norm_weight: q and k RMS-normed over each head first (Gemma 3's q_norm / k_norm in the
+    prefill plan's cache write, passes/prefill.py)."""
+    if q_norm_weight is not None:
+        q = rms_norm_reference(q, q_norm_weight, qk_norm_eps)
+    if k_norm_weight is not None:
+        k = rms_norm_reference(k, k_norm_weight, qk_norm_eps)
     out = general_cached_attention_reference(q, k, v, k_cache, v_cache, cache_len, kv_start, scale, softcap, window,
-                                             cos, sin, attn_bias, tree_mask, sinks)
+                                             cos, sin, attn_bias, tree_mask, sinks, alibi)
     return out.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 @general_cached_attention.register_fake
 def _general_cached_attention_fake(q, k, v, k_cache, v_cache, cache_len, kv_start, scale, softcap=0.0, window=0,
-                                   cos=None, sin=None, attn_bias=None, tree_mask=None, sinks=None):
+                                   cos=None, sin=None, attn_bias=None, tree_mask=None, sinks=None, alibi=None,
+                                   q_norm_weight=None, k_norm_weight=None, qk_norm_eps=0.0):
     b, h, s, _ = q.shape
     return q.new_empty(b, s, h, v.shape[-1]).transpose(1, 2)
 

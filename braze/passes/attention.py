@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from braze.passes.context import PassContext
 from braze.passes.graph_utils import aten, graph_rewrite, is_op, new_node, val
-from braze.passes.masks import classify_mask
+from braze.passes.masks import MaskInfo, classify_mask
 
 braze = torch.ops.braze
 
@@ -55,7 +55,7 @@ def _make_attention(anchor, q, k, v, mask, causal, scale, ctx, softcap=0.0, sink
     if val(q).shape[1] % val(k).shape[1] or (sinks is not None and val(sinks).shape[0] != val(q).shape[1]):
         return None
     gm = anchor.graph.owning_module
-    window = 0
+    window, alibi = 0, None
     if mask is not None and ctx.causal_lm:
         info = classify_mask(gm, mask, ctx)
         if info.kind == "causal":
@@ -64,20 +64,38 @@ def _make_attention(anchor, q, k, v, mask, causal, scale, ctx, softcap=0.0, sink
         elif info.kind == "window":
             ctx.note(f"{anchor.name}: HF mask replaced by the causal flag and a sliding window of {info.window}")
             mask, causal, window = None, True, info.window
+        elif info.kind == "alibi" and (alibi := _alibi_weight(gm, mask, info, val(q).shape[1], ctx)) is not None:
+            ctx.note(f"{anchor.name}: HF mask replaced by the causal flag and ALiBi slopes ({info.describe()}: the "
+                     "bias is linear in the key position)")
+            mask, causal, window = None, True, info.window
         else:
             ctx.note(f"{anchor.name}: HF mask kept ({info.describe()})")
-    if softcap or window or sinks is not None:  # no flash kernel has these: the general op (runs its reference eagerly)
+    if softcap or window or sinks is not None or alibi is not None:  # the general op (its kernel takes these)
         kwargs = {"softcap": float(softcap), "window": int(window)}
         if mask is not None:
             kwargs["attn_mask"] = mask
         if sinks is not None:
             kwargs["sinks"] = sinks
+        if alibi is not None:
+            kwargs["alibi"] = alibi
         what = ", ".join(x for x in (softcap and f"softcap {softcap:g}", window and f"sliding window {window}",
-                                     sinks is not None and "attention sinks") if x)
-        ctx.note(f"{anchor.name}: general attention ({what}) runs eagerly")
+                                     sinks is not None and "attention sinks", alibi is not None and "ALiBi") if x)
+        ctx.note(f"{anchor.name}: general attention ({what})")
         return new_node(gm, braze.general_attention.default, (q, k, v, scale, causal), kwargs, ctx, anchor)
     kwargs = {"attn_mask": mask} if mask is not None else {}
     return new_node(gm, braze.attention.default, (q, k, v, scale, causal), kwargs, ctx, anchor)
+
+
+def _alibi_weight(gm: fx.GraphModule, mask: fx.Node, info: MaskInfo, heads: int, ctx: PassContext) -> fx.Node | None:
+    """The fitted ALiBi slopes as an fp32 [Hq] weight (one slope for every head repeated), made once per mask
+    (the layers sharing it share the weight); None when the slopes do not match the query heads."""
+    if info.slopes.numel() not in (1, heads):
+        return None
+    made = mask.meta.setdefault("braze_alibi_weights", {})
+    if heads not in made:
+        slopes = info.slopes.float().expand(heads).contiguous()
+        made[heads] = ctx.add_weight(gm, f"alibi_slopes_{mask.name}"[:60], slopes)
+    return made[heads]
 
 
 def _softcap_of(scores):

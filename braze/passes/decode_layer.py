@@ -95,12 +95,12 @@ def _fold_attention(attn: fx.Node, order: dict[fx.Node, int], ctx: PassContext) 
     braze::tree_attention_block); returns why not, or None."""
     a = op_args(attn)
     tree = is_op(attn, braze.tree_cached_attention.default)
-    window, softcap = 0, 0.0
+    window, softcap, alibi = 0, 0.0, None
     if is_op(attn, braze.general_cached_attention.default):
         why = _plain_window_attention(a, ctx)
         if why is not None:
             return why
-        window, softcap = int(a["window"] or 0), float(a["softcap"] or 0.0)
+        window, softcap, alibi = int(a["window"] or 0), float(a["softcap"] or 0.0), a["alibi"]
     if not tree and val(a["q"]).shape[2] != 1:
         return "not a one-token decode"
     chain, cur, ring = [], attn, None
@@ -143,17 +143,17 @@ def _fold_attention(attn: fx.Node, order: dict[fx.Node, int], ctx: PassContext) 
     target = braze.tree_attention_block.default if tree else braze.attention_block.default
     # Qwen3's q_norm / k_norm into the decode block (not under deterministic=True: the verify's rope_write kernel
     # reads the normed q / k, and accepted nodes must match decode bitwise)
-    qk = None if tree or ring is not None or ctx.config.deterministic else _qk_norm(a, ctx, lin)
+    qk = None if tree or ring is not None or ctx.config.deterministic else qk_head_norms(a, ctx, lin)
     if qk is not None:
         a = {**a, "q": qk[0], "k": qk[1]}
     args = (*(a[n] for n in names), w, res)
     kwargs = {**(dict(zip(("q_norm_weight", "k_norm_weight", "qk_norm_eps"), qk[2:])) if qk else {}),
               **({"window": window} if window else {}), **({"softcap": softcap} if softcap else {}),
               **({"post_norm_weight": post[0], "post_norm_eps": post[1]} if post else {}),
-              **({"o_bias": bias} if bias is not None else {})}
+              **({"o_bias": bias} if bias is not None else {}), **({"alibi": alibi} if alibi is not None else {})}
     if ring is not None:
         if kwargs:
-            return "R-KV's query recording with q / k norms, a window, a softcap, a post-norm or an o_proj bias"
+            return "R-KV's query recording with q / k norms, a window, a softcap, ALiBi, a post-norm or an o_proj bias"
         target, args = braze.attention_block_recording.default, (*args, ring)
     block = new_node(attn.graph.owning_module, target, args, kwargs, ctx, before=end)
     _replace(end, block)
@@ -200,9 +200,9 @@ def _post_norm_add(lin: fx.Node) -> tuple[fx.Node, float, fx.Node, fx.Node] | No
 
 def _plain_window_attention(a: dict, ctx: PassContext) -> str | None:
     """Why a braze::general_cached_attention cannot be the attention block's, or None: the block takes a sliding
-    window (Mistral, Phi-3, Gemma 2/3) and a logit softcap (Gemma 2) over RoPE'd q / k, not sinks, a static bias or
-    a draft tree, and not under deterministic=True (the verify's general tree kernel and o_proj matmul then decide
-    accepted tokens)."""
+    window (Mistral, Phi-3, Gemma 2/3), a logit softcap (Gemma 2) and ALiBi slopes (Bloom, MPT) over RoPE'd q / k
+    (RoPE at angle 0 without rotary), not sinks, a static bias or a draft tree, and not under deterministic=True (the
+    verify's general tree kernel and o_proj matmul then decide accepted tokens)."""
     if a["sinks"] is not None or a["attn_bias"] is not None or a["tree_mask"] is not None:
         return "the attention has sinks, a static bias or a draft tree"
     if not isinstance(a["softcap"] or 0.0, (int, float)):
@@ -210,11 +210,12 @@ def _plain_window_attention(a: dict, ctx: PassContext) -> str | None:
     if a["cos"] is None or a["sin"] is None or not isinstance(a["window"] or 0, int):
         return "the attention's q / k arrive rotated (no RoPE in the kernel) or its window is not a constant"
     if ctx.config.deterministic:
-        return "a sliding-window attention under deterministic=True (the verify plan keeps its own kernels)"
+        return "a window / softcap / ALiBi attention under deterministic=True (the verify plan keeps its own kernels)"
     return None
 
 
-def _qk_norm(a: dict, ctx: PassContext, before: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node, float] | None:
+def qk_head_norms(a: dict, ctx: PassContext,
+                  before: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node, float] | None:
     """(q', k', q_norm_weight, k_norm_weight, eps) for braze::attention_block when q and k are both per-head
     RMSNorms with one eps (their two fused kernels then fold into the block): q' / k' the norms' inputs seen
     through the same permutes, else None."""

@@ -6,11 +6,12 @@ and one K and one V cache per layer [B, Hkv, max_seq, D] — and rewrites each R
 into braze::cached_attention, which writes K/V and attends over the cache. The same graph serves prefill
 (S tokens) and, re-specialized to S = 1, decode.
 
-Every other attention (RoPE not fused: partial or no rotary, learned positions; softcap; sliding window; sinks; a
-static mask such as ALiBi, kept as a [H, N, N] bias weight by position) becomes braze::general_cached_attention,
-whose reference writes the same cache and attends with the window / softcap / sinks / bias. Its kernel family
-(kernels/attention.py) runs softcap, windows and sinks over RoPE'd heads; a bias or un-fused positions run the
-reference eagerly, and the report says which layer and why. Generation never refuses an attention whose mask
+Every other attention (RoPE not fused: q / k rotated by the graph, or no rotary; softcap; sliding window; sinks;
+ALiBi slopes; any other static mask, kept as a [H, N, N] bias weight by position) becomes
+braze::general_cached_attention, whose reference writes the same cache and attends with the window / softcap /
+sinks / ALiBi / bias. Without RoPE to fuse it gets RoPE at angle 0 (the identity), so its kernel family
+(kernels/attention.py) runs softcap, windows, sinks and ALiBi; a dense bias runs the reference eagerly, and the
+report says which layer and why. Generation never refuses an attention whose mask
 depends only on positions.
 """
 
@@ -32,14 +33,14 @@ STATE_INPUTS = ("cache_len", "kv_start")
 
 def _general_reasons(a: dict, general: bool, info: MaskInfo | None) -> list[str]:
     reasons = []
-    if a.get("cos") is None:
-        reasons.append("no RoPE to fuse (q / k as the graph computes them)")
     if general and a.get("softcap"):
         reasons.append(f"softcap {a['softcap']:g}")
     if general and a.get("window"):
         reasons.append(f"sliding window {a['window']}")
     if general and a.get("sinks") is not None:
         reasons.append("attention sinks")
+    if general and a.get("alibi") is not None:
+        reasons.append("ALiBi")
     if info is not None:
         reasons.append(f"mask: {info.describe()}")
     elif not a.get("causal"):
@@ -107,6 +108,8 @@ def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> int:
                            (a["q"], a["k"], a["v"], a["cos"], a["sin"], k_cache, v_cache, cache_len, kv_start,
                             float(a["scale"])), {}, ctx, node)
         else:
+            if a.get("cos") is None:  # q / k as the graph computes them (ALiBi, learned positions): RoPE at angle 0
+                a["cos"], a["sin"] = _identity_rope(gm, node, val(a["q"]), identity, ctx)
             rep = _general(gm, node, a, general, (k_cache, v_cache, cache_len, kv_start), biases, ctx)
         node.replace_all_uses_with(rep)
         count += 1
@@ -164,7 +167,7 @@ def _general(gm: fx.GraphModule, node: fx.Node, a: dict, general: bool, state: t
     ctx.note(f"{node.name}: general cached attention ({'; '.join(reasons)})")
     cache = state
     kwargs = {"softcap": softcap, "window": window, "cos": a.get("cos"), "sin": a.get("sin"), "attn_bias": bias,
-              "sinks": a.get("sinks") if general else None}
+              "sinks": a.get("sinks") if general else None, "alibi": a.get("alibi") if general else None}
     rep = new_node(gm, braze.general_cached_attention.default,
                    (a["q"], a["k"], a["v"], *cache, float(a["scale"])), kwargs, ctx, node)
     rep.meta["braze_eager_reason"] = "; ".join(reasons)
@@ -192,7 +195,7 @@ def insert_tree_verify(gm: fx.GraphModule, ctx: PassContext) -> int:
     for node in nodes:
         a = op_args(node)
         if node.target is braze.general_cached_attention.default:
-            kwargs = {k: a.get(k) for k in ("softcap", "window", "cos", "sin", "attn_bias", "sinks")}
+            kwargs = {k: a.get(k) for k in ("softcap", "window", "cos", "sin", "attn_bias", "sinks", "alibi")}
             args = tuple(a[n] for n in ("q", "k", "v", "k_cache", "v_cache", "cache_len", "kv_start", "scale"))
             rep = new_node(gm, node.target, args, {**kwargs, "tree_mask": mask}, ctx, node)
         else:

@@ -3,9 +3,10 @@
 HF builds a causal LM's mask inside the forward from the positions (causal, sliding window, packed sequences,
 ALiBi-style biases...). The mask subgraph depends only on the input shapes, the positions and constant buffers, so
 it can be run at compile time on a prompt of N tokens at the standard positions 0..N-1, and the [N, N] result
-classified: plain causal (the kernels' causal flag), causal with a sliding window of W positions, or anything else
-("dense": kept as an additive bias [H, N, N] indexed by (query, key) position). A mask that depends on activations
-or token values cannot be evaluated ("dynamic").
+classified: plain causal (the kernels' causal flag), causal with a sliding window of W positions, causal with ALiBi
+(a bias linear in the key position with one slope per head, Bloom / MPT: the kernels add slope_h * (j - i)), or
+anything else ("dense": kept as an additive bias [H, N, N] indexed by (query, key) position). A mask that depends on
+activations or token values cannot be evaluated ("dynamic").
 """
 
 from __future__ import annotations
@@ -24,14 +25,18 @@ MAX_EVAL_SEQ = 2048  # masks are evaluated on at most this many positions (windo
 
 @dataclass
 class MaskInfo:
-    kind: str  # "causal" | "window" | "dense" | "dynamic"
-    window: int = 0
+    kind: str  # "causal" | "window" | "alibi" | "dense" | "dynamic"
+    window: int = 0  # "window", or "alibi" within a window
     bias: torch.Tensor | None = None  # "dense": float32 [H, N, N], -inf where masked
     seq: int = 0  # the N it was evaluated at
+    slopes: torch.Tensor | None = None  # "alibi": float32 [H] (or [1]: one slope for every head)
 
     def describe(self) -> str:
         if self.kind == "window":
             return f"causal, sliding window {self.window}"
+        if self.kind == "alibi":
+            win = f", sliding window {self.window}" if self.window else ""
+            return f"causal{win}, ALiBi ({self.slopes.numel()} slopes)"
         if self.kind == "dense":
             return f"static mask/bias [{', '.join(str(s) for s in self.bias.shape)}] by position"
         return self.kind
@@ -110,12 +115,38 @@ def _classify(m: torch.Tensor, seq: int) -> MaskInfo:
     i = torch.arange(seq, device=m.device)[:, None]
     j = torch.arange(seq, device=m.device)[None, :]
     causal = j <= i
-    if not bool(bias.any()) and bool((allowed == allowed[:1]).all()):
+    window = 0
+    if bool((allowed == allowed[:1]).all()):
         a = allowed[0]
         if torch.equal(a, causal):
-            return MaskInfo("causal", seq=seq)
-        window = int(a[-1].sum())
-        if window > 0 and torch.equal(a, causal & (i - j < window)):
-            return MaskInfo("window", window=window, seq=seq)
+            window = -1
+        elif int(a[-1].sum()) > 0 and torch.equal(a, causal & (i - j < int(a[-1].sum()))):
+            window = int(a[-1].sum())
+    if window and not bool(bias.any()):
+        return MaskInfo("window", window=window, seq=seq) if window > 0 else MaskInfo("causal", seq=seq)
+    slopes = _alibi_slopes(bias, allowed[0], m.dtype) if window else None
+    if slopes is not None:
+        return MaskInfo("alibi", window=max(window, 0), seq=seq, slopes=slopes)
     dense = bias.masked_fill(~allowed, -torch.inf)
     return MaskInfo("dense", bias=dense, seq=seq)
+
+
+def _alibi_slopes(bias: torch.Tensor, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+    """The per-head slopes s_h when bias[h, i, j] = s_h * j + c[h, i] wherever the key is visible (ALiBi: Bloom adds
+    s_h * j, MPT s_h * (j - N + 1); a constant per query row leaves the softmax unchanged), else None. The fit is
+    checked on every visible entry, to the rounding of the dtype the model computed the bias in (Bloom rounds it to
+    the model's dtype; MPT keeps fp32)."""
+    n = bias.shape[-1]
+    first = int(allowed[-1].int().argmax())  # the last row's first visible key (0 without a window)
+    if n - 1 - first < 1:
+        return None
+    slopes = (bias[:, -1, -1] - bias[:, -1, first]) / (n - 1 - first)
+    if not bool(slopes.ne(0).any()):
+        return None
+    diag = bias.diagonal(dim1=-2, dim2=-1)[:, :, None]  # each row's own position: the row constant
+    cols = torch.arange(n, device=bias.device, dtype=torch.float32)
+    want = slopes[:, None, None] * (cols[None, None, :] - cols[None, :, None])
+    err = (bias - diag - want).abs().masked_fill(~allowed, 0)
+    eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float32).eps
+    tol = 4 * eps * float(bias.masked_fill(~allowed, 0).abs().max()) + 1e-6
+    return slopes.float() if float(err.max()) <= tol else None

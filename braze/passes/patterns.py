@@ -319,19 +319,39 @@ def _scalar_mul(n, c=None):
 
 
 def _gelu_tanh(mul: fx.Node, ctx: PassContext):
-    """0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))) -> gelu(x, approximate="tanh")."""
+    """0.5 * x * (1 + tanh(sqrt(2 / pi) * (x + 0.044715 * x^3))) -> gelu(x, approximate="tanh"); also Bloom's
+    arrangement of the same function, tanh(0.79788456 * x * (1 + 0.044715 * x * x)) (its constant is sqrt(2 / pi)
+    to 8 digits: the same fp32 value)."""
     for half, rest in ((mul.args[0], mul.args[1]), (mul.args[1], mul.args[0])):
         x, _ = _scalar_mul(half, 0.5)
         if x is None or not is_op(rest, aten.add.Tensor) or rest.args[1] != 1.0 or \
                 not is_op(rest.args[0], aten.tanh.default):
             continue
-        inner, _ = _scalar_mul(rest.args[0].args[0], 0.7978845608028654)
+        arg = rest.args[0].args[0]
+        if _bloom_gelu_argument(arg, x):
+            return new_node(mul.graph.owning_module, aten.gelu.default, (x,), {"approximate": "tanh"}, ctx, mul)
+        inner, _ = _scalar_mul(arg, 0.7978845608028654)
         if not is_op(inner, aten.add.Tensor) or x not in inner.args[:2]:
             continue
         cube, _ = _scalar_mul(_other(inner, x), 0.044715)
         if is_op(cube, aten.pow.Tensor_Scalar) and cube.args[0] is x and cube.args[1] == 3:
             return new_node(mul.graph.owning_module, aten.gelu.default, (x,), {"approximate": "tanh"}, ctx, mul)
     return None
+
+
+def _bloom_gelu_argument(arg, x: fx.Node) -> bool:
+    """arg == (x * sqrt(2 / pi)) * ((x * 0.044715) * x + 1), either operand order of each product."""
+    if not is_op(arg, aten.mul.Tensor) or not all(isinstance(a, fx.Node) for a in arg.args[:2]):
+        return False
+    for scaled, poly in ((arg.args[0], arg.args[1]), (arg.args[1], arg.args[0])):
+        if _scalar_mul(scaled, 0.7978845608028654)[0] is not x:
+            continue
+        if not is_op(poly, aten.add.Tensor) or poly.args[1] != 1 or not is_op(poly.args[0], aten.mul.Tensor):
+            continue
+        sq = poly.args[0]
+        if x in sq.args[:2] and _scalar_mul(_other(sq, x), 0.044715)[0] is x:
+            return True
+    return False
 
 
 def recognize_gelu_tanh(gm: fx.GraphModule, ctx: PassContext) -> int:

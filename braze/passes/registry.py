@@ -39,6 +39,7 @@ from braze.passes.patterns import (
     recognize_rms_norm,
     recognize_rope,
 )
+from braze.passes.prefill import fold_prefill_qk_norm
 from braze.passes.quantize import quantize_df11
 from braze.passes.tensor_parallel import shard_tensor_parallel
 
@@ -86,4 +87,6 @@ PASSES: list[PassSpec] = [
     PassSpec("insert_tree_verify", "verify", insert_tree_verify),
     # the decode graph (one token per row): each layer's attention and MLP halves as one launch each
     PassSpec("fold_decode_layers", "decode", fold_decode_layers),
+    # the prefill graph (after decode and verify were copied): q / k norms into the cache write
+    PassSpec("fold_prefill_qk_norm", "prefill", fold_prefill_qk_norm),
 ]

@@ -190,8 +190,8 @@ class _Region:
         q = Shard(1, q_heads, q_heads // self.world, self.rank * q_heads // self.world)
         if shard != q:
             raise _NoShard(f"{node.name}'s output is not read by heads")
-        if a.get("sinks") is not None:
-            raise _NoShard(f"{node.name}'s attention sinks differ per head")
+        if a.get("sinks") is not None or a.get("alibi") is not None:
+            raise _NoShard(f"{node.name}'s attention sinks / ALiBi slopes differ per head")
         for name, t in a.items():  # masks and biases must not differ per head (ALiBi's do)
             tv = val(t)
             if name not in ("q", "k", "v") and isinstance(tv, torch.Tensor) and tv.dim() == 4 and tv.shape[1] != 1:
