@@ -68,3 +68,15 @@ def test_asserts_with_torchs_sympy_functions_are_evaluated():
     assert capture.holds_over_ranges(sympy.Gt(s * (8 + s - PythonMod(s, 8)), 1), {s: (1, 128)})
     assert not capture.holds_over_ranges(sympy.Gt(s * (8 + s - PythonMod(s, 8)), 8), {s: (1, 128)})  # s = 1
     assert not capture.holds_over_ranges(sympy.Eq(PythonMod(s, 8), 0), {s: (1, 128)})
+
+
+def test_a_length_limit_names_the_sizes_that_work():
+    """MPT refuses its config's max_seq_len positions (its ALiBi covers fewer): the fallback's reason says which
+    sizes of the compiled range the model accepts, so the user knows what max_seq to pass."""
+    s, b = sympy.Symbol("s", integer=True), sympy.Symbol("b", integer=True)
+    limit = sympy.Ne(sympy.Max(0, 128 - s), 0)
+    assert capture._largest_size_that_holds(limit, {s: (1, 512)}) == ", which holds for sizes 1..127 of 1..512"
+    assert capture._largest_size_that_holds(sympy.Eq(s % 2, 0), {s: (1, 64)}) == ""  # fails at 1: no prefix
+    assert capture._largest_size_that_holds(sympy.Le(s * b, 100), {s: (1, 64), b: (1, 8)}) == ""  # two sizes
+    with pytest.warns(UserWarning, match="holds for sizes 1..127 of 1..512"):
+        braze.compile(tiny_causal_lm("mpt", layers=1), max_seq=512, max_batch=2, executor="reference")

@@ -98,6 +98,9 @@ def is_fusable(node: fx.Node) -> bool:
     val = node.meta.get("val")
     if not isinstance(val, torch.Tensor) or val.dtype not in P.TRITON_DTYPES:
         return False
+    if any(isinstance(v := a.meta.get("val"), torch.Tensor) and v.dtype not in P.TRITON_DTYPES
+           for a in node.all_input_nodes):  # e.g. abs of a complex tensor: a real result, no Triton input type
+        return False
     if t in P.ELEMENTWISE:
         if t is P.aten.pow.Tensor_Scalar and P._pow("x", node.args[1]) is None:
             return False

@@ -369,6 +369,26 @@ def holds_over_ranges(expr: Any, ranges: dict[Any, tuple[int, int | None]]) -> b
                for point in itertools.product(*axes))
 
 
+def _largest_size_that_holds(expr: Any, ranges: dict[Any, tuple[int, int | None]]) -> str:
+    """', which holds up to N of lo..hi' when `expr` has one size and holds from its lower bound up to N: what
+    to pass as max_seq / max_batch instead (MPT refuses its config's max_seq_len positions and more)."""
+    from torch.utils._sympy.interp import sympy_interp
+    from torch.utils._sympy.reference import PythonReferenceAnalysis
+
+    syms = list(getattr(expr, "free_symbols", ()))
+    if len(syms) != 1 or syms[0] not in ranges or ranges[syms[0]][1] is None:
+        return ""
+    lo, hi = ranges[syms[0]]
+    if hi - lo > MAX_ASSERT_POINTS:
+        return ""
+    best = None
+    for size in range(lo, hi + 1):
+        if not bool(sympy_interp(PythonReferenceAnalysis, {syms[0]: size}, expr)):
+            break
+        best = size
+    return "" if best is None else f", which holds for sizes {lo}..{best} of {lo}..{hi}"
+
+
 def drop_proven_asserts(gm: fx.GraphModule, ranges: dict[Any, tuple[int, int | None]]) -> None:
     """Remove the runtime shape asserts a deferred-guard export leaves, each after proving it over the compiled
     range (plans check their inputs against that range); CaptureError names one that does not hold."""
@@ -378,8 +398,9 @@ def drop_proven_asserts(gm: fx.GraphModule, ranges: dict[Any, tuple[int, int | N
         cond = node.args[0].meta.get("val") if isinstance(node.args[0], fx.Node) else node.args[0]
         expr = cond.node.expr if isinstance(cond, torch.SymBool) else None
         if expr is None or not holds_over_ranges(expr, ranges):
-            raise CaptureError(f"the model constrains its input shapes ({expr}) inside the compiled range; compile "
-                               "with a max_batch / max_seq range the model accepts")
+            raise CaptureError(f"the model constrains its input shapes ({expr}) inside the compiled range"
+                               f"{_largest_size_that_holds(expr, ranges)}; compile with a max_batch / max_seq "
+                               "range the model accepts")
         gm.graph.erase_node(node)
     gm.graph.eliminate_dead_code()
     gm.recompile()

@@ -804,7 +804,8 @@ class GeneralCachedAttentionFamily(KernelFamily):
         if a["kv_start"].meta["val"].dim() != 1:
             return "per-head cache starts (kv_compression) run eagerly"
         q = a["q"].meta["val"]
-        if a.get("q_norm_weight") is not None and (a.get("tree_mask") is not None or q.shape[2] == 1):
+        one = isinstance(q.shape[2], int) and q.shape[2] == 1
+        if a.get("q_norm_weight") is not None and (a.get("tree_mask") is not None or one):
             return "q / k norms inside a decode or verify general attention (the prefill's cache write takes them)"
         return _attention_mask_reason(node) or _extras_reason(a)
 

@@ -146,7 +146,7 @@ def _general(gm: fx.GraphModule, node: fx.Node, a: dict, general: bool, state: t
         info = classify_mask(gm, mask, ctx)
         if info.kind == "window":
             window = window or info.window
-        elif info.kind == "dense":
+        elif info.kind in ("dense", "alibi"):  # ("alibi": slopes the attention could not take, as a bias)
             if info.seq < ctx.config.max_seq:
                 raise KVCacheUnsupportedError(
                     f"{node.name}: its mask ({info.describe()}) was evaluated on {info.seq} positions, fewer than "

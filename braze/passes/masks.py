@@ -27,7 +27,7 @@ MAX_EVAL_SEQ = 2048  # masks are evaluated on at most this many positions (windo
 class MaskInfo:
     kind: str  # "causal" | "window" | "alibi" | "dense" | "dynamic"
     window: int = 0  # "window", or "alibi" within a window
-    bias: torch.Tensor | None = None  # "dense": float32 [H, N, N], -inf where masked
+    bias: torch.Tensor | None = None  # "dense" and "alibi": float32 [H, N, N], -inf where masked
     seq: int = 0  # the N it was evaluated at
     slopes: torch.Tensor | None = None  # "alibi": float32 [H] (or [1]: one slope for every head)
 
@@ -124,29 +124,36 @@ def _classify(m: torch.Tensor, seq: int) -> MaskInfo:
             window = int(a[-1].sum())
     if window and not bool(bias.any()):
         return MaskInfo("window", window=window, seq=seq) if window > 0 else MaskInfo("causal", seq=seq)
-    slopes = _alibi_slopes(bias, allowed[0], m.dtype) if window else None
-    if slopes is not None:
-        return MaskInfo("alibi", window=max(window, 0), seq=seq, slopes=slopes)
     dense = bias.masked_fill(~allowed, -torch.inf)
+    slopes = _alibi_slopes(bias, allowed[0], m.dtype) if window else None
+    if slopes is not None:  # (the dense form too, for an attention that cannot take the slopes)
+        return MaskInfo("alibi", window=max(window, 0), bias=dense, seq=seq, slopes=slopes)
     return MaskInfo("dense", bias=dense, seq=seq)
 
 
 def _alibi_slopes(bias: torch.Tensor, allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
     """The per-head slopes s_h when bias[h, i, j] = s_h * j + c[h, i] wherever the key is visible (ALiBi: Bloom adds
-    s_h * j, MPT s_h * (j - N + 1); a constant per query row leaves the softmax unchanged), else None. The fit is
-    checked on every visible entry, to the rounding of the dtype the model computed the bias in (Bloom rounds it to
-    the model's dtype; MPT keeps fp32)."""
+    s_h * j, MPT s_h * (j - N + 1); a constant per query row leaves the softmax unchanged), else None. Each slope is
+    the least-squares fit over the last row's visible keys, then checked on every visible entry of its head, each to
+    the rounding of its own magnitude in the dtype the model computed the bias in (Bloom rounds it to the model's
+    dtype; MPT keeps fp32). One head at a time: [N, N] temporaries, not [H, N, N]."""
     n = bias.shape[-1]
-    first = int(allowed[-1].int().argmax())  # the last row's first visible key (0 without a window)
-    if n - 1 - first < 1:
+    keys = torch.nonzero(allowed[-1]).flatten()
+    if keys.numel() < 2:
         return None
-    slopes = (bias[:, -1, -1] - bias[:, -1, first]) / (n - 1 - first)
-    if not bool(slopes.ne(0).any()):
-        return None
-    diag = bias.diagonal(dim1=-2, dim2=-1)[:, :, None]  # each row's own position: the row constant
-    cols = torch.arange(n, device=bias.device, dtype=torch.float32)
-    want = slopes[:, None, None] * (cols[None, None, :] - cols[None, :, None])
-    err = (bias - diag - want).abs().masked_fill(~allowed, 0)
     eps = torch.finfo(dtype).eps if dtype.is_floating_point else torch.finfo(torch.float32).eps
-    tol = 4 * eps * float(bias.masked_fill(~allowed, 0).abs().max()) + 1e-6
-    return slopes.float() if float(err.max()) <= tol else None
+    cols = torch.arange(n, device=bias.device, dtype=torch.float64)
+    dist = cols[None, :] - cols[:, None]  # key - query position
+    j = keys.double() - keys.double().mean()
+    slopes = []
+    for head in bias:
+        b = head.double()
+        slope = float((j * b[-1, keys]).sum() / (j * j).sum())
+        rel = b - b.diagonal()[:, None]  # each row relative to its own position: the row constant drops
+        want = slope * dist
+        tol = 4 * eps * (b.abs() + b.diagonal().abs()[:, None] + want.abs()) + 1e-6
+        if bool(((rel - want).abs() > tol)[allowed].any()):
+            return None
+        slopes.append(slope)
+    out = torch.tensor(slopes, dtype=torch.float32)
+    return out if bool(out.ne(0).any()) else None

@@ -15,6 +15,7 @@ from typing import Any
 import torch.fx as fx
 
 from braze.passes.attention import substitute_attention
+from braze.passes.complex_math import lower_complex
 from braze.passes.constants import fold_constants
 from braze.passes.context import PassContext
 from braze.passes.decode_layer import fold_decode_layers
@@ -55,6 +56,8 @@ class PassSpec:
 PASSES: list[PassSpec] = [
     PassSpec("normalize", "normalize", normalize),
     PassSpec("fold_constants", "normalize", fold_constants),
+    # complex RoPE (Llama 4's view_as_complex * polar) as real / imaginary pairs (braze/passes/complex_math.py)
+    PassSpec("lower_complex", "normalize", lower_complex),
     PassSpec("recognize_linear", "patterns", recognize_linear),
     PassSpec("recognize_rms_norm", "patterns", recognize_rms_norm),
     PassSpec("recognize_layer_norm", "patterns", recognize_layer_norm),
