@@ -416,19 +416,28 @@ def test_unrecognised_attention_generates_by_recomputing(monkeypatch, tmp_path, 
     assert "no KV-cache plans" in err and "re-runs the forward plan" in err
 
 
-def test_a_graph_that_pins_the_decode_batch_pads_up_to_max_batch():
-    """Llama 4's complex RoPE (torch.polar) pins the batch when the graph is re-traced at one token: the decode plan
-    is built at max_batch rows and smaller batches are padded up to it (it failed with 'input_ids dim 0 is 1,
-    expected 2'); greedy tokens equal HF's at every batch size, the report says so, and an explicit speculative
-    request, which needs a batch-dynamic decode plan, is refused in one line."""
+def _tiny_llama4(layers=2):
     import transformers
 
     cfg = transformers.AutoConfig.for_model(
         "llama4_text", vocab_size=256, hidden_size=64, intermediate_size=128, intermediate_size_mlp=128,
-        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512)
+        num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=512)
     cfg._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_a_graph_that_pins_the_decode_batch_pads_up_to_max_batch(monkeypatch):
+    """Llama 4's complex RoPE (torch.polar) pinned the batch when the graph was re-traced at one token, until
+    lower_complex turned it into real ops; without that pass it still does, which gives this test its graph. The
+    decode plan is built at max_batch rows and smaller batches are padded up to it (it failed with 'input_ids dim
+    0 is 1, expected 2'); greedy tokens equal HF's at every batch size, the report says so, and an explicit
+    speculative request, which needs a batch-dynamic decode plan, is refused in one line."""
+    from braze.compiler import pipeline
+
+    monkeypatch.setattr(pipeline, "PASSES", [p for p in pipeline.PASSES if p.name != "lower_complex"])
+    model = _tiny_llama4()
     cm = braze.compile(model, max_seq=32, max_batch=3)
     assert "fixed at max_batch=3" in cm.report.extra["decode batch"]
     assert cm.generator.static_decode_batch == 3
@@ -438,6 +447,20 @@ def test_a_graph_that_pins_the_decode_batch_pads_up_to_max_batch():
         assert torch.equal(cm.generate(ids[:b], max_new_tokens=4), want), b
     with pytest.raises(braze.InputMismatchError, match="takes exactly 3 rows"):
         cm.generate(ids[:1], max_new_tokens=3, speculate=True)
+
+
+def test_llama4_decodes_at_any_batch_with_its_rope_as_real_ops():
+    """With lower_complex (the default pipeline) Llama 4's decode plan follows the batch: no padding, greedy tokens
+    equal HF's at batch 1 and 3, and speculation is accepted."""
+    model = _tiny_llama4()
+    cm = braze.compile(model, max_seq=32, max_batch=3)
+    assert "decode batch" not in cm.report.extra and not cm.generator.static_decode_batch
+    ids = torch.randint(3, 256, (3, 6), generator=torch.Generator().manual_seed(1))
+    for b in (1, 3):
+        want = model.generate(ids[:b], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        assert torch.equal(cm.generate(ids[:b], max_new_tokens=4), want), b
+    want = model.generate(ids[:1], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(cm.generate(ids[:1], max_new_tokens=4, speculate=True), want)
 
 
 def _tiny_held_out(arch):
