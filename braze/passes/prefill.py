@@ -34,14 +34,8 @@ def fold_prefill_qk_norm(gm: fx.GraphModule, ctx: PassContext) -> int:
         if qk is None:
             continue
         norms = {"q_norm_weight": qk[2], "k_norm_weight": qk[3], "qk_norm_eps": float(qk[4])}
-        if node.target is braze.cached_attention.default:
-            names = ("v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start", "scale")
-            rep = new_node(gm, node.target, (qk[0], qk[1], *(a[n] for n in names)), norms, ctx, node)
-        else:
-            names = ("v", "k_cache", "v_cache", "cache_len", "kv_start", "scale")
-            kwargs = dict(node.kwargs)
-            rep = new_node(gm, node.target, (qk[0], qk[1], *(a[n] for n in names)), {**kwargs, **norms}, ctx,
-                           node)
+        # both ops take q and k first (insert_kv_cache builds them so): the norms' inputs replace them
+        rep = new_node(gm, node.target, (qk[0], qk[1], *node.args[2:]), {**node.kwargs, **norms}, ctx, node)
         node.replace_all_uses_with(rep)
         gm.graph.erase_node(node)
         count += 1
