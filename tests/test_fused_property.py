@@ -48,6 +48,9 @@ UNARY = {
     "silu": torch.nn.functional.silu,
     "sqrt": lambda a: torch.sqrt(torch.abs(a) + 1.0),
     "rsqrt": lambda a: torch.rsqrt(a * a + 1.0),
+    "softplus": torch.nn.functional.softplus,
+    "expm1": lambda a: torch.expm1(torch.clamp(a, -3.0, 3.0)),
+    "log1p": lambda a: torch.log1p(torch.abs(a)),
 }
 BINARY = {
     "add": torch.add,
@@ -404,6 +407,26 @@ def test_clamp_with_infinite_bound(bounds):
     assert torch.allclose(out, Clamped()(x), atol=1e-6)
 
 
+def test_xielu_and_power_of_a_constant_fuse_to_full_precision():
+    """Apertus's xIELU (softplus of its parameters, expm1 of min(x, -1e-6)), log1p, softplus with beta / threshold
+    (captured as log1p(exp(beta * x)) / beta where beta * x <= threshold), and a constant raised to a tensor
+    (Phi-MoE's rotary table, theta ** (2i / d)) run in one fused kernel, no eager step. expm1 / log1p keep full
+    relative precision near 0 (|x| down to 1e-30, where exp(x) - 1 and log(1 + x) would give 0 or lose every digit)
+    and softplus its large-x branch: rtol 1e-6, a few fp32 ulps."""
+    class Ops(torch.nn.Module):
+        def forward(self, x, e):
+            a = torch.expm1(torch.minimum(x, torch.tensor(-1e-6))) - x
+            b = torch.log1p(x.abs() * 1e-3) + torch.nn.functional.softplus(x, beta=2.0, threshold=5.0)
+            return torch.stack([a, b, torch.expm1(x * 1e-30) * 1e30, torch.log1p(x.abs() * 1e-30) * 1e30,
+                                torch.nn.functional.softplus(x * 30), torch.pow(10000.0, e)])
+
+    x = torch.linspace(-12.0, 12.0, 96).reshape(4, 24)
+    e = -torch.arange(0, 96, dtype=torch.float32).reshape(4, 24) / 96
+    cm = braze.compile(Ops())
+    torch.testing.assert_close(cm(x, e), Ops()(x, e), rtol=1e-6, atol=1e-6)
+    assert not [s for s in cm.plan.steps if s.kind == "eager"]
+
+
 @pytest.mark.parametrize("mode", ["floor", "trunc"])
 @pytest.mark.parametrize("dtype", [torch.int64, torch.float32])
 def test_div_with_rounding_mode_fuses(mode, dtype):
@@ -418,6 +441,26 @@ def test_div_with_rounding_mode_fuses(mode, dtype):
     cm = braze.compile(Div())
     assert torch.equal(cm(a, b), Div()(a, b))
     assert not [s for s in cm.plan.steps if s.kind == "eager"]
+
+
+def test_index_select_of_table_rows_is_an_embedding_lookup():
+    """XGLM reads its sinusoidal position table with index_select(0, position ids): the same rows as table[ids],
+    so it becomes an embedding lookup in a fused kernel (it ran eagerly). index_select along another dim keeps its
+    eager step and its values."""
+    class Table(torch.nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.dim = dim
+            self.register_buffer("table", torch.randn(12, 8, generator=torch.Generator().manual_seed(3)))
+
+        def forward(self, pos):
+            return self.table.index_select(self.dim, pos.view(-1) + 2) * 2
+
+    pos = torch.tensor([[0, 3, 5], [1, 1, 4]])
+    rows, cols = braze.compile(Table(0)), braze.compile(Table(1))
+    assert torch.equal(rows(pos), Table(0)(pos)) and torch.equal(cols(pos), Table(1)(pos))
+    assert not [s for s in rows.plan.steps if s.kind == "eager"]
+    assert [s.target for s in cols.plan.steps if s.kind == "eager"] == ["aten.index_select.default"]
 
 
 def test_gather_and_scatter_by_proven_indices_fuse():

@@ -96,6 +96,23 @@ def _constant_index_to_slice(node: fx.Node, ctx: PassContext) -> bool:
     return True
 
 
+def _index_select_rows(node: fx.Node) -> bool:
+    """index_select(x, 0, ids) with 1-D ids (XGLM's sinusoidal table by position): x[ids]."""
+    return node.target is aten.index_select.default and len(node.args) == 3 and node.args[1] in (0, -val(node).dim()) \
+        and isinstance(node.args[2], fx.Node) and val(node.args[2]).dim() == 1
+
+
+def _as_index(node: fx.Node, ctx: PassContext) -> fx.Node:
+    """An index_select over rows as the equal x[ids] (aten.index), which the rewrites below take."""
+    if node.target is aten.index.Tensor:
+        return node
+    x, _, ids = node.args
+    index = new_node(node.graph.owning_module, aten.index.Tensor, (x, [ids]), {}, ctx, node)
+    node.replace_all_uses_with(index)
+    node.graph.erase_node(node)
+    return index
+
+
 def _table_lookup_to_embedding(node: fx.Node, ctx: PassContext) -> bool:
     """table[ids] with a 2-D constant table and integer ids (GPT-J's sin/cos table indexed by position_ids) ->
     embedding(table, ids): the same rows, and a gather the fused kernels lower (aten.index has no lowering)."""
@@ -534,7 +551,8 @@ def normalize(gm: fx.GraphModule, ctx: PassContext) -> int:
             count += _topk_to_packed(node, ctx)
         elif node.target in (aten.split.Tensor, aten.split_with_sizes.default):
             count += _split_to_slices(node)
-        elif node.target is aten.index.Tensor:
+        elif node.target is aten.index.Tensor or _index_select_rows(node):
+            node = _as_index(node, ctx)
             count += (_constant_index_to_slice(node, ctx) or _table_lookup_to_embedding(node, ctx)
                       or _bounded_gather_to_embedding(node, ctx))
         elif node.target is aten.gather.default:
