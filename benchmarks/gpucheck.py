@@ -34,7 +34,8 @@ from braze.compiler.targets import TargetBuild, build_targets  # noqa: E402
 from braze.kernels import TARGETS  # noqa: E402
 
 MODELS = ("tiny-llama", "tiny-qwen2", "tiny-mistral-swa", "tiny-olmo2", "tiny-gpt2", "tiny-stablelm", "tiny-bloom",
-          "tiny-mpt", "llama-3.2-1b-1layer", "gemma2-2b-1layer", "qwen3-moe-1layer", "gpt2-1layer")
+          "tiny-mpt", "llama-3.2-1b-1layer", "gemma2-2b-1layer", "qwen3-moe-1layer", "gpt2-1layer",
+          "olmo2-7b-1layer")
 # fp32 runs on tiny Llama and the 1B shape only: tiny Qwen2 adds the QKV bias, which the bf16 variants cover;
 # Gemma 2 adds the attention kernels' softcap / window forms and Qwen3-MoE the grouped expert matmuls
 # (quantization touches neither); tiny Mistral with a sliding window, the decode attention block's window form;
@@ -42,10 +43,11 @@ MODELS = ("tiny-llama", "tiny-qwen2", "tiny-mistral-swa", "tiny-olmo2", "tiny-gp
 # prologues out), the LayerNorm matmul prologue, the plain-MLP block with biases, o_proj's bias in the attention
 # block; tiny StableLM, the LayerNorm before a SwiGLU block; tiny Bloom / MPT, the attention kernels' ALiBi form
 # (flash, split-KV decode, the decode attention block, the tree form under bf16-det); GPT-2 small's shape (hidden
-# 768, MLP 3072, 12 heads)
+# 768, MLP 3072, 12 heads); OLMo-2-7B's (32 heads of 128, MHA), the attention block's q / k norms over the whole
+# projection
 SKIP = {("tiny-qwen2", "fp32"), ("tiny-qwen2", "fp32-int6"),
         *((m, v) for m in ("gemma2-2b-1layer", "qwen3-moe-1layer", "tiny-mistral-swa", "tiny-olmo2", "tiny-stablelm",
-                           "gpt2-1layer", "tiny-bloom", "tiny-mpt")
+                           "gpt2-1layer", "tiny-bloom", "tiny-mpt", "olmo2-7b-1layer")
           for v in ("bf16-df11", "bf16-int6", "bf16-int6-a8", "fp32", "fp32-int6"))}
 VARIANTS = {  # name -> (dtype, compile options)
     "bf16": (torch.bfloat16, {}),
@@ -95,6 +97,19 @@ def gpt2_small(layers: int = 1, dtype: torch.dtype = torch.float32) -> torch.nn.
     cfg = transformers.GPT2Config(n_layer=layers, n_positions=1024, n_embd=768, n_head=12)
     cfg._attn_implementation = "sdpa"
     return _seeded(transformers.GPT2LMHeadModel, cfg, dtype, vector=(0.9, 1.1))
+
+
+def olmo2_7b(layers: int = 1, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """OLMo-2-7B's shape (config of allenai/OLMo-2-1124-7B: hidden 4096, 32 heads of 128, MHA, MLP 11008; vocab cut
+    to 32000) with `layers` layers and seeded weights: post-norms, q / k norms over the whole projections."""
+    import transformers
+
+    cfg = transformers.Olmo2Config(
+        vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
+        num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096, rope_theta=500000.0,
+        rms_norm_eps=1e-6)
+    cfg._attn_implementation = "sdpa"
+    return _seeded(transformers.Olmo2ForCausalLM, cfg, dtype, vector=(0.9, 1.1))
 
 
 def _seeded(model_class, cfg, dtype: torch.dtype, vector: tuple[float, float]) -> torch.nn.Module:
@@ -148,6 +163,8 @@ def build_model(name: str, dtype: torch.dtype) -> torch.nn.Module:
         return gemma2_2b(1, dtype)
     if name == "qwen3-moe-1layer":
         return qwen3_moe(1, dtype)
+    if name == "olmo2-7b-1layer":
+        return olmo2_7b(1, dtype)
     raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
 

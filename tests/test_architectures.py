@@ -44,7 +44,7 @@ EXPECTED_EAGER = {
     "phi3": ([], []),  # fused qkv_proj and gate_up_proj
     "gpt_neox": ([], []),  # rotary_pct 0.25, fused interleaved QKV, parallel residual
     "stablelm": ([], []),  # partial rotary 0.25, LayerNorm
-    "olmo2": ([], []),  # QK-norm over the projections, post-norms
+    "olmo2": ([], []),  # QK-norm over the projections (inside the decode attention block), post-norms
     "gpt2": ([], []),  # learned positions, Conv1D, gelu_new
     "opt": ([], []),  # learned positions (offset 2), ReLU MLP
     "falcon": ([], []),  # MQA, parallel attention + MLP, x @ W.T linears

@@ -46,7 +46,8 @@ def test_three_launches_per_decode_layer_on_every_target(arch):
     assert _launchers(decode).count("attention_block") == 2 and _launchers(decode).count("mlp_block") == 2
     assert "cached_attention" not in _launchers(decode)
     assert _fold_notes(cm)[0] == "decode plan: 2 attention blocks, 2 MLP blocks (one launch each)"
-    normed = "decode plan: 2 attention blocks normalize q / k per head (q_norm / k_norm folded in)"
+    normed = ("decode plan: 2 attention blocks normalize q / k (2 per head, 0 over the whole projection: q_norm / "
+              "k_norm folded in)")
     assert (normed in _fold_notes(cm)) == (arch in ("qwen3", "gemma3_text"))
     post = "decode plan: 2 attention blocks, 2 MLP blocks normalize their output before the residual add (post-norms)"
     assert (post in _fold_notes(cm)) == arch.startswith("gemma")
@@ -85,19 +86,22 @@ def test_layer_norm_families_fold_their_decode_layers(arch):
 def test_olmo2_folds_its_post_normed_halves(dtype):
     """OLMo 2 has no norms before attention or the MLP, only after (residual + norm(o_proj / down)), and q / k
     norms over whole projections: both halves fold with their post-norms (the MLP block reading x without a
-    norm), 9 -> 5 launches a layer (the whole-projection q / k norms stay two fused kernels). In bf16 too: its
-    norms (a bf16 weight times the fp32 normed value) and its RoPE (an fp32 table, rounded to bf16 after) are
-    recognized, so the rotation runs inside the attention block (bf16 was 11 a layer). Numerics against HF:
-    test_16bit_decode_matches_hf[olmo2] and test_olmo2_decodes_hfs_tokens."""
+    norm) and the q / k norms go inside the attention block, which sums each row's squares over all its heads:
+    9 -> 3 launches a layer. In bf16 too: its norms (a bf16 weight times the fp32 normed value) and its RoPE (an
+    fp32 table, rounded to bf16 after) are recognized, so the rotation runs inside the attention block (bf16 was 11
+    a layer). Numerics against HF: test_16bit_decode_matches_hf[olmo2] and test_olmo2_decodes_hfs_tokens."""
     launches = []
     for layers in (1, 2):
         cm = braze.compile(tiny_causal_lm("olmo2", layers=layers, dtype=dtype), max_seq=64, max_batch=2)
         launches.append(launch_count(cm.generator.decode.plan, INTERPRETER, {
             s.name: 2 for s in cm.generator.decode.plan.symbols}))
-    assert launches[1] - launches[0] == 5
+    assert launches[1] - launches[0] == 3
     assert _launchers(cm.generator.decode.plan).count("mlp_block") == 2
+    assert _launchers(cm.generator.decode.plan).count("attention_block") == 2
     assert "decode plan: 2 attention blocks, 2 MLP blocks normalize their output before the residual add " \
            "(post-norms)" in _fold_notes(cm)
+    assert "decode plan: 2 attention blocks normalize q / k (0 per head, 2 over the whole projection: q_norm / " \
+           "k_norm folded in)" in _fold_notes(cm)
 
 
 def test_olmo2_decodes_hfs_tokens():

@@ -257,17 +257,58 @@ def test_attention_block_family_normalizes_q_and_k(device, dtype):
     cache_len, kv_start = torch.tensor([30], dtype=torch.int64), torch.tensor([0, 4], dtype=torch.int32)
     args = [a.to(dtype) if a.is_floating_point() else a
             for a in (q, k, v, cos, sin, kc, vc, cache_len, kv_start, w_o, residual, w_q, w_k)]
+    _check_normed_block(args, device, dtype, lambda x, w: ops.rms_norm(x, w, 1e-6))
+
+
+def _check_normed_block(args: list, device: str, dtype: torch.dtype, pre_norm) -> tuple[torch.Tensor, list, dict]:
+    """braze::attention_block with q / k norms (args: its 9 inputs, w_o, residual, w_q, w_k; eps 1e-6) launched as
+    a plan launches it: equal to its reference (and the new key in the cache: normed, rotated, at slot 30), and to
+    the plain block after pre_norm(x, w) normalizes q and k. Returns the output, pristine args and the tolerance."""
     fn = lambda *a: ops.attention_block(*a[:9], 32**-0.5, a[9], a[10], a[11], a[12], 1e-6)  # noqa: E731
-    ref_args = [a.clone() for a in args]
-    split_args = [a.clone() for a in args]
+    pristine, ref_args = [a.clone() for a in args], [a.clone() for a in args]
     out, _ = launch_like_a_plan(fn, *args, device=INTERPRETER if device == "interpreter" else TARGETS[device])
     tol = TOL if dtype == torch.float32 else {"atol": 8e-3, "rtol": 2e-3}
     torch.testing.assert_close(out.float(), fn(*ref_args).float(), **tol)
-    torch.testing.assert_close(args[5].float(), ref_args[5].float(), **tol)  # the normed, rotated key at slot 30
-    split_args[0] = ops.rms_norm(split_args[0], split_args[11], 1e-6)
-    split_args[1] = ops.rms_norm(split_args[1], split_args[12], 1e-6)
-    torch.testing.assert_close(out.float(), ops.attention_block(*split_args[:9], 32**-0.5, split_args[9],
-                                                                split_args[10]).float(), **tol)
+    torch.testing.assert_close(args[5].float(), ref_args[5].float(), **tol)
+    split = [a.clone() for a in pristine]
+    split[0], split[1] = pre_norm(split[0], split[11]), pre_norm(split[1], split[12])
+    torch.testing.assert_close(out.float(), ops.attention_block(*split[:9], 32**-0.5, split[9], split[10]).float(),
+                               **tol)
+    return out, pristine, tol
+
+
+@pytest.mark.parametrize("weights", ["fp32", "fp16", "fp16-fp32 weights"])
+@pytest.mark.parametrize("device", ["interpreter", "sm_90"])
+def test_attention_block_family_normalizes_q_and_k_over_the_whole_projection(device, weights):
+    """OLMo 2's q_norm / k_norm inside the block: q and the new key RMS-normed over all heads of the row (weights
+    [Hq * D], [Hkv * D]) before the rotation. 20 heads (MHA) take two 16-head chunks of the statistics loop for q
+    and for k. Equal to the block's reference and to normalizing the flattened projections with braze::rms_norm
+    first; with per-head statistics instead the result moves by O(1e-1), so the whole row's are used. fp16 (and
+    OLMo 2's 16-bit form, an fp32 weight: the scale in fp32, one rounding) within 2 fp16 ulps at the outputs' scale."""
+    dtype = torch.float32 if weights == "fp32" else torch.float16
+    heads = 20
+    q, k, v, cos, sin, kc, vc, _, _ = _cache_inputs(2, 1, 30, s_max=64, hq=heads, hkv=heads, seed=41)
+    q = q * torch.linspace(0.2, 4.0, heads)[None, :, None, None]  # heads of different scales: whole != per head
+    k = k * torch.linspace(3.0, 0.1, heads)[None, :, None, None]
+    g = _gen(42)
+    w_o, residual = torch.randn(40, heads * 32, generator=g) / math.sqrt(heads * 32), torch.randn(2, 1, 40, generator=g)
+    w_q, w_k = (1 + 0.2 * torch.randn(heads * 32, generator=g) for _ in range(2))
+    cache_len, kv_start = torch.tensor([30], dtype=torch.int64), torch.tensor([0, 4], dtype=torch.int32)
+    args = [a.to(dtype) if a.is_floating_point() else a
+            for a in (q, k, v, cos, sin, kc, vc, cache_len, kv_start, w_o, residual)]
+    args += [w.to(torch.float32 if weights.endswith("fp32 weights") else dtype) for w in (w_q, w_k)]
+
+    def whole_norm(x, w):  # [B, H, 1, D] -> the projection [B, 1, H * D] normed -> back
+        flat = ops.rms_norm(x.transpose(1, 2).reshape(2, 1, heads * 32), w, 1e-6)
+        return flat.reshape(2, 1, heads, 32).transpose(1, 2)
+
+    out, per_head, _ = _check_normed_block(args, device, dtype, whole_norm)
+    for i, w in ((0, per_head[11]), (1, per_head[12])):  # the same weights, each head's own statistics
+        x = per_head[i].float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * w.float().view(1, heads, 1, 32)
+        per_head[i] = x.to(dtype)
+    other = ops.attention_block(*per_head[:9], 32**-0.5, per_head[9], per_head[10])
+    assert (out.float() - other.float()).abs().max() > 1e-1
 
 
 @pytest.mark.parametrize("device", ["interpreter", "sm_90"])

@@ -152,6 +152,7 @@ class DecodeAttentionSpec:
     o_proj: bool = False  # attention block: merge, o_proj and residual inside `_partial` (rope_write or tree)
     ring: bool = False  # R-KV: the rotated query also into the query ring (needs rope_write)
     qk_norm: bool = False  # q and the new key RMS-normed per head before the rotation (Qwen3; needs rope_write)
+    qk_norm_whole: bool = False  # qk_norm over all heads of the row (OLMo 2's norms over the whole projection)
     softcap: bool = False
     window: bool = False
     sinks: bool = False
@@ -172,6 +173,8 @@ class DecodeAttentionSpec:
             raise ValueError("ring stores the query the kernel rotates: it needs rope_write")
         if self.qk_norm and not self.rope_write:
             raise ValueError("qk_norm normalizes the q and k the kernel rotates: it needs rope_write")
+        if self.qk_norm_whole and not self.qk_norm:
+            raise ValueError("qk_norm_whole is a form of qk_norm: it needs qk_norm")
 
 
 def render_attention(spec: AttentionSpec, header: str = "") -> str:
@@ -189,8 +192,8 @@ def render_decode_attention(spec: DecodeAttentionSpec, header: str = "") -> str:
         "decode_attention.py.j2", header=check_header(header), name=spec.name, has_kv_start=spec.has_kv_start,
         from_cache_len=spec.from_cache_len, input_precision=spec.input_precision, out_dtype=spec.out_dtype,
         head_start=spec.head_start, rope_write=spec.rope_write, tree=spec.tree, o_proj=spec.o_proj,
-        ring=spec.ring, qk_norm=spec.qk_norm, softcap=spec.softcap, window=spec.window, sinks=spec.sinks,
-        alibi=spec.alibi)
+        ring=spec.ring, qk_norm=spec.qk_norm, qk_norm_whole=spec.qk_norm_whole, softcap=spec.softcap,
+        window=spec.window, sinks=spec.sinks, alibi=spec.alibi)
 
 
 def render_cache_write(name: str, qk_norm: bool = False) -> str:
@@ -493,7 +496,8 @@ def split_kv_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tens
     ring [B, Hq, W, D] (kernel rendered with ring, needs rope): R-KV's query ring; the rotated q goes to slot
     cache_len % W.
     qk_norm = (q_norm_weight [D], k_norm_weight [D], eps) (kernel rendered with qk_norm, needs rope): q and k_new
-    are RMS-normed per head before the rotation."""
+    are RMS-normed per head before the rotation; weights [Hq * D] and [Hkv * D] with the kernel rendered with
+    qk_norm_whole: over all heads of the row (OLMo 2)."""
     B, Hq, D = q.shape
     Hkv, s_max = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv

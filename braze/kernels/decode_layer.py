@@ -88,9 +88,12 @@ class AttentionBlockFamily(KernelFamily):
         head_start = a["kv_start"].meta["val"].dim() == 2
         attn_dtype = FLOAT_NAMES[a["q"].meta["val"].dtype]  # the attention output's dtype before o_proj
         qk_norm = a.get("q_norm_weight") is not None
+        # a weight wider than a head: the norm spans all heads of the row (OLMo 2's, over the whole projection)
+        whole = qk_norm and a["q_norm_weight"].meta["val"].shape[0] != a["q"].meta["val"].shape[-1]
         source = render_decode_attention(DecodeAttentionSpec(
             name, True, _precision(k_cache.dtype), attn_dtype, from_cache_len=True, head_start=head_start,
-            rope_write=not tree, tree=tree, o_proj=True, ring=ring, qk_norm=qk_norm, window=bool(a.get("window")),
+            rope_write=not tree, tree=tree, o_proj=True, ring=ring, qk_norm=qk_norm, qk_norm_whole=whole,
+            window=bool(a.get("window")),
             softcap=bool(a.get("softcap")), alibi=a.get("alibi") is not None))
         post_norm = a.get("post_norm_weight") is not None
         roles = ["q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start",

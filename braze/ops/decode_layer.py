@@ -15,6 +15,7 @@ from braze.ops.library import (
     general_cached_attention_reference,
     linear,
     linear_glu,
+    qk_norm_reference,
     rms_norm_reference,
     tree_cached_attention_reference,
 )
@@ -63,14 +64,12 @@ def attention_block(
 ) -> Tensor:
     """residual + o_proj(cached attention of one new token per row): RoPE, the cache write, attention over the
     cache, the heads flattened in order ([B, 1, Hq * D]) and the output projection with its residual add.
-    q_norm_weight / k_norm_weight: q and k are RMS-normed over each head first (Qwen3's q_norm / k_norm).
+    q_norm_weight / k_norm_weight: q and k are RMS-normed first, over each head (a weight of D: Qwen3's q_norm /
+    k_norm) or over all heads together (a weight of Hq * D / Hkv * D: OLMo 2's, over the whole projection).
     window > 0: a sliding window (the token sees the last `window` positions: Mistral, Phi-3, Gemma 2/3);
     softcap > 0: logits softcapped (Gemma 2); post_norm_weight: residual + rms_norm(o_proj(...)) (Gemma 2/3);
     o_bias: o_proj's bias (GPT-2, OPT, Phi, GPT-NeoX); alibi [Hq]: ALiBi slopes (Bloom, MPT)."""
-    if q_norm_weight is not None:
-        q = rms_norm_reference(q, q_norm_weight, qk_norm_eps)
-    if k_norm_weight is not None:
-        k = rms_norm_reference(k, k_norm_weight, qk_norm_eps)
+    q, k = qk_norm_reference(q, k, q_norm_weight, k_norm_weight, qk_norm_eps)
     if window or softcap or alibi is not None:
         attn = general_cached_attention_reference(q, k, v, k_cache, v_cache, cache_len, kv_start, scale,
                                                   softcap=softcap, window=window, cos=cos, sin=sin, alibi=alibi)

@@ -79,6 +79,24 @@ def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return weight * h.to(x.dtype)
 
 
+def qk_norm_reference(q: Tensor, k: Tensor, q_norm_weight: Tensor | None, k_norm_weight: Tensor | None,
+                      eps: float) -> tuple[Tensor, Tensor]:
+    """q and k [B, H, S, D] RMS-normed before attention, each by its weight: a weight of D normalizes each head
+    (Qwen3, Gemma 3); a weight of H * D normalizes all heads of a position together (OLMo 2's norms over the whole
+    projection, which HF applies before splitting the heads)."""
+    return _rms_norm_heads(q, q_norm_weight, eps), _rms_norm_heads(k, k_norm_weight, eps)
+
+
+def _rms_norm_heads(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+    if weight is None:
+        return x
+    if weight.shape[0] == x.shape[-1]:
+        return rms_norm_reference(x, weight, eps)
+    b, h, s, d = x.shape
+    flat = x.transpose(1, 2).reshape(b, s, h * d)
+    return rms_norm_reference(flat, weight, eps).reshape(b, s, h, d).transpose(1, 2)
+
+
 @torch.library.custom_op("braze::rms_norm", mutates_args=())
 def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
     return rms_norm_reference(x, weight, eps)
@@ -305,10 +323,7 @@ def cached_attention(
     """Attention over a static KV cache owned by the runtime; output laid out [B, S, Hq, D] like attention.
     q_norm_weight / k_norm_weight: q and k RMS-normed over each head first (Qwen3's q_norm / k_norm, folded into
     the prefill plan's cache write, passes/prefill.py)."""
-    if q_norm_weight is not None:
-        q = rms_norm_reference(q, q_norm_weight, qk_norm_eps)
-    if k_norm_weight is not None:
-        k = rms_norm_reference(k, k_norm_weight, qk_norm_eps)
+    q, k = qk_norm_reference(q, k, q_norm_weight, k_norm_weight, qk_norm_eps)
     out = cached_attention_reference(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, scale)
     return out.transpose(1, 2).contiguous().transpose(1, 2)
 
@@ -555,10 +570,7 @@ def general_cached_attention(
     """The general cached attention (see general_cached_attention_reference); output laid out [B, S, Hq, D].
     q_norm_weight / k_norm_weight: q and k RMS-normed over each head first (Gemma 3's q_norm / k_norm in the
     prefill plan's cache write, passes/prefill.py)."""
-    if q_norm_weight is not None:
-        q = rms_norm_reference(q, q_norm_weight, qk_norm_eps)
-    if k_norm_weight is not None:
-        k = rms_norm_reference(k, k_norm_weight, qk_norm_eps)
+    q, k = qk_norm_reference(q, k, q_norm_weight, k_norm_weight, qk_norm_eps)
     out = general_cached_attention_reference(q, k, v, k_cache, v_cache, cache_len, kv_start, scale, softcap, window,
                                              cos, sin, attn_bias, tree_mask, sinks, alibi)
     return out.transpose(1, 2).contiguous().transpose(1, 2)

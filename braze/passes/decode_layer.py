@@ -1,11 +1,11 @@
 """fold_decode_layers: a decode layer in three launches.
 
     rms_norm + QKV linear                     -> unchanged: the matmul family's norm prologue (launch 1)
-    [per-head q / k RMSNorm ->] cached_attention [-> kv_record_query] -> head flatten -> o_proj linear (+ residual)
-                                              -> braze::attention_block (launch 2: Qwen3's q_norm / k_norm, RoPE,
-                                                 cache write, split-KV attention, the split merge, o_proj,
-                                                 residual; R-KV: braze::attention_block_recording also writes the
-                                                 query ring)
+    [q / k RMSNorm ->] cached_attention [-> kv_record_query] -> head flatten -> o_proj linear (+ residual)
+                                              -> braze::attention_block (launch 2: Qwen3's per-head q_norm / k_norm
+                                                 or OLMo 2's over the whole projection, RoPE, cache write, split-KV
+                                                 attention, the split merge, o_proj, residual; R-KV:
+                                                 braze::attention_block_recording also writes the query ring)
     linear_glu (norm, gate/up, SwiGLU) -> down linear (+ residual)
                                               -> braze::mlp_block (launch 3)
 
@@ -72,22 +72,33 @@ def _heads_flattened_in_order(attn: fx.Node, chain: list[fx.Node]) -> bool:
     return t.reshape(-1).equal(want)
 
 
-def _head_norm(x: fx.Node) -> tuple[fx.Node, list, fx.Node, float] | None:
-    """(the norm's input, the permutes after it, weight [D], eps) when the attention input `x` is an RMSNorm over
-    each head (Qwen3's q_norm / k_norm, decomposed) seen through permutes that keep the head dim last, and nothing
-    else reads the normed value: the attention block can normalize the norm's input itself."""
-    perms, cur = [], x
+def _head_norm(x: fx.Node, whole: bool) -> tuple[fx.Node, list, fx.Node, float, fx.Node | None] | None:
+    """(the norm's input, the permutes after it, weight, eps, the head split) when the attention input `x` is an
+    RMSNorm seen through permutes that keep the head dim last, and nothing else reads the normed value: over each
+    head (Qwen3's q_norm / k_norm, decomposed; weight [D], split None), or with `whole`, over all heads of a position
+    before a reshape splits them (OLMo 2's, over the whole projection; weight [H * D], split that reshape). The
+    attention block can then normalize the norm's input itself."""
+    perms, cur, split = [], x, None
     while is_op(cur, aten.permute.default) and list(cur.args[1])[-1] in (-1, val(cur).dim() - 1):
         perms.append(cur.args[1])
         cur = cur.args[0]
+    if whole and is_op(cur, aten.view.default, aten.reshape.default, aten._unsafe_view.default) \
+            and single_user(cur) and _splits_heads(val(cur.args[0]).shape, val(cur).shape):
+        split, cur = cur, cur.args[0]
     norm = decomposed_rms_norm(cur)
     if norm is None or not single_user(cur):
         return None
     src, w, eps = norm
-    if val(w).dim() != 1 or val(w).shape[0] != val(x).shape[-1] or val(src).dtype != val(cur).dtype \
+    if val(w).dim() != 1 or val(w).shape[0] != val(cur).shape[-1] or val(src).dtype != val(cur).dtype \
             or val(w).dtype not in (val(src).dtype, torch.float32):  # (fp32: Gemma 3's scale, one rounding)
         return None
-    return src, perms[::-1], w, eps
+    return src, perms[::-1], w, eps, split
+
+
+def _splits_heads(flat: torch.Size, heads: torch.Size) -> bool:
+    """Whether a reshape from `flat` [..., H * D] to `heads` [..., H, D] only splits the last dim."""
+    return len(heads) == len(flat) + 1 and list(flat[:-1]) == list(heads[:-2]) \
+        and flat[-1] == heads[-2] * heads[-1]
 
 
 def _fold_attention(attn: fx.Node, order: dict[fx.Node, int], ctx: PassContext) -> str | None:
@@ -141,9 +152,10 @@ def _fold_attention(attn: fx.Node, order: dict[fx.Node, int], ctx: PassContext) 
     names = ("q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start",
              *(("tree_mask",) if tree else ()), "scale")
     target = braze.tree_attention_block.default if tree else braze.attention_block.default
-    # Qwen3's q_norm / k_norm into the decode block (not under deterministic=True: the verify's rope_write kernel
-    # reads the normed q / k, and accepted nodes must match decode bitwise)
-    qk = None if tree or ring is not None or ctx.config.deterministic else qk_head_norms(a, ctx, lin)
+    # Qwen3's q_norm / k_norm (OLMo 2's over the whole projection) into the decode block (not under
+    # deterministic=True: the verify's rope_write kernel reads the normed q / k, and accepted nodes must match decode
+    # bitwise)
+    qk = None if tree or ring is not None or ctx.config.deterministic else qk_head_norms(a, ctx, lin, whole=True)
     if qk is not None:
         a = {**a, "q": qk[0], "k": qk[1]}
     args = (*(a[n] for n in names), w, res)
@@ -214,17 +226,20 @@ def _plain_window_attention(a: dict, ctx: PassContext) -> str | None:
     return None
 
 
-def qk_head_norms(a: dict, ctx: PassContext,
-                  before: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node, float] | None:
-    """(q', k', q_norm_weight, k_norm_weight, eps) for braze::attention_block when q and k are both per-head
-    RMSNorms with one eps (their two fused kernels then fold into the block): q' / k' the norms' inputs seen
-    through the same permutes, else None."""
-    q_norm, k_norm = _head_norm(a["q"]), _head_norm(a["k"])
-    if not (q_norm and k_norm and q_norm[3] == k_norm[3]) or not (single_user(a["q"]) and single_user(a["k"])):
+def qk_head_norms(a: dict, ctx: PassContext, before: fx.Node,
+                  whole: bool = False) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node, float] | None:
+    """(q', k', q_norm_weight, k_norm_weight, eps) for braze::attention_block when q and k are both RMSNorms of one
+    kind with one eps (their two fused kernels then fold into the block): per head, or with `whole`, both over the
+    whole projection (OLMo 2); q' / k' the norms' inputs seen through the same head split and permutes, else None."""
+    q_norm, k_norm = _head_norm(a["q"], whole), _head_norm(a["k"], whole)
+    if not (q_norm and k_norm and q_norm[3] == k_norm[3] and (q_norm[4] is None) == (k_norm[4] is None)) \
+            or not (single_user(a["q"]) and single_user(a["k"])):
         return None
     gm = before.graph.owning_module
     inputs = []
-    for src, perms, _, _ in (q_norm, k_norm):
+    for src, perms, _, _, split in (q_norm, k_norm):
+        if split is not None:
+            src = new_node(gm, split.target, (src, *split.args[1:]), dict(split.kwargs), ctx, before)
         for dims in perms:
             src = new_node(gm, aten.permute.default, (src, dims), {}, ctx, before)
         inputs.append(src)
@@ -315,7 +330,11 @@ def fold_decode_layers(gm: fx.GraphModule, ctx: PassContext) -> int:
     normed = sum(is_op(n, braze.attention_block.default) and op_args(n)["q_norm_weight"] is not None
                  for n in gm.graph.nodes)
     if normed:
-        ctx.note(f"{plan} plan: {normed} attention blocks normalize q / k per head (q_norm / k_norm folded in)")
+        whole = sum(is_op(n, braze.attention_block.default) and op_args(n)["q_norm_weight"] is not None
+                    and val(op_args(n)["q_norm_weight"]).shape[0] != val(op_args(n)["q"]).shape[-1]
+                    for n in gm.graph.nodes)
+        ctx.note(f"{plan} plan: {normed} attention blocks normalize q / k ({normed - whole} per head, {whole} over "
+                 "the whole projection: q_norm / k_norm folded in)")
     post = {k: sum(is_op(n, *ops) and op_args(n)["post_norm_weight"] is not None for n in gm.graph.nodes)
             for k, ops in (("attention", (braze.attention_block.default, braze.tree_attention_block.default)),
                           ("MLP", (braze.mlp_block.default,)))}
