@@ -35,7 +35,7 @@ from braze.kernels import TARGETS  # noqa: E402
 
 MODELS = ("tiny-llama", "tiny-qwen2", "tiny-mistral-swa", "tiny-olmo2", "tiny-gpt2", "tiny-stablelm", "tiny-bloom",
           "tiny-mpt", "llama-3.2-1b-1layer", "gemma2-2b-1layer", "qwen3-moe-1layer", "gpt2-1layer",
-          "olmo2-7b-1layer")
+          "olmo2-7b-1layer", "persimmon-8b-1layer", "cohere-qknorm-1layer")
 # fp32 runs on tiny Llama and the 1B shape only: tiny Qwen2 adds the QKV bias, which the bf16 variants cover;
 # Gemma 2 adds the attention kernels' softcap / window forms and Qwen3-MoE the grouped expert matmuls
 # (quantization touches neither); tiny Mistral with a sliding window, the decode attention block's window form;
@@ -44,10 +44,12 @@ MODELS = ("tiny-llama", "tiny-qwen2", "tiny-mistral-swa", "tiny-olmo2", "tiny-gp
 # block; tiny StableLM, the LayerNorm before a SwiGLU block; tiny Bloom / MPT, the attention kernels' ALiBi form
 # (flash, split-KV decode, the decode attention block, the tree form under bf16-det); GPT-2 small's shape (hidden
 # 768, MLP 3072, 12 heads); OLMo-2-7B's (32 heads of 128, MHA), the attention block's q / k norms over the whole
-# projection
+# projection; Persimmon-8B's (64 heads of 64, q / k LayerNorms with biases) and a Cohere layer with q / k norms
+# (Command R+'s heads: 128 wide, GQA 4; hidden cut to 4096), the block's per-head LayerNorm forms
 SKIP = {("tiny-qwen2", "fp32"), ("tiny-qwen2", "fp32-int6"),
         *((m, v) for m in ("gemma2-2b-1layer", "qwen3-moe-1layer", "tiny-mistral-swa", "tiny-olmo2", "tiny-stablelm",
-                           "gpt2-1layer", "tiny-bloom", "tiny-mpt", "olmo2-7b-1layer")
+                           "gpt2-1layer", "tiny-bloom", "tiny-mpt", "olmo2-7b-1layer", "persimmon-8b-1layer",
+                           "cohere-qknorm-1layer")
           for v in ("bf16-df11", "bf16-int6", "bf16-int6-a8", "fp32", "fp32-int6"))}
 VARIANTS = {  # name -> (dtype, compile options)
     "bf16": (torch.bfloat16, {}),
@@ -112,6 +114,31 @@ def olmo2_7b(layers: int = 1, dtype: torch.dtype = torch.float32) -> torch.nn.Mo
     return _seeded(transformers.Olmo2ForCausalLM, cfg, dtype, vector=(0.9, 1.1))
 
 
+def persimmon_8b(layers: int = 1, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Persimmon-8B's shape (config of adept/persimmon-8b-base: hidden 4096, 64 heads of 64, MLP 16384, partial
+    rotary 0.5, q / k LayerNorms; vocab cut to 32000) with `layers` layers and seeded weights."""
+    import transformers
+
+    cfg = transformers.PersimmonConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=16384, num_hidden_layers=layers,
+        num_attention_heads=64, max_position_embeddings=16384, partial_rotary_factor=0.5, qk_layernorm=True)
+    cfg._attn_implementation = "sdpa"
+    return _seeded(transformers.PersimmonForCausalLM, cfg, dtype, vector=(0.9, 1.1))
+
+
+def cohere_qknorm(layers: int = 1, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A Cohere layer with q / k norms (use_qk_norm, as Command R+: heads of 128, 8 kv heads) at hidden 4096, 32
+    heads, MLP 14336, vocab 32000, with `layers` layers and seeded weights."""
+    import transformers
+
+    cfg = transformers.CohereConfig(
+        vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192, use_qk_norm=True,
+        logit_scale=0.125)
+    cfg._attn_implementation = "sdpa"
+    return _seeded(transformers.CohereForCausalLM, cfg, dtype, vector=(0.9, 1.1))
+
+
 def _seeded(model_class, cfg, dtype: torch.dtype, vector: tuple[float, float]) -> torch.nn.Module:
     """The model with seeded small random weights (HF's init leaves some at exactly 0 / 1): matrices N(0, 0.02),
     vectors (norm weights, biases) uniform in `vector`."""
@@ -165,6 +192,10 @@ def build_model(name: str, dtype: torch.dtype) -> torch.nn.Module:
         return qwen3_moe(1, dtype)
     if name == "olmo2-7b-1layer":
         return olmo2_7b(1, dtype)
+    if name == "persimmon-8b-1layer":
+        return persimmon_8b(1, dtype)
+    if name == "cohere-qknorm-1layer":
+        return cohere_qknorm(1, dtype)
     raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
 

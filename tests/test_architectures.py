@@ -60,7 +60,7 @@ EXPECTED_EAGER = {
     # the sin/cos table indexed by position_ids is an embedding lookup (no aten.index step)
     "gptj": ([], []),
     "cohere": ([], []),  # interleaved rotary, parallel attention + MLP, LayerNorm without bias, logit_scale
-    "cohere_qknorm": ([], []),  # the same with per-head LayerNorm on q / k before the rotation
+    "cohere_qknorm": ([], []),  # the same with per-head LayerNorm on q / k before the rotation (a row per head)
     "nemotron": ([], []),  # relu2 MLP, LayerNorm1P (weight + 1), partial rotary 0.5
     "persimmon": ([], []),  # relu2 MLP, QK LayerNorm, partial rotary 0.5, fused QKV
 }
@@ -71,9 +71,11 @@ ROPE_NOTES = {
             "projection weights",
     "cohere": "interleaved rotary (16 of 16 dims) as half-split RoPE over permuted head dims, permuted in the "
               "projection weights",
-    "cohere_qknorm": "interleaved rotary (16 of 16 dims) as half-split RoPE over permuted head dims (strided slices)",
+    # the per-head LayerNorms between projection and rotation commute with the permutation (their weights permuted)
+    "cohere_qknorm": "interleaved rotary (16 of 16 dims) as half-split RoPE over permuted head dims, permuted in the "
+                     "projection weights",
     "nemotron": "partial rotary (8 of 16 dims) as full-width RoPE; head dims permuted in the projection weights",
-    "persimmon": "partial rotary (8 of 16 dims) as full-width RoPE over permuted head dims",
+    "persimmon": "partial rotary (8 of 16 dims) as full-width RoPE; head dims permuted in the projection weights",
 }
 # reasons a general attention carries in the report (kv-cache pass notes)
 GENERAL_REASONS = {"mistral_swa": ["sliding window 8"], "gemma2": ["softcap 50", "sliding window 8"],

@@ -57,7 +57,7 @@ def test_three_launches_per_decode_layer_on_every_target(arch):
 # GPT-2 / OPT's plain MLP with its biases); Phi / GPT-NeoX / Falcon / GPT-J (parallel attention + MLP) too, their
 # (attention + MLP) + x summed as MLP + (attention + x)
 LAYER_NORM_LAUNCHES = {"gpt2": 3, "stablelm": 3, "nemotron": 3, "cohere": 3, "opt": 3, "phi": 3, "gpt_neox": 3,
-                       "falcon": 3, "gptj": 3}
+                       "falcon": 3, "gptj": 3, "cohere_qknorm": 3, "persimmon": 3}
 
 
 @pytest.mark.parametrize("arch", list(LAYER_NORM_LAUNCHES))
@@ -68,7 +68,10 @@ def test_layer_norm_families_fold_their_decode_layers(arch):
     into q_proj's weights),
     StableLM 6 -> 3, Nemotron 6 -> 3, Cohere 5 -> 3. The parallel layers (Phi, GPT-NeoX, Falcon, GPT-J: 5-6) chain
     their halves once the residual sum is reassociated (passes/fusion.py: _parallel_residual) and their fc1 stays
-    apart from QKV: 3. Greedy decoding through the folded plan gives HF's tokens."""
+    apart from QKV: 3. Cohere with q / k norms and Persimmon (7): their per-head LayerNorms commute with the rotary's
+    head-dim permutation, which goes into the projection and norm weights, and then run inside the attention block
+    (Cohere's weight a row per head, Persimmon's with a bias): 3. Greedy decoding through the folded plan gives HF's
+    tokens."""
     launches = []
     for layers in (1, 2):
         model = tiny_causal_lm(arch, layers=layers)
@@ -222,7 +225,8 @@ def _decode_logits(cm, ids, n):
     return out, torch.stack(seen[1:], 1)  # the decode steps' logits [B, n - 1, V]
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gemma3_text", "olmo2", "gpt2", "stablelm"])
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma2", "gemma3_text", "olmo2", "gpt2", "stablelm",
+                                  "cohere_qknorm", "persimmon"])
 @pytest.mark.parametrize("dtype, atol", [(torch.float16, 2e-2), (torch.bfloat16, 1.25e-1)], ids=["fp16", "bf16"])
 def test_16bit_decode_matches_hf(dtype, atol, arch):
     """The 16-bit path: decode logits of the folded plan against HF in the same dtype on the same tokens (bf16
@@ -233,7 +237,8 @@ def test_16bit_decode_matches_hf(dtype, atol, arch):
     block round where HF's do (the normed value, then times the weight, in the model's dtype). Gemma 2 / 3: their
     norms scale by (1 + w) in fp32 and round once (braze::rms_norm with an fp32 weight), the post-norms and
     Gemma 3's q / k norms inside the blocks round the same way; Gemma 2 softcaps inside the attention block. GPT-2 /
-    StableLM: the LayerNorm computes in fp32 and rounds once, as nn.LayerNorm does on 16-bit input."""
+    StableLM: the LayerNorm computes in fp32 and rounds once, as nn.LayerNorm does on 16-bit input; Cohere's /
+    Persimmon's per-head q / k LayerNorms inside the attention block too."""
     model = tiny_causal_lm(arch, layers=2, dtype=dtype)
     cm = braze.compile(model, max_seq=64, max_batch=2)
     assert _launchers(cm.generator.decode.plan).count("attention_block") == 2

@@ -19,6 +19,7 @@ import braze
 import braze.ops  # noqa: F401  (registers braze::*)
 from braze.kernels import FAMILIES, INTERPRETER, TARGETS, family_for_op, recording_launches
 from braze.kernels.decode_layer import MlpBlockSpec
+from braze.ops.library import layer_norm_reference
 from braze.quant.df11 import encode_df11
 from braze.quant.int6 import quantize_int6
 from braze.runtime.kernel_loader import load_kernel_module
@@ -257,21 +258,28 @@ def test_attention_block_family_normalizes_q_and_k(device, dtype):
     cache_len, kv_start = torch.tensor([30], dtype=torch.int64), torch.tensor([0, 4], dtype=torch.int32)
     args = [a.to(dtype) if a.is_floating_point() else a
             for a in (q, k, v, cos, sin, kc, vc, cache_len, kv_start, w_o, residual, w_q, w_k)]
-    _check_normed_block(args, device, dtype, lambda x, w: ops.rms_norm(x, w, 1e-6))
+    _check_normed_block(args, device, dtype, lambda x, w, b: ops.rms_norm(x, w, 1e-6))
 
 
-def _check_normed_block(args: list, device: str, dtype: torch.dtype, pre_norm) -> tuple[torch.Tensor, list, dict]:
-    """braze::attention_block with q / k norms (args: its 9 inputs, w_o, residual, w_q, w_k; eps 1e-6) launched as
-    a plan launches it: equal to its reference (and the new key in the cache: normed, rotated, at slot 30), and to
-    the plain block after pre_norm(x, w) normalizes q and k. Returns the output, pristine args and the tolerance."""
-    fn = lambda *a: ops.attention_block(*a[:9], 32**-0.5, a[9], a[10], a[11], a[12], 1e-6)  # noqa: E731
+def _check_normed_block(args: list, device: str, dtype: torch.dtype, pre_norm,
+                        layer: bool = False) -> tuple[torch.Tensor, list, dict]:
+    """braze::attention_block with q / k norms (args: its 9 inputs, w_o, residual, w_q, w_k[, b_q, b_k]; eps 1e-6;
+    layer: LayerNorms) launched as a plan launches it: equal to its reference (and the new key in the cache: normed,
+    rotated, at slot 30), and to the plain block after pre_norm(x, w, b) normalizes q and k. Returns the output,
+    pristine args and the tolerance."""
+    def fn(*a):
+        biases = {"q_norm_bias": a[13], "k_norm_bias": a[14]} if len(a) > 13 else {}
+        return ops.attention_block(*a[:9], 32**-0.5, a[9], a[10], a[11], a[12], 1e-6, **biases,
+                                   **({"qk_layer_norm": True} if layer else {}))
+
     pristine, ref_args = [a.clone() for a in args], [a.clone() for a in args]
     out, _ = launch_like_a_plan(fn, *args, device=INTERPRETER if device == "interpreter" else TARGETS[device])
     tol = TOL if dtype == torch.float32 else {"atol": 8e-3, "rtol": 2e-3}
     torch.testing.assert_close(out.float(), fn(*ref_args).float(), **tol)
     torch.testing.assert_close(args[5].float(), ref_args[5].float(), **tol)
     split = [a.clone() for a in pristine]
-    split[0], split[1] = pre_norm(split[0], split[11]), pre_norm(split[1], split[12])
+    b_q, b_k = (split[13], split[14]) if len(split) > 13 else (None, None)
+    split[0], split[1] = pre_norm(split[0], split[11], b_q), pre_norm(split[1], split[12], b_k)
     torch.testing.assert_close(out.float(), ops.attention_block(*split[:9], 32**-0.5, split[9], split[10]).float(),
                                **tol)
     return out, pristine, tol
@@ -298,7 +306,7 @@ def test_attention_block_family_normalizes_q_and_k_over_the_whole_projection(dev
             for a in (q, k, v, cos, sin, kc, vc, cache_len, kv_start, w_o, residual)]
     args += [w.to(torch.float32 if weights.endswith("fp32 weights") else dtype) for w in (w_q, w_k)]
 
-    def whole_norm(x, w):  # [B, H, 1, D] -> the projection [B, 1, H * D] normed -> back
+    def whole_norm(x, w, _):  # [B, H, 1, D] -> the projection [B, 1, H * D] normed -> back
         flat = ops.rms_norm(x.transpose(1, 2).reshape(2, 1, heads * 32), w, 1e-6)
         return flat.reshape(2, 1, heads, 32).transpose(1, 2)
 
@@ -309,6 +317,35 @@ def test_attention_block_family_normalizes_q_and_k_over_the_whole_projection(dev
         per_head[i] = x.to(dtype)
     other = ops.attention_block(*per_head[:9], 32**-0.5, per_head[9], per_head[10])
     assert (out.float() - other.float()).abs().max() > 1e-1
+
+
+@pytest.mark.parametrize("form", ["fp32 [D] + bias", "fp16 [D] + bias", "fp16 [H, D]", "fp32 [H, D]"])
+@pytest.mark.parametrize("device", ["interpreter", "sm_90"])
+def test_attention_block_family_layer_norms_q_and_k(device, form):
+    """Persimmon's q / k LayerNorms (weight and bias [D]) and Cohere's (a weight row per head [H, D], no bias)
+    inside the block: each head centred and scaled by its own statistics, weight and bias in fp32, one rounding,
+    then rotated. Equal to braze::layer_norm's reference before the plain block and to the block's reference;
+    fp16 within 2 fp16 ulps at the outputs' scale. Heads get means far from 0, so an RMSNorm in their place would
+    move the result by O(1e-1)."""
+    dtype = torch.float16 if form.startswith("fp16") else torch.float32
+    rows, bias = "[H, D]" in form, "bias" in form
+    q, k, v, cos, sin, kc, vc, _, _ = _cache_inputs(2, 1, 30, s_max=64, seed=43)
+    q, k = 2 * q + torch.linspace(-3, 3, 4)[None, :, None, None], k - 1.5  # heads with their own offsets
+    g = _gen(44)
+    w_o, residual = torch.randn(40, 4 * 32, generator=g) / math.sqrt(128), torch.randn(2, 1, 40, generator=g)
+    w_q, w_k = (1 + 0.2 * torch.randn(*((h, 32) if rows else (32,)), generator=g) for h in (4, 2))
+    extra = [0.3 * torch.randn(32, generator=g) for _ in range(2)] if bias else []
+    cache_len, kv_start = torch.tensor([30], dtype=torch.int64), torch.tensor([0, 4], dtype=torch.int32)
+    args = [a.to(dtype) if a.is_floating_point() else a
+            for a in (q, k, v, cos, sin, kc, vc, cache_len, kv_start, w_o, residual, w_q, w_k, *extra)]
+
+    def layer_norm(x, w, b):  # [B, H, 1, D] with a weight [D] (braze::layer_norm) or a row per head
+        return layer_norm_reference(x, w[:, None, :], None, 1e-6) if w.dim() == 2 else ops.layer_norm(x, w, b, 1e-6)
+
+    out, pristine, tol = _check_normed_block(args, device, dtype, layer_norm, layer=True)
+    rms = [a.clone() for a in pristine[:13]]
+    rms_out = ops.attention_block(*rms[:9], 32**-0.5, rms[9], rms[10], rms[11], rms[12], 1e-6)
+    assert (out.float() - rms_out.float()).abs().max() > 1e-1
 
 
 @pytest.mark.parametrize("device", ["interpreter", "sm_90"])

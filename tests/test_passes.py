@@ -374,3 +374,48 @@ def test_bloom_gelu_becomes_the_matmul_epilogue():
     assert cm.compiled.report.pass_count("recognize_gelu_tanh") == 1
     ops = {n.target for n in cm.compiled.graph_module.graph.nodes if n.op == "call_function"}
     assert torch.ops.aten.tanh.default not in ops
+
+
+@pytest.mark.parametrize("leak", [False, True], ids=["private", "read elsewhere"])
+def test_a_per_head_norm_commutes_with_the_head_dim_permutation(leak):
+    """Cohere's / Persimmon's q / k LayerNorm sits between the projection and the (permuted) rotary: its region (the
+    centring, the variance, the weight [H, D]) is found from the head-swapped output back to the projection's view,
+    so the permutation goes into the projection weights and the norm's weight; and the permutation applied to the
+    view's columns and the weight's last dim gives the norm's output permuted. A centred value read elsewhere would
+    see permuted columns: then no region."""
+    from braze.passes.context import PassContext
+    from braze.passes.fusion import _head_norm_region
+
+    class HeadNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(32, 32, bias=False)
+            self.w = torch.nn.Parameter(torch.randn(2, 16))
+
+        def forward(self, x):
+            h = self.proj(x).view(1, 3, 2, 16)
+            c = h - h.mean(-1, keepdim=True)
+            out = (c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + 1e-5) * self.w).permute(0, 2, 1, 3)
+            return (out, c * 2) if leak else out
+
+    torch.manual_seed(0)
+    model, x = HeadNorm(), torch.randn(1, 3, 32)
+    gm = torch.export.export(model, (x,)).graph_module
+    ctx = PassContext(config=None, weights={"p_w": model.w.detach()}, fake_mode=None)
+    end = next(n for n in gm.graph.nodes if n.target is torch.ops.aten.permute.default)
+    region = _head_norm_region(end, ctx)
+    if leak:
+        assert region is None
+        return
+    src, nodes, consts = region
+    assert src.target is torch.ops.aten.view.default and [c.name for c in consts] == ["p_w"]
+    assert len(nodes) >= 6 and end not in nodes
+    perm = torch.randperm(16)
+    with torch.no_grad():  # the norm of permuted columns with a permuted weight = the norm's output permuted
+        h = model.proj(x).view(1, 3, 2, 16)
+
+        def norm(h, w):
+            c = h - h.mean(-1, keepdim=True)
+            return c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+
+        torch.testing.assert_close(norm(h[..., perm], model.w[..., perm]), norm(h, model.w)[..., perm])

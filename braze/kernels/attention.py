@@ -153,6 +153,9 @@ class DecodeAttentionSpec:
     ring: bool = False  # R-KV: the rotated query also into the query ring (needs rope_write)
     qk_norm: bool = False  # q and the new key RMS-normed per head before the rotation (Qwen3; needs rope_write)
     qk_norm_whole: bool = False  # qk_norm over all heads of the row (OLMo 2's norms over the whole projection)
+    qk_norm_rows: bool = False  # qk_norm weights (and biases) hold one row per head (whole, or Cohere's [H, D])
+    qk_layer_norm: bool = False  # qk_norm is a LayerNorm over each head (Cohere, Persimmon), not an RMSNorm
+    qk_norm_bias: bool = False  # the LayerNorm adds a bias (Persimmon): two more arguments after qk_norm_eps
     softcap: bool = False
     window: bool = False
     sinks: bool = False
@@ -173,8 +176,12 @@ class DecodeAttentionSpec:
             raise ValueError("ring stores the query the kernel rotates: it needs rope_write")
         if self.qk_norm and not self.rope_write:
             raise ValueError("qk_norm normalizes the q and k the kernel rotates: it needs rope_write")
-        if self.qk_norm_whole and not self.qk_norm:
-            raise ValueError("qk_norm_whole is a form of qk_norm: it needs qk_norm")
+        if (self.qk_norm_whole or self.qk_norm_rows or self.qk_layer_norm) and not self.qk_norm:
+            raise ValueError("qk_norm_whole, qk_norm_rows and qk_layer_norm are forms of qk_norm: they need qk_norm")
+        if self.qk_norm_whole and (self.qk_layer_norm or not self.qk_norm_rows):
+            raise ValueError("qk_norm_whole is an RMSNorm over the projection: its weights have a row per head")
+        if self.qk_norm_bias and not self.qk_layer_norm:
+            raise ValueError("qk_norm_bias is the LayerNorm's bias: it needs qk_layer_norm")
 
 
 def render_attention(spec: AttentionSpec, header: str = "") -> str:
@@ -192,7 +199,8 @@ def render_decode_attention(spec: DecodeAttentionSpec, header: str = "") -> str:
         "decode_attention.py.j2", header=check_header(header), name=spec.name, has_kv_start=spec.has_kv_start,
         from_cache_len=spec.from_cache_len, input_precision=spec.input_precision, out_dtype=spec.out_dtype,
         head_start=spec.head_start, rope_write=spec.rope_write, tree=spec.tree, o_proj=spec.o_proj,
-        ring=spec.ring, qk_norm=spec.qk_norm, qk_norm_whole=spec.qk_norm_whole, softcap=spec.softcap,
+        ring=spec.ring, qk_norm=spec.qk_norm, qk_norm_whole=spec.qk_norm_whole, qk_norm_rows=spec.qk_norm_rows,
+        qk_layer_norm=spec.qk_layer_norm, qk_norm_bias=spec.qk_norm_bias, softcap=spec.softcap,
         window=spec.window, sinks=spec.sinks, alibi=spec.alibi)
 
 
@@ -481,7 +489,7 @@ def split_kv_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tens
                     device: DeviceSpec, splits: int | None = None, *, from_cache_len: bool = False,
                     head_start: bool = False, rope: tuple[torch.Tensor, ...] | None = None,
                     block: OutputProjection | None = None, ring: torch.Tensor | None = None,
-                    qk_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+                    qk_norm: tuple | None = None,
                     extras: AttentionExtras = NO_EXTRAS) -> int:
     """Decode attention of one query per row: q/out [B, Hq, D], caches [B, Hkv, S_max, D]. One split writes its
     normalised partial output straight into `out` (no combine launch). Returns the launches.
@@ -497,7 +505,8 @@ def split_kv_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tens
     cache_len % W.
     qk_norm = (q_norm_weight [D], k_norm_weight [D], eps) (kernel rendered with qk_norm, needs rope): q and k_new
     are RMS-normed per head before the rotation; weights [Hq * D] and [Hkv * D] with the kernel rendered with
-    qk_norm_whole: over all heads of the row (OLMo 2)."""
+    qk_norm_whole: over all heads of the row (OLMo 2); with qk_layer_norm a LayerNorm over each head, its weights
+    [D] or one row per head (qk_norm_rows), and with qk_norm_bias two more entries: the q and k biases."""
     B, Hq, D = q.shape
     Hkv, s_max = k_cache.shape[1], k_cache.shape[2]
     group = Hq // Hkv
@@ -513,7 +522,7 @@ def split_kv_decode(module: Any, name: str, q: torch.Tensor, k_cache: torch.Tens
         cos_b = 0 if cos.shape[0] == 1 else cos.stride(0)
         fused = [k_new, v_new, cos, sin, *k_new.stride(), *v_new.stride(), cos_b, cos.stride(-1)]
     if qk_norm is not None:
-        fused += [qk_norm[0], qk_norm[1], float(qk_norm[2])]
+        fused += [qk_norm[0], qk_norm[1], float(qk_norm[2]), *qk_norm[3:]]
     if ring is not None:
         fused += [ring, ring.shape[2], *ring.stride()]
     lens = [seq_lens, _row_stride(seq_lens)] if from_cache_len else [seq_lens]

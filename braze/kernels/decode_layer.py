@@ -88,17 +88,22 @@ class AttentionBlockFamily(KernelFamily):
         head_start = a["kv_start"].meta["val"].dim() == 2
         attn_dtype = FLOAT_NAMES[a["q"].meta["val"].dtype]  # the attention output's dtype before o_proj
         qk_norm = a.get("q_norm_weight") is not None
-        # a weight wider than a head: the norm spans all heads of the row (OLMo 2's, over the whole projection)
-        whole = qk_norm and a["q_norm_weight"].meta["val"].shape[0] != a["q"].meta["val"].shape[-1]
+        # a weight with a row per head ([H, D]: Cohere's), or one wider than a head: the RMSNorm then spans all heads
+        # of the row (OLMo 2's, over the whole projection)
+        w_q = a["q_norm_weight"].meta["val"] if qk_norm else None
+        rows = qk_norm and tuple(w_q.shape) != (a["q"].meta["val"].shape[-1],)
         source = render_decode_attention(DecodeAttentionSpec(
             name, True, _precision(k_cache.dtype), attn_dtype, from_cache_len=True, head_start=head_start,
-            rope_write=not tree, tree=tree, o_proj=True, ring=ring, qk_norm=qk_norm, qk_norm_whole=whole,
-            window=bool(a.get("window")),
+            rope_write=not tree, tree=tree, o_proj=True, ring=ring, qk_norm=qk_norm,
+            qk_norm_whole=rows and w_q.dim() == 1, qk_norm_rows=rows, qk_layer_norm=bool(a.get("qk_layer_norm")),
+            qk_norm_bias=a.get("q_norm_bias") is not None, window=bool(a.get("window")),
             softcap=bool(a.get("softcap")), alibi=a.get("alibi") is not None))
         post_norm = a.get("post_norm_weight") is not None
         roles = ["q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start",
                  *(["tree_mask"] if tree else []), "o_weight", "residual", *(["q_ring"] if ring else []),
-                 *(["q_norm_weight", "k_norm_weight"] if qk_norm else []), *(["post_norm_weight"] if post_norm else []),
+                 *(["q_norm_weight", "k_norm_weight"] if qk_norm else []),
+                 *(["q_norm_bias", "k_norm_bias"] if a.get("q_norm_bias") is not None else []),
+                 *(["post_norm_weight"] if post_norm else []),
                  *(["o_bias"] if a.get("o_bias") is not None else []),
                  *(["alibi"] if a.get("alibi") is not None else [])]
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
@@ -149,7 +154,8 @@ class AttentionBlockFamily(KernelFamily):
                         t["kv_start"], params["scale"], device, from_cache_len=True, head_start=head_start,
                         rope=(t["k"][:, :, 0, :], t["v"][:, :, 0, :], t["cos"][:, 0, :], t["sin"][:, 0, :]),
                         block=proj, ring=t.get("q_ring"),
-                        qk_norm=(t["q_norm_weight"], t["k_norm_weight"], params["qk_norm_eps"])
+                        qk_norm=(t["q_norm_weight"], t["k_norm_weight"], params["qk_norm_eps"],
+                                 *((t["q_norm_bias"], t["k_norm_bias"]) if "q_norm_bias" in t else ()))
                         if "q_norm_weight" in t else None,
                         extras=AttentionExtras(softcap=float(params.get("softcap", 0.0)),
                                                window=int(params.get("window", 0)), alibi=t.get("alibi")))

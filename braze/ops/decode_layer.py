@@ -61,15 +61,21 @@ def attention_block(
     post_norm_eps: float = 0.0,
     o_bias: Tensor | None = None,
     alibi: Tensor | None = None,
+    q_norm_bias: Tensor | None = None,
+    k_norm_bias: Tensor | None = None,
+    qk_layer_norm: bool = False,
 ) -> Tensor:
     """residual + o_proj(cached attention of one new token per row): RoPE, the cache write, attention over the
     cache, the heads flattened in order ([B, 1, Hq * D]) and the output projection with its residual add.
     q_norm_weight / k_norm_weight: q and k are RMS-normed first, over each head (a weight of D: Qwen3's q_norm /
-    k_norm) or over all heads together (a weight of Hq * D / Hkv * D: OLMo 2's, over the whole projection).
+    k_norm; [H, D]: a row per head) or over all heads together (a weight of Hq * D / Hkv * D: OLMo 2's, over the
+    whole projection); qk_layer_norm: LayerNorms over each head instead, with q_norm_bias / k_norm_bias (Cohere,
+    Persimmon).
     window > 0: a sliding window (the token sees the last `window` positions: Mistral, Phi-3, Gemma 2/3);
     softcap > 0: logits softcapped (Gemma 2); post_norm_weight: residual + rms_norm(o_proj(...)) (Gemma 2/3);
     o_bias: o_proj's bias (GPT-2, OPT, Phi, GPT-NeoX); alibi [Hq]: ALiBi slopes (Bloom, MPT)."""
-    q, k = qk_norm_reference(q, k, q_norm_weight, k_norm_weight, qk_norm_eps)
+    q, k = qk_norm_reference(q, k, q_norm_weight, k_norm_weight, qk_norm_eps, q_norm_bias, k_norm_bias,
+                             qk_layer_norm)
     if window or softcap or alibi is not None:
         attn = general_cached_attention_reference(q, k, v, k_cache, v_cache, cache_len, kv_start, scale,
                                                   softcap=softcap, window=window, cos=cos, sin=sin, alibi=alibi)
@@ -81,7 +87,8 @@ def attention_block(
 @attention_block.register_fake
 def _attention_block_fake(q, k, v, cos, sin, k_cache, v_cache, cache_len, kv_start, scale, o_weight, residual,
                           q_norm_weight=None, k_norm_weight=None, qk_norm_eps=0.0, window=0, softcap=0.0,
-                          post_norm_weight=None, post_norm_eps=0.0, o_bias=None, alibi=None):
+                          post_norm_weight=None, post_norm_eps=0.0, o_bias=None, alibi=None, q_norm_bias=None,
+                          k_norm_bias=None, qk_layer_norm=False):
     return torch.empty_like(residual, dtype=torch.promote_types(q.dtype, residual.dtype))
 
 

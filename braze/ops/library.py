@@ -80,21 +80,26 @@ def rms_norm_reference(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 
 def qk_norm_reference(q: Tensor, k: Tensor, q_norm_weight: Tensor | None, k_norm_weight: Tensor | None,
-                      eps: float) -> tuple[Tensor, Tensor]:
-    """q and k [B, H, S, D] RMS-normed before attention, each by its weight: a weight of D normalizes each head
-    (Qwen3, Gemma 3); a weight of H * D normalizes all heads of a position together (OLMo 2's norms over the whole
-    projection, which HF applies before splitting the heads)."""
-    return _rms_norm_heads(q, q_norm_weight, eps), _rms_norm_heads(k, k_norm_weight, eps)
+                      eps: float, q_norm_bias: Tensor | None = None, k_norm_bias: Tensor | None = None,
+                      layer_norm: bool = False) -> tuple[Tensor, Tensor]:
+    """q and k [B, H, S, D] normed before attention, each by its weight: a weight of D normalizes each head (Qwen3,
+    Gemma 3); [H, D] each head with its own row (Cohere); a weight of H * D normalizes all heads of a position
+    together (OLMo 2's norms over the whole projection, which HF applies before splitting the heads). RMSNorms, or
+    with layer_norm LayerNorms with the biases (laid out as the weights: Persimmon's [D], Cohere's none)."""
+    return (_norm_heads(q, q_norm_weight, q_norm_bias, eps, layer_norm),
+            _norm_heads(k, k_norm_weight, k_norm_bias, eps, layer_norm))
 
 
-def _rms_norm_heads(x: Tensor, weight: Tensor | None, eps: float) -> Tensor:
+def _norm_heads(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, layer_norm: bool) -> Tensor:
     if weight is None:
         return x
-    if weight.shape[0] == x.shape[-1]:
-        return rms_norm_reference(x, weight, eps)
+    if weight.dim() == 2:  # a row per head: broadcast over the positions
+        weight, bias = weight[:, None, :], (bias[:, None, :] if bias is not None else None)
+    if weight.shape[-1] == x.shape[-1]:
+        return norm_reference(x, weight, bias, eps, layer_norm)
     b, h, s, d = x.shape
-    flat = x.transpose(1, 2).reshape(b, s, h * d)
-    return rms_norm_reference(flat, weight, eps).reshape(b, s, h, d).transpose(1, 2)
+    flat = norm_reference(x.transpose(1, 2).reshape(b, s, h * d), weight, bias, eps, layer_norm)
+    return flat.reshape(b, s, h, d).transpose(1, 2)
 
 
 @torch.library.custom_op("braze::rms_norm", mutates_args=())

@@ -27,6 +27,8 @@ rank 0 folds.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.fx as fx
 
@@ -35,6 +37,7 @@ from braze.ops.schema import op_args
 from braze.passes.context import PassContext
 from braze.passes.fusion import decomposed_rms_norm
 from braze.passes.graph_utils import _erase_dead_from, is_op, new_node, single_user, val
+from braze.passes.patterns import match_layer_norm
 
 aten = torch.ops.aten
 braze = torch.ops.braze
@@ -72,27 +75,63 @@ def _heads_flattened_in_order(attn: fx.Node, chain: list[fx.Node]) -> bool:
     return t.reshape(-1).equal(want)
 
 
-def _head_norm(x: fx.Node, whole: bool) -> tuple[fx.Node, list, fx.Node, float, fx.Node | None] | None:
-    """(the norm's input, the permutes after it, weight, eps, the head split) when the attention input `x` is an
-    RMSNorm seen through permutes that keep the head dim last, and nothing else reads the normed value: over each
-    head (Qwen3's q_norm / k_norm, decomposed; weight [D], split None), or with `whole`, over all heads of a position
-    before a reshape splits them (OLMo 2's, over the whole projection; weight [H * D], split that reshape). The
-    attention block can then normalize the norm's input itself."""
+class _HeadNorm(NamedTuple):
+    src: fx.Node  # the norm's input
+    perms: list  # the permutes from the norm's output to the attention's input, in order
+    weight: fx.Node
+    bias: fx.Node | None
+    eps: float
+    split: fx.Node | None  # the reshape splitting the heads after a norm over the whole projection
+    layer: bool  # a LayerNorm (else an RMSNorm)
+
+
+def _head_norm(x: fx.Node, whole: bool, layer: bool) -> _HeadNorm | None:
+    """The norm behind the attention input `x` (seen through permutes that keep the head dim last), when nothing
+    else reads its output: an RMSNorm over each head (Qwen3's q_norm / k_norm, decomposed; weight [D]), with
+    `whole` one over all heads of a position before a reshape splits them (OLMo 2's, over the whole projection;
+    weight [H * D]), with `layer` a LayerNorm over each head (Persimmon's, weight and bias [D]; Cohere's, a weight
+    row per head [H, D]). The attention block can then normalize the norm's input itself."""
     perms, cur, split = [], x, None
     while is_op(cur, aten.permute.default) and list(cur.args[1])[-1] in (-1, val(cur).dim() - 1):
-        perms.append(cur.args[1])
+        perms.append(list(cur.args[1]))
         cur = cur.args[0]
+    perms = perms[::-1]
     if whole and is_op(cur, aten.view.default, aten.reshape.default, aten._unsafe_view.default) \
             and single_user(cur) and _splits_heads(val(cur.args[0]).shape, val(cur).shape):
         split, cur = cur, cur.args[0]
-    norm = decomposed_rms_norm(cur)
+    found = decomposed_rms_norm(cur)
+    norm = None if found is None else _HeadNorm(found[0], perms, found[1], None, found[2], split, False)
+    if norm is None and layer and split is None:
+        found = _decomposed_layer_norm(cur)
+        norm = None if found is None else _HeadNorm(found[0], perms, found[1], found[2], found[3], None, True)
     if norm is None or not single_user(cur):
         return None
-    src, w, eps = norm
-    if val(w).dim() != 1 or val(w).shape[0] != val(cur).shape[-1] or val(src).dtype != val(cur).dtype \
-            or val(w).dtype not in (val(src).dtype, torch.float32):  # (fp32: Gemma 3's scale, one rounding)
+    w, dtype = val(norm.weight), val(norm.src).dtype
+    if dtype != val(cur).dtype or any(t is not None and val(t).dtype not in (dtype, torch.float32)
+                                      for t in (norm.weight, norm.bias)):  # (fp32: Gemma 3's scale, one rounding)
         return None
-    return src, perms[::-1], w, eps, split
+    if w.dim() == 2:  # a row per head: the heads must be the dim the permutes carry to the attention's dim 1
+        dims = list(range(val(cur).dim()))
+        for p in perms:
+            dims = [dims[i] for i in p]
+        if dims[1] != val(cur).dim() - 2:
+            return None
+    elif w.dim() != 1 or w.shape[0] != val(cur).shape[-1]:
+        return None
+    return norm
+
+
+def _decomposed_layer_norm(out: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node | None, float] | None:
+    """(x, weight, bias, eps) when `out` is a LayerNorm's output as HF writes it (patterns.match_layer_norm; its
+    rsqrt lies a few nodes up), else None."""
+    frontier = [out]
+    for _ in range(5):
+        frontier = [a for n in frontier for a in n.all_input_nodes]
+        for n in frontier:
+            m = match_layer_norm(n, head_rows=True) if is_op(n, aten.rsqrt.default) else None
+            if m is not None and m[4] is out:
+                return m[:4]
+    return None
 
 
 def _splits_heads(flat: torch.Size, heads: torch.Size) -> bool:
@@ -152,14 +191,15 @@ def _fold_attention(attn: fx.Node, order: dict[fx.Node, int], ctx: PassContext) 
     names = ("q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start",
              *(("tree_mask",) if tree else ()), "scale")
     target = braze.tree_attention_block.default if tree else braze.attention_block.default
-    # Qwen3's q_norm / k_norm (OLMo 2's over the whole projection) into the decode block (not under
-    # deterministic=True: the verify's rope_write kernel reads the normed q / k, and accepted nodes must match decode
-    # bitwise)
-    qk = None if tree or ring is not None or ctx.config.deterministic else qk_head_norms(a, ctx, lin, whole=True)
+    # Qwen3's q_norm / k_norm (OLMo 2's over the whole projection, Cohere's / Persimmon's LayerNorms) into the
+    # decode block (not under deterministic=True: the verify's rope_write kernel reads the normed q / k, and accepted
+    # nodes must match decode bitwise)
+    qk = None if tree or ring is not None or ctx.config.deterministic \
+        else qk_head_norms(a, ctx, lin, whole=True, layer=True)
     if qk is not None:
         a = {**a, "q": qk[0], "k": qk[1]}
     args = (*(a[n] for n in names), w, res)
-    kwargs = {**(dict(zip(("q_norm_weight", "k_norm_weight", "qk_norm_eps"), qk[2:])) if qk else {}),
+    kwargs = {**(qk[2] if qk else {}),
               **({"window": window} if window else {}), **({"softcap": softcap} if softcap else {}),
               **({"post_norm_weight": post[0], "post_norm_eps": post[1]} if post else {}),
               **({"o_bias": bias} if bias is not None else {}), **({"alibi": alibi} if alibi is not None else {})}
@@ -226,24 +266,33 @@ def _plain_window_attention(a: dict, ctx: PassContext) -> str | None:
     return None
 
 
-def qk_head_norms(a: dict, ctx: PassContext, before: fx.Node,
-                  whole: bool = False) -> tuple[fx.Node, fx.Node, fx.Node, fx.Node, float] | None:
-    """(q', k', q_norm_weight, k_norm_weight, eps) for braze::attention_block when q and k are both RMSNorms of one
-    kind with one eps (their two fused kernels then fold into the block): per head, or with `whole`, both over the
-    whole projection (OLMo 2); q' / k' the norms' inputs seen through the same head split and permutes, else None."""
-    q_norm, k_norm = _head_norm(a["q"], whole), _head_norm(a["k"], whole)
-    if not (q_norm and k_norm and q_norm[3] == k_norm[3] and (q_norm[4] is None) == (k_norm[4] is None)) \
+def qk_head_norms(a: dict, ctx: PassContext, before: fx.Node, whole: bool = False,
+                  layer: bool = False) -> tuple[fx.Node, fx.Node, dict] | None:
+    """(q', k', the norm kwargs of braze::attention_block) when q and k are both norms of one kind with one eps
+    (their two fused kernels then fold into the block): RMSNorms per head, with `whole` both over the whole
+    projection (OLMo 2), with `layer` LayerNorms per head (Cohere, Persimmon); q' / k' the norms' inputs seen
+    through the same head split and permutes, else None."""
+    q_norm, k_norm = _head_norm(a["q"], whole, layer), _head_norm(a["k"], whole, layer)
+    if not (q_norm and k_norm) or q_norm.eps != k_norm.eps or q_norm.layer != k_norm.layer \
+            or (q_norm.split is None) != (k_norm.split is None) or (q_norm.bias is None) != (k_norm.bias is None) \
+            or val(q_norm.weight).dim() != val(k_norm.weight).dim() \
             or not (single_user(a["q"]) and single_user(a["k"])):
         return None
     gm = before.graph.owning_module
     inputs = []
-    for src, perms, _, _, split in (q_norm, k_norm):
-        if split is not None:
-            src = new_node(gm, split.target, (src, *split.args[1:]), dict(split.kwargs), ctx, before)
-        for dims in perms:
+    for norm in (q_norm, k_norm):
+        src = norm.src
+        if norm.split is not None:
+            src = new_node(gm, norm.split.target, (src, *norm.split.args[1:]), dict(norm.split.kwargs), ctx, before)
+        for dims in norm.perms:
             src = new_node(gm, aten.permute.default, (src, dims), {}, ctx, before)
         inputs.append(src)
-    return inputs[0], inputs[1], q_norm[2], k_norm[2], q_norm[3]
+    kwargs = {"q_norm_weight": q_norm.weight, "k_norm_weight": k_norm.weight, "qk_norm_eps": float(q_norm.eps)}
+    if q_norm.layer:
+        kwargs["qk_layer_norm"] = True
+        if q_norm.bias is not None:
+            kwargs.update(q_norm_bias=q_norm.bias, k_norm_bias=k_norm.bias)
+    return inputs[0], inputs[1], kwargs
 
 
 def _fold_mlp(up: fx.Node, ctx: PassContext) -> str | None:

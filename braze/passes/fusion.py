@@ -15,6 +15,7 @@ import math
 import torch
 import torch.fx as fx
 
+from braze.codegen import pointwise_ops as P
 from braze.ops.library import scales_in_fp32
 from braze.ops.schema import op_args
 from braze.passes.context import PassContext
@@ -287,7 +288,7 @@ def _partial_rope(t):
 
 # views through which a projection's output columns reach q / k (B = S = 1 when they are evaluated on indices)
 COLUMN_VIEWS = (aten.reshape.default, aten.permute.default, aten.slice.Tensor, aten.transpose.int,
-                aten.unsqueeze.default, aten.squeeze.dim)
+                aten.unsqueeze.default, aten.squeeze.dim, aten.select.int)
 _BAIL = object()
 
 
@@ -303,15 +304,93 @@ def _concrete(a):
     return a
 
 
+def _head_dim_equivariant(node: fx.Node, d: int) -> bool:
+    """Whether `node` commutes with a permutation of the last dim (of size d) of its inputs and constants: an
+    elementwise op or a cast over operands whose last dim is d or 1, or a keepdim mean / sum over the last dim."""
+    v = val(node)
+    if node.op != "call_function" or not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[-1] not in (d, 1):
+        return False
+    if is_op(node, aten.mean.dim, aten.sum.dim_IntList):
+        src = val(node.args[0])
+        return len(node.args) > 2 and bool(node.args[2]) and list(node.args[1]) in ([-1], [src.dim() - 1]) \
+            and not node.kwargs.get("dtype")
+    if node.target not in P.ELEMENTWISE and node.target not in P.COPY_OPS:
+        return False
+    return all(val(a).dim() == 0 or val(a).shape[-1] in (d, 1) for a in node.all_input_nodes
+               if isinstance(val(a), torch.Tensor))
+
+
+def _head_norm_region(end: fx.Node, ctx: PassContext) -> tuple[fx.Node, set[fx.Node], list[fx.Node]] | None:
+    """When `end` is, through permutes that keep the last dim last, a computation of one input x that commutes
+    with a permutation of the head dim (a per-head LayerNorm / RMSNorm, decomposed: Cohere's and Persimmon's q / k
+    norms), (x, the region's nodes, its constant weights): x permuted and the weights' last dims permuted alike
+    give the output permuted. Else None."""
+    out = end
+    while is_op(out, aten.permute.default) and list(out.args[1])[-1] in (-1, val(out).dim() - 1):
+        out = out.args[0]
+        if len(out.users) != 1:
+            return None
+    v = val(out)
+    if not isinstance(v, torch.Tensor) or v.dim() == 0 or not isinstance(v.shape[-1], int) or v.shape[-1] < 2:
+        return None
+    d = v.shape[-1]
+    region: set[fx.Node] = set()
+    consts: list[fx.Node] = []
+    leaves: set[fx.Node] = set()
+    stack = [out]
+    while stack:
+        n = stack.pop()
+        if n in region or n in leaves or n in consts:
+            continue
+        if n.op == "placeholder" and n.name in ctx.weights:
+            consts.append(n)
+        elif _head_dim_equivariant(n, d):
+            region.add(n)
+            stack.extend(n.all_input_nodes)
+        else:
+            leaves.add(n)
+        if len(region) > 24:
+            return None
+    if len(leaves) != 1 or out not in region:
+        return None
+    x = leaves.pop()
+    if not isinstance(val(x), torch.Tensor) or val(x).shape[-1] != d:
+        return None
+    # nothing else may read x or a value inside the region: it would see permuted columns
+    if any(u not in region for u in x.users) or any(u not in region for n in region - {out} for u in n.users):
+        return None
+    return x, region, consts
+
+
+def _permute_constants(region: set[fx.Node], consts: list[fx.Node], perm: list[int], ctx: PassContext) -> None:
+    """The region's constant weights with their last dim permuted (new weights, read by the region only)."""
+    d = len(perm)
+    for c in consts:
+        w = ctx.weights[c.name]
+        if w.dim() == 0 or w.shape[-1] != d:
+            continue
+        gm = next(iter(region)).graph.owning_module
+        new = ctx.add_weight(gm, f"{c.name}_rope_perm"[:60], w[..., perm].contiguous())
+        for n in region:
+            n.replace_input_with(c, new)
+
+
 def _permute_into_weights(ends: list[fx.Node], perm: list[int], ctx: PassContext) -> bool:
     """Apply the head-dim permutation `perm` to q / k (`ends`) by permuting the rows of the projection weights
     they are views of: no copy of q / k per call. False (graph untouched) unless every end is a view chain of a
-    bias-or-not braze::linear over weights, and no other reader of that linear sees a permuted column."""
+    bias-or-not braze::linear over weights (or a per-head norm of one, whose weights are then permuted too), and no
+    other reader of that linear sees a permuted column."""
     sources: dict[fx.Node, list[fx.Node]] = {}
+    norms = []
     for x in ends:
         n = x
         while is_op(n, *COLUMN_VIEWS):
             n = n.args[0]
+        if not is_op(n, braze.linear.default) and (norm := _head_norm_region(x, ctx)) is not None:
+            x, n = norm[0], norm[0]
+            norms.append(norm[1:])
+            while is_op(n, *COLUMN_VIEWS):
+                n = n.args[0]
         a = op_args(n) if is_op(n, braze.linear.default) else None
         if a is None or a["residual"] is not None or a["weight"].op != "placeholder" or \
                 a["weight"].name not in ctx.weights or ctx.weights[a["weight"].name].dim() != 2 or \
@@ -359,6 +438,8 @@ def _permute_into_weights(ends: list[fx.Node], perm: list[int], ctx: PassContext
         if b is not None:
             b = ctx.add_weight(gm, f"{b.name}_rope_perm"[:60], ctx.weights[b.name][cols].contiguous())
         lin.replace_all_uses_with(_replace(lin, ctx, weight=w, bias=b))
+    for region, consts in norms:
+        _permute_constants(region, consts, perm, ctx)
     return True
 
 

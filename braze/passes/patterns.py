@@ -172,11 +172,11 @@ def _centred(node: fx.Node, h: fx.Node, mean: fx.Node) -> bool:
     return is_op(node, aten.sub.Tensor) and node.args[0] is h and node.args[1] is mean
 
 
-def _layer_norm_from_rsqrt(rsqrt: fx.Node, ctx: PassContext):
-    """(h - mean) * rsqrt(mean((h - mean)^2) + eps) * w (+ b) [-> cast back], h = x or x.float(): HF LayerNorm,
-    as torch decomposes nn.LayerNorm and as Cohere writes its own. Rewritten only where linears read it all: a
-    matmul prologue is where a LayerNorm op pays (elsewhere, per-head q / k LayerNorms among them, the decomposed
-    form stays for the fused elementwise kernels and the rotary passes that read it)."""
+def match_layer_norm(rsqrt: fx.Node, head_rows: bool = False) -> tuple[fx.Node, fx.Node, fx.Node | None, float,
+                                                                       fx.Node] | None:
+    """(x, weight, bias, eps, output) when `rsqrt` is the heart of (h - mean) * rsqrt(mean((h - mean)^2) + eps) * w
+    (+ b) [-> cast back], h = x or x.float(): HF LayerNorm, as torch decomposes nn.LayerNorm and as Cohere writes
+    its own. The weight (and bias) is [D], or with head_rows [H, D] (Cohere's per-head q / k norms)."""
     add = rsqrt.args[0]
     if not is_op(add, aten.add.Tensor, aten.add.Scalar) or not isinstance(add.args[1], float):
         return None
@@ -200,8 +200,9 @@ def _layer_norm_from_rsqrt(rsqrt: fx.Node, ctx: PassContext):
         return None
     scale = next(iter(norm.users))
     weight = _other(scale, norm) if is_op(scale, aten.mul.Tensor) else None
-    if not isinstance(weight, fx.Node) or not isinstance(val(weight), torch.Tensor) or val(weight).dim() != 1 \
-            or val(weight).shape[0] != val(h).shape[-1]:
+    if not isinstance(weight, fx.Node) or not isinstance(val(weight), torch.Tensor) \
+            or val(weight).dim() not in ((1, 2) if head_rows else (1,)) or val(weight).shape[-1] != val(h).shape[-1] \
+            or (val(weight).dim() == 2 and (val(h).dim() < 2 or val(weight).shape[0] != val(h).shape[-2])):
         return None
     out, bias = scale, None
     nxt = next(iter(scale.users)) if single_user(scale) else None
@@ -217,11 +218,22 @@ def _layer_norm_from_rsqrt(rsqrt: fx.Node, ctx: PassContext):
                 and val(out).dtype == torch.float32):
             return None
         out = last
-    if val(out).dtype != val(src).dtype or not out.users \
-            or not all(is_op(u, *_LINEARS) and u.args[0] is out for u in out.users):
+    if val(out).dtype != val(src).dtype:
         return None
-    rep = new_node(out.graph.owning_module, braze.layer_norm.default, (src, weight, bias, float(add.args[1])), {},
-                   ctx, out)
+    return src, weight, bias, float(add.args[1]), out
+
+
+def _layer_norm_from_rsqrt(rsqrt: fx.Node, ctx: PassContext):
+    """match_layer_norm's LayerNorm as braze::layer_norm, only where linears read it all: a matmul prologue is where
+    a LayerNorm op pays (elsewhere, per-head q / k LayerNorms among them, the decomposed form stays for the fused
+    elementwise kernels, the rotary passes and the decode attention block that read it)."""
+    m = match_layer_norm(rsqrt)
+    if m is None:
+        return None
+    src, weight, bias, eps, out = m
+    if not out.users or not all(is_op(u, *_LINEARS) and u.args[0] is out for u in out.users):
+        return None
+    rep = new_node(out.graph.owning_module, braze.layer_norm.default, (src, weight, bias, eps), {}, ctx, out)
     out.replace_all_uses_with(rep)
     return rep
 

@@ -33,9 +33,8 @@ def fold_prefill_qk_norm(gm: fx.GraphModule, ctx: PassContext) -> int:
         qk = qk_head_norms(a, ctx, node)
         if qk is None:
             continue
-        norms = {"q_norm_weight": qk[2], "k_norm_weight": qk[3], "qk_norm_eps": float(qk[4])}
         # both ops take q and k first (insert_kv_cache builds them so): the norms' inputs replace them
-        rep = new_node(gm, node.target, (qk[0], qk[1], *node.args[2:]), {**node.kwargs, **norms}, ctx, node)
+        rep = new_node(gm, node.target, (qk[0], qk[1], *node.args[2:]), {**node.kwargs, **qk[2]}, ctx, node)
         node.replace_all_uses_with(rep)
         gm.graph.erase_node(node)
         count += 1
