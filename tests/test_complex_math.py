@@ -78,8 +78,9 @@ def test_complex_values_without_a_rule_stay_eager_and_exact():
 
 @pytest.mark.parametrize("layers", [2])
 def test_llama4_rope_leaves_the_eager_steps(layers):
-    """A tiny Llama 4 (text): its complex RoPE no longer runs eagerly in any plan (its experts' bmm, scatter and
-    repeat still do); logits within 1e-5 of eager and 6 greedy tokens equal to HF's."""
+    """A tiny Llama 4 (text): its complex RoPE no longer runs eagerly in any plan (nor, since passes/normalize.py
+    lowers them, its experts' bmm, scatter and repeat: test_generate.py::test_llama4_decodes_at_any_batch_with_its_
+    rope_as_real_ops); logits within 1e-5 of eager and 6 greedy tokens equal to HF's."""
     import transformers
 
     cfg = transformers.AutoConfig.for_model(

@@ -500,6 +500,45 @@ def test_gather_and_scatter_by_proven_indices_fuse():
     assert [s.target for s in cm.plan.steps if s.kind == "eager"] == ["aten.gather.default"]
 
 
+def test_llama4_moe_ops_lower_to_kernels():
+    """Llama 4's MoE ops: its router scatters the top-k logits into a -inf fill (a comparison select by the top-k's
+    distinct indices, also into a computed tensor), repeats every token once per expert (a broadcast view) and runs
+    every expert over all of them by bmm with the expert weights (braze::grouped_mm, expert e on rows [e * T, (e +
+    1) * T)). The selects exact; the repeated tokens times the sigmoid scores and the matmuls within fp32 rounding
+    (Triton's sigmoid, the summation order); no eager step at two token counts. A bmm of two activations keeps its
+    eager step."""
+    class Moe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(4, 8, 6, generator=torch.Generator().manual_seed(1)))
+
+        def forward(self, logits, x):
+            top = torch.topk(logits, 2, dim=1)
+            scores = torch.full_like(logits, float("-inf")).scatter_(1, top.indices, top.values)
+            into = (logits * 0.5).scatter(1, top.indices, top.values * 3)
+            routed = x.repeat(4, 1) * torch.sigmoid(scores).transpose(0, 1).reshape(-1, 1)
+            out = torch.bmm(routed.view(4, -1, 8), self.w)
+            return scores, into, routed, out
+
+    class Pair(torch.nn.Module):
+        def forward(self, a, b):
+            return torch.bmm(a, b) + 1
+
+    cm = braze.compile(Moe())
+    for tokens in (5, 3):
+        logits, x = torch.randn(tokens, 4), torch.randn(tokens, 8)
+        got, want = cm(logits, x), Moe()(logits, x)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        for g, w in zip(got[2:], want[2:]):  # (after the sigmoid: Triton's, not torch's)
+            torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+    assert not [s for s in cm.plan.steps if s.kind == "eager"]
+    assert [s.launcher for s in cm.plan.steps if s.kind == "template"].count("grouped_matmul") == 1
+    pair = braze.compile(Pair())
+    a, b = torch.randn(2, 3, 4), torch.randn(2, 4, 5)
+    torch.testing.assert_close(pair(a, b), Pair()(a, b))
+    assert [s.target for s in pair.plan.steps if s.kind == "eager"] == ["aten.bmm.default"]
+
+
 def test_reductions_over_other_dims_fuse():
     """sum / mean / amax / amin over several dims, all dims, or a non-last dim (and softmax over dim 1) become
     last-dim reductions of a view (passes/normalize.py): fused, no eager step, exact up to summation order, at two

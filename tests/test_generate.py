@@ -451,10 +451,15 @@ def test_a_graph_that_pins_the_decode_batch_pads_up_to_max_batch(monkeypatch):
 
 def test_llama4_decodes_at_any_batch_with_its_rope_as_real_ops():
     """With lower_complex (the default pipeline) Llama 4's decode plan follows the batch: no padding, greedy tokens
-    equal HF's at batch 1 and 3, and speculation is accepted."""
+    equal HF's at batch 1 and 3, and speculation is accepted. Its MoE runs in kernels too: no eager step in any plan
+    (the router's scatter of its top-k logits is a comparison select, the token repeat a view, the experts' bmm a
+    grouped matmul)."""
     model = _tiny_llama4()
     cm = braze.compile(model, max_seq=32, max_batch=3)
     assert "decode batch" not in cm.report.extra and not cm.generator.static_decode_batch
+    for plan in (cm.plan, *cm.extra_plans.values()):
+        assert not [s.target for s in plan.steps if s.kind == "eager" and s.target != "_operator.getitem"], plan.name
+    assert sum(s.launcher == "grouped_matmul" for s in cm.extra_plans["decode"].steps) == 4  # 2 layers x 2
     ids = torch.randint(3, 256, (3, 6), generator=torch.Generator().manual_seed(1))
     for b in (1, 3):
         want = model.generate(ids[:b], max_new_tokens=4, do_sample=False, pad_token_id=0)

@@ -429,6 +429,98 @@ def _scatter_value_to_mask(node: fx.Node, ctx: PassContext) -> bool:
     return True
 
 
+def _distinct_indices(index: fx.Node) -> bool:
+    """Whether index's values are distinct along its last dim: a top-k's indices (HF's topk or braze::topk_packed's
+    index half read back)."""
+    if is_op(index, operator.getitem) and is_op(index.args[0], aten.topk.default) and index.args[1] == 1:
+        topk = op_args(index.args[0])
+        return topk["dim"] % val(topk["self"]).dim() == val(topk["self"]).dim() - 1
+    return is_op(index, aten._to_copy.default) and is_op(index.args[0], aten.select.int) \
+        and is_op(index.args[0].args[0], torch.ops.braze.topk_packed.default) \
+        and tuple(index.args[0].args[1:]) == (0, 1)
+
+
+def _scatter_src_to_select(node: fx.Node, ctx: PassContext) -> bool:
+    """base.scatter(-1, index, src) with a top-k's index (distinct, in [0, G)) -> for each slot g the src entry
+    whose index is g, else base: sum_j (index[..., j] == g) * src[..., j] (one term at most: exact for finite src,
+    such as a linear's top-k logits) and a select by amax_j of the same comparisons. Llama 4's router scatters its
+    top-k logits into a -inf fill this way."""
+    args = op_args(node)
+    base, index, src = args["self"], args["index"], args["src"]
+    bv, iv = val(base), val(index)
+    if not (isinstance(bv, torch.Tensor) and isinstance(iv, torch.Tensor) and isinstance(val(src), torch.Tensor)
+            and bv.dim() == iv.dim() >= 1 and args["dim"] % bv.dim() == bv.dim() - 1
+            and tuple(val(src).shape) == tuple(iv.shape) and val(src).dtype == bv.dtype
+            and tuple(iv.shape[:-1]) == tuple(bv.shape[:-1]) and _in_bounds(index, bv.shape[-1])
+            and _distinct_indices(index)):
+        return False
+    gm, width = node.graph.owning_module, bv.shape[-1]
+
+    def op(target, *a, **kw):
+        return new_node(gm, target, a, kw, ctx, node)
+
+    slots = op(aten.unsqueeze.default, op(aten.arange.default, width, dtype=iv.dtype, device=iv.device), -1)
+    hit = op(aten._to_copy.default, op(aten.eq.Tensor, op(aten.unsqueeze.default, index, -2), slots),
+             dtype=torch.float32)  # [..., G, k]
+    picked = op(aten.sum.dim_IntList, op(aten.mul.Tensor, hit, op(aten.unsqueeze.default, src, -2)), [-1])
+    if bv.dtype != torch.float32:
+        picked = op(aten._to_copy.default, picked, dtype=bv.dtype)
+    missed = op(aten.lt.Scalar, op(aten.amax.default, hit, [-1]), 0.5)  # [..., G]: no j picked g
+    fill = op_args(base).get("fill_value", 0) if is_op(base, *_CONSTANT_FILLS) else None
+    if isinstance(fill, (int, float)) and not isinstance(fill, bool):
+        out = op(aten.masked_fill.Scalar, picked, missed, fill)
+    else:
+        out = op(aten.where.self, missed, base, picked)
+    node.replace_all_uses_with(out)
+    _erase_dead_from(node)
+    ctx.note(f"{node.name}: scatter of top-k values -> a comparison select (fused)")
+    return True
+
+
+def _repeat_rows(node: fx.Node, ctx: PassContext) -> bool:
+    """x.repeat(n, 1, ..., 1) -> x broadcast n times along a new leading dim, flattened into the first: a view the
+    fused kernels read (repeat has no lowering). Llama 4 feeds every expert every token this way."""
+    args = op_args(node)
+    x, reps = args["self"], list(args["repeats"])
+    xv = val(x)
+    if not isinstance(xv, torch.Tensor) or xv.dim() < 1 or len(reps) != xv.dim() or not isinstance(reps[0], int) \
+            or any(r != 1 for r in reps[1:]) or any(not isinstance(d, int) for d in xv.shape[1:]):
+        return False
+    gm = node.graph.owning_module
+    out = new_node(gm, aten.unsqueeze.default, (x, 0), {}, ctx, node)
+    out = new_node(gm, aten.expand.default, (out, [reps[0], *[-1] * xv.dim()]), {}, ctx, node)
+    out = new_node(gm, aten.reshape.default, (out, [-1, *xv.shape[1:]]), {}, ctx, node)
+    node.replace_all_uses_with(out)
+    node.graph.erase_node(node)
+    return True
+
+
+def _bmm_by_expert_weights(node: fx.Node, ctx: PassContext) -> bool:
+    """bmm(x [E, T, K], w [E, K, N]) with w a weight (Llama 4's experts, every token through every expert) ->
+    braze::grouped_mm over x's E * T rows, expert e taking rows [e * T, (e + 1) * T): the grouped matmul kernel."""
+    x, w = node.args[0], node.args[1]
+    xv, wv = val(x), val(w)
+    if not (isinstance(w, fx.Node) and w.op == "placeholder" and w.name in ctx.weights and wv.dim() == 3
+            and isinstance(xv, torch.Tensor) and xv.dim() == 3 and xv.dtype == wv.dtype
+            and isinstance(xv.shape[0], int) and xv.shape[0] == wv.shape[0]
+            and isinstance(xv.shape[2], int) and isinstance(wv.shape[2], int)):
+        return False
+    gm = node.graph.owning_module
+
+    def op(target, *a, **kw):
+        return new_node(gm, target, a, kw, ctx, node)
+
+    experts, k = xv.shape[0], xv.shape[2]
+    rows = op(aten.sym_size.int, x, 1) if not isinstance(xv.shape[1], int) else xv.shape[1]
+    ends = op(aten.mul.Tensor, op(aten.arange.start, 1, experts + 1, dtype=torch.int32, device=xv.device), rows)
+    flat = op(aten.reshape.default, x, [-1, k])
+    out = op(aten.reshape.default, op(torch.ops.braze.grouped_mm.default, flat, w, ends), [experts, -1, wv.shape[2]])
+    node.replace_all_uses_with(out)
+    node.graph.erase_node(node)
+    ctx.note(f"{node.name}: bmm over expert weights -> braze::grouped_mm (MoE experts)")
+    return True
+
+
 def _clamp_by_tensors(node: fx.Node, ctx: PassContext) -> bool:
     """clamp(x, min=t, max=u) with tensor bounds -> minimum(maximum(x, t), u): elementwise ops the fused kernels
     lower (PhiMoE's sparsemixer clamps by the row maximum)."""
@@ -559,6 +651,12 @@ def normalize(gm: fx.GraphModule, ctx: PassContext) -> int:
             _mark_bounded_gather(node)
         elif node.target is aten.scatter.value:
             count += _scatter_value_to_mask(node, ctx)
+        elif node.target is aten.scatter.src:
+            count += _scatter_src_to_select(node, ctx)
+        elif node.target is aten.repeat.default:
+            count += _repeat_rows(node, ctx)
+        elif node.target is aten.bmm.default:
+            count += _bmm_by_expert_weights(node, ctx)
         elif node.target is aten.clamp.Tensor:
             count += _clamp_by_tensors(node, ctx)
         elif node.target is aten.max.dim:
