@@ -104,8 +104,6 @@ def is_fusable(node: fx.Node) -> bool:
     if t in P.ELEMENTWISE:
         if t is P.aten.pow.Tensor_Scalar and P._pow("x", node.args[1]) is None:
             return False
-        if t is P.aten.pow.Scalar and P._scalar_pow(node.args[0], "x") is None:
-            return False
         if t is P.aten.gelu.default and node.kwargs.get("approximate", "none") not in ("none", "tanh"):
             return False
         return True
@@ -466,8 +464,6 @@ class KernelBuilder:
             kwargs["integer"] = not math_float
         if t is P.aten.pow.Tensor_Scalar:
             code = P._pow(operands[0], node.args[1])
-        elif t is P.aten.pow.Scalar:
-            code = P._scalar_pow(node.args[0], operands[1])
         elif t is P.aten.clamp.default:
             code = P._clamp(operands[0], *(operands[1:] + [None, None])[:2])  # literals: inf prints as float('inf')
         else:

@@ -58,23 +58,20 @@ def _pow(x: Expr, exponent: float) -> Expr | None:
 
 
 def _log1p(x: Expr) -> Expr:
-    """log(1 + x) to full precision near 0 (Goldberg's correction: u = 1 + x rounded, log(u) * x / (u - 1))."""
+    """log(1 + x) to full precision near 0 (Goldberg's correction: u = 1 + x rounded, log(u) * (x / (u - 1))), and
+    without overflow for large x (the quotient first; u = inf: x itself)."""
     u = f"(1.0 + {x})"
-    return f"tl.where({u} == 1.0, {x}, tl.log({u}) * {x} / tl.where({u} == 1.0, 1.0, {u} - 1.0))"
+    quotient = f"({x} / tl.where({u} == 1.0, 1.0, {u} - 1.0))"  # (the lanes where u == 1 take x: no 0 / 0)
+    return f"tl.where(({u} == 1.0) | ({u} == float('inf')), {x}, tl.log({u}) * {quotient})"
 
 
 def _expm1(x: Expr) -> Expr:
-    """exp(x) - 1 to full precision near 0 (Kahan's correction: u = exp(x), (u - 1) * x / log(u))."""
+    """exp(x) - 1 to full precision near 0 (Kahan's correction: u = exp(x), (u - 1) * (x / log(u))), and without
+    overflow below exp's own (the quotient first; u = inf: inf; u = 0: -1)."""
     u = f"tl.exp({x})"
-    log_u = f"tl.where({u} == 1.0, 1.0, tl.log({u}))"  # (the lanes where u == 1 take x: no 0 / 0 computed)
-    return f"tl.where({u} == 1.0, {x}, tl.where({u} - 1.0 == -1.0, -1.0, ({u} - 1.0) * {x} / {log_u}))"
-
-
-def _scalar_pow(base: object, x: Expr) -> Expr | None:
-    """base ** x for a positive constant base (a rotary table's theta ** (i / d)) as exp2(x * log2(base))."""
-    if isinstance(base, bool) or not isinstance(base, (int, float)) or not 0 < base < math.inf:
-        return None
-    return f"tl.exp2({x} * {math.log2(base)!r})"
+    quotient = f"({x} / tl.where({u} == 1.0, 1.0, tl.log({u})))"
+    return (f"tl.where({u} == 1.0, {x}, tl.where({u} == 0.0, -1.0, "
+            f"tl.where({u} == float('inf'), {u}, ({u} - 1.0) * {quotient})))")
 
 
 # Elementwise ops: op -> (arity of tensor-or-scalar operands, builder). Builders receive operand expressions
@@ -113,7 +110,6 @@ ELEMENTWISE: dict[object, Callable[..., Expr | None]] = {
     aten.floor.default: lambda a: f"tl.floor({a})",
     aten.ceil.default: lambda a: f"tl.ceil({a})",
     aten.pow.Tensor_Scalar: _pow,
-    aten.pow.Scalar: _scalar_pow,
     aten.maximum.default: lambda a, b: f"tl.maximum({a}, {b})",
     aten.minimum.default: lambda a, b: f"tl.minimum({a}, {b})",
     aten.where.self: lambda c, a, b: f"tl.where({c}, {a}, {b})",

@@ -380,6 +380,7 @@ def fold_decode_layers(gm: fx.GraphModule, ctx: PassContext) -> int:
                  for n in gm.graph.nodes)
     if normed:
         whole = sum(is_op(n, braze.attention_block.default) and op_args(n)["q_norm_weight"] is not None
+                    and val(op_args(n)["q_norm_weight"]).dim() == 1
                     and val(op_args(n)["q_norm_weight"]).shape[0] != val(op_args(n)["q"]).shape[-1]
                     for n in gm.graph.nodes)
         ctx.note(f"{plan} plan: {normed} attention blocks normalize q / k ({normed - whole} per head, {whole} over "

@@ -312,7 +312,8 @@ def _head_dim_equivariant(node: fx.Node, d: int) -> bool:
         return False
     if is_op(node, aten.mean.dim, aten.sum.dim_IntList):
         src = val(node.args[0])
-        return len(node.args) > 2 and bool(node.args[2]) and list(node.args[1]) in ([-1], [src.dim() - 1]) \
+        return len(node.args) > 2 and bool(node.args[2]) and node.args[1] is not None \
+            and list(node.args[1]) in ([-1], [src.dim() - 1]) \
             and not node.kwargs.get("dtype")
     if node.target not in P.ELEMENTWISE and node.target not in P.COPY_OPS:
         return False

@@ -442,9 +442,9 @@ def _distinct_indices(index: fx.Node) -> bool:
 
 def _scatter_src_to_select(node: fx.Node, ctx: PassContext) -> bool:
     """base.scatter(-1, index, src) with a top-k's index (distinct, in [0, G)) -> for each slot g the src entry
-    whose index is g, else base: sum_j (index[..., j] == g) * src[..., j] (one term at most: exact for finite src,
-    such as a linear's top-k logits) and a select by amax_j of the same comparisons. Llama 4's router scatters its
-    top-k logits into a -inf fill this way."""
+    whose index is g, else base: sum_j where(index[..., j] == g, src[..., j], 0) (one term at most: exact) and a
+    select by amax_j of the same comparisons. Llama 4's router scatters its top-k logits into a -inf fill this
+    way."""
     args = op_args(node)
     base, index, src = args["self"], args["index"], args["src"]
     bv, iv = val(base), val(index)
@@ -455,16 +455,18 @@ def _scatter_src_to_select(node: fx.Node, ctx: PassContext) -> bool:
             and _distinct_indices(index)):
         return False
     gm, width = node.graph.owning_module, bv.shape[-1]
+    if not isinstance(width, int):
+        return False
 
     def op(target, *a, **kw):
         return new_node(gm, target, a, kw, ctx, node)
 
     slots = op(aten.unsqueeze.default, op(aten.arange.default, width, dtype=iv.dtype, device=iv.device), -1)
-    hit = op(aten._to_copy.default, op(aten.eq.Tensor, op(aten.unsqueeze.default, index, -2), slots),
-             dtype=torch.float32)  # [..., G, k]
-    picked = op(aten.sum.dim_IntList, op(aten.mul.Tensor, hit, op(aten.unsqueeze.default, src, -2)), [-1])
-    if bv.dtype != torch.float32:
-        picked = op(aten._to_copy.default, picked, dtype=bv.dtype)
+    eq = op(aten.eq.Tensor, op(aten.unsqueeze.default, index, -2), slots)  # [..., G, k]
+    zero = op(aten.scalar_tensor.default, 0, dtype=bv.dtype, device=bv.device)
+    # the one src entry whose index is g (a select, not a product: exact for inf, nan and integers too)
+    picked = op(aten.sum.dim_IntList, op(aten.where.self, eq, op(aten.unsqueeze.default, src, -2), zero), [-1])
+    hit = op(aten._to_copy.default, eq, dtype=torch.float32)
     missed = op(aten.lt.Scalar, op(aten.amax.default, hit, [-1]), 0.5)  # [..., G]: no j picked g
     fill = op_args(base).get("fill_value", 0) if is_op(base, *_CONSTANT_FILLS) else None
     if isinstance(fill, (int, float)) and not isinstance(fill, bool):
