@@ -6,7 +6,9 @@ Custom ops of other libraries with a braze equivalent (HF's MoE grouped matmul) 
 constant consecutive index lists become slices; a constant table indexed by integer ids becomes an embedding;
 reductions over other dims than the last become last-dim reductions of a view. MoE routers' ops without a lowering
 become ones with one: top-k (and max with indices) -> braze::topk_packed, gathers by indices proven in range ->
-fused indirect loads, scatters of a value by such indices -> comparison masks, clamps by tensors -> min / max.
+fused indirect loads, scatters of a value by such indices -> comparison masks (of a top-k's values -> comparison
+selects), clamps by tensors -> min / max, a repeat of the tokens -> a broadcast view, bmm over expert weights
+(Llama 4) -> braze::grouped_mm; index_select over a table's rows -> an embedding lookup.
 """
 
 from __future__ import annotations
