@@ -430,6 +430,22 @@ def test_xielu_expm1_and_log1p_fuse_to_full_precision():
     assert not [s for s in cm.plan.steps if s.kind == "eager"]
 
 
+@pytest.mark.parametrize("mode", ["floor", "trunc"])
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float32])
+def test_div_with_rounding_mode_fuses(mode, dtype):
+    """torch.div(..., rounding_mode=) in a fused kernel (MoE routing's perm // top_k): negative dividends and
+    divisors, where floor and trunc differ (Triton's integer // truncates, as C does); no eager step."""
+    class Div(torch.nn.Module):
+        def forward(self, a, b):
+            return torch.div(a * 1, b, rounding_mode=mode) + torch.div(a, -3, rounding_mode=mode)
+
+    a = torch.arange(-7, 8, dtype=dtype).reshape(3, 5)
+    b = torch.tensor([[2, -2, 3, -3, 5]], dtype=dtype).expand(3, 5).contiguous()
+    cm = braze.compile(Div())
+    assert torch.equal(cm(a, b), Div()(a, b))
+    assert not [s for s in cm.plan.steps if s.kind == "eager"]
+
+
 def test_index_select_of_table_rows_is_an_embedding_lookup():
     """XGLM reads its sinusoidal position table with index_select(0, position ids): the same rows as table[ids],
     so it becomes an embedding lookup in a fused kernel (it ran eagerly). index_select along another dim keeps its
