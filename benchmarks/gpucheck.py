@@ -163,39 +163,25 @@ def qwen3_moe(layers: int = 1, dtype: torch.dtype = torch.float32) -> torch.nn.M
     return _seeded(transformers.Qwen3MoeForCausalLM, cfg, dtype, vector=(0.9, 1.1))
 
 
+# the tiny seeded models: name -> (braze.models.tiny_causal_lm arch, its config overrides). MPT builds its ALiBi for
+# config.max_seq_len positions (and refuses that many): widened
+TINY = {"tiny-llama": ("llama", {}), "tiny-qwen2": ("qwen2", {}), "tiny-mistral-swa": ("mistral_swa", {}),
+        "tiny-olmo2": ("olmo2", {}), "tiny-gpt2": ("gpt2", {}), "tiny-stablelm": ("stablelm", {}),
+        "tiny-bloom": ("bloom", {}), "tiny-mpt": ("mpt", {"max_seq_len": 2 * MAX_SEQ})}
+# real models' shapes, one layer: name -> builder(layers, dtype)
+SHAPES = {"gpt2-1layer": gpt2_small, "llama-3.2-1b-1layer": llama_3_2_1b, "gemma2-2b-1layer": gemma2_2b,
+          "qwen3-moe-1layer": qwen3_moe, "olmo2-7b-1layer": olmo2_7b, "persimmon-8b-1layer": persimmon_8b,
+          "cohere-qknorm-1layer": cohere_qknorm}
+
+
 def build_model(name: str, dtype: torch.dtype) -> torch.nn.Module:
     from braze.models import tiny_causal_lm
 
-    if name == "tiny-llama":
-        return tiny_causal_lm("llama", layers=1, dtype=dtype)
-    if name == "tiny-qwen2":
-        return tiny_causal_lm("qwen2", layers=1, dtype=dtype)
-    if name == "tiny-mistral-swa":
-        return tiny_causal_lm("mistral_swa", layers=1, dtype=dtype)
-    if name == "tiny-olmo2":
-        return tiny_causal_lm("olmo2", layers=1, dtype=dtype)
-    if name == "tiny-gpt2":
-        return tiny_causal_lm("gpt2", layers=1, dtype=dtype)
-    if name == "tiny-stablelm":
-        return tiny_causal_lm("stablelm", layers=1, dtype=dtype)
-    if name == "tiny-bloom":
-        return tiny_causal_lm("bloom", layers=1, dtype=dtype)
-    if name == "tiny-mpt":  # MPT builds its ALiBi for config.max_seq_len positions (and refuses that many): widen
-        return tiny_causal_lm("mpt", layers=1, dtype=dtype, max_seq_len=2 * MAX_SEQ)
-    if name == "gpt2-1layer":
-        return gpt2_small(1, dtype)
-    if name == "llama-3.2-1b-1layer":
-        return llama_3_2_1b(1, dtype)
-    if name == "gemma2-2b-1layer":
-        return gemma2_2b(1, dtype)
-    if name == "qwen3-moe-1layer":
-        return qwen3_moe(1, dtype)
-    if name == "olmo2-7b-1layer":
-        return olmo2_7b(1, dtype)
-    if name == "persimmon-8b-1layer":
-        return persimmon_8b(1, dtype)
-    if name == "cohere-qknorm-1layer":
-        return cohere_qknorm(1, dtype)
+    if name in TINY:
+        arch, config = TINY[name]
+        return tiny_causal_lm(arch, layers=1, dtype=dtype, **config)
+    if name in SHAPES:
+        return SHAPES[name](1, dtype)
     raise SystemExit(f"unknown model {name!r}; choose from {', '.join(MODELS)}")
 
 

@@ -44,7 +44,7 @@ from braze.kernels.family import FLOAT_NAMES, KernelFamily, workspace_tensors
 from braze.kernels.matmul import check_header, pow2_clamp
 from braze.kernels.projection import PostNorm, Projection
 from braze.kernels.render import render_template
-from braze.ops.library import ACTIVATIONS
+from braze.ops.library import ACTIVATIONS, qk_norm_form
 
 if TYPE_CHECKING:
     import torch.fx as fx
@@ -88,14 +88,13 @@ class AttentionBlockFamily(KernelFamily):
         head_start = a["kv_start"].meta["val"].dim() == 2
         attn_dtype = FLOAT_NAMES[a["q"].meta["val"].dtype]  # the attention output's dtype before o_proj
         qk_norm = a.get("q_norm_weight") is not None
-        # a weight with a row per head ([H, D]: Cohere's), or one wider than a head: the RMSNorm then spans all heads
-        # of the row (OLMo 2's, over the whole projection)
-        w_q = a["q_norm_weight"].meta["val"] if qk_norm else None
-        rows = qk_norm and tuple(w_q.shape) != (a["q"].meta["val"].shape[-1],)
+        # a weight with a row per head ([H, D]: Cohere's), or one over the whole projection (OLMo 2's: the RMSNorm
+        # then spans all heads of the row), both read at each head's row
+        form = qk_norm_form(a["q_norm_weight"].meta["val"].shape, a["q"].meta["val"].shape[-1]) if qk_norm else "head"
         source = render_decode_attention(DecodeAttentionSpec(
             name, True, _precision(k_cache.dtype), attn_dtype, from_cache_len=True, head_start=head_start,
             rope_write=not tree, tree=tree, o_proj=True, ring=ring, qk_norm=qk_norm,
-            qk_norm_whole=rows and w_q.dim() == 1, qk_norm_rows=rows, qk_layer_norm=bool(a.get("qk_layer_norm")),
+            qk_norm_whole=form == "whole", qk_norm_rows=form != "head", qk_layer_norm=bool(a.get("qk_layer_norm")),
             qk_norm_bias=a.get("q_norm_bias") is not None, window=bool(a.get("window")),
             softcap=bool(a.get("softcap")), alibi=a.get("alibi") is not None))
         post_norm = a.get("post_norm_weight") is not None

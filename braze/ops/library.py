@@ -9,6 +9,7 @@ other way round.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -90,12 +91,21 @@ def qk_norm_reference(q: Tensor, k: Tensor, q_norm_weight: Tensor | None, k_norm
             _norm_heads(k, k_norm_weight, k_norm_bias, eps, layer_norm))
 
 
+def qk_norm_form(weight_shape: Sequence[int], head_dim: int) -> str:
+    """How a q / k norm's weight is laid out: "head" ([D], every head alike), "rows" ([H, D], a row per head) or
+    "whole" ([H * D]: one norm over all heads of a position)."""
+    if len(weight_shape) == 2:
+        return "rows"
+    return "head" if weight_shape[0] == head_dim else "whole"
+
+
 def _norm_heads(x: Tensor, weight: Tensor | None, bias: Tensor | None, eps: float, layer_norm: bool) -> Tensor:
     if weight is None:
         return x
-    if weight.dim() == 2:  # a row per head: broadcast over the positions
+    form = qk_norm_form(weight.shape, x.shape[-1])
+    if form == "rows":  # broadcast over the positions
         weight, bias = weight[:, None, :], (bias[:, None, :] if bias is not None else None)
-    if weight.shape[-1] == x.shape[-1]:
+    if form != "whole":
         return norm_reference(x, weight, bias, eps, layer_norm)
     b, h, s, d = x.shape
     flat = norm_reference(x.transpose(1, 2).reshape(b, s, h * d), weight, bias, eps, layer_norm)

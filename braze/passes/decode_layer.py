@@ -33,6 +33,7 @@ import torch
 import torch.fx as fx
 
 from braze.kernels.decode_layer import DENSE_ACTIVATIONS
+from braze.ops.library import qk_norm_form
 from braze.ops.schema import op_args
 from braze.passes.context import PassContext
 from braze.passes.fusion import decomposed_rms_norm
@@ -376,13 +377,11 @@ def fold_decode_layers(gm: fx.GraphModule, ctx: PassContext) -> int:
         else:
             skipped.setdefault(kind, f"{node.name}: {why}")
     ctx.note(f"{plan} plan: {folded['attention']} attention blocks, {folded['mlp']} MLP blocks (one launch each)")
-    normed = sum(is_op(n, braze.attention_block.default) and op_args(n)["q_norm_weight"] is not None
-                 for n in gm.graph.nodes)
-    if normed:
-        whole = sum(is_op(n, braze.attention_block.default) and op_args(n)["q_norm_weight"] is not None
-                    and val(op_args(n)["q_norm_weight"]).dim() == 1
-                    and val(op_args(n)["q_norm_weight"]).shape[0] != val(op_args(n)["q"]).shape[-1]
-                    for n in gm.graph.nodes)
+    blocks = [op_args(n) for n in gm.graph.nodes if is_op(n, braze.attention_block.default)]
+    forms = [qk_norm_form(val(a["q_norm_weight"]).shape, val(a["q"]).shape[-1])
+             for a in blocks if a["q_norm_weight"] is not None]
+    if forms:
+        normed, whole = len(forms), forms.count("whole")
         ctx.note(f"{plan} plan: {normed} attention blocks normalize q / k ({normed - whole} per head, {whole} over "
                  "the whole projection: q_norm / k_norm folded in)")
     post = {k: sum(is_op(n, *ops) and op_args(n)["post_norm_weight"] is not None for n in gm.graph.nodes)

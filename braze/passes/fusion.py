@@ -365,12 +365,11 @@ def _head_norm_region(end: fx.Node, ctx: PassContext) -> tuple[fx.Node, set[fx.N
 
 def _permute_constants(region: set[fx.Node], consts: list[fx.Node], perm: list[int], ctx: PassContext) -> None:
     """The region's constant weights with their last dim permuted (new weights, read by the region only)."""
-    d = len(perm)
+    d, gm = len(perm), next(iter(region)).graph.owning_module
     for c in consts:
         w = ctx.weights[c.name]
         if w.dim() == 0 or w.shape[-1] != d:
             continue
-        gm = next(iter(region)).graph.owning_module
         new = ctx.add_weight(gm, f"{c.name}_rope_perm"[:60], w[..., perm].contiguous())
         for n in region:
             n.replace_input_with(c, new)
