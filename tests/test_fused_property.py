@@ -548,6 +548,35 @@ def test_llama4_moe_ops_lower_to_kernels():
     assert [s.target for s in pair.plan.steps if s.kind == "eager"] == ["aten.bmm.default"]
 
 
+def test_repeat_along_any_dims_is_a_broadcast_view():
+    """repeat along an inner dim (DiffLlama doubles its value heads: repeat(1, 2, 1, 1)), along several dims, along
+    the dynamic batch dim, and with new leading dims: broadcast views, exact, no eager step at two batch sizes. Two
+    repeated dynamic dims keep their eager step (one merged size can be the reshape's -1, not two)."""
+    class Repeats(torch.nn.Module):
+        def forward(self, v):
+            heads = v.repeat(1, 2, 1, 1) * 2
+            both = v.repeat(1, 3, 1, 2) + 1
+            batch = v.repeat(2, 1, 1, 1) - 1
+            lead = v[0].repeat(2, 1, 1, 3) * 3
+            return heads, both, batch, lead
+
+    class TwoDynamic(torch.nn.Module):
+        def forward(self, v):
+            return v.repeat(2, 1, 2, 1) + 1
+
+    dims = {"v": {0: torch.export.Dim("b", min=1, max=8), 2: torch.export.Dim("s", min=1, max=16)}}
+    v0 = torch.randn(2, 2, 5, 4)
+    cm = braze.compile(Repeats(), dynamic_shapes=dims)
+    for shape in ((2, 2, 5, 4), (3, 2, 7, 4)):
+        v = torch.randn(*shape)
+        for g, w in zip(cm(v), Repeats()(v)):
+            assert torch.equal(g, w)
+    assert not [s for s in cm.plan.steps if s.kind == "eager"]
+    two = braze.compile(TwoDynamic(), dynamic_shapes=dims)
+    assert torch.equal(two(v0), TwoDynamic()(v0))
+    assert [s.target for s in two.plan.steps if s.kind == "eager"] == ["aten.repeat.default"]
+
+
 def test_reductions_over_other_dims_fuse():
     """sum / mean / amax / amin over several dims, all dims, or a non-last dim (and softmax over dim 1) become
     last-dim reductions of a view (passes/normalize.py): fused, no eager step, exact up to summation order, at two

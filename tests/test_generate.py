@@ -482,7 +482,7 @@ def _tiny_held_out(arch):
 
 
 @pytest.mark.parametrize("arch, note", [("gpt_oss", "attention sinks"), ("xglm", "KV cache 4 tensors"),
-                                        ("openai-gpt", "KV cache 4 tensors")])
+                                        ("openai-gpt", "KV cache 4 tensors"), ("granite_swa", "attention sinks")])
 def test_held_out_attention_forms_generate_over_the_kv_cache(arch, note):
     """Attention forms braze did not recognise, so these models re-ran the whole forward every step; they now
     generate over the KV cache. gpt-oss: attention sinks (one more softmax logit per head:
@@ -490,10 +490,15 @@ def test_held_out_attention_forms_generate_over_the_kv_cache(arch, note):
     attention; its one-sided clamp (clamp(x, None, limit)) fuses too (it failed: "literal None"). XGLM: a softmax
     over the heads-merged [B*H, S, S] view of max(scores + mask, finfo.min), q scaled before the bmm: the
     cached-attention kernel. GPT-1: its causal buffer b as w * b - 1e4 * (1 - b) (-1e4 acts as -inf: exp
-    underflows to 0) and k^T as permute(0, 2, 3, 1) of [B, S, H, D] keys: the cached-attention kernel."""
+    underflows to 0) and k^T as permute(0, 2, 3, 1) of [B, S, H, D] keys: the cached-attention kernel.
+    Granite-SWA: softmax attention scaled by sigmoid(logsumexp(scores) - sink) per head, the same sink logit as
+    gpt-oss's (its 12 eager steps were the scores' matmul kept alive by the logsumexp, and the packed-sequence
+    mask that matmul still read). No eager step in any plan."""
     model = _tiny_held_out(arch)
     cm = braze.compile(model, max_seq=32, max_batch=2)
     assert cm.generation_missing is None and note in str(cm.report)
+    for plan in (cm.plan, *cm.extra_plans.values()):
+        assert not [s.target for s in plan.steps if s.kind == "eager" and s.target != "_operator.getitem"], plan.name
     ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = model(ids).logits

@@ -196,6 +196,69 @@ def _with_sinks(probs: fx.Node):
     return scores, sinks
 
 
+def _last_dim(dims) -> bool:
+    return isinstance(dims, (list, tuple)) and len(dims) == 1 and dims[0] in (-1, 3)
+
+
+def _keepdim(node: fx.Node) -> bool:
+    return bool(node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+
+
+def _is_logsumexp(node, scores) -> bool:
+    """logsumexp(scores, -1), whole or as torch decomposes it: log(sum(exp(scores - m), -1)) + squeeze(m), m the
+    keepdim amax with infinite maxima replaced by 0."""
+    node = _strip_cast(node)
+    if is_op(node, aten.logsumexp.default):
+        return _strip_cast(node.args[0]) is scores and _last_dim(node.args[1]) and not _keepdim(node)
+    if not is_op(node, aten.add.Tensor):
+        return False
+    log, sq = node.args
+    if not (is_op(log, aten.log.default) and is_op(sq, aten.squeeze.dims, aten.squeeze.dim)
+            and sq.args[1] in (-1, 3, [-1], [3])):
+        return False
+    high = sq.args[0]
+    total = log.args[0]
+    if not (is_op(total, aten.sum.dim_IntList) and _last_dim(total.args[1]) and not _keepdim(total)
+            and is_op(total.args[0], aten.exp.default)):
+        return False
+    diff = total.args[0].args[0]
+    if not (is_op(diff, aten.sub.Tensor) and diff.args[1] is high and _strip_cast(diff.args[0]) is scores):
+        return False
+    if is_op(high, aten.where.self):  # where(|amax| == inf, 0, amax)
+        high = high.args[2]
+    return (is_op(high, aten.amax.default) and _strip_cast(high.args[0]) is scores and _last_dim(high.args[1])
+            and _keepdim(high))
+
+
+def _scaled_by_lse_sinks(out_mm: fx.Node, scores):
+    """Granite-SWA: matmul(softmax(s), v) * sigmoid(logsumexp(s) - w.view(1, H, 1)).unsqueeze(-1), the same as a
+    sink logit w per head in the softmax's denominator (sum e^s / (sum e^s + e^w) = sigmoid(lse(s) - w)) ->
+    (that product, w); anything else -> None."""
+    if len(out_mm.users) != 1:
+        return None
+    (prod,) = out_mm.users
+    if not is_op(prod, aten.mul.Tensor):
+        return None
+    gate = _strip_cast(prod.args[1] if prod.args[0] is out_mm else prod.args[0])
+    if not (is_op(gate, aten.unsqueeze.default) and gate.args[1] in (-1, 3)):
+        return None
+    sig = _strip_cast(gate.args[0])
+    if not is_op(sig, aten.sigmoid.default):
+        return None
+    diff = _strip_cast(sig.args[0])
+    if not is_op(diff, aten.sub.Tensor) or not _is_logsumexp(diff.args[0], _strip_cast(scores)):
+        return None
+    sinks = diff.args[1]
+    shape = val(sinks).shape if isinstance(sinks, fx.Node) else ()
+    if len(shape) != 3 or shape[0] != 1 or shape[2] != 1:
+        return None
+    while is_op(sinks, aten.expand.default, aten.reshape.default, aten.view.default):
+        sinks = sinks.args[0]
+    if not (isinstance(sinks, fx.Node) and sinks.op == "placeholder" and val(sinks).dim() == 1):
+        return None
+    return prod, sinks
+
+
 def _eager_attention(out_mm: fx.Node, ctx: PassContext):
     """matmul(softmax([softcap](matmul(q, k^T) * scale) [+ mask]).to(dtype), v), and with sinks (_with_sinks)."""
     if not is_op(out_mm, aten.matmul.default):
@@ -205,13 +268,15 @@ def _eager_attention(out_mm: fx.Node, ctx: PassContext):
         probs = probs.args[0]
     if is_op(probs, aten.clone.default):
         probs = probs.args[0]
-    sinks = None
+    sinks = scaled = None
     if (found := _with_sinks(probs)) is not None:
         scores, sinks = found
     elif not is_op(probs, aten._softmax.default, aten.softmax.int) or probs.args[1] not in (-1, 3):
         return None
     else:
         scores = probs.args[0]
+        if (found := _scaled_by_lse_sinks(out_mm, scores)) is not None:
+            scaled, sinks = found
     if is_op(scores, aten._to_copy.default, aten.to.dtype):  # softmax(..., dtype=float32)
         scores = scores.args[0]
     fill = None
@@ -240,7 +305,10 @@ def _eager_attention(out_mm: fx.Node, ctx: PassContext):
     k = _transposed_keys(kt, out_mm, ctx)
     if k is None:
         return None
-    return _make_attention(out_mm, q, k, v, mask, False, float(scale), ctx, softcap, sinks)
+    attn = _make_attention(out_mm, q, k, v, mask, False, float(scale), ctx, softcap, sinks)
+    if attn is not None and scaled is not None:
+        scaled.replace_all_uses_with(attn)  # the sink scaling is the kernel's sink logit
+    return attn
 
 
 def _unmerge_heads(t3):

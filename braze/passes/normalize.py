@@ -481,19 +481,35 @@ def _scatter_src_to_select(node: fx.Node, ctx: PassContext) -> bool:
     return True
 
 
-def _repeat_rows(node: fx.Node, ctx: PassContext) -> bool:
-    """x.repeat(n, 1, ..., 1) -> x broadcast n times along a new leading dim, flattened into the first: a view the
-    fused kernels read (repeat has no lowering). Llama 4 feeds every expert every token this way."""
+def _repeat_as_broadcast(node: fx.Node, ctx: PassContext) -> bool:
+    """x.repeat(r0, r1, ...) -> a new axis of size r_i before each repeated dim i, broadcast, merged back into dim i:
+    a view the fused kernels read (repeat has no lowering). Llama 4 feeds every expert every token this way
+    (repeat(E, 1)); DiffLlama doubles its value heads (repeat(1, 2, 1, 1)). Dynamic dims may be repeated (at most
+    one: its merged size is the reshape's -1) or kept (their size read with sym_size)."""
     args = op_args(node)
     x, reps = args["self"], list(args["repeats"])
     xv = val(x)
-    if not isinstance(xv, torch.Tensor) or xv.dim() < 1 or len(reps) != xv.dim() or not isinstance(reps[0], int) \
-            or any(r != 1 for r in reps[1:]) or any(not isinstance(d, int) for d in xv.shape[1:]):
+    lead = len(reps) - (xv.dim() if isinstance(xv, torch.Tensor) else len(reps) + 1)
+    if not isinstance(xv, torch.Tensor) or lead < 0 or any(not isinstance(r, int) or r < 1 for r in reps):
+        return False
+    sizes = [1] * lead + list(xv.shape)
+    repeated = [i for i, r in enumerate(reps) if r != 1]
+    if sum(not isinstance(sizes[i], int) for i in repeated) > 1:
         return False
     gm = node.graph.owning_module
-    out = new_node(gm, aten.unsqueeze.default, (x, 0), {}, ctx, node)
-    out = new_node(gm, aten.expand.default, (out, [reps[0], *[-1] * xv.dim()]), {}, ctx, node)
-    out = new_node(gm, aten.reshape.default, (out, [-1, *xv.shape[1:]]), {}, ctx, node)
+
+    def op(target, *a):
+        return new_node(gm, target, a, {}, ctx, node)
+
+    out = x
+    for _ in range(lead):
+        out = op(aten.unsqueeze.default, out, 0)
+    for i in reversed(repeated):
+        out = op(aten.unsqueeze.default, out, i)
+    out = op(aten.expand.default, out, [n for i, r in enumerate(reps) for n in ((r, -1) if r != 1 else (-1,))])
+    final = [(r * s if isinstance(s, int) else -1) if r != 1 else (s if isinstance(s, int) else
+             op(aten.sym_size.int, x, i - lead)) for i, (r, s) in enumerate(zip(reps, sizes))]
+    out = op(aten.reshape.default, out, final)
     node.replace_all_uses_with(out)
     node.graph.erase_node(node)
     return True
@@ -658,7 +674,7 @@ def normalize(gm: fx.GraphModule, ctx: PassContext) -> int:
         elif node.target is aten.scatter.src:
             count += _scatter_src_to_select(node, ctx)
         elif node.target is aten.repeat.default:
-            count += _repeat_rows(node, ctx)
+            count += _repeat_as_broadcast(node, ctx)
         elif node.target is aten.bmm.default:
             count += _bmm_by_expert_weights(node, ctx)
         elif node.target is aten.clamp.Tensor:
