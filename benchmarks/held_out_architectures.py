@@ -3,8 +3,9 @@ exact, and does greedy generation give HF's tokens? CPU only (Triton interpreter
 
     .venv/bin/python benchmarks/held_out_architectures.py [TYPE ...] [--out FILE] [--timeout S]
 
-Each type gets a tiny seeded config (hidden 64, 2 layers, 4 heads, vocab 256, fp32) from AutoConfig.for_model; a
-type HF itself cannot build or run at that size is listed as skipped with HF's reason. Per type: the largest
+Each type gets a tiny seeded config (hidden 64, 2 layers, 4 heads, vocab 256, fp32; OVERRIDES where a type's
+own dims must agree) from AutoConfig.for_model; a type HF itself cannot build or run at that size is listed as
+skipped with HF's reason. Per type: the largest
 |logit| difference of the compiled forward vs eager (fp32: reassociation only), then 6 greedy tokens vs HF
 generate (through the KV-cache plans, or, where the compile built none, by re-running the forward plan each step,
 with the reason; or through the Dynamo fallback where torch.export refused the model).
@@ -27,6 +28,12 @@ TYPES = ("olmo3 granite granitemoe starcoder2 qwen2_moe qwen3_moe glm glm4 exaon
          "mamba recurrent_gemma falcon_h1 qwen3_next").split()
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=512, head_dim=16, pad_token_id=0)
+# Types whose defaults do not fit COMMON: MLA (DeepSeek V2 / V3, MiniCPM3) derives its head dims from the latent
+# ranks and repeats no KV heads; CodeGen rotates rotary_dim (64 by default) of each head.
+MLA = dict(head_dim=8, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, kv_lora_rank=32, q_lora_rank=32,
+           num_key_value_heads=4)
+OVERRIDES = {"deepseek_v2": dict(MLA, num_experts_per_tok=2, n_routed_experts=4, moe_intermediate_size=32),
+             "deepseek_v3": MLA, "minicpm3": MLA, "codegen": dict(rotary_dim=16)}
 
 
 def check(model_type: str) -> dict:
@@ -38,8 +45,9 @@ def check(model_type: str) -> dict:
 
     warnings.filterwarnings("ignore")
     try:
-        cfg = transformers.AutoConfig.for_model(model_type, **COMMON)
-        for k, v in COMMON.items():
+        common = dict(COMMON, **OVERRIDES.get(model_type, {}))
+        cfg = transformers.AutoConfig.for_model(model_type, **common)
+        for k, v in common.items():
             try:
                 setattr(cfg, k, v)
             except Exception:  # noqa: BLE001 (a config that derives the attribute)

@@ -468,11 +468,12 @@ def test_llama4_decodes_at_any_batch_with_its_rope_as_real_ops():
     assert torch.equal(cm.generate(ids[:1], max_new_tokens=4, speculate=True), want)
 
 
-def _tiny_held_out(arch):
+def _tiny_held_out(arch, **overrides):
     import transformers
 
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, max_position_embeddings=512, head_dim=16)
+    common.update(overrides)
     cfg = transformers.AutoConfig.for_model(arch, **common)
     for k, v in common.items():
         setattr(cfg, k, v)
@@ -503,6 +504,31 @@ def test_held_out_attention_forms_generate_over_the_kv_cache(arch, note):
     with torch.no_grad():
         want = model(ids).logits
     torch.testing.assert_close(cm(ids).logits, want, rtol=0, atol=1e-5)  # fp32, reassociation only
+    mask = torch.tensor([[1] * 7, [0, 0] + [1] * 5])
+    with torch.no_grad():
+        want = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(cm.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0), want)
+    assert torch.equal(cm.generate(ids, attention_mask=mask, max_new_tokens=6, pad_token_id=0, speculate=True), want)
+
+
+@pytest.mark.parametrize("arch", ["deepseek_v3", "minicpm3"])
+def test_mla_attention_generates_through_kernels(arch):
+    """Multi-head latent attention (DeepSeek V3, MiniCPM3): keys of head dim nope + rope (24) built by slice
+    assignment into new_empty, values of 16. The attention kernels tile q, k, v and the output with one head dim:
+    they wrote 24 columns into a 16-column output (heap corruption under the interpreter, wrong logits). The values
+    are now padded with zeros to 24 and the output sliced back, and a kernel refuses unequal head dims; the slice
+    assignment is a cat. Forward within fp32 reassociation, greedy tokens of a left-padded batch equal HF's (plain
+    and speculative), no eager step in any plan."""
+    model = _tiny_held_out(arch, head_dim=8, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, kv_lora_rank=32,
+                           q_lora_rank=32, num_key_value_heads=4)
+    cm = braze.compile(model, max_seq=32, max_batch=2)
+    assert "padded with zeros to the query's 24" in str(cm.report)
+    for plan in (cm.plan, *cm.extra_plans.values()):
+        assert not [s.target for s in plan.steps if s.kind == "eager" and s.target != "_operator.getitem"], plan.name
+    ids = torch.randint(3, 256, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model(ids).logits
+    torch.testing.assert_close(cm(ids).logits, want, rtol=0, atol=1e-5)
     mask = torch.tensor([[1] * 7, [0, 0] + [1] * 5])
     with torch.no_grad():
         want = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)

@@ -419,3 +419,74 @@ def test_a_per_head_norm_commutes_with_the_head_dim_permutation(leak):
             return c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + 1e-5) * w
 
         torch.testing.assert_close(norm(h[..., perm], model.w[..., perm]), norm(h, model.w)[..., perm])
+
+
+def test_rotary_frequencies_built_in_the_forward_fold_to_a_weight():
+    """PhiMoE builds its rotary frequencies on every call: 1 / theta ** (arange(0, D, 2) / D), a pow with a scalar
+    base (no kernel lowers it). Made from a static arange only, the chain folds at compile time into one weight
+    holding torch's own values: no eager step, the angles bitwise equal to eager (their cosines within Triton's cos
+    rounding). An arange of the sequence length (symbolic) is not static and stays a kernel's index."""
+    class Rotary(torch.nn.Module):
+        def forward(self, pos):
+            inv = 1.0 / (1e6 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+            ang = pos[..., None].float() * inv
+            return ang, ang.cos(), torch.arange(pos.shape[-1]) * 2
+
+    pos = torch.arange(7)[None].expand(2, 7)
+    cm = braze.compile(Rotary(), dynamic_shapes={"pos": {1: torch.export.Dim("s", min=2, max=64)}})
+    (ang, cos, idx), (want_ang, want_cos, want_idx) = cm(pos), Rotary()(pos)
+    assert torch.equal(ang, want_ang) and torch.equal(idx, want_idx)
+    torch.testing.assert_close(cos, want_cos, rtol=0, atol=1e-6)
+    assert not [s for s in cm.plan.steps if s.kind == "eager"]
+    assert [p.rewrites for p in cm.report.passes if p.name == "fold_constants"][0] >= 3  # / 16, pow, 1 / x, ...
+    short = pos[:, :5]  # the symbolic arange follows the length
+    assert torch.equal(cm(short)[2], Rotary()(short)[2])
+
+
+def test_slice_assignment_is_a_cat():
+    """Slice assignment, functionalized to copy + slice_scatter: into new_empty piece by piece (MLA's keys: the
+    empty base is then read by nothing), with a broadcast source, and into part of a computed tensor. Each is a cat
+    of the pieces: exact, no eager step (the empty, the copies and the scatters ran eagerly)."""
+    class Assign(torch.nn.Module):
+        def forward(self, a, b, y):
+            k = a.new_empty(*a.shape[:-1], 24)
+            k[..., :16].copy_(a)
+            k[..., 16:].copy_(b.expand(-1, 4, -1, -1))
+            z = y * 2
+            z[:, :, 2:5] = a[:, :, :, :3].transpose(2, 3)[:, :, :3] + 1
+            return k * 2, z
+
+    cm = braze.compile(Assign())
+    a, b, y = torch.randn(2, 4, 5, 16), torch.randn(2, 1, 5, 8), torch.randn(2, 4, 8, 5)
+    for got, want in zip(cm(a, b, y), Assign()(a, b, y)):
+        assert torch.equal(got, want)
+    assert not [s.target for s in cm.plan.steps if s.kind == "eager"]
+
+
+def test_attention_with_narrower_values_pads_them():
+    """sdpa with values narrower than queries and keys (MLA: 24 vs 16): the kernels tile all four with one head
+    dim, so the values are padded with zeros and the output sliced back (it wrote past a 16-column output before);
+    within fp32 reassociation of eager. Wider values keep torch's sdpa, eagerly; a kernel asked for unequal head
+    dims refuses with the reason."""
+    from braze.kernels.attention import _attention_mask_reason
+
+    class Mla(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True) * 2
+
+    q, k = torch.randn(2, 4, 6, 24), torch.randn(2, 4, 6, 24)
+    narrow, wide = torch.randn(2, 4, 6, 16), torch.randn(2, 4, 6, 32)
+    cm = braze.compile(Mla())
+    torch.testing.assert_close(cm(q, k, narrow), Mla()(q, k, narrow), rtol=1e-5, atol=1e-5)
+    assert not [s for s in cm.plan.steps if s.kind == "eager"]
+    assert any("padded with zeros to the query's 24" in n for p in cm.report.passes for n in p.notes)
+    wider = braze.compile(Mla())
+    torch.testing.assert_close(wider(q, k, wide), Mla()(q, k, wide), rtol=1e-5, atol=1e-5)
+    assert [s.target for s in wider.plan.steps if s.kind == "eager"] == [
+        "aten.scaled_dot_product_attention.default"]
+    gm = torch.fx.symbolic_trace(lambda q, k, v: torch.ops.braze.attention.default(q, k, v, 0.2, True))
+    for node, t in zip(gm.graph.nodes, (q, k, narrow)):
+        node.meta["val"] = t
+    op = next(n for n in gm.graph.nodes if n.op == "call_function")
+    op.meta["val"] = torch.empty(2, 4, 6, 16)
+    assert _attention_mask_reason(op) == "value head dim 16 != query head dim 24 runs eagerly"

@@ -559,6 +559,9 @@ def _attention_mask_reason(node: fx.Node) -> str | None:
         return "attention with an explicit mask (not causal) runs eagerly"
     if a["q"].meta["val"].shape[-1] > 256:
         return f"head dim {a['q'].meta['val'].shape[-1]} > 256"
+    d_qk, d_v = a["q"].meta["val"].shape[-1], a["v"].meta["val"].shape[-1]
+    if d_v != d_qk:  # the kernels tile q, k, v and the output with one BLOCK_D
+        return f"value head dim {d_v} != query head dim {d_qk} runs eagerly"
     return None
 
 

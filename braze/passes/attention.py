@@ -54,6 +54,34 @@ def _make_attention(anchor, q, k, v, mask, causal, scale, ctx, softcap=0.0, sink
     k, v = strip_repeat_kv(k), strip_repeat_kv(v)
     if val(q).shape[1] % val(k).shape[1] or (sinks is not None and val(sinks).shape[0] != val(q).shape[1]):
         return None
+    d_qk, d_v = val(q).shape[-1], val(v).shape[-1]
+    if not (isinstance(d_qk, int) and isinstance(d_v, int)) or d_v > d_qk:
+        return None
+    attn = _attention_node(anchor, q, k, _zero_padded(v, d_qk, anchor, ctx), mask, causal, scale, ctx, softcap, sinks)
+    if d_v == d_qk:
+        return attn
+    ctx.note(f"{anchor.name}: values of head dim {d_v} padded with zeros to the query's {d_qk} (MLA), the output "
+             "sliced back")
+    return new_node(anchor.graph.owning_module, aten.slice.Tensor, (attn, 3, 0, d_v), {}, ctx, anchor)
+
+
+def _zero_padded(v: fx.Node, dim: int, anchor: fx.Node, ctx: PassContext) -> fx.Node:
+    """v [B, H, S, D] -> cat([v, zeros], -1) of head dim `dim`: one tile width for q, k, v and the output in every
+    attention kernel (their outputs' extra columns are sums of zeros). MLA's values are narrower than its keys."""
+    shape = val(v).shape
+    if shape[-1] == dim:
+        return v
+    gm = anchor.graph.owning_module
+
+    def op(target, *a, **kw):
+        return new_node(gm, target, a, kw, ctx, anchor)
+
+    zero = op(aten.full.default, [], 0.0, dtype=val(v).dtype, device=val(v).device)
+    sizes = [s if isinstance(s, int) else op(aten.sym_size.int, v, i) for i, s in enumerate(shape[:-1])]
+    return op(aten.cat.default, [v, op(aten.expand.default, zero, [*sizes, dim - shape[-1]])], 3)
+
+
+def _attention_node(anchor, q, k, v, mask, causal, scale, ctx, softcap=0.0, sinks=None):
     gm = anchor.graph.owning_module
     window, alibi = 0, None
     if mask is not None and ctx.causal_lm:

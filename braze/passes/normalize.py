@@ -515,6 +515,69 @@ def _repeat_as_broadcast(node: fx.Node, ctx: PassContext) -> bool:
     return True
 
 
+def _copy_as_value(node: fx.Node, ctx: PassContext) -> bool:
+    """copy(dst, src) (functionalized copy_: a new tensor of dst's shape and dtype holding src) with src already of
+    dst's shape -> src (cast when the dtypes differ): nothing of dst is read."""
+    dst, src = node.args[0], node.args[1]
+    dv, sv = val(dst), val(src)
+    if not (isinstance(dv, torch.Tensor) and isinstance(sv, torch.Tensor)) or dv.device != sv.device \
+            or [str(d) for d in dv.shape] != [str(d) for d in sv.shape]:
+        return False
+    out = src if sv.dtype == dv.dtype else new_node(node.graph.owning_module, aten._to_copy.default, (src,),
+                                                    {"dtype": dv.dtype}, ctx, node)
+    node.replace_all_uses_with(out)
+    return True
+
+
+def _pieces_along(x: fx.Node, dim: int, lo: int, hi: int, ctx: PassContext, anchor: fx.Node) -> list[fx.Node]:
+    """x[lo:hi] along dim as cat pieces: the pieces of a cat along dim when [lo, hi) covers whole ones, else one
+    slice (none when empty)."""
+    if lo >= hi:
+        return []
+    if is_op(x, aten.cat.default) and x.args[1] % val(x).dim() == dim:
+        bounds, at = [], 0
+        for p in x.args[0]:
+            size = val(p).shape[dim]
+            if not isinstance(size, int):
+                break
+            bounds.append((at, at + size, p))
+            at += size
+        else:
+            inside = [p for a, b, p in bounds if lo <= a and b <= hi]
+            if sum(val(p).shape[dim] for p in inside) == hi - lo:
+                return inside
+    return [new_node(x.graph.owning_module, aten.slice.Tensor, (x, dim, lo, hi), {}, ctx, anchor)]
+
+
+def _slice_scatter_as_cat(node: fx.Node, ctx: PassContext) -> bool:
+    """slice_scatter(base, src, dim, start, end) -> cat([base[:start], src, base[end:]], dim) (static bounds):
+    what slice assignment into a fresh tensor becomes (DeepSeek / MiniCPM3's MLA keys: new_empty, then
+    k[..., :nope].copy_(k_nope) and k[..., nope:].copy_(k_rot)). Chained, the pieces of the previous cat are
+    reused, so the empty base is read by nothing."""
+    args = op_args(node)
+    base, src, dim, start, end, step = (args["self"], args["src"], args["dim"], args["start"], args["end"],
+                                        args["step"])
+    bv = val(base)
+    dim = dim % bv.dim()
+    length = bv.shape[dim]
+    whole = start in (None, 0) and (end is None or (isinstance(end, int) and end >= 2 ** 62))
+    if step == 1 and whole and [str(d) for d in val(src).shape] == [str(d) for d in bv.shape]:
+        node.replace_all_uses_with(src)  # x[:] = src along a dim (of any size): src
+        return True
+    if not isinstance(length, int) or step != 1 or not isinstance(start, (int, type(None))) \
+            or not isinstance(end, (int, type(None))):
+        return False
+    start = min(max(start or 0, 0), length)
+    end = min(length if end is None else end, length)
+    if val(src).shape[dim] != end - start:
+        return False
+    pieces = [*_pieces_along(base, dim, 0, start, ctx, node), src, *_pieces_along(base, dim, end, length, ctx, node)]
+    out = pieces[0] if len(pieces) == 1 else new_node(node.graph.owning_module, aten.cat.default, (pieces, dim), {},
+                                                      ctx, node)
+    node.replace_all_uses_with(out)
+    return True
+
+
 def _bmm_by_expert_weights(node: fx.Node, ctx: PassContext) -> bool:
     """bmm(x [E, T, K], w [E, K, N]) with w a weight (Llama 4's experts, every token through every expert) ->
     braze::grouped_mm over x's E * T rows, expert e taking rows [e * T, (e + 1) * T): the grouped matmul kernel."""
@@ -677,6 +740,10 @@ def normalize(gm: fx.GraphModule, ctx: PassContext) -> int:
             count += _repeat_as_broadcast(node, ctx)
         elif node.target is aten.bmm.default:
             count += _bmm_by_expert_weights(node, ctx)
+        elif node.target is aten.copy.default:
+            count += _copy_as_value(node, ctx)
+        elif node.target is aten.slice_scatter.default:
+            count += _slice_scatter_as_cat(node, ctx)
         elif node.target is aten.clamp.Tensor:
             count += _clamp_by_tensors(node, ctx)
         elif node.target is aten.max.dim:
