@@ -835,6 +835,9 @@ def test_moe_routing_family(pairs):
     offs, _ = launch_like_a_plan(lambda x: ops.moe_offsets(x, 7), ids)
     assert torch.equal(offs, ops.moe_offsets(ids, 7))
     assert offs[-1].item() == pairs - 1 and offs.dtype == torch.int32
+    route, _ = launch_like_a_plan(lambda x: ops.moe_route(x, 7), ids)  # both in one launch: [offs | perm | inverse]
+    assert torch.equal(route, ops.moe_route(ids, 7)) and route.dtype == torch.int64
+    assert torch.equal(route[:7], offs.long()) and torch.equal(route[7:].view(2, -1), ops.moe_sort(ids))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

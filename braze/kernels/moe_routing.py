@@ -1,6 +1,6 @@
 """MoE routing family: the sort of the (token, slot) pairs by expert (a permutation and its inverse,
-braze::moe_sort) and the experts' cumulative row ends (braze::moe_offsets), rendered from
-templates/moe_routing.py.j2.
+braze::moe_sort) and the experts' cumulative row ends (braze::moe_offsets), or both in one launch
+(braze::moe_route, passes/moe.py merges them), rendered from templates/moe_routing.py.j2.
 
 HF's grouped-experts forward sorts the pairs with torch.sort, counts them with histc + cumsum and inverts the
 permutation with index_put: four eager steps per MoE layer (passes/normalize.py rewrites them into these two ops).
@@ -40,7 +40,8 @@ class MoeRoutingFamily(KernelFamily):
     def ops(self) -> tuple[Any, ...]:  # type: ignore[override]
         import braze.ops  # noqa: F401  (registers braze::*)
 
-        return (torch.ops.braze.moe_sort.default, torch.ops.braze.moe_offsets.default)
+        return (torch.ops.braze.moe_sort.default, torch.ops.braze.moe_offsets.default,
+                torch.ops.braze.moe_route.default)
 
     def supports(self, node: fx.Node) -> str | None:
         ids = node.args[0].meta["val"]
@@ -51,9 +52,9 @@ class MoeRoutingFamily(KernelFamily):
     def lower(self, node: fx.Node, name: str) -> tuple[str, Step]:
         from braze.runtime.plan import Step
 
-        sort = node.target is torch.ops.braze.moe_sort.default
-        params: dict[str, Any] = {"roles": ["ids"], "kernel": "sort" if sort else "offsets"}
-        if not sort:
+        kernel = node.target.name().removeprefix("braze::moe_")
+        params: dict[str, Any] = {"roles": ["ids"], "kernel": kernel}
+        if kernel != "sort":
             params["num_experts"] = int(node.args[1])
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[node.args[0].name],
                     params=params)
@@ -71,6 +72,11 @@ class MoeRoutingFamily(KernelFamily):
             return
         E = int(params["num_experts"])
         block_e = min(PAIRS_PER_TILE, triton.next_power_of_2(E))
+        if params["kernel"] == "route":
+            rank_tiles = triton.cdiv(S, PAIRS_PER_TILE)
+            launch_kernel(getattr(module, f"{name}_route"), (rank_tiles + triton.cdiv(E, block_e),), ids, out, S, E,
+                          ids.stride(0), rank_tiles, BLOCK_E=block_e, BLOCK=PAIRS_PER_TILE, **opts)
+            return
         launch_kernel(getattr(module, f"{name}_offsets"), (triton.cdiv(E, block_e),), ids, out, S, E, ids.stride(0),
                       BLOCK_E=block_e, BLOCK=PAIRS_PER_TILE, **opts)
 

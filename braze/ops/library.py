@@ -662,6 +662,18 @@ def _moe_offsets_fake(expert_ids: Tensor, num_experts: int) -> Tensor:
     return expert_ids.new_empty((num_experts,), dtype=torch.int32)
 
 
+@torch.library.custom_op("braze::moe_route", mutates_args=())
+def moe_route(expert_ids: Tensor, num_experts: int) -> Tensor:
+    """MoE routing in one tensor: int64 [E + 2S], braze::moe_offsets's [E] cumulative ends first, then
+    braze::moe_sort's [2, S] permutation and inverse (one launch where both are read)."""
+    return torch.cat([moe_offsets(expert_ids, num_experts).long(), moe_sort(expert_ids).reshape(-1)])
+
+
+@moe_route.register_fake
+def _moe_route_fake(expert_ids: Tensor, num_experts: int) -> Tensor:
+    return expert_ids.new_empty((num_experts + 2 * expert_ids.shape[0],), dtype=torch.int64)
+
+
 @torch.library.custom_op("braze::topk_packed", mutates_args=())
 def topk_packed(x: Tensor, k: int, softmax: bool = False, renorm: bool = False) -> Tensor:
     """torch.topk(x, k) over the last dim (largest, sorted) as one fp32 tensor [2, ..., k]: the values, then the

@@ -1,4 +1,5 @@
-"""fuse_moe_experts: the MoE experts' gather and activation inside the grouped matmul (kernels/grouped_matmul.py).
+"""fuse_moe_experts: the MoE experts' gather and activation inside the grouped matmul (kernels/grouped_matmul.py),
+and the routing's sort and offsets in one launch (kernels/moe_routing.py).
 
 HF's grouped experts compute `gate_up = grouped_mm(hidden[perm // top_k], W_gate_up, offs)`, then
 `silu(gate_up[:, :H]) * gate_up[:, H:]`. Left apart that is three launches and two round trips through memory (the
@@ -87,6 +88,28 @@ def _fold_swiglu(node: fx.Node, ctx: PassContext) -> bool:
     return True
 
 
+def _merge_routing(sort: fx.Node, ctx: PassContext) -> bool:
+    """moe_sort(ids) and moe_offsets(ids, E) -> views of one moe_route(ids, E) ([offsets | permutation |
+    inverse], int64): one launch. Runs after the gather fold, which reads the permutation as select(moe_sort)."""
+    ids = sort.args[0]
+    offsets = [u for u in ids.users if is_op(u, torch.ops.braze.moe_offsets.default)]
+    if len(offsets) != 1 or any(not is_op(u, GROUPED_MM, aten._to_copy.default) for u in offsets[0].users):
+        return False  # (int64 offsets: the grouped matmul takes either width)
+    (offs,) = offsets
+    experts = int(offs.args[1])
+    gm = sort.graph.owning_module
+    first = sort if next(n for n in gm.graph.nodes if n in (sort, offs)) is sort else offs
+    route = new_node(gm, torch.ops.braze.moe_route.default, (ids, experts), {}, ctx, first)
+    ends = new_node(gm, aten.slice.Tensor, (route, 0, 0, experts), {}, ctx, first)
+    pairs = new_node(gm, aten.reshape.default, (new_node(gm, aten.slice.Tensor, (route, 0, experts, None), {}, ctx,
+                                                         first), [2, -1]), {}, ctx, first)
+    sort.replace_all_uses_with(pairs)
+    offs.replace_all_uses_with(ends)
+    gm.graph.erase_node(sort)
+    gm.graph.erase_node(offs)
+    return True
+
+
 def fuse_moe_experts(gm: fx.GraphModule, ctx: PassContext) -> int:
     count = 0
     for node in list(gm.graph.nodes):
@@ -98,5 +121,9 @@ def fuse_moe_experts(gm: fx.GraphModule, ctx: PassContext) -> int:
             node, count = gathered, count + 1
         if _fold_swiglu(node, ctx):
             ctx.note(f"{node.name}: SwiGLU in the grouped matmul's epilogue")
+            count += 1
+    for node in list(gm.graph.nodes):
+        if is_op(node, torch.ops.braze.moe_sort.default) and _merge_routing(node, ctx):
+            ctx.note(f"{node.name}: MoE routing's sort and offsets in one launch (braze::moe_route)")
             count += 1
     return count
