@@ -454,6 +454,7 @@ def test_slice_assignment_is_a_cat():
             k[..., 16:].copy_(b.expand(-1, 4, -1, -1))
             z = y * 2
             z[:, :, 2:5] = a[:, :, :, :3].transpose(2, 3)[:, :, :3] + 1
+            z[..., -2:] = z[..., :2] * 3  # negative bounds
             return k * 2, z
 
     cm = braze.compile(Assign())

@@ -567,8 +567,7 @@ def _slice_scatter_as_cat(node: fx.Node, ctx: PassContext) -> bool:
     if not isinstance(length, int) or step != 1 or not isinstance(start, (int, type(None))) \
             or not isinstance(end, (int, type(None))):
         return False
-    start = min(max(start or 0, 0), length)
-    end = min(length if end is None else end, length)
+    start, end = (min(max(i + length if i < 0 else i, 0), length) for i in (start or 0, length if end is None else end))
     if val(src).shape[dim] != end - start:
         return False
     pieces = [*_pieces_along(base, dim, 0, start, ctx, node), src, *_pieces_along(base, dim, end, length, ctx, node)]
