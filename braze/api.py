@@ -149,6 +149,10 @@ def _compile_causal_lm(model: torch.nn.Module, config: CompileConfig) -> Compile
     compiled.generator.keyed_sampling = config.deterministic  # batch-invariant seeded sampling (KeyedNoise)
     compiled.generator.tp_world = config.tp  # tp > 1: speculation drafts on rank 0 and broadcasts
     attach_compression(compiled, gen)  # kv_compression: the generator's compression state, the report's bytes
+    rows = compiled.generator.position_rows
+    if rows is not None and rows < config.max_seq:
+        compiled.report.extra["positions"] = (f"generation stops at {rows} tokens (prompt + new), the model's learned "
+                                              f"position table, below max_seq={config.max_seq}")
     compiled.report.extra["generation"] = (f"prefill {gen.prefill.launches} launches, decode {gen.decode.launches} "
                                            f"launches per step, KV cache {len(gen.kv_inputs)} tensors "
                                            f"({'/'.join(sorted({d for _, _, d in gen.kv_inputs})) or 'none'})")

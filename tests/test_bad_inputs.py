@@ -200,6 +200,9 @@ def test_static_dim_mismatch_names_dim():
      "stop_strings needs tokenizer="),
     (torch.ones(1, 4, dtype=torch.long), {"speculate": True, "stop_strings": "x", "tokenizer": object()},
      braze.InputMismatchError, "stop_strings needs a tokenizer with decode / batch_decode .*, got object"),
+    (torch.ones(1, 4, dtype=torch.long), {"speculate": "yes"}, braze.ConfigError,
+     "speculate must be True or False, got 'yes'"),
+    (torch.ones(1, 4, dtype=torch.long), {"do_sample": 1}, braze.ConfigError, "do_sample must be True or False"),
 ], ids=lambda v: None)
 def test_generate_refuses(lm, ids, kwargs, error, pattern):
     _, cm = lm
@@ -233,6 +236,20 @@ def test_forward_output_reads_like_hf_model_output(lm):
         out["loss"]
     out = cm(ids, labels=ids)
     assert out.keys() == ["loss", "logits"] and out["loss"] is out[0] and out.to_tuple()[1] is out.logits
+
+
+def test_sampling_options_without_do_sample_warn_as_hf_does(lm):
+    """generate(ids, temperature=0.7) without do_sample=True decodes greedily (HF's rule) and now says so: a
+    UserWarning naming the ignored options; plain greedy calls do not warn."""
+    import warnings
+
+    _, cm = lm
+    ids = torch.tensor([[5, 6, 7]])
+    with pytest.warns(UserWarning, match=r"do_sample=False: greedy decoding ignores temperature=0.7, top_k=5"):
+        got = cm.generate(ids, max_new_tokens=3, temperature=0.7, top_k=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(got, cm.generate(ids, max_new_tokens=3))
 
 
 def test_sampling_without_top_p_or_top_k_works(lm):

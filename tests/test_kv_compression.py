@@ -566,6 +566,18 @@ def test_deterministic_compression_is_batch_invariant(lm, policy):
     ({"kv_compression": "keydiff", "kv_window": 0}, "kv_window must be"),
     ({"kv_compression": "adakv", "tp": 2}, "selects across all kv heads, which tp=2 splits"),
     ({"kv_compression": "chunkkv", "tp": 4}, "with tp > 1 use 'keydiff', 'snapkv' or 'rkv'"),
+    # a budget the always-kept recent tokens fill (it compiled, then refused every prompt of 4+ tokens)
+    ({"kv_compression": "snapkv", "kv_budget": 4}, "leaves 4 slots, not more than kv_window=16"),
+    ({"kv_compression": "keydiff", "kv_window": 600}, "kv_window=600 is more than max_seq=64"),
+    # options that only mean something with another one were silently ignored without it
+    ({"kv_budget": 0.5}, "kv_budget=0.5 only applies with kv_compression, which is not set"),
+    ({"df11_strategy": "fused"}, "df11_strategy='fused' only applies with quant='df11'"),
+    ({"quant": "int6", "cast_bf16": True}, "cast_bf16=True only applies with quant='df11'"),
+    ({"int6_act": "a8"}, "int6_act='a8' only applies with quant='int6'"),
+    ({"target_check": "warn"}, "target_check='warn' only applies with targets"),
+    # the report said both "fp32 atomics" (the fused DF11 GEMV) and "no float atomics" (deterministic)
+    ({"quant": "df11", "df11_strategy": "fused", "deterministic": True}, "deterministic=True rules out"),
+    ({"deterministic": "yes"}, "deterministic must be True or False, got 'yes'"),
 ])
 def test_bad_options_are_one_line_config_errors(options, match):
     with pytest.raises(ConfigError, match=match) as e:

@@ -85,6 +85,7 @@ class CompileConfig:
 
             self.targets = list(parse_targets(self.targets)) or None
         self._check_int6()
+        self._check_flags_and_dependents()
         from braze.kvcompress.policy import CROSS_HEAD_POLICIES, check_options
 
         check_options(self.kv_compression, self.kv_budget, self.kv_window, self.max_seq)
@@ -115,6 +116,27 @@ class CompileConfig:
         tol = self.int6_a6_tolerance
         if not isinstance(tol, (int, float)) or isinstance(tol, bool) or not 0 <= tol < 1:
             raise ConfigError(f"int6_a6_tolerance must be a relative error in [0, 1), got {tol!r}")
+
+    def _check_flags_and_dependents(self) -> None:
+        """Flags are bools, and an option that only means something with another one is refused without it (it
+        would be silently ignored), as are combinations that break a promise (deterministic mode has no atomics)."""
+        for name in ("deterministic", "cuda_graphs", "cast_bf16"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        defaults = {f.name: f.default for f in fields(self)}
+        needs = {"kv_compression": ("kv_budget", "kv_window"), "quant='df11'": ("df11_strategy", "cast_bf16"),
+                 "quant='int6'": ("int6_act", "int6_method", "int6_calibration", "int6_act_overrides",
+                                  "int6_a6_tolerance"), "targets": ("target_check",)}
+        present = {"kv_compression": self.kv_compression is not None, "quant='df11'": self.quant == "df11",
+                   "quant='int6'": self.quant == "int6", "targets": self.targets is not None}
+        for what, names in needs.items():
+            unused = [n for n in names if getattr(self, n) is not defaults[n] and getattr(self, n) != defaults[n]]
+            if unused and not present[what]:
+                raise ConfigError(f"{', '.join(f'{n}={getattr(self, n)!r}' for n in unused)} only applies with "
+                                  f"{what}, which is not set")
+        if self.deterministic and self.df11_strategy == "fused":
+            raise ConfigError("df11_strategy='fused' sums with fp32 atomics, which deterministic=True rules out; "
+                              "use 'auto' or 'scratch' (deterministic mode decodes DF11 into a scratch buffer)")
 
     @classmethod
     def from_options(cls, **options: Any) -> CompileConfig:

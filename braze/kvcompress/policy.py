@@ -107,6 +107,8 @@ def check_options(policy: Any, budget: Any, window: Any, max_seq: Any) -> None:
         raise ConfigError(f"kv_budget={budget!r}: a token count must be in [1, max_seq={max_seq}]")
     if isinstance(window, bool) or not isinstance(window, int) or window < 1:
         raise ConfigError(f"kv_window must be a positive integer (recent tokens always kept), got {window!r}")
-    if policy in DURING_DECODE and Budget(budget).base(max_seq) <= window:
+    if window > max_seq:
+        raise ConfigError(f"kv_window={window} is more than max_seq={max_seq} (the recent tokens always kept)")
+    if Budget(budget).base(max_seq) <= window:  # the kept recent tokens would fill the cache: no room to generate
         raise ConfigError(f"kv_compression={policy!r}: kv_budget={budget!r} leaves {Budget(budget).base(max_seq)} "
                           f"slots, not more than kv_window={window}; raise kv_budget or lower kv_window")

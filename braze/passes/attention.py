@@ -55,10 +55,15 @@ def _make_attention(anchor, q, k, v, mask, causal, scale, ctx, softcap=0.0, sink
     if val(q).shape[1] % val(k).shape[1] or (sinks is not None and val(sinks).shape[0] != val(q).shape[1]):
         return None
     d_qk, d_v = val(q).shape[-1], val(v).shape[-1]
-    if not (isinstance(d_qk, int) and isinstance(d_v, int)) or d_v > d_qk:
+    if not (isinstance(d_qk, int) and isinstance(d_v, int)):
         return None
-    attn = _attention_node(anchor, q, k, _zero_padded(v, d_qk, anchor, ctx), mask, causal, scale, ctx, softcap, sinks)
+    d = max(d_qk, d_v)  # one head dim for the kernels: zero columns add nothing to q . k nor to p @ v
+    q, k, v = (_zero_padded(t, d, anchor, ctx) for t in (q, k, v))
+    attn = _attention_node(anchor, q, k, v, mask, causal, scale, ctx, softcap, sinks)
     if d_v == d_qk:
+        return attn
+    if d_v > d_qk:
+        ctx.note(f"{anchor.name}: queries and keys of head dim {d_qk} padded with zeros to the values' {d_v}")
         return attn
     ctx.note(f"{anchor.name}: values of head dim {d_v} padded with zeros to the query's {d_qk} (MLA), the output "
              "sliced back")
@@ -197,6 +202,20 @@ def _masked_fill_as_bias(anchor: fx.Node, fill: fx.Node, bias, ctx: PassContext)
     return m if bias is None else new_node(gm, aten.add.Tensor, (bias, m), {}, ctx, anchor)
 
 
+def _unshifted(scores):
+    """x - max(x, -1, keepdim) -> x (MiMo-V2's layers subtract the row max before the softmax, which subtracts it
+    anyway); anything else as it is."""
+    if not is_op(scores, aten.sub.Tensor):
+        return scores
+    x, high = scores.args
+    top = high.args[0] if is_op(high, operator.getitem) and high.args[1] == 0 else high
+    if is_op(top, aten.max.dim) and top.args[0] is x and top.args[1:3] in ((-1, True), (3, True)):
+        return x
+    if is_op(top, aten.amax.default) and top.args[0] is x and _last_dim(top.args[1]) and _keepdim(top):
+        return x
+    return scores
+
+
 def _with_sinks(probs: fx.Node):
     """gpt-oss: softmax(cat([scores, sinks], -1) [- its max])[..., :-1] -> (scores, the sinks weight [H]), where
     sinks reaches the cat as expand(reshape(w, [1, H, 1, 1])); anything else -> None. (Subtracting the max first
@@ -307,6 +326,7 @@ def _eager_attention(out_mm: fx.Node, ctx: PassContext):
             scaled, sinks = found
     if is_op(scores, aten._to_copy.default, aten.to.dtype):  # softmax(..., dtype=float32)
         scores = scores.args[0]
+    scores = _unshifted(scores)
     fill = None
     if is_op(scores, aten.masked_fill.Scalar) and isinstance(scores.args[2], (int, float)) and scores.args[2] <= -1e30:
         scores, fill = scores.args[0], scores.args[1]  # MPT: masked_fill(scores + bias, mask, finfo.min)

@@ -591,6 +591,7 @@ def _decompose_softmax(node: fx.Node, ctx: PassContext):
     s = new_node(gm, aten.sum.dim_IntList, (e, [dim], True), {}, ctx, node)
     out = new_node(gm, aten.div.Tensor, (e, s), {}, ctx, node)
     out.meta["braze_softmax_of"] = node.name  # insert_kv_cache looks for attention it would not cache
+    out.meta["braze_softmax_dim"] = dim
     if val(node).dtype != torch.float32:
         out = new_node(gm, aten._to_copy.default, (out,), {"dtype": val(node).dtype}, ctx, node)
     return out

@@ -49,10 +49,13 @@ def _general_reasons(a: dict, general: bool, info: MaskInfo | None) -> list[str]
 
 
 def _unrecognized_attention(gm: fx.GraphModule) -> list[str]:
-    """Softmaxes over [.., S, S]-like scores (3-D or more) that no attention op took: attention braze did not
-    recognize (Bloom's baddbmm form...). A KV cache would leave those layers without their past."""
+    """Softmaxes over [.., S, S]-like scores (3-D or more, over a dim that grows with the sequence) that no
+    attention op took: attention braze did not recognize (Bloom's baddbmm form...). A KV cache would leave those
+    layers without their past. (A softmax over a fixed size, DeepSeek V4's 4 x 4 hyper-connection mixing, is not
+    attention.)"""
     return [n.meta["braze_softmax_of"] for n in gm.graph.nodes
-            if "braze_softmax_of" in n.meta and isinstance(val(n), torch.Tensor) and val(n).dim() >= 3]
+            if "braze_softmax_of" in n.meta and isinstance(val(n), torch.Tensor) and val(n).dim() >= 3
+            and not isinstance(val(n).shape[n.meta.get("braze_softmax_dim", -1)], int)]
 
 
 def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> int:

@@ -162,6 +162,8 @@ class Generator:
         self.kv_inputs = kv_inputs
         self.max_seq = max_seq
         self.max_batch = max_batch
+        # a learned position table (GPT-2's wpe) bounds the positions; the plans do not bound-check their gathers
+        self.position_rows = next((i.index_bound for i in decode.user_inputs if i.name == "position_ids"), None)
         self.device = device
         self.default_eos = eos_token_id
         self.default_pad = pad_token_id
@@ -351,6 +353,11 @@ class Generator:
                 f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {prompt_len + max_new_tokens} exceeds "
                 f"the KV cache (max_seq={self.max_seq}); compile with braze.compile(model, "
                 f"max_seq={prompt_len + max_new_tokens}) or more")
+        rows = self.position_rows
+        if rows is not None and prompt_len + max_new_tokens > rows:
+            raise ShapeOutOfRangeError(
+                f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {prompt_len + max_new_tokens} tokens "
+                f"exceeds the model's learned position table ({rows} positions)")
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, max_new_tokens: int = 20,
                  do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
@@ -402,6 +409,9 @@ class Generator:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(seed)
         static = self.static_decode_batch
+        for name, flag in (("speculate", speculate), ("spec_tree", spec_tree), ("output_logits", output_logits)):
+            if flag is not None and not isinstance(flag, bool):
+                raise ConfigError(f"{name} must be True or False, got {flag!r}")
         speculating = self.speculate_default if speculate is None else speculate
         if spec_tree and not speculating:
             raise ConfigError("spec_tree=True drafts trees for speculative decoding: give speculate=True too (or "

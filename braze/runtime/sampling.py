@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -39,9 +40,16 @@ def check_sampling(do_sample: bool, temperature: Any, top_k: Any, top_p: Any) ->
     if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) or not math.isfinite(temperature) \
             or temperature < 0:
         raise ConfigError(f"temperature must be a finite number > 0, got {temperature!r}")
+    if not isinstance(do_sample, bool):
+        raise ConfigError(f"do_sample must be True or False, got {do_sample!r}")
     if do_sample and temperature == 0:
         raise ConfigError("temperature must be > 0 when sampling (do_sample=True); for greedy decoding pass "
                           "do_sample=False")
+    ignored = [f"{name}={value!r}" for name, value, off in (("temperature", temperature, 1.0), ("top_k", top_k, 0),
+                                                            ("top_p", top_p, 1.0)) if value != off]
+    if not do_sample and ignored:  # HF generate warns too: the caller probably meant to sample
+        warnings.warn(f"do_sample=False: greedy decoding ignores {', '.join(ignored)}; pass do_sample=True to "
+                      "sample", UserWarning, stacklevel=3)
     return float(temperature), int(top_k), float(top_p)
 
 
