@@ -577,6 +577,25 @@ def test_repeat_along_any_dims_is_a_broadcast_view():
     assert [s.target for s in two.plan.steps if s.kind == "eager"] == ["aten.repeat.default"]
 
 
+def test_boolean_cats_and_mixed_integer_bitwise_ops_fuse():
+    """CPM-Ant's mask: a cat of a constant true block (a float full cast to bool) and a comparison, and'ed with a
+    broadcast of itself, and an int32 | bool. The interpreter's tl.where of a scalar int1 gave float lanes (and an
+    int32 & int1 its own refusal): the fused kernel failed. Bool pieces now select as int8 and bitwise operands
+    take the output's integer type: exact, no eager step."""
+    class Mask(torch.nn.Module):
+        def forward(self, x, n):
+            keep = torch.cat([torch.full((x.shape[0], 3), 1.0).to(torch.bool), x > 0], dim=1)
+            pair = keep[:, :, None] & keep[:, None, :]
+            ones = torch.ones(x.shape[0], 1, dtype=torch.int32)
+            return pair, (ones | (x > n)) & (x < 1)
+
+    x, n = torch.randn(2, 5), torch.tensor(0.5)
+    cm = braze.compile(Mask())
+    for got, want in zip(cm(x, n), Mask()(x, n)):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    assert not [s for s in cm.plan.steps if s.kind == "eager"]
+
+
 def test_reductions_over_other_dims_fuse():
     """sum / mean / amax / amin over several dims, all dims, or a non-last dim (and softmax over dim 1) become
     last-dim reductions of a view (passes/normalize.py): fused, no eager step, exact up to summation order, at two

@@ -452,6 +452,8 @@ class KernelBuilder:
                     var = var if meta(a).dtype == torch.bool else f"({var} != 0)"
                 elif math_float and not is_float(meta(a).dtype):
                     var = self._tmp(f"({var}).to(tl.float32)", torch.float32)
+                elif t in P.BITWISE and meta(a).dtype != out_dtype:  # int32 | bool: one integer type (the
+                    var = self._tmp(f"({var}).to({P.TRITON_DTYPES[out_dtype]})", out_dtype)  # interpreter refuses)
                 operands.append(var)
             elif isinstance(a, fx.Node):
                 operands.append(self._expr(scalar_arg(a)))
@@ -534,10 +536,12 @@ class KernelBuilder:
             self.mask_ctx = saved
             pieces.append((cond, var))
             offset = hi
+        if dtype == torch.bool:  # select int8 lanes: the interpreter's tl.where of a scalar int1 yields floats
+            pieces = [(cond, self._tmp(f"({var}).to(tl.int8)", torch.int8)) for cond, var in pieces]
         result = pieces[-1][1]
         for cond, var in reversed(pieces[:-1]):
-            result = self._tmp(f"tl.where({cond}, {var}, {result})", dtype)
-        return result
+            result = self._tmp(f"tl.where({cond}, {var}, {result})", torch.int8 if dtype == torch.bool else dtype)
+        return self._tmp(f"({result} != 0)", dtype) if dtype == torch.bool else result
 
     # ---- whole kernel --------------------------------------------------------------------------------
     def store(self, node: fx.Node, buffer_name: str) -> None:

@@ -147,6 +147,7 @@ def _clamp(a: Expr, lo, hi) -> Expr:
 
 # Bool-typed results of ops whose inputs are bool use bitwise logic; these ops need bool operands.
 BOOL_ONLY = {aten.bitwise_and.Tensor, aten.bitwise_or.Tensor, aten.bitwise_not.default}
+BITWISE = {op for op in ELEMENTWISE if "bitwise" in str(op) and op is not aten.bitwise_not.default}
 
 # Ops that only reinterpret the index (no arithmetic): handled by index remapping in the kernel builder.
 VIEW_OPS = {
