@@ -216,7 +216,8 @@ def test_run_says_when_a_row_stops_at_end_of_sequence(package, loaded, ids_out, 
     assert main(["run", str(package), "--prompt-ids", f"{k} {k + 1} {k}", "--max-new-tokens", "4"]) == 0
     got = capsys.readouterr()
     assert [int(x) for x in got.out.split()] == want
-    assert f"[braze] {len(want)} tokens (stopped at end-of-sequence token {want[-1]}) in" in got.err
+    count = "1 token" if len(want) == 1 else f"{len(want)} tokens"
+    assert f"[braze] {count} (stopped at end-of-sequence token {want[-1]}) in" in got.err
     assert main(["run", str(package), "--prompt-ids", f"{runs} {runs + 1} {runs}", "--max-new-tokens", "4"]) == 0
     got = capsys.readouterr()
     assert len(got.out.split()) == 4 and "[braze] 4 tokens in" in got.err and "end-of-sequence" not in got.err
@@ -377,6 +378,8 @@ def test_bad_arguments_exit_2_with_one_line_from_python_dash_m():
     (["run", "pkg", "--prompt", "x", "--prompt-ids", "1"], "not allowed with argument"),
     (["compile", "m", "-o", "o", "--quant", "int4"], "--quant"),
     (["bench", "m", "--warmup", "-1"], "--warmup"),
+    (["eval", "m", "--max-tokens", "1"], "argument --max-tokens: expected an integer >= 2"),
+    (["eval", "m", "--window", "1"], "argument --window: expected an integer >= 2"),
     (["frobnicate"], "invalid choice"),
 ])
 def test_bad_arguments_in_process(argv, needle, capsys):
@@ -394,6 +397,7 @@ def test_compile_option_combinations_refused_before_loading(tmp_path, capsys):
         (["--kv-budget", "0.5"], "--kv-compression only"),
         (["--kv-window", "4"], "--kv-compression only"),
         (["--quant", "df11"], "add --dtype bfloat16"),
+        (["--target-check", "warn"], "--target-check applies with --target only"),
         (["--executor", "cuda"] if not torch.cuda.is_available() else ["--quant", "df11", "--dtype", "float16"],
          "--executor cuda needs a CUDA GPU" if not torch.cuda.is_available() else "add --dtype bfloat16"),
     ]:
@@ -472,6 +476,25 @@ def test_compile_an_hf_model_directory(tmp_path, capsys):
     assert manifest["metadata"]["source_kind"] == "hf-dir" and manifest["tokenizer"] == "tokenizer"
     capsys.readouterr()
     assert main(["check", str(tmp_path / "pkg"), str(tmp_path / "model"), "--prompts", "1"]) == 0
+    assert "check passed: 1 input matches the eager model" in capsys.readouterr().out
+
+
+def test_hf_loads_print_no_progress_bar_to_a_piped_stderr(tmp_path, capsys):
+    """transformers' "Loading weights" bar went to a piped stderr although the CLI shows no progress there; the
+    CLI turns it off for the load only (a program calling main() gets its setting back)."""
+    from transformers.utils import logging as hf_logging
+
+    from tests.tiny_factory import tiny_llama
+
+    made = tiny_llama()
+    made["model"].save_pretrained(tmp_path / "model")
+    made["tokenizer"].save_pretrained(tmp_path / "model")
+    hf_logging.enable_progress_bar()
+    capsys.readouterr()
+    assert main(["compile", str(tmp_path / "model"), "-o", str(tmp_path / "pkg"), "--max-seq", "16",
+                 "--max-batch", "1"]) == 0
+    assert capsys.readouterr().err == ""
+    assert hf_logging.is_progress_bar_enabled()
 
 
 def test_an_hf_directory_without_a_tokenizer_runs_on_token_ids(tmp_path, capsys):
@@ -599,3 +622,96 @@ def test_bench_times_forward_and_decode_side_by_side(package, loaded, capsys):
     assert "torch.compile" in rows or "note: torch.compile decode unavailable: " in decode
     rt, _ = loaded
     assert f"braze: {rt.generator.decode.plan.launches} launches per decode step" in decode
+
+
+# ---- reviewer's findings: int6 calibration, mismatched kinds, ignored or unusable arguments, grammar ----------------
+@pytest.mark.parametrize("method, weights", [([], "awq"), (["--int6-method", "gptq"], "gptq")])
+def test_int6_compile_of_a_factory_calibrates_with_its_tokenizer(method, weights, tmp_path, capsys):
+    """A factory's tokenizer reaches braze.compile as calibration statistics: auto smooths (awq) instead of rounding
+    to nearest, and gptq compiles instead of failing with "found no tokenizer next to the model"."""
+    assert main(["compile", FACTORY, "-o", str(tmp_path / "pkg"), "--max-seq", "16", "--max-batch", "1", "--quant",
+                 "int6", *method, "--report"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(rf"W6A16; weights: {weights}; calibration: \d+ tokens", out), out
+
+
+def test_check_refuses_a_model_of_the_other_kind(package, tmp_path, capsys):
+    mlp = tmp_path / "mlp"
+    assert main(["compile", "tests.tiny_factory:tiny_mlp", "-o", str(mlp)]) == 0
+    capsys.readouterr()
+    assert main(["check", str(package), "tests.tiny_factory:tiny_mlp"]) == 2
+    err = _one_line_error(capsys.readouterr().err)
+    assert (f"{package} holds a LlamaForCausalLM (a causal LM) but tests.tiny_factory:tiny_mlp is a TinyMLP (not a "
+            "causal LM)") in err
+    assert main(["check", str(mlp), FACTORY]) == 2
+    err = _one_line_error(capsys.readouterr().err)
+    assert f"{mlp} holds a TinyMLP (not a causal LM) but {FACTORY} is a LlamaForCausalLM (a causal LM)" in err
+
+
+def test_eval_refuses_a_text_of_one_token(tmp_path, capsys):
+    (tmp_path / "one.txt").write_text("a")
+    assert main(["eval", FACTORY, "--text", str(tmp_path / "one.txt"), "--quant", "int6"]) == 2
+    assert "tokenizes to fewer than 2 tokens" in _one_line_error(capsys.readouterr().err)
+
+
+def test_bench_refuses_batch_and_seq_it_would_ignore(tmp_path, capsys):
+    """A non-LM runs on its example inputs: --batch / --seq given for it are refused (package or model target);
+    left at their defaults, the bench runs."""
+    mlp = tmp_path / "mlp"
+    assert main(["compile", "tests.tiny_factory:tiny_mlp", "-o", str(mlp)]) == 0
+    capsys.readouterr()
+    assert main(["bench", str(mlp), "--batch", "5", "--seq", "99"]) == 2
+    err = _one_line_error(capsys.readouterr().err)
+    assert err.startswith("braze bench: error: --batch 5 --seq 99: --batch / --seq shape a causal LM's input_ids")
+    assert f"{mlp} holds a TinyMLP, not a causal LM" in err
+    assert main(["bench", "tests.tiny_factory:tiny_mlp", "--seq", "99"]) == 2
+    assert "error: --seq 99: --batch / --seq shape" in _one_line_error(capsys.readouterr().err)
+    assert main(["bench", str(mlp), "--iters", "1", "--no-torch-compile"]) == 0
+    assert "inputs 3x8; 1 timed iteration (median)" in capsys.readouterr().out
+
+
+def test_compile_refuses_an_output_it_cannot_create_before_loading(tmp_path, capsys):
+    """-o under a regular file, or somewhere nothing can be created: exit 2 naming -o, before the model is loaded
+    (the model here does not exist: loading it would exit 1)."""
+    (tmp_path / "afile").write_text("")
+    assert main(["compile", "no.such:model", "-o", str(tmp_path / "afile" / "sub")]) == 2
+    err = _one_line_error(capsys.readouterr().err)
+    assert f"-o {tmp_path / 'afile' / 'sub'}: {tmp_path / 'afile'} is a file, not a directory" in err
+    if Path("/proc/self").is_dir():  # procfs takes no new directories, even from root
+        assert main(["compile", "no.such:model", "-o", "/proc/braze-test/pkg"]) == 2
+        assert "-o /proc/braze-test/pkg: cannot create the package under /proc (" in (
+            _one_line_error(capsys.readouterr().err))
+    assert not list(tmp_path.glob(".braze-probe-*"))
+
+
+def test_run_generates_for_each_repeated_prompt(package, loaded, ids_out, capsys):
+    """--prompt repeated: one left-padded batch, each completion under its prompt, the tokens each prompt gets
+    alone; --stream with several prompts and more prompts than the package's max batch exit 2."""
+    prompts = ["Hello", "abc de"]
+    assert main(["run", str(package), "--prompt", prompts[0], "--prompt", prompts[1], "--max-new-tokens", "3"]) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert lines[0] == "==> prompt 1: 'Hello' <==" and lines[2] == "==> prompt 2: 'abc de' <==", lines
+    want = [_library(loaded, p) for p in prompts]
+    assert [[int(x) for x in lines[1].split()], [int(x) for x in lines[3].split()]] == want
+    total = sum(len(w) for w in want)
+    assert f"[braze] {total} tokens over 2 prompts" in captured.err
+    for extra, needle in ((["--stream"], "--stream prints one completion as it is generated; got 2 prompts"),
+                          (["--prompt", "c"], "3 prompts; the package generates at most 2 rows at once")):
+        assert main(["run", str(package), "--prompt", "a", "--prompt", "b", *extra]) == 2
+        assert needle in _one_line_error(capsys.readouterr().err)
+
+
+def test_one_new_token_reads_as_one_token(package, capsys):
+    assert main(["run", str(package), "--prompt", "Hi", "--max-new-tokens", "1"]) == 0
+    assert "[braze] 1 token in " in capsys.readouterr().err
+
+
+def test_counts_in_messages_agree():
+    from braze.cli.common import article, plural
+
+    assert [plural(n, "token") for n in (0, 1, 2)] == ["0 tokens", "1 token", "2 tokens"]
+    assert plural(1, "launch", "launches") == "1 launch" and plural(3, "launch", "launches") == "3 launches"
+    assert {n: article(n) for n in (1, 8, 11, 12, 18, 80, 100, 180, 800, 1100, 8000, 11000, 18500, 21000)} == {
+        1: "a", 8: "an", 11: "an", 12: "a", 18: "an", 80: "an", 100: "a", 180: "a", 800: "an", 1100: "a",
+        8000: "an", 11000: "an", 18500: "an", 21000: "a"}

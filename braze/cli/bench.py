@@ -23,11 +23,14 @@ from .common import (
     example_inputs,
     load_package,
     nonneg_int,
+    plural,
     positive_int,
     shape_limits,
     torch_dtype,
 )
 from .models import MODEL_HELP
+
+BATCH, SEQ = 1, 16  # --batch / --seq defaults
 
 
 def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -37,8 +40,10 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("target", metavar="MODEL|PKG", help="a model (compiled here) or a package directory")
     p.add_argument("--model", metavar="MODEL", help="PKG only: eager model to compare with (default: the model it "
                    "was compiled from, if the manifest records one)")
-    p.add_argument("--batch", type=positive_int, default=1, metavar="B", help="batch size (default 1)")
-    p.add_argument("--seq", type=positive_int, default=16, metavar="S", help="sequence length (default 16)")
+    p.add_argument("--batch", type=positive_int, default=None, metavar="B",
+                   help=f"causal LMs: batch size (default {BATCH}; other models run on their example inputs)")
+    p.add_argument("--seq", type=positive_int, default=None, metavar="S",
+                   help=f"causal LMs: sequence length (default {SEQ})")
     p.add_argument("--iters", type=positive_int, default=5, metavar="N", help="timed iterations (default 5)")
     p.add_argument("--warmup", type=nonneg_int, default=1, metavar="N",
                    help="untimed warm-up iterations (default 1)")
@@ -150,6 +155,22 @@ def _check_decode(args: argparse.Namespace, compiled: Any) -> None:
         raise UsageError(f"--seq {args.seq} + --decode {args.decode} exceeds the package's max seq {max_seq}")
 
 
+def _shape_flags(args: argparse.Namespace) -> list[str]:
+    """The --batch / --seq flags the user gave (then both take their defaults where left out)."""
+    given = [f"{flag} {value}" for flag, value in (("--batch", args.batch), ("--seq", args.seq)) if value is not None]
+    args.batch = BATCH if args.batch is None else args.batch
+    args.seq = SEQ if args.seq is None else args.seq
+    return given
+
+
+def _refuse_shape_flags(args: argparse.Namespace, given: list[str], causal_lm: bool, model: str) -> None:
+    """--batch / --seq shape a causal LM's input_ids; another model runs on its example inputs, so they would be
+    ignored in silence."""
+    if given and not causal_lm:
+        raise UsageError(f"{' '.join(given)}: --batch / --seq shape a causal LM's input_ids; {args.target} holds a "
+                         f"{model}, not a causal LM, which bench runs on its example inputs: drop them")
+
+
 def main(args: argparse.Namespace) -> int:
     import torch
 
@@ -165,6 +186,7 @@ def main(args: argparse.Namespace) -> int:
                          "is already a model")
     if not package and args.sha256 is not None:
         raise UsageError("--sha256 pins a package; the target is a model")
+    given = _shape_flags(args)
     device = device_for(args.executor)
     cuda = device == "cuda"
     rows: list[tuple[str, str, str, float | None, float | None]] = []
@@ -175,6 +197,7 @@ def main(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         compiled = load_package(args.target, args.executor, sha256=args.sha256)
         compile_s = time.perf_counter() - t0
+        _refuse_shape_flags(args, given, compiled.causal_lm, str(compiled.manifest.get("model") or "model"))
         braze_label = "braze (package)"
         source = args.model or compiled.manifest.get("metadata", {}).get("source")
         if source:
@@ -184,6 +207,7 @@ def main(args: argparse.Namespace) -> int:
             notes.append("no eager model: the package records no source model; pass --model MODEL")
     else:
         loaded = resolve_model(args.target, dtype=torch_dtype(args.dtype or "auto", device), device=device)
+        _refuse_shape_flags(args, given, loaded.causal_lm, type(loaded.model).__name__)
         t0 = time.perf_counter()
         compiled = compile_model(loaded, dict(executor=args.executor, max_batch=max(args.batch, 8),
                                                max_seq=max(args.seq + (args.decode or 0), 64)))
@@ -221,8 +245,8 @@ def main(args: argparse.Namespace) -> int:
 
     eager_med = rows[0][3] if rows and rows[0][0] == "eager" else None
     shape = ", ".join("x".join(str(d) for d in t.shape) for t in inputs if hasattr(t, "shape"))
-    print(f"bench: {args.target}; inputs {shape}; {args.iters} timed iterations (median), {args.warmup} warm-up; "
-          f"device {device}")
+    print(f"bench: {args.target}; inputs {shape}; {plural(args.iters, 'timed iteration')} (median), "
+          f"{args.warmup} warm-up; device {device}")
     header = f"{'engine':18s} {'backend/executor':20s} {'first call s':>12s} {'median ms':>10s} "
     header += f"{'tokens/s':>10s} {'vs eager':>9s}"
     print(header)
@@ -243,12 +267,15 @@ def main(args: argparse.Namespace) -> int:
         for name, backend, step in decode_rows:
             if step is None:
                 print(f"{name:18s} {backend:20s} {'-':>10s} {'-':>10s} {'-':>9s}")
-                notes.append(f"{name}: t({args.decode}) - t(1) <= 0, the {args.decode - 1} steps are within the "
-                             f"timer's noise (best of {args.iters}): no step time; raise --decode or --iters")
+                steps = args.decode - 1
+                notes.append(f"{name}: t({args.decode}) - t(1) <= 0, the {plural(steps, 'step')} "
+                             f"{'is' if steps == 1 else 'are'} within the timer's noise (best of {args.iters}): no "
+                             "step time; raise --decode or --iters")
                 continue
             ratio = f"{eager_step / step:8.2f}x" if eager_step else f"{'-':>9s}"
             print(f"{name:18s} {backend:20s} {step * 1e3:10.2f} {args.batch / step:10.1f} {ratio}")
-        print(f"braze: {compiled.generator.decode.plan.launches} launches per decode step")
+        launches = compiled.generator.decode.plan.launches
+        print(f"braze: {plural(launches, 'launch', 'launches')} per decode step")
     for note in notes:
         print(f"note: {note}")
     if compiled.executor_name == "interpret" or not cuda:

@@ -7,6 +7,7 @@ from typing import Any
 
 from .common import (
     CheckFailed,
+    UsageError,
     add_executor,
     add_sha256,
     braze_forward,
@@ -16,6 +17,7 @@ from .common import (
     load_package,
     nonneg_float,
     package_tokenizer,
+    plural,
     positive_int,
     shape_limits,
 )
@@ -97,6 +99,21 @@ def _lossy(options: dict[str, Any]) -> str | None:
     return None
 
 
+def _check_kinds(args: argparse.Namespace, compiled: Any, loaded: Any) -> None:
+    """A causal-LM package checked against another kind of model (or the reverse) cannot share inputs: say so
+    rather than fail inside the model's forward."""
+    if compiled.causal_lm == loaded.causal_lm:
+        return
+    ours = compiled.manifest.get("model") or "model"
+
+    def kind(lm: bool) -> str:
+        return "a causal LM" if lm else "not a causal LM"
+
+    raise UsageError(f"{args.package} holds a {ours} ({kind(compiled.causal_lm)}) but {args.model} is a "
+                     f"{type(loaded.model).__name__} ({kind(loaded.causal_lm)}); check a package against the "
+                     "model it was compiled from")
+
+
 def main(args: argparse.Namespace) -> int:
     import torch
 
@@ -108,6 +125,7 @@ def main(args: argparse.Namespace) -> int:
     dtype = getattr(torch, compiled.manifest.get("metadata", {}).get("dtype", "float32"))
     rtol, atol = tolerance_for(dtype, args.rtol, args.atol)
     loaded = resolve_model(args.model, dtype=dtype, device=str(compiled.device))
+    _check_kinds(args, compiled, loaded)
     eager = eager_forward(loaded.model, compiled.causal_lm)
     ours = braze_forward(compiled)
     cases = _cases(compiled, loaded, args.prompts)
@@ -141,5 +159,6 @@ def main(args: argparse.Namespace) -> int:
         raise CheckFailed(f"check failed: package outputs differ from the eager model (max abs error {worst[0]:.3e} "
                           f"on {worst[1]}; tolerance atol {atol:g}, rtol {rtol:g})"
                           + (f"; {lossy}" if lossy else ""))
-    print(f"check passed: {len(cases)} inputs match the eager model")
+    print(f"check passed: {plural(len(cases), 'input')} {'matches' if len(cases) == 1 else 'match'} the eager "
+          "model")
     return 0

@@ -101,6 +101,19 @@ def err(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
+def plural(n: int, noun: str, many: str | None = None) -> str:
+    """'1 token' / '2 tokens': counts in messages read as English ("1 tokens" did not)."""
+    return f"{n} {noun if n == 1 else many or noun + 's'}"
+
+
+def article(n: int) -> str:
+    """'a' or 'an' before the number n spoken aloud ('an 8-token', 'an 11-token', 'a 12-token')."""
+    lead = abs(int(n))
+    while lead >= 1000:
+        lead //= 1000
+    return "an" if str(lead).startswith("8") or lead in (11, 18) else "a"
+
+
 def secondary_rank() -> bool:
     """True on ranks 1.. of a torchrun launch (a tp package runs on every rank; rank 0 speaks for them)."""
     return os.environ.get("RANK", "0") not in ("", "0") and "WORLD_SIZE" in os.environ

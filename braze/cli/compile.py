@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
 from braze.kvcompress.policy import POLICIES
 
-from .common import DTYPES, EXECUTOR_HELP, EXECUTORS, Stages, UsageError, compile_model, device_for, positive_int
+from .common import (
+    DTYPES,
+    EXECUTOR_HELP,
+    EXECUTORS,
+    Stages,
+    UsageError,
+    compile_model,
+    device_for,
+    plural,
+    positive_int,
+)
 from .common import torch_dtype as _torch_dtype
 from .models import MODEL_HELP
 
@@ -63,9 +74,9 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
     p.add_argument("--target", default=None, metavar="SM[,SM...]",
                    help="GPU targets to cross-compile every kernel for (sm_80, sm_86, sm_89, sm_90; no GPU needed): "
                    "the package carries the cubins, 'braze inspect' shows registers/spills/shared memory per target")
-    p.add_argument("--target-check", choices=("error", "warn"), default="error",
-                   help="a kernel that spills (bf16/fp16 models) or exceeds a target's limits: error (default) or "
-                   "warn (accept it)")
+    p.add_argument("--target-check", choices=("error", "warn"), default=None,
+                   help="with --target: a kernel that spills (bf16/fp16 models) or exceeds a target's limits: error "
+                   "(default) or warn (accept it)")
     p.add_argument("--tp", type=positive_int, default=1, metavar="N",
                    help="tensor parallelism: compile N shards on N local ranks (gloo on CPU, NCCL on GPUs) into a "
                    "sharded package (rank<r>/ + shards.json); run it with torchrun --nproc-per-node N -m braze run")
@@ -83,6 +94,8 @@ def _check_arguments(args: argparse.Namespace, dtype: Any) -> None:
         raise UsageError("--df11-strategy applies to --quant df11 only")
     if not args.kv_compression and (args.kv_budget is not None or args.kv_window is not None):
         raise UsageError("--kv-budget / --kv-window apply with --kv-compression only")
+    if args.target is None and args.target_check is not None:
+        raise UsageError("--target-check applies with --target only (it judges the cross-compiled kernels)")
     if args.target is not None:
         from braze.kernels.device import TARGETS
 
@@ -98,6 +111,23 @@ def _check_arguments(args: argparse.Namespace, dtype: Any) -> None:
         raise UsageError(f"-o {out}: exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not any((out / f).is_file() for f in ("manifest.json", "shards.json")):
         raise UsageError(f"-o {out}: a non-empty directory that is not a braze package; refusing to overwrite it")
+    _check_writable(out)
+
+
+def _check_writable(out: Path) -> None:
+    """-o must be creatable before the compile (minutes) rather than fail after it: the nearest existing directory
+    above it (where the package's temporary directory goes) must accept a new directory."""
+    import tempfile
+
+    above = out.absolute().parent
+    while not above.exists():
+        above = above.parent
+    if not above.is_dir():
+        raise UsageError(f"-o {out}: {above} is a file, not a directory")
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".braze-probe-", dir=above))
+    except OSError as e:
+        raise UsageError(f"-o {out}: cannot create the package under {above} ({e.strerror or e})") from None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -117,7 +147,7 @@ def main(args: argparse.Namespace) -> int:
         if not loaded.causal_lm and args.speculate:
             raise UsageError(f"--speculate applies to causal LMs; {args.model} is a {type(loaded.model).__name__}")
         stages.start("compiling")
-        compiled = compile_model(loaded, _options(args))
+        compiled = compile_model(loaded, {**_options(args), **_calibration(args, loaded)})
         stages.start(f"saving {args.output}")
         meta = {"source": loaded.source, "source_kind": loaded.kind, "dtype": str(dtype).removeprefix("torch."),
                 "example_inputs": _describe_inputs(loaded.example_inputs)}
@@ -130,18 +160,20 @@ def main(args: argparse.Namespace) -> int:
     print(f"compiled {type(loaded.model).__name__} from {args.model} -> {path}")
     plans = {"forward": plan, **(getattr(compiled, "extra_plans", None) or {})}
     sources = {src for p in plans.values() for src in p.kernels.values()}
-    print(f"  plans: {', '.join(plans)}; {len(sources)} distinct kernels; {plan.launches} launches per forward, "
-          f"{sum(1 for s in plan.steps if s.kind == 'eager')} eager fallbacks; weights {format_bytes(weight_bytes)}; "
-          f"tokenizer: {'yes' if loaded.tokenizer is not None else 'no'}")
+    eager = sum(1 for s in plan.steps if s.kind == "eager")
+    print(f"  plans: {', '.join(plans)}; {plural(len(sources), 'distinct kernel')}; "
+          f"{plural(plan.launches, 'launch', 'launches')} per forward, {plural(eager, 'eager fallback')}; weights "
+          f"{format_bytes(weight_bytes)}; tokenizer: {'yes' if loaded.tokenizer is not None else 'no'}")
     print(f"  load {t.get(f'loading {args.model}', 0):.1f} s, compile {t.get('compiling', 0):.1f} s, "
           f"save {t.get(f'saving {args.output}', 0):.1f} s; executor {compiled.executor_name}")
     if compiled.report is not None and "kv compression" in compiled.report.extra:
         print(f"  kv compression: {compiled.report.extra['kv compression']}")
     build = getattr(compiled, "target_build", None)
     if build is not None:
-        print(f"  GPU targets {', '.join(build.targets)}: {len(build.results)} kernel specializations cross-compiled "
-              f"in {build.seconds:.1f} s ({len(build.errors)} do not fit, {len(build.issues) - len(build.errors)} "
-              f"warnings); cubins in {path}/targets/")
+        unfit, warned = len(build.errors), len(build.issues) - len(build.errors)
+        print(f"  GPU targets {', '.join(build.targets)}: {plural(len(build.results), 'kernel specialization')} "
+              f"cross-compiled in {build.seconds:.1f} s ({unfit} {'does' if unfit == 1 else 'do'} not fit, "
+              f"{plural(warned, 'warning')}); cubins in {path}/targets/")
         for issue in build.issues[:10]:
             print(f"    {issue.severity}: {issue}")
         if len(build.issues) > 10:
@@ -168,10 +200,25 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
     if args.deterministic:
         options["deterministic"] = True
     if args.target is not None:
-        options.update(targets=args.target, target_check=args.target_check)
+        options.update(targets=args.target, target_check=args.target_check or "error")
     if args.tp > 1:
         options["tp"] = args.tp
     return options
+
+
+def _calibration(args: argparse.Namespace, loaded: Any) -> dict[str, Any]:
+    """--quant int6 rounding that calibrates (auto, awq, gptq; a6 / mixed activations): braze.compile finds a
+    tokenizer only next to an HF model's files, so the tokenizer a factory or a .gguf file brought is turned into
+    the statistics braze.compile would collect (braze/api.py _with_calibration: Hessians for gptq only)."""
+    method = args.int6_method or "auto"
+    wanted = method != "rtn" or args.int6_act in ("a6", "mixed")
+    if args.quant != "int6" or not wanted or loaded.tokenizer is None or not loaded.causal_lm:
+        return {}
+    if loaded.kind in ("hf-dir", "builtin"):  # braze.compile finds the tokenizer there (and skips it on a cache hit)
+        return {}
+    from braze.quant.calibration import collect
+
+    return {"int6_calibration": collect(loaded.model, loaded.tokenizer, hessians=method == "gptq")}
 
 
 def _compile_rank(rank: int, world: int, args: argparse.Namespace, device: str) -> dict[str, Any]:
@@ -185,7 +232,7 @@ def _compile_rank(rank: int, world: int, args: argparse.Namespace, device: str) 
     loaded = resolve_model(args.model, dtype=dtype, device=where)
     if not loaded.causal_lm:
         raise UsageError(f"--tp applies to causal LMs; {args.model} is a {type(loaded.model).__name__}")
-    compiled = compile_model(loaded, _options(args))
+    compiled = compile_model(loaded, {**_options(args), **_calibration(args, loaded)})
     meta = {"source": loaded.source, "source_kind": loaded.kind, "dtype": str(dtype).removeprefix("torch.")}
     save_sharded(compiled, args.output, tokenizer=loaded.tokenizer, metadata=meta)
     return {"model": type(loaded.model).__name__, "executor": compiled.executor_name,

@@ -8,10 +8,12 @@ from typing import Any
 
 from braze.kvcompress.policy import POLICIES
 
-from .common import UsageError, device_for, nonneg_int, positive_int
+from .common import UsageError, device_for, int_at_least, nonneg_int, positive_int
 from .models import MODEL_HELP
 
 KV_WINDOW = 16  # recent tokens every policy keeps in the KV table (kv_compression_table's kv_window)
+# perplexity predicts each token from the ones before it: a window or a text needs two tokens to predict one
+PERPLEXITY_TOKENS = int_at_least(2, "an integer >= 2 (perplexity predicts a token from the ones before it)")
 
 
 def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -26,9 +28,10 @@ def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
                    help="variants besides FP (default: df11 int6)")
     p.add_argument("--text", default=None, metavar="FILE",
                    help="a UTF-8 text file (default: braze/data/eval_text.txt)")
-    p.add_argument("--window", type=positive_int, default=256, metavar="N", help="tokens per window (default 256)")
-    p.add_argument("--max-tokens", type=positive_int, default=None, metavar="N",
-                   help="evaluate only the first N tokens")
+    p.add_argument("--window", type=PERPLEXITY_TOKENS, default=256, metavar="N",
+                   help="tokens per window, at least 2 (default 256)")
+    p.add_argument("--max-tokens", type=PERPLEXITY_TOKENS, default=None, metavar="N",
+                   help="evaluate only the first N tokens (N >= 2)")
     p.add_argument("--agreement-tokens", type=nonneg_int, default=0, metavar="N",
                    help="also compare N greedy tokens of each variant with FP on a chat prompt (default 0: off)")
     p.add_argument("--executor", choices=("reference", "interpret", "cuda"), default="reference",
@@ -57,6 +60,13 @@ def check_kv_options(args: argparse.Namespace) -> None:
     if args.kv_context is not None and args.kv_context < 2 * KV_WINDOW:
         raise UsageError(f"--kv-context {args.kv_context}: every policy keeps the {KV_WINDOW} most recent tokens; "
                          f"give at least {2 * KV_WINDOW} so a budget has older tokens to choose from")
+
+
+def _check_text_length(args: argparse.Namespace, tokenizer: Any, text: str | None) -> None:
+    """A --text file of one token leaves perplexity nothing to predict: a usage error, not braze.eval's
+    ValueError after the compiles."""
+    if text is not None and len(tokenizer(text).input_ids) < 2:
+        raise UsageError(f"--text {args.text}: tokenizes to fewer than 2 tokens; perplexity needs at least 2")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -89,6 +99,7 @@ def main(args: argparse.Namespace) -> int:
                                     executor=args.executor, kv_window=KV_WINDOW)
         print(format_kv_table(rows, context, 64))
         return 0
+    _check_text_length(args, loaded.tokenizer, text)
     variants = ["eager", "braze"] + (["eager-bf16"] if "df11" in args.quant else []) + list(dict.fromkeys(args.quant))
     rows = quant_perplexity_table(loaded.model, loaded.tokenizer, text=text, window=args.window,
                                   executor=args.executor, variants=tuple(variants), max_tokens=args.max_tokens,

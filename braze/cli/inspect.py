@@ -11,7 +11,7 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from .common import EXIT_RUNTIME, UsageError, add_sha256
+from .common import EXIT_RUNTIME, UsageError, add_sha256, plural
 
 
 def register(sub: Any, parents: list[argparse.ArgumentParser]) -> None:
@@ -48,7 +48,7 @@ def summarize_package(path: str, sha256: str | None = None) -> dict[str, Any]:
     digest = manifest_digest(root)
     try:
         verify_package(root, manifest)
-        integrity = f"ok ({len(manifest['files'])} files, sha256)"
+        integrity = f"ok ({plural(len(manifest['files']), 'file')}, sha256)"
     except PackageError as e:
         integrity = f"FAILED: {e}"
     plans = {}
@@ -170,8 +170,8 @@ def main(args: argparse.Namespace) -> int:
         dims = ", ".join(f"{s['label']} in [{s['lower']}, {'inf' if s['upper'] is None else s['upper']}]"
                          for s in plan["symbols"])
         kinds = ", ".join(f"{n} {k}" for k, n in sorted(plan["step_kinds"].items()))
-        print(f"\nplan {name}: {plan['steps']} steps ({kinds}); {plan['launches']} kernel launches per call; "
-              f"dims: {dims}")
+        print(f"\nplan {name}: {plural(plan['steps'], 'step')} ({kinds}); "
+              f"{plural(plan['launches'], 'kernel launch', 'kernel launches')} per call; dims: {dims}")
         print(f"  kernels ({len(plan['kernels'])} distinct):")
         width = max([len(k) for k in plan["kernels"]] + [6])
         for kname, k in plan["kernels"].items():
@@ -191,7 +191,8 @@ def main(args: argparse.Namespace) -> int:
                       f"{', '.join(o or '-' for o in s['outputs'])}")
     w = info["weights"]
     dt = ", ".join(f"{k} {format_bytes(b)}" for k, b in sorted(w["by_dtype"].items()))
-    print(f"\nweights: {w['tensors']} tensors (+{w['aliases']} aliases), {format_bytes(w['bytes'])} ({dt})")
+    print(f"\nweights: {plural(w['tensors'], 'tensor')} (+{plural(w['aliases'], 'alias', 'aliases')}), "
+          f"{format_bytes(w['bytes'])} ({dt})")
     print(f"bytes per token (decode step, batch 1): ~{format_bytes(info['bytes_per_token_decode'])} "
           f"(every weight read once; KV cache and activations not counted)")
     print(f"tokenizer: {'yes' if info['tokenizer'] else 'no'}")
@@ -201,7 +202,7 @@ def main(args: argparse.Namespace) -> int:
             continue
         print(f"\nGPU target {name} (cubins cross-compiled with triton {t['triton']}; shared memory limit "
               f"{t['smem_per_block']:,} B per block; verified by sha256, not executed without a GPU): "
-              f"{len(t['kernels'])} kernels, max over each kernel's specializations")
+              f"{plural(len(t['kernels']), 'kernel')}, max over each kernel's specializations")
         width = max([len(k) for k in t["kernels"]] + [6])
         print(f"    {'kernel':{width}s}  {'family':<22s} {'specs':>5s} {'regs':>5s} {'spills B':>9s} {'smem B':>9s}  "
               f"{'mma':<9s} warps")

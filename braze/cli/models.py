@@ -9,11 +9,13 @@ A factory is called with no arguments and returns one of:
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import os
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,36 @@ def is_package(path: str | os.PathLike) -> bool:
 def resolve_model(spec: str, dtype: Any = None, device: Any = "cpu") -> LoadedModel:
     """Load the model a MODEL argument names, in eval mode on `device` (dtype: a torch dtype or None: as stored)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    with _quiet_progress():
+        loaded = _load(spec, dtype)
+    model = loaded.model.eval()
+    if dtype is not None and loaded.kind == "factory":
+        model = model.to(dtype)
+    loaded.model = model.to(device)
+    if loaded.example_inputs is not None:
+        loaded.example_inputs = tuple(t.to(device) if hasattr(t, "to") else t for t in loaded.example_inputs)
+    return loaded
+
+
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """The commands show no progress when stderr is piped (common.Stages); transformers' own bars ("Loading
+    weights") printed there anyway, so they are off for the load and restored after it."""
+    if sys.stderr.isatty():
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
+def _load(spec: str, dtype: Any) -> LoadedModel:
     path = Path(spec).expanduser()
     if spec in BUILTINS and not path.exists():
         loaded = _builtin(spec, dtype)
@@ -69,12 +101,6 @@ def resolve_model(spec: str, dtype: Any = None, device: Any = "cpu") -> LoadedMo
         loaded = _factory(spec)
     else:
         raise ModelSpecError(f"{spec}: no such file or directory (MODEL is {MODEL_HELP})")
-    model = loaded.model.eval()
-    if dtype is not None and loaded.kind == "factory":
-        model = model.to(dtype)
-    loaded.model = model.to(device)
-    if loaded.example_inputs is not None:
-        loaded.example_inputs = tuple(t.to(device) if hasattr(t, "to") else t for t in loaded.example_inputs)
     return loaded
 
 
