@@ -25,7 +25,15 @@ TYPES = ("olmo3 granite granitemoe starcoder2 qwen2_moe qwen3_moe glm glm4 exaon
          "ministral seed_oss hunyuan_v1_dense ernie4_5 biogpt codegen xglm gpt_bigcode gpt_neo phimoe jetmoe "
          "internlm3 cohere2 gpt_oss olmoe llama4_text deepseek_v3 minicpm3 vaultgemma nanochat bitnet doge diffllama "
          "dbrx lfm2 exaone openai-gpt ctrl granite_swa dots1 mellum ministral3 deepseek_v2 glm4_moe hunyuan_v1_moe "
-         "mamba recurrent_gemma falcon_h1 qwen3_next").split()
+         "mamba recurrent_gemma falcon_h1 qwen3_next "
+         # the second wave: the other decoder-only text types of the pinned transformers
+         "afmoe apertus1p5_text axk1 axk2 bailing_hybrid bamba blt cohere2_moe cohere_compass_text cwm deepseek_v32 "
+         "deepseek_v4 dory dots3_note_text ernie4_5_moe exaone_moe falcon_mamba flex_olmo flint gemma3n_text "
+         "gemma4_text glm4_moe_lite glm_moe_dsa granitemoe_swa granitemoehybrid granitemoeshared hrm_text hy_v3 hy_v4 "
+         "hyperclovax inkling2_text inkling_text iquestcoder jais2 jamba kimi_linear kolibri1 laguna lara_mini "
+         "lfm2_moe lfm3 longcat_flash mamba2 mimo_v2_flash minimax minimax_m2 modernbert-decoder nemotron_h olmo "
+         "olmo_hybrid qwen3_5_text qwen3_5_moe_text qwen4_exp_text rwkv sarvam_mla sarvam_moe solar_open xlstm youtu "
+         "zamba zamba2 zaya gpt_neox_japanese cpmant").split()
 COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, max_position_embeddings=512, head_dim=16, pad_token_id=0)
 # Types whose defaults do not fit COMMON: MLA (DeepSeek V2 / V3, MiniCPM3) derives its head dims from the latent
@@ -35,7 +43,7 @@ MLA = dict(head_dim=8, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, k
 OVERRIDES = {"deepseek_v2": dict(MLA, num_experts_per_tok=2, n_routed_experts=4, moe_intermediate_size=32),
              "codegen": dict(rotary_dim=16),
              **{t: MLA for t in ("deepseek_v3", "minicpm3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "axk1",
-                                 "axk2", "hy_v4")}}
+                                 "axk2", "hy_v4", "longcat_flash", "sarvam_mla", "youtu")}}
 
 
 def check(model_type: str) -> dict:
