@@ -63,5 +63,5 @@ def test_generation_through_the_folded_prefill_matches_hf(arch, dtype):
 def test_the_fold_leaves_compressed_caches_alone():
     """kv_compression scores the prefill's queries where the norms leave them: the norms stay apart."""
     cm = braze.compile(tiny_causal_lm("qwen3", layers=1, vocab=128), max_seq=32, max_batch=2,
-                       kv_compression="snapkv", kv_budget=0.5, executor="reference")
+                       kv_compression="snapkv", kv_budget=0.5, kv_window=4, executor="reference")
     assert _notes(cm) == []
