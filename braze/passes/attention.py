@@ -216,6 +216,13 @@ def _unshifted(scores):
     return scores
 
 
+def _sink_weight(sinks):
+    """The [H] weight a sinks operand broadcasts (through expand / reshape / view), or None."""
+    while is_op(sinks, aten.expand.default, aten.reshape.default, aten.view.default):
+        sinks = sinks.args[0]
+    return sinks if isinstance(sinks, fx.Node) and sinks.op == "placeholder" and val(sinks).dim() == 1 else None
+
+
 def _with_sinks(probs: fx.Node):
     """gpt-oss: softmax(cat([scores, sinks], -1) [- its max])[..., :-1] -> (scores, the sinks weight [H]), where
     sinks reaches the cat as expand(reshape(w, [1, H, 1, 1])); anything else -> None. (Subtracting the max first
@@ -236,11 +243,8 @@ def _with_sinks(probs: fx.Node):
     if not is_op(logits, aten.cat.default) or logits.args[1] not in (-1, 3) or len(logits.args[0]) != 2:
         return None
     scores, sinks = logits.args[0]
-    while is_op(sinks, aten.expand.default, aten.reshape.default, aten.view.default):
-        sinks = sinks.args[0]
-    if not (isinstance(sinks, fx.Node) and sinks.op == "placeholder" and val(sinks).dim() == 1):
-        return None
-    return scores, sinks
+    weight = _sink_weight(sinks)
+    return None if weight is None else (scores, weight)
 
 
 def _last_dim(dims) -> bool:
@@ -299,11 +303,8 @@ def _scaled_by_lse_sinks(out_mm: fx.Node, scores):
     shape = val(sinks).shape if isinstance(sinks, fx.Node) else ()
     if len(shape) != 3 or shape[0] != 1 or shape[2] != 1:
         return None
-    while is_op(sinks, aten.expand.default, aten.reshape.default, aten.view.default):
-        sinks = sinks.args[0]
-    if not (isinstance(sinks, fx.Node) and sinks.op == "placeholder" and val(sinks).dim() == 1):
-        return None
-    return prod, sinks
+    weight = _sink_weight(sinks)
+    return None if weight is None else (prod, weight)
 
 
 def _eager_attention(out_mm: fx.Node, ctx: PassContext):
