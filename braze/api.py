@@ -166,6 +166,7 @@ def _cross_compile(compiled: CompiledModel, config: CompileConfig) -> None:
         return
     import warnings
 
+    from braze.cli.common import plural
     from braze.compiler.targets import build_targets
 
     build = build_targets(compiled, config.targets)
@@ -173,8 +174,9 @@ def _cross_compile(compiled: CompiledModel, config: CompileConfig) -> None:
     errors = build.errors
     if compiled.report is not None:
         compiled.report.extra["gpu targets"] = (
-            f"{', '.join(build.targets)}: {len(build.results)} kernel specializations cross-compiled in "
-            f"{build.seconds:.1f} s; {len(errors)} do not fit, {len(build.issues) - len(errors)} warnings")
+            f"{', '.join(build.targets)}: {plural(len(build.results), 'kernel specialization')} cross-compiled in "
+            f"{build.seconds:.1f} s; {len(errors)} {'does' if len(errors) == 1 else 'do'} not fit, "
+            f"{plural(len(build.issues) - len(errors), 'warning')}")
     build.check(accept=config.target_check == "warn")
     issues = build.issues
     if issues:

@@ -14,6 +14,7 @@ import torch
 from transformers import TextStreamer
 
 import braze
+from braze.cli.common import plural
 from braze.models import load_smollm2
 
 PACKAGE = Path("out/smollm2")
@@ -67,8 +68,8 @@ def main() -> None:
     answer = tok.decode(new, skip_special_tokens=True)
     stats = runtime.generation_stats
     print(
-        f"  {len(new)} tokens in {took:.1f} s: time to first token {stats.time_to_first_token_s:.1f} s, "
-        f"{took - stats.time_to_first_token_s:.1f} s for {stats.decode_steps} decode steps of "
+        f"  {plural(len(new), 'token')} in {took:.1f} s: time to first token {stats.time_to_first_token_s:.1f} s, "
+        f"{took - stats.time_to_first_token_s:.1f} s for {plural(stats.decode_steps, 'decode step')} of "
         f"{stats.launches_per_decode_step:.0f} launches (Triton interpreter on CPU: not performance)"
         if runtime.executor_name == "interpret"
         else f"  decode {stats.decode_tokens_per_s:.1f} tokens/s"
@@ -82,7 +83,7 @@ def main() -> None:
     err = (got - ref).abs().max().item()
     same = bool(torch.equal(got.argmax(-1), ref.argmax(-1)))
     print(
-        f"\ngolden check (package vs eager PyTorch, fp32 logits of the {len(new)} answer tokens): "
+        f"\ngolden check (package vs eager PyTorch, fp32 logits of the {plural(len(new), 'answer token')}): "
         f"max |diff| = {err:.2e}, same tokens: {same}"
     )
     if err > 1e-3 or not same or "Paris" not in answer:

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from braze.cli.common import plural
+
 EVAL_TEXT = Path(__file__).resolve().parent / "data" / "eval_text.txt"
 
 
@@ -239,7 +241,7 @@ def format_table(rows: list[dict[str, Any]]) -> str:
             line += f" {a['first_divergence']}/{a['tokens']} / {100 * a['teacher_forced']:.1f}% |" if a else " - |"
         lines.append(line + f" {r['seconds']:.1f} |")
     if rows:
-        lines.append(f"\n{rows[0]['tokens']} tokens")
+        lines.append(f"\n{plural(rows[0]['tokens'], 'token')}")
     return "\n".join(lines)
 
 

@@ -37,6 +37,22 @@ class ScalesArgument(torch.nn.Module):
         return x + y
 
 
+class CountsTokens(torch.nn.Module):
+    """Keeps a Python int of the tokens seen (an HF sliding-window cache's `cumulative_length += seq_len`): Dynamo
+    hands the new count out of the graph as an int output."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = 0
+        self.weight = torch.nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        self.seen += x.shape[1]
+        if x.sum() > 1e9:  # data-dependent control flow: torch.export cannot take it
+            return x
+        return torch.nn.functional.linear(x, self.weight)
+
+
 def _fallback(model, *args, **options):
     with pytest.warns(UserWarning, match="compiling through Dynamo instead"):
         compiled = braze.compile(model, **options)
@@ -56,6 +72,18 @@ def test_data_dependent_branch_compiles_through_dynamo():
     assert "Dynamo fallback (torch.export could not capture DataDependent" in report.extra["capture"]
     assert len(lazy.compiled.backend.graphs) >= 3 and report.launches >= 3
     assert "Dynamo fallback" in str(report)
+
+
+def test_python_ints_a_graph_updates_keep_their_values():
+    model = CountsTokens()
+    x = torch.randn(1, 3, 4)
+    lazy, out = _fallback(model, x)
+    torch.testing.assert_close(out, x @ model.weight.T)
+    for length in (5, 7, 7):  # the second length makes Dynamo's graph dynamic in it: the count is an int output
+        y = torch.randn(1, length, 4)
+        torch.testing.assert_close(lazy(y), y @ model.weight.T)
+    assert model.seen == 3 + 5 + 7 + 7
+    assert lazy.report.launches >= 3  # the linear ran as braze kernels, not as the eager graph
 
 
 def test_capture_export_keeps_the_capture_error():

@@ -840,6 +840,40 @@ def test_moe_routing_family(pairs):
     assert torch.equal(route[:7], offs.long()) and torch.equal(route[7:].view(2, -1), ops.moe_sort(ids))
 
 
+BMM_CASES = {  # a, b as the kernel reads them: broadcast batch dims, transposed views, 1-D operands, odd sizes
+    "batched": lambda g: (torch.randn(2, 3, 33, 40, generator=g), torch.randn(2, 3, 40, 17, generator=g)),
+    "broadcast": lambda g: (torch.randn(2, 1, 5, 24, generator=g), torch.randn(3, 24, 70, generator=g)),
+    "transposed": lambda g: (torch.randn(4, 40, 9, generator=g).transpose(-1, -2),
+                             torch.randn(4, 18, 40, generator=g).transpose(-1, -2)),
+    "row vector": lambda g: (torch.randn(40, generator=g), torch.randn(3, 40, 20, generator=g)),
+    "column vector": lambda g: (torch.randn(3, 7, 40, generator=g), torch.randn(40, generator=g)),
+    "dot": lambda g: (torch.randn(130, generator=g), torch.randn(130, generator=g)),
+    "three batch dims": lambda g: (torch.randn(2, 3, 1, 6, 16, generator=g), torch.randn(3, 4, 16, 5, generator=g)),
+}
+
+
+@pytest.mark.parametrize("case", list(BMM_CASES))
+@pytest.mark.parametrize("device, deterministic", [("interpreter", False), ("sm_90", False), ("sm_80", True)])
+def test_bmm_family(case, device, deterministic):
+    """torch.matmul between activations at every shape form it takes, read through the operands' strides (no
+    copies), with each device's tiles and the deterministic ones: fp32, the reference's values up to summation
+    order."""
+    a, b = BMM_CASES[case](_gen(14))
+    out, _ = launch_like_a_plan(ops.bmm, a, b, device=INTERPRETER if device == "interpreter" else TARGETS[device],
+                                deterministic=deterministic)
+    torch.testing.assert_close(out, torch.matmul(a, b), **TOL)
+
+
+def test_bmm_family_fp16():
+    """16-bit operands: fp32 accumulation, one rounding at the store (the fp32 product of the same fp16 values,
+    rounded once; a summation-order difference can move the rounding by one fp16 ulp, 2**-10 relative)."""
+    g = _gen(15)
+    a, b = (torch.randn(2, 50, 64, generator=g) / 8).half(), (torch.randn(2, 64, 30, generator=g) / 8).half()
+    out, _ = launch_like_a_plan(ops.bmm, a, b, device=TARGETS["sm_90"])
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, torch.matmul(a.float(), b.float()).half(), atol=1e-3, rtol=2 ** -10)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_topk_family(dtype):
     """Top-k of each row against torch.topk: the same values, each index pointing at its value (fp32's distinct

@@ -318,6 +318,22 @@ def test_three_dimensional_sdpa_stays_torchs():
     assert "attention" not in [k[1] for k in cm.compiled.report.kernels]
 
 
+class CausalCross(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+@pytest.mark.parametrize("sq, skv", [(3, 5), (5, 3)])
+def test_causal_sdpa_over_unequal_lengths_keeps_torchs_alignment(sq, skv):
+    """torch's is_causal aligns the mask top-left when the query and key lengths differ (query i sees keys 0..i);
+    braze's causal flag is the KV cache's bottom-right one, so such a call stays torch's op, with the reason."""
+    q, k, v = torch.randn(1, 2, sq, 8), torch.randn(1, 2, skv, 8), torch.randn(1, 2, skv, 8)
+    cm = braze.compile(CausalCross())
+    torch.testing.assert_close(cm(q, k, v), CausalCross()(q, k, v), atol=1e-6, rtol=1e-6)
+    (_, why), = cm.report.fallbacks
+    assert "top-left" in why
+
+
 class ScaledQuery(torch.nn.Module):
     """OPT's attention input: q_proj(x) * head_dim ** -0.5 (a power of two for head dims 4, 16, 64, 256), or any
     other scale."""

@@ -101,6 +101,8 @@ def is_fusable(node: fx.Node) -> bool:
     if any(isinstance(v := a.meta.get("val"), torch.Tensor) and v.dtype not in P.TRITON_DTYPES
            for a in node.all_input_nodes):  # e.g. abs of a complex tensor: a real result, no Triton input type
         return False
+    if any(isinstance(a.meta.get("val"), (torch.SymFloat, torch.SymBool)) for a in node.all_input_nodes):
+        return False  # a symbolic float / bool scalar (a tensor's .item()): no index expression a kernel takes
     if t in P.ELEMENTWISE:
         if t is P.aten.pow.Tensor_Scalar and P._pow("x", node.args[1]) is None:
             return False
@@ -118,7 +120,7 @@ def is_fusable(node: fx.Node) -> bool:
         return dims == [src.dim() - 1] and node.kwargs.get("dtype") in (None, val.dtype)
     if t in GROUP_QUANT:
         return _group_quant_ok(node)
-    if t is P.aten.cat.default:
+    if t in (P.aten.cat.default, P.aten.constant_pad_nd.default):
         return True
     if t is P.aten.embedding.default:
         return meta(node.args[0]).dim() == 2
@@ -321,6 +323,8 @@ class KernelBuilder:
             return self._reduce(node, idx)
         if t is P.aten.cat.default:
             return self._cat(node, idx)
+        if t is P.aten.constant_pad_nd.default:
+            return self._pad(node, idx)
         if t is P.aten.embedding.default:
             weight, ids = node.args[0], node.args[1]
             ids_var = self.value(ids, idx[:-1])
@@ -417,8 +421,8 @@ class KernelBuilder:
     def _index_op(self, node: fx.Node, idx: Index) -> str:
         t = node.target
         dtype = meta(node).dtype
-        if t in (P.aten.full.default, P.aten.scalar_tensor.default):
-            value = node.args[1] if t is P.aten.full.default else node.args[0]
+        if t in (P.aten.full.default, P.aten.scalar_tensor.default, P.aten.full_like.default):
+            value = node.args[0] if t is P.aten.scalar_tensor.default else node.args[1]
             return self._tmp(
                 f"tl.full([], {_literal(value)}, {P.TRITON_DTYPES[_compute_dtype(dtype)]})", _compute_dtype(dtype)
             )
@@ -466,6 +470,8 @@ class KernelBuilder:
             kwargs["integer"] = not math_float
         if t is P.aten.pow.Tensor_Scalar:
             code = P._pow(operands[0], node.args[1])
+        elif t is P.aten.bitwise_not.default and out_dtype == torch.bool:
+            code = f"({operands[0]} == 0)"
         elif t is P.aten.clamp.default:
             code = P._clamp(operands[0], *(operands[1:] + [None, None])[:2])  # literals: inf prints as float('inf')
         else:
@@ -511,6 +517,10 @@ class KernelBuilder:
                 fill = "-9223372036854775807" if kind == "max" else "9223372036854775807"
             fn = "tl.max" if kind == "max" else "tl.min"
             red = self._tmp(f"{fn}(tl.where(xmask & rmask, {v}, {fill}), 1)[:, None]", _compute_dtype(dtype))
+            if is_float(dtype):  # torch's amax / amin propagate NaN; tl.max / tl.min skip it
+                nan = self._tmp(f"tl.max(tl.where(xmask & rmask, ({v} != {v}).to(tl.int32), 0), 1)[:, None]",
+                                torch.int32)
+                red = self._tmp(f"tl.where({nan} > 0, float('nan'), {red})", _compute_dtype(dtype))
         if dtype in (torch.float16, torch.bfloat16):
             red = self._cast(red, dtype)
         self.cse[key] = red
@@ -542,6 +552,31 @@ class KernelBuilder:
         for cond, var in reversed(pieces[:-1]):
             result = self._tmp(f"tl.where({cond}, {var}, {result})", torch.int8 if dtype == torch.bool else dtype)
         return self._tmp(f"({result} != 0)", dtype) if dtype == torch.bool else result
+
+    def _pad(self, node: fx.Node, idx: Index) -> str:
+        """F.pad(x, pad, value): x's element where the shifted index lands inside x, else `value` (a negative
+        pad crops: its dim's index only shifts)."""
+        src, pad = node.args[0], node.args[1]
+        fill = node.args[2] if len(node.args) > 2 else 0
+        in_shape = shape_of(meta(src))
+        sub, conds = list(idx), []
+        for i in range(len(pad) // 2):
+            d = len(idx) - 1 - i
+            sub[d] = idx[d] - to_sympy(scalar_arg(pad[2 * i]))
+            at = self._expr(sub[d])
+            conds.append(f"(({at}) >= 0) & (({at}) < ({self._expr(in_shape[d])}))")
+        cond = " & ".join(conds) or "True"
+        saved, self.mask_ctx = self.mask_ctx, self.mask_ctx + (cond,)
+        try:
+            var = self.value(src, tuple(sub))
+        finally:
+            self.mask_ctx = saved
+        dtype = _compute_dtype(meta(node).dtype)
+        if dtype == torch.bool:  # select int8 lanes (as _cat does)
+            picked = self._tmp(f"tl.where({cond}, ({var}).to(tl.int8), {int(bool(fill))})", torch.int8)
+            return self._tmp(f"({picked} != 0)", dtype)
+        literal = _literal(float(fill) if is_float(dtype) else int(fill))
+        return self._tmp(f"tl.where({cond}, {var}, {literal})", dtype)
 
     # ---- whole kernel --------------------------------------------------------------------------------
     def store(self, node: fx.Node, buffer_name: str) -> None:

@@ -119,6 +119,17 @@ def _header(kind: str, uses: list[list[fx.Node]]) -> str:
     return "\n".join(lines)
 
 
+SIZE_OUTPUT = "="  # a plan output starting with it is a size expression over the plan's symbols, not a buffer
+
+
+def _output_ref(a: Any) -> str | None:
+    """A plan output: the buffer a node writes, or for a size the model returns (`x.shape[0]`) its expression."""
+    if isinstance(a, fx.Node):
+        v = a.meta.get("val")
+        return SIZE_OUTPUT + pexpr(to_sympy(v)) if isinstance(v, (int, torch.SymInt)) else a.name
+    return SIZE_OUTPUT + str(a) if isinstance(a, int) and not isinstance(a, bool) else None
+
+
 class Lowering:
     def __init__(self, gm: fx.GraphModule, name: str, symbol_specs: list[SymbolSpec], weights: set[str],
                  deterministic: bool = False):
@@ -136,9 +147,11 @@ class Lowering:
                 self.template.discard(n)
                 self.eager.add(n)
                 self.record.fallbacks.append((n.name, reason))
-        for n in self.eager:
-            if not any(n.name == f for f, _ in self.record.fallbacks) and n.target is not operator.getitem:
-                self.record.fallbacks.append((n.name, f"no lowering for {target_name(n.target)}"))
+        for n in gm.graph.nodes:  # in graph order, so the report reads like the model
+            if n in self.eager and not any(n.name == f for f, _ in self.record.fallbacks) \
+                    and n.target is not operator.getitem:
+                reason = n.meta.get("braze_eager_reason") or f"no lowering for {target_name(n.target)}"
+                self.record.fallbacks.append((n.name, reason))
         self.realized, self.runtime_views = schedule.realize(gm, self.fusable)
 
     # buffers a fused kernel may load
@@ -263,7 +276,7 @@ class Lowering:
                 step_of[o] = i
 
         out_node = next(n for n in self.gm.graph.nodes if n.op == "output")
-        outputs = [a.name if isinstance(a, fx.Node) else None for a in _flatten(out_node.args[0])]
+        outputs = [_output_ref(a) for a in _flatten(out_node.args[0])]
         inputs = []
         for n in self.gm.graph.nodes:
             if n.op == "placeholder":

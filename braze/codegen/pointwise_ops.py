@@ -76,6 +76,9 @@ def _expm1(x: Expr) -> Expr:
 
 # Elementwise ops: op -> (arity of tensor-or-scalar operands, builder). Builders receive operand expressions
 # and the node's remaining kwargs.
+# torch's max / min / relu / clamp propagate NaN; tl.maximum / tl.minimum return the other operand unless told
+NAN = "propagate_nan=tl.PropagateNan.ALL"
+
 ELEMENTWISE: dict[object, Callable[..., Expr | None]] = {
     aten.add.Tensor: lambda a, b, alpha=1: f"({a} + {b})" if alpha == 1 else f"({a} + {alpha!r} * {b})",
     aten.add.Scalar: lambda a, b, alpha=1: f"({a} + {b})",
@@ -104,14 +107,14 @@ ELEMENTWISE: dict[object, Callable[..., Expr | None]] = {
     aten.sigmoid.default: lambda a: f"tl.sigmoid({a})",
     aten.silu.default: lambda a: f"({a} * tl.sigmoid({a}))",
     aten.gelu.default: _gelu,
-    aten.relu.default: lambda a: f"tl.maximum({a}, 0.0)",
+    aten.relu.default: lambda a: f"tl.maximum({a}, 0.0, {NAN})",
     aten.abs.default: lambda a: f"tl.abs({a})",
     aten.erf.default: lambda a: f"tl.erf({a})",
     aten.floor.default: lambda a: f"tl.floor({a})",
     aten.ceil.default: lambda a: f"tl.ceil({a})",
     aten.pow.Tensor_Scalar: _pow,
-    aten.maximum.default: lambda a, b: f"tl.maximum({a}, {b})",
-    aten.minimum.default: lambda a, b: f"tl.minimum({a}, {b})",
+    aten.maximum.default: lambda a, b: f"tl.maximum({a}, {b}, {NAN})",
+    aten.minimum.default: lambda a, b: f"tl.minimum({a}, {b}, {NAN})",
     aten.where.self: lambda c, a, b: f"tl.where({c}, {a}, {b})",
     aten.eq.Tensor: lambda a, b: f"({a} == {b})",
     aten.eq.Scalar: lambda a, b: f"({a} == {b})",
@@ -130,7 +133,7 @@ ELEMENTWISE: dict[object, Callable[..., Expr | None]] = {
     aten.logical_or.default: lambda a, b: f"(({a} != 0) | ({b} != 0))",
     aten.bitwise_and.Tensor: lambda a, b: f"({a} & {b})",
     aten.bitwise_or.Tensor: lambda a, b: f"({a} | {b})",
-    aten.bitwise_not.default: lambda a: f"({a} == 0)",
+    aten.bitwise_not.default: lambda a: f"(~{a})",  # a bool operand: fused.py's _elementwise writes `a == 0`
     aten.clamp.default: lambda a, lo=None, hi=None: _clamp(a, lo, hi),
     aten.masked_fill.Scalar: lambda a, m, v: f"tl.where({m}, {v}, {a})",
 }
@@ -139,14 +142,12 @@ ELEMENTWISE: dict[object, Callable[..., Expr | None]] = {
 def _clamp(a: Expr, lo, hi) -> Expr:
     out = a
     if lo is not None:
-        out = f"tl.maximum({out}, {lo})"
+        out = f"tl.maximum({out}, {lo}, {NAN})"
     if hi is not None:
-        out = f"tl.minimum({out}, {hi})"
+        out = f"tl.minimum({out}, {hi}, {NAN})"
     return out
 
 
-# Bool-typed results of ops whose inputs are bool use bitwise logic; these ops need bool operands.
-BOOL_ONLY = {aten.bitwise_and.Tensor, aten.bitwise_or.Tensor, aten.bitwise_not.default}
 BITWISE = {op for op in ELEMENTWISE if "bitwise" in str(op) and op is not aten.bitwise_not.default}
 
 # Ops that only reinterpret the index (no arithmetic): handled by index remapping in the kernel builder.
@@ -191,9 +192,10 @@ INDEX_OPS = {
     aten.arange.start_step,
     aten.full.default,
     aten.scalar_tensor.default,
+    aten.full_like.default,  # its input gives the shape only: not read
 }
 
-OTHER_FUSABLE = {aten.cat.default, aten.embedding.default}
+OTHER_FUSABLE = {aten.cat.default, aten.embedding.default, aten.constant_pad_nd.default}
 
 TRITON_DTYPES = {
     torch.float32: "tl.float32",

@@ -89,13 +89,17 @@ class GraphCompiler:
         bound = _SizesBound(gm, args)
         # copies: torch.export marks the tensors it traces, and these are the ones Dynamo's guards check next
         tensors = tuple(a.clone() for a in args if isinstance(a, torch.Tensor))
+        sizes = _size_outputs(gm, bound, tensors)
+        if sizes is not None:
+            bound.size_outputs = sizes
         try:
             compiled = self.compile_graph(bound, tensors, {}, self.config)
         except BrazeError as e:
             self.eager_graphs.append(str(e))
+            bound.size_outputs = None
             return bound
         self.graphs.append(compiled)
-        return compiled
+        return compiled if sizes is None else _WithSizeOutputs(compiled, sizes)
 
 
 class DynamoCompiled:
@@ -212,7 +216,7 @@ class DynamoCompiled:
 
 class _SizesBound(torch.nn.Module):
     """A Dynamo graph with its non-tensor arguments (sizes of a graph Dynamo made dynamic) fixed to one call's
-    values: tensors in, the graph's outputs out."""
+    values: tensors in, the graph's outputs out (only its tensors once `size_outputs` is set)."""
 
     def __init__(self, gm: torch.fx.GraphModule, args: tuple):
         super().__init__()
@@ -220,10 +224,44 @@ class _SizesBound(torch.nn.Module):
         self.fixed = {i: int(a) if isinstance(a, torch.SymInt) else a
                       for i, a in enumerate(args) if not isinstance(a, torch.Tensor)}
         self.arity = len(args)
+        self.size_outputs: dict[int, Any] | None = None
 
     def forward(self, *tensors: torch.Tensor) -> Any:
         rest = iter(tensors)
-        return self.gm(*(self.fixed[i] if i in self.fixed else next(rest) for i in range(self.arity)))
+        out = self.gm(*(self.fixed[i] if i in self.fixed else next(rest) for i in range(self.arity)))
+        if self.size_outputs is None:
+            return out
+        return tuple(o for i, o in enumerate(out) if i not in self.size_outputs)
+
+
+def _size_outputs(gm: torch.fx.GraphModule, bound: _SizesBound, tensors: tuple) -> dict[int, Any] | None:
+    """{position: value} of the graph's non-tensor outputs at this call's sizes, or None when it has none.
+
+    Dynamo hands a graph the Python state it updates, such as a cache's `cumulative_length += seq_len`, as int
+    outputs; a braze plan returns tensors only. Without graph breaks at `.item()`, such an int is a function of the
+    sizes alone, and every plan here is compiled for one set of sizes, so one run gives its value for good."""
+    outputs = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    if not isinstance(outputs, (tuple, list)):
+        return None
+    examples = [o.meta.get("example_value") if isinstance(o, torch.fx.Node) else o for o in outputs]
+    if all(isinstance(e, torch.Tensor) for e in examples):
+        return None
+    with torch.no_grad():
+        values = bound(*tensors)
+    return {i: v for i, v in enumerate(values) if not isinstance(v, torch.Tensor)}
+
+
+class _WithSizeOutputs:
+    """A plan of a graph's tensor outputs, with its non-tensor outputs (fixed for its sizes) put back in place."""
+
+    def __init__(self, compiled: Any, sizes: dict[int, Any]):
+        self.compiled, self.sizes = compiled, sizes
+
+    def __call__(self, *tensors: torch.Tensor) -> tuple:
+        out = self.compiled(*tensors)
+        rest = iter(out if isinstance(out, (tuple, list)) else (out,))
+        count = len(self.sizes) + (len(out) if isinstance(out, (tuple, list)) else 1)
+        return tuple(self.sizes[i] if i in self.sizes else next(rest) for i in range(count))
 
 
 class _forward_swapped:

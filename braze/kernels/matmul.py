@@ -133,15 +133,26 @@ def matmul_config(M: int, N: int, K: int, device: DeviceSpec, *, elem_size: int 
     return mma_config(M, N, K, device, elem_size=elem_size, dual=dual)
 
 
-def mma_config(M: int, N: int, K: int, device: DeviceSpec, *, elem_size: int = 2, dual: bool = False
-               ) -> MatmulConfig:
+def mma_config(M: int, N: int, K: int, device: DeviceSpec, *, elem_size: int = 2, dual: bool = False,
+               aligned: bool | None = None) -> MatmulConfig:
     """tl.dot (tensor-core) launch: BLOCK_M covers M (at least the 16-row MMA tile), BLOCK_N halves until the
-    grid covers the SMs, and the K tile and stages fit the device's shared memory per block."""
+    grid covers the SMs, and the K tile and stages fit the device's shared memory per block.
+
+    aligned: whether every operand stride other than 1 is a multiple of 16 elements (default: K is, as for
+    contiguous rows): triton specializes such ints as divisible by 16 and vectorizes the loads; other rows it
+    loads element by element."""
     block_m = pow2_clamp(M, 16, 128)
     block_n = pow2_clamp(N, 16, 64 if dual else 128)
     block_k = pow2_clamp(K, 16, 64 if block_m >= 64 else 128)
     if elem_size >= 4:  # fp32 dots are FMA loops that hold a K slice of both operands in registers: keep it thin
         block_k = min(block_k, 16 if block_m >= 64 else 32)  # (ptxas, sm_80: 64 -> 30 KB of spills; 16/32 -> none)
+    if not (K % 16 == 0 if aligned is None else aligned):
+        # element-wise loads, each element with its own 64-bit address: a 128 x 64 fp16 tile took 255 registers
+        # and spilled 332 B on sm_80 at K = 100 (a Linear(100, N), ptxas); at most UNALIGNED_TILE_ELEMS per
+        # operand tile: none spilled (K = 50 and 100, M 16-1024, N 64-2048, sm_80 / sm_86)
+        widest = max(block_m, (2 if dual else 1) * block_n)
+        while block_k > 16 and widest * block_k > UNALIGNED_TILE_ELEMS:
+            block_k //= 2
     # down to 16 columns for one row (the 1B QKV at batch 1: 96 programs at 32, 192 at 16 on 132 SMs); at M = 8
     # a 16-column tile spilled on sm_90 (make gpucheck), M = 1 is a constant Triton specializes on
     narrowest = 16 if M == 1 else 32
@@ -161,6 +172,7 @@ def mma_config(M: int, N: int, K: int, device: DeviceSpec, *, elem_size: int = 2
 
 
 INTERPRETER_MAX_BLOCK_N = 2048
+UNALIGNED_TILE_ELEMS = 1024
 GEMV_MAX_M = 1  # decode rows (batch x draft tokens) up to which a GPU launch may take the GEMV form
 GEMV_MIN_BLOCK_N = 4
 # fp32 products of one K tile per thread (per weight): 48-128 registers, no spills (ptxas, sm_80-90); 64 took

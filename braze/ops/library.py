@@ -694,6 +694,18 @@ def _topk_packed_fake(x: Tensor, k: int, softmax: bool = False, renorm: bool = F
     return x.new_empty((2, *x.shape[:-1], k), dtype=torch.float32)
 
 
+@torch.library.custom_op("braze::bmm", mutates_args=())
+def bmm(a: Tensor, b: Tensor) -> Tensor:
+    """a [*, M, K] @ b [*, K, N] between activations, batch dims broadcast, 1-D operands as torch.matmul reads
+    them (torch.matmul, torch.bmm, torch.mm): a matmul no linear (a weight operand) or attention op took."""
+    return torch.matmul(a, b)
+
+
+@bmm.register_fake
+def _bmm_fake(a: Tensor, b: Tensor) -> Tensor:
+    return torch.matmul(a, b)
+
+
 BRAZE_OPS = {
     "rms_norm": torch.ops.braze.rms_norm.default,
     "linear": torch.ops.braze.linear.default,
@@ -708,4 +720,5 @@ BRAZE_OPS = {
     "moe_sort": torch.ops.braze.moe_sort.default,
     "moe_offsets": torch.ops.braze.moe_offsets.default,
     "topk_packed": torch.ops.braze.topk_packed.default,
+    "bmm": torch.ops.braze.bmm.default,
 }

@@ -45,6 +45,12 @@ def _sdpa(node: fx.Node, ctx: PassContext):
     scale = node.kwargs.get("scale") or (node.args[6] if len(node.args) > 6 else None)
     if dropout or any(val(t).dim() != 4 for t in (q, k, v)):  # [B, H, S, D] only: a 3-D call stays torch's
         return None
+    if causal and str(val(q).shape[2]) != str(val(k).shape[2]):
+        # torch aligns is_causal top-left (query i sees keys 0..i) when the lengths differ; braze's causal flag
+        # is the KV cache's bottom-right alignment (the last query sees every key)
+        node.meta["braze_eager_reason"] = ("SDPA with is_causal=True over a query length other than the key "
+                                           "length (torch's top-left causal mask) runs eagerly")
+        return None
     d = val(q).shape[-1]
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
     return _make_attention(node, q, k, v, mask, bool(causal), float(scale), ctx)

@@ -714,6 +714,46 @@ def reduce_over_last_dim(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) ->
     return True
 
 
+def _tensor_slot(op: torch._ops.OpOverload, i: int) -> bool:
+    args = op._schema.arguments
+    kind = args[i].type if i < len(args) else None
+    if isinstance(kind, torch.OptionalType):
+        kind = kind.getElementType()
+    return isinstance(kind, torch.TensorType)
+
+
+def _item_as_tensor_operand(node: fx.Node, ctx: PassContext) -> bool:
+    """`x * t.item()` -> `x * t` for a 0-d tensor t in a Tensor slot of its users (torch.compile hands a Python
+    float argument over as a 0-d tensor read with .item()): the scalar becomes an operand the fused kernel loads,
+    not an unbacked symbol no kernel can take. t is cast to fp32 / int64 first, the precision torch computes a
+    Python scalar in, and a 0-d operand never changes the result dtype of a dimensioned one."""
+    t = node.args[0]
+    tv = val(t)
+    if not isinstance(tv, torch.Tensor) or tv.dim() != 0:
+        return False
+    slots = []
+    for u in list(node.users):
+        if u.op != "call_function" or not isinstance(u.target, torch._ops.OpOverload):
+            continue
+        places = [i for i, a in enumerate(u.args) if a is node]
+        target = u.target
+        if not all(_tensor_slot(target, i) for i in places):  # gt.Scalar -> gt.Tensor, clamp -> clamp.Tensor
+            tensor_form = getattr(target.overloadpacket, "Tensor", None)
+            if tensor_form is None or not all(_tensor_slot(tensor_form, i) for i in places):
+                continue
+            u.target = tensor_form
+        slots += [(u, i) for i in places]
+    if not slots:
+        return False
+    dtype = torch.float32 if tv.dtype.is_floating_point else torch.bool if tv.dtype == torch.bool else torch.int64
+    first = min((u for u, _ in slots), key=lambda u: list(node.graph.nodes).index(u))
+    operand = t if tv.dtype == dtype else new_node(node.graph.owning_module, aten._to_copy.default, (t,),
+                                                     {"dtype": dtype}, ctx, first)
+    for u, i in slots:
+        u.update_arg(i, operand)
+    return True
+
+
 def normalize(gm: fx.GraphModule, ctx: PassContext) -> int:
     count = 0
     for node in list(gm.graph.nodes):
@@ -731,6 +771,8 @@ def normalize(gm: fx.GraphModule, ctx: PassContext) -> int:
                       or _bounded_gather_to_embedding(node, ctx))
         elif node.target is aten.gather.default:
             _mark_bounded_gather(node)
+        elif node.target in (aten._local_scalar_dense.default, aten.item.default):
+            count += _item_as_tensor_operand(node, ctx)
         elif node.target is aten.scatter.value:
             count += _scatter_value_to_mask(node, ctx)
         elif node.target is aten.scatter.src:

@@ -72,9 +72,12 @@ def _mm(node: fx.Node, ctx: PassContext):
 
 
 def _matmul(node: fx.Node, ctx: PassContext):
-    """x @ W^T with W a 2-D weight (Falcon's `input @ self.weight.T`), any leading dims on x."""
+    """x @ W^T with W a 2-D weight (Falcon's `input @ self.weight.T`), or x @ W with W a [K, N] weight (read as
+    its transpose, made once), any leading dims on x."""
     x, wt = node.args
     w = _transposed_weight(wt)
+    if w is None and wt.op == "placeholder" and val(x).dim() >= 2:
+        w = _weight_t(wt, ctx)
     if w is None or w.op != "placeholder" or w.name not in ctx.weights or val(x).dim() < 2:
         return None
     return new_node(node.graph.owning_module, braze.linear.default, (x, w, None), {}, ctx, node)
@@ -86,6 +89,28 @@ LINEAR_RULES = {aten.linear.default: _linear, aten.mm.default: _mm, aten.addmm.d
 
 def recognize_linear(gm: fx.GraphModule, ctx: PassContext) -> int:
     return graph_rewrite(gm, LINEAR_RULES, ctx)
+
+
+# ---- matmuls between activations ------------------------------------------------------------------------------
+MATMUL_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _activation_matmul(node: fx.Node, ctx: PassContext):
+    """torch.matmul / bmm / mm of two operands of one float dtype that no linear (a weight operand)
+    or attention op took -> braze::bmm (kernels/bmm.py). Runs after attention substitution, which reads the
+    matmul-softmax-matmul form."""
+    a, b = node.args[0], node.args[1]
+    va, vb = val(a), val(b)
+    if not (isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor)) or min(va.dim(), vb.dim()) < 1:
+        return None
+    if va.dtype != vb.dtype or va.dtype not in MATMUL_FLOATS:
+        return None
+    return new_node(node.graph.owning_module, braze.bmm.default, (a, b), {}, ctx, node)
+
+
+def recognize_batched_matmul(gm: fx.GraphModule, ctx: PassContext) -> int:
+    return graph_rewrite(gm, {aten.matmul.default: _activation_matmul, aten.bmm.default: _activation_matmul,
+                              aten.mm.default: _activation_matmul}, ctx)
 
 
 # ---- RMSNorm -----------------------------------------------------------------------------------------------

@@ -33,6 +33,7 @@ from braze.passes.kv_cache import insert_kv_cache, insert_tree_verify
 from braze.passes.moe import fuse_moe_experts
 from braze.passes.normalize import normalize
 from braze.passes.patterns import (
+    recognize_batched_matmul,
     recognize_gelu_tanh,
     recognize_glu,
     recognize_layer_norm,
@@ -65,6 +66,7 @@ PASSES: list[PassSpec] = [
     PassSpec("recognize_gelu_tanh", "patterns", recognize_gelu_tanh),
     PassSpec("recognize_glu", "patterns", recognize_glu),
     PassSpec("substitute_attention", "attention", substitute_attention),
+    PassSpec("recognize_batched_matmul", "patterns", recognize_batched_matmul),
     # tp > 1: this rank's shard of the weights, all-reduces after row-parallel linears (braze/passes/tensor_parallel.py)
     PassSpec("shard_tensor_parallel", "parallel", shard_tensor_parallel,
              enabled=lambda config: getattr(config, "tp", 1) > 1),

@@ -265,7 +265,8 @@ class PlanExecutor:
         finally:
             LAUNCH_HOOKS.remove(self._count_launch)
         self.stats["calls"] += 1
-        return [env[o] if o is not None else None for o in self.plan.outputs]
+        return [None if o is None else int(_Expr(o[1:])(syms)) if o.startswith("=") else env[o]
+                for o in self.plan.outputs]
 
     def _run_steps(self, env: dict[str, Any], syms: dict[str, int], slots: list[torch.Tensor | None]) -> None:
         for i, step in enumerate(self.plan.steps):
