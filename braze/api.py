@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import gc
+import inspect
 import os
 import weakref
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from braze.runtime.call_signature import call_signature, signature_difference
-from braze.runtime.compiled import CompiledModel
+from braze.runtime.compiled import CompiledModel, weights_version
 from braze.runtime.errors import CaptureError, ConfigError
 from braze.runtime.package import load_package  # also installs the writer behind CompiledModel.save
 from braze.runtime.sharded_package import is_sharded, load_sharded  # tp > 1: one package per rank
@@ -82,8 +83,9 @@ def compile_causal_lm(model: torch.nn.Module, config: CompileConfig) -> Any:
     """Forward, prefill and decode plans from one capture, or from the compile cache (braze/compiler/cache.py);
     the report's `cache` line says which. A model torch.export refuses compiles through Dynamo instead."""
     compiled = _or_dynamo(lambda: _compile_causal_lm_cached(model, config), model, model.forward, config)
-    if isinstance(compiled, CompiledModel):  # its forward warns when called on a model in training mode
-        compiled.source_module = weakref.ref(model)
+    if isinstance(compiled, CompiledModel):  # its forward warns when called on a model in training mode, and
+        compiled.source_module = weakref.ref(model)  # refuses to run once the model's weights changed
+        compiled.source_weights = weights_version(model)
     return compiled  # a DynamoCompiled follows the training mode itself (Dynamo guards on it)
 
 
@@ -184,19 +186,22 @@ def _cross_compile(compiled: CompiledModel, config: CompileConfig) -> None:
         warnings.warn(f"cross-compiling: {issues[0].severity}: {issues[0]}{more}", stacklevel=3)
 
 
-def compile_module(module: torch.nn.Module, args: tuple, kwargs: dict, config: CompileConfig) -> CompiledModel:
+def compile_module(module: torch.nn.Module, args: tuple, kwargs: dict, config: CompileConfig,
+                   dynamic: dict[str, set[int]] | None = None) -> CompiledModel:
+    """dynamic: {argument name: dims} made dynamic besides dim 0 (the dims calls changed; LazyCompiled)."""
     from braze.compiler.capture import capture_module
 
-    cap = capture_module(module, args, kwargs, config.dynamic_shapes)
+    cap = capture_module(module, args, kwargs, config.dynamic_shapes, dynamic)
     compiled = _build(cap, config, _device_of(module), type(module).__name__)
     compiled.call_signature = call_signature(args, kwargs)
     _cross_compile(compiled, config)
     return compiled
 
 
-def compile_or_fall_back(module: torch.nn.Module, fn: Any, args: tuple, kwargs: dict, config: CompileConfig) -> Any:
+def compile_or_fall_back(module: torch.nn.Module, fn: Any, args: tuple, kwargs: dict, config: CompileConfig,
+                         dynamic: dict[str, set[int]] | None = None) -> Any:
     """compile_module, or the Dynamo fallback (over `fn`, the module or its forward) when torch.export refuses."""
-    return _or_dynamo(lambda: compile_module(module, args, kwargs, config), module, fn, config)
+    return _or_dynamo(lambda: compile_module(module, args, kwargs, config, dynamic), module, fn, config)
 
 
 def _or_dynamo(build: Any, module: torch.nn.Module, fn: Any, config: CompileConfig) -> Any:
@@ -255,8 +260,13 @@ class _Variants:
     def __init__(self) -> None:
         self.plans: dict[Any, Any] = {}  # (training_modes(module), tensor_kinds, call signature) -> compiled
         self.latest: Any = None
+        self.weights: tuple | None = None  # weights_version(module) the plans were compiled from
 
     def get(self, module: torch.nn.Module, args: tuple, kwargs: dict, build: Any) -> Any:
+        weights = weights_version(module)
+        if weights != self.weights:  # a plan holds the weights it was compiled from (transposed, merged, quantized)
+            self.plans.clear()
+            self.weights = weights
         modes = training_modes(module)
         signature = call_signature(args, kwargs)
         key = (modes, tensor_kinds(args, kwargs), signature)
@@ -281,6 +291,30 @@ class _Variants:
         self.latest = compiled
         return compiled
 
+    def drop(self, compiled: Any) -> None:
+        """Forget a plan (a call outgrew its static dims: a more general one replaces it)."""
+        self.plans = {k: v for k, v in self.plans.items() if v is not compiled}
+
+
+def _static_dims_changed(compiled: Any, module: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, set[int]]:
+    """{argument name: dims} where a top-level tensor argument's size differs from the static size the plan was
+    compiled with."""
+    if not isinstance(compiled, CompiledModel):
+        return {}
+    specs = {i.name: i.shape for i in compiled.plan.inputs if i.kind == "user"}
+    try:
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+    except TypeError:
+        return {}
+    grown: dict[str, set[int]] = {}
+    for name, value in bound.arguments.items():
+        shape = specs.get(name)
+        if isinstance(value, torch.Tensor) and shape is not None and len(shape) == value.dim():
+            for d, (expr, size) in enumerate(zip(shape, value.shape)):
+                if expr.isdigit() and int(expr) != size:
+                    grown.setdefault(name, set()).add(d)
+    return grown
+
 
 class LazyCompiled:
     """Compiles on the first call, from that call's arguments (like torch.compile), then reuses the plan; a call
@@ -291,6 +325,9 @@ class LazyCompiled:
         self.module = module
         self.config = config
         self.variants = _Variants()
+        # argument name -> dims a call changed from the example's: dynamic in the next compile (as Dynamo's
+        # automatic dynamic shapes), besides dim 0 of every tensor argument
+        self.dynamic: dict[str, set[int]] = {}
 
     @property
     def compiled(self) -> Any:
@@ -298,9 +335,17 @@ class LazyCompiled:
         return self.variants.latest
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        compiled = self.variants.get(
-            self.module, args, kwargs,
-            lambda: compile_or_fall_back(self.module, self.module, args, kwargs, self.config))
+        def build() -> Any:
+            return compile_or_fall_back(self.module, self.module, args, kwargs, self.config, self.dynamic)
+
+        compiled = self.variants.get(self.module, args, kwargs, build)
+        grown = _static_dims_changed(compiled, self.module, args, kwargs)
+        if grown and self.config.dynamic_shapes is None and \
+                any(not dims <= self.dynamic.get(name, set()) for name, dims in grown.items()):
+            for name, dims in grown.items():
+                self.dynamic.setdefault(name, set()).update(dims)
+            self.variants.drop(compiled)
+            compiled = self.variants.get(self.module, args, kwargs, build)
         return compiled(*args, **kwargs)
 
     @property

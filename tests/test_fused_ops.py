@@ -65,3 +65,46 @@ def test_bitwise_not_of_integers_is_twos_complement():
     for got, want in zip(compiled(ints, flags), Inverts()(ints, flags), strict=True):
         assert got.dtype == want.dtype and torch.equal(got, want)
     assert compiled.report.fallbacks == []
+
+
+class Cumulative(torch.nn.Module):
+    def forward(self, ids, x):
+        mask = ids.ne(1).int()  # RoBERTa's position ids from its padding mask
+        positions = torch.cumsum(mask, dim=1).type_as(mask) * mask + 1
+        return positions, torch.cumsum(x, -1) * 2, x.half().cumsum(-1), torch.cumsum(x > 0, -1)
+
+
+def test_cumsum_over_the_last_dim_is_a_scan_in_a_fused_kernel():
+    """Integer results exact (int64 as torch promotes them); fp32 within summation order; fp16 within one fp16
+    rounding of the fp32 running sum."""
+    ids, x = torch.tensor([[5, 6, 1, 1], [1, 7, 8, 9]]), torch.randn(2, 4)
+    compiled = braze.compile(Cumulative())
+    got, want = compiled(ids, x), Cumulative()(ids, x)
+    for g, w in zip(got, want, strict=True):
+        assert g.dtype == w.dtype
+    assert torch.equal(got[0], want[0]) and torch.equal(got[3], want[3])
+    torch.testing.assert_close(got[1], want[1], atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(got[2], want[2], atol=2e-3, rtol=2e-3)
+    assert compiled.report.fallbacks == []
+
+
+class ConstantIndexGather(torch.nn.Module):
+    """BERT's token type ids: a constant buffer gathered by a slice of its constant position-ids buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("types", torch.zeros(1, 16, dtype=torch.long))
+        self.register_buffer("positions", torch.arange(16)[None])
+        self.table = torch.nn.Embedding(2, 4)
+
+    def forward(self, ids):
+        index = self.positions[:, : ids.shape[1]]
+        return self.table(torch.gather(self.types.expand(ids.shape[0], -1), 1, index.expand(ids.shape[0], -1)))
+
+
+def test_a_gather_by_a_constant_in_range_index_is_fused():
+    ids, model = torch.zeros(3, 7, dtype=torch.long), ConstantIndexGather()
+    model.types[0, 3:9] = 1
+    compiled = braze.compile(model)
+    torch.testing.assert_close(compiled(ids), model(ids))
+    assert compiled.report.fallbacks == []

@@ -118,6 +118,9 @@ def is_fusable(node: fx.Node) -> bool:
             return src.dim() <= 1
         dims = [d % src.dim() for d in dims]
         return dims == [src.dim() - 1] and node.kwargs.get("dtype") in (None, val.dtype)
+    if t in P.SCANS:
+        src = meta(node.args[0])
+        return src.dim() >= 1 and node.args[1] % src.dim() == src.dim() - 1 and "dtype" not in node.kwargs
     if t in GROUP_QUANT:
         return _group_quant_ok(node)
     if t in (P.aten.cat.default, P.aten.constant_pad_nd.default):
@@ -131,7 +134,8 @@ def is_fusable(node: fx.Node) -> bool:
 
 def is_reduction(node: fx.Node) -> bool:
     """Reductions over the last dim of their first argument (their region iterates over its rows)."""
-    return node.op == "call_function" and (node.target in P.REDUCTIONS or node.target in GROUP_QUANT)
+    return node.op == "call_function" and (node.target in P.REDUCTIONS or node.target in P.SCANS
+                                           or node.target in GROUP_QUANT)
 
 
 GROUP_QUANT = frozenset({torch.ops.braze.int6_act_scales.default, torch.ops.braze.int6_act_codes.default})
@@ -321,6 +325,8 @@ class KernelBuilder:
             return self._index_op(node, idx)
         if t in P.REDUCTIONS:
             return self._reduce(node, idx)
+        if t in P.SCANS:
+            return self._scan(node, idx)
         if t is P.aten.cat.default:
             return self._cat(node, idx)
         if t is P.aten.constant_pad_nd.default:
@@ -525,6 +531,31 @@ class KernelBuilder:
             red = self._cast(red, dtype)
         self.cse[key] = red
         return red
+
+    def _scan(self, node: fx.Node, idx: Index) -> str:
+        """A cumulative op over the row in registers (cumsum: RoBERTa's position ids from its padding mask): each
+        element's value, read where it lies."""
+        if not self.reduction or not _same(shape_of(meta(node.args[0])), self.space):
+            raise IllegalFusion(f"scan {node.name} outside its own row space")
+        if any(sympy.simplify(a - b) != 0 for a, b in zip(idx, self.canonical)):
+            raise IllegalFusion(f"scan {node.name} read at another element")
+        key = ("scan", node)
+        if key in self.cse:
+            return self.cse[key]
+        saved, self.mask_ctx = self.mask_ctx, ()  # the whole row, whatever masks the consumer is under
+        try:
+            v = self.value(node.args[0], self.canonical)
+        finally:
+            self.mask_ctx = saved
+        dtype = _compute_dtype(meta(node).dtype)
+        v = self._cast(v, meta(node).dtype) if not is_float(meta(node).dtype) else v
+        zero = "0.0" if is_float(dtype) else "0"
+        out = self._tmp(f"{P.SCANS[node.target]}(tl.where(xmask & rmask, tl.broadcast_to({v}, [XBLOCK, RBLOCK]), "
+                        f"{zero}), 1)", dtype)
+        if meta(node).dtype in (torch.float16, torch.bfloat16):
+            out = self._cast(out, meta(node).dtype)
+        self.cse[key] = out
+        return out
 
     def _cat(self, node: fx.Node, idx: Index) -> str:
         tensors = node.args[0]

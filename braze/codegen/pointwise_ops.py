@@ -185,6 +185,9 @@ REDUCTIONS = {
     aten.amin.default: "min",
 }
 
+# Scans over the last dim (the row is in registers, as for reductions): op -> tl combine function.
+SCANS = {aten.cumsum.default: "tl.cumsum"}
+
 # Ops that produce values from the index alone.
 INDEX_OPS = {
     aten.arange.default,

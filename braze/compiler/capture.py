@@ -833,8 +833,10 @@ def capture_causal_lm(model: torch.nn.Module, max_batch: int, max_seq: int) -> C
     return cap
 
 
-def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any = None) -> Captured:
-    """Capture any module from example arguments; by default dim 0 of every tensor input is dynamic."""
+def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any = None,
+                   dynamic: dict[str, set[int]] | None = None) -> Captured:
+    """Capture any module from example arguments; by default dim 0 of every tensor input is dynamic, and the dims
+    `dynamic` names per argument (the ones calls changed)."""
     # plans index their inputs as contiguous (the executor makes them so), so the graph must not be traced with an
     # example's strides (a transposed KV cache Dynamo hands over would be read with the wrong strides)
     args, kwargs = pytree.tree_map(lambda a: a.contiguous() if isinstance(a, torch.Tensor) else a, (args, kwargs))
@@ -848,7 +850,11 @@ def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_s
 
     def leading(kind):
         def one(name, value):
-            return {0: kind(name)} if isinstance(value, torch.Tensor) and value.dim() >= 1 else None
+            if not isinstance(value, torch.Tensor) or value.dim() < 1:
+                return None
+            dims = sorted({0} | {d for d in (dynamic or {}).get(name, ()) if d < value.dim()})
+            # the dims calls changed: AUTO (export bounds them where the model does: a position table's length)
+            return {d: kind(f"{name}_dim{d}") if d == 0 else torch.export.Dim.AUTO for d in dims}
 
         out = {}
         for name, value in bound.arguments.items():
@@ -864,7 +870,7 @@ def capture_module(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_s
     try:
         with torch.no_grad():
             return _export(module, tuple(args), dict(kwargs),
-                           leading(lambda n: torch.export.Dim(f"{n}_dim0", min=1)), {})
+                           leading(lambda n: torch.export.Dim(n, min=1)), {})
     except CaptureError:
         with torch.no_grad():
             return _export(module, tuple(args), dict(kwargs), leading(lambda n: torch.export.Dim.AUTO), {})

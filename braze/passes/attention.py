@@ -19,7 +19,7 @@ import torch.fx as fx
 
 from braze.passes.context import PassContext
 from braze.passes.graph_utils import aten, graph_rewrite, is_op, new_node, val
-from braze.passes.masks import MaskInfo, classify_mask
+from braze.passes.masks import MaskInfo, classify_mask, is_no_op_mask
 
 braze = torch.ops.braze
 
@@ -95,6 +95,9 @@ def _zero_padded(v: fx.Node, dim: int, anchor: fx.Node, ctx: PassContext) -> fx.
 def _attention_node(anchor, q, k, v, mask, causal, scale, ctx, softcap=0.0, sinks=None):
     gm = anchor.graph.owning_module
     window, alibi = 0, None
+    if mask is not None and is_no_op_mask(gm, mask, ctx):
+        ctx.note(f"{anchor.name}: a mask that lets every query see every key dropped")
+        mask = None
     if mask is not None and ctx.causal_lm:
         info = classify_mask(gm, mask, ctx)
         if info.kind == "causal":

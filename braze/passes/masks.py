@@ -157,3 +157,26 @@ def _alibi_slopes(bias: torch.Tensor, allowed: torch.Tensor, dtype: torch.dtype)
         slopes.append(slope)
     out = torch.tensor(slopes, dtype=torch.float32)
     return out if bool(out.ne(0).any()) else None
+
+
+SHAPE_ONLY = (aten.expand.default, aten.unsqueeze.default, aten.reshape.default, aten.view.default,
+              aten.permute.default, aten.slice.Tensor, aten.alias.default, aten.clone.default)
+
+
+def is_no_op_mask(gm: fx.GraphModule, mask: fx.Node, ctx: PassContext) -> bool:
+    """Whether an attention mask lets every query see every key: all True (bool) or all 0 (additive), computed
+    from constants only (an encoder's mask built without a padding mask: transformers' `arange >= 0` expanded
+    over the batch). Views that only broadcast or reshape it are looked through, so the batch size it is
+    expanded to does not have to be known."""
+    core = mask
+    while core.op == "call_function" and core.target in SHAPE_ONLY:
+        core = core.args[0]
+    if not isinstance(core, fx.Node) or core.op != "call_function":
+        return False
+    nodes = _ancestors(core)
+    if nodes is None or any(n.op == "placeholder" and n.name not in ctx.weights for n in nodes):
+        return False  # it depends on an input (its sizes or positions: a causal mask at one size proves nothing)
+    value = static_value(gm, core, ctx, seq=1)
+    if not isinstance(value, torch.Tensor):
+        return False
+    return bool(value.all()) if value.dtype == torch.bool else bool((value == 0).all())

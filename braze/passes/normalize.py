@@ -379,13 +379,29 @@ def _bounded_gather_to_embedding(node: fx.Node, ctx: PassContext) -> bool:
     return True
 
 
-def _mark_bounded_gather(node: fx.Node) -> bool:
-    """torch.gather(x, dim, index) with index provably in [0, x.shape[dim]) (a router's top-k indices): marked for
-    the fused kernels' indirect load (codegen/fused.py), which does not bound-check."""
+def _constant_index_bound(node: Any, ctx: PassContext) -> int | None:
+    """max + 1 of an integer weight (a constant buffer, e.g. BERT's position_ids) read through views, when its
+    values are non-negative, else None."""
+    while is_op(node, *_SAME_VALUES):
+        node = node.args[0]
+    if not isinstance(node, fx.Node) or node.op != "placeholder" or node.name not in ctx.weights:
+        return None
+    w = ctx.weights[node.name]
+    if w.is_floating_point() or w.is_complex() or w.numel() == 0 or int(w.min()) < 0:
+        return None
+    return int(w.max()) + 1
+
+
+def _mark_bounded_gather(node: fx.Node, ctx: PassContext) -> bool:
+    """torch.gather(x, dim, index) with index provably in [0, x.shape[dim]) (a router's top-k indices, a constant
+    index buffer): marked for the fused kernels' indirect load (codegen/fused.py), which does not bound-check."""
     args = op_args(node)
     xv = val(args["self"])
-    if not isinstance(xv, torch.Tensor) or not isinstance(args["index"], fx.Node) or \
-            not _in_bounds(args["index"], xv.shape[args["dim"] % xv.dim()]):
+    if not isinstance(xv, torch.Tensor) or not isinstance(args["index"], fx.Node):
+        return False
+    size = xv.shape[args["dim"] % xv.dim()]
+    constant = _constant_index_bound(args["index"], ctx)
+    if not (_in_bounds(args["index"], size) or (constant is not None and isinstance(size, int) and constant <= size)):
         return False
     node.meta["braze_in_bounds"] = True
     return True
@@ -770,7 +786,7 @@ def normalize(gm: fx.GraphModule, ctx: PassContext) -> int:
             count += (_constant_index_to_slice(node, ctx) or _table_lookup_to_embedding(node, ctx)
                       or _bounded_gather_to_embedding(node, ctx))
         elif node.target is aten.gather.default:
-            _mark_bounded_gather(node)
+            _mark_bounded_gather(node, ctx)
         elif node.target in (aten._local_scalar_dense.default, aten.item.default):
             count += _item_as_tensor_operand(node, ctx)
         elif node.target is aten.scatter.value:

@@ -81,6 +81,16 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.cross_entropy(shift, target, ignore_index=-100)
 
 
+def weights_version(module: torch.nn.Module) -> tuple:
+    """Which tensors the module's parameters and buffers are, and how often each parameter was written in place:
+    changed by `load_state_dict`, `p.data = ...`, a replaced Parameter, buffer or submodule, an in-place edit
+    (torch's version counter). Plans read weights as they were at compile time (merged Q/K/V, transposed,
+    quantized copies), so a change means a recompile. (Buffers count by identity only: a model's own state
+    buffers are written on every call.)"""
+    return (tuple((p.data_ptr(), p._version) for p in module.parameters()),
+            tuple(b.data_ptr() for b in module.buffers()))
+
+
 class CompiledModel:
     """A compiled forward. Call it like the original module."""
 
@@ -112,6 +122,7 @@ class CompiledModel:
         # a causal LM braze.compile compiled in this process: a weakref to the module (its `training` flag is
         # checked per forward call: the plans are eval-mode inference plans); None: a package, a generic module
         self.source_module: Any = None
+        self.source_weights: tuple | None = None  # weights_version(source module) at compile time
         self._warned_training = False
         if executor == "reference":
             if graph_module is None:
@@ -199,6 +210,12 @@ class CompiledModel:
         without autograd: called after `model.train()`, they still compute eval mode's forward. Warned once each
         time the source model is found training (not an error: a model built from a config starts in train mode)."""
         model = self.source_module() if self.source_module is not None else None
+        if model is not None and self.source_weights is not None and weights_version(model) != self.source_weights:
+            from braze.runtime.errors import ConfigError
+
+            raise ConfigError(f"the weights of {type(model).__name__} changed after braze.compile (load_state_dict, "
+                              "a replaced or edited parameter): the plans hold the weights they were compiled "
+                              "from; compile the model again")
         training = model is not None and any(m.training for m in model.modules())
         if training and not self._warned_training:
             import warnings
@@ -270,6 +287,7 @@ class CompiledModel:
             else:
                 raise ConfigError("generate() needs a causal LM compiled by braze.compile (no generation plans here)")
         check_generate_options(options)
+        self._check_mode()
         input_ids, options = hf_length_and_copies(input_ids, options,
                                                   bool(getattr(self.generator, "keyed_sampling", False)),
                                                   getattr(self.generator, "max_batch", None))

@@ -170,9 +170,10 @@ class PlanExecutor:
                 where = next(f"input '{i.name}' dim {d}" for i in self.user_inputs
                              for d, e in enumerate(i.shape) if e == name)
                 hi = "inf" if s.upper is None else s.upper
+                label = f" ({s.label})" if s.label and not where.endswith(s.label.split(" of ")[0]) else ""
                 raise ShapeOutOfRangeError(
-                    f"{where} ({s.label}) = {value} is outside the compiled range [{s.lower}, {hi}]; "
-                    f"recompile with a range that covers it (e.g. max_seq / max_batch)")
+                    f"{where}{label} = {value} is outside the compiled range [{s.lower}, {hi}]; recompile with a "
+                    f"range that covers it (a causal LM: max_seq / max_batch; a module: dynamic_shapes)")
         for spec, t in zip(self.user_inputs, inputs):
             for d, expr in enumerate(self.input_exprs[spec.name]):
                 want = expr(syms)
