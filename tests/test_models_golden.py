@@ -116,6 +116,28 @@ def test_bidirectional_encoder_matches_eager():
     assert any("every query see every key" in note for p in report.passes for note in p.notes)
 
 
+def test_encoder_with_a_padding_mask_attends_through_the_kernel():
+    """BERT with an attention_mask (a padded batch): HF's SDPA mask is read by the flash kernel tile by tile, so no
+    attention runs eagerly; the padded row's real tokens match eager (fp32: summation order)."""
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=64)
+    cfg._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = BertModel(cfg, add_pooling_layer=False).eval()
+    ids = torch.randint(0, 100, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 7:] = 0
+    cm = braze.compile(model)
+    with torch.no_grad():
+        got = cm(input_ids=ids, attention_mask=mask).last_hidden_state
+        want = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    torch.testing.assert_close(got, want, atol=TOL, rtol=TOL)
+    assert not [why for _, why in cm.report.fallbacks if "attention" in why]
+    assert "attention" in {family for _, family, _ in cm.report.kernels}
+
+
 class TinyEncoder(torch.nn.Module):
     """A bidirectional encoder block (no mask): embedding, SDPA self-attention, LayerNorm, GELU MLP."""
 

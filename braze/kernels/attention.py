@@ -101,6 +101,9 @@ INPUT_PRECISIONS = ("ieee", "tf32")
 OUT_DTYPES = ("float32", "float16", "bfloat16")
 
 
+MASK_KINDS = ("", "bool", "add")  # AttentionSpec.mask: none, a bool mask (True: visible), an additive one
+
+
 def _check_common(name: str, input_precision: str, out_dtype: str) -> None:
     if not name.isidentifier():
         raise ValueError(f"kernel name {name!r} is not a Python identifier")
@@ -126,9 +129,14 @@ class AttentionSpec:
     window: bool = False
     sinks: bool = False
     alibi: bool = False
+    mask: str = ""  # an explicit attention mask [B?, H?, Sq?, Skv] read per tile: "bool" (True: visible) or "add"
 
     def __post_init__(self) -> None:
         _check_common(self.name, self.input_precision, self.out_dtype)
+        if self.mask not in MASK_KINDS:
+            raise ValueError(f"mask must be one of {MASK_KINDS}, got {self.mask!r}")
+        if self.mask and (self.tree_mask or self.device_len or self.has_kv_start):
+            raise ValueError("an explicit mask is the forward kernel's: no tree mask, cache length or kv_start")
         if (self.window or self.alibi) and (self.tree_mask or not self.causal):
             raise ValueError("window and alibi count positions from the causal alignment; tree_mask's are not slots")
         if self.tree_mask and not self.causal:
@@ -190,7 +198,7 @@ def render_attention(spec: AttentionSpec, header: str = "") -> str:
         "attention.py.j2", header=check_header(header), name=spec.name, causal=spec.causal, rope=spec.rope,
         has_kv_start=spec.has_kv_start, tree_mask=spec.tree_mask, device_len=spec.device_len,
         input_precision=spec.input_precision, out_dtype=spec.out_dtype, softcap=spec.softcap, window=spec.window,
-        sinks=spec.sinks, alibi=spec.alibi)
+        sinks=spec.sinks, alibi=spec.alibi, mask=spec.mask)
 
 
 def render_decode_attention(spec: DecodeAttentionSpec, header: str = "") -> str:
@@ -243,12 +251,14 @@ def block_d_for(head_dim: int) -> int:
 
 
 def attention_blocks(sq: int, skv: int, head_dim: int, device: DeviceSpec, deterministic: bool = False, *,
-                     elem_size: int = 2, tree: bool = False, rope: bool = False) -> AttentionBlocks:
+                     elem_size: int = 2, tree: bool = False, rope: bool = False, mask: bool = False
+                     ) -> AttentionBlocks:
     """Flash tiles: the interpreter takes the biggest tiles (it pays per program); a GPU keeps the q tile, the
     accumulator and a K/V tile in registers (64 x 64 at D <= 64, a narrower key tile above), 2 stages. fp32 inputs
     (elem_size 4: FMA dots, no tensor cores) take 32 x 32 tiles and 8 warps, tree-mask mode (the gathered mask
-    tile on top of the scores) a key tile half as wide and 8 warps for 64 query rows: both spilled at 64 x 64
-    (ptxas, sm_80-90; 255 registers), and fp32 64 x 64 needs 114,688 B of shared memory (> 101,376 on sm_86/89).
+    tile on top of the scores; `mask`, an explicit mask's tile, the same) a key tile half as wide and 8 warps for
+    64 query rows: both spilled at 64 x 64 (ptxas, sm_80-90; 255 registers), and fp32 64 x 64 needs 114,688 B of
+    shared memory (> 101,376 on sm_86/89).
     deterministic: tiles fixed by the head dim alone (not by the query or key count)."""
     block_d = block_d_for(head_dim)
     if deterministic:  # (the dtype is fixed per compile: fp32 caches take the fp32 tiles below)
@@ -273,7 +283,7 @@ def attention_blocks(sq: int, skv: int, head_dim: int, device: DeviceSpec, deter
     if elem_size >= 4:
         block_m, block_n = min(block_m, 32), max(16, block_n // 2)  # (tl.dot: every dim >= 16)
         warps = 8 if block_m >= 32 else 4
-    elif tree:
+    elif tree or mask:  # (an explicit mask at head dim 128: 12-84 B of spills on sm_80-89 before, none after)
         block_n = max(16, block_n // 2)
         warps = max(warps, 8 if block_m >= 64 else 4)
     if block_m == 16 and elem_size < 4:  # a 16-row query tile (a short prefill over the cache): 8 warps. With 4,
@@ -365,8 +375,10 @@ def flash_attention(kernel: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
                     scale: float, device: DeviceSpec, *, cos: torch.Tensor | None = None,
                     sin: torch.Tensor | None = None, kv_start: torch.Tensor | None = None,
                     tree_mask: torch.Tensor | None = None, past: torch.Tensor | None = None,
-                    deterministic: bool = False, extras: AttentionExtras = NO_EXTRAS) -> None:
-    """One flash launch; the optional arguments must match the flags the kernel was rendered with."""
+                    deterministic: bool = False, extras: AttentionExtras = NO_EXTRAS,
+                    mask: torch.Tensor | None = None) -> None:
+    """One flash launch; the optional arguments must match the flags the kernel was rendered with. mask: an SDPA
+    attn_mask (bool or additive) broadcastable to [B, Hq, Sq, Skv], read through broadcast strides."""
     B, Hq, Sq, D = q.shape
     Hkv, Skv = k.shape[1], k.shape[2]
     args: list[Any] = [q, k, v, out]
@@ -387,9 +399,13 @@ def flash_attention(kernel: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tens
         args += list(t.stride())
     if cos is not None:
         args += list(cos.stride())
-    args += [*extras.args(), float(scale)]
+    args += extras.args()
+    if mask is not None:
+        mask = mask.expand(B, Hq, Sq, Skv)
+        args += [mask.view(torch.uint8) if mask.dtype == torch.bool else mask, *mask.stride()]
+    args.append(float(scale))
     blocks = attention_blocks(Sq, Skv, D, device, deterministic, elem_size=q.element_size(),
-                              tree=tree_mask is not None, rope=cos is not None)
+                              tree=tree_mask is not None, rope=cos is not None, mask=mask is not None)
     launch_kernel(kernel, (triton.cdiv(Sq, blocks.block_m), B * Hq), *args, **blocks.meta(device))
 
 
@@ -549,14 +565,27 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _attention_mask_reason(node: fx.Node) -> str | None:
+def _attention_mask_reason(node: fx.Node, explicit_mask: bool = False) -> str | None:
+    """Why a node cannot use an attention kernel (None: it can). explicit_mask: the family reads an SDPA attn_mask
+    (the forward flash kernel; the cached forms take masks as the causal flag, a window or ALiBi only)."""
     from braze.ops.schema import op_args
 
     a = op_args(node)
     if node.meta["val"].dtype not in FLOAT_NAMES:
         return f"{node.target} output dtype {node.meta['val'].dtype} has no kernel"
-    if a.get("attn_mask") is not None:
+    mask = a.get("attn_mask")
+    if mask is not None and not explicit_mask:
         return "attention with an explicit mask (not causal) runs eagerly"
+    if mask is not None:
+        m, q, k = mask.meta["val"], a["q"].meta["val"], a["k"].meta["val"]
+        if m.dtype != torch.bool and m.dtype not in FLOAT_NAMES or m.dim() > 4:
+            return f"an attention mask of {m.dtype} with {m.dim()} dims has no kernel"
+        try:
+            torch.broadcast_shapes(tuple(m.shape), (q.shape[0], q.shape[1], q.shape[2], k.shape[2]))
+        except RuntimeError:
+            return f"an attention mask of shape {list(m.shape)} does not broadcast over the scores"
+        if a.get("causal") or a.get("window") or a.get("alibi") is not None:
+            return "an explicit mask with the causal flag, a window or ALiBi runs eagerly"
     if a["q"].meta["val"].shape[-1] > 256:
         return f"head dim {a['q'].meta['val'].shape[-1]} > 256"
     d_qk, d_v = a["q"].meta["val"].shape[-1], a["v"].meta["val"].shape[-1]
@@ -599,7 +628,8 @@ def _extras(tensors: dict[str, torch.Tensor], params: dict[str, Any]) -> Attenti
 
 class AttentionFamily(KernelFamily):
     """braze::attention: flash attention forward, RoPE optionally fused into the q/k loads; braze::general_attention
-    (softcap, sliding window, sinks, ALiBi; no explicit mask) through the same kernel with those flags."""
+    (softcap, sliding window, sinks, ALiBi) through the same kernel with those flags; an SDPA attn_mask (bool or
+    additive, any broadcast shape: an encoder's padding mask) read per key tile, without the causal flag."""
 
     name = "attention"
     templates = ("attention.py.j2", "softcap.j2")
@@ -614,7 +644,7 @@ class AttentionFamily(KernelFamily):
         from braze.ops.schema import op_args
 
         a = op_args(node)
-        return _attention_mask_reason(node) or _extras_reason(a, bool(a["causal"]))
+        return _attention_mask_reason(node, explicit_mask=True) or _extras_reason(a, bool(a["causal"]))
 
     def lower(self, node: fx.Node, name: str) -> tuple[str, Step]:
         from braze.ops.schema import op_args
@@ -622,10 +652,13 @@ class AttentionFamily(KernelFamily):
 
         a = op_args(node)
         extras = _extras_params(a)
+        mask = a.get("attn_mask")
         spec = AttentionSpec(name=name, causal=bool(a["causal"]), rope=a["cos"] is not None,
                              input_precision=_precision(a["q"].meta["val"].dtype),
-                             out_dtype=FLOAT_NAMES[node.meta["val"].dtype], **_extras_flags(a, extras))
-        roles = {k: a.get(k) for k in ("q", "k", "v", "cos", "sin", "sinks", "alibi") if a.get(k) is not None}
+                             out_dtype=FLOAT_NAMES[node.meta["val"].dtype], **_extras_flags(a, extras),
+                             mask="" if mask is None else "bool" if mask.meta["val"].dtype == torch.bool else "add")
+        roles = {k: a.get(k) for k in ("q", "k", "v", "cos", "sin", "sinks", "alibi", "attn_mask")
+                 if a.get(k) is not None}
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[v.name for v in roles.values()],
                     params={"roles": list(roles), "scale": float(a["scale"]), "causal": bool(a["causal"]),
                             **{k: v for k, v in extras.items() if v}})
@@ -634,7 +667,8 @@ class AttentionFamily(KernelFamily):
     def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
                params: dict[str, Any], device: DeviceSpec) -> None:
         flash_attention(getattr(module, name), tensors["q"], tensors["k"], tensors["v"], out, params["scale"],
-                        device, cos=tensors.get("cos"), sin=tensors.get("sin"), extras=_extras(tensors, params))
+                        device, cos=tensors.get("cos"), sin=tensors.get("sin"), extras=_extras(tensors, params),
+                        mask=tensors.get("attn_mask"))
 
 
 class CachedAttentionFamily(KernelFamily):
