@@ -108,3 +108,52 @@ def test_a_gather_by_a_constant_in_range_index_is_fused():
     compiled = braze.compile(model)
     torch.testing.assert_close(compiled(ids), model(ids))
     assert compiled.report.fallbacks == []
+
+
+class Elementwise(torch.nn.Module):
+    def forward(self, x, i):
+        return (torch.sign(x), torch.round(x), torch.trunc(x), torch.remainder(x, 0.7), torch.isnan(x),
+                torch.remainder(i, 3), torch.remainder(i, -3), i ^ (i >> 1), i << 2, torch.logical_xor(x > 0, i > 0),
+                torch.nn.functional.leaky_relu(x, 0.1), torch.nn.functional.elu(x), torch.nn.functional.relu6(x),
+                2.0 ** x.clamp(-3, 3))
+
+
+def test_elementwise_ops_beyond_arithmetic():
+    """Rounding (ties to even, as torch.round), sign (0 at NaN, as torch), Python's remainder for floats and
+    integers of either sign, bit ops and shifts, logical xor, and ops torch defines by others: exact where
+    torch's result is (selects, integer ops, rounding); the float remainder, elu and pow within fp32 rounding."""
+    x = torch.tensor([[0.5, 1.5, 2.5, -0.5, -1.5, 2.4999, float("nan"), -7.3, 7.3, 0.0]])
+    i = torch.tensor([[-7, 7, 0, 5, -5, 1, 2, -1, 9, -9]])
+    compiled = braze.compile(Elementwise())
+    got, want = compiled(x, i), Elementwise()(x, i)
+    for n, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g.dtype == w.dtype, n
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6, equal_nan=True, msg=f"output {n}")
+    assert compiled.report.fallbacks == []
+
+
+class Norms(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.bn2d, self.bn1d, self.inorm = torch.nn.BatchNorm2d(3), torch.nn.BatchNorm1d(3), torch.nn.InstanceNorm1d(3)
+        for bn in (self.bn2d, self.bn1d):
+            bn.running_mean.normal_()
+            bn.running_var.uniform_(0.5, 2)
+            bn.weight.data.normal_()
+
+    def forward(self, img, seq):
+        pooled = torch.nn.functional.adaptive_avg_pool2d(self.bn2d(img), 1)
+        return (pooled, self.bn1d(seq), self.inorm(seq), torch.nn.functional.normalize(seq, dim=-1), seq.var(-1),
+                seq.std(-1), seq.mean(), torch.nn.functional.mse_loss(seq, seq * 0.5))
+
+
+def test_cnn_norms_and_statistics_run_in_fused_kernels():
+    """Eval BatchNorm (a per-channel affine map), InstanceNorm, global average pooling, F.normalize, var / std,
+    a full mean and an MSE loss: fp32 within summation order."""
+    model = Norms().eval()
+    img, seq = torch.randn(2, 3, 5, 5), torch.randn(2, 3, 7)
+    compiled = braze.compile(model)
+    for g, w in zip(compiled(img, seq), model(img, seq), strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    assert compiled.report.fallbacks == []

@@ -472,7 +472,7 @@ class KernelBuilder:
             else:
                 operands.append(_literal(a))
         kwargs = {k: v for k, v in node.kwargs.items() if k in ("alpha", "approximate", "rounding_mode")}
-        if t in (P.aten.div.Tensor_mode, P.aten.div.Scalar_mode):
+        if t in (P.aten.div.Tensor_mode, P.aten.div.Scalar_mode, P.aten.remainder.Tensor, P.aten.remainder.Scalar):
             kwargs["integer"] = not math_float
         if t is P.aten.pow.Tensor_Scalar:
             code = P._pow(operands[0], node.args[1])

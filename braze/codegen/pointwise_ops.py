@@ -43,6 +43,21 @@ def _div_mode(a: Expr, b: Expr, rounding_mode: str | None = None, integer: bool 
     return f"(({a} // {b}) - ((({r}) != 0) & ((({r}) < 0) != (({b}) < 0))).to(({a} // {b}).dtype))"
 
 
+def _remainder(a: Expr, b: Expr, integer: bool = False) -> Expr:
+    """torch.remainder: the result takes the divisor's sign (Python's %). Floats: a - floor(a / b) * b, as torch
+    computes it; integers: C's % stepped by b where the signs differ."""
+    if not integer:
+        return f"({a} - tl.floor({a} / {b}) * {b})"
+    r = f"({a} % {b})"
+    return f"tl.where(({r} != 0) & (({r} < 0) != ({b} < 0)), {r} + {b}, {r})"
+
+
+def _round_half_even(a: Expr) -> Expr:
+    """torch.round: to the nearest integer, ties to even (floor(a + 0.5), one down on an odd tie)."""
+    r = f"tl.floor({a} + 0.5)"
+    return f"tl.where(({r} - {a} == 0.5) & ({r} - 2.0 * tl.floor({r} * 0.5) != 0.0), {r} - 1.0, {r})"
+
+
 def _pow(x: Expr, exponent: float) -> Expr | None:
     if float(exponent).is_integer() and 1 <= exponent <= 4:
         return "(" + " * ".join([f"({x})"] * int(exponent)) + ")"
@@ -111,6 +126,12 @@ ELEMENTWISE: dict[object, Callable[..., Expr | None]] = {
     aten.abs.default: lambda a: f"tl.abs({a})",
     aten.erf.default: lambda a: f"tl.erf({a})",
     aten.floor.default: lambda a: f"tl.floor({a})",
+    aten.trunc.default: lambda a: f"tl.where({a} < 0, tl.ceil({a}), tl.floor({a}))",
+    aten.round.default: _round_half_even,
+    aten.sign.default: lambda a: f"tl.where({a} > 0, 1, tl.where({a} < 0, -1, 0))",
+    aten.isnan.default: lambda a: f"({a} != {a})",
+    aten.remainder.Tensor: _remainder,
+    aten.remainder.Scalar: _remainder,
     aten.ceil.default: lambda a: f"tl.ceil({a})",
     aten.pow.Tensor_Scalar: _pow,
     aten.maximum.default: lambda a, b: f"tl.maximum({a}, {b}, {NAN})",
@@ -133,6 +154,10 @@ ELEMENTWISE: dict[object, Callable[..., Expr | None]] = {
     aten.logical_or.default: lambda a, b: f"(({a} != 0) | ({b} != 0))",
     aten.bitwise_and.Tensor: lambda a, b: f"({a} & {b})",
     aten.bitwise_or.Tensor: lambda a, b: f"({a} | {b})",
+    aten.bitwise_xor.Tensor: lambda a, b: f"({a} ^ {b})",
+    aten.logical_xor.default: lambda a, b: f"(({a} != 0) ^ ({b} != 0))",
+    aten.__lshift__.Scalar: lambda a, b: f"({a} << {b})",
+    aten.__rshift__.Scalar: lambda a, b: f"({a} >> {b})",
     aten.bitwise_not.default: lambda a: f"(~{a})",  # a bool operand: fused.py's _elementwise writes `a == 0`
     aten.clamp.default: lambda a, lo=None, hi=None: _clamp(a, lo, hi),
     aten.masked_fill.Scalar: lambda a, m, v: f"tl.where({m}, {v}, {a})",

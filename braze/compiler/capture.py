@@ -39,7 +39,13 @@ from braze.runtime.plan import SymbolSpec
 aten = torch.ops.aten
 KEEP_WHOLE = [aten.linear.default, aten.scaled_dot_product_attention.default, aten.silu.default,
               aten.gelu.default, aten.matmul.default, aten._softmax.default]
-EXTRA_DECOMPOSITIONS = [aten._log_softmax.default, aten.native_layer_norm.default]
+# composite ops torch.export keeps whole that decompose into ops the fused kernels lower: InstanceNorm, vector norms
+# (F.normalize), elementwise ops defined by others, global average pooling
+EXTRA_DECOMPOSITIONS = [
+    aten._log_softmax.default, aten.native_layer_norm.default, aten._native_batch_norm_legit.no_stats,
+    aten.linalg_vector_norm.default, aten.leaky_relu.default, aten.elu.default, aten.hardtanh.default,
+    aten.pow.Scalar, aten._adaptive_avg_pool2d.default,
+]
 
 
 @dataclass
@@ -100,7 +106,23 @@ def _built_decomposition_table() -> Any:
     for op, fn in extra.items():
         table[op] = fn
     table[aten.var_mean.correction] = _var_mean
+    table[aten.var.correction] = lambda x, dim=None, *, correction=None, keepdim=False: _var_mean(
+        x, dim, correction=correction, keepdim=keepdim)[0]
+    table[aten.mean.default] = lambda x, dtype=None: torch.mean(x, list(range(x.dim())), dtype=dtype)
+    table[aten._native_batch_norm_legit_no_training.default] = _batch_norm_eval
     return table
+
+
+def _batch_norm_eval(x, weight, bias, running_mean, running_var, momentum, eps):
+    """Eval-mode BatchNorm as a per-channel affine map of dim 1 (the fused kernels lower it; torch's decomposition
+    goes through the training form, which is not functional)."""
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    out = (x - running_mean.reshape(shape)) * torch.rsqrt(running_var.reshape(shape) + eps)
+    if weight is not None:
+        out = out * weight.reshape(shape)
+    if bias is not None:
+        out = out + bias.reshape(shape)
+    return out, x.new_empty(0), x.new_empty(0)
 
 
 def _var_mean(x, dim=None, *, correction=None, keepdim=False):
