@@ -15,7 +15,7 @@ import torch
 
 from braze.runtime.call_signature import call_signature, signature_difference
 from braze.runtime.compiled import CompiledModel, weights_version
-from braze.runtime.errors import CaptureError, ConfigError
+from braze.runtime.errors import CaptureError, ConfigError, InputMismatchError
 from braze.runtime.package import load_package  # also installs the writer behind CompiledModel.save
 from braze.runtime.sharded_package import is_sharded, load_sharded  # tp > 1: one package per rank
 
@@ -342,11 +342,30 @@ class LazyCompiled:
         grown = _static_dims_changed(compiled, self.module, args, kwargs)
         if grown and self.config.dynamic_shapes is None and \
                 any(not dims <= self.dynamic.get(name, set()) for name, dims in grown.items()):
-            for name, dims in grown.items():
-                self.dynamic.setdefault(name, set()).update(dims)
-            self.variants.drop(compiled)
-            compiled = self.variants.get(self.module, args, kwargs, build)
+            compiled = self._recompile_dynamic(compiled, grown, args, kwargs)
         return compiled(*args, **kwargs)
+
+    def _recompile_dynamic(self, static: CompiledModel, grown: dict[str, set[int]], args: tuple,
+                           kwargs: dict) -> Any:
+        """A plan with the changed dims dynamic replaces the static one. torch.export captured the model at the
+        first size, so an export that fails at the new size means the model rejects it (a Linear's in_features):
+        the static plan stays, and its one-line mismatch error names the dim, with the model's reason (not the
+        Dynamo fallback, which would fail the same way from deep inside)."""
+        saved, plans = {name: set(dims) for name, dims in self.dynamic.items()}, dict(self.variants.plans)
+        for name, dims in grown.items():
+            self.dynamic.setdefault(name, set()).update(dims)
+        self.variants.drop(static)
+        try:
+            return self.variants.get(self.module, args, kwargs,
+                                     lambda: compile_module(self.module, args, kwargs, self.config, self.dynamic))
+        except CaptureError as e:
+            self.dynamic, self.variants.plans, self.variants.latest = saved, plans, static
+            try:
+                static(*args, **kwargs)  # its input check raises before any kernel runs
+            except InputMismatchError as mismatch:
+                reason = str(e).split(": ", 1)[-1]
+                raise InputMismatchError(f"{mismatch}, and the model rejects the new size: {reason}") from None
+            raise
 
     @property
     def report(self) -> Any:

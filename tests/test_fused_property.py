@@ -619,7 +619,7 @@ def test_reductions_over_other_dims_fuse():
 
 
 class ResidualChain(torch.nn.Module):
-    """A residual stream between ops no kernel template fuses a residual into (cumsum runs eagerly): each layer
+    """A residual stream between ops no kernel template fuses a residual into (sort runs eagerly): each layer
     normalizes the stream, transforms it, and adds the result back."""
 
     def __init__(self, layers: int):
@@ -629,7 +629,7 @@ class ResidualChain(torch.nn.Module):
     def forward(self, x):
         for _ in range(self.layers):
             h = x * torch.rsqrt(torch.mean(x * x, -1, keepdim=True) + 1e-6)
-            x = x + torch.cumsum(h, -1)
+            x = x + torch.sort(h, -1).values
         return x
 
 

@@ -443,18 +443,23 @@ def _export_program(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_
 
 @contextlib.contextmanager
 def _quiet_export() -> Any:
-    """A refused export prints the partial graph to stderr (and the shape solver logs a warning about it); braze
+    """A refused export prints the partial graph to stderr (and torch's loggers write about it); braze
     says why in one line (CaptureError, or the Dynamo fallback's warning), so that text is dropped. What an export
     that succeeds writes to stderr is passed on."""
-    logger = logging.getLogger("torch.fx.experimental.symbolic_shapes")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    # the shape solver warns; fake tensors log each failing meta function with its whole trace at ERROR level
+    quieted = {"torch.fx.experimental.symbolic_shapes": logging.ERROR,
+               "torch._subclasses.fake_tensor": logging.CRITICAL}
+    loggers = {logging.getLogger(name): level for name, level in quieted.items()}
+    saved = {logger: logger.level for logger in loggers}
+    for logger, level in loggers.items():
+        logger.setLevel(level)
     held = io.StringIO()
     try:
         with contextlib.redirect_stderr(held):
             yield
     finally:
-        logger.setLevel(level)
+        for logger, level in saved.items():
+            logger.setLevel(level)
     sys.stderr.write(held.getvalue())
 
 
