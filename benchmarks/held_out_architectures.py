@@ -3,12 +3,13 @@ exact, and does greedy generation give HF's tokens? CPU only (Triton interpreter
 
     .venv/bin/python benchmarks/held_out_architectures.py [TYPE ...] [--out FILE] [--timeout S]
 
-Each type gets a tiny seeded config (hidden 64, 2 layers, 4 heads, vocab 256, fp32; OVERRIDES where a type's
-own dims must agree) from AutoConfig.for_model, its all-zero matrices (zero-initialized routers) drawn from
-N(0, 0.02); a type HF itself cannot build or run at that size is listed as skipped with HF's reason. Per type: the
-largest |logit| difference of the compiled forward vs eager (fp32: reassociation only), then 6 greedy tokens vs HF
-generate (through the KV-cache plans, or, where the compile built none, by re-running the forward plan each step,
-with the reason; or through the Dynamo fallback where torch.export refused the model).
+Each type gets a tiny seeded config (hidden 64, 2 layers, 4 heads, vocab 256, fp32; OVERRIDES where a type's own
+dims must agree, or a hybrid's layer pattern must hold an attention layer) from AutoConfig.for_model, its all-zero
+matrices (zero-initialized routers) drawn from N(0, 0.02); a type HF itself cannot build or run at that size is
+listed as skipped with HF's reason. Per type: the largest |logit| difference of the compiled forward vs eager (fp32:
+reassociation only), then 6 greedy tokens vs HF generate (through the KV-cache plans, or, where the compile built
+none, by re-running the forward plan each step, with the reason; or through the Dynamo fallback where torch.export
+refused the model).
 """
 
 from __future__ import annotations
@@ -40,10 +41,30 @@ COMMON = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_
 # ranks and repeats no KV heads; CodeGen rotates rotary_dim (64 by default) of each head.
 MLA = dict(head_dim=8, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, kv_lora_rank=32, q_lora_rank=32,
            num_key_value_heads=4)
+# Hybrids (linear attention, Mamba or short-conv layers between attention layers): their default layer pattern puts
+# the first attention layer past layer 2, and HF's generate cannot run a cache without one, so the 2 layers (3 for
+# Zamba, which ties its shared block across hybrid layers) are one of each kind.
+LINEAR_ATTENTION = dict(layer_types=["linear_attention", "full_attention"])
+HYBRIDS: dict[str, dict] = {
+    "bamba": dict(attn_layer_indices=[1]),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
+    "granitemoehybrid": LINEAR_ATTENTION,
+    "lfm3": dict(layer_types=["conv", "full_attention"]),
+    # (the names the configs store: the harness sets each key again after building the config)
+    "zamba": dict(num_hidden_layers=3, layers_block_type=["linear_attention", "hybrid", "hybrid"],
+                  layer_types=["linear_attention", "hybrid", "hybrid"]),
+    "zamba2": dict(hybrid_layer_ids=[1], layers_block_type=["linear_attention", "hybrid"],
+                   layer_types=["linear_attention", "hybrid"]),
+    "bailing_hybrid": dict(MLA, **LINEAR_ATTENTION, mlp_layer_types=["dense", "dense"], linear_num_heads=4,
+                           linear_head_dim=16),
+    "kimi_linear": dict(MLA, **LINEAR_ATTENTION, mlp_layer_types=["dense", "sparse"], linear_num_heads=4,
+                        linear_head_dim=16),
+    **{t: LINEAR_ATTENTION for t in ("qwen3_5_text", "qwen3_5_moe_text", "qwen4_exp_text")}}
 OVERRIDES = {"deepseek_v2": dict(MLA, num_experts_per_tok=2, n_routed_experts=4, moe_intermediate_size=32),
              "codegen": dict(rotary_dim=16),
              **{t: MLA for t in ("deepseek_v3", "minicpm3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "axk1",
-                                 "axk2", "hy_v4", "longcat_flash", "sarvam_mla", "youtu")}}
+                                 "axk2", "hy_v4", "longcat_flash", "sarvam_mla", "youtu")},
+             **HYBRIDS}
 
 
 def check(model_type: str) -> dict:

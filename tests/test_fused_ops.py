@@ -157,3 +157,63 @@ def test_cnn_norms_and_statistics_run_in_fused_kernels():
     for g, w in zip(compiled(img, seq), model(img, seq), strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
     assert compiled.report.fallbacks == []
+
+
+class ShortConvs(torch.nn.Module):
+    """The convolutions a fused kernel unrolls: a causal depthwise conv1d (Mamba / LFM2 / Qwen3.5's linear attention:
+    padded by kernel - 1, then cut to the sequence), a strided 3-channel stem, a dilated grouped conv2d (2 outputs
+    per group) without bias."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.causal = torch.nn.Conv1d(16, 16, 4, groups=16, padding=3)
+        self.stem = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.grouped = torch.nn.Conv2d(8, 16, 3, padding=2, dilation=2, groups=8, bias=False)
+
+    def forward(self, seq, img, feat):
+        causal = F.silu(self.causal(seq.transpose(1, 2))[..., :seq.shape[1]]).transpose(1, 2)
+        return causal, torch.relu(self.stem(img)), self.grouped(feat) * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_short_convolutions_unroll_in_fused_kernels(dtype):
+    """Each conv is one kernel with its neighbours fused. fp32: summation order only; fp16: the kernel sums in fp32
+    and rounds once, torch's CPU conv may round differently, so one fp16 ulp at |y| < 4 (2**-9 * 2)."""
+    model = ShortConvs().to(dtype)
+    args = (torch.randn(2, 9, 16), torch.randn(2, 3, 10, 11), torch.randn(1, 8, 7, 6))
+    args = tuple(a.to(dtype) for a in args)
+    compiled = braze.compile(model)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    for got, want in zip(compiled(*args), model(*args), strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    assert compiled.report.fallbacks == [] and compiled.plan.launches == 3
+
+
+def test_a_convolution_too_wide_to_unroll_stays_torch():
+    """64 input channels x 9 taps: matmul-shaped work, run by torch and reported as such."""
+    conv = torch.nn.Conv2d(64, 8, 3, padding=1)
+    x = torch.randn(1, 64, 5, 5)
+    compiled = braze.compile(conv)
+    torch.testing.assert_close(compiled(x), conv(x))
+    assert [r for _, r in compiled.report.fallbacks] == ["no lowering for aten.convolution.default"]
+
+
+class SliceWrites(torch.nn.Module):
+    def forward(self, x, y, flags):
+        x = x.clone()
+        x[:, 2:5] = y * 3  # slice_scatter over a copy of y
+        x[:, ::3] = 0.5  # a stepped slice filled with a scalar
+        x[:, -2:] = y[:, :2]  # a negative start
+        flags = flags.clone()
+        flags[1:, 1:3] = True
+        return x + 1, flags
+
+
+def test_slice_assignments_are_fused():
+    x, y, flags = torch.randn(4, 10), torch.randn(4, 3), torch.rand(3, 5) > 0.5
+    compiled = braze.compile(SliceWrites())
+    for got, want in zip(compiled(x, y, flags), SliceWrites()(x, y, flags), strict=True):
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert compiled.report.fallbacks == []

@@ -125,11 +125,68 @@ def is_fusable(node: fx.Node) -> bool:
         return _group_quant_ok(node)
     if t in (P.aten.cat.default, P.aten.constant_pad_nd.default):
         return True
+    if t is P.aten.slice_scatter.default:
+        return _slice_scatter_args(node) is not None
+    if t is P.aten.copy.default:  # functionalized `x[...] = y`: y broadcast to x's shape and dtype
+        return isinstance(meta(node.args[1]), torch.Tensor)
+    if t is P.aten.convolution.default:
+        return _small_conv(node) is not None
     if t is P.aten.embedding.default:
         return meta(node.args[0]).dim() == 2
     if t is P.aten.gather.default:  # indices proven in range (passes/normalize.py marks it): no bound check here
         return bool(node.meta.get("braze_in_bounds")) and not node.kwargs.get("sparse_grad", False)
     return False
+
+
+def _slice_scatter_args(node: fx.Node) -> tuple[fx.Node, fx.Node, int, Any, int] | None:
+    """(input, src, dim, start, step) of a slice_scatter with a static step, src shaped like the slice."""
+    x, src = node.args[0], node.args[1]
+    dim = (node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)) % meta(node).dim()
+    start = node.args[3] if len(node.args) > 3 else node.kwargs.get("start")
+    step = node.args[5] if len(node.args) > 5 else node.kwargs.get("step", 1)
+    if not isinstance(step, int) or step < 1 or meta(src).dim() != meta(node).dim():
+        return None
+    start = 0 if start is None else scalar_arg(start)
+    if isinstance(start, int) and start < 0:
+        start += meta(x).shape[dim]
+    if isinstance(start, int) and start < 0 or not isinstance(start, (int, sympy.Expr)):
+        return None
+    return x, src, dim, start, step
+
+
+# a convolution is a fused kernel when each output element sums at most this many products (input channels per
+# group x kernel taps, unrolled): depthwise and causal short convolutions (Mamba, LFM2, Qwen3.5's linear attention,
+# MobileNet) and 3-channel stems; wider convolutions are matmul-shaped and stay torch's
+CONV_UNROLL_LIMIT = 32
+
+
+@dataclass(frozen=True)
+class ConvArgs:
+    x: fx.Node
+    weight: fx.Node
+    bias: fx.Node | None
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+
+
+def _small_conv(node: fx.Node) -> ConvArgs | None:
+    """The arguments of a non-transposed convolution small enough to unroll (CONV_UNROLL_LIMIT), static weights."""
+    x, weight, bias, stride, padding, dilation, transposed, _, groups = node.args[:9]
+    w = meta(weight)
+    if transposed or not all(isinstance(d, int) for d in w.shape) or not isinstance(groups, int):
+        return None
+    taps = 1
+    for d in w.shape[1:]:
+        taps *= d
+    spatial = w.dim() - 2
+    if taps > CONV_UNROLL_LIMIT or spatial < 1 or meta(x).dim() != w.dim():
+        return None
+    values = [tuple(v) if len(v) == spatial else tuple(v) * spatial for v in (stride, padding, dilation)]
+    if not all(isinstance(v, int) for vs in values for v in vs) or not is_float(meta(node).dtype):
+        return None
+    return ConvArgs(x, weight, bias, *values, groups)
 
 
 def is_reduction(node: fx.Node) -> bool:
@@ -331,6 +388,14 @@ class KernelBuilder:
             return self._cat(node, idx)
         if t is P.aten.constant_pad_nd.default:
             return self._pad(node, idx)
+        if t is P.aten.slice_scatter.default:
+            return self._slice_scatter(node, idx)
+        if t is P.aten.copy.default:
+            src = node.args[1]
+            return self._cast(self.value(src, _broadcast_index(idx, shape_of(meta(node)), shape_of(meta(src)))),
+                              out_dtype)
+        if t is P.aten.convolution.default:
+            return self._conv(node, idx)
         if t is P.aten.embedding.default:
             weight, ids = node.args[0], node.args[1]
             ids_var = self.value(ids, idx[:-1])
@@ -608,6 +673,65 @@ class KernelBuilder:
             return self._tmp(f"({picked} != 0)", dtype)
         literal = _literal(float(fill) if is_float(dtype) else int(fill))
         return self._tmp(f"tl.where({cond}, {var}, {literal})", dtype)
+
+    def _masked_value(self, src: fx.Node, at: Index, cond: str) -> str:
+        """src's element at `at`, loaded only where `cond` holds (the caller selects another value elsewhere)."""
+        saved, self.mask_ctx = self.mask_ctx, self.mask_ctx + (cond,)
+        try:
+            return self.value(src, at)
+        finally:
+            self.mask_ctx = saved
+
+    def _slice_scatter(self, node: fx.Node, idx: Index) -> str:
+        """x with x[..., start:end:step, ...] = src along `dim`: src's element where the index lands in the slice,
+        x's elsewhere."""
+        x, src, dim, start, step = _slice_scatter_args(node)
+        at = idx[dim] - to_sympy(start)
+        rel = self._expr(at)
+        cond = f"(({rel}) >= 0) & (({rel}) < ({self._expr(shape_of(meta(src))[dim] * step)}))"
+        sub = list(idx)
+        sub[dim] = at if step == 1 else FloorDiv(at, step)
+        if step > 1:
+            cond += f" & ((({rel}) % {step}) == 0)"
+        dtype = _compute_dtype(meta(node).dtype)
+        picked = self._masked_value(src, tuple(sub), cond)
+        base = self.value(x, idx)
+        if dtype == torch.bool:  # select int8 lanes (as _cat does)
+            chosen = self._tmp(f"tl.where({cond}, ({picked}).to(tl.int8), ({base}).to(tl.int8))", torch.int8)
+            return self._tmp(f"({chosen} != 0)", dtype)
+        return self._tmp(f"tl.where({cond}, {picked}, {base})", dtype)
+
+    def _conv(self, node: fx.Node, idx: Index) -> str:
+        """out[b, o, p...] = bias[o] + sum over the group's input channels c and taps k of
+        w[o, c, k...] * x[b, g * C + c, p * stride - padding + k * dilation ...], unrolled (at most
+        CONV_UNROLL_LIMIT products), taps outside x reading zero (as zero padding does)."""
+        import itertools
+
+        conv = _small_conv(node)
+        w_shape = tuple(meta(conv.weight).shape)
+        cin_per_group, taps = w_shape[1], w_shape[2:]
+        out_per_group = w_shape[0] // conv.groups
+        in_shape = shape_of(meta(conv.x))
+        batch, out_ch, points = idx[0], idx[1], idx[2:]
+        first_in = (out_ch if out_per_group == 1 else FloorDiv(out_ch, out_per_group)) * cin_per_group
+        dtype = _compute_dtype(meta(node).dtype)
+        terms: list[str] = []
+        for c in range(cin_per_group):
+            for k in itertools.product(*(range(t) for t in taps)):
+                where = [p * s - pad + kk * d for p, s, pad, kk, d in
+                         zip(points, conv.stride, conv.padding, k, conv.dilation)]
+                conds = [f"(({self._expr(e)}) >= 0) & (({self._expr(e)}) < ({self._expr(n)}))"
+                         for e, n in zip(where, in_shape[2:]) if not (e.is_nonnegative and (e - n).is_negative)]
+                cond = " & ".join(conds) or "True"
+                xv = self._masked_value(conv.x, (batch, first_in + c, *where), cond)
+                if conds:
+                    xv = self._tmp(f"tl.where({cond}, {xv}, 0.0)", dtype)
+                wv = self.value(conv.weight, (out_ch, sympy.Integer(c), *(sympy.Integer(kk) for kk in k)))
+                terms.append(f"{xv} * {wv}")
+        total = self._tmp(" + ".join(terms), dtype)
+        if conv.bias is not None:
+            total = self._tmp(f"{total} + {self.value(conv.bias, (out_ch,))}", dtype)
+        return total
 
     # ---- whole kernel --------------------------------------------------------------------------------
     def store(self, node: fx.Node, buffer_name: str) -> None:

@@ -447,8 +447,9 @@ def _quiet_export() -> Any:
     says why in one line (CaptureError, or the Dynamo fallback's warning), so that text is dropped. What an export
     that succeeds writes to stderr is passed on."""
     # the shape solver warns; fake tensors log each failing meta function with its whole trace at ERROR level
+    # torch.export also warns that a batch-1 example specializes dim 0 (a later call recompiles it dynamic)
     quieted = {"torch.fx.experimental.symbolic_shapes": logging.ERROR,
-               "torch._subclasses.fake_tensor": logging.CRITICAL}
+               "torch._subclasses.fake_tensor": logging.CRITICAL, "torch._export.non_strict_utils": logging.ERROR}
     loggers = {logging.getLogger(name): level for name, level in quieted.items()}
     saved = {logger: logger.level for logger in loggers}
     for logger, level in loggers.items():
