@@ -58,6 +58,49 @@ def _unrecognized_attention(gm: fx.GraphModule) -> list[str]:
             and not isinstance(val(n).shape[n.meta.get("braze_softmax_dim", -1)], int)]
 
 
+_SCANS = {aten.cumsum.default, aten.cumprod.default, aten.cummax.default, aten.cummin.default,
+          aten.logcumsumexp.default}
+_REDUCTIONS = {aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin.default, aten.prod.dim_int,
+               aten.var.correction, aten._softmax.default, aten._log_softmax.default}
+_MATMULS = {aten.mm.default, aten.bmm.default, braze.bmm.default}
+
+
+def _sequence_mixing(gm: fx.GraphModule) -> list[str]:
+    """Ops other than attention whose output at one position reads other positions of a float activation: a
+    convolution over the sequence (the short convs of LFM2 / Mamba-style hybrids), a scan, a reduction or a
+    matmul contracting over it (linear attention). The KV-cache plans carry past tokens only through attention's
+    cache, so such a model would decode without that state: silently wrong tokens."""
+    ids = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name == "input_ids"), None)
+    seq = val(ids).shape[1] if ids is not None else None
+    if not isinstance(seq, torch.SymInt):
+        return []
+    symbols = seq.node.expr.free_symbols
+
+    def over_seq(size: object) -> bool:
+        return isinstance(size, torch.SymInt) and bool(size.node.expr.free_symbols & symbols)
+
+    found = []
+    for n in gm.graph.nodes:
+        x = val(n.args[0]) if n.op == "call_function" and n.args and isinstance(n.args[0], fx.Node) else None
+        if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
+            continue
+        if n.target is aten.convolution.default:
+            dims = range(2, x.dim())
+            what = "a convolution over the sequence"
+        elif n.target in _SCANS or n.target in _REDUCTIONS:
+            dims = n.args[1] if len(n.args) > 1 and n.args[1] is not None else range(x.dim())
+            dims = [dims] if isinstance(dims, int) else dims
+            what = "a scan over the sequence" if n.target in _SCANS else "a reduction over the sequence"
+        elif n.target in _MATMULS:
+            dims = [x.dim() - 1]  # the contracted dim of the left operand
+            what = "a matmul contracting over the sequence"
+        else:
+            continue
+        if any(over_seq(x.shape[d % x.dim()]) for d in dims):
+            found.append(f"{n.name} ({what})")
+    return found
+
+
 def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> int:
     missed = _unrecognized_attention(gm)
     if missed:
@@ -65,6 +108,12 @@ def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> int:
             f"{', '.join(missed)}: softmax over attention scores that braze did not recognize as attention; generation "
             "over a KV cache would drop those layers' past tokens, so braze does not build it (the forward plan is "
             "exact)")
+    mixing = _sequence_mixing(gm)
+    if mixing:
+        more = f" (+{len(mixing) - 2} more)" if len(mixing) > 2 else ""
+        raise KVCacheUnsupportedError(
+            f"{', '.join(mixing[:2])}{more}: state across positions outside attention, which a KV cache does not "
+            "carry; generation over one would lose it, so braze does not build it (the forward plan is exact)")
     attn = [n for n in gm.graph.nodes if is_op(n, braze.attention.default, braze.general_attention.default)]
     if not attn:
         return 0
