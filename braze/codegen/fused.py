@@ -708,6 +708,11 @@ class KernelBuilder:
         import itertools
 
         conv = _small_conv(node)
+        src = conv.x
+        while isinstance(src, fx.Node) and src.target in P.VIEW_OPS:
+            src = src.args[0]
+        if src in self.members:  # schedule.realize stores a conv's computed input: read it, never recompute it
+            raise IllegalFusion(f"{node.name} reads {src.name} at every tap: not in the kernel that computes it")
         w_shape = tuple(meta(conv.weight).shape)
         cin_per_group, taps = w_shape[1], w_shape[2:]
         out_per_group = w_shape[0] // conv.groups
