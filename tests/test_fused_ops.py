@@ -246,3 +246,44 @@ def test_a_conv_reads_a_stored_input():
     steps = [s for s in compiled.plan.steps if s.kind != "view"]
     assert [s.kind for s in steps] == ["fused", "fused", "fused", "template"], steps
     assert compiled.report.fallbacks == []
+
+
+class GroupNorms(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.affine, self.plain = torch.nn.GroupNorm(4, 16), torch.nn.GroupNorm(1, 16, affine=False)
+        self.affine.weight.data.normal_()
+        self.affine.bias.data.normal_()
+
+    def forward(self, img, seq):
+        return F.silu(self.affine(img)), self.plain(seq)
+
+
+def test_group_norm_runs_in_fused_kernels():
+    """GroupNorm (4 groups over an image with a per-channel affine map; 1 group over a sequence, LayerNorm-like):
+    row statistics over [N, G, C / G * HW], fp32 within summation order."""
+    model = GroupNorms().eval()
+    img, seq = torch.randn(2, 16, 5, 5), torch.randn(3, 16, 7)
+    compiled = braze.compile(model)
+    for g, w in zip(compiled(img, seq), model(img, seq), strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+    assert compiled.report.fallbacks == []
+
+
+class ArgExtremes(torch.nn.Module):
+    def forward(self, x, ids):
+        return x.argmax(-1), x.argmin(-1, keepdim=True), ids.argmax(-1), x[0, 0].argmax(), (x * 2).argmax(dim=1)
+
+
+def test_argmax_and_argmin_over_the_last_dim_are_fused():
+    """The first index of the extreme, a NaN counting as the extreme (torch's rule), ties to the first; ints too.
+    Over another dim (the last output) it stays torch's op, reported."""
+    x = torch.randn(3, 5, 7)
+    x[1, 2, 3], x[0, 0, 4], x[0, 0, 6] = float("nan"), float("nan"), float("nan")
+    x[2, 1, :] = 1.0  # all tied: index 0
+    ids = torch.randint(0, 3, (4, 9))
+    compiled = braze.compile(ArgExtremes())
+    for got, want in zip(compiled(x, ids), ArgExtremes()(x, ids), strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    assert [r for _, r in compiled.report.fallbacks] == ["no lowering for aten.argmax.default"]

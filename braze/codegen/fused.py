@@ -114,6 +114,10 @@ def is_fusable(node: fx.Node) -> bool:
     if t in P.REDUCTIONS:
         src = meta(node.args[0])
         dims = node.args[1] if len(node.args) > 1 else None
+        if t in P.ARG_REDUCTIONS:  # one dim (an int), or None: the flattened tensor
+            if src.dtype == torch.bool or src.dim() == 0:
+                return False
+            dims = None if dims is None else [dims]
         if not dims:
             return src.dim() <= 1
         dims = [d % src.dim() for d in dims]
@@ -578,7 +582,9 @@ class KernelBuilder:
             self.mask_ctx = saved
         dtype = meta(node).dtype
         v = f"tl.broadcast_to({v}, [XBLOCK, RBLOCK])"
-        if kind in ("sum", "mean"):
+        if kind in ("argmax", "argmin"):
+            red = self._arg_reduce(v, kind, meta(node.args[0]).dtype)
+        elif kind in ("sum", "mean"):
             red = self._tmp(f"tl.sum(tl.where(xmask & rmask, {v}, 0), 1)[:, None]", _compute_dtype(dtype))
             if kind == "mean":
                 red = self._tmp(f"{red} / ({self._expr(self.space[-1])})", torch.float32)
@@ -596,6 +602,21 @@ class KernelBuilder:
             red = self._cast(red, dtype)
         self.cse[key] = red
         return red
+
+    def _arg_reduce(self, v: str, kind: str, src_dtype: torch.dtype) -> str:
+        """torch.argmax / argmin over the row: the smallest index holding the extreme value, or holding a NaN when
+        the row has one (torch treats NaN as the extreme)."""
+        fn, fill = ("tl.max", "float('-inf')") if kind == "argmax" else ("tl.min", "float('inf')")
+        if not is_float(src_dtype):
+            fill = "-9223372036854775807" if kind == "argmax" else "9223372036854775807"
+        live = "xmask & rmask"
+        best = self._tmp(f"{fn}(tl.where({live}, {v}, {fill}), 1)[:, None]", _compute_dtype(src_dtype))
+        hit = f"({v} == {best})"
+        if is_float(src_dtype):
+            nan = self._tmp(f"tl.max(tl.where({live}, ({v} != {v}).to(tl.int32), 0), 1)[:, None]", torch.int32)
+            hit = f"tl.where({nan} > 0, {v} != {v}, {hit})"
+        first = f"tl.where({live} & {hit}, rindex, 2147483647)"
+        return self._tmp(f"tl.min(tl.broadcast_to({first}, [XBLOCK, RBLOCK]), 1)[:, None].to(tl.int64)", torch.int64)
 
     def _scan(self, node: fx.Node, idx: Index) -> str:
         """A cumulative op over the row in registers (cumsum: RoBERTa's position ids from its padding mask): each

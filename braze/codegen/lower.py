@@ -228,7 +228,8 @@ class Lowering:
             step = Step(
                 kind="fused", launcher="fused", kernel=kname, inputs=fk.inputs, outputs=[n for n, _ in fk.outputs],
                 params={"xnumel": pexpr(fk.xnumel), "rnumel": pexpr(fk.rnumel), "reduction": fk.reduction,
-                        "symbols": fk.symbols, **({"deterministic": True} if self.deterministic else {})},
+                        "symbols": fk.symbols, **({"deterministic": True} if self.deterministic else {}),
+                        **_load_heavy(fk.source)},
                 nodes=[m.name for m in g.members],
             )
             for bname, node in fk.outputs:
@@ -354,3 +355,16 @@ def lower_graph(gm: fx.GraphModule, name: str, symbol_specs: list[SymbolSpec], w
 
 def sympy_symbols(specs: list[SymbolSpec]) -> dict[str, sympy.Symbol]:
     return {s.name: sympy.Symbol(s.name, integer=True, positive=True) for s in specs}
+
+
+# kernels/fused.py: fused_blocks gives threads fewer elements over this many loads an element
+LIGHT_LOADS = 16
+
+
+def _load_heavy(source: str) -> dict[str, int]:
+    """{"loads": n} for a kernel reading more than LIGHT_LOADS tensors an element (an unrolled conv): its launch
+    gives each thread fewer elements (kernels/fused.py: fused_blocks), as each holds that many values in
+    registers."""
+    loads = source.count("tl.load(")
+    return {"loads": loads} if loads > LIGHT_LOADS else {}
+

@@ -208,7 +208,10 @@ REDUCTIONS = {
     aten.mean.dim: "mean",
     aten.amax.default: "max",
     aten.amin.default: "min",
+    aten.argmax.default: "argmax",  # the first index of the max (of the first NaN, as torch)
+    aten.argmin.default: "argmin",
 }
+ARG_REDUCTIONS = {aten.argmax.default, aten.argmin.default}
 
 # Scans over the last dim (the row is in registers, as for reductions): op -> tl combine function.
 SCANS = {aten.cumsum.default: "tl.cumsum"}

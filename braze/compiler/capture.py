@@ -110,7 +110,24 @@ def _built_decomposition_table() -> Any:
         x, dim, correction=correction, keepdim=keepdim)[0]
     table[aten.mean.default] = lambda x, dtype=None: torch.mean(x, list(range(x.dim())), dtype=dtype)
     table[aten._native_batch_norm_legit_no_training.default] = _batch_norm_eval
+    table[aten.native_group_norm.default] = _group_norm
     return table
+
+
+def _group_norm(x, weight, bias, n, c, hw, group, eps):
+    """GroupNorm as row statistics over [N, G, C / G * HW] (torch's decomposition leaves as_strided views, which
+    no kernel lowers)."""
+    rows = x.reshape(n, group, -1)
+    mean = rows.mean(-1, keepdim=True)
+    centered = rows - mean
+    rstd = torch.rsqrt((centered * centered).mean(-1, keepdim=True) + eps)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    out = (centered * rstd).reshape(x.shape)
+    if weight is not None:
+        out = out * weight.reshape(shape)
+    if bias is not None:
+        out = out + bias.reshape(shape)
+    return out, mean.reshape(n, group), rstd.reshape(n, group)
 
 
 def _batch_norm_eval(x, weight, bias, running_mean, running_var, momentum, eps):

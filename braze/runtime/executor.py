@@ -277,7 +277,8 @@ class PlanExecutor:
                 env.update(zip(step.outputs, outs))
                 args = [env[n] for n in step.inputs] + outs + [syms[s] for s in step.params["symbols"]]
                 FUSED.launch_flat(self.kernel(step.kernel), args, xexpr(syms), rexpr(syms),
-                                  step.params["reduction"], self.spec, bool(step.params.get("deterministic")))
+                                  step.params["reduction"], self.spec, bool(step.params.get("deterministic")),
+                                  step.params.get("loads", 0))
             elif step.kind == "template":
                 out = self._alloc(step.outputs[0], syms, slots)
                 env[step.outputs[0]] = out
