@@ -148,11 +148,14 @@ class Norms(torch.nn.Module):
                 seq.std(-1), seq.mean(), torch.nn.functional.mse_loss(seq, seq * 0.5))
 
 
-def test_cnn_norms_and_statistics_run_in_fused_kernels():
-    """Eval BatchNorm (a per-channel affine map), InstanceNorm, global average pooling, F.normalize, var / std,
-    a full mean and an MSE loss: fp32 within summation order."""
-    model = Norms().eval()
-    img, seq = torch.randn(2, 3, 5, 5), torch.randn(2, 3, 7)
+@pytest.mark.parametrize("name", ["Norms", "GroupNorms"])
+def test_cnn_norms_and_statistics_run_in_fused_kernels(name):
+    """Norms: eval BatchNorm (a per-channel affine map), InstanceNorm, global average pooling, F.normalize,
+    var / std, a full mean and an MSE loss. GroupNorms: 4 groups over an image with a per-channel affine map, 1 group
+    over a sequence (LayerNorm-like), as row statistics over [N, G, C / G * HW]. fp32 within summation order."""
+    model, channels = {"Norms": (Norms, 3), "GroupNorms": (GroupNorms, 16)}[name]
+    model = model().eval()
+    img, seq = torch.randn(2, channels, 5, 5), torch.randn(3, channels, 7)
     compiled = braze.compile(model)
     for g, w in zip(compiled(img, seq), model(img, seq), strict=True):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
@@ -258,17 +261,6 @@ class GroupNorms(torch.nn.Module):
 
     def forward(self, img, seq):
         return F.silu(self.affine(img)), self.plain(seq)
-
-
-def test_group_norm_runs_in_fused_kernels():
-    """GroupNorm (4 groups over an image with a per-channel affine map; 1 group over a sequence, LayerNorm-like):
-    row statistics over [N, G, C / G * HW], fp32 within summation order."""
-    model = GroupNorms().eval()
-    img, seq = torch.randn(2, 16, 5, 5), torch.randn(3, 16, 7)
-    compiled = braze.compile(model)
-    for g, w in zip(compiled(img, seq), model(img, seq), strict=True):
-        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
-    assert compiled.report.fallbacks == []
 
 
 class ArgExtremes(torch.nn.Module):
