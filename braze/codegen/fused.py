@@ -17,6 +17,7 @@ braze.quant.int6.quantize_activations_reference (IEEE division, round half to ev
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -105,6 +106,8 @@ def is_fusable(node: fx.Node) -> bool:
         return False  # a symbolic float / bool scalar (a tensor's .item()): no index expression a kernel takes
     if t in P.ELEMENTWISE:
         if t is P.aten.pow.Tensor_Scalar and P._pow("x", node.args[1]) is None:
+            return False
+        if t is P.aten.pow.Scalar and not (isinstance(node.args[0], (int, float)) and 0 < node.args[0] < math.inf):
             return False
         if t is P.aten.gelu.default and node.kwargs.get("approximate", "none") not in ("none", "tanh"):
             return False

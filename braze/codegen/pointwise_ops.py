@@ -134,6 +134,8 @@ ELEMENTWISE: dict[object, Callable[..., Expr | None]] = {
     aten.remainder.Scalar: _remainder,
     aten.ceil.default: lambda a: f"tl.ceil({a})",
     aten.pow.Tensor_Scalar: _pow,
+    # base ** x for a positive finite base (codegen checks it): exp2(x * log2(base)), within fp32 rounding
+    aten.pow.Scalar: lambda base, x: f"tl.exp2({x} * {math.log2(float(base))!r})",
     aten.maximum.default: lambda a, b: f"tl.maximum({a}, {b}, {NAN})",
     aten.minimum.default: lambda a, b: f"tl.minimum({a}, {b}, {NAN})",
     aten.where.self: lambda c, a, b: f"tl.where({c}, {a}, {b})",

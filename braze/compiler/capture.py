@@ -44,7 +44,7 @@ KEEP_WHOLE = [aten.linear.default, aten.scaled_dot_product_attention.default, at
 EXTRA_DECOMPOSITIONS = [
     aten._log_softmax.default, aten.native_layer_norm.default, aten._native_batch_norm_legit.no_stats,
     aten.linalg_vector_norm.default, aten.leaky_relu.default, aten.elu.default, aten.hardtanh.default,
-    aten.pow.Scalar, aten._adaptive_avg_pool2d.default,
+    aten._adaptive_avg_pool2d.default,
 ]
 
 
