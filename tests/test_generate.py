@@ -620,3 +620,17 @@ def test_softcap_and_sliding_window_generate_through_kernels(arch, features):
         assert torch.equal(cm.generate(ids, **kw, speculate=True, spec_tree=True), want)
         accepted += cm.generator.stats.extra["speculation"]["accepted_drafts"]
     assert accepted > 0
+
+
+def test_only_convolutions_across_positions_keep_a_model_from_the_kv_cache():
+    """LFM2's short conv with 3 taps carries state across positions (refused); with 1 tap it is a per-position map
+    (kept)."""
+    from braze.compiler.capture import capture_causal_lm
+    from braze.passes.kv_cache import _sequence_mixing
+
+    found = {}
+    for taps in (1, 3):
+        model = _tiny_held_out("lfm2", layer_types=["conv", "full_attention"], conv_L_cache=taps)
+        mixing = _sequence_mixing(capture_causal_lm(model, 2, 16).gm)  # (before the passes: attention's softmax too)
+        found[taps] = [m for m in mixing if m.startswith("convolution")]
+    assert found[1] == [] and found[3] == ["convolution (a convolution over the sequence)"]

@@ -85,6 +85,9 @@ def _sequence_mixing(gm: fx.GraphModule) -> list[str]:
         if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
             continue
         if n.target is aten.convolution.default:
+            w, stride, padding = val(n.args[1]), n.args[3], n.args[4]
+            if all(k == 1 for k in w.shape[2:]) and all(s == 1 for s in stride) and not any(padding):
+                continue  # a 1-tap conv reads its own position only: a per-position linear map
             dims = range(2, x.dim())
             what = "a convolution over the sequence"
         elif n.target in _SCANS or n.target in _REDUCTIONS:
