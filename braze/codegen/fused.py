@@ -686,11 +686,7 @@ class KernelBuilder:
             at = self._expr(sub[d])
             conds.append(f"(({at}) >= 0) & (({at}) < ({self._expr(in_shape[d])}))")
         cond = " & ".join(conds) or "True"
-        saved, self.mask_ctx = self.mask_ctx, self.mask_ctx + (cond,)
-        try:
-            var = self.value(src, tuple(sub))
-        finally:
-            self.mask_ctx = saved
+        var = self._masked_value(src, tuple(sub), cond)
         dtype = _compute_dtype(meta(node).dtype)
         if dtype == torch.bool:  # select int8 lanes (as _cat does)
             picked = self._tmp(f"tl.where({cond}, ({var}).to(tl.int8), {int(bool(fill))})", torch.int8)

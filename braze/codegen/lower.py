@@ -21,6 +21,7 @@ from braze.codegen.fused import BufferInfo, KernelBuilder, meta
 from braze.codegen.memory import plan_memory
 from braze.codegen.symbolic import contiguous_strides, pexpr, shape_of, strides_of, to_sympy
 from braze.kernels import family_for_op, launch_count
+from braze.kernels.fused import LIGHT_LOADS
 from braze.runtime.plan import BufferSpec, InputSpec, Plan, Step, SymbolSpec
 
 DTYPE_NAMES = {v: str(v).removeprefix("torch.") for v in (
@@ -356,9 +357,6 @@ def lower_graph(gm: fx.GraphModule, name: str, symbol_specs: list[SymbolSpec], w
 def sympy_symbols(specs: list[SymbolSpec]) -> dict[str, sympy.Symbol]:
     return {s.name: sympy.Symbol(s.name, integer=True, positive=True) for s in specs}
 
-
-# kernels/fused.py: fused_blocks gives threads fewer elements over this many loads an element
-LIGHT_LOADS = 16
 
 
 def _load_heavy(source: str) -> dict[str, int]:

@@ -121,13 +121,18 @@ def _group_norm(x, weight, bias, n, c, hw, group, eps):
     mean = rows.mean(-1, keepdim=True)
     centered = rows - mean
     rstd = torch.rsqrt((centered * centered).mean(-1, keepdim=True) + eps)
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    out = (centered * rstd).reshape(x.shape)
-    if weight is not None:
-        out = out * weight.reshape(shape)
-    if bias is not None:
-        out = out + bias.reshape(shape)
+    out = _channel_affine((centered * rstd).reshape(x.shape), weight, bias)
     return out, mean.reshape(n, group), rstd.reshape(n, group)
+
+
+def _channel_affine(x, weight, bias):
+    """x * weight + bias per channel (dim 1), either optional: the normalizations' affine tail."""
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if weight is not None:
+        x = x * weight.reshape(shape)
+    if bias is not None:
+        x = x + bias.reshape(shape)
+    return x
 
 
 def _batch_norm_eval(x, weight, bias, running_mean, running_var, momentum, eps):
@@ -135,11 +140,7 @@ def _batch_norm_eval(x, weight, bias, running_mean, running_var, momentum, eps):
     goes through the training form, which is not functional)."""
     shape = [1, -1] + [1] * (x.dim() - 2)
     out = (x - running_mean.reshape(shape)) * torch.rsqrt(running_var.reshape(shape) + eps)
-    if weight is not None:
-        out = out * weight.reshape(shape)
-    if bias is not None:
-        out = out + bias.reshape(shape)
-    return out, x.new_empty(0), x.new_empty(0)
+    return _channel_affine(out, weight, bias), x.new_empty(0), x.new_empty(0)
 
 
 def _var_mean(x, dim=None, *, correction=None, keepdim=False):

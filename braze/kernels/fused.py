@@ -20,26 +20,28 @@ def fused_blocks(xnumel: int, rnumel: int, reduction: bool, device: DeviceSpec, 
     up to a register budget; the interpreter takes the biggest blocks, since it pays per program.
     deterministic: a reduction's XBLOCK does not depend on xnumel (the row count grows with the batch), so a
     row's reduction runs in the same tile layout at any batch size.
-    loads: tensors read an element when over codegen's LIGHT_LOADS (16; 0 below): a reduction's budget shrinks by
-    the power of two above loads / 16, a pointwise kernel takes one element a thread (an unrolled 27-product stem
-    conv in fp16 spilled 24-28 B on sm_80 at 4 elements a thread, 200+ B at 2; none at 1, on sm_80 and sm_86)."""
+    loads: tensors read an element when over LIGHT_LOADS (codegen records 0 below): a reduction's budget shrinks
+    by the power of two above loads / LIGHT_LOADS, a pointwise kernel takes one element a thread (an unrolled
+    27-product stem conv in fp16 spilled 24-28 B on sm_80 at 4 elements a thread, 200+ B at 2; none at 1, on sm_80
+    and sm_86)."""
     if reduction:
         rblock = triton.next_power_of_2(max(1, rnumel))
         budget, cap = (16384, 1024) if device.interpret else (4096, 64)
-        if loads > 16 and not device.interpret:
-            budget = max(rblock, budget // triton.next_power_of_2(-(-loads // 16)))
+        if loads > LIGHT_LOADS and not device.interpret:
+            budget = max(rblock, budget // triton.next_power_of_2(-(-loads // LIGHT_LOADS)))
         if deterministic:
             return max(1, min(budget // rblock, cap)), rblock
         return max(1, min(budget // rblock, triton.next_power_of_2(max(1, xnumel)), cap)), rblock
     # pointwise: up to 512 elements a program on a GPU (4 per thread at triton's 4 warps); at 1024, OLMo 2's
     # rotary table (tl.cos, 8 slow-path range reductions a thread) spilled 4 B at 64 registers on sm_80
     xblock = min(triton.next_power_of_2(max(1, xnumel)), 16384 if device.interpret else 512)
-    if loads > 16 and not device.interpret:
+    if loads > LIGHT_LOADS and not device.interpret:
         xblock = min(xblock, HEAVY_XBLOCK)
     return max(xblock, 16), 1
 
 
-HEAVY_XBLOCK = 128  # a pointwise kernel with many loads an element: 128 elements on 4 warps, one a thread
+LIGHT_LOADS = 16  # loads an element up to which a fused kernel's launch packs elements as usual
+HEAVY_XBLOCK = 128  # a pointwise kernel with more: 128 elements on 4 warps, one a thread
 
 
 class FusedFamily(KernelFamily):
@@ -57,7 +59,7 @@ class FusedFamily(KernelFamily):
             # 4 elements a thread whatever XBLOCK (a small launch takes fewer warps): StableLM's partial rotary
             # table (4 tl.cos a element) spilled 8 B at 32 registers on sm_80 at 1 element a thread (XBLOCK 128,
             # 4 warps), none at 4 (XBLOCK 512 at 4 warps, 128 at 1)
-            meta["num_warps"] = max(1, min(4, xblock // (32 if loads > 16 else 128)))
+            meta["num_warps"] = max(1, min(4, xblock // (32 if loads > LIGHT_LOADS else 128)))
         launch_kernel(kernel, (triton.cdiv(xnumel, xblock),), *args, **meta)
 
     def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
