@@ -1021,3 +1021,45 @@ def test_every_registered_family_is_exercised():
     tested = {name.removeprefix("test_").split("_family")[0] for name in globals()
               if name.startswith("test_") and "_family" in name and name != "test_every_registered_family_is_exercised"}
     assert tested == set(FAMILIES) and EXERCISED <= set(FAMILIES)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cached_conv_family(dtype):
+    """A causal depthwise conv over the conv cache (LFM2's short conv in the generation plans) = the reference,
+    output and cache bit for bit (both sum the taps in fp32 in the same order): a left-padded prefill (slots below
+    kv_start read 0), a decode step reading the cache, and a draft tree whose nodes' taps follow their ancestors
+    (per-row cache lengths); a strided input (the transposed projection), with and without a bias."""
+    from braze.ops.conv_state import cached_conv1d_reference
+    from braze.runtime.speculate import _row_layout
+    from braze.runtime.suffix_tree import Draft
+
+    g = _gen(15)
+    b, c, taps, slots = 2, 40, 3, 24
+    w = torch.randn(c, 1, taps, generator=g).to(dtype)
+    bias = torch.randn(c, generator=g).to(dtype)
+    kv_start = torch.tensor([0, 2], dtype=torch.int32)
+    cache, want = torch.zeros(b, 1, slots, c, dtype=dtype), torch.zeros(b, 1, slots, c, dtype=dtype)
+
+    def check(x, cache_len, mask=None, with_bias=True):
+        extra = (mask,) if mask is not None else ()
+        fn = (lambda x, w, bias, cache, cl, ks, *m: ops.cached_conv1d(x, w, bias, cache, cl, ks, *m)) if with_bias \
+            else (lambda x, w, cache, cl, ks, *m: ops.cached_conv1d(x, w, None, cache, cl, ks, *m))
+        args = (x, w, bias, cache, cache_len, kv_start, *extra) if with_bias else (x, w, cache, cache_len, kv_start,
+                                                                                   *extra)
+        out, family = launch_like_a_plan(fn, *args)
+        ref = cached_conv1d_reference(x, w, bias if with_bias else None, want, cache_len, kv_start, mask)
+        assert family.name == "cached_conv"
+        assert torch.equal(out, ref) and torch.equal(cache, want)
+        return out
+
+    prompt = torch.randn(b, 6, c, generator=g).to(dtype).transpose(1, 2)  # [B, C, S] with channel stride 1
+    out = check(prompt, torch.tensor([0]))
+    # row 1's first two slots are padding: its first real position sums only its own tap and the bias
+    torch.testing.assert_close(out[1, :, 2].float(), (w[:, 0, -1].float() * prompt[1, :, 2].float()
+                                                      + bias.float()).to(dtype).float())
+    check(torch.randn(b, c, 1, generator=g).to(dtype), torch.tensor([6]), with_bias=False)
+    draft = Draft(tokens=[5, 6, 7, 8], parents=[-1, 0, 0, 2])
+    _, _, _, tree = _row_layout(draft, 4)
+    mask = torch.stack([tree, torch.eye(5, dtype=torch.bool)])  # row 1: padding nodes (each sees itself)
+    check(torch.randn(b, c, 5, generator=g).to(dtype), torch.tensor([7, 9]), mask)
+    assert cache[:, :, 10:].abs().sum() > 0  # the tree's nodes were written at their slots

@@ -295,3 +295,22 @@ def test_unrolled_convolutions_fit_without_spills():
     assert stem.params["loads"] > 16 and not stem.params["reduction"]
     assert build.results and not build.issues, [str(i) for i in build.issues]
     assert all(r.spills == 0 for r in build.results)
+
+
+def test_cached_conv_kernels_fit_without_spills():
+    """The conv-cache kernel of a short-conv hybrid (LFM2, fp16) on sm_80 / sm_86 / sm_90, in every form the
+    generation plans launch (prefill, decode, the tree verify reading a [S, S] mask tile up to S = max_seq): no
+    error, no spill, no float atomic."""
+    from braze.compiler.targets import compile_specializations
+    from tests.test_generate import _tiny_held_out
+
+    model = _tiny_held_out("lfm2", layer_types=["conv", "full_attention"]).to(torch.float16)
+    compiled = braze.compile(model, max_seq=64, max_batch=4)
+    specs = [s for s in enumerate_specializations(compiled, ["sm_80", "sm_86", "sm_90"],
+                                                  plans=["prefill", "decode", "verify"])
+             if s.family == "cached_conv"]
+    assert {u.split()[0] for s in specs for u in s.uses} == {"prefill", "decode", "verify"}
+    results = compile_specializations(specs)
+    assert len(results) == len(specs) >= 9
+    assert all(r.error is None and r.spills == 0 and r.float_atomics == 0 for r in results), \
+        [(r.spec.target, r.spec.uses, r.error, r.spills) for r in results]

@@ -32,7 +32,7 @@ from braze.ops.schema import op_args
 from braze.passes.fake_memo import MemoFakeTensorProp
 from braze.passes.kv_compression import compress_decode_graph, compress_verify_graph, insert_kv_compression
 from braze.passes.quantize import fuse_df11_decode_plan
-from braze.runtime.errors import KVCacheUnsupportedError, first_line
+from braze.runtime.errors import ConfigError, KVCacheUnsupportedError, first_line
 from braze.runtime.kv_compression import CompressionSpec
 from braze.runtime.plan import Plan, SymbolSpec
 
@@ -117,6 +117,11 @@ def compile_generation(cap: Captured, config: CompileConfig, report: CompileRepo
     run_passes(gen_cap, config, report, phases=("cache",))
     weights = set(cap.weights)
     prefill_gm, compression = gm, None
+    convs = [n.name for n in gm.graph.nodes if n.op == "placeholder" and n.name.startswith("conv_cache_")]
+    if config.kv_compression and convs:
+        raise ConfigError(f"kv_compression={config.kv_compression!r}: this model's {len(convs)} causal convolutions "
+                          "read their inputs by cache slot, which compacting the KV cache would misalign; compile "
+                          "without kv_compression")
     if config.kv_compression:
         prefill_gm = copy_graph_module(gm)
         compression = _compress(prefill_gm, config, report)
@@ -152,7 +157,10 @@ def compile_generation(cap: Captured, config: CompileConfig, report: CompileRepo
     return GenerationPlans(prefill, decode, kv, prefill_gm, decode_gm, verify, verify_gm, compression)
 
 
-def _kv_inputs(gm: fx.GraphModule, prefix: str = "kv_cache_") -> list[tuple[str, list[int], str]]:
+def _kv_inputs(gm: fx.GraphModule, prefix: str | tuple[str, ...] = ("kv_cache_", "conv_cache_")
+               ) -> list[tuple[str, list[int], str]]:
+    """(name, shape without batch, dtype) of the plan inputs the generator allocates per batch (the KV caches and
+    the conv caches of cached convolutions)."""
     kv = []
     for n in gm.graph.nodes:
         if n.op == "placeholder" and n.name.startswith(prefix):

@@ -13,6 +13,10 @@ sinks / ALiBi / bias. Without RoPE to fuse it gets RoPE at angle 0 (the identity
 (kernels/attention.py) runs softcap, windows, sinks and ALiBi; a dense bias runs the reference eagerly, and the
 report says which layer and why. Generation never refuses an attention whose mask
 depends only on positions.
+
+Causal depthwise convolutions over the sequence (LFM2's short convs) get a conv cache of their own
+(passes/conv_state.py: braze::cached_conv1d); state across positions that neither cache carries (a scan, a
+non-causal conv, linear attention's matmuls) keeps the model from the KV-cache plans (`_sequence_mixing`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch.fx as fx
 from braze.compiler.config import kv_cache_dtype
 from braze.ops.schema import op_args
 from braze.passes.context import PassContext
+from braze.passes.conv_state import cache_causal_convs, causal_convs
 from braze.passes.graph_utils import aten, dce, is_op, new_node, val
 from braze.passes.masks import MaskInfo, classify_mask
 from braze.runtime.errors import KVCacheUnsupportedError
@@ -65,11 +70,12 @@ _REDUCTIONS = {aten.sum.dim_IntList, aten.mean.dim, aten.amax.default, aten.amin
 _MATMULS = {aten.mm.default, aten.bmm.default, braze.bmm.default}
 
 
-def _sequence_mixing(gm: fx.GraphModule) -> list[str]:
+def _sequence_mixing(gm: fx.GraphModule, cached: frozenset[fx.Node] = frozenset()) -> list[str]:
     """Ops other than attention whose output at one position reads other positions of a float activation: a
     convolution over the sequence (the short convs of LFM2 / Mamba-style hybrids), a scan, a reduction or a
     matmul contracting over it (linear attention). The KV-cache plans carry past tokens only through attention's
-    cache, so such a model would decode without that state: silently wrong tokens."""
+    cache and the conv cache of causal depthwise convs (`cached`), so such a model would decode without that
+    state: silently wrong tokens."""
     ids = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name == "input_ids"), None)
     seq = val(ids).shape[1] if ids is not None else None
     if not isinstance(seq, torch.SymInt):
@@ -85,6 +91,8 @@ def _sequence_mixing(gm: fx.GraphModule) -> list[str]:
         if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
             continue
         if n.target is aten.convolution.default:
+            if n in cached:
+                continue
             w, stride, padding = val(n.args[1]), n.args[3], n.args[4]
             if all(k == 1 for k in w.shape[2:]) and all(s == 1 for s in stride) and not any(padding):
                 continue  # a 1-tap conv reads its own position only: a per-position linear map
@@ -111,14 +119,15 @@ def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> int:
             f"{', '.join(missed)}: softmax over attention scores that braze did not recognize as attention; generation "
             "over a KV cache would drop those layers' past tokens, so braze does not build it (the forward plan is "
             "exact)")
-    mixing = _sequence_mixing(gm)
+    convs = causal_convs(gm)
+    mixing = _sequence_mixing(gm, frozenset(c.conv for c in convs))
     if mixing:
         more = f" (+{len(mixing) - 2} more)" if len(mixing) > 2 else ""
         raise KVCacheUnsupportedError(
             f"{', '.join(mixing[:2])}{more}: state across positions outside attention, which a KV cache does not "
             "carry; generation over one would lose it, so braze does not build it (the forward plan is exact)")
     attn = [n for n in gm.graph.nodes if is_op(n, braze.attention.default, braze.general_attention.default)]
-    if not attn:
+    if not attn and not convs:
         return 0
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     ids = next(n for n in placeholders if n.name == "input_ids")
@@ -136,6 +145,7 @@ def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> int:
     with ctx.fake_mode:
         cache_len = add_input("cache_len", torch.empty(1, dtype=torch.int64, device=device))
         kv_start = add_input("kv_start", torch.empty(batch, dtype=torch.int32, device=device))
+    cache_causal_convs(gm, convs, (cache_len, kv_start), add_input, ctx)
     count = 0
     biases: dict[fx.Node, fx.Node] = {}
     identity: dict[tuple, tuple[fx.Node, fx.Node]] = {}
@@ -169,9 +179,10 @@ def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> int:
         node.replace_all_uses_with(rep)
         count += 1
     dce(gm)
-    dtypes = sorted({str(val(kc).dtype).removeprefix("torch.") for kc, _ in caches.values()})
-    ctx.note(f"{count} layers read and write a static KV cache of {max_seq} positions ({'/'.join(dtypes)})")
-    return count
+    if count:
+        dtypes = sorted({str(val(kc).dtype).removeprefix("torch.") for kc, _ in caches.values()})
+        ctx.note(f"{count} layers read and write a static KV cache of {max_seq} positions ({'/'.join(dtypes)})")
+    return count + len(convs)
 
 
 def _identity_rope(gm: fx.GraphModule, anchor: fx.Node, q: torch.Tensor, made: dict, ctx: PassContext):
@@ -232,11 +243,13 @@ def _general(gm: fx.GraphModule, node: fx.Node, a: dict, general: bool, state: t
 def insert_tree_verify(gm: fx.GraphModule, ctx: PassContext) -> int:
     """Verify-graph insertion: cached attention gains a `tree_mask` input [B, S, S] so one forward scores a
     whole draft tree per row (each draft token sees the cache, the pending token and its ancestors; positions =
-    base + depth), and `cache_len` becomes per row [B]: the rows of a batched verify step accept different
-    numbers of drafts, so they hold different cache lengths."""
+    base + depth; cached convolutions read their taps along the same ancestors), and `cache_len` becomes per row
+    [B]: the rows of a batched verify step accept different numbers of drafts, so they hold different cache
+    lengths."""
     nodes = [n for n in gm.graph.nodes
              if is_op(n, braze.cached_attention.default, braze.general_cached_attention.default)]
-    if not nodes:
+    convs = [n for n in gm.graph.nodes if is_op(n, braze.cached_conv1d.default)]
+    if not nodes and not convs:
         return 0
     placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
     batch, seq = val(placeholders["input_ids"]).shape[:2]
@@ -257,6 +270,9 @@ def insert_tree_verify(gm: fx.GraphModule, ctx: PassContext) -> int:
             args = tuple(a[n] for n in ("q", "k", "v", "cos", "sin", "k_cache", "v_cache", "cache_len", "kv_start"))
             rep = new_node(gm, braze.tree_cached_attention.default, (*args, mask, float(a["scale"])), {}, ctx, node)
         node.replace_all_uses_with(rep)
+    for node in convs:  # each node's taps follow its ancestors
+        rep = new_node(gm, node.target, node.args[:6], {"tree_mask": mask}, ctx, node)
+        node.replace_all_uses_with(rep)
     dce(gm)
-    ctx.note(f"{len(nodes)} layers verify draft trees (tree_mask input)")
-    return len(nodes)
+    ctx.note(f"{len(nodes) + len(convs)} layers verify draft trees (tree_mask input)")
+    return len(nodes) + len(convs)

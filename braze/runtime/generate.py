@@ -153,7 +153,7 @@ class Generator:
     """Runs the prefill and decode plans of one compiled causal LM."""
 
     # decode inputs a CUDA graph captures by identity: allocated once per batch bucket (see _buffers)
-    STATE_PREFIXES = ("kv_cache_", "kv_start", "kvc_start", "kvq_")
+    STATE_PREFIXES = ("kv_cache_", "conv_cache_", "kv_start", "kvc_start", "kvq_")
 
     def __init__(self, prefill: PlanExecutor, decode: PlanExecutor, kv_inputs: list, max_seq: int, max_batch: int,
                  device: torch.device, eos_token_id: Any = None, pad_token_id: Any = None, cuda_graphs: bool = False):

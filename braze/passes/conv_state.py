@@ -1,0 +1,94 @@
+"""Causal depthwise convolutions over the sequence -> braze::cached_conv1d over a conv cache (part of the "cache"
+phase: passes/kv_cache.py calls it before refusing state across positions).
+
+LFM2's short conv (and the causal conv of Mamba-style layers) is `conv1d(x, w, padding=K-1, groups=C)[..., :S]`,
+or a conv without padding over `F.pad(x, (K - 1, 0))`. Each output reads the K - 1 inputs before it, so decoding
+one token needs those inputs: the runtime keeps every position's input in a conv cache [B, 1, max_seq, C] indexed
+by cache slot like the KV cache (ops/conv_state.py), and the generation plans decode such a model over it instead
+of recomputing the prefix every token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from braze.passes.context import PassContext
+from braze.passes.graph_utils import aten, is_op, new_node, val
+
+
+@dataclass(frozen=True)
+class CausalConv:
+    output: fx.Node  # the node whose value the cached conv replaces (the slice, or the unpadded conv)
+    conv: fx.Node
+    x: fx.Node  # [B, C, S] before any padding
+    taps: int
+
+
+def _same_size(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt):
+        return a.node.expr == b.node.expr
+    return isinstance(a, int) and isinstance(b, int) and a == b
+
+
+def _depthwise_taps(conv: fx.Node, padding: int | None) -> int | None:
+    """K when `conv` is a stride-1, undilated depthwise conv1d of K >= 2 taps with `padding` (None: K - 1)."""
+    if not is_op(conv, aten.convolution.default) or len(conv.args) < 9:
+        return None
+    x, w = val(conv.args[0]), val(conv.args[1])
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or not x.dtype.is_floating_point or w.dim() != 3:
+        return None
+    stride, pad, dilation, transposed, _, groups = conv.args[3:9]
+    taps = w.shape[2]
+    if not isinstance(taps, int) or taps < 2 or w.shape[1] != 1 or transposed:
+        return None
+    if not (_same_size(groups, x.shape[1]) and _same_size(w.shape[0], x.shape[1])):
+        return None
+    want = taps - 1 if padding is None else padding
+    return taps if list(stride) == [1] and list(dilation) == [1] and list(pad) == [want] else None
+
+
+def causal_convs(gm: fx.GraphModule) -> list[CausalConv]:
+    """The graph's causal depthwise conv1ds, in either form."""
+    found = []
+    for n in gm.graph.nodes:
+        if is_op(n, aten.slice.Tensor) and isinstance(n.args[0], fx.Node):  # conv(x, padding=K-1)[..., :S]
+            conv = n.args[0]
+            taps = _depthwise_taps(conv, None)
+            dim = n.args[1] if len(n.args) > 1 else 0
+            start = n.args[2] if len(n.args) > 2 else None
+            step = n.args[4] if len(n.args) > 4 else 1
+            if (taps and len(conv.users) == 1 and dim in (2, -1) and start in (None, 0) and step == 1
+                    and _same_size(val(n).shape[2], val(conv.args[0]).shape[2])):
+                found.append(CausalConv(n, conv, conv.args[0], taps))
+        elif is_op(n, aten.convolution.default) and is_op(n.args[0], aten.constant_pad_nd.default):
+            padded = n.args[0]  # conv(F.pad(x, (K - 1, 0)), padding=0)
+            taps = _depthwise_taps(n, 0)
+            value = padded.args[2] if len(padded.args) > 2 else 0
+            if taps and list(padded.args[1]) == [taps - 1, 0] and value == 0:
+                found.append(CausalConv(n, n, padded.args[0], taps))
+    return found
+
+
+def cache_causal_convs(gm: fx.GraphModule, convs: list[CausalConv], state: tuple[fx.Node, fx.Node],
+                       add_input: Any, ctx: PassContext) -> int:
+    """Each conv reads and writes a conv cache `conv_cache_<i>` [B, 1, max_seq, C] (the model's dtype: it holds
+    the conv's inputs as they are, so decoding is exact)."""
+    cache_len, kv_start = state
+    for i, c in enumerate(convs):
+        x = val(c.x)
+        with ctx.fake_mode:
+            cache = add_input(f"conv_cache_{i}", torch.empty((x.shape[0], 1, ctx.config.max_seq, x.shape[1]),
+                                                             dtype=x.dtype, device=x.device))
+        bias = c.conv.args[2]
+        rep = new_node(gm, torch.ops.braze.cached_conv1d.default,
+                       (c.x, c.conv.args[1], bias, cache, cache_len, kv_start), {}, ctx, c.output)
+        c.output.replace_all_uses_with(rep)
+    if convs:
+        taps = sorted({c.taps for c in convs})
+        ctx.note(f"{len(convs)} causal convolutions ({'/'.join(map(str, taps))} taps) read and write a conv cache "
+                 f"of {ctx.config.max_seq} positions")
+    return len(convs)
