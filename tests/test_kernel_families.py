@@ -1028,7 +1028,8 @@ def test_cached_conv_family(dtype):
     """A causal depthwise conv over the conv cache (LFM2's short conv in the generation plans) = the reference,
     output and cache bit for bit (both sum the taps in fp32 in the same order): a left-padded prefill (slots below
     kv_start read 0), a decode step reading the cache, and a draft tree whose nodes' taps follow their ancestors
-    (per-row cache lengths); a strided input (the transposed projection), with and without a bias."""
+    (per-row cache lengths); a strided input (the transposed projection), with and without a bias; LFM2's input
+    and output gates folded in, bit for bit the separate multiplies."""
     from braze.ops.conv_state import cached_conv1d_reference
     from braze.runtime.speculate import _row_layout
     from braze.runtime.suffix_tree import Draft
@@ -1040,16 +1041,18 @@ def test_cached_conv_family(dtype):
     kv_start = torch.tensor([0, 2], dtype=torch.int32)
     cache, want = torch.zeros(b, 1, slots, c, dtype=dtype), torch.zeros(b, 1, slots, c, dtype=dtype)
 
-    def check(x, cache_len, mask=None, with_bias=True):
-        extra = (mask,) if mask is not None else ()
-        fn = (lambda x, w, bias, cache, cl, ks, *m: ops.cached_conv1d(x, w, bias, cache, cl, ks, *m)) if with_bias \
-            else (lambda x, w, cache, cl, ks, *m: ops.cached_conv1d(x, w, None, cache, cl, ks, *m))
-        args = (x, w, bias, cache, cache_len, kv_start, *extra) if with_bias else (x, w, cache, cache_len, kv_start,
-                                                                                   *extra)
-        out, family = launch_like_a_plan(fn, *args)
-        ref = cached_conv1d_reference(x, w, bias if with_bias else None, want, cache_len, kv_start, mask)
+    def check(x, cache_len, mask=None, with_bias=True, gates=None):
+        gin, gout = gates or (None, None)
+        fn = (lambda x, w, bias, cache, cl, ks, m, gi, go: ops.cached_conv1d(  # noqa: E731
+            x, w, bias if with_bias else None, cache, cl, ks, m, gi, go))
+        out, family = launch_like_a_plan(fn, x, w, bias, cache, cache_len, kv_start, mask, gin, gout)
+        ref = cached_conv1d_reference(x, w, bias if with_bias else None, want, cache_len, kv_start, mask, gin, gout)
         assert family.name == "cached_conv"
         assert torch.equal(out, ref) and torch.equal(cache, want)
+        if gates is not None:  # the gates as separate torch multiplies, each rounded to the dtype
+            plain = cached_conv1d_reference(x * gin, w, bias if with_bias else None, want.clone(), cache_len,
+                                            kv_start, mask)
+            assert torch.equal(out, gout * plain)
         return out
 
     prompt = torch.randn(b, 6, c, generator=g).to(dtype).transpose(1, 2)  # [B, C, S] with channel stride 1
@@ -1063,3 +1066,8 @@ def test_cached_conv_family(dtype):
     mask = torch.stack([tree, torch.eye(5, dtype=torch.bool)])  # row 1: padding nodes (each sees itself)
     check(torch.randn(b, c, 5, generator=g).to(dtype), torch.tensor([7, 9]), mask)
     assert cache[:, :, 10:].abs().sum() > 0  # the tree's nodes were written at their slots
+    # LFM2's gates (B * x in, C * out): views of one projection, as the plans pass them
+    bcx = torch.randn(b, 3, 3 * c, generator=g).to(dtype).transpose(1, 2)
+    gin, x, gout = bcx.chunk(3, dim=1)
+    check(x, torch.tensor([12]), gates=(gin, gout))
+    check(x[:, :, :1], torch.tensor([15]), gates=(gin[:, :, :1], gout[:, :, :1]), with_bias=False)

@@ -52,7 +52,7 @@ class CachedConvFamily(KernelFamily):
 
         a = op_args(node)
         roles = ["x", "weight", "cache", "cache_len", "kv_start",
-                 *(["bias"] if a["bias"] is not None else []), *(["tree_mask"] if a["tree_mask"] is not None else [])]
+                 *(r for r in ("bias", "tree_mask", "gate_in", "gate_out") if a[r] is not None)]
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
                     params={"roles": roles, "taps": int(a["weight"].meta["val"].shape[-1])})
         return render_template("cached_conv.py.j2", name=name), step
@@ -71,15 +71,21 @@ class CachedConvFamily(KernelFamily):
         w2 = w.reshape(channels, -1)
         block_c = min(triton.next_power_of_2(channels), 1024 if device.interpret else 256)
         opts = {} if device.interpret else {"num_warps": 4 if block_c >= 256 else 1}
-        m = mask if mask is not None else x
-        ms = mask.stride() if mask is not None else (0, 0, 0)
+        gin, gout = tensors.get("gate_in"), tensors.get("gate_out")
+        gin, gout = (g.expand(x.shape) if g is not None else None for g in (gin, gout))
+
+        def strides(t: torch.Tensor | None) -> tuple[int, ...]:
+            return t.stride() if t is not None else (0, 0, 0)
+
         launch_kernel(getattr(module, name), (bsz * seq, triton.cdiv(channels, block_c)),
-                      x, w2, bias if bias is not None else w2, cache, cache_len, kv_start, m, out,
+                      x, w2, bias if bias is not None else w2, cache, cache_len, kv_start,
+                      mask if mask is not None else x, out, gin if gin is not None else x,
+                      gout if gout is not None else x,
                       seq, channels, *x.stride(), *w2.stride(), cache.stride(0), cache.stride(2), cache.stride(3),
-                      cache_len.stride(0) if cache_len.numel() > 1 else 0, *out.stride(), *ms,
-                      TAPS=int(params["taps"]), BLOCK_C=block_c,
-                      BLOCK_S=triton.next_power_of_2(seq) if mask is not None else 1,
-                      HAS_BIAS=bias is not None, TREE=mask is not None, **opts)
+                      cache_len.stride(0) if cache_len.numel() > 1 else 0, *out.stride(), *strides(mask),
+                      *strides(gin), *strides(gout), TAPS=int(params["taps"]), BLOCK_C=block_c,
+                      BLOCK_S=triton.next_power_of_2(seq) if mask is not None else 1, HAS_BIAS=bias is not None,
+                      TREE=mask is not None, GATE_IN=gin is not None, GATE_OUT=gout is not None, **opts)
 
     def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
         return 1 if all(out_shape) else 0

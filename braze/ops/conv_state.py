@@ -22,11 +22,21 @@ def tree_depths(tree_mask: Tensor) -> Tensor:
 
 
 def cached_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None, cache: Tensor, cache_len: Tensor,
-                            kv_start: Tensor, tree_mask: Tensor | None = None) -> Tensor:
+                            kv_start: Tensor, tree_mask: Tensor | None = None, gate_in: Tensor | None = None,
+                            gate_out: Tensor | None = None) -> Tensor:
     """out[b, c, s] = bias[c] + sum_j weight[c, 0, j] * h[b, c, slot(s) - (K - 1) + j] (fp32 sums, in order of j),
     where h is this call's x at its own slots and the cache before them, zero below kv_start[b]. Writes x into the
     cache at [cache_len, cache_len + S). With a tree mask [B, S, S], node s sits at depth d and its tap t back is
-    its ancestor at depth d - t (or, past the root, cache slot cache_len + d - t)."""
+    its ancestor at depth d - t (or, past the root, cache slot cache_len + d - t). LFM2's gates: x is
+    gate_in * x and the output gate_out * out, each rounded to x's dtype as the separate multiplies were."""
+    if gate_in is not None:
+        x = x * gate_in
+    out = _conv(x, weight, bias, cache, cache_len, kv_start, tree_mask)
+    return gate_out * out if gate_out is not None else out
+
+
+def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, cache: Tensor, cache_len: Tensor, kv_start: Tensor,
+          tree_mask: Tensor | None) -> Tensor:
     bsz, channels, seq = x.shape
     taps = weight.shape[-1]
     lens = cache_len.reshape(-1).long().expand(bsz)
@@ -57,13 +67,14 @@ def cached_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None, cach
 
 @torch.library.custom_op("braze::cached_conv1d", mutates_args=("cache",))
 def cached_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, cache: Tensor, cache_len: Tensor,
-                  kv_start: Tensor, tree_mask: Tensor | None = None) -> Tensor:
+                  kv_start: Tensor, tree_mask: Tensor | None = None, gate_in: Tensor | None = None,
+                  gate_out: Tensor | None = None) -> Tensor:
     """A causal depthwise conv1d (x [B, C, S], weight [C, 1, K]) over the runtime's conv cache [B, 1, T, C]."""
-    return cached_conv1d_reference(x, weight, bias, cache, cache_len, kv_start, tree_mask)
+    return cached_conv1d_reference(x, weight, bias, cache, cache_len, kv_start, tree_mask, gate_in, gate_out)
 
 
 @cached_conv1d.register_fake
-def _cached_conv1d_fake(x, weight, bias, cache, cache_len, kv_start, tree_mask=None):
+def _cached_conv1d_fake(x, weight, bias, cache, cache_len, kv_start, tree_mask=None, gate_in=None, gate_out=None):
     return x.new_empty(x.shape)
 
 

@@ -78,17 +78,44 @@ def cache_causal_convs(gm: fx.GraphModule, convs: list[CausalConv], state: tuple
     """Each conv reads and writes a conv cache `conv_cache_<i>` [B, 1, max_seq, C] (the model's dtype: it holds
     the conv's inputs as they are, so decoding is exact)."""
     cache_len, kv_start = state
+    gated = 0
     for i, c in enumerate(convs):
         x = val(c.x)
         with ctx.fake_mode:
             cache = add_input(f"conv_cache_{i}", torch.empty((x.shape[0], 1, ctx.config.max_seq, x.shape[1]),
                                                              dtype=x.dtype, device=x.device))
-        bias = c.conv.args[2]
+        x_node, gate_in = _gated(c.x, c.x) if len(c.x.users) == 1 else (c.x, None)
+        out_gate = next(iter(c.output.users)) if len(c.output.users) == 1 else None
+        gate_out = _gated(out_gate, c.output)[1] if out_gate is not None else None
+        kwargs = {"gate_in": gate_in} if gate_in is not None else {}
+        if gate_out is not None:
+            kwargs["gate_out"] = gate_out
         rep = new_node(gm, torch.ops.braze.cached_conv1d.default,
-                       (c.x, c.conv.args[1], bias, cache, cache_len, kv_start), {}, ctx, c.output)
-        c.output.replace_all_uses_with(rep)
+                       (x_node, c.conv.args[1], c.conv.args[2], cache, cache_len, kv_start), kwargs, ctx,
+                       out_gate if gate_out is not None else c.output)
+        (out_gate if gate_out is not None else c.output).replace_all_uses_with(rep)
+        gated += len(kwargs)
     if convs:
         taps = sorted({c.taps for c in convs})
         ctx.note(f"{len(convs)} causal convolutions ({'/'.join(map(str, taps))} taps) read and write a conv cache "
-                 f"of {ctx.config.max_seq} positions")
+                 f"of {ctx.config.max_seq} positions" + (f"; {gated} gating multiplies in their kernels" if gated
+                                                        else ""))
     return len(convs)
+
+
+def _gated(node: fx.Node, operand: fx.Node) -> tuple[fx.Node, fx.Node | None]:
+    """(the other factor's partner, the gate) when `node` multiplies two same-shape, same-dtype tensors (LFM2's
+    B * x before the conv, C * conv after it), `operand` being one of them when it is not `node` itself:
+    (operand, gate). Otherwise (node, None)."""
+    if not is_op(node, aten.mul.Tensor) or not all(isinstance(a, fx.Node) for a in node.args[:2]):
+        return node, None
+    a, b = node.args[:2]
+    out = val(node)
+    if not all(isinstance(val(t), torch.Tensor) and val(t).dtype == out.dtype and val(t).dim() == out.dim()
+               and all(_same_size(p, q) for p, q in zip(val(t).shape, out.shape)) for t in (a, b)):
+        return node, None
+    if operand is node:
+        return a, b
+    if operand in (a, b) and a is not b:
+        return operand, b if a is operand else a
+    return node, None

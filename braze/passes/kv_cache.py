@@ -271,7 +271,7 @@ def insert_tree_verify(gm: fx.GraphModule, ctx: PassContext) -> int:
             rep = new_node(gm, braze.tree_cached_attention.default, (*args, mask, float(a["scale"])), {}, ctx, node)
         node.replace_all_uses_with(rep)
     for node in convs:  # each node's taps follow its ancestors
-        rep = new_node(gm, node.target, node.args[:6], {"tree_mask": mask}, ctx, node)
+        rep = new_node(gm, node.target, node.args[:6], {**node.kwargs, "tree_mask": mask}, ctx, node)
         node.replace_all_uses_with(rep)
     dce(gm)
     ctx.note(f"{len(nodes) + len(convs)} layers verify draft trees (tree_mask input)")
