@@ -279,3 +279,46 @@ def test_argmax_and_argmin_over_the_last_dim_are_fused():
     for got, want in zip(compiled(x, ids), ArgExtremes()(x, ids), strict=True):
         assert got.dtype == want.dtype and torch.equal(got, want)
     assert [r for _, r in compiled.report.fallbacks] == ["no lowering for aten.argmax.default"]
+
+
+class Pools(torch.nn.Module):
+    """nn.MaxPool2d / AvgPool2d and their 1-D forms (torch runs them as 2-D over an unsqueezed dim) over computed
+    inputs: padding, stride, dilation, ceil_mode, count_include_pad=False, divisor_override."""
+
+    POOLS = (torch.nn.MaxPool2d(3, 2, 1), torch.nn.MaxPool2d(3, 2, 1, dilation=2, ceil_mode=True),
+             torch.nn.AvgPool2d(2), torch.nn.AvgPool2d(3, 2, 1, ceil_mode=True, count_include_pad=False),
+             torch.nn.AvgPool2d(3, 2, 1, ceil_mode=True), torch.nn.AvgPool2d(3, 1, 1, divisor_override=5))
+    POOLS_1D = (torch.nn.MaxPool1d(3, 2, 1, ceil_mode=True), torch.nn.AvgPool1d(3, 1, 1, count_include_pad=False))
+
+    def forward(self, img, seq):
+        img, seq = img * 2, F.relu(seq)
+        return [pool(img) for pool in self.POOLS] + [pool(seq) for pool in self.POOLS_1D]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_pooling_windows_are_fused(dtype):
+    """Each pool is one fused kernel reading its stored input (8 pools + the 2 inputs: 10 launches, no torch op),
+    with the ops after it (the 1-D pools' squeeze is a view). Max pooling selects (exact,
+    a NaN in the window propagates as torch's); average pooling sums the window in fp32 and divides by torch's
+    count: fp32 within summation order, fp16 within one output rounding (2**-11 relative, 2e-3 at |y| < 4)."""
+    img, seq = torch.randn(2, 4, 9, 10).to(dtype), torch.randn(2, 4, 11).to(dtype)
+    img[0, 1, 2, 3] = float("nan")
+    model = Pools().eval()
+    compiled = braze.compile(model)
+    tol = 1e-6 if dtype == torch.float32 else 2e-3
+    for i, (got, want) in enumerate(zip(compiled(img, seq), model(img, seq), strict=True)):
+        assert got.shape == want.shape and got.dtype == want.dtype, i
+        exact = i in (0, 1, 6)  # max pools
+        torch.testing.assert_close(got, want, atol=0 if exact else tol, rtol=0 if exact else tol, equal_nan=True)
+    assert compiled.report.fallbacks == [] and compiled.plan.launches == 10
+
+
+def test_a_pool_reads_a_stored_input():
+    """A pool after a conv reads the conv's output at each of its taps: stored by the conv's kernel and read, not
+    recomputed per tap (a stem conv, then a 3x3 max pool, as ResNet's)."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(3, 2, 1))
+    x = torch.randn(2, 3, 12, 12)
+    compiled = braze.compile(model.eval())
+    torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+    assert [s.kind for s in compiled.plan.steps if s.kind != "view"] == ["fused", "fused"]
+    assert compiled.report.fallbacks == []

@@ -297,6 +297,17 @@ def test_unrolled_convolutions_fit_without_spills():
     assert all(r.spills == 0 for r in build.results)
 
 
+def test_pooling_kernels_fit_without_spills():
+    """The unrolled max / average pooling windows (up to 9 taps, dilated, ceil_mode) in fp16 on sm_80 / sm_90."""
+    from tests.test_fused_ops import Pools
+
+    compiled = braze.compile(Pools().eval(), targets=["sm_80", "sm_90"])
+    compiled(torch.randn(2, 4, 9, 10, dtype=torch.float16), torch.randn(2, 4, 11, dtype=torch.float16))
+    build = compiled.compiled.target_build
+    assert build.results and not build.issues, [str(i) for i in build.issues]
+    assert all(r.spills == 0 for r in build.results)
+
+
 def test_cached_conv_kernels_fit_without_spills():
     """The conv-cache kernel of a short-conv hybrid (LFM2, fp16) on sm_80 / sm_86 / sm_90, in every form the
     generation plans launch (prefill, decode, the tree verify reading a [S, S] mask tile up to S = max_seq): no

@@ -138,6 +138,8 @@ def is_fusable(node: fx.Node) -> bool:
         return isinstance(meta(node.args[1]), torch.Tensor)
     if t is P.aten.convolution.default:
         return _small_conv(node) is not None
+    if t in POOLS:
+        return _pool_args(node) is not None
     if t is P.aten.embedding.default:
         return meta(node.args[0]).dim() == 2
     if t is P.aten.gather.default:  # indices proven in range (passes/normalize.py marks it): no bound check here
@@ -194,6 +196,51 @@ def _small_conv(node: fx.Node) -> ConvArgs | None:
     if not all(isinstance(v, int) for vs in values for v in vs) or not is_float(meta(node).dtype):
         return None
     return ConvArgs(x, weight, bias, *values, groups)
+
+
+# max / average pooling with a window of at most this many taps is a fused kernel (unrolled like a conv; no
+# products): nn.MaxPool2d / AvgPool2d and their 1-D forms (which torch runs as 2-D over an unsqueezed dim)
+POOL_WINDOW_LIMIT = 64
+POOLS = (P.aten.max_pool2d.default, P.aten.avg_pool2d.default)
+
+
+@dataclass(frozen=True)
+class PoolArgs:
+    x: fx.Node
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    ceil_mode: bool
+    average: bool
+    count_include_pad: bool = True
+    divisor: int | None = None
+
+
+def _pool_args(node: fx.Node) -> PoolArgs | None:
+    """A 2-D max or average pool over the last two dims, static window of at most POOL_WINDOW_LIMIT taps."""
+    a = op_args(node)
+    x = a["self"]
+    if not isinstance(x, fx.Node) or meta(x).dim() not in (3, 4) or not is_float(meta(node).dtype):
+        return None
+
+    def pair(v: Any, default: Any) -> tuple[int, int] | None:
+        v = list(v) if v else list(default)
+        v = v * 2 if len(v) == 1 else v
+        return (v[0], v[1]) if len(v) == 2 and all(isinstance(i, int) for i in v) else None
+
+    kernel = pair(a["kernel_size"], ())
+    if kernel is None or kernel[0] * kernel[1] > POOL_WINDOW_LIMIT:
+        return None
+    stride, padding = pair(a["stride"], kernel), pair(a["padding"], (0,))
+    average = node.target is P.aten.avg_pool2d.default
+    dilation = (1, 1) if average else pair(a["dilation"], (1,))
+    if None in (stride, padding, dilation):
+        return None
+    if average:
+        return PoolArgs(x, kernel, stride, padding, dilation, bool(a["ceil_mode"]), True,
+                        bool(a["count_include_pad"]), a["divisor_override"])
+    return PoolArgs(x, kernel, stride, padding, dilation, bool(a["ceil_mode"]), False)
 
 
 def is_reduction(node: fx.Node) -> bool:
@@ -403,6 +450,8 @@ class KernelBuilder:
                               out_dtype)
         if t is P.aten.convolution.default:
             return self._conv(node, idx)
+        if t in POOLS:
+            return self._pool(node, idx)
         if t is P.aten.embedding.default:
             weight, ids = node.args[0], node.args[1]
             ids_var = self.value(ids, idx[:-1])
@@ -757,6 +806,48 @@ class KernelBuilder:
         if conv.bias is not None:
             total = self._tmp(f"{total} + {self.value(conv.bias, (out_ch,))}", dtype)
         return total
+
+    def _pool(self, node: fx.Node, idx: Index) -> str:
+        """Max (NaN propagating, taps outside x ignored) or average (sum over the taps inside x, divided by torch's
+        count: the window clipped to the padded input, or to x itself without count_include_pad, or
+        divisor_override) over out[..., p, q]'s window x[..., p * s - pad + k * d, ...], unrolled."""
+        import itertools
+
+        pool = _pool_args(node)
+        src = pool.x
+        while isinstance(src, fx.Node) and src.target in P.VIEW_OPS:
+            src = src.args[0]
+        if src in self.members:  # schedule.realize stores a pool's computed input, as a conv's
+            raise IllegalFusion(f"{node.name} reads {src.name} at every tap: not in the kernel that computes it")
+        in_shape = shape_of(meta(pool.x))
+        lead, points = idx[:-2], idx[-2:]
+        dtype = _compute_dtype(meta(node).dtype)
+        out: str | None = None
+        counts: list[str] = []
+        for k in itertools.product(range(pool.kernel[0]), range(pool.kernel[1])):
+            where = [p * s - pad + kk * d for p, s, pad, kk, d in
+                     zip(points, pool.stride, pool.padding, k, pool.dilation)]
+            conds = [f"(({self._expr(e)}) >= 0) & (({self._expr(e)}) < ({self._expr(n)}))"
+                     for e, n in zip(where, in_shape[-2:]) if not (e.is_nonnegative and (e - n).is_negative)]
+            cond = " & ".join(conds) or "True"
+            v = self._masked_value(pool.x, (*lead, *where), cond)
+            if pool.average:
+                v = self._tmp(f"tl.where({cond}, {v}, 0.0)", dtype) if conds else v
+                out = v if out is None else self._tmp(f"{out} + {v}", dtype)
+                inside = cond if not pool.count_include_pad else " & ".join(
+                    f"(({self._expr(e)}) < ({self._expr(n + pad)}))"
+                    for e, n, pad in zip(where, in_shape[-2:], pool.padding)) or "True"
+                counts.append(f"tl.where({inside}, 1.0, 0.0)")
+            else:
+                v = self._tmp(f"tl.where({cond}, {v}, float('-inf'))", dtype) if conds else v
+                out = v if out is None else self._tmp(f"tl.maximum({out}, {v}, {P.NAN})", dtype)
+        if not pool.average:
+            return out
+        if pool.divisor:
+            return self._tmp(f"{out} / {float(pool.divisor)}", dtype)
+        if pool.count_include_pad and not pool.ceil_mode:  # every window fits the padded input
+            return self._tmp(f"{out} / {float(len(counts))}", dtype)
+        return self._tmp(f"{out} / ({' + '.join(counts)})", dtype)
 
     # ---- whole kernel --------------------------------------------------------------------------------
     def store(self, node: fx.Node, buffer_name: str) -> None:

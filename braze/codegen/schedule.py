@@ -22,6 +22,7 @@ import torch.fx as fx
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from braze.codegen.fused import (
+    POOLS,
     IllegalFusion,
     Index,
     Unsupported,
@@ -108,7 +109,7 @@ def realize(gm: fx.GraphModule, fusable: set[fx.Node]) -> tuple[set[fx.Node], se
         elif reads_elements(n) and n not in fusable:
             for a in n.all_input_nodes:
                 need(a)
-        elif n in fusable and n.target is aten.convolution.default:
+        elif n in fusable and n.target in (aten.convolution.default, *POOLS):
             need(n.args[0])  # read at every tap of every output: recomputed inline, a conv stack grows as a product
     for n in gm.graph.nodes:  # graph order: a value realized here is one read for everything after it
         if n in fusable and n not in realized and n.target not in VIEW_OPS and _worth_reusing(n, realized, fusable):

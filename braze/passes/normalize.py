@@ -667,6 +667,23 @@ def _max_dim_to_topk(node: fx.Node, ctx: PassContext) -> bool:
     return True
 
 
+def _max_pool_values(node: fx.Node, ctx: PassContext) -> bool:
+    """max_pool2d_with_indices whose indices nobody reads (nn.MaxPool2d in eval: export's form of max_pool2d) ->
+    aten.max_pool2d, the values alone, which the fused kernels take (codegen/fused.py: _pool)."""
+    if not all(u.target is operator.getitem and u.args[1] == 0 for u in node.users):
+        return False
+    gm = node.graph.owning_module
+    args = op_args(node)
+    values = new_node(gm, aten.max_pool2d.default, (args["self"], args["kernel_size"], args["stride"],
+                                                   args["padding"], args["dilation"], args["ceil_mode"]), {}, ctx,
+                      node)
+    for user in list(node.users):
+        user.replace_all_uses_with(values)
+        gm.graph.erase_node(user)
+    gm.graph.erase_node(node)
+    return True
+
+
 def _trivial_slice_or_cat(node: fx.Node) -> bool:
     """x[..., 0:len] -> x; cat([..., empty, ...]) drops the empty pieces (Phi-3's partial-rotary code at factor 1.0
     slices the whole head and concatenates an empty pass-through part)."""
@@ -805,6 +822,8 @@ def normalize(gm: fx.GraphModule, ctx: PassContext) -> int:
             count += _clamp_by_tensors(node, ctx)
         elif node.target is aten.max.dim:
             count += _max_dim_to_topk(node, ctx)
+        elif node.target is aten.max_pool2d_with_indices.default:
+            count += _max_pool_values(node, ctx)
         elif node.target in (aten.slice.Tensor, aten.cat.default):
             count += _trivial_slice_or_cat(node)
         elif node.target in REDUCTIONS:
