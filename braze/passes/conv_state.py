@@ -52,7 +52,18 @@ def _depthwise_taps(conv: fx.Node, padding: int | None) -> int | None:
 
 
 def causal_convs(gm: fx.GraphModule) -> list[CausalConv]:
-    """The graph's causal depthwise conv1ds, in either form."""
+    """The graph's causal depthwise conv1ds over the token axis (x [batch, C, S], S the input_ids' length, C
+    static), in either form."""
+    ids = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name == "input_ids"), None)
+    if ids is None:
+        return []
+    batch, seq = val(ids).shape[:2]
+    found = [c for c in _causal_convs(gm) if isinstance(val(c.x).shape[1], int)
+             and _same_size(val(c.x).shape[2], seq) and _same_size(val(c.x).shape[0], batch)]
+    return found
+
+
+def _causal_convs(gm: fx.GraphModule) -> list[CausalConv]:
     found = []
     for n in gm.graph.nodes:
         if is_op(n, aten.slice.Tensor) and isinstance(n.args[0], fx.Node):  # conv(x, padding=K-1)[..., :S]
