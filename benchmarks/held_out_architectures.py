@@ -50,6 +50,9 @@ HYBRIDS: dict[str, dict] = {
     "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
     "granitemoehybrid": LINEAR_ATTENTION,
     "lfm3": dict(layer_types=["conv", "full_attention"]),
+    # (its default layer_types is None: HF cannot build it without one; layer 1 past num_dense_layers is MoE)
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1, num_experts=4,
+                     num_experts_per_tok=2, moe_intermediate_size=32),
     # (the names the configs store: the harness sets each key again after building the config)
     "zamba": dict(num_hidden_layers=3, layers_block_type=["linear_attention", "hybrid", "hybrid"],
                   layer_types=["linear_attention", "hybrid", "hybrid"]),
