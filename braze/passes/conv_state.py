@@ -95,16 +95,18 @@ def cache_causal_convs(gm: fx.GraphModule, convs: list[CausalConv], state: tuple
         with ctx.fake_mode:
             cache = add_input(f"conv_cache_{i}", torch.empty((x.shape[0], 1, ctx.config.max_seq, x.shape[1]),
                                                              dtype=x.dtype, device=x.device))
-        x_node, gate_in = _gated(c.x, c.x) if len(c.x.users) == 1 else (c.x, None)
-        out_gate = next(iter(c.output.users)) if len(c.output.users) == 1 else None
-        gate_out = _gated(out_gate, c.output)[1] if out_gate is not None else None
-        kwargs = {"gate_in": gate_in} if gate_in is not None else {}
-        if gate_out is not None:
-            kwargs["gate_out"] = gate_out
+        factors = _factors(c.x) if len(c.x.users) == 1 else None  # B * x: x and its gate
+        x_node, gate_in = factors or (c.x, None)
+        after = next(iter(c.output.users)) if len(c.output.users) == 1 else None
+        factors = _factors(after) if after is not None else None  # C * conv(...): the other factor gates it
+        gate_out = (factors[1] if factors[0] is c.output else factors[0]) if factors else None
+        if gate_out is not None and _depends_on(gate_out, c.conv):  # conv * f(conv): the gate is not an input
+            gate_out = None
+        out = after if gate_out is not None else c.output
+        kwargs = {k: g for k, g in (("gate_in", gate_in), ("gate_out", gate_out)) if g is not None}
         rep = new_node(gm, torch.ops.braze.cached_conv1d.default,
-                       (x_node, c.conv.args[1], c.conv.args[2], cache, cache_len, kv_start), kwargs, ctx,
-                       out_gate if gate_out is not None else c.output)
-        (out_gate if gate_out is not None else c.output).replace_all_uses_with(rep)
+                       (x_node, c.conv.args[1], c.conv.args[2], cache, cache_len, kv_start), kwargs, ctx, out)
+        out.replace_all_uses_with(rep)
         gated += len(kwargs)
     if convs:
         taps = sorted({c.taps for c in convs})
@@ -114,19 +116,27 @@ def cache_causal_convs(gm: fx.GraphModule, convs: list[CausalConv], state: tuple
     return len(convs)
 
 
-def _gated(node: fx.Node, operand: fx.Node) -> tuple[fx.Node, fx.Node | None]:
-    """(the other factor's partner, the gate) when `node` multiplies two same-shape, same-dtype tensors (LFM2's
-    B * x before the conv, C * conv after it), `operand` being one of them when it is not `node` itself:
-    (operand, gate). Otherwise (node, None)."""
+def _factors(node: fx.Node) -> tuple[fx.Node, fx.Node] | None:
+    """(a, b) when `node` is a * b of two tensors of its own shape and dtype (LFM2's gates: the kernel multiplies
+    them elementwise and rounds to that dtype, as the separate multiply did)."""
     if not is_op(node, aten.mul.Tensor) or not all(isinstance(a, fx.Node) for a in node.args[:2]):
-        return node, None
-    a, b = node.args[:2]
+        return None
     out = val(node)
-    if not all(isinstance(val(t), torch.Tensor) and val(t).dtype == out.dtype and val(t).dim() == out.dim()
-               and all(_same_size(p, q) for p, q in zip(val(t).shape, out.shape)) for t in (a, b)):
-        return node, None
-    if operand is node:
-        return a, b
-    if operand in (a, b) and a is not b:
-        return operand, b if a is operand else a
-    return node, None
+    for t in node.args[:2]:
+        v = val(t)
+        if not (isinstance(v, torch.Tensor) and v.dtype == out.dtype and v.dim() == out.dim()
+                and all(_same_size(p, q) for p, q in zip(v.shape, out.shape))):
+            return None
+    return node.args[0], node.args[1]
+
+
+def _depends_on(node: fx.Node, target: fx.Node) -> bool:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n is target:
+            return True
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return False
