@@ -1071,3 +1071,56 @@ def test_cached_conv_family(dtype):
     gin, x, gout = bcx.chunk(3, dim=1)
     check(x, torch.tensor([12]), gates=(gin, gout))
     check(x[:, :, :1], torch.tensor([15]), gates=(gin[:, :, :1], gout[:, :, :1]), with_bias=False)
+
+
+def _conv_input(g, shape, layout="contiguous"):
+    """x in the layout a plan may hand the kernel: contiguous, channels-last (a permuted view of NHWC storage), or
+    a conv1d input read as the transpose of a [N, L, C] sequence (a transformer's activations)."""
+    if layout == "channels_last":
+        return torch.randn(*shape, generator=g).to(memory_format=torch.channels_last)
+    if layout == "sequence":
+        return torch.randn(shape[0], shape[2], shape[1], generator=g).transpose(1, 2)
+    return torch.randn(*shape, generator=g)
+
+
+CONV_CASES = {  # x shape, weight shape, stride, padding, dilation, groups, bias, x layout
+    "3x3 over 64 channels": ((2, 64, 8, 8), (32, 64, 3, 3), 1, 1, 1, 1, True, "contiguous"),
+    "stride 2": ((2, 64, 9, 9), (48, 64, 3, 3), 2, 1, 1, 1, True, "contiguous"),
+    "dilation 2": ((2, 32, 8, 7), (16, 32, 3, 3), 1, 2, 2, 1, True, "contiguous"),
+    "groups 2": ((2, 64, 6, 6), (32, 32, 3, 3), 1, 1, 1, 2, True, "contiguous"),
+    "1x1 over 128 channels": ((2, 128, 5, 5), (40, 128, 1, 1), 1, 0, 1, 1, True, "contiguous"),
+    "conv1d over 256 channels": ((2, 256, 11), (24, 256, 3), 1, 1, 1, 1, True, "sequence"),
+    "no bias, odd size": ((2, 48, 7, 9), (20, 48, 3, 3), 1, 0, 1, 1, False, "contiguous"),
+    "channels-last input": ((2, 64, 7, 7), (64, 64, 3, 3), 1, 1, 1, 1, False, "channels_last"),
+    "3-channel 7x7 stem (flat K)": ((2, 3, 13, 11), (16, 3, 7, 7), 2, 3, 1, 1, True, "contiguous"),
+    "4 channels a group (flat K)": ((2, 32, 6, 6), (32, 4, 3, 3), 1, 1, 1, 8, True, "contiguous"),
+}
+
+
+@pytest.mark.parametrize("case", list(CONV_CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("device, deterministic", [("interpreter", False), ("sm_90", False), ("sm_80", True)])
+def test_conv_family(case, dtype, device, deterministic):
+    """A convolution too wide to unroll as an implicit GEMM (braze::conv), with the interpreter's tiles, a GPU's and
+    the deterministic ones (ROW_DOT under the interpreter), against torch's convolution of the same values in fp32.
+    fp32: the kernel's products are torch's and only the summation order differs (outputs O(1), K <= 768 terms:
+    ~1e-6), so TOL. fp16: products exact in fp32, fp32 sums, one rounding at the store, so the fp32 result rounded
+    to fp16 up to one fp16 ulp (2**-10 relative) where the summation order moves the rounding. The output keeps
+    torch's layout (channels-last in, channels-last out)."""
+    xs, ws, stride, padding, dilation, groups, has_bias, layout = CONV_CASES[case]
+    g = _gen(16)
+    spatial = len(ws) - 2
+    x = _conv_input(g, xs, layout).to(dtype)
+    w = (torch.randn(*ws, generator=g) / math.sqrt(math.prod(ws[1:]))).to(dtype)
+    b = torch.randn(ws[0], generator=g).to(dtype) if has_bias else None
+    params = ([stride] * spatial, [padding] * spatial, [dilation] * spatial, groups)
+    fn = (lambda x, w, b: ops.conv(x, w, b, *params)) if has_bias else (lambda x, w: ops.conv(x, w, None, *params))
+    out, family = launch_like_a_plan(fn, *((x, w, b) if has_bias else (x, w)), deterministic=deterministic,
+                                     device=INTERPRETER if device == "interpreter" else TARGETS[device])
+    want = torch.ops.aten.convolution(x.float(), w.float(), None if b is None else b.float(), *params[:3], False,
+                                      [0] * spatial, groups)
+    assert family.name == "conv" and out.dtype == dtype and out.stride() == want.stride()
+    if dtype == torch.float32:
+        torch.testing.assert_close(out, want, **TOL)
+    else:
+        torch.testing.assert_close(out, want.to(dtype), atol=1e-3, rtol=2 ** -10)

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 from braze.kernels.attention import ATTENTION, CACHED_ATTENTION, GENERAL_CACHED_ATTENTION, TREE_CACHED_ATTENTION
 from braze.kernels.bmm import BMM
 from braze.kernels.cached_conv import CACHED_CONV
+from braze.kernels.conv import CONV
 from braze.kernels.decode_layer import ATTENTION_BLOCK, MLP_BLOCK
 from braze.kernels.device import INTERPRETER, TARGETS, DeviceSpec, device_spec, target_spec
 from braze.kernels.df11 import DF11_DECODE, DF11_EMBEDDING, DF11_GEMV
@@ -28,7 +29,7 @@ from braze.kernels.topk import TOPK
 FAMILIES: dict[str, KernelFamily] = {
     f.name: f for f in (FUSED, MATMUL, ATTENTION, CACHED_ATTENTION, TREE_CACHED_ATTENTION, GENERAL_CACHED_ATTENTION,
                         DF11_DECODE, DF11_EMBEDDING, DF11_GEMV, INT6_MATMUL, ATTENTION_BLOCK, MLP_BLOCK, KV_COMPRESS,
-                        GROUPED_MATMUL, MOE_ROUTING, TOPK, BMM, CACHED_CONV)
+                        GROUPED_MATMUL, MOE_ROUTING, TOPK, BMM, CACHED_CONV, CONV)
 }
 
 if TYPE_CHECKING:

@@ -90,7 +90,7 @@ def _sequence_mixing(gm: fx.GraphModule, cached: frozenset[fx.Node] = frozenset(
         x = val(n.args[0]) if n.op == "call_function" and n.args and isinstance(n.args[0], fx.Node) else None
         if not isinstance(x, torch.Tensor) or not x.dtype.is_floating_point:
             continue
-        if n.target is aten.convolution.default:
+        if n.target in (aten.convolution.default, braze.conv.default):  # (braze::conv: the wide ones)
             if n in cached:
                 continue
             w, stride, padding = val(n.args[1]), n.args[3], n.args[4]

@@ -18,6 +18,7 @@ from braze.passes.attention import substitute_attention
 from braze.passes.complex_math import lower_complex
 from braze.passes.constants import fold_constants
 from braze.passes.context import PassContext
+from braze.passes.convolution import recognize_convolution
 from braze.passes.decode_layer import fold_decode_layers
 from braze.passes.fusion import (
     decompose_unfused,
@@ -67,6 +68,7 @@ PASSES: list[PassSpec] = [
     PassSpec("recognize_glu", "patterns", recognize_glu),
     PassSpec("substitute_attention", "attention", substitute_attention),
     PassSpec("recognize_batched_matmul", "patterns", recognize_batched_matmul),
+    PassSpec("recognize_convolution", "patterns", recognize_convolution),
     # tp > 1: this rank's shard of the weights, all-reduces after row-parallel linears (braze/passes/tensor_parallel.py)
     PassSpec("shard_tensor_parallel", "parallel", shard_tensor_parallel,
              enabled=lambda config: getattr(config, "tp", 1) > 1),
