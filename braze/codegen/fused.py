@@ -709,11 +709,7 @@ class KernelBuilder:
             cond = f"(({self._expr(idx[dim])}) >= ({self._expr(lo)})) & (({self._expr(idx[dim])}) < ({self._expr(hi)}))"
             sub = list(idx)
             sub[dim] = idx[dim] - lo
-            saved = self.mask_ctx
-            self.mask_ctx = saved + (cond,)
-            var = self.value(t, tuple(sub))
-            self.mask_ctx = saved
-            pieces.append((cond, var))
+            pieces.append((cond, self._masked_value(t, tuple(sub), cond)))
             offset = hi
         if dtype == torch.bool:  # select int8 lanes: the interpreter's tl.where of a scalar int1 yields floats
             pieces = [(cond, self._tmp(f"({var}).to(tl.int8)", torch.int8)) for cond, var in pieces]
