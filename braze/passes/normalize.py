@@ -747,6 +747,31 @@ def reduce_over_last_dim(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) ->
     return True
 
 
+def _arg_reduce_over_last_dim(gm: fx.GraphModule, node: fx.Node, ctx: PassContext) -> bool:
+    """argmax / argmin over a dim that is not the last, or over the flattened tensor (dim=None), becomes one over
+    the last dim of a view (the dim moved last, or the tensor flattened): an index along a dim does not change when
+    the dim moves, and the fused family lowers last-dim arg-reductions."""
+    args = op_args(node)
+    x, dim, keepdim = args["self"], args["dim"], args["keepdim"]
+    xv = val(x)
+    if not isinstance(xv, torch.Tensor) or xv.dim() <= 1 or any(s == 0 for s in xv.shape):
+        return False
+    rank = xv.dim()
+    if dim is not None and dim % rank == rank - 1:
+        return False
+    if dim is None:
+        src = new_node(gm, aten.reshape.default, (x, [-1]), None, ctx, node)
+    else:
+        order = [d for d in range(rank) if d != dim % rank] + [dim % rank]
+        src = new_node(gm, aten.permute.default, (x, order), None, ctx, node)
+    out = new_node(gm, node.target, (src, -1, False), None, ctx, node)
+    if keepdim:
+        shape = [1] * rank if dim is None else [1 if d == dim % rank else val(node).shape[d] for d in range(rank)]
+        out = new_node(gm, aten.reshape.default, (out, shape), None, ctx, node)
+    node.replace_all_uses_with(out)
+    return True
+
+
 def _tensor_slot(op: torch._ops.OpOverload, i: int) -> bool:
     args = op._schema.arguments
     kind = args[i].type if i < len(args) else None
@@ -828,6 +853,8 @@ def normalize(gm: fx.GraphModule, ctx: PassContext) -> int:
             count += _trivial_slice_or_cat(node)
         elif node.target in REDUCTIONS:
             count += reduce_over_last_dim(gm, node, ctx)
+        elif node.target in (aten.argmax.default, aten.argmin.default):
+            count += _arg_reduce_over_last_dim(gm, node, ctx)
         elif node.target in ASSERTS or (
             isinstance(node.target, torch._ops.OpOverload) and node.target.name().startswith("aten::sym_constrain")
         ):
