@@ -115,13 +115,14 @@ class Elementwise(torch.nn.Module):
         return (torch.sign(x), torch.round(x), torch.trunc(x), torch.remainder(x, 0.7), torch.isnan(x),
                 torch.remainder(i, 3), torch.remainder(i, -3), i ^ (i >> 1), i << 2, torch.logical_xor(x > 0, i > 0),
                 torch.nn.functional.leaky_relu(x, 0.1), torch.nn.functional.elu(x), torch.nn.functional.relu6(x),
-                2.0 ** x.clamp(-3, 3))
+                2.0 ** x.clamp(-3, 3), torch.fmod(x, 0.7), torch.fmod(i, -3), torch.fmod(x, x.flip(-1)))
 
 
 def test_elementwise_ops_beyond_arithmetic():
     """Rounding (ties to even, as torch.round), sign (0 at NaN, as torch), Python's remainder for floats and
-    integers of either sign, bit ops and shifts, logical xor, and ops torch defines by others: exact where
-    torch's result is (selects, integer ops, rounding); the float remainder, elu and pow within fp32 rounding."""
+    integers of either sign, C's fmod (the dividend's sign; by zero: NaN), bit ops and shifts, logical xor, and ops
+    torch defines by others: exact where torch's result is (selects, integer ops, rounding, fmod); the float
+    remainder, elu and pow within fp32 rounding."""
     x = torch.tensor([[0.5, 1.5, 2.5, -0.5, -1.5, 2.4999, float("nan"), -7.3, 7.3, 0.0]])
     i = torch.tensor([[-7, 7, 0, 5, -5, 1, 2, -1, 9, -9]])
     compiled = braze.compile(Elementwise())
@@ -129,6 +130,24 @@ def test_elementwise_ops_beyond_arithmetic():
     for n, (g, w) in enumerate(zip(got, want, strict=True)):
         assert g.dtype == w.dtype, n
         torch.testing.assert_close(g, w, atol=1e-6, rtol=1e-6, equal_nan=True, msg=f"output {n}")
+    for g, w in zip(got[-3:], want[-3:], strict=True):  # fmod is exact
+        assert torch.equal(g.nan_to_num(), w.nan_to_num()) and torch.equal(g.isnan(), w.isnan())
+    assert compiled.report.fallbacks == []
+
+
+class Flips(torch.nn.Module):
+    def forward(self, x):
+        return x.flip(0, -1) + 1, torch.fliplr(x[0]), (x * 2).flip(1)
+
+
+def test_flip_is_an_index_remap():
+    """torch.flip over one or several dims (the batch dim too, whose size is dynamic): fused as size - 1 - i,
+    exact, at two batch sizes."""
+    compiled = braze.compile(Flips())
+    for batch in (3, 5):
+        x = torch.randn(batch, 4, 6)
+        for got, want in zip(compiled(x), Flips()(x), strict=True):
+            assert torch.equal(got, want)
     assert compiled.report.fallbacks == []
 
 

@@ -130,7 +130,7 @@ def is_fusable(node: fx.Node) -> bool:
         return src.dim() >= 1 and node.args[1] % src.dim() == src.dim() - 1 and "dtype" not in node.kwargs
     if t in GROUP_QUANT:
         return _group_quant_ok(node)
-    if t in (P.aten.cat.default, P.aten.constant_pad_nd.default):
+    if t in (P.aten.cat.default, P.aten.constant_pad_nd.default, P.aten.flip.default):
         return True
     if t is P.aten.slice_scatter.default:
         return _slice_scatter_args(node) is not None
@@ -442,6 +442,10 @@ class KernelBuilder:
             return self._cat(node, idx)
         if t is P.aten.constant_pad_nd.default:
             return self._pad(node, idx)
+        if t is P.aten.flip.default:  # reversed dims: an index remap, size - 1 - i
+            src, shape = node.args[0], shape_of(meta(node))
+            flipped = {d % len(idx) for d in node.args[1]}
+            return self.value(src, tuple(shape[d] - 1 - i if d in flipped else i for d, i in enumerate(idx)))
         if t is P.aten.slice_scatter.default:
             return self._slice_scatter(node, idx)
         if t is P.aten.copy.default:

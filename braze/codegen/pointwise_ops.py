@@ -132,6 +132,9 @@ ELEMENTWISE: dict[object, Callable[..., Expr | None]] = {
     aten.isnan.default: lambda a: f"({a} != {a})",
     aten.remainder.Tensor: _remainder,
     aten.remainder.Scalar: _remainder,
+    # torch.fmod: C's fmod, the dividend's sign; Triton's % is exactly that for floats (frem) and integers
+    aten.fmod.Tensor: lambda a, b: f"({a} % {b})",
+    aten.fmod.Scalar: lambda a, b: f"({a} % {b})",
     aten.ceil.default: lambda a: f"tl.ceil({a})",
     aten.pow.Tensor_Scalar: _pow,
     # base ** x for a positive finite base (codegen checks it): exp2(x * log2(base)), within fp32 rounding
