@@ -462,6 +462,10 @@ def test_non_causal_package(tmp_path, capsys):
     assert main(["run", str(tmp_path / "mlp"), "--prompt", "hi"]) == 2
     assert "causal-LM package" in _one_line_error(capsys.readouterr().err)
     assert main(["check", str(tmp_path / "mlp"), "tests.tiny_factory:tiny_mlp"]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "mlp")]) == 0  # no decode step: no bytes-per-token line
+    out = capsys.readouterr().out
+    assert "weights:" in out and "bytes per token" not in out
 
 
 def test_compile_an_hf_model_directory(tmp_path, capsys):

@@ -99,7 +99,8 @@ def summarize_package(path: str, sha256: str | None = None) -> dict[str, Any]:
         "integrity": integrity, "plans": plans,
         "weights": {"tensors": n_tensors, "aliases": len(manifest["weights"].get("aliases", {})),
                     "bytes": weight_bytes, "by_dtype": by_dtype},
-        "bytes_per_token_decode": weight_bytes, "tokenizer": bool(manifest.get("tokenizer")),
+        "bytes_per_token_decode": weight_bytes if manifest.get("causal_lm") else None,
+        "tokenizer": bool(manifest.get("tokenizer")),
         "gpu_targets": gpu_targets,
     }
 
@@ -193,8 +194,9 @@ def main(args: argparse.Namespace) -> int:
     dt = ", ".join(f"{k} {format_bytes(b)}" for k, b in sorted(w["by_dtype"].items()))
     print(f"\nweights: {plural(w['tensors'], 'tensor')} (+{plural(w['aliases'], 'alias', 'aliases')}), "
           f"{format_bytes(w['bytes'])} ({dt})")
-    print(f"bytes per token (decode step, batch 1): ~{format_bytes(info['bytes_per_token_decode'])} "
-          f"(every weight read once; KV cache and activations not counted)")
+    if info["bytes_per_token_decode"] is not None:  # (a causal LM's decode step)
+        print(f"bytes per token (decode step, batch 1): ~{format_bytes(info['bytes_per_token_decode'])} "
+              f"(every weight read once; KV cache and activations not counted)")
     print(f"tokenizer: {'yes' if info['tokenizer'] else 'no'}")
     for name, t in info["gpu_targets"].items():
         if "error" in t:
