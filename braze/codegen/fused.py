@@ -770,6 +770,23 @@ class KernelBuilder:
             return self._tmp(f"({chosen} != 0)", dtype)
         return self._tmp(f"tl.where({cond}, {picked}, {base})", dtype)
 
+    def _reads_stored_input(self, node: fx.Node, x: fx.Node) -> None:
+        """A conv or pool reads x at every tap: schedule.realize stores a computed x, read it, never recompute it."""
+        src = x
+        while isinstance(src, fx.Node) and src.target in P.VIEW_OPS:
+            src = src.args[0]
+        if src in self.members:
+            raise IllegalFusion(f"{node.name} reads {src.name} at every tap: not in the kernel that computes it")
+
+    def _tap(self, points: Index, stride: tuple[int, ...], padding: tuple[int, ...], k: tuple[int, ...],
+             dilation: tuple[int, ...], in_sizes: Index) -> tuple[list[Any], list[str], str]:
+        """Tap k of a window at output `points`: the input positions p * stride - padding + k * dilation, the
+        in-range conditions that are not statically true, and their conjunction ("True" when none)."""
+        where = [p * s - pad + kk * d for p, s, pad, kk, d in zip(points, stride, padding, k, dilation)]
+        conds = [f"(({self._expr(e)}) >= 0) & (({self._expr(e)}) < ({self._expr(n)}))"
+                 for e, n in zip(where, in_sizes) if not (e.is_nonnegative and (e - n).is_negative)]
+        return where, conds, " & ".join(conds) or "True"
+
     def _conv(self, node: fx.Node, idx: Index) -> str:
         """out[b, o, p...] = bias[o] + sum over the group's input channels c and taps k of
         w[o, c, k...] * x[b, g * C + c, p * stride - padding + k * dilation ...], unrolled (at most
@@ -777,11 +794,7 @@ class KernelBuilder:
         import itertools
 
         conv = _small_conv(node)
-        src = conv.x
-        while isinstance(src, fx.Node) and src.target in P.VIEW_OPS:
-            src = src.args[0]
-        if src in self.members:  # schedule.realize stores a conv's computed input: read it, never recompute it
-            raise IllegalFusion(f"{node.name} reads {src.name} at every tap: not in the kernel that computes it")
+        self._reads_stored_input(node, conv.x)
         w_shape = tuple(meta(conv.weight).shape)
         cin_per_group, taps = w_shape[1], w_shape[2:]
         out_per_group = w_shape[0] // conv.groups
@@ -792,11 +805,7 @@ class KernelBuilder:
         terms: list[str] = []
         for c in range(cin_per_group):
             for k in itertools.product(*(range(t) for t in taps)):
-                where = [p * s - pad + kk * d for p, s, pad, kk, d in
-                         zip(points, conv.stride, conv.padding, k, conv.dilation)]
-                conds = [f"(({self._expr(e)}) >= 0) & (({self._expr(e)}) < ({self._expr(n)}))"
-                         for e, n in zip(where, in_shape[2:]) if not (e.is_nonnegative and (e - n).is_negative)]
-                cond = " & ".join(conds) or "True"
+                where, conds, cond = self._tap(points, conv.stride, conv.padding, k, conv.dilation, in_shape[2:])
                 xv = self._masked_value(conv.x, (batch, first_in + c, *where), cond)
                 if conds:
                     xv = self._tmp(f"tl.where({cond}, {xv}, 0.0)", dtype)
@@ -814,22 +823,14 @@ class KernelBuilder:
         import itertools
 
         pool = _pool_args(node)
-        src = pool.x
-        while isinstance(src, fx.Node) and src.target in P.VIEW_OPS:
-            src = src.args[0]
-        if src in self.members:  # schedule.realize stores a pool's computed input, as a conv's
-            raise IllegalFusion(f"{node.name} reads {src.name} at every tap: not in the kernel that computes it")
+        self._reads_stored_input(node, pool.x)
         in_shape = shape_of(meta(pool.x))
         lead, points = idx[:-2], idx[-2:]
         dtype = _compute_dtype(meta(node).dtype)
         out: str | None = None
         counts: list[str] = []
         for k in itertools.product(range(pool.kernel[0]), range(pool.kernel[1])):
-            where = [p * s - pad + kk * d for p, s, pad, kk, d in
-                     zip(points, pool.stride, pool.padding, k, pool.dilation)]
-            conds = [f"(({self._expr(e)}) >= 0) & (({self._expr(e)}) < ({self._expr(n)}))"
-                     for e, n in zip(where, in_shape[-2:]) if not (e.is_nonnegative and (e - n).is_negative)]
-            cond = " & ".join(conds) or "True"
+            where, conds, cond = self._tap(points, pool.stride, pool.padding, k, pool.dilation, in_shape[-2:])
             v = self._masked_value(pool.x, (*lead, *where), cond)
             if pool.average:
                 v = self._tmp(f"tl.where({cond}, {v}, 0.0)", dtype) if conds else v
