@@ -1124,3 +1124,64 @@ def test_conv_family(case, dtype, device, deterministic):
         torch.testing.assert_close(out, want, **TOL)
     else:
         torch.testing.assert_close(out, want.to(dtype), atol=1e-3, rtol=2 ** -10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gated_delta_family(dtype):
+    """Gated DeltaNet (Qwen3.5's linear attention) = the reference and HF's own functions: the forward op from a
+    zero state (more value heads than key heads, L2-normalized q / k); the cached op over a state cache in a
+    left-padded prefill (padding leaves the state at zero), then a decode step per row resuming from the state, and
+    a row whose cache holds nothing before the call starting from zero. fp32: the state's reductions in another
+    order than torch's (1e-5); fp16 inputs, fp32 math, the output rounded once (2 fp16 ulps)."""
+    from transformers.models.qwen3_5.modeling_qwen3_5 import (
+        torch_chunk_gated_delta_rule,
+        torch_recurrent_gated_delta_rule,
+    )
+
+    from braze.ops.recurrent_state import cached_gated_delta_rule_reference
+
+    g = _gen(16)
+    b, s, hk, h, dk, dv = 2, 9, 2, 4, 16, 24
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+
+    def inputs(seq):
+        q, k = (torch.randn(b, seq, hk, dk, generator=g).to(dtype) for _ in range(2))
+        v = torch.randn(b, seq, h, dv, generator=g).to(dtype)
+        decay = -torch.rand(b, seq, h, generator=g).to(dtype)  # log decays <= 0, as HF's g
+        beta = torch.rand(b, seq, h, generator=g).to(dtype)
+        return q, k, v, decay, beta
+
+    scale = dk ** -0.5
+    q, k, v, decay, beta = inputs(s)
+    out, family = launch_like_a_plan(lambda *t: ops.gated_delta_rule(*t, scale, True), q, k, v, decay, beta)
+    assert family.name == "gated_delta" and out.dtype == dtype
+    want = ops.gated_delta_rule(q, k, v, decay, beta, scale, True)
+    torch.testing.assert_close(out, want, **tol)
+    for hf in (torch_chunk_gated_delta_rule, torch_recurrent_gated_delta_rule):
+        torch.testing.assert_close(out, hf(q, k, v, decay, beta, use_qk_l2norm_in_kernel=True)[0], **tol)
+
+    kv_start = torch.tensor([0, 3], dtype=torch.int32)
+    # a previous request's state: a row with nothing before the call starts from zero
+    state, ref_state = torch.full((b, h, dk, dv), 7.0), torch.full((b, h, dk, dv), 7.0)
+
+    def cached(q, k, v, decay, beta, cache_len):
+        fn = lambda q, k, v, d, bt, st, cl, ks: ops.cached_gated_delta_rule(q, k, v, d, bt, st, cl, ks, scale, True)  # noqa: E731
+        got, _ = launch_like_a_plan(fn, q, k, v, decay, beta, state, cache_len, kv_start)
+        ref = cached_gated_delta_rule_reference(q, k, v, decay, beta, ref_state, cache_len, kv_start, scale, True)
+        torch.testing.assert_close(got, ref, **tol)
+        torch.testing.assert_close(state, ref_state, rtol=1e-5, atol=1e-5)
+        return got
+
+    got = cached(q, k, v, decay, beta, torch.tensor([0]))
+    assert not got[1, :3].any()  # padding slots output zero
+    # row 1 is row 0's prompt without its first 3 tokens: HF runs the unpadded suffix from a zero state
+    solo = torch_chunk_gated_delta_rule(*(t[1:, 3:] for t in (q, k, v, decay, beta)), use_qk_l2norm_in_kernel=True,
+                                        output_final_state=True)
+    torch.testing.assert_close(got[1:, 3:], solo[0], **tol)
+    torch.testing.assert_close(state[1:], solo[1], rtol=1e-5, atol=1e-5)
+    step = inputs(1)
+    got = cached(*step, torch.tensor([s]))
+    hf_step = torch_recurrent_gated_delta_rule(*step, initial_state=solo[1].expand(b, -1, -1, -1).clone(),
+                                               output_final_state=True, use_qk_l2norm_in_kernel=True)
+    torch.testing.assert_close(got[1:], hf_step[0][1:], **tol)
+    cached(*inputs(2), torch.tensor([s + 1, 3]))  # per-row lengths: row 1 has nothing before slot 3 -> zero state

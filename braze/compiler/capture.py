@@ -33,6 +33,7 @@ import torch
 import torch.fx as fx
 from torch.utils import _pytree as pytree
 
+from braze.compiler.hf_functions import braze_functions
 from braze.runtime.errors import CaptureError, KVCacheUnsupportedError, first_line
 from braze.runtime.plan import SymbolSpec
 
@@ -521,7 +522,7 @@ def _inline_constant_inputs(gm: fx.GraphModule, user_inputs: list[str]) -> list[
 
 def _export(module: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any, labels: dict) -> Captured:
     try:
-        with _quiet_export(), _unmarked_after(args, kwargs):
+        with _quiet_export(), _unmarked_after(args, kwargs), braze_functions(module):
             ep, deferred = _export_program(module, args, kwargs, dynamic_shapes)
         table = _decomposition_table()
         if not decompose_locally(ep, table):

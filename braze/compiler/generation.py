@@ -118,10 +118,19 @@ def compile_generation(cap: Captured, config: CompileConfig, report: CompileRepo
     weights = set(cap.weights)
     prefill_gm, compression = gm, None
     convs = [n.name for n in gm.graph.nodes if n.op == "placeholder" and n.name.startswith("conv_cache_")]
+    scans = [n.name for n in gm.graph.nodes if n.op == "placeholder" and n.name.startswith("scan_state_")]
+    if config.kv_compression and scans:
+        raise ConfigError(f"kv_compression={config.kv_compression!r}: this model's {len(scans)} gated DeltaNet "
+                          "layers hold the whole past in a recurrent state that evicting KV-cache slots does not "
+                          "match; compile without kv_compression")
     if config.kv_compression and convs:
         raise ConfigError(f"kv_compression={config.kv_compression!r}: this model's {len(convs)} causal convolutions "
                           "read their inputs by cache slot, which compacting the KV cache would misalign; compile "
                           "without kv_compression")
+    if config.speculate and scans:
+        raise ConfigError(f"speculate={config.speculate!r}: this model's {len(scans)} gated DeltaNet layers keep "
+                          "one recurrent state, which verifying drafts would advance past rejected tokens; compile "
+                          "without speculate")
     if config.kv_compression:
         prefill_gm = copy_graph_module(gm)
         compression = _compress(prefill_gm, config, report)
@@ -157,10 +166,10 @@ def compile_generation(cap: Captured, config: CompileConfig, report: CompileRepo
     return GenerationPlans(prefill, decode, kv, prefill_gm, decode_gm, verify, verify_gm, compression)
 
 
-def _kv_inputs(gm: fx.GraphModule, prefix: str | tuple[str, ...] = ("kv_cache_", "conv_cache_")
+def _kv_inputs(gm: fx.GraphModule, prefix: str | tuple[str, ...] = ("kv_cache_", "conv_cache_", "scan_state_")
                ) -> list[tuple[str, list[int], str]]:
     """(name, shape without batch, dtype) of the plan inputs the generator allocates per batch (the KV caches and
-    the conv caches of cached convolutions)."""
+    the conv caches of cached convolutions, the recurrent states of gated DeltaNet layers)."""
     kv = []
     for n in gm.graph.nodes:
         if n.op == "placeholder" and n.name.startswith(prefix):

@@ -19,6 +19,7 @@ from braze.kernels.device import INTERPRETER, TARGETS, DeviceSpec, device_spec, 
 from braze.kernels.df11 import DF11_DECODE, DF11_EMBEDDING, DF11_GEMV
 from braze.kernels.family import LAUNCH_HOOKS, KernelFamily, Launch, device_op, launch_kernel, recording_launches
 from braze.kernels.fused import FUSED
+from braze.kernels.gated_delta import GATED_DELTA
 from braze.kernels.grouped_matmul import GROUPED_MATMUL
 from braze.kernels.int6 import INT6_MATMUL
 from braze.kernels.kv_compress import KV_COMPRESS
@@ -29,7 +30,7 @@ from braze.kernels.topk import TOPK
 FAMILIES: dict[str, KernelFamily] = {
     f.name: f for f in (FUSED, MATMUL, ATTENTION, CACHED_ATTENTION, TREE_CACHED_ATTENTION, GENERAL_CACHED_ATTENTION,
                         DF11_DECODE, DF11_EMBEDDING, DF11_GEMV, INT6_MATMUL, ATTENTION_BLOCK, MLP_BLOCK, KV_COMPRESS,
-                        GROUPED_MATMUL, MOE_ROUTING, TOPK, BMM, CACHED_CONV, CONV)
+                        GROUPED_MATMUL, MOE_ROUTING, TOPK, BMM, CACHED_CONV, CONV, GATED_DELTA)
 }
 
 if TYPE_CHECKING:

@@ -15,8 +15,9 @@ report says which layer and why. Generation never refuses an attention whose mas
 depends only on positions.
 
 Causal depthwise convolutions over the sequence (LFM2's short convs) get a conv cache of their own
-(passes/conv_state.py: braze::cached_conv1d); state across positions that neither cache carries (a scan, a
-non-causal conv, linear attention's matmuls) keeps the model from the KV-cache plans (`_sequence_mixing`).
+(passes/conv_state.py: braze::cached_conv1d), gated DeltaNet layers a recurrent-state cache
+(passes/recurrent_state.py); state across positions that no cache carries (another scan, a non-causal conv, other
+linear attention's matmuls) keeps the model from the KV-cache plans (`_sequence_mixing`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from braze.passes.context import PassContext
 from braze.passes.conv_state import cache_causal_convs, causal_convs
 from braze.passes.graph_utils import aten, dce, is_op, new_node, val
 from braze.passes.masks import MaskInfo, classify_mask
+from braze.passes.recurrent_state import cache_gated_delta_rules, gated_delta_rules
 from braze.runtime.errors import KVCacheUnsupportedError
 
 braze = torch.ops.braze
@@ -127,7 +129,8 @@ def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> int:
             f"{', '.join(mixing[:2])}{more}: state across positions outside attention, which a KV cache does not "
             "carry; generation over one would lose it, so braze does not build it (the forward plan is exact)")
     attn = [n for n in gm.graph.nodes if is_op(n, braze.attention.default, braze.general_attention.default)]
-    if not attn and not convs:
+    rules = gated_delta_rules(gm)
+    if not attn and not convs and not rules:
         return 0
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     ids = next(n for n in placeholders if n.name == "input_ids")
@@ -146,6 +149,7 @@ def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> int:
         cache_len = add_input("cache_len", torch.empty(1, dtype=torch.int64, device=device))
         kv_start = add_input("kv_start", torch.empty(batch, dtype=torch.int32, device=device))
     cache_causal_convs(gm, convs, (cache_len, kv_start), add_input, ctx)
+    cache_gated_delta_rules(gm, rules, (cache_len, kv_start), add_input, ctx)
     count = 0
     biases: dict[fx.Node, fx.Node] = {}
     identity: dict[tuple, tuple[fx.Node, fx.Node]] = {}
@@ -182,7 +186,7 @@ def insert_kv_cache(gm: fx.GraphModule, ctx: PassContext) -> int:
     if count:
         dtypes = sorted({str(val(kc).dtype).removeprefix("torch.") for kc, _ in caches.values()})
         ctx.note(f"{count} layers read and write a static KV cache of {max_seq} positions ({'/'.join(dtypes)})")
-    return count + len(convs)
+    return count + len(convs) + len(rules)
 
 
 def _identity_rope(gm: fx.GraphModule, anchor: fx.Node, q: torch.Tensor, made: dict, ctx: PassContext):

@@ -153,7 +153,7 @@ class Generator:
     """Runs the prefill and decode plans of one compiled causal LM."""
 
     # decode inputs a CUDA graph captures by identity: allocated once per batch bucket (see _buffers)
-    STATE_PREFIXES = ("kv_cache_", "conv_cache_", "kv_start", "kvc_start", "kvq_")
+    STATE_PREFIXES = ("kv_cache_", "conv_cache_", "scan_state_", "kv_start", "kvc_start", "kvq_")
 
     def __init__(self, prefill: PlanExecutor, decode: PlanExecutor, kv_inputs: list, max_seq: int, max_batch: int,
                  device: torch.device, eos_token_id: Any = None, pad_token_id: Any = None, cuda_graphs: bool = False):
@@ -225,6 +225,11 @@ class Generator:
         from braze.runtime.kv_compression import compression_kernels
 
         return compression_kernels(self.prefill)
+
+    @property
+    def recurrent_layers(self) -> int:
+        """Layers whose past is one recurrent state (gated DeltaNet), not slots: no speculation over them."""
+        return sum(name.startswith("scan_state_") for name, _, _ in self.kv_inputs)
 
     @property
     def cache_slots(self) -> int:
@@ -421,6 +426,11 @@ class Generator:
                 raise InputMismatchError(f"speculative decoding needs a decode plan for any batch; this model's "
                                          f"takes exactly {static} rows (see the report's 'decode batch'), got {batch}")
             speculating = False  # the compile's default: decode plainly
+        if speculating and self.recurrent_layers:
+            raise InputMismatchError(f"speculative decoding: this model's {self.recurrent_layers} gated DeltaNet "
+                                     "layers keep one recurrent state, which verifying drafts would advance past "
+                                     "rejected tokens; generate without it (speculate=False; braze run: drop "
+                                     "--speculate)")
         rules = LogitsRules(ids, mask, repetition_penalty, min_new_tokens, eos_ids)
         if speculating:
             if self.compression is not None:

@@ -1,0 +1,61 @@
+"""HF functions braze captures as one braze op instead of tracing through them.
+
+Gated DeltaNet layers (Qwen3-Next, Qwen3.5, OLMo-hybrid, ...) call `torch_chunk_gated_delta_rule`, a Python loop
+over sequence chunks whose count depends on the sequence length: torch.export refuses a dynamic sequence through
+it and the model fell back to Dynamo (a plan per prompt length, no package, no generation plans). While a model is
+captured, each such function in the modules that define its layers is swapped for one that calls
+braze::gated_delta_rule (ops/recurrent_state.py: the same recurrence, a plain-torch reference and a kernel). A
+call the op does not cover (a recurrent state passed in or asked for: HF's own cache) runs HF's function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+GATED_DELTA_FUNCTIONS = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule")
+
+
+def _as_gated_delta_op(original: Callable) -> Callable:
+    def gated_delta_rule(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, g: torch.Tensor,
+                         beta: torch.Tensor, *args: Any, initial_state: torch.Tensor | None = None,
+                         output_final_state: bool = False, use_qk_l2norm_in_kernel: bool = False,
+                         **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if args or initial_state is not None or output_final_state or kwargs.get("cu_seqlens") is not None:
+            return original(query, key, value, g, beta, *args, initial_state=initial_state,
+                            output_final_state=output_final_state,
+                            use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel, **kwargs)
+        import braze.ops  # noqa: F401  (registers braze::*)
+
+        scale = float(query.shape[-1]) ** -0.5
+        out = torch.ops.braze.gated_delta_rule(query, key, value, g, beta, scale, bool(use_qk_l2norm_in_kernel))
+        return out, None
+
+    gated_delta_rule.braze_substitute = True  # type: ignore[attr-defined]
+    return gated_delta_rule
+
+
+SUBSTITUTIONS: dict[str, Callable[[Callable], Callable]] = {name: _as_gated_delta_op for name in GATED_DELTA_FUNCTIONS}
+
+
+@contextlib.contextmanager
+def braze_functions(model: torch.nn.Module) -> Iterator[list[str]]:
+    """While active, the modules defining `model`'s layers call braze ops for the functions in SUBSTITUTIONS;
+    yields the names swapped (for the report)."""
+    modules = {sys.modules.get(type(m).__module__) for m in model.modules()}
+    swapped: list[tuple[Any, str, Callable]] = []
+    try:
+        for module in modules:
+            for name, wrap in SUBSTITUTIONS.items():
+                original = getattr(module, name, None) if module is not None else None
+                if callable(original) and not getattr(original, "braze_substitute", False):
+                    setattr(module, name, wrap(original))
+                    swapped.append((module, name, original))
+        yield sorted({name for _, name, _ in swapped})
+    finally:
+        for module, name, original in swapped:
+            setattr(module, name, original)

@@ -1,0 +1,110 @@
+"""Gated DeltaNet hybrids (Qwen3.5 / Qwen3-Next: linear-attention layers with a recurrent state beside softmax
+attention) compile through torch.export and generate over the KV-cache plans, each linear layer's state in a
+recurrent-state cache (compiler/hf_functions.py, ops/recurrent_state.py, passes/recurrent_state.py,
+kernels/gated_delta.py). They compiled only through the Dynamo fallback before: a plan per prompt length, no
+package, HF's generate loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import braze
+from braze.runtime.compiled import CompiledModel
+from braze.runtime.errors import InputMismatchError
+
+LINEAR = dict(layer_types=["linear_attention", "full_attention"], linear_key_head_dim=16, linear_value_head_dim=16,
+              linear_num_key_heads=2, linear_num_value_heads=4)
+
+
+def _tiny(arch: str, **overrides) -> torch.nn.Module:
+    import transformers
+
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, head_dim=16, pad_token_id=0, **LINEAR)
+    common.update(overrides)
+    cfg = transformers.AutoConfig.for_model(arch, **common)
+    for k, v in common.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+@pytest.fixture(scope="module")
+def qwen35():
+    model = _tiny("qwen3_5_text")
+    return model, braze.compile(model, max_seq=32, max_batch=2)
+
+
+def test_qwen35_compiles_through_export_with_a_state_cache(qwen35):
+    """One capture (not a plan per prompt length): the linear layer's chunked scan is braze::gated_delta_rule,
+    which the cache phase puts over a recurrent-state cache; every plan runs it as the gated-delta kernel (no
+    eager step anywhere), prefill and decode included; the forward matches HF's within fp32 reassociation."""
+    model, cm = qwen35
+    assert isinstance(cm, CompiledModel) and cm.generation_missing is None
+    assert "1 gated DeltaNet layers read and write a recurrent state cache (fp32)" in str(cm.report)
+    for name, plan in {"forward": cm.plan, **cm.extra_plans}.items():
+        assert not [s.target for s in plan.steps if s.kind == "eager" and s.target != "_operator.getitem"], name
+        steps = [s for s in plan.steps if s.launcher == "gated_delta"]
+        assert len(steps) == 1 and steps[0].params["cached"] == (name != "forward"), name
+    names = [n for n, _, _ in cm.generator.kv_inputs]
+    assert "scan_state_0" in names and "conv_cache_0" in names
+    for seq in (3, 11):  # one plan, any length
+        ids = torch.randint(3, 256, (2, seq), generator=torch.Generator().manual_seed(seq))
+        with torch.no_grad():
+            torch.testing.assert_close(cm(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+
+
+def test_qwen35_generates_hf_tokens_left_padded(qwen35):
+    """Greedy tokens of a left-padded batch equal HF's generate (its cache: chunked prefill, recurrent decode):
+    padding leaves the state at zero, decode resumes each row from its state. 14 new tokens, varied."""
+    model, cm = qwen35
+    ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    ids[mask == 0] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=14, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(ids, do_sample=False, **kw)
+    assert len(set(want[0, 9:].tolist())) > 3
+    assert torch.equal(cm.generate(ids, **kw), want)
+    again = cm.generate(ids[1:, 4:], max_new_tokens=14, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(again[0, 5:], want[1, 9:])  # the padded row alone, unpadded: the same tokens
+
+
+def test_qwen35_refuses_what_a_recurrent_state_cannot_do(qwen35):
+    """Verifying drafts would advance the state past rejected tokens, and KV-cache compression evicts slots the
+    state has already absorbed: each refused in one line naming the reason, at generate and at compile."""
+    model, cm = qwen35
+    ids = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(2))
+    with pytest.raises(InputMismatchError, match="gated DeltaNet layers keep one recurrent state"):
+        cm.generate(ids, max_new_tokens=3, speculate=True)
+    with pytest.raises(braze.ConfigError, match="speculate='suffix'.*recurrent state"):
+        braze.compile(model, max_seq=32, max_batch=2, speculate="suffix")
+    with pytest.raises(braze.ConfigError, match="hold the whole past in a recurrent state"):
+        braze.compile(model, max_seq=32, max_batch=2, kv_compression="snapkv", kv_budget=0.5, kv_window=4)
+
+
+def test_qwen35_package_round_trip(qwen35, tmp_path):
+    """The saved package carries the state caches' layout: loaded, it generates the same tokens."""
+    _, cm = qwen35
+    ids = torch.randint(3, 256, (1, 6), generator=torch.Generator().manual_seed(4))
+    want = cm.generate(ids, max_new_tokens=8)
+    loaded = braze.load(cm.save(tmp_path / "pkg"))
+    assert torch.equal(loaded.generate(ids, max_new_tokens=8), want)
+
+
+def test_qwen3_next_moe_hybrid_generates_hf_tokens():
+    """Qwen3-Next (gated DeltaNet + gated attention, sparse MoE MLPs): exported, no eager step in the decode
+    plan, greedy tokens equal HF's."""
+    model = _tiny("qwen3_next", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                  shared_expert_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[])
+    cm = braze.compile(model, max_seq=32, max_batch=2)
+    assert isinstance(cm, CompiledModel) and cm.generation_missing is None
+    decode = cm.extra_plans["decode"]
+    assert [s.launcher for s in decode.steps].count("gated_delta") == 1
+    assert not [s.target for s in decode.steps if s.kind == "eager" and s.target != "_operator.getitem"]
+    ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(cm.generate(ids, max_new_tokens=8, eos_token_id=None, pad_token_id=0), want)
