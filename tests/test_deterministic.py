@@ -619,3 +619,21 @@ def test_short_conv_hybrid_is_batch_invariant():
         assert _bitwise_diff(logits, logits1) == 0, (batch, row)
     _, again = _request_logits(cm, 1, 0, seed=0)
     assert _bitwise_diff(again, logits1) == 0
+
+
+def test_gated_deltanet_hybrid_is_batch_invariant():
+    """Qwen3.5 (gated DeltaNet over a recurrent-state cache, then gated attention), deterministic: a request's
+    logits at every generated position are bitwise equal alone and in left-padded batches of 3 and 5 with random
+    companions (each gated-delta program owns one row's head: the same sums in the same order whatever the batch,
+    and padding leaves the state at zero), run after run."""
+    from tests.test_gated_deltanet import _tiny
+
+    cm = braze.compile(_tiny("qwen3_5_text", initializer_range=0.2), max_seq=24, max_batch=5, deterministic=True)
+    assert any(s.launcher == "gated_delta" and s.params.get("deterministic") for s in cm.extra_plans["decode"].steps)
+    tokens1, logits1 = _request_logits(cm, 1, 0, seed=0)
+    for batch, row, seed in ((3, 2, 3), (5, 1, 4)):
+        tokens, logits = _request_logits(cm, batch, row, seed)
+        assert torch.equal(tokens, tokens1), (batch, row)
+        assert _bitwise_diff(logits, logits1) == 0, (batch, row)
+    _, again = _request_logits(cm, 1, 0, seed=0)
+    assert _bitwise_diff(again, logits1) == 0

@@ -47,6 +47,7 @@ def test_qwen35_compiles_through_export_with_a_state_cache(qwen35):
         assert not [s.target for s in plan.steps if s.kind == "eager" and s.target != "_operator.getitem"], name
         steps = [s for s in plan.steps if s.launcher == "gated_delta"]
         assert len(steps) == 1 and steps[0].params["cached"] == (name != "forward"), name
+    assert "verify" not in cm.extra_plans  # drafts cannot be verified over one state (refused below)
     names = [n for n, _, _ in cm.generator.kv_inputs]
     assert "scan_state_0" in names and "conv_cache_0" in names
     for seq in (3, 11):  # one plan, any length

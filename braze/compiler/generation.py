@@ -103,7 +103,7 @@ class GenerationPlans:
     kv_inputs: list[tuple[str, list[int], str]]  # (placeholder, shape without batch, dtype)
     prefill_graph: fx.GraphModule
     decode_graph: fx.GraphModule
-    verify: Plan
+    verify: Plan | None  # None: the model cannot speculate (gated DeltaNet's recurrent state)
     verify_graph: fx.GraphModule
     compression: Any = None  # braze.runtime.kv_compression.CompressionSpec (kv_compression=...)
 
@@ -150,13 +150,15 @@ def compile_generation(cap: Captured, config: CompileConfig, report: CompileRepo
     decode, decode_record = lower_graph(decode_gm, "decode", symbols, weights, config.deterministic)
     if decode_record.fallbacks:  # what generation runs eagerly, with the passes' reasons (general attention, ...)
         report.extra["decode eager steps"] = _fallback_summary(decode_gm, decode_record.fallbacks)
-    run_passes(dataclasses.replace(cap, gm=verify_gm), config, report, phases=("verify",))
-    if compression is not None:  # verify over the compacted cache
-        compress_verify_graph(verify_gm, compression.policy, compression.capacity, compression.window)
-    # then fold_decode_layers (after compression rewrote the tree attention's caches and starts): MLP blocks, and
-    # under deterministic=True the tree attention blocks
-    run_passes(dataclasses.replace(cap, gm=verify_gm), config, report, phases=("decode",))
-    verify, _ = lower_graph(verify_gm, "verify", cap.symbols, weights, config.deterministic)
+    verify = None
+    if not scans:  # (a recurrent state cannot verify drafts: generate refuses speculation, so no verify plan)
+        run_passes(dataclasses.replace(cap, gm=verify_gm), config, report, phases=("verify",))
+        if compression is not None:  # verify over the compacted cache
+            compress_verify_graph(verify_gm, compression.policy, compression.capacity, compression.window)
+        # then fold_decode_layers (after compression rewrote the tree attention's caches and starts): MLP blocks,
+        # and under deterministic=True the tree attention blocks
+        run_passes(dataclasses.replace(cap, gm=verify_gm), config, report, phases=("decode",))
+        verify, _ = lower_graph(verify_gm, "verify", cap.symbols, weights, config.deterministic)
     kv = _kv_inputs(gm)
     if config.deterministic:
         report.extra["deterministic"] = _deterministic_summary(decode, cap.weights, kv)
