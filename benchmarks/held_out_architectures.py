@@ -62,7 +62,7 @@ HYBRIDS: dict[str, dict] = {
                            linear_head_dim=16),
     "kimi_linear": dict(MLA, **LINEAR_ATTENTION, mlp_layer_types=["dense", "sparse"], linear_num_heads=4,
                         linear_head_dim=16),
-    **{t: LINEAR_ATTENTION for t in ("qwen3_5_text", "qwen3_5_moe_text", "qwen4_exp_text")}}
+    **{t: LINEAR_ATTENTION for t in ("qwen3_5_text", "qwen3_5_moe_text", "qwen4_exp_text", "qwen3_next")}}
 OVERRIDES = {"deepseek_v2": dict(MLA, num_experts_per_tok=2, n_routed_experts=4, moe_intermediate_size=32),
              "codegen": dict(rotary_dim=16),
              **{t: MLA for t in ("deepseek_v3", "minicpm3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "axk1",

@@ -43,10 +43,15 @@ def test_qwen35_compiles_through_export_with_a_state_cache(qwen35):
     model, cm = qwen35
     assert isinstance(cm, CompiledModel) and cm.generation_missing is None
     assert "1 gated DeltaNet layers read and write a recurrent state cache (fp32)" in str(cm.report)
+    assert "1 causal convolutions (4 taps) read and write a conv cache of 32 positions; 1 activations in their " \
+           "kernels" in str(cm.report)  # silu(conv(...)) in the conv's launch
     for name, plan in {"forward": cm.plan, **cm.extra_plans}.items():
         assert not [s.target for s in plan.steps if s.kind == "eager" and s.target != "_operator.getitem"], name
         steps = [s for s in plan.steps if s.launcher == "gated_delta"]
         assert len(steps) == 1 and steps[0].params["cached"] == (name != "forward"), name
+        if name != "forward":
+            (conv,) = [s for s in plan.steps if s.launcher == "cached_conv"]
+            assert conv.params["activation"] == "silu", name
     assert "verify" not in cm.extra_plans  # drafts cannot be verified over one state (refused below)
     names = [n for n, _, _ in cm.generator.kv_inputs]
     assert "scan_state_0" in names and "conv_cache_0" in names

@@ -1029,7 +1029,8 @@ def test_cached_conv_family(dtype):
     output and cache bit for bit (both sum the taps in fp32 in the same order): a left-padded prefill (slots below
     kv_start read 0), a decode step reading the cache, and a draft tree whose nodes' taps follow their ancestors
     (per-row cache lengths); a strided input (the transposed projection), with and without a bias; LFM2's input
-    and output gates folded in, bit for bit the separate multiplies."""
+    and output gates folded in, bit for bit the separate multiplies; Qwen3.5's silu epilogue (an ulp of silu's
+    formula from torch's)."""
     from braze.ops.conv_state import cached_conv1d_reference
     from braze.runtime.speculate import _row_layout
     from braze.runtime.suffix_tree import Draft
@@ -1041,14 +1042,20 @@ def test_cached_conv_family(dtype):
     kv_start = torch.tensor([0, 2], dtype=torch.int32)
     cache, want = torch.zeros(b, 1, slots, c, dtype=dtype), torch.zeros(b, 1, slots, c, dtype=dtype)
 
-    def check(x, cache_len, mask=None, with_bias=True, gates=None):
+    def check(x, cache_len, mask=None, with_bias=True, gates=None, activation="none"):
         gin, gout = gates or (None, None)
         fn = (lambda x, w, bias, cache, cl, ks, m, gi, go: ops.cached_conv1d(  # noqa: E731
-            x, w, bias if with_bias else None, cache, cl, ks, m, gi, go))
+            x, w, bias if with_bias else None, cache, cl, ks, m, gi, go, activation))
         out, family = launch_like_a_plan(fn, x, w, bias, cache, cache_len, kv_start, mask, gin, gout)
-        ref = cached_conv1d_reference(x, w, bias if with_bias else None, want, cache_len, kv_start, mask, gin, gout)
-        assert family.name == "cached_conv"
-        assert torch.equal(out, ref) and torch.equal(cache, want)
+        ref = cached_conv1d_reference(x, w, bias if with_bias else None, want, cache_len, kv_start, mask, gin, gout,
+                                      activation)
+        assert family.name == "cached_conv" and torch.equal(cache, want)
+        if activation == "none":
+            assert torch.equal(out, ref)
+        else:  # Triton's x * sigmoid(x) against torch's silu: an ulp apart
+            torch.testing.assert_close(out, ref, rtol=1e-6 if dtype == torch.float32 else 1e-3, atol=1e-6)
+            plain = cached_conv1d_reference(x, w, bias if with_bias else None, want.clone(), cache_len, kv_start)
+            assert torch.equal(torch.nn.functional.silu(plain), ref)
         if gates is not None:  # the gates as separate torch multiplies, each rounded to the dtype
             plain = cached_conv1d_reference(x * gin, w, bias if with_bias else None, want.clone(), cache_len,
                                             kv_start, mask)
@@ -1071,6 +1078,9 @@ def test_cached_conv_family(dtype):
     gin, x, gout = bcx.chunk(3, dim=1)
     check(x, torch.tensor([12]), gates=(gin, gout))
     check(x[:, :, :1], torch.tensor([15]), gates=(gin[:, :, :1], gout[:, :, :1]), with_bias=False)
+    # Qwen3.5's silu(conv(...)) in the kernel's epilogue: prefill, then a decode step
+    check(torch.randn(b, c, 4, generator=g).to(dtype), torch.tensor([16]), activation="silu")
+    check(torch.randn(b, c, 1, generator=g).to(dtype), torch.tensor([20]), activation="silu", with_bias=False)
 
 
 def _conv_input(g, shape, layout="contiguous"):

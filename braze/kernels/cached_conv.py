@@ -54,8 +54,9 @@ class CachedConvFamily(KernelFamily):
         roles = ["x", "weight", "cache", "cache_len", "kv_start",
                  *(r for r in ("bias", "tree_mask", "gate_in", "gate_out") if a[r] is not None)]
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
-                    params={"roles": roles, "taps": int(a["weight"].meta["val"].shape[-1])})
-        return render_template("cached_conv.py.j2", name=name), step
+                    params={"roles": roles, "taps": int(a["weight"].meta["val"].shape[-1]),
+                            "activation": a["activation"]})
+        return render_template("cached_conv.py.j2", name=name, activation=a["activation"]), step
 
     def launch(self, module: Any, name: str, tensors: dict[str, torch.Tensor], out: torch.Tensor,
                params: dict[str, Any], device: DeviceSpec) -> None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from braze.ops.library import apply_activation
+
 
 def tree_depths(tree_mask: Tensor) -> Tensor:
     """Depth of each verify node [B, S]: a node sees itself and its ancestors, so its depth is that count - 1."""
@@ -23,15 +25,16 @@ def tree_depths(tree_mask: Tensor) -> Tensor:
 
 def cached_conv1d_reference(x: Tensor, weight: Tensor, bias: Tensor | None, cache: Tensor, cache_len: Tensor,
                             kv_start: Tensor, tree_mask: Tensor | None = None, gate_in: Tensor | None = None,
-                            gate_out: Tensor | None = None) -> Tensor:
+                            gate_out: Tensor | None = None, activation: str = "none") -> Tensor:
     """out[b, c, s] = bias[c] + sum_j weight[c, 0, j] * h[b, c, slot(s) - (K - 1) + j] (fp32 sums, in order of j),
     where h is this call's x at its own slots and the cache before them, zero below kv_start[b]. Writes x into the
     cache at [cache_len, cache_len + S). With a tree mask [B, S, S], node s sits at depth d and its tap t back is
     its ancestor at depth d - t (or, past the root, cache slot cache_len + d - t). LFM2's gates: x is
-    gate_in * x and the output gate_out * out, each rounded to x's dtype as the separate multiplies were."""
+    gate_in * x and the output gate_out * out, each rounded to x's dtype as the separate multiplies were.
+    `activation` (ops/library.py ACTIVATIONS; Qwen3.5's silu) applies to the rounded output, before gate_out."""
     if gate_in is not None:
         x = x * gate_in
-    out = _conv(x, weight, bias, cache, cache_len, kv_start, tree_mask)
+    out = apply_activation(_conv(x, weight, bias, cache, cache_len, kv_start, tree_mask), activation)
     return gate_out * out if gate_out is not None else out
 
 
@@ -68,13 +71,15 @@ def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, cache: Tensor, cache_l
 @torch.library.custom_op("braze::cached_conv1d", mutates_args=("cache",))
 def cached_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, cache: Tensor, cache_len: Tensor,
                   kv_start: Tensor, tree_mask: Tensor | None = None, gate_in: Tensor | None = None,
-                  gate_out: Tensor | None = None) -> Tensor:
+                  gate_out: Tensor | None = None, activation: str = "none") -> Tensor:
     """A causal depthwise conv1d (x [B, C, S], weight [C, 1, K]) over the runtime's conv cache [B, 1, T, C]."""
-    return cached_conv1d_reference(x, weight, bias, cache, cache_len, kv_start, tree_mask, gate_in, gate_out)
+    return cached_conv1d_reference(x, weight, bias, cache, cache_len, kv_start, tree_mask, gate_in, gate_out,
+                                   activation)
 
 
 @cached_conv1d.register_fake
-def _cached_conv1d_fake(x, weight, bias, cache, cache_len, kv_start, tree_mask=None, gate_in=None, gate_out=None):
+def _cached_conv1d_fake(x, weight, bias, cache, cache_len, kv_start, tree_mask=None, gate_in=None, gate_out=None,
+                        activation="none"):
     return x.new_empty(x.shape)
 
 

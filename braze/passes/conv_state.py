@@ -89,7 +89,7 @@ def cache_causal_convs(gm: fx.GraphModule, convs: list[CausalConv], state: tuple
     """Each conv reads and writes a conv cache `conv_cache_<i>` [B, 1, max_seq, C] (the model's dtype: it holds
     the conv's inputs as they are, so decoding is exact)."""
     cache_len, kv_start = state
-    gated = 0
+    gated = activated = 0
     for i, c in enumerate(convs):
         x = val(c.x)
         with ctx.fake_mode:
@@ -98,21 +98,29 @@ def cache_causal_convs(gm: fx.GraphModule, convs: list[CausalConv], state: tuple
         factors = _factors(c.x) if len(c.x.users) == 1 else None  # B * x: x and its gate
         x_node, gate_in = factors or (c.x, None)
         after = next(iter(c.output.users)) if len(c.output.users) == 1 else None
+        activation, out = "none", c.output
+        if is_op(after, aten.silu.default):  # silu(conv(...)) (Qwen3.5's causal conv): the kernel's epilogue
+            activation, out, after = "silu", after, None
         factors = _factors(after) if after is not None else None  # C * conv(...): the other factor gates it
         gate_out = (factors[1] if factors[0] is c.output else factors[0]) if factors else None
         if gate_out is not None and _depends_on(gate_out, c.conv):  # conv * f(conv): the gate is not an input
             gate_out = None
-        out = after if gate_out is not None else c.output
-        kwargs = {k: g for k, g in (("gate_in", gate_in), ("gate_out", gate_out)) if g is not None}
+        if gate_out is not None:
+            out = after
+        kwargs: dict[str, Any] = {k: g for k, g in (("gate_in", gate_in), ("gate_out", gate_out)) if g is not None}
+        if activation != "none":
+            kwargs["activation"] = activation
         rep = new_node(gm, torch.ops.braze.cached_conv1d.default,
                        (x_node, c.conv.args[1], c.conv.args[2], cache, cache_len, kv_start), kwargs, ctx, out)
         out.replace_all_uses_with(rep)
-        gated += len(kwargs)
+        gated += (gate_in is not None) + (gate_out is not None)
+        activated += activation != "none"
     if convs:
         taps = sorted({c.taps for c in convs})
         ctx.note(f"{len(convs)} causal convolutions ({'/'.join(map(str, taps))} taps) read and write a conv cache "
                  f"of {ctx.config.max_seq} positions" + (f"; {gated} gating multiplies in their kernels" if gated
-                                                        else ""))
+                                                        else "")
+                 + (f"; {activated} activations in their kernels" if activated else ""))
     return len(convs)
 
 
