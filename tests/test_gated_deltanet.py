@@ -114,3 +114,22 @@ def test_qwen3_next_moe_hybrid_generates_hf_tokens():
     with torch.no_grad():
         want = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
     assert torch.equal(cm.generate(ids, max_new_tokens=8, eos_token_id=None, pad_token_id=0), want)
+
+
+@pytest.mark.parametrize("arch", ["kimi_linear", "bailing_hybrid"])
+def test_kimi_delta_attention_hybrids_generate_hf_tokens(arch):
+    """Kimi Delta Attention (a decay per key channel) beside MLA attention: Kimi-Linear and Bailing-hybrid timed
+    out (> 15 min) in the Dynamo fallback; exported now, no eager step in any plan, greedy tokens equal HF's."""
+    mla = dict(head_dim=8, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, kv_lora_rank=32, q_lora_rank=32,
+               num_key_value_heads=4, linear_num_heads=4, linear_head_dim=16,
+               mlp_layer_types=["dense", "dense"])
+    model = _tiny(arch, **mla)
+    cm = braze.compile(model, max_seq=32, max_batch=2)
+    assert isinstance(cm, CompiledModel) and cm.generation_missing is None
+    for name, plan in {"forward": cm.plan, **cm.extra_plans}.items():
+        assert not [s.target for s in plan.steps if s.kind == "eager" and s.target != "_operator.getitem"], name
+        assert [s.launcher for s in plan.steps].count("gated_delta") == 1, name
+    ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(cm.generate(ids, max_new_tokens=8, eos_token_id=None, pad_token_id=0), want)

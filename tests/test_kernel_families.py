@@ -1195,3 +1195,29 @@ def test_gated_delta_family(dtype):
                                                output_final_state=True, use_qk_l2norm_in_kernel=True)
     torch.testing.assert_close(got[1:], hf_step[0][1:], **tol)
     cached(*inputs(2), torch.tensor([s + 1, 3]))  # per-row lengths: row 1 has nothing before slot 3 -> zero state
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gated_delta_family_per_channel_decay(dtype):
+    """Kimi Delta Attention (Kimi-Linear, Bailing-hybrid): the same rule with one decay per key channel, g
+    [B, S, H, Dk]: the kernel = the reference = HF's chunked and recurrent functions (tolerances as above)."""
+    from transformers.models.kimi_linear.modeling_kimi_linear import (
+        chunk_kimi_delta_attention,
+        recurrent_kimi_delta_attention,
+    )
+
+    g = _gen(17)
+    b, s, h, dk, dv = 2, 7, 3, 16, 16
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-3, atol=2e-3)
+    q, k = (torch.randn(b, s, h, dk, generator=g).to(dtype) for _ in range(2))
+    v = torch.randn(b, s, h, dv, generator=g).to(dtype)
+    decay = -torch.rand(b, s, h, dk, generator=g)  # fp32, as Kimi's forget gate hands it over
+    beta = torch.rand(b, s, h, generator=g).to(dtype)
+    scale = dk ** -0.5
+    out, family = launch_like_a_plan(lambda *t: ops.gated_delta_rule(*t, scale, True), q, k, v, decay, beta)
+    assert family.name == "gated_delta"
+    torch.testing.assert_close(out, ops.gated_delta_rule(q, k, v, decay, beta, scale, True), **tol)
+    for hf in (chunk_kimi_delta_attention, recurrent_kimi_delta_attention):
+        want = hf(q, k, v, g=decay, beta=beta, initial_state=None, output_final_state=False,
+                  use_qk_l2norm_in_kernel=True)[0]
+        torch.testing.assert_close(out, want, **tol)

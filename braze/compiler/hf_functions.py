@@ -1,7 +1,8 @@
 """HF functions braze captures as one braze op instead of tracing through them.
 
-Gated DeltaNet layers (Qwen3-Next, Qwen3.5, OLMo-hybrid, ...) call `torch_chunk_gated_delta_rule`, a Python loop
-over sequence chunks whose count depends on the sequence length: torch.export refuses a dynamic sequence through
+Gated DeltaNet layers (Qwen3-Next, Qwen3.5, OLMo-hybrid, ...) call `torch_chunk_gated_delta_rule` (Kimi Delta
+Attention layers `chunk_kimi_delta_attention`, the same rule with a decay per key channel), a Python loop over
+sequence chunks whose count depends on the sequence length: torch.export refuses a dynamic sequence through
 it and the model fell back to Dynamo (a plan per prompt length, no package, no generation plans). While a model is
 captured, each such function in the modules that define its layers is swapped for one that calls
 braze::gated_delta_rule (ops/recurrent_state.py: the same recurrence, a plain-torch reference and a kernel). A
@@ -17,7 +18,8 @@ from typing import Any
 
 import torch
 
-GATED_DELTA_FUNCTIONS = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule")
+GATED_DELTA_FUNCTIONS = ("torch_chunk_gated_delta_rule", "torch_recurrent_gated_delta_rule",  # Qwen3.5 / Next
+                         "chunk_kimi_delta_attention", "recurrent_kimi_delta_attention")  # Kimi-Linear, Bailing
 
 
 def _as_gated_delta_op(original: Callable) -> Callable:

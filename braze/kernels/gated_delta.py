@@ -1,5 +1,6 @@
 """Gated-delta family: braze::gated_delta_rule and braze::cached_gated_delta_rule (gated DeltaNet linear attention
-of Qwen3-Next / Qwen3.5 / OLMo-hybrid), rendered from templates/gated_delta.py.j2.
+of Qwen3-Next / Qwen3.5 / OLMo-hybrid; Kimi Delta Attention's per-channel decay), rendered from
+templates/gated_delta.py.j2.
 
 One launch per layer and call: each program keeps a [Dk, BLOCK_V] slice of a head's recurrent state in registers
 and walks the call's tokens in order (ops/recurrent_state.py has the rules and the reference). Decode is one step
@@ -76,9 +77,11 @@ class GatedDeltaFamily(KernelFamily):
         launch_kernel(getattr(module, name), (bsz * heads, triton.cdiv(dv, block_v)),
                       q, k, v, g, beta, out, state, cache_len, kv_start,
                       seq, heads, heads // k.shape[2], dk, dv, float(params["scale"]),
-                      *q.stride(), *k.stride(), *v.stride(), *g.stride(), *beta.stride(), *out.stride(),
+                      *q.stride(), *k.stride(), *v.stride(), *g.stride()[:3], g.stride(3) if g.dim() == 4 else 0,
+                      *beta.stride(), *out.stride(),
                       *state.stride(), cache_len.stride(0) if cached and cache_len.numel() > 1 else 0,
-                      BLOCK_K=block_k, BLOCK_V=block_v, L2NORM=bool(params["l2norm"]), CACHED=cached, **opts)
+                      BLOCK_K=block_k, BLOCK_V=block_v, L2NORM=bool(params["l2norm"]), CACHED=cached,
+                      KEY_DECAY=g.dim() == 4, **opts)
 
     def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
         return 1 if all(out_shape) else 0

@@ -4,7 +4,8 @@ Qwen3-Next / Qwen3.5 / OLMo-hybrid layers carry a recurrent state S [Dk, Dv] per
 
     S = exp(g_t) * S;  S = S + k_t (beta_t (v_t - S^T k_t))^T;  o_t = S^T (q_t * Dk^-0.5)
 
-(q_t, k_t L2-normalized when `l2norm`). HF computes it with a Python loop over chunks whose count depends on the
+(q_t, k_t L2-normalized when `l2norm`); Kimi Delta Attention (Kimi-Linear, Bailing-hybrid) decays each key channel
+by its own gate: S = diag(exp(g_t)) S with g_t [Dk]. HF computes it with a Python loop over chunks whose count depends on the
 sequence length, which torch.export cannot capture with a dynamic sequence; braze captures HF's function as this
 op instead (compiler/hf_functions.py). The cached form keeps S in a state cache [B, H, Dk, Dv] (fp32) per layer, so
 the generation plans decode one token from it (passes/recurrent_state.py): a call starts from zero when its row
@@ -30,8 +31,9 @@ def _l2norm(x: Tensor) -> Tensor:
 
 def gated_delta_scan(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, scale: float, l2norm: bool,
                      state: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
-    """The recurrence over q, k [B, S, Hk, Dk], v [B, S, H, Dv], g, beta [B, S, H] from `state` [B, H, Dk, Dv]
-    (fp32); positions where `active` [B, S] is False leave the state alone and output zero.
+    """The recurrence over q, k [B, S, Hk, Dk], v [B, S, H, Dv], beta [B, S, H], g [B, S, H] (one decay per
+    head) or [B, S, H, Dk] (one per key channel: Kimi Delta Attention) from `state` [B, H, Dk, Dv] (fp32);
+    positions where `active` [B, S] is False leave the state alone and output zero.
     Returns (out [B, S, H, Dv] fp32, final state)."""
     heads = v.shape[2]
     if k.shape[2] != heads:
@@ -44,7 +46,8 @@ def gated_delta_scan(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor, s
     out = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     for t in range(q.shape[1]):
         on = active[:, t].reshape(-1, 1, 1, 1)
-        step = s * g[:, t].exp()[..., None, None]
+        decay = g[:, t].exp()
+        step = s * (decay[..., None] if g.dim() == 4 else decay[..., None, None])
         kt = k[:, t].unsqueeze(-1)
         delta = (v[:, t] - (step * kt).sum(-2)) * beta[:, t].unsqueeze(-1)
         step = step + kt * delta.unsqueeze(-2)
