@@ -7,10 +7,11 @@ Qwen3-Next / Qwen3.5 / OLMo-hybrid layers carry a recurrent state S [Dk, Dv] per
 (q_t, k_t L2-normalized when `l2norm`); Kimi Delta Attention (Kimi-Linear, Bailing-hybrid) decays each key channel
 by its own gate: S = diag(exp(g_t)) S with g_t [Dk]. HF computes it with a Python loop over chunks whose count
 depends on the sequence length, which torch.export cannot capture with a dynamic sequence; braze captures HF's
-function as this op instead (compiler/hf_functions.py). The cached form keeps S in a state cache [B, H, Dk, Dv] (fp32) per layer, so
-the generation plans decode one token from it (passes/recurrent_state.py): a call starts from zero when its row
-has no earlier tokens (cache_len <= kv_start), otherwise from the cache, skips the left padding below kv_start (HF
-zeroes padded inputs, which leaves a zero state zero) and writes the state after its last token back.
+function as this op instead (compiler/hf_functions.py). The cached form keeps S in a state cache [B, H, Dk, Dv]
+(fp32) per layer, so the generation plans decode one token from it (passes/recurrent_state.py): a call starts from
+zero when its row has no earlier tokens (cache_len <= kv_start), otherwise from the cache, skips the left padding
+below kv_start (HF zeroes padded inputs, which leaves a zero state zero) and writes the state after its last token
+back.
 
 Value head h reads key head h // (H / Hk) (HF's repeat_interleave for more value than key heads). The math is in
 fp32 in token order (the reference below; the kernel, kernels/gated_delta.py, sums in the same order up to the
