@@ -47,7 +47,7 @@ SUBSTITUTIONS: dict[str, Callable[[Callable], Callable]] = {name: _as_gated_delt
 @contextlib.contextmanager
 def braze_functions(model: torch.nn.Module) -> Iterator[list[str]]:
     """While active, the modules defining `model`'s layers call braze ops for the functions in SUBSTITUTIONS;
-    yields the names swapped (for the report)."""
+    yields the names swapped."""
     modules = {sys.modules.get(type(m).__module__) for m in model.modules()}
     swapped: list[tuple[Any, str, Callable]] = []
     try:
