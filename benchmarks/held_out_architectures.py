@@ -65,6 +65,7 @@ HYBRIDS: dict[str, dict] = {
     **{t: LINEAR_ATTENTION for t in ("qwen3_5_text", "qwen3_5_moe_text", "qwen4_exp_text", "qwen3_next")}}
 OVERRIDES = {"deepseek_v2": dict(MLA, num_experts_per_tok=2, n_routed_experts=4, moe_intermediate_size=32),
              "codegen": dict(rotary_dim=16),
+             "mamba2": dict(num_heads=8, n_groups=2, state_size=16),  # heads * head_dim = hidden * expand
              **{t: MLA for t in ("deepseek_v3", "minicpm3", "deepseek_v32", "glm4_moe_lite", "glm_moe_dsa", "axk1",
                                  "axk2", "hy_v4", "longcat_flash", "sarvam_mla", "youtu")},
              **HYBRIDS}

@@ -42,7 +42,7 @@ def test_qwen35_compiles_through_export_with_a_state_cache(qwen35):
     eager step anywhere), prefill and decode included; the forward matches HF's within fp32 reassociation."""
     model, cm = qwen35
     assert isinstance(cm, CompiledModel) and cm.generation_missing is None
-    assert "1 gated DeltaNet layers read and write a recurrent state cache (fp32)" in str(cm.report)
+    assert "1 recurrent layers (1 gated delta) read and write a state cache (fp32)" in str(cm.report)
     assert "1 causal convolutions (4 taps) read and write a conv cache of 32 positions; 1 activations in their " \
            "kernels" in str(cm.report)  # silu(conv(...)) in the conv's launch
     for name, plan in {"forward": cm.plan, **cm.extra_plans}.items():
@@ -83,7 +83,7 @@ def test_qwen35_refuses_what_a_recurrent_state_cannot_do(qwen35):
     state has already absorbed: each refused in one line naming the reason, at generate and at compile."""
     model, cm = qwen35
     ids = torch.randint(3, 256, (1, 5), generator=torch.Generator().manual_seed(2))
-    with pytest.raises(InputMismatchError, match="gated DeltaNet layers keep one recurrent state"):
+    with pytest.raises(InputMismatchError, match="recurrent layers .* keep one recurrent state"):
         cm.generate(ids, max_new_tokens=3, speculate=True)
     with pytest.raises(braze.ConfigError, match="speculate='suffix'.*recurrent state"):
         braze.compile(model, max_seq=32, max_batch=2, speculate="suffix")
@@ -132,4 +132,66 @@ def test_kimi_delta_attention_hybrids_generate_hf_tokens(arch):
     ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         want = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(cm.generate(ids, max_new_tokens=8, eos_token_id=None, pad_token_id=0), want)
+
+
+def _tiny_ssd(arch: str, **overrides) -> torch.nn.Module:
+    import transformers
+
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512, head_dim=16, pad_token_id=0,
+                  initializer_range=0.2)
+    common.update(overrides)
+    cfg = transformers.AutoConfig.for_model(arch, **common)
+    for k, v in common.items():
+        setattr(cfg, k, v)
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def test_mamba2_decodes_over_a_state_cache_left_padded():
+    """Mamba2 (SSD scan layers only): HF's `mamba2_chunk_scan` captured as the gated-delta op without beta, so the
+    model exports (it compiled per prompt length through Dynamo before) and decodes over a conv cache (its causal
+    conv, silu in the launch) and a state cache [B, heads, state, head_dim]; a left-padded batch's greedy tokens
+    (12 new, varied) equal HF's generate; forward within 1e-5 of HF's chunked fp32 scan (summation order)."""
+    model = _tiny_ssd("mamba2", num_heads=8, state_size=16, n_groups=2)
+    cm = braze.compile(model, max_seq=32, max_batch=2)
+    assert isinstance(cm, CompiledModel) and cm.generation_missing is None
+    for name, plan in {"forward": cm.plan, **cm.extra_plans}.items():
+        assert not [s.target for s in plan.steps if s.kind == "eager" and s.target != "_operator.getitem"], name
+        steps = [s for s in plan.steps if s.launcher == "gated_delta"]
+        assert len(steps) == 2 and all("beta" not in s.params["roles"] for s in steps), name
+    assert "2 recurrent layers (2 SSD scan) read and write a state cache (fp32)" in str(cm.report)
+    assert [(n, shape) for n, shape, _ in cm.generator.kv_inputs if n.startswith("scan_state_")] == [
+        ("scan_state_0", [8, 16, 16]), ("scan_state_1", [8, 16, 16])]
+    ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(cm(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    ids[mask == 0] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=12, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(ids, do_sample=False, **kw)
+    assert len(set(want[0, 9:].tolist())) > 3
+    assert torch.equal(cm.generate(ids, **kw), want)
+
+
+@pytest.mark.parametrize("arch, overrides", [
+    ("bamba", dict(attn_layer_indices=[1], mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=1)),
+    ("granitemoehybrid", dict(layer_types=["linear_attention", "full_attention"], mamba_n_heads=8, mamba_d_head=16)),
+])
+def test_mamba2_attention_hybrids_generate_hf_tokens(arch, overrides):
+    """Bamba and Granite-4 hybrids (an SSD layer, then attention): exported, no eager step in any plan, greedy
+    tokens equal HF's."""
+    model = _tiny_ssd(arch, **overrides)
+    cm = braze.compile(model, max_seq=32, max_batch=2)
+    assert isinstance(cm, CompiledModel) and cm.generation_missing is None
+    for name, plan in {"forward": cm.plan, **cm.extra_plans}.items():
+        assert not [s.target for s in plan.steps if s.kind == "eager" and s.target != "_operator.getitem"], name
+        assert [s.launcher for s in plan.steps].count("gated_delta") == 1, name
+    ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert len(set(want[0, 7:].tolist())) > 2
     assert torch.equal(cm.generate(ids, max_new_tokens=8, eos_token_id=None, pad_token_id=0), want)

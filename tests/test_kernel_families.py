@@ -1221,3 +1221,44 @@ def test_gated_delta_family_per_channel_decay(dtype):
         want = hf(q, k, v, g=decay, beta=beta, initial_state=None, output_final_state=False,
                   use_qk_l2norm_in_kernel=True)[0]
         torch.testing.assert_close(out, want, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_gated_delta_family_without_delta_is_mamba2_ssd(dtype):
+    """Without beta the family is decayed linear attention, Mamba2's SSD scan: the kernel = the reference (fp32
+    inputs as HF casts them: 1e-5), over the state cache too (a left-padded prefill, then a decode step resuming
+    from the state); and the substitute braze captures for HF's `mamba2_chunk_scan` (dt's bias / softplus / clamp,
+    the scan, the D skip) = HF's chunked function within 1e-5 (summation order), at 9 tokens (HF pads to its chunk
+    of 4) with 2 groups of B / C over 4 heads."""
+    from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
+
+    from braze.compiler.hf_functions import SUBSTITUTIONS
+    from braze.ops.recurrent_state import cached_gated_delta_rule_reference
+
+    g = _gen(18)
+    b, s, heads, groups, p, n = 2, 9, 4, 2, 8, 16
+    x = torch.randn(b, s, heads, p, generator=g).to(dtype)
+    dt = torch.randn(b, s, heads, generator=g).to(dtype)
+    a_log = -torch.rand(heads, generator=g) - 0.5
+    bm, cm = (torch.randn(b, s, groups, n, generator=g).to(dtype) for _ in range(2))
+    d, dt_bias = torch.randn(heads, generator=g), torch.randn(heads, generator=g)
+    ours = SUBSTITUTIONS["mamba2_chunk_scan"](mamba2_chunk_scan)
+    want = mamba2_chunk_scan(x, dt, a_log, bm, cm, 4, D=d, dt_bias=dt_bias, dt_softplus=True)
+    got = ours(x, dt, a_log, bm, cm, 4, D=d, dt_bias=dt_bias, dt_softplus=True)
+    assert got.dtype == want.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    q, k = cm.float(), bm.float()
+    v, decay = x.float() * dt.float()[..., None].sigmoid(), dt.float().sigmoid() * a_log  # any dt > 0
+    out, family = launch_like_a_plan(lambda *t: ops.gated_delta_rule(*t, None, 1.0, False), q, k, v, decay)
+    assert family.name == "gated_delta"
+    torch.testing.assert_close(out, ops.gated_delta_rule(q, k, v, decay, None, 1.0, False), rtol=1e-5, atol=1e-5)
+    kv_start = torch.tensor([0, 2], dtype=torch.int32)
+    state, ref_state = torch.zeros(b, heads, n, p), torch.zeros(b, heads, n, p)
+    for inputs, cache_len in (((q, k, v, decay), torch.tensor([0])),
+                              (tuple(t[:, :1] for t in (q, k, v, decay)), torch.tensor([s]))):
+        fn = lambda q, k, v, dc, st, cl, ks: ops.cached_gated_delta_rule(q, k, v, dc, None, st, cl, ks, 1.0, False)  # noqa: E731
+        got, _ = launch_like_a_plan(fn, *inputs, state, cache_len, kv_start)
+        ref = cached_gated_delta_rule_reference(*inputs, None, ref_state, cache_len, kv_start, 1.0, False)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(state, ref_state, rtol=1e-5, atol=1e-5)

@@ -103,7 +103,7 @@ class GenerationPlans:
     kv_inputs: list[tuple[str, list[int], str]]  # (placeholder, shape without batch, dtype)
     prefill_graph: fx.GraphModule
     decode_graph: fx.GraphModule
-    verify: Plan | None  # None: the model cannot speculate (gated DeltaNet's recurrent state)
+    verify: Plan | None  # None: the model cannot speculate (a recurrent state)
     verify_graph: fx.GraphModule
     compression: Any = None  # braze.runtime.kv_compression.CompressionSpec (kv_compression=...)
 
@@ -120,17 +120,17 @@ def compile_generation(cap: Captured, config: CompileConfig, report: CompileRepo
     convs = [n.name for n in gm.graph.nodes if n.op == "placeholder" and n.name.startswith("conv_cache_")]
     scans = [n.name for n in gm.graph.nodes if n.op == "placeholder" and n.name.startswith("scan_state_")]
     if config.kv_compression and scans:
-        raise ConfigError(f"kv_compression={config.kv_compression!r}: this model's {len(scans)} gated DeltaNet "
-                          "layers hold the whole past in a recurrent state that evicting KV-cache slots does not "
-                          "match; compile without kv_compression")
+        raise ConfigError(f"kv_compression={config.kv_compression!r}: this model's {len(scans)} recurrent layers "
+                          "(gated DeltaNet / SSD scans) hold the whole past in a recurrent state that evicting "
+                          "KV-cache slots does not match; compile without kv_compression")
     if config.kv_compression and convs:
         raise ConfigError(f"kv_compression={config.kv_compression!r}: this model's {len(convs)} causal convolutions "
                           "read their inputs by cache slot, which compacting the KV cache would misalign; compile "
                           "without kv_compression")
     if config.speculate and scans:
-        raise ConfigError(f"speculate={config.speculate!r}: this model's {len(scans)} gated DeltaNet layers keep "
-                          "one recurrent state, which verifying drafts would advance past rejected tokens; compile "
-                          "without speculate")
+        raise ConfigError(f"speculate={config.speculate!r}: this model's {len(scans)} recurrent layers (gated "
+                          "DeltaNet / SSD scans) keep one recurrent state, which verifying drafts would advance "
+                          "past rejected tokens; compile without speculate")
     if config.kv_compression:
         prefill_gm = copy_graph_module(gm)
         compression = _compress(prefill_gm, config, report)
@@ -171,7 +171,7 @@ def compile_generation(cap: Captured, config: CompileConfig, report: CompileRepo
 def _kv_inputs(gm: fx.GraphModule, prefix: str | tuple[str, ...] = ("kv_cache_", "conv_cache_", "scan_state_")
                ) -> list[tuple[str, list[int], str]]:
     """(name, shape without batch, dtype) of the plan inputs the generator allocates per batch (the KV caches and
-    the conv caches of cached convolutions, the recurrent states of gated DeltaNet layers)."""
+    the conv caches of cached convolutions, the recurrent states of gated DeltaNet / SSD layers)."""
     kv = []
     for n in gm.graph.nodes:
         if n.op == "placeholder" and n.name.startswith(prefix):

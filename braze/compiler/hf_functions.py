@@ -7,6 +7,7 @@ it and the model fell back to Dynamo (a plan per prompt length, no package, no g
 captured, each such function in the modules that define its layers is swapped for one that calls
 braze::gated_delta_rule (ops/recurrent_state.py: the same recurrence, a plain-torch reference and a kernel). A
 call the op does not cover (a recurrent state passed in or asked for: HF's own cache) runs HF's function.
+Mamba2-style SSD scans (`mamba2_chunk_scan`) are the same op without the delta rule.
 """
 
 from __future__ import annotations
@@ -41,7 +42,39 @@ def _as_gated_delta_op(original: Callable) -> Callable:
     return gated_delta_rule
 
 
-SUBSTITUTIONS: dict[str, Callable[[Callable], Callable]] = {name: _as_gated_delta_op for name in GATED_DELTA_FUNCTIONS}
+def _as_ssd_op(original: Callable) -> Callable:
+    """Mamba2's SSD scan (`mamba2_chunk_scan`: Mamba2, Bamba, Falcon-H1, Granite-4 hybrids, Nemotron-H, Zamba2) is
+    decayed linear attention: per head h, S = exp(dt A_h) S + B (dt x)^T, y = S^T C + D_h x. dt's bias, softplus
+    and clamp and the D skip stay torch ops (they fuse); the scan is braze::gated_delta_rule without beta, in fp32
+    as HF's (its output is fp32 too)."""
+    def mamba2_chunk_scan(hidden_states: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                          C: torch.Tensor, chunk_size: int, D: torch.Tensor | None = None,
+                          dt_bias: torch.Tensor | None = None, initial_states: torch.Tensor | None = None,
+                          dt_softplus: bool = False, dt_limit: tuple[float, float] = (0.0, float("inf")),
+                          return_final_states: bool = False, **kwargs: Any) -> Any:
+        if initial_states is not None or return_final_states or kwargs.get("seq_idx") is not None \
+                or kwargs.get("cu_seqlens") is not None:
+            return original(hidden_states, dt, A, B, C, chunk_size, D=D, dt_bias=dt_bias,
+                            initial_states=initial_states, dt_softplus=dt_softplus, dt_limit=dt_limit,
+                            return_final_states=return_final_states, **kwargs)
+        import braze.ops  # noqa: F401  (registers braze::*)
+
+        if dt_bias is not None:
+            dt = dt + dt_bias.to(dt.dtype)
+        if dt_softplus:
+            dt = torch.nn.functional.softplus(dt)
+        dt = torch.clamp(dt, min=dt_limit[0], max=dt_limit[1]).float()
+        x = hidden_states.float()
+        out = torch.ops.braze.gated_delta_rule(C.float(), B.float(), x * dt[..., None], A.float() * dt, None, 1.0,
+                                               False)
+        return out + D[..., None] * x if D is not None else out
+
+    mamba2_chunk_scan.braze_substitute = True  # type: ignore[attr-defined]
+    return mamba2_chunk_scan
+
+
+SUBSTITUTIONS: dict[str, Callable[[Callable], Callable]] = {
+    **{name: _as_gated_delta_op for name in GATED_DELTA_FUNCTIONS}, "mamba2_chunk_scan": _as_ssd_op}
 
 
 @contextlib.contextmanager

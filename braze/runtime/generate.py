@@ -228,7 +228,7 @@ class Generator:
 
     @property
     def recurrent_layers(self) -> int:
-        """Layers whose past is one recurrent state (gated DeltaNet), not slots: no speculation over them."""
+        """Layers whose past is one recurrent state (gated DeltaNet / SSD scans), not slots: no speculation."""
         return sum(name.startswith("scan_state_") for name, _, _ in self.kv_inputs)
 
     @property
@@ -427,10 +427,10 @@ class Generator:
                                          f"takes exactly {static} rows (see the report's 'decode batch'), got {batch}")
             speculating = False  # the compile's default: decode plainly
         if speculating and self.recurrent_layers:
-            raise InputMismatchError(f"speculative decoding: this model's {self.recurrent_layers} gated DeltaNet "
-                                     "layers keep one recurrent state, which verifying drafts would advance past "
-                                     "rejected tokens; generate without it (speculate=False; braze run: drop "
-                                     "--speculate)")
+            raise InputMismatchError(f"speculative decoding: this model's {self.recurrent_layers} recurrent layers "
+                                     "(gated DeltaNet / SSD scans) keep one recurrent state, which verifying drafts "
+                                     "would advance past rejected tokens; generate without it (speculate=False; "
+                                     "braze run: drop --speculate)")
         rules = LogitsRules(ids, mask, repetition_penalty, min_new_tokens, eos_ids)
         if speculating:
             if self.compression is not None:
