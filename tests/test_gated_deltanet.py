@@ -17,17 +17,38 @@ LINEAR = dict(layer_types=["linear_attention", "full_attention"], linear_key_hea
               linear_num_key_heads=2, linear_num_value_heads=4)
 
 
-def _tiny(arch: str, **overrides) -> torch.nn.Module:
+def _tiny(arch: str, linear: bool = True, **overrides) -> torch.nn.Module:
+    """A tiny seeded HF model; `linear`: Qwen3.5-style linear-attention dims and layer pattern."""
     import transformers
 
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, head_dim=16, pad_token_id=0, **LINEAR)
+                  num_key_value_heads=2, max_position_embeddings=512, head_dim=16, pad_token_id=0,
+                  **(LINEAR if linear else {}))
     common.update(overrides)
     cfg = transformers.AutoConfig.for_model(arch, **common)
     for k, v in common.items():
         setattr(cfg, k, v)
     torch.manual_seed(0)
     return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+
+
+def _tiny_ssd(arch: str, **overrides) -> torch.nn.Module:
+    return _tiny(arch, linear=False, initializer_range=0.2, **overrides)
+
+
+def _exported_with_hf_tokens(model: torch.nn.Module, rules: int) -> CompiledModel:
+    """Compiled through torch.export with generation plans, `rules` gated-delta launches and no eager step in every
+    plan, and greedy tokens (8 new) equal to HF's generate."""
+    cm = braze.compile(model, max_seq=32, max_batch=2)
+    assert isinstance(cm, CompiledModel) and cm.generation_missing is None
+    for name, plan in {"forward": cm.plan, **cm.extra_plans}.items():
+        assert not [s.target for s in plan.steps if s.kind == "eager" and s.target != "_operator.getitem"], name
+        assert [s.launcher for s in plan.steps].count("gated_delta") == rules, name
+    ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
+    assert torch.equal(cm.generate(ids, max_new_tokens=8, eos_token_id=None, pad_token_id=0), want)
+    return cm
 
 
 @pytest.fixture(scope="module")
@@ -105,15 +126,7 @@ def test_qwen3_next_moe_hybrid_generates_hf_tokens():
     plan, greedy tokens equal HF's."""
     model = _tiny("qwen3_next", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
                   shared_expert_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[])
-    cm = braze.compile(model, max_seq=32, max_batch=2)
-    assert isinstance(cm, CompiledModel) and cm.generation_missing is None
-    decode = cm.extra_plans["decode"]
-    assert [s.launcher for s in decode.steps].count("gated_delta") == 1
-    assert not [s.target for s in decode.steps if s.kind == "eager" and s.target != "_operator.getitem"]
-    ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert torch.equal(cm.generate(ids, max_new_tokens=8, eos_token_id=None, pad_token_id=0), want)
+    _exported_with_hf_tokens(model, rules=1)
 
 
 @pytest.mark.parametrize("arch", ["kimi_linear", "bailing_hybrid"])
@@ -123,30 +136,7 @@ def test_kimi_delta_attention_hybrids_generate_hf_tokens(arch):
     mla = dict(head_dim=8, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=16, kv_lora_rank=32, q_lora_rank=32,
                num_key_value_heads=4, linear_num_heads=4, linear_head_dim=16,
                mlp_layer_types=["dense", "dense"])
-    model = _tiny(arch, **mla)
-    cm = braze.compile(model, max_seq=32, max_batch=2)
-    assert isinstance(cm, CompiledModel) and cm.generation_missing is None
-    for name, plan in {"forward": cm.plan, **cm.extra_plans}.items():
-        assert not [s.target for s in plan.steps if s.kind == "eager" and s.target != "_operator.getitem"], name
-        assert [s.launcher for s in plan.steps].count("gated_delta") == 1, name
-    ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert torch.equal(cm.generate(ids, max_new_tokens=8, eos_token_id=None, pad_token_id=0), want)
-
-
-def _tiny_ssd(arch: str, **overrides) -> torch.nn.Module:
-    import transformers
-
-    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512, head_dim=16, pad_token_id=0,
-                  initializer_range=0.2)
-    common.update(overrides)
-    cfg = transformers.AutoConfig.for_model(arch, **common)
-    for k, v in common.items():
-        setattr(cfg, k, v)
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(cfg).eval()
+    _exported_with_hf_tokens(_tiny(arch, **mla), rules=1)
 
 
 def test_mamba2_decodes_over_a_state_cache_left_padded():
@@ -184,14 +174,4 @@ def test_mamba2_decodes_over_a_state_cache_left_padded():
 def test_mamba2_attention_hybrids_generate_hf_tokens(arch, overrides):
     """Bamba and Granite-4 hybrids (an SSD layer, then attention): exported, no eager step in any plan, greedy
     tokens equal HF's."""
-    model = _tiny_ssd(arch, **overrides)
-    cm = braze.compile(model, max_seq=32, max_batch=2)
-    assert isinstance(cm, CompiledModel) and cm.generation_missing is None
-    for name, plan in {"forward": cm.plan, **cm.extra_plans}.items():
-        assert not [s.target for s in plan.steps if s.kind == "eager" and s.target != "_operator.getitem"], name
-        assert [s.launcher for s in plan.steps].count("gated_delta") == 1, name
-    ids = torch.randint(3, 256, (1, 7), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        want = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert len(set(want[0, 7:].tolist())) > 2
-    assert torch.equal(cm.generate(ids, max_new_tokens=8, eos_token_id=None, pad_token_id=0), want)
+    _exported_with_hf_tokens(_tiny_ssd(arch, **overrides), rules=1)
