@@ -175,3 +175,30 @@ def test_mamba2_attention_hybrids_generate_hf_tokens(arch, overrides):
     """Bamba and Granite-4 hybrids (an SSD layer, then attention): exported, no eager step in any plan, greedy
     tokens equal HF's."""
     _exported_with_hf_tokens(_tiny_ssd(arch, **overrides), rules=1)
+
+
+def test_mamba_selective_scan_decodes_over_a_state_cache_left_padded():
+    """Mamba (selective-scan layers only): HF's `mamba_selective_scan` captured as the gated-delta op (one head
+    whose value dim is the channels), so the model exports (it compiled per prompt length through Dynamo before) and
+    decodes over a conv cache and a state cache [B, 1, state, channels]; a left-padded batch's greedy tokens (12
+    new) equal HF's."""
+    model = _tiny_ssd("mamba", state_size=8, tie_word_embeddings=False, intermediate_size=64)
+    cm = braze.compile(model, max_seq=32, max_batch=2)
+    assert isinstance(cm, CompiledModel) and cm.generation_missing is None
+    assert "2 recurrent layers (2 SSD scan) read and write a state cache (fp32)" in str(cm.report)
+    assert [shape for n, shape, _ in cm.generator.kv_inputs if n.startswith("scan_state_")] == [[1, 8, 64]] * 2
+    ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    ids[mask == 0] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=12, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(ids, do_sample=False, **kw)
+    assert len(set(want[0, 9:].tolist())) > 2
+    assert torch.equal(cm.generate(ids, **kw), want)
+
+
+def test_jamba_selective_scan_hybrid_generates_hf_tokens():
+    """Jamba (a Mamba layer, then attention with MoE): exported, no eager step, greedy tokens equal HF's."""
+    _exported_with_hf_tokens(_tiny_ssd("jamba", attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2,
+                                       expert_layer_offset=1), rules=1)

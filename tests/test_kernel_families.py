@@ -1262,3 +1262,46 @@ def test_gated_delta_family_without_delta_is_mamba2_ssd(dtype):
         ref = cached_gated_delta_rule_reference(*inputs, None, ref_state, cache_len, kv_start, 1.0, False)
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(state, ref_state, rtol=1e-5, atol=1e-5)
+
+
+def test_gated_delta_family_as_mamba_selective_scan():
+    """Mamba's selective scan as the gated-delta op (one head whose value dim is the channels, each state entry
+    decaying by exp(A[d, n] dt_d) from decay_weight): the substitute braze captures for HF's
+    `mamba_selective_scan` (dt's bias and softplus, the scan, the D skip, the silu(z) gate) = HF's sequential
+    function within 1e-5 (fp32: the same products in another association), and its kernel launch = the op's
+    reference, over the state cache too."""
+    from transformers.models.mamba.modeling_mamba import mamba_selective_scan
+
+    from braze.compiler.hf_functions import SUBSTITUTIONS
+
+    g = _gen(19)
+    b, channels, s, n = 2, 24, 7, 16
+    x, dt, z = (torch.randn(b, channels, s, generator=g) for _ in range(3))
+    a = -torch.rand(channels, n, generator=g) - 0.1
+    bm, cm = (torch.randn(b, n, s, generator=g) for _ in range(2))
+    d, bias = torch.randn(channels, generator=g), torch.randn(channels, generator=g)
+    want = mamba_selective_scan(x, dt, a, bm, cm, D=d, z=z, delta_bias=bias, delta_softplus=True)
+    got = SUBSTITUTIONS["mamba_selective_scan"](mamba_selective_scan)(x, dt, a, bm, cm, D=d, z=z, delta_bias=bias,
+                                                                      delta_softplus=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    q, k = (t.transpose(1, 2).unsqueeze(2).contiguous() for t in (cm, bm))
+    step = torch.nn.functional.softplus(dt + bias[:, None]).transpose(1, 2).unsqueeze(2)  # [B, S, 1, channels]
+    v, weight = step * x.transpose(1, 2).unsqueeze(2), a.t().unsqueeze(0)
+    fn = lambda q, k, v, dt, w: ops.gated_delta_rule(q, k, v, dt, None, 1.0, False, w)  # noqa: E731
+    out, family = launch_like_a_plan(fn, q, k, v, step, weight)
+    assert family.name == "gated_delta" and out.shape == (b, s, 1, channels)
+    torch.testing.assert_close(out, ops.gated_delta_rule(q, k, v, step, None, 1.0, False, weight), rtol=1e-5,
+                               atol=1e-5)
+    # over the state cache [B, 1, N, channels]: a left-padded prefill, then a decode step resuming from it
+    from braze.ops.recurrent_state import cached_gated_delta_rule_reference
+
+    kv_start = torch.tensor([0, 2], dtype=torch.int32)
+    state, ref_state = torch.zeros(b, 1, n, channels), torch.zeros(b, 1, n, channels)
+    for inputs, cache_len in (((q, k, v, step), torch.tensor([0])),
+                              (tuple(t[:, :1] for t in (q, k, v, step)), torch.tensor([s]))):
+        fn = lambda q, k, v, dt, st, cl, ks, w: ops.cached_gated_delta_rule(  # noqa: E731
+            q, k, v, dt, None, st, cl, ks, 1.0, False, w)
+        got, _ = launch_like_a_plan(fn, *inputs, state, cache_len, kv_start, weight)
+        ref = cached_gated_delta_rule_reference(*inputs, None, ref_state, cache_len, kv_start, 1.0, False, weight)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(state, ref_state, rtol=1e-5, atol=1e-5)

@@ -329,13 +329,12 @@ def test_cached_conv_kernels_fit_without_spills():
 
 def test_gated_delta_kernels_fit_without_spills():
     """The gated-delta kernel at Qwen3.5's head dims (128 x 128: a [128, 32] fp32 state slice per program) and
-    Mamba2's SSD form (state 128 x head dim 64, no delta rule) in bf16 on sm_80 / sm_90, in every form the plans
-    launch (forward, prefill, decode over the state cache): no error, no spill (ptxas: 118-156 registers), no float
+    Mamba2's SSD form (state 128 x head dim 64, no delta rule) and Mamba's selective scan (state 16 x 1536
+    channels, a decay per state entry) in bf16 on sm_80 / sm_90, in every form the plans
+    launch (forward, prefill, decode over the state cache): no error, no spill (ptxas: 31-156 registers), no float
     atomic (each program owns its state slice)."""
     from braze.compiler.targets import compile_specializations
-    from tests.test_gated_deltanet import _tiny
-
-    from tests.test_gated_deltanet import _tiny_ssd
+    from tests.test_gated_deltanet import _tiny, _tiny_ssd
 
     model = _tiny("qwen3_5_text", linear_key_head_dim=128, linear_value_head_dim=128).to(torch.bfloat16)
     compiled = braze.compile(model, max_seq=64, max_batch=4)
@@ -346,8 +345,13 @@ def test_gated_delta_kernels_fit_without_spills():
     compiled = braze.compile(ssd, max_seq=64, max_batch=4)
     specs += [s for s in enumerate_specializations(compiled, ["sm_80", "sm_90"], plans=["forward", "decode"])
               if s.family == "gated_delta"]
+    # Mamba's selective scan at Mamba-130m's dims (state 16, 1536 channels as the value dim, A per state entry)
+    mamba = _tiny_ssd("mamba", state_size=16, intermediate_size=1536).to(torch.bfloat16)
+    compiled = braze.compile(mamba, max_seq=64, max_batch=4)
+    specs += [s for s in enumerate_specializations(compiled, ["sm_80", "sm_90"], plans=["decode"])
+              if s.family == "gated_delta"]
     assert {u.split()[0] for s in specs for u in s.uses} == {"forward", "prefill", "decode"}
     results = compile_specializations(specs)
-    assert len(results) == len(specs) >= 10
+    assert len(results) == len(specs) >= 12
     assert all(r.error is None and r.spills == 0 and r.float_atomics == 0 for r in results), \
         [(r.spec.target, r.spec.uses, r.error, r.spills) for r in results]

@@ -7,7 +7,8 @@ it and the model fell back to Dynamo (a plan per prompt length, no package, no g
 captured, each such function in the modules that define its layers is swapped for one that calls
 braze::gated_delta_rule (ops/recurrent_state.py: the same recurrence, a plain-torch reference and a kernel). A
 call the op does not cover (a recurrent state passed in or asked for: HF's own cache) runs HF's function.
-Mamba2-style SSD scans (`mamba2_chunk_scan`) are the same op without the delta rule.
+Mamba2-style SSD scans (`mamba2_chunk_scan`) are the same op without the delta rule, and Mamba's selective scan
+(`mamba_selective_scan`) that op with one head per channel.
 """
 
 from __future__ import annotations
@@ -73,8 +74,42 @@ def _as_ssd_op(original: Callable) -> Callable:
     return mamba2_chunk_scan
 
 
+def _as_selective_scan_op(original: Callable) -> Callable:
+    """Mamba's selective scan (`mamba_selective_scan`: Mamba, Falcon-Mamba, Jamba, Zamba) keeps a state [N] per
+    channel d with its own decay per state entry: h = exp(dt_d A_d) * h + B (dt_d x_d), y_d = C . h + D_d x_d. As
+    the gated-delta op that is one head whose value dim is the channels (state [N, channels]), the decay of entry
+    (n, d) exp(A[d, n] dt_d) from decay_weight A^T and g = dt; the skip and silu(z) gate stay torch ops (they
+    fuse)."""
+    def mamba_selective_scan(hidden_states: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
+                             C: torch.Tensor, D: torch.Tensor | None = None, z: torch.Tensor | None = None,
+                             delta_bias: torch.Tensor | None = None, delta_softplus: bool = False,
+                             return_last_state: bool = False, **kwargs: Any) -> Any:
+        if return_last_state:
+            return original(hidden_states, dt, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                            delta_softplus=delta_softplus, return_last_state=return_last_state, **kwargs)
+        import braze.ops  # noqa: F401  (registers braze::*)
+
+        if delta_bias is not None:
+            dt = dt + delta_bias.to(dt.dtype)[..., None]
+        if delta_softplus:
+            dt = torch.nn.functional.softplus(dt)
+        dt_t = dt.transpose(1, 2).float()  # [B, S, channels]
+        x = hidden_states.transpose(1, 2).float()
+        q, k = (t.transpose(1, 2).float().unsqueeze(2) for t in (C, B))  # [B, S, 1, N]
+        y = torch.ops.braze.gated_delta_rule(q, k, (dt_t * x).unsqueeze(2), dt_t.unsqueeze(2), None, 1.0, False,
+                                             A.float().t().unsqueeze(0))
+        y = y.squeeze(2).transpose(1, 2)  # [B, channels, S] fp32
+        if D is not None:
+            y = y + hidden_states * D[None, :, None]
+        return y * torch.nn.functional.silu(z) if z is not None else y
+
+    mamba_selective_scan.braze_substitute = True  # type: ignore[attr-defined]
+    return mamba_selective_scan
+
+
 SUBSTITUTIONS: dict[str, Callable[[Callable], Callable]] = {
-    **{name: _as_gated_delta_op for name in GATED_DELTA_FUNCTIONS}, "mamba2_chunk_scan": _as_ssd_op}
+    **{name: _as_gated_delta_op for name in GATED_DELTA_FUNCTIONS}, "mamba2_chunk_scan": _as_ssd_op,
+    "mamba_selective_scan": _as_selective_scan_op}
 
 
 @contextlib.contextmanager

@@ -54,7 +54,7 @@ class GatedDeltaFamily(KernelFamily):
 
         a = op_args(node)
         cached = node.target is torch.ops.braze.cached_gated_delta_rule.default
-        roles = ["q", "k", "v", "g", *(("beta",) if a["beta"] is not None else ()),
+        roles = ["q", "k", "v", "g", *(r for r in ("beta", "decay_weight") if a[r] is not None),
                  *(("state", "cache_len", "kv_start") if cached else ())]
         step = Step(kind="template", launcher=self.name, outputs=[node.name], inputs=[a[r].name for r in roles],
                     params={"roles": roles, "scale": float(a["scale"]), "l2norm": bool(a["l2norm"]),
@@ -65,6 +65,7 @@ class GatedDeltaFamily(KernelFamily):
                params: dict[str, Any], device: DeviceSpec) -> None:
         q, k, v, g = (tensors[r] for r in ("q", "k", "v", "g"))
         beta = tensors.get("beta")  # None: no delta (Mamba2's SSD)
+        weight = tensors.get("decay_weight")  # [H, Dk, Dv]: Mamba's decay per state entry, g = dt [B, S, H, Dv]
         bsz, seq, heads, dv = v.shape
         if bsz * seq == 0:
             return
@@ -74,16 +75,19 @@ class GatedDeltaFamily(KernelFamily):
         cache_len = tensors["cache_len"] if cached else state
         kv_start = tensors["kv_start"] if cached else state
         block_k = triton.next_power_of_2(dk)
-        block_v = min(triton.next_power_of_2(dv), max(16, 4096 // block_k))
+        block_v = min(triton.next_power_of_2(dv), max(16, 4096 // block_k), 64)
         opts = {} if device.interpret else {"num_warps": 4}
         launch_kernel(getattr(module, name), (bsz * heads, triton.cdiv(dv, block_v)),
-                      q, k, v, g, beta if beta is not None else g, out, state, cache_len, kv_start,
+                      q, k, v, g, beta if beta is not None else g, weight if weight is not None else g, out, state,
+                      cache_len, kv_start,
                       seq, heads, heads // k.shape[2], dk, dv, float(params["scale"]),
                       *q.stride(), *k.stride(), *v.stride(), *g.stride()[:3], g.stride(3) if g.dim() == 4 else 0,
-                      *(beta.stride() if beta is not None else (0, 0, 0)), *out.stride(),
+                      *(beta.stride() if beta is not None else (0, 0, 0)),
+                      *(weight.stride() if weight is not None else (0, 0, 0)), *out.stride(),
                       *state.stride(), cache_len.stride(0) if cached and cache_len.numel() > 1 else 0,
                       BLOCK_K=block_k, BLOCK_V=block_v, L2NORM=bool(params["l2norm"]), CACHED=cached,
-                      KEY_DECAY=g.dim() == 4, DELTA=beta is not None, **opts)
+                      KEY_DECAY=g.dim() == 4 and weight is None, DELTA=beta is not None,
+                      ENTRY_DECAY=weight is not None, **opts)
 
     def launch_count(self, params: dict[str, Any], device: DeviceSpec, out_shape: Sequence[int]) -> int:
         return 1 if all(out_shape) else 0

@@ -32,11 +32,12 @@ def _l2norm(x: Tensor) -> Tensor:
 
 
 def gated_delta_scan(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor | None, scale: float, l2norm: bool,
-                     state: Tensor, active: Tensor) -> tuple[Tensor, Tensor]:
+                     state: Tensor, active: Tensor, decay_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The recurrence over q, k [B, S, Hk, Dk], v [B, S, H, Dv], beta [B, S, H] (None: no delta, S += k v^T),
     g [B, S, H] (one decay per head) or [B, S, H, Dk] (one per key channel: Kimi Delta Attention) from `state`
-    [B, H, Dk, Dv] (fp32); positions where `active` [B, S] is False leave the state alone and output zero.
-    Returns (out [B, S, H, Dv] fp32, final state)."""
+    [B, H, Dk, Dv] (fp32); positions where `active` [B, S] is False leave the state alone and output zero. With
+    `decay_weight` A [H, Dk, Dv], g is [B, S, H, Dv] and each state entry decays by exp(A[k, v] * g[v]) (Mamba's
+    selective scan: channels as the value dim). Returns (out [B, S, H, Dv] fp32, final state)."""
     heads = v.shape[2]
     if k.shape[2] != heads:
         q, k = (t.repeat_interleave(heads // k.shape[2], dim=2) for t in (q, k))
@@ -48,8 +49,11 @@ def gated_delta_scan(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor | 
     out = torch.zeros(v.shape, dtype=torch.float32, device=v.device)
     for t in range(q.shape[1]):
         on = active[:, t].reshape(-1, 1, 1, 1)
-        decay = g[:, t].exp()
-        step = s * (decay[..., None] if g.dim() == 4 else decay[..., None, None])
+        if decay_weight is not None:
+            step = s * (decay_weight.float() * g[:, t, :, None, :]).exp()
+        else:
+            decay = g[:, t].exp()
+            step = s * (decay[..., None] if g.dim() == 4 else decay[..., None, None])
         kt = k[:, t].unsqueeze(-1)
         delta = v[:, t] if beta is None else (v[:, t] - (step * kt).sum(-2)) * beta[:, t].float().unsqueeze(-1)
         step = step + kt * delta.unsqueeze(-2)
@@ -60,22 +64,23 @@ def gated_delta_scan(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor | 
 
 @torch.library.custom_op("braze::gated_delta_rule", mutates_args=())
 def gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor | None, scale: float,
-                     l2norm: bool) -> Tensor:
+                     l2norm: bool, decay_weight: Tensor | None = None) -> Tensor:
     """Gated DeltaNet over the whole sequence from a zero state (the forward plan); out [B, S, H, Dv] in q's
     dtype."""
     bsz, seq, heads, dv = v.shape
     state = torch.zeros(bsz, heads, k.shape[-1], dv, dtype=torch.float32, device=v.device)
     active = torch.ones(bsz, seq, dtype=torch.bool, device=v.device)
-    return gated_delta_scan(q, k, v, g, beta, scale, l2norm, state, active)[0].to(q.dtype)
+    return gated_delta_scan(q, k, v, g, beta, scale, l2norm, state, active, decay_weight)[0].to(q.dtype)
 
 
 @gated_delta_rule.register_fake
-def _gated_delta_rule_fake(q, k, v, g, beta, scale, l2norm):
+def _gated_delta_rule_fake(q, k, v, g, beta, scale, l2norm, decay_weight=None):
     return v.new_empty(v.shape, dtype=q.dtype)
 
 
 def cached_gated_delta_rule_reference(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor | None, state: Tensor,
-                                      cache_len: Tensor, kv_start: Tensor, scale: float, l2norm: bool) -> Tensor:
+                                      cache_len: Tensor, kv_start: Tensor, scale: float, l2norm: bool,
+                                      decay_weight: Tensor | None = None) -> Tensor:
     """This call's tokens sit at slots [cache_len, cache_len + S) of each row; rows with tokens before them
     (cache_len > kv_start) start from `state`, others from zero; slots below kv_start are skipped. Writes the final
     state into `state`."""
@@ -86,20 +91,22 @@ def cached_gated_delta_rule_reference(q: Tensor, k: Tensor, v: Tensor, g: Tensor
     active = slots >= starts[:, None]
     resume = (lens > starts).reshape(-1, 1, 1, 1)
     initial = torch.where(resume, state.float(), 0.0)
-    out, final = gated_delta_scan(q, k, v, g, beta, scale, l2norm, initial, active)
+    out, final = gated_delta_scan(q, k, v, g, beta, scale, l2norm, initial, active, decay_weight)
     state.copy_(final.to(state.dtype))
     return out.to(q.dtype)
 
 
 @torch.library.custom_op("braze::cached_gated_delta_rule", mutates_args=("state",))
 def cached_gated_delta_rule(q: Tensor, k: Tensor, v: Tensor, g: Tensor, beta: Tensor | None, state: Tensor,
-                            cache_len: Tensor, kv_start: Tensor, scale: float, l2norm: bool) -> Tensor:
+                            cache_len: Tensor, kv_start: Tensor, scale: float, l2norm: bool,
+                            decay_weight: Tensor | None = None) -> Tensor:
     """Gated DeltaNet over the runtime's recurrent state [B, H, Dk, Dv] (the generation plans)."""
-    return cached_gated_delta_rule_reference(q, k, v, g, beta, state, cache_len, kv_start, scale, l2norm)
+    return cached_gated_delta_rule_reference(q, k, v, g, beta, state, cache_len, kv_start, scale, l2norm,
+                                             decay_weight)
 
 
 @cached_gated_delta_rule.register_fake
-def _cached_gated_delta_rule_fake(q, k, v, g, beta, state, cache_len, kv_start, scale, l2norm):
+def _cached_gated_delta_rule_fake(q, k, v, g, beta, state, cache_len, kv_start, scale, l2norm, decay_weight=None):
     return v.new_empty(v.shape, dtype=q.dtype)
 
 

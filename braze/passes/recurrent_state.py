@@ -39,7 +39,7 @@ def cache_gated_delta_rules(gm: fx.GraphModule, rules: list[fx.Node], state: tup
                                                                   dtype=torch.float32, device=v.device))
         rep = new_node(gm, torch.ops.braze.cached_gated_delta_rule.default,
                        (a["q"], a["k"], a["v"], a["g"], a["beta"], cache, cache_len, kv_start, a["scale"],
-                        a["l2norm"]), {}, ctx, node)
+                        a["l2norm"], a["decay_weight"]), {}, ctx, node)
         node.replace_all_uses_with(rep)
         gm.graph.erase_node(node)
     if rules:
