@@ -51,6 +51,21 @@ def _exported_with_hf_tokens(model: torch.nn.Module, rules: int) -> CompiledMode
     return cm
 
 
+def _left_padded_tokens_match(model: torch.nn.Module, cm, pad: int, new: int, varied: int) -> tuple:
+    """A 2-row batch of 9-token prompts, row 1 left-padded by `pad`: greedy tokens (`new`, more than `varied`
+    distinct in row 0, so a state mix-up would show) equal HF's generate; returns them with the batch."""
+    ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :pad] = 0
+    ids[mask == 0] = 0
+    kw = dict(attention_mask=mask, max_new_tokens=new, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        want = model.generate(ids, do_sample=False, **kw)
+    assert len(set(want[0, 9:].tolist())) > varied
+    assert torch.equal(cm.generate(ids, **kw), want)
+    return ids, want
+
+
 @pytest.fixture(scope="module")
 def qwen35():
     model = _tiny("qwen3_5_text")
@@ -86,15 +101,7 @@ def test_qwen35_generates_hf_tokens_left_padded(qwen35):
     """Greedy tokens of a left-padded batch equal HF's generate (its cache: chunked prefill, recurrent decode):
     padding leaves the state at zero, decode resumes each row from its state. 14 new tokens, varied."""
     model, cm = qwen35
-    ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0
-    ids[mask == 0] = 0
-    kw = dict(attention_mask=mask, max_new_tokens=14, eos_token_id=None, pad_token_id=0)
-    with torch.no_grad():
-        want = model.generate(ids, do_sample=False, **kw)
-    assert len(set(want[0, 9:].tolist())) > 3
-    assert torch.equal(cm.generate(ids, **kw), want)
+    ids, want = _left_padded_tokens_match(model, cm, pad=4, new=14, varied=3)
     again = cm.generate(ids[1:, 4:], max_new_tokens=14, eos_token_id=None, pad_token_id=0)
     assert torch.equal(again[0, 5:], want[1, 9:])  # the padded row alone, unpadded: the same tokens
 
@@ -157,14 +164,7 @@ def test_mamba2_decodes_over_a_state_cache_left_padded():
     ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(cm(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    ids[mask == 0] = 0
-    kw = dict(attention_mask=mask, max_new_tokens=12, eos_token_id=None, pad_token_id=0)
-    with torch.no_grad():
-        want = model.generate(ids, do_sample=False, **kw)
-    assert len(set(want[0, 9:].tolist())) > 3
-    assert torch.equal(cm.generate(ids, **kw), want)
+    _left_padded_tokens_match(model, cm, pad=3, new=12, varied=3)
 
 
 @pytest.mark.parametrize("arch, overrides", [
@@ -187,15 +187,7 @@ def test_mamba_selective_scan_decodes_over_a_state_cache_left_padded():
     assert isinstance(cm, CompiledModel) and cm.generation_missing is None
     assert "2 recurrent layers (2 SSD scan) read and write a state cache (fp32)" in str(cm.report)
     assert [shape for n, shape, _ in cm.generator.kv_inputs if n.startswith("scan_state_")] == [[1, 8, 64]] * 2
-    ids = torch.randint(3, 256, (2, 9), generator=torch.Generator().manual_seed(1))
-    mask = torch.ones_like(ids)
-    mask[1, :3] = 0
-    ids[mask == 0] = 0
-    kw = dict(attention_mask=mask, max_new_tokens=12, eos_token_id=None, pad_token_id=0)
-    with torch.no_grad():
-        want = model.generate(ids, do_sample=False, **kw)
-    assert len(set(want[0, 9:].tolist())) > 2
-    assert torch.equal(cm.generate(ids, **kw), want)
+    _left_padded_tokens_match(model, cm, pad=3, new=12, varied=2)
 
 
 def test_jamba_selective_scan_hybrid_generates_hf_tokens():
