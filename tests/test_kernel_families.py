@@ -58,7 +58,7 @@ def launch_like_a_plan(fn, *inputs, device=INTERPRETER, deterministic=False):
     return out, family
 
 
-@pytest.mark.parametrize("variant", ["plain", "norm_silu_bias_residual", "glu"])
+@pytest.mark.parametrize("variant", ["plain", "norm_silu_bias_residual", "glu", "glu_gelu"])
 def test_matmul_family(variant):
     g = _gen(0)
     x = torch.randn(2, 5, 96, generator=g)
@@ -67,8 +67,9 @@ def test_matmul_family(variant):
     nw, b, r = 1 + 0.1 * torch.randn(96, generator=g), torch.randn(80, generator=g), torch.randn(2, 5, 80, generator=g)
     fn = {"plain": lambda x, w: ops.linear(x, w),
           "norm_silu_bias_residual": lambda x, w, b, nw, r: ops.linear(x, w, b, nw, 1e-5, "silu", r),
-          "glu": lambda x, w, w2, nw: ops.linear_glu(x, w, w2, nw, 1e-5, "silu")}[variant]
-    args = {"plain": (x, w), "norm_silu_bias_residual": (x, w, b, nw, r), "glu": (x, w, w2, nw)}[variant]
+          "glu": lambda x, w, w2, nw: ops.linear_glu(x, w, w2, nw, 1e-5, "silu"),
+          "glu_gelu": lambda x, w, w2, nw: ops.linear_glu(x, w, w2, nw, 1e-5, "gelu")}[variant]  # exact (erf) gelu
+    args = {"plain": (x, w), "norm_silu_bias_residual": (x, w, b, nw, r)}.get(variant, (x, w, w2, nw))
     out, _ = launch_like_a_plan(fn, *args)
     torch.testing.assert_close(out, fn(*args), **TOL)
 
@@ -534,7 +535,7 @@ def test_attention_block_family_tree_verify():
 
 
 @pytest.mark.parametrize("device", ["interpreter", "sm_80"])
-@pytest.mark.parametrize("activation", ["silu", "gelu_tanh"])
+@pytest.mark.parametrize("activation", ["silu", "gelu_tanh", "gelu"])
 @pytest.mark.parametrize("rows", [3, 1])
 def test_mlp_block_family(device, activation, rows):
     """The decode MLP block: norm, gate/up, SwiGLU / GeGLU, down and the residual add in one launch; sizes that are

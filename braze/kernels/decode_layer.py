@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 
     from braze.runtime.plan import Step
 
-GLU_KINDS = {"silu": "swiglu", "gelu_tanh": "geglu"}
+GLU_KINDS = {"silu": "swiglu", "gelu_tanh": "geglu", "gelu": "geglu_erf"}
 
 
 def _rows(out_shape: Sequence[int]) -> int:

@@ -23,11 +23,11 @@ if TYPE_CHECKING:
 
     from braze.runtime.plan import Step
 
-DUAL_KINDS = (None, "swiglu", "geglu")
+DUAL_KINDS = (None, "swiglu", "geglu", "geglu_erf")
 ACTIVATIONS = (None, "silu", "gelu", "gelu_tanh", "relu", "relu2")
 INPUT_PRECISIONS = ("ieee", "tf32")
 OUT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_GLU = {"silu": "swiglu", "gelu_tanh": "geglu"}
+_GLU = {"silu": "swiglu", "gelu_tanh": "geglu", "gelu": "geglu_erf"}
 
 
 @dataclass(frozen=True)
